@@ -1,0 +1,22 @@
+"""vsink: find, fix and measure attention sinks and register tokens in vision transformers.
+
+Quick start::
+
+    import vsink
+    backbone = vsink.load("demo")                  # or "timm:...", "open_clip:...", "hf:..."
+    result = vsink.scan(backbone, ["a.jpg", "b.png"])
+    result.save("vsink-out")                       # scan.json, report.html, trace.npz
+"""
+
+__version__ = "0.1.0"
+
+from .backbones import SITES, SPEC_FORMS, Backbone, load, wrap
+from .errors import ImageError, ModelSpecError, VsinkError
+from .layout import TokenLayout
+from .probe import Probe, Trace
+from .scan import NothingScanned, ScanResult, scan
+
+__all__ = [
+    "SITES", "SPEC_FORMS", "Backbone", "ImageError", "ModelSpecError", "NothingScanned", "Probe",
+    "ScanResult", "TokenLayout", "Trace", "VsinkError", "load", "scan", "wrap", "__version__",
+]

@@ -1,0 +1,91 @@
+"""Explicit, query-chunked softmax attention used whenever vsink observes or edits attention.
+
+Fused kernels (``scaled_dot_product_attention``, flash attention) never form the attention
+matrix. When a probe or an edit needs it, adapters route a layer's attention through
+:func:`explicit_attention` instead, which forms it one block of queries at a time, so memory
+stays at ``B*H*chunk*N`` rather than ``B*H*N*N``, and hands each block to the installed
+site functions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+#: ``fn(chunk, q_start) -> replacement or None``; ``chunk`` is [B, H, q, N_keys] and covers
+#: queries ``q_start : q_start + q``.
+ChunkFn = Callable[[torch.Tensor, int], Optional[torch.Tensor]]
+
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+def query_chunk_size(batch: int, heads: int, n_keys: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Number of queries per block so one float32 block of logits fits in ``budget_bytes``."""
+    per_query = max(1, batch * heads * n_keys * 4)
+    return max(1, int(budget_bytes // per_query))
+
+
+def _apply(fns: Sequence[ChunkFn], chunk: torch.Tensor, q_start: int) -> torch.Tensor:
+    for fn in fns:
+        out = fn(chunk, q_start)
+        if out is not None:
+            chunk = out
+    return chunk
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Union[float, torch.Tensor],
+    mask: Optional[torch.Tensor] = None,
+    logit_fns: Sequence[ChunkFn] = (),
+    prob_fns: Sequence[ChunkFn] = (),
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """softmax((q*scale) k^T + mask) v, computed block by block over queries.
+
+    Args:
+        q, k, v: [B, H, N, d] (keys/values may have their own length).
+        scale: a float or a tensor broadcastable to [H, 1, 1] (per-head scale).
+        mask: optional additive float mask broadcastable to [B, H, Nq, Nk].
+        logit_fns: called on each block of pre-softmax logits; may return a replacement.
+        prob_fns: called on each block of post-softmax probabilities; may return a replacement.
+        chunk_size: queries per block; default from :func:`query_chunk_size`.
+
+    Returns:
+        [B, H, Nq, d] in the dtype of ``v``. Softmax runs in float32 for low-precision inputs.
+    """
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    if chunk_size is None:
+        chunk_size = query_chunk_size(B, H, Nk)
+    kt = k.transpose(-2, -1)
+    if mask is not None and mask.ndim == 2:
+        mask = mask[None, None]
+    low_precision = v.dtype in (torch.float16, torch.bfloat16)
+    out = v.new_empty(B, H, Nq, v.shape[-1])
+    for start in range(0, Nq, chunk_size):
+        stop = min(Nq, start + chunk_size)
+        logits = (q[:, :, start:stop] * scale) @ kt
+        if mask is not None:
+            logits = logits + mask[..., start:stop, :]
+        if logit_fns:
+            logits = _apply(logit_fns, logits, start)
+        probs = logits.float().softmax(dim=-1).to(v.dtype) if low_precision else logits.softmax(dim=-1)
+        if prob_fns:
+            probs = _apply(prob_fns, probs, start)
+        out[:, :, start:stop] = probs @ v
+    return out
+
+
+def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype, *, true_means_keep: bool) -> Optional[torch.Tensor]:
+    """Convert a boolean or float attention mask to an additive float mask."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        keep = mask if true_means_keep else ~mask
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+    return mask.to(dtype)

@@ -1,0 +1,6 @@
+"""Backbone adapters: one file per model family behind one protocol."""
+
+from .base import SITES, Backbone, SiteHandle
+from .registry import SPEC_FORMS, load, load_weights, read_state_dict, wrap
+
+__all__ = ["SITES", "SPEC_FORMS", "Backbone", "SiteHandle", "load", "load_weights", "read_state_dict", "wrap"]

@@ -1,0 +1,268 @@
+"""The backbone protocol: one uniform interface over timm, open_clip and Hugging Face models.
+
+Everything that depends on a model family lives in one adapter file per family; the rest of
+vsink sees only :class:`Backbone`, its :class:`~vsink.layout.TokenLayout` and its named sites.
+
+Sites (per layer, 0-based block index):
+
+``block_output``
+    the residual stream after the block, [B, N, D];
+``mlp_hidden``
+    the MLP hidden activation (input of the MLP's output projection), [B, N, hidden];
+``attn_logits``
+    pre-softmax attention logits, in query blocks [B, H, q, N];
+``attn_probs``
+    post-softmax attention probabilities, in query blocks [B, H, q, N].
+
+A site function receives the tensor and may return a replacement (an edit) or ``None``
+(an observation). Attention sites route that layer's attention through vsink's explicit
+attention (:mod:`vsink.attention`) for as long as a function is installed there.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..attention import ChunkFn, explicit_attention
+from ..errors import VsinkError
+from ..layout import TokenLayout
+
+SITES = ("block_output", "mlp_hidden", "attn_logits", "attn_probs")
+ATTENTION_SITES = ("attn_logits", "attn_probs")
+
+SiteFn = Callable[..., Optional[torch.Tensor]]
+
+
+class SiteHandle:
+    """Returned by :meth:`Backbone.hook`; ``remove()`` uninstalls the function."""
+
+    def __init__(self, remove: Callable[[], None]):
+        self._remove: Optional[Callable[[], None]] = remove
+
+    def remove(self) -> None:
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
+
+
+class Backbone(ABC):
+    """A vision transformer behind vsink's uniform interface.
+
+    Attributes:
+        model: the wrapped library module (``eval()`` mode).
+        spec: the model spec string it was loaded from (or a description).
+        family: ``"timm"``, ``"open_clip"`` or ``"hf"``.
+        mean, std: per-channel normalisation of the model's preprocessing.
+        img_size: default input size ``(H, W)``.
+        patch_size: ``(ph, pw)``.
+        attention_chunk_size: queries per block in explicit attention (None: automatic).
+    """
+
+    family: str = "?"
+    #: True when blocks take and return [N, B, D] (old open_clip); sites always see [B, N, D].
+    seq_first: bool = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: str,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        img_size: tuple[int, int],
+        patch_size: tuple[int, int],
+    ):
+        self.model = model.eval()
+        self.spec = spec
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.patch_size = (int(patch_size[0]), int(patch_size[1]))
+        self.attention_chunk_size: Optional[int] = None
+        self._attn_fns: dict[int, dict[str, list[ChunkFn]]] = {}
+        self._attn_undo: dict[int, Callable[[], None]] = {}
+
+    # --- structure the adapters provide ------------------------------------------------
+    @property
+    @abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+
+    @property
+    @abstractmethod
+    def num_heads(self) -> int:
+        """Attention heads per block."""
+
+    @property
+    @abstractmethod
+    def dynamic_size(self) -> bool:
+        """Whether inputs other than :attr:`img_size` are accepted."""
+
+    @abstractmethod
+    def _token_counts(self) -> tuple[int, int]:
+        """(class tokens, registers after the class token)."""
+
+    @abstractmethod
+    def _run_model(self, pixel_values: torch.Tensor) -> Any:
+        """Call the library model the way its users do; return its native output."""
+
+    @abstractmethod
+    def _mlp_out_proj(self, layer: int) -> nn.Module:
+        """The MLP's output projection of a block (its input is the ``mlp_hidden`` site)."""
+
+    @abstractmethod
+    def _install_attention(self, layer: int) -> Callable[[], None]:
+        """Route a block's attention through :meth:`_attention`; return the undo function."""
+
+    # --- derived ------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def layout(self, input_size: Optional[tuple[int, int]] = None) -> TokenLayout:
+        """Token layout for an input of ``input_size`` (default :attr:`img_size`)."""
+        size = self.check_input_size(input_size or self.img_size)
+        n_cls, n_reg = self._token_counts()
+        grid = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
+        return TokenLayout(num_cls=n_cls, num_registers=n_reg, grid=grid)
+
+    def check_input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Raise a clear error if the model cannot take an input of this size."""
+        h, w = int(size[0]), int(size[1])
+        ph, pw = self.patch_size
+        if h < ph or w < pw:
+            raise VsinkError(f"image size {h}x{w} is smaller than the patch size {ph}x{pw} of {self.spec}")
+        if h % ph or w % pw:
+            raise VsinkError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw} of {self.spec}")
+        if (h, w) != self.img_size and not self.dynamic_size:
+            raise VsinkError(
+                f"{self.spec} takes only {self.img_size[0]}x{self.img_size[1]} inputs, got {h}x{w}; "
+                "load it with that img_size instead (e.g. --img-size)"
+            )
+        return h, w
+
+    # --- inputs -------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image], size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """RGB PIL images → normalised [B, 3, H, W] on the model's device and dtype.
+
+        Every image is resized (bicubic) to ``size`` (default :attr:`img_size`), so the whole
+        image is seen and the patch grid is the same for the batch.
+        """
+        h, w = self.check_input_size(size or self.img_size)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        arrays = []
+        for img in images:
+            arr = np.asarray(img.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+            arrays.append((arr - mean) / std)
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return x.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> Any:
+        """The library model's own output for ``pixel_values`` (with any installed sites)."""
+        self.check_input_size(tuple(pixel_values.shape[-2:]))
+        return self._run_model(pixel_values)
+
+    # --- sites --------------------------------------------------------------------------
+    def hook(self, site: str, layer: int, fn: SiteFn) -> SiteHandle:
+        """Install ``fn`` at ``site`` of block ``layer``.
+
+        ``block_output`` / ``mlp_hidden``: ``fn(tensor [B, N, C]) -> replacement or None``.
+        ``attn_logits`` / ``attn_probs``: ``fn(chunk [B, H, q, N], q_start) -> replacement or None``.
+        """
+        if site not in SITES:
+            raise VsinkError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
+        if not -self.num_layers <= layer < self.num_layers:
+            raise VsinkError(f"layer {layer} out of range for {self.num_layers} blocks of {self.spec}")
+        layer %= self.num_layers
+        if site == "block_output":
+            return SiteHandle(self.blocks[layer].register_forward_hook(self._block_hook(fn)).remove)
+        if site == "mlp_hidden":
+            return SiteHandle(self._mlp_out_proj(layer).register_forward_pre_hook(self._mlp_hook(fn)).remove)
+        return self._hook_attention(site, layer, fn)
+
+    def _to_bnc(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1) if self.seq_first else x
+
+    def _block_hook(self, fn: SiteFn):
+        def hook(module, args, output):
+            tensor = output[0] if isinstance(output, tuple) else output
+            new = fn(self._to_bnc(tensor))
+            if new is None:
+                return None
+            new = self._to_bnc(new)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def _mlp_hook(self, fn: SiteFn):
+        def hook(module, args):
+            new = fn(self._to_bnc(args[0]))
+            if new is None:
+                return None
+            return (self._to_bnc(new), *args[1:])
+
+        return hook
+
+    def _hook_attention(self, site: str, layer: int, fn: ChunkFn) -> SiteHandle:
+        fns = self._attn_fns.setdefault(layer, {s: [] for s in ATTENTION_SITES})
+        if layer not in self._attn_undo:
+            self._attn_undo[layer] = self._install_attention(layer)
+        fns[site].append(fn)
+
+        def remove() -> None:
+            fns[site].remove(fn)
+            if not any(fns.values()):
+                del self._attn_fns[layer]
+                self._attn_undo.pop(layer)()
+
+        return SiteHandle(remove)
+
+    def attention_routed(self, layer: int) -> bool:
+        """Whether block ``layer`` currently computes attention through vsink."""
+        return layer in self._attn_fns
+
+    def _attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Explicit attention for block ``layer`` with its installed site functions."""
+        fns = self._attn_fns.get(layer, {})
+        if k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        return explicit_attention(
+            q, k, v,
+            scale=scale,
+            mask=mask,
+            logit_fns=tuple(fns.get("attn_logits", ())),
+            prob_fns=tuple(fns.get("attn_probs", ())),
+            chunk_size=self.attention_chunk_size,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.spec} [{self.family}] {self.num_layers} blocks, {self.num_heads} heads, "
+            f"input {self.img_size[0]}x{self.img_size[1]}, {self.layout().describe()}"
+        )

@@ -1,0 +1,208 @@
+"""Adapter for Hugging Face vision encoders: ViT, DINOv2 (with registers), CLIP and SigLIP vision.
+
+Attention is routed through transformers' supported extension point: vsink registers one
+attention function (``"vsink"``) in ``transformers.AttentionInterface`` and switches the model
+to it with ``set_attn_implementation`` while any attention site is installed. Layers without
+a site keep running the model's original implementation (eager, sdpa, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import VsinkError
+from .base import Backbone
+
+ATTN_NAME = "vsink"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: model_type -> (model class name, default mean, default std, class tokens, takes interpolate flag)
+SUPPORTED = {
+    "vit": ("ViTModel", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1, True),
+    "dinov2": ("Dinov2Model", IMAGENET_MEAN, IMAGENET_STD, 1, False),
+    "dinov2_with_registers": ("Dinov2WithRegistersModel", IMAGENET_MEAN, IMAGENET_STD, 1, False),
+    "clip": ("CLIPVisionModel", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 1, True),
+    "clip_vision_model": ("CLIPVisionModel", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 1, True),
+    "siglip": ("SiglipVisionModel", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0, True),
+    "siglip_vision_model": ("SiglipVisionModel", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0, True),
+}
+
+
+def _vision_config(config: Any) -> Any:
+    return getattr(config, "vision_config", None) or config
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _vsink_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
+                     dropout: float = 0.0, **kwargs: Any):
+    """The attention function vsink registers in ``transformers.AttentionInterface``."""
+    route = module.__dict__.get("_vsink_route")
+    if route is None:
+        raise VsinkError(f"{type(module).__name__} called vsink attention without a vsink route")
+    backbone, layer, original = route
+    if not backbone.attention_routed(layer):
+        return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    out = backbone._attention(layer, query, key, value, scale=scaling, mask=mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    if ATTN_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_NAME, _vsink_attention)
+
+
+class HFVisionBackbone(Backbone):
+    """A Hugging Face vision encoder (``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
+    ``CLIPVisionModel``, ``SiglipVisionModel``)."""
+
+    family = "hf"
+
+    def __init__(self, model: nn.Module, spec: str = "hf:<module>",
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+        config = _vision_config(model.config)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED:
+            raise VsinkError(
+                f"{spec}: Hugging Face model type {model_type!r} is not supported; "
+                f"supported: {', '.join(sorted(SUPPORTED))}"
+            )
+        _, d_mean, d_std, self._num_cls, self._interpolate_flag = SUPPORTED[model_type]
+        self.config = config
+        self._layers = self._find_layers(model, config, spec)
+        super().__init__(model, spec, mean=mean or d_mean, std=std or d_std,
+                         img_size=_pair(config.image_size), patch_size=_pair(config.patch_size))
+        self._routed_layers: set[int] = set()
+        self._original_impl: Optional[str] = None
+
+    @staticmethod
+    def _find_layers(model: nn.Module, config: Any, spec: str) -> list[nn.Module]:
+        n = config.num_hidden_layers
+        for _, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n:
+                return list(module)
+        raise VsinkError(f"{spec}: could not find the {n} encoder layers")
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self._layers
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def dynamic_size(self) -> bool:
+        return True
+
+    def _token_counts(self) -> tuple[int, int]:
+        return self._num_cls, int(getattr(self.config, "num_register_tokens", 0) or 0)
+
+    def _run_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if self._interpolate_flag and tuple(pixel_values.shape[-2:]) != self.img_size:
+            kwargs["interpolate_pos_encoding"] = True
+        return self.model(pixel_values=pixel_values, **kwargs).last_hidden_state
+
+    def _mlp_out_proj(self, layer: int) -> nn.Module:
+        block = self.blocks[layer]
+        mlp = getattr(block, "mlp", None)
+        for name in ("fc2", "down_proj", "weights_out"):
+            if mlp is not None and hasattr(mlp, name):
+                return getattr(mlp, name)
+        output = getattr(block, "output", None)
+        if output is not None and hasattr(output, "dense"):
+            return output.dense
+        raise VsinkError(f"{self.spec}: cannot find the MLP output projection of layer {layer}")
+
+    def _attention_module(self, layer: int) -> nn.Module:
+        for module in self.blocks[layer].modules():
+            if any(hasattr(module, a) for a in ("q_proj", "query")) and module is not self.blocks[layer]:
+                return module
+        raise VsinkError(f"{self.spec}: cannot find the attention module of layer {layer}")
+
+    def _install_attention(self, layer: int) -> Callable[[], None]:
+        _register_attention()
+        module = self._attention_module(layer)
+        if not self._routed_layers:
+            self._original_impl = self.model.config._attn_implementation
+            self.model.set_attn_implementation(ATTN_NAME)
+            if _vision_config(self.model.config)._attn_implementation != ATTN_NAME:
+                raise VsinkError(f"{self.spec}: the model refused attn_implementation={ATTN_NAME!r}")
+        module.__dict__["_vsink_route"] = (self, layer, self._original_function(module))
+        self._routed_layers.add(layer)
+
+        def undo() -> None:
+            module.__dict__.pop("_vsink_route", None)
+            self._routed_layers.discard(layer)
+            if not self._routed_layers:
+                self.model.set_attn_implementation(self._original_impl)
+
+        return undo
+
+    def _original_function(self, module: nn.Module) -> Callable[..., Any]:
+        from transformers import AttentionInterface
+
+        impl = self._original_impl or "eager"
+        if impl != "eager" and impl in AttentionInterface._global_mapping:
+            return AttentionInterface._global_mapping[impl]
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise VsinkError(f"{self.spec}: cannot find the eager attention of {type(module).__name__}")
+        return eager
+
+
+def load_hf(repo: str, *, weights: Optional[str], attn_implementation: Optional[str],
+            model_kwargs: dict[str, Any]) -> tuple[nn.Module, Optional[Sequence[float]], Optional[Sequence[float]]]:
+    """Load a supported HF vision encoder from a hub id or local directory; return (model, mean, std)."""
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(repo)
+    except (OSError, ValueError) as e:
+        raise VsinkError(f"cannot load a Hugging Face config from {repo!r}: {e}") from e
+    model_type = config.model_type
+    if model_type not in SUPPORTED:
+        raise VsinkError(
+            f"hf:{repo}: model type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED))}"
+        )
+    cls = getattr(transformers, SUPPORTED[model_type][0])
+    kwargs = dict(model_kwargs)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if weights is None:
+        model = cls.from_pretrained(repo, **kwargs)
+    else:
+        model = cls(_vision_config(config))
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+    mean = std = None
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(repo)
+        mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+    except (OSError, ValueError, KeyError):
+        pass
+    return model, mean, std

@@ -1,0 +1,196 @@
+"""Model specs (``demo``, ``timm:NAME``, ``open_clip:NAME[/TAG]``, ``hf:REPO_OR_DIR``) → :class:`Backbone`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import ModelSpecError, VsinkError
+from .base import Backbone
+
+SPEC_FORMS = """supported model specs:
+  demo                              the built-in synthetic ViT with planted high-norm tokens (offline)
+  timm:NAME                         a timm ViT, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m
+  open_clip:NAME[/PRETRAINED_TAG]   an open_clip vision tower, e.g. open_clip:ViT-B-16/laion2b_s34b_b88k
+  hf:REPO_OR_LOCAL_DIR              a Hugging Face ViT / DINOv2 / DINOv2-with-registers / CLIP / SigLIP
+                                    vision model, e.g. hf:facebook/dinov2-with-registers-small
+  LOCAL_DIR                         a local Hugging Face model directory (same as hf:LOCAL_DIR)
+options: weights=PATH (.safetensors, or a state dict read with torch.load(weights_only=True)),
+         img_size, device, dtype"""
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def _spec_error(spec: str, why: str) -> ModelSpecError:
+    return ModelSpecError(f"cannot load model {spec!r}: {why}\n{SPEC_FORMS}")
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise VsinkError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise VsinkError(f"unknown device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VsinkError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise VsinkError(f"weights file not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # any parse failure of a user file becomes one clear message
+        raise VsinkError(f"cannot read weights file {p}: {type(e).__name__}: {e}") from e
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VsinkError(f"weights file {p} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, path: Union[str, os.PathLike],
+                 state: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Load a checkpoint into ``model``; missing keys are an error, unexpected ones a warning.
+
+    ``state`` is the already-read content of ``path``, when the caller has it.
+    """
+    state = read_state_dict(path) if state is None else state
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        shown = ", ".join(result.missing_keys[:8])
+        more = f" (and {len(result.missing_keys) - 8} more)" if len(result.missing_keys) > 8 else ""
+        raise VsinkError(f"weights file {path} does not match the model: missing {shown}{more}")
+    if result.unexpected_keys:
+        warnings.warn(f"weights file {path}: ignored {len(result.unexpected_keys)} keys not in the model "
+                      f"(e.g. {result.unexpected_keys[0]})", stacklevel=2)
+
+
+def wrap(model: nn.Module, spec: Optional[str] = None) -> Backbone:
+    """Wrap an already-built timm, open_clip or Hugging Face model in the matching adapter."""
+    from .hf_vision import HFVisionBackbone
+    from .open_clip import OpenClipBackbone
+    from .timm import TimmBackbone
+
+    if isinstance(model, Backbone):
+        return model
+    module = type(model).__module__
+    if module.startswith("timm."):
+        return TimmBackbone(model, spec or f"timm:{type(model).__name__}")
+    if module.startswith("open_clip.") or hasattr(model, "visual") and hasattr(getattr(model, "visual"), "conv1"):
+        return OpenClipBackbone(model, spec or f"open_clip:{type(model).__name__}")
+    if module.startswith("transformers."):
+        return HFVisionBackbone(model, spec or f"hf:{type(model).__name__}")
+    raise VsinkError(f"cannot wrap a {type(model).__module__}.{type(model).__name__}: "
+                     "vsink supports timm VisionTransformer, open_clip and Hugging Face vision models")
+
+
+def load(
+    spec: str,
+    *,
+    weights: Optional[Union[str, os.PathLike]] = None,
+    img_size: Optional[int] = None,
+    device: Union[None, str, torch.device] = "cpu",
+    dtype: Union[None, str, torch.dtype] = None,
+    pretrained: bool = True,
+    attn_implementation: Optional[str] = None,
+    model_kwargs: Optional[dict[str, Any]] = None,
+) -> Backbone:
+    """Load a model from a spec string and wrap it.
+
+    Args:
+        spec: ``demo``, ``timm:NAME``, ``open_clip:NAME[/TAG]``, ``hf:REPO_OR_DIR`` or a local HF directory.
+        weights: a checkpoint to load instead of the library's pretrained weights.
+        img_size: input size (timm: ``img_size=``; open_clip: ``force_image_size``; HF: position
+            embeddings are interpolated at run time).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or a torch dtype); default: as loaded.
+        pretrained: fetch the library's pretrained weights (timm) when no ``weights`` are given.
+        attn_implementation: Hugging Face attention implementation to load with (e.g. ``"eager"``).
+        model_kwargs: extra keyword arguments for the library constructor (e.g. ``depth=2``).
+    """
+    from .hf_vision import HFVisionBackbone, load_hf
+    from .open_clip import OpenClipBackbone, load_open_clip
+    from .timm import TimmBackbone, load_timm
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise _spec_error(str(spec), "empty spec")
+    spec = spec.strip()
+    kwargs = dict(model_kwargs or {})
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    family, _, name = spec.partition(":")
+    if not name and spec != "demo" and Path(spec).is_dir():
+        family, name = "hf", spec
+    mean = std = None
+    try:
+        if spec == "demo":
+            from ..data.demo_model import build_demo_model
+
+            if img_size is not None:
+                kwargs["img_size"] = img_size
+            model = build_demo_model(**kwargs)
+            backbone_cls: type = TimmBackbone
+        elif family == "timm" and name:
+            model = load_timm(name, weights=weights, img_size=img_size, pretrained=pretrained, model_kwargs=kwargs)
+            backbone_cls = TimmBackbone
+        elif family == "open_clip" and name:
+            arch, _, tag = name.partition("/")
+            model, mean, std = load_open_clip(arch, tag=tag or None, weights=weights, img_size=img_size,
+                                              model_kwargs=kwargs)
+            backbone_cls = OpenClipBackbone
+        elif family == "hf" and name:
+            model, mean, std = load_hf(name, weights=weights, attn_implementation=attn_implementation,
+                                       model_kwargs=kwargs)
+            backbone_cls = HFVisionBackbone
+        else:
+            raise _spec_error(spec, "unknown form")
+    except ModelSpecError:
+        raise
+    except VsinkError as e:
+        raise _spec_error(spec, str(e)) from e
+    except Exception as e:  # library loaders fail in many ways (network, hub, config); report one clearly
+        raise _spec_error(spec, f"{type(e).__name__}: {e}. Without network access, pass weights=PATH "
+                                "or a local directory") from e
+    if weights is not None:
+        state = read_state_dict(weights)
+        target = model
+        if backbone_cls is OpenClipBackbone and not any(k.startswith("visual.") for k in state):
+            target = model.visual
+        load_weights(target, weights, state)
+    model = model.to(device=dev, dtype=torch_dtype) if torch_dtype else model.to(dev)
+    if backbone_cls is TimmBackbone:
+        backbone = TimmBackbone(model, spec)
+    else:
+        extra = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+        backbone = backbone_cls(model, spec, **extra)
+    if hf_size := (img_size if backbone_cls is HFVisionBackbone else None):
+        backbone.img_size = (hf_size, hf_size)
+    return backbone

@@ -1,0 +1,112 @@
+"""Adapter for timm ``VisionTransformer`` models (ViT, DeiT, DINOv2 with and without registers)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..attention import additive_mask
+from ..errors import VsinkError
+from .base import Backbone
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class TimmBackbone(Backbone):
+    """A timm ``VisionTransformer`` (or subclass such as ``VisionTransformerDistilled``)."""
+
+    family = "timm"
+
+    def __init__(self, model: nn.Module, spec: str = "timm:<module>"):
+        if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")):
+            raise VsinkError(f"{spec}: not a timm VisionTransformer (needs blocks, patch_embed, num_prefix_tokens)")
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        super().__init__(
+            model,
+            spec,
+            mean=cfg.get("mean", (0.485, 0.456, 0.406)),
+            std=cfg.get("std", (0.229, 0.224, 0.225)),
+            img_size=_pair(model.patch_embed.img_size),
+            patch_size=_pair(model.patch_embed.patch_size),
+        )
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self.model.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.model.blocks[0].attn.num_heads)
+
+    @property
+    def dynamic_size(self) -> bool:
+        return bool(getattr(self.model, "dynamic_img_size", False))
+
+    def _token_counts(self) -> tuple[int, int]:
+        n_reg = int(getattr(self.model, "num_reg_tokens", 0))
+        return int(self.model.num_prefix_tokens) - n_reg, n_reg
+
+    def _run_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(pixel_values)
+
+    def _mlp_out_proj(self, layer: int) -> nn.Module:
+        mlp = self.blocks[layer].mlp
+        if not hasattr(mlp, "fc2"):
+            raise VsinkError(f"{self.spec}: block {layer} MLP ({type(mlp).__name__}) has no fc2 projection")
+        return mlp.fc2
+
+    def _install_attention(self, layer: int) -> Callable[[], None]:
+        attn = self.blocks[layer].attn
+        needed = ("qkv", "num_heads", "scale", "proj")
+        if not all(hasattr(attn, a) for a in needed):
+            raise VsinkError(
+                f"{self.spec}: block {layer} attention ({type(attn).__name__}) is not timm's standard Attention; "
+                "vsink cannot compute its attention explicitly"
+            )
+        backbone = self
+
+        def forward(x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+            B, N, _ = x.shape
+            head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+            gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+            qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            mask = additive_mask(attn_mask, q.dtype, true_means_keep=True)
+            if is_causal:
+                causal = torch.full((N, N), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+                mask = causal if mask is None else mask + causal
+            out = backbone._attention(layer, q, k, v, scale=attn.scale, mask=mask)
+            out = out.transpose(1, 2).reshape(B, N, attn.num_heads * head_dim)
+            out = getattr(attn, "norm", nn.Identity())(out)
+            if gate is not None:
+                out = out * gate
+            return attn.proj_drop(attn.proj(out))
+
+        attn.forward = forward
+
+        def undo() -> None:
+            del attn.forward
+
+        return undo
+
+
+def load_timm(name: str, *, weights: Optional[str], img_size: Optional[int], pretrained: bool,
+              model_kwargs: dict[str, Any]) -> nn.Module:
+    """Build a timm model by name (pretrained through timm's own loader unless ``weights``)."""
+    import timm
+
+    kwargs = dict(model_kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    kwargs.setdefault("num_classes", 0)
+    try:
+        return timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise VsinkError(f"timm has no model named {name!r} (see timm.list_models())") from e
+        raise

@@ -1,0 +1,13 @@
+"""Exceptions vsink raises for problems a user can fix."""
+
+
+class VsinkError(Exception):
+    """A problem with the user's input (model spec, file, option), stated plainly."""
+
+
+class ModelSpecError(VsinkError):
+    """A model spec that cannot be parsed or loaded."""
+
+
+class ImageError(VsinkError):
+    """An image file that cannot be read."""

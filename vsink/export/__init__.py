@@ -1,0 +1,1 @@
+"""Exports: figures and the self-contained HTML report."""

@@ -1,0 +1,90 @@
+"""Reading images robustly: any PIL-readable file becomes an upright 8-bit RGB image or a clear error."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, VsinkError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
+ImageSource = Union[str, os.PathLike, Image.Image]
+
+
+@dataclass
+class NamedImage:
+    """An RGB image and the name it is reported under (path or demo name)."""
+
+    name: str
+    image: Image.Image
+
+
+def _to_uint8(img: Image.Image) -> Image.Image:
+    """High bit-depth and float modes → 8-bit, scaled by the mode's range (not clipped)."""
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0):
+        scaled = arr.astype(np.float64) / 65535.0 if arr.max(initial=0) > 255 else arr / 255.0
+    else:
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        scaled = (arr.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros_like(arr, dtype=np.float64)
+    return Image.fromarray((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF-rotate and convert any mode (CMYK, 16-bit, palette, grey, alpha) to RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_uint8(img)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Open an image file as upright RGB, or raise :class:`ImageError` naming the file and reason."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise ImageError(f"{p}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                img.load()
+                return to_rgb(img)
+    except UnidentifiedImageError:
+        raise ImageError(f"{p}: not an image file (PIL cannot identify it)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{p}: too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{p}: corrupt or truncated image ({e})") from None
+
+
+def expand_paths(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
+    """Files as given; directories walked (sorted) for image files. Missing paths and empty
+    directories raise :class:`VsinkError`."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise VsinkError(f"{p}: directory contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise VsinkError(f"{p}: no such file or directory")
+    return out

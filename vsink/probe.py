@@ -1,0 +1,206 @@
+"""Probes observe a backbone's sites and reduce on the fly into a :class:`Trace`.
+
+A probe never holds all layers' full attention (L*H*N^2 floats): attention arrives in query
+blocks from :mod:`vsink.attention` and is reduced per block into per-key and per-head
+statistics; block outputs are reduced to per-token L2 norms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .backbones.base import Backbone, SiteHandle
+from .errors import VsinkError
+from .io import atomic_path
+from .layout import TokenLayout
+
+
+@dataclass
+class Trace:
+    """Reduced tensors a probe collected, indexed by layer position in :attr:`layers`.
+
+    Arrays (``I`` images, ``N`` tokens in model order, ``H`` heads):
+
+    * ``norms`` [L, I, N]: L2 norm of each token of each block's output;
+    * ``attn_received`` [L, I, H, N]: attention each key token receives, averaged over queries;
+    * ``attn_cls`` [L, I, H, N]: attention from the (first) class token to every token;
+    * ``attn_entropy`` [L, I, H]: attention entropy (nats) averaged over queries.
+    """
+
+    layout: TokenLayout
+    layers: list[int]
+    norms: Optional[np.ndarray] = None
+    attn_received: Optional[np.ndarray] = None
+    attn_cls: Optional[np.ndarray] = None
+    attn_entropy: Optional[np.ndarray] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    ARRAYS = ("norms", "attn_received", "attn_cls", "attn_entropy")
+
+    @property
+    def num_images(self) -> int:
+        for name in self.ARRAYS:
+            arr = getattr(self, name)
+            if arr is not None:
+                return int(arr.shape[1])
+        return 0
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write an ``.npz`` (atomically) that :meth:`load` reads back without the model."""
+        path = Path(path)
+        arrays = {name: getattr(self, name) for name in self.ARRAYS if getattr(self, name) is not None}
+        header = {"layout": self.layout.to_dict(), "layers": self.layers, "meta": self.meta}
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, header=np.array(json.dumps(header)), **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Trace":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                arrays = {name: data[name] for name in cls.ARRAYS if name in data.files}
+        except (OSError, ValueError, KeyError) as e:
+            raise VsinkError(f"cannot read trace file {path}: {e}") from e
+        return cls(layout=TokenLayout.from_dict(header["layout"]), layers=list(header["layers"]),
+                   meta=header.get("meta", {}), **arrays)
+
+
+class _AttentionReducer:
+    """Streams query blocks of one layer's probabilities into per-image statistics."""
+
+    def __init__(self, probe: "Probe"):
+        self.probe = probe
+        self.batches: dict[str, list[np.ndarray]] = {"received": [], "cls": [], "entropy": []}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.received: Optional[torch.Tensor] = None
+        self.entropy: Optional[torch.Tensor] = None
+        self.cls: Optional[torch.Tensor] = None
+        self.seen = 0
+
+    def __call__(self, probs: torch.Tensor, q_start: int) -> None:
+        p = probs.detach().float()
+        B, H, q, N = p.shape
+        if self.received is None:
+            self.received = p.new_zeros(B, H, N)
+            self.entropy = p.new_zeros(B, H)
+        self.received += p.sum(dim=2)
+        self.entropy += torch.special.entr(p).sum(dim=(2, 3))
+        if q_start == 0 and self.probe.layout.num_cls > 0:
+            self.cls = p[:, :, 0].clone()
+        self.seen += q
+        if self.seen == N:
+            self.batches["received"].append((self.received / N).cpu().numpy())
+            self.batches["entropy"].append((self.entropy / N).cpu().numpy())
+            if self.cls is not None:
+                self.batches["cls"].append(self.cls.cpu().numpy())
+            self._reset()
+
+
+class Probe:
+    """Install observers on a backbone; always removes them on exit, also on exceptions.
+
+    Example::
+
+        with Probe(backbone) as probe:
+            probe.run(backbone.preprocess(images))
+        trace = probe.trace()
+
+    Args:
+        backbone: the model to observe.
+        layers: block indices to observe (default: all).
+        norms: collect per-token norms of block outputs.
+        attention: collect attention statistics (routes attention through vsink's explicit,
+            query-chunked computation while installed).
+    """
+
+    def __init__(self, backbone: Backbone, *, layers: Optional[Sequence[int]] = None,
+                 norms: bool = True, attention: bool = True):
+        self.backbone = backbone
+        n = backbone.num_layers
+        self.layers = sorted({int(i) % n for i in layers}) if layers is not None else list(range(n))
+        if layers is not None and any(not -n <= int(i) < n for i in layers):
+            raise VsinkError(f"layers {list(layers)} out of range for {n} blocks")
+        self.want_norms = norms
+        self.want_attention = attention
+        self.layout: TokenLayout = backbone.layout()
+        self._handles: list[SiteHandle] = []
+        self._norms: dict[int, list[np.ndarray]] = {}
+        self._attn: dict[int, _AttentionReducer] = {}
+
+    def __enter__(self) -> "Probe":
+        try:
+            for layer in self.layers:
+                if self.want_norms:
+                    store = self._norms.setdefault(layer, [])
+                    self._handles.append(self.backbone.hook("block_output", layer, self._norm_fn(store)))
+                if self.want_attention:
+                    reducer = self._attn.setdefault(layer, _AttentionReducer(self))
+                    self._handles.append(self.backbone.hook("attn_probs", layer, reducer))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Uninstall every observer (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    @staticmethod
+    def _norm_fn(store: list[np.ndarray]):
+        def fn(x: torch.Tensor) -> None:
+            store.append(x.detach().float().norm(dim=-1).cpu().numpy())
+
+        return fn
+
+    def run(self, pixel_values: torch.Tensor) -> Any:
+        """Forward one batch through the backbone, recording its token layout."""
+        layout = self.backbone.layout(tuple(pixel_values.shape[-2:]))
+        if self.num_batches() and layout != self.layout:
+            raise VsinkError(f"all batches of a probe must share one layout: {layout.describe()} "
+                             f"vs {self.layout.describe()}")
+        self.layout = layout
+        return self.backbone.forward(pixel_values)
+
+    def num_batches(self) -> int:
+        if self._norms:
+            return len(next(iter(self._norms.values())))
+        if self._attn:
+            return len(next(iter(self._attn.values())).batches["received"])
+        return 0
+
+    def trace(self, meta: Optional[dict[str, Any]] = None) -> Trace:
+        """Concatenate everything collected so far over images."""
+
+        def stack(per_layer: list[list[np.ndarray]]) -> Optional[np.ndarray]:
+            if not per_layer or not all(per_layer):
+                return None
+            return np.stack([np.concatenate(batches, axis=0) for batches in per_layer]).astype(np.float32)
+
+        norms = stack([self._norms[l] for l in self.layers]) if self.want_norms else None
+        received = cls = entropy = None
+        if self.want_attention:
+            reducers = [self._attn[l] for l in self.layers]
+            received = stack([r.batches["received"] for r in reducers])
+            cls = stack([r.batches["cls"] for r in reducers])
+            entropy = stack([r.batches["entropy"] for r in reducers])
+        for arr in (norms, received):
+            if arr is not None and arr.shape[-1] != self.layout.num_tokens:
+                raise VsinkError(f"observed {arr.shape[-1]} tokens but the layout has {self.layout.num_tokens}; "
+                                 "call probe.run(pixel_values) so the probe knows the input size")
+        return Trace(layout=self.layout, layers=list(self.layers), norms=norms, attn_received=received,
+                     attn_cls=cls, attn_entropy=entropy, meta=dict(meta or {}))

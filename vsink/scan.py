@@ -1,0 +1,205 @@
+"""``vsink.scan``: run a probe over images, detect high-norm tokens and attention sinks, report."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones.base import Backbone
+from .detect import AttentionSink, HighNormResult, detect_high_norm, detect_sinks, layer_attention_summary
+from .errors import ImageError, VsinkError
+from .images import ImageSource, NamedImage, load_image, to_rgb
+from .io import write_json, write_text
+from .layout import TokenLayout
+from .probe import Probe, Trace
+
+
+class NothingScanned(VsinkError):
+    """No image could be scanned; ``skipped`` lists why."""
+
+    def __init__(self, skipped: list[dict[str, str]]):
+        self.skipped = skipped
+        reasons = "; ".join(s["reason"] for s in skipped[:5])
+        super().__init__(f"no image could be scanned ({len(skipped)} skipped: {reasons})")
+
+
+def parse_threshold(value: Union[str, float, None]) -> dict[str, Any]:
+    """``"auto"`` | ``"sigma:K"`` | a number (absolute norm) → keyword arguments of :func:`detect_high_norm`."""
+    if value is None or value == "auto":
+        return {"method": "auto"}
+    if isinstance(value, (int, float)):
+        return {"method": "absolute", "threshold": float(value)}
+    text = str(value).strip()
+    if text.startswith("sigma:"):
+        try:
+            return {"method": "sigma", "k": float(text.split(":", 1)[1])}
+        except ValueError:
+            pass
+    else:
+        try:
+            return {"method": "absolute", "threshold": float(text)}
+        except ValueError:
+            pass
+    raise VsinkError(f"threshold {value!r} is not 'auto', 'sigma:K' or a number")
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` found; ``to_json()`` is the ``scan.json`` schema (docs/scan-json.md)."""
+
+    model: str
+    synthetic: bool
+    input_size: tuple[int, int]
+    images: list[str]
+    skipped: list[dict[str, str]]
+    trace: Trace
+    high_norm: HighNormResult
+    sinks: list[AttentionSink]
+    attention: list[dict[str, Any]]
+    settings: dict[str, Any]
+    thumbnails: list[Image.Image] = field(default_factory=list, repr=False)
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.trace.layout
+
+    def to_json(self) -> dict[str, Any]:
+        layers = [
+            {"index": n.index,
+             "norm": {k: v for k, v in n.to_dict().items() if k != "index"},
+             "attention": {k: v for k, v in a.items() if k != "index"}}
+            for n, a in zip(self.high_norm.layers, self.attention)
+        ]
+        return {
+            "vsink_version": __version__,
+            "model": self.model,
+            "synthetic": self.synthetic,
+            "input_size": list(self.input_size),
+            "layout": self.layout.to_dict(),
+            "images": self.images,
+            "skipped": self.skipped,
+            "layers": layers,
+            "high_norm": {
+                "method": self.high_norm.method,
+                "settings": self.high_norm.settings,
+                "emergence_layer": self.high_norm.emergence_layer,
+                "tokens": [t.to_dict() for t in self.high_norm.tokens],
+            },
+            "sinks": [s.to_dict() for s in self.sinks],
+            "settings": self.settings,
+        }
+
+    def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
+        """Write ``scan.json``, ``report.html`` and ``trace.npz`` into ``out_dir`` (each atomically)."""
+        from .export.report import render_scan_report
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"trace": self.trace.save(out / "trace.npz")}
+        paths["report"] = write_text(out / "report.html", render_scan_report(self))
+        paths["json"] = write_json(out / "scan.json", self.to_json())
+        return paths
+
+
+def _name_of(item: Union[ImageSource, NamedImage], index: int) -> str:
+    if isinstance(item, NamedImage):
+        return item.name
+    if isinstance(item, Image.Image):
+        return getattr(item, "filename", "") or f"image-{index}"
+    return str(item)
+
+
+def _open(item: Union[ImageSource, NamedImage]) -> Image.Image:
+    if isinstance(item, NamedImage):
+        return to_rgb(item.image)
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    return load_image(item)
+
+
+def scan(
+    backbone: Backbone,
+    images: Sequence[Union[ImageSource, NamedImage]],
+    *,
+    batch_size: int = 8,
+    img_size: Optional[int] = None,
+    threshold: Union[str, float, None] = "auto",
+    sink_ratio: float = 5.0,
+    layers: Optional[Sequence[int]] = None,
+    report_images: int = 12,
+    progress: bool = True,
+) -> ScanResult:
+    """Scan images for high-norm tokens and attention sinks in every layer.
+
+    Args:
+        backbone: from :func:`vsink.load` or :func:`vsink.wrap`.
+        images: file paths, PIL images or :class:`~vsink.images.NamedImage`. Unreadable files are
+            skipped and listed in ``result.skipped``; the rest are scanned.
+        batch_size: images per forward pass.
+        img_size: square input size (default: the model's own).
+        threshold: ``"auto"``, ``"sigma:K"`` or an absolute norm (see :mod:`vsink.detect.norms`).
+        sink_ratio: a token is a sink when it receives this many times the median share.
+        layers: blocks to scan (default all).
+        report_images: how many input thumbnails to keep for the HTML report.
+        progress: show a progress bar.
+
+    Raises:
+        NothingScanned: if no image could be read.
+    """
+    if batch_size < 1:
+        raise VsinkError(f"batch_size must be >= 1, got {batch_size}")
+    if not images:
+        raise VsinkError("no images given")
+    size = (img_size, img_size) if img_size else backbone.img_size
+    backbone.check_input_size(size)
+    detect_kwargs = parse_threshold(threshold)
+    names: list[str] = []
+    skipped: list[dict[str, str]] = []
+    thumbnails: list[Image.Image] = []
+    bar = tqdm(total=len(images), desc="scan", unit="img", disable=not progress)
+    with Probe(backbone, layers=layers) as probe:
+        for start in range(0, len(images), batch_size):
+            batch, batch_names = [], []
+            for i, item in enumerate(images[start:start + batch_size], start=start):
+                name = _name_of(item, i)
+                try:
+                    batch.append(_open(item))
+                    batch_names.append(name)
+                except ImageError as e:
+                    skipped.append({"image": name, "reason": str(e)})
+                    bar.write(f"skipped {e}")
+            if batch:
+                pixel_values = backbone.preprocess(batch, size)
+                probe.run(pixel_values)
+                names.extend(batch_names)
+                for img in batch[: max(0, report_images - len(thumbnails))]:
+                    thumbnails.append(img.resize((size[1], size[0]), Image.BICUBIC))
+            bar.update(len(images[start:start + batch_size]))
+    bar.close()
+    if not names:
+        raise NothingScanned(skipped)
+    trace = probe.trace(meta={"model": backbone.spec, "images": names})
+    high_norm = detect_high_norm(trace, **detect_kwargs)
+    settings = {"batch_size": batch_size, "threshold": detect_kwargs, "sink_ratio": sink_ratio,
+                "layers": list(trace.layers), "dtype": str(backbone.dtype).removeprefix("torch."),
+                "device": str(backbone.device)}
+    return ScanResult(
+        model=backbone.spec,
+        synthetic=backbone.spec == "demo",
+        input_size=size,
+        images=names,
+        skipped=skipped,
+        trace=trace,
+        high_norm=high_norm,
+        sinks=detect_sinks(trace, ratio=sink_ratio),
+        attention=layer_attention_summary(trace),
+        settings=settings,
+        thumbnails=thumbnails,
+    )
+
