@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -173,7 +174,7 @@ def scan(
                     batch_names.append(name)
                 except ImageError as e:
                     skipped.append({"image": name, "reason": str(e)})
-                    bar.write(f"skipped {e}")
+                    bar.write(f"vsink: skipped {e}", file=sys.stderr)
             if batch:
                 pixel_values = backbone.preprocess(batch, size)
                 probe.run(pixel_values)

@@ -142,23 +142,34 @@ class HFVisionBackbone(Backbone):
         raise VsinkError(f"{self.spec}: cannot find the attention module of layer {layer}")
 
     def _install_attention(self, layer: int) -> Callable[[], None]:
-        _register_attention()
-        module = self._attention_module(layer)
         if not self._routed_layers:
-            self._original_impl = self.model.config._attn_implementation
-            self.model.set_attn_implementation(ATTN_NAME)
-            if _vision_config(self.model.config)._attn_implementation != ATTN_NAME:
-                raise VsinkError(f"{self.spec}: the model refused attn_implementation={ATTN_NAME!r}")
-        module.__dict__["_vsink_route"] = (self, layer, self._original_function(module))
+            self._switch_to_vsink()
         self._routed_layers.add(layer)
 
         def undo() -> None:
-            module.__dict__.pop("_vsink_route", None)
             self._routed_layers.discard(layer)
             if not self._routed_layers:
-                self.model.set_attn_implementation(self._original_impl)
+                self._switch_back()
 
         return undo
+
+    def _switch_to_vsink(self) -> None:
+        """Point every layer's attention module at the vsink function; unrouted layers fall
+        through to the model's original implementation."""
+        _register_attention()
+        self._original_impl = self.model.config._attn_implementation
+        modules = [self._attention_module(i) for i in range(self.num_layers)]
+        for i, module in enumerate(modules):
+            module.__dict__["_vsink_route"] = (self, i, self._original_function(module))
+        self.model.set_attn_implementation(ATTN_NAME)
+        if _vision_config(self.model.config)._attn_implementation != ATTN_NAME:
+            self._switch_back()
+            raise VsinkError(f"{self.spec}: the model refused attn_implementation={ATTN_NAME!r}")
+
+    def _switch_back(self) -> None:
+        for i in range(self.num_layers):
+            self._attention_module(i).__dict__.pop("_vsink_route", None)
+        self.model.set_attn_implementation(self._original_impl)
 
     def _original_function(self, module: nn.Module) -> Callable[..., Any]:
         from transformers import AttentionInterface

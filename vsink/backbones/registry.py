@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -66,6 +67,10 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
             state = load_file(str(p))
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise VsinkError(f"cannot read weights file {p}: it holds Python objects besides tensors, and vsink "
+                         "loads checkpoints with torch.load(weights_only=True); save a plain state dict or "
+                         "convert it to .safetensors") from e
     except Exception as e:  # any parse failure of a user file becomes one clear message
         raise VsinkError(f"cannot read weights file {p}: {type(e).__name__}: {e}") from e
     for key in ("state_dict", "model", "module"):

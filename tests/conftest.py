@@ -1,0 +1,93 @@
+"""Small models of every supported family, built from configs with random weights (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+HF_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def sharpen(model: torch.nn.Module, std: float = 0.15, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every matrix with a larger std and set layer-scale gains to 1, so attention is
+    far from uniform and an indexing mistake cannot hide behind near-equal probabilities."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif "gamma" in name or "lambda1" in name or "lambda2" in name or name.endswith("ls_1") or name.endswith("ls_2"):
+                p.fill_(1.0)
+    return model.eval()
+
+
+def timm_model(name: str, **kwargs) -> torch.nn.Module:
+    import timm
+
+    cfg = dict(pretrained=False, img_size=32, depth=2, embed_dim=64, num_heads=4, num_classes=0)
+    cfg.update(kwargs)
+    torch.manual_seed(0)
+    return timm.create_model(name, **cfg).eval()
+
+
+TIMM_CASES = {
+    "deit": ("deit_tiny_patch16_224", dict(patch_size=8)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(patch_size=8)),
+    "dinov2": ("vit_small_patch14_dinov2", dict(img_size=42)),
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", dict(img_size=42)),
+    "vit_dynamic": ("vit_tiny_patch16_224", dict(patch_size=8, dynamic_img_size=True)),
+}
+
+
+def timm_case(case: str) -> torch.nn.Module:
+    name, kwargs = TIMM_CASES[case]
+    return timm_model(name, **kwargs)
+
+
+def hf_model(kind: str, attn_implementation: str = "eager") -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        model = transformers.ViTModel(transformers.ViTConfig(intermediate_size=128, **HF_COMMON))
+    elif kind == "dinov2":
+        model = transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **HF_COMMON))
+    elif kind == "dinov2_reg":
+        model = transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4, **HF_COMMON))
+    elif kind == "clip":
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(intermediate_size=128, **HF_COMMON))
+    elif kind == "siglip":
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(intermediate_size=128, **HF_COMMON))
+    else:
+        raise KeyError(kind)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+HF_CASES = ("vit", "dinov2", "dinov2_reg", "clip", "siglip")
+
+
+def open_clip_visual(block_type=None, **kwargs) -> torch.nn.Module:
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    cfg = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=16,
+               block_type=block_type)
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg).eval()
+
+
+@pytest.fixture
+def pixel_values():
+    def make(batch=2, size=32, seed=1):
+        return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+    return make

@@ -1,0 +1,199 @@
+"""Attention captured by vsink equals each library's own attention; probes do not change outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vsink
+from conftest import HF_CASES, TIMM_CASES, hf_model, open_clip_visual, sharpen, timm_case, timm_model
+
+TOL = 1e-5
+
+
+def capture_probs(backbone, x, chunk_size=3):
+    """Full attention of every layer assembled from vsink's query blocks."""
+    got: dict[int, list[torch.Tensor]] = {}
+    handles = [backbone.hook("attn_probs", layer, lambda c, s, layer=layer: got.setdefault(layer, []).append(c.clone()))
+               for layer in range(backbone.num_layers)]
+    backbone.attention_chunk_size = chunk_size
+    try:
+        out = backbone.forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.attention_chunk_size = None
+    return out, [torch.cat(got[layer], dim=2) for layer in range(backbone.num_layers)]
+
+
+def timm_reference(model, x):
+    """timm's own probabilities: fused attention off, hook on attn_drop."""
+    probs, hooks, fused = [], [], []
+    for blk in model.blocks:
+        fused.append(blk.attn.fused_attn)
+        blk.attn.fused_attn = False
+        hooks.append(blk.attn.attn_drop.register_forward_hook(lambda m, a, o: probs.append(o.clone())))
+    try:
+        with torch.no_grad():
+            out = model.forward_features(x)
+    finally:
+        for blk, f, h in zip(model.blocks, fused, hooks):
+            blk.attn.fused_attn = f
+            h.remove()
+    return out, probs
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_attention_equals_library(case, fused, pixel_values):
+    name, kwargs = TIMM_CASES[case]
+    model = sharpen(timm_model(name, **kwargs))
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    backbone = vsink.wrap(model)
+    x = pixel_values(size=backbone.img_size[0])
+    ref_out, ref_probs = timm_reference(model, x)
+    with torch.no_grad():
+        plain = model.forward_features(x)
+    out, probs = capture_probs(backbone, x)
+    assert len(probs) == len(ref_probs) == backbone.num_layers
+    for p, r in zip(probs, ref_probs):
+        assert p.shape == r.shape == (2, backbone.num_heads, backbone.layout().num_tokens, backbone.layout().num_tokens)
+        assert (p - r).abs().max().item() <= TOL
+        assert r.max() > 0.3, "attention too flat to make the comparison meaningful"
+    assert (out - plain).abs().max().item() <= TOL
+    assert torch.equal(backbone.forward(x), plain), "routing was not undone"
+    assert all(blk.attn.fused_attn == fused for blk in model.blocks)
+
+
+def test_timm_register_layout_and_dynamic_size(pixel_values):
+    reg = vsink.wrap(timm_case("dinov2_reg4"))
+    assert (reg.layout().num_cls, reg.layout().num_registers, reg.layout().grid) == (1, 4, (3, 3))
+    dyn = vsink.wrap(sharpen(timm_case("vit_dynamic")))
+    x = pixel_values(size=48)
+    assert dyn.layout((48, 40)).grid == (6, 5)
+    ref_out, ref_probs = timm_reference(dyn.model, x)
+    _, probs = capture_probs(dyn, x)
+    assert probs[0].shape[-1] == dyn.layout((48, 48)).num_tokens == 37
+    assert max((p - r).abs().max().item() for p, r in zip(probs, ref_probs)) <= TOL
+    distilled = vsink.wrap(timm_case("deit_distilled"))
+    assert distilled.layout().num_cls == 2 and distilled.layout().num_registers == 0
+
+
+def _open_clip_reference(visual, x):
+    """open_clip probabilities: nn.MultiheadAttention(need_weights=True) for standard blocks;
+    open_clip's custom Attention never returns weights, so softmax(q k^T * scale) from its own
+    in_proj for those."""
+    inputs = {}
+    hooks = [blk.ln_1.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, o))
+             for i, blk in enumerate(visual.transformer.resblocks)]
+    with torch.no_grad():
+        out = visual(x)
+    for h in hooks:
+        h.remove()
+    probs = []
+    for i, blk in enumerate(visual.transformer.resblocks):
+        h = inputs[i]
+        if isinstance(blk.attn, torch.nn.MultiheadAttention):
+            _, w = torch.nn.MultiheadAttention.forward(blk.attn, h, h, h, need_weights=True, average_attn_weights=False)
+        else:
+            a = blk.attn
+            q, k, _ = F.linear(h, a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
+            q, k = (t.reshape(h.shape[0], h.shape[1], a.num_heads, -1).transpose(1, 2) for t in (q, k))
+            w = (torch.einsum("bhqd,bhkd->bhqk", q, k) * a.scale).softmax(-1)
+        probs.append(w)
+    return out, probs
+
+
+@pytest.mark.parametrize("block_type", [None, "custom"])
+def test_open_clip_attention_equals_library(block_type, pixel_values):
+    visual = sharpen(open_clip_visual(block_type))
+    backbone = vsink.wrap(visual)
+    assert backbone.family == "open_clip"
+    x = pixel_values()
+    ref_out, ref_probs = _open_clip_reference(visual, x)
+    out, probs = capture_probs(backbone, x)
+    for p, r in zip(probs, ref_probs):
+        assert (p - r).abs().max().item() <= TOL
+        assert r.max() > 0.3
+    assert (out - ref_out).abs().max().item() <= TOL
+    assert torch.equal(backbone.forward(x), ref_out)
+
+
+@pytest.mark.parametrize("kind", HF_CASES)
+def test_hf_attention_equals_eager_output_attentions(kind, pixel_values):
+    model = sharpen(hf_model(kind, "eager"))
+    backbone = vsink.wrap(model)
+    x = pixel_values()
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_attentions=True)
+    out, probs = capture_probs(backbone, x)
+    assert len(ref.attentions) == len(probs)
+    for p, r in zip(probs, ref.attentions):
+        assert p.shape == r.shape
+        assert (p - r).abs().max().item() <= TOL
+        assert r.max() > 0.3
+    assert (out - ref.last_hidden_state).abs().max().item() <= TOL
+    assert model.config._attn_implementation == "eager", "attention implementation not restored"
+    assert torch.equal(backbone.forward(x), ref.last_hidden_state)
+
+
+@pytest.mark.parametrize("kind", ["dinov2_reg", "siglip"])
+def test_hf_sdpa_model_routes_and_restores(kind, pixel_values):
+    eager = sharpen(hf_model(kind, "eager"))
+    sdpa = hf_model(kind, "sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    backbone = vsink.wrap(sdpa)
+    x = pixel_values()
+    with torch.no_grad():
+        ref = eager(pixel_values=x, output_attentions=True)
+        plain = sdpa(pixel_values=x).last_hidden_state
+    # route only layer 1: layer 0 keeps running sdpa
+    got = []
+    handle = backbone.hook("attn_probs", 1, lambda c, s: got.append(c.clone()))
+    out = backbone.forward(x)
+    handle.remove()
+    assert (torch.cat(got, 2) - ref.attentions[1]).abs().max().item() <= TOL
+    assert (out - plain).abs().max().item() <= TOL
+    assert sdpa.config._attn_implementation == "sdpa"
+    assert torch.equal(backbone.forward(x), plain)
+
+
+@pytest.mark.parametrize("family", ["timm", "open_clip", "hf"])
+def test_norm_probe_is_bit_for_bit(family, pixel_values):
+    """Observing block outputs only (no attention) leaves the computation path untouched."""
+    model = {"timm": lambda: timm_case("dinov2_reg4"), "open_clip": open_clip_visual,
+             "hf": lambda: hf_model("dinov2_reg", "sdpa")}[family]()
+    backbone = vsink.wrap(model)
+    x = pixel_values(size=backbone.img_size[0])
+    plain = backbone.forward(x)
+    with vsink.Probe(backbone, attention=False) as probe:
+        observed = probe.run(x)
+    assert torch.equal(observed, plain)
+    with vsink.Probe(backbone) as probe:
+        routed = probe.run(x)
+    assert (routed - plain).abs().max().item() <= TOL
+    assert torch.equal(backbone.forward(x), plain)
+
+
+def test_logit_and_prob_edits_change_attention(pixel_values):
+    """Sites are edit points: a logits edit that masks every key but the first forces all
+    attention there, and a probability edit is seen by the output."""
+    backbone = vsink.wrap(sharpen(timm_case("deit")))
+    x = pixel_values()
+
+    def only_first(chunk, start):
+        edited = torch.full_like(chunk, float("-inf"))
+        edited[..., 0] = 0.0
+        return edited
+
+    seen = []
+    h1 = backbone.hook("attn_logits", 0, only_first)
+    h2 = backbone.hook("attn_probs", 0, lambda c, s: seen.append(c.clone()))
+    edited = backbone.forward(x)
+    h1.remove()
+    h2.remove()
+    probs = torch.cat(seen, 2)
+    assert torch.equal(probs[..., 0], torch.ones_like(probs[..., 0]))
+    assert not torch.allclose(edited, backbone.forward(x))

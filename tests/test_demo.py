@@ -1,0 +1,86 @@
+"""`vsink scan` recovers the demo's planted mechanism, checked against the model's own neurons."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vsink
+from vsink.data import demo_model as D
+from vsink.data.demo_images import demo_images
+
+
+@pytest.fixture(scope="module")
+def demo():
+    backbone = vsink.load("demo")
+    images = demo_images()
+    return backbone, images, vsink.scan(backbone, images, progress=False)
+
+
+def planted_firing(backbone, images, fraction=0.5):
+    """Patch tokens where the planted neurons' net write is above ``fraction`` of full, read with
+    a plain torch hook on the MLP output projection (independent of vsink's sites and detector)."""
+    seen = {}
+    fc2 = backbone.model.blocks[D.PLANTED_BLOCK].mlp.fc2
+    handle = fc2.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
+    with torch.no_grad():
+        backbone.model.forward_features(backbone.preprocess([im.image for im in images]))
+    handle.remove()
+    half = len(D.PLANTED_NEURONS) // 2
+    on, off = list(D.PLANTED_NEURONS[:half]), list(D.PLANTED_NEURONS[half:])
+    net = seen["h"][..., on].sum(-1) - seen["h"][..., off].sum(-1)
+    layout = backbone.layout()
+    return layout.patches(net) > D.NEURON_STEP * half * fraction  # [B, P]
+
+
+def test_demo_outliers_are_the_planted_tokens(demo):
+    backbone, images, result = demo
+    firing = planted_firing(backbone, images)
+    assert 0 < firing.float().mean() < 0.5
+    assert result.high_norm.emergence_layer == D.PLANTED_BLOCK
+    layout = result.layout
+    for layer in range(backbone.num_layers):
+        found = {(t.image, t.token) for t in result.high_norm.tokens_at(layer)}
+        if layer < D.PLANTED_BLOCK:
+            assert found == set()
+        else:
+            expected = {(int(i), layout.num_prefix + int(p)) for i, p in torch.nonzero(firing)}
+            assert found == expected
+            stats = result.high_norm.layers[layer]
+            assert stats.ratio > 8
+
+
+def test_demo_outliers_sit_on_flat_patches(demo):
+    backbone, images, result = demo
+    x = backbone.preprocess([im.image for im in images])
+    ph, pw = backbone.patch_size
+    patch_std = x.unfold(2, ph, ph).unfold(3, pw, pw).std(dim=(-1, -2)).mean(1).flatten(1)  # [B, P]
+    outlier = torch.zeros_like(patch_std, dtype=torch.bool)
+    for t in result.high_norm.tokens_at(D.PLANTED_BLOCK):
+        outlier[t.image, t.token - result.layout.num_prefix] = True
+    assert patch_std[outlier].mean() < 0.25 * patch_std[~outlier].mean()
+
+
+def test_demo_sinks_are_high_norm_tokens_after_the_planted_block(demo):
+    backbone, images, result = demo
+    outliers = {(t.image, t.token) for t in result.high_norm.tokens_at(D.PLANTED_BLOCK)}
+    written = {(int(i), result.layout.num_prefix + int(p))
+               for i, p in torch.nonzero(planted_firing(backbone, images, fraction=0.05))}
+    assert {s.layer for s in result.sinks} == set(D.SINK_BLOCKS)
+    # every sink carries the planted write (partly-firing tokens below the norm threshold too)
+    assert all((s.image, s.token) in written and s.kind == "patch" for s in result.sinks)
+    for layer in D.SINK_BLOCKS:
+        for image in range(len(images)):
+            strongest = max((s for s in result.sinks if s.image == image and s.layer == layer), key=lambda s: s.share)
+            assert (image, strongest.token) in outliers
+    summary = {a["index"]: a for a in result.attention}
+    assert summary[D.SINK_BLOCKS[0]]["entropy"] < summary[0]["entropy"]
+
+
+def test_demo_is_deterministic():
+    a, b = D.build_demo_model(), D.build_demo_model()
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    u = D.planted_direction()
+    assert u[D.CONST_DIM] == 0 and np.isclose(float(u.norm()), 1.0)
