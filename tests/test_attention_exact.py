@@ -15,7 +15,7 @@ TOL = 1e-5
 def capture_probs(backbone, x, chunk_size=3):
     """Full attention of every layer assembled from vsink's query blocks."""
     got: dict[int, list[torch.Tensor]] = {}
-    handles = [backbone.hook("attn_probs", layer, lambda c, s, layer=layer: got.setdefault(layer, []).append(c.clone()))
+    handles = [backbone.hook("attn_probs", layer, lambda c, s, z, layer=layer: got.setdefault(layer, []).append(c.clone()))
                for layer in range(backbone.num_layers)]
     backbone.attention_chunk_size = chunk_size
     try:
@@ -151,7 +151,7 @@ def test_hf_sdpa_model_routes_and_restores(kind, pixel_values):
         plain = sdpa(pixel_values=x).last_hidden_state
     # route only layer 1: layer 0 keeps running sdpa
     got = []
-    handle = backbone.hook("attn_probs", 1, lambda c, s: got.append(c.clone()))
+    handle = backbone.hook("attn_probs", 1, lambda c, s, z: got.append(c.clone()))
     out = backbone.forward(x)
     handle.remove()
     assert (torch.cat(got, 2) - ref.attentions[1]).abs().max().item() <= TOL
@@ -190,7 +190,7 @@ def test_logit_and_prob_edits_change_attention(pixel_values):
 
     seen = []
     h1 = backbone.hook("attn_logits", 0, only_first)
-    h2 = backbone.hook("attn_probs", 0, lambda c, s: seen.append(c.clone()))
+    h2 = backbone.hook("attn_probs", 0, lambda c, s, z: seen.append(c.clone()))
     edited = backbone.forward(x)
     h1.remove()
     h2.remove()

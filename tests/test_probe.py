@@ -8,6 +8,7 @@ import torch
 
 import vsink
 from vsink.attention import explicit_attention, query_chunk_size
+from vsink.probe import row_entropy
 from conftest import hf_model, sharpen, timm_case
 
 
@@ -31,7 +32,7 @@ def test_streamed_reductions_equal_full_matrix_statistics(pixel_values):
         np.testing.assert_allclose(trace.norms[layer], hidden.norm(dim=-1).numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(trace.attn_received[layer], A.mean(dim=2).numpy(), atol=1e-6)
         np.testing.assert_allclose(trace.attn_cls[layer], A[:, :, 0, :].numpy(), atol=1e-6)
-        entropy = -(A * torch.log(A.clamp_min(1e-300))).sum(-1).mean(-1)
+        entropy = -torch.where(A > 0, A * A.log(), 0.0).sum(-1).mean(-1)
         np.testing.assert_allclose(trace.attn_entropy[layer], entropy.numpy(), atol=1e-5)
 
 
@@ -76,9 +77,30 @@ def test_chunks_bound_memory_and_match_unchunked():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 50, 8, generator=g) for _ in range(3))
     rows = []
-    out = explicit_attention(q, k, v, scale=8 ** -0.5, chunk_size=7, prob_fns=[lambda c, s: rows.append(c.shape[2])])
+    out = explicit_attention(q, k, v, scale=8 ** -0.5, chunk_size=7, prob_fns=[lambda c, s, z: rows.append(c.shape[2])])
     ref = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, -1) @ v
     assert (out - ref).abs().max() < 1e-6
     assert rows == [7] * 7 + [1]
-    # a 32 MiB budget for ViT-S/14 at 518 px (1370 tokens, 6 heads, batch 8) → small query blocks
-    assert query_chunk_size(8, 6, 1370) == (32 * 2**20) // (8 * 6 * 1370 * 4) == 127
+    # a 16 MiB budget for ViT-S/14 at 518 px (1370 tokens, 6 heads, batch 4) → 127-query blocks
+    assert query_chunk_size(4, 6, 1370) == (16 * 2**20) // (4 * 6 * 1370 * 4) == 127
+
+
+def test_entropy_from_logits_equals_definition():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 5, 40, generator=g) * 4
+    z[..., :7] = float("-inf")  # masked keys
+    p = z.softmax(-1)
+    p64 = p.double()
+    direct = -torch.where(p64 > 0, p64 * p64.log(), 0.0).sum(-1).float()
+    assert torch.allclose(row_entropy(p, z), direct, atol=1e-5)
+    assert torch.allclose(row_entropy(p), direct, atol=1e-5)
+
+
+def test_prob_functions_see_logits_until_probs_are_replaced():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=g) for _ in range(3))
+    seen = []
+    first = lambda p, s, z: seen.append(("first", z is not None)) or p.flip(-1)  # noqa: E731
+    second = lambda p, s, z: seen.append(("second", z is not None))  # noqa: E731
+    explicit_attention(q, k, v, scale=1.0, prob_fns=[first, second])
+    assert seen == [("first", True), ("second", False)]

@@ -13,25 +13,23 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-#: ``fn(chunk, q_start) -> replacement or None``; ``chunk`` is [B, H, q, N_keys] and covers
+#: ``fn(logits, q_start) -> replacement or None``; ``logits`` is [B, H, q, N_keys] and covers
 #: queries ``q_start : q_start + q``.
-ChunkFn = Callable[[torch.Tensor, int], Optional[torch.Tensor]]
+LogitFn = Callable[[torch.Tensor, int], Optional[torch.Tensor]]
+#: ``fn(probs, q_start, logits) -> replacement or None``; ``logits`` are the final logits the
+#: probabilities were computed from, or ``None`` once an earlier function replaced the
+#: probabilities (they are then no longer ``softmax(logits)``).
+ProbFn = Callable[[torch.Tensor, int, Optional[torch.Tensor]], Optional[torch.Tensor]]
 
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
-def query_chunk_size(batch: int, heads: int, n_keys: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Number of queries per block so one float32 block of logits fits in ``budget_bytes``."""
+def query_chunk_size(batch: int, heads: int, n_keys: int, budget_bytes: Optional[int] = None) -> int:
+    """Number of queries per block so one float32 block of logits fits in ``budget_bytes``
+    (default :data:`DEFAULT_CHUNK_BYTES`)."""
+    budget_bytes = DEFAULT_CHUNK_BYTES if budget_bytes is None else budget_bytes
     per_query = max(1, batch * heads * n_keys * 4)
     return max(1, int(budget_bytes // per_query))
-
-
-def _apply(fns: Sequence[ChunkFn], chunk: torch.Tensor, q_start: int) -> torch.Tensor:
-    for fn in fns:
-        out = fn(chunk, q_start)
-        if out is not None:
-            chunk = out
-    return chunk
 
 
 def explicit_attention(
@@ -41,8 +39,8 @@ def explicit_attention(
     *,
     scale: Union[float, torch.Tensor],
     mask: Optional[torch.Tensor] = None,
-    logit_fns: Sequence[ChunkFn] = (),
-    prob_fns: Sequence[ChunkFn] = (),
+    logit_fns: Sequence[LogitFn] = (),
+    prob_fns: Sequence[ProbFn] = (),
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """softmax((q*scale) k^T + mask) v, computed block by block over queries.
@@ -52,7 +50,8 @@ def explicit_attention(
         scale: a float or a tensor broadcastable to [H, 1, 1] (per-head scale).
         mask: optional additive float mask broadcastable to [B, H, Nq, Nk].
         logit_fns: called on each block of pre-softmax logits; may return a replacement.
-        prob_fns: called on each block of post-softmax probabilities; may return a replacement.
+        prob_fns: called on each block of post-softmax probabilities (with the logits, see
+            :data:`ProbFn`); may return a replacement.
         chunk_size: queries per block; default from :func:`query_chunk_size`.
 
     Returns:
@@ -62,7 +61,9 @@ def explicit_attention(
     Nk = k.shape[2]
     if chunk_size is None:
         chunk_size = query_chunk_size(B, H, Nk)
-    kt = k.transpose(-2, -1)
+    # contiguous once per call: matmul would otherwise copy a strided k / v for every block
+    kt = k.transpose(-2, -1).contiguous()
+    v = v.contiguous()
     if mask is not None and mask.ndim == 2:
         mask = mask[None, None]
     low_precision = v.dtype in (torch.float16, torch.bfloat16)
@@ -72,11 +73,15 @@ def explicit_attention(
         logits = (q[:, :, start:stop] * scale) @ kt
         if mask is not None:
             logits = logits + mask[..., start:stop, :]
-        if logit_fns:
-            logits = _apply(logit_fns, logits, start)
+        for fn in logit_fns:
+            edited = fn(logits, start)
+            logits = logits if edited is None else edited
         probs = logits.float().softmax(dim=-1).to(v.dtype) if low_precision else logits.softmax(dim=-1)
-        if prob_fns:
-            probs = _apply(prob_fns, probs, start)
+        source: Optional[torch.Tensor] = logits
+        for fn in prob_fns:
+            edited = fn(probs, start, source)
+            if edited is not None:
+                probs, source = edited, None
         out[:, :, start:stop] = probs @ v
     return out
 

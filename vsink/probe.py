@@ -74,6 +74,22 @@ class Trace:
                    meta=header.get("meta", {}), **arrays)
 
 
+def row_entropy(p: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Entropy (nats) of each row of ``p`` [..., N].
+
+    With ``p = softmax(z)``: ``log p_k = z_k - max(z) - log(sum)`` and the largest ``p`` is
+    ``1 / sum``, so ``H = max(z) - log(max(p)) - sum_k p_k z_k``: no logarithm per element.
+    Masked keys (``z = -inf``, ``p = 0``) contribute nothing. Without logits: ``-sum p log p``.
+    """
+    if logits is None:
+        return torch.special.entr(p).sum(dim=-1)
+    z = logits.detach().float()
+    dot = (p.unsqueeze(-2) @ z.unsqueeze(-1))[..., 0, 0]  # batched dot products, no [.., N] temporary
+    if torch.isnan(dot).any():  # masked keys: 0 * -inf
+        dot = torch.linalg.vecdot(p, z.nan_to_num(neginf=0.0))
+    return z.amax(dim=-1) - torch.log(p.amax(dim=-1)) - dot
+
+
 class _AttentionReducer:
     """Streams query blocks of one layer's probabilities into per-image statistics."""
 
@@ -88,14 +104,14 @@ class _AttentionReducer:
         self.cls: Optional[torch.Tensor] = None
         self.seen = 0
 
-    def __call__(self, probs: torch.Tensor, q_start: int) -> None:
+    def __call__(self, probs: torch.Tensor, q_start: int, logits: Optional[torch.Tensor]) -> None:
         p = probs.detach().float()
         B, H, q, N = p.shape
         if self.received is None:
             self.received = p.new_zeros(B, H, N)
             self.entropy = p.new_zeros(B, H)
         self.received += p.sum(dim=2)
-        self.entropy += torch.special.entr(p).sum(dim=(2, 3))
+        self.entropy += row_entropy(p, logits).sum(dim=2)
         if q_start == 0 and self.probe.layout.num_cls > 0:
             self.cls = p[:, :, 0].clone()
         self.seen += q

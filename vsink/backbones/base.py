@@ -12,7 +12,8 @@ Sites (per layer, 0-based block index):
 ``attn_logits``
     pre-softmax attention logits, in query blocks [B, H, q, N];
 ``attn_probs``
-    post-softmax attention probabilities, in query blocks [B, H, q, N].
+    post-softmax attention probabilities, in query blocks [B, H, q, N] (the function also
+    receives the logits they came from, see :data:`vsink.attention.ProbFn`).
 
 A site function receives the tensor and may return a replacement (an edit) or ``None``
 (an observation). Attention sites route that layer's attention through vsink's explicit
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..attention import ChunkFn, explicit_attention
+from ..attention import LogitFn, ProbFn, explicit_attention
 from ..errors import VsinkError
 from ..layout import TokenLayout
 
@@ -85,7 +86,7 @@ class Backbone(ABC):
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
         self.attention_chunk_size: Optional[int] = None
-        self._attn_fns: dict[int, dict[str, list[ChunkFn]]] = {}
+        self._attn_fns: dict[int, dict[str, list[Any]]] = {}
         self._attn_undo: dict[int, Callable[[], None]] = {}
 
     # --- structure the adapters provide ------------------------------------------------
@@ -183,7 +184,9 @@ class Backbone(ABC):
         """Install ``fn`` at ``site`` of block ``layer``.
 
         ``block_output`` / ``mlp_hidden``: ``fn(tensor [B, N, C]) -> replacement or None``.
-        ``attn_logits`` / ``attn_probs``: ``fn(chunk [B, H, q, N], q_start) -> replacement or None``.
+        ``attn_logits``: ``fn(logits [B, H, q, N], q_start) -> replacement or None``.
+        ``attn_probs``: ``fn(probs [B, H, q, N], q_start, logits) -> replacement or None``, where
+        ``logits`` is ``None`` once an earlier function replaced the probabilities.
         """
         if site not in SITES:
             raise VsinkError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
@@ -219,7 +222,7 @@ class Backbone(ABC):
 
         return hook
 
-    def _hook_attention(self, site: str, layer: int, fn: ChunkFn) -> SiteHandle:
+    def _hook_attention(self, site: str, layer: int, fn: LogitFn | ProbFn) -> SiteHandle:
         fns = self._attn_fns.setdefault(layer, {s: [] for s in ATTENTION_SITES})
         if layer not in self._attn_undo:
             self._attn_undo[layer] = self._install_attention(layer)

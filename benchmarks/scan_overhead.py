@@ -1,0 +1,164 @@
+"""Cost of a full vsink scan (all layers: token norms + attention statistics) vs a plain forward.
+
+Prints, for one model and batch, in one run:
+
+* plain: the library's default forward (timm, fused attention);
+* vsink: the same forward inside a Probe (norms + attention stats on every layer);
+* hf_eager: the anchor users have today, HF ``output_attentions=True, output_hidden_states=True``
+  with eager attention on an equivalent Dinov2 model (same width, depth, heads, patch, size);
+
+each as median wall time over ``--repeats`` runs (the variants interleaved in one process, so
+machine noise hits all of them alike) and peak memory (each variant in its own subprocess, so
+peaks are not shared), then the ratios to plain. Memory on CPU is the
+peak RSS above the RSS just before the measured forward (activation memory; weights and
+inputs excluded) and, separately, the whole-process peak RSS; on CUDA it is
+``max_memory_allocated`` above the allocation before the forward.
+
+Targets (issue 2): vsink <= 1.5x plain time and <= 1.3x plain peak memory on ViT-S/14 at 518 px.
+Weights are random (no download); cost does not depend on their values.
+
+    python benchmarks/scan_overhead.py                       # ViT-S/14, 518 px, batch 4, CPU
+    python benchmarks/scan_overhead.py --device cuda --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() // 1024
+
+
+def _build(variant: str, args):
+    import timm
+    import torch
+
+    if variant == "hf_eager":
+        from transformers import Dinov2Config, Dinov2Model
+
+        cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
+                           image_size=args.img_size, mlp_ratio=4)
+        model = Dinov2Model(cfg)
+        model.set_attn_implementation("eager")
+        model = model.eval().to(args.device)
+        return lambda x: model(pixel_values=x, output_attentions=True, output_hidden_states=True)
+
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size, num_classes=0).eval().to(args.device)
+    if variant == "plain":
+        return model.forward_features
+
+    import vsink
+
+    backbone = vsink.wrap(model)
+
+    def run(x):
+        with vsink.Probe(backbone) as probe:
+            probe.run(x)
+        return probe.trace()
+
+    return run
+
+
+def _sync(args):
+    import torch
+
+    return torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+
+def _input(args):
+    import torch
+
+    torch.manual_seed(0)
+    return torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
+
+
+def measure_memory(variant: str, args) -> dict:
+    """One forward in a fresh process: activation and whole-process peak memory (MiB)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    fn, x = _build(variant, args), _input(args)
+    cuda = args.device.startswith("cuda")
+    with torch.inference_mode():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _rss_kib()
+        fn(x)
+        _sync(args)()
+        if cuda:
+            peak = torch.cuda.max_memory_allocated()
+            return {"activation_mib": (peak - base) / 2**20, "peak_mib": peak / 2**20}
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"activation_mib": (peak_kib - base) / 1024, "peak_mib": peak_kib / 1024}
+
+
+def measure_times(variants: list[str], args) -> dict[str, float]:
+    """Median wall time per variant, the variants interleaved so machine noise hits all alike."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    fns, x, sync = {v: _build(v, args) for v in variants}, _input(args), _sync(args)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(x)
+        for _ in range(args.repeats):
+            for v, fn in fns.items():
+                sync()
+                t0 = time.perf_counter()
+                fn(x)
+                sync()
+                times[v].append(time.perf_counter() - t0)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_small_patch14_dinov2")
+    p.add_argument("--img-size", type=int, default=518)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-hf", action="store_true", help="omit the HF eager anchor")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(measure_memory(args.worker, args)))
+        return
+    variants = ["plain", "vsink"] + ([] if args.skip_hf else ["hf_eager"])
+    rows = {}
+    for v in variants:
+        cmd = [sys.executable, __file__, "--worker", v] + sys.argv[1:]
+        # glibc otherwise keeps freed blocks below a growing mmap threshold in the heap, and RSS
+        # then measures the allocator's cache instead of live tensors
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+        rows[v] = json.loads(out)
+    for v, t in measure_times(variants, args).items():
+        rows[v]["time_s"] = t
+    tokens = (args.img_size // 14) ** 2 + 1
+    print(f"{args.model} at {args.img_size}px (~{tokens} tokens), batch {args.batch_size}, {args.device}, "
+          f"{args.threads} threads, median of {args.repeats} interleaved runs")
+    print(f"{'variant':<10}{'time s':>10}{'act MiB':>10}{'peak MiB':>10}{'time x':>9}{'act x':>8}{'peak x':>8}")
+    plain = rows["plain"]
+    for v, r in rows.items():
+        print(f"{v:<10}{r['time_s']:>10.3f}{r['activation_mib']:>10.1f}{r['peak_mib']:>10.1f}"
+              f"{r['time_s'] / plain['time_s']:>9.2f}{r['activation_mib'] / plain['activation_mib']:>8.2f}"
+              f"{r['peak_mib'] / plain['peak_mib']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""The examples run as written."""
+
+import runpy
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_scan_demo_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["scan_demo.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "scan_demo.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "emergence layer: 2" in out and (tmp_path / "scan.json").exists()
+
+
+def test_sites_example(capsys):
+    runpy.run_path(str(EXAMPLES / "sites.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "1 cls + 4 registers + 7x7 patches" in out and "output change" in out
