@@ -11,8 +11,9 @@ each as median wall time over ``--repeats`` runs (the variants interleaved in on
 machine noise hits all of them alike) and peak memory (each variant in its own subprocess, so
 peaks are not shared), then the ratios to plain. Memory on CPU is the
 peak RSS above the RSS just before the measured forward (activation memory; weights and
-inputs excluded) and, separately, the whole-process peak RSS; on CUDA it is
-``max_memory_allocated`` above the allocation before the forward.
+inputs excluded), the whole-process peak RSS, and the peak of live tensor bytes from the torch
+profiler's allocation events (exact, the steadiest of the three); on CUDA it is
+``max_memory_allocated`` above the allocation before the forward, and in total.
 
 Targets (issue 2): vsink <= 1.5x plain time and <= 1.3x plain peak memory on ViT-S/14 at 518 px.
 Weights are random (no download); cost does not depend on their values.
@@ -101,7 +102,23 @@ def measure_memory(variant: str, args) -> dict:
             peak = torch.cuda.max_memory_allocated()
             return {"activation_mib": (peak - base) / 2**20, "peak_mib": peak / 2**20}
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"activation_mib": (peak_kib - base) / 1024, "peak_mib": peak_kib / 1024}
+        return {"activation_mib": (peak_kib - base) / 1024, "peak_mib": peak_kib / 1024,
+                "tensor_mib": _tensor_peak_mib(fn, x)}
+
+
+def _tensor_peak_mib(fn, x) -> float:
+    """Peak of live tensor bytes during ``fn(x)`` from the torch profiler's allocation events
+    (exact and repeatable, unlike RSS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(x)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def measure_times(variants: list[str], args) -> dict[str, float]:
@@ -152,12 +169,12 @@ def main() -> None:
     tokens = (args.img_size // 14) ** 2 + 1
     print(f"{args.model} at {args.img_size}px (~{tokens} tokens), batch {args.batch_size}, {args.device}, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs")
-    print(f"{'variant':<10}{'time s':>10}{'act MiB':>10}{'peak MiB':>10}{'time x':>9}{'act x':>8}{'peak x':>8}")
+    cols = ["time_s", "activation_mib", "peak_mib"] + (["tensor_mib"] if "tensor_mib" in rows["plain"] else [])
+    names = {"time_s": "time s", "activation_mib": "act MiB", "peak_mib": "peak MiB", "tensor_mib": "tensor MiB"}
+    print(f"{'variant':<10}" + "".join(f"{names[c]:>12}" for c in cols) + "".join(f"{names[c].split()[0] + ' x':>10}" for c in cols))
     plain = rows["plain"]
     for v, r in rows.items():
-        print(f"{v:<10}{r['time_s']:>10.3f}{r['activation_mib']:>10.1f}{r['peak_mib']:>10.1f}"
-              f"{r['time_s'] / plain['time_s']:>9.2f}{r['activation_mib'] / plain['activation_mib']:>8.2f}"
-              f"{r['peak_mib'] / plain['peak_mib']:>8.2f}")
+        print(f"{v:<10}" + "".join(f"{r[c]:>12.3f}" for c in cols) + "".join(f"{r[c] / plain[c]:>10.2f}" for c in cols))
 
 
 if __name__ == "__main__":

@@ -145,3 +145,13 @@ def test_sizes_devices_dtypes():
 def test_wrap_rejects_other_modules():
     with pytest.raises(VsinkError, match="cannot wrap"):
         vsink.wrap(torch.nn.Linear(2, 2))
+
+
+def test_unsupported_timm_architectures_fail_clearly(pixel_values):
+    eva = timm_model("eva02_tiny_patch14_224", img_size=28, embed_dim=64, num_heads=2)
+    with pytest.raises(VsinkError, match="Eva is not a timm VisionTransformer"):
+        vsink.wrap(eva)
+    diff = vsink.wrap(timm_model("vit_tiny_patch16_224", patch_size=8, attn_layer="diff"))
+    with pytest.raises(VsinkError, match="not timm's standard Attention"):
+        diff.hook("attn_probs", 0, lambda p, s, z: None)
+    assert not diff.attention_routed(0)

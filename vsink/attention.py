@@ -21,7 +21,7 @@ LogitFn = Callable[[torch.Tensor, int], Optional[torch.Tensor]]
 #: probabilities (they are then no longer ``softmax(logits)``).
 ProbFn = Callable[[torch.Tensor, int, Optional[torch.Tensor]], Optional[torch.Tensor]]
 
-DEFAULT_CHUNK_BYTES = 16 * 2**20
+DEFAULT_CHUNK_BYTES = 8 * 2**20
 
 
 def query_chunk_size(batch: int, heads: int, n_keys: int, budget_bytes: Optional[int] = None) -> int:

@@ -223,9 +223,9 @@ class Backbone(ABC):
         return hook
 
     def _hook_attention(self, site: str, layer: int, fn: LogitFn | ProbFn) -> SiteHandle:
-        fns = self._attn_fns.setdefault(layer, {s: [] for s in ATTENTION_SITES})
         if layer not in self._attn_undo:
             self._attn_undo[layer] = self._install_attention(layer)
+        fns = self._attn_fns.setdefault(layer, {s: [] for s in ATTENTION_SITES})
         fns[site].append(fn)
 
         def remove() -> None:

@@ -22,8 +22,11 @@ class TimmBackbone(Backbone):
     family = "timm"
 
     def __init__(self, model: nn.Module, spec: str = "timm:<module>"):
-        if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")):
-            raise VsinkError(f"{spec}: not a timm VisionTransformer (needs blocks, patch_embed, num_prefix_tokens)")
+        from timm.models.vision_transformer import VisionTransformer
+
+        if not isinstance(model, VisionTransformer):
+            raise VsinkError(f"{spec}: {type(model).__name__} is not a timm VisionTransformer "
+                             "(ViT, DeiT, DINOv2 families); other timm architectures are not supported")
         cfg = getattr(model, "pretrained_cfg", None) or {}
         super().__init__(
             model,
@@ -60,9 +63,10 @@ class TimmBackbone(Backbone):
         return mlp.fc2
 
     def _install_attention(self, layer: int) -> Callable[[], None]:
+        from timm.layers import Attention
+
         attn = self.blocks[layer].attn
-        needed = ("qkv", "num_heads", "scale", "proj")
-        if not all(hasattr(attn, a) for a in needed):
+        if type(attn) is not Attention:
             raise VsinkError(
                 f"{self.spec}: block {layer} attention ({type(attn).__name__}) is not timm's standard Attention; "
                 "vsink cannot compute its attention explicitly"
