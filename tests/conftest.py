@@ -10,6 +10,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from vsink.data import demo_model  # noqa: E402
+
 torch.set_num_threads(2)
 
 HF_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
@@ -83,6 +85,54 @@ def open_clip_visual(block_type=None, **kwargs) -> torch.nn.Module:
                block_type=block_type)
     cfg.update(kwargs)
     return VisionTransformer(**cfg).eval()
+
+
+def capture_probs(backbone, x, chunk_size=3):
+    """Full attention of every layer assembled from vsink's query blocks."""
+    got: dict[int, list[torch.Tensor]] = {}
+    handles = [backbone.hook("attn_probs", layer, lambda c, s, z, layer=layer: got.setdefault(layer, []).append(c.clone()))
+               for layer in range(backbone.num_layers)]
+    backbone.attention_chunk_size = chunk_size
+    try:
+        out = backbone.forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.attention_chunk_size = None
+    return out, [torch.cat(got[layer], dim=2) for layer in range(backbone.num_layers)]
+
+
+def timm_reference(model, x):
+    """timm's own probabilities: fused attention off, hook on attn_drop."""
+    probs, hooks, fused = [], [], []
+    for blk in model.blocks:
+        fused.append(blk.attn.fused_attn)
+        blk.attn.fused_attn = False
+        hooks.append(blk.attn.attn_drop.register_forward_hook(lambda m, a, o: probs.append(o.clone())))
+    try:
+        with torch.no_grad():
+            out = model.forward_features(x)
+    finally:
+        for blk, f, h in zip(model.blocks, fused, hooks):
+            blk.attn.fused_attn = f
+            h.remove()
+    return out, probs
+
+
+def planted_firing(backbone, images, fraction=0.5):
+    """Patch tokens where the planted neurons' net write is above ``fraction`` of full, read with
+    a plain torch hook on the MLP output projection (independent of vsink's sites and detector)."""
+    seen = {}
+    fc2 = backbone.model.blocks[demo_model.PLANTED_BLOCK].mlp.fc2
+    handle = fc2.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
+    with torch.no_grad():
+        backbone.model.forward_features(backbone.preprocess([im.image for im in images]))
+    handle.remove()
+    half = len(demo_model.PLANTED_NEURONS) // 2
+    on, off = list(demo_model.PLANTED_NEURONS[:half]), list(demo_model.PLANTED_NEURONS[half:])
+    net = seen["h"][..., on].sum(-1) - seen["h"][..., off].sum(-1)
+    layout = backbone.layout()
+    return layout.patches(net) > demo_model.NEURON_STEP * half * fraction  # [B, P]
 
 
 @pytest.fixture

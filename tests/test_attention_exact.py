@@ -7,41 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import vsink
-from conftest import HF_CASES, TIMM_CASES, hf_model, open_clip_visual, sharpen, timm_case, timm_model
+from conftest import (HF_CASES, TIMM_CASES, capture_probs, hf_model, open_clip_visual, sharpen, timm_case,
+                      timm_model, timm_reference)
 
 TOL = 1e-5
-
-
-def capture_probs(backbone, x, chunk_size=3):
-    """Full attention of every layer assembled from vsink's query blocks."""
-    got: dict[int, list[torch.Tensor]] = {}
-    handles = [backbone.hook("attn_probs", layer, lambda c, s, z, layer=layer: got.setdefault(layer, []).append(c.clone()))
-               for layer in range(backbone.num_layers)]
-    backbone.attention_chunk_size = chunk_size
-    try:
-        out = backbone.forward(x)
-    finally:
-        for h in handles:
-            h.remove()
-        backbone.attention_chunk_size = None
-    return out, [torch.cat(got[layer], dim=2) for layer in range(backbone.num_layers)]
-
-
-def timm_reference(model, x):
-    """timm's own probabilities: fused attention off, hook on attn_drop."""
-    probs, hooks, fused = [], [], []
-    for blk in model.blocks:
-        fused.append(blk.attn.fused_attn)
-        blk.attn.fused_attn = False
-        hooks.append(blk.attn.attn_drop.register_forward_hook(lambda m, a, o: probs.append(o.clone())))
-    try:
-        with torch.no_grad():
-            out = model.forward_features(x)
-    finally:
-        for blk, f, h in zip(model.blocks, fused, hooks):
-            blk.attn.fused_attn = f
-            h.remove()
-    return out, probs
 
 
 @pytest.mark.parametrize("case", sorted(TIMM_CASES))

@@ -9,6 +9,7 @@ import torch
 import vsink
 from vsink.data import demo_model as D
 from vsink.data.demo_images import demo_images
+from conftest import planted_firing
 
 
 @pytest.fixture(scope="module")
@@ -16,22 +17,6 @@ def demo():
     backbone = vsink.load("demo")
     images = demo_images()
     return backbone, images, vsink.scan(backbone, images, progress=False)
-
-
-def planted_firing(backbone, images, fraction=0.5):
-    """Patch tokens where the planted neurons' net write is above ``fraction`` of full, read with
-    a plain torch hook on the MLP output projection (independent of vsink's sites and detector)."""
-    seen = {}
-    fc2 = backbone.model.blocks[D.PLANTED_BLOCK].mlp.fc2
-    handle = fc2.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
-    with torch.no_grad():
-        backbone.model.forward_features(backbone.preprocess([im.image for im in images]))
-    handle.remove()
-    half = len(D.PLANTED_NEURONS) // 2
-    on, off = list(D.PLANTED_NEURONS[:half]), list(D.PLANTED_NEURONS[half:])
-    net = seen["h"][..., on].sum(-1) - seen["h"][..., off].sum(-1)
-    layout = backbone.layout()
-    return layout.patches(net) > D.NEURON_STEP * half * fraction  # [B, P]
 
 
 def test_demo_outliers_are_the_planted_tokens(demo):

@@ -18,3 +18,12 @@ def test_sites_example(capsys):
     runpy.run_path(str(EXAMPLES / "sites.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "1 cls + 4 registers + 7x7 patches" in out and "output change" in out
+
+
+def test_export_maps_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["export_maps.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "export_maps.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "register model, block 3" in out
+    assert (tmp_path / "demo" / "china" / "contact.png").exists()
+    assert (tmp_path / "registers" / "flower.npz").exists()

@@ -13,10 +13,11 @@ __version__ = "0.1.0"
 from .backbones import SITES, SPEC_FORMS, Backbone, load, wrap
 from .errors import ImageError, ModelSpecError, VsinkError
 from .layout import TokenLayout
+from .maps import MapsResult, export_maps
 from .probe import Probe, Trace
 from .scan import NothingScanned, ScanResult, scan
 
 __all__ = [
-    "SITES", "SPEC_FORMS", "Backbone", "ImageError", "ModelSpecError", "NothingScanned", "Probe",
-    "ScanResult", "TokenLayout", "Trace", "VsinkError", "load", "scan", "wrap", "__version__",
+    "SITES", "SPEC_FORMS", "Backbone", "ImageError", "MapsResult", "ModelSpecError", "NothingScanned", "Probe",
+    "ScanResult", "TokenLayout", "Trace", "VsinkError", "export_maps", "load", "scan", "wrap", "__version__",
 ]

@@ -42,23 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--out", default="vsink-out", help="output directory (default: vsink-out)")
     scan.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    maps = sub.add_parser("maps", help="export attention and norm maps (npz arrays, png overlays)",
+                          description="Export per-image attention and norm maps: arrays in <out>/<stem>.npz, "
+                                      "overlays and a contact sheet in <out>/<stem>/, an index in maps.json. "
+                                      "With no images: the bundled demo images.")
+    maps.add_argument("images", nargs="*", help="image files or directories (default: bundled demo images)")
+    _add_model_args(maps)
+    maps.add_argument("--kind", action="append",
+                      help="cls, received, norm, rollout, full (repeat or comma-separate; "
+                           "default: cls,received,norm,rollout)")
+    maps.add_argument("--layers", default="all", help="all (default) or a comma list of block indices, e.g. 0,5,-1")
+    maps.add_argument("--heads", default="mean", help="mean (default), all, or a comma list of head indices")
+    maps.add_argument("--format", default="png,npz", help="png, npz or png,npz (default)")
+    maps.add_argument("--fusion", default="mean", help="rollout head fusion: mean (default), max, min")
+    maps.add_argument("--discard-ratio", type=float, default=0.0,
+                      help="rollout: zero this fraction of the lowest fused attention entries (default 0)")
+    maps.add_argument("--keep-aspect", action="store_true",
+                      help="dynamic-size models: keep each image's aspect ratio (longer side = img size)")
+    maps.add_argument("--out", default="vsink-maps", help="output directory (default: vsink-maps)")
+    maps.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     sub.add_parser("models", help="list the supported model spec forms")
     return parser
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from .backbones import load
-    from .data.demo_images import demo_images
-    from .images import expand_paths
     from .scan import NothingScanned, scan
 
-    images = expand_paths(args.images) if args.images else demo_images()
-    backbone = load(args.model, weights=args.weights, img_size=args.img_size, device=args.device,
-                    dtype=args.dtype, pretrained=not args.no_pretrained)
-    if backbone.spec == "demo":
-        print("vsink: model 'demo' is SYNTHETIC: a small ViT with high-norm tokens planted by construction "
-              "(block 2, MLP neurons 0-3; see docs/demo.md)", file=sys.stderr)
-    print(f"vsink: {backbone.describe()}", file=sys.stderr)
+    images = _inputs(args)
+    backbone = _load_for(args)
     try:
         result = scan(backbone, images, batch_size=args.batch_size, img_size=args.img_size,
                       threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress)
@@ -84,6 +96,44 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for(args: argparse.Namespace):
+    from .backbones import load
+
+    backbone = load(args.model, weights=args.weights, img_size=args.img_size, device=args.device,
+                    dtype=args.dtype, pretrained=not args.no_pretrained)
+    if backbone.spec == "demo":
+        print("vsink: model 'demo' is SYNTHETIC: a small ViT with high-norm tokens planted by construction "
+              "(block 2, MLP neurons 0-3; see docs/demo.md)", file=sys.stderr)
+    print(f"vsink: {backbone.describe()}", file=sys.stderr)
+    return backbone
+
+
+def _inputs(args: argparse.Namespace):
+    from .data.demo_images import demo_images
+    from .images import expand_paths
+
+    return expand_paths(args.images) if args.images else demo_images()
+
+
+def _cmd_maps(args: argparse.Namespace) -> int:
+    from .maps import DEFAULT_KINDS, export_maps
+
+    kinds = [k.strip() for group in (args.kind or [",".join(DEFAULT_KINDS)]) for k in group.split(",") if k.strip()]
+    images = _inputs(args)
+    backbone = _load_for(args)
+    result = export_maps(backbone, images, args.out, kinds=kinds, layers=args.layers, heads=args.heads,
+                         formats=[f.strip() for f in args.format.split(",") if f.strip()], fusion=args.fusion,
+                         discard_ratio=args.discard_ratio, img_size=args.img_size, keep_aspect=args.keep_aspect,
+                         progress=not args.no_progress)
+    print(f"exported maps for {len(result.images)} images ({len(result.skipped)} skipped) to {args.out}")
+    for m in result.images:
+        print(f"  {m.name}: {len(m.files)} files, {m.layout.describe()}")
+    if not result.images:
+        print("vsink: error: no image could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones import SPEC_FORMS
 
@@ -93,7 +143,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"scan": _cmd_scan, "models": _cmd_models}
+    handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "models": _cmd_models}
     try:
         return handlers[args.command](args)
     except VsinkError as e:

@@ -88,3 +88,22 @@ def expand_paths(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
         else:
             raise VsinkError(f"{p}: no such file or directory")
     return out
+
+
+def source_name(item: Union[ImageSource, NamedImage], index: int) -> str:
+    """The name an input is reported under: its path, its demo name, or ``image-<index>``."""
+    if isinstance(item, NamedImage):
+        return item.name
+    if isinstance(item, Image.Image):
+        return getattr(item, "filename", "") or f"image-{index}"
+    return str(item)
+
+
+def open_image(item: Union[ImageSource, NamedImage]) -> Image.Image:
+    """Any accepted input (path, PIL image, :class:`NamedImage`) as upright RGB; bad files raise
+    :class:`ImageError`."""
+    if isinstance(item, NamedImage):
+        return to_rgb(item.image)
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    return load_image(item)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
 
 
 @contextmanager
@@ -39,3 +42,30 @@ def write_text(path: Union[str, os.PathLike], text: str) -> Path:
 
 def write_json(path: Union[str, os.PathLike], obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+class NpzWriter:
+    """Writes an ``.npz`` one array at a time (nothing is held back), atomically: the file appears
+    under its name only when the ``with`` block ends without an exception. ``np.load`` reads it."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        self._ctx = atomic_path(self.path)
+        self._zip: Optional[zipfile.ZipFile] = None
+        self.names: list[str] = []
+
+    def __enter__(self) -> "NpzWriter":
+        tmp = self._ctx.__enter__()
+        self._zip = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
+        return self
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if name in self.names:
+            raise ValueError(f"{self.path}: array {name!r} written twice")
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+        self.names.append(name)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._zip.close()
+        self._ctx.__exit__(*exc)

@@ -15,7 +15,7 @@ from . import __version__
 from .backbones.base import Backbone
 from .detect import AttentionSink, HighNormResult, detect_high_norm, detect_sinks, layer_attention_summary
 from .errors import ImageError, VsinkError
-from .images import ImageSource, NamedImage, load_image, to_rgb
+from .images import ImageSource, NamedImage, open_image, source_name
 from .io import write_json, write_text
 from .layout import TokenLayout
 from .probe import Probe, Trace
@@ -108,22 +108,6 @@ class ScanResult:
         return paths
 
 
-def _name_of(item: Union[ImageSource, NamedImage], index: int) -> str:
-    if isinstance(item, NamedImage):
-        return item.name
-    if isinstance(item, Image.Image):
-        return getattr(item, "filename", "") or f"image-{index}"
-    return str(item)
-
-
-def _open(item: Union[ImageSource, NamedImage]) -> Image.Image:
-    if isinstance(item, NamedImage):
-        return to_rgb(item.image)
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
-    return load_image(item)
-
-
 def scan(
     backbone: Backbone,
     images: Sequence[Union[ImageSource, NamedImage]],
@@ -168,9 +152,9 @@ def scan(
         for start in range(0, len(images), batch_size):
             batch, batch_names = [], []
             for i, item in enumerate(images[start:start + batch_size], start=start):
-                name = _name_of(item, i)
+                name = source_name(item, i)
                 try:
-                    batch.append(_open(item))
+                    batch.append(open_image(item))
                     batch_names.append(name)
                 except ImageError as e:
                     skipped.append({"image": name, "reason": str(e)})

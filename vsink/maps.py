@@ -1,0 +1,247 @@
+"""``vsink.export_maps``: attention and norm maps per image, as arrays (.npz) and overlays (.png).
+
+Kinds: ``cls`` (class token → every token), ``received`` (attention each token receives, mean
+over queries), ``norm`` (token norms), ``rollout`` (see :mod:`vsink.rollout`) and ``full`` (raw
+attention matrices, npz only, streamed block by block). Array names: docs/maps.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .backbones.base import Backbone
+from .errors import ImageError, VsinkError
+from .images import ImageSource, NamedImage, open_image, source_name
+from .io import NpzWriter, write_json
+from .layout import TokenLayout
+from .probe import Probe
+from .rollout import FUSIONS, FullAttentionObserver, RolloutObserver
+
+KINDS = ("cls", "received", "norm", "rollout", "full")
+DEFAULT_KINDS = ("cls", "received", "norm", "rollout")
+HEAD_KINDS = ("cls", "received")
+
+
+@dataclass
+class ImageMaps:
+    """Maps of one image: ``arrays`` holds every exported array except the streamed ``full``."""
+
+    name: str
+    stem: str
+    image: Image.Image
+    layout: TokenLayout
+    arrays: dict[str, np.ndarray]
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MapsResult:
+    model: str
+    synthetic: bool
+    images: list[ImageMaps]
+    skipped: list[dict[str, str]]
+    settings: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "synthetic": self.synthetic,
+            "images": [{"image": m.name, "stem": m.stem, "layout": m.layout.to_dict(), "files": m.files}
+                       for m in self.images],
+            "skipped": self.skipped,
+            "settings": self.settings,
+        }
+
+
+def parse_selection(value: Union[str, Sequence[int], None], count: int, what: str,
+                    keywords: Sequence[str]) -> Union[str, list[int]]:
+    """``"all"`` / ``"mean"`` (as allowed) or a comma list of indices (negative from the end)."""
+    if value is None or (isinstance(value, str) and value in keywords):
+        return value or keywords[0]
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        indices = [int(v) for v in items]
+    except ValueError:
+        raise VsinkError(f"{what} must be {' | '.join(keywords)} or a comma list of integers, got {value!r}") from None
+    bad = [i for i in indices if not -count <= i < count]
+    if bad:
+        raise VsinkError(f"{what} {bad} out of range for {count}")
+    return sorted({i % count for i in indices})
+
+
+def input_size(backbone: Backbone, image: Image.Image, img_size: Optional[int], keep_aspect: bool) -> tuple[int, int]:
+    """Square ``img_size`` (default the model's), or for dynamic-size models with ``keep_aspect``
+    the image's aspect ratio with the longer side ``img_size``, rounded to whole patches."""
+    side = img_size or backbone.img_size[0]
+    if not keep_aspect:
+        return side, side
+    if not backbone.dynamic_size:
+        raise VsinkError(f"{backbone.spec} takes fixed-size inputs; keep_aspect needs a dynamic-size model")
+    w, h = image.size
+    ph, pw = backbone.patch_size
+    scale = side / max(w, h)
+    return max(ph, round(h * scale / ph) * ph), max(pw, round(w * scale / pw) * pw)
+
+
+def _head_arrays(kind: str, layer: int, values: np.ndarray, layout: TokenLayout,
+                 heads: Union[str, list[int]]) -> dict[str, np.ndarray]:
+    """values [H, N] → ``kind/layerL`` [heads, h, w], ``/mean`` [h, w], ``/prefix`` [H, n_prefix]."""
+    key = f"{kind}/layer{layer}"
+    out = {f"{key}/mean": layout.patch_grid(values.mean(axis=0), dim=0),
+           f"{key}/prefix": values[:, layout.non_patch_indices()]}
+    if heads != "mean":
+        chosen = values if heads == "all" else values[heads]
+        out[key] = layout.patch_grid(chosen, dim=1)
+    return out
+
+
+def _stem(name: str, used: set[str]) -> str:
+    base = Path(name.split(":", 1)[-1]).stem or "image"
+    stem, n = base, 1
+    while stem in used:
+        n += 1
+        stem = f"{base}-{n}"
+    used.add(stem)
+    return stem
+
+
+def export_maps(
+    backbone: Backbone,
+    images: Sequence[Union[ImageSource, NamedImage]],
+    out_dir: Union[str, os.PathLike],
+    *,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    layers: Union[str, Sequence[int], None] = "all",
+    heads: Union[str, Sequence[int], None] = "mean",
+    formats: Sequence[str] = ("png", "npz"),
+    fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    img_size: Optional[int] = None,
+    keep_aspect: bool = False,
+    progress: bool = True,
+) -> MapsResult:
+    """Export maps for each image into ``out_dir`` (``<stem>.npz``, ``<stem>/*.png``, ``maps.json``).
+
+    Unreadable images are skipped and listed; each image's files are written atomically as soon
+    as it is done, so an interruption loses nothing already exported.
+    """
+    from .export.maps import render_image_pngs
+
+    kinds = list(dict.fromkeys(kinds))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise VsinkError(f"unknown map kind(s) {unknown}; kinds are {', '.join(KINDS)}")
+    formats = list(dict.fromkeys(formats))
+    if not formats or any(f not in ("png", "npz") for f in formats):
+        raise VsinkError(f"formats must be png and/or npz, got {formats}")
+    if "full" in kinds and "npz" not in formats:
+        raise VsinkError("kind 'full' is written to npz only: add npz to the formats")
+    if fusion not in FUSIONS:
+        raise VsinkError(f"unknown head fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
+    if "cls" in kinds and backbone.layout().num_cls == 0:
+        raise VsinkError(f"{backbone.spec} has no class token: kind 'cls' is not available")
+    if not images:
+        raise VsinkError("no images given")
+    sel_layers = parse_selection(layers, backbone.num_layers, "layers", ("all",))
+    sel_layers = list(range(backbone.num_layers)) if sel_layers == "all" else sel_layers
+    sel_heads = parse_selection(heads, backbone.num_heads, "heads", ("mean", "all"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"kinds": kinds, "layers": sel_layers, "heads": sel_heads, "formats": formats, "fusion": fusion,
+                "discard_ratio": discard_ratio, "img_size": img_size, "keep_aspect": keep_aspect}
+    done: list[ImageMaps] = []
+    skipped: list[dict[str, str]] = []
+    used: set[str] = set()
+    warned = False
+    for index, item in enumerate(tqdm(images, desc="maps", unit="img", disable=not progress)):
+        name = source_name(item, index)
+        try:
+            image = open_image(item)
+        except ImageError as e:
+            skipped.append({"image": name, "reason": str(e)})
+            print(f"vsink: skipped {e}", file=sys.stderr)
+            continue
+        size = input_size(backbone, image, img_size, keep_aspect)
+        layout = backbone.layout(size)
+        if "full" in kinds and not warned:
+            n_heads = backbone.num_heads if sel_heads in ("mean", "all") else len(sel_heads)
+            per_image = len(sel_layers) * n_heads * layout.num_tokens ** 2 * 4
+            warnings.warn(f"kind 'full' writes about {per_image / 2**20:.1f} MiB per image ({len(sel_layers)} blocks x "
+                          f"{n_heads} heads x {layout.num_tokens}^2 float32), {len(images) * per_image / 2**20:.1f} MiB "
+                          "for all images", stacklevel=2)
+            warned = True
+        maps = ImageMaps(name, _stem(name, used), image.resize((size[1], size[0]), Image.BICUBIC), layout, {})
+        with ExitStack() as stack:
+            writer = stack.enter_context(NpzWriter(out / f"{maps.stem}.npz")) if "npz" in formats else None
+            maps.arrays = _compute(backbone, maps, kinds, sel_layers, sel_heads, fusion, discard_ratio, writer, stack)
+            if writer is not None:
+                for key, arr in maps.arrays.items():
+                    writer.add(key, arr)
+                maps.files.append(f"{maps.stem}.npz")
+        if "png" in formats:
+            maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads)
+        done.append(maps)
+        # keep only what the index needs: arrays of finished images are on disk
+        maps.arrays = {}
+        write_json(out / "maps.json", MapsResult(backbone.spec, backbone.spec == "demo", done, skipped,
+                                                 settings).to_json())
+    result = MapsResult(backbone.spec, backbone.spec == "demo", done, skipped, settings)
+    write_json(out / "maps.json", result.to_json())
+    return result
+
+
+def _compute(backbone: Backbone, maps: ImageMaps, kinds: list[str], layers: list[int],
+             heads: Union[str, list[int]], fusion: str, discard_ratio: float,
+             writer: Optional[NpzWriter], stack: ExitStack) -> dict[str, np.ndarray]:
+    layout = maps.layout
+    x = backbone.preprocess([maps.image], layout_size(layout, backbone))
+    want_attention = any(k in kinds for k in HEAD_KINDS)
+    probe = None
+    if want_attention or "norm" in kinds:
+        probe = stack.enter_context(Probe(backbone, layers=layers, norms="norm" in kinds, attention=want_attention))
+    rollout = RolloutObserver(fusion, discard_ratio) if "rollout" in kinds else None
+    if rollout is not None:
+        for handle in rollout.install(backbone, layout):
+            stack.callback(handle.remove)
+    if "full" in kinds:
+        head_list = None if heads in ("mean", "all") else heads
+        full = FullAttentionObserver(layers, head_list,
+                                     lambda layer, a: writer.add(f"full/layer{layer}", a[0].numpy()))
+        for handle in full.install(backbone):
+            stack.callback(handle.remove)
+    if probe is not None:
+        probe.run(x)
+    else:
+        backbone.forward(x)
+    arrays: dict[str, np.ndarray] = {}
+    if probe is not None:
+        trace = probe.trace()
+        for pos, layer in enumerate(trace.layers):
+            if "cls" in kinds:
+                arrays.update(_head_arrays("cls", layer, trace.attn_cls[pos, 0], layout, heads))
+            if "received" in kinds:
+                arrays.update(_head_arrays("received", layer, trace.attn_received[pos, 0], layout, heads))
+            if "norm" in kinds:
+                norms = trace.norms[pos, 0]
+                arrays[f"norm/layer{layer}"] = layout.patch_grid(norms, dim=0)
+                arrays[f"norm/layer{layer}/prefix"] = norms[layout.non_patch_indices()]
+    if rollout is not None:
+        row = rollout.row()[0].numpy()
+        arrays["rollout"] = layout.patch_grid(row, dim=0)
+        arrays["rollout/prefix"] = row[layout.non_patch_indices()]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+
+
+def layout_size(layout: TokenLayout, backbone: Backbone) -> tuple[int, int]:
+    return layout.grid[0] * backbone.patch_size[0], layout.grid[1] * backbone.patch_size[1]
+
