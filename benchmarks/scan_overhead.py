@@ -42,7 +42,6 @@ def _rss_kib() -> int:
 
 def _build(variant: str, args):
     import timm
-    import torch
 
     if variant == "hf_eager":
         from transformers import Dinov2Config, Dinov2Model

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
 from .errors import VsinkError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    """Inputs, model and progress options shared by the image subcommands."""
+    p.add_argument("images", nargs="*", help="image files or directories (default: bundled demo images)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--model", default="demo", help="model spec (default: demo); see 'vsink models'")
     p.add_argument("--weights", help="checkpoint to load (.safetensors or a state dict)")
     p.add_argument("--img-size", type=int, help="square input size (default: the model's)")
@@ -32,22 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Scan images (files or directories) for high-norm tokens and attention "
                                       "sinks in every layer. With no images and no --model, runs the built-in "
                                       "synthetic demo on the bundled demo images, offline.")
-    scan.add_argument("images", nargs="*", help="image files or directories (default: bundled demo images)")
-    _add_model_args(scan)
+    _add_common_args(scan)
     scan.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     scan.add_argument("--threshold", default="auto",
                       help="high-norm threshold: auto (default), sigma:K, or an absolute norm")
     scan.add_argument("--sink-ratio", type=float, default=5.0,
                       help="sink = share of received attention >= this x the median share (default: 5)")
     scan.add_argument("--out", default="vsink-out", help="output directory (default: vsink-out)")
-    scan.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     maps = sub.add_parser("maps", help="export attention and norm maps (npz arrays, png overlays)",
                           description="Export per-image attention and norm maps: arrays in <out>/<stem>.npz, "
                                       "overlays and a contact sheet in <out>/<stem>/, an index in maps.json. "
                                       "With no images: the bundled demo images.")
-    maps.add_argument("images", nargs="*", help="image files or directories (default: bundled demo images)")
-    _add_model_args(maps)
+    _add_common_args(maps)
     maps.add_argument("--kind", action="append",
                       help="cls, received, norm, rollout, full (repeat or comma-separate; "
                            "default: cls,received,norm,rollout)")
@@ -60,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--keep-aspect", action="store_true",
                       help="dynamic-size models: keep each image's aspect ratio (longer side = img size)")
     maps.add_argument("--out", default="vsink-maps", help="output directory (default: vsink-maps)")
-    maps.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sub.add_parser("models", help="list the supported model spec forms")
     return parser

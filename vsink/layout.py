@@ -14,7 +14,7 @@ The sequence order is always::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -72,6 +72,11 @@ class TokenLayout:
         return "+".join(parts) if parts else "none"
 
     # --- index sets ---------------------------------------------------------------
+    @property
+    def cls_token(self) -> Optional[int]:
+        """Index of the (first) class token, whose attention row is the ``cls`` map; None without one."""
+        return 0 if self.num_cls else None
+
     @property
     def cls_slice(self) -> slice:
         return slice(0, self.num_cls)

@@ -112,8 +112,9 @@ class _AttentionReducer:
             self.entropy = p.new_zeros(B, H)
         self.received += p.sum(dim=2)
         self.entropy += row_entropy(p, logits).sum(dim=2)
-        if q_start == 0 and self.probe.layout.num_cls > 0:
-            self.cls = p[:, :, 0].clone()
+        cls = self.probe.layout.cls_token
+        if cls is not None and q_start <= cls < q_start + q:
+            self.cls = p[:, :, cls - q_start].clone()
         self.seen += q
         if self.seen == N:
             self.batches["received"].append((self.received / N).cpu().numpy())

@@ -52,8 +52,8 @@ def rollout_step(fused: torch.Tensor, layout: TokenLayout, discard_ratio: float 
 
 def rollout_row(joint: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """The rollout map over all keys [B, N]: the class-token row, or the mean of patch rows."""
-    if layout.num_cls:
-        return joint[:, 0]
+    if layout.cls_token is not None:
+        return joint[:, layout.cls_token]
     return layout.patches(joint, dim=1).mean(dim=1)
 
 

@@ -40,6 +40,11 @@ ATTENTION_SITES = ("attn_logits", "attn_probs")
 SiteFn = Callable[..., Optional[torch.Tensor]]
 
 
+def to_pair(v: Any) -> tuple[int, int]:
+    """``n`` or ``(h, w)`` → ``(h, w)`` (image and patch sizes as the libraries store them)."""
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 class SiteHandle:
     """Returned by :meth:`Backbone.hook`; ``remove()`` uninstalls the function."""
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import VsinkError
-from .base import Backbone
+from .base import Backbone, to_pair
 
 ATTN_NAME = "vsink"
 
@@ -39,9 +39,6 @@ SUPPORTED = {
 def _vision_config(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config
 
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _vsink_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -91,7 +88,7 @@ class HFVisionBackbone(Backbone):
         self.config = config
         self._layers = self._find_layers(model, config, spec)
         super().__init__(model, spec, mean=mean or d_mean, std=std or d_std,
-                         img_size=_pair(config.image_size), patch_size=_pair(config.patch_size))
+                         img_size=to_pair(config.image_size), patch_size=to_pair(config.patch_size))
         self._routed_layers: set[int] = set()
         self._original_impl: Optional[str] = None
 

@@ -15,14 +15,11 @@ from torch import nn
 
 from ..attention import additive_mask
 from ..errors import VsinkError
-from .base import Backbone
+from .base import Backbone, to_pair
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 class OpenClipBackbone(Backbone):
@@ -38,7 +35,7 @@ class OpenClipBackbone(Backbone):
             raise VsinkError(f"{spec}: not an open_clip VisionTransformer tower")
         self.seq_first = not getattr(visual.transformer, "batch_first", False)
         super().__init__(visual, spec, mean=mean, std=std,
-                         img_size=_pair(visual.image_size), patch_size=_pair(visual.patch_size))
+                         img_size=to_pair(visual.image_size), patch_size=to_pair(visual.patch_size))
 
     @property
     def blocks(self) -> Sequence[nn.Module]:

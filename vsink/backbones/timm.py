@@ -9,11 +9,8 @@ from torch import nn
 
 from ..attention import additive_mask
 from ..errors import VsinkError
-from .base import Backbone
+from .base import Backbone, to_pair
 
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 class TimmBackbone(Backbone):
@@ -33,8 +30,8 @@ class TimmBackbone(Backbone):
             spec,
             mean=cfg.get("mean", (0.485, 0.456, 0.406)),
             std=cfg.get("std", (0.229, 0.224, 0.225)),
-            img_size=_pair(model.patch_embed.img_size),
-            patch_size=_pair(model.patch_embed.patch_size),
+            img_size=to_pair(model.patch_embed.img_size),
+            patch_size=to_pair(model.patch_embed.patch_size),
         )
 
     @property
