@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
@@ -24,6 +26,15 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
                    help="build timm models with random weights (testing without network)")
 
 
+def _add_ttr_args(p: argparse.ArgumentParser, flag: bool = True) -> None:
+    if flag:
+        p.add_argument("--test-time-registers", metavar="NEURONS_JSON",
+                       help="apply test-time registers from a 'vsink registers find' spec")
+    p.add_argument("--ttr-registers", type=int, default=1, help="appended register tokens (default 1)")
+    p.add_argument("--ttr-scale", type=float, default=1.0, help="scale of the moved activation (default 1)")
+    p.add_argument("--ttr-mode", default="max", help="max (default: signed value of largest magnitude) or mean")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vsink", description="Find, fix and measure attention sinks "
                                      "and register tokens in vision transformers.")
@@ -41,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--sink-ratio", type=float, default=5.0,
                       help="sink = share of received attention >= this x the median share (default: 5)")
     scan.add_argument("--out", default="vsink-out", help="output directory (default: vsink-out)")
+    _add_ttr_args(scan)
 
     maps = sub.add_parser("maps", help="export attention and norm maps (npz arrays, png overlays)",
                           description="Export per-image attention and norm maps: arrays in <out>/<stem>.npz, "
@@ -59,6 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--keep-aspect", action="store_true",
                       help="dynamic-size models: keep each image's aspect ratio (longer side = img size)")
     maps.add_argument("--out", default="vsink-maps", help="output directory (default: vsink-maps)")
+    _add_ttr_args(maps)
+
+    registers = sub.add_parser("registers", help="register neurons and test-time registers (no training)")
+    reg_sub = registers.add_subparsers(dest="registers_command", required=True)
+    find = reg_sub.add_parser("find", help="rank MLP neurons by their activation on high-norm tokens",
+                              description="Find register neurons (Jiang et al. 2025) and write neurons.json.")
+    _add_common_args(find)
+    find.add_argument("--out", default="neurons.json", help="output spec (default: neurons.json)")
+    find.add_argument("--top-k", type=int, default=10, help="neurons to keep (default 10)")
+    find.add_argument("--detection-layer", type=int, help="block whose outliers are used (default: emergence layer)")
+    find.add_argument("--highest-layer", type=int, help="last block whose MLP is scored (default: emergence layer)")
+    find.add_argument("--threshold", default="auto", help="high-norm threshold: auto, sigma:K or a number")
+    find.add_argument("--min-selectivity", type=float,
+                      help="keep neurons whose outlier score is >= this x their mean |activation| on patches")
+    find.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    apply = reg_sub.add_parser("apply", help="scan with and without test-time registers and compare",
+                               description="Scan the images without and with test-time registers from a neuron "
+                                           "spec: DIR/before and DIR/after hold scan.json and report.html.")
+    _add_common_args(apply)
+    apply.add_argument("--neurons", required=True, help="neurons.json from 'vsink registers find'")
+    apply.add_argument("--out", default="vsink-registers", help="output directory (default: vsink-registers)")
+    apply.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    _add_ttr_args(apply, flag=False)
 
     sub.add_parser("models", help="list the supported model spec forms")
     return parser
@@ -69,9 +104,11 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
     images = _inputs(args)
     backbone = _load_for(args)
+    ttr = _ttr(args, args.test_time_registers)
     try:
-        result = scan(backbone, images, batch_size=args.batch_size, img_size=args.img_size,
-                      threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress)
+        with ttr.applied(backbone) if ttr else nullcontext():
+            result = scan(backbone, images, batch_size=args.batch_size, img_size=args.img_size,
+                          threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress)
     except NothingScanned as e:
         for s in e.skipped:
             print(f"vsink: skipped {s['reason']}", file=sys.stderr)
@@ -113,16 +150,64 @@ def _inputs(args: argparse.Namespace):
     return expand_paths(args.images) if args.images else demo_images()
 
 
+def _ttr(args: argparse.Namespace, path: Optional[str]):
+    """The TestTimeRegisters the options ask for, or None."""
+    if not path:
+        return None
+    from .registers import NeuronSpec, TestTimeRegisters
+
+    return TestTimeRegisters(NeuronSpec.load(path), registers=args.ttr_registers, scale=args.ttr_scale,
+                             mode=args.ttr_mode)
+
+
+def _cmd_registers(args: argparse.Namespace) -> int:
+    from .registers import find_register_neurons
+    from .scan import scan
+
+    images = _inputs(args)
+    backbone = _load_for(args)
+    if args.registers_command == "find":
+        spec = find_register_neurons(backbone, images, top_k=args.top_k, detection_layer=args.detection_layer,
+                                     highest_layer=args.highest_layer, threshold=args.threshold,
+                                     min_selectivity=args.min_selectivity, batch_size=args.batch_size,
+                                     img_size=args.img_size, progress=not args.no_progress)
+        spec.save(args.out)
+        st = spec.settings
+        print(f"register neurons of {spec.model}: outliers at block {st['detection_layer']}, scored blocks "
+              f"0-{st['highest_layer']}, {st['images_with_outliers']}/{st['images']} images with outliers")
+        for n in spec.neurons:
+            print(f"  block {n.layer:>2} neuron {n.neuron:>5}  score {n.score:.4g}")
+        print(f"wrote {args.out}")
+        return 0
+    ttr = _ttr(args, args.neurons)
+    out = Path(args.out)
+    kwargs = dict(batch_size=args.batch_size, img_size=args.img_size, progress=not args.no_progress)
+    before = scan(backbone, images, **kwargs)
+    before.save(out / "before")
+    with ttr.applied(backbone):
+        after = scan(backbone, images, **kwargs)
+    after.save(out / "after")
+    for label, r in (("before", before), ("after", after)):
+        hn = r.high_norm
+        regs = [a["register_received"] for a in r.attention]
+        print(f"{label:>6}: emergence layer {hn.emergence_layer}, {len(hn.tokens)} outlier tokens, "
+              f"max register share {max(regs):.3f}, max patch-norm ratio {max(l.ratio for l in hn.layers):.2f}")
+    print(f"wrote {out / 'before'} and {out / 'after'}")
+    return 0
+
+
 def _cmd_maps(args: argparse.Namespace) -> int:
     from .maps import DEFAULT_KINDS, export_maps
 
     kinds = [k.strip() for group in (args.kind or [",".join(DEFAULT_KINDS)]) for k in group.split(",") if k.strip()]
     images = _inputs(args)
     backbone = _load_for(args)
-    result = export_maps(backbone, images, args.out, kinds=kinds, layers=args.layers, heads=args.heads,
-                         formats=[f.strip() for f in args.format.split(",") if f.strip()], fusion=args.fusion,
-                         discard_ratio=args.discard_ratio, img_size=args.img_size, keep_aspect=args.keep_aspect,
-                         progress=not args.no_progress)
+    ttr = _ttr(args, args.test_time_registers)
+    with ttr.applied(backbone) if ttr else nullcontext():
+        result = export_maps(backbone, images, args.out, kinds=kinds, layers=args.layers, heads=args.heads,
+                             formats=[f.strip() for f in args.format.split(",") if f.strip()], fusion=args.fusion,
+                             discard_ratio=args.discard_ratio, img_size=args.img_size,
+                             keep_aspect=args.keep_aspect, progress=not args.no_progress)
     print(f"exported maps for {len(result.images)} images ({len(result.skipped)} skipped) to {args.out}")
     for m in result.images:
         print(f"  {m.name}: {len(m.files)} files, {m.layout.describe()}")
@@ -141,7 +226,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "models": _cmd_models}
+    handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "models": _cmd_models}
     try:
         return handlers[args.command](args)
     except VsinkError as e:

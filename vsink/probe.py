@@ -31,7 +31,10 @@ class Trace:
     * ``norms`` [L, I, N]: L2 norm of each token of each block's output;
     * ``attn_received`` [L, I, H, N]: attention each key token receives, averaged over queries;
     * ``attn_cls`` [L, I, H, N]: attention from the (first) class token to every token;
-    * ``attn_entropy`` [L, I, H]: attention entropy (nats) averaged over queries.
+    * ``attn_entropy`` [L, I, H]: attention entropy (nats) averaged over queries;
+    * ``massive_values`` / ``massive_tokens`` / ``massive_dims`` [L, I, k]: the k largest
+      |activations| of each block output (signed value, token, residual dimension);
+    * ``massive_median`` [L, I]: median |activation| of each block output.
     """
 
     layout: TokenLayout
@@ -40,9 +43,14 @@ class Trace:
     attn_received: Optional[np.ndarray] = None
     attn_cls: Optional[np.ndarray] = None
     attn_entropy: Optional[np.ndarray] = None
+    massive_values: Optional[np.ndarray] = None
+    massive_tokens: Optional[np.ndarray] = None
+    massive_dims: Optional[np.ndarray] = None
+    massive_median: Optional[np.ndarray] = None
     meta: dict[str, Any] = field(default_factory=dict)
 
-    ARRAYS = ("norms", "attn_received", "attn_cls", "attn_entropy")
+    ARRAYS = ("norms", "attn_received", "attn_cls", "attn_entropy",
+              "massive_values", "massive_tokens", "massive_dims", "massive_median")
 
     @property
     def num_images(self) -> int:
@@ -139,10 +147,12 @@ class Probe:
         norms: collect per-token norms of block outputs.
         attention: collect attention statistics (routes attention through vsink's explicit,
             query-chunked computation while installed).
+        massive: keep this many largest |activations| of each block output (and its median
+            |activation|) for the massive-activation detector; 0 to skip.
     """
 
     def __init__(self, backbone: Backbone, *, layers: Optional[Sequence[int]] = None,
-                 norms: bool = True, attention: bool = True):
+                 norms: bool = True, attention: bool = True, massive: int = 0):
         self.backbone = backbone
         n = backbone.num_layers
         self.layers = sorted({int(i) % n for i in layers}) if layers is not None else list(range(n))
@@ -150,10 +160,12 @@ class Probe:
             raise VsinkError(f"layers {list(layers)} out of range for {n} blocks")
         self.want_norms = norms
         self.want_attention = attention
+        self.massive = int(massive)
         self.layout: TokenLayout = backbone.layout()
         self._handles: list[SiteHandle] = []
         self._norms: dict[int, list[np.ndarray]] = {}
         self._attn: dict[int, _AttentionReducer] = {}
+        self._massive: dict[int, list[tuple[np.ndarray, ...]]] = {}
 
     def __enter__(self) -> "Probe":
         try:
@@ -161,6 +173,9 @@ class Probe:
                 if self.want_norms:
                     store = self._norms.setdefault(layer, [])
                     self._handles.append(self.backbone.hook("block_output", layer, self._norm_fn(store)))
+                if self.massive:
+                    store = self._massive.setdefault(layer, [])
+                    self._handles.append(self.backbone.hook("block_output", layer, self._massive_fn(store)))
                 if self.want_attention:
                     reducer = self._attn.setdefault(layer, _AttentionReducer(self))
                     self._handles.append(self.backbone.hook("attn_probs", layer, reducer))
@@ -181,6 +196,18 @@ class Probe:
     def _norm_fn(store: list[np.ndarray]):
         def fn(x: torch.Tensor) -> None:
             store.append(x.detach().float().norm(dim=-1).cpu().numpy())
+
+        return fn
+
+    def _massive_fn(self, store: list[tuple[np.ndarray, ...]]):
+        k = self.massive
+
+        def fn(x: torch.Tensor) -> None:
+            flat = x.detach().float().flatten(1)  # [B, N*D]
+            top = flat.abs().topk(min(k, flat.shape[1]), dim=1).indices
+            dim = x.shape[-1]
+            store.append((flat.gather(1, top).cpu().numpy(), (top // dim).cpu().numpy(),
+                          (top % dim).cpu().numpy(), flat.abs().median(dim=1).values.cpu().numpy()))
 
         return fn
 
@@ -215,9 +242,14 @@ class Probe:
             received = stack([r.batches["received"] for r in reducers])
             cls = stack([r.batches["cls"] for r in reducers])
             entropy = stack([r.batches["entropy"] for r in reducers])
+        massive: dict[str, Optional[np.ndarray]] = {}
+        if self.massive:
+            for i, name in enumerate(("massive_values", "massive_tokens", "massive_dims", "massive_median")):
+                arr = stack([[batch[i] for batch in self._massive[l]] for l in self.layers])
+                massive[name] = arr if i in (0, 3) else arr.astype(np.int64)
         for arr in (norms, received):
             if arr is not None and arr.shape[-1] != self.layout.num_tokens:
                 raise VsinkError(f"observed {arr.shape[-1]} tokens but the layout has {self.layout.num_tokens}; "
                                  "call probe.run(pixel_values) so the probe knows the input size")
         return Trace(layout=self.layout, layers=list(self.layers), norms=norms, attn_received=received,
-                     attn_cls=cls, attn_entropy=entropy, meta=dict(meta or {}))
+                     attn_cls=cls, attn_entropy=entropy, meta=dict(meta or {}), **massive)

@@ -13,12 +13,17 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones.base import Backbone
-from .detect import AttentionSink, HighNormResult, detect_high_norm, detect_sinks, layer_attention_summary
+from .detect import (AttentionSink, HighNormResult, MassiveActivation, detect_high_norm, detect_massive,
+                     detect_sinks, layer_attention_summary, massive_summary)
 from .errors import ImageError, VsinkError
 from .images import ImageSource, NamedImage, open_image, source_name
 from .io import write_json, write_text
 from .layout import TokenLayout
 from .probe import Probe, Trace
+
+
+MAX_MASSIVE_ENTRIES = 200
+MASSIVE_TOP_K = 4
 
 
 class NothingScanned(VsinkError):
@@ -63,6 +68,7 @@ class ScanResult:
     high_norm: HighNormResult
     sinks: list[AttentionSink]
     attention: list[dict[str, Any]]
+    massive: list[MassiveActivation]
     settings: dict[str, Any]
     thumbnails: list[Image.Image] = field(default_factory=list, repr=False)
 
@@ -74,9 +80,11 @@ class ScanResult:
         layers = [
             {"index": n.index,
              "norm": {k: v for k, v in n.to_dict().items() if k != "index"},
-             "attention": {k: v for k, v in a.items() if k != "index"}}
-            for n, a in zip(self.high_norm.layers, self.attention)
+             "attention": {k: v for k, v in a.items() if k != "index"},
+             "massive": {k: v for k, v in m.items() if k != "index"}}
+            for n, a, m in zip(self.high_norm.layers, self.attention, massive_summary(self.trace, self.massive))
         ]
+        strongest = sorted(self.massive, key=lambda m: -m.ratio)[:MAX_MASSIVE_ENTRIES]
         return {
             "vsink_version": __version__,
             "model": self.model,
@@ -93,6 +101,7 @@ class ScanResult:
                 "tokens": [t.to_dict() for t in self.high_norm.tokens],
             },
             "sinks": [s.to_dict() for s in self.sinks],
+            "massive": [m.to_dict() for m in strongest],
             "settings": self.settings,
         }
 
@@ -116,6 +125,7 @@ def scan(
     img_size: Optional[int] = None,
     threshold: Union[str, float, None] = "auto",
     sink_ratio: float = 5.0,
+    massive_ratio: float = 100.0,
     layers: Optional[Sequence[int]] = None,
     report_images: int = 12,
     progress: bool = True,
@@ -130,6 +140,7 @@ def scan(
         img_size: square input size (default: the model's own).
         threshold: ``"auto"``, ``"sigma:K"`` or an absolute norm (see :mod:`vsink.detect.norms`).
         sink_ratio: a token is a sink when it receives this many times the median share.
+        massive_ratio: an activation is massive at this many times the median |activation|.
         layers: blocks to scan (default all).
         report_images: how many input thumbnails to keep for the HTML report.
         progress: show a progress bar.
@@ -148,7 +159,7 @@ def scan(
     skipped: list[dict[str, str]] = []
     thumbnails: list[Image.Image] = []
     bar = tqdm(total=len(images), desc="scan", unit="img", disable=not progress)
-    with Probe(backbone, layers=layers) as probe:
+    with Probe(backbone, layers=layers, massive=MASSIVE_TOP_K) as probe:
         for start in range(0, len(images), batch_size):
             batch, batch_names = [], []
             for i, item in enumerate(images[start:start + batch_size], start=start):
@@ -172,8 +183,9 @@ def scan(
     trace = probe.trace(meta={"model": backbone.spec, "images": names})
     high_norm = detect_high_norm(trace, **detect_kwargs)
     settings = {"batch_size": batch_size, "threshold": detect_kwargs, "sink_ratio": sink_ratio,
-                "layers": list(trace.layers), "dtype": str(backbone.dtype).removeprefix("torch."),
-                "device": str(backbone.device)}
+                "massive_ratio": massive_ratio, "layers": list(trace.layers),
+                "dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),
+                "edits": list(backbone.edits)}
     return ScanResult(
         model=backbone.spec,
         synthetic=backbone.spec == "demo",
@@ -184,6 +196,7 @@ def scan(
         high_norm=high_norm,
         sinks=detect_sinks(trace, ratio=sink_ratio),
         attention=layer_attention_summary(trace),
+        massive=detect_massive(trace, min_ratio=massive_ratio),
         settings=settings,
         thumbnails=thumbnails,
     )

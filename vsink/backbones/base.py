@@ -91,6 +91,10 @@ class Backbone(ABC):
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
         self.attention_chunk_size: Optional[int] = None
+        self._appended = 0
+        self._input_size = self.img_size
+        #: descriptions of the forward edits currently applied (e.g. test-time registers)
+        self.edits: list[str] = []
         self._attn_fns: dict[int, dict[str, list[Any]]] = {}
         self._attn_undo: dict[int, Callable[[], None]] = {}
 
@@ -144,7 +148,38 @@ class Backbone(ABC):
         size = self.check_input_size(input_size or self.img_size)
         n_cls, n_reg = self._token_counts()
         grid = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
-        return TokenLayout(num_cls=n_cls, num_registers=n_reg, grid=grid)
+        return TokenLayout(num_cls=n_cls, num_registers=n_reg, grid=grid, num_appended=self._appended)
+
+    def append_tokens(self, n: int, value: Optional[torch.Tensor] = None) -> SiteHandle:
+        """Append ``n`` tokens at the end of the sequence entering the first block (after the
+        position embedding, so they get none): zeros, or ``value`` [D] / [n, D]. The layout
+        reports them as appended registers until ``remove()``; every later site sees them."""
+        if n < 1:
+            raise VsinkError(f"append at least one token, got {n}")
+
+        def pre_hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            x_bnc = self._to_bnc(x)
+            extra = x_bnc.new_zeros(x_bnc.shape[0], n, x_bnc.shape[-1])
+            if value is not None:
+                extra = extra + value.to(extra)
+            grown = self._to_bnc(torch.cat([x_bnc, extra], dim=1))
+            if args:
+                return (grown, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": grown}
+
+        handle = self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        self._appended += n
+
+        def remove() -> None:
+            handle.remove()
+            self._appended -= n
+
+        return SiteHandle(remove)
+
+    def mlp_width(self, layer: int) -> int:
+        """Number of MLP hidden units (``mlp_hidden`` channels) of a block."""
+        return int(self._mlp_out_proj(layer).in_features)
 
     def check_input_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """Raise a clear error if the model cannot take an input of this size."""
@@ -181,8 +216,12 @@ class Backbone(ABC):
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> Any:
         """The library model's own output for ``pixel_values`` (with any installed sites)."""
-        self.check_input_size(tuple(pixel_values.shape[-2:]))
+        self._input_size = self.check_input_size(tuple(pixel_values.shape[-2:]))
         return self._run_model(pixel_values)
+
+    def current_layout(self) -> TokenLayout:
+        """Layout of the input being processed by :meth:`forward` (for site functions)."""
+        return self.layout(self._input_size)
 
     # --- sites --------------------------------------------------------------------------
     def hook(self, site: str, layer: int, fn: SiteFn) -> SiteHandle:

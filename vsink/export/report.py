@@ -44,6 +44,9 @@ def render_scan_report(result: "ScanResult") -> str:
                  f"Threshold method: <code>{e(hn.method)}</code>. Emergence layer: "
                  f"<b>{_fmt(hn.emergence_layer)}</b>. Outlier tokens (all layers): {len(hn.tokens)}. "
                  f"Sinks: {len(result.sinks)}.</p>")
+    if result.settings.get("edits"):
+        parts.append("<p>Forward edits applied: " + ", ".join(f"<code>{e(x)}</code>" for x in result.settings["edits"])
+                     + ". Appended registers are excluded from the patch statistics and maps.</p>")
 
     layers = [s.index for s in hn.layers]
     parts.append("<h2>Norm ratio per layer</h2>")
@@ -56,11 +59,12 @@ def render_scan_report(result: "ScanResult") -> str:
     parts.append(_img(norm_histogram_png(patch_norms, focus.threshold, f"block {focus.index}"), "histogram"))
 
     parts.append("<h2>Layers</h2><table><tr><th>block</th><th>median</th><th>max</th><th>ratio</th>"
-                 "<th>threshold</th><th>outlier %</th><th>cls norm</th><th>cls recv</th><th>reg recv</th>"
-                 "<th>max patch recv</th><th>entropy</th></tr>")
+                 "<th>threshold</th><th>outlier %</th><th>cls norm</th><th>max reg norm</th><th>cls recv</th>"
+                 "<th>reg recv</th><th>max patch recv</th><th>entropy</th></tr>")
     for n, a in zip(hn.layers, result.attention):
         parts.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in (
             n.index, n.median, n.max, n.ratio, n.threshold, 100 * n.outlier_fraction, n.cls,
+            max(n.registers) if n.registers else None,
             a["cls_received"], a["register_received"], a["max_patch_received"], a["entropy"])) + "</tr>")
     parts.append("</table>")
 

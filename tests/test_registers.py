@@ -1,0 +1,238 @@
+"""Register-neuron discovery, test-time registers and massive activations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vsink
+from vsink.cli import main
+from vsink.data import demo_model as D
+from vsink.data.demo_images import demo_images
+from vsink.detect import detect_massive
+from vsink.registers import NeuronSpec, RegisterNeuron, TestTimeRegisters, find_register_neurons
+from conftest import hf_model, open_clip_visual, timm_case
+
+PLANTED = {(D.PLANTED_BLOCK, n) for n in D.PLANTED_NEURONS}
+
+
+@pytest.fixture(scope="module")
+def demo_spec():
+    backbone = vsink.load("demo")
+    return backbone, find_register_neurons(backbone, demo_images(), top_k=4, progress=False)
+
+
+def test_discovery_ranks_planted_neurons_first(demo_spec):
+    backbone, spec = demo_spec
+    assert {(n.layer, n.neuron) for n in spec.neurons} == PLANTED
+    assert spec.settings["detection_layer"] == spec.settings["highest_layer"] == D.PLANTED_BLOCK
+    assert spec.settings["images_with_outliers"] == 2
+    scores = [n.score for n in spec.neurons]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_test_time_registers_remove_demo_artifacts(demo_spec):
+    backbone, spec = demo_spec
+    images = demo_images()
+    x = backbone.preprocess([im.image for im in images])
+    plain = backbone.forward(x)
+    with TestTimeRegisters(spec).applied(backbone):
+        assert backbone.layout().num_appended == 1
+        result = vsink.scan(backbone, images, progress=False)
+        fixed = backbone.forward(x)
+    assert backbone.layout().num_appended == 0 and backbone.edits == []
+    assert result.high_norm.emergence_layer is None and result.high_norm.tokens == []
+    for layer in result.high_norm.layers[D.PLANTED_BLOCK:]:
+        assert layer.registers[0] > 3 * layer.max and layer.registers[0] > 10 * layer.median  # now on the register
+    for summary in result.attention:
+        if summary["index"] in D.SINK_BLOCKS:
+            assert summary["register_received"] > 0.5
+    assert result.to_json()["layout"]["registers_appended"] == 1
+    assert "test_time_registers" in result.settings["edits"][0]
+    cos = F.cosine_similarity(plain[:, 0], fixed[:, 0], dim=-1)
+    assert cos.min() > 0.99, cos  # the class token barely changes (measured ~0.9994 and ~0.99995)
+
+
+def test_batch_invariance(demo_spec):
+    backbone, spec = demo_spec
+    images = [im.image for im in demo_images()]
+    mixed = images + [images[0].transpose(0), images[1].rotate(90)]
+    with TestTimeRegisters(spec, registers=2).applied(backbone):
+        alone = backbone.forward(backbone.preprocess([images[1]]))
+        batch = backbone.forward(backbone.preprocess(mixed))
+    assert (alone[0] - batch[1]).abs().max().item() <= 1e-5
+
+
+def test_shift_moves_the_largest_magnitude_per_sample_and_zeroes_patches():
+    backbone = vsink.wrap(timm_case("deit"))
+    spec = NeuronSpec("t", [RegisterNeuron(0, 3, 1.0), RegisterNeuron(0, 7, 1.0)])
+    seen = {}
+
+    def plant(h):
+        layout = backbone.current_layout()
+        h = h.clone()
+        h[0, layout.patch_token(1, 2), 3] = -9.0   # sample 0: a large negative value
+        h[1, layout.patch_token(0, 0), 3] = 4.0    # sample 1: a different token
+        return h
+
+    handles = [backbone.hook("mlp_hidden", 0, plant)]
+    ttr = TestTimeRegisters(spec, registers=2, scale=0.5).apply(backbone)
+    handles.append(backbone.hook("mlp_hidden", 0, lambda h: seen.__setitem__("h", h.clone())))
+    backbone.forward(torch.randn(2, 3, 32, 32))
+    ttr.remove()
+    for h in handles:
+        h.remove()
+    h = seen["h"]
+    lay = backbone.layout().with_appended(2)
+    assert h.shape[1] == lay.num_tokens
+    assert torch.all(lay.patches(h, dim=1)[..., [3, 7]] == 0)
+    appended = lay.register_indices()
+    assert torch.allclose(h[0, appended, 3], torch.tensor([-4.5, -4.5]))
+    assert torch.allclose(h[1, appended, 3], torch.tensor([2.0, 2.0]))
+
+
+def test_no_register_activity_means_only_the_extra_token_differs(pixel_values):
+    """If the listed neurons are silent, the shift changes nothing: the output equals that of
+    the same model with the zero token appended and no neuron edit."""
+    model = timm_case("deit")
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[5].zero_()
+        model.blocks[0].mlp.fc1.bias[5] = -20.0  # GELU(-20) == 0: the neuron never fires
+    backbone = vsink.wrap(model)
+    x = pixel_values()
+    plain = backbone.forward(x)
+    spec = NeuronSpec("t", [RegisterNeuron(0, 5, 0.0)])
+    with TestTimeRegisters(spec).applied(backbone):
+        with_ttr = backbone.forward(x)
+    extra = backbone.append_tokens(1)
+    appended_only = backbone.forward(x)
+    extra.remove()
+    assert torch.equal(with_ttr, appended_only)
+    layout = backbone.layout()
+    change = (layout.patches(with_ttr[:, : layout.num_tokens]) - layout.patches(plain)).norm() / layout.patches(plain).norm()
+    assert change < 0.05  # the zero register takes a little attention; nothing else moves
+
+
+def plant_register_neuron(backbone, layer, neuron, mask_holder, strength=60.0):
+    """Plant a register neuron in any family: its output weights write a large fixed vector,
+    and a site sets its activation to 1 on the patches in ``mask_holder["mask"]`` [B, P]."""
+    proj = backbone._mlp_out_proj(layer)
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(proj.out_features, generator=g)
+    with torch.no_grad():
+        proj.weight[:, neuron] = direction / direction.norm() * strength
+
+    def fire(h):
+        layout = backbone.current_layout()
+        h = h.clone()
+        patches = layout.patches(h, dim=1)
+        patches[..., neuron] = torch.where(mask_holder["mask"].to(h.device), 1.0, 0.0)
+        return h
+
+    return backbone.hook("mlp_hidden", layer, fire)
+
+
+FAMILIES = {
+    "timm": lambda: vsink.wrap(timm_case("deit")),
+    "open_clip": lambda: vsink.wrap(open_clip_visual()),
+    "hf": lambda: vsink.wrap(hf_model("dinov2_reg", "sdpa")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_planted_neuron_found_and_fixed_in_every_family(family):
+    backbone = FAMILIES[family]()
+    rng = np.random.default_rng(0)
+    images = [vsink.images.NamedImage(f"r{i}", __import__("PIL.Image").Image.fromarray(
+        rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))) for i in range(12)]
+    n_patches = backbone.layout().num_patches
+    mask = torch.zeros(len(images), n_patches, dtype=torch.bool)
+    for i in range(len(images)):
+        mask[i, rng.choice(n_patches, 2, replace=False)] = True
+    holder = {}
+    handle = plant_register_neuron(backbone, 0, 11, holder)
+    original_forward = backbone.forward
+    batches = iter([])
+
+    def forward(x):  # hand the planted mask of exactly these images to the site
+        holder["mask"] = next(batches)
+        return original_forward(x)
+
+    backbone.forward = forward
+    try:
+        batches = iter([mask[:8], mask[8:]] * 2)
+        spec = find_register_neurons(backbone, images, top_k=1, batch_size=8, progress=False)
+        assert [(n.layer, n.neuron) for n in spec.neurons] == [(0, 11)]
+        batches = iter([mask[:8], mask[8:]])
+        before = vsink.scan(backbone, images, progress=False)
+        found = {(t.image, t.token - before.layout.num_prefix) for t in before.high_norm.tokens_at(0)}
+        assert found == {(int(i), int(p)) for i, p in torch.nonzero(mask)}
+        with TestTimeRegisters(spec).applied(backbone):
+            batches = iter([mask[:8], mask[8:]])
+            after = vsink.scan(backbone, images, progress=False)
+        assert after.high_norm.tokens == []
+        assert after.layout.num_appended == 1
+    finally:
+        backbone.forward = original_forward
+        handle.remove()
+
+
+def test_massive_activations_on_demo_and_by_hand():
+    backbone = vsink.load("demo")
+    result = vsink.scan(backbone, demo_images(), progress=False)
+    u = D.planted_direction()
+    top_dim = int(u.abs().argmax())
+    dims = {m.dim for m in result.massive}
+    assert dims == {top_dim}
+    assert {m.layer for m in result.massive} == set(range(D.PLANTED_BLOCK, 6))
+    assert all(m.kind == "patch" for m in result.massive)
+    trace = vsink.Trace(layout=vsink.TokenLayout(1, 0, (1, 2)), layers=[0],
+                        massive_values=np.array([[[-300.0, 2.0]]], np.float32),
+                        massive_tokens=np.array([[[2, 0]]]), massive_dims=np.array([[[7, 1]]]),
+                        massive_median=np.array([[1.5]], np.float32))
+    found = detect_massive(trace, min_ratio=100)
+    assert [(m.token, m.kind, m.dim, m.value) for m in found] == [(2, "patch", 7, -300.0)]
+    assert found[0].ratio == pytest.approx(200.0)
+
+
+def test_spec_files_and_errors(tmp_path, demo_spec):
+    backbone, spec = demo_spec
+    path = spec.save(tmp_path / "neurons.json")
+    data = json.loads(path.read_text())
+    assert data["model"] == "demo" and set(data) == {"model", "neurons", "settings"}
+    assert [(n["layer"], n["neuron"]) for n in data["neurons"]] == [(n.layer, n.neuron) for n in spec.neurons]
+    assert NeuronSpec.load(path).neurons == spec.neurons
+    (tmp_path / "bad.json").write_text('{"neurons": [{"layer": "x"}]}')
+    with pytest.raises(vsink.VsinkError, match=r"neurons\[0\] needs integer"):
+        NeuronSpec.load(tmp_path / "bad.json")
+    with pytest.raises(vsink.VsinkError, match="outside the 768 MLP units"):
+        TestTimeRegisters(NeuronSpec("demo", [RegisterNeuron(2, 5000, 1)])).apply(backbone)
+    with pytest.raises(vsink.VsinkError, match="outside the 6 blocks"):
+        TestTimeRegisters(NeuronSpec("demo", [RegisterNeuron(9, 0, 1)])).apply(backbone)
+    assert backbone.layout().num_appended == 0
+    random_model = vsink.wrap(timm_case("deit"))
+    with pytest.raises(vsink.VsinkError, match="no high-norm outliers"):
+        find_register_neurons(random_model, [im.image for im in demo_images()], progress=False)
+
+
+def test_cli_registers_find_apply_and_scan_flag(tmp_path, capsys):
+    spec = tmp_path / "neurons.json"
+    assert main(["registers", "find", "--out", str(spec), "--top-k", "4", "--no-progress"]) == 0
+    assert {(n["layer"], n["neuron"]) for n in json.loads(spec.read_text())["neurons"]} == PLANTED
+    assert main(["registers", "apply", "--neurons", str(spec), "--out", str(tmp_path / "cmp"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "after: emergence layer None, 0 outlier tokens" in out
+    after = json.loads((tmp_path / "cmp" / "after" / "scan.json").read_text())
+    before = json.loads((tmp_path / "cmp" / "before" / "scan.json").read_text())
+    assert before["high_norm"]["emergence_layer"] == D.PLANTED_BLOCK and after["high_norm"]["tokens"] == []
+    assert main(["scan", "--test-time-registers", str(spec), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "s" / "scan.json").read_text())
+    assert data["layout"]["register_position"] == "end" and data["high_norm"]["emergence_layer"] is None
+    assert main(["maps", "--test-time-registers", str(spec), "--kind", "norm", "--format", "npz",
+                 "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    with np.load(tmp_path / "m" / "china.npz") as d:
+        assert d["norm/layer3/prefix"].shape == (2,) and d["norm/layer3/prefix"][1] > 3 * d["norm/layer3"].max()

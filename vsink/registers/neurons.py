@@ -1,0 +1,197 @@
+"""Register-neuron discovery: MLP hidden units whose activation concentrates on high-norm tokens.
+
+Algorithm (Jiang et al. 2025, batched): pass 1 scans block-output norms and finds each image's
+outlier patches at the detection layer with the high-norm detector; pass 2 records, for every
+MLP hidden neuron of blocks ``0..highest_layer``, its mean |activation| over that image's
+outlier positions. Images without outliers are skipped (and counted). Scores are averaged over
+the remaining images; the top-k (layer, neuron) pairs are returned best first. Every per-image
+quantity is computed per sample of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones.base import Backbone
+from ..detect import detect_high_norm
+from ..errors import ImageError, VsinkError
+from ..images import ImageSource, NamedImage, open_image, source_name
+from ..io import write_json
+from ..probe import Probe
+from ..scan import parse_threshold
+
+
+@dataclass
+class RegisterNeuron:
+    layer: int
+    neuron: int
+    score: float
+
+
+@dataclass
+class NeuronSpec:
+    """The ``neurons.json`` content: ``{"model", "neurons": [{"layer", "neuron", "score"}], "settings"}``."""
+
+    model: str
+    neurons: list[RegisterNeuron]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def by_layer(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for n in self.neurons:
+            out.setdefault(n.layer, []).append(n.neuron)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "neurons": [asdict(n) for n in self.neurons], "settings": self.settings}
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        return write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "NeuronSpec":
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise VsinkError(f"cannot read neuron spec {p}: {e}") from e
+        if not isinstance(data, dict) or not isinstance(data.get("neurons"), list):
+            raise VsinkError(f"{p}: a neuron spec needs a 'neurons' list")
+        neurons = []
+        for i, n in enumerate(data["neurons"]):
+            try:
+                neurons.append(RegisterNeuron(int(n["layer"]), int(n["neuron"]), float(n.get("score", 0.0))))
+            except (KeyError, TypeError, ValueError):
+                raise VsinkError(f"{p}: neurons[{i}] needs integer 'layer' and 'neuron' fields, got {n!r}") from None
+        return cls(model=str(data.get("model", "")), neurons=neurons, settings=dict(data.get("settings", {})))
+
+    def check(self, backbone: Backbone) -> None:
+        """Raise if a neuron is outside the backbone's blocks or MLP width."""
+        for n in self.neurons:
+            if not 0 <= n.layer < backbone.num_layers:
+                raise VsinkError(f"neuron spec: layer {n.layer} outside the {backbone.num_layers} blocks of {backbone.spec}")
+            width = backbone.mlp_width(n.layer)
+            if not 0 <= n.neuron < width:
+                raise VsinkError(f"neuron spec: neuron {n.neuron} outside the {width} MLP units of block {n.layer}")
+
+
+def _batches(images, batch_size):
+    for start in range(0, len(images), batch_size):
+        yield start, images[start:start + batch_size]
+
+
+def _load_batch(items, start, skipped):
+    loaded, names = [], []
+    for i, item in enumerate(items, start=start):
+        try:
+            loaded.append(open_image(item))
+            names.append(source_name(item, i))
+        except ImageError as e:
+            skipped.append({"image": source_name(item, i), "reason": str(e)})
+    return loaded, names
+
+
+@torch.inference_mode()
+def find_register_neurons(
+    backbone: Backbone,
+    images: Sequence[Union[ImageSource, NamedImage]],
+    *,
+    top_k: int = 10,
+    detection_layer: Optional[int] = None,
+    highest_layer: Optional[int] = None,
+    threshold: Union[str, float, None] = "auto",
+    min_selectivity: Optional[float] = None,
+    batch_size: int = 8,
+    img_size: Optional[int] = None,
+    progress: bool = True,
+) -> NeuronSpec:
+    """Rank MLP neurons by their mean |activation| on high-norm tokens.
+
+    Args:
+        detection_layer: block whose output defines the outliers (default: the emergence layer).
+        highest_layer: last block whose MLP is scored (default: the emergence layer).
+        threshold: high-norm threshold for pass 1 (``"auto"``, ``"sigma:K"`` or a number).
+        min_selectivity: optional sparsity filter: keep neurons whose outlier score is at least
+            this many times their mean |activation| over all patch tokens.
+    """
+    if top_k < 1:
+        raise VsinkError(f"top_k must be >= 1, got {top_k}")
+    size = (img_size, img_size) if img_size else backbone.img_size
+    skipped: list[dict[str, str]] = []
+    with Probe(backbone, attention=False) as probe:
+        for start, items in tqdm(list(_batches(images, batch_size)), desc="find: norms", disable=not progress):
+            loaded, _ = _load_batch(items, start, skipped)
+            if loaded:
+                probe.run(backbone.preprocess(loaded, size))
+    if not probe.num_batches():
+        raise VsinkError("no image could be read for register-neuron discovery")
+    trace = probe.trace()
+    high = detect_high_norm(trace, **parse_threshold(threshold))
+    if high.emergence_layer is None and detection_layer is None:
+        raise VsinkError("no high-norm outliers in these images: there is nothing for register neurons to "
+                         "explain (pass detection_layer and an absolute threshold to force a layer)")
+    detection = high.emergence_layer if detection_layer is None else detection_layer % backbone.num_layers
+    highest = detection if highest_layer is None else highest_layer % backbone.num_layers
+    layout = trace.layout
+    pos = trace.layers.index(detection)
+    stats = high.layers[pos]
+    patch_norms = layout.patches(torch.from_numpy(trace.norms[pos]), dim=1)  # [I, P]
+    outliers = patch_norms > (stats.threshold if stats.threshold is not None else float("inf"))
+
+    layers = list(range(highest + 1))
+    scores = {l: torch.zeros(backbone.mlp_width(l), dtype=torch.float64) for l in layers}
+    overall = {l: torch.zeros(backbone.mlp_width(l), dtype=torch.float64) for l in layers}
+    used = 0
+    current: dict[str, torch.Tensor] = {}
+
+    def scorer(layer):
+        def fn(h: torch.Tensor) -> None:
+            a = layout.patches(h.detach().float().abs(), dim=1)  # [B, P, hidden]
+            mask = current["mask"].to(a.device, a.dtype)  # [B, P]
+            counts = mask.sum(dim=1)  # [B]
+            keep = counts > 0
+            per_image = (mask.unsqueeze(-1) * a).sum(dim=1)[keep] / counts[keep].unsqueeze(-1)
+            scores[layer] += per_image.sum(dim=0).double().cpu()
+            overall[layer] += a[keep].mean(dim=1).sum(dim=0).double().cpu()
+        return fn
+
+    handles = [backbone.hook("mlp_hidden", l, scorer(l)) for l in layers]
+    try:
+        image_index = 0
+        skipped_again: list[dict[str, str]] = []
+        for start, items in tqdm(list(_batches(images, batch_size)), desc="find: neurons", disable=not progress):
+            loaded, _ = _load_batch(items, start, skipped_again)
+            if not loaded:
+                continue
+            mask = outliers[image_index:image_index + len(loaded)]
+            image_index += len(loaded)
+            if not mask.any():
+                continue
+            current["mask"] = mask
+            used += int((mask.sum(dim=1) > 0).sum())
+            backbone.forward(backbone.preprocess(loaded, size))
+    finally:
+        for h in handles:
+            h.remove()
+    candidates = []
+    for l in layers:
+        mean_score = scores[l] / used
+        selectivity = mean_score / (overall[l] / used).clamp_min(1e-12)
+        for n in range(len(mean_score)):
+            if min_selectivity is None or selectivity[n] >= min_selectivity:
+                candidates.append(RegisterNeuron(l, n, float(mean_score[n])))
+    candidates.sort(key=lambda n: -n.score)
+    n_images = trace.num_images
+    settings = {"detection_layer": detection, "highest_layer": highest, "threshold": parse_threshold(threshold),
+                "detection_threshold": stats.threshold, "top_k": top_k, "min_selectivity": min_selectivity,
+                "images": n_images, "images_with_outliers": used, "images_skipped_no_outliers": n_images - used,
+                "unreadable": skipped}
+    return NeuronSpec(model=backbone.spec, neurons=candidates[:top_k], settings=settings)
+
