@@ -27,3 +27,12 @@ def test_export_maps_example(tmp_path, monkeypatch, capsys):
     assert "register model, block 3" in out
     assert (tmp_path / "demo" / "china" / "contact.png").exists()
     assert (tmp_path / "registers" / "flower.npz").exists()
+
+
+def test_test_time_registers_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ttr_demo.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "ttr_demo.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "register neurons: [(2, 0), (2, 1), (2, 2), (2, 3)]" in out
+    assert "after: emergence layer None, 0 outlier tokens" in out
+    assert (tmp_path / "after" / "report.html").exists()
