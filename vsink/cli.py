@@ -126,6 +126,9 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         print(f"  block {layer.index:>2}: median {layer.median:8.3f}  max {layer.max:8.3f}  "
               f"ratio {layer.ratio:6.2f}{flag}")
     print(f"attention sinks: {len(result.sinks)} (token, image, layer) entries")
+    dims = sorted({m.dim for m in result.massive})
+    print(f"massive activations (>= {result.settings['massive_ratio']:g}x median |activation|): "
+          f"{len(result.massive)} entries" + (f", residual dims {dims}" if dims else ""))
     for path in paths.values():
         print(f"wrote {path}")
     return 0
