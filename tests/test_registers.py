@@ -214,6 +214,8 @@ def test_spec_files_and_errors(tmp_path, demo_spec):
     with pytest.raises(vsink.VsinkError, match="outside the 6 blocks"):
         TestTimeRegisters(NeuronSpec("demo", [RegisterNeuron(9, 0, 1)])).apply(backbone)
     assert backbone.layout().num_appended == 0
+    with pytest.raises(vsink.VsinkError, match="no image has outliers at block 1"):
+        find_register_neurons(backbone, demo_images(), detection_layer=1, threshold=1e9, progress=False)
     random_model = vsink.wrap(timm_case("deit"))
     with pytest.raises(vsink.VsinkError, match="no high-norm outliers"):
         find_register_neurons(random_model, [im.image for im in demo_images()], progress=False)

@@ -180,6 +180,9 @@ def find_register_neurons(
     finally:
         for h in handles:
             h.remove()
+    if used == 0:
+        raise VsinkError(f"no image has outliers at block {detection} with threshold {stats.threshold}: "
+                         "nothing to score")
     candidates = []
     for l in layers:
         mean_score = scores[l] / used
