@@ -230,10 +230,10 @@ class Probe:
     def trace(self, meta: Optional[dict[str, Any]] = None) -> Trace:
         """Concatenate everything collected so far over images."""
 
-        def stack(per_layer: list[list[np.ndarray]]) -> Optional[np.ndarray]:
+        def stack(per_layer: list[list[np.ndarray]], dtype: type = np.float32) -> Optional[np.ndarray]:
             if not per_layer or not all(per_layer):
                 return None
-            return np.stack([np.concatenate(batches, axis=0) for batches in per_layer]).astype(np.float32)
+            return np.stack([np.concatenate(batches, axis=0) for batches in per_layer]).astype(dtype)
 
         norms = stack([self._norms[l] for l in self.layers]) if self.want_norms else None
         received = cls = entropy = None
@@ -245,8 +245,8 @@ class Probe:
         massive: dict[str, Optional[np.ndarray]] = {}
         if self.massive:
             for i, name in enumerate(("massive_values", "massive_tokens", "massive_dims", "massive_median")):
-                arr = stack([[batch[i] for batch in self._massive[l]] for l in self.layers])
-                massive[name] = arr if i in (0, 3) else arr.astype(np.int64)
+                massive[name] = stack([[batch[i] for batch in self._massive[l]] for l in self.layers],
+                                      np.float32 if i in (0, 3) else np.int64)
         for arr in (norms, received):
             if arr is not None and arr.shape[-1] != self.layout.num_tokens:
                 raise VsinkError(f"observed {arr.shape[-1]} tokens but the layout has {self.layout.num_tokens}; "
