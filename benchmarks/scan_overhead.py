@@ -3,7 +3,8 @@
 Prints, for one model and batch, in one run:
 
 * plain: the library's default forward (timm, fused attention);
-* vsink: the same forward inside a Probe (norms + attention stats on every layer);
+* vsink: the same forward inside the Probe ``vsink.scan`` uses (norms, attention statistics and
+  massive-activation top-k on every layer);
 * hf_eager: the anchor users have today, HF ``output_attentions=True, output_hidden_states=True``
   with eager attention on an equivalent Dinov2 model (same width, depth, heads, patch, size);
 
@@ -58,11 +59,12 @@ def _build(variant: str, args):
         return model.forward_features
 
     import vsink
+    from vsink.scan import MASSIVE_TOP_K
 
     backbone = vsink.wrap(model)
 
-    def run(x):
-        with vsink.Probe(backbone) as probe:
+    def run(x):  # what vsink.scan runs per batch
+        with vsink.Probe(backbone, massive=MASSIVE_TOP_K) as probe:
             probe.run(x)
         return probe.trace()
 
