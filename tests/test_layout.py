@@ -47,3 +47,10 @@ def test_slicing_other_dims_and_errors():
         lay.kind_of(5)
     with pytest.raises(ValueError):
         TokenLayout(-1, 0, (2, 2))
+
+
+def test_appended_indices_follow_the_patches():
+    lay = TokenLayout(num_cls=1, num_registers=4, grid=(2, 2), num_appended=2)
+    assert lay.appended_indices() == [9, 10]
+    assert lay.register_indices() == [1, 2, 3, 4, 9, 10]
+    assert lay.kind_of(9) == "register" and lay.kind_of(8) == "patch"

@@ -90,7 +90,7 @@ def test_shift_moves_the_largest_magnitude_per_sample_and_zeroes_patches():
     lay = backbone.layout().with_appended(2)
     assert h.shape[1] == lay.num_tokens
     assert torch.all(lay.patches(h, dim=1)[..., [3, 7]] == 0)
-    appended = lay.register_indices()
+    appended = lay.appended_indices()
     assert torch.allclose(h[0, appended, 3], torch.tensor([-4.5, -4.5]))
     assert torch.allclose(h[1, appended, 3], torch.tensor([2.0, 2.0]))
 

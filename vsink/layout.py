@@ -86,9 +86,11 @@ class TokenLayout:
         return slice(self.num_prefix, self.num_prefix + self.num_patches)
 
     def register_indices(self) -> list[int]:
-        lead = range(self.num_cls, self.num_prefix)
-        tail = range(self.num_prefix + self.num_patches, self.num_tokens)
-        return [*lead, *tail]
+        return [*range(self.num_cls, self.num_prefix), *self.appended_indices()]
+
+    def appended_indices(self) -> list[int]:
+        """Registers appended after the patches (test-time registers)."""
+        return list(range(self.num_prefix + self.num_patches, self.num_tokens))
 
     def cls_indices(self) -> list[int]:
         return list(range(self.num_cls))
@@ -162,9 +164,6 @@ class TokenLayout:
         }
 
     # --- structure ----------------------------------------------------------------------
-    def with_grid(self, grid: tuple[int, int]) -> "TokenLayout":
-        return TokenLayout(self.num_cls, self.num_registers, grid, self.num_appended)
-
     def with_appended(self, n: int) -> "TokenLayout":
         return TokenLayout(self.num_cls, self.num_registers, self.grid, self.num_appended + n)
 

@@ -92,7 +92,7 @@ class TestTimeRegisters:
             patches = out[:, layout.patch_slice]
             patches[..., index] = 0
             out[:, layout.patch_slice] = patches
-            appended = layout.register_indices()[layout.num_registers:]
+            appended = layout.appended_indices()
             regs = out[:, appended]
             regs[..., index] = (moved * self.scale).to(out.dtype).expand(-1, len(appended), -1)
             out[:, appended] = regs
