@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,6 +131,6 @@ def test_threshold_options(tmp_path, capsys):
 
 
 def test_console_script_entry_point():
-    result = subprocess.run([sys.executable, "-m", "vsink.cli", "models"], capture_output=True, text=True,
-                            timeout=120)
+    script = shutil.which("vsink") or str(Path(sys.executable).parent / "vsink")
+    result = subprocess.run([script, "models"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "hf:REPO_OR_LOCAL_DIR" in result.stdout

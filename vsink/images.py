@@ -6,7 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -107,3 +107,18 @@ def open_image(item: Union[ImageSource, NamedImage]) -> Image.Image:
     if isinstance(item, Image.Image):
         return to_rgb(item)
     return load_image(item)
+
+
+def load_batch(items: Sequence[Union[ImageSource, NamedImage]], start: int = 0
+               ) -> tuple[list[Image.Image], list[str], list[dict[str, str]]]:
+    """Open a batch of inputs: (images, their names, skipped ``{"image", "reason"}`` entries).
+    ``start`` is the index of ``items[0]`` in the whole run (for unnamed PIL inputs)."""
+    loaded, names, skipped = [], [], []
+    for i, item in enumerate(items, start=start):
+        name = source_name(item, i)
+        try:
+            loaded.append(open_image(item))
+            names.append(name)
+        except ImageError as e:
+            skipped.append({"image": name, "reason": str(e)})
+    return loaded, names, skipped

@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .backbones.base import Backbone
-from .errors import ImageError, VsinkError
-from .images import ImageSource, NamedImage, open_image, source_name
+from .errors import VsinkError
+from .images import ImageSource, NamedImage, load_batch
 from .io import NpzWriter, write_json
 from .layout import TokenLayout
 from .probe import Probe
@@ -34,7 +34,9 @@ HEAD_KINDS = ("cls", "received")
 
 @dataclass
 class ImageMaps:
-    """Maps of one image: ``arrays`` holds every exported array except the streamed ``full``."""
+    """Maps of one image. ``arrays`` holds every exported array except the streamed ``full``
+    while the image is processed; :func:`export_maps` empties it once the files are written,
+    so memory stays flat over many images (read the arrays back from ``<stem>.npz``)."""
 
     name: str
     stem: str
@@ -164,13 +166,13 @@ def export_maps(
     used: set[str] = set()
     warned = False
     for index, item in enumerate(tqdm(images, desc="maps", unit="img", disable=not progress)):
-        name = source_name(item, index)
-        try:
-            image = open_image(item)
-        except ImageError as e:
-            skipped.append({"image": name, "reason": str(e)})
-            print(f"vsink: skipped {e}", file=sys.stderr)
+        loaded, names, failed = load_batch([item], index)
+        for entry in failed:
+            print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+        skipped += failed
+        if not loaded:
             continue
+        image, name = loaded[0], names[0]
         size = input_size(backbone, image, img_size, keep_aspect)
         layout = backbone.layout(size)
         if "full" in kinds and not warned:
@@ -183,7 +185,8 @@ def export_maps(
         maps = ImageMaps(name, _stem(name, used), image.resize((size[1], size[0]), Image.BICUBIC), layout, {})
         with ExitStack() as stack:
             writer = stack.enter_context(NpzWriter(out / f"{maps.stem}.npz")) if "npz" in formats else None
-            maps.arrays = _compute(backbone, maps, kinds, sel_layers, sel_heads, fusion, discard_ratio, writer, stack)
+            maps.arrays = _compute(backbone, maps, size, kinds, sel_layers, sel_heads, fusion, discard_ratio,
+                                   writer, stack)
             if writer is not None:
                 for key, arr in maps.arrays.items():
                     writer.add(key, arr)
@@ -191,8 +194,7 @@ def export_maps(
         if "png" in formats:
             maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads)
         done.append(maps)
-        # keep only what the index needs: arrays of finished images are on disk
-        maps.arrays = {}
+        maps.arrays = {}  # on disk now
         write_json(out / "maps.json", MapsResult(backbone.spec, backbone.spec == "demo", done, skipped,
                                                  settings).to_json())
     result = MapsResult(backbone.spec, backbone.spec == "demo", done, skipped, settings)
@@ -200,11 +202,11 @@ def export_maps(
     return result
 
 
-def _compute(backbone: Backbone, maps: ImageMaps, kinds: list[str], layers: list[int],
+def _compute(backbone: Backbone, maps: ImageMaps, size: tuple[int, int], kinds: list[str], layers: list[int],
              heads: Union[str, list[int]], fusion: str, discard_ratio: float,
              writer: Optional[NpzWriter], stack: ExitStack) -> dict[str, np.ndarray]:
     layout = maps.layout
-    x = backbone.preprocess([maps.image], layout_size(layout, backbone))
+    x = backbone.preprocess([maps.image], size)
     want_attention = any(k in kinds for k in HEAD_KINDS)
     probe = None
     if want_attention or "norm" in kinds:
@@ -240,8 +242,4 @@ def _compute(backbone: Backbone, maps: ImageMaps, kinds: list[str], layers: list
         arrays["rollout"] = layout.patch_grid(row, dim=0)
         arrays["rollout/prefix"] = row[layout.non_patch_indices()]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
-
-
-def layout_size(layout: TokenLayout, backbone: Backbone) -> tuple[int, int]:
-    return layout.grid[0] * backbone.patch_size[0], layout.grid[1] * backbone.patch_size[1]
 

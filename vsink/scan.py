@@ -15,8 +15,8 @@ from . import __version__
 from .backbones.base import Backbone
 from .detect import (AttentionSink, HighNormResult, MassiveActivation, detect_high_norm, detect_massive,
                      detect_sinks, layer_attention_summary, massive_summary)
-from .errors import ImageError, VsinkError
-from .images import ImageSource, NamedImage, open_image, source_name
+from .errors import VsinkError
+from .images import ImageSource, NamedImage, load_batch
 from .io import write_json, write_text
 from .layout import TokenLayout
 from .probe import Probe, Trace
@@ -161,15 +161,10 @@ def scan(
     bar = tqdm(total=len(images), desc="scan", unit="img", disable=not progress)
     with Probe(backbone, layers=layers, massive=MASSIVE_TOP_K) as probe:
         for start in range(0, len(images), batch_size):
-            batch, batch_names = [], []
-            for i, item in enumerate(images[start:start + batch_size], start=start):
-                name = source_name(item, i)
-                try:
-                    batch.append(open_image(item))
-                    batch_names.append(name)
-                except ImageError as e:
-                    skipped.append({"image": name, "reason": str(e)})
-                    bar.write(f"vsink: skipped {e}", file=sys.stderr)
+            batch, batch_names, failed = load_batch(images[start:start + batch_size], start)
+            for entry in failed:
+                bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+            skipped += failed
             if batch:
                 pixel_values = backbone.preprocess(batch, size)
                 probe.run(pixel_values)

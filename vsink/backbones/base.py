@@ -150,10 +150,10 @@ class Backbone(ABC):
         grid = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
         return TokenLayout(num_cls=n_cls, num_registers=n_reg, grid=grid, num_appended=self._appended)
 
-    def append_tokens(self, n: int, value: Optional[torch.Tensor] = None) -> SiteHandle:
-        """Append ``n`` tokens at the end of the sequence entering the first block (after the
-        position embedding, so they get none): zeros, or ``value`` [D] / [n, D]. The layout
-        reports them as appended registers until ``remove()``; every later site sees them."""
+    def append_tokens(self, n: int) -> SiteHandle:
+        """Append ``n`` zero tokens at the end of the sequence entering the first block (after
+        the position embedding, so they get none). The layout reports them as appended registers
+        until ``remove()``; every later site sees them."""
         if n < 1:
             raise VsinkError(f"append at least one token, got {n}")
 
@@ -161,8 +161,6 @@ class Backbone(ABC):
             x = args[0] if args else kwargs["hidden_states"]
             x_bnc = self._to_bnc(x)
             extra = x_bnc.new_zeros(x_bnc.shape[0], n, x_bnc.shape[-1])
-            if value is not None:
-                extra = extra + value.to(extra)
             grown = self._to_bnc(torch.cat([x_bnc, extra], dim=1))
             if args:
                 return (grown, *args[1:]), kwargs

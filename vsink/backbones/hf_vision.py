@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, to_pair
 
@@ -53,11 +54,8 @@ def _vsink_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask[..., : key.shape[-2]]
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]]
+    mask = additive_mask(mask, query.dtype, true_means_keep=True)
     out = backbone._attention(layer, query, key, value, scale=scaling, mask=mask)
     return out.transpose(1, 2).contiguous(), None
 

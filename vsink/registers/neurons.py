@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
 from ..detect import detect_high_norm
-from ..errors import ImageError, VsinkError
-from ..images import ImageSource, NamedImage, open_image, source_name
+from ..errors import VsinkError
+from ..images import ImageSource, NamedImage, load_batch
 from ..io import write_json
 from ..probe import Probe
 from ..scan import parse_threshold
@@ -87,17 +87,6 @@ def _batches(images, batch_size):
         yield start, images[start:start + batch_size]
 
 
-def _load_batch(items, start, skipped):
-    loaded, names = [], []
-    for i, item in enumerate(items, start=start):
-        try:
-            loaded.append(open_image(item))
-            names.append(source_name(item, i))
-        except ImageError as e:
-            skipped.append({"image": source_name(item, i), "reason": str(e)})
-    return loaded, names
-
-
 @torch.inference_mode()
 def find_register_neurons(
     backbone: Backbone,
@@ -127,7 +116,8 @@ def find_register_neurons(
     skipped: list[dict[str, str]] = []
     with Probe(backbone, attention=False) as probe:
         for start, items in tqdm(list(_batches(images, batch_size)), desc="find: norms", disable=not progress):
-            loaded, _ = _load_batch(items, start, skipped)
+            loaded, _, failed = load_batch(items, start)
+            skipped += failed
             if loaded:
                 probe.run(backbone.preprocess(loaded, size))
     if not probe.num_batches():
@@ -165,9 +155,8 @@ def find_register_neurons(
     handles = [backbone.hook("mlp_hidden", l, scorer(l)) for l in layers]
     try:
         image_index = 0
-        skipped_again: list[dict[str, str]] = []
         for start, items in tqdm(list(_batches(images, batch_size)), desc="find: neurons", disable=not progress):
-            loaded, _ = _load_batch(items, start, skipped_again)
+            loaded, _, _ = load_batch(items, start)  # the same files fail as in pass 1
             if not loaded:
                 continue
             mask = outliers[image_index:image_index + len(loaded)]

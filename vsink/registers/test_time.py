@@ -89,13 +89,9 @@ class TestTimeRegisters:
             else:
                 moved = layout.patches(values, dim=1).mean(dim=1, keepdim=True)
             out = h.clone()
-            patches = out[:, layout.patch_slice]
-            patches[..., index] = 0
-            out[:, layout.patch_slice] = patches
-            appended = layout.appended_indices()
-            regs = out[:, appended]
-            regs[..., index] = (moved * self.scale).to(out.dtype).expand(-1, len(appended), -1)
-            out[:, appended] = regs
+            out[:, layout.patch_slice, index] = 0
+            appended = torch.as_tensor(layout.appended_indices(), device=h.device)
+            out[:, appended[:, None], index] = (moved * self.scale).to(out.dtype)  # [B, 1, K] → every register
             return out
 
         return fn
