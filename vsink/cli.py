@@ -16,6 +16,10 @@ from .errors import VsinkError
 def _add_common_args(p: argparse.ArgumentParser) -> None:
     """Inputs, model and progress options shared by the image subcommands."""
     p.add_argument("images", nargs="*", help="image files or directories (default: bundled demo images)")
+    _add_model_args(p)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--model", default="demo", help="model spec (default: demo); see 'vsink models'")
     p.add_argument("--weights", help="checkpoint to load (.safetensors or a state dict)")
@@ -95,8 +99,49 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     _add_ttr_args(apply, flag=False)
 
+    _add_eval_parser(sub)
     sub.add_parser("models", help="list the supported model spec forms")
     return parser
+
+
+def _comma(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_eval_parser(sub) -> None:
+    evaluate = sub.add_parser("eval", help="evaluations (dense prediction)")
+    ev_sub = evaluate.add_subparsers(dest="eval_command", required=True)
+    dense = ev_sub.add_parser(
+        "dense", help="linear-probe segmentation, LOST object discovery and artifact metrics",
+        description="Evaluate a model and its variants (baseline, test-time registers, fine-tuned weights, "
+                    "other models) on dense tasks; writes OUT/results.json, results.md and results.html. "
+                    "With --format synthetic (the default) no data is needed.")
+    _add_model_args(dense)
+    dense.add_argument("--data", help="dataset root (voc, ade, folder) or instances JSON (coco)")
+    dense.add_argument("--format", default="synthetic", help="voc, ade, coco, folder or synthetic (default)")
+    dense.add_argument("--split", help="evaluation split (default: val / validation)")
+    dense.add_argument("--train-split", help="split the linear head trains on (default: train / training)")
+    dense.add_argument("--images", dest="coco_images", help="coco: image directory (default: next to the JSON)")
+    dense.add_argument("--image-set", default="auto", help="voc: segmentation, main or auto (default)")
+    dense.add_argument("--tasks", help="comma list of linear-seg, lost, artifacts (default: all the data allows)")
+    dense.add_argument("--variant", action="append", metavar="NAME=VALUE",
+                       help="baseline, NAME=neurons.json (test-time registers), NAME=weights.safetensors, "
+                            "NAME=model:SPEC (repeatable; baseline is added first)")
+    dense.add_argument("--limit", type=int, help="use the first N images of each split")
+    dense.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    dense.add_argument("--seg-layer", type=int, default=-1, help="block for linear-seg features (default -1)")
+    dense.add_argument("--num-classes", type=int, help="classes in the masks (default: the dataset's or inferred)")
+    dense.add_argument("--epochs", type=int, default=20, help="linear head epochs (default 20)")
+    dense.add_argument("--lr", type=float, default=1e-3, help="linear head learning rate (default 1e-3)")
+    dense.add_argument("--no-batchnorm", action="store_true", help="linear head without BatchNorm")
+    dense.add_argument("--seed", type=int, default=0, help="seed for the head and the synthetic data (default 0)")
+    dense.add_argument("--lost-layers", default="-1", help="LOST blocks, comma list (default -1)")
+    dense.add_argument("--lost-kinds", default="k", help="LOST features: comma list of k, q, v, tokens (default k)")
+    dense.add_argument("--lost-biases", default="0", help="LOST Gram-matrix biases, comma list (default 0)")
+    dense.add_argument("--lost-normalize", default="no", help="L2-normalise LOST features: no (default), yes, both")
+    dense.add_argument("--lost-k", type=int, default=100, help="LOST seed-expansion candidates (default 100)")
+    dense.add_argument("--synthetic-images", type=int, default=32, help="synthetic: images per split (default 32)")
+    dense.add_argument("--out", default="vsink-eval", help="output directory (default: vsink-eval)")
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
@@ -220,6 +265,51 @@ def _cmd_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate.datasets import DEFAULT_SPLITS, open_dataset
+    from .evaluate.dense import LostSettings, evaluate_dense, supported_tasks
+    from .evaluate.segmentation import ProbeSettings
+    from .evaluate.variants import parse_variants
+
+    def numbers(text: str, kind: type, what: str) -> list:
+        try:
+            return [kind(t) for t in _comma(text)]
+        except ValueError:
+            raise VsinkError(f"{what}: expected a comma list of numbers, got {text!r}") from None
+
+    normalize = {"no": [False], "yes": [True], "both": [False, True]}.get(args.lost_normalize)
+    if normalize is None:
+        raise VsinkError(f"--lost-normalize must be no, yes or both, got {args.lost_normalize!r}")
+    lost = LostSettings(layers=numbers(args.lost_layers, int, "--lost-layers"), kinds=_comma(args.lost_kinds),
+                        biases=numbers(args.lost_biases, float, "--lost-biases"), normalize=normalize, k=args.lost_k)
+    variants = parse_variants(args.variant)
+    common = dict(images=args.coco_images, image_set=args.image_set, synthetic_images=args.synthetic_images,
+                  seed=args.seed)
+    if args.format == "synthetic":
+        common["synthetic_size"] = args.img_size or 224
+    eval_set = open_dataset(args.format, args.data, args.split, **common).limit(args.limit)
+    tasks = _comma(args.tasks) if args.tasks else supported_tasks(eval_set)
+    train_set = None
+    if "linear-seg" in tasks:
+        train_split = args.train_split or DEFAULT_SPLITS.get(args.format, (None, None))[0]
+        train_set = open_dataset(args.format, args.data, train_split, **common).limit(args.limit)
+    print(f"vsink: evaluating on {eval_set.describe()}", file=sys.stderr)
+    backbone = _load_for(args)
+    result = evaluate_dense(
+        backbone, eval_set, train_set=train_set, tasks=tasks, variants=variants, seg_layer=args.seg_layer,
+        lost_settings=lost, num_classes=args.num_classes, batch_size=args.batch_size, img_size=args.img_size,
+        probe_settings=ProbeSettings(epochs=args.epochs, lr=args.lr, batchnorm=not args.no_batchnorm, seed=args.seed),
+        load_kwargs=dict(device=args.device, dtype=args.dtype, pretrained=not args.no_pretrained),
+        progress=not args.no_progress)
+    paths = result.save(args.out)
+    print(result.to_markdown())
+    for entry in result.skipped:
+        print(f"vsink: skipped {entry['item']}: {entry['reason']}", file=sys.stderr)
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones import SPEC_FORMS
 
@@ -229,7 +319,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "models": _cmd_models}
+    handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
+                "models": _cmd_models}
     try:
         return handlers[args.command](args)
     except VsinkError as e:

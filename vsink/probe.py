@@ -121,6 +121,7 @@ class _AttentionReducer:
         p = probs.detach().float()
         B, H, q, N = p.shape
         if self.received is None:
+            self.probe._sync_layout()
             self.received = p.new_zeros(B, H, N)
             self.entropy = p.new_zeros(B, H)
         self.received += p.sum(dim=2)
@@ -197,9 +198,9 @@ class Probe:
         while self._handles:
             self._handles.pop().remove()
 
-    @staticmethod
-    def _norm_fn(store: list[np.ndarray]):
+    def _norm_fn(self, store: list[np.ndarray]):
         def fn(x: torch.Tensor) -> None:
+            self._sync_layout()
             store.append(x.detach().float().norm(dim=-1).cpu().numpy())
 
         return fn
@@ -208,6 +209,7 @@ class Probe:
         k = self.massive
 
         def fn(x: torch.Tensor) -> None:
+            self._sync_layout()
             flat = x.detach().float().flatten(1)  # [B, N*D]
             top = flat.abs().topk(min(k, flat.shape[1]), dim=1).indices
             dim = x.shape[-1]
@@ -219,13 +221,18 @@ class Probe:
         return fn
 
     def run(self, pixel_values: torch.Tensor) -> Any:
-        """Forward one batch through the backbone, recording its token layout."""
-        layout = self.backbone.layout(tuple(pixel_values.shape[-2:]))
-        if self.num_batches() and layout != self.layout:
+        """Forward one batch through the backbone (``backbone.forward`` works as well: every
+        observer reads the layout of the input being processed)."""
+        return self.backbone.forward(pixel_values)
+
+    def _sync_layout(self) -> None:
+        layout = self.backbone.current_layout()
+        if layout == self.layout:
+            return
+        if self.num_batches():
             raise VsinkError(f"all batches of a probe must share one layout: {layout.describe()} "
                              f"vs {self.layout.describe()}")
         self.layout = layout
-        return self.backbone.forward(pixel_values)
 
     def num_batches(self) -> int:
         if self._norms:
@@ -256,7 +263,6 @@ class Probe:
                                       np.float32 if i in (0, 3) else np.int64)
         for arr in (norms, received):
             if arr is not None and arr.shape[-1] != self.layout.num_tokens:
-                raise VsinkError(f"observed {arr.shape[-1]} tokens but the layout has {self.layout.num_tokens}; "
-                                 "call probe.run(pixel_values) so the probe knows the input size")
+                raise VsinkError(f"observed {arr.shape[-1]} tokens but the layout has {self.layout.num_tokens}")
         return Trace(layout=self.layout, layers=list(self.layers), norms=norms, attn_received=received,
                      attn_cls=cls, attn_entropy=entropy, meta=dict(meta or {}), **massive)

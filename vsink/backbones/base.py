@@ -13,7 +13,10 @@ Sites (per layer, 0-based block index):
     pre-softmax attention logits, in query blocks [B, H, q, N];
 ``attn_probs``
     post-softmax attention probabilities, in query blocks [B, H, q, N] (the function also
-    receives the logits they came from, see :data:`vsink.attention.ProbFn`).
+    receives the logits they came from, see :data:`vsink.attention.ProbFn`);
+``attn_qkv``
+    the queries, keys and values the attention is computed from, each [B, H, N, head_dim]
+    (after any q/k normalisation; observation only).
 
 A site function receives the tensor and may return a replacement (an edit) or ``None``
 (an observation). Attention sites route that layer's attention through vsink's explicit
@@ -34,8 +37,8 @@ from ..attention import LogitFn, ProbFn, explicit_attention
 from ..errors import VsinkError
 from ..layout import TokenLayout
 
-SITES = ("block_output", "mlp_hidden", "attn_logits", "attn_probs")
-ATTENTION_SITES = ("attn_logits", "attn_probs")
+SITES = ("block_output", "mlp_hidden", "attn_logits", "attn_probs", "attn_qkv")
+ATTENTION_SITES = ("attn_logits", "attn_probs", "attn_qkv")
 
 SiteFn = Callable[..., Optional[torch.Tensor]]
 
@@ -129,6 +132,11 @@ class Backbone(ABC):
     @abstractmethod
     def _install_attention(self, layer: int) -> Callable[[], None]:
         """Route a block's attention through :meth:`_attention`; return the undo function."""
+
+    @property
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        """The normalisation the model applies to its output tokens (``nn.Identity`` if none)."""
 
     # --- derived ------------------------------------------------------------------------
     @property
@@ -229,6 +237,7 @@ class Backbone(ABC):
         ``attn_logits``: ``fn(logits [B, H, q, N], q_start) -> replacement or None``.
         ``attn_probs``: ``fn(probs [B, H, q, N], q_start, logits) -> replacement or None``, where
         ``logits`` is ``None`` once an earlier function replaced the probabilities.
+        ``attn_qkv``: ``fn(q, k, v)`` with each [B, H, N, head_dim]; its return value is ignored.
         """
         if site not in SITES:
             raise VsinkError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
@@ -294,6 +303,8 @@ class Backbone(ABC):
     ) -> torch.Tensor:
         """Explicit attention for block ``layer`` with its installed site functions."""
         fns = self._attn_fns.get(layer, {})
+        for fn in fns.get("attn_qkv", ()):
+            fn(q, k, v)
         if k.shape[1] != q.shape[1]:
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

@@ -119,6 +119,16 @@ class HFVisionBackbone(Backbone):
             kwargs["interpolate_pos_encoding"] = True
         return self.model(pixel_values=pixel_values, **kwargs).last_hidden_state
 
+    @property
+    def final_norm(self) -> nn.Module:
+        """``layernorm`` (ViT, DINOv2) or ``post_layernorm`` (CLIP, SigLIP; HF applies CLIP's
+        to the pooled token only, vsink applies it to every token for dense features)."""
+        for name in ("layernorm", "post_layernorm"):
+            for owner in (self.model, getattr(self.model, "vision_model", None)):
+                if owner is not None and isinstance(getattr(owner, name, None), nn.Module):
+                    return getattr(owner, name)
+        return nn.Identity()
+
     def _mlp_out_proj(self, layer: int) -> nn.Module:
         block = self.blocks[layer]
         mlp = getattr(block, "mlp", None)

@@ -55,6 +55,10 @@ class OpenClipBackbone(Backbone):
     def _run_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values)
 
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.ln_post
+
     def _mlp_out_proj(self, layer: int) -> nn.Module:
         return self.blocks[layer].mlp.c_proj
 

@@ -53,6 +53,10 @@ class TimmBackbone(Backbone):
     def _run_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(pixel_values)
 
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
     def _mlp_out_proj(self, layer: int) -> nn.Module:
         mlp = self.blocks[layer].mlp
         if not hasattr(mlp, "fc2"):

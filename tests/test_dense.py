@@ -1,0 +1,172 @@
+"""The dense evaluation end to end on the demo model: one forward per image per variant, results
+consistent with the building blocks, bad items skipped and reported, variants, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vsink
+from vsink.cli import main
+from vsink.data import demo_model
+from vsink.data.synthetic import synthetic_dataset, write_voc
+from vsink.errors import VsinkError
+from vsink.evaluate.datasets import read_voc
+from vsink.evaluate.dense import LostSettings, evaluate_dense
+from vsink.evaluate.lost import lost
+from vsink.evaluate.segmentation import ProbeSettings
+from vsink.evaluate.variants import Variant, parse_variants
+from vsink.features import FeatureSpec, extract_features
+from vsink.registers import NeuronSpec, RegisterNeuron
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return vsink.load("demo")
+
+
+@pytest.fixture(scope="module")
+def planted_neurons(tmp_path_factory):
+    """The demo's planted register neurons, written by hand (independent of the neuron finder)."""
+    path = tmp_path_factory.mktemp("ttr") / "neurons.json"
+    NeuronSpec("demo", [RegisterNeuron(demo_model.PLANTED_BLOCK, n, 1.0) for n in demo_model.PLANTED_NEURONS]).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(demo, planted_neurons):
+    train = synthetic_dataset("train", num_images=6)
+    val = synthetic_dataset("val", num_images=4)
+    counted = []
+    handle = demo.blocks[0].register_forward_pre_hook(lambda m, a: counted.append(a[0].shape[0]))
+    try:
+        res = evaluate_dense(demo, val, train_set=train, variants=parse_variants([f"ttr={planted_neurons}"]),
+                             lost_settings=LostSettings(layers=(-1, 3), kinds=("k", "v")),
+                             probe_settings=ProbeSettings(epochs=2), batch_size=3, progress=False)
+    finally:
+        handle.remove()
+    return res, counted, val
+
+
+def test_backbone_runs_once_per_image_per_variant(result):
+    res, counted, _ = result
+    assert sum(counted) == 2 * (6 + 4)  # 2 variants x (train + val), whatever the sweep size
+    assert [r["timing"]["forward_images"] for r in res.variants.values()] == [10, 10]
+
+
+def test_lost_boxes_equal_lost_on_extracted_features(result, demo):
+    res, _, val = result
+    base = res.variants["baseline"]["lost"]
+    assert base["setting"] == {"layer": 5, "kind": "k", "bias": 0.0, "normalize": False}
+    assert len(base["sweep"]) == 4 and base["n"] == 4
+    for sample, row in zip(val.samples, base["images"]):
+        item = sample.load()
+        feats = extract_features(demo, demo.preprocess([item.image]), [FeatureSpec(-1, "k")])
+        found = lost(feats[FeatureSpec(-1, "k")][0])
+        np.testing.assert_allclose(row["box"], found.to_pixels((14, 14), item.image.size), atol=0.01)
+        assert row["seed"] == list(found.seed)
+    hits = sum(r["correct"] for r in base["images"])
+    assert base["corloc"] == hits / 4
+
+
+def test_artifacts_see_the_planted_outliers_and_their_removal(result):
+    res, _, _ = result
+    base, ttr = res.variants["baseline"]["artifacts"], res.variants["ttr"]["artifacts"]
+    assert base["emergence_layer"] == demo_model.PLANTED_BLOCK and base["outlier_fraction"] > 0.02
+    assert ttr["outlier_fraction_max"] == 0.0 and ttr["emergence_layer"] is None
+    assert base["norm_ratio"] > 4 * ttr["norm_ratio"]
+    assert 0 <= base["cls_foreground_share"] <= 1 and -1 <= base["neighbour_cosine"] <= 1
+    assert "appended" in res.variants["ttr"]["layout"]
+
+
+def test_linear_seg_and_saved_outputs(result, tmp_path):
+    res, _, _ = result
+    seg = res.variants["baseline"]["linear_seg"]
+    assert seg["num_classes"] == 4 and len(seg["per_class_iou"]) == 4 and 0 <= seg["miou"] <= 1
+    assert seg["n_train"] == 6 and seg["n_eval"] == 4 and len(seg["train_loss"]) == 2
+    paths = res.save(tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["baseline"] == "baseline" and data["synthetic_model"]
+    delta = data["deltas"]["ttr"]["lost.corloc"]
+    assert delta == pytest.approx(data["variants"]["ttr"]["lost"]["corloc"] - data["variants"]["baseline"]["lost"]["corloc"])
+    md = paths["markdown"].read_text()
+    assert "| LOST CorLoc (%) |" in md and "Δ vs baseline" in md and "upper bound" in md
+    assert "<table>" in paths["html"].read_text()
+
+
+def test_bad_items_are_skipped_and_reported(tmp_path, demo):
+    data = synthetic_dataset("val", num_images=4, size=64)
+    root = write_voc(data, tmp_path / "VOC")
+    (root / "JPEGImages" / "val_0001.jpg").write_bytes(b"broken")
+    mask = np.array(Image.open(root / "SegmentationClass" / "val_0002.png"))
+    mask[0, 0] = 30
+    Image.fromarray(mask, mode="L").save(root / "SegmentationClass" / "val_0002.png")
+    small = vsink.load("demo", img_size=64)
+    res = evaluate_dense(small, read_voc(root, "val"), tasks=["lost", "artifacts"], progress=False)
+    reasons = {s["item"]: s["reason"] for s in res.skipped}
+    assert set(reasons) == {"val_0001", "val_0002"}
+    assert "val_0001.jpg" in reasons["val_0001"] and "labels [30]" in reasons["val_0002"]
+    assert res.variants["baseline"]["lost"]["n"] == 2
+    assert [r["id"] for r in res.variants["baseline"]["lost"]["images"]] == ["val_0000", "val_0003"]
+
+
+def test_weights_variant_uses_a_copy(tmp_path, demo):
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in demo.model.state_dict().items()}
+    state["norm.weight"] = state["norm.weight"] * 2
+    save_file(state, tmp_path / "ft.safetensors")
+    before = demo.model.norm.weight.clone()
+    variant = Variant.parse(f"ft={tmp_path / 'ft.safetensors'}")
+    assert variant.kind == "weights"
+    with variant.open(demo) as ft:
+        assert ft is not demo and torch.equal(ft.model.norm.weight, 2 * before)
+    assert torch.equal(demo.model.norm.weight, before)
+
+
+def test_variant_parsing(tmp_path, planted_neurons):
+    assert Variant.parse("baseline") == Variant("baseline")
+    assert Variant.parse(f"reg=ttr:{planted_neurons}").kind == "ttr"
+    assert Variant.parse("other=timm:vit_small_patch14_dinov2") == Variant("other", "model", "timm:vit_small_patch14_dinov2")
+    with pytest.raises(VsinkError, match="missing.json: file not found"):
+        Variant.parse("x=missing.json")
+    with pytest.raises(VsinkError, match="use baseline or NAME=VALUE"):
+        Variant.parse("ttr")
+    with pytest.raises(VsinkError, match="repeated: a"):
+        parse_variants(["a=baseline", "a=model:demo"])
+    assert [v.name for v in parse_variants(["b=model:demo"])] == ["baseline", "b"]
+
+
+def test_task_and_data_errors(demo):
+    val = synthetic_dataset("val", num_images=2, size=64)
+    with pytest.raises(VsinkError, match="unknown task"):
+        evaluate_dense(demo, val, tasks=["segment"])
+    with pytest.raises(VsinkError, match="linear-seg needs a training split"):
+        evaluate_dense(demo, val, tasks=["linear-seg"])
+
+
+def test_cli_eval_dense(tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "dense", "--synthetic-images", "3", "--img-size", "64", "--epochs", "1",
+                 "--lost-kinds", "k,q", "--lost-biases", "0,0.5", "--no-progress", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["tasks"] == ["linear-seg", "lost", "artifacts"]
+    assert len(data["variants"]["baseline"]["lost"]["sweep"]) == 4
+    assert data["settings"]["input_size"] == [64, 64]
+    assert "LOST CorLoc" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "voc", "--data", "/nonexistent"], "nonexistent: VOC root directory not found"),
+    (["--tasks", "lost,segment"], "unknown task(s) segment"),
+    (["--lost-biases", "zero"], "--lost-biases: expected a comma list of numbers"),
+    (["--lost-normalize", "maybe"], "--lost-normalize must be no, yes or both"),
+    (["--variant", "x=missing.safetensors"], "missing.safetensors: file not found"),
+])
+def test_cli_eval_errors(argv, message, capsys):
+    assert main(["eval", "dense", "--no-progress", "--synthetic-images", "2", "--img-size", "64"] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,1 @@
+"""Evaluations: dense prediction (linear-probe segmentation, LOST, artifact metrics)."""

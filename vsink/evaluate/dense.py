@@ -1,0 +1,397 @@
+"""Dense evaluation of one model and its variants: linear-probe segmentation, LOST, artifacts.
+
+For each variant the backbone runs once per image of each split it needs; every feature a task
+asks for (segmentation features, every LOST sweep setting, probe statistics) is captured in that
+one forward pass and reduced immediately, so variants and sweeps never recompute the backbone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones.base import Backbone
+from ..detect.norms import detect_high_norm
+from ..errors import VsinkError
+from ..features import FEATURE_KINDS, FeatureCapture, FeatureSpec
+from ..io import write_json, write_text
+from ..probe import Probe
+from .artifacts import foreground_grid, foreground_share, neighbour_cosine
+from .datasets import IGNORE_INDEX, DatasetError, DenseDataset, DenseSample, Loaded
+from .lost import lost, is_correct
+from .segmentation import ProbeSettings, evaluate_linear_probe, train_linear_probe
+from .variants import Variant
+
+TASKS = ("linear-seg", "lost", "artifacts")
+
+
+@dataclass
+class LostSettings:
+    """The LOST sweep: every combination of layers × kinds × biases × normalize is evaluated;
+    the first combination is the stated (primary) setting."""
+
+    layers: Sequence[int] = (-1,)
+    kinds: Sequence[str] = ("k",)
+    biases: Sequence[float] = (0.0,)
+    normalize: Sequence[bool] = (False,)
+    k: int = 100
+
+    def combos(self, num_layers: int) -> list[tuple[FeatureSpec, float, bool]]:
+        for kind in self.kinds:
+            if kind not in FEATURE_KINDS:
+                raise VsinkError(f"unknown LOST feature kind {kind!r}; kinds are {', '.join(FEATURE_KINDS)}")
+        if not (self.layers and self.kinds and self.biases and self.normalize):
+            raise VsinkError("the LOST sweep needs at least one layer, kind, bias and normalize value")
+        specs = [FeatureSpec(layer, kind, norm=False).resolve(num_layers) for layer in self.layers
+                 for kind in self.kinds]
+        return [(spec, float(b), bool(n)) for spec, b, n in itertools.product(
+            dict.fromkeys(specs), self.biases, self.normalize)]
+
+
+def _combo_dict(spec: FeatureSpec, bias: float, normalize: bool) -> dict[str, Any]:
+    return {"layer": spec.layer, "kind": spec.kind, "bias": bias, "normalize": normalize}
+
+
+@dataclass
+class DenseResult:
+    """Everything :func:`evaluate_dense` measured; ``variants[name][task]`` holds each task's numbers."""
+
+    model: str
+    dataset: dict[str, Any]
+    tasks: list[str]
+    settings: dict[str, Any]
+    variants: dict[str, dict[str, Any]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    HEADLINE = (("linear_seg", "miou", "linear-seg mIoU (%)", 100),
+                ("linear_seg", "pixel_accuracy", "linear-seg pixel accuracy (%)", 100),
+                ("lost", "corloc", "LOST CorLoc (%)", 100),
+                ("artifacts", "outlier_fraction", "outlier patches, last block (%)", 100),
+                ("artifacts", "outlier_fraction_max", "outlier patches, worst block (%)", 100),
+                ("artifacts", "norm_ratio", "max/median patch norm, last block", 1),
+                ("artifacts", "attention_entropy", "attention entropy, last block (nats)", 1),
+                ("artifacts", "cls_foreground_share", "CLS attention on foreground (%)", 100),
+                ("artifacts", "neighbour_cosine", "neighbour patch cosine", 1))
+
+    @property
+    def baseline(self) -> str:
+        return next(iter(self.variants))
+
+    def headline(self) -> list[tuple[str, list[Optional[float]]]]:
+        """(label, value per variant in display units) for each headline metric that was measured."""
+        rows = []
+        for task, key, label, scale in self.HEADLINE:
+            values = [self.variants[v].get(task, {}).get(key) for v in self.variants]
+            if any(v is not None for v in values):
+                rows.append((label, [None if v is None else v * scale for v in values]))
+        return rows
+
+    def deltas(self) -> dict[str, dict[str, Optional[float]]]:
+        """Headline metric minus the baseline's (raw units), per non-baseline variant."""
+        base = self.variants[self.baseline]
+        out: dict[str, dict[str, Optional[float]]] = {}
+        for name, res in list(self.variants.items())[1:]:
+            out[name] = {}
+            for task, key, _, _ in self.HEADLINE:
+                a, b = res.get(task, {}).get(key), base.get(task, {}).get(key)
+                if a is not None or b is not None:
+                    out[name][f"{task}.{key}"] = None if a is None or b is None else a - b
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "synthetic_model": self.model == "demo", "dataset": self.dataset,
+                "tasks": self.tasks, "settings": self.settings, "baseline": self.baseline,
+                "variants": self.variants, "deltas": self.deltas(), "skipped": self.skipped}
+
+    def to_markdown(self) -> str:
+        from .report import dense_markdown
+
+        return dense_markdown(self)
+
+    def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
+        """Write ``results.json``, ``results.md`` and ``results.html`` (atomically)."""
+        from .report import dense_html
+
+        out = Path(out_dir)
+        return {"json": write_json(out / "results.json", self.to_json()),
+                "markdown": write_text(out / "results.md", self.to_markdown()),
+                "html": write_text(out / "results.html", dense_html(self))}
+
+
+@dataclass
+class _Batch:
+    samples: list[DenseSample]
+    loaded: list[Loaded]
+    features: dict[FeatureSpec, torch.Tensor]
+
+
+def supported_tasks(dataset: DenseDataset) -> list[str]:
+    """The tasks a dataset's annotations allow: linear-seg needs masks, LOST needs boxes."""
+    return [t for t in TASKS if (t != "linear-seg" or dataset.has_masks) and (t != "lost" or dataset.has_boxes)]
+
+
+def _check_labels(sample: DenseSample, loaded: Loaded, num_classes: Optional[int]) -> None:
+    if loaded.mask is None or num_classes is None:
+        return
+    labels = np.unique(loaded.mask)
+    bad = labels[(labels != IGNORE_INDEX) & (labels >= num_classes)]
+    if bad.size:
+        where = sample.mask if isinstance(sample.mask, Path) else sample.id
+        raise DatasetError(f"{where}: mask labels {bad.tolist()} are outside 0..{num_classes - 1} (255 = ignore)")
+
+
+class _Runner:
+    """One variant's backbone, run over a dataset in batches, skipping and reporting bad items."""
+
+    def __init__(self, backbone: Backbone, size: tuple[int, int], batch_size: int, progress: bool,
+                 num_classes: Optional[int], skipped: list[dict[str, str]]):
+        self.backbone, self.size, self.batch_size = backbone, size, batch_size
+        self.progress, self.num_classes, self.skipped = progress, num_classes, skipped
+        self.forward_images = 0
+
+    def batches(self, dataset: DenseDataset, specs: Sequence[FeatureSpec], desc: str,
+                need: Callable[[Loaded], Optional[str]]) -> Iterator[_Batch]:
+        bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not self.progress)
+        with FeatureCapture(self.backbone, specs) as capture:
+            for start in range(0, len(dataset), self.batch_size):
+                samples, loaded = [], []
+                for sample in dataset.samples[start:start + self.batch_size]:
+                    try:
+                        item = sample.load()
+                        _check_labels(sample, item, self.num_classes)
+                        missing = need(item)
+                        if missing:
+                            raise DatasetError(f"{sample.id}: {missing}")
+                    except DatasetError as e:
+                        self.skipped.append({"split": dataset.split, "item": sample.id, "reason": str(e)})
+                        bar.write(f"vsink: skipped {e}", file=sys.stderr)
+                        continue
+                    samples.append(sample)
+                    loaded.append(item)
+                bar.update(len(dataset.samples[start:start + self.batch_size]))
+                if not samples:
+                    continue
+                self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
+                self.forward_images += len(samples)
+                yield _Batch(samples, loaded, capture.pop())
+        bar.close()
+
+
+def _needs(tasks: Sequence[str]) -> Callable[[Loaded], Optional[str]]:
+    def need(item: Loaded) -> Optional[str]:
+        if "linear-seg" in tasks and item.mask is None:
+            return "no mask (linear-seg needs one)"
+        if "lost" in tasks and (item.boxes is None or not len(item.boxes)):
+            return "no ground-truth box (LOST needs one)"
+        return None
+
+    return need
+
+
+def _infer_classes(masks: Sequence[np.ndarray]) -> int:
+    top = max((int(m[m != IGNORE_INDEX].max()) for m in masks if (m != IGNORE_INDEX).any()), default=-1)
+    if top < 0:
+        raise VsinkError("linear-seg: every mask pixel is ignore (255); nothing to train on")
+    return top + 1
+
+
+def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Optional[DenseDataset], *,
+                      tasks: Sequence[str], seg_spec: FeatureSpec, lost_settings: LostSettings,
+                      probe_settings: ProbeSettings, num_classes: Optional[int], runner: _Runner,
+                      name: str) -> dict[str, Any]:
+    combos = lost_settings.combos(backbone.num_layers) if "lost" in tasks else []
+    specs = list(dict.fromkeys([seg_spec] + [c[0] for c in combos]))
+    timing: dict[str, float] = {}
+    result: dict[str, Any] = {"edits": list(backbone.edits), "layout": None}
+
+    train_feats: list[torch.Tensor] = []
+    train_masks: list[np.ndarray] = []
+    if "linear-seg" in tasks:
+        t0 = time.perf_counter()
+        for batch in runner.batches(train_set, [seg_spec], f"{name} {train_set.split}", _needs(["linear-seg"])):
+            train_feats.extend(batch.features[seg_spec].permute(0, 3, 1, 2))
+            train_masks.extend(x.mask for x in batch.loaded)
+        timing["train_features_s"] = time.perf_counter() - t0
+
+    eval_feats: list[torch.Tensor] = []
+    eval_masks: list[np.ndarray] = []
+    hits = np.zeros(len(combos), dtype=np.int64)
+    lost_images: list[dict[str, Any]] = []
+    cosines: list[float] = []
+    fg_grids: list[Optional[np.ndarray]] = []
+    lost_time = 0.0
+    t0 = time.perf_counter()
+    probes: list[Probe] = []
+    with ExitStack() as stack:
+        if "artifacts" in tasks:
+            probes = [stack.enter_context(Probe(backbone, attention=False)),
+                      stack.enter_context(Probe(backbone, layers=[-1], norms=False, attention=True))]
+        for batch in runner.batches(eval_set, specs, f"{name} {eval_set.split}", _needs(tasks)):
+            grid = backbone.current_layout().grid
+            result["layout"] = backbone.current_layout().describe()
+            for b, (sample, item) in enumerate(zip(batch.samples, batch.loaded)):
+                seg = batch.features[seg_spec][b]
+                if "linear-seg" in tasks:
+                    eval_feats.append(seg.permute(2, 0, 1))
+                    eval_masks.append(item.mask)
+                if "artifacts" in tasks:
+                    cosines.append(neighbour_cosine(seg))
+                    fg_grids.append(foreground_grid(grid, item.image.size, item.mask, item.boxes))
+                if combos:
+                    t1 = time.perf_counter()
+                    row = {"id": sample.id}
+                    for c, (spec, bias, normalize) in enumerate(combos):
+                        found = lost(batch.features[spec][b], k=lost_settings.k, bias=bias, normalize=normalize)
+                        box = found.to_pixels(grid, item.image.size)
+                        correct = is_correct(box, item.boxes)
+                        hits[c] += correct
+                        if c == 0:
+                            row.update(box=[round(float(v), 2) for v in box], seed=list(found.seed), correct=correct)
+                    lost_images.append(row)
+                    lost_time += time.perf_counter() - t1
+    timing["eval_pass_s"] = time.perf_counter() - t0
+    timing["forward_images"] = runner.forward_images
+
+    if combos and lost_images:
+        n = len(lost_images)
+        sweep = [{**_combo_dict(*c), "corloc": float(h / n)} for c, h in zip(combos, hits)]
+        best = max(sweep, key=lambda r: r["corloc"])
+        result["lost"] = {"setting": {k: v for k, v in sweep[0].items() if k != "corloc"}, "k": lost_settings.k,
+                          "corloc": sweep[0]["corloc"], "n": n, "sweep": sweep, "best_on_eval_set": best,
+                          "images": lost_images}
+        timing["lost_s"] = lost_time
+        timing["lost_runs_per_s"] = n * len(combos) / lost_time if lost_time > 0 else None
+    if "linear-seg" in tasks and train_feats and eval_feats:
+        classes = num_classes or _infer_classes(train_masks + eval_masks)
+        t0 = time.perf_counter()
+        head, losses = train_linear_probe(torch.stack(train_feats), train_masks, classes, probe_settings,
+                                          progress=runner.progress)
+        timing["linear_probe_train_s"] = time.perf_counter() - t0
+        metrics = evaluate_linear_probe(head, torch.stack(eval_feats), eval_masks, classes)
+        result["linear_seg"] = {**metrics.to_dict(), "num_classes": classes, "feature": seg_spec.describe(),
+                                "n_train": len(train_feats), "n_eval": len(eval_feats), "train_loss": losses}
+    if probes and cosines:
+        result["artifacts"] = _artifacts(probes, cosines, fg_grids)
+    result["timing"] = timing
+    return result
+
+
+def _artifacts(probes: list[Probe], cosines: list[float], fg_grids: list[Optional[np.ndarray]]) -> dict[str, Any]:
+    norms_trace, attn_trace = probes[0].trace(), probes[1].trace()
+    hn = detect_high_norm(norms_trace)
+    last = hn.layers[-1]
+    worst = max(hn.layers, key=lambda s: s.outlier_fraction)
+    layout = attn_trace.layout
+    shares = []
+    if attn_trace.attn_cls is not None:
+        cls_maps = layout.patch_grid(attn_trace.attn_cls[0].mean(axis=1), dim=1)  # [I, h, w]
+        shares = [foreground_share(m, fg) for m, fg in zip(cls_maps, fg_grids) if fg is not None]
+    return {
+        "n": len(cosines),
+        "outlier_fraction": last.outlier_fraction,
+        "outlier_fraction_max": worst.outlier_fraction,
+        "outlier_layer_max": worst.index,
+        "emergence_layer": hn.emergence_layer,
+        "threshold_last": last.threshold,
+        "norm_ratio": last.ratio,
+        "norm_ratio_max": max(s.ratio for s in hn.layers),
+        "attention_entropy": float(attn_trace.attn_entropy[0].mean()),
+        "cls_foreground_share": float(np.mean(shares)) if shares else None,
+        "neighbour_cosine": float(np.mean(cosines)),
+        "per_layer": [{"layer": s.index, "outlier_fraction": s.outlier_fraction, "norm_ratio": s.ratio}
+                      for s in hn.layers],
+    }
+
+
+def evaluate_dense(
+    backbone: Backbone,
+    eval_set: DenseDataset,
+    *,
+    train_set: Optional[DenseDataset] = None,
+    tasks: Optional[Sequence[str]] = None,
+    variants: Optional[Sequence[Variant]] = None,
+    seg_layer: int = -1,
+    lost_settings: Optional[LostSettings] = None,
+    probe_settings: Optional[ProbeSettings] = None,
+    num_classes: Optional[int] = None,
+    batch_size: int = 8,
+    img_size: Optional[int] = None,
+    load_kwargs: Optional[dict[str, Any]] = None,
+    progress: bool = True,
+) -> DenseResult:
+    """Evaluate ``backbone`` and its ``variants`` on dense tasks.
+
+    Args:
+        backbone: the base model (from :func:`vsink.load` / :func:`vsink.wrap`).
+        eval_set: the evaluation split (LOST, artifacts, linear-seg evaluation).
+        train_set: the split the linear head is trained on (needed for ``linear-seg``).
+        tasks: any of ``linear-seg``, ``lost``, ``artifacts`` (default: those the evaluation set
+            supports, see :func:`supported_tasks`).
+        variants: default ``[baseline]``; the first is the baseline deltas are taken against.
+        seg_layer: block whose output (after the final norm) feeds the linear head and the
+            neighbour-cosine metric (default: last).
+        lost_settings: the LOST sweep (default: last block keys, bias 0, not normalised, k = 100).
+        probe_settings: linear-head training.
+        num_classes: classes of the masks (default: the dataset's, else inferred from the masks).
+        batch_size: images per forward pass.
+        img_size: square input size (default: the model's).
+        load_kwargs: device/dtype/... for variants that load another model spec.
+        progress: show progress bars.
+    """
+    tasks = list(dict.fromkeys(tasks if tasks is not None else supported_tasks(eval_set)))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise VsinkError(f"unknown task(s) {', '.join(unknown) or '(none)'}; tasks are {', '.join(TASKS)}")
+    if batch_size < 1:
+        raise VsinkError(f"batch_size must be >= 1, got {batch_size}")
+    if "linear-seg" in tasks:
+        if train_set is None:
+            raise VsinkError("linear-seg needs a training split (train_set)")
+        if train_set.info.get("flat") and eval_set.info.get("flat"):
+            raise VsinkError(f"linear-seg: {train_set.name} has no train/val subfolders (images/train, "
+                             "images/val); training and evaluating on the same images is not a probe")
+    if "lost" in tasks and not eval_set.has_boxes:
+        raise DatasetError(f"LOST needs ground-truth boxes; {eval_set.describe()}")
+    if "linear-seg" in tasks and not (eval_set.has_masks and train_set.has_masks):
+        raise DatasetError(f"linear-seg needs masks; {eval_set.describe()}")
+    variants = list(variants or [Variant("baseline")])
+    lost_settings = lost_settings or LostSettings()
+    probe_settings = probe_settings or ProbeSettings()
+    classes = num_classes or eval_set.num_classes
+    size = (img_size, img_size) if img_size else backbone.img_size
+    skipped: list[dict[str, str]] = []
+    out: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        with variant.open(backbone, img_size=img_size, **(load_kwargs or {})) as vb:
+            vb.check_input_size(size)
+            runner = _Runner(vb, size, batch_size, progress, classes, skipped if not out else [])
+            res = _evaluate_variant(vb, eval_set, train_set, tasks=tasks, seg_spec=FeatureSpec(seg_layer),
+                                    lost_settings=lost_settings, probe_settings=probe_settings,
+                                    num_classes=classes, runner=runner, name=variant.name)
+            out[variant.name] = {"description": variant.describe(), "model": vb.spec, **res}
+    if not any(k in r for r in out.values() for k in ("linear_seg", "lost", "artifacts")):
+        raise VsinkError(f"nothing could be evaluated: {len(skipped)} items skipped "
+                         f"(first: {skipped[0]['reason'] if skipped else 'none'})")
+    settings = {"input_size": list(size), "batch_size": batch_size, "seg_feature": FeatureSpec(seg_layer).describe(),
+                "lost": {"layers": list(lost_settings.layers), "kinds": list(lost_settings.kinds),
+                         "biases": [float(b) for b in lost_settings.biases],
+                         "normalize": [bool(n) for n in lost_settings.normalize], "k": lost_settings.k}
+                if "lost" in tasks else None,
+                "linear_probe": vars(probe_settings) if "linear-seg" in tasks else None,
+                "device": str(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch.")}
+    dataset = {"name": eval_set.name, "format": eval_set.format, "split": eval_set.split,
+               "images": len(eval_set), "train_split": train_set.split if train_set else None,
+               "train_images": len(train_set) if train_set else None, "num_classes": classes,
+               "class_names": eval_set.class_names, "info": eval_set.info}
+    return DenseResult(model=backbone.spec, dataset=dataset, tasks=tasks, settings=settings, variants=out,
+                       skipped=skipped)
