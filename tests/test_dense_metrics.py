@@ -182,3 +182,27 @@ def test_foreground_grid_and_share():
     assert foreground_grid((2, 2), (8, 4)) is None
     attn = np.array([[0.2, 0.1], [0.3, 0.4]])
     assert foreground_share(attn, fg) == pytest.approx((0.1 + 0.15) / 1.0)
+
+
+def test_probe_loss_over_masks_of_different_sizes():
+    """First-epoch loss (one minibatch, initial weights) equals per-image cross-entropy summed
+    over labelled pixels of masks of different sizes, divided by their count."""
+    import torch.nn.functional as F
+
+    from vsink.evaluate.segmentation import LinearHead
+
+    rng = np.random.default_rng(2)
+    feats = torch.randn(4, 5, 3, 3)
+    masks = [rng.integers(0, 3, size=s).astype(np.uint8) for s in [(16, 16), (24, 20), (16, 16), (7, 30)]]
+    masks[1][:5] = 255
+    _, losses = train_linear_probe(feats, masks, 3, ProbeSettings(epochs=1, batch_size=4, seed=5))
+    torch.manual_seed(5)
+    head = LinearHead(5, 3).train()
+    logits = head(feats)
+    total, count = 0.0, 0
+    for i, m in enumerate(masks):
+        up = F.interpolate(logits[i:i + 1], size=m.shape, mode="bilinear", align_corners=False)
+        t = torch.from_numpy(m.astype(np.int64))[None]
+        total += F.cross_entropy(up, t, ignore_index=255, reduction="sum").item()
+        count += int((t != 255).sum())
+    assert losses[0] == pytest.approx(total / count, rel=1e-5)

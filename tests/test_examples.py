@@ -36,3 +36,16 @@ def test_test_time_registers_example(tmp_path, monkeypatch, capsys):
     assert "register neurons: [(2, 0), (2, 1), (2, 2), (2, 3)]" in out
     assert "after: emergence layer None, 0 outlier tokens" in out
     assert (tmp_path / "after" / "report.html").exists()
+
+
+def test_dense_eval_example(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setattr(sys, "argv", ["dense_eval.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "dense_eval.py"), run_name="__main__")
+    assert "| LOST CorLoc (%) |" in capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    base, ttr = data["variants"]["baseline"], data["variants"]["ttr"]
+    assert base["artifacts"]["outlier_fraction"] > 0 and ttr["artifacts"]["outlier_fraction_max"] == 0
+    assert len(base["lost"]["sweep"]) == 4 and base["linear_seg"]["n_train"] == 32
+    assert (tmp_path / "results.html").exists()

@@ -130,10 +130,13 @@ def train_linear_probe(feats: torch.Tensor, masks: Sequence[np.ndarray], num_cla
             logits = head(feats[idx])
             loss_sum = logits.new_zeros(())
             count = 0
-            for row, i in enumerate(idx):
-                t = targets[i]
-                up = F.interpolate(logits[row:row + 1], size=tuple(t.shape), mode="bilinear", align_corners=False)
-                loss_sum = loss_sum + F.cross_entropy(up, t[None], ignore_index=IGNORE_INDEX, reduction="sum")
+            by_size: dict[tuple[int, ...], list[int]] = {}
+            for row, i in enumerate(idx):  # masks of one size are upsampled and scored together
+                by_size.setdefault(tuple(targets[i].shape), []).append(row)
+            for size, rows in by_size.items():
+                t = torch.stack([targets[idx[r]] for r in rows])
+                up = F.interpolate(logits[rows], size=size, mode="bilinear", align_corners=False)
+                loss_sum = loss_sum + F.cross_entropy(up, t, ignore_index=IGNORE_INDEX, reduction="sum")
                 count += int((t != IGNORE_INDEX).sum())
             if count == 0:
                 continue
