@@ -161,6 +161,7 @@ def test_cli_eval_dense(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--format", "voc", "--data", "/nonexistent"], "nonexistent: VOC root directory not found"),
+    (["--data", "somewhere"], "--data is not used with --format synthetic"),
     (["--tasks", "lost,segment"], "unknown task(s) segment"),
     (["--lost-biases", "zero"], "--lost-biases: expected a comma list of numbers"),
     (["--lost-normalize", "maybe"], "--lost-normalize must be no, yes or both"),

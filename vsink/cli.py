@@ -283,6 +283,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     lost = LostSettings(layers=numbers(args.lost_layers, int, "--lost-layers"), kinds=_comma(args.lost_kinds),
                         biases=numbers(args.lost_biases, float, "--lost-biases"), normalize=normalize, k=args.lost_k)
     variants = parse_variants(args.variant)
+    if args.format == "synthetic" and args.data:
+        raise VsinkError("--data is not used with --format synthetic (the default); pass --format voc|ade|coco|folder")
     common = dict(images=args.coco_images, image_set=args.image_set, synthetic_images=args.synthetic_images,
                   seed=args.seed)
     if args.format == "synthetic":

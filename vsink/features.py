@@ -15,11 +15,11 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .backbones.base import Backbone, SiteHandle
+from .backbones.base import Backbone, HookSet
 from .errors import VsinkError
 
 FEATURE_KINDS = ("tokens", "q", "k", "v")
@@ -55,7 +55,7 @@ class FeatureSpec:
         return f"block {self.layer} {self.kind}{suffix}"
 
 
-class FeatureCapture:
+class FeatureCapture(HookSet):
     """Capture patch features of the requested specs during each forward pass.
 
     The hooks observe only (outputs are unchanged; ``q``/``k``/``v`` route that block's
@@ -64,32 +64,20 @@ class FeatureCapture:
     """
 
     def __init__(self, backbone: Backbone, specs: Sequence[FeatureSpec]):
+        super().__init__()
         self.backbone = backbone
         self._resolved = {s: s.resolve(backbone.num_layers) for s in specs}
         self.specs = list(dict.fromkeys(self._resolved.values()))
         if not self.specs:
             raise VsinkError("request at least one feature")
-        self._handles: list[SiteHandle] = []
         self._out: dict[FeatureSpec, torch.Tensor] = {}
 
-    def __enter__(self) -> "FeatureCapture":
-        try:
-            for spec in self.specs:
-                if spec.kind == "tokens":
-                    self._handles.append(self.backbone.hook("block_output", spec.layer, self._tokens_fn(spec)))
-                else:
-                    self._handles.append(self.backbone.hook("attn_qkv", spec.layer, self._qkv_fn(spec)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+    def _install(self) -> None:
+        for spec in self.specs:
+            if spec.kind == "tokens":
+                self._handles.append(self.backbone.hook("block_output", spec.layer, self._tokens_fn(spec)))
+            else:
+                self._handles.append(self.backbone.hook("attn_qkv", spec.layer, self._qkv_fn(spec)))
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.backbone.current_layout().patch_grid(tokens.detach().float())

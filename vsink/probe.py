@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .backbones.base import Backbone, SiteHandle
+from .backbones.base import Backbone, HookSet
 from .errors import VsinkError
 from .io import atomic_path
 from .layout import TokenLayout
@@ -138,7 +138,7 @@ class _AttentionReducer:
             self._reset()
 
 
-class Probe:
+class Probe(HookSet):
     """Install observers on a backbone; always removes them on exit, also on exceptions.
 
     Example::
@@ -159,6 +159,7 @@ class Probe:
 
     def __init__(self, backbone: Backbone, *, layers: Optional[Sequence[int]] = None,
                  norms: bool = True, attention: bool = True, massive: int = 0):
+        super().__init__()
         self.backbone = backbone
         n = backbone.num_layers
         self.layers = sorted({int(i) % n for i in layers}) if layers is not None else list(range(n))
@@ -168,35 +169,21 @@ class Probe:
         self.want_attention = attention
         self.massive = int(massive)
         self.layout: TokenLayout = backbone.layout()
-        self._handles: list[SiteHandle] = []
         self._norms: dict[int, list[np.ndarray]] = {}
         self._attn: dict[int, _AttentionReducer] = {}
         self._massive: dict[int, list[tuple[np.ndarray, ...]]] = {}
 
-    def __enter__(self) -> "Probe":
-        try:
-            for layer in self.layers:
-                if self.want_norms:
-                    store = self._norms.setdefault(layer, [])
-                    self._handles.append(self.backbone.hook("block_output", layer, self._norm_fn(store)))
-                if self.massive:
-                    store = self._massive.setdefault(layer, [])
-                    self._handles.append(self.backbone.hook("block_output", layer, self._massive_fn(store)))
-                if self.want_attention:
-                    reducer = self._attn.setdefault(layer, _AttentionReducer(self))
-                    self._handles.append(self.backbone.hook("attn_probs", layer, reducer))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Uninstall every observer (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+    def _install(self) -> None:
+        for layer in self.layers:
+            if self.want_norms:
+                store = self._norms.setdefault(layer, [])
+                self._handles.append(self.backbone.hook("block_output", layer, self._norm_fn(store)))
+            if self.massive:
+                store = self._massive.setdefault(layer, [])
+                self._handles.append(self.backbone.hook("block_output", layer, self._massive_fn(store)))
+            if self.want_attention:
+                reducer = self._attn.setdefault(layer, _AttentionReducer(self))
+                self._handles.append(self.backbone.hook("attn_probs", layer, reducer))
 
     def _norm_fn(self, store: list[np.ndarray]):
         def fn(x: torch.Tensor) -> None:

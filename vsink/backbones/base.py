@@ -60,6 +60,33 @@ class SiteHandle:
             self._remove = None
 
 
+class HookSet:
+    """A context manager owning site handles: subclasses add them in ``_install()``; they are
+    always removed on exit, also when installing fails part-way."""
+
+    def __init__(self) -> None:
+        self._handles: list[SiteHandle] = []
+
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Uninstall every handle (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+
 class Backbone(ABC):
     """A vision transformer behind vsink's uniform interface.
 

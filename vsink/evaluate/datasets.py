@@ -226,11 +226,16 @@ def read_voc(root: PathLike, split: str = "val", *, image_set: str = "auto",
                         class_names=list(VOC_CLASSES), info={"image_set": image_set, "list": str(list_path)})
 
 
-def _pairs(images: Path, masks: Path, mask_suffix: str = ".png") -> list[tuple[Path, Optional[Path]]]:
+def _pairs(images: Path, masks: Path, what: str) -> list[tuple[Path, Path]]:
+    """Every image file with its ``NAME.png`` mask; a missing mask is an error naming it."""
     files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"{images}: no image files")
-    return [(f, masks / f"{f.stem}{mask_suffix}") for f in files]
+    pairs = [(f, masks / f"{f.stem}.png") for f in files]
+    for img, mask in pairs:
+        if not mask.is_file():
+            raise DatasetError(f"{mask}: {what} missing for {img.name}")
+    return pairs
 
 
 def read_ade(root: PathLike, split: str = "validation", *, reduce_zero_label: bool = True) -> DenseDataset:
@@ -239,11 +244,8 @@ def read_ade(root: PathLike, split: str = "validation", *, reduce_zero_label: bo
     root = Path(root)
     images = _require_dir(root / "images" / split, "ADE20k images")
     masks = _require_dir(root / "annotations" / split, "ADE20k annotations")
-    samples = []
-    for img, mask in _pairs(images, masks):
-        if not mask.is_file():
-            raise DatasetError(f"{mask}: annotation missing for {img.name}")
-        samples.append(DenseSample(img.stem, img, mask, None, reduce_zero_label))
+    samples = [DenseSample(img.stem, img, mask, None, reduce_zero_label)
+               for img, mask in _pairs(images, masks, "annotation")]
     return DenseDataset(root.name, "ade", split, samples, num_classes=150 if reduce_zero_label else 151,
                         info={"reduce_zero_label": reduce_zero_label})
 
@@ -255,11 +257,7 @@ def read_folder(root: PathLike, split: Optional[str] = None) -> DenseDataset:
     sub = Path(split) if split else Path()
     images = _require_dir(root / "images" / sub, "images")
     masks = _require_dir(root / "masks" / sub, "masks")
-    samples = []
-    for img, mask in _pairs(images, masks):
-        if not mask.is_file():
-            raise DatasetError(f"{mask}: mask missing for {img.name}")
-        samples.append(DenseSample(img.stem, img, mask))
+    samples = [DenseSample(img.stem, img, mask) for img, mask in _pairs(images, masks, "mask")]
     return DenseDataset(root.name, "folder", split or "all", samples, info={"flat": split is None})
 
 
