@@ -25,8 +25,11 @@ attention (:mod:`vsink.attention`) for as long as a function is installed there.
 
 from __future__ import annotations
 
+import copy
+import os
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -58,6 +61,30 @@ class SiteHandle:
         if self._remove is not None:
             self._remove()
             self._remove = None
+
+
+def _hook_tensor(module: nn.Module, when: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Apply ``fn`` to a module's first input (``pre``) or its output (``post``; tensors, tuples
+    and Hugging Face model outputs with ``last_hidden_state``), permanently."""
+    if when == "pre":
+        def pre(mod, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: fn(kwargs[key])}
+
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+        return
+
+    def post(mod, args, output):
+        if isinstance(output, torch.Tensor):
+            return fn(output)
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        output.last_hidden_state = fn(output.last_hidden_state)
+        return output
+
+    module.register_forward_hook(post)
 
 
 class HookSet:
@@ -127,6 +154,9 @@ class Backbone(ABC):
         self.edits: list[str] = []
         self._attn_fns: dict[int, dict[str, list[Any]]] = {}
         self._attn_undo: dict[int, Callable[[], None]] = {}
+        #: how :func:`vsink.load` built this backbone (spec, img_size, model_kwargs), for saving
+        self.source: dict[str, Any] = {}
+        self._hooked_registers = 0
 
     # --- structure the adapters provide ------------------------------------------------
     @property
@@ -182,6 +212,7 @@ class Backbone(ABC):
         """Token layout for an input of ``input_size`` (default :attr:`img_size`)."""
         size = self.check_input_size(input_size or self.img_size)
         n_cls, n_reg = self._token_counts()
+        n_reg += self._hooked_registers
         grid = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
         return TokenLayout(num_cls=n_cls, num_registers=n_reg, grid=grid, num_appended=self._appended)
 
@@ -209,6 +240,102 @@ class Backbone(ABC):
             self._appended -= n
 
         return SiteHandle(remove)
+
+    # --- registers ----------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Width of the residual stream."""
+        return int(self._mlp_out_proj(0).out_features)
+
+    @property
+    def register_parameter_names(self) -> list[str]:
+        """Names (in ``model.named_parameters()``) of the register tokens, if any."""
+        names = ("reg_token", "register_tokens", "vsink_registers")
+        return [n for n, _ in self.model.named_parameters() if n.split(".")[-1] in names]
+
+    def with_registers(self, n: int, *, init_std: float = 1e-6, seed: int = 0) -> "Backbone":
+        """A copy of this backbone with ``n`` learnable register tokens after the class token(s),
+        initialised ~N(0, ``init_std``²), getting no position embedding, dropped at the output.
+
+        timm and DINOv2 (HF) get their native registers (the same architecture with registers,
+        weights carried over); other families get them through hooks around the blocks, stored
+        as the parameter ``vsink_registers`` of the model. The original is left untouched.
+        """
+        if n < 1:
+            raise VsinkError(f"add at least one register, got {n}")
+        if self.edits or self._attn_fns or self._appended:
+            raise VsinkError(f"{self.spec}: remove edits and site functions before adding registers")
+        g = torch.Generator().manual_seed(seed)
+        tokens = (torch.randn(1, n, self.embed_dim, generator=g) * init_std).to(self.device, self.dtype)
+        new = self._with_native_registers(tokens)
+        if new is None:
+            if self._hooked_registers:
+                raise VsinkError(f"{self.spec} already has hooked registers")
+            new = copy.deepcopy(self)
+            new.attach_hooked_registers(nn.Parameter(tokens))
+        new.source = {**self.source, "registers": new.layout().num_registers}
+        return new
+
+    def _with_native_registers(self, tokens: torch.Tensor) -> Optional["Backbone"]:
+        """Adapters with native registers return a new backbone; the default is hooks (None)."""
+        return None
+
+    def _register_points(self) -> tuple[nn.Module, str, nn.Module, str]:
+        """(module, "pre"|"post") where registers are inserted after the class tokens (sequence
+        [B, N, D]) and (module, "pre"|"post") where they are dropped again (before the final
+        norm / pooling). Adapters using hooked registers implement this."""
+        raise VsinkError(f"{self.spec}: registers are not supported for this family")
+
+    def attach_hooked_registers(self, tokens: nn.Parameter) -> None:
+        """Install ``tokens`` [1, n, D] as hooked registers of this backbone's model (used by
+        :meth:`with_registers` and when loading a saved model)."""
+        n_cls, n_reg = self._token_counts()
+        if n_reg:
+            raise VsinkError(f"{self.spec} has native registers; add more with its own architecture")
+        n = tokens.shape[1]
+        self.model.vsink_registers = tokens
+        insert_at, insert_when, drop_at, drop_when = self._register_points()
+
+        def insert(x: torch.Tensor) -> torch.Tensor:
+            reg = self.model.vsink_registers.to(x.dtype).expand(x.shape[0], -1, -1)
+            return torch.cat([x[:, :n_cls], reg, x[:, n_cls:]], dim=1)
+
+        def drop(x: torch.Tensor) -> torch.Tensor:
+            x = self._to_bnc(x)
+            return self._to_bnc(torch.cat([x[:, :n_cls], x[:, n_cls + n:]], dim=1))
+
+        _hook_tensor(insert_at, insert_when, insert)
+        _hook_tensor(drop_at, drop_when, drop)
+        self._hooked_registers = n
+
+    # --- saving -------------------------------------------------------------------------
+    def save(self, directory: Union[str, os.PathLike]) -> Path:
+        """Save the weights (the library's own format, see the adapters) and ``vsink.json``, from
+        which :func:`vsink.load` rebuilds this backbone (registers included). Files are written
+        atomically; returns the directory."""
+        from ..io import write_json
+
+        if self.edits or self._appended:
+            raise VsinkError(f"{self.spec}: remove forward edits ({', '.join(self.edits)}) before saving")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "vsink-backbone", "version": 1, "family": self.family,
+                "spec": self.source.get("spec", self.spec), "img_size": list(self.img_size),
+                "model_kwargs": dict(self.source.get("model_kwargs") or {}), "mean": list(self.mean),
+                "std": list(self.std), "hooked_registers": self._hooked_registers}
+        meta.update(self._save_weights(directory, meta))
+        write_json(directory / "vsink.json", meta)
+        return directory
+
+    def _save_weights(self, directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write ``model.safetensors`` (the model's state dict); return changes to ``vsink.json``."""
+        from ..io import atomic_path
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        return {}
 
     def mlp_width(self, layer: int) -> int:
         """Number of MLP hidden units (``mlp_hidden`` channels) of a block."""

@@ -129,6 +129,48 @@ class HFVisionBackbone(Backbone):
                     return getattr(owner, name)
         return nn.Identity()
 
+    def _with_native_registers(self, tokens: torch.Tensor) -> Optional["HFVisionBackbone"]:
+        """DINOv2 (with or without registers) → ``Dinov2WithRegistersModel`` with the weights
+        carried over and ``tokens`` appended to its ``register_tokens``; other types: hooks."""
+        import transformers
+
+        if self.config.model_type not in ("dinov2", "dinov2_with_registers") or hasattr(self.model, "vision_model"):
+            return None
+        old = int(getattr(self.config, "num_register_tokens", 0) or 0)
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures")}
+        config = transformers.Dinov2WithRegistersConfig(**{**cfg, "num_register_tokens": old + tokens.shape[1]})
+        model = transformers.Dinov2WithRegistersModel(config).to(device=self.device, dtype=self.dtype)
+        state = dict(self.model.state_dict())
+        previous = state.pop("embeddings.register_tokens", tokens.new_zeros(1, 0, tokens.shape[-1]))
+        state["embeddings.register_tokens"] = torch.cat([previous, tokens], dim=1)
+        model.load_state_dict(state, strict=True)
+        model.set_attn_implementation(self.model.config._attn_implementation)
+        new = HFVisionBackbone(model.eval(), self.spec, mean=self.mean, std=self.std)
+        new.img_size = self.img_size
+        return new
+
+    def _save_weights(self, directory, meta: dict[str, Any]) -> dict[str, Any]:
+        """``save_pretrained`` (config + safetensors): a DINOv2 with registers loads with
+        ``Dinov2WithRegistersModel.from_pretrained(directory)``; hooked registers are the extra
+        ``vsink_registers`` tensor, which only :func:`vsink.load` reads."""
+        import os
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".save-") as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), directory / name)
+        return {"spec": "hf:."}
+
+    def _register_points(self) -> tuple[nn.Module, str, nn.Module, str]:
+        """Registers enter at the embeddings' output and leave at the encoder's output (or at the
+        final norm's input where the layers are called inline, as in ``ViTModel``)."""
+        owner = getattr(self.model, "vision_model", self.model)
+        encoder = getattr(owner, "encoder", None)
+        if encoder is not None:
+            return owner.embeddings, "post", encoder, "post"
+        return owner.embeddings, "post", self.final_norm, "pre"
+
     def _mlp_out_proj(self, layer: int) -> nn.Module:
         block = self.blocks[layer]
         mlp = getattr(block, "mlp", None)

@@ -59,6 +59,11 @@ class OpenClipBackbone(Backbone):
     def final_norm(self) -> nn.Module:
         return self.model.ln_post
 
+    def _register_points(self) -> tuple[nn.Module, str, nn.Module, str]:
+        """Registers enter after the class token and position embedding (at ``ln_pre``'s input)
+        and leave at the transformer's output, before ``ln_post`` and pooling."""
+        return self.model.ln_pre, "pre", self.model.transformer, "post"
+
     def _mlp_out_proj(self, layer: int) -> nn.Module:
         return self.blocks[layer].mlp.c_proj
 

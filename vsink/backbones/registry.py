@@ -16,6 +16,7 @@ from .base import Backbone
 
 SPEC_FORMS = """supported model specs:
   demo                              the built-in synthetic ViT with planted high-norm tokens (offline)
+  DIR with vsink.json               a model saved by Backbone.save / vsink finetune (registers included)
   timm:NAME                         a timm ViT, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m
   open_clip:NAME[/PRETRAINED_TAG]   an open_clip vision tower, e.g. open_clip:ViT-B-16/laion2b_s34b_b88k
   hf:REPO_OR_LOCAL_DIR              a Hugging Face ViT / DINOv2 / DINOv2-with-registers / CLIP / SigLIP
@@ -148,6 +149,9 @@ def load(
     if not isinstance(spec, str) or not spec.strip():
         raise _spec_error(str(spec), "empty spec")
     spec = spec.strip()
+    if (Path(spec) / SAVED_CONFIG).is_file():
+        return _load_saved(Path(spec), weights=weights, device=device, dtype=dtype,
+                           attn_implementation=attn_implementation)
     kwargs = dict(model_kwargs or {})
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
@@ -198,4 +202,44 @@ def load(
         backbone = backbone_cls(model, spec, **extra)
     if hf_size := (img_size if backbone_cls is HFVisionBackbone else None):
         backbone.img_size = (hf_size, hf_size)
+    backbone.source = {"spec": spec, "img_size": img_size, "model_kwargs": dict(model_kwargs or {})}
+    return backbone
+
+
+SAVED_CONFIG = "vsink.json"
+
+
+def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], device: Any, dtype: Any,
+                attn_implementation: Optional[str]) -> Backbone:
+    """A directory written by :meth:`Backbone.save`: rebuild, re-attach hooked registers, load weights."""
+    import json
+
+    from .hf_vision import HFVisionBackbone, load_hf
+
+    cfg_path = directory / SAVED_CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        family, spec, n_hooked = cfg["family"], cfg["spec"], int(cfg.get("hooked_registers", 0))
+        img_size = cfg.get("img_size")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelSpecError(f"{cfg_path}: not a vsink model config ({e!r})") from None
+    if cfg.get("format") != "vsink-backbone":
+        raise ModelSpecError(f"{cfg_path}: 'format' must be 'vsink-backbone'")
+    size = int(img_size[0]) if img_size else None
+    if family == "hf":
+        model, _, _ = load_hf(str(directory), weights=None, attn_implementation=attn_implementation, model_kwargs={})
+        backbone: Backbone = HFVisionBackbone(model, str(directory))
+        if size:
+            backbone.img_size = (size, size)
+    else:
+        backbone = load(spec, img_size=size, pretrained=False, model_kwargs=cfg.get("model_kwargs") or {})
+    if n_hooked:
+        backbone.attach_hooked_registers(nn.Parameter(torch.zeros(1, n_hooked, backbone.embed_dim)))
+    load_weights(backbone.model, weights or directory / "model.safetensors")
+    backbone.mean, backbone.std = tuple(cfg.get("mean", backbone.mean)), tuple(cfg.get("std", backbone.std))
+    dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    backbone.model.to(device=dev, dtype=torch_dtype) if torch_dtype else backbone.model.to(dev)
+    backbone.source = {"spec": spec if family != "hf" else "hf:.", "img_size": size,
+                       "model_kwargs": cfg.get("model_kwargs") or {}}
+    backbone.spec = str(directory)
     return backbone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -56,6 +57,37 @@ class TimmBackbone(Backbone):
     @property
     def final_norm(self) -> nn.Module:
         return self.model.norm
+
+    def _with_native_registers(self, tokens: torch.Tensor) -> "TimmBackbone":
+        """timm's own ``reg_token``: the state dict equals that of the same architecture built
+        with ``reg_tokens=n`` (position rows for the registers are zero when the position
+        embedding covers the prefix tokens)."""
+        if getattr(self.model, "dist_token", None) is not None:
+            raise VsinkError(f"{self.spec}: adding registers to distilled DeiT is not supported")
+        model = copy.deepcopy(self.model)
+        n = tokens.shape[1]
+        with torch.no_grad():
+            old = model.reg_token
+            model.reg_token = nn.Parameter(tokens if old is None else torch.cat([old, tokens], dim=1))
+            if model.pos_embed is not None and not model.no_embed_class:
+                pe, p = model.pos_embed, model.num_prefix_tokens
+                model.pos_embed = nn.Parameter(torch.cat([pe[:, :p], pe.new_zeros(1, n, pe.shape[-1]), pe[:, p:]], dim=1))
+        model.num_reg_tokens = int(getattr(model, "num_reg_tokens", 0)) + n
+        model.num_prefix_tokens += n
+        new = TimmBackbone(model, self.spec)
+        new.mean, new.std, new.img_size = self.mean, self.std, self.img_size
+        return new
+
+    def _save_weights(self, directory, meta: dict[str, Any]) -> dict[str, Any]:
+        """``model.safetensors`` is timm's state dict: ``timm.create_model(arch, reg_tokens=n,
+        pretrained=True, pretrained_cfg_overlay=dict(file=...))`` (with the same size arguments)
+        or ``load_state_dict`` reads it."""
+        super()._save_weights(directory, meta)
+        kwargs = dict(meta["model_kwargs"])
+        if getattr(self.model, "num_reg_tokens", 0):
+            kwargs["reg_tokens"] = int(self.model.num_reg_tokens)
+        arch = (getattr(self.model, "pretrained_cfg", None) or {}).get("architecture")
+        return {"model_kwargs": kwargs, "architecture": arch}
 
     def _mlp_out_proj(self, layer: int) -> nn.Module:
         mlp = self.blocks[layer].mlp
