@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
@@ -100,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ttr_args(apply, flag=False)
 
     _add_eval_parser(sub)
+    finetune = sub.add_parser("finetune", help="add registers and train them (posthoc distillation or scratch)",
+                              description="Run a fine-tuning recipe (configs/*.yaml); KEY=VALUE overrides any "
+                                          "recipe field, e.g. train.steps=100 teacher.kind=ttr. Under torchrun "
+                                          "each process trains on its share of every batch (DDP).")
+    finetune.add_argument("--config", help="recipe YAML (default: built-in defaults, the posthoc demo)")
+    finetune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
+    finetune.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out/")
+    finetune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("models", help="list the supported model spec forms")
     return parser
 
@@ -312,6 +321,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .train import load_config, run_finetune
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_finetune(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ev = summary.get("final_eval", {})
+        print(f"{cfg['recipe']}: {summary['steps']} steps, {summary['images_per_s'] or 0:.1f} images/s, "
+              f"world size {summary['world_size']}")
+        for k, v in ev.items():
+            print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+        print(f"wrote {summary['model']} (load with vsink.load), {cfg['out']}/metrics.jsonl, {cfg['out']}/summary.json")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones import SPEC_FORMS
 
@@ -322,7 +346,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
-                "models": _cmd_models}
+                "finetune": _cmd_finetune, "models": _cmd_models}
     try:
         return handlers[args.command](args)
     except VsinkError as e:

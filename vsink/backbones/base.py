@@ -379,6 +379,15 @@ class Backbone(ABC):
         self._input_size = self.check_input_size(tuple(pixel_values.shape[-2:]))
         return self._run_model(pixel_values)
 
+    def train_forward(self, pixel_values: torch.Tensor, module: Optional[nn.Module] = None) -> Any:
+        """Forward with gradients, for training: calls ``module`` (default: the model; pass its
+        DDP wrapper under ``torchrun``) the way its users do; installed sites see this input."""
+        self._input_size = self.check_input_size(tuple(pixel_values.shape[-2:]))
+        return self._call_module(module if module is not None else self.model, pixel_values)
+
+    def _call_module(self, module: nn.Module, pixel_values: torch.Tensor) -> Any:
+        return module(pixel_values)
+
     def current_layout(self) -> TokenLayout:
         """Layout of the input being processed by :meth:`forward` (for site functions)."""
         return self.layout(self._input_size)

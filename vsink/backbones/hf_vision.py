@@ -114,10 +114,13 @@ class HFVisionBackbone(Backbone):
         return self._num_cls, int(getattr(self.config, "num_register_tokens", 0) or 0)
 
     def _run_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._call_module(self.model, pixel_values).last_hidden_state
+
+    def _call_module(self, module: nn.Module, pixel_values: torch.Tensor) -> Any:
         kwargs: dict[str, Any] = {}
         if self._interpolate_flag and tuple(pixel_values.shape[-2:]) != self.img_size:
             kwargs["interpolate_pos_encoding"] = True
-        return self.model(pixel_values=pixel_values, **kwargs).last_hidden_state
+        return module(pixel_values=pixel_values, **kwargs)
 
     @property
     def final_norm(self) -> nn.Module:

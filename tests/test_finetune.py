@@ -1,0 +1,173 @@
+"""Register fine-tuning: recipe validation, the loop's schedule and parameter groups, the posthoc
+recipe on the demo model, resume after SIGKILL, and DDP on CPU with gloo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vsink
+from vsink.train import ConfigError, load_config, run_finetune
+from vsink.train.loop import lr_factor, param_groups, sample_order
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = ["model.spec=timm:vit_tiny_patch16_224", "model.img_size=32",
+        "model.model_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}", "registers.n=2",
+        "data.num_images=32", "data.eval_images=8", "train.eval_every=1000", "train.log_every=1000",
+        "train.warmup_steps=3"]
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["posthoc", "scratch"])
+def test_shipped_recipes_validate(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg["recipe"] == name
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: posthoc\ntrain:\n  stepz: 10\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'train\.stepz'; did you mean 'steps'\?"):
+        load_config(bad)
+    bad.write_text("train: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"'train\.lr' must be int or float, got 'fast'"):
+        load_config(bad)
+    bad.write_text("teacher: {kind: oracle}\n")
+    with pytest.raises(ConfigError, match=r"'teacher\.kind' must be one of original, ttr, denoised"):
+        load_config(bad)
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="use KEY=VALUE"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match=r"'train\.batch_size' must be at least 1"):
+        load_config(None, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="'student.unlock' entries must be among"):
+        load_config(None, ["student.unlock=[everything]"])
+    cfg = load_config(None, ["train.lr=1e-3", "student.blocks=[1, 2]"])
+    assert cfg["train"]["lr"] == 1e-3 and cfg["student"]["blocks"] == [1, 2]
+
+
+def test_schedule_order_and_groups():
+    assert [round(lr_factor(i, 10, 2, 0.0), 4) for i in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    first = sample_order(5, 0, range(10))
+    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:]) == list(range(5)) and first[:5] != first[5:]
+    assert sample_order(5, 0, [7, 3]) == [first[7], first[3]]
+    backbone = vsink.load("demo").with_registers(2)
+    groups = param_groups(list(backbone.model.named_parameters()), 0.05)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    named = dict(backbone.model.named_parameters())
+    for name in ("reg_token", "pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"):
+        assert id(named[name]) in no_decay, name
+    assert id(named["blocks.0.attn.qkv.weight"]) not in no_decay and groups[1]["weight_decay"] == 0.0
+
+
+def test_posthoc_recipe_removes_the_demo_outliers(tmp_path):
+    """150 CPU steps: the student with 4 registers, distilled from the demo model with test-time
+    registers as teacher, has no high-norm patch at any block, keeps patch features of the
+    non-outlier patches (cos >= 0.99) and its class token (cos >= 0.99)."""
+    cfg = load_config(CONFIGS / "posthoc.yaml", [f"out={tmp_path}", "train.steps=150", "train.eval_every=150",
+                                                 "train.checkpoint_every=150"])
+    summary = run_finetune(cfg, progress=False)
+    start = _metrics(tmp_path)[0]
+    assert start["step"] == 0 and start["eval/student_outlier_fraction_max"] > 0.03  # the planted artifacts
+    final = summary["final_eval"]
+    assert final["student_outlier_fraction_max"] == 0.0
+    assert final["patch_cosine_clean"] >= 0.99 and final["cls_cosine"] >= 0.99
+    student = vsink.load(str(tmp_path / "final"))
+    assert student.layout().num_registers == 4
+    result = vsink.scan(student, [im.image for im in __import__("vsink.data.demo_images", fromlist=["x"]).demo_images()],
+                        img_size=112, progress=False)
+    assert result.high_norm.emergence_layer is None
+
+
+def _run_cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "vsink.cli", "finetune", "--no-progress", *args],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    common = ["--config", str(CONFIGS / "scratch.yaml"), *TINY, "train.steps=40", "train.checkpoint_every=5",
+              "train.keep_checkpoints=3", "train.batch_size=8"]
+    full = _run_cli([*common, f"out={tmp_path / 'full'}"])
+    assert full.wait(timeout=300) == 0, full.stderr.read().decode()
+    killed = _run_cli([*common, f"out={tmp_path / 'killed'}"])
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_0000015"
+    deadline = time.time() + 240
+    while not ckpt.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL and not (tmp_path / "killed" / "final").exists()
+    resumed = _run_cli([*common, f"out={tmp_path / 'killed'}", "--resume"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()
+    assert "resumed from" in err.decode()
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in _metrics(tmp_path / "killed")]
+    assert steps == list(range(0, 41))  # no step lost or repeated in the log
+
+
+def test_ddp_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
+    common = ["--config", str(CONFIGS / "scratch.yaml"), *TINY, "train.steps=8", "train.checkpoint_every=8"]
+    single = _run_cli([*common, "train.batch_size=8", f"out={tmp_path / 'one'}"])
+    assert single.wait(timeout=300) == 0, single.stderr.read().decode()
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "vsink.cli", "finetune", "--no-progress", *common, "train.batch_size=4",
+                          f"out={tmp_path / 'two'}"], env=_env(), capture_output=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr.decode()[-3000:]
+    one = [r["loss"] for r in _metrics(tmp_path / "one") if "loss" in r]
+    two = [r["loss"] for r in _metrics(tmp_path / "two") if "loss" in r]
+    assert len(one) == len(two) == 8
+    assert one[-1] < one[0]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_scratch_model_loads_with_timm(tmp_path):
+    import timm
+
+    cfg = load_config(CONFIGS / "scratch.yaml", [*TINY, f"out={tmp_path}", "train.steps=3"])
+    run_finetune(cfg, progress=False)
+    meta = json.loads((tmp_path / "final" / "vsink.json").read_text())
+    kwargs = {**meta["model_kwargs"], "img_size": 32}
+    overlay = dict(file=str(tmp_path / "final" / "model.safetensors"), num_classes=kwargs["num_classes"])
+    model = timm.create_model(meta["architecture"], pretrained=True, **kwargs, pretrained_cfg_overlay=overlay).eval()
+    x = torch.randn(2, 3, 32, 32)
+    backbone = vsink.load(str(tmp_path / "final"))
+    with torch.no_grad():
+        assert torch.allclose(model(x), backbone.model(x), atol=1e-6)
+    assert model.num_reg_tokens == 2 and backbone.layout().num_registers == 2
+
+
+def test_denoised_teacher_without_augmentations_equals_the_original(tmp_path):
+    from vsink.train.recipes import PosthocTask, _last_tokens
+    from vsink.train.data import load_training_images
+
+    cfg = load_config(None, ["model.img_size=64", "teacher.kind=denoised", "teacher.shifts=0", "teacher.flips=false",
+                             "data.num_images=2", "data.eval_images=2"])
+    base = vsink.load("demo", img_size=64)
+    images = load_training_images(cfg["data"], (64, 64), 0, classification=False)
+    task = PosthocTask(cfg, base, images, torch.device("cpu"))
+    x = task.eval_x
+    cls, grid = task.targets(x)
+    ref_cls, ref_grid = _last_tokens(vsink.load("demo", img_size=64), x)
+    assert torch.allclose(grid, ref_grid, atol=1e-6) and torch.allclose(cls, ref_cls, atol=1e-6)
+    cfg["teacher"]["shifts"], cfg["teacher"]["flips"] = 1, True
+    shifted_cls, shifted = task.targets(x)
+    assert shifted.shape == grid.shape and not torch.allclose(shifted, grid)

@@ -1,0 +1,94 @@
+"""Training checkpoints: ``step_NNNNNNN/model.safetensors`` (every weight of the trained module)
+and ``state.pt`` (optimizer, scheduler, scaler, step, RNG states; read with
+``torch.load(weights_only=True)``). A checkpoint directory appears only once complete (written
+under a temporary name, then renamed)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import VsinkError
+
+PREFIX = "step_"
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: Optional[torch.amp.GradScaler], keep: int) -> Path:
+    """Write ``directory/step_<step>`` atomically and keep only the newest ``keep`` checkpoints."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state()},
+                   tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and (p / "model.safetensors").is_file() and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: Optional[torch.amp.GradScaler]) -> int:
+    """Restore everything from a checkpoint directory; return the step it was taken after."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files surface from several libraries
+        raise VsinkError(f"{path}: unreadable checkpoint ({e})") from None
+    missing = module.load_state_dict(weights, strict=False).missing_keys
+    if missing:
+        raise VsinkError(f"{path}: checkpoint does not match the model (missing {missing[:4]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])

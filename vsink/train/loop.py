@@ -1,0 +1,209 @@
+"""The training loop shared by the recipes: AdamW with decoupled weight decay (none on registers,
+embeddings, biases and norms), linear warm-up then cosine decay, gradient accumulation, mixed
+precision where the device supports it, DDP under ``torchrun``, JSONL metrics, atomic
+checkpoints and ``resume``.
+
+Data order is a pure function of (seed, position in the sample stream): position p of the run
+is sample ``perm_e[p mod N]`` of epoch ``e = p // N``, and a global micro-batch holds the
+``batch_size × world`` consecutive positions, rank r taking its r-th slice. So a resumed run
+sees exactly the samples it would have seen, and 2 processes with batch B see the same samples
+as 1 process with batch 2B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import VsinkError
+from ..io import write_text
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import DistInfo, barrier, mean_across
+
+NO_DECAY_NAMES = ("reg_token", "register_tokens", "vsink_registers", "cls_token", "dist_token", "pos_embed",
+                  "class_embedding", "positional_embedding", "position_embeddings", "position_embedding")
+
+
+class TrainTask(ABC):
+    """What a recipe provides to :func:`train`."""
+
+    #: the module whose weights are trained and checkpointed
+    module: nn.Module
+    #: samples in one epoch
+    num_samples: int
+
+    @abstractmethod
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs to optimise."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, samples: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch (``model`` is :attr:`module` or its DDP wrapper); ``positions``
+        are the samples' places in the stream (for deterministic augmentation)."""
+
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics on held-out data, on the main process."""
+        return {}
+
+    @abstractmethod
+    def finish(self, directory: Path) -> dict[str, Any]:
+        """Save the trained model in its library's format; return a summary."""
+
+
+def sample_order(num_samples: int, seed: int, positions: Sequence[int]) -> list[int]:
+    """Sample index at each stream position (a fresh seeded permutation per epoch)."""
+    cache: dict[int, list[int]] = {}
+    out = []
+    for p in positions:
+        epoch = p // num_samples
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache[epoch] = torch.randperm(num_samples, generator=g).tolist()
+        out.append(cache[epoch][p % num_samples])
+    return out
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; none on registers, class/position embeddings, biases, norms."""
+    decay, no_decay = [], []
+    for name, p in named:
+        skip = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name.split(".")[-2:-1] == ["position_embedding"]
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for the ``train.amp`` setting on this device (None: full precision)."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise VsinkError("train.amp fp16 needs a CUDA device (use bf16 or off on CPU)")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _rewrite_metrics(path: Path, upto: int) -> None:
+    """Keep only the metric lines of steps <= ``upto`` (after a resume)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= upto:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by a kill
+    write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, device: torch.device,
+          info: DistInfo = DistInfo(), resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the loop; returns the summary (also written to ``out/summary.json`` by the caller)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    s = settings
+    steps, accum, batch = s["steps"], s["grad_accum"], s["batch_size"]
+    ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
+    named = task.trainable()
+    if not named:
+        raise VsinkError("nothing to train: no parameter is unlocked")
+    optimizer = torch.optim.AdamW(param_groups(named, s["weight_decay"]), lr=s["lr"], betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i, steps, s["warmup_steps"], s["min_lr_ratio"]))
+    amp = resolve_amp(s["amp"], device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    start = 0
+    existing = list_checkpoints(ckpt_dir)
+    if resume and existing:
+        start = load_checkpoint(existing[-1], task.module, optimizer, scheduler, scaler)
+        if info.main:
+            print(f"vsink: resumed from {existing[-1]} (step {start})", file=sys.stderr)
+            _rewrite_metrics(metrics_path, start)
+    elif existing and not resume:
+        raise VsinkError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it "
+                         "or choose another output directory")
+    elif info.main:
+        if resume:
+            print(f"vsink: no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
+        write_text(metrics_path, "")
+    barrier(info)
+    model: nn.Module = task.module
+    if info.world > 1:
+        model = DistributedDataParallel(task.module, device_ids=[device.index] if device.type == "cuda" else None)
+    global_batch = batch * info.world
+    bar = tqdm(total=steps, initial=start, desc="finetune", unit="step", disable=not (progress and info.main))
+    t0, images = time.perf_counter(), 0
+    last_eval: dict[str, Any] = {}
+    if start == 0 and info.main:  # the starting point, for comparison
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": 0, **{f"eval/{k}": v for k, v in task.evaluate().items()}}) + "\n")
+    for step in range(start, steps):
+        optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in range(accum):
+            first = (step * accum + micro) * global_batch + info.rank * batch
+            positions = list(range(first, first + batch))
+            samples = sample_order(task.num_samples, seed, positions)
+            sync = nullcontext() if info.world == 1 or micro == accum - 1 else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    loss, metrics = task.loss(model, samples, positions)
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v / accum
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        images += global_batch * accum
+        record = {"step": step + 1, "lr": lr, **mean_across(totals, info)}
+        done = step + 1
+        if done % s["eval_every"] == 0 or done == steps:
+            if info.main:
+                last_eval = task.evaluate()
+                record.update({f"eval/{k}": v for k, v in last_eval.items()})
+            barrier(info)
+        if info.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            if done % s["log_every"] == 0:
+                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.2e}")
+        if done % s["checkpoint_every"] == 0 or done == steps:
+            if info.main:
+                save_checkpoint(ckpt_dir, done, task.module, optimizer, scheduler, scaler, s["keep_checkpoints"])
+            barrier(info)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    summary: dict[str, Any] = {"steps": steps, "resumed_from": start, "world_size": info.world,
+                               "images_per_s": images / elapsed if elapsed > 0 and images else None,
+                               "amp": str(amp).removeprefix("torch.") if amp else None, "final_eval": last_eval}
+    if info.main:
+        summary.update(task.finish(out / "final"))
+    barrier(info)
+    return summary

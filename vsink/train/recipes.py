@@ -1,0 +1,302 @@
+"""The fine-tuning recipes behind ``vsink finetune``.
+
+``posthoc`` — registers added to a pretrained model by self-distillation: the student is the
+same model with ``registers.n`` new registers; it learns to reproduce the teacher's patch
+features (and optionally class token) with loss ``cosine·(1 − cos) + mse·MSE (+ cls·(1 − cos_cls))``
+while only the registers and the unlocked parameters train. Teachers: ``original`` (the frozen
+model), ``ttr`` (the frozen model with test-time registers, so its patch features are
+artifact-free), ``denoised`` (the frozen model's features averaged over flips and whole-patch
+shifts, each warped back — the PH-Reg idea).
+
+``scratch`` — a timm ViT with ``registers.n`` registers (0 allowed, to compare) trained from
+random weights on a classification set (synthetic shapes or a folder of class subfolders).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from ..backbones.base import Backbone
+from ..errors import VsinkError
+from ..io import write_json, write_text
+from .data import TrainImages, flips_for, load_training_images, to_input
+from .distributed import init_distributed, shutdown
+from .loop import TrainTask, train
+
+POS_NAMES = ("pos_embed", "positional_embedding", "position_embeddings", "position_embedding")
+PATCH_NAMES = ("patch_embed", "conv1", "patch_embedding", "patch_embeddings")
+CLS_NAMES = ("cls_token", "class_embedding")
+
+
+def _last_tokens(backbone: Backbone, x: torch.Tensor, module: Optional[nn.Module] = None, *,
+                 grad: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(class token [B, D] or None, patch grid [B, h, w, D]) of the last block, after the final norm."""
+    seen: dict[str, torch.Tensor] = {}
+    handle = backbone.hook("block_output", -1, lambda t: seen.__setitem__("x", t))
+    try:
+        if grad:
+            backbone.train_forward(x, module)
+        else:
+            backbone.forward(x)
+    finally:
+        handle.remove()
+    with nullcontext() if grad else torch.no_grad():
+        tokens = backbone.final_norm(seen["x"])
+    layout = backbone.current_layout()
+    cls = tokens[:, layout.cls_token] if layout.cls_token is not None else None
+    return cls, layout.patch_grid(tokens)
+
+
+def unlocked_parameters(backbone: Backbone, unlock: Sequence[str], blocks: Sequence[int]) -> list[tuple[str, nn.Parameter]]:
+    """Registers plus the named groups (``pos_embed``, ``patch_embed``, ``norm``, ``cls_token``)
+    and the given blocks."""
+    n = backbone.num_layers
+    chosen: set[int] = {id(p) for p in backbone.final_norm.parameters()} if "norm" in unlock else set()
+    for b in blocks:
+        if not -n <= b < n:
+            raise VsinkError(f"student block {b} out of range for {n} blocks")
+        chosen |= {id(p) for p in backbone.blocks[b].parameters()}
+    out = []
+    for name, p in backbone.model.named_parameters():
+        parts = name.split(".")
+        hit = (name in backbone.register_parameter_names or id(p) in chosen
+               or ("pos_embed" in unlock and any(k in parts for k in POS_NAMES))
+               or ("patch_embed" in unlock and any(k in parts for k in PATCH_NAMES))
+               or ("cls_token" in unlock and parts[-1] in CLS_NAMES))
+        if hit:
+            out.append((name, p))
+    return out
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+class PosthocTask(TrainTask):
+    def __init__(self, cfg: dict[str, Any], base: Backbone, images: TrainImages, device: torch.device):
+        from ..detect.norms import detect_high_norm
+        from ..probe import Probe
+
+        self.cfg, self.images, self.device = cfg, images, device
+        reg = cfg["registers"]
+        self.student = base.with_registers(reg["n"], init_std=reg["init_std"], seed=cfg["seed"])
+        for p in self.student.model.parameters():
+            p.requires_grad_(False)
+        st = cfg["student"]
+        blocks = list(st["blocks"]) + list(range(base.num_layers - st["last_blocks"], base.num_layers))
+        self._trainable = unlocked_parameters(self.student, st["unlock"], sorted(set(blocks)))
+        for _, p in self._trainable:
+            p.requires_grad_(True)
+        self.module, self.num_samples = self.student.model, len(images.pixels)
+        self.eval_x = self._input(images.eval_pixels)
+        with Probe(base, attention=False) as probe:  # the original's outliers, for the clean-patch cosine
+            base.forward(self.eval_x)
+        original = detect_high_norm(probe.trace())
+        self.original_outliers = max(s.outlier_fraction for s in original.layers)
+        layout = base.layout(tuple(self.eval_x.shape[-2:]))
+        self.outlier_patch = torch.zeros(len(self.eval_x), layout.num_patches, dtype=torch.bool)
+        for t in original.tokens:
+            self.outlier_patch[t.image, t.token - layout.num_prefix] = True
+        self.teacher = self._make_teacher(base)
+
+    def _input(self, pixels: torch.Tensor, flips: Optional[list[bool]] = None) -> torch.Tensor:
+        b = self.student
+        return to_input(pixels, b.mean, b.std, self.device, b.dtype, flips)
+
+    def _make_teacher(self, base: Backbone) -> Backbone:
+        t = self.cfg["teacher"]
+        for p in base.model.parameters():
+            p.requires_grad_(False)
+        if t["kind"] == "ttr":
+            from ..registers import NeuronSpec, TestTimeRegisters, find_register_neurons
+
+            if t["neurons"]:
+                spec = NeuronSpec.load(t["neurons"])
+            else:
+                from PIL import Image
+
+                pils = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in self.images.pixels]
+                spec = find_register_neurons(base, pils, progress=False)
+                print(f"vsink: teacher register neurons {[(n.layer, n.neuron) for n in spec.neurons]}", file=sys.stderr)
+            TestTimeRegisters(spec, registers=t["ttr_registers"]).apply(base)
+        return base
+
+    @torch.no_grad()
+    def targets(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Teacher class token and patch features for a batch."""
+        if self.cfg["teacher"]["kind"] != "denoised":
+            return _last_tokens(self.teacher, x)
+        return self._denoised(x)
+
+    def _denoised(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        t = self.cfg["teacher"]
+        ph, pw = self.teacher.patch_size
+        s = t["shifts"]
+        shifts = [(0, 0)] + [(dy, dx) for d in range(1, s + 1) for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d))]
+        total, count, cls_total = None, None, None
+        for flip in ([False, True] if t["flips"] else [False]):
+            xf = x.flip(-1) if flip else x
+            for dy, dx in shifts:
+                # shift the image by whole patches (edges replicated); warp the features back
+                pad = (max(dx, 0) * pw, max(-dx, 0) * pw, max(dy, 0) * ph, max(-dy, 0) * ph)
+                xs = F.pad(xf, pad, mode="replicate")
+                H, W = x.shape[-2:]
+                top, left = max(-dy, 0) * ph, max(-dx, 0) * pw
+                xs = xs[..., top:top + H, left:left + W]
+                cls, grid = _last_tokens(self.teacher, xs)
+                h, w = grid.shape[1:3]
+                back = torch.zeros_like(grid)
+                valid = torch.zeros(1, h, w, 1, device=grid.device)
+                rows, cols = slice(max(dy, 0), h + min(dy, 0)), slice(max(dx, 0), w + min(dx, 0))
+                src_r, src_c = slice(max(-dy, 0), h + min(-dy, 0)), slice(max(-dx, 0), w + min(-dx, 0))
+                back[:, src_r, src_c] = grid[:, rows, cols]
+                valid[:, src_r, src_c] = 1.0
+                if flip:
+                    back, valid = back.flip(2), valid.flip(2)
+                total = back if total is None else total + back
+                count = valid if count is None else count + valid
+                if cls is not None:
+                    cls_total = cls if cls_total is None else cls_total + cls
+        n = len(shifts) * (2 if t["flips"] else 1)
+        return (cls_total / n if cls_total is not None else None), total / count.clamp(min=1)
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return self._trainable
+
+    def loss(self, model: nn.Module, samples: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        x = self._input(self.images.pixels[list(samples)],
+                        flips_for(positions, self.cfg["seed"], self.cfg["data"]["flip"]))
+        t_cls, t_patch = self.targets(x)
+        s_cls, s_patch = _last_tokens(self.student, x, model, grad=True)
+        w = self.cfg["loss"]
+        cos = _cosine(s_patch, t_patch).mean()
+        mse = F.mse_loss(s_patch.float(), t_patch.float())
+        loss = w["cosine"] * (1 - cos) + w["mse"] * mse
+        metrics = {"patch_cosine": float(cos.detach()), "mse": float(mse.detach())}
+        if w["cls"] and s_cls is not None and t_cls is not None:
+            cls_cos = _cosine(s_cls, t_cls).mean()
+            loss = loss + w["cls"] * (1 - cls_cos)
+            metrics["cls_cosine"] = float(cls_cos.detach())
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Agreement with the teacher on the held-out images and the student's outliers."""
+        from ..detect.norms import detect_high_norm
+        from ..probe import Probe
+
+        t_cls, t_patch = self.targets(self.eval_x)
+        with Probe(self.student, attention=False) as probe:
+            s_cls, s_patch = _last_tokens(self.student, self.eval_x)
+        hn = detect_high_norm(probe.trace())
+        cos = _cosine(s_patch, t_patch).flatten(1).cpu()
+        clean = ~self.outlier_patch
+        out = {"patch_cosine": float(cos.mean()),
+               "patch_cosine_clean": float(cos[clean].mean()) if clean.any() else None,
+               "student_outlier_fraction_max": max(s.outlier_fraction for s in hn.layers),
+               "student_norm_ratio_max": max(s.ratio for s in hn.layers),
+               "original_outlier_fraction_max": self.original_outliers}
+        if s_cls is not None and t_cls is not None:
+            out["cls_cosine"] = float(_cosine(s_cls, t_cls).mean())
+        return out
+
+    def finish(self, directory: Path) -> dict[str, Any]:
+        self.student.save(directory)
+        return {"model": str(directory), "registers": self.student.layout().num_registers,
+                "trainable_parameters": sum(p.numel() for _, p in self._trainable)}
+
+
+class ScratchTask(TrainTask):
+    def __init__(self, cfg: dict[str, Any], backbone: Backbone, images: TrainImages, device: torch.device):
+        self.cfg, self.backbone, self.images, self.device = cfg, backbone, images, device
+        self.module, self.num_samples = backbone.model, len(images.pixels)
+        backbone.model.train()
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.backbone.model.named_parameters() if p.requires_grad]
+
+    def _input(self, pixels: torch.Tensor, flips: Optional[list[bool]] = None) -> torch.Tensor:
+        b = self.backbone
+        return to_input(pixels, b.mean, b.std, self.device, b.dtype, flips)
+
+    def loss(self, model: nn.Module, samples: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        x = self._input(self.images.pixels[list(samples)],
+                        flips_for(positions, self.cfg["seed"], self.cfg["data"]["flip"]))
+        y = self.images.labels[list(samples)].to(self.device)
+        logits = self.backbone.train_forward(x, model)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, {"accuracy": float((logits.argmax(-1) == y).float().mean())}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        from ..detect.norms import detect_high_norm
+        from ..probe import Probe
+
+        self.backbone.model.eval()
+        try:
+            with Probe(self.backbone, attention=False) as probe:
+                logits = self.backbone.train_forward(self._input(self.images.eval_pixels))
+            hn = detect_high_norm(probe.trace())
+        finally:
+            self.backbone.model.train()
+        y = self.images.eval_labels.to(self.device)
+        return {"accuracy": float((logits.argmax(-1) == y).float().mean()),
+                "outlier_fraction_max": max(s.outlier_fraction for s in hn.layers),
+                "norm_ratio_max": max(s.ratio for s in hn.layers)}
+
+    def finish(self, directory: Path) -> dict[str, Any]:
+        self.backbone.model.eval()
+        self.backbone.save(directory)
+        return {"model": str(directory), "registers": self.backbone.layout().num_registers,
+                "classes": self.images.class_names}
+
+
+def _build(cfg: dict[str, Any], device: torch.device) -> TrainTask:
+    from ..backbones.registry import load
+
+    m = cfg["model"]
+    kwargs = dict(m["model_kwargs"])
+    if cfg["recipe"] == "scratch":
+        if not (m["spec"].startswith("timm:") or m["spec"] == "demo"):
+            raise VsinkError(f"the scratch recipe builds timm ViTs; model.spec {m['spec']!r} is not timm:NAME")
+        kwargs["reg_tokens"] = cfg["registers"]["n"]
+    elif cfg["registers"]["n"] < 1:
+        raise VsinkError("the posthoc recipe adds at least one register (registers.n >= 1)")
+    probe_backbone = load(m["spec"], img_size=m["img_size"], weights=m["weights"], model_kwargs=kwargs,
+                          pretrained=m["pretrained"] and cfg["recipe"] == "posthoc", device=device)
+    size = probe_backbone.img_size
+    images = load_training_images(cfg["data"], size, cfg["seed"], classification=cfg["recipe"] == "scratch")
+    if cfg["recipe"] == "posthoc":
+        return PosthocTask(cfg, probe_backbone, images, device)
+    kwargs["num_classes"] = images.num_classes
+    torch.manual_seed(cfg["seed"])
+    backbone = load(m["spec"], img_size=m["img_size"], model_kwargs=kwargs, pretrained=False, device=device)
+    return ScratchTask(cfg, backbone, images, device)
+
+
+def run_finetune(cfg: dict[str, Any], *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run a validated recipe (see :func:`vsink.train.config.load_config`); returns the summary,
+    also written to ``<out>/summary.json`` with the resolved recipe in ``<out>/config.yaml``."""
+    info, device = init_distributed(cfg["train"]["device"])
+    try:
+        torch.manual_seed(cfg["seed"])
+        out = Path(cfg["out"])
+        if info.main:
+            write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        task = _build(cfg, device)
+        summary = train(task, cfg["train"], out, seed=cfg["seed"], device=device, info=info, resume=resume,
+                        progress=progress)
+        summary["recipe"] = cfg["recipe"]
+        if info.main:
+            write_json(out / "summary.json", summary)
+        return summary
+    finally:
+        shutdown(info)
