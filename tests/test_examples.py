@@ -49,3 +49,12 @@ def test_dense_eval_example(tmp_path, monkeypatch, capsys):
     assert base["artifacts"]["outlier_fraction"] > 0 and ttr["artifacts"]["outlier_fraction_max"] == 0
     assert len(base["lost"]["sweep"]) == 4 and base["linear_seg"]["n_train"] == 32
     assert (tmp_path / "results.html").exists()
+
+
+def test_posthoc_registers_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["posthoc_registers.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "posthoc_registers.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "original: 1 cls + 0 registers + 7x7 patches; emergence layer 2" in out
+    assert "student: 1 cls + 4 registers + 7x7 patches; emergence layer None, 0 outlier tokens" in out
+    assert (tmp_path / "final" / "vsink.json").exists() and (tmp_path / "metrics.jsonl").exists()

@@ -153,11 +153,11 @@ def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, de
         model = DistributedDataParallel(task.module, device_ids=[device.index] if device.type == "cuda" else None)
     global_batch = batch * info.world
     bar = tqdm(total=steps, initial=start, desc="finetune", unit="step", disable=not (progress and info.main))
-    t0, images = time.perf_counter(), 0
     last_eval: dict[str, Any] = {}
     if start == 0 and info.main:  # the starting point, for comparison
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": 0, **{f"eval/{k}": v for k, v in task.evaluate().items()}}) + "\n")
+    t0, images = time.perf_counter(), 0
     for step in range(start, steps):
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
