@@ -171,3 +171,14 @@ def test_denoised_teacher_without_augmentations_equals_the_original(tmp_path):
     cfg["teacher"]["shifts"], cfg["teacher"]["flips"] = 1, True
     shifted_cls, shifted = task.targets(x)
     assert shifted.shape == grid.shape and not torch.allclose(shifted, grid)
+
+
+def test_cli_finetune_errors_are_one_line(tmp_path, capsys):
+    from vsink.cli import main
+
+    assert main(["finetune", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["finetune", "recipe=distill"]) == 2
+    assert main(["finetune", f"out={tmp_path}", "model.spec=timm:vit_tiny_patch16_224", "registers.n=0"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.yaml: cannot read" in err and "'recipe' must be one of posthoc, scratch" in err
+    assert "registers.n >= 1" in err and "Traceback" not in err

@@ -270,12 +270,14 @@ def _build(cfg: dict[str, Any], device: torch.device) -> TrainTask:
         kwargs["reg_tokens"] = cfg["registers"]["n"]
     elif cfg["registers"]["n"] < 1:
         raise VsinkError("the posthoc recipe adds at least one register (registers.n >= 1)")
-    probe_backbone = load(m["spec"], img_size=m["img_size"], weights=m["weights"], model_kwargs=kwargs,
-                          pretrained=m["pretrained"] and cfg["recipe"] == "posthoc", device=device)
-    size = probe_backbone.img_size
-    images = load_training_images(cfg["data"], size, cfg["seed"], classification=cfg["recipe"] == "scratch")
     if cfg["recipe"] == "posthoc":
-        return PosthocTask(cfg, probe_backbone, images, device)
+        base = load(m["spec"], img_size=m["img_size"], weights=m["weights"], model_kwargs=kwargs,
+                    pretrained=m["pretrained"], device=device)
+        return PosthocTask(cfg, base, load_training_images(cfg["data"], base.img_size, cfg["seed"], False), device)
+    size = (m["img_size"], m["img_size"]) if m["img_size"] else None
+    if size is None:  # the architecture's default input size
+        size = load(m["spec"], model_kwargs=kwargs, pretrained=False).img_size
+    images = load_training_images(cfg["data"], size, cfg["seed"], classification=True)
     kwargs["num_classes"] = images.num_classes
     torch.manual_seed(cfg["seed"])
     backbone = load(m["spec"], img_size=m["img_size"], model_kwargs=kwargs, pretrained=False, device=device)
