@@ -66,8 +66,10 @@ def test_masked_registers_reproduce_the_original(family, case, pixel_values):
 
 
 def test_register_parameters_are_named_and_small():
+    from vsink.registers import add_registers
+
     backbone = vsink.wrap(timm_case("deit"))
-    student = backbone.with_registers(4)
+    student = add_registers(backbone, 4)
     assert student.register_parameter_names == ["reg_token"]
     assert student.model.reg_token.abs().max() < 1e-4  # ~N(0, 1e-6^2) as in the references
     hooked = vsink.wrap(hf_model("vit")).with_registers(2, init_std=0.02)
