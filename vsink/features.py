@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backbones.base import Backbone, HookSet
+from .backbones.base import Backbone
+from .backbones.hooks import HookSet
 from .errors import VsinkError
 
 FEATURE_KINDS = ("tokens", "q", "k", "v")

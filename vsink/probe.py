@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .backbones.base import Backbone, HookSet
+from .backbones.base import Backbone
+from .backbones.hooks import HookSet
 from .errors import VsinkError
 from .io import atomic_path
 from .layout import TokenLayout

@@ -39,6 +39,7 @@ from torch import nn
 from ..attention import LogitFn, ProbFn, explicit_attention
 from ..errors import VsinkError
 from ..layout import TokenLayout
+from .hooks import hook_tensor
 
 SITES = ("block_output", "mlp_hidden", "attn_logits", "attn_probs", "attn_qkv")
 ATTENTION_SITES = ("attn_logits", "attn_probs", "attn_qkv")
@@ -61,57 +62,6 @@ class SiteHandle:
         if self._remove is not None:
             self._remove()
             self._remove = None
-
-
-def _hook_tensor(module: nn.Module, when: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Apply ``fn`` to a module's first input (``pre``) or its output (``post``; tensors, tuples
-    and Hugging Face model outputs with ``last_hidden_state``), permanently."""
-    if when == "pre":
-        def pre(mod, args, kwargs):
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            key = next(iter(kwargs))
-            return args, {**kwargs, key: fn(kwargs[key])}
-
-        module.register_forward_pre_hook(pre, with_kwargs=True)
-        return
-
-    def post(mod, args, output):
-        if isinstance(output, torch.Tensor):
-            return fn(output)
-        if isinstance(output, tuple):
-            return (fn(output[0]), *output[1:])
-        output.last_hidden_state = fn(output.last_hidden_state)
-        return output
-
-    module.register_forward_hook(post)
-
-
-class HookSet:
-    """A context manager owning site handles: subclasses add them in ``_install()``; they are
-    always removed on exit, also when installing fails part-way."""
-
-    def __init__(self) -> None:
-        self._handles: list[SiteHandle] = []
-
-    def _install(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        try:
-            self._install()
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Uninstall every handle (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
 
 
 class Backbone(ABC):
@@ -304,11 +254,23 @@ class Backbone(ABC):
             x = self._to_bnc(x)
             return self._to_bnc(torch.cat([x[:, :n_cls], x[:, n_cls + n:]], dim=1))
 
-        _hook_tensor(insert_at, insert_when, insert)
-        _hook_tensor(drop_at, drop_when, drop)
+        hook_tensor(insert_at, insert_when, insert)
+        hook_tensor(drop_at, drop_when, drop)
         self._hooked_registers = n
 
-    # --- saving -------------------------------------------------------------------------
+    # --- weights and saving ----------------------------------------------------------------
+    def load_weights(self, path: Union[str, os.PathLike]) -> None:
+        """Load a checkpoint (safetensors, or a state dict read with ``weights_only=True``) into
+        :attr:`model`; missing keys are an error."""
+        from .registry import load_weights, read_state_dict
+
+        load_weights(self.model, path, self._state_for_model(read_state_dict(path)))
+
+    def _state_for_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a checkpoint's keys onto :attr:`model` (adapters whose checkpoints hold more)."""
+        return state
+
+
     def save(self, directory: Union[str, os.PathLike]) -> Path:
         """Save the weights (the library's own format, see the adapters) and ``vsink.json``, from
         which :func:`vsink.load` rebuilds this backbone (registers included). Files are written

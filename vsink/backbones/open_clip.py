@@ -59,6 +59,12 @@ class OpenClipBackbone(Backbone):
     def final_norm(self) -> nn.Module:
         return self.model.ln_post
 
+    def _state_for_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A full CLIP checkpoint (``visual.*`` keys) → the vision tower's part of it."""
+        if any(k.startswith("visual.") for k in state):
+            return {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+        return state
+
     def _register_points(self) -> tuple[nn.Module, str, nn.Module, str]:
         """Registers enter after the class token and position embedding (at ``ln_pre``'s input)
         and leave at the transformer's output, before ``ln_post`` and pooling."""

@@ -188,18 +188,14 @@ def load(
     except Exception as e:  # library loaders fail in many ways (network, hub, config); report one clearly
         raise _spec_error(spec, f"{type(e).__name__}: {e}. Without network access, pass weights=PATH "
                                 "or a local directory") from e
-    if weights is not None:
-        state = read_state_dict(weights)
-        target = model
-        if backbone_cls is OpenClipBackbone and not any(k.startswith("visual.") for k in state):
-            target = model.visual
-        load_weights(target, weights, state)
-    model = model.to(device=dev, dtype=torch_dtype) if torch_dtype else model.to(dev)
     if backbone_cls is TimmBackbone:
         backbone = TimmBackbone(model, spec)
     else:
         extra = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
         backbone = backbone_cls(model, spec, **extra)
+    if weights is not None:
+        backbone.load_weights(weights)
+    backbone.model.to(device=dev, dtype=torch_dtype) if torch_dtype else backbone.model.to(dev)
     if hf_size := (img_size if backbone_cls is HFVisionBackbone else None):
         backbone.img_size = (hf_size, hf_size)
     backbone.source = {"spec": spec, "img_size": img_size, "model_kwargs": dict(model_kwargs or {})}
@@ -235,7 +231,7 @@ def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], 
         backbone = load(spec, img_size=size, pretrained=False, model_kwargs=cfg.get("model_kwargs") or {})
     if n_hooked:
         backbone.attach_hooked_registers(nn.Parameter(torch.zeros(1, n_hooked, backbone.embed_dim)))
-    load_weights(backbone.model, weights or directory / "model.safetensors")
+    backbone.load_weights(weights or directory / "model.safetensors")
     backbone.mean, backbone.std = tuple(cfg.get("mean", backbone.mean)), tuple(cfg.get("std", backbone.std))
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     backbone.model.to(device=dev, dtype=torch_dtype) if torch_dtype else backbone.model.to(dev)

@@ -67,15 +67,10 @@ class Variant:
             with TestTimeRegisters(NeuronSpec.load(self.value)).applied(base) as backbone:
                 yield backbone
         elif self.kind == "weights":
-            from ..backbones.registry import load_weights, read_state_dict
-
             if base.edits:
                 raise VsinkError(f"variant {self.name!r}: the base model carries edits ({', '.join(base.edits)})")
             backbone = copy.deepcopy(base)
-            state = read_state_dict(self.value)
-            if backbone.family == "open_clip" and any(k.startswith("visual.") for k in state):
-                state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-            load_weights(backbone.model, self.value, state)
+            backbone.load_weights(self.value)
             yield backbone
         else:
             from ..backbones.registry import load

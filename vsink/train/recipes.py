@@ -265,8 +265,6 @@ def _build(cfg: dict[str, Any], device: torch.device) -> TrainTask:
     m = cfg["model"]
     kwargs = dict(m["model_kwargs"])
     if cfg["recipe"] == "scratch":
-        if not (m["spec"].startswith("timm:") or m["spec"] == "demo"):
-            raise VsinkError(f"the scratch recipe builds timm ViTs; model.spec {m['spec']!r} is not timm:NAME")
         kwargs["reg_tokens"] = cfg["registers"]["n"]
     elif cfg["registers"]["n"] < 1:
         raise VsinkError("the posthoc recipe adds at least one register (registers.n >= 1)")
@@ -281,6 +279,8 @@ def _build(cfg: dict[str, Any], device: torch.device) -> TrainTask:
     kwargs["num_classes"] = images.num_classes
     torch.manual_seed(cfg["seed"])
     backbone = load(m["spec"], img_size=m["img_size"], model_kwargs=kwargs, pretrained=False, device=device)
+    if backbone.family != "timm":
+        raise VsinkError(f"the scratch recipe trains timm ViTs (reg_tokens); model.spec {m['spec']!r} is {backbone.family}")
     return ScratchTask(cfg, backbone, images, device)
 
 

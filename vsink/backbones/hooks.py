@@ -1,0 +1,59 @@
+"""Hook helpers shared by the adapters and the observers."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def hook_tensor(module: nn.Module, when: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Apply ``fn`` to a module's first input (``pre``) or its output (``post``; tensors, tuples
+    and Hugging Face model outputs with ``last_hidden_state``), permanently."""
+    if when == "pre":
+        def pre(mod, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: fn(kwargs[key])}
+
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+        return
+
+    def post(mod, args, output):
+        if isinstance(output, torch.Tensor):
+            return fn(output)
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        output.last_hidden_state = fn(output.last_hidden_state)
+        return output
+
+    module.register_forward_hook(post)
+
+
+class HookSet:
+    """A context manager owning site handles (``backbone.hook(...)`` results): subclasses add
+    them in ``_install()``; they are always removed on exit, also when installing fails part-way."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Uninstall every handle (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
