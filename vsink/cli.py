@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ttr_args(apply, flag=False)
 
     _add_eval_parser(sub)
+    _add_lvlm_parsers(sub)
     finetune = sub.add_parser("finetune", help="add registers and train them (posthoc distillation or scratch)",
                               description="Run a fine-tuning recipe (configs/*.yaml); KEY=VALUE overrides any "
                                           "recipe field, e.g. train.steps=100 teacher.kind=ttr. Under torchrun "
@@ -111,6 +112,41 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("models", help="list the supported model spec forms")
     return parser
+
+
+def _add_lvlm_parsers(sub) -> None:
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="hf:REPO or a local directory of an LVLM "
+                       "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+        p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as saved)")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="let transformers run code shipped with the model (off by default)")
+
+    gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",
+                         description="Greedy generation with none, VAR, PAI or FastV; several --image/--prompt "
+                                     "pairs run as one left-padded batch.")
+    model_args(gen)
+    gen.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image, or one for all)")
+    gen.add_argument("--mitigation", default="none", help="none (default), var, pai or fastv")
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="mitigation setting, e.g. p=0.6, alpha=0.2, gamma=1.1, k=2, ratio=0.5, sink_dims=[1415,2533]")
+    gen.add_argument("--sinks", help="sink calibration JSON from 'vsink lvlm calibrate' (VAR's sink_dims)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    gen.add_argument("--export-attention", metavar="DIR", help="write per-token attention on the image (npz, png)")
+
+    lvlm = sub.add_parser("lvlm", help="LVLM tools")
+    lvlm_sub = lvlm.add_subparsers(dest="lvlm_command", required=True)
+    cal = lvlm_sub.add_parser("calibrate", help="find the decoder's sink dimensions (for VAR)",
+                              description="Rank hidden dimensions by |h / rms(h)| on the first (BOS) token in early "
+                                          "decoder layers over a few prompts; write them to JSON.")
+    model_args(cal)
+    cal.add_argument("--image", action="append", help="images (default: the bundled demo images)")
+    cal.add_argument("--prompt", default="Describe the image.", help="prompt used with every image")
+    cal.add_argument("--num-dims", type=int, default=2, help="dimensions to keep (default 2)")
+    cal.add_argument("--out", default="sinks.json", help="output JSON (default sinks.json)")
 
 
 def _comma(text: str) -> list[str]:
@@ -321,6 +357,74 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_lvlm(args: argparse.Namespace):
+    from .backbones.hf_lvlm import load_lvlm
+    from .backbones.registry import resolve_dtype
+
+    repo = args.model.removeprefix("hf:")
+    lvlm = load_lvlm(repo, device=args.device, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
+    print(f"vsink: {lvlm.spec}: {lvlm.model_type}, {lvlm.num_layers} decoder layers", file=sys.stderr)
+    return lvlm
+
+
+def _settings(pairs: Sequence[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in pairs:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise VsinkError(f"--set {item!r}: use KEY=VALUE")
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise VsinkError(f"--set {item!r}: value is not valid YAML") from None
+    return out
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .images import load_image
+    from .lvlm import generate
+    from .lvlm.sinks import Calibration
+
+    prompts = list(args.prompt)
+    if len(prompts) == 1 and len(args.image) > 1:
+        prompts *= len(args.image)
+    if len(prompts) != len(args.image):
+        raise VsinkError(f"give one --prompt per --image (or one for all): {len(args.image)} images, {len(prompts)} prompts")
+    settings = _settings(args.set)
+    if args.sinks:
+        settings.setdefault("sink_dims", Calibration.load(args.sinks).sink_dims)
+    images = [load_image(p) for p in args.image]
+    lvlm = _load_lvlm(args)
+    inputs = lvlm.prepare(images, prompts)
+    result = generate(lvlm, inputs, mitigation=args.mitigation, settings=settings, max_new_tokens=args.max_new_tokens,
+                      use_cache=not args.no_cache, capture_attention=bool(args.export_attention))
+    for path, text in zip(args.image, result.texts):
+        print(f"[{path}] {text}")
+    if args.export_attention:
+        from .lvlm.export import export_attention
+
+        written = export_attention(lvlm, result, inputs, args.export_attention, images=images)
+        print(f"wrote {len(written)} files to {args.export_attention}")
+    return 0
+
+
+def _cmd_lvlm(args: argparse.Namespace) -> int:
+    from .data.demo_images import demo_images
+    from .images import load_image
+    from .lvlm.sinks import calibrate
+
+    images = [load_image(p) for p in args.image] if args.image else [im.image for im in demo_images()]
+    lvlm = _load_lvlm(args)
+    batches = [lvlm.prepare([im], [args.prompt]) for im in images]
+    cal = calibrate(lvlm, batches, num_dims=args.num_dims)
+    cal.save(args.out)
+    print(f"sink dimensions of {lvlm.spec}: {cal.sink_dims} (layers {cal.layers}, {len(images)} prompts)")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .train import load_config, run_finetune
 
@@ -346,7 +450,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
-                "finetune": _cmd_finetune, "models": _cmd_models}
+                "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models}
     try:
         return handlers[args.command](args)
     except VsinkError as e:

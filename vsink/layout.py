@@ -192,3 +192,49 @@ class TokenLayout:
             grid=tuple(d["grid"]),
             num_appended=int(d.get("registers_appended", 0)),
         )
+
+
+@dataclass(frozen=True)
+class ImageSpans:
+    """Where the image tokens of each batch row of an LVLM prompt sit (rows differ under left
+    padding). ``spans[b]`` lists ``(start, end)`` (end exclusive) runs of image tokens in row b;
+    ``length`` is the prompt length. Every image-token slicing of the LVLM code goes through it."""
+
+    spans: tuple[tuple[tuple[int, int], ...], ...]
+    length: int
+
+    @classmethod
+    def from_ids(cls, input_ids: Any, image_token_id: int) -> "ImageSpans":
+        """Runs of ``image_token_id`` in each row of ``input_ids`` [B, N]."""
+        is_img = (torch.as_tensor(input_ids) == image_token_id).cpu()
+        rows = []
+        for row in is_img:
+            padded = torch.cat([torch.zeros(1, dtype=torch.int8), row.to(torch.int8), torch.zeros(1, dtype=torch.int8)])
+            edges = torch.diff(padded).nonzero().flatten().tolist()
+            rows.append(tuple((edges[i], edges[i + 1]) for i in range(0, len(edges), 2)))
+        return cls(tuple(rows), int(is_img.shape[1]))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.spans)
+
+    def counts(self) -> list[int]:
+        """Image tokens per row."""
+        return [sum(e - s for s, e in row) for row in self.spans]
+
+    def mask(self, total: Optional[int] = None, device: Any = None) -> Any:
+        """Boolean [B, total] (default: the prompt length): True on image tokens; positions past
+        the prompt (generated tokens) are never image tokens."""
+        m = torch.zeros(self.batch_size, max(total or self.length, self.length), dtype=torch.bool, device=device)
+        for b, row in enumerate(self.spans):
+            for s, e in row:
+                m[b, s:e] = True
+        return m
+
+    def positions(self, row: int) -> list[int]:
+        """Positions of row ``row``'s image tokens, in order."""
+        return [p for s, e in self.spans[row] for p in range(s, e)]
+
+    def end(self, row: int) -> int:
+        """One past the last image token of a row (0 if it has none)."""
+        return max((e for _, e in self.spans[row]), default=0)

@@ -1,0 +1,314 @@
+"""LVLM adapter and mitigations on tiny LLaVA, LLaVA-NeXT and Qwen2-VL models built offline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
+from vsink.errors import VsinkError
+from vsink.lvlm import LVLM, FastVSettings, PAISettings, Session, VARSettings, generate
+from vsink.lvlm.session import redistribute
+from vsink.lvlm.sinks import calibrate, detect_sinks
+
+BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl}
+PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+SETTINGS = {"none": {}, "var": {"sink_dims": [3, 7], "tau": 2.5}, "pai": {"alpha": 0.5},
+            "pai_cfg": {"alpha": 0.5, "gamma": 1.1}, "fastv": {"k": 2, "ratio": 0.5}}
+
+
+def _image(seed=0, size=(48, 40)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def lvlm(request):
+    model, processor = BUILDERS[request.param]()
+    return LVLM(model, processor, f"tiny-{request.param}")
+
+
+def _mit(name):
+    return ("pai" if name == "pai_cfg" else name), SETTINGS[name]
+
+
+def test_decoder_layers_and_spans(lvlm):
+    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    spans = lvlm.image_spans(inputs["input_ids"])
+    pad = (inputs["attention_mask"] == 0).sum(1).tolist()
+    assert pad[0] > 0 and pad[1] == 0  # the shorter prompt is left-padded
+    ids = inputs["input_ids"]
+    for b in range(2):
+        positions = spans.positions(b)
+        assert positions and all(int(ids[b, p]) == lvlm.image_token_id for p in positions)
+        assert int((ids[b] == lvlm.image_token_id).sum()) == len(positions)
+    assert spans.positions(0)[0] - spans.positions(1)[0] == pad[0]
+    assert len(lvlm.layers) == lvlm.text_config.num_hidden_layers
+
+
+def test_none_reproduces_hf_greedy_generate(lvlm):
+    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    with torch.no_grad():
+        ref = lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(generate(lvlm, inputs, max_new_tokens=6).sequences, ref)
+
+
+def test_captured_attention_equals_hf_eager(lvlm):
+    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    lvlm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref = lvlm.model(**inputs, output_attentions=True)
+    finally:
+        lvlm.model.set_attn_implementation("sdpa")
+    session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"])
+    with session.bound(), torch.no_grad():
+        ours = lvlm.model(**inputs, output_attentions=True)
+    real = inputs["attention_mask"].bool()
+    for a, b in zip(ours.attentions, ref.attentions):
+        keep = real[:, None, :, None] & real[:, None, None, :]  # padded rows and columns are not compared
+        assert torch.allclose(torch.where(keep, a, 0), torch.where(keep, b, 0), atol=1e-5)
+    last = real.long().cumsum(1).argmax(1)
+    rows = torch.arange(2)
+    assert torch.allclose(ours.logits[rows, last], ref.logits[rows, last], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_batch_equals_single_and_cache_is_transparent(lvlm, name):
+    mitigation, settings = _mit(name)
+    images = [_image(), _image(1)]
+    inputs = lvlm.prepare(images, PROMPTS)
+    batch = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=5)
+    no_cache = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=5, use_cache=False)
+    assert torch.equal(batch.new_tokens, no_cache.new_tokens)
+    for b in range(2):
+        alone = generate(lvlm, lvlm.prepare([images[b]], [PROMPTS[b]]), mitigation=mitigation, settings=settings,
+                         max_new_tokens=5)
+        assert torch.equal(alone.new_tokens[0], batch.new_tokens[b]), (name, b)
+
+
+def test_fastv_keeps_the_most_attended_image_tokens(lvlm):
+    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    lvlm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = lvlm.model(**inputs, output_attentions=True).attentions
+    finally:
+        lvlm.model.set_attn_implementation("sdpa")
+    result = generate(lvlm, inputs, mitigation="fastv", settings={"k": 2, "ratio": 0.5}, max_new_tokens=3)
+    spans = result.image_spans
+    n_img = spans.counts()[0]
+    n_keep = n_img - round(0.5 * n_img)
+    assert result.kept.shape == (2, inputs["input_ids"].shape[1] - (n_img - n_keep))
+    for b in range(2):
+        img = spans.positions(b)
+        score = att[1][b, :, -1].mean(0)[img]  # block k - 1 = 1, last prompt token, head mean
+        expected = {img[i] for i in torch.argsort(score, descending=True, stable=True)[:n_keep].tolist()}
+        kept = set(result.kept[b].tolist())
+        assert kept & set(img) == expected
+        assert set(range(inputs["input_ids"].shape[1])) - set(img) <= kept  # every text and pad token stays
+    same = generate(lvlm, inputs, mitigation="fastv", settings={"ratio": 0.0}, max_new_tokens=5)
+    assert torch.equal(same.new_tokens, generate(lvlm, inputs, max_new_tokens=5).new_tokens)
+
+
+def _reference_var(p, image, sinks, rows, s):
+    """Row-by-row VAR, written from the definition."""
+    out = p.clone()
+    B, H, Q, K = p.shape
+    for b in range(B):
+        for h in range(H):
+            for q in range(Q):
+                if not rows[b, q]:
+                    continue
+                row = p[b, h, q]
+                a_img = float(row[image[b]].sum())
+                a_vs = float(row[image[b] & sinks[b]].sum())
+                target = image[b] & ~sinks[b]
+                mass = float(row[sinks[b]].sum())
+                if a_img < s.min_image or a_vs > s.rho * a_img or mass == 0 or float(row[target].sum()) == 0:
+                    continue
+                new = row.clone()
+                new[sinks[b]] = row[sinks[b]] * s.p
+                new[target] = row[target] + row[target] / row[target].sum() * (1 - s.p) * mass
+                out[b, h, q] = new
+    return out
+
+
+def test_var_redistribution_definition():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2, 3, 5, 12, generator=g) * 2, dim=-1)
+    image = torch.zeros(2, 12, dtype=torch.bool)
+    image[:, 3:9] = True
+    sinks = torch.zeros(2, 12, dtype=torch.bool)
+    sinks[:, 0] = True  # a text sink (BOS)
+    sinks[0, 4] = True  # a visual sink
+    rows = torch.ones(2, 5, dtype=torch.bool)
+    rows[1, :2] = False
+    s = VARSettings(min_image=0.3)
+    got = redistribute(p, image, sinks, rows, s)
+    ref = _reference_var(p, image, sinks, rows, s)
+    torch.testing.assert_close(got, ref, atol=1e-7, rtol=0)
+    changed = (got != p).any(-1)
+    assert changed.any() and (~changed).any()
+    assert torch.equal(got[~changed], p[~changed])  # unselected rows bit-identical
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 3, 5))
+    other = ~image & ~sinks
+    assert torch.equal(got[..., other[0]][0], p[..., other[0]][0])  # non-image, non-sink keys untouched
+    for b in range(2):  # the sinks lose exactly (1 - p) of their mass, the non-sink image tokens gain it
+        sel = changed[b]
+        before, after = p[b][sel], got[b][sel]
+        lost = (before[:, sinks[b]] - after[:, sinks[b]]).sum(-1)
+        target = image[b] & ~sinks[b]
+        torch.testing.assert_close(lost, (1 - s.p) * before[:, sinks[b]].sum(-1))
+        torch.testing.assert_close((after[:, target] - before[:, target]).sum(-1), lost)
+
+
+def _planted_llava(dim=11, value=60.0, image_tokens=(2, 5)):
+    model, processor = build_tiny_llava(hidden=256)
+    lm = model.model.language_model
+    with torch.no_grad():
+        lm.embed_tokens.weight[processor.tokenizer.bos_token_id, dim] = value
+
+    def plant(module, args, out):
+        out = out.clone()
+        out[:, list(image_tokens), dim] += value
+        return out
+
+    model.model.multi_modal_projector.register_forward_hook(plant)
+    return LVLM(model, processor, "planted"), dim, image_tokens
+
+
+def test_planted_sinks_are_detected_and_calibrated():
+    lvlm, dim, planted = _planted_llava()
+    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    flags = detect_sinks(lvlm, inputs, [dim], tau=8.0)
+    spans = lvlm.image_spans(inputs["input_ids"])
+    first = inputs["attention_mask"].long().argmax(1)
+    for b in range(2):
+        expected = {int(first[b])} | {spans.positions(b)[i] for i in planted}
+        for layer in range(lvlm.num_layers):
+            assert set(flags[layer, b].nonzero().flatten().tolist()) == expected
+    cal = calibrate(lvlm, [inputs], num_dims=1)
+    assert cal.sink_dims == [dim]
+
+
+def test_var_in_the_model_follows_the_definition():
+    """At the first VAR layer the inputs equal the unedited run's, so its attention must be exactly
+    the reference redistribution of the plain attention."""
+    lvlm, dim, _ = _planted_llava()
+    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    s = VARSettings(sink_dims=[dim], tau=8.0, min_image=0.05)
+    runs = {}
+    for name, var in (("none", None), ("var", s)):
+        session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"], var=var)
+        with session.bound(), torch.no_grad():
+            runs[name] = lvlm.model(**inputs, output_attentions=True).attentions
+    layer = s.start_layer
+    spans = lvlm.image_spans(inputs["input_ids"])
+    image = spans.mask()
+    sinks = detect_sinks(lvlm, inputs, [dim], tau=8.0)[layer]
+    end = torch.tensor([spans.end(b) for b in range(2)])
+    rows = torch.arange(image.shape[1])[None, :] >= end[:, None]
+    expected = _reference_var(runs["none"][layer].float(), image, sinks, rows, s)
+    torch.testing.assert_close(runs["var"][layer].float(), expected, atol=1e-6, rtol=0)
+    assert not torch.equal(runs["var"][layer], runs["none"][layer])
+    for earlier in range(layer):
+        assert torch.equal(runs["var"][earlier], runs["none"][earlier])
+
+
+def test_pai_changes_only_last_row_image_logits():
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    ids = inputs["input_ids"]
+    module = lvlm.attention_modules()[2]
+    N = ids.shape[1]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, N, 16, generator=g) for _ in range(3))
+    none = Session(lvlm, ids, inputs["attention_mask"])
+    pai = Session(lvlm, ids, inputs["attention_mask"], pai=PAISettings(alpha=0.2))
+    _, p_none = none.attend(module, q, k, v, 0.25)
+    _, p_pai = pai.attend(module, q, k, v, 0.25)
+    assert torch.equal(p_pai[:, :, :-1], p_none[:, :, :-1])
+    z = (q @ k.transpose(2, 3) * 0.25)[:, :, -1]  # the last row is causal over every key
+    img = lvlm.image_spans(ids).mask()[0]
+    expected = torch.softmax(torch.where(img, z + 0.2 * z.abs(), z), dim=-1)
+    torch.testing.assert_close(p_pai[:, :, -1], expected, atol=1e-6, rtol=0)
+    early = Session(lvlm, ids, inputs["attention_mask"], pai=PAISettings(alpha=0.2))
+    _, p_early = early.attend(lvlm.attention_modules()[1], q, k, v, 0.25)
+    assert torch.equal(p_early, p_none)  # layers before start_layer are untouched
+
+
+def test_attention_export_shapes(lvlm, tmp_path):
+    from vsink.lvlm.export import export_attention
+
+    images = [_image(), _image(1)]
+    inputs = lvlm.prepare(images, PROMPTS)
+    result = generate(lvlm, inputs, mitigation="fastv", max_new_tokens=3, capture_attention=True)
+    paths = export_attention(lvlm, result, inputs, tmp_path, images=images)
+    data = np.load(tmp_path / "row1.npz")
+    grid = tuple(data["grid"])
+    assert data["attention"].shape == (3, lvlm.num_layers, *grid)
+    assert grid[0] * grid[1] == result.image_spans.counts()[1]
+    assert np.isnan(data["attention"][:, 2:]).any() and not np.isnan(data["attention"][:, :2]).any()  # pruned
+    assert data["tokens"].tolist() == result.new_tokens[1].tolist()
+    assert (tmp_path / "row0" / "step002.png").exists() and len(paths) == 2 + 2 * 3
+    if lvlm.model_type == "qwen2_vl":
+        t, h, w = inputs["image_grid_thw"][1].tolist()
+        assert grid == (h // 2, w // 2)
+
+
+def test_settings_and_errors():
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    with pytest.raises(VsinkError, match="unknown mitigation 'vcd'"):
+        generate(lvlm, inputs, mitigation="vcd")
+    with pytest.raises(VsinkError, match=r"var: unknown setting\(s\) \['beta'\]"):
+        generate(lvlm, inputs, mitigation="var", settings={"beta": 1})
+    with pytest.raises(VsinkError, match="no sink dimensions known"):
+        generate(lvlm, inputs, mitigation="var")
+    with pytest.raises(VsinkError, match=r"FastV ratio R must be in \[0, 1\)"):
+        generate(lvlm, inputs, mitigation="fastv", settings={"ratio": 1.0})
+    with pytest.raises(VsinkError, match="not a supported LVLM"):
+        LVLM(build_tiny_llava()[0].model.language_model)
+
+
+def test_vision_tower_is_a_vision_backbone():
+    import vsink
+
+    model, processor = build_tiny_llava()
+    backbone = LVLM(model, processor, "tiny").vision_backbone()
+    result = vsink.scan(backbone, [_image(), _image(1)], progress=False)
+    assert result.layout.num_cls == 1 and result.layout.grid == (4, 4)
+
+
+def test_cli_generate_and_calibrate(tmp_path, capsys):
+    from vsink.cli import main
+
+    model, processor = build_tiny_qwen2_vl()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    _image().save(tmp_path / "a.png")
+    _image(1).save(tmp_path / "b.png")
+    assert main(["lvlm", "calibrate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
+                 "--out", str(tmp_path / "sinks.json")]) == 0
+    dims = json.loads((tmp_path / "sinks.json").read_text())["sink_dims"]
+    assert len(dims) == 2
+    code = main(["generate", "--model", f"hf:{tmp_path / 'm'}", "--image", str(tmp_path / "a.png"),
+                 "--image", str(tmp_path / "b.png"), "--prompt", "is there a cat ?", "--mitigation", "var",
+                 "--sinks", str(tmp_path / "sinks.json"), "--set", "tau=2", "--max-new-tokens", "3",
+                 "--export-attention", str(tmp_path / "att")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"[{tmp_path / 'a.png'}]" in out and (tmp_path / "att" / "row1.npz").exists()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
+                 "--prompt", "x", "--mitigation", "vcd"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
+                 "--prompt", "x", "--prompt", "y", "--prompt", "z"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--image", str(tmp_path / "a.png"),
+                 "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown mitigation" in err and "one --prompt per --image" in err and "Traceback" not in err

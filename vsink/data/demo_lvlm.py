@@ -1,0 +1,115 @@
+"""Small LVLMs built offline from configs, with a word-level tokenizer and the model's own
+processor class — SYNTHETIC (random weights): for tests, examples and benchmarks, where no
+pretrained LVLM can be downloaded. ``save_pretrained`` on both gives a directory that
+``vsink generate --model DIR`` loads like a hub model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+WORDS = ("a an the is there in image picture photo what color of and yes no cat dog car person red blue green "
+         "describe this please answer question one word shape circle square triangle sky tree").split()
+
+
+def word_tokenizer(extra_special: tuple[str, ...] = ()):
+    """A whitespace word-level fast tokenizer (``<s>`` BOS, ``</s>`` EOS, ``<pad>``, ``<unk>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", *extra_special]
+    vocab = {tok: i for i, tok in enumerate(specials + [w for w in WORDS] + ["?", ".", ","])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=list(extra_special))
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny_llava(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                     image_size: int = 32, patch: int = 8, seed: int = 0) -> tuple[Any, Any]:
+    """(``LlavaForConditionalGeneration``, ``LlavaProcessor``): a CLIP vision tower and a Llama
+    decoder; (image_size / patch)² image tokens per image."""
+    import transformers as tr
+
+    tok = word_tokenizer(("<image>",))
+    torch.manual_seed(seed)
+    text = tr.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = tr.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=image_size, patch_size=patch)
+    config = tr.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                            vision_feature_layer=-1, vision_feature_select_strategy="default")
+    model = tr.LlavaForConditionalGeneration(config).eval()
+    image_processor = tr.CLIPImageProcessor(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = tr.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                                  vision_feature_select_strategy="default", image_token="<image>",
+                                  num_additional_image_tokens=1)
+    return model, processor
+
+
+def build_tiny_llava_next(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                          image_size: int = 32, patch: int = 8, seed: int = 0) -> tuple[Any, Any]:
+    """(``LlavaNextForConditionalGeneration``, ``LlavaNextProcessor``): any-resolution tiling over
+    the pinpoints (1×1, 1×2, 2×1 tiles), so the image-token count depends on the aspect ratio."""
+    import transformers as tr
+
+    tok = word_tokenizer(("<image>",))
+    torch.manual_seed(seed)
+    text = tr.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = tr.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=image_size, patch_size=patch)
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    config = tr.LlavaNextConfig(vision_config=vision, text_config=text,
+                                image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                                vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
+    model = tr.LlavaNextForConditionalGeneration(config).eval()
+    image_processor = tr.LlavaNextImageProcessor(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = tr.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                                      vision_feature_select_strategy="default", image_token="<image>",
+                                      num_additional_image_tokens=1)
+    return model, processor
+
+
+def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                        image_size: int = 32, seed: int = 0) -> tuple[Any, Any]:
+    """(``Qwen2VLForConditionalGeneration``, ``Qwen2VLProcessor``): patch 4, merge 2, so an
+    image_size² image gives (image_size / 8)² image tokens; 3-row M-RoPE."""
+    import transformers as tr
+
+    tok = word_tokenizer(("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"))
+    torch.manual_seed(seed)
+    head_dim = hidden // heads
+    section = [head_dim // 8, head_dim // 8 + (head_dim // 2 - 3 * (head_dim // 8)) // 2]
+    section.append(head_dim // 2 - sum(section))
+    config = tr.Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=2048, rope_scaling={"type": "mrope", "mrope_section": section},
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+    model = tr.Qwen2VLForConditionalGeneration(config).eval()
+    pixels = image_size * image_size
+    image_processor = tr.Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=4, merge_size=2,
+                                               temporal_patch_size=2)
+    video_processor = tr.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = tr.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor)
+    processor.image_token = "<|image_pad|>"
+    return model, processor

@@ -1,0 +1,58 @@
+"""Per generated token, the attention its query pays to the image, as arrays and pictures.
+
+For batch row b: ``DIR/row<b>.npz`` with ``attention`` [steps, layers, h, w] (head mean per layer,
+NaN where FastV pruned a token), ``layer_mean`` [steps, h, w] (mean over layers, pruned tokens
+ignored), ``tokens`` [steps] (the generated ids) and ``grid`` (h, w); and ``DIR/row<b>/
+step<t>.png`` overlays of ``layer_mean`` on the image. Works for any grid size: LLaVA's square
+patch grid, Qwen2-VL's merged (h, w) grid, or 1 × n when the tokens do not form a rectangle.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from ..backbones.hf_lvlm import LVLM
+from ..errors import VsinkError
+from ..io import NpzWriter, atomic_path
+from .generate import GenerationResult
+
+
+def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], out: Union[str, os.PathLike],
+                     images: Optional[Sequence[Image.Image]] = None, png: bool = True) -> list[Path]:
+    """Write the arrays (and overlays when ``images`` are given) described in the module docstring."""
+    from ..export.figures import overlay_png
+
+    if result.attention is None:
+        raise VsinkError("generate with capture_attention=True to export attention")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    att = result.attention.numpy()  # [steps, B, L, n]
+    for b, count in enumerate(result.image_spans.counts()):
+        grid = lvlm.image_grid(inputs, b, count)
+        per_layer = att[:, b, :, :count].reshape(att.shape[0], att.shape[2], *grid)
+        with np.errstate(invalid="ignore"):
+            layer_mean = np.nanmean(per_layer, axis=1)
+        path = out / f"row{b}.npz"
+        with NpzWriter(path) as w:
+            w.add("attention", per_layer.astype(np.float32))
+            w.add("layer_mean", layer_mean.astype(np.float32))
+            w.add("tokens", result.new_tokens[b].cpu().numpy())
+            w.add("grid", np.asarray(grid))
+        written.append(path)
+        if png and images is not None:
+            for t in range(layer_mean.shape[0]):
+                png_path = out / f"row{b}" / f"step{t:03d}.png"
+                png_path.parent.mkdir(parents=True, exist_ok=True)
+                token = int(result.new_tokens[b, t])
+                data = overlay_png(images[b].convert("RGB"), np.nan_to_num(layer_mean[t]),
+                                   f"row {b}, token {t} (id {token}), layer mean")
+                with atomic_path(png_path) as tmp:
+                    tmp.write_bytes(data)
+                written.append(png_path)
+    return written

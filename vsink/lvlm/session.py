@@ -1,0 +1,305 @@
+"""One generation call's context: image positions, visual sinks, FastV's kept tokens, the
+attention edits, and the attention function registered in ``transformers.AttentionInterface``.
+
+The model's decoder switches to the ``"vsink_lvlm"`` attention implementation while a
+:class:`Session` is bound; each decoder attention module then carries the session in its instance
+``__dict__`` (no class or global state), so two models — or the text-only branch of PAI's
+guidance, run with the session suspended — never see each other's context. Without a session
+the function is the model's own eager attention.
+
+Positions: every key of every layer is identified by its position in the original sequence
+(prompt, then generated tokens). Masks are built from those positions (causal) and the prompt's
+padding, so layers that FastV pruned get the right mask without the model's help.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..backbones.hf_lvlm import LVLM
+from ..errors import VsinkError
+
+ATTN_NAME = "vsink_lvlm"
+
+
+@dataclass
+class VARSettings:
+    """Visual attention redistribution (Kang et al. 2025)."""
+
+    p: float = 0.6  # share of sink attention the sinks keep
+    rho: float = 0.5  # image-centric rows: visual-sink share of image attention <= rho
+    min_image: float = 0.2  # ... and total image attention >= min_image
+    tau: float = 20.0  # sink threshold on phi
+    start_layer: int = 2
+    sink_dims: Optional[list[int]] = None  # None: the known or calibrated dimensions
+
+
+@dataclass
+class PAISettings:
+    """Paying more attention to images (Liu et al. 2024)."""
+
+    alpha: float = 0.2
+    start_layer: int = 2
+    end_layer: Optional[int] = None  # exclusive; None = all layers
+    gamma: Optional[float] = None  # classifier-free guidance strength (1.1 suggested); None = off
+    plausibility: float = 0.1  # keep tokens with p >= plausibility * max p (image branch)
+
+
+@dataclass
+class FastVSettings:
+    """FastV token pruning (Chen et al. 2024): blocks >= k see only the kept image tokens."""
+
+    k: int = 2
+    ratio: float = 0.5  # R: fraction of image tokens pruned
+
+
+def rms_phi(h: torch.Tensor) -> torch.Tensor:
+    """φ = |h / sqrt(mean(h²) + 1e-6)| per token (RMS-normalised, no weight)."""
+    h = h.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
+
+
+def _own_eager(module: nn.Module):
+    mod = sys.modules.get(type(module).__module__)
+    fn = getattr(mod, "eager_attention_forward", None)
+    if fn is None:
+        raise VsinkError(f"cannot find the eager attention of {type(module).__name__}")
+    return fn
+
+
+def vsink_lvlm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0, **kwargs: Any):
+    """The registered attention function: the session's explicit attention, or the model's eager one."""
+    session: Optional[Session] = module.__dict__.get("_vsink_session")
+    if session is None or session.suspended:
+        return _own_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return session.attend(module, query, key, value, scaling)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(ATTN_NAME, vsink_lvlm_attention)
+    AttentionMaskInterface.register(ATTN_NAME, eager_mask)
+
+
+@dataclass
+class Captured:
+    """Per forward pass: the last query row's head-mean attention on each row's image tokens,
+    per layer ([B, layers, n_image], NaN where FastV pruned the token)."""
+
+    steps: list[torch.Tensor] = field(default_factory=list)
+
+
+class Session:
+    """Context of one ``generate`` call on a batch (see the module docstring)."""
+
+    def __init__(self, lvlm: LVLM, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 var: Optional[VARSettings] = None, pai: Optional[PAISettings] = None,
+                 fastv: Optional[FastVSettings] = None, capture: bool = False):
+        self.lvlm, self.var, self.pai, self.fastv = lvlm, var, pai, fastv
+        self.spans = lvlm.image_spans(input_ids)
+        self.length = int(input_ids.shape[1])
+        dev = input_ids.device
+        self.valid0 = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool().to(dev)
+        self.image0 = self.spans.mask(device=dev)
+        self.image_end = torch.tensor([self.spans.end(b) for b in range(self.spans.batch_size)], device=dev)
+        self.suspended = False
+        self.kept: Optional[torch.Tensor] = None  # FastV: prompt positions kept from block k on [B, n]
+        self._gather: Optional[torch.Tensor] = None
+        self._total = 0
+        self._fastv_scores: Optional[torch.Tensor] = None
+        self.sinks: dict[int, list[torch.Tensor]] = {}
+        self.sink_dims: list[int] = []
+        if var is not None:
+            from .sinks import sink_dimensions
+
+            self.sink_dims = sink_dimensions(lvlm, var.sink_dims)
+        self.capture = Captured() if capture else None
+        self._step_capture: Optional[torch.Tensor] = None
+        if fastv is not None:
+            if not 0 <= fastv.ratio < 1:
+                raise VsinkError(f"FastV ratio R must be in [0, 1), got {fastv.ratio}")
+            if not 1 <= fastv.k < lvlm.num_layers:
+                raise VsinkError(f"FastV k must be in [1, {lvlm.num_layers}), got {fastv.k}")
+            if len(set(self.spans.counts())) > 1:
+                raise VsinkError(f"FastV needs the same number of image tokens in every row, got {self.spans.counts()}")
+
+    # --- binding ------------------------------------------------------------------------
+    @contextmanager
+    def bound(self) -> Iterator["Session"]:
+        """Switch the decoder to vsink's attention and attach this session and its hooks."""
+        _register()
+        model = self.lvlm.model
+        text_cfg = self.lvlm.text_config
+        original = text_cfg._attn_implementation
+        modules = self.lvlm.attention_modules()
+        handles = []
+        try:
+            model.set_attn_implementation({"text_config": ATTN_NAME})
+            for m in modules:
+                m.__dict__["_vsink_session"] = self
+            if self.fastv is not None:
+                for i in range(self.fastv.k, self.lvlm.num_layers):
+                    handles.append(self.lvlm.layers[i].register_forward_pre_hook(self._prune_hook(i), with_kwargs=True))
+            if self.var is not None:
+                for i, layer in enumerate(self.lvlm.layers):
+                    handles.append(layer.register_forward_pre_hook(self._sink_hook(i), with_kwargs=True))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for m in modules:
+                m.__dict__.pop("_vsink_session", None)
+            model.set_attn_implementation({"text_config": original})
+
+    @contextmanager
+    def suspend(self) -> Iterator[None]:
+        """Run the model without this session's edits (PAI's text-only branch)."""
+        self.suspended = True
+        try:
+            yield
+        finally:
+            self.suspended = False
+
+    # --- positions ----------------------------------------------------------------------
+    def key_positions(self, layer: int, kv: int, device: torch.device) -> torch.Tensor:
+        """Original positions of a layer's keys [B, kv]."""
+        B = self.spans.batch_size
+        if self.kept is not None and layer >= self.fastv.k:
+            n = self.kept.shape[1]
+            tail = torch.arange(self.length, self.length + kv - n, device=device).expand(B, -1)
+            return torch.cat([self.kept.to(device), tail], dim=1)
+        return torch.arange(kv, device=device).expand(B, -1)
+
+    def _lookup(self, table: torch.Tensor, pos: torch.Tensor, beyond: bool) -> torch.Tensor:
+        inside = pos < self.length
+        got = table.gather(1, pos.clamp(max=self.length - 1))
+        return torch.where(inside, got, torch.full_like(got, beyond))
+
+    # --- hooks --------------------------------------------------------------------------
+    def _sink_hook(self, layer: int):
+        def pre(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            phi = rms_phi(h)[..., self.sink_dims]
+            flags = phi.amax(-1) > self.var.tau if phi.shape[-1] else torch.zeros(h.shape[:2], dtype=torch.bool,
+                                                                                 device=h.device)
+            if h.shape[1] > 1:  # a pass over the whole sequence so far starts afresh
+                self.sinks[layer] = []
+            self.sinks.setdefault(layer, []).append(flags)
+
+        return pre
+
+    def _prune_hook(self, layer: int):
+        def pre(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if h.shape[1] == 1 and self.kept is not None:
+                return None  # a cached decode step: nothing to prune
+            if layer == self.fastv.k:
+                if self.kept is None:
+                    self.kept = self._choose_kept()
+                self._total = total = h.shape[1]
+                tail = torch.arange(self.length, total, device=h.device).expand(h.shape[0], -1)
+                self._gather = torch.cat([self.kept.to(h.device), tail], dim=1)
+                h = h.gather(1, self._gather[..., None].expand(-1, -1, h.shape[-1]))
+            idx = self._gather
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                kwargs["position_embeddings"] = tuple(
+                    t.gather(-2, idx.expand(t.shape[0], -1)[..., None].expand(-1, -1, t.shape[-1])) for t in pe)
+            pos = kwargs.get("position_ids")
+            if isinstance(pos, torch.Tensor) and pos.shape[-1] == self._total:
+                kwargs["position_ids"] = pos.gather(-1, idx.expand(*pos.shape[:-1], -1))
+            kwargs["attention_mask"] = None  # the session builds this layer's mask from positions
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+
+        return pre
+
+    def _choose_kept(self) -> torch.Tensor:
+        """Prompt positions kept from block k on: every non-image token and the top (1 − R)
+        image tokens of each row by the last token's head-mean attention in block k − 1."""
+        scores = self._fastv_scores
+        if scores is None:
+            raise VsinkError("FastV: no attention was captured in the block before k")
+        rows = []
+        for b in range(self.spans.batch_size):
+            img = self.spans.positions(b)
+            keep_n = len(img) - int(round(self.fastv.ratio * len(img)))
+            order = torch.sort(scores[b, img], descending=True, stable=True).indices[:keep_n]
+            chosen = {img[i] for i in order.tolist()}
+            rows.append([p for p in range(self.length) if not self.image0[b, p] or p in chosen])
+        return torch.tensor(rows, device=scores.device)
+
+    # --- attention ----------------------------------------------------------------------
+    def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = int(module.layer_idx)
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        B, H, q, _ = query.shape
+        kv = key.shape[2]
+        kpos = self.key_positions(layer, kv, query.device)
+        qpos = kpos[:, -q:]
+        allowed = self._lookup(self.valid0, kpos, True)[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
+        image = self._lookup(self.image0, kpos, False)  # [B, kv]
+        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if self.pai is not None and self.pai.start_layer <= layer < (self.pai.end_layer or self.lvlm.num_layers):
+            last = logits[:, :, -1, :]
+            logits[:, :, -1, :] = torch.where(image[:, None, :], last + self.pai.alpha * last.abs(), last)
+        min_value = torch.finfo(logits.dtype).min
+        logits = logits.masked_fill(~allowed[:, None], min_value)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if self.var is not None and layer >= self.var.start_layer:
+            sinks = torch.cat(self.sinks[layer], dim=1)
+            probs = redistribute(probs, image, sinks, qpos >= self.image_end[:, None], self.var)
+        if self.fastv is not None and layer == self.fastv.k - 1 and q > 1:
+            self._fastv_scores = probs[:, :, -1, :].mean(1)
+        if self.capture is not None:
+            self._record(layer, probs[:, :, -1, :].mean(1), kpos, image)
+        probs = probs.to(query.dtype)
+        out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+        return out, probs
+
+    def _record(self, layer: int, row: torch.Tensor, kpos: torch.Tensor, image: torch.Tensor) -> None:
+        n_img = max(self.spans.counts())
+        if layer == 0:
+            self._step_capture = torch.full((row.shape[0], self.lvlm.num_layers, n_img), float("nan"))
+        for b in range(row.shape[0]):
+            positions = torch.tensor(self.spans.positions(b), device=kpos.device)
+            hit = (kpos[b][:, None] == positions[None, :])  # [kv, n_img]
+            present = hit.any(0)
+            values = (row[b][:, None] * hit).sum(0)
+            self._step_capture[b, layer, : len(positions)][present.cpu()] = values[present].float().cpu()
+        if layer == self.lvlm.num_layers - 1:
+            self.capture.steps.append(self._step_capture)
+
+
+def redistribute(probs: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor,
+                 s: VARSettings) -> torch.Tensor:
+    """VAR on probabilities [B, H, q, kv]: in image-centric rows (``rows`` [B, q] allowed, visual-sink
+    share of image attention <= rho, image attention >= min_image) the sinks (``sinks`` [B, kv],
+    visual and text) keep ``p`` of their attention and the rest goes to the non-sink image tokens
+    in proportion to their attention. Other rows are returned untouched."""
+    img = image[:, None, None, :]
+    snk = sinks[:, None, None, :]
+    a_img = (probs * img).sum(-1)
+    a_vsink = (probs * (img & snk)).sum(-1)
+    sink_mass = (probs * snk).sum(-1)
+    target = img & ~snk
+    a_target = (probs * target).sum(-1)
+    select = (rows[:, None, :] & (a_vsink <= s.rho * a_img) & (a_img >= s.min_image) & (a_target > 0)
+              & (sink_mass > 0))
+    budget = (1 - s.p) * sink_mass
+    moved = torch.where(snk, probs * s.p, probs) + torch.where(
+        target, probs / a_target.clamp_min(1e-30)[..., None] * budget[..., None], torch.zeros_like(probs))
+    return torch.where(select[..., None], moved, probs)

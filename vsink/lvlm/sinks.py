@@ -1,0 +1,122 @@
+"""Visual sink tokens: φ = |h / rms(h)| on decoder-layer inputs, the model's sink dimensions
+(known values for known models, or calibrated), and detection."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from ..backbones.hf_lvlm import LVLM
+from ..errors import VsinkError
+from ..io import write_json
+from .session import rms_phi
+
+#: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025)
+KNOWN_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743]}
+
+
+def known_sink_dims(lvlm: LVLM) -> Optional[list[int]]:
+    name = str(getattr(lvlm.model.config, "_name_or_path", "")).lower()
+    for key, dims in KNOWN_SINK_DIMS.items():
+        if key in name:
+            return list(dims)
+    return None
+
+
+def sink_dimensions(lvlm: LVLM, given: Optional[Sequence[int]] = None) -> list[int]:
+    """``given``, else the known dimensions of this model, else a clear error."""
+    dims = list(given) if given else known_sink_dims(lvlm)
+    if not dims:
+        raise VsinkError(f"{lvlm.spec}: no sink dimensions known for this model; run "
+                         "'vsink lvlm calibrate' and pass them (--set sink_dims=[...] or a calibration JSON)")
+    bad = [d for d in dims if not 0 <= d < lvlm.hidden_size]
+    if bad:
+        raise VsinkError(f"sink dimensions {bad} outside the hidden size {lvlm.hidden_size}")
+    return [int(d) for d in dims]
+
+
+@dataclass
+class Calibration:
+    """``vsink lvlm calibrate`` output: the sink dimensions and how they were found."""
+
+    model: str
+    sink_dims: list[int]
+    layers: list[int]
+    counts: dict[str, int]
+    mean_phi: dict[str, float]
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        return write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Calibration":
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+            return cls(str(data["model"]), [int(d) for d in data["sink_dims"]], list(data.get("layers", [])),
+                       dict(data.get("counts", {})), dict(data.get("mean_phi", {})))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise VsinkError(f"{p}: not a sink calibration file ({e})") from None
+
+
+@torch.no_grad()
+def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional[Sequence[int]] = None,
+              num_dims: int = 2, top: int = 4) -> Calibration:
+    """Find sink dimensions: on the input of early decoder layers (default 1–3), take the first
+    real token of every row (BOS, the text sink) and rank dimensions by how often they are among
+    its ``top`` largest φ, then by mean φ; keep ``num_dims``."""
+    layers = list(layers) if layers is not None else [i for i in (1, 2, 3) if i < lvlm.num_layers]
+    counts: dict[int, int] = {}
+    phis: dict[int, list[float]] = {}
+    seen: list[torch.Tensor] = []
+
+    def pre(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+
+    for inputs in batches:
+        handles = [lvlm.layers[i].register_forward_pre_hook(pre, with_kwargs=True) for i in layers]
+        try:
+            lvlm.model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        mask = inputs.get("attention_mask")
+        first = (mask.long().argmax(dim=1) if mask is not None else torch.zeros(len(inputs["input_ids"]), dtype=torch.long))
+        for h in seen:
+            phi = rms_phi(h)[torch.arange(h.shape[0]), first.to(h.device)]  # [B, D]
+            values, dims = phi.topk(top, dim=-1)
+            for row_v, row_d in zip(values.tolist(), dims.tolist()):
+                for v, d in zip(row_v, row_d):
+                    counts[d] = counts.get(d, 0) + 1
+                    phis.setdefault(d, []).append(v)
+        seen.clear()
+    if not counts:
+        raise VsinkError("calibration saw no tokens")
+    ranked = sorted(counts, key=lambda d: (-counts[d], -sum(phis[d]) / len(phis[d])))
+    chosen = ranked[:num_dims]
+    return Calibration(model=lvlm.spec, sink_dims=chosen, layers=layers,
+                       counts={str(d): counts[d] for d in ranked[:16]},
+                       mean_phi={str(d): sum(phis[d]) / len(phis[d]) for d in ranked[:16]})
+
+
+def detect_sinks(lvlm: LVLM, inputs: dict[str, Any], dims: Sequence[int], tau: float = 20.0) -> torch.Tensor:
+    """Sink flags [layers, B, N] of a prompt: max over ``dims`` of φ on each layer's input > tau."""
+    flags: list[torch.Tensor] = []
+
+    def pre(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        flags.append(rms_phi(h)[..., list(dims)].amax(-1) > tau)
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in lvlm.layers]
+    try:
+        with torch.no_grad():
+            lvlm.model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(flags)
