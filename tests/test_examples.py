@@ -58,3 +58,28 @@ def test_posthoc_registers_example(tmp_path, monkeypatch, capsys):
     assert "original: 1 cls + 0 registers + 7x7 patches; emergence layer 2" in out
     assert "student: 1 cls + 4 registers + 7x7 patches; emergence layer None, 0 outlier tokens" in out
     assert (tmp_path / "final" / "vsink.json").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_lvlm_mitigations_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lvlm_mitigations.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "lvlm_mitigations.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for name in ("none", "var", "pai", "fastv"):
+        assert f"{name:>5}: [" in out
+    assert (tmp_path / "var-attention" / "row1.npz").exists()
+
+
+def test_llava15_gpu_script_runs_on_a_tiny_saved_model(tmp_path, monkeypatch, capsys):
+    """The GPU reproduction script, pointed at a tiny LLaVA saved locally, on the CPU."""
+    from vsink.data.demo_lvlm import build_tiny_llava
+
+    model, processor = build_tiny_llava()
+    model.save_pretrained(tmp_path / "tiny")
+    processor.save_pretrained(tmp_path / "tiny")
+    monkeypatch.setattr(sys, "argv", ["llava15_gpu.py", "--model", str(tmp_path / "tiny"), "--device", "cpu",
+                                      "--dtype", "float32", "--sink-dims", "3,7", "--max-new-tokens", "3",
+                                      "--out", str(tmp_path / "out")])
+    runpy.run_path(str(EXAMPLES / "llava15_gpu.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "--- var (" in out and "--- fastv (" in out
+    assert (tmp_path / "out" / "pai" / "1" / "row1.npz").exists()

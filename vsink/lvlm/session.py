@@ -59,10 +59,12 @@ class FastVSettings:
     ratio: float = 0.5  # R: fraction of image tokens pruned
 
 
-def rms_phi(h: torch.Tensor) -> torch.Tensor:
-    """φ = |h / sqrt(mean(h²) + 1e-6)| per token (RMS-normalised, no weight)."""
+def rms_phi(h: torch.Tensor, dims: Optional[list[int]] = None) -> torch.Tensor:
+    """φ = |h / sqrt(mean(h²) + 1e-6)| per token (RMS-normalised, no weight), on ``dims`` only
+    when given."""
     h = h.float()
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
+    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return ((h if dims is None else h[..., dims]) * inv).abs()
 
 
 def _own_eager(module: nn.Module):
@@ -112,6 +114,8 @@ class Session:
         self.image0 = self.spans.mask(device=dev)
         self.image_end = torch.tensor([self.spans.end(b) for b in range(self.spans.batch_size)], device=dev)
         self.suspended = False
+        self._no_padding = bool(self.valid0.all())
+        self._needs_image = var is not None or pai is not None or capture
         self.kept: Optional[torch.Tensor] = None  # FastV: prompt positions kept from block k on [B, n]
         self._gather: Optional[torch.Tensor] = None
         self._total = 0
@@ -188,7 +192,7 @@ class Session:
     def _sink_hook(self, layer: int):
         def pre(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            phi = rms_phi(h)[..., self.sink_dims]
+            phi = rms_phi(h, self.sink_dims)
             flags = phi.amax(-1) > self.var.tau if phi.shape[-1] else torch.zeros(h.shape[:2], dtype=torch.bool,
                                                                                  device=h.device)
             if h.shape[1] > 1:  # a pass over the whole sequence so far starts afresh
@@ -250,8 +254,10 @@ class Session:
         kv = key.shape[2]
         kpos = self.key_positions(layer, kv, query.device)
         qpos = kpos[:, -q:]
-        allowed = self._lookup(self.valid0, kpos, True)[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
-        image = self._lookup(self.image0, kpos, False)  # [B, kv]
+        allowed = kpos[:, None, :] <= qpos[:, :, None]
+        if not self._no_padding:
+            allowed = allowed & self._lookup(self.valid0, kpos, True)[:, None, :]
+        image = self._lookup(self.image0, kpos, False) if self._needs_image else None  # [B, kv]
         logits = torch.matmul(query, key.transpose(2, 3)) * scaling
         if self.pai is not None and self.pai.start_layer <= layer < (self.pai.end_layer or self.lvlm.num_layers):
             last = logits[:, :, -1, :]
@@ -260,17 +266,21 @@ class Session:
         logits = logits.masked_fill(~allowed[:, None], min_value)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         if self.var is not None and layer >= self.var.start_layer:
-            sinks = torch.cat(self.sinks[layer], dim=1)
-            probs = redistribute(probs, image, sinks, qpos >= self.image_end[:, None], self.var)
+            rows = qpos >= self.image_end[:, None]  # queries after the image
+            eligible = rows.any(0).nonzero()
+            if len(eligible):  # only that tail of the query block can change
+                first = int(eligible[0])
+                sinks = torch.cat(self.sinks[layer], dim=1)
+                probs[:, :, first:] = redistribute(probs[:, :, first:], image, sinks, rows[:, first:], self.var)
         if self.fastv is not None and layer == self.fastv.k - 1 and q > 1:
             self._fastv_scores = probs[:, :, -1, :].mean(1)
         if self.capture is not None:
-            self._record(layer, probs[:, :, -1, :].mean(1), kpos, image)
+            self._record(layer, probs[:, :, -1, :].mean(1), kpos)
         probs = probs.to(query.dtype)
         out = torch.matmul(probs, value).transpose(1, 2).contiguous()
         return out, probs
 
-    def _record(self, layer: int, row: torch.Tensor, kpos: torch.Tensor, image: torch.Tensor) -> None:
+    def _record(self, layer: int, row: torch.Tensor, kpos: torch.Tensor) -> None:
         n_img = max(self.spans.counts())
         if layer == 0:
             self._step_capture = torch.full((row.shape[0], self.lvlm.num_layers, n_img), float("nan"))
@@ -289,17 +299,16 @@ def redistribute(probs: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, 
     """VAR on probabilities [B, H, q, kv]: in image-centric rows (``rows`` [B, q] allowed, visual-sink
     share of image attention <= rho, image attention >= min_image) the sinks (``sinks`` [B, kv],
     visual and text) keep ``p`` of their attention and the rest goes to the non-sink image tokens
-    in proportion to their attention. Other rows are returned untouched."""
-    img = image[:, None, None, :]
-    snk = sinks[:, None, None, :]
-    a_img = (probs * img).sum(-1)
-    a_vsink = (probs * (img & snk)).sum(-1)
-    sink_mass = (probs * snk).sum(-1)
-    target = img & ~snk
-    a_target = (probs * target).sum(-1)
+    in proportion to their attention. Other rows are returned bit-identical (multiplied by 1)."""
+    target = image & ~sinks
+    classes = torch.stack([image, image & sinks, sinks, target], dim=-1).to(probs.dtype)  # [B, kv, 4]
+    a_img, a_vsink, sink_mass, a_target = (probs @ classes[:, None]).unbind(-1)  # one pass: [B, H, q] each
     select = (rows[:, None, :] & (a_vsink <= s.rho * a_img) & (a_img >= s.min_image) & (a_target > 0)
               & (sink_mass > 0))
-    budget = (1 - s.p) * sink_mass
-    moved = torch.where(snk, probs * s.p, probs) + torch.where(
-        target, probs / a_target.clamp_min(1e-30)[..., None] * budget[..., None], torch.zeros_like(probs))
-    return torch.where(select[..., None], moved, probs)
+    sink_factor = torch.where(select, torch.full_like(a_img, s.p), torch.ones_like(a_img))
+    gain = (1 - s.p) * sink_mass / a_target.clamp_min(1e-30)
+    target_factor = torch.where(select, 1 + gain, torch.ones_like(a_img))
+    snk = sinks[:, None, None, :].to(probs.dtype)
+    tgt = target[:, None, None, :].to(probs.dtype)
+    weight = 1 + snk * (sink_factor - 1)[..., None] + tgt * (target_factor - 1)[..., None]
+    return probs * weight

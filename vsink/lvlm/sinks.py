@@ -110,7 +110,7 @@ def detect_sinks(lvlm: LVLM, inputs: dict[str, Any], dims: Sequence[int], tau: f
 
     def pre(module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
-        flags.append(rms_phi(h)[..., list(dims)].amax(-1) > tau)
+        flags.append(rms_phi(h, list(dims)).amax(-1) > tau)
 
     handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in lvlm.layers]
     try:
