@@ -9,11 +9,12 @@ from PIL import Image
 
 from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
 from vsink.errors import VsinkError
-from vsink.lvlm import LVLM, FastVSettings, PAISettings, Session, VARSettings, generate
+from vsink.lvlm import LVLM, PAISettings, Session, VARSettings, generate
 from vsink.lvlm.session import redistribute
 from vsink.lvlm.sinks import calibrate, detect_sinks
 
-BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl}
+BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
+            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
 PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
 SETTINGS = {"none": {}, "var": {"sink_dims": [3, 7], "tau": 2.5}, "pai": {"alpha": 0.5},
             "pai_cfg": {"alpha": 0.5, "gamma": 1.1}, "fastv": {"k": 2, "ratio": 0.5}}
@@ -255,7 +256,7 @@ def test_attention_export_shapes(lvlm, tmp_path):
     assert np.isnan(data["attention"][:, 2:]).any() and not np.isnan(data["attention"][:, :2]).any()  # pruned
     assert data["tokens"].tolist() == result.new_tokens[1].tolist()
     assert (tmp_path / "row0" / "step002.png").exists() and len(paths) == 2 + 2 * 3
-    if lvlm.model_type == "qwen2_vl":
+    if lvlm.model_type in ("qwen2_vl", "qwen2_5_vl"):
         t, h, w = inputs["image_grid_thw"][1].tolist()
         assert grid == (h // 2, w // 2)
 

@@ -84,32 +84,40 @@ def build_tiny_llava_next(*, hidden: int = 64, layers: int = 4, heads: int = 4, 
 
 
 def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                        image_size: int = 32, seed: int = 0) -> tuple[Any, Any]:
-    """(``Qwen2VLForConditionalGeneration``, ``Qwen2VLProcessor``): patch 4, merge 2, so an
-    image_size² image gives (image_size / 8)² image tokens; 3-row M-RoPE."""
+                        image_size: int = 32, seed: int = 0, version: str = "2") -> tuple[Any, Any]:
+    """(``Qwen2VLForConditionalGeneration``, ``Qwen2VLProcessor``), or Qwen2.5-VL with
+    ``version="2.5"``: patch 4, merge 2, so an image_size² image gives (image_size / 8)² image
+    tokens; 3-row M-RoPE."""
     import transformers as tr
 
+    if version not in ("2", "2.5"):
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
     tok = word_tokenizer(("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"))
     torch.manual_seed(seed)
     head_dim = hidden // heads
     section = [head_dim // 8, head_dim // 8 + (head_dim // 2 - 3 * (head_dim // 8)) // 2]
     section.append(head_dim // 2 - sum(section))
-    config = tr.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=2048, rope_scaling={"type": "mrope", "mrope_section": section},
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
-    model = tr.Qwen2VLForConditionalGeneration(config).eval()
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+                rope_scaling={"type": "mrope", "mrope_section": section}, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if version == "2":
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        config_cls, model_cls, processor_cls = tr.Qwen2VLConfig, tr.Qwen2VLForConditionalGeneration, tr.Qwen2VLProcessor
+    else:
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=hidden, intermediate_size=64, num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                      fullatt_block_indexes=[1])
+        config_cls, model_cls = tr.Qwen2_5_VLConfig, tr.Qwen2_5_VLForConditionalGeneration
+        processor_cls = tr.Qwen2_5_VLProcessor
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    model = model_cls(config_cls(text_config=text, vision_config=vision, **ids)).eval()
     pixels = image_size * image_size
     image_processor = tr.Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=4, merge_size=2,
                                                temporal_patch_size=2)
     video_processor = tr.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
-    processor = tr.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor)
-    processor.image_token = "<|image_pad|>"
+    processor = processor_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor)
     return model, processor
