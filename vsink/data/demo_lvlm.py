@@ -30,6 +30,19 @@ def word_tokenizer(extra_special: tuple[str, ...] = ()):
     return tok
 
 
+def _llama_and_clip(tok: Any, hidden: int, layers: int, heads: int, kv_heads: int, image_size: int, patch: int):
+    """The Llama decoder and CLIP vision tower configs of the tiny LLaVA models."""
+    import transformers as tr
+
+    text = tr.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = tr.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=image_size, patch_size=patch)
+    return text, vision
+
+
 def build_tiny_llava(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                      image_size: int = 32, patch: int = 8, seed: int = 0) -> tuple[Any, Any]:
     """(``LlavaForConditionalGeneration``, ``LlavaProcessor``): a CLIP vision tower and a Llama
@@ -38,12 +51,7 @@ def build_tiny_llava(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_he
 
     tok = word_tokenizer(("<image>",))
     torch.manual_seed(seed)
-    text = tr.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                          max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = tr.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=image_size, patch_size=patch)
+    text, vision = _llama_and_clip(tok, hidden, layers, heads, kv_heads, image_size, patch)
     config = tr.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-1, vision_feature_select_strategy="default")
     model = tr.LlavaForConditionalGeneration(config).eval()
@@ -63,12 +71,7 @@ def build_tiny_llava_next(*, hidden: int = 64, layers: int = 4, heads: int = 4, 
 
     tok = word_tokenizer(("<image>",))
     torch.manual_seed(seed)
-    text = tr.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                          max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = tr.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=image_size, patch_size=patch)
+    text, vision = _llama_and_clip(tok, hidden, layers, heads, kv_heads, image_size, patch)
     pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
     config = tr.LlavaNextConfig(vision_config=vision, text_config=text,
                                 image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,

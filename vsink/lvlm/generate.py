@@ -52,21 +52,18 @@ class GuidanceProcessor:
             self.ids[b, width - len(r):] = r
             self.mask[b, width - len(r):] = 1
         self.cache = None
-        self.seen = 0
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
 
-        new = input_ids[:, input_ids.shape[1] - self.seen:] if self.seen else None
-        if self.cache is None:
+        if self.cache is None:  # first step: the text-only prompt
             self.cache = DynamicCache()
-            ids, mask = self.ids, self.mask
-        else:
-            ids = new[:, -1:]
+            ids = self.ids
+        else:  # then the token chosen at the previous step
+            ids = input_ids[:, -1:]
             self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-            mask = self.mask
-        self.seen += 1
+        mask = self.mask
         pos = self.lvlm.text_position_ids(mask, ids.shape[1])
         with self.session.suspend():
             out = self.lvlm.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=self.cache,
@@ -103,7 +100,7 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: str = "none",
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
-    if not lvlm.image_spans(input_ids).counts() or not all(lvlm.image_spans(input_ids).counts()):
+    if not all(lvlm.image_spans(input_ids).counts()):
         raise VsinkError("every prompt needs an image (no image tokens found in a row)")
     session = Session(lvlm, input_ids, mask, var=cfg if mitigation == "var" else None,
                       pai=cfg if mitigation == "pai" else None, fastv=cfg if mitigation == "fastv" else None,
