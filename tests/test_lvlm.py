@@ -273,6 +273,9 @@ def test_settings_and_errors():
         generate(lvlm, inputs, mitigation="var")
     with pytest.raises(VsinkError, match=r"FastV ratio R must be in \[0, 1\)"):
         generate(lvlm, inputs, mitigation="fastv", settings={"ratio": 1.0})
+    text_only = dict(processor.tokenizer(["is there a cat ?"], return_tensors="pt"))
+    with pytest.raises(VsinkError, match="every prompt needs an image"):
+        generate(lvlm, text_only)
     with pytest.raises(VsinkError, match="not a supported LVLM"):
         LVLM(build_tiny_llava()[0].model.language_model)
 
