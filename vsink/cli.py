@@ -114,14 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def lvlm_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model/--device/--dtype/--trust-remote-code of the LVLM subcommands."""
+    p.add_argument("--model", required=required, help="hf:REPO or a local directory of an LVLM "
+                   "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as saved)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run code shipped with the model (off by default)")
+
+
 def _add_lvlm_parsers(sub) -> None:
-    def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="hf:REPO or a local directory of an LVLM "
-                       "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)")
-        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-        p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as saved)")
-        p.add_argument("--trust-remote-code", action="store_true",
-                       help="let transformers run code shipped with the model (off by default)")
+    model_args = lvlm_model_args
 
     gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",
                          description="Greedy generation with none, VAR, PAI or FastV; several --image/--prompt "
@@ -154,7 +158,7 @@ def _comma(text: str) -> list[str]:
 
 
 def _add_eval_parser(sub) -> None:
-    evaluate = sub.add_parser("eval", help="evaluations (dense prediction)")
+    evaluate = sub.add_parser("eval", help="evaluations: dense prediction, POPE, CHAIR")
     ev_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     dense = ev_sub.add_parser(
         "dense", help="linear-probe segmentation, LOST object discovery and artifact metrics",
@@ -187,6 +191,9 @@ def _add_eval_parser(sub) -> None:
     dense.add_argument("--lost-k", type=int, default=100, help="LOST seed-expansion candidates (default 100)")
     dense.add_argument("--synthetic-images", type=int, default=32, help="synthetic: images per split (default 32)")
     dense.add_argument("--out", default="vsink-eval", help="output directory (default: vsink-eval)")
+    from .cli_hallucination import add_parsers
+
+    add_parsers(ev_sub)
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
@@ -311,6 +318,10 @@ def _cmd_maps(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.eval_command in ("pope", "chair"):
+        from .cli_hallucination import run
+
+        return run(args)
     from .evaluate.datasets import DEFAULT_SPLITS, open_dataset
     from .evaluate.dense import LostSettings, evaluate_dense, supported_tasks
     from .evaluate.segmentation import ProbeSettings
@@ -357,7 +368,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_lvlm(args: argparse.Namespace):
+def load_lvlm_for(args: argparse.Namespace):
     from .backbones.hf_lvlm import load_lvlm
     from .backbones.registry import resolve_dtype
 
@@ -367,7 +378,7 @@ def _load_lvlm(args: argparse.Namespace):
     return lvlm
 
 
-def _settings(pairs: Sequence[str]) -> dict:
+def parse_settings(pairs: Sequence[str]) -> dict:
     import yaml
 
     out = {}
@@ -392,11 +403,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompts *= len(args.image)
     if len(prompts) != len(args.image):
         raise VsinkError(f"give one --prompt per --image (or one for all): {len(args.image)} images, {len(prompts)} prompts")
-    settings = _settings(args.set)
+    settings = parse_settings(args.set)
     if args.sinks:
         settings.setdefault("sink_dims", Calibration.load(args.sinks).sink_dims)
     images = [load_image(p) for p in args.image]
-    lvlm = _load_lvlm(args)
+    lvlm = load_lvlm_for(args)
     inputs = lvlm.prepare(images, prompts)
     result = generate(lvlm, inputs, mitigation=args.mitigation, settings=settings, max_new_tokens=args.max_new_tokens,
                       use_cache=not args.no_cache, capture_attention=bool(args.export_attention))
@@ -416,7 +427,7 @@ def _cmd_lvlm(args: argparse.Namespace) -> int:
     from .lvlm.sinks import calibrate
 
     images = [load_image(p) for p in args.image] if args.image else [im.image for im in demo_images()]
-    lvlm = _load_lvlm(args)
+    lvlm = load_lvlm_for(args)
     batches = [lvlm.prepare([im], [args.prompt]) for im in images]
     cal = calibrate(lvlm, batches, num_dims=args.num_dims)
     cal.save(args.out)
@@ -457,7 +468,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vsink: interrupted; no partial outputs were written", file=sys.stderr)
+        print("vsink: interrupted; nothing was left half-written (resumable runs keep their finished items)",
+              file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,215 @@
+"""POPE and CHAIR scoring against hand-computed values, question building, and the runner with a
+tiny LVLM, interrupted and resumed."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vsink.errors import VsinkError
+from vsink.evaluate.chair import mentions, score_chair, singular
+from vsink.evaluate.pope import build_questions, parse_answer, question_text, score_answers
+
+CASES = [("", "yes", None), ("Yes.", "yes", "yes"), ("No, there is not", "no", "no"),
+         ("I don't know", "yes", None), ("snow", "yes", None), ("There is no cat. No.", "no", None),
+         ("Not sure.", "yes", None), ("yes, a cat", "yes", "yes"), ("NO", "yes", "no")]
+
+
+@pytest.mark.parametrize("text, official, strict", CASES)
+def test_parsers(text, official, strict):
+    assert parse_answer(text, "official") == official
+    assert parse_answer(text, "strict") == strict
+
+
+def test_pope_metrics_hand_computed():
+    answers = [{"split": "random", "label": "yes", "answer": "Yes."},
+               {"split": "random", "label": "yes", "answer": ""},
+               {"split": "random", "label": "no", "answer": "No, there is not"},
+               {"split": "random", "label": "no", "answer": "snow"},
+               {"split": "popular", "label": "yes", "answer": "no"},
+               {"split": "popular", "label": "no", "answer": "no."}]
+    off = score_answers(answers, "official")
+    r = off["splits"]["random"]  # preds yes, yes, no, yes: TP 2, FP 1, TN 1, FN 0
+    assert (r["accuracy"], r["precision"], r["recall"], r["yes_ratio"], r["n"]) == (0.75, 2 / 3, 1.0, 0.75, 4)
+    assert r["f1"] == pytest.approx(0.8)
+    p = off["splits"]["popular"]  # preds no, no: TP 0, FN 1, TN 1 — no "yes": precision and F1 are 0
+    assert (p["accuracy"], p["precision"], p["recall"], p["f1"], p["yes_ratio"]) == (0.5, 0.0, 0.0, 0.0, 0.0)
+    assert off["mean"]["accuracy"] == pytest.approx(0.625) and off["mean"]["n"] == 6
+    strict = score_answers(answers, "strict")["splits"]["random"]  # preds yes, ?, no, ?
+    assert (strict["accuracy"], strict["precision"], strict["recall"], strict["unparseable"]) == (0.5, 1.0, 0.5, 2)
+    assert strict["yes_ratio"] == 0.25 and strict["f1"] == pytest.approx(2 / 3)
+    with pytest.raises(VsinkError, match="label must be yes or no"):
+        score_answers([{"split": "random", "label": "maybe", "answer": "yes"}])
+
+
+CLASSES = ["apple", "bird", "car", "dog", "elephant", "fork", "horse", "orange", "person", "umbrella"]
+OBJECTS = {1: ["person", "dog", "car"], 2: ["person", "dog", "horse", "umbrella"], 3: ["apple", "orange", "fork"],
+           4: ["person", "car", "bird"], 5: ["dog", "horse"], 6: ["person", "umbrella", "car", "dog"],
+           7: ["elephant", "bird", "person"]}
+
+
+def _coco(tmp_path=None):
+    data = {"categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)],
+            "images": [{"id": i, "file_name": f"img{i}.jpg"} for i in OBJECTS],
+            "annotations": [{"image_id": i, "category_id": CLASSES.index(c) + 1, "bbox": [0, 0, 1, 1]}
+                            for i, objs in OBJECTS.items() for c in objs for _ in range(2)]}
+    if tmp_path is None:
+        return data
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_pope_questions_follow_the_split_definitions():
+    qs = build_questions(_coco(), num_images=5, seed=1)
+    assert qs == build_questions(_coco(), num_images=5, seed=1)  # deterministic
+    assert qs != build_questions(_coco(), num_images=5, seed=2)
+    images = {q["image"] for q in qs}
+    chosen = [i for i in OBJECTS if f"img{i}.jpg" in images]
+    assert len(chosen) == 5 and all(len(OBJECTS[i]) >= 3 for i in chosen)  # image 5 has only 2 classes
+    freq = Counter(c for i in chosen for c in OBJECTS[i])
+    co = Counter((a, b) for i in chosen for a in OBJECTS[i] for b in OBJECTS[i] if a != b)
+    for split in ("random", "popular", "adversarial"):
+        sq = [q for q in qs if q["split"] == split]
+        assert Counter(q["label"] for q in sq) == {"yes": 15, "no": 15}  # balanced
+        for i in chosen:
+            mine = [q for q in sq if q["image"] == f"img{i}.jpg"]
+            yes = [q["object"] for q in mine if q["label"] == "yes"]
+            no = [q["object"] for q in mine if q["label"] == "no"]
+            assert set(yes) <= set(OBJECTS[i]) and len(set(yes)) == 3
+            absent = sorted(set(CLASSES) - set(OBJECTS[i]))
+            assert set(no) <= set(absent) and len(set(no)) == 3
+            if split == "popular":
+                assert no == sorted(absent, key=lambda c: (-freq[c], c))[:3]
+            if split == "adversarial":
+                assert no == sorted(absent, key=lambda c: (-sum(co[(p, c)] for p in OBJECTS[i]), c))[:3]
+    assert question_text("apple") == "Is there an apple in the image?"
+    assert question_text("dog") == "Is there a dog in the image?"
+    with pytest.raises(VsinkError, match="unknown POPE split"):
+        build_questions(_coco(), splits=["hard"])
+
+
+def test_chair_golden_cases():
+    assert [c for _, c in mentions("Two men and a woman with dogs near a hot dog stand")] == \
+        ["person", "person", "dog", "hot dog"]
+    assert [c for _, c in mentions("A teddy bear, a baby bird and a bear.")] == ["teddy bear", "bird", "bear"]
+    assert [p for p, _ in mentions("A toilet seat, a toilet and a seat.")] == ["toilet seat", "toilet"]
+    assert [p for p, _ in mentions("A seat by the window.")] == ["seat"]  # no toilet: the seat stays (chair)
+    assert singular("knives") == "knife" and singular("buses") == "bus" and singular("snow") == "snow"
+    generated = [{"image_id": 1, "caption": "A man walks his dog. There is no cat, no cat at all."},
+                 {"image_id": 2, "caption": "An empty street."},
+                 {"image_id": 4, "caption": "People, a car and a bird."}]
+    result = score_chair(generated, _coco())
+    # mentions: man, dog, cat, cat | none | people, car, bird -> 7; hallucinated: cat, cat
+    assert result["chair_i"] == pytest.approx(2 / 7) and result["chair_s"] == pytest.approx(1 / 3)
+    # ground truth: {person, dog, car}, {person, dog, horse, umbrella}, {person, car, bird}: 2 + 0 + 3 of 10
+    assert result["recall"] == pytest.approx(5 / 10)
+    assert result["avg_len"] == pytest.approx((13 + 3 + 6) / 3)  # words per caption
+    first = result["captions"][0]
+    assert first["mentioned"] == ["person", "dog", "cat", "cat"] and first["hallucinated"] == ["cat", "cat"]
+    nothing = score_chair([{"image_id": 2, "caption": "Nothing here."}], _coco())
+    assert (nothing["chair_i"], nothing["chair_s"], nothing["recall"]) == (0.0, 0.0, 0.0)
+
+
+def test_chair_reference_captions_extend_ground_truth():
+    refs = {"annotations": [{"image_id": 1, "caption": "A boy and his cat near a car."}]}
+    result = score_chair([{"image_id": 1, "caption": "A cat."}], _coco(), refs)
+    assert result["chair_i"] == 0.0
+    with pytest.raises(VsinkError, match="image_id 99 is not in the annotations"):
+        score_chair([{"image_id": 99, "caption": "x"}], _coco())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from vsink.data.demo_lvlm import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("run")
+    model, processor = build_tiny_llava()
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in OBJECTS:
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(root / "images" / f"img{i}.jpg")
+    _coco(root)
+    return root
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_pope_runner_interrupted_and_resumed(tiny, tmp_path, monkeypatch, capsys):
+    import vsink.lvlm as lvlm_mod
+    from vsink.cli import main
+
+    argv = ["eval", "pope", "--model", str(tiny / "model"), "--images", str(tiny / "images"),
+            "--annotations", str(tiny / "instances.json"), "--num-images", "2", "--splits", "random,popular",
+            "--mitigation", "none,pai", "--set", "pai.alpha=0.5", "--max-new-tokens", "2", "--batch-size", "4",
+            "--no-progress", "--out", str(tmp_path)]
+    real = lvlm_mod.generate
+    calls = []
+
+    def flaky(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lvlm_mod, "generate", flaky)
+    assert main(argv) == 130
+    first = _lines(tmp_path / "none" / "answers.jsonl")
+    assert len(first) == 8  # two batches of 4 were written before the interruption
+    calls.clear()
+    monkeypatch.setattr(lvlm_mod, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main(argv) == 0
+    assert len(calls) == 4 + 6  # 'none': the 16 questions left (4 batches); 'pai': all 24 (6 batches)
+    for name in ("none", "pai"):
+        rows = _lines(tmp_path / name / "answers.jsonl")
+        assert sorted(r["question_id"] for r in rows) == list(range(24))  # each question exactly once
+    assert _lines(tmp_path / "none" / "answers.jsonl")[:8] == first  # nothing redone
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["baseline"] == "none" and set(results["results"]) == {"none", "pai"}
+    proto = results["protocol"]
+    assert proto["max_new_tokens"] == 2 and proto["parser"] == "official" and len(proto["images"]) == 2
+    assert proto["settings"]["pai"] == {"alpha": 0.5}
+    assert results["results"]["none"]["mean"]["n"] == 24
+    assert "pai (Δ vs none)" in (tmp_path / "results.md").read_text()
+    assert main(["eval", "pope", "--answers", str(tmp_path / "none" / "answers.jsonl"), "--parser", "strict",
+                 "--out", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "results.json").read_text())
+    assert scored["results"]["answers"]["mean"]["n"] == 24
+
+
+def test_chair_runner_and_scoring_only(tiny, tmp_path):
+    from vsink.cli import main
+
+    assert main(["eval", "chair", "--model", str(tiny / "model"), "--images", str(tiny / "images"),
+                 "--annotations", str(tiny / "instances.json"), "--num-images", "3", "--mitigation", "none,fastv",
+                 "--max-new-tokens", "4", "--no-progress", "--out", str(tmp_path)]) == 0
+    rows = _lines(tmp_path / "fastv" / "generated.jsonl")
+    assert len(rows) == 3 and {"image_id", "image", "caption"} <= set(rows[0])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["results"]) == {"none", "fastv"} and results["protocol"]["prompt"].startswith("Please")
+    gen = tmp_path / "mine.jsonl"
+    gen.write_text(json.dumps({"image_id": 1, "caption": "A dog and a cat."}) + "\n")
+    assert main(["eval", "chair", "--generated", str(gen), "--annotations", str(tiny / "instances.json"),
+                 "--out", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "results.json").read_text())["results"]["generated"]
+    assert scored["chair_i"] == 0.5 and scored["captions"][0]["hallucinated"] == ["cat"]
+
+
+def test_runner_errors(tiny, tmp_path, capsys):
+    from vsink.cli import main
+
+    base = ["eval", "pope", "--annotations", str(tiny / "instances.json"), "--out", str(tmp_path)]
+    assert main(base + ["--images", str(tiny / "images")]) == 2  # no --model
+    assert main(base + ["--model", str(tiny / "model"), "--images", str(tiny / "images"),
+                        "--mitigation", "none,vcd"]) == 2
+    assert main(base + ["--model", str(tiny / "model"), "--images", str(tiny / "images"),
+                        "--set", "var.p=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --model" in err and "unknown mitigation 'vcd'" in err and "MITIGATION.KEY" in err
+    assert "Traceback" not in err

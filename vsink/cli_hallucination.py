@@ -1,0 +1,175 @@
+"""``vsink eval pope`` and ``vsink eval chair``: score existing outputs, or run an LVLM with
+mitigations over the benchmark (resumable) and score."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import VsinkError
+
+
+def add_parsers(ev_sub) -> None:
+    from .cli import lvlm_model_args
+
+    def run_args(p: argparse.ArgumentParser, prompt: str, max_new: int) -> None:
+        lvlm_model_args(p, required=False)
+        p.add_argument("--images", help="image directory (file names as in the annotations)")
+        p.add_argument("--annotations", help="COCO instances JSON")
+        p.add_argument("--mitigation", default="none",
+                       help="comma list of none, var, pai, fastv (default none); the first is the baseline")
+        p.add_argument("--set", action="append", default=[], metavar="MITIGATION.KEY=VALUE",
+                       help="setting of one mitigation, e.g. var.p=0.6, pai.gamma=1.1, fastv.ratio=0.5")
+        p.add_argument("--sinks", help="sink calibration JSON for var (from 'vsink lvlm calibrate')")
+        p.add_argument("--num-images", type=int, default=500, help="images sampled from the annotations (default 500)")
+        p.add_argument("--limit", type=int, help="run only the first N items")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+        p.add_argument("--batch-size", type=int, default=4, help="prompts per generate call (default 4)")
+        p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default {max_new}")
+        p.add_argument("--prompt", default=prompt, help=f"prompt (default: {prompt!r})")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        p.add_argument("--out", default="vsink-hallucination", help="output directory")
+
+    pope = ev_sub.add_parser("pope", help="POPE: build questions, run an LVLM, score yes/no answers",
+                             description="Score --answers FILE, or run --model over POPE questions (built from "
+                                         "--annotations, or --questions FILE) with each --mitigation.")
+    from .evaluate.hallucination import CHAIR_PROMPT, POPE_PROMPT
+
+    run_args(pope, POPE_PROMPT, 16)
+    pope.add_argument("--answers", help="score this answers JSONL (no model)")
+    pope.add_argument("--questions", help="questions JSONL to use instead of building them")
+    pope.add_argument("--splits", default="random,popular,adversarial", help="POPE splits (default: all three)")
+    pope.add_argument("--parser", default="official", help="official (default) or strict")
+    pope.add_argument("--build-only", action="store_true", help="write OUT/questions.jsonl and stop")
+
+    chair = ev_sub.add_parser("chair", help="CHAIR: caption images with an LVLM, score object hallucination",
+                              description="Score --generated FILE, or run --model to caption images from "
+                                          "--annotations with each --mitigation.")
+    run_args(chair, CHAIR_PROMPT, 512)
+    chair.add_argument("--generated", help="score this generated-captions JSONL (no model)")
+    chair.add_argument("--captions", help="COCO captions JSON (reference captions add ground-truth objects)")
+
+
+def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
+    from .cli import parse_settings
+    from .lvlm.sinks import Calibration
+
+    settings: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in parse_settings(args.set).items():
+        name, dot, field = key.partition(".")
+        if not dot or name not in settings:
+            raise VsinkError(f"--set {key}=...: use MITIGATION.KEY with a mitigation of this run ({', '.join(names)})")
+        settings[name][field] = value
+    if args.sinks and "var" in settings:
+        settings["var"].setdefault("sink_dims", Calibration.load(args.sinks).sink_dims)
+    return settings
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
+    if missing:
+        raise VsinkError(f"running the model needs {', '.join(missing)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .evaluate import chair as chair_mod
+    from .evaluate import hallucination as hal
+    from .evaluate import pope as pope_mod
+
+    out = Path(args.out)
+    if args.eval_command == "pope":
+        if args.parser not in pope_mod.PARSERS:
+            raise VsinkError(f"--parser must be one of {', '.join(pope_mod.PARSERS)}")
+        if args.answers:
+            rows = pope_mod.read_jsonl(args.answers, ("split", "label", "answer"))
+            scores = {"answers": pope_mod.score_answers(rows, args.parser)}
+            protocol = {"answers": str(args.answers), "parser": args.parser}
+            paths = hal.save_results(out, "pope", protocol, scores, {})
+            return _report(paths)
+        if args.questions:
+            questions = hal.load_questions(args.questions)
+        else:
+            _require(args, "annotations")
+            questions = pope_mod.build_questions(args.annotations, splits=[s for s in args.splits.split(",") if s],
+                                                 num_images=args.num_images, seed=args.seed)
+            from .io import write_text
+            import json
+
+            write_text(out / "questions.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
+            if args.build_only:
+                print(f"wrote {len(questions)} questions to {out / 'questions.jsonl'}")
+                return 0
+        items = questions[: args.limit] if args.limit else questions
+        return _run_model(args, out, "pope", items, "question_id", "answer",
+                          lambda it: args.prompt.format(question=it["text"]),
+                          lambda rows: pope_mod.score_answers(rows, args.parser),
+                          hal.pope_protocol(args.prompt, args.max_new_tokens, args.parser, args.seed, items, {}))
+    _require(args, "annotations")
+    truth = chair_mod.ground_truth(args.annotations, args.captions)
+    if args.generated:
+        rows = pope_mod.read_jsonl(args.generated, ("image_id", "caption"))
+        scores = {"generated": chair_mod.score_captions(rows, truth, str(args.generated))}
+        protocol = {"generated": str(args.generated), "annotations": str(args.annotations),
+                    "captions": str(args.captions) if args.captions else None}
+        return _report(hal.save_results(out, "chair", protocol, scores, {}))
+    images = _chair_images(args.annotations, args.num_images, args.seed)
+    items = images[: args.limit] if args.limit else images
+    protocol = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "greedy": True,
+                "images": [it["image"] for it in items], "annotations": str(args.annotations),
+                "captions": str(args.captions) if args.captions else None}
+    return _run_model(args, out, "chair", items, "image_id", "caption", lambda it: args.prompt,
+                      lambda rows: chair_mod.score_captions(rows, truth), protocol)
+
+
+def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str, Any]]:
+    import json
+
+    try:
+        data = json.loads(Path(annotations).read_text())
+        files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VsinkError(f"{annotations}: not a COCO instances file ({e!r})") from None
+    ids = sorted(random.Random(seed).sample(sorted(files), min(num_images, len(files))))
+    return [{"image_id": i, "image": files[i]} for i in ids]
+
+
+def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[str, Any]], key: str, field: str,
+               prompt, score, protocol: dict[str, Any]) -> int:
+    from .cli import load_lvlm_for
+    from .evaluate import hallucination as hal
+    from .lvlm.generate import make_settings
+
+    _require(args, "model", "images")
+    names = [m.strip() for m in args.mitigation.split(",") if m.strip()]
+    if not names or len(set(names)) != len(names):
+        raise VsinkError(f"--mitigation: give distinct names, got {args.mitigation!r}")
+    settings = _mitigation_settings(args, names)
+    for name in names:
+        make_settings(name, settings[name])  # fail before loading the model
+    if args.batch_size < 1:
+        raise VsinkError(f"--batch-size must be >= 1, got {args.batch_size}")
+    lvlm = load_lvlm_for(args)
+    protocol = {**protocol, "model": args.model, "settings": settings}
+    scores, skipped = {}, {}
+    for name in names:
+        rows, skipped[name] = hal.run_items(
+            lvlm, items, key, out / name / ("answers.jsonl" if kind == "pope" else "generated.jsonl"),
+            images_dir=Path(args.images), prompt=prompt, field=field, mitigation=name, settings=settings[name],
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress)
+        wanted = {it[key] for it in items}
+        rows = [r for r in rows if r[key] in wanted]
+        if not rows:
+            raise VsinkError(f"{name}: no item could be run (first problem: "
+                             f"{skipped[name][0]['reason'] if skipped[name] else 'none'})")
+        scores[name] = score(rows)
+    return _report(hal.save_results(out, kind, protocol, scores, skipped))
+
+
+def _report(paths: dict[str, Path]) -> int:
+    print(paths["markdown"].read_text())
+    for p in paths.values():
+        print(f"wrote {p}", file=sys.stderr)
+    return 0

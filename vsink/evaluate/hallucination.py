@@ -1,0 +1,118 @@
+"""The hallucination runner: an LVLM over POPE questions or CHAIR images, with and without
+mitigations, resumable, then scored.
+
+Each mitigation writes ``OUT/<mitigation>/answers.jsonl`` (POPE: the question fields plus
+``answer``) or ``generated.jsonl`` (CHAIR: ``image_id``, ``image``, ``caption``) one line per
+item as soon as its batch is done; a rerun reads what is there and runs only the missing items,
+so an interrupted run loses nothing. Images that cannot be read are skipped, reported and left
+for the next run. ``OUT/results.json`` holds the protocol (prompt, max_new_tokens, images,
+seed, parser, settings) and each mitigation's scores; ``OUT/results.md`` the table with deltas
+against the first mitigation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from ..backbones.hf_lvlm import LVLM
+from ..errors import VsinkError
+from ..images import load_image
+from ..io import write_json, write_text
+from .pope import read_jsonl
+
+POPE_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+CHAIR_PROMPT = "Please describe this image in detail."
+
+
+def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: Path, *, images_dir: Path,
+              prompt: Callable[[dict[str, Any]], str], field: str, mitigation: str,
+              settings: Optional[dict[str, Any]], max_new_tokens: int, batch_size: int,
+              progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Generate ``field`` for every item not yet in ``out_file`` (matched on ``key``); returns all
+    rows in the file and the items skipped this time."""
+    from ..lvlm import generate
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    done = {row[key] for row in read_jsonl(out_file)} if out_file.exists() else set()
+    todo = [it for it in items if it[key] not in done]
+    skipped: list[dict[str, str]] = []
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{mitigation}", unit="item",
+               disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch, images = [], []
+        for item in todo[start:start + batch_size]:
+            try:
+                images.append(load_image(images_dir / item["image"]))
+                batch.append(item)
+            except VsinkError as e:
+                skipped.append({"item": str(item[key]), "reason": str(e)})
+                bar.write(f"vsink: skipped {e}", file=sys.stderr)
+        if batch:
+            inputs = lvlm.prepare(images, [prompt(it) for it in batch])
+            result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=max_new_tokens)
+            _append(out_file, [{**it, field: text.strip()} for it, text in zip(batch, result.texts)])
+        bar.update(len(todo[start:start + batch_size]))
+    bar.close()
+    return read_jsonl(out_file), skipped
+
+
+def _table(names: list[str], rows: list[tuple[str, list[Optional[float]], int]]) -> str:
+    head = ["metric", names[0]] + [f"{n} (Δ vs {names[0]})" for n in names[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, values, scale in rows:
+        cells = [f"{values[0] * scale:.2f}" if values[0] is not None else "—"]
+        for v in values[1:]:
+            cells.append("—" if v is None else f"{v * scale:.2f} ({(v - values[0]) * scale:+.2f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[str, dict[str, Any]],
+                 skipped: dict[str, list[dict[str, str]]]) -> dict[str, Path]:
+    """``results.json`` and ``results.md`` for POPE (``kind="pope"``) or CHAIR."""
+    names = list(scores)
+    if kind == "pope":
+        metrics = [("accuracy", "accuracy (%)", 100), ("precision", "precision (%)", 100),
+                   ("recall", "recall (%)", 100), ("f1", "F1 (%)", 100), ("yes_ratio", "yes-ratio (%)", 100)]
+        rows = []
+        for split in sorted({s for sc in scores.values() for s in sc["splits"]}) + ["mean"]:
+            for key, label, scale in metrics:
+                values = [(sc["mean"] if split == "mean" else sc["splits"].get(split, {})).get(key) for sc in scores.values()]
+                rows.append((f"{split} {label}", values, scale))
+    else:
+        rows = [(label, [sc[key] for sc in scores.values()], scale) for key, label, scale in
+                (("chair_s", "CHAIR_s (%)", 100), ("chair_i", "CHAIR_i (%)", 100), ("recall", "recall (%)", 100),
+                 ("avg_len", "average length (words)", 1))]
+    md = [f"# vsink eval {kind}", "", f"Protocol: `{json.dumps(protocol)}`", "", _table(names, rows)]
+    for name, items in skipped.items():
+        if items:
+            md.append(f"{name}: {len(items)} items skipped (see results.json)")
+    summary = {"kind": kind, "protocol": protocol, "baseline": names[0], "results": scores,
+               "skipped": skipped}
+    return {"json": write_json(out / "results.json", summary), "markdown": write_text(out / "results.md", "\n".join(md) + "\n")}
+
+
+def pope_protocol(prompt: str, max_new_tokens: int, parser: str, seed: int, questions: Sequence[dict[str, Any]],
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": prompt, "max_new_tokens": max_new_tokens, "parser": parser, "seed": seed, "greedy": True,
+            "images": sorted({q["image"] for q in questions}), "questions": len(questions), "settings": settings}
+
+
+def load_questions(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    from .pope import FIELDS
+
+    return read_jsonl(path, FIELDS)
