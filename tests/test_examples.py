@@ -83,3 +83,14 @@ def test_llava15_gpu_script_runs_on_a_tiny_saved_model(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "--- var (" in out and "--- fastv (" in out
     assert (tmp_path / "out" / "pai" / "1" / "row1.npz").exists()
+
+
+def test_pope_chair_example(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setattr(sys, "argv", ["pope_chair.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "pope_chair.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "fastv (Δ vs none)" in out and "over 2 captions" in out
+    results = json.loads((tmp_path / "pope" / "results.json").read_text())
+    assert results["results"]["none"]["mean"]["n"] == 2 * 3 * 6  # 2 images, 3 splits, 6 questions

@@ -47,6 +47,7 @@ def _vocabulary() -> tuple[frozenset[str], dict[str, str], int]:
     return frozenset(vocab), table, max(len(k.split()) for k in table)
 
 
+@lru_cache(maxsize=1 << 16)
 def singular(word: str) -> str:
     """Vocabulary-guided singular of one lowercase word (see the module docstring)."""
     vocab = _vocabulary()[0]

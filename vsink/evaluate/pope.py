@@ -4,7 +4,8 @@ answers parsed and scored exactly as defined, offline.
 Questions: images with at least 3 distinct object classes; per image 3 "yes" questions (present
 classes) and, per split, 3 "no" questions — ``random`` (uniform over absent classes), ``popular``
 (the absent classes present in the most images of the chosen set), ``adversarial`` (the absent
-classes that co-occur most often with the image's classes, over the chosen set). Template:
+classes that co-occur most often with the image's classes, over the chosen set); absent = every
+category of the file the image does not contain. Template:
 "Is there a/an {object} in the image?". Seeded and deterministic (ties broken by class name).
 
 Parsers:
@@ -40,8 +41,10 @@ def question_text(obj: str) -> str:
     return f"Is there {article} {obj} in the image?"
 
 
-def _coco_objects(annotations: Union[str, os.PathLike, dict]) -> tuple[dict[int, str], dict[int, set[str]], str]:
-    """(image id → file name, image id → set of class names, where) from a COCO instances file."""
+def _coco_objects(annotations: Union[str, os.PathLike, dict]
+                  ) -> tuple[dict[int, str], dict[int, set[str]], list[str], str]:
+    """(image id → file name, image id → set of class names, all class names, where) from a COCO
+    instances file."""
     where = "instances JSON" if isinstance(annotations, dict) else str(annotations)
     try:
         data = annotations if isinstance(annotations, dict) else json.loads(Path(annotations).read_text())
@@ -57,7 +60,7 @@ def _coco_objects(annotations: Union[str, os.PathLike, dict]) -> tuple[dict[int,
         raise VsinkError(f"{where}: cannot read ({e.strerror or e})") from None
     except (ValueError, KeyError, TypeError) as e:
         raise VsinkError(f"{where}: not a COCO instances file (categories, images, annotations needed; {e!r})") from None
-    return files, objects, where
+    return files, objects, sorted(set(names.values())), where
 
 
 def build_questions(annotations: Union[str, os.PathLike, dict], *, splits: Sequence[str] = SPLITS,
@@ -67,13 +70,12 @@ def build_questions(annotations: Union[str, os.PathLike, dict], *, splits: Seque
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise VsinkError(f"unknown POPE split(s) {bad}; splits are {', '.join(SPLITS)}")
-    files, objects, where = _coco_objects(annotations)
+    files, objects, classes, where = _coco_objects(annotations)
     eligible = sorted(i for i, objs in objects.items() if len(objs) >= max(min_objects, per_image))
     if not eligible:
         raise VsinkError(f"{where}: no image has {max(min_objects, per_image)} or more object classes")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(eligible, min(num_images, len(eligible))))
-    classes = sorted({c for objs in objects.values() for c in objs})
     frequency = Counter(c for i in chosen for c in objects[i])
     pairs = Counter((a, b) for i in chosen for a in objects[i] for b in objects[i] if a != b)
     questions = []

@@ -1,0 +1,46 @@
+"""The lmms-eval model plugin (runs where the optional ``lmms`` extra is installed)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+lmms_eval = pytest.importorskip("lmms_eval")
+
+
+def test_plugin_is_found_through_the_entry_point_and_generates(tmp_path):
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    from vsink.data.demo_lvlm import build_tiny_llava
+    from vsink.lvlm import LVLM, generate
+
+    model, processor = build_tiny_llava()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    cls = get_model("vsink")
+    assert cls.__name__ == "VsinkLVLM"
+    lm = cls.create_from_arg_string(f"pretrained={tmp_path},mitigation=pai,set_alpha=0.5")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    lm.task_dict = {"toy": {"test": {0: {"image": image}}}}
+    request = Instance("generate_until", ("is there a cat ?", {"max_new_tokens": 3, "until": []},
+                                          lambda doc: [doc["image"]], 0, "toy", "test"), 0,
+                       {"task": "toy", "doc_id": 0, "repeats": 1})
+    [text] = lm.generate_until([request])
+    lvlm = LVLM(model, processor)
+    expected = generate(lvlm, lvlm.prepare([image], ["is there a cat ?"]), mitigation="pai", settings={"alpha": 0.5},
+                        max_new_tokens=3).texts[0]
+    assert text == expected
+
+
+def test_plugin_settings_parsing(tmp_path):
+    from vsink.data.demo_lvlm import build_tiny_llava
+    from vsink.errors import VsinkError
+    from vsink.integrations.lmms_eval import VsinkLVLM
+
+    model, processor = build_tiny_llava()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    lm = VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},mitigation=var,set_sink_dims=3;7,set_p=0.5")
+    assert lm.settings == {"sink_dims": [3, 7], "p": 0.5}
+    with pytest.raises(VsinkError, match="unknown model_args"):
+        VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},alpha=0.5")
