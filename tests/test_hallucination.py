@@ -213,3 +213,25 @@ def test_runner_errors(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "needs --model" in err and "unknown mitigation 'vcd'" in err and "MITIGATION.KEY" in err
     assert "Traceback" not in err
+
+
+def test_bad_files_are_named(tmp_path):
+    from vsink.evaluate.pope import read_jsonl
+
+    bad = tmp_path / "instances.json"
+    bad.write_text("{")
+    with pytest.raises(VsinkError, match=r"instances\.json: not a COCO instances file"):
+        build_questions(bad)
+    data = _coco()
+    data["annotations"].append({"image_id": 99, "category_id": 1})
+    with pytest.raises(VsinkError, match=r"annotations\[\d+\] refers to an unknown image"):
+        build_questions(data)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"split": "random", "label": "yes", "answer": "yes"}\nnot json\n{"split": "random"}\n')
+    with pytest.raises(VsinkError, match=r"answers\.jsonl:2: not a JSON object"):
+        read_jsonl(answers)
+    answers.write_text('{"split": "random", "label": "yes"}\n')
+    with pytest.raises(VsinkError, match=r"answers\.jsonl:1: missing field\(s\) answer"):
+        read_jsonl(answers, ("split", "label", "answer"))
+    answers.write_text('{"split": "random", "label": "yes", "answer": "yes"}\n{"split": "ran')
+    assert len(read_jsonl(answers)) == 1  # a last line cut by an interrupted write is ignored

@@ -4,12 +4,14 @@ mitigations over the benchmark (resumable) and score."""
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import VsinkError
+from .io import write_text
 
 
 def add_parsers(ev_sub) -> None:
@@ -95,9 +97,6 @@ def run(args: argparse.Namespace) -> int:
             _require(args, "annotations")
             questions = pope_mod.build_questions(args.annotations, splits=[s for s in args.splits.split(",") if s],
                                                  num_images=args.num_images, seed=args.seed)
-            from .io import write_text
-            import json
-
             write_text(out / "questions.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
             if args.build_only:
                 print(f"wrote {len(questions)} questions to {out / 'questions.jsonl'}")
@@ -125,13 +124,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str, Any]]:
-    import json
+    from .evaluate.coco import read_coco_objects
 
-    try:
-        data = json.loads(Path(annotations).read_text())
-        files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise VsinkError(f"{annotations}: not a COCO instances file ({e!r})") from None
+    files = read_coco_objects(annotations).files
     ids = sorted(random.Random(seed).sample(sorted(files), min(num_images, len(files))))
     return [{"image_id": i, "image": files[i]} for i in ids]
 

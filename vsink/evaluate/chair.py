@@ -28,6 +28,7 @@ from typing import Any, Iterable, Optional, Union
 
 from ..errors import VsinkError
 from .chair_words import IRREGULAR, SYNONYMS
+from .coco import read_coco_objects
 
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -90,17 +91,9 @@ def mentions(caption: str) -> list[tuple[str, str]]:
 def ground_truth(annotations: Union[str, os.PathLike, dict],
                  captions: Union[None, str, os.PathLike, dict] = None) -> dict[int, set[str]]:
     """Image id → set of COCO classes (instances ∪ classes mentioned in reference captions)."""
-    where = "instances JSON" if isinstance(annotations, dict) else str(annotations)
-    try:
-        data = annotations if isinstance(annotations, dict) else json.loads(Path(annotations).read_text())
-        names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        truth: dict[int, set[str]] = {int(im["id"]): set() for im in data["images"]}
-        for ann in data["annotations"]:
-            truth.setdefault(int(ann["image_id"]), set()).add(names[int(ann["category_id"])])
-    except OSError as e:
-        raise VsinkError(f"{where}: cannot read ({e.strerror or e})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise VsinkError(f"{where}: not a COCO instances file ({e!r})") from None
+    coco = read_coco_objects(annotations)
+    truth = {i: set(objs) for i, objs in coco.objects.items()}
+    where = coco.where
     unknown = sorted(c for objs in truth.values() for c in objs if c not in SYNONYMS)
     if unknown:
         raise VsinkError(f"{where}: categories {sorted(set(unknown))[:5]} are not COCO classes")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from ..errors import VsinkError
+from .coco import read_coco_objects
 
 SPLITS = ("random", "popular", "adversarial")
 PARSERS = ("official", "strict")
@@ -41,28 +42,6 @@ def question_text(obj: str) -> str:
     return f"Is there {article} {obj} in the image?"
 
 
-def _coco_objects(annotations: Union[str, os.PathLike, dict]
-                  ) -> tuple[dict[int, str], dict[int, set[str]], list[str], str]:
-    """(image id → file name, image id → set of class names, all class names, where) from a COCO
-    instances file."""
-    where = "instances JSON" if isinstance(annotations, dict) else str(annotations)
-    try:
-        data = annotations if isinstance(annotations, dict) else json.loads(Path(annotations).read_text())
-        names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-        objects: dict[int, set[str]] = {}
-        for i, ann in enumerate(data["annotations"]):
-            image, cat = int(ann["image_id"]), int(ann["category_id"])
-            if image not in files or cat not in names:
-                raise VsinkError(f"{where}: annotations[{i}] refers to an unknown image or category")
-            objects.setdefault(image, set()).add(names[cat])
-    except OSError as e:
-        raise VsinkError(f"{where}: cannot read ({e.strerror or e})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise VsinkError(f"{where}: not a COCO instances file (categories, images, annotations needed; {e!r})") from None
-    return files, objects, sorted(set(names.values())), where
-
-
 def build_questions(annotations: Union[str, os.PathLike, dict], *, splits: Sequence[str] = SPLITS,
                     num_images: int = 500, per_image: int = 3, min_objects: int = 3,
                     seed: int = 0) -> list[dict[str, Any]]:
@@ -70,7 +49,8 @@ def build_questions(annotations: Union[str, os.PathLike, dict], *, splits: Seque
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise VsinkError(f"unknown POPE split(s) {bad}; splits are {', '.join(SPLITS)}")
-    files, objects, classes, where = _coco_objects(annotations)
+    coco = read_coco_objects(annotations)
+    files, objects, classes, where = coco.files, coco.objects, coco.classes, coco.where
     eligible = sorted(i for i, objs in objects.items() if len(objs) >= max(min_objects, per_image))
     if not eligible:
         raise VsinkError(f"{where}: no image has {max(min_objects, per_image)} or more object classes")
