@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import vsink
 from vsink.train.config import DEFAULTS
 from vsink.train.data import TrainImages, to_input
-from vsink.train.loop import lr_factor, param_groups, train
+from vsink.train.loop import lr_factor, no_decay_parameters, param_groups, train
 from vsink.train.recipes import ScratchTask
 
 
@@ -38,7 +38,8 @@ class NoEvalScratch(ScratchTask):
 
 def plain_loop(backbone, images, steps, batch, seed) -> float:
     model = backbone.model.train()
-    opt = torch.optim.AdamW(param_groups(list(model.named_parameters()), 0.05), lr=1e-3)
+    opt = torch.optim.AdamW(param_groups(list(model.named_parameters()), 0.05, no_decay_parameters(backbone)),
+                            lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, 2, 0.0))
     t0 = time.perf_counter()
     for step in range(steps):

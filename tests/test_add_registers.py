@@ -137,3 +137,33 @@ def test_hooked_registers_round_trip_through_vsink_load(tmp_path, pixel_values):
     reloaded = vsink.load(str(tmp_path / "oc"))
     assert reloaded.layout().num_registers == 3
     assert torch.allclose(reloaded.forward(x), student.forward(x), **TOL)
+
+
+@pytest.mark.parametrize("family, case, expected", [
+    ("timm", "dinov2_reg4", {"registers": ["reg_token"], "cls_token": ["cls_token"], "pos_embed": ["pos_embed"],
+                             "patch_embed": ["patch_embed.proj.weight", "patch_embed.proj.bias"]}),
+    ("hf", "vit", {"registers": [], "cls_token": ["embeddings.cls_token"],
+                   "pos_embed": ["embeddings.position_embeddings"],
+                   "patch_embed": ["embeddings.patch_embeddings.projection.weight",
+                                   "embeddings.patch_embeddings.projection.bias"]}),
+    ("hf", "dinov2_reg", {"registers": ["embeddings.register_tokens"], "cls_token": ["embeddings.cls_token"],
+                          "pos_embed": ["embeddings.position_embeddings"],
+                          "patch_embed": ["embeddings.patch_embeddings.projection.weight",
+                                          "embeddings.patch_embeddings.projection.bias"]}),
+    ("hf", "clip", {"registers": [], "cls_token": ["embeddings.class_embedding"],
+                    "pos_embed": ["embeddings.position_embedding.weight"],
+                    "patch_embed": ["embeddings.patch_embedding.weight"]}),
+    ("hf", "siglip", {"registers": [], "cls_token": [], "pos_embed": ["embeddings.position_embedding.weight"],
+                      "patch_embed": ["embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias"]}),
+    ("open_clip", None, {"registers": [], "cls_token": ["class_embedding"], "pos_embed": ["positional_embedding"],
+                         "patch_embed": ["conv1.weight"]}),
+])
+def test_parameter_roles_name_the_embeddings(family, case, expected):
+    backbone = vsink.wrap(_model(family, case))
+    names = {id(p): n for n, p in backbone.model.named_parameters()}
+    got = {role: [names[id(p)] for p in params] for role, params in backbone.parameter_roles().items()}
+    assert got == expected
+    def tokens(b):
+        return sum(p.shape[1] for p in b.parameter_roles()["registers"])
+
+    assert tokens(backbone.with_registers(2)) == tokens(backbone) + 2  # native or hooked, they join the role

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import vsink
 from vsink.train import ConfigError, load_config, run_finetune
-from vsink.train.loop import lr_factor, param_groups, sample_order
+from vsink.train.loop import lr_factor, no_decay_parameters, param_groups, sample_order
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = ["model.spec=timm:vit_tiny_patch16_224", "model.img_size=32",
@@ -68,7 +68,7 @@ def test_schedule_order_and_groups():
     assert sorted(first[:5]) == list(range(5)) and sorted(first[5:]) == list(range(5)) and first[:5] != first[5:]
     assert sample_order(5, 0, [7, 3]) == [first[7], first[3]]
     backbone = vsink.load("demo").with_registers(2)
-    groups = param_groups(list(backbone.model.named_parameters()), 0.05)
+    groups = param_groups(list(backbone.model.named_parameters()), 0.05, no_decay_parameters(backbone))
     no_decay = {id(p) for p in groups[1]["params"]}
     named = dict(backbone.model.named_parameters())
     for name in ("reg_token", "pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"):

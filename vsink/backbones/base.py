@@ -45,6 +45,14 @@ SITES = ("block_output", "mlp_hidden", "attn_logits", "attn_probs", "attn_qkv")
 ATTENTION_SITES = ("attn_logits", "attn_probs", "attn_qkv")
 
 SiteFn = Callable[..., Optional[torch.Tensor]]
+PARAMETER_ROLES = ("registers", "cls_token", "pos_embed", "patch_embed")
+
+
+def module_parameters(x: Optional[Union[nn.Module, nn.Parameter]]) -> list[nn.Parameter]:
+    """A parameter, or every parameter of a module, as a list (empty for None)."""
+    if x is None:
+        return []
+    return [x] if isinstance(x, nn.Parameter) else list(x.parameters())
 
 
 def to_pair(v: Any) -> tuple[int, int]:
@@ -197,11 +205,25 @@ class Backbone(ABC):
         """Width of the residual stream."""
         return int(self._mlp_out_proj(0).out_features)
 
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """The model's token-embedding parameters by role (:data:`PARAMETER_ROLES`: registers,
+        class token, position embedding, patch embedding), found by each adapter. Fine-tuning
+        uses them to choose what to unlock and what gets no weight decay."""
+        roles = self._parameter_roles()
+        hooked = getattr(self.model, "vsink_registers", None)
+        if hooked is not None:
+            roles["registers"] = [*roles.get("registers", []), hooked]
+        return {r: [p for p in roles.get(r, []) if p is not None] for r in PARAMETER_ROLES}
+
+    @abstractmethod
+    def _parameter_roles(self) -> dict[str, list[Optional[nn.Parameter]]]:
+        """The adapter's part of :meth:`parameter_roles` (hooked registers are added by the base)."""
+
     @property
     def register_parameter_names(self) -> list[str]:
         """Names (in ``model.named_parameters()``) of the register tokens, if any."""
-        names = ("reg_token", "register_tokens", "vsink_registers")
-        return [n for n, _ in self.model.named_parameters() if n.split(".")[-1] in names]
+        ids = {id(p) for p in self.parameter_roles()["registers"]}
+        return [n for n, p in self.model.named_parameters() if id(p) in ids]
 
     def with_registers(self, n: int, *, init_std: float = 1e-6, seed: int = 0) -> "Backbone":
         """A copy of this backbone with ``n`` learnable register tokens after the class token(s),

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attention import additive_mask
 from ..errors import VsinkError
-from .base import Backbone, to_pair
+from .base import Backbone, module_parameters, to_pair
 
 ATTN_NAME = "vsink"
 
@@ -131,6 +131,17 @@ class HFVisionBackbone(Backbone):
                 if owner is not None and isinstance(getattr(owner, name, None), nn.Module):
                     return getattr(owner, name)
         return nn.Identity()
+
+    def _parameter_roles(self) -> dict[str, list[Optional[nn.Parameter]]]:
+        emb = getattr(self.model, "vision_model", self.model).embeddings
+
+        def first(*names: str):
+            return next((getattr(emb, n) for n in names if getattr(emb, n, None) is not None), None)
+
+        return {"registers": module_parameters(first("register_tokens")),
+                "cls_token": module_parameters(first("cls_token", "class_embedding")),
+                "pos_embed": module_parameters(first("position_embeddings", "position_embedding")),
+                "patch_embed": module_parameters(first("patch_embeddings", "patch_embedding"))}
 
     def _with_native_registers(self, tokens: torch.Tensor) -> Optional["HFVisionBackbone"]:
         """DINOv2 (with or without registers) → ``Dinov2WithRegistersModel`` with the weights

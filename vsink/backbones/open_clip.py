@@ -15,7 +15,7 @@ from torch import nn
 
 from ..attention import additive_mask
 from ..errors import VsinkError
-from .base import Backbone, to_pair
+from .base import Backbone, module_parameters, to_pair
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,6 +58,11 @@ class OpenClipBackbone(Backbone):
     @property
     def final_norm(self) -> nn.Module:
         return self.model.ln_post
+
+    def _parameter_roles(self) -> dict[str, list[Optional[nn.Parameter]]]:
+        m = self.model
+        return {"cls_token": [m.class_embedding], "pos_embed": [m.positional_embedding],
+                "patch_embed": module_parameters(m.conv1)}
 
     def _state_for_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A full CLIP checkpoint (``visual.*`` keys) → the vision tower's part of it."""

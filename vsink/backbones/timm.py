@@ -10,7 +10,7 @@ from torch import nn
 
 from ..attention import additive_mask
 from ..errors import VsinkError
-from .base import Backbone, to_pair
+from .base import Backbone, module_parameters, to_pair
 
 
 
@@ -57,6 +57,11 @@ class TimmBackbone(Backbone):
     @property
     def final_norm(self) -> nn.Module:
         return self.model.norm
+
+    def _parameter_roles(self) -> dict[str, list[Optional[nn.Parameter]]]:
+        m = self.model
+        return {"registers": [m.reg_token], "cls_token": [m.cls_token, getattr(m, "dist_token", None)],
+                "pos_embed": [m.pos_embed], "patch_embed": module_parameters(m.patch_embed)}
 
     def _with_native_registers(self, tokens: torch.Tensor) -> "TimmBackbone":
         """timm's own ``reg_token``: the state dict equals that of the same architecture built

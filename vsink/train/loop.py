@@ -25,13 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..backbones.base import Backbone
 from ..errors import VsinkError
 from ..io import write_text
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, mean_across
 
-NO_DECAY_NAMES = ("reg_token", "register_tokens", "vsink_registers", "cls_token", "dist_token", "pos_embed",
-                  "class_embedding", "positional_embedding", "position_embeddings", "position_embedding")
 
 
 class TrainTask(ABC):
@@ -45,6 +44,10 @@ class TrainTask(ABC):
     @abstractmethod
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs to optimise."""
+
+    def no_decay(self) -> list[nn.Parameter]:
+        """Matrices among :meth:`trainable` that get no weight decay."""
+        return []
 
     @abstractmethod
     def loss(self, model: nn.Module, samples: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -81,13 +84,20 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only; none on registers, class/position embeddings, biases, norms."""
-    decay, no_decay = [], []
-    for name, p in named:
-        skip = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name.split(".")[-2:-1] == ["position_embedding"]
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def no_decay_parameters(backbone: Backbone) -> list[nn.Parameter]:
+    """Registers, class tokens and position embeddings (from the adapter's parameter roles)."""
+    roles = backbone.parameter_roles()
+    return roles["registers"] + roles["cls_token"] + roles["pos_embed"]
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float,
+                 no_decay: Sequence[nn.Parameter] = ()) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: none on ``no_decay`` (see :func:`no_decay_parameters`),
+    biases and norms (parameters of at most one dimension)."""
+    skip = {id(p) for p in no_decay}
+    decay = [p for _, p in named if p.ndim > 1 and id(p) not in skip]
+    rest = [p for _, p in named if p.ndim <= 1 or id(p) in skip]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -128,7 +138,8 @@ def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, de
     named = task.trainable()
     if not named:
         raise VsinkError("nothing to train: no parameter is unlocked")
-    optimizer = torch.optim.AdamW(param_groups(named, s["weight_decay"]), lr=s["lr"], betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(param_groups(named, s["weight_decay"], task.no_decay()), lr=s["lr"],
+                                  betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, steps, s["warmup_steps"], s["min_lr_ratio"]))
     amp = resolve_amp(s["amp"], device)

@@ -29,11 +29,8 @@ from ..errors import VsinkError
 from ..io import write_json, write_text
 from .data import TrainImages, flips_for, load_training_images, to_input
 from .distributed import init_distributed, shutdown
-from .loop import TrainTask, train
+from .loop import TrainTask, no_decay_parameters, train
 
-POS_NAMES = ("pos_embed", "positional_embedding", "position_embeddings", "position_embedding")
-PATCH_NAMES = ("patch_embed", "conv1", "patch_embedding", "patch_embeddings")
-CLS_NAMES = ("cls_token", "class_embedding")
 
 
 def _last_tokens(backbone: Backbone, x: torch.Tensor, module: Optional[nn.Module] = None, *,
@@ -56,24 +53,19 @@ def _last_tokens(backbone: Backbone, x: torch.Tensor, module: Optional[nn.Module
 
 
 def unlocked_parameters(backbone: Backbone, unlock: Sequence[str], blocks: Sequence[int]) -> list[tuple[str, nn.Parameter]]:
-    """Registers plus the named groups (``pos_embed``, ``patch_embed``, ``norm``, ``cls_token``)
-    and the given blocks."""
+    """Registers plus the named groups (``pos_embed``, ``patch_embed``, ``cls_token`` from the
+    adapter's parameter roles, ``norm`` = the final norm) and the given blocks."""
     n = backbone.num_layers
-    chosen: set[int] = {id(p) for p in backbone.final_norm.parameters()} if "norm" in unlock else set()
+    roles = backbone.parameter_roles()
+    chosen = {id(p) for p in roles["registers"]}
+    chosen |= {id(p) for role in ("pos_embed", "patch_embed", "cls_token") if role in unlock for p in roles[role]}
+    if "norm" in unlock:
+        chosen |= {id(p) for p in backbone.final_norm.parameters()}
     for b in blocks:
         if not -n <= b < n:
             raise VsinkError(f"student block {b} out of range for {n} blocks")
         chosen |= {id(p) for p in backbone.blocks[b].parameters()}
-    out = []
-    for name, p in backbone.model.named_parameters():
-        parts = name.split(".")
-        hit = (name in backbone.register_parameter_names or id(p) in chosen
-               or ("pos_embed" in unlock and any(k in parts for k in POS_NAMES))
-               or ("patch_embed" in unlock and any(k in parts for k in PATCH_NAMES))
-               or ("cls_token" in unlock and parts[-1] in CLS_NAMES))
-        if hit:
-            out.append((name, p))
-    return out
+    return [(name, p) for name, p in backbone.model.named_parameters() if id(p) in chosen]
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -171,6 +163,9 @@ class PosthocTask(TrainTask):
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return self._trainable
 
+    def no_decay(self) -> list[nn.Parameter]:
+        return no_decay_parameters(self.student)
+
     def loss(self, model: nn.Module, samples: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
         x = self._input(self.images.pixels[list(samples)],
                         flips_for(positions, self.cfg["seed"], self.cfg["data"]["flip"]))
@@ -222,6 +217,9 @@ class ScratchTask(TrainTask):
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.backbone.model.named_parameters() if p.requires_grad]
+
+    def no_decay(self) -> list[nn.Parameter]:
+        return no_decay_parameters(self.backbone)
 
     def _input(self, pixels: torch.Tensor, flips: Optional[list[bool]] = None) -> torch.Tensor:
         b = self.backbone
