@@ -18,6 +18,7 @@ from ..errors import ModelSpecError, VsinkError
 from ..layout import ImageSpans
 
 SUPPORTED_LVLM = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")  # 3-row M-RoPE positions, image grid from image_grid_thw
 
 
 class LVLM:
@@ -38,9 +39,6 @@ class LVLM:
         self.model_type = model_type
         self.text_config = model.config.get_text_config()
         self.layers = self._find_layers()
-        for i, layer in enumerate(self.layers):
-            if self._attention(layer) is None:
-                raise VsinkError(f"{spec}: decoder layer {i} has no self-attention module")
 
     # --- structure ----------------------------------------------------------------------
     def _find_layers(self) -> list[nn.Module]:
@@ -51,12 +49,8 @@ class LVLM:
                 return list(module)
         raise VsinkError(f"{self.spec}: could not find {n} decoder layers with a self_attn module")
 
-    @staticmethod
-    def _attention(layer: nn.Module) -> Optional[nn.Module]:
-        return getattr(layer, "self_attn", None)
-
     def attention_modules(self) -> list[nn.Module]:
-        return [self._attention(layer) for layer in self.layers]
+        return [layer.self_attn for layer in self.layers]
 
     @property
     def num_layers(self) -> int:
@@ -86,12 +80,12 @@ class LVLM:
         """Position ids of the last ``last`` tokens of a text-only, left-padded sequence (Qwen2-VL:
         the same positions on its three M-RoPE rows)."""
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -last:]
-        return pos[None].expand(3, -1, -1) if self.model_type in ("qwen2_vl", "qwen2_5_vl") else pos
+        return pos[None].expand(3, -1, -1) if self.model_type in MROPE_TYPES else pos
 
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:
         """(rows, cols) of a row's image tokens as a picture: Qwen2-VL from ``image_grid_thw`` and
         the merge size, LLaVA-NeXT's base grid when the count is a square, else 1 × count."""
-        if self.model_type in ("qwen2_vl", "qwen2_5_vl") and inputs.get("image_grid_thw") is not None:
+        if self.model_type in MROPE_TYPES and inputs.get("image_grid_thw") is not None:
             t, h, w = (int(v) for v in inputs["image_grid_thw"][min(row, len(inputs["image_grid_thw"]) - 1)])
             merge = int(getattr(self.model.config.vision_config, "spatial_merge_size", 1))
             if t * (h // merge) * (w // merge) == count:

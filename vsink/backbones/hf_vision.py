@@ -60,6 +60,14 @@ def _vsink_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.transpose(1, 2).contiguous(), None
 
 
+def eager_attention_of(module: nn.Module) -> Callable[..., Any]:
+    """The ``eager_attention_forward`` of the modelling file that defines ``module``."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise VsinkError(f"cannot find the eager attention of {type(module).__name__}")
+    return eager
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
@@ -238,10 +246,7 @@ class HFVisionBackbone(Backbone):
         impl = self._original_impl or "eager"
         if impl != "eager" and impl in AttentionInterface._global_mapping:
             return AttentionInterface._global_mapping[impl]
-        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if eager is None:
-            raise VsinkError(f"{self.spec}: cannot find the eager attention of {type(module).__name__}")
-        return eager
+        return eager_attention_of(module)
 
 
 def load_hf(repo: str, *, weights: Optional[str], attn_implementation: Optional[str],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -118,7 +118,3 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: str = "none",
     return GenerationResult(out, new, texts, mitigation, dataclasses.asdict(cfg) if cfg else None, attention,
                             session.spans, session.kept)
 
-
-def generate_many(lvlm: LVLM, inputs: dict[str, Any], mitigations: Sequence[str], **kwargs: Any) -> dict[str, GenerationResult]:
-    """The same batch under several mitigations."""
-    return {m: generate(lvlm, inputs, mitigation=m, **kwargs) for m in mitigations}

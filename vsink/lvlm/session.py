@@ -14,7 +14,6 @@ padding, so layers that FastV pruned get the right mask without the model's help
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ..backbones.hf_lvlm import LVLM
+from ..backbones.hf_vision import eager_attention_of
 from ..errors import VsinkError
 
 ATTN_NAME = "vsink_lvlm"
@@ -59,6 +59,16 @@ class FastVSettings:
     ratio: float = 0.5  # R: fraction of image tokens pruned
 
 
+def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer's forward pre-hook receives."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def sink_flags(h: torch.Tensor, dims: list[int], tau: float) -> torch.Tensor:
+    """Sink tokens [B, N] of hidden states [B, N, D]: max over ``dims`` of φ > ``tau``."""
+    return rms_phi(h, dims).amax(-1) > tau
+
+
 def rms_phi(h: torch.Tensor, dims: Optional[list[int]] = None) -> torch.Tensor:
     """φ = |h / sqrt(mean(h²) + 1e-6)| per token (RMS-normalised, no weight), on ``dims`` only
     when given."""
@@ -67,20 +77,13 @@ def rms_phi(h: torch.Tensor, dims: Optional[list[int]] = None) -> torch.Tensor:
     return ((h if dims is None else h[..., dims]) * inv).abs()
 
 
-def _own_eager(module: nn.Module):
-    mod = sys.modules.get(type(module).__module__)
-    fn = getattr(mod, "eager_attention_forward", None)
-    if fn is None:
-        raise VsinkError(f"cannot find the eager attention of {type(module).__name__}")
-    return fn
-
-
 def vsink_lvlm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0, **kwargs: Any):
     """The registered attention function: the session's explicit attention, or the model's eager one."""
     session: Optional[Session] = module.__dict__.get("_vsink_session")
     if session is None or session.suspended:
-        return _own_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return eager_attention_of(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                          **kwargs)
     return session.attend(module, query, key, value, scaling)
 
 
@@ -191,10 +194,8 @@ class Session:
     # --- hooks --------------------------------------------------------------------------
     def _sink_hook(self, layer: int):
         def pre(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            phi = rms_phi(h, self.sink_dims)
-            flags = phi.amax(-1) > self.var.tau if phi.shape[-1] else torch.zeros(h.shape[:2], dtype=torch.bool,
-                                                                                 device=h.device)
+            h = hidden_states_arg(args, kwargs)
+            flags = sink_flags(h, self.sink_dims, self.var.tau)
             if h.shape[1] > 1:  # a pass over the whole sequence so far starts afresh
                 self.sinks[layer] = []
             self.sinks.setdefault(layer, []).append(flags)
@@ -203,7 +204,7 @@ class Session:
 
     def _prune_hook(self, layer: int):
         def pre(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
+            h = hidden_states_arg(args, kwargs)
             if h.shape[1] == 1 and self.kept is not None:
                 return None  # a cached decode step: nothing to prune
             if layer == self.fastv.k:

@@ -14,7 +14,7 @@ import torch
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..io import write_json
-from .session import rms_phi
+from .session import hidden_states_arg, rms_phi, sink_flags
 
 #: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025)
 KNOWN_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743]}
@@ -76,7 +76,7 @@ def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional
     seen: list[torch.Tensor] = []
 
     def pre(module, args, kwargs):
-        seen.append(args[0] if args else kwargs["hidden_states"])
+        seen.append(hidden_states_arg(args, kwargs))
 
     for inputs in batches:
         handles = [lvlm.layers[i].register_forward_pre_hook(pre, with_kwargs=True) for i in layers]
@@ -109,8 +109,7 @@ def detect_sinks(lvlm: LVLM, inputs: dict[str, Any], dims: Sequence[int], tau: f
     flags: list[torch.Tensor] = []
 
     def pre(module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        flags.append(rms_phi(h, list(dims)).amax(-1) > tau)
+        flags.append(sink_flags(hidden_states_arg(args, kwargs), list(dims), tau))
 
     handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in lvlm.layers]
     try:
