@@ -216,7 +216,7 @@ def test_runner_errors(tiny, tmp_path, capsys):
 
 
 def test_bad_files_are_named(tmp_path):
-    from vsink.evaluate.pope import read_jsonl
+    from vsink.io import read_jsonl
 
     bad = tmp_path / "instances.json"
     bad.write_text("{")

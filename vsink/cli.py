@@ -379,18 +379,10 @@ def load_lvlm_for(args: argparse.Namespace):
 
 
 def parse_settings(pairs: Sequence[str]) -> dict:
-    import yaml
+    """``--set KEY=VALUE`` options → a dict."""
+    from .assignments import parse_assignment
 
-    out = {}
-    for item in pairs:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise VsinkError(f"--set {item!r}: use KEY=VALUE")
-        try:
-            out[key] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise VsinkError(f"--set {item!r}: value is not valid YAML") from None
-    return out
+    return dict(parse_assignment(item, "--set") for item in pairs)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -4,14 +4,13 @@ mitigations over the benchmark (resumable) and score."""
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import VsinkError
-from .io import write_text
+from .io import read_jsonl, write_jsonl
 
 
 def add_parsers(ev_sub) -> None:
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         if args.parser not in pope_mod.PARSERS:
             raise VsinkError(f"--parser must be one of {', '.join(pope_mod.PARSERS)}")
         if args.answers:
-            rows = pope_mod.read_jsonl(args.answers, ("split", "label", "answer"))
+            rows = read_jsonl(args.answers, ("split", "label", "answer"))
             scores = {"answers": pope_mod.score_answers(rows, args.parser)}
             protocol = {"answers": str(args.answers), "parser": args.parser}
             paths = hal.save_results(out, "pope", protocol, scores, {})
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             _require(args, "annotations")
             questions = pope_mod.build_questions(args.annotations, splits=[s for s in args.splits.split(",") if s],
                                                  num_images=args.num_images, seed=args.seed)
-            write_text(out / "questions.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
+            write_jsonl(out / "questions.jsonl", questions)
             if args.build_only:
                 print(f"wrote {len(questions)} questions to {out / 'questions.jsonl'}")
                 return 0
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     _require(args, "annotations")
     truth = chair_mod.ground_truth(args.annotations, args.captions)
     if args.generated:
-        rows = pope_mod.read_jsonl(args.generated, ("image_id", "caption"))
+        rows = read_jsonl(args.generated, ("image_id", "caption"))
         scores = {"generated": chair_mod.score_captions(rows, truth, str(args.generated))}
         protocol = {"generated": str(args.generated), "annotations": str(args.annotations),
                     "captions": str(args.captions) if args.captions else None}

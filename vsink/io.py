@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary file beside the target, then rename."""
+"""File output: atomic writes (a temporary file beside the target, then rename), JSONL logs
+appended as work completes, and reading them back."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+
+from .errors import VsinkError
 
 
 @contextmanager
@@ -42,6 +45,47 @@ def write_text(path: Union[str, os.PathLike], text: str) -> Path:
 
 def write_json(path: Union[str, os.PathLike], obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Lines of a JSONL file; a malformed line is an error naming the file and line, except a last
+    line cut by an interrupted append, which is skipped."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise VsinkError(f"{p}: cannot read ({e.strerror or e})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                continue
+            raise VsinkError(f"{p}:{n}: not a JSON object") from None
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise VsinkError(f"{p}:{n}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Union[str, os.PathLike], rows: Iterable[dict[str, Any]]) -> Path:
+    """Write a whole JSONL file atomically."""
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_jsonl(path: Union[str, os.PathLike], rows: Iterable[dict[str, Any]], *, fsync: bool = False) -> None:
+    """Append lines to a JSONL file (the incremental logs: an interrupted run keeps what was
+    appended; at worst the last line is cut, which :func:`read_jsonl` skips)."""
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
 
 
 class NpzWriter:

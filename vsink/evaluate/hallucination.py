@@ -23,19 +23,10 @@ from tqdm.auto import tqdm
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..images import load_image
-from ..io import write_json, write_text
-from .pope import read_jsonl
+from ..io import append_jsonl, read_jsonl, write_json, write_text
 
 POPE_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 CHAIR_PROMPT = "Please describe this image in detail."
-
-
-def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: Path, *, images_dir: Path,
@@ -64,7 +55,7 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
         if batch:
             inputs = lvlm.prepare(images, [prompt(it) for it in batch])
             result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=max_new_tokens)
-            _append(out_file, [{**it, field: text.strip()} for it, text in zip(batch, result.texts)])
+            append_jsonl(out_file, [{**it, field: text.strip()} for it, text in zip(batch, result.texts)], fsync=True)
         bar.update(len(todo[start:start + batch_size]))
     bar.close()
     return read_jsonl(out_file), skipped

@@ -21,12 +21,10 @@ denominator is 0. ``mean`` averages each metric over the splits.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from ..errors import VsinkError
@@ -126,28 +124,3 @@ def score_answers(answers: Iterable[dict[str, Any]], parser: str = "official") -
     mean["unparseable"] = sum(m["unparseable"] for m in splits.values())
     mean["n"] = sum(m["n"] for m in splits.values())
     return {"parser": parser, "splits": splits, "mean": mean}
-
-
-def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Lines of a JSONL file; a malformed line is an error naming the file and line (a last line
-    cut by an interruption is skipped)."""
-    p = Path(path)
-    try:
-        lines = p.read_text().splitlines()
-    except OSError as e:
-        raise VsinkError(f"{p}: cannot read ({e.strerror or e})") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if n == len(lines):
-                continue  # a line cut by an interrupted write
-            raise VsinkError(f"{p}:{n}: not a JSON object") from None
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise VsinkError(f"{p}:{n}: missing field(s) {', '.join(missing)}")
-        rows.append(row)
-    return rows

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from ..assignments import parse_assignment
 from ..errors import VsinkError
 
 RECIPES = ("posthoc", "scratch")
@@ -115,13 +116,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     as YAML scalars/lists)."""
     out = copy.deepcopy(raw)
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: use KEY=VALUE, e.g. train.steps=100")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+            key, value = parse_assignment(item, "override")
+        except VsinkError as e:
+            raise ConfigError(str(e)) from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

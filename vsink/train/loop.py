@@ -12,7 +12,6 @@ as 1 process with batch 2B.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
 from ..errors import VsinkError
-from ..io import write_text
+from ..io import append_jsonl, read_jsonl, write_jsonl, write_text
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, mean_across
 
@@ -115,16 +114,8 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 def _rewrite_metrics(path: Path, upto: int) -> None:
     """Keep only the metric lines of steps <= ``upto`` (after a resume)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= upto:
-                kept.append(line)
-        except ValueError:
-            continue  # a line cut by a kill
-    write_text(path, "".join(f"{line}\n" for line in kept))
+    if path.is_file():
+        write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= upto])
 
 
 def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, device: torch.device,
@@ -166,8 +157,7 @@ def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, de
     bar = tqdm(total=steps, initial=start, desc="finetune", unit="step", disable=not (progress and info.main))
     last_eval: dict[str, Any] = {}
     if start == 0 and info.main:  # the starting point, for comparison
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": 0, **{f"eval/{k}": v for k, v in task.evaluate().items()}}) + "\n")
+        append_jsonl(metrics_path, [{"step": 0, **{f"eval/{k}": v for k, v in task.evaluate().items()}}])
     t0, images = time.perf_counter(), 0
     for step in range(start, steps):
         optimizer.zero_grad(set_to_none=True)
@@ -200,8 +190,7 @@ def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, de
                 record.update({f"eval/{k}": v for k, v in last_eval.items()})
             barrier(info)
         if info.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(metrics_path, [record])
             bar.update(1)
             if done % s["log_every"] == 0:
                 bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.2e}")
