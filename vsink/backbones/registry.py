@@ -195,7 +195,7 @@ def load(
         backbone = backbone_cls(model, spec, **extra)
     if weights is not None:
         backbone.load_weights(weights)
-    backbone.model.to(device=dev, dtype=torch_dtype) if torch_dtype else backbone.model.to(dev)
+    backbone.model.to(device=dev, dtype=torch_dtype)  # dtype None keeps the loaded one
     if hf_size := (img_size if backbone_cls is HFVisionBackbone else None):
         backbone.img_size = (hf_size, hf_size)
     backbone.source = {"spec": spec, "img_size": img_size, "model_kwargs": dict(model_kwargs or {})}
@@ -234,7 +234,7 @@ def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], 
     backbone.load_weights(weights or directory / "model.safetensors")
     backbone.mean, backbone.std = tuple(cfg.get("mean", backbone.mean)), tuple(cfg.get("std", backbone.std))
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    backbone.model.to(device=dev, dtype=torch_dtype) if torch_dtype else backbone.model.to(dev)
+    backbone.model.to(device=dev, dtype=torch_dtype)  # dtype None keeps the loaded one
     backbone.source = {"spec": spec if family != "hf" else "hf:.", "img_size": size,
                        "model_kwargs": cfg.get("model_kwargs") or {}}
     backbone.spec = str(directory)

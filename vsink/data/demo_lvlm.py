@@ -97,9 +97,10 @@ def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
     tok = word_tokenizer(("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"))
     torch.manual_seed(seed)
-    head_dim = hidden // heads
-    section = [head_dim // 8, head_dim // 8 + (head_dim // 2 - 3 * (head_dim // 8)) // 2]
-    section.append(head_dim // 2 - sum(section))
+    half = hidden // heads // 2  # rotary frequencies per head, split over (time, height, width)
+    time_part = half // 4
+    height_part = (half - time_part) // 2
+    section = [time_part, height_part, half - time_part - height_part]
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                 rope_scaling={"type": "mrope", "mrope_section": section}, bos_token_id=tok.bos_token_id,
