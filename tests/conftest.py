@@ -135,6 +135,38 @@ def planted_firing(backbone, images, fraction=0.5):
     return layout.patches(net) > demo_model.NEURON_STEP * half * fraction  # [B, P]
 
 
+#: real photographs bundled with scikit-image (no download)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "immunohistochemistry")
+
+
+def skimage_photo(name: str):
+    """A scikit-image sample photo as an RGB :class:`~vsink.images.NamedImage`."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from vsink.images import NamedImage
+
+    arr = getattr(skimage.data, name)()
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    return NamedImage(f"skimage:{name}", Image.fromarray(arr[..., :3]))
+
+
+def astronaut_variants():
+    """The astronaut photo flipped, cropped, rotated 90 degrees, resized and in greyscale."""
+    from PIL import Image
+
+    from vsink.images import NamedImage
+
+    img = skimage_photo("astronaut").image
+    return [NamedImage("astronaut-flipped", img.transpose(Image.FLIP_LEFT_RIGHT)),
+            NamedImage("astronaut-cropped", img.crop((50, 50, 400, 400))),
+            NamedImage("astronaut-rotated", img.rotate(90, expand=True)),
+            NamedImage("astronaut-resized", img.resize((300, 300))),
+            NamedImage("astronaut-grey", img.convert("L").convert("RGB"))]
+
+
 @pytest.fixture
 def pixel_values():
     def make(batch=2, size=32, seed=1):

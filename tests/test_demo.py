@@ -9,7 +9,7 @@ import torch
 import vsink
 from vsink.data import demo_model as D
 from vsink.data.demo_images import demo_images
-from conftest import planted_firing
+from conftest import PHOTOS, astronaut_variants, planted_firing, skimage_photo
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,40 @@ def test_demo_is_deterministic():
         assert na == nb and torch.equal(pa, pb)
     u = D.planted_direction()
     assert u[D.CONST_DIM] == 0 and np.isclose(float(u.norm()), 1.0)
+
+
+PHOTO_SETS = {
+    "astronaut alone": lambda: [skimage_photo("astronaut")],
+    "coffee + rocket": lambda: [skimage_photo("coffee"), skimage_photo("rocket")],
+    "astronaut variants": astronaut_variants,
+    "seven photos": lambda: [skimage_photo(name) for name in PHOTOS],
+}
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return vsink.load("demo")
+
+
+@pytest.mark.parametrize("name", PHOTO_SETS)
+def test_photos_flag_exactly_the_planted_tokens_from_the_planted_block(backbone, name):
+    # on real photos the demo's blocks 0-1 have smooth content tails (no gap) and block 2 on has
+    # the planted cluster; the truth is read from the planted neurons with a plain torch hook
+    images = PHOTO_SETS[name]()
+    result = vsink.scan(backbone, images, progress=False)
+    firing = planted_firing(backbone, images)
+    assert firing.any()
+    assert result.high_norm.emergence_layer == D.PLANTED_BLOCK
+    expected = {(int(i), result.layout.num_prefix + int(p)) for i, p in torch.nonzero(firing)}
+    for layer in range(backbone.num_layers):
+        found = {(t.image, t.token) for t in result.high_norm.tokens_at(layer)}
+        assert found == (set() if layer < D.PLANTED_BLOCK else expected), (name, layer)
+
+
+def test_photo_verdict_does_not_depend_on_the_batch(backbone):
+    # the astronaut's tokens are the same whether it is scanned alone or among the seven photos
+    alone = vsink.scan(backbone, [skimage_photo("astronaut")], progress=False).high_norm
+    photos = [skimage_photo(name) for name in PHOTOS]
+    pooled = vsink.scan(backbone, photos, progress=False, batch_size=3).high_norm
+    for layer in range(backbone.num_layers):
+        assert np.array_equal(alone.mask(layer)[0], pooled.mask(layer)[PHOTOS.index("astronaut")]), layer

@@ -15,7 +15,7 @@ from vsink.data import demo_model as D
 from vsink.data.demo_images import demo_images
 from vsink.detect import detect_massive
 from vsink.registers import NeuronSpec, RegisterNeuron, TestTimeRegisters, find_register_neurons
-from conftest import hf_model, open_clip_visual, timm_case
+from conftest import PHOTOS, hf_model, open_clip_visual, skimage_photo, timm_case
 
 PLANTED = {(D.PLANTED_BLOCK, n) for n in D.PLANTED_NEURONS}
 
@@ -33,6 +33,25 @@ def test_discovery_ranks_planted_neurons_first(demo_spec):
     assert spec.settings["images_with_outliers"] == 2
     scores = [n.score for n in spec.neurons]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_find_then_fix_on_photos_from_the_command_line(tmp_path, capsys):
+    # a new user's first experiment: photos on disk, `registers find`, then `scan` with the fix
+    paths = []
+    for name in PHOTOS:
+        path = tmp_path / "photos" / f"{name}.png"
+        path.parent.mkdir(exist_ok=True)
+        skimage_photo(name).image.save(path)
+        paths.append(str(path))
+    assert main(["registers", "find", *paths, "--out", str(tmp_path / "neurons.json"), "--no-progress"]) == 0
+    spec = json.loads((tmp_path / "neurons.json").read_text())
+    assert spec["settings"]["detection_layer"] == spec["settings"]["highest_layer"] == D.PLANTED_BLOCK
+    assert {(n["layer"], n["neuron"]) for n in spec["neurons"][:4]} == PLANTED
+    assert main(["scan", *paths, "--test-time-registers", str(tmp_path / "neurons.json"),
+                 "--out", str(tmp_path / "fixed"), "--no-progress"]) == 0
+    fixed = json.loads((tmp_path / "fixed" / "scan.json").read_text())
+    assert fixed["high_norm"]["emergence_layer"] is None and fixed["high_norm"]["tokens_total"] == 0
+    assert all(layer["norm"]["outlier_fraction"] == 0 for layer in fixed["layers"])
 
 
 def test_test_time_registers_remove_demo_artifacts(demo_spec):

@@ -216,7 +216,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     print(f"scanned {len(result.images)} images ({len(result.skipped)} skipped) with {result.model}")
     print(f"layout: {result.layout.describe()}")
     print(f"high-norm tokens: emergence layer {hn.emergence_layer}, "
-          f"{len(hn.tokens)} outlier tokens over all layers")
+          f"{len(hn.outliers)} outlier tokens over all layers")
     for layer in hn.layers:
         flag = f"  threshold {layer.threshold:.3g}, {100 * layer.outlier_fraction:.1f}% outliers" \
             if layer.threshold is not None else ""
@@ -290,7 +290,7 @@ def _cmd_registers(args: argparse.Namespace) -> int:
     for label, r in (("before", before), ("after", after)):
         hn = r.high_norm
         regs = [a["register_received"] for a in r.attention]
-        print(f"{label:>6}: emergence layer {hn.emergence_layer}, {len(hn.tokens)} outlier tokens, "
+        print(f"{label:>6}: emergence layer {hn.emergence_layer}, {len(hn.outliers)} outlier tokens, "
               f"max register share {max(regs):.3f}, max patch-norm ratio {max(l.ratio for l in hn.layers):.2f}")
     print(f"wrote {out / 'before'} and {out / 'after'}")
     return 0

@@ -34,6 +34,8 @@ class Trace:
     Arrays (``I`` images, ``N`` tokens in model order, ``H`` heads):
 
     * ``norms`` [L, I, N]: L2 norm of each token of each block's output;
+    * ``input_norms`` [I, N]: L2 norm of each token entering the first block (the embedding
+      output), for the high-norm detector's growth check;
     * ``attn_received`` [L, I, H, N]: attention each key token receives, averaged over queries;
     * ``attn_cls`` [L, I, H, N]: attention from the (first) class token to every token;
     * ``attn_entropy`` [L, I, H]: attention entropy (nats) averaged over queries;
@@ -46,6 +48,7 @@ class Trace:
     layout: TokenLayout
     layers: list[int]
     norms: Optional[np.ndarray] = None
+    input_norms: Optional[np.ndarray] = None
     attn_received: Optional[np.ndarray] = None
     attn_cls: Optional[np.ndarray] = None
     attn_entropy: Optional[np.ndarray] = None
@@ -66,10 +69,12 @@ class Trace:
                 return int(arr.shape[1])
         return 0
 
-    def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write an ``.npz`` (atomically) that :meth:`load` reads back without the model."""
+    def save(self, path: Union[str, os.PathLike], extra: Optional[dict[str, np.ndarray]] = None) -> Path:
+        """Write an ``.npz`` (atomically) that :meth:`load` reads back without the model; ``extra``
+        arrays (e.g. a scan's full outlier-token table) are stored beside the trace's own."""
         path = Path(path)
-        arrays = {name: getattr(self, name) for name in self.ARRAYS if getattr(self, name) is not None}
+        arrays = {name: getattr(self, name) for name in (*self.ARRAYS, "input_norms") if getattr(self, name) is not None}
+        arrays.update(extra or {})
         header = {"layout": self.layout.to_dict(), "layers": self.layers, "meta": self.meta}
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -81,7 +86,7 @@ class Trace:
         try:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
-                arrays = {name: data[name] for name in cls.ARRAYS if name in data.files}
+                arrays = {name: data[name] for name in (*cls.ARRAYS, "input_norms") if name in data.files}
         except (OSError, ValueError, KeyError) as e:
             raise VsinkError(f"cannot read trace file {path}: {e}") from e
         return cls(layout=TokenLayout.from_dict(header["layout"]), layers=list(header["layers"]),
@@ -171,10 +176,13 @@ class Probe(HookSet):
         self.massive = int(massive)
         self.layout: TokenLayout = backbone.layout()
         self._norms: dict[int, list[np.ndarray]] = {}
+        self._input_norms: list[np.ndarray] = []
         self._attn: dict[int, _AttentionReducer] = {}
         self._massive: dict[int, list[tuple[np.ndarray, ...]]] = {}
 
     def _install(self) -> None:
+        if self.want_norms:
+            self._handles.append(self.backbone.hook("block_input", 0, self._norm_fn(self._input_norms)))
         for layer in self.layers:
             if self.want_norms:
                 store = self._norms.setdefault(layer, [])
@@ -235,9 +243,14 @@ class Probe(HookSet):
         def stack(per_layer: list[list[np.ndarray]], dtype: type = np.float32) -> Optional[np.ndarray]:
             if not per_layer or not all(per_layer):
                 return None
-            return np.stack([np.concatenate(batches, axis=0) for batches in per_layer]).astype(dtype)
+            first = per_layer[0]
+            out = np.empty((len(per_layer), sum(b.shape[0] for b in first), *first[0].shape[1:]), dtype)
+            for i, batches in enumerate(per_layer):  # filled in place: no second copy of the whole trace
+                np.concatenate(batches, axis=0, out=out[i])
+            return out
 
         norms = stack([self._norms[l] for l in self.layers]) if self.want_norms else None
+        input_norms = np.concatenate(self._input_norms) if self.want_norms and self._input_norms else None
         received = cls = entropy = None
         if self.want_attention:
             reducers = [self._attn[l] for l in self.layers]
@@ -249,8 +262,9 @@ class Probe(HookSet):
             for i, name in enumerate(("massive_values", "massive_tokens", "massive_dims", "massive_median")):
                 massive[name] = stack([[batch[i] for batch in self._massive[l]] for l in self.layers],
                                       np.float32 if i in (0, 3) else np.int64)
-        for arr in (norms, received):
+        for arr in (norms, input_norms, received):
             if arr is not None and arr.shape[-1] != self.layout.num_tokens:
                 raise VsinkError(f"observed {arr.shape[-1]} tokens but the layout has {self.layout.num_tokens}")
-        return Trace(layout=self.layout, layers=list(self.layers), norms=norms, attn_received=received,
+        return Trace(layout=self.layout, layers=list(self.layers), norms=norms, input_norms=input_norms,
+                     attn_received=received,
                      attn_cls=cls, attn_entropy=entropy, meta=dict(meta or {}), **massive)

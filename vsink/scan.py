@@ -23,6 +23,9 @@ from .probe import Probe, Trace
 
 
 MAX_MASSIVE_ENTRIES = 200
+#: scan.json lists at most this many outlier tokens and sinks (strongest first); trace.npz has all
+MAX_TOKEN_ENTRIES = 1000
+MAX_SINK_ENTRIES = 1000
 MASSIVE_TOP_K = 4
 
 
@@ -85,6 +88,8 @@ class ScanResult:
             for n, a, m in zip(self.high_norm.layers, self.attention, massive_summary(self.trace, self.massive))
         ]
         strongest = sorted(self.massive, key=lambda m: -m.ratio)[:MAX_MASSIVE_ENTRIES]
+        sinks = sorted(self.sinks, key=lambda s: -s.share)[:MAX_SINK_ENTRIES]
+        total = len(self.high_norm.outliers)
         return {
             "vsink_version": __version__,
             "model": self.model,
@@ -98,20 +103,26 @@ class ScanResult:
                 "method": self.high_norm.method,
                 "settings": self.high_norm.settings,
                 "emergence_layer": self.high_norm.emergence_layer,
-                "tokens": [t.to_dict() for t in self.high_norm.tokens],
+                "tokens_total": total,
+                "tokens_omitted": max(0, total - MAX_TOKEN_ENTRIES),
+                "tokens": [t.to_dict() for t in self.high_norm.strongest(MAX_TOKEN_ENTRIES)],
             },
-            "sinks": [s.to_dict() for s in self.sinks],
+            "sinks_total": len(self.sinks),
+            "sinks_omitted": max(0, len(self.sinks) - MAX_SINK_ENTRIES),
+            "sinks": [s.to_dict() for s in sinks],
             "massive": [m.to_dict() for m in strongest],
             "settings": self.settings,
         }
 
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
-        """Write ``scan.json``, ``report.html`` and ``trace.npz`` into ``out_dir`` (each atomically)."""
+        """Write ``scan.json``, ``report.html`` and ``trace.npz`` (the trace plus every outlier token,
+        as arrays ``outlier_image``, ``outlier_layer``, ``outlier_token``, ``outlier_norm``) into
+        ``out_dir``, each atomically."""
         from .export.report import render_scan_report
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"trace": self.trace.save(out / "trace.npz")}
+        paths = {"trace": self.trace.save(out / "trace.npz", extra=self.high_norm.outliers.arrays("outlier"))}
         paths["report"] = write_text(out / "report.html", render_scan_report(self))
         paths["json"] = write_json(out / "scan.json", self.to_json())
         return paths

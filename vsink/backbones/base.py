@@ -5,6 +5,8 @@ vsink sees only :class:`Backbone`, its :class:`~vsink.layout.TokenLayout` and it
 
 Sites (per layer, 0-based block index):
 
+``block_input``
+    the residual stream entering the block, [B, N, D] (for block 0: the embedding output);
 ``block_output``
     the residual stream after the block, [B, N, D];
 ``mlp_hidden``
@@ -41,7 +43,7 @@ from ..errors import VsinkError
 from ..layout import TokenLayout
 from .hooks import hook_tensor
 
-SITES = ("block_output", "mlp_hidden", "attn_logits", "attn_probs", "attn_qkv")
+SITES = ("block_input", "block_output", "mlp_hidden", "attn_logits", "attn_probs", "attn_qkv")
 ATTENTION_SITES = ("attn_logits", "attn_probs", "attn_qkv")
 
 SiteFn = Callable[..., Optional[torch.Tensor]]
@@ -380,7 +382,7 @@ class Backbone(ABC):
     def hook(self, site: str, layer: int, fn: SiteFn) -> SiteHandle:
         """Install ``fn`` at ``site`` of block ``layer``.
 
-        ``block_output`` / ``mlp_hidden``: ``fn(tensor [B, N, C]) -> replacement or None``.
+        ``block_input`` / ``block_output`` / ``mlp_hidden``: ``fn(tensor [B, N, C]) -> replacement or None``.
         ``attn_logits``: ``fn(logits [B, H, q, N], q_start) -> replacement or None``.
         ``attn_probs``: ``fn(probs [B, H, q, N], q_start, logits) -> replacement or None``, where
         ``logits`` is ``None`` once an earlier function replaced the probabilities.
@@ -391,6 +393,8 @@ class Backbone(ABC):
         if not -self.num_layers <= layer < self.num_layers:
             raise VsinkError(f"layer {layer} out of range for {self.num_layers} blocks of {self.spec}")
         layer %= self.num_layers
+        if site == "block_input":
+            return SiteHandle(self.blocks[layer].register_forward_pre_hook(self._input_hook(fn), with_kwargs=True).remove)
         if site == "block_output":
             return SiteHandle(self.blocks[layer].register_forward_hook(self._block_hook(fn)).remove)
         if site == "mlp_hidden":
@@ -408,6 +412,17 @@ class Backbone(ABC):
                 return None
             new = self._to_bnc(new)
             return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def _input_hook(self, fn: SiteFn):
+        def hook(module, args, kwargs):
+            tensor = args[0] if args else kwargs["hidden_states"]
+            new = fn(self._to_bnc(tensor))
+            if new is None:
+                return None
+            new = self._to_bnc(new)
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
         return hook
 

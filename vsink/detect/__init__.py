@@ -2,10 +2,11 @@
 
 from .attention import AttentionSink, detect_sinks, layer_attention_summary
 from .massive import MassiveActivation, detect_massive, massive_summary
-from .norms import HighNormResult, LayerNormStats, OutlierToken, adaptive_threshold, detect_high_norm
+from .gap import Gap, find_gap
+from .norms import HighNormResult, LayerNormStats, OutlierTable, OutlierToken, detect_high_norm
 
 __all__ = [
-    "AttentionSink", "HighNormResult", "LayerNormStats", "MassiveActivation", "OutlierToken",
-    "adaptive_threshold", "detect_high_norm", "detect_massive", "detect_sinks", "layer_attention_summary",
+    "AttentionSink", "Gap", "HighNormResult", "LayerNormStats", "MassiveActivation", "OutlierTable", "OutlierToken",
+    "detect_high_norm", "find_gap", "detect_massive", "detect_sinks", "layer_attention_summary",
     "massive_summary",
 ]

@@ -3,36 +3,59 @@
 Thresholds (``method``):
 
 ``auto`` (default)
-    a 2-component Gaussian mixture on the log patch norms of a layer (all images pooled) that
-    must beat a 1-component fit by ``bic_margin`` BIC points, with well-separated components
-    (Ashman's D >= ``min_separation``), the upper component a minority (weight <=
-    ``max_fraction``) and the threshold at least ``min_ratio`` x the median patch norm. If any
-    condition fails the layer has no outliers: a unimodal distribution never gets split in
-    half. The threshold sits in the widest gap of the sorted log norms between the two component means (the geometric middle
-    of that gap), so it follows the data rather than the mixture's tails.
+    outliers exist in a layer only where its patch norms have a real gap: a separated upper
+    cluster (at least ``min_count`` tokens, at most ``max_fraction`` of them) whose lowest member
+    is at least ``min_ratio`` times the median of the bulk below it, and whose gap is many times
+    the spacings of the bulk's own upper tail (the gap test of :mod:`vsink.detect.gap`, at
+    family-wise level ``alpha``). A long continuous tail is never outliers, however heavy.
+
+    Mechanistic check: when the trace holds the norms of the tokens entering the first block
+    (:attr:`Trace.input_norms`), a token counts only if it was *written*: its norm grew since the
+    embedding at least ``min_growth`` times as much as the median patch token's did. The
+    register-neuron write (Jiang et al. 2025) makes artifact tokens grow ~10x more than the bulk;
+    content that was already large in the patch embedding does not qualify. A candidate cluster
+    must be at least half written tokens, and only written tokens above the threshold are
+    flagged (``min_growth=0`` turns the check off).
 ``sigma``
     mean + ``k`` standard deviations of the layer's patch norms (always flags the upper tail).
 ``absolute``
     a fixed ``threshold`` (e.g. 150 for DINOv2 ViT-g; it does not carry over to other models).
 
-Class tokens and registers are excluded from the statistics and reported separately.
+What is pooled: the patch-token norms of all images of a layer form one population, in absolute
+units. The register-neuron write has a fixed magnitude per model, so artifact norms are
+comparable across images while bulk norms shift with content; pooling gives small per-image
+clusters (1-2 artifacts in an image) the evidence of the whole set. A cluster that is separated
+in each image alone stays separated in the pool unless another image's *bulk* reaches into the
+gap. Class tokens and registers are excluded from the statistics and reported separately.
+The rule, its parameters and its measured precision/recall are in docs/detection.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from ..errors import VsinkError
+from ..layout import TokenLayout
 from ..probe import Trace
+from . import gap as gap_test
 
 METHODS = ("auto", "sigma", "absolute")
+MIN_GROWTH = 2.0
 
 
 @dataclass
 class LayerNormStats:
+    """One layer's patch-norm statistics.
+
+    ``threshold`` is the pooled threshold (``auto``: null when the pool has no gap, even if single
+    images were flagged through gaps of their own, counted in ``own_gap_images``);
+    ``separation`` and ``critical`` are the pooled gap statistic and the value it had to reach;
+    ``outliers`` counts the flagged tokens (all images).
+    """
+
     index: int
     median: float
     max: float
@@ -41,6 +64,10 @@ class LayerNormStats:
     outlier_fraction: float
     cls: Optional[float]
     registers: list[float] = field(default_factory=list)
+    outliers: int = 0
+    separation: Optional[float] = None
+    critical: Optional[float] = None
+    own_gap_images: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,60 +87,118 @@ class OutlierToken:
 
 
 @dataclass
+class OutlierTable:
+    """Every flagged token as four parallel arrays (compact for millions of tokens)."""
+
+    image: np.ndarray
+    layer: np.ndarray
+    token: np.ndarray
+    norm: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "OutlierTable":
+        return cls(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.float32))
+
+    @classmethod
+    def concat(cls, parts: list["OutlierTable"]) -> "OutlierTable":
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("image", "layer", "token", "norm")))
+
+    def __len__(self) -> int:
+        return int(self.image.size)
+
+    def select(self, index: np.ndarray) -> "OutlierTable":
+        return OutlierTable(self.image[index], self.layer[index], self.token[index], self.norm[index])
+
+    def rows(self, layout: TokenLayout) -> Iterator[OutlierToken]:
+        rows, cols = np.divmod(self.token - layout.num_prefix, layout.grid[1])
+        for i in range(len(self)):
+            yield OutlierToken(int(self.image[i]), int(self.layer[i]), int(self.token[i]), int(rows[i]),
+                               int(cols[i]), float(self.norm[i]))
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """``{prefix_image, prefix_layer, prefix_token, prefix_norm}`` for an ``.npz``."""
+        return {f"{prefix}_{f}": getattr(self, f) for f in ("image", "layer", "token", "norm")}
+
+
+@dataclass
 class HighNormResult:
+    """Per-layer statistics, every flagged token, and the emergence layer.
+
+    ``outliers`` holds all flagged tokens compactly; :attr:`tokens` and :meth:`tokens_at` give them
+    as :class:`OutlierToken` rows (fine for a few thousand; use the table or :meth:`mask` beyond).
+    """
+
     method: str
     settings: dict
     layers: list[LayerNormStats]
-    tokens: list[OutlierToken]
+    outliers: OutlierTable
     emergence_layer: Optional[int]
+    layout: TokenLayout
+    num_images: int
+
+    @property
+    def tokens(self) -> list[OutlierToken]:
+        return list(self.outliers.rows(self.layout))
 
     def tokens_at(self, layer: int) -> list[OutlierToken]:
-        return [t for t in self.tokens if t.layer == layer]
+        return list(self.outliers.select(self.outliers.layer == layer).rows(self.layout))
+
+    def mask(self, layer: int) -> np.ndarray:
+        """Boolean [images, patches]: which patch tokens are flagged at block ``layer``."""
+        found = self.outliers.select(self.outliers.layer == layer)
+        out = np.zeros((self.num_images, self.layout.num_patches), dtype=bool)
+        out[found.image, found.token - self.layout.num_prefix] = True
+        return out
+
+    def strongest(self, limit: int) -> list[OutlierToken]:
+        """At most ``limit`` flagged tokens, highest norm first."""
+        order = np.argsort(-self.outliers.norm, kind="stable")[:limit]
+        return list(self.outliers.select(order).rows(self.layout))
 
 
-def adaptive_threshold(
-    norms: np.ndarray,
-    *,
-    min_ratio: float = 4.0,
-    bic_margin: float = 10.0,
-    min_separation: float = 2.0,
-    max_fraction: float = 0.5,
-    max_samples: int = 20000,
-    seed: int = 0,
-) -> Optional[float]:
-    """Norm threshold separating outliers from the bulk, or ``None`` if there is no real separation."""
-    from sklearn.mixture import GaussianMixture
+@dataclass
+class LayerVerdict:
+    """What the gap rule decided for one layer: the flagged patches [I, P], the pooled gap (if
+    any), and how many images were flagged through a gap of their own."""
 
-    values = np.asarray(norms, dtype=np.float64).ravel()
-    values = values[np.isfinite(values) & (values > 0)]
-    if values.size < 8:
-        return None
-    median = float(np.median(values))
-    if values.max() < min_ratio * median:
-        return None
-    x = np.log(values)
-    if x.size > max_samples:
-        x = np.random.default_rng(seed).choice(x, size=max_samples, replace=False)
-    x = x[:, None]
-    one = GaussianMixture(1, random_state=seed).fit(x)
-    two = GaussianMixture(2, random_state=seed, n_init=3).fit(x)
-    if one.bic(x) - two.bic(x) < bic_margin:
-        return None
-    means = two.means_.ravel()
-    sds = np.sqrt(two.covariances_.ravel())
-    lo, hi = int(np.argmin(means)), int(np.argmax(means))
-    separation = np.sqrt(2.0) * (means[hi] - means[lo]) / np.sqrt(sds[lo] ** 2 + sds[hi] ** 2)
-    if separation < min_separation or two.weights_[hi] > max_fraction:
-        return None
-    logs = np.sort(np.log(values))
-    between = logs[(logs >= means[lo]) & (logs <= means[hi])]
-    if between.size >= 2:
-        gap = int(np.argmax(np.diff(between)))
-        split = 0.5 * (between[gap] + between[gap + 1])
-    else:
-        split = 0.5 * (means[lo] + means[hi])
-    threshold = max(float(np.exp(split)), min_ratio * median)
-    return threshold if (values > threshold).any() else None
+    flagged: np.ndarray
+    pooled: Optional[gap_test.Gap]
+    own_gap_images: int
+
+
+def flag_outliers(patches: np.ndarray, written: Optional[np.ndarray] = None, **gap_kwargs: Any) -> LayerVerdict:
+    """The ``auto`` rule on one layer's patch norms [I, P] (see the module docstring).
+
+    Each image is tested alone, and all images are tested pooled. An image whose own norms have a
+    significant gap is flagged above its own threshold, whatever else is in the batch; the other
+    images are flagged above the pooled threshold, if the pool has one. So a cluster that stands
+    out in an image by itself is found the same way alone or in any batch, and images whose few
+    artifacts are not significant alone get the evidence of the whole set.
+    """
+    written = np.ones_like(patches, dtype=bool) if written is None else written
+    min_count = gap_kwargs.get("min_count", gap_test.MIN_COUNT)
+    pooled = gap_test.find_gap(patches, written, **gap_kwargs)
+    flagged = np.zeros_like(patches, dtype=bool)
+    own = 0
+    per_image = {**gap_kwargs, "alpha": gap_kwargs.get("alpha", gap_test.ALPHA) / patches.shape[0]}
+    for i in range(patches.shape[0]):
+        gap = gap_test.find_gap(patches[i], written[i], **per_image)
+        own += gap is not None
+        gap = gap or pooled
+        if gap is not None:
+            flagged[i] = (patches[i] > gap.threshold) & written[i]
+    if flagged.sum() < min_count:
+        flagged[:] = False
+    return LayerVerdict(flagged, pooled, own)
+
+
+def written_tokens(patches: np.ndarray, inputs: np.ndarray, min_growth: float) -> np.ndarray:
+    """Tokens whose norm grew since the embedding at least ``min_growth`` times as much as the
+    median patch token's (``patches`` and ``inputs`` [I, P] norms at the layer and at the input)."""
+    growth = patches / np.maximum(inputs, 1e-12)
+    return growth >= min_growth * float(np.median(growth))
 
 
 def detect_high_norm(
@@ -122,41 +207,46 @@ def detect_high_norm(
     method: str = "auto",
     threshold: Optional[float] = None,
     k: float = 3.0,
-    min_ratio: float = 4.0,
-    bic_margin: float = 10.0,
-    min_separation: float = 2.0,
-    max_fraction: float = 0.5,
-    seed: int = 0,
+    alpha: float = gap_test.ALPHA,
+    min_ratio: float = gap_test.MIN_RATIO,
+    max_fraction: float = gap_test.MAX_FRACTION,
+    min_count: int = gap_test.MIN_COUNT,
+    min_growth: float = MIN_GROWTH,
 ) -> HighNormResult:
     """Find high-norm patch tokens in every traced layer (see the module docstring for methods)."""
     if trace.norms is None:
         raise VsinkError("the trace holds no token norms (probe with norms=True)")
     if method not in METHODS:
         raise VsinkError(f"unknown threshold method {method!r}; use one of {', '.join(METHODS)}")
-    if method == "absolute" and (threshold is None or threshold <= 0):
+    if method == "absolute" and (threshold is None or not threshold > 0):
         raise VsinkError("method 'absolute' needs a positive threshold")
     layout = trace.layout
     cls_idx, reg_idx = layout.cls_indices(), layout.register_indices()
+    inputs = trace.input_norms[:, layout.patch_slice] if trace.input_norms is not None else None
     layers: list[LayerNormStats] = []
-    tokens: list[OutlierToken] = []
+    found_parts: list[OutlierTable] = []
     emergence: Optional[int] = None
     for pos, layer in enumerate(trace.layers):
         norms = trace.norms[pos]  # [I, N]
         patches = norms[:, layout.patch_slice]
         median = float(np.median(patches))
+        separation = critical = None
+        own_gap = 0
         if method == "auto":
-            thr = adaptive_threshold(patches, min_ratio=min_ratio, bic_margin=bic_margin,
-                                     min_separation=min_separation, max_fraction=max_fraction, seed=seed)
-        elif method == "sigma":
-            thr = float(patches.mean() + k * patches.std())
+            written = written_tokens(patches, inputs, min_growth) if inputs is not None and min_growth > 0 else None
+            verdict = flag_outliers(patches, written, alpha=alpha, min_ratio=min_ratio, max_fraction=max_fraction,
+                                    min_count=min_count)
+            flagged, own_gap = verdict.flagged, verdict.own_gap_images
+            thr = verdict.pooled.threshold if verdict.pooled is not None else None
+            if verdict.pooled is not None:
+                separation, critical = verdict.pooled.separation, verdict.pooled.critical
         else:
-            thr = float(threshold)
-        found = np.argwhere(patches > thr) if thr is not None else np.empty((0, 2), dtype=int)
-        for image, p in found:
-            token = layout.num_prefix + int(p)
-            row, col = layout.patch_position(token)
-            tokens.append(OutlierToken(int(image), int(layer), token, row, col, float(patches[image, p])))
-        if len(found) and emergence is None:
+            thr = float(patches.mean() + k * patches.std()) if method == "sigma" else float(threshold)
+            flagged = patches > thr
+        image, p = np.nonzero(flagged)
+        found_parts.append(OutlierTable(image.astype(np.int32), np.full(image.size, layer, np.int32),
+                                        (p + layout.num_prefix).astype(np.int32), patches[image, p].astype(np.float32)))
+        if image.size and emergence is None:
             emergence = int(layer)
         layers.append(LayerNormStats(
             index=int(layer),
@@ -164,14 +254,22 @@ def detect_high_norm(
             max=float(patches.max()),
             ratio=float(patches.max() / median) if median > 0 else float("inf"),
             threshold=thr,
-            outlier_fraction=float(len(found) / patches.size),
+            outlier_fraction=float(image.size / patches.size),
             cls=float(norms[:, cls_idx].mean()) if cls_idx else None,
             registers=[float(v) for v in norms[:, reg_idx].mean(axis=0)] if reg_idx else [],
+            outliers=int(image.size),
+            separation=separation,
+            critical=critical,
+            own_gap_images=own_gap,
         ))
-    settings = {"method": method, "min_ratio": min_ratio, "bic_margin": bic_margin,
-                "min_separation": min_separation, "max_fraction": max_fraction}
-    if method == "sigma":
+    settings: dict[str, Any]
+    if method == "auto":
+        settings = {"method": method, "alpha": alpha, "min_ratio": min_ratio, "max_fraction": max_fraction,
+                    "min_count": min_count, "min_growth": min_growth if inputs is not None else None,
+                    "pooled": "patch tokens of all images, absolute norms"}
+    elif method == "sigma":
         settings = {"method": method, "k": k}
-    elif method == "absolute":
+    else:
         settings = {"method": method, "threshold": threshold}
-    return HighNormResult(method=method, settings=settings, layers=layers, tokens=tokens, emergence_layer=emergence)
+    return HighNormResult(method=method, settings=settings, layers=layers, outliers=OutlierTable.concat(found_parts),
+                          emergence_layer=emergence, layout=layout, num_images=trace.num_images)

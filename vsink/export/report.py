@@ -42,7 +42,7 @@ def render_scan_report(result: "ScanResult") -> str:
     parts.append(f"<p>Layout: {e(layout.describe())}; input {result.input_size[0]}×{result.input_size[1]}; "
                  f"{len(result.images)} images scanned, {len(result.skipped)} skipped. "
                  f"Threshold method: <code>{e(hn.method)}</code>. Emergence layer: "
-                 f"<b>{_fmt(hn.emergence_layer)}</b>. Outlier tokens (all layers): {len(hn.tokens)}. "
+                 f"<b>{_fmt(hn.emergence_layer)}</b>. Outlier tokens (all layers): {len(hn.outliers)}. "
                  f"Sinks: {len(result.sinks)}.</p>")
     if result.settings.get("edits"):
         parts.append("<p>Forward edits applied: " + ", ".join(f"<code>{e(x)}</code>" for x in result.settings["edits"])

@@ -130,10 +130,8 @@ def find_register_neurons(
     detection = high.emergence_layer if detection_layer is None else detection_layer % backbone.num_layers
     highest = detection if highest_layer is None else highest_layer % backbone.num_layers
     layout = trace.layout
-    pos = trace.layers.index(detection)
-    stats = high.layers[pos]
-    patch_norms = layout.patches(torch.from_numpy(trace.norms[pos]), dim=1)  # [I, P]
-    outliers = patch_norms > (stats.threshold if stats.threshold is not None else float("inf"))
+    stats = high.layers[trace.layers.index(detection)]
+    outliers = torch.from_numpy(high.mask(detection))  # [I, P]
 
     layers = list(range(highest + 1))
     scores = {l: torch.zeros(backbone.mlp_width(l), dtype=torch.float64) for l in layers}
