@@ -235,3 +235,24 @@ def test_bad_files_are_named(tmp_path):
         read_jsonl(answers, ("split", "label", "answer"))
     answers.write_text('{"split": "random", "label": "yes", "answer": "yes"}\n{"split": "ran')
     assert len(read_jsonl(answers)) == 1  # a last line cut by an interrupted write is ignored
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    from vsink.io import read_jsonl
+
+    answers = tmp_path / "answers.jsonl"
+    # valid JSON Lines written with ensure_ascii=False: U+2028, U+0085 and U+000C stay raw inside the strings,
+    # and str.splitlines() would break the first line in four (the old reader said "not a JSON object")
+    rows = [{"split": "random", "label": "yes", "answer": "Yes\u2028there is\x85one\x0c."},
+            {"split": "random", "label": "no", "answer": "No."}]
+    answers.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_jsonl(answers, ("split", "label", "answer")) == rows
+    answers.write_text('{"a": 1}\n[1, 2]\n')  # valid JSON, but not an object
+    with pytest.raises(VsinkError, match=r"answers\.jsonl:2: not a JSON object"):
+        read_jsonl(answers)
+    answers.write_text('{"a": 1}\n{"a": \n')  # a malformed line that ends in a newline was not cut by a kill
+    with pytest.raises(VsinkError, match=r"answers\.jsonl:2: not a JSON object"):
+        read_jsonl(answers)
+    answers.write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(VsinkError, match=r"answers\.jsonl: not UTF-8 text"):
+        read_jsonl(answers)

@@ -49,12 +49,16 @@ def write_json(path: Union[str, os.PathLike], obj: Any) -> Path:
 
 def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Lines of a JSONL file; a malformed line is an error naming the file and line, except a last
-    line cut by an interrupted append, which is skipped."""
+    line cut by an interrupted append (no final newline), which is skipped. Lines end at ``\\n``
+    only: U+2028, U+0085 and the other characters ``str.splitlines`` breaks on are valid inside a
+    JSON string written with ``ensure_ascii=False``."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8").split("\n")
     except OSError as e:
         raise VsinkError(f"{p}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise VsinkError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -65,6 +69,8 @@ def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = ()) -> l
             if n == len(lines):
                 continue
             raise VsinkError(f"{p}:{n}: not a JSON object") from None
+        if not isinstance(row, dict):
+            raise VsinkError(f"{p}:{n}: not a JSON object")
         missing = [k for k in required if k not in row]
         if missing:
             raise VsinkError(f"{p}:{n}: missing field(s) {', '.join(missing)}")
