@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vsink.errors import VsinkError
-from vsink.evaluate.chair import mentions, score_chair, singular
+from vsink.evaluate.chair import score_chair
+from vsink.evaluate.chair_vsink import mentions, singular
 from vsink.evaluate.pope import build_questions, parse_answer, question_text, score_answers
 
 CASES = [("", "yes", None), ("Yes.", "yes", "yes"), ("No, there is not", "no", "no"),
@@ -101,7 +102,7 @@ def test_chair_golden_cases():
     generated = [{"image_id": 1, "caption": "A man walks his dog. There is no cat, no cat at all."},
                  {"image_id": 2, "caption": "An empty street."},
                  {"image_id": 4, "caption": "People, a car and a bird."}]
-    result = score_chair(generated, _coco())
+    result = score_chair(generated, _coco(), vocabulary="vsink")
     # mentions: man, dog, cat, cat | none | people, car, bird -> 7; hallucinated: cat, cat
     assert result["chair_i"] == pytest.approx(2 / 7) and result["chair_s"] == pytest.approx(1 / 3)
     # ground truth: {person, dog, car}, {person, dog, horse, umbrella}, {person, car, bird}: 2 + 0 + 3 of 10
@@ -109,13 +110,13 @@ def test_chair_golden_cases():
     assert result["avg_len"] == pytest.approx((13 + 3 + 6) / 3)  # words per caption
     first = result["captions"][0]
     assert first["mentioned"] == ["person", "dog", "cat", "cat"] and first["hallucinated"] == ["cat", "cat"]
-    nothing = score_chair([{"image_id": 2, "caption": "Nothing here."}], _coco())
+    nothing = score_chair([{"image_id": 2, "caption": "Nothing here."}], _coco(), vocabulary="vsink")
     assert (nothing["chair_i"], nothing["chair_s"], nothing["recall"]) == (0.0, 0.0, 0.0)
 
 
 def test_chair_reference_captions_extend_ground_truth():
     refs = {"annotations": [{"image_id": 1, "caption": "A boy and his cat near a car."}]}
-    result = score_chair([{"image_id": 1, "caption": "A cat."}], _coco(), refs)
+    result = score_chair([{"image_id": 1, "caption": "A cat."}], _coco(), refs, vocabulary="vsink")
     assert result["chair_i"] == 0.0
     with pytest.raises(VsinkError, match="image_id 99 is not in the annotations"):
         score_chair([{"image_id": 99, "caption": "x"}], _coco())
