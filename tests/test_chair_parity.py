@@ -158,6 +158,9 @@ VSINK = [
     # glove and vehicle are not in the vsink table; cop, van and teddybear are
     ("Gloves and a vehicle.", []),
     ("A cop in a van with a teddybear.", [("cop", "person"), ("van", "car"), ("teddybear", "teddy bear")]),
+    # a possessor is its own mention; an oven mitt is neither an oven nor a baseball glove (mitt)
+    ("The dog's bowl and a doggie.", [("dog", "dog"), ("bowl", "bowl"), ("doggie", "dog")]),
+    ("An oven mitt by the stove.", [("stove", "oven")]),
 ]
 
 

@@ -47,7 +47,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
              "owl", "crow", "sparrow", "chicken", "hen", "rooster", "penguin", "flamingo", "pelican", "heron",
              "crane bird", "finch", "robin", "dove", "turkey", "ostrich", "peacock"),
     "cat": ("cat", "kitten", "kitty", "tabby", "feline"),
-    "dog": ("dog", "puppy", "pup", "doggy", "canine", "hound", "terrier", "labrador", "retriever", "poodle",
+    "dog": ("dog", "puppy", "pup", "doggy", "doggie", "canine", "hound", "terrier", "labrador", "retriever", "poodle",
             "bulldog", "chihuahua", "dachshund", "beagle", "husky", "collie", "shepherd dog", "pitbull"),
     "horse": ("horse", "pony", "foal", "stallion", "mare", "colt"),
     "sheep": ("sheep", "lamb", "ram", "ewe"),
@@ -128,8 +128,7 @@ COMPOUNDS: dict[str, Optional[str]] = {
     "computer monitor": "tv", "computer screen": "tv", "computer keyboard": "keyboard",
     "computer desk": "dining table", "stove top": "oven", "stove top oven": "oven", "coffee mug": "cup", "toilet bowl": "toilet", "toilet tank": "toilet",
     "toilet lid": "toilet", "truck bed": "truck", "pizza oven": "oven", "bike seat": "bicycle",
-    "bicycle seat": "bicycle", "motorcycle seat": "motorcycle", "baby bottle": "bottle", "dog bed": "bed",
-    "dog bowl": "bowl",
+    "bicycle seat": "bicycle", "motorcycle seat": "motorcycle", "baby bottle": "bottle",
     # a class word qualifying a place or thing that is not that object
     **{f"bus {w}": None for w in ("stop", "station", "shelter", "terminal", "depot", "lane", "route")},
     **{f"train {w}": None for w in ("station", "track", "platform", "yard", "crossing")},
@@ -145,7 +144,7 @@ COMPOUNDS: dict[str, Optional[str]] = {
     "dog park": None, "dog house": None, "cat food": None, "cat toy": None, "cat tree": None,
     "bird feeder": None, "bird cage": None, "bird bath": None, "bird house": None, "horse trailer": None,
     "pizza box": None, "pizza cutter": None, "pizza place": None, "pizza shop": None, "pizza parlor": None,
-    "cake stand": None, "tv stand": None, "television stand": None, "phone booth": None,
+    "cake stand": None, "oven mitt": None, "tv stand": None, "television stand": None, "phone booth": None,
     # ball games: the ball word qualifies people and things, not a ball
     **{f"{sport} {w}": "person" for sport in _BALL_SPORTS for w in _SPORT_PEOPLE},
     **{f"{sport} {w}": None for sport in _BALL_SPORTS for w in _SPORT_THINGS},
