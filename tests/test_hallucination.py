@@ -257,3 +257,19 @@ def test_jsonl_lines_end_at_newline_only(tmp_path):
     answers.write_bytes(b'{"a": "\xff"}\n')
     with pytest.raises(VsinkError, match=r"answers\.jsonl: not UTF-8 text"):
         read_jsonl(answers)
+
+
+def test_append_after_a_cut_line(tmp_path):
+    from vsink.io import append_jsonl, read_jsonl
+
+    log = tmp_path / "answers.jsonl"
+    append_jsonl(log, [{"question_id": 0}])
+    with open(log, "a") as f:
+        f.write('{"question_id": 1, "ans')  # a write cut by a kill: no newline, not JSON
+    assert read_jsonl(log) == [{"question_id": 0}]
+    # appending after it must not glue the new line onto the cut one (that made line 2 unreadable)
+    append_jsonl(log, [{"question_id": 1}, {"question_id": 2}])
+    assert read_jsonl(log) == [{"question_id": 0}, {"question_id": 1}, {"question_id": 2}]
+    log.write_text('{"question_id": 0}')  # a complete last line that only lacks its newline is kept
+    append_jsonl(log, [{"question_id": 1}])
+    assert log.read_text() == '{"question_id": 0}\n{"question_id": 1}\n'

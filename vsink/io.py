@@ -83,9 +83,41 @@ def write_jsonl(path: Union[str, os.PathLike], rows: Iterable[dict[str, Any]]) -
     return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _end_last_line(path: Union[str, os.PathLike]) -> None:
+    """Make a JSONL file end with a newline before more lines are appended: a last line without one
+    is completed when it is valid JSON, and dropped when it is not (a write cut by a kill, which
+    :func:`read_jsonl` skips), so the next line cannot be glued onto it."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        start = size
+        while start > 0:
+            step = min(1 << 16, start)
+            f.seek(start - step)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                start = start - step + newline + 1
+                break
+            start -= step
+        if start == size:
+            return
+        f.seek(start)
+        try:
+            json.loads(f.read().decode("utf-8"))
+        except ValueError:
+            f.truncate(start)
+        else:
+            f.write(b"\n")
+
+
 def append_jsonl(path: Union[str, os.PathLike], rows: Iterable[dict[str, Any]], *, fsync: bool = False) -> None:
     """Append lines to a JSONL file (the incremental logs: an interrupted run keeps what was
-    appended; at worst the last line is cut, which :func:`read_jsonl` skips)."""
+    appended; at worst the last line is cut, which :func:`read_jsonl` skips and the next append
+    removes)."""
+    _end_last_line(path)
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
