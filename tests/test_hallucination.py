@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vsink.errors import VsinkError
-from vsink.evaluate.chair import mentions, score_chair, singular
+from vsink.evaluate.chair import score_chair
+from vsink.evaluate.chair_vsink import mentions, singular
 from vsink.evaluate.pope import build_questions, parse_answer, question_text, score_answers
 
 CASES = [("", "yes", None), ("Yes.", "yes", "yes"), ("No, there is not", "no", "no"),
@@ -101,7 +102,7 @@ def test_chair_golden_cases():
     generated = [{"image_id": 1, "caption": "A man walks his dog. There is no cat, no cat at all."},
                  {"image_id": 2, "caption": "An empty street."},
                  {"image_id": 4, "caption": "People, a car and a bird."}]
-    result = score_chair(generated, _coco())
+    result = score_chair(generated, _coco(), vocabulary="vsink")
     # mentions: man, dog, cat, cat | none | people, car, bird -> 7; hallucinated: cat, cat
     assert result["chair_i"] == pytest.approx(2 / 7) and result["chair_s"] == pytest.approx(1 / 3)
     # ground truth: {person, dog, car}, {person, dog, horse, umbrella}, {person, car, bird}: 2 + 0 + 3 of 10
@@ -109,13 +110,13 @@ def test_chair_golden_cases():
     assert result["avg_len"] == pytest.approx((13 + 3 + 6) / 3)  # words per caption
     first = result["captions"][0]
     assert first["mentioned"] == ["person", "dog", "cat", "cat"] and first["hallucinated"] == ["cat", "cat"]
-    nothing = score_chair([{"image_id": 2, "caption": "Nothing here."}], _coco())
+    nothing = score_chair([{"image_id": 2, "caption": "Nothing here."}], _coco(), vocabulary="vsink")
     assert (nothing["chair_i"], nothing["chair_s"], nothing["recall"]) == (0.0, 0.0, 0.0)
 
 
 def test_chair_reference_captions_extend_ground_truth():
     refs = {"annotations": [{"image_id": 1, "caption": "A boy and his cat near a car."}]}
-    result = score_chair([{"image_id": 1, "caption": "A cat."}], _coco(), refs)
+    result = score_chair([{"image_id": 1, "caption": "A cat."}], _coco(), refs, vocabulary="vsink")
     assert result["chair_i"] == 0.0
     with pytest.raises(VsinkError, match="image_id 99 is not in the annotations"):
         score_chair([{"image_id": 99, "caption": "x"}], _coco())
@@ -235,3 +236,40 @@ def test_bad_files_are_named(tmp_path):
         read_jsonl(answers, ("split", "label", "answer"))
     answers.write_text('{"split": "random", "label": "yes", "answer": "yes"}\n{"split": "ran')
     assert len(read_jsonl(answers)) == 1  # a last line cut by an interrupted write is ignored
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    from vsink.io import read_jsonl
+
+    answers = tmp_path / "answers.jsonl"
+    # valid JSON Lines written with ensure_ascii=False: U+2028, U+0085 and U+000C stay raw inside the strings,
+    # and str.splitlines() would break the first line in four (the old reader said "not a JSON object")
+    rows = [{"split": "random", "label": "yes", "answer": "Yes\u2028there is\x85one\x0c."},
+            {"split": "random", "label": "no", "answer": "No."}]
+    answers.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_jsonl(answers, ("split", "label", "answer")) == rows
+    answers.write_text('{"a": 1}\n[1, 2]\n')  # valid JSON, but not an object
+    with pytest.raises(VsinkError, match=r"answers\.jsonl:2: not a JSON object"):
+        read_jsonl(answers)
+    answers.write_text('{"a": 1}\n{"a": \n')  # a malformed line that ends in a newline was not cut by a kill
+    with pytest.raises(VsinkError, match=r"answers\.jsonl:2: not a JSON object"):
+        read_jsonl(answers)
+    answers.write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(VsinkError, match=r"answers\.jsonl: not UTF-8 text"):
+        read_jsonl(answers)
+
+
+def test_append_after_a_cut_line(tmp_path):
+    from vsink.io import append_jsonl, read_jsonl
+
+    log = tmp_path / "answers.jsonl"
+    append_jsonl(log, [{"question_id": 0}])
+    with open(log, "a") as f:
+        f.write('{"question_id": 1, "ans')  # a write cut by a kill: no newline, not JSON
+    assert read_jsonl(log) == [{"question_id": 0}]
+    # appending after it must not glue the new line onto the cut one (that made line 2 unreadable)
+    append_jsonl(log, [{"question_id": 1}, {"question_id": 2}])
+    assert read_jsonl(log) == [{"question_id": 0}, {"question_id": 1}, {"question_id": 2}]
+    log.write_text('{"question_id": 0}')  # a complete last line that only lacks its newline is kept
+    append_jsonl(log, [{"question_id": 1}])
+    assert log.read_text() == '{"question_id": 0}\n{"question_id": 1}\n'

@@ -52,6 +52,12 @@ def add_parsers(ev_sub) -> None:
     run_args(chair, CHAIR_PROMPT, 512)
     chair.add_argument("--generated", help="score this generated-captions JSONL (no model)")
     chair.add_argument("--captions", help="COCO captions JSON (reference captions add ground-truth objects)")
+    chair.add_argument("--vocabulary", default="reference", choices=("reference", "vsink"),
+                       help="reference (default): mentions exactly as the reference chair.py finds them, quirks "
+                            "included; vsink: vsink's table with the reference's errors fixed (docs/fidelity.md)")
+    chair.add_argument("--synonyms", metavar="FILE",
+                       help="synonym table in the reference synonyms.txt format, for --vocabulary reference "
+                            "(default: the packaged copy of the reference table)")
 
 
 def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -106,20 +112,21 @@ def run(args: argparse.Namespace) -> int:
                           lambda rows: pope_mod.score_answers(rows, args.parser),
                           hal.pope_protocol(args.prompt, args.max_new_tokens, args.parser, args.seed, items, {}))
     _require(args, "annotations")
-    truth = chair_mod.ground_truth(args.annotations, args.captions)
+    vocab = chair_mod.load_vocabulary(args.vocabulary, args.synonyms)
+    truth = chair_mod.ground_truth(args.annotations, args.captions, vocab)
+    scoring = {"annotations": str(args.annotations), "captions": str(args.captions) if args.captions else None,
+               "vocabulary": vocab.name, "synonyms": vocab.source}
     if args.generated:
         rows = read_jsonl(args.generated, ("image_id", "caption"))
-        scores = {"generated": chair_mod.score_captions(rows, truth, str(args.generated))}
-        protocol = {"generated": str(args.generated), "annotations": str(args.annotations),
-                    "captions": str(args.captions) if args.captions else None}
+        scores = {"generated": chair_mod.score_captions(rows, truth, str(args.generated), vocab)}
+        protocol = {"generated": str(args.generated), **scoring}
         return _report(hal.save_results(out, "chair", protocol, scores, {}))
     images = _chair_images(args.annotations, args.num_images, args.seed)
     items = images[: args.limit] if args.limit else images
     protocol = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "greedy": True,
-                "images": [it["image"] for it in items], "annotations": str(args.annotations),
-                "captions": str(args.captions) if args.captions else None}
+                "images": [it["image"] for it in items], **scoring}
     return _run_model(args, out, "chair", items, "image_id", "caption", lambda it: args.prompt,
-                      lambda rows: chair_mod.score_captions(rows, truth), protocol)
+                      lambda rows: chair_mod.score_captions(rows, truth, vocabulary=vocab), protocol)
 
 
 def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str, Any]]:

@@ -49,12 +49,16 @@ def write_json(path: Union[str, os.PathLike], obj: Any) -> Path:
 
 def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Lines of a JSONL file; a malformed line is an error naming the file and line, except a last
-    line cut by an interrupted append, which is skipped."""
+    line cut by an interrupted append (no final newline), which is skipped. Lines end at ``\\n``
+    only: U+2028, U+0085 and the other characters ``str.splitlines`` breaks on are valid inside a
+    JSON string written with ``ensure_ascii=False``."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8").split("\n")
     except OSError as e:
         raise VsinkError(f"{p}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise VsinkError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -65,6 +69,8 @@ def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = ()) -> l
             if n == len(lines):
                 continue
             raise VsinkError(f"{p}:{n}: not a JSON object") from None
+        if not isinstance(row, dict):
+            raise VsinkError(f"{p}:{n}: not a JSON object")
         missing = [k for k in required if k not in row]
         if missing:
             raise VsinkError(f"{p}:{n}: missing field(s) {', '.join(missing)}")
@@ -77,9 +83,41 @@ def write_jsonl(path: Union[str, os.PathLike], rows: Iterable[dict[str, Any]]) -
     return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _end_last_line(path: Union[str, os.PathLike]) -> None:
+    """Make a JSONL file end with a newline before more lines are appended: a last line without one
+    is completed when it is valid JSON, and dropped when it is not (a write cut by a kill, which
+    :func:`read_jsonl` skips), so the next line cannot be glued onto it."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        start = size
+        while start > 0:
+            step = min(1 << 16, start)
+            f.seek(start - step)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                start = start - step + newline + 1
+                break
+            start -= step
+        if start == size:
+            return
+        f.seek(start)
+        try:
+            json.loads(f.read().decode("utf-8"))
+        except ValueError:
+            f.truncate(start)
+        else:
+            f.write(b"\n")
+
+
 def append_jsonl(path: Union[str, os.PathLike], rows: Iterable[dict[str, Any]], *, fsync: bool = False) -> None:
     """Append lines to a JSONL file (the incremental logs: an interrupted run keeps what was
-    appended; at worst the last line is cut, which :func:`read_jsonl` skips)."""
+    appended; at worst the last line is cut, which :func:`read_jsonl` skips and the next append
+    removes)."""
+    _end_last_line(path)
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

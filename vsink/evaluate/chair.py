@@ -1,108 +1,84 @@
 """CHAIR (Rohrbach et al. 2018): object hallucination in captions, offline.
 
-* Words: lowercase letter runs (possessive "'s" dropped), singularised by a vocabulary-guided
-  rule set — irregular plurals from a table, then "-ies" → "-y", "-ves" → "-f"/"-fe", "-es" → "",
-  "-s" → "", each accepted only if it yields a word of the CHAIR vocabulary (so "snow" or "glass"
-  are never mangled into class words). No NLTK or any run-time data download: the reference code
-  needs NLTK data fetched at run time, and its lemmas vary by version; a rule set limited to the
-  vocabulary is deterministic and cannot invent objects.
-* Mentions: longest match first over the singularised words (3-, 2-, then 1-word phrases of
-  :data:`vsink.evaluate.chair_words.SYNONYMS`), so "hot dog", "teddy bear", "baby bird" (→ bird),
-  "toilet seat" (→ toilet) win over their parts; if a caption mentions a toilet, its "seat"
-  mentions are dropped. Repeated and negated mentions count.
-* Ground truth of an image: its instance-annotation classes ∪ the classes mentioned in its
-  reference captions (when given).
-* CHAIR_i = hallucinated mentions / mentions; CHAIR_s = captions with ≥ 1 hallucinated mention /
-  captions; recall = Σ |mentioned ∩ ground truth| / Σ |ground truth| over captions; avg_len =
-  mean words per caption. 0 where a denominator is 0.
+Two vocabularies find the object mentions of a caption:
+
+* ``reference`` (default): caption for caption what the reference code finds (LisaAnne/Hallucination
+  ``utils/chair.py`` with its ``data/synonyms.txt``), quirks included
+  (:mod:`vsink.evaluate.chair_reference`); ``synonyms=FILE`` swaps in another table of the same format.
+* ``vsink``: vsink's own table with the reference's errors fixed — punctuation bounds phrases,
+  modifier nouns ("passenger train", "bus stop") and compounds ("laptop computer") count once and
+  as what they name (:mod:`vsink.evaluate.chair_vsink`).
+
+Ground truth of an image: its instance-annotation classes ∪ the classes mentioned in its reference
+captions (when given), both through the chosen vocabulary. CHAIR_i = hallucinated mentions /
+mentions; CHAIR_s = captions with ≥ 1 hallucinated mention / captions; recall = Σ |mentioned ∩
+ground truth| / Σ |ground truth| over captions (as in OPERA's copy of the reference); avg_len =
+mean words (letter runs) per caption. 0 where a denominator is 0.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from ..errors import VsinkError
-from .chair_words import IRREGULAR, SYNONYMS
+from . import chair_reference, chair_vsink
+from .chair_words import SYNONYMS
 from .coco import read_coco_objects
 
-WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+VOCABULARIES = ("reference", "vsink")
 
 
-def words(text: str) -> list[str]:
-    """Lowercase words of a caption, possessive 's removed."""
-    return [w[:-2] if w.endswith("'s") else w for w in WORD.findall(text.lower())]
+@dataclass(frozen=True)
+class Vocabulary:
+    """How captions are read: ``mentions(caption)`` gives (word, class) pairs; ``categories`` maps an
+    annotation category name to its class."""
+
+    name: str
+    source: str
+    categories: Mapping[str, str]
+    mentions: Callable[[str], list[tuple[str, str]]]
 
 
-@lru_cache(maxsize=1)
-def _vocabulary() -> tuple[frozenset[str], dict[str, str], int]:
-    vocab = {w for phrases in SYNONYMS.values() for p in phrases for w in words(p)} | set(IRREGULAR.values())
-    table: dict[str, str] = {}
-    for cls, phrases in SYNONYMS.items():
-        for p in phrases:
-            table[" ".join(words(p))] = cls
-    return frozenset(vocab), table, max(len(k.split()) for k in table)
+def load_vocabulary(vocabulary: str = "reference",
+                    synonyms: Union[str, os.PathLike, None] = None) -> Vocabulary:
+    """The ``reference`` (default) or ``vsink`` vocabulary; ``synonyms``: a synonym table file in the
+    reference format for the ``reference`` vocabulary (default: the packaged reference table)."""
+    if vocabulary == "reference":
+        table = chair_reference.read_synonyms(synonyms) if synonyms is not None else chair_reference.packaged_table()
+        return Vocabulary("reference", table.source, table.entries,
+                          lambda caption: chair_reference.mentions(caption, table))
+    if vocabulary == "vsink":
+        if synonyms is not None:
+            raise VsinkError("a synonyms file applies to the reference vocabulary, not to 'vsink'")
+        return Vocabulary("vsink", "vsink.evaluate.chair_words", {c: c for c in SYNONYMS}, chair_vsink.mentions)
+    raise VsinkError(f"unknown CHAIR vocabulary {vocabulary!r}; vocabularies are {', '.join(VOCABULARIES)}")
 
 
-@lru_cache(maxsize=1 << 16)
-def singular(word: str) -> str:
-    """Vocabulary-guided singular of one lowercase word (see the module docstring)."""
-    vocab = _vocabulary()[0]
-    if word in IRREGULAR:
-        return IRREGULAR[word]
-    if word in vocab:
-        return word
-    candidates = []
-    if word.endswith("ies"):
-        candidates.append(word[:-3] + "y")
-    if word.endswith("ves"):
-        candidates += [word[:-3] + "f", word[:-3] + "fe"]
-    if word.endswith("es"):
-        candidates.append(word[:-2])
-    if word.endswith("s") and not word.endswith("ss"):
-        candidates.append(word[:-1])
-    return next((c for c in candidates if c in vocab), word)
-
-
-def mentions(caption: str) -> list[tuple[str, str]]:
-    """(surface phrase, COCO class) for every object mention, in order."""
-    _, table, longest = _vocabulary()
-    toks = [singular(w) for w in words(caption)]
-    found: list[tuple[str, str]] = []
-    i = 0
-    while i < len(toks):
-        for n in range(min(longest, len(toks) - i), 0, -1):
-            phrase = " ".join(toks[i:i + n])
-            if phrase in table:
-                found.append((phrase, table[phrase]))
-                i += n
-                break
-        else:
-            i += 1
-    if any(cls == "toilet" for _, cls in found):
-        found = [(p, c) for p, c in found if p != "seat"]
-    return found
+def _as_vocabulary(vocabulary: Union[str, Vocabulary]) -> Vocabulary:
+    return vocabulary if isinstance(vocabulary, Vocabulary) else load_vocabulary(vocabulary)
 
 
 def ground_truth(annotations: Union[str, os.PathLike, dict],
-                 captions: Union[None, str, os.PathLike, dict] = None) -> dict[int, set[str]]:
+                 captions: Union[None, str, os.PathLike, dict] = None,
+                 vocabulary: Union[str, Vocabulary] = "reference") -> dict[int, set[str]]:
     """Image id → set of COCO classes (instances ∪ classes mentioned in reference captions)."""
+    vocab = _as_vocabulary(vocabulary)
     coco = read_coco_objects(annotations)
-    truth = {i: set(objs) for i, objs in coco.objects.items()}
-    where = coco.where
-    unknown = sorted(c for objs in truth.values() for c in objs if c not in SYNONYMS)
+    unknown = sorted({c for objs in coco.objects.values() for c in objs if c not in vocab.categories})
     if unknown:
-        raise VsinkError(f"{where}: categories {sorted(set(unknown))[:5]} are not COCO classes")
+        raise VsinkError(f"{coco.where}: categories {unknown[:5]} are not in the {vocab.name} vocabulary "
+                         f"({vocab.source})")
+    truth = {i: {vocab.categories[c] for c in objs} for i, objs in coco.objects.items()}
     if captions is not None:
         cwhere = "captions JSON" if isinstance(captions, dict) else str(captions)
         try:
             cdata = captions if isinstance(captions, dict) else json.loads(Path(captions).read_text())
             for ann in cdata["annotations"]:
-                truth.setdefault(int(ann["image_id"]), set()).update(c for _, c in mentions(str(ann["caption"])))
+                truth.setdefault(int(ann["image_id"]), set()).update(c for _, c in vocab.mentions(str(ann["caption"])))
         except OSError as e:
             raise VsinkError(f"{cwhere}: cannot read ({e.strerror or e})") from None
         except (ValueError, KeyError, TypeError) as e:
@@ -111,8 +87,11 @@ def ground_truth(annotations: Union[str, os.PathLike, dict],
 
 
 def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str]],
-                   where: str = "generated captions") -> dict[str, Any]:
-    """CHAIR_i, CHAIR_s, recall, avg_len and per-caption details (see the module docstring)."""
+                   where: str = "generated captions",
+                   vocabulary: Union[str, Vocabulary] = "reference") -> dict[str, Any]:
+    """CHAIR_i, CHAIR_s, recall, avg_len, the vocabulary used and per-caption details (see the
+    module docstring); ``truth`` must come from :func:`ground_truth` with the same vocabulary."""
+    vocab = _as_vocabulary(vocabulary)
     details, n_mentions, n_halluc, n_bad, hit, gt_total, lengths = [], 0, 0, 0, 0, 0, []
     for i, row in enumerate(generated):
         try:
@@ -122,14 +101,14 @@ def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str
         if image_id not in truth:
             raise VsinkError(f"{where}: item {i}: image_id {image_id} is not in the annotations")
         gt = truth[image_id]
-        found = mentions(caption)
+        found = vocab.mentions(caption)
         halluc = [(p, c) for p, c in found if c not in gt]
         n_mentions += len(found)
         n_halluc += len(halluc)
         n_bad += bool(halluc)
         hit += len({c for _, c in found} & gt)
         gt_total += len(gt)
-        lengths.append(len(words(caption)))
+        lengths.append(len(chair_vsink.words(caption)))
         details.append({"image_id": image_id, "mentioned": [c for _, c in found],
                         "hallucinated": [c for _, c in halluc], "mentioned_words": [p for p, _ in found],
                         "hallucinated_words": [p for p, _ in halluc]})
@@ -137,10 +116,19 @@ def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str
         raise VsinkError(f"{where}: no captions to score")
     return {"chair_i": n_halluc / n_mentions if n_mentions else 0.0, "chair_s": n_bad / len(details),
             "recall": hit / gt_total if gt_total else 0.0, "avg_len": sum(lengths) / len(lengths),
-            "n": len(details), "mentions": n_mentions, "hallucinated_mentions": n_halluc, "captions": details}
+            "n": len(details), "mentions": n_mentions, "hallucinated_mentions": n_halluc,
+            "vocabulary": vocab.name, "synonyms": vocab.source, "captions": details}
 
 
 def score_chair(generated: Iterable[dict[str, Any]], annotations: Union[str, os.PathLike, dict],
-                captions: Optional[Union[str, os.PathLike, dict]] = None) -> dict[str, Any]:
-    """Score generated captions against COCO annotations (and reference captions)."""
-    return score_captions(generated, ground_truth(annotations, captions))
+                captions: Optional[Union[str, os.PathLike, dict]] = None, *, vocabulary: str = "reference",
+                synonyms: Union[str, os.PathLike, None] = None) -> dict[str, Any]:
+    """Score generated captions (dicts with ``image_id`` and ``caption``) against COCO instance
+    annotations and, optionally, COCO reference captions.
+
+    ``vocabulary``: ``"reference"`` (default; equal to the reference chair.py caption for caption)
+    or ``"vsink"`` (vsink's table, the reference's errors fixed). ``synonyms``: a synonym table in
+    the reference's ``synonyms.txt`` format for the reference vocabulary (default: the packaged
+    copy of the reference table)."""
+    vocab = load_vocabulary(vocabulary, synonyms)
+    return score_captions(generated, ground_truth(annotations, captions, vocab), vocabulary=vocab)

@@ -7,7 +7,8 @@ item as soon as its batch is done; a rerun reads what is there and runs only the
 so an interrupted run loses nothing. Images that cannot be read are skipped, reported and left
 for the next run. ``OUT/results.json`` holds the protocol (prompt, max_new_tokens, images,
 seed, parser, settings) and each mitigation's scores; ``OUT/results.md`` the table with deltas
-against the first mitigation.
+against the first mitigation. For CHAIR the protocol and the report name the vocabulary
+(``reference`` or ``vsink``) and the synonym table used.
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
         rows = [(label, [sc[key] for sc in scores.values()], scale) for key, label, scale in
                 (("chair_s", "CHAIR_s (%)", 100), ("chair_i", "CHAIR_i (%)", 100), ("recall", "recall (%)", 100),
                  ("avg_len", "average length (words)", 1))]
-    md = [f"# vsink eval {kind}", "", f"Protocol: `{json.dumps(protocol)}`", "", _table(names, rows)]
+    md = [f"# vsink eval {kind}", ""]
+    if kind == "chair" and "vocabulary" in protocol:
+        md += [f"CHAIR vocabulary: `{protocol['vocabulary']}` (synonyms: {protocol['synonyms']})", ""]
+    md += [f"Protocol: `{json.dumps(protocol)}`", "", _table(names, rows)]
     for name, items in skipped.items():
         if items:
             md.append(f"{name}: {len(items)} items skipped (see results.json)")
