@@ -137,6 +137,12 @@ def test_variant_parsing(tmp_path, planted_neurons):
     with pytest.raises(VsinkError, match="repeated: a"):
         parse_variants(["a=baseline", "a=model:demo"])
     assert [v.name for v in parse_variants(["b=model:demo"])] == ["baseline", "b"]
+    ref = parse_variants([f"r=ttr:{planted_neurons}", "m=model:demo"], {"shift": "reference", "scale": 2.0})
+    assert ref[1].ttr_options == (("scale", 2.0), ("shift", "reference")) and ref[2].ttr_options == ()
+    assert ref[1].describe() == f"r (ttr: {planted_neurons}, scale=2.0, shift=reference)"
+    assert ref[1].test_time_registers().shift == "reference"
+    with pytest.raises(VsinkError, match="unknown shift 'bogus'"):  # at parse time, before any model runs
+        parse_variants([f"r=ttr:{planted_neurons}"], {"shift": "bogus"})
 
 
 def test_task_and_data_errors(demo):
