@@ -205,6 +205,11 @@ def _add_eval_parser(sub) -> None:
     dense.add_argument("--lost-biases", default="0", help="LOST Gram-matrix biases, comma list (default 0)")
     dense.add_argument("--lost-normalize", default="no", help="L2-normalise LOST features: no (default), yes, both")
     dense.add_argument("--lost-k", type=int, default=100, help="LOST seed-expansion candidates (default 100)")
+    dense.add_argument("--lost-ties", default="stable",
+                       help="LOST order of equal degrees: stable (default, and the only one defined: patch order)")
+    dense.add_argument("--lost-iou", default="exact",
+                       help="CorLoc IoU: exact (default: IoU >= 0.5 is a hit) or reference (LOST's bbox_iou on "
+                            "float boxes: +1e-7 on heights and union, so exactly 0.5 is a miss)")
     dense.add_argument("--synthetic-images", type=int, default=32, help="synthetic: images per split (default 32)")
     dense.add_argument("--out", default="vsink-eval", help="output directory (default: vsink-eval)")
     from .cli_hallucination import add_parsers
@@ -360,7 +365,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if normalize is None:
         raise VsinkError(f"--lost-normalize must be no, yes or both, got {args.lost_normalize!r}")
     lost = LostSettings(layers=numbers(args.lost_layers, int, "--lost-layers"), kinds=_comma(args.lost_kinds),
-                        biases=numbers(args.lost_biases, float, "--lost-biases"), normalize=normalize, k=args.lost_k)
+                        biases=numbers(args.lost_biases, float, "--lost-biases"), normalize=normalize, k=args.lost_k,
+                        ties=args.lost_ties, iou=args.lost_iou)
     variants = parse_variants(args.variant, _ttr_options(args))
     if args.format == "synthetic" and args.data:
         raise VsinkError("--data is not used with --format synthetic (the default); pass --format voc|ade|coco|folder")
