@@ -137,6 +137,12 @@ def test_variant_parsing(tmp_path, planted_neurons):
     with pytest.raises(VsinkError, match="repeated: a"):
         parse_variants(["a=baseline", "a=model:demo"])
     assert [v.name for v in parse_variants(["b=model:demo"])] == ["baseline", "b"]
+    ref = parse_variants([f"r=ttr:{planted_neurons}", "m=model:demo"], {"shift": "reference", "scale": 2.0})
+    assert ref[1].ttr_options == (("scale", 2.0), ("shift", "reference")) and ref[2].ttr_options == ()
+    assert ref[1].describe() == f"r (ttr: {planted_neurons}, scale=2.0, shift=reference)"
+    assert ref[1].test_time_registers().shift == "reference"
+    with pytest.raises(VsinkError, match="unknown shift 'bogus'"):  # at parse time, before any model runs
+        parse_variants([f"r=ttr:{planted_neurons}"], {"shift": "bogus"})
 
 
 def test_task_and_data_errors(demo):
@@ -150,9 +156,12 @@ def test_task_and_data_errors(demo):
 def test_cli_eval_dense(tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", "dense", "--synthetic-images", "3", "--img-size", "64", "--epochs", "1",
-                 "--lost-kinds", "k,q", "--lost-biases", "0,0.5", "--no-progress", "--out", str(out)])
+                 "--lost-kinds", "k,q", "--lost-biases", "0,0.5", "--lost-iou", "reference", "--no-progress",
+                 "--out", str(out)])
     assert code == 0
     data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["lost"]["ties"] == "stable" and data["settings"]["lost"]["iou"] == "reference"
+    assert data["variants"]["baseline"]["lost"]["iou"] == "reference"
     assert data["tasks"] == ["linear-seg", "lost", "artifacts"]
     assert len(data["variants"]["baseline"]["lost"]["sweep"]) == 4
     assert data["settings"]["input_size"] == [64, 64]
@@ -166,6 +175,8 @@ def test_cli_eval_dense(tmp_path, capsys):
     (["--lost-biases", "zero"], "--lost-biases: expected a comma list of numbers"),
     (["--lost-normalize", "maybe"], "--lost-normalize must be no, yes or both"),
     (["--variant", "x=missing.safetensors"], "missing.safetensors: file not found"),
+    (["--lost-ties", "reference"], "ties: only 'stable' is defined"),
+    (["--lost-iou", "strict"], "iou: use one of exact, reference"),
 ])
 def test_cli_eval_errors(argv, message, capsys):
     assert main(["eval", "dense", "--no-progress", "--synthetic-images", "2", "--img-size", "64"] + argv) == 2

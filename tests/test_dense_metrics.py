@@ -7,6 +7,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score
 
 from vsink.data.synthetic import synthetic_dataset
+from vsink.errors import VsinkError
 from vsink.evaluate.artifacts import foreground_grid, foreground_share, neighbour_cosine
 from vsink.evaluate.lost import LostBox, box_iou, corloc, is_correct, lost
 from vsink.evaluate.segmentation import (ProbeSettings, confusion_matrix, evaluate_linear_probe, seg_metrics,
@@ -126,6 +127,36 @@ def test_box_iou_and_corloc_hand_values():
     assert not is_correct(np.array([0, 0, 10, 10]), np.array([[0, 0, 10, 21]]))
     assert corloc([np.array([0, 0, 4, 4]), np.array([0, 0, 4, 4])],
                   [np.array([[0, 0, 4, 4]]), np.array([[10, 10, 20, 20]])]) == 0.5
+
+
+def test_reference_iou_rule_by_hand():
+    """LOST's bbox_iou adds eps = 1e-7 to each box height and to the union. Boxes (0, 0, 32, 32) and
+    (0, 0, 32, 64): intersection 1024, exact union 2048, IoU exactly 0.5 (a hit); the reference
+    union is 32·(32 + eps) + 32·(64 + eps) − 1024 + eps = 2048 + 65·eps, so its IoU falls just
+    below 0.5: a miss."""
+    pred, gt = np.array([0, 0, 32, 32.0]), np.array([[0, 0, 32, 64.0]])
+    assert box_iou(pred, gt)[0] == 0.5 and is_correct(pred, gt)
+    ref = box_iou(pred, gt, "reference")[0]
+    assert ref == pytest.approx(1024 / (2048 + 65e-7), rel=1e-12) and ref < 0.5
+    assert not is_correct(pred, gt, iou="reference")
+    # IoU 100 / 199 ≈ 0.5025, far above the eps shift: a hit under both rules
+    assert is_correct(np.array([0, 0, 10, 10.0]), np.array([[0, 0, 10, 19.9]]), iou="reference")
+    assert corloc([pred, pred], [gt, np.array([[0, 0, 32, 32]])], iou="reference") == 0.5
+    assert corloc([pred, pred], [gt, np.array([[0, 0, 32, 32]])]) == 1.0
+    with pytest.raises(VsinkError, match="iou: use one of exact, reference"):
+        box_iou(pred, gt, "strict")
+
+
+def test_lost_ties_keep_patch_order():
+    """2x2 grid, patches 0, 1 = e0 and 2, 3 = e1: each patch is similar to exactly one other, so
+    all four degrees tie at 1. Stable order: seed = patch 0, S = {0, 1}, M = A[0] + A[1] =
+    [2, 2, 0, 0], box = row 0. An order starting at patch 2 or 3 would give row 1."""
+    f = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    for grid in (f, f.flip(0)):
+        found = lost(grid)
+        assert found.seed == (0, 0) and found.box == (0, 0, 2, 1)
+    with pytest.raises(VsinkError, match="ties: only 'stable' is defined"):
+        lost(f, ties="reference")
 
 
 def _oracle_features(mask, boxes, grid):

@@ -16,7 +16,8 @@ from vsink.cli import main
 from vsink.data import demo_model as D
 from vsink.data.demo_images import demo_images
 from vsink.maps import export_maps
-from vsink.rollout import FullAttentionObserver
+from vsink.layout import TokenLayout
+from vsink.rollout import FullAttentionObserver, rollout_step
 from conftest import hf_model, planted_firing, sharpen, timm_model, timm_reference
 
 
@@ -26,7 +27,8 @@ def image(size=(42, 42), seed=0):
 
 
 def reference_rollout(attentions, num_cls, num_prefix, fusion="mean", discard_ratio=0.0):
-    """Abnar & Zuidema, written out directly: fuse heads, discard, 0.5 A + 0.5 I, renormalise, multiply."""
+    """Abnar & Zuidema written out directly (fuse heads, 0.5 A + 0.5 I, renormalise, multiply) with
+    vsink's discard rule, which is neither theirs (they have none) nor vit-explain's."""
     n = attentions[0].shape[-1]
     joint = torch.eye(n, dtype=torch.float64)
     for a in attentions:
@@ -45,6 +47,19 @@ def reference_rollout(attentions, num_cls, num_prefix, fusion="mean", discard_ra
         joint = step @ joint
     row = joint[0] if num_cls else joint[num_prefix:].mean(0)
     return row.float()
+
+
+def test_discard_spares_attention_to_the_class_token_by_hand():
+    """1 class token + 2 patches, discard ratio 0.25: int(9 * 0.25) = 2 entries go. The two lowest
+    of the whole matrix are patch -> class (0.01 and 0.02); vit-explain would drop them (it spares
+    only entry [0, 0]). vsink never drops attention to a class token, so it drops the two lowest of
+    the rest, 0.08 at (1, 2) and 0.1 at (0, 2); then 0.5 A + 0.5 I with rows renormalised:
+    row 0 [0.8, 0.15, 0] / 0.95, row 1 [0.01, 0.95, 0] / 0.96, row 2 [0.005, 0.095, 0.9] / 1."""
+    fused = torch.tensor([[[0.6, 0.3, 0.1], [0.02, 0.9, 0.08], [0.01, 0.19, 0.8]]], dtype=torch.float64)
+    step = rollout_step(fused, TokenLayout(1, 0, (1, 2)), discard_ratio=0.25)[0]
+    expected = torch.tensor([[0.8 / 0.95, 0.15 / 0.95, 0.0], [0.01 / 0.96, 0.95 / 0.96, 0.0],
+                             [0.005, 0.095, 0.9]], dtype=torch.float64)
+    torch.testing.assert_close(step, expected, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("registers", [0, 1, 4])

@@ -38,6 +38,12 @@ def _add_ttr_args(p: argparse.ArgumentParser, flag: bool = True) -> None:
     p.add_argument("--ttr-registers", type=int, default=1, help="appended register tokens (default 1)")
     p.add_argument("--ttr-scale", type=float, default=1.0, help="scale of the moved activation (default 1)")
     p.add_argument("--ttr-mode", default="max", help="max (default: signed value of largest magnitude) or mean")
+    p.add_argument("--ttr-shift", default="per-neuron",
+                   help="per-neuron (default: each register neuron moves its own value) or reference (one "
+                        "scalar per layer, the signed max over tokens and that layer's neurons, as the released code)")
+    p.add_argument("--ttr-zero-trained-registers", action="store_true",
+                   help="also zero the register neurons on trained registers, as the released code "
+                        "(default: trained registers keep their activations)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--threshold", default="auto", help="high-norm threshold: auto, sigma:K or a number")
     find.add_argument("--min-selectivity", type=float,
                       help="keep neurons whose outlier score is >= this x their mean |activation| on patches")
+    find.add_argument("--outlier-tokens", default="patches",
+                      help="patches (default: outlier positions are patches above the threshold) or all (any "
+                           "token, class token included, as the released code)")
+    find.add_argument("--sparsity-filter", action="store_true",
+                      help="the paper notebook's filter: per image, score only neurons below "
+                           "--sparsity-activation on >= --sparsity-fraction of all tokens (default off)")
+    find.add_argument("--sparsity-fraction", type=float, default=0.5, help="see --sparsity-filter (default 0.5)")
+    find.add_argument("--sparsity-activation", type=float, default=0.5, help="see --sparsity-filter (default 0.5)")
     find.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     apply = reg_sub.add_parser("apply", help="scan with and without test-time registers and compare",
                                description="Scan the images without and with test-time registers from a neuron "
@@ -175,7 +189,9 @@ def _add_eval_parser(sub) -> None:
     dense.add_argument("--tasks", help="comma list of linear-seg, lost, artifacts (default: all the data allows)")
     dense.add_argument("--variant", action="append", metavar="NAME=VALUE",
                        help="baseline, NAME=neurons.json (test-time registers), NAME=weights.safetensors, "
-                            "NAME=model:SPEC (repeatable; baseline is added first)")
+                            "NAME=model:SPEC (repeatable; baseline is added first); the --ttr-* options apply "
+                            "to every test-time-register variant")
+    _add_ttr_args(dense, flag=False)
     dense.add_argument("--limit", type=int, help="use the first N images of each split")
     dense.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     dense.add_argument("--seg-layer", type=int, default=-1, help="block for linear-seg features (default -1)")
@@ -189,6 +205,11 @@ def _add_eval_parser(sub) -> None:
     dense.add_argument("--lost-biases", default="0", help="LOST Gram-matrix biases, comma list (default 0)")
     dense.add_argument("--lost-normalize", default="no", help="L2-normalise LOST features: no (default), yes, both")
     dense.add_argument("--lost-k", type=int, default=100, help="LOST seed-expansion candidates (default 100)")
+    dense.add_argument("--lost-ties", default="stable",
+                       help="LOST order of equal degrees: stable (default, and the only one defined: patch order)")
+    dense.add_argument("--lost-iou", default="exact",
+                       help="CorLoc IoU: exact (default: IoU >= 0.5 is a hit) or reference (LOST's bbox_iou on "
+                            "float boxes: +1e-7 on heights and union, so exactly 0.5 is a miss)")
     dense.add_argument("--synthetic-images", type=int, default=32, help="synthetic: images per split (default 32)")
     dense.add_argument("--out", default="vsink-eval", help="output directory (default: vsink-eval)")
     from .cli_hallucination import add_parsers
@@ -256,8 +277,13 @@ def _ttr(args: argparse.Namespace, path: Optional[str]):
         return None
     from .registers import NeuronSpec, TestTimeRegisters
 
-    return TestTimeRegisters(NeuronSpec.load(path), registers=args.ttr_registers, scale=args.ttr_scale,
-                             mode=args.ttr_mode)
+    return TestTimeRegisters(NeuronSpec.load(path), **_ttr_options(args))
+
+
+def _ttr_options(args: argparse.Namespace) -> dict:
+    """The TestTimeRegisters keyword options of the --ttr-* flags."""
+    return dict(registers=args.ttr_registers, scale=args.ttr_scale, mode=args.ttr_mode, shift=args.ttr_shift,
+                zero_trained_registers=args.ttr_zero_trained_registers)
 
 
 def _cmd_registers(args: argparse.Namespace) -> int:
@@ -269,7 +295,9 @@ def _cmd_registers(args: argparse.Namespace) -> int:
     if args.registers_command == "find":
         spec = find_register_neurons(backbone, images, top_k=args.top_k, detection_layer=args.detection_layer,
                                      highest_layer=args.highest_layer, threshold=args.threshold,
-                                     min_selectivity=args.min_selectivity, batch_size=args.batch_size,
+                                     min_selectivity=args.min_selectivity, outlier_tokens=args.outlier_tokens,
+                                     sparsity_filter=args.sparsity_filter, sparsity_fraction=args.sparsity_fraction,
+                                     sparsity_activation=args.sparsity_activation, batch_size=args.batch_size,
                                      img_size=args.img_size, progress=not args.no_progress)
         spec.save(args.out)
         st = spec.settings
@@ -337,8 +365,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if normalize is None:
         raise VsinkError(f"--lost-normalize must be no, yes or both, got {args.lost_normalize!r}")
     lost = LostSettings(layers=numbers(args.lost_layers, int, "--lost-layers"), kinds=_comma(args.lost_kinds),
-                        biases=numbers(args.lost_biases, float, "--lost-biases"), normalize=normalize, k=args.lost_k)
-    variants = parse_variants(args.variant)
+                        biases=numbers(args.lost_biases, float, "--lost-biases"), normalize=normalize, k=args.lost_k,
+                        ties=args.lost_ties, iou=args.lost_iou)
+    variants = parse_variants(args.variant, _ttr_options(args))
     if args.format == "synthetic" and args.data:
         raise VsinkError("--data is not used with --format synthetic (the default); pass --format voc|ade|coco|folder")
     common = dict(images=args.coco_images, image_set=args.image_set, synthetic_images=args.synthetic_images,

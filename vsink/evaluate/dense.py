@@ -28,7 +28,7 @@ from ..io import write_json, write_text
 from ..probe import Probe
 from .artifacts import foreground_grid, foreground_share, neighbour_cosine
 from .datasets import IGNORE_INDEX, DatasetError, DenseDataset, DenseSample, Loaded
-from .lost import lost, is_correct
+from .lost import check_iou_rule, check_ties, is_correct, lost
 from .segmentation import ProbeSettings, evaluate_linear_probe, train_linear_probe
 from .variants import Variant
 
@@ -38,13 +38,21 @@ TASKS = ("linear-seg", "lost", "artifacts")
 @dataclass
 class LostSettings:
     """The LOST sweep: every combination of layers × kinds × biases × normalize is evaluated;
-    the first combination is the stated (primary) setting."""
+    the first combination is the stated (primary) setting. ``ties`` is the degree order
+    (:func:`~vsink.evaluate.lost.lost`), ``iou`` the CorLoc IoU rule
+    (:func:`~vsink.evaluate.lost.box_iou`: ``exact`` or ``reference``)."""
 
     layers: Sequence[int] = (-1,)
     kinds: Sequence[str] = ("k",)
     biases: Sequence[float] = (0.0,)
     normalize: Sequence[bool] = (False,)
     k: int = 100
+    ties: str = "stable"
+    iou: str = "exact"
+
+    def __post_init__(self) -> None:
+        check_ties(self.ties)
+        check_iou_rule(self.iou)
 
     def combos(self, num_layers: int) -> list[tuple[FeatureSpec, float, bool]]:
         for kind in self.kinds:
@@ -251,9 +259,10 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
                     t1 = time.perf_counter()
                     row = {"id": sample.id}
                     for c, (spec, bias, normalize) in enumerate(combos):
-                        found = lost(batch.features[spec][b], k=lost_settings.k, bias=bias, normalize=normalize)
+                        found = lost(batch.features[spec][b], k=lost_settings.k, bias=bias, normalize=normalize,
+                                     ties=lost_settings.ties)
                         box = found.to_pixels(grid, item.image.size)
-                        correct = is_correct(box, item.boxes)
+                        correct = is_correct(box, item.boxes, iou=lost_settings.iou)
                         hits[c] += correct
                         if c == 0:
                             row.update(box=[round(float(v), 2) for v in box], seed=list(found.seed), correct=correct)
@@ -267,6 +276,7 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
         sweep = [{**_combo_dict(*c), "corloc": float(h / n)} for c, h in zip(combos, hits)]
         best = max(sweep, key=lambda r: r["corloc"])
         result["lost"] = {"setting": {k: v for k, v in sweep[0].items() if k != "corloc"}, "k": lost_settings.k,
+                          "ties": lost_settings.ties, "iou": lost_settings.iou,
                           "corloc": sweep[0]["corloc"], "n": n, "sweep": sweep, "best_on_eval_set": best,
                           "images": lost_images}
         timing["lost_s"] = lost_time
@@ -385,7 +395,8 @@ def evaluate_dense(
     settings = {"input_size": list(size), "batch_size": batch_size, "seg_feature": FeatureSpec(seg_layer).describe(),
                 "lost": {"layers": list(lost_settings.layers), "kinds": list(lost_settings.kinds),
                          "biases": [float(b) for b in lost_settings.biases],
-                         "normalize": [bool(n) for n in lost_settings.normalize], "k": lost_settings.k}
+                         "normalize": [bool(n) for n in lost_settings.normalize], "k": lost_settings.k,
+                         "ties": lost_settings.ties, "iou": lost_settings.iou}
                 if "lost" in tasks else None,
                 "linear_probe": vars(probe_settings) if "linear-seg" in tasks else None,
                 "device": str(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch.")}

@@ -3,7 +3,8 @@
 ``--variant NAME=VALUE`` forms (``VALUE`` may carry an explicit prefix; otherwise it is inferred):
 
 * ``baseline`` or ``NAME=baseline`` — the model as loaded;
-* ``NAME=ttr:neurons.json`` (or any ``.json``) — test-time registers from a ``vsink registers find`` spec;
+* ``NAME=ttr:neurons.json`` (or any ``.json``) — test-time registers from a ``vsink registers find`` spec
+  (with the :class:`~vsink.registers.TestTimeRegisters` options given to :func:`parse_variants`);
 * ``NAME=weights:ft.safetensors`` (or ``.safetensors``/``.pt``/``.pth``/``.bin``) — a checkpoint
   loaded into a copy of the same architecture;
 * ``NAME=model:SPEC`` (or anything else) — another model spec.
@@ -15,10 +16,13 @@ import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from ..backbones.base import Backbone
 from ..errors import VsinkError
+
+if TYPE_CHECKING:
+    from ..registers import TestTimeRegisters
 
 KINDS = ("baseline", "ttr", "weights", "model")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -29,10 +33,12 @@ class Variant:
     name: str
     kind: str = "baseline"
     value: Optional[str] = None
+    ttr_options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "Variant":
-        """Parse ``baseline`` or ``NAME=VALUE`` (see the module docstring)."""
+    def parse(cls, text: str, ttr_options: Optional[Mapping[str, Any]] = None) -> "Variant":
+        """Parse ``baseline`` or ``NAME=VALUE`` (see the module docstring); ``ttr_options``
+        (keyword options of :class:`~vsink.registers.TestTimeRegisters`) go to a ``ttr`` variant."""
         name, sep, value = text.partition("=")
         name, value = name.strip(), value.strip()
         if not sep:
@@ -51,10 +57,23 @@ class Variant:
             kind = "ttr" if suffix == ".json" else "weights" if suffix in WEIGHT_SUFFIXES else "model"
         if kind in ("ttr", "weights") and not Path(value).is_file():
             raise VsinkError(f"variant {name!r}: {value}: file not found")
-        return cls(name, kind, value)
+        if kind != "ttr":
+            return cls(name, kind, value)
+        variant = cls(name, kind, value, tuple(sorted((ttr_options or {}).items())))
+        variant.test_time_registers()  # a bad spec file or option fails now, not after the baseline ran
+        return variant
+
+    def test_time_registers(self) -> TestTimeRegisters:
+        """The :class:`~vsink.registers.TestTimeRegisters` of a ``ttr`` variant."""
+        from ..registers import NeuronSpec, TestTimeRegisters
+
+        return TestTimeRegisters(NeuronSpec.load(self.value), **dict(self.ttr_options))
 
     def describe(self) -> str:
-        return self.name if self.kind == "baseline" else f"{self.name} ({self.kind}: {self.value})"
+        if self.kind == "baseline":
+            return self.name
+        options = "".join(f", {k}={v}" for k, v in self.ttr_options)
+        return f"{self.name} ({self.kind}: {self.value}{options})"
 
     @contextmanager
     def open(self, base: Backbone, **load_kwargs: Any) -> Iterator[Backbone]:
@@ -62,9 +81,7 @@ class Variant:
         if self.kind == "baseline":
             yield base
         elif self.kind == "ttr":
-            from ..registers import NeuronSpec, TestTimeRegisters
-
-            with TestTimeRegisters(NeuronSpec.load(self.value)).applied(base) as backbone:
+            with self.test_time_registers().applied(base) as backbone:
                 yield backbone
         elif self.kind == "weights":
             if base.edits:
@@ -78,9 +95,10 @@ class Variant:
             yield load(self.value, **load_kwargs)
 
 
-def parse_variants(texts: Optional[list[str]]) -> list[Variant]:
-    """Variants in order, ``baseline`` first unless given; names must be unique."""
-    variants = [Variant.parse(t) for t in texts or []]
+def parse_variants(texts: Optional[list[str]], ttr_options: Optional[Mapping[str, Any]] = None) -> list[Variant]:
+    """Variants in order, ``baseline`` first unless given; names must be unique. ``ttr_options``
+    apply to every test-time-register variant."""
+    variants = [Variant.parse(t, ttr_options) for t in texts or []]
     if not any(v.kind == "baseline" for v in variants):
         variants.insert(0, Variant("baseline"))
     names = [v.name for v in variants]

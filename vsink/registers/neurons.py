@@ -6,6 +6,11 @@ MLP hidden neuron of blocks ``0..highest_layer``, its mean |activation| over tha
 outlier positions. Images without outliers are skipped (and counted). Scores are averaged over
 the remaining images; the top-k (layer, neuron) pairs are returned best first. Every per-image
 quantity is computed per sample of the batch.
+
+Two options reproduce the authors' released code (``shared/algorithms.py``): ``outlier_tokens="all"``
+(an outlier position is any token above the threshold, the class token included; default
+``"patches"``) and ``sparsity_filter=True`` (their notebook's filter, see
+:func:`find_register_neurons`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from ..detect import detect_high_norm
 from ..errors import VsinkError
 from ..images import ImageSource, NamedImage, load_batch
 from ..io import write_json
+from ..layout import TokenLayout
 from ..probe import Probe
 from ..scan import parse_threshold
+
+OUTLIER_TOKENS = ("patches", "all")
 
 
 @dataclass
@@ -82,6 +90,20 @@ class NeuronSpec:
                 raise VsinkError(f"neuron spec: neuron {n.neuron} outside the {width} MLP units of block {n.layer}")
 
 
+def _with_prefix_outliers(patch_mask: torch.Tensor, norms: torch.Tensor, layout: TokenLayout, pooled: Optional[float]) -> torch.Tensor:
+    """Outlier positions over the whole sequence [I, N]: the flagged patches, plus class tokens and
+    registers above the layer's threshold (for a layer whose patches were flagged only through
+    gaps of single images, above that image's lowest flagged patch norm)."""
+    if pooled is not None:
+        floor = torch.full((norms.shape[0],), pooled, dtype=norms.dtype)
+    else:
+        patch_norms = layout.patches(norms, dim=1)
+        floor = torch.where(patch_mask, patch_norms, torch.full_like(patch_norms, float("inf"))).amin(dim=1)
+    full = norms > floor[:, None]
+    full[:, layout.patch_slice] = patch_mask
+    return full
+
+
 def _batches(images, batch_size):
     for start in range(0, len(images), batch_size):
         yield start, images[start:start + batch_size]
@@ -97,6 +119,10 @@ def find_register_neurons(
     highest_layer: Optional[int] = None,
     threshold: Union[str, float, None] = "auto",
     min_selectivity: Optional[float] = None,
+    outlier_tokens: str = "patches",
+    sparsity_filter: bool = False,
+    sparsity_fraction: float = 0.5,
+    sparsity_activation: float = 0.5,
     batch_size: int = 8,
     img_size: Optional[int] = None,
     progress: bool = True,
@@ -109,9 +135,22 @@ def find_register_neurons(
         threshold: high-norm threshold for pass 1 (``"auto"``, ``"sigma:K"`` or a number).
         min_selectivity: optional sparsity filter: keep neurons whose outlier score is at least
             this many times their mean |activation| over all patch tokens.
+        outlier_tokens: ``"patches"`` (default): outlier positions are patch tokens above the
+            threshold; ``"all"``: any token above it, class tokens and registers included (as the
+            released code, which takes every token of the sequence).
+        sparsity_filter: the paper notebook's filter (``apply_sparsity_filter=True``): per image,
+            a neuron counts only if its activation (signed) is below ``sparsity_activation`` on at
+            least ``sparsity_fraction`` of all tokens of the sequence; otherwise its score for
+            that image is 0 (the image still counts in the average). Default off.
+        sparsity_fraction: see ``sparsity_filter`` (default 0.5, as released).
+        sparsity_activation: see ``sparsity_filter`` (default 0.5, as released).
     """
     if top_k < 1:
         raise VsinkError(f"top_k must be >= 1, got {top_k}")
+    if outlier_tokens not in OUTLIER_TOKENS:
+        raise VsinkError(f"outlier_tokens must be one of {', '.join(OUTLIER_TOKENS)}, got {outlier_tokens!r}")
+    if not 0.0 <= sparsity_fraction <= 1.0:
+        raise VsinkError(f"sparsity_fraction must be in [0, 1], got {sparsity_fraction}")
     size = (img_size, img_size) if img_size else backbone.img_size
     skipped: list[dict[str, str]] = []
     with Probe(backbone, attention=False) as probe:
@@ -132,6 +171,9 @@ def find_register_neurons(
     layout = trace.layout
     stats = high.layers[trace.layers.index(detection)]
     outliers = torch.from_numpy(high.mask(detection))  # [I, P]
+    if outlier_tokens == "all":
+        outliers = _with_prefix_outliers(outliers, torch.from_numpy(trace.norms[trace.layers.index(detection)]),
+                                         layout, stats.threshold)  # [I, N]
 
     layers = list(range(highest + 1))
     scores = {l: torch.zeros(backbone.mlp_width(l), dtype=torch.float64) for l in layers}
@@ -141,11 +183,16 @@ def find_register_neurons(
 
     def scorer(layer):
         def fn(h: torch.Tensor) -> None:
-            a = layout.patches(h.detach().float().abs(), dim=1)  # [B, P, hidden]
-            mask = current["mask"].to(a.device, a.dtype)  # [B, P]
+            full = h.detach().float()  # [B, N, hidden]
+            a = layout.patches(full.abs(), dim=1)  # [B, P, hidden]
+            at = a if outlier_tokens == "patches" else full.abs()
+            mask = current["mask"].to(a.device, a.dtype)  # [B, P] or [B, N], as ``at``
             counts = mask.sum(dim=1)  # [B]
             keep = counts > 0
-            per_image = (mask.unsqueeze(-1) * a).sum(dim=1)[keep] / counts[keep].unsqueeze(-1)
+            per_image = (mask.unsqueeze(-1) * at).sum(dim=1)[keep] / counts[keep].unsqueeze(-1)
+            if sparsity_filter:
+                below = (full < sparsity_activation).sum(dim=1)  # [B, hidden], over all tokens
+                per_image = per_image * (below >= sparsity_fraction * full.shape[1])[keep]
             scores[layer] += per_image.sum(dim=0).double().cpu()
             overall[layer] += a[keep].mean(dim=1).sum(dim=0).double().cpu()
         return fn
@@ -181,6 +228,9 @@ def find_register_neurons(
     n_images = trace.num_images
     settings = {"detection_layer": detection, "highest_layer": highest, "threshold": parse_threshold(threshold),
                 "detection_threshold": stats.threshold, "top_k": top_k, "min_selectivity": min_selectivity,
+                "outlier_tokens": outlier_tokens,
+                "sparsity_filter": {"fraction": sparsity_fraction, "activation": sparsity_activation}
+                if sparsity_filter else None,
                 "images": n_images, "images_with_outliers": used, "images_skipped_no_outliers": n_images - used,
                 "unreadable": skipped}
     return NeuronSpec(model=backbone.spec, neurons=candidates[:top_k], settings=settings)

@@ -1,10 +1,20 @@
 """Test-time registers: move register neurons' activations onto appended tokens, no training.
 
 Per Jiang et al. (2025): append ``registers`` zero tokens at the end of the sequence (no position
-embedding). In each register neuron's activation, per sample and per neuron, the value of
-largest magnitude over all tokens (``mode="max"``; or the mean over patch tokens,
-``mode="mean"``) times ``scale`` is written to the appended tokens and the neuron is set to zero
-on the patch tokens (class tokens and registers keep theirs). Batched; nothing indexes sample 0.
+embedding); in each layer with register neurons, write a value times ``scale`` to those neurons
+on the appended tokens and set the neurons to zero on the patch tokens (class tokens keep
+theirs; trained registers keep theirs unless ``zero_trained_registers``). Two rules for the value:
+
+* ``shift="per-neuron"`` (default): each neuron gets its own value, per sample: the signed value
+  of largest magnitude over all tokens (``mode="max"``; on equal magnitudes the earlier token
+  wins) or the mean over patch tokens (``mode="mean"``).
+* ``shift="reference"``: the rule of the authors' released code. One scalar per layer and
+  sample, the signed value of largest magnitude over all tokens *and* all of that layer's
+  register neurons (on a tie between ``+m`` and ``-m``, ``-m``), written into every one of
+  them. The released code edits batch row 0 only; here it applies to every sample.
+
+With one neuron per layer the two ``max`` rules agree (up to that ``±m`` tie). Batched; nothing
+indexes sample 0. See docs/registers.md and docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -19,6 +29,15 @@ from ..errors import VsinkError
 from .neurons import NeuronSpec
 
 MODES = ("max", "mean")
+SHIFTS = ("per-neuron", "reference")
+
+
+def signed_max(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The value of largest magnitude over ``dims`` (kept as size-1 dims), sign included; when
+    the largest and the smallest value have equal magnitude, the smallest (negative) one."""
+    hi = values.amax(dim=dims, keepdim=True)
+    lo = values.amin(dim=dims, keepdim=True)
+    return torch.where(hi.abs() > lo.abs(), hi, lo)
 
 
 class TestTimeRegisters:
@@ -29,22 +48,40 @@ class TestTimeRegisters:
     it). While applied, the backbone's layout reports the appended tokens, so scan, maps and
     every other consumer exclude them from the patch grid; the model's token outputs carry them
     at the end of the sequence, and class-token / pooled outputs keep their shapes.
+
+    Args:
+        spec: the register neurons (``vsink registers find``).
+        registers: appended tokens (default 1); every one gets the same value.
+        scale: factor on the moved value (default 1).
+        mode: ``"max"`` (default) or ``"mean"`` (``shift="per-neuron"`` only).
+        shift: ``"per-neuron"`` (default) or ``"reference"`` (one scalar per layer, as the
+            released code; see the module docstring).
+        zero_trained_registers: also zero the neurons on trained registers (default False:
+            they keep theirs). The released code zeroes every token between the class token and
+            the appended registers, trained registers included: True reproduces it.
     """
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, spec: NeuronSpec, *, registers: int = 1, scale: float = 1.0, mode: str = "max"):
+    def __init__(self, spec: NeuronSpec, *, registers: int = 1, scale: float = 1.0, mode: str = "max",
+                 shift: str = "per-neuron", zero_trained_registers: bool = False):
         if registers < 1:
             raise VsinkError(f"registers must be >= 1, got {registers}")
         if mode not in MODES:
             raise VsinkError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if shift not in SHIFTS:
+            raise VsinkError(f"unknown shift {shift!r}; use one of {', '.join(SHIFTS)}")
+        if shift == "reference" and mode != "max":
+            raise VsinkError(f"mode {mode!r} needs shift='per-neuron'; shift='reference' moves the signed max")
         if not spec.neurons:
             raise VsinkError("the neuron spec lists no neurons")
         self.spec, self.registers, self.scale, self.mode = spec, registers, float(scale), mode
+        self.shift, self.zero_trained_registers = shift, bool(zero_trained_registers)
 
     def describe(self) -> str:
         return (f"test_time_registers(neurons={len(self.spec.neurons)}, registers={self.registers}, "
-                f"scale={self.scale:g}, mode={self.mode})")
+                f"scale={self.scale:g}, mode={self.mode}, shift={self.shift}, "
+                f"zero_trained_registers={self.zero_trained_registers})")
 
     def apply(self, backbone: Backbone) -> SiteHandle:
         """Install on ``backbone`` until the returned handle's ``remove()``."""
@@ -74,6 +111,14 @@ class TestTimeRegisters:
         finally:
             handle.remove()
 
+    def _moved(self, values: torch.Tensor, layout) -> torch.Tensor:
+        """The value written to the appended tokens, [B, 1, K] or [B, 1, 1], from [B, N, K]."""
+        if self.shift == "reference":
+            return signed_max(values, (1, 2))
+        if self.mode == "max":
+            return values.gather(1, values.abs().argmax(dim=1, keepdim=True))
+        return layout.patches(values, dim=1).mean(dim=1, keepdim=True)
+
     def _shift(self, backbone: Backbone, neurons: list[int]):
         index: Optional[torch.Tensor] = None
 
@@ -82,17 +127,14 @@ class TestTimeRegisters:
             layout = backbone.current_layout()
             if index is None or index.device != h.device:
                 index = torch.as_tensor(neurons, dtype=torch.long, device=h.device)
-            values = h.index_select(-1, index)  # [B, N, K]
-            if self.mode == "max":
-                pick = values.abs().argmax(dim=1, keepdim=True)  # [B, 1, K]
-                moved = values.gather(1, pick)
-            else:
-                moved = layout.patches(values, dim=1).mean(dim=1, keepdim=True)
+            moved = self._moved(h.index_select(-1, index), layout)
             out = h.clone()
             out[:, layout.patch_slice, index] = 0
+            if self.zero_trained_registers and layout.num_registers:
+                trained = torch.as_tensor(layout.register_indices()[:layout.num_registers], device=h.device)
+                out[:, trained[:, None], index] = 0
             appended = torch.as_tensor(layout.appended_indices(), device=h.device)
-            out[:, appended[:, None], index] = (moved * self.scale).to(out.dtype)  # [B, 1, K] → every register
+            out[:, appended[:, None], index] = (moved * self.scale).to(out.dtype)  # broadcast to every register
             return out
 
         return fn
-
