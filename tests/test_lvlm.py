@@ -300,7 +300,7 @@ def test_var_official_fixes_the_sinks_at_the_prompt_pass():
             out = lvlm.model(**inputs, use_cache=True)
             if name == "paper":
                 prompt_sinks = session.sinks[2][0]
-            steps[name] = lvlm.model(input_ids=dog, attention_mask=mask, cache=out.past_key_values, use_cache=True,
+            steps[name] = lvlm.model(input_ids=dog, attention_mask=mask, cache=out.cache, use_cache=True,
                                      output_attentions=True).attentions[2]
     image = torch.cat([lvlm.image_spans(inputs["input_ids"]).mask(), torch.zeros(1, 1, dtype=torch.bool)], dim=1)
     rows = torch.ones(1, 1, dtype=torch.bool)
