@@ -202,6 +202,23 @@ def test_chair_runner_and_scoring_only(tiny, tmp_path):
     assert scored["chair_i"] == 0.5 and scored["captions"][0]["hallucinated"] == ["cat"]
 
 
+def test_runner_records_the_mitigation_protocol(tiny, tmp_path, capsys):
+    from vsink.cli import main
+
+    argv = ["eval", "chair", "--model", str(tiny / "model"), "--images", str(tiny / "images"),
+            "--annotations", str(tiny / "instances.json"), "--num-images", "2", "--mitigation", "none,pai",
+            "--max-new-tokens", "2", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv + ["--protocol", "official"]) == 0
+    assert {row["protocol"] for row in _lines(tmp_path / "pai" / "generated.jsonl")} == {"official"}
+    proto = json.loads((tmp_path / "results.json").read_text())["protocol"]
+    assert proto["mitigation_protocol"] == "official" and proto["settings"]["pai"] == {}
+    assert proto["resolved_settings"]["pai"]["gamma"] == 1.1 and proto["resolved_settings"]["none"] is None
+    assert '"mitigation_protocol": "official"' in (tmp_path / "results.md").read_text()
+    capsys.readouterr()
+    assert main(argv) == 2  # resuming these files under the paper protocol would mix the two
+    assert "generated.jsonl: made under protocol official, not paper" in capsys.readouterr().err
+
+
 def test_runner_errors(tiny, tmp_path, capsys):
     from vsink.cli import main
 

@@ -41,6 +41,10 @@ def test_plugin_settings_parsing(tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     lm = VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},mitigation=var,set_sink_dims=3;7,set_p=0.5")
-    assert lm.settings == {"sink_dims": [3, 7], "p": 0.5}
+    assert lm.settings == {"sink_dims": [3, 7], "p": 0.5} and lm.protocol == "paper"
+    official = VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},mitigation=pai,protocol=official")
+    assert official.protocol == "official"
     with pytest.raises(VsinkError, match="unknown model_args"):
         VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},alpha=0.5")
+    with pytest.raises(VsinkError, match="protocol must be one of"):
+        VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},mitigation=pai,protocol=authors")

@@ -115,10 +115,15 @@ def test_fastv_keeps_the_most_attended_image_tokens(lvlm):
 
 
 def _reference_var(p, image, sinks, rows, s):
-    """Row-by-row VAR, written from the definition."""
+    """Row-by-row VAR, written from the definition; with ``s.protocol == "official"`` also from the
+    released code's behaviour: no edit in a row whose keys hold no visual sink, and 1e-6 added per
+    image token to the share's denominator."""
     out = p.clone()
     B, H, Q, K = p.shape
+    official = s.protocol == "official"
     for b in range(B):
+        if official and not bool((image[b] & sinks[b]).any()):
+            continue
         for h in range(H):
             for q in range(Q):
                 if not rows[b, q]:
@@ -128,7 +133,8 @@ def _reference_var(p, image, sinks, rows, s):
                 a_vs = float(row[image[b] & sinks[b]].sum())
                 target = image[b] & ~sinks[b]
                 mass = float(row[sinks[b]].sum())
-                if a_img < s.min_image or a_vs > s.rho * a_img or mass == 0 or float(row[target].sum()) == 0:
+                denominator = a_img + (1e-6 * int(image[b].sum()) if official else 0.0)
+                if a_img < s.min_image or a_vs > s.rho * denominator or mass == 0 or float(row[target].sum()) == 0:
                     continue
                 new = row.clone()
                 new[sinks[b]] = row[sinks[b]] * s.p
@@ -166,18 +172,23 @@ def test_var_redistribution_definition():
         torch.testing.assert_close((after[:, target] - before[:, target]).sum(-1), lost)
 
 
-def _planted_llava(dim=11, value=60.0, image_tokens=(2, 5)):
+def _planted_llava(dim=11, value=60.0, image_tokens=(2, 5), words=()):
+    """Tiny LLaVA with a massive value in hidden dimension ``dim`` on BOS, on the image tokens at
+    ``image_tokens`` and on the embeddings of ``words``: those are the sinks (tau 8)."""
     model, processor = build_tiny_llava(hidden=256)
     lm = model.model.language_model
+    tok = processor.tokenizer
     with torch.no_grad():
-        lm.embed_tokens.weight[processor.tokenizer.bos_token_id, dim] = value
+        for token_id in [tok.bos_token_id] + [tok.convert_tokens_to_ids(w) for w in words]:
+            lm.embed_tokens.weight[token_id, dim] = value
 
     def plant(module, args, out):
         out = out.clone()
         out[:, list(image_tokens), dim] += value
         return out
 
-    model.model.multi_modal_projector.register_forward_hook(plant)
+    if image_tokens:
+        model.model.multi_modal_projector.register_forward_hook(plant)
     return LVLM(model, processor, "planted"), dim, image_tokens
 
 
@@ -217,6 +228,184 @@ def test_var_in_the_model_follows_the_definition():
     assert not torch.equal(runs["var"][layer], runs["none"][layer])
     for earlier in range(layer):
         assert torch.equal(runs["var"][earlier], runs["none"][earlier])
+
+
+# --- protocols: "paper" (vsink's default) and "official" (the authors' released scripts) -------------
+
+
+def test_var_official_rows_by_hand():
+    """Two batch rows, one head, one query after the image; keys: BOS (a text sink), four image
+    tokens, one text token; p = 0.6, rho = 0.5, min_image = 0.2. Every expected value below is
+    worked out by hand from the released code's rules."""
+    probs = torch.tensor([[[[0.5, 0.200001, 0.1, 0.099999, 0.0, 0.1]]],
+                          [[[0.5, 0.1, 0.1, 0.1, 0.1, 0.1]]]], dtype=torch.float64)
+    image = torch.tensor([[False, True, True, True, True, False]] * 2)
+    sinks = torch.tensor([[True, True, False, False, False, False],  # row 0: BOS and a visual sink
+                          [True, False, False, False, False, False]])  # row 1: no visual sink
+    rows = torch.ones(2, 1, dtype=torch.bool)
+    paper = redistribute(probs, image, sinks, rows, VARSettings())
+    official = redistribute(probs, image, sinks, rows, VARSettings(protocol="official"))
+    # Row 0: the visual-sink share is 0.200001 / 0.4 > rho, so the paper's rule leaves the row alone;
+    # the released code divides by 0.4 + 4 × 1e-6 (ε per image token), the share drops to <= rho
+    # and the row is edited: the sinks keep 0.6, budget 0.4 × (0.5 + 0.200001) goes to the other
+    # image tokens in proportion to their attention (0.1 and 0.099999 of 0.199999; 0 stays 0).
+    assert torch.equal(paper[0], probs[0])
+    budget = 0.4 * (0.5 + 0.200001)
+    expected = [0.3, 0.6 * 0.200001, 0.1 + budget * 0.1 / 0.199999, 0.099999 + budget * 0.099999 / 0.199999,
+                0.0, 0.1]
+    torch.testing.assert_close(official[0, 0, 0], torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
+    # Row 1: no visual sink. The paper's rule still moves 0.4 × 0.5 of BOS's attention to the four
+    # image tokens (0.05 each); the released code skips a layer without a visual sink.
+    expected = [0.3, 0.15, 0.15, 0.15, 0.15, 0.1]
+    torch.testing.assert_close(paper[1, 0, 0], torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.equal(official[1], probs[1])
+
+
+def _attentions(lvlm, inputs, var):
+    session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"], var=var)
+    with session.bound(), torch.no_grad():
+        out = lvlm.model(**inputs, output_attentions=True)
+    return out.attentions, out.logits
+
+
+def test_var_official_leaves_layers_without_a_visual_sink_unedited():
+    """Only BOS is a sink (no image token planted): every layer has text sinks but no visual sink.
+    The released code edits nothing then, so every attention row and the logits equal the
+    unedited run's bit for bit; the paper protocol moves BOS's attention to the image."""
+    lvlm, dim, _ = _planted_llava(image_tokens=())
+    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    plain, plain_logits = _attentions(lvlm, inputs, None)
+    settings = {"sink_dims": [dim], "tau": 8.0}
+    official, official_logits = _attentions(lvlm, inputs, VARSettings(**settings, protocol="official"))
+    paper, _ = _attentions(lvlm, inputs, VARSettings(**settings))
+    assert all(torch.equal(a, b) for a, b in zip(official, plain)) and torch.equal(official_logits, plain_logits)
+    assert not torch.equal(paper[2], plain[2])
+
+
+def test_var_official_fixes_the_sinks_at_the_prompt_pass():
+    """A decode step feeds "dog", whose embedding carries the planted sink value, so φ > τ on it.
+    Layer 2 is the first VAR layer: its plain attention at that step is the unedited run's. The
+    released code's sinks are the prompt's (the generated token is not one); vsink's paper
+    protocol flags the new token too."""
+    lvlm, dim, _ = _planted_llava(words=("dog",))
+    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    dog = torch.tensor([[lvlm.processor.tokenizer.convert_tokens_to_ids("dog")]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(dog)], dim=1)
+    settings = {"sink_dims": [dim], "tau": 8.0, "min_image": 0.05}
+    steps, prompt_sinks = {}, None
+    for name, var in (("plain", None), ("paper", VARSettings(**settings)),
+                      ("official", VARSettings(**settings, protocol="official"))):
+        session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"], var=var)
+        with session.bound(), torch.no_grad():
+            out = lvlm.model(**inputs, use_cache=True)
+            if name == "paper":
+                prompt_sinks = session.sinks[2][0]
+            steps[name] = lvlm.model(input_ids=dog, attention_mask=mask, cache=out.cache, use_cache=True,
+                                     output_attentions=True).attentions[2]
+    image = torch.cat([lvlm.image_spans(inputs["input_ids"]).mask(), torch.zeros(1, 1, dtype=torch.bool)], dim=1)
+    rows = torch.ones(1, 1, dtype=torch.bool)
+    for name, dog_is_sink in (("paper", True), ("official", False)):
+        sinks = torch.cat([prompt_sinks, torch.tensor([[dog_is_sink]])], dim=1)
+        expected = _reference_var(steps["plain"].float(), image, sinks, rows, VARSettings(**settings, protocol=name))
+        torch.testing.assert_close(steps[name].float(), expected, atol=1e-6, rtol=0)
+    assert prompt_sinks.sum() == 3 and not torch.equal(steps["paper"], steps["official"])  # BOS + 2 image tokens
+
+
+def test_pai_official_has_no_alpha_in_the_prompt_pass_under_guidance(lvlm):
+    """With guidance on, the released scripts start with α off and switch it on once the text-only
+    branch has run (after the prompt pass); with γ = 1 their guidance returns before that, so α
+    never applies. The captured attention of the first generated token (the prompt pass) is then
+    the unedited one; with γ = 1 (official) every step's is, the tokens being the unguided ones."""
+    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    run = {}
+    for name, protocol, gamma in (("none", "paper", None), ("paper", "paper", 1.1), ("official", "official", 1.1),
+                                  ("official_g1", "official", 1)):
+        settings = {} if name == "none" else {"alpha": 0.5, "gamma": gamma}
+        run[name] = generate(lvlm, inputs, mitigation="none" if name == "none" else "pai", settings=settings,
+                             protocol=protocol, max_new_tokens=3, capture_attention=True)
+    assert torch.equal(run["official"].attention[0], run["none"].attention[0])
+    assert not torch.equal(run["paper"].attention[0][:, :, 2:], run["none"].attention[0][:, :, 2:])
+    assert torch.equal(run["official_g1"].attention, run["none"].attention)
+    assert torch.equal(run["official_g1"].new_tokens, run["none"].new_tokens)
+    # on these models the guided first token is the plain one, so step 1 has the same input; α is on there
+    assert torch.equal(run["official"].new_tokens[:, :1], run["none"].new_tokens[:, :1])
+    assert not torch.equal(run["official"].attention[1][:, :, 2:], run["none"].attention[1][:, :, 2:])
+
+
+def test_fastv_official_without_cache_reprunes_by_the_newest_token():
+    """Without the KV cache the released fastv_forward prunes at every forward, by the attention of
+    the newest token (the last input position) in block k − 1, keeping round(n(1 − R)) image
+    tokens; the final pass sees the prompt and all but the last generated token. Blocks < k are
+    never pruned, so that attention is the plain model's."""
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    inputs = lvlm.prepare([_image(1)], [PROMPTS[1]])
+    settings = {"k": 2, "ratio": 0.5}
+    result = generate(lvlm, inputs, mitigation="fastv", settings=settings, protocol="official", max_new_tokens=4,
+                      use_cache=False)
+    img = result.image_spans.positions(0)
+
+    def top_image_tokens(sequence):
+        lvlm.model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                att = lvlm.model(input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                                 pixel_values=inputs["pixel_values"], output_attentions=True).attentions[1]
+        finally:
+            lvlm.model.set_attn_implementation("sdpa")
+        score = att[0, :, -1].mean(0)[img]
+        return {img[i] for i in torch.topk(score, round(len(img) * 0.5)).indices.tolist()}
+
+    final = top_image_tokens(result.sequences[:, :-1])
+    assert set(result.kept[0].tolist()) & set(img) == final
+    assert final != top_image_tokens(inputs["input_ids"])  # the prompt's choice, kept by the paper protocol
+    once = generate(lvlm, inputs, mitigation="fastv", settings=settings, max_new_tokens=4, use_cache=False)
+    assert set(once.kept[0].tolist()) & set(img) == top_image_tokens(inputs["input_ids"])
+    cached = generate(lvlm, inputs, mitigation="fastv", settings=settings, protocol="official", max_new_tokens=4)
+    assert torch.equal(cached.kept, once.kept)  # with the cache, the released code prunes once, at the prompt
+
+
+def test_fastv_keep_count_per_protocol():
+    """9 image tokens (3 × 3), R = 0.5: the released code keeps round(9 × 0.5) = round(4.5) = 4
+    (Python rounds halves to even); vsink's paper protocol keeps 9 − round(4.5) = 5."""
+    model, processor = build_tiny_llava(image_size=24)
+    lvlm = LVLM(model, processor)
+    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    n = inputs["input_ids"].shape[1]
+    assert lvlm.image_spans(inputs["input_ids"]).counts() == [9]
+    for protocol, keep in (("paper", 5), ("official", 4)):
+        result = generate(lvlm, inputs, mitigation="fastv", settings={"ratio": 0.5}, protocol=protocol,
+                          max_new_tokens=1)
+        assert result.kept.shape == (1, n - 9 + keep), protocol
+
+
+def test_protocol_defaults_recording_and_errors(tmp_path):
+    from vsink.lvlm import make_settings
+    from vsink.lvlm.export import export_attention
+
+    pai = make_settings("pai", {}, "official")
+    assert (pai.gamma, pai.start_layer, pai.end_layer, pai.alpha) == (1.1, 2, 32, 0.2)  # PAI README's commands
+    assert (make_settings("fastv", {}, "official").k, make_settings("fastv", {}, "official").ratio) == (3, 0.5)
+    assert make_settings("pai", {"gamma": 2.0}, "official").gamma == 2.0  # a given value wins
+    assert make_settings("var", {}, "official") == VARSettings(protocol="official")
+    assert make_settings("pai", {}).gamma is None and make_settings("fastv", {}).k == 2  # paper: unchanged
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    result = generate(lvlm, inputs, mitigation="fastv", protocol="official", max_new_tokens=2,
+                      capture_attention=True)
+    assert result.protocol == "official" and result.settings == {"k": 3, "ratio": 0.5, "protocol": "official"}
+    assert generate(lvlm, inputs, max_new_tokens=1).protocol == "paper"
+    export_attention(lvlm, result, inputs, tmp_path, png=False)
+    data = np.load(tmp_path / "row0.npz")
+    assert str(data["protocol"]) == "official" and str(data["mitigation"]) == "fastv"
+    assert json.loads(str(data["settings"]))["k"] == 3
+    with pytest.raises(VsinkError, match="protocol must be one of paper, official, got 'offical'"):
+        generate(lvlm, inputs, protocol="offical")
+    with pytest.raises(VsinkError, match="the protocol is not a setting"):
+        make_settings("var", {"protocol": "official"})
+    with pytest.raises(VsinkError, match="protocol must be one of"):
+        PAISettings(protocol="reference")
 
 
 def test_pai_changes_only_last_row_image_logits():
@@ -306,8 +495,18 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
                  "--sinks", str(tmp_path / "sinks.json"), "--set", "tau=2", "--max-new-tokens", "3",
                  "--export-attention", str(tmp_path / "att")])
     assert code == 0
-    out = capsys.readouterr().out
-    assert f"[{tmp_path / 'a.png'}]" in out and (tmp_path / "att" / "row1.npz").exists()
+    captured = capsys.readouterr()
+    assert f"[{tmp_path / 'a.png'}]" in captured.out and (tmp_path / "att" / "row1.npz").exists()
+    assert "mitigation var, protocol paper" in captured.err
+    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"), "--prompt", "x",
+                 "--mitigation", "fastv", "--protocol", "official", "--max-new-tokens", "2", "--no-cache"]) == 0
+    assert 'protocol official, settings {"k": 3, "ratio": 0.5, "protocol": "official"}' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "paper (default)" in " ".join(capsys.readouterr().out.split())
+    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
+                 "--prompt", "x", "--protocol", "authors"]) == 2
+    assert "protocol must be one of paper, official, got 'authors'" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
                  "--prompt", "x", "--mitigation", "vcd"]) == 2
     assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),

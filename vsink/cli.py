@@ -4,6 +4,7 @@ processed, 2 bad usage or input (a one-line ``vsink: error: ...`` message, no tr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import os
 from contextlib import nullcontext
@@ -138,6 +139,13 @@ def lvlm_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="let transformers run code shipped with the model (off by default)")
 
 
+def protocol_arg(p: argparse.ArgumentParser) -> None:
+    """--protocol of the commands that run LVLM mitigations."""
+    p.add_argument("--protocol", default="paper",
+                   help="paper (default): the mitigation as its paper describes it; official: as the authors' "
+                        "released scripts run it, with their defaults (docs/lvlm.md, Protocols)")
+
+
 def _add_lvlm_parsers(sub) -> None:
     model_args = lvlm_model_args
 
@@ -151,6 +159,7 @@ def _add_lvlm_parsers(sub) -> None:
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="mitigation setting, e.g. p=0.6, alpha=0.2, gamma=1.1, k=2, ratio=0.5, sink_dims=[1415,2533]")
     gen.add_argument("--sinks", help="sink calibration JSON from 'vsink lvlm calibrate' (VAR's sink_dims)")
+    protocol_arg(gen)
     gen.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     gen.add_argument("--export-attention", metavar="DIR", help="write per-token attention on the image (npz, png)")
@@ -416,7 +425,7 @@ def parse_settings(pairs: Sequence[str]) -> dict:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .images import load_image
-    from .lvlm import generate
+    from .lvlm import generate, make_settings
     from .lvlm.sinks import Calibration
 
     prompts = list(args.prompt)
@@ -427,11 +436,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     settings = parse_settings(args.set)
     if args.sinks:
         settings.setdefault("sink_dims", Calibration.load(args.sinks).sink_dims)
+    make_settings(args.mitigation, settings, args.protocol)  # fail before loading the model
     images = [load_image(p) for p in args.image]
     lvlm = load_lvlm_for(args)
     inputs = lvlm.prepare(images, prompts)
-    result = generate(lvlm, inputs, mitigation=args.mitigation, settings=settings, max_new_tokens=args.max_new_tokens,
-                      use_cache=not args.no_cache, capture_attention=bool(args.export_attention))
+    result = generate(lvlm, inputs, mitigation=args.mitigation, settings=settings, protocol=args.protocol,
+                      max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
+                      capture_attention=bool(args.export_attention))
+    print(f"vsink: mitigation {result.mitigation}, protocol {result.protocol}, settings {json.dumps(result.settings)}",
+          file=sys.stderr)
     for path, text in zip(args.image, result.texts):
         print(f"[{path}] {text}")
     if args.export_attention:

@@ -4,6 +4,7 @@ mitigations over the benchmark (resumable) and score."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from .io import read_jsonl, write_jsonl
 
 
 def add_parsers(ev_sub) -> None:
-    from .cli import lvlm_model_args
+    from .cli import lvlm_model_args, protocol_arg
 
     def run_args(p: argparse.ArgumentParser, prompt: str, max_new: int) -> None:
         lvlm_model_args(p, required=False)
@@ -25,6 +26,7 @@ def add_parsers(ev_sub) -> None:
         p.add_argument("--set", action="append", default=[], metavar="MITIGATION.KEY=VALUE",
                        help="setting of one mitigation, e.g. var.p=0.6, pai.gamma=1.1, fastv.ratio=0.5")
         p.add_argument("--sinks", help="sink calibration JSON for var (from 'vsink lvlm calibrate')")
+        protocol_arg(p)
         p.add_argument("--num-images", type=int, default=500, help="images sampled from the annotations (default 500)")
         p.add_argument("--limit", type=int, help="run only the first N items")
         p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -148,18 +150,19 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     if not names or len(set(names)) != len(names):
         raise VsinkError(f"--mitigation: give distinct names, got {args.mitigation!r}")
     settings = _mitigation_settings(args, names)
-    for name in names:
-        make_settings(name, settings[name])  # fail before loading the model
+    resolved = {name: make_settings(name, settings[name], args.protocol) for name in names}  # fail before loading
     if args.batch_size < 1:
         raise VsinkError(f"--batch-size must be >= 1, got {args.batch_size}")
     lvlm = load_lvlm_for(args)
-    protocol = {**protocol, "model": args.model, "settings": settings}
+    protocol = {**protocol, "model": args.model, "settings": settings, "mitigation_protocol": args.protocol,
+                "resolved_settings": {name: dataclasses.asdict(cfg) if cfg else None for name, cfg in resolved.items()}}
     scores, skipped = {}, {}
     for name in names:
         rows, skipped[name] = hal.run_items(
             lvlm, items, key, out / name / ("answers.jsonl" if kind == "pope" else "generated.jsonl"),
             images_dir=Path(args.images), prompt=prompt, field=field, mitigation=name, settings=settings[name],
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress)
+            protocol=args.protocol, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            progress=not args.no_progress)
         wanted = {it[key] for it in items}
         rows = [r for r in rows if r[key] in wanted]
         if not rows:

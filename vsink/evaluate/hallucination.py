@@ -2,13 +2,15 @@
 mitigations, resumable, then scored.
 
 Each mitigation writes ``OUT/<mitigation>/answers.jsonl`` (POPE: the question fields plus
-``answer``) or ``generated.jsonl`` (CHAIR: ``image_id``, ``image``, ``caption``) one line per
-item as soon as its batch is done; a rerun reads what is there and runs only the missing items,
-so an interrupted run loses nothing. Images that cannot be read are skipped, reported and left
-for the next run. ``OUT/results.json`` holds the protocol (prompt, max_new_tokens, images,
-seed, parser, settings) and each mitigation's scores; ``OUT/results.md`` the table with deltas
-against the first mitigation. For CHAIR the protocol and the report name the vocabulary
-(``reference`` or ``vsink``) and the synonym table used.
+``answer``) or ``generated.jsonl`` (CHAIR: ``image_id``, ``image``, ``caption``), each line with
+the mitigation ``protocol`` it was made under, one line per item as soon as its batch is done; a
+rerun reads what is there and runs only the missing items, so an interrupted run loses nothing
+(a rerun under another mitigation protocol is refused). Images that cannot be read are skipped,
+reported and left for the next run. ``OUT/results.json`` holds the protocol (prompt,
+max_new_tokens, images, seed, parser, settings, mitigation protocol and resolved settings) and
+each mitigation's scores; ``OUT/results.md`` the table with deltas against the first mitigation.
+For CHAIR the protocol and the report name the vocabulary (``reference`` or ``vsink``) and the
+synonym table used.
 """
 
 from __future__ import annotations
@@ -33,13 +35,19 @@ CHAIR_PROMPT = "Please describe this image in detail."
 def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: Path, *, images_dir: Path,
               prompt: Callable[[dict[str, Any]], str], field: str, mitigation: str,
               settings: Optional[dict[str, Any]], max_new_tokens: int, batch_size: int,
-              progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Generate ``field`` for every item not yet in ``out_file`` (matched on ``key``); returns all
-    rows in the file and the items skipped this time."""
+              protocol: str = "paper", progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Generate ``field`` for every item not yet in ``out_file`` (matched on ``key``) under the
+    mitigation ``protocol`` (paper or official, recorded in every row; rows of an earlier run
+    under another protocol are an error); returns all rows in the file and the items skipped
+    this time."""
     from ..lvlm import generate
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    done = {row[key] for row in read_jsonl(out_file)} if out_file.exists() else set()
+    existing = read_jsonl(out_file) if out_file.exists() else []
+    other = sorted({str(row.get("protocol", "paper")) for row in existing} - {protocol})
+    if other:
+        raise VsinkError(f"{out_file}: made under protocol {', '.join(other)}, not {protocol}; use another --out")
+    done = {row[key] for row in existing}
     todo = [it for it in items if it[key] not in done]
     skipped: list[dict[str, str]] = []
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{mitigation}", unit="item",
@@ -55,8 +63,10 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
                 bar.write(f"vsink: skipped {e}", file=sys.stderr)
         if batch:
             inputs = lvlm.prepare(images, [prompt(it) for it in batch])
-            result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=max_new_tokens)
-            append_jsonl(out_file, [{**it, field: text.strip()} for it, text in zip(batch, result.texts)], fsync=True)
+            result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, protocol=protocol,
+                              max_new_tokens=max_new_tokens)
+            append_jsonl(out_file, [{**it, field: text.strip(), "protocol": protocol}
+                                    for it, text in zip(batch, result.texts)], fsync=True)
         bar.update(len(todo[start:start + batch_size]))
     bar.close()
     return read_jsonl(out_file), skipped

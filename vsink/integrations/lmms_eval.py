@@ -6,7 +6,9 @@ Registered through the ``lmms_eval.models`` entry-point group as ``vsink``; e.g.
         --tasks pope --batch_size 1
 
 ``model_args``: ``pretrained`` (hub id or local directory), ``mitigation`` (none, var, pai,
-fastv), one ``set_<name>=<value>`` per mitigation setting (e.g. ``set_p=0.6,set_gamma=1.1``;
+fastv), ``protocol`` (paper, the default, or official: see docs/lvlm.md; lmms-eval records
+``model_args`` with its results, so pass it explicitly to have it recorded), one
+``set_<name>=<value>`` per mitigation setting (e.g. ``set_p=0.6,set_gamma=1.1``;
 values parsed as YAML; lmms-eval splits ``model_args`` on commas, so lists use ``;``:
 ``set_sink_dims=1415;2533``), ``sinks`` (a calibration JSON for VAR), ``device``, ``dtype``,
 ``max_new_tokens`` (default 32, a task's ``max_new_tokens`` wins), ``trust_remote_code``.
@@ -48,20 +50,20 @@ class VsinkLVLM(lmms):
 
     def __init__(self, pretrained: str, mitigation: str = "none", sinks: Optional[str] = None, device: str = "cpu",
                  dtype: Optional[str] = None, max_new_tokens: int = 32, trust_remote_code: Any = False,
-                 batch_size: Any = 1, **kwargs: Any):
+                 batch_size: Any = 1, protocol: str = "paper", **kwargs: Any):
         super().__init__()
         from ..backbones.registry import resolve_dtype
         from ..lvlm import load_lvlm, make_settings
         from ..lvlm.sinks import Calibration
 
-        self.mitigation = mitigation
+        self.mitigation, self.protocol = mitigation, protocol
         self.settings = {key[4:]: _value(v) for key, v in kwargs.items() if key.startswith("set_")}
         unknown = sorted(k for k in kwargs if not k.startswith("set_"))
         if unknown:
             raise VsinkError(f"unknown model_args {unknown}; mitigation settings are passed as set_<name>=<value>")
         if sinks:
             self.settings.setdefault("sink_dims", Calibration.load(sinks).sink_dims)
-        make_settings(mitigation, self.settings)
+        make_settings(mitigation, self.settings, protocol)
         self.max_new_tokens = int(max_new_tokens)
         self.lvlm = load_lvlm(str(pretrained), device=device, dtype=resolve_dtype(dtype),
                               trust_remote_code=_flag(trust_remote_code))
@@ -77,6 +79,7 @@ class VsinkLVLM(lmms):
                 raise VsinkError(f"{task} document {doc_id}: vsink's mitigations need an image")
             inputs = self.lvlm.prepare([visuals[0].convert("RGB")], [context])
             result = generate(self.lvlm, inputs, mitigation=self.mitigation, settings=self.settings,
+                              protocol=self.protocol,
                               max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)))
             text = result.texts[0]
             for stop in gen_kwargs.get("until") or []:

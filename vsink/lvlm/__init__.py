@@ -2,7 +2,7 @@
 
 from ..backbones.hf_lvlm import LVLM, load_lvlm
 from .generate import GenerationResult, generate, make_settings
-from .session import FastVSettings, PAISettings, Session, VARSettings
+from .session import PROTOCOLS, FastVSettings, PAISettings, Session, VARSettings
 
-__all__ = ["FastVSettings", "GenerationResult", "LVLM", "PAISettings", "Session", "VARSettings", "generate",
-           "load_lvlm", "make_settings"]
+__all__ = ["PROTOCOLS", "FastVSettings", "GenerationResult", "LVLM", "PAISettings", "Session", "VARSettings",
+           "generate", "load_lvlm", "make_settings"]

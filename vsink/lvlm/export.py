@@ -2,13 +2,15 @@
 
 For batch row b: ``DIR/row<b>.npz`` with ``attention`` [steps, layers, h, w] (head mean per layer,
 NaN where FastV pruned a token), ``layer_mean`` [steps, h, w] (mean over layers, pruned tokens
-ignored), ``tokens`` [steps] (the generated ids) and ``grid`` (h, w); and ``DIR/row<b>/
+ignored), ``tokens`` [steps] (the generated ids), ``grid`` (h, w), and the run's ``mitigation``,
+``protocol`` and ``settings`` (JSON) as strings; and ``DIR/row<b>/
 step<t>.png`` overlays of ``layer_mean`` on the image. Works for any grid size: LLaVA's square
 patch grid, Qwen2-VL's merged (h, w) grid, or 1 × n when the tokens do not form a rectangle.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -44,6 +46,9 @@ def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any
             w.add("layer_mean", layer_mean.astype(np.float32))
             w.add("tokens", result.new_tokens[b].cpu().numpy())
             w.add("grid", np.asarray(grid))
+            w.add("mitigation", np.asarray(result.mitigation))
+            w.add("protocol", np.asarray(result.protocol))
+            w.add("settings", np.asarray(json.dumps(result.settings)))
         written.append(path)
         if png and images is not None:
             for t in range(layer_mean.shape[0]):

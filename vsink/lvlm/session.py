@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -27,10 +27,29 @@ from ..errors import VsinkError
 
 ATTN_NAME = "vsink_lvlm"
 
+#: ``paper``: the methods as the papers describe them (vsink's default); ``official``: as the
+#: authors' released scripts run them (see docs/lvlm.md, "Protocols")
+PROTOCOLS = ("paper", "official")
+
+#: VAR ``official``: the visual-sink share's denominator adds this to each image token's attention
+SHARE_EPS = 1e-6
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS`, else a one-line :class:`VsinkError`."""
+    if protocol not in PROTOCOLS:
+        raise VsinkError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    return protocol
+
 
 @dataclass
 class VARSettings:
-    """Visual attention redistribution (Kang et al. 2025)."""
+    """Visual attention redistribution (Kang et al. 2025).
+
+    ``protocol="official"`` follows the released code (seilk/VisAttnSink): a layer whose prompt
+    has no visual sink is left unedited, the sinks are those of the prompt pass (generated tokens
+    never are), and the visual-sink share's denominator adds :data:`SHARE_EPS` per image token.
+    Its released configuration uses the defaults below."""
 
     p: float = 0.6  # share of sink attention the sinks keep
     rho: float = 0.5  # image-centric rows: visual-sink share of image attention <= rho
@@ -38,25 +57,58 @@ class VARSettings:
     tau: float = 20.0  # sink threshold on phi
     start_layer: int = 2
     sink_dims: Optional[list[int]] = None  # None: the known or calibrated dimensions
+    protocol: str = "paper"
+
+    #: defaults of the released scripts where they differ from the ones above (A_exps/lv1.5_7b.yml)
+    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol)
 
 
 @dataclass
 class PAISettings:
-    """Paying more attention to images (Liu et al. 2024)."""
+    """Paying more attention to images (Liu et al. 2024).
+
+    ``protocol="official"`` follows the released scripts (LALBJ/PAI): with guidance on
+    (``gamma`` set), the prompt pass runs without α (the first token gets guidance only) and α is
+    switched on once the text-only branch has run; with ``gamma == 1`` the guidance returns before
+    that, so α never applies. Official defaults: γ = 1.1 and layers [2, 32) (the README's
+    commands)."""
 
     alpha: float = 0.2
     start_layer: int = 2
     end_layer: Optional[int] = None  # exclusive; None = all layers
     gamma: Optional[float] = None  # classifier-free guidance strength (1.1 suggested); None = off
     plausibility: float = 0.1  # keep tokens with p >= plausibility * max p (image branch)
+    protocol: str = "paper"
+
+    #: the README's POPE/CHAIR commands: --alpha 0.2 --gamma 1.1 --start-layer 2 --end-layer 32
+    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"gamma": 1.1, "end_layer": 32}
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol)
 
 
 @dataclass
 class FastVSettings:
-    """FastV token pruning (Chen et al. 2024): blocks >= k see only the kept image tokens."""
+    """FastV token pruning (Chen et al. 2024): blocks >= k see only the kept image tokens.
+
+    ``protocol="official"`` follows the released llava-hf ``fastv_forward`` (pkunlp-icler/FastV):
+    the kept count is ``round(n(1 − R))`` (vsink's paper protocol: ``n − round(nR)``), ties go
+    to ``torch.topk``, and without the KV cache every forward re-prunes by the newest token's
+    attention (vsink's paper protocol prunes once, at the prompt). Official default k = 3 (with
+    R = 0.5: the lmms-eval script ``fastv_kvcache.py`` behind the README's LLaVA-1.5-7B table)."""
 
     k: int = 2
     ratio: float = 0.5  # R: fraction of image tokens pruned
+    protocol: str = "paper"
+
+    #: lmms-eval-with-kvcache/fastv_kvcache.py: K = 3, ratio = 0.5
+    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"k": 3}
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol)
 
 
 def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -123,8 +175,11 @@ class Session:
         self._gather: Optional[torch.Tensor] = None
         self._total = 0
         self._fastv_scores: Optional[torch.Tensor] = None
-        self.sinks: dict[int, list[torch.Tensor]] = {}
+        self.sinks: dict[int, list[torch.Tensor]] = {}  # per layer: flags of each pass's new tokens
         self.sink_dims: list[int] = []
+        # PAI: whether α applies in the current pass (official + guidance: off until the text-only
+        # branch has run once, see PAISettings)
+        self.amplify = not (pai is not None and pai.protocol == "official" and pai.gamma is not None)
         if var is not None:
             from .sinks import sink_dimensions
 
@@ -193,7 +248,11 @@ class Session:
 
     # --- hooks --------------------------------------------------------------------------
     def _sink_hook(self, layer: int):
+        official = self.var.protocol == "official"
+
         def pre(module, args, kwargs):
+            if official and layer in self.sinks:
+                return  # official: the sinks are fixed by the prompt pass
             h = hidden_states_arg(args, kwargs)
             flags = sink_flags(h, self.sink_dims, self.var.tau)
             if h.shape[1] > 1:  # a pass over the whole sequence so far starts afresh
@@ -202,13 +261,21 @@ class Session:
 
         return pre
 
+    def layer_sinks(self, layer: int, kpos: torch.Tensor) -> torch.Tensor:
+        """Sink flags [B, kv] of a layer's keys (original positions ``kpos``): the flags of every
+        token seen so far (``paper``), or those of the prompt pass, generated tokens never being
+        sinks (``official``)."""
+        if self.var.protocol == "official":
+            return self._lookup(self.sinks[layer][0], kpos, False)
+        return torch.cat(self.sinks[layer], dim=1)
+
     def _prune_hook(self, layer: int):
         def pre(module, args, kwargs):
             h = hidden_states_arg(args, kwargs)
             if h.shape[1] == 1 and self.kept is not None:
                 return None  # a cached decode step: nothing to prune
             if layer == self.fastv.k:
-                if self.kept is None:
+                if self.kept is None or self.fastv.protocol == "official":  # official: every full pass
                     self.kept = self._choose_kept()
                 self._total = total = h.shape[1]
                 tail = torch.arange(self.length, total, device=h.device).expand(h.shape[0], -1)
@@ -231,15 +298,20 @@ class Session:
 
     def _choose_kept(self) -> torch.Tensor:
         """Prompt positions kept from block k on: every non-image token and the top (1 − R)
-        image tokens of each row by the last token's head-mean attention in block k − 1."""
+        image tokens of each row by the last token's head-mean attention in block k − 1
+        (``paper``: n − round(nR) tokens, ties to the earlier position; ``official``:
+        round(n(1 − R)) tokens by ``torch.topk``)."""
         scores = self._fastv_scores
         if scores is None:
             raise VsinkError("FastV: no attention was captured in the block before k")
         rows = []
         for b in range(self.spans.batch_size):
             img = self.spans.positions(b)
-            keep_n = len(img) - int(round(self.fastv.ratio * len(img)))
-            order = torch.sort(scores[b, img], descending=True, stable=True).indices[:keep_n]
+            if self.fastv.protocol == "official":
+                order = torch.topk(scores[b, img], round(len(img) * (1 - self.fastv.ratio))).indices
+            else:
+                keep_n = len(img) - int(round(self.fastv.ratio * len(img)))
+                order = torch.sort(scores[b, img], descending=True, stable=True).indices[:keep_n]
             chosen = {img[i] for i in order.tolist()}
             rows.append([p for p in range(self.length) if not self.image0[b, p] or p in chosen])
         return torch.tensor(rows, device=scores.device)
@@ -260,7 +332,8 @@ class Session:
             allowed = allowed & self._lookup(self.valid0, kpos, True)[:, None, :]
         image = self._lookup(self.image0, kpos, False) if self._needs_image else None  # [B, kv]
         logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-        if self.pai is not None and self.pai.start_layer <= layer < (self.pai.end_layer or self.lvlm.num_layers):
+        if (self.pai is not None and self.amplify
+                and self.pai.start_layer <= layer < (self.pai.end_layer or self.lvlm.num_layers)):
             last = logits[:, :, -1, :]
             logits[:, :, -1, :] = torch.where(image[:, None, :], last + self.pai.alpha * last.abs(), last)
         min_value = torch.finfo(logits.dtype).min
@@ -271,7 +344,7 @@ class Session:
             eligible = rows.any(0).nonzero()
             if len(eligible):  # only that tail of the query block can change
                 first = int(eligible[0])
-                sinks = torch.cat(self.sinks[layer], dim=1)
+                sinks = self.layer_sinks(layer, kpos)
                 probs[:, :, first:] = redistribute(probs[:, :, first:], image, sinks, rows[:, first:], self.var)
         if self.fastv is not None and layer == self.fastv.k - 1 and q > 1:
             self._fastv_scores = probs[:, :, -1, :].mean(1)
@@ -300,11 +373,19 @@ def redistribute(probs: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, 
     """VAR on probabilities [B, H, q, kv]: in image-centric rows (``rows`` [B, q] allowed, visual-sink
     share of image attention <= rho, image attention >= min_image) the sinks (``sinks`` [B, kv],
     visual and text) keep ``p`` of their attention and the rest goes to the non-sink image tokens
-    in proportion to their attention. Other rows are returned bit-identical (multiplied by 1)."""
+    in proportion to their attention. Other rows are returned bit-identical (multiplied by 1).
+
+    ``s.protocol == "official"``: a batch row whose keys hold no visual sink is not edited, and
+    the share's denominator is the image attention plus :data:`SHARE_EPS` per image key."""
     target = image & ~sinks
-    classes = torch.stack([image, image & sinks, sinks, target], dim=-1).to(probs.dtype)  # [B, kv, 4]
+    visual_sinks = image & sinks
+    classes = torch.stack([image, visual_sinks, sinks, target], dim=-1).to(probs.dtype)  # [B, kv, 4]
     a_img, a_vsink, sink_mass, a_target = (probs @ classes[:, None]).unbind(-1)  # one pass: [B, H, q] each
-    select = (rows[:, None, :] & (a_vsink <= s.rho * a_img) & (a_img >= s.min_image) & (a_target > 0)
+    denominator = a_img
+    if s.protocol == "official":
+        rows = rows & visual_sinks.any(-1, keepdim=True)
+        denominator = a_img + SHARE_EPS * image.sum(-1).to(probs.dtype)[:, None, None]
+    select = (rows[:, None, :] & (a_vsink <= s.rho * denominator) & (a_img >= s.min_image) & (a_target > 0)
               & (sink_mass > 0))
     sink_factor = torch.where(select, torch.full_like(a_img, s.p), torch.ones_like(a_img))
     gain = (1 - s.p) * sink_mass / a_target.clamp_min(1e-30)

@@ -1,0 +1,194 @@
+"""Size of each deviation between the ``paper`` and ``official`` mitigation protocols, on tiny
+LLaVA models built offline (random weights; CPU, seconds). The figures in
+docs/fidelity_lvlm_sections.md come from this script.
+
+* VAR, no visual sink: BOS carries a massive value in one hidden dimension (a text sink at
+  every layer, τ = 8), no image token does. Rows edited (batch row, head, query) summed over
+  layers and forward passes, and the largest change of the last-token logits against the
+  unedited run, for the prompt pass and for 8 greedy tokens with and without the KV cache.
+* VAR, a generated sink: the prompt also has two planted visual sinks; a decode step feeds a
+  token whose embedding carries the sink value (φ > τ). Paper flags it, official does not.
+* VAR, ε: rows whose selection flips between the two share rules on the planted model.
+* PAI, prompt pass under guidance: the first token's image-branch logits with and without α.
+* FastV without the cache: the kept image tokens of the last pass against the prompt's
+  choice, and the generated tokens of both protocols; the keep counts of the two formulas.
+
+    python benchmarks/lvlm_protocols.py
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vsink.data.demo_lvlm import build_tiny_llava
+from vsink.lvlm import LVLM, PAISettings, Session, VARSettings, generate
+from vsink.lvlm import session as session_module
+
+PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+SINK_DIM, SINK_VALUE, TAU = 11, 60.0, 8.0
+
+
+def image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8))
+
+
+def planted(image_tokens: tuple[int, ...] = (), words: tuple[str, ...] = ()) -> LVLM:
+    """Tiny LLaVA (hidden 256) with the sink value on BOS, on ``words`` and on the image tokens
+    at ``image_tokens``."""
+    model, processor = build_tiny_llava(hidden=256)
+    tok = processor.tokenizer
+    with torch.no_grad():
+        for token_id in [tok.bos_token_id] + [tok.convert_tokens_to_ids(w) for w in words]:
+            model.model.language_model.embed_tokens.weight[token_id, SINK_DIM] = SINK_VALUE
+    if image_tokens:
+        def plant(module, args, out):
+            out = out.clone()
+            out[:, list(image_tokens), SINK_DIM] += SINK_VALUE
+            return out
+
+        model.model.multi_modal_projector.register_forward_hook(plant)
+    return LVLM(model, processor, "planted")
+
+
+@contextmanager
+def counting_rows() -> Iterator[list[int]]:
+    """Counts the (batch row, head, query) rows VAR changes while the block runs."""
+    count = [0]
+    original = session_module.redistribute
+
+    def counted(probs, *args):
+        out = original(probs, *args)
+        count[0] += int((out != probs).any(-1).sum())
+        return out
+
+    session_module.redistribute = counted
+    try:
+        yield count
+    finally:
+        session_module.redistribute = original
+
+
+def forward(lvlm: LVLM, inputs: dict, **mitigation) -> torch.Tensor:
+    """Last-token logits of the prompt pass with a session (no mitigation: the unedited run)."""
+    session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"], **mitigation)
+    with session.bound(), torch.no_grad():
+        return lvlm.model(**inputs).logits[:, -1]
+
+
+def var_without_visual_sink() -> None:
+    lvlm = planted()
+    inputs = lvlm.prepare([image(0), image(1)], PROMPTS)
+    plain = forward(lvlm, inputs)
+    settings = {"sink_dims": [SINK_DIM], "tau": TAU}
+    print("VAR, no visual sink (tiny LLaVA, batch of 2, text sink BOS at every layer):")
+    for protocol in ("paper", "official"):
+        with counting_rows() as prefill:
+            logits = forward(lvlm, inputs, var=VARSettings(**settings, protocol=protocol))
+        runs = []
+        for use_cache in (True, False):
+            with counting_rows() as rows:
+                generate(lvlm, inputs, mitigation="var", settings=settings, protocol=protocol, max_new_tokens=8,
+                         use_cache=use_cache)
+            runs.append(rows[0])
+        delta = float((logits - plain).abs().max())
+        print(f"  {protocol:>8}: prompt pass {prefill[0]:5d} rows edited, max |Δ logit| {delta:.4g}"
+              f"{' (bit-identical)' if torch.equal(logits, plain) else ''}; "
+              f"8 tokens: {runs[0]} rows (cache), {runs[1]} (no cache)")
+
+
+def var_generated_sink() -> None:
+    lvlm = planted(image_tokens=(2, 5), words=("dog",))
+    inputs = lvlm.prepare([image(0)], PROMPTS[:1])
+    dog = torch.tensor([[lvlm.processor.tokenizer.convert_tokens_to_ids("dog")]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(dog)], dim=1)
+    out = {}
+    for protocol in ("paper", "official"):
+        var = VARSettings(sink_dims=[SINK_DIM], tau=TAU, min_image=0.05, protocol=protocol)
+        session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"], var=var)
+        with session.bound(), torch.no_grad():
+            cache = lvlm.model(**inputs, use_cache=True).cache
+            step = lvlm.model(input_ids=dog, attention_mask=mask, cache=cache, use_cache=True, output_attentions=True)
+        flagged = int(torch.cat(session.sinks[2], dim=1)[0, -1]) if protocol == "paper" else 0
+        out[protocol] = (step.attentions[2], step.logits[:, -1], flagged)
+    att = float((out["paper"][0] - out["official"][0]).abs().max())
+    logit = float((out["paper"][1] - out["official"][1]).abs().max())
+    print(f"VAR, a generated token with φ > τ: paper flags it ({out['paper'][2]}), official not; at that step "
+          f"max |Δ attention| {att:.4f} (layer 2), max |Δ logit| {logit:.4f}")
+
+
+def var_share_eps() -> None:
+    """Rows whose selection differs between the share rules, on the same probabilities (every
+    batch row has visual sinks here, so the no-visual-sink rule plays no part)."""
+    lvlm = planted(image_tokens=(2, 5))
+    inputs = lvlm.prepare([image(0), image(1)], PROMPTS)
+    original = session_module.redistribute
+    rows, flips = [0], [0]
+
+    def both(probs, image_mask, sinks, allowed, s):
+        out = original(probs, image_mask, sinks, allowed, s)
+        other = original(probs, image_mask, sinks, allowed, replace(s, protocol="paper"))
+        rows[0] += int(allowed.sum()) * probs.shape[1]
+        flips[0] += int(((out != probs).any(-1) != (other != probs).any(-1)).sum())
+        return out
+
+    session_module.redistribute = both
+    try:
+        generate(lvlm, inputs, mitigation="var", settings={"sink_dims": [SINK_DIM], "tau": TAU, "min_image": 0.05},
+                 protocol="official", max_new_tokens=8)
+    finally:
+        session_module.redistribute = original
+    print(f"VAR, share with / without ε per image token: {flips[0]} of {rows[0]} candidate rows flip (8 tokens)")
+
+
+def pai_prompt_pass() -> None:
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    print("PAI, first token under guidance (prompt-pass logits of the image branch):")
+    for b in range(2):
+        inputs = lvlm.prepare([image(b)], [PROMPTS[b]])
+        plain = forward(lvlm, inputs)
+        paper = forward(lvlm, inputs, pai=PAISettings(gamma=1.1))
+        official = forward(lvlm, inputs, pai=PAISettings(gamma=1.1, protocol="official"))
+        print(f"  prompt {b}: max |Δ logit| paper vs unedited {float((paper - plain).abs().max()):.4g}, "
+              f"official vs unedited {float((official - plain).abs().max()):.4g}"
+              f"{' (bit-identical)' if torch.equal(official, plain) else ''}")
+
+
+def fastv_without_cache() -> None:
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    print("FastV without the KV cache (k = 2, R = 0.5, 8 tokens):")
+    for b in range(2):
+        inputs = lvlm.prepare([image(b)], [PROMPTS[b]])
+        img = set(lvlm.image_spans(inputs["input_ids"]).positions(0))
+        runs = {p: generate(lvlm, inputs, mitigation="fastv", settings={"k": 2, "ratio": 0.5}, protocol=p,
+                            max_new_tokens=8, use_cache=False) for p in ("paper", "official")}
+        kept = {p: set(r.kept[0].tolist()) & img for p, r in runs.items()}
+        same = int((runs["paper"].new_tokens == runs["official"].new_tokens).sum())
+        print(f"  prompt {b}: last pass keeps {len(kept['official'] & kept['paper'])} of the prompt's "
+              f"{len(kept['paper'])} kept image tokens; generated tokens equal in {same} of 8 positions")
+    for n in (9, 576):
+        grid = [r / 100 for r in range(1, 100)]
+        differ = [r for r in grid if round(n * (1 - r)) != n - round(n * r)]
+        print(f"  keep count, n = {n}: round(n(1 − R)) ≠ n − round(nR) for {len(differ)} of R = 0.01 … 0.99"
+              + (f" (e.g. R = {differ[0]})" if differ else ""))
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    var_without_visual_sink()
+    var_generated_sink()
+    var_share_eps()
+    pai_prompt_pass()
+    fastv_without_cache()
+
+
+if __name__ == "__main__":
+    main()
