@@ -10,13 +10,21 @@ Prints, for one model and batch, in one run:
 
 each as median wall time over ``--repeats`` runs (the variants interleaved in one process, so
 machine noise hits all of them alike) and peak memory (each variant in its own subprocess, so
-peaks are not shared), then the ratios to plain. Memory on CPU is the
+peaks are not shared), then the ratios to plain.
+
+Then, as a user's machine sees it, **whole processes** (issue 12): a fresh ``python`` that
+imports, builds the model and runs the timm fused forward on two photos, against one that runs
+``vsink.scan`` on the same two photos (preprocessing, the probe, every detector; no files
+written). Each pair runs ``--process-repeats`` times, interleaved; the table gives the median
+process wall time, the median time of the forward / scan call alone, and the median peak
+process RSS, with ratios to plain. Memory on CPU is the
 peak RSS above the RSS just before the measured forward (activation memory; weights and
 inputs excluded), the whole-process peak RSS, and the peak of live tensor bytes from the torch
 profiler's allocation events (exact, the steadiest of the three); on CUDA it is
 ``max_memory_allocated`` above the allocation before the forward, and in total.
 
-Targets (issue 2): vsink <= 1.5x plain time and <= 1.3x plain peak memory on ViT-S/14 at 518 px.
+Targets (issues 2 and 12): vsink <= 1.5x plain time and <= 1.3x plain peak memory on ViT-S/14 at
+518 px; for whole processes, batch 2, peak process RSS.
 Weights are random (no download); cost does not depend on their values.
 
     python benchmarks/scan_overhead.py                       # ViT-S/14, 518 px, batch 4, CPU
@@ -122,6 +130,43 @@ def _tensor_peak_mib(fn, x) -> float:
     return peak / 2**20
 
 
+PROCESS_SCRIPT = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+import numpy as np, skimage.data, timm, torch
+from PIL import Image
+variant, model_name, size, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+images = [Image.fromarray(skimage.data.astronaut()), Image.fromarray(skimage.data.coffee())]
+model = timm.create_model(model_name, pretrained=False, img_size=size, num_classes=0).eval()
+t1 = time.perf_counter()
+if variant == "plain":
+    mean, std = np.array(model.pretrained_cfg["mean"], np.float32), np.array(model.pretrained_cfg["std"], np.float32)
+    arrays = [(np.asarray(im.resize((size, size), Image.BICUBIC), np.float32) / 255 - mean) / std for im in images]
+    with torch.inference_mode():
+        model.forward_features(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous())
+else:
+    import vsink
+    vsink.scan(vsink.wrap(model), images, img_size=size, batch_size=2, progress=False)
+t2 = time.perf_counter()
+print(json.dumps({"process_s": t2 - t0, "call_s": t2 - t1, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def measure_processes(args) -> dict[str, dict[str, float]]:
+    """Whole processes (plain forward vs ``vsink.scan``, two photos, batch 2), interleaved."""
+    runs: dict[str, list[dict[str, float]]] = {"plain": [], "vsink": []}
+    for _ in range(args.process_repeats):
+        for variant in runs:
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", PROCESS_SCRIPT, variant, args.model, str(args.img_size),
+                                  str(args.threads)], capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["process_s"] = time.perf_counter() - t0
+            runs[variant].append(row)
+    return {v: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for v, rows in runs.items()}
+
+
 def measure_times(variants: list[str], args) -> dict[str, float]:
     """Median wall time per variant, the variants interleaved so machine noise hits all alike."""
     import torch
@@ -151,6 +196,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-hf", action="store_true", help="omit the HF eager anchor")
+    p.add_argument("--process-repeats", type=int, default=3, help="whole-process runs per variant (0: skip)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -176,6 +222,16 @@ def main() -> None:
     plain = rows["plain"]
     for v, r in rows.items():
         print(f"{v:<10}" + "".join(f"{r[c]:>12.3f}" for c in cols) + "".join(f"{r[c] / plain[c]:>10.2f}" for c in cols))
+    if args.process_repeats and args.device == "cpu":
+        procs = measure_processes(args)
+        print(f"\nwhole processes: plain timm forward vs vsink.scan, two photos at {args.img_size}px, batch 2, "
+              f"median of {args.process_repeats}")
+        print(f"{'variant':<10}{'process s':>12}{'call s':>12}{'peak MiB':>12}{'process x':>12}{'call x':>10}{'peak x':>10}")
+        base = procs["plain"]
+        for v, r in procs.items():
+            print(f"{v:<10}{r['process_s']:>12.2f}{r['call_s']:>12.2f}{r['peak_mib']:>12.1f}"
+                  f"{r['process_s'] / base['process_s']:>12.2f}{r['call_s'] / base['call_s']:>10.2f}"
+                  f"{r['peak_mib'] / base['peak_mib']:>10.2f}")
 
 
 if __name__ == "__main__":

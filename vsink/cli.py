@@ -248,10 +248,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     print(f"high-norm tokens: emergence layer {hn.emergence_layer}, "
           f"{len(hn.outliers)} outlier tokens over all layers")
     for layer in hn.layers:
-        flag = f"  threshold {layer.threshold:.3g}, {100 * layer.outlier_fraction:.1f}% outliers" \
-            if layer.threshold is not None else ""
         print(f"  block {layer.index:>2}: median {layer.median:8.3f}  max {layer.max:8.3f}  "
-              f"ratio {layer.ratio:6.2f}{flag}")
+              f"ratio {layer.ratio:6.2f}{_outlier_note(layer)}")
     print(f"attention sinks: {len(result.sinks)} (token, image, layer) entries")
     dims = sorted({m.dim for m in result.massive})
     print(f"massive activations (>= {result.settings['massive_ratio']:g}x median |activation|): "
@@ -259,6 +257,19 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     for path in paths.values():
         print(f"wrote {path}")
     return 0
+
+
+def _outlier_note(layer) -> str:
+    """How a layer's outliers were found, for the scan summary (empty when there are none)."""
+    if not layer.outliers:
+        return ""
+    parts = [f"{layer.outliers} outliers ({100 * layer.outlier_fraction:.1f}%)"]
+    if layer.threshold is not None:
+        parts.append(f"pooled threshold {layer.threshold:.3g}")
+    if layer.own_gap_images:
+        n = layer.own_gap_images
+        parts.append(f"{n} image{'s' if n != 1 else ''} through {'their' if n != 1 else 'its'} own gap")
+    return "  " + ", ".join(parts)
 
 
 def _load_for(args: argparse.Namespace):

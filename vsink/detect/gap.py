@@ -47,6 +47,8 @@ MIN_RATIO = 3.0
 MAX_FRACTION = 0.5
 MIN_COUNT = 2
 WINDOW = 64
+#: candidate gaps whose local scale is computed at once (bounds memory to CHUNK x WINDOW values)
+CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def find_gap(
     if not far.any():
         return None
     ks, bulk_median = ks[far], bulk_median[far]
-    scale = np.median(sliding_window_view(normalised, window)[ks], axis=1) / np.log(2.0)
+    windows = sliding_window_view(normalised, window)
+    scale = np.concatenate([np.median(windows[ks[i:i + CHUNK]], axis=1)  # chunks bound the memory
+                            for i in range(0, len(ks), CHUNK)]) / np.log(2.0)
     separation = ks * spacing[ks - 1] / np.maximum(scale, 1e-300)
     critical = window * ((len(ks) / alpha) ** (1.0 / window) - 1.0)
     if separation.max() < critical:
