@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--sink-ratio", type=float, default=5.0,
                       help="sink = share of received attention >= this x the median share (default: 5)")
     scan.add_argument("--out", default="vsink-out", help="output directory (default: vsink-out)")
+    scan.add_argument("--prompt", help="scan an LVLM (--model demo-llava, hf:llava-hf/..., DIR): its language model's "
+                                       "sinks and its vision tower, each image asked with this prompt "
+                                       "(default for demo-llava: 'describe the image')")
+    scan.add_argument("--trust-remote-code", action="store_true",
+                      help="LVLM scans: allow the model's own code from the hub (off by default)")
     _add_ttr_args(scan)
 
     maps = sub.add_parser("maps", help="export attention and norm maps (npz arrays, png overlays)",
@@ -227,8 +232,11 @@ def _add_eval_parser(sub) -> None:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
+    from .backbones.hf_lvlm import DEMO_LVLM
     from .scan import NothingScanned, scan
 
+    if args.prompt is not None or args.model == DEMO_LVLM:
+        return _scan_lvlm(args)
     images = _inputs(args)
     backbone = _load_for(args)
     ttr = _ttr(args, args.test_time_registers)
@@ -254,6 +262,46 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     dims = sorted({m.dim for m in result.massive})
     print(f"massive activations (>= {result.settings['massive_ratio']:g}x median |activation|): "
           f"{len(result.massive)} entries" + (f", residual dims {dims}" if dims else ""))
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _scan_lvlm(args: argparse.Namespace) -> int:
+    from .lvlm.scan import scan_lvlm
+    from .scan import NothingScanned
+
+    if args.test_time_registers:
+        raise VsinkError("--test-time-registers applies to vision scans; for an LVLM use "
+                         "'vsink generate --mitigation ttr+...'")
+    images = _inputs(args)
+    lvlm = load_lvlm_for(args)
+    if lvlm.synthetic:
+        print("vsink: model 'demo-llava' is SYNTHETIC: a small LLaVA with planted register neurons, visual sinks "
+              "and sink dimensions (see docs/lvlm.md)", file=sys.stderr)
+    prompt = args.prompt if args.prompt is not None else "describe the image"
+    try:
+        result = scan_lvlm(lvlm, images, prompt, batch_size=args.batch_size, sink_ratio=args.sink_ratio,
+                           progress=not args.no_progress)
+    except NothingScanned as e:
+        for s in e.skipped:
+            print(f"vsink: skipped {s['reason']}", file=sys.stderr)
+        print(f"vsink: error: {e}", file=sys.stderr)
+        return 1
+    paths = result.save(args.out)
+    print(f"scanned {len(result.images)} images ({len(result.skipped)} skipped) with {result.model}, "
+          f"prompt {prompt!r}")
+    print(f"layout: {result.layout.describe()}; sink dims {result.sink_dims} ({result.sink_dims_source}), "
+          f"tau {result.tau:g}")
+    for row in result.layer_summaries():
+        dims = sorted({m["dim"] for m in row["massive"]})
+        print(f"  layer {row['index']:>2}: BOS share {row['bos_share']:.3f}  image share "
+              f"{row['image_attention_share']:.3f}  visual sink tokens {row['visual_sink_count']}"
+              + (f"  massive dims {dims}" if dims else ""))
+    link = result.tower_to_llm()
+    if link is not None and link["tower_layer"] is not None:
+        print(f"vision tower: high-norm tokens from block {link['tower_layer']}: {link['tower_high_norm']}; "
+              f"{link['both']} of them are visual sink tokens in the language model")
     for path in paths.values():
         print(f"wrote {path}")
     return 0

@@ -186,12 +186,76 @@ class TokenLayout:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TokenLayout":
+        if d.get("kind") == "prompt":
+            return PromptLayout(num_cls=int(d["text_before"]), num_registers=0, grid=tuple(d["grid"]),
+                                num_appended=int(d["text_after"]), bos=bool(d.get("bos", True)))
         return cls(
             num_cls=int(d["cls"]),
             num_registers=int(d.get("registers_after_cls", d["registers"])),
             grid=tuple(d["grid"]),
             num_appended=int(d.get("registers_appended", 0)),
         )
+
+
+@dataclass(frozen=True)
+class PromptLayout(TokenLayout):
+    """One LVLM prompt row as a token layout: ``[BOS, text before the image (system, user
+    prefix), the image tokens (a grid), text after the image (the question, the assistant
+    prefix)]``.
+
+    It is a :class:`TokenLayout` whose "patches" are the image tokens (``num_cls`` counts the text
+    before the image, ``num_appended`` the text after it; no registers), so probes, traces and the
+    detectors work on a decoder unchanged. Token kinds are ``"bos"``, ``"text"`` and ``"image"``;
+    the ``attn_cls`` row of a trace is the attention of the *last* prompt token, the query that
+    produces the answer (a causal model's first token attends only to itself).
+    """
+
+    bos: bool = True
+
+    @classmethod
+    def of_row(cls, spans: "ImageSpans", row: int, *, bos: bool = True) -> "PromptLayout":
+        """The layout of one row with one contiguous image run (grid: 1 x count unless given)."""
+        runs = spans.spans[row]
+        if len(runs) != 1:
+            raise ValueError(f"row {row} has {len(runs)} image runs; a prompt layout needs exactly one")
+        start, end = runs[0]
+        return cls(num_cls=start, num_registers=0, grid=(1, end - start), num_appended=spans.length - end, bos=bos)
+
+    def with_grid(self, grid: tuple[int, int]) -> "PromptLayout":
+        if grid[0] * grid[1] != self.num_patches:
+            raise ValueError(f"grid {grid} does not hold {self.num_patches} image tokens")
+        return PromptLayout(self.num_cls, 0, grid, self.num_appended, bos=self.bos)
+
+    @property
+    def cls_token(self) -> Optional[int]:
+        return self.num_tokens - 1
+
+    def cls_indices(self) -> list[int]:
+        return []
+
+    def register_indices(self) -> list[int]:
+        return []
+
+    def kind_of(self, token: int) -> str:
+        if not 0 <= token < self.num_tokens:
+            raise IndexError(f"token {token} outside a sequence of {self.num_tokens}")
+        if token == 0 and self.bos:
+            return "bos"
+        return "image" if self.patch_slice.start <= token < self.patch_slice.stop else "text"
+
+    def patch_position(self, token: int) -> tuple[int, int]:
+        if self.kind_of(token) != "image":
+            raise ValueError(f"token {token} is a {self.kind_of(token)} token, not an image token")
+        return divmod(token - self.num_prefix, self.grid[1])
+
+    def describe(self) -> str:
+        before = self.num_cls - int(self.bos)
+        return (("BOS + " if self.bos else "") + f"{before} text + {self.grid[0]}x{self.grid[1]} image "
+                f"+ {self.num_appended} text")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "prompt", "bos": self.bos, "text_before": self.num_cls, "grid": list(self.grid),
+                "text_after": self.num_appended, "image_tokens": self.num_patches, "tokens": self.num_tokens}
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def scan(
         raise VsinkError("no images given")
     size = (img_size, img_size) if img_size else backbone.img_size
     backbone.check_input_size(size)
-    detect_kwargs = parse_threshold(threshold)
+    parse_threshold(threshold)  # a bad threshold fails before the scan
     names: list[str] = []
     skipped: list[dict[str, str]] = []
     thumbnails: list[Image.Image] = []
@@ -187,23 +187,33 @@ def scan(
     if not names:
         raise NothingScanned(skipped)
     trace = probe.trace(meta={"model": backbone.spec, "images": names})
-    high_norm = detect_high_norm(trace, **detect_kwargs)
+    return result_of_trace(backbone, trace, size=size, names=names, skipped=skipped, threshold=threshold,
+                           sink_ratio=sink_ratio, massive_ratio=massive_ratio, batch_size=batch_size,
+                           thumbnails=thumbnails)
+
+
+def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], names: list[str],
+                    skipped: list[dict[str, str]], threshold: Union[str, float, None] = "auto", sink_ratio: float = 5.0,
+                    massive_ratio: float = 100.0, batch_size: int, thumbnails: Sequence[Image.Image] = (),
+                    synthetic: Optional[bool] = None) -> ScanResult:
+    """Run every detector on a trace of ``backbone`` and assemble the :class:`ScanResult`."""
+    detect_kwargs = parse_threshold(threshold)
     settings = {"batch_size": batch_size, "threshold": detect_kwargs, "sink_ratio": sink_ratio,
                 "massive_ratio": massive_ratio, "layers": list(trace.layers),
                 "dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),
                 "edits": list(backbone.edits)}
     return ScanResult(
         model=backbone.spec,
-        synthetic=backbone.spec == "demo",
+        synthetic=backbone.spec == "demo" if synthetic is None else synthetic,
         input_size=size,
         images=names,
         skipped=skipped,
         trace=trace,
-        high_norm=high_norm,
+        high_norm=detect_high_norm(trace, **detect_kwargs),
         sinks=detect_sinks(trace, ratio=sink_ratio),
         attention=layer_attention_summary(trace),
         massive=detect_massive(trace, min_ratio=massive_ratio),
         settings=settings,
-        thumbnails=thumbnails,
+        thumbnails=list(thumbnails),
     )
 

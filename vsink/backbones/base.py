@@ -3,50 +3,28 @@
 Everything that depends on a model family lives in one adapter file per family; the rest of
 vsink sees only :class:`Backbone`, its :class:`~vsink.layout.TokenLayout` and its named sites.
 
-Sites (per layer, 0-based block index):
-
-``block_input``
-    the residual stream entering the block, [B, N, D] (for block 0: the embedding output);
-``block_output``
-    the residual stream after the block, [B, N, D];
-``mlp_hidden``
-    the MLP hidden activation (input of the MLP's output projection), [B, N, hidden];
-``attn_logits``
-    pre-softmax attention logits, in query blocks [B, H, q, N];
-``attn_probs``
-    post-softmax attention probabilities, in query blocks [B, H, q, N] (the function also
-    receives the logits they came from, see :data:`vsink.attention.ProbFn`);
-``attn_qkv``
-    the queries, keys and values the attention is computed from, each [B, H, N, head_dim]
-    (after any q/k normalisation; observation only).
-
-A site function receives the tensor and may return a replacement (an edit) or ``None``
-(an observation). Attention sites route that layer's attention through vsink's explicit
-attention (:mod:`vsink.attention`) for as long as a function is installed there.
+Sites (``block_input``, ``block_output``, ``mlp_hidden``, ``attn_logits``, ``attn_probs``,
+``attn_qkv``) are the substrate every model shares: see :mod:`vsink.backbones.sites`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from ..attention import LogitFn, ProbFn, explicit_attention
 from ..errors import VsinkError
 from ..layout import TokenLayout
 from .hooks import hook_tensor
+from .sites import SiteHandle, SiteModel
 
-SITES = ("block_input", "block_output", "mlp_hidden", "attn_logits", "attn_probs", "attn_qkv")
-ATTENTION_SITES = ("attn_logits", "attn_probs", "attn_qkv")
-
-SiteFn = Callable[..., Optional[torch.Tensor]]
 PARAMETER_ROLES = ("registers", "cls_token", "pos_embed", "patch_embed")
 
 
@@ -62,20 +40,8 @@ def to_pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class SiteHandle:
-    """Returned by :meth:`Backbone.hook`; ``remove()`` uninstalls the function."""
-
-    def __init__(self, remove: Callable[[], None]):
-        self._remove: Optional[Callable[[], None]] = remove
-
-    def remove(self) -> None:
-        if self._remove is not None:
-            self._remove()
-            self._remove = None
-
-
-class Backbone(ABC):
-    """A vision transformer behind vsink's uniform interface.
+class Backbone(SiteModel):
+    """A vision transformer behind vsink's uniform interface (its blocks' sites: :class:`SiteModel`).
 
     Attributes:
         model: the wrapped library module (``eval()`` mode).
@@ -88,8 +54,6 @@ class Backbone(ABC):
     """
 
     family: str = "?"
-    #: True when blocks take and return [N, B, D] (old open_clip); sites always see [B, N, D].
-    seq_first: bool = False
 
     def __init__(
         self,
@@ -101,34 +65,18 @@ class Backbone(ABC):
         img_size: tuple[int, int],
         patch_size: tuple[int, int],
     ):
-        self.model = model.eval()
-        self.spec = spec
+        super().__init__(model, spec)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
-        self.attention_chunk_size: Optional[int] = None
         self._appended = 0
         self._input_size = self.img_size
-        #: descriptions of the forward edits currently applied (e.g. test-time registers)
-        self.edits: list[str] = []
-        self._attn_fns: dict[int, dict[str, list[Any]]] = {}
-        self._attn_undo: dict[int, Callable[[], None]] = {}
         #: how :func:`vsink.load` built this backbone (spec, img_size, model_kwargs), for saving
         self.source: dict[str, Any] = {}
         self._hooked_registers = 0
 
     # --- structure the adapters provide ------------------------------------------------
-    @property
-    @abstractmethod
-    def blocks(self) -> Sequence[nn.Module]:
-        """The transformer blocks, in order."""
-
-    @property
-    @abstractmethod
-    def num_heads(self) -> int:
-        """Attention heads per block."""
-
     @property
     @abstractmethod
     def dynamic_size(self) -> bool:
@@ -142,32 +90,12 @@ class Backbone(ABC):
     def _run_model(self, pixel_values: torch.Tensor) -> Any:
         """Call the library model the way its users do; return its native output."""
 
-    @abstractmethod
-    def _mlp_out_proj(self, layer: int) -> nn.Module:
-        """The MLP's output projection of a block (its input is the ``mlp_hidden`` site)."""
-
-    @abstractmethod
-    def _install_attention(self, layer: int) -> Callable[[], None]:
-        """Route a block's attention through :meth:`_attention`; return the undo function."""
-
     @property
     @abstractmethod
     def final_norm(self) -> nn.Module:
         """The normalisation the model applies to its output tokens (``nn.Identity`` if none)."""
 
     # --- derived ------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def layout(self, input_size: Optional[tuple[int, int]] = None) -> TokenLayout:
         """Token layout for an input of ``input_size`` (default :attr:`img_size`)."""
         size = self.check_input_size(input_size or self.img_size)
@@ -323,10 +251,6 @@ class Backbone(ABC):
             save_file(state, str(tmp), metadata={"format": "pt"})
         return {}
 
-    def mlp_width(self, layer: int) -> int:
-        """Number of MLP hidden units (``mlp_hidden`` channels) of a block."""
-        return int(self._mlp_out_proj(layer).in_features)
-
     def check_input_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """Raise a clear error if the model cannot take an input of this size."""
         h, w = int(size[0]), int(size[1])
@@ -377,107 +301,6 @@ class Backbone(ABC):
     def current_layout(self) -> TokenLayout:
         """Layout of the input being processed by :meth:`forward` (for site functions)."""
         return self.layout(self._input_size)
-
-    # --- sites --------------------------------------------------------------------------
-    def hook(self, site: str, layer: int, fn: SiteFn) -> SiteHandle:
-        """Install ``fn`` at ``site`` of block ``layer``.
-
-        ``block_input`` / ``block_output`` / ``mlp_hidden``: ``fn(tensor [B, N, C]) -> replacement or None``.
-        ``attn_logits``: ``fn(logits [B, H, q, N], q_start) -> replacement or None``.
-        ``attn_probs``: ``fn(probs [B, H, q, N], q_start, logits) -> replacement or None``, where
-        ``logits`` is ``None`` once an earlier function replaced the probabilities.
-        ``attn_qkv``: ``fn(q, k, v)`` with each [B, H, N, head_dim]; its return value is ignored.
-        """
-        if site not in SITES:
-            raise VsinkError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
-        if not -self.num_layers <= layer < self.num_layers:
-            raise VsinkError(f"layer {layer} out of range for {self.num_layers} blocks of {self.spec}")
-        layer %= self.num_layers
-        if site == "block_input":
-            return SiteHandle(self.blocks[layer].register_forward_pre_hook(self._input_hook(fn), with_kwargs=True).remove)
-        if site == "block_output":
-            return SiteHandle(self.blocks[layer].register_forward_hook(self._block_hook(fn)).remove)
-        if site == "mlp_hidden":
-            return SiteHandle(self._mlp_out_proj(layer).register_forward_pre_hook(self._mlp_hook(fn)).remove)
-        return self._hook_attention(site, layer, fn)
-
-    def _to_bnc(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(0, 1) if self.seq_first else x
-
-    def _block_hook(self, fn: SiteFn):
-        def hook(module, args, output):
-            tensor = output[0] if isinstance(output, tuple) else output
-            new = fn(self._to_bnc(tensor))
-            if new is None:
-                return None
-            new = self._to_bnc(new)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        return hook
-
-    def _input_hook(self, fn: SiteFn):
-        def hook(module, args, kwargs):
-            tensor = args[0] if args else kwargs["hidden_states"]
-            new = fn(self._to_bnc(tensor))
-            if new is None:
-                return None
-            new = self._to_bnc(new)
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-
-        return hook
-
-    def _mlp_hook(self, fn: SiteFn):
-        def hook(module, args):
-            new = fn(self._to_bnc(args[0]))
-            if new is None:
-                return None
-            return (self._to_bnc(new), *args[1:])
-
-        return hook
-
-    def _hook_attention(self, site: str, layer: int, fn: LogitFn | ProbFn) -> SiteHandle:
-        if layer not in self._attn_undo:
-            self._attn_undo[layer] = self._install_attention(layer)
-        fns = self._attn_fns.setdefault(layer, {s: [] for s in ATTENTION_SITES})
-        fns[site].append(fn)
-
-        def remove() -> None:
-            fns[site].remove(fn)
-            if not any(fns.values()):
-                del self._attn_fns[layer]
-                self._attn_undo.pop(layer)()
-
-        return SiteHandle(remove)
-
-    def attention_routed(self, layer: int) -> bool:
-        """Whether block ``layer`` currently computes attention through vsink."""
-        return layer in self._attn_fns
-
-    def _attention(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        scale: float | torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Explicit attention for block ``layer`` with its installed site functions."""
-        fns = self._attn_fns.get(layer, {})
-        for fn in fns.get("attn_qkv", ()):
-            fn(q, k, v)
-        if k.shape[1] != q.shape[1]:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return explicit_attention(
-            q, k, v,
-            scale=scale,
-            mask=mask,
-            logit_fns=tuple(fns.get("attn_logits", ())),
-            prob_fns=tuple(fns.get("attn_probs", ())),
-            chunk_size=self.attention_chunk_size,
-        )
 
     def describe(self) -> str:
         return (

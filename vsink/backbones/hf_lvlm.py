@@ -30,22 +30,32 @@ class LVLM:
         layers: the decoder layers, in order.
     """
 
-    def __init__(self, model: nn.Module, processor: Any = None, spec: str = "hf:<module>"):
+    def __init__(self, model: nn.Module, processor: Any = None, spec: str = "hf:<module>", *, synthetic: bool = False):
         model_type = getattr(model.config, "model_type", None)
         if model_type not in SUPPORTED_LVLM:
             raise VsinkError(f"{spec}: model type {model_type!r} is not a supported LVLM; supported: "
                              f"{', '.join(SUPPORTED_LVLM)}")
         self.model, self.processor, self.spec = model.eval(), processor, spec
+        #: True for the built-in demo (planted mechanisms, meaningless text)
+        self.synthetic = synthetic
         self.model_type = model_type
         self.text_config = model.config.get_text_config()
         self.layers = self._find_layers()
+        self._vision: Optional[Any] = None
 
     # --- structure ----------------------------------------------------------------------
     def _find_layers(self) -> list[nn.Module]:
-        n = self.text_config.num_hidden_layers
+        """The decoder layers, found by structure: ``num_hidden_layers`` layers with a ``self_attn``
+        whose query projection reads the text hidden size (a vision tower of the same depth is not
+        taken for them)."""
+        n, width = self.text_config.num_hidden_layers, self.text_config.hidden_size
+
+        def reads_text(layer: nn.Module) -> bool:
+            q = getattr(getattr(layer, "self_attn", None), "q_proj", None)
+            return isinstance(q, nn.Linear) and q.in_features == width
+
         for _, module in self.model.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) == n and all(
-                    hasattr(layer, "self_attn") for layer in module):
+            if isinstance(module, nn.ModuleList) and len(module) == n and all(reads_text(layer) for layer in module):
                 return list(module)
         raise VsinkError(f"{self.spec}: could not find {n} decoder layers with a self_attn module")
 
@@ -95,13 +105,27 @@ class LVLM:
 
     def vision_backbone(self):
         """The vision tower as a vsink vision :class:`~vsink.backbones.base.Backbone` (CLIP /
-        SigLIP towers of LLaVA models), so ``vsink scan`` and ``maps`` work on it."""
+        SigLIP towers of LLaVA models), so ``vsink scan`` and ``maps`` work on it (one object per
+        LVLM: its sites and routes are shared by everything that uses the tower)."""
         from .hf_vision import HFVisionBackbone
 
-        tower = getattr(getattr(self.model, "model", self.model), "vision_tower", None)
-        if tower is None:
-            raise VsinkError(f"{self.spec}: its vision tower ({self.model_type}) is not a supported vision backbone")
-        return HFVisionBackbone(tower, f"{self.spec}#vision_tower")
+        if self._vision is None:
+            tower = getattr(getattr(self.model, "model", self.model), "vision_tower", None)
+            if tower is None:
+                raise VsinkError(f"{self.spec}: its vision tower ({self.model_type}) is not a supported vision backbone")
+            self._vision = HFVisionBackbone(tower, f"{self.spec}#vision_tower")
+        return self._vision
+
+    def tower_patches_are_image_tokens(self, layout: Any) -> bool:
+        """Whether the tower's patch tokens reach the language model one to one, in order, as the
+        image tokens of ``layout`` (LLaVA-1.5: the projector maps each patch of the selected
+        layer, the class token dropped; LLaVA-NeXT tiles and Qwen2-VL merges patches)."""
+        if self.model_type != "llava":
+            return False
+        if getattr(self.model.config, "vision_feature_select_strategy", "default") != "default":
+            return False
+        tower = self.vision_backbone()
+        return tower.layout().grid == tuple(layout.grid)
 
     # --- inputs -------------------------------------------------------------------------
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Any]:
@@ -129,11 +153,22 @@ class LVLM:
         return f"{placeholder}\n{prompt}"
 
 
+#: the built-in synthetic LVLM (vsink.data.demo_llava)
+DEMO_LVLM = "demo-llava"
+
+
 def load_lvlm(repo: str, *, device: str = "cpu", dtype: Optional[torch.dtype] = None,
               trust_remote_code: bool = False) -> LVLM:
-    """Load an LVLM and its processor from a hub id or local directory (``from_pretrained``).
-    ``trust_remote_code`` is passed through only when the caller asks for it."""
+    """Load an LVLM and its processor from a hub id or local directory (``from_pretrained``), or
+    build the synthetic demo (``"demo-llava"``, offline). ``trust_remote_code`` is passed through
+    only when the caller asks for it."""
     import transformers
+
+    if repo == DEMO_LVLM:
+        from ..data.demo_llava import build_demo_llava
+
+        model, processor = build_demo_llava()
+        return LVLM(model.to(device=device, dtype=dtype), processor, DEMO_LVLM, synthetic=True)
 
     try:
         config = transformers.AutoConfig.from_pretrained(repo, trust_remote_code=trust_remote_code)

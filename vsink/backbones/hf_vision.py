@@ -1,14 +1,12 @@
 """Adapter for Hugging Face vision encoders: ViT, DINOv2 (with registers), CLIP and SigLIP vision.
 
-Attention is routed through transformers' supported extension point: vsink registers one
-attention function (``"vsink"``) in ``transformers.AttentionInterface`` and switches the model
-to it with ``set_attn_implementation`` while any attention site is installed. Layers without
-a site keep running the model's original implementation (eager, sdpa, ...).
+Attention is routed through :mod:`vsink.backbones.hf_router` (transformers' public
+``AttentionInterface``) while any attention site is installed; layers without a site keep running
+the model's original implementation (eager, sdpa, ...).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -17,8 +15,7 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
-
-ATTN_NAME = "vsink"
+from .hf_router import Router
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,39 +39,6 @@ def _vision_config(config: Any) -> Any:
 
 
 
-def _vsink_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
-                     dropout: float = 0.0, **kwargs: Any):
-    """The attention function vsink registers in ``transformers.AttentionInterface``."""
-    route = module.__dict__.get("_vsink_route")
-    if route is None:
-        raise VsinkError(f"{type(module).__name__} called vsink attention without a vsink route")
-    backbone, layer, original = route
-    if not backbone.attention_routed(layer):
-        return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]]
-    mask = additive_mask(mask, query.dtype, true_means_keep=True)
-    out = backbone._attention(layer, query, key, value, scale=scaling, mask=mask)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def eager_attention_of(module: nn.Module) -> Callable[..., Any]:
-    """The ``eager_attention_forward`` of the modelling file that defines ``module``."""
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if eager is None:
-        raise VsinkError(f"cannot find the eager attention of {type(module).__name__}")
-    return eager
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-
-    if ATTN_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTN_NAME, _vsink_attention)
-
-
 class HFVisionBackbone(Backbone):
     """A Hugging Face vision encoder (``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
     ``CLIPVisionModel``, ``SiglipVisionModel``)."""
@@ -95,8 +59,7 @@ class HFVisionBackbone(Backbone):
         self._layers = self._find_layers(model, config, spec)
         super().__init__(model, spec, mean=mean or d_mean, std=std or d_std,
                          img_size=to_pair(config.image_size), patch_size=to_pair(config.patch_size))
-        self._routed_layers: set[int] = set()
-        self._original_impl: Optional[str] = None
+        self._router = Router(model, config, [self._attention_module(i) for i in range(self.num_layers)], label=spec)
 
     @staticmethod
     def _find_layers(model: nn.Module, config: Any, spec: str) -> list[nn.Module]:
@@ -211,42 +174,17 @@ class HFVisionBackbone(Backbone):
         raise VsinkError(f"{self.spec}: cannot find the attention module of layer {layer}")
 
     def _install_attention(self, layer: int) -> Callable[[], None]:
-        if not self._routed_layers:
-            self._switch_to_vsink()
-        self._routed_layers.add(layer)
+        def routed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                   **kwargs: Any):
+            if scaling is None:
+                scaling = query.shape[-1] ** -0.5
+            mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]]
+            mask = additive_mask(mask, query.dtype, true_means_keep=True)
+            out = self._attention(layer, query, key, value, scale=scaling, mask=mask)
+            return out.transpose(1, 2).contiguous(), None
 
-        def undo() -> None:
-            self._routed_layers.discard(layer)
-            if not self._routed_layers:
-                self._switch_back()
-
-        return undo
-
-    def _switch_to_vsink(self) -> None:
-        """Point every layer's attention module at the vsink function; unrouted layers fall
-        through to the model's original implementation."""
-        _register_attention()
-        self._original_impl = self.model.config._attn_implementation
-        modules = [self._attention_module(i) for i in range(self.num_layers)]
-        for i, module in enumerate(modules):
-            module.__dict__["_vsink_route"] = (self, i, self._original_function(module))
-        self.model.set_attn_implementation(ATTN_NAME)
-        if _vision_config(self.model.config)._attn_implementation != ATTN_NAME:
-            self._switch_back()
-            raise VsinkError(f"{self.spec}: the model refused attn_implementation={ATTN_NAME!r}")
-
-    def _switch_back(self) -> None:
-        for i in range(self.num_layers):
-            self._attention_module(i).__dict__.pop("_vsink_route", None)
-        self.model.set_attn_implementation(self._original_impl)
-
-    def _original_function(self, module: nn.Module) -> Callable[..., Any]:
-        from transformers import AttentionInterface
-
-        impl = self._original_impl or "eager"
-        if impl != "eager" and impl in AttentionInterface._global_mapping:
-            return AttentionInterface._global_mapping[impl]
-        return eager_attention_of(module)
+        return self._router.route(layer, routed)
 
 
 def load_hf(repo: str, *, weights: Optional[str], attn_implementation: Optional[str],

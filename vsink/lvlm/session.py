@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..backbones.hf_lvlm import LVLM
-from ..backbones.hf_vision import eager_attention_of
+from ..backbones.hf_router import eager_attention_of
 from ..errors import VsinkError
+from .sinks import hidden_states_arg, sink_dimensions, sink_flags
 
 ATTN_NAME = "vsink_lvlm"
 
@@ -111,24 +112,6 @@ class FastVSettings:
         check_protocol(self.protocol)
 
 
-def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a decoder layer's forward pre-hook receives."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def sink_flags(h: torch.Tensor, dims: list[int], tau: float) -> torch.Tensor:
-    """Sink tokens [B, N] of hidden states [B, N, D]: max over ``dims`` of φ > ``tau``."""
-    return rms_phi(h, dims).amax(-1) > tau
-
-
-def rms_phi(h: torch.Tensor, dims: Optional[list[int]] = None) -> torch.Tensor:
-    """φ = |h / sqrt(mean(h²) + 1e-6)| per token (RMS-normalised, no weight), on ``dims`` only
-    when given."""
-    h = h.float()
-    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return ((h if dims is None else h[..., dims]) * inv).abs()
-
-
 def vsink_lvlm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0, **kwargs: Any):
     """The registered attention function: the session's explicit attention, or the model's eager one."""
@@ -181,8 +164,6 @@ class Session:
         # branch has run once, see PAISettings)
         self.amplify = not (pai is not None and pai.protocol == "official" and pai.gamma is not None)
         if var is not None:
-            from .sinks import sink_dimensions
-
             self.sink_dims = sink_dimensions(lvlm, var.sink_dims)
         self.capture = Captured() if capture else None
         self._step_capture: Optional[torch.Tensor] = None

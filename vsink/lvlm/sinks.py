@@ -14,10 +14,28 @@ import torch
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..io import write_json
-from .session import hidden_states_arg, rms_phi, sink_flags
+
+def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer's forward pre-hook receives."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def sink_flags(h: torch.Tensor, dims: list[int], tau: float) -> torch.Tensor:
+    """Sink tokens [B, N] of hidden states [B, N, D]: max over ``dims`` of φ > ``tau``."""
+    return rms_phi(h, dims).amax(-1) > tau
+
+
+def rms_phi(h: torch.Tensor, dims: Optional[list[int]] = None) -> torch.Tensor:
+    """φ = |h / sqrt(mean(h²) + 1e-6)| per token (RMS-normalised, no weight), on ``dims`` only
+    when given."""
+    h = h.float()
+    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return ((h if dims is None else h[..., dims]) * inv).abs()
+
 
 #: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025)
-KNOWN_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743]}
+KNOWN_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743],
+                   "vsink/demo-llava": [37, 611]}  # the demo's planted dims (vsink.data.demo_llava.SINK_DIMS)
 
 
 def known_sink_dims(lvlm: LVLM) -> Optional[list[int]]:

@@ -24,7 +24,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..backbones.base import Backbone, SiteHandle
+from ..backbones.base import Backbone
+from ..backbones.sites import SiteHandle
 from ..errors import VsinkError
 from .neurons import NeuronSpec
 

@@ -1,0 +1,132 @@
+"""The language model of a Hugging Face LVLM as a :class:`~vsink.backbones.sites.SiteModel`:
+the same sites as a vision backbone (``block_input``, ``block_output``, ``mlp_hidden``,
+``attn_logits``, ``attn_probs``, ``attn_qkv``) on the decoder layers, so :class:`~vsink.probe.Probe`,
+:class:`~vsink.probe.Trace`, the detectors and the mitigations work on it unchanged.
+
+Attention of a layer with an attention site runs through vsink's explicit attention (routed by
+:mod:`vsink.backbones.hf_router`); the masks are the model's own (additive, boolean, or ``None``
+for a causal pass without padding) unless a :class:`~vsink.lvlm.context.DecodeContext` is bound,
+which then gives the mask of every layer from token positions (FastV prunes keys).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..attention import additive_mask
+from ..errors import VsinkError
+from ..layout import ImageSpans, PromptLayout
+from .hf_router import Router
+from .sites import SiteModel
+
+if TYPE_CHECKING:
+    from ..lvlm.context import DecodeContext
+    from .hf_lvlm import LVLM
+
+
+class DecoderModel(SiteModel):
+    """The decoder of ``lvlm`` with named sites.
+
+    :meth:`forward` takes the model inputs of :meth:`LVLM.prepare` (one image per row) and sets the
+    :class:`~vsink.layout.PromptLayout` of that batch; every row must have the same layout (the
+    same prompt and image size, no padding), as a probe's batches share one layout.
+    """
+
+    family = "hf-lvlm"
+
+    def __init__(self, lvlm: "LVLM"):
+        super().__init__(lvlm.model, f"{lvlm.spec}#decoder")
+        self.lvlm = lvlm
+        self._router = Router(lvlm.model, lvlm.text_config, lvlm.attention_modules(), sub_config="text_config",
+                              label=self.spec)
+        self._layout: Optional[PromptLayout] = None
+        #: the generation context bound by :mod:`vsink.lvlm` (masks from positions), if any
+        self.context: Optional["DecodeContext"] = None
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.lvlm.layers
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.lvlm.text_config.num_attention_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lvlm.hidden_size
+
+    def _mlp_out_proj(self, layer: int) -> nn.Module:
+        mlp = getattr(self.blocks[layer], "mlp", None)
+        for name in ("down_proj", "fc2", "c_proj"):
+            if mlp is not None and isinstance(getattr(mlp, name, None), nn.Linear):
+                return getattr(mlp, name)
+        raise VsinkError(f"{self.spec}: cannot find the MLP output projection of layer {layer}")
+
+    # --- layout and forward -----------------------------------------------------------------
+    def prompt_layout(self, inputs: dict[str, Any]) -> PromptLayout:
+        """The layout shared by every row of ``inputs`` (an error if rows differ)."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise VsinkError(f"{self.spec}: rows are padded; a scan needs the same prompt and image size in every row")
+        spans = ImageSpans.from_ids(ids, self.lvlm.image_token_id)
+        if len(set(spans.spans)) != 1:
+            raise VsinkError(f"{self.spec}: the image sits at different positions in different rows "
+                             f"({sorted(set(spans.spans))[:2]}); use one prompt and one image size per batch")
+        bos_id = getattr(self.lvlm.text_config, "bos_token_id", None)
+        bos = bos_id is not None and bool((ids[:, 0] == bos_id).all())
+        layout = PromptLayout.of_row(spans, 0, bos=bos)
+        return layout.with_grid(self.lvlm.image_grid(inputs, 0, layout.num_patches))
+
+    def layout(self) -> PromptLayout:
+        """The layout of the last prompt batch (before any: a one-token placeholder, which a probe
+        replaces with the first batch's)."""
+        return self._layout if self._layout is not None else PromptLayout(0, 0, (1, 1), 0, bos=False)
+
+    def current_layout(self) -> PromptLayout:
+        return self.layout()
+
+    def set_layout(self, inputs: dict[str, Any]) -> PromptLayout:
+        """Take the layout of ``inputs`` as the current one (before a probe is created)."""
+        self._layout = self.prompt_layout(inputs)
+        return self._layout
+
+    @torch.inference_mode()
+    def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's logits [B, N, vocab] for prepared ``inputs`` (with any installed sites)."""
+        self.set_layout(inputs)
+        return self.lvlm.model(**inputs, use_cache=False).logits
+
+    # --- attention ----------------------------------------------------------------------
+    def _install_attention(self, layer: int) -> Callable[[], None]:
+        def routed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                   **kwargs: Any):
+            if scaling is None:
+                scaling = query.shape[-1] ** -0.5
+            mask = self._mask(layer, query, key, attention_mask)
+            out = self._attention(layer, query, key, value, scale=scaling, mask=mask)
+            return out.transpose(1, 2).contiguous(), None
+
+        return self._router.route(layer, routed)
+
+    def _mask(self, layer: int, query: torch.Tensor, key: torch.Tensor,
+              attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Additive [B, 1, q, kv] mask: the bound context's, else the model's (``None`` from an
+        SDPA mask builder means causal without padding)."""
+        q, kv = query.shape[2], key.shape[2]
+        if self.context is not None:
+            return self.context.mask(layer, q, kv, query.device, query.dtype)
+        if attention_mask is not None:
+            return additive_mask(attention_mask[..., :kv], query.dtype, true_means_keep=True)
+        if q == 1:
+            return None
+        allowed = torch.ones(q, kv, dtype=torch.bool, device=query.device).tril(kv - q)
+        return additive_mask(allowed, query.dtype, true_means_keep=True)[None, None]
+
+    def describe(self) -> str:
+        layout = self._layout.describe() if self._layout is not None else "no prompt yet"
+        return f"{self.spec} [{self.family}] {self.num_layers} decoder layers, {self.num_heads} heads, {layout}"

@@ -1,0 +1,228 @@
+"""Named sites over a stack of transformer blocks: the substrate every model behind vsink shares.
+
+A :class:`SiteModel` is a model whose blocks vsink can observe and edit at the same named sites,
+whatever the library or the modality: vision backbones (:class:`~vsink.backbones.base.Backbone`)
+and the language model of an LVLM (:class:`~vsink.backbones.hf_decoder.DecoderModel`). Probes,
+traces, detectors and mitigations talk to this interface only.
+
+Sites (per layer, 0-based block index):
+
+``block_input``
+    the residual stream entering the block, [B, N, D] (for block 0: the embedding output);
+``block_output``
+    the residual stream after the block, [B, N, D];
+``mlp_hidden``
+    the MLP hidden activation (input of the MLP's output projection), [B, N, hidden];
+``attn_logits``
+    pre-softmax attention logits, in query blocks [B, H, q, N];
+``attn_probs``
+    post-softmax attention probabilities, in query blocks [B, H, q, N] (the function also
+    receives the logits they came from, see :data:`vsink.attention.ProbFn`);
+``attn_qkv``
+    the queries, keys and values the attention is computed from, each [B, H, N, head_dim]
+    (after any q/k normalisation; observation only).
+
+A site function receives the tensor and may return a replacement (an edit) or ``None``
+(an observation). Attention sites route that layer's attention through vsink's explicit
+attention (:mod:`vsink.attention`) for as long as a function is installed there.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..attention import LogitFn, ProbFn, explicit_attention
+from ..errors import VsinkError
+from ..layout import TokenLayout
+
+SITES = ("block_input", "block_output", "mlp_hidden", "attn_logits", "attn_probs", "attn_qkv")
+ATTENTION_SITES = ("attn_logits", "attn_probs", "attn_qkv")
+
+SiteFn = Callable[..., Optional[torch.Tensor]]
+
+
+class SiteHandle:
+    """Returned by :meth:`SiteModel.hook`; ``remove()`` uninstalls the function."""
+
+    def __init__(self, remove: Callable[[], None]):
+        self._remove: Optional[Callable[[], None]] = remove
+
+    def remove(self) -> None:
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
+
+
+class SiteModel(ABC):
+    """Blocks with named sites (see the module docstring).
+
+    Attributes:
+        model: the wrapped library module (``eval()`` mode).
+        spec: the model spec string it was loaded from (or a description).
+        attention_chunk_size: queries per block in explicit attention (None: automatic).
+        edits: descriptions of the forward edits currently applied (e.g. test-time registers).
+    """
+
+    #: True when blocks take and return [N, B, D] (old open_clip); sites always see [B, N, D].
+    seq_first: bool = False
+
+    def __init__(self, model: nn.Module, spec: str):
+        self.model = model.eval()
+        self.spec = spec
+        self.attention_chunk_size: Optional[int] = None
+        self.edits: list[str] = []
+        self._attn_fns: dict[int, dict[str, list[Any]]] = {}
+        self._attn_undo: dict[int, Callable[[], None]] = {}
+
+    # --- what each model provides -------------------------------------------------------
+    @property
+    @abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+
+    @property
+    @abstractmethod
+    def num_heads(self) -> int:
+        """Attention heads per block (query heads)."""
+
+    @abstractmethod
+    def _mlp_out_proj(self, layer: int) -> nn.Module:
+        """The MLP's output projection of a block (its input is the ``mlp_hidden`` site)."""
+
+    @abstractmethod
+    def _install_attention(self, layer: int) -> Callable[[], None]:
+        """Route a block's attention through :meth:`_attention`; return the undo function."""
+
+    @abstractmethod
+    def layout(self) -> TokenLayout:
+        """The token layout of the model's default input."""
+
+    @abstractmethod
+    def current_layout(self) -> TokenLayout:
+        """Layout of the input being processed by :meth:`forward` (for site functions)."""
+
+    @abstractmethod
+    def forward(self, inputs: Any) -> Any:
+        """The library model's own output for ``inputs`` (with any installed sites)."""
+
+    # --- derived ------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def mlp_width(self, layer: int) -> int:
+        """Number of MLP hidden units (``mlp_hidden`` channels) of a block."""
+        return int(self._mlp_out_proj(layer).in_features)
+
+    # --- sites --------------------------------------------------------------------------
+    def hook(self, site: str, layer: int, fn: SiteFn) -> SiteHandle:
+        """Install ``fn`` at ``site`` of block ``layer``.
+
+        ``block_input`` / ``block_output`` / ``mlp_hidden``: ``fn(tensor [B, N, C]) -> replacement or None``.
+        ``attn_logits``: ``fn(logits [B, H, q, N], q_start) -> replacement or None``.
+        ``attn_probs``: ``fn(probs [B, H, q, N], q_start, logits) -> replacement or None``, where
+        ``logits`` is ``None`` once an earlier function replaced the probabilities.
+        ``attn_qkv``: ``fn(q, k, v)`` with each [B, H, N, head_dim]; its return value is ignored.
+        """
+        if site not in SITES:
+            raise VsinkError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
+        if not -self.num_layers <= layer < self.num_layers:
+            raise VsinkError(f"layer {layer} out of range for {self.num_layers} blocks of {self.spec}")
+        layer %= self.num_layers
+        if site == "block_input":
+            return SiteHandle(self.blocks[layer].register_forward_pre_hook(self._input_hook(fn), with_kwargs=True).remove)
+        if site == "block_output":
+            return SiteHandle(self.blocks[layer].register_forward_hook(self._block_hook(fn)).remove)
+        if site == "mlp_hidden":
+            return SiteHandle(self._mlp_out_proj(layer).register_forward_pre_hook(self._mlp_hook(fn)).remove)
+        return self._hook_attention(site, layer, fn)
+
+    def _to_bnc(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1) if self.seq_first else x
+
+    def _block_hook(self, fn: SiteFn):
+        def hook(module, args, output):
+            tensor = output[0] if isinstance(output, tuple) else output
+            new = fn(self._to_bnc(tensor))
+            if new is None:
+                return None
+            new = self._to_bnc(new)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def _input_hook(self, fn: SiteFn):
+        def hook(module, args, kwargs):
+            tensor = args[0] if args else kwargs["hidden_states"]
+            new = fn(self._to_bnc(tensor))
+            if new is None:
+                return None
+            new = self._to_bnc(new)
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return hook
+
+    def _mlp_hook(self, fn: SiteFn):
+        def hook(module, args):
+            new = fn(self._to_bnc(args[0]))
+            if new is None:
+                return None
+            return (self._to_bnc(new), *args[1:])
+
+        return hook
+
+    def _hook_attention(self, site: str, layer: int, fn: LogitFn | ProbFn) -> SiteHandle:
+        if layer not in self._attn_undo:
+            self._attn_undo[layer] = self._install_attention(layer)
+        fns = self._attn_fns.setdefault(layer, {s: [] for s in ATTENTION_SITES})
+        fns[site].append(fn)
+
+        def remove() -> None:
+            fns[site].remove(fn)
+            if not any(fns.values()):
+                del self._attn_fns[layer]
+                self._attn_undo.pop(layer)()
+
+        return SiteHandle(remove)
+
+    def attention_routed(self, layer: int) -> bool:
+        """Whether block ``layer`` currently computes attention through vsink."""
+        return layer in self._attn_fns
+
+    def _attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Explicit attention for block ``layer`` with its installed site functions."""
+        fns = self._attn_fns.get(layer, {})
+        for fn in fns.get("attn_qkv", ()):
+            fn(q, k, v)
+        if k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        return explicit_attention(
+            q, k, v,
+            scale=scale,
+            mask=mask,
+            logit_fns=tuple(fns.get("attn_logits", ())),
+            prob_fns=tuple(fns.get("attn_probs", ())),
+            chunk_size=self.attention_chunk_size,
+        )

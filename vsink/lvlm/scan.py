@@ -1,0 +1,256 @@
+"""``vsink scan`` on an LVLM: the language model's sinks and the vision tower in one run.
+
+One forward pass per batch of (image, prompt) rows observes two site models at once — the vision
+tower (a :class:`~vsink.backbones.base.Backbone`) and the decoder
+(:class:`~vsink.backbones.hf_decoder.DecoderModel`) — with the same :class:`~vsink.probe.Probe`
+and detectors as a vision scan, plus φ on the decoder layers' inputs (VAR's visual-sink score,
+:func:`vsink.lvlm.sinks.rms_phi`). The result has the tower's scan in the vision schema and an
+``lvlm`` section per decoder layer:
+
+* ``bos_share``: attention received by the first token (BOS), mean over heads, queries and rows;
+* ``image_attention_share``: attention received by the image tokens together;
+* ``visual_sink_tokens``: per image, the image-token indices with φ above τ on the sink dims;
+* ``massive``: massive activations of that layer's output (Sun et al. 2024), strongest first;
+
+and ``tower_to_llm``: which of the tower's high-norm tokens (at its emergence layer) arrive as
+visual sink tokens in the language model, where the model maps tower patches to image tokens one
+to one (LLaVA-1.5 and the demo).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..backbones.hf_decoder import DecoderModel
+from ..backbones.hf_lvlm import LVLM
+from ..backbones.hooks import HookSet
+from ..detect import MassiveActivation, detect_massive
+from ..errors import VsinkError
+from ..images import ImageSource, NamedImage, load_batch
+from ..io import write_json, write_text
+from ..layout import PromptLayout
+from ..probe import Probe, Rows, Trace
+from ..scan import MASSIVE_TOP_K, NothingScanned, ScanResult, result_of_trace
+from .sinks import rms_phi, sink_dimensions
+
+#: visual sink tokens listed per image and layer in scan.json (the full φ array is in trace.npz)
+MAX_SINK_TOKENS = 256
+MAX_MASSIVE_PER_LAYER = 16
+REPORT_IMAGES = 12
+#: largest |activations| kept per decoder layer output: many sink tokens share one dimension, so a
+#: handful (the vision scan's MASSIVE_TOP_K) would show only the largest dimension
+DECODER_MASSIVE_TOP_K = 64
+
+
+class PhiProbe(HookSet):
+    """Max over the sink dimensions of φ on every decoder layer's input, per token [B, N]."""
+
+    def __init__(self, decoder: DecoderModel, dims: Sequence[int]):
+        super().__init__()
+        self.decoder, self.dims = decoder, list(dims)
+        self.rows = [Rows() for _ in range(decoder.num_layers)]
+
+    def _install(self) -> None:
+        for layer, store in enumerate(self.rows):
+            self._handles.append(self.decoder.hook("block_input", layer,
+                                                   lambda h, store=store: store.append(rms_phi(h, self.dims).amax(-1))))
+
+    def array(self) -> np.ndarray:
+        """φ [layers, images, tokens]."""
+        return np.stack([store.array() for store in self.rows])
+
+
+@dataclass
+class LVLMScanResult:
+    """What :func:`scan_lvlm` found (``to_json()`` is ``scan.json``; see docs/lvlm.md)."""
+
+    model: str
+    synthetic: bool
+    prompt: str
+    images: list[str]
+    skipped: list[dict[str, str]]
+    layout: PromptLayout
+    trace: Trace
+    phi: np.ndarray  # [layers, images, tokens]
+    sink_dims: list[int]
+    sink_dims_source: str
+    tau: float
+    massive: list[MassiveActivation]
+    vision: Optional[ScanResult]
+    tower_patches_are_image_tokens: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    # --- per-layer summaries ---------------------------------------------------------------
+    def visual_sinks(self, layer: int) -> np.ndarray:
+        """Boolean [images, image tokens]: φ > τ on the image tokens at the input of ``layer``."""
+        return self.layout.patches(self.phi[layer], dim=1) > self.tau
+
+    def layer_summaries(self) -> list[dict[str, Any]]:
+        shares = self.trace.attn_received.mean(axis=2)  # [L, I, N]
+        image = self.layout.patch_slice
+        out = []
+        for layer in range(len(self.trace.layers)):
+            sinks = self.visual_sinks(layer)
+            strongest = sorted((m for m in self.massive if m.layer == layer), key=lambda m: -m.ratio)
+            out.append({
+                "index": int(self.trace.layers[layer]),
+                "bos_share": float(shares[layer, :, 0].mean()),
+                "image_attention_share": float(shares[layer][:, image].sum(axis=1).mean()),
+                "visual_sink_tokens": [np.flatnonzero(row)[:MAX_SINK_TOKENS].tolist() for row in sinks],
+                "visual_sink_count": int(sinks.sum()),
+                "massive": [{"image": m.image, "token": m.token, "kind": m.kind, "dim": m.dim, "value": m.value,
+                             "ratio": m.ratio} for m in strongest[:MAX_MASSIVE_PER_LAYER]],
+            })
+        return out
+
+    def tower_to_llm(self) -> Optional[dict[str, Any]]:
+        """The tower's high-norm tokens (at its emergence layer) against the LLM's visual sink
+        tokens (any decoder layer), image by image; None where the patch → token map is unknown."""
+        if self.vision is None or not self.tower_patches_are_image_tokens:
+            return None
+        hn = self.vision.high_norm
+        if hn.emergence_layer is None:
+            return {"tower_layer": None, "tower_high_norm": 0, "visual_sinks": int(self.visual_sinks(0).sum()),
+                    "both": 0, "images": []}
+        tower = hn.mask(hn.emergence_layer)
+        llm = np.any([self.visual_sinks(layer) for layer in range(self.phi.shape[0])], axis=0)
+        both = tower & llm
+        return {"tower_layer": hn.emergence_layer, "tower_high_norm": int(tower.sum()), "visual_sinks": int(llm.sum()),
+                "both": int(both.sum()),
+                "images": [{"image": i, "high_norm": np.flatnonzero(tower[i]).tolist(),
+                            "visual_sinks": np.flatnonzero(llm[i]).tolist()} for i in range(len(self.images))]}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vsink_version": __version__,
+            "model": self.model,
+            "synthetic": self.synthetic,
+            "prompt": self.prompt,
+            "images": self.images,
+            "skipped": self.skipped,
+            "lvlm": {
+                "layout": self.layout.to_dict(),
+                "sink_dims": self.sink_dims,
+                "sink_dims_source": self.sink_dims_source,
+                "tau": self.tau,
+                "layers": self.layer_summaries(),
+                "tower_to_llm": self.tower_to_llm(),
+            },
+            "vision": self.vision.to_json() if self.vision is not None else None,
+            "settings": self.settings,
+        }
+
+    def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
+        """``scan.json``, ``report.html``, the decoder's ``trace.npz`` (with φ) and the tower's
+        ``vision/`` scan, each written atomically."""
+        from ..export.lvlm_report import render_lvlm_report
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"trace": self.trace.save(out / "trace.npz", extra={"phi": self.phi})}
+        if self.vision is not None:
+            paths.update({f"vision_{k}": v for k, v in self.vision.save(out / "vision").items()})
+        paths["report"] = write_text(out / "report.html", render_lvlm_report(self))
+        paths["json"] = write_json(out / "scan.json", self.to_json())
+        return paths
+
+
+def scan_lvlm(
+    lvlm: LVLM,
+    images: Sequence[Union[ImageSource, NamedImage]],
+    prompt: str,
+    *,
+    batch_size: int = 4,
+    sink_dims: Optional[Sequence[int]] = None,
+    tau: float = 20.0,
+    sink_ratio: float = 5.0,
+    massive_ratio: float = 100.0,
+    progress: bool = True,
+) -> LVLMScanResult:
+    """Scan an LVLM's language model (sinks, φ, massive activations) and its vision tower on
+    ``images``, each with the same ``prompt``.
+
+    Args:
+        sink_dims: the LLM's sink dimensions (default: the model's known ones, else calibrated on
+            these rows' BOS tokens with :func:`vsink.lvlm.sinks.calibrate`).
+        tau: φ threshold of a visual sink token (VAR's τ).
+    """
+    if batch_size < 1:
+        raise VsinkError(f"batch_size must be >= 1, got {batch_size}")
+    if not images:
+        raise VsinkError("no images given")
+    if not prompt or not prompt.strip():
+        raise VsinkError("--prompt is empty; an LVLM scan needs the prompt the images are asked with")
+    decoder = DecoderModel(lvlm)
+    try:
+        tower = lvlm.vision_backbone()
+    except VsinkError:
+        tower = None
+    names: list[str] = []
+    skipped: list[dict[str, str]] = []
+    batches: list[list[Image.Image]] = []
+    for start in range(0, len(images), batch_size):
+        loaded, batch_names, failed = load_batch(images[start:start + batch_size], start)
+        for entry in failed:
+            print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+        skipped += failed
+        if loaded:
+            batches.append(loaded)
+            names += batch_names
+    if not batches:
+        raise NothingScanned(skipped)
+    first = lvlm.prepare(batches[0], [prompt] * len(batches[0]))
+    decoder.set_layout(first)
+    dims, source = _sink_dims(lvlm, first, sink_dims)
+    bar = tqdm(total=len(names), desc="scan", unit="img", disable=not progress)
+    probes = [Probe(decoder, massive=DECODER_MASSIVE_TOP_K), PhiProbe(decoder, dims)]
+    if tower is not None:
+        probes.append(Probe(tower, massive=MASSIVE_TOP_K))
+    with torch.inference_mode(), ExitStack() as stack:
+        for probe in probes:
+            stack.enter_context(probe)
+        for batch in batches:
+            inputs = first if batch is batches[0] else lvlm.prepare(batch, [prompt] * len(batch))
+            decoder.set_layout(inputs)
+            lvlm.model(**inputs, use_cache=False)
+            bar.update(len(batch))
+    bar.close()
+    trace = probes[0].trace(meta={"model": lvlm.spec, "images": names, "prompt": prompt})
+    vision = None
+    if tower is not None:
+        h, w = tower.img_size
+        thumbnails = [img.resize((w, h), Image.BICUBIC) for batch in batches for img in batch][:REPORT_IMAGES]
+        vision = result_of_trace(tower, probes[2].trace(meta={"model": tower.spec, "images": names}),
+                                 size=tower.img_size, names=names, skipped=skipped, sink_ratio=sink_ratio,
+                                 massive_ratio=massive_ratio, batch_size=batch_size, thumbnails=thumbnails,
+                                 synthetic=lvlm.synthetic)
+    layout = decoder.layout()
+    return LVLMScanResult(
+        model=lvlm.spec, synthetic=lvlm.synthetic, prompt=prompt, images=names, skipped=skipped, layout=layout,
+        trace=trace, phi=probes[1].array(), sink_dims=dims, sink_dims_source=source, tau=tau,
+        massive=detect_massive(trace, min_ratio=massive_ratio), vision=vision,
+        tower_patches_are_image_tokens=tower is not None and lvlm.tower_patches_are_image_tokens(layout),
+        settings={"batch_size": batch_size, "tau": tau, "sink_ratio": sink_ratio, "massive_ratio": massive_ratio,
+                  "dtype": str(decoder.dtype).removeprefix("torch."), "device": str(decoder.device)},
+    )
+
+
+def _sink_dims(lvlm: LVLM, inputs: dict[str, Any], given: Optional[Sequence[int]]) -> tuple[list[int], str]:
+    from .sinks import calibrate, known_sink_dims
+
+    if given:
+        return sink_dimensions(lvlm, given), "given"
+    if known_sink_dims(lvlm):
+        return sink_dimensions(lvlm), "known"
+    return calibrate(lvlm, [inputs]).sink_dims, "calibrated"
