@@ -294,7 +294,7 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
     print(f"layout: {result.layout.describe()}; sink dims {result.sink_dims} ({result.sink_dims_source}), "
           f"tau {result.tau:g}")
     for row in result.layer_summaries():
-        dims = sorted({m["dim"] for m in row["massive"]})
+        dims = [m["dim"] for m in row["massive"]]
         print(f"  layer {row['index']:>2}: BOS share {row['bos_share']:.3f}  image share "
               f"{row['image_attention_share']:.3f}  visual sink tokens {row['visual_sink_count']}"
               + (f"  massive dims {dims}" if dims else ""))

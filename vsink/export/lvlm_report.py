@@ -35,7 +35,8 @@ def render_lvlm_report(result: "LVLMScanResult") -> str:
     parts.append("<h2>Language model, per decoder layer</h2><table><tr><th>layer</th><th>BOS share</th>"
                  "<th>image share</th><th>visual sink tokens</th><th>massive activations (dim: ×median)</th></tr>")
     for row in result.layer_summaries():
-        massive = ", ".join(f"{m['dim']}: {m['ratio']:.0f}× ({m['kind']})" for m in row["massive"][:4]) or "—"
+        massive = "; ".join(f"dim {m['dim']}: up to {m['ratio']:.0f}× on {m['tokens']} tokens ({', '.join(m['kinds'])})"
+                            for m in row["massive"][:4]) or "—"
         parts.append(f"<tr><td>{row['index']}</td><td>{_fmt(row['bos_share'])}</td>"
                      f"<td>{_fmt(row['image_attention_share'])}</td><td>{row['visual_sink_count']}</td>"
                      f"<td style='text-align:left'>{e(massive)}</td></tr>")

@@ -102,15 +102,14 @@ class LVLMScanResult:
         out = []
         for layer in range(len(self.trace.layers)):
             sinks = self.visual_sinks(layer)
-            strongest = sorted((m for m in self.massive if m.layer == layer), key=lambda m: -m.ratio)
+            strongest = _strongest_per_dim([m for m in self.massive if m.layer == layer])
             out.append({
                 "index": int(self.trace.layers[layer]),
                 "bos_share": float(shares[layer, :, 0].mean()),
                 "image_attention_share": float(shares[layer][:, image].sum(axis=1).mean()),
                 "visual_sink_tokens": [np.flatnonzero(row)[:MAX_SINK_TOKENS].tolist() for row in sinks],
                 "visual_sink_count": int(sinks.sum()),
-                "massive": [{"image": m.image, "token": m.token, "kind": m.kind, "dim": m.dim, "value": m.value,
-                             "ratio": m.ratio} for m in strongest[:MAX_MASSIVE_PER_LAYER]],
+                "massive": strongest[:MAX_MASSIVE_PER_LAYER],
             })
         return out
 
@@ -244,6 +243,20 @@ def scan_lvlm(
         settings={"batch_size": batch_size, "tau": tau, "sink_ratio": sink_ratio, "massive_ratio": massive_ratio,
                   "dtype": str(decoder.dtype).removeprefix("torch."), "device": str(decoder.device)},
     )
+
+
+def _strongest_per_dim(found: list[MassiveActivation]) -> list[dict[str, Any]]:
+    """One entry per residual dimension — its strongest massive activation, with how many (image,
+    token) pairs and which token kinds carry it — largest ratio first."""
+    by_dim: dict[int, list[MassiveActivation]] = {}
+    for m in found:
+        by_dim.setdefault(m.dim, []).append(m)
+    rows = []
+    for dim, entries in by_dim.items():
+        top = max(entries, key=lambda m: m.ratio)
+        rows.append({"dim": dim, "image": top.image, "token": top.token, "kind": top.kind, "value": top.value,
+                     "ratio": top.ratio, "tokens": len(entries), "kinds": sorted({m.kind for m in entries})})
+    return sorted(rows, key=lambda r: -r["ratio"])
 
 
 def _sink_dims(lvlm: LVLM, inputs: dict[str, Any], given: Optional[Sequence[int]]) -> tuple[list[int], str]:
