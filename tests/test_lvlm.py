@@ -9,9 +9,15 @@ from PIL import Image
 
 from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
 from vsink.errors import VsinkError
-from vsink.lvlm import LVLM, PAISettings, Session, VARSettings, generate
-from vsink.lvlm.session import redistribute
+from contextlib import ExitStack
+
+from vsink.lvlm import LVLM, PAISettings, VARSettings, generate
+from vsink.lvlm.context import DecodeContext
 from vsink.lvlm.sinks import calibrate, detect_sinks
+from vsink.mitigate import PAI, VAR, Run, redistribute
+
+# mitigations that change nothing on these tiny random models warn; the warning has its own test
+pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
 BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
             "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
@@ -64,11 +70,10 @@ def test_captured_attention_equals_hf_eager(lvlm):
             ref = lvlm.model(**inputs, output_attentions=True)
     finally:
         lvlm.model.set_attn_implementation("sdpa")
-    session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"])
-    with session.bound(), torch.no_grad():
-        ours = lvlm.model(**inputs, output_attentions=True)
+    with _Bound(lvlm, inputs) as bound:  # vsink's capture on the decoder's sites, no mitigation
+        attentions, ours = bound.forward(**inputs)
     real = inputs["attention_mask"].bool()
-    for a, b in zip(ours.attentions, ref.attentions):
+    for a, b in zip(attentions, ref.attentions):
         keep = real[:, None, :, None] & real[:, None, None, :]  # padded rows and columns are not compared
         assert torch.allclose(torch.where(keep, a, 0), torch.where(keep, b, 0), atol=1e-5)
     last = real.long().cumsum(1).argmax(1)
@@ -172,6 +177,38 @@ def test_var_redistribution_definition():
         torch.testing.assert_close((after[:, target] - before[:, target]).sum(-1), lost)
 
 
+class _Bound:
+    """A forward (or several, sharing one generation context) with mitigations installed on the
+    decoder's sites, every layer's attention probabilities captured after the edits."""
+
+    def __init__(self, lvlm, inputs, *mitigations):
+        self.lvlm, self.inputs, self.mitigations = lvlm, inputs, mitigations
+        self.decoder = lvlm.decoder()
+        self.context = DecodeContext(lvlm, inputs["input_ids"], inputs["attention_mask"])
+        self.run = Run(lvlm, self.decoder, self.context, inputs["input_ids"], inputs["attention_mask"])
+        self.probs: dict[int, list[torch.Tensor]] = {}
+
+    def __enter__(self):
+        self.stack = ExitStack()
+        self.stack.enter_context(self.decoder.bound(self.context))
+        for m in self.mitigations:
+            self.stack.enter_context(m.installed(self.run))
+        for layer in range(self.decoder.num_layers):
+            handle = self.decoder.hook("attn_probs", layer,
+                                       lambda p, start, z, layer=layer: self.probs.setdefault(layer, []).append(p.clone()))
+            self.stack.callback(handle.remove)
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def forward(self, **kwargs):
+        self.probs.clear()
+        with torch.no_grad():
+            out = self.lvlm.model(**kwargs)
+        return [torch.cat(self.probs[layer], dim=2) for layer in range(self.decoder.num_layers)], out
+
+
 def _planted_llava(dim=11, value=60.0, image_tokens=(2, 5), words=()):
     """Tiny LLaVA with a massive value in hidden dimension ``dim`` on BOS, on the image tokens at
     ``image_tokens`` and on the embeddings of ``words``: those are the sinks (tau 8)."""
@@ -213,10 +250,9 @@ def test_var_in_the_model_follows_the_definition():
     inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
     s = VARSettings(sink_dims=[dim], tau=8.0, min_image=0.05)
     runs = {}
-    for name, var in (("none", None), ("var", s)):
-        session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"], var=var)
-        with session.bound(), torch.no_grad():
-            runs[name] = lvlm.model(**inputs, output_attentions=True).attentions
+    for name, mitigations in (("none", ()), ("var", (VAR(s),))):
+        with _Bound(lvlm, inputs, *mitigations) as bound:
+            runs[name] = bound.forward(**inputs)[0]
     layer = s.start_layer
     spans = lvlm.image_spans(inputs["input_ids"])
     image = spans.mask()
@@ -262,10 +298,9 @@ def test_var_official_rows_by_hand():
 
 
 def _attentions(lvlm, inputs, var):
-    session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"], var=var)
-    with session.bound(), torch.no_grad():
-        out = lvlm.model(**inputs, output_attentions=True)
-    return out.attentions, out.logits
+    with _Bound(lvlm, inputs, *([VAR(var)] if var is not None else [])) as bound:
+        attentions, out = bound.forward(**inputs)
+    return attentions, out.logits
 
 
 def test_var_official_leaves_layers_without_a_visual_sink_unedited():
@@ -295,13 +330,14 @@ def test_var_official_fixes_the_sinks_at_the_prompt_pass():
     steps, prompt_sinks = {}, None
     for name, var in (("plain", None), ("paper", VARSettings(**settings)),
                       ("official", VARSettings(**settings, protocol="official"))):
-        session = Session(lvlm, inputs["input_ids"], inputs["attention_mask"], var=var)
-        with session.bound(), torch.no_grad():
-            out = lvlm.model(**inputs, use_cache=True)
+        mitigation = VAR(var) if var is not None else None
+        with _Bound(lvlm, inputs, *([mitigation] if mitigation else [])) as bound:
+            _, out = bound.forward(**inputs, use_cache=True)
             if name == "paper":
-                prompt_sinks = session.sinks[2][0]
-            steps[name] = lvlm.model(input_ids=dog, attention_mask=mask, cache=out.cache, use_cache=True,
-                                     output_attentions=True).attentions[2]
+                prompt_sinks = mitigation.sinks[2][0]
+            cache = getattr(out, "cache", None) or out.past_key_values
+            steps[name] = bound.forward(input_ids=dog, attention_mask=mask, use_cache=True,
+                                        **{lvlm.cache_argument: cache})[0][2]
     image = torch.cat([lvlm.image_spans(inputs["input_ids"]).mask(), torch.zeros(1, 1, dtype=torch.bool)], dim=1)
     rows = torch.ones(1, 1, dtype=torch.bool)
     for name, dog_is_sink in (("paper", True), ("official", False)):
@@ -413,22 +449,27 @@ def test_pai_changes_only_last_row_image_logits():
     lvlm = LVLM(model, processor)
     inputs = lvlm.prepare([_image()], [PROMPTS[0]])
     ids = inputs["input_ids"]
-    module = lvlm.attention_modules()[2]
     N = ids.shape[1]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, N, 16, generator=g) for _ in range(3))
-    none = Session(lvlm, ids, inputs["attention_mask"])
-    pai = Session(lvlm, ids, inputs["attention_mask"], pai=PAISettings(alpha=0.2))
-    _, p_none = none.attend(module, q, k, v, 0.25)
-    _, p_pai = pai.attend(module, q, k, v, 0.25)
+
+    def attention(layer, *mitigations):
+        """The probabilities of ``layer``'s routed attention on q, k, v with ``mitigations``."""
+        with _Bound(lvlm, inputs, *mitigations) as bound:
+            bound.context.shapes[layer] = (N, N)
+            mask = bound.context.mask(layer, N, N, q.device, q.dtype)
+            bound.decoder._attention(layer, q, k, v, scale=0.25, mask=mask)
+            return torch.cat(bound.probs[layer], dim=2)
+
+    p_none = attention(2)
+    p_pai = attention(2, PAI(PAISettings(alpha=0.2)))
     assert torch.equal(p_pai[:, :, :-1], p_none[:, :, :-1])
     z = (q @ k.transpose(2, 3) * 0.25)[:, :, -1]  # the last row is causal over every key
     img = lvlm.image_spans(ids).mask()[0]
     expected = torch.softmax(torch.where(img, z + 0.2 * z.abs(), z), dim=-1)
     torch.testing.assert_close(p_pai[:, :, -1], expected, atol=1e-6, rtol=0)
-    early = Session(lvlm, ids, inputs["attention_mask"], pai=PAISettings(alpha=0.2))
-    _, p_early = early.attend(lvlm.attention_modules()[1], q, k, v, 0.25)
-    assert torch.equal(p_early, p_none)  # layers before start_layer are untouched
+    p_early = attention(1, PAI(PAISettings(alpha=0.2)))
+    assert torch.equal(p_early, attention(1))  # layers before start_layer are untouched
 
 
 def test_attention_export_shapes(lvlm, tmp_path):

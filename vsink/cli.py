@@ -160,7 +160,8 @@ def _add_lvlm_parsers(sub) -> None:
     model_args(gen)
     gen.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image, or one for all)")
-    gen.add_argument("--mitigation", default="none", help="none (default), var, pai or fastv")
+    gen.add_argument("--mitigation", default="none",
+                     help="none (default), var, pai, fastv, ttr, or a '+'-joined combination such as ttr+var")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="mitigation setting, e.g. p=0.6, alpha=0.2, gamma=1.1, k=2, ratio=0.5, sink_dims=[1415,2533]")
     gen.add_argument("--sinks", help="sink calibration JSON from 'vsink lvlm calibrate' (VAR's sink_dims)")
@@ -483,9 +484,12 @@ def parse_settings(pairs: Sequence[str]) -> dict:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import warnings
+
     from .images import load_image
-    from .lvlm import generate, make_settings
+    from .lvlm import MitigationWarning, generate
     from .lvlm.sinks import Calibration
+    from .mitigate import make_mitigations, mitigation_names
 
     prompts = list(args.prompt)
     if len(prompts) == 1 and len(args.image) > 1:
@@ -494,16 +498,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise VsinkError(f"give one --prompt per --image (or one for all): {len(args.image)} images, {len(prompts)} prompts")
     settings = parse_settings(args.set)
     if args.sinks:
-        settings.setdefault("sink_dims", Calibration.load(args.sinks).sink_dims)
-    make_settings(args.mitigation, settings, args.protocol)  # fail before loading the model
+        names = mitigation_names(args.mitigation)
+        key = "sink_dims" if names == ["var"] else "var.sink_dims"
+        if "var" in names:
+            settings.setdefault(key, Calibration.load(args.sinks).sink_dims)
+    make_mitigations(args.mitigation, settings, args.protocol)  # fail before loading the model
     images = [load_image(p) for p in args.image]
     lvlm = load_lvlm_for(args)
     inputs = lvlm.prepare(images, prompts)
-    result = generate(lvlm, inputs, mitigation=args.mitigation, settings=settings, protocol=args.protocol,
-                      max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
-                      capture_attention=bool(args.export_attention))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore", MitigationWarning)  # reported below, one line each
+        result = generate(lvlm, inputs, mitigation=args.mitigation, settings=settings, protocol=args.protocol,
+                          max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
+                          capture_attention=bool(args.export_attention))
     print(f"vsink: mitigation {result.mitigation}, protocol {result.protocol}, settings {json.dumps(result.settings)}",
           file=sys.stderr)
+    for entry in result.report:
+        layers = ", ".join(f"{row['layer']}: " + " ".join(f"{k}={v:g}" for k, v in row.items() if k != "layer")
+                           for row in entry["layers"]) or "nothing"
+        print(f"vsink: {entry['mitigation']} per layer: {layers}", file=sys.stderr)
+    for note in result.warnings:
+        print(f"vsink: warning: {note}", file=sys.stderr)
     for path, text in zip(args.image, result.texts):
         print(f"[{path}] {text}")
     if args.export_attention:

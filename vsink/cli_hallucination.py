@@ -4,11 +4,10 @@ mitigations over the benchmark (resumable) and score."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import VsinkError
 from .io import read_jsonl, write_jsonl
@@ -66,14 +65,23 @@ def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str
     from .cli import parse_settings
     from .lvlm.sinks import Calibration
 
+    from .mitigate import mitigation_names
+
+    parts = {n: mitigation_names(n) for n in names}  # "ttr+var" runs ttr and var together
     settings: dict[str, dict[str, Any]] = {n: {} for n in names}
     for key, value in parse_settings(args.set).items():
-        name, dot, field = key.partition(".")
-        if not dot or name not in settings:
-            raise VsinkError(f"--set {key}=...: use MITIGATION.KEY with a mitigation of this run ({', '.join(names)})")
-        settings[name][field] = value
-    if args.sinks and "var" in settings:
-        settings["var"].setdefault("sink_dims", Calibration.load(args.sinks).sink_dims)
+        part, dot, field = key.partition(".")
+        runs = [n for n in names if part in parts[n]]
+        if not dot or not runs:
+            known = sorted({p for ps in parts.values() for p in ps})
+            raise VsinkError(f"--set {key}=...: use MITIGATION.KEY with a mitigation of this run ({', '.join(known)})")
+        for n in runs:
+            settings[n][key if len(parts[n]) > 1 else field] = value
+    if args.sinks:
+        for n in names:
+            if "var" in parts[n]:
+                settings[n].setdefault("sink_dims" if parts[n] == ["var"] else "var.sink_dims",
+                                       Calibration.load(args.sinks).sink_dims)
     return settings
 
 
@@ -143,19 +151,19 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
                prompt, score, protocol: dict[str, Any]) -> int:
     from .cli import load_lvlm_for
     from .evaluate import hallucination as hal
-    from .lvlm.generate import make_settings
+    from .mitigate import make_mitigations
 
     _require(args, "model", "images")
     names = [m.strip() for m in args.mitigation.split(",") if m.strip()]
     if not names or len(set(names)) != len(names):
         raise VsinkError(f"--mitigation: give distinct names, got {args.mitigation!r}")
     settings = _mitigation_settings(args, names)
-    resolved = {name: make_settings(name, settings[name], args.protocol) for name in names}  # fail before loading
+    resolved = {name: make_mitigations(name, settings[name], args.protocol) for name in names}  # fail before loading
     if args.batch_size < 1:
         raise VsinkError(f"--batch-size must be >= 1, got {args.batch_size}")
     lvlm = load_lvlm_for(args)
     protocol = {**protocol, "model": args.model, "settings": settings, "mitigation_protocol": args.protocol,
-                "resolved_settings": {name: dataclasses.asdict(cfg) if cfg else None for name, cfg in resolved.items()}}
+                "resolved_settings": {name: _resolved(mits) for name, mits in resolved.items()}}
     scores, skipped = {}, {}
     for name in names:
         rows, skipped[name] = hal.run_items(
@@ -170,6 +178,13 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
                              f"{skipped[name][0]['reason'] if skipped[name] else 'none'})")
         scores[name] = score(rows)
     return _report(hal.save_results(out, kind, protocol, scores, skipped))
+
+
+def _resolved(mitigations: list) -> Optional[dict[str, Any]]:
+    """Settings as used: one mitigation's dict, several keyed by name, None for none."""
+    if len(mitigations) == 1:
+        return mitigations[0].settings_dict()
+    return {m.name: m.settings_dict() for m in mitigations} or None
 
 
 def _report(paths: dict[str, Path]) -> int:

@@ -11,7 +11,8 @@ which then gives the mask of every layer from token positions (FastV prunes keys
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -105,8 +106,13 @@ class DecoderModel(SiteModel):
         def routed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                    **kwargs: Any):
+            if self.suspended:
+                original = module.__dict__["_vsink_router"].original
+                return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
+            if self.context is not None:
+                self.context.shapes[layer] = (query.shape[2], key.shape[2])
             mask = self._mask(layer, query, key, attention_mask)
             out = self._attention(layer, query, key, value, scale=scaling, mask=mask)
             return out.transpose(1, 2).contiguous(), None
@@ -126,6 +132,17 @@ class DecoderModel(SiteModel):
             return None
         allowed = torch.ones(q, kv, dtype=torch.bool, device=query.device).tril(kv - q)
         return additive_mask(allowed, query.dtype, true_means_keep=True)[None, None]
+
+    @contextmanager
+    def bound(self, context: "DecodeContext") -> Iterator["DecodeContext"]:
+        """Take every routed layer's mask and positions from ``context`` (one generation call)."""
+        if self.context is not None:
+            raise VsinkError(f"{self.spec}: a generation context is bound already")
+        self.context = context
+        try:
+            yield context
+        finally:
+            self.context = None
 
     def describe(self) -> str:
         layout = self._layout.describe() if self._layout is not None else "no prompt yet"

@@ -18,6 +18,9 @@ from ..errors import ModelSpecError, VsinkError
 from ..layout import ImageSpans
 
 SUPPORTED_LVLM = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+#: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025), by name fragment
+KNOWN_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743],
+                   "vsink/demo-llava": [37, 611]}  # the demo's planted dims (vsink.data.demo_llava.SINK_DIMS)
 MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")  # 3-row M-RoPE positions, image grid from image_grid_thw
 
 
@@ -42,6 +45,7 @@ class LVLM:
         self.text_config = model.config.get_text_config()
         self.layers = self._find_layers()
         self._vision: Optional[Any] = None
+        self._decoder: Optional[Any] = None
 
     # --- structure ----------------------------------------------------------------------
     def _find_layers(self) -> list[nn.Module]:
@@ -77,6 +81,13 @@ class LVLM:
             if getattr(cfg, name, None) is not None:
                 return int(getattr(cfg, name))
         raise VsinkError(f"{self.spec}: the config names no image token id")
+
+    @property
+    def cache_argument(self) -> str:
+        """The model's KV-cache keyword: ``cache`` (transformers 5) or ``past_key_values`` (4.x)."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +126,34 @@ class LVLM:
                 raise VsinkError(f"{self.spec}: its vision tower ({self.model_type}) is not a supported vision backbone")
             self._vision = HFVisionBackbone(tower, f"{self.spec}#vision_tower")
         return self._vision
+
+    def known_sink_dims(self) -> Optional[list[int]]:
+        """The sink dimensions of this model if it is a known one (by its name), else None."""
+        name = str(getattr(self.model.config, "_name_or_path", "")).lower()
+        for key, dims in KNOWN_SINK_DIMS.items():
+            if key in name:
+                return list(dims)
+        return None
+
+    def sink_dimensions(self, given: Optional[Sequence[int]] = None) -> list[int]:
+        """``given``, else the known dimensions of this model, else a clear error."""
+        dims = list(given) if given else self.known_sink_dims()
+        if not dims:
+            raise VsinkError(f"{self.spec}: no sink dimensions known for this model; run "
+                             "'vsink lvlm calibrate' and pass them (--set sink_dims=[...] or a calibration JSON)")
+        bad = [d for d in dims if not 0 <= int(d) < self.hidden_size]
+        if bad:
+            raise VsinkError(f"sink dimensions {bad} outside the hidden size {self.hidden_size}")
+        return [int(d) for d in dims]
+
+    def decoder(self):
+        """The language model as a :class:`~vsink.backbones.hf_decoder.DecoderModel` (one object
+        per LVLM: its sites and routes are shared by everything that uses the decoder)."""
+        from .hf_decoder import DecoderModel
+
+        if self._decoder is None:
+            self._decoder = DecoderModel(self)
+        return self._decoder
 
     def tower_patches_are_image_tokens(self, layout: Any) -> bool:
         """Whether the tower's patch tokens reach the language model one to one, in order, as the

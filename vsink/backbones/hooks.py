@@ -32,6 +32,12 @@ def hook_tensor(module: nn.Module, when: str, fn: Callable[[torch.Tensor], torch
     module.register_forward_hook(post)
 
 
+def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a layer's forward pre-hook receives (first positional argument, or the
+    ``hidden_states`` keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 class HookSet:
     """A context manager owning site handles (``backbone.hook(...)`` results): subclasses add
     them in ``_install()``; they are always removed on exit, also when installing fails part-way."""

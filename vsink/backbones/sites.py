@@ -30,7 +30,8 @@ attention (:mod:`vsink.attention`) for as long as a function is installed there.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -75,6 +76,8 @@ class SiteModel(ABC):
         self.spec = spec
         self.attention_chunk_size: Optional[int] = None
         self.edits: list[str] = []
+        #: while True, site functions are not called and routed layers run their original attention
+        self.suspended = False
         self._attn_fns: dict[int, dict[str, list[Any]]] = {}
         self._attn_undo: dict[int, Callable[[], None]] = {}
 
@@ -122,6 +125,16 @@ class SiteModel(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @contextmanager
+    def suspend(self) -> Iterator[None]:
+        """Run the model without any site function or routed attention (the original model), e.g.
+        for PAI's text-only branch inside a mitigated generation."""
+        previous, self.suspended = self.suspended, True
+        try:
+            yield
+        finally:
+            self.suspended = previous
+
     def mlp_width(self, layer: int) -> int:
         """Number of MLP hidden units (``mlp_hidden`` channels) of a block."""
         return int(self._mlp_out_proj(layer).in_features)
@@ -154,6 +167,8 @@ class SiteModel(ABC):
 
     def _block_hook(self, fn: SiteFn):
         def hook(module, args, output):
+            if self.suspended:
+                return None
             tensor = output[0] if isinstance(output, tuple) else output
             new = fn(self._to_bnc(tensor))
             if new is None:
@@ -165,6 +180,8 @@ class SiteModel(ABC):
 
     def _input_hook(self, fn: SiteFn):
         def hook(module, args, kwargs):
+            if self.suspended:
+                return None
             tensor = args[0] if args else kwargs["hidden_states"]
             new = fn(self._to_bnc(tensor))
             if new is None:
@@ -176,6 +193,8 @@ class SiteModel(ABC):
 
     def _mlp_hook(self, fn: SiteFn):
         def hook(module, args):
+            if self.suspended:
+                return None
             new = fn(self._to_bnc(args[0]))
             if new is None:
                 return None

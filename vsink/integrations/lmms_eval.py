@@ -53,7 +53,8 @@ class VsinkLVLM(lmms):
                  batch_size: Any = 1, protocol: str = "paper", **kwargs: Any):
         super().__init__()
         from ..backbones.registry import resolve_dtype
-        from ..lvlm import load_lvlm, make_settings
+        from ..lvlm import load_lvlm
+        from ..mitigate import make_mitigations
         from ..lvlm.sinks import Calibration
 
         self.mitigation, self.protocol = mitigation, protocol
@@ -63,7 +64,7 @@ class VsinkLVLM(lmms):
             raise VsinkError(f"unknown model_args {unknown}; mitigation settings are passed as set_<name>=<value>")
         if sinks:
             self.settings.setdefault("sink_dims", Calibration.load(sinks).sink_dims)
-        make_settings(mitigation, self.settings, protocol)
+        make_mitigations(mitigation, self.settings, protocol)
         self.max_new_tokens = int(max_new_tokens)
         self.lvlm = load_lvlm(str(pretrained), device=device, dtype=resolve_dtype(dtype),
                               trust_remote_code=_flag(trust_remote_code))

@@ -4,7 +4,7 @@ One forward pass per batch of (image, prompt) rows observes two site models at o
 tower (a :class:`~vsink.backbones.base.Backbone`) and the decoder
 (:class:`~vsink.backbones.hf_decoder.DecoderModel`) — with the same :class:`~vsink.probe.Probe`
 and detectors as a vision scan, plus φ on the decoder layers' inputs (VAR's visual-sink score,
-:func:`vsink.lvlm.sinks.rms_phi`). The result has the tower's scan in the vision schema and an
+:func:`vsink.detect.visual_sinks.rms_phi`). The result has the tower's scan in the vision schema and an
 ``lvlm`` section per decoder layer:
 
 * ``bos_share``: attention received by the first token (BOS), mean over heads, queries and rows;
@@ -42,7 +42,7 @@ from ..io import write_json, write_text
 from ..layout import PromptLayout
 from ..probe import Probe, Rows, Trace
 from ..scan import MASSIVE_TOP_K, NothingScanned, ScanResult, result_of_trace
-from .sinks import rms_phi, sink_dimensions
+from ..detect.visual_sinks import rms_phi
 
 #: visual sink tokens listed per image and layer in scan.json (the full φ array is in trace.npz)
 MAX_SINK_TOKENS = 256
@@ -191,7 +191,7 @@ def scan_lvlm(
         raise VsinkError("no images given")
     if not prompt or not prompt.strip():
         raise VsinkError("--prompt is empty; an LVLM scan needs the prompt the images are asked with")
-    decoder = DecoderModel(lvlm)
+    decoder = lvlm.decoder()
     try:
         tower = lvlm.vision_backbone()
     except VsinkError:
@@ -260,10 +260,10 @@ def _strongest_per_dim(found: list[MassiveActivation]) -> list[dict[str, Any]]:
 
 
 def _sink_dims(lvlm: LVLM, inputs: dict[str, Any], given: Optional[Sequence[int]]) -> tuple[list[int], str]:
-    from .sinks import calibrate, known_sink_dims
+    from .sinks import calibrate
 
     if given:
-        return sink_dimensions(lvlm, given), "given"
-    if known_sink_dims(lvlm):
-        return sink_dimensions(lvlm), "known"
+        return lvlm.sink_dimensions(given), "given"
+    if lvlm.known_sink_dims():
+        return lvlm.sink_dimensions(), "known"
     return calibrate(lvlm, [inputs]).sink_dims, "calibrated"

@@ -1,5 +1,6 @@
-"""Visual sink tokens: φ = |h / rms(h)| on decoder-layer inputs, the model's sink dimensions
-(known values for known models, or calibrated), and detection."""
+"""Visual sink tokens: calibrating a model's sink dimensions and detecting sinks on a prompt.
+φ itself is :func:`vsink.detect.visual_sinks.rms_phi`; known dimensions come from the adapter
+(:meth:`~vsink.backbones.hf_lvlm.LVLM.sink_dimensions`)."""
 
 from __future__ import annotations
 
@@ -12,51 +13,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..backbones.hf_lvlm import LVLM
+from ..backbones.hooks import hidden_states_arg
+from ..detect.visual_sinks import rms_phi, sink_flags
 from ..errors import VsinkError
 from ..io import write_json
 
-def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a decoder layer's forward pre-hook receives."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def sink_flags(h: torch.Tensor, dims: list[int], tau: float) -> torch.Tensor:
-    """Sink tokens [B, N] of hidden states [B, N, D]: max over ``dims`` of φ > ``tau``."""
-    return rms_phi(h, dims).amax(-1) > tau
-
-
-def rms_phi(h: torch.Tensor, dims: Optional[list[int]] = None) -> torch.Tensor:
-    """φ = |h / sqrt(mean(h²) + 1e-6)| per token (RMS-normalised, no weight), on ``dims`` only
-    when given."""
-    h = h.float()
-    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return ((h if dims is None else h[..., dims]) * inv).abs()
-
-
-#: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025)
-KNOWN_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743],
-                   "vsink/demo-llava": [37, 611]}  # the demo's planted dims (vsink.data.demo_llava.SINK_DIMS)
-
-
-def known_sink_dims(lvlm: LVLM) -> Optional[list[int]]:
-    name = str(getattr(lvlm.model.config, "_name_or_path", "")).lower()
-    for key, dims in KNOWN_SINK_DIMS.items():
-        if key in name:
-            return list(dims)
-    return None
-
-
-def sink_dimensions(lvlm: LVLM, given: Optional[Sequence[int]] = None) -> list[int]:
-    """``given``, else the known dimensions of this model, else a clear error."""
-    dims = list(given) if given else known_sink_dims(lvlm)
-    if not dims:
-        raise VsinkError(f"{lvlm.spec}: no sink dimensions known for this model; run "
-                         "'vsink lvlm calibrate' and pass them (--set sink_dims=[...] or a calibration JSON)")
-    bad = [d for d in dims if not 0 <= d < lvlm.hidden_size]
-    if bad:
-        raise VsinkError(f"sink dimensions {bad} outside the hidden size {lvlm.hidden_size}")
-    return [int(d) for d in dims]
-
+__all__ = ["Calibration", "calibrate", "detect_sinks"]
 
 @dataclass
 class Calibration:

@@ -1,0 +1,132 @@
+"""Mitigations as composable objects on the shared sites (demo LVLM and tiny LLaVA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vsink.backbones.hf_lvlm import load_lvlm
+from vsink.data import demo_llava as DL
+from vsink.data.demo_lvlm import build_tiny_llava
+from vsink.errors import VsinkError
+from vsink.lvlm import LVLM, MitigationWarning, generate
+from vsink.mitigate import REGISTRY, make_mitigations
+from vsink.registers import find_register_neurons
+from conftest import PHOTOS, skimage_photo
+
+PROMPT = "describe the image"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_lvlm("demo-llava")
+
+
+@pytest.fixture(scope="module")
+def inputs(demo):
+    return demo.prepare([skimage_photo(name).image for name in PHOTOS[:2]], [PROMPT] * 2)
+
+
+@pytest.fixture(scope="module")
+def tower_neurons(demo, tmp_path_factory):
+    spec = find_register_neurons(demo.vision_backbone(), [skimage_photo(n) for n in PHOTOS], top_k=2, progress=False)
+    assert {(n.layer, n.neuron) for n in spec.neurons} == {(DL.TOWER_PLANTED_BLOCK, n) for n in DL.TOWER_NEURONS}
+    return spec.save(tmp_path_factory.mktemp("ttr") / "neurons.json")
+
+
+def _ttr_by_hand(lvlm):
+    """Test-time registers written with plain torch hooks (independent of vsink): one zero token
+    appended to the tower's sequence entering block 0; at the planted block, each register
+    neuron's signed value of largest magnitude over the sample's tokens moves to that token and
+    the neuron is zeroed on the patches (the class token keeps its value); the tower's outputs drop
+    the appended token again."""
+    tower = lvlm.model.model.vision_tower
+    owner = getattr(tower, "vision_model", tower)
+    neurons = list(DL.TOWER_NEURONS)
+
+    def append(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h = torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], dim=1)
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    def move(module, args):
+        a = args[0].clone()
+        values = a[:, :, neurons]  # [B, N + 1, k]
+        hi, lo = values.amax(dim=1), values.amin(dim=1)
+        signed = torch.where(hi.abs() >= lo.abs(), hi, lo)  # equal magnitudes: the first (max) wins ties here
+        a[:, 1:-1, neurons] = 0.0
+        a[:, -1, neurons] = signed
+        return (a, *args[1:])
+
+    def strip(module, args, output):
+        n = output.last_hidden_state.shape[1]
+        output.last_hidden_state = output.last_hidden_state[:, :-1]
+        output.hidden_states = tuple(h[:, :-1] if h is not None and h.shape[1] == n else h
+                                     for h in output.hidden_states)
+        return output
+
+    return [owner.encoder.layers[0].register_forward_pre_hook(append, with_kwargs=True),
+            owner.encoder.layers[DL.TOWER_PLANTED_BLOCK].mlp.fc2.register_forward_pre_hook(move),
+            tower.register_forward_hook(strip)]
+
+
+def test_ttr_plus_var_equals_each_edit_applied_by_hand(demo, inputs, tower_neurons):
+    composed = generate(demo, inputs, mitigation="ttr+var", settings={"ttr.neurons": str(tower_neurons)},
+                        max_new_tokens=3, capture_attention=True)
+    handles = _ttr_by_hand(demo)
+    try:
+        by_hand = generate(demo, inputs, mitigation="var", max_new_tokens=3, capture_attention=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(composed.new_tokens, by_hand.new_tokens)
+    torch.testing.assert_close(composed.attention, by_hand.attention, atol=1e-5, rtol=0, equal_nan=True)
+    plain_var = generate(demo, inputs, mitigation="var", max_new_tokens=3, capture_attention=True)
+    assert not torch.allclose(plain_var.attention, composed.attention, equal_nan=True)  # TTR changed the LLM's input
+    assert composed.mitigation == "ttr+var" and set(composed.settings) == {"ttr", "var"}
+    ttr_report = composed.report[0]
+    assert ttr_report["mitigation"] == "ttr" and ttr_report["layers"] == [
+        {"layer": DL.TOWER_PLANTED_BLOCK, "neurons_moved": len(DL.TOWER_NEURONS)}]
+
+
+def test_reports_say_what_each_mitigation_did(demo, inputs):
+    fastv = generate(demo, inputs, mitigation="fastv", settings={"k": 2, "ratio": 0.25}, max_new_tokens=2)
+    n_image = demo.image_spans(inputs["input_ids"]).counts()[0]
+    pruned = round(0.25 * n_image)  # paper protocol: n − round(nR) kept
+    assert fastv.report[0]["layers"] == [{"layer": 2, "tokens_pruned": 2 * pruned}]  # two rows, pruned once
+    pai = generate(demo, inputs, mitigation="pai", settings={"start_layer": 1, "end_layer": 3}, max_new_tokens=2)
+    heads = demo.text_config.num_attention_heads
+    # the last query row of each of 2 rows and 8 heads, in layers 1 and 2, at each of 2 forward passes
+    assert pai.report[0]["layers"] == [{"layer": 1, "rows_amplified": 2 * 2 * heads},
+                                       {"layer": 2, "rows_amplified": 2 * 2 * heads}]
+    var = generate(demo, inputs, mitigation="var", max_new_tokens=2)
+    rows = {row["layer"]: row for row in var.report[0]["layers"]}
+    assert set(rows) <= set(range(2, demo.num_layers)) and all(r["rows_edited"] > 0 for r in rows.values())
+    assert var.report[0]["edited"] and var.warnings == []
+
+
+def test_a_mitigation_that_edits_nothing_warns(demo, inputs):
+    with pytest.warns(MitigationWarning, match="var edited nothing"):
+        result = generate(demo, inputs, mitigation="var", settings={"tau": 1000.0}, max_new_tokens=1)
+    assert result.report[0]["edited"] is False and result.warnings[0].startswith("var edited nothing")
+
+
+def test_composition_names_and_settings():
+    assert sorted(REGISTRY) == ["fastv", "pai", "ttr", "var"]
+    mits = make_mitigations("pai+fastv", {"pai.alpha": 0.5, "fastv": {"k": 3}}, "paper")
+    assert [m.name for m in mits] == ["pai", "fastv"] and mits[0].settings.alpha == 0.5 and mits[1].settings.k == 3
+    with pytest.raises(VsinkError, match="with several mitigations name one"):
+        make_mitigations("pai+fastv", {"alpha": 0.5})
+    with pytest.raises(VsinkError, match="names one mitigation twice"):
+        make_mitigations("var+var")
+    with pytest.raises(VsinkError, match="unknown mitigation 'vcd'"):
+        make_mitigations("var+vcd")
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    inputs = lvlm.prepare([Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))], ["is there a cat ?"])
+    with pytest.raises(VsinkError, match="ttr: set neurons=PATH"):
+        generate(lvlm, inputs, mitigation="ttr")

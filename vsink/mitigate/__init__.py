@@ -1,0 +1,60 @@
+"""Mitigations as composable edits on the shared sites: test-time registers (vision tower), VAR,
+PAI (attention plus guidance), FastV. See :mod:`vsink.mitigate.base` for how to add one."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+from ..errors import VsinkError
+from .base import PROTOCOLS, REGISTRY, Mitigation, Run, check_protocol, register
+from .fastv import FastV, FastVSettings
+from .pai import PAI, GuidanceProcessor, PAISettings
+from .ttr import TTR, TTRSettings
+from .var import VAR, VARSettings, redistribute, redistribution
+
+__all__ = ["FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
+           "Run", "TTR", "TTRSettings", "VAR", "VARSettings", "check_protocol", "make_mitigations", "mitigation_names",
+           "redistribute", "redistribution", "register"]
+
+
+def mitigation_names(spec: Union[str, Sequence[str]]) -> list[str]:
+    """``"none"`` → ``[]``; ``"ttr+var"`` → ``["ttr", "var"]`` (known, distinct names)."""
+    names = [n.strip() for n in spec.split("+")] if isinstance(spec, str) else [str(n) for n in spec]
+    names = [n for n in names if n and n != "none"]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise VsinkError(f"unknown mitigation {unknown[0]!r}; choose none or a '+'-joined combination of "
+                         f"{', '.join(sorted(REGISTRY))}")
+    if len(set(names)) != len(names):
+        raise VsinkError(f"mitigation {spec!r} names one mitigation twice")
+    return names
+
+
+def make_mitigations(spec: Union[str, Sequence[str]], settings: Optional[dict[str, Any]] = None,
+                     protocol: str = "paper") -> list[Mitigation]:
+    """The mitigations of ``spec`` with their settings.
+
+    ``settings``: for one mitigation its settings (``{"p": 0.5}``), or per mitigation
+    (``{"var": {"p": 0.5}, "ttr": {"neurons": "n.json"}}``), or dotted keys (``{"var.p": 0.5}``).
+    ``protocol``: ``"paper"`` or ``"official"`` (the released scripts' behaviour and defaults)."""
+    check_protocol(protocol)
+    names = mitigation_names(spec)
+    per = _per_mitigation(names, dict(settings or {}))
+    return [REGISTRY[name].from_values(per.get(name), protocol) for name in names]
+
+
+def _per_mitigation(names: list[str], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    per: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        if key in names and isinstance(value, dict):
+            per.setdefault(key, {}).update(value)
+        elif "." in key and key.split(".", 1)[0] in names:
+            name, field = key.split(".", 1)
+            per.setdefault(name, {})[field] = value
+        elif len(names) == 1:
+            per.setdefault(names[0], {})[key] = value
+        elif not names:
+            raise VsinkError(f"mitigation 'none' takes no settings, got {sorted(settings)}")
+        else:
+            raise VsinkError(f"setting {key!r}: with several mitigations name one, e.g. {names[0]}.{key}")
+    return per

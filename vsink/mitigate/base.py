@@ -1,0 +1,156 @@
+"""What a mitigation is: an edit on the shared sites of an LVLM's decoder (and its vision tower),
+installed for one generation call and removed after it, that reports what it did per layer.
+
+A mitigation is one class in one file of this package, registered with :func:`register`::
+
+    @register
+    class MyMitigation(Mitigation):
+        name = "mine"
+        settings_class = MySettings          # a dataclass; ``protocol`` optional
+
+        def _install(self, run, handles):    # add site handles (decoder.hook(...)) to ``handles``
+            ...
+            self.count(layer, rows_edited=n)  # what it did, per layer
+
+Mitigations compose: ``generate(..., mitigation="ttr+var")`` installs each in turn on the same
+sites; attention edits stack in installation order (logit edits before the softmax, probability
+edits after it), as on the vision side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+
+import torch
+
+from ..backbones.hooks import HookSet
+from ..errors import VsinkError
+
+if TYPE_CHECKING:
+    from ..backbones.hf_decoder import DecoderModel
+    from ..backbones.hf_lvlm import LVLM
+    from ..lvlm.context import DecodeContext
+
+#: ``paper``: the methods as the papers describe them (vsink's default); ``official``: as the
+#: authors' released scripts run them (docs/fidelity.md)
+PROTOCOLS = ("paper", "official")
+
+REGISTRY: dict[str, type["Mitigation"]] = {}
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it is one of :data:`PROTOCOLS`, else a one-line :class:`VsinkError`."""
+    if protocol not in PROTOCOLS:
+        raise VsinkError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    return protocol
+
+
+def register(cls: type["Mitigation"]) -> type["Mitigation"]:
+    """Class decorator: make a mitigation available by its ``name``."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise VsinkError(f"a mitigation named {cls.name!r} is registered already")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Run:
+    """What a mitigation sees of one generation call."""
+
+    lvlm: "LVLM"
+    decoder: "DecoderModel"
+    context: "DecodeContext"
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class Mitigation(ABC):
+    """A mitigation with its settings (see the module docstring)."""
+
+    name: ClassVar[str]
+    settings_class: ClassVar[type]
+    #: where it edits: ``"decoder"`` or ``"vision"``
+    target: ClassVar[str] = "decoder"
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self.stats: dict[int, dict[str, float]] = {}
+
+    @classmethod
+    def from_values(cls, values: Optional[dict[str, Any]] = None, protocol: str = "paper") -> "Mitigation":
+        """The mitigation with ``values`` (e.g. from ``--set``) over its defaults; under the
+        ``official`` protocol the released scripts' defaults (``OFFICIAL_DEFAULTS``) come first."""
+        check_protocol(protocol)
+        values = dict(values or {})
+        if "protocol" in values:
+            raise VsinkError(f"{cls.name}: the protocol is not a setting; pass protocol= (CLI: --protocol)")
+        names = {f.name for f in dataclasses.fields(cls.settings_class)} - {"protocol"}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise VsinkError(f"{cls.name}: unknown setting(s) {unknown}; settings are {sorted(names)}")
+        has_protocol = "protocol" in {f.name for f in dataclasses.fields(cls.settings_class)}
+        defaults = getattr(cls.settings_class, "OFFICIAL_DEFAULTS", {}) if protocol == "official" else {}
+        extra = {"protocol": protocol} if has_protocol else {}
+        return cls(cls.settings_class(**{**defaults, **values, **extra}))
+
+    def settings_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.settings)
+
+    # --- installation ---------------------------------------------------------------------
+    def installed(self, run: Run) -> HookSet:
+        """A context manager that installs the mitigation for ``run`` and removes it on exit."""
+        self.stats = {}
+        return _Installed(lambda handles: self._install(run, handles))
+
+    @abstractmethod
+    def _install(self, run: Run, handles: list) -> None:
+        """Install site functions and hooks for ``run``; append every handle to ``handles``."""
+
+    def logits_processors(self, run: Run) -> list:
+        """``LogitsProcessor``\\ s the mitigation adds to ``generate`` (default none)."""
+        return []
+
+    # --- what it did ------------------------------------------------------------------------
+    def count(self, layer: int, **amounts: float) -> None:
+        """Add to this call's per-layer record (e.g. ``rows_edited=12, mass_moved=0.8``)."""
+        row = self.stats.setdefault(int(layer), {})
+        for key, value in amounts.items():
+            row[key] = row.get(key, 0.0) + float(value)
+
+    def edited(self) -> bool:
+        """Whether the mitigation changed anything in this call."""
+        return any(v > 0 for row in self.stats.values() for v in row.values())
+
+    def report(self) -> dict[str, Any]:
+        """``{"mitigation", "settings", "edited", "layers": [{"layer", ...amounts}]}``."""
+        return {"mitigation": self.name, "settings": self.settings_dict(), "edited": self.edited(),
+                "layers": [{"layer": layer, **{k: (int(v) if float(v).is_integer() else v) for k, v in row.items()}}
+                           for layer, row in sorted(self.stats.items())]}
+
+    def nothing_edited_hint(self) -> str:
+        """Why a mitigation may have edited nothing (for the warning)."""
+        return "check its settings"
+
+
+class _Installed(HookSet):
+    def __init__(self, install: Callable[[list], None]):
+        super().__init__()
+        self._install_fn = install
+
+    def _install(self) -> None:
+        self._install_fn(self._handles)
+
+
+class Closer:
+    """A handle that runs ``close`` on ``remove()`` (for context-manager edits in a handle list)."""
+
+    def __init__(self, close: Callable[[], Any]):
+        self._close: Optional[Callable[[], Any]] = close
+
+    def remove(self) -> None:
+        if self._close is not None:
+            close, self._close = self._close, None
+            close()
