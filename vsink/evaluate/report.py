@@ -72,7 +72,7 @@ def dense_markdown(result: "DenseResult") -> str:
 
 
 def dense_html(result: "DenseResult") -> str:
-    from ..export.report import STYLE
+    from ..export.html import STYLE
 
     e = html.escape
     header, rows = _rows(result)
