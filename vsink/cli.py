@@ -126,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out/")
     finetune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("models", help="list the supported model spec forms")
+    view = sub.add_parser("view", help="write an interactive viewer (one offline HTML file) of a scan, maps or "
+                                       "attention export",
+                          description="Write one self-contained HTML file to explore the output of 'vsink maps' "
+                                      "(attention rows with --kind full), 'vsink scan' or 'vsink generate "
+                                      "--export-attention': pick an image, block and head, click a patch to see its "
+                                      "attention row, toggle norms; for LVLMs pick a generated word.")
+    view.add_argument("directory", help="output directory of vsink maps, scan or generate --export-attention")
+    view.add_argument("--out", help="HTML file to write (default: DIRECTORY/viewer.html)")
+    view.add_argument("--max-images", type=int, default=8, help="images (or LVLM rows) to include (default 8)")
+    view.add_argument("--layers", help="comma list of exported blocks to include (default: all exported)")
+    view.add_argument("--precision", default="float16",
+                      help="float16 (default: half the size, values to ~3 significant digits) or float32")
     return parser
 
 
@@ -492,10 +504,29 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    from .export.viewer import LARGE_BYTES, write_viewer
+
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(t) for t in _comma(args.layers)]
+        except ValueError:
+            raise VsinkError(f"--layers: expected a comma list of block indices, got {args.layers!r}") from None
+    path = write_viewer(args.directory, args.out, max_images=args.max_images, layers=layers, precision=args.precision)
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 2**20:.1f} MiB; open it in a browser, no server needed)")
+    if size > LARGE_BYTES:
+        print("vsink: the viewer is large; fewer --max-images or --layers, or --precision float16, make it smaller",
+              file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
-                "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models}
+                "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
+                "view": _cmd_view}
     try:
         return handlers[args.command](args)
     except VsinkError as e:
