@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     apply = reg_sub.add_parser("apply", help="scan with and without test-time registers and compare",
                                description="Scan the images without and with test-time registers from a neuron "
-                                           "spec: DIR/before and DIR/after hold scan.json and report.html.")
+                                           "spec: DIR/before and DIR/after hold scan.json and report.html, "
+                                           "DIR/compare.html shows both side by side.")
     _add_common_args(apply)
     apply.add_argument("--neurons", required=True, help="neurons.json from 'vsink registers find'")
     apply.add_argument("--out", default="vsink-registers", help="output directory (default: vsink-registers)")
@@ -328,20 +329,29 @@ def _cmd_registers(args: argparse.Namespace) -> int:
             print(f"  block {n.layer:>2} neuron {n.neuron:>5}  score {n.score:.4g}")
         print(f"wrote {args.out}")
         return 0
+    from .export.compare import MAX_IMAGES, pca_layers, render_scan_comparison
+    from .export.pca import patch_features
+    from .io import write_text
+
     ttr = _ttr(args, args.neurons)
     out = Path(args.out)
     kwargs = dict(batch_size=args.batch_size, img_size=args.img_size, progress=not args.no_progress)
     before = scan(backbone, images, **kwargs)
     before.save(out / "before")
+    shown, blocks = before.thumbnails[:MAX_IMAGES], pca_layers(before)
+    pca = {"before": patch_features(backbone, shown, blocks, before.input_size)}
     with ttr.applied(backbone):
         after = scan(backbone, images, **kwargs)
+        pca["after"] = patch_features(backbone, shown, blocks, before.input_size)
     after.save(out / "after")
+    compare = write_text(out / "compare.html", render_scan_comparison(
+        {"before": before, "after": after}, f"vsink registers apply — {backbone.spec}", pca, shown))
     for label, r in (("before", before), ("after", after)):
         hn = r.high_norm
         regs = [a["register_received"] for a in r.attention]
         print(f"{label:>6}: emergence layer {hn.emergence_layer}, {len(hn.outliers)} outlier tokens, "
               f"max register share {max(regs):.3f}, max patch-norm ratio {max(l.ratio for l in hn.layers):.2f}")
-    print(f"wrote {out / 'before'} and {out / 'after'}")
+    print(f"wrote {out / 'before'}, {out / 'after'} and {compare} (side by side)")
     return 0
 
 
