@@ -108,7 +108,8 @@ def test_registers_apply_writes_one_side_by_side_report(tmp_path, capsys):
 
 
 def test_finetune_report_has_training_curves_and_both_models(tmp_path):
-    assert main(["finetune", "--config", "configs/posthoc.yaml", "train.steps=3", "train.eval_every=3",
+    config = Path(__file__).parents[1] / "configs" / "posthoc.yaml"
+    assert main(["finetune", "--config", str(config), "train.steps=3", "train.eval_every=3",
                  "data.num_images=8", "data.eval_images=2", f"out={tmp_path}", "--no-progress"]) == 0
     page = Page((tmp_path / "report.html").read_text())
     assert page.section("Training curves")["img"] == 1

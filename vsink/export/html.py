@@ -13,7 +13,7 @@ body{font-family:system-ui,sans-serif;margin:24px;max-width:1280px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2}th.l,td.l{text-align:left}.warn{background:#fff4d6;border:1px solid #e0b000;padding:8px 12px}
 .banner{background:#ffe1e1;border:2px solid #c00;padding:10px 14px;font-weight:600}
-.grid{display:flex;flex-wrap:wrap;gap:8px}.grid img{max-width:380px}code{background:#f4f4f4;padding:1px 4px}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.grid img{max-width:600px}code{background:#f4f4f4;padding:1px 4px}
 img.wide{max-width:100%}.pos{color:#0a7a2a}.neg{color:#b00020}.muted{color:#777}
 mark.halluc{background:#ffb3b3;padding:0 2px}mark.ok{background:#c8f0c8;padding:0 2px}
 td.cap{text-align:left;max-width:760px;font-size:12px}
