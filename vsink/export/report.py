@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-
 from .figures import norm_histogram_png, overlay_png, ratio_curve_png
 from .html import banner, esc, fig, fmt, img, page, table
 from .layer_figures import heatmap_figure, massive_figure, norm_small_multiples_figure, sink_share_by_head
@@ -198,7 +196,3 @@ def render_scan_report(result: "ScanResult") -> str:
             f"<li><code>{esc(s['image'])}</code>: {esc(s['reason'])}</li>" for s in result.skipped) + "</ul>")
     return page(f"vsink scan: {result.model}", parts)
 
-
-def patch_norms(result: "ScanResult", pos: int) -> np.ndarray:
-    """The patch-token norms [images, patches] of layer position ``pos``."""
-    return result.layout.patches(result.trace.norms[pos], dim=1)

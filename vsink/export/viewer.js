@@ -171,6 +171,7 @@
     function refreshLayer() {
       const opts = mapOptions();
       state.map = opts.length ? fill(mapSel, opts, state.map ?? opts[0][0]) : null;
+      if (!opts.length && entry().norm && !state.norm) { state.norm = true; normBox.checked = true; }
       const heads = state.map ? headIds(state.map) : [];
       const options = heads.length === 1 && heads[0] === "mean" ? [["mean", "mean"]]
         : [["mean", "mean"]].concat(heads.map((h) => [h, "head " + h]));
