@@ -28,8 +28,9 @@ LAYER, HEAD = 5, 1
 @pytest.fixture(scope="module")
 def maps_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("maps")
-    export_maps(vsink.load("demo"), demo_images(), out, kinds=["full", "norm", "cls"], layers=[2, LAYER],
-                heads="all", formats=["npz"], progress=False)
+    with pytest.warns(UserWarning, match="kind 'full' writes about"):
+        export_maps(vsink.load("demo"), demo_images(), out, kinds=["full", "norm", "cls"], layers=[2, LAYER],
+                    heads="all", formats=["npz"], progress=False)
     return out
 
 
@@ -42,8 +43,9 @@ def register_maps(tmp_path_factory):
     from PIL import Image
 
     img = Image.fromarray(rng.integers(0, 255, (42, 42, 3), dtype=np.uint8))
-    export_maps(vsink.wrap(model), [img], out, kinds=["full", "norm"], layers=[1], heads="all", formats=["npz"],
-                progress=False)
+    with pytest.warns(UserWarning, match="kind 'full' writes about"):
+        export_maps(vsink.wrap(model), [img], out, kinds=["full", "norm"], layers=[1], heads="all",
+                    formats=["npz"], progress=False)
     return out
 
 
