@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     apply = reg_sub.add_parser("apply", help="scan with and without test-time registers and compare",
                                description="Scan the images without and with test-time registers from a neuron "
-                                           "spec: DIR/before and DIR/after hold scan.json and report.html.")
+                                           "spec: DIR/before and DIR/after hold scan.json and report.html, "
+                                           "DIR/compare.html shows both side by side.")
     _add_common_args(apply)
     apply.add_argument("--neurons", required=True, help="neurons.json from 'vsink registers find'")
     apply.add_argument("--out", default="vsink-registers", help="output directory (default: vsink-registers)")
@@ -131,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out/")
     finetune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("models", help="list the supported model spec forms")
+    view = sub.add_parser("view", help="write an interactive viewer (one offline HTML file) of a scan, maps or "
+                                       "attention export",
+                          description="Write one self-contained HTML file to explore the output of 'vsink maps' "
+                                      "(attention rows with --kind full), 'vsink scan' or 'vsink generate "
+                                      "--export-attention': pick an image, block and head, click a patch to see its "
+                                      "attention row, toggle norms; for LVLMs pick a generated word.")
+    view.add_argument("directory", help="output directory of vsink maps, scan or generate --export-attention")
+    view.add_argument("--out", help="HTML file to write (default: DIRECTORY/viewer.html)")
+    view.add_argument("--max-images", type=int, default=8, help="images (or LVLM rows) to include (default 8)")
+    view.add_argument("--layers", help="comma list of exported blocks to include (default: all exported)")
+    view.add_argument("--precision", default="float16",
+                      help="float16 (default: half the size, values to ~3 significant digits) or float32")
     return parser
 
 
@@ -376,20 +389,29 @@ def _cmd_registers(args: argparse.Namespace) -> int:
             print(f"  block {n.layer:>2} neuron {n.neuron:>5}  score {n.score:.4g}")
         print(f"wrote {args.out}")
         return 0
+    from .export.compare import MAX_IMAGES, pca_layers, render_scan_comparison
+    from .export.pca import patch_features
+    from .io import write_text
+
     ttr = _ttr(args, args.neurons)
     out = Path(args.out)
     kwargs = dict(batch_size=args.batch_size, img_size=args.img_size, progress=not args.no_progress)
     before = scan(backbone, images, **kwargs)
     before.save(out / "before")
+    shown, blocks = before.thumbnails[:MAX_IMAGES], pca_layers(before)
+    pca = {"before": patch_features(backbone, shown, blocks, before.input_size)}
     with ttr.applied(backbone):
         after = scan(backbone, images, **kwargs)
+        pca["after"] = patch_features(backbone, shown, blocks, before.input_size)
     after.save(out / "after")
+    compare = write_text(out / "compare.html", render_scan_comparison(
+        {"before": before, "after": after}, f"vsink registers apply — {backbone.spec}", pca, shown))
     for label, r in (("before", before), ("after", after)):
         hn = r.high_norm
         regs = [a["register_received"] for a in r.attention]
         print(f"{label:>6}: emergence layer {hn.emergence_layer}, {len(hn.outliers)} outlier tokens, "
               f"max register share {max(regs):.3f}, max patch-norm ratio {max(l.ratio for l in hn.layers):.2f}")
-    print(f"wrote {out / 'before'} and {out / 'after'}")
+    print(f"wrote {out / 'before'}, {out / 'after'} and {compare} (side by side)")
     return 0
 
 
@@ -566,10 +588,29 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    from .export.viewer import LARGE_BYTES, write_viewer
+
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(t) for t in _comma(args.layers)]
+        except ValueError:
+            raise VsinkError(f"--layers: expected a comma list of block indices, got {args.layers!r}") from None
+    path = write_viewer(args.directory, args.out, max_images=args.max_images, layers=layers, precision=args.precision)
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 2**20:.1f} MiB; open it in a browser, no server needed)")
+    if size > LARGE_BYTES:
+        print("vsink: the viewer is large; fewer --max-images or --layers, or --precision float16, make it smaller",
+              file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
-                "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models}
+                "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
+                "view": _cmd_view}
     try:
         return handlers[args.command](args)
     except VsinkError as e:

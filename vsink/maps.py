@@ -190,6 +190,7 @@ def export_maps(
             if writer is not None:
                 for key, arr in maps.arrays.items():
                     writer.add(key, arr)
+                writer.add("image", np.asarray(maps.image.convert("RGB"), dtype=np.uint8))
                 maps.files.append(f"{maps.stem}.npz")
         if "png" in formats:
             maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads)

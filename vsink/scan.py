@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -116,13 +117,16 @@ class ScanResult:
 
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
         """Write ``scan.json``, ``report.html`` and ``trace.npz`` (the trace plus every outlier token,
-        as arrays ``outlier_image``, ``outlier_layer``, ``outlier_token``, ``outlier_norm``) into
-        ``out_dir``, each atomically."""
+        as arrays ``outlier_image``, ``outlier_layer``, ``outlier_token``, ``outlier_norm``, and the
+        report images as ``thumbnails`` uint8 [images, H, W, 3]) into ``out_dir``, each atomically."""
         from .export.report import render_scan_report
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"trace": self.trace.save(out / "trace.npz", extra=self.high_norm.outliers.arrays("outlier"))}
+        extra = self.high_norm.outliers.arrays("outlier")
+        if self.thumbnails:  # the report images, for ``vsink view``
+            extra["thumbnails"] = np.stack([np.asarray(t.convert("RGB"), dtype=np.uint8) for t in self.thumbnails])
+        paths = {"trace": self.trace.save(out / "trace.npz", extra=extra)}
         paths["report"] = write_text(out / "report.html", render_scan_report(self))
         paths["json"] = write_json(out / "scan.json", self.to_json())
         return paths

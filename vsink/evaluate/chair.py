@@ -109,7 +109,7 @@ def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str
         hit += len({c for _, c in found} & gt)
         gt_total += len(gt)
         lengths.append(len(chair_vsink.words(caption)))
-        details.append({"image_id": image_id, "mentioned": [c for _, c in found],
+        details.append({"image_id": image_id, "caption": caption, "mentioned": [c for _, c in found],
                         "hallucinated": [c for _, c in halluc], "mentioned_words": [p for p, _ in found],
                         "hallucinated_words": [p for p, _ in halluc]})
     if not details:

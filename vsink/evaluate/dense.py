@@ -29,7 +29,7 @@ from ..probe import Probe
 from .artifacts import foreground_grid, foreground_share, neighbour_cosine
 from .datasets import IGNORE_INDEX, DatasetError, DenseDataset, DenseSample, Loaded
 from .lost import check_iou_rule, check_ties, is_correct, lost
-from .segmentation import ProbeSettings, evaluate_linear_probe, train_linear_probe
+from .segmentation import ProbeSettings, evaluate_linear_probe, predict, train_linear_probe
 from .variants import Variant
 
 TASKS = ("linear-seg", "lost", "artifacts")
@@ -70,6 +70,23 @@ def _combo_dict(spec: FeatureSpec, bias: float, normalize: bool) -> dict[str, An
     return {"layer": spec.layer, "kind": spec.kind, "bias": bias, "normalize": normalize}
 
 
+#: evaluation images kept for the report's figures
+PREVIEW_IMAGES = 4
+
+
+@dataclass
+class Previews:
+    """The first evaluation images, their ground truth, and each variant's predicted mask and LOST
+    box, for the HTML report (not written to results.json)."""
+
+    ids: list[str] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    masks: list[Optional[np.ndarray]] = field(default_factory=list)
+    boxes: list[Optional[np.ndarray]] = field(default_factory=list)
+    predicted: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    lost: dict[str, list[list[float]]] = field(default_factory=dict)
+
+
 @dataclass
 class DenseResult:
     """Everything :func:`evaluate_dense` measured; ``variants[name][task]`` holds each task's numbers."""
@@ -80,6 +97,7 @@ class DenseResult:
     settings: dict[str, Any]
     variants: dict[str, dict[str, Any]]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    previews: Optional["Previews"] = field(default=None, repr=False)
 
     HEADLINE = (("linear_seg", "miou", "linear-seg mIoU (%)", 100),
                 ("linear_seg", "pixel_accuracy", "linear-seg pixel accuracy (%)", 100),
@@ -216,7 +234,7 @@ def _infer_classes(masks: Sequence[np.ndarray]) -> int:
 def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Optional[DenseDataset], *,
                       tasks: Sequence[str], seg_spec: FeatureSpec, lost_settings: LostSettings,
                       probe_settings: ProbeSettings, num_classes: Optional[int], runner: _Runner,
-                      name: str) -> dict[str, Any]:
+                      name: str, previews: Previews) -> dict[str, Any]:
     combos = lost_settings.combos(backbone.num_layers) if "lost" in tasks else []
     specs = list(dict.fromkeys([seg_spec] + [c[0] for c in combos]))
     timing: dict[str, float] = {}
@@ -249,6 +267,11 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
             result["layout"] = backbone.current_layout().describe()
             for b, (sample, item) in enumerate(zip(batch.samples, batch.loaded)):
                 seg = batch.features[seg_spec][b]
+                if len(previews.ids) < PREVIEW_IMAGES and sample.id not in previews.ids:
+                    previews.ids.append(sample.id)
+                    previews.images.append(item.image)
+                    previews.masks.append(item.mask)
+                    previews.boxes.append(item.boxes)
                 if "linear-seg" in tasks:
                     eval_feats.append(seg.permute(2, 0, 1))
                     eval_masks.append(item.mask)
@@ -280,6 +303,7 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
                           "corloc": sweep[0]["corloc"], "n": n, "sweep": sweep, "best_on_eval_set": best,
                           "images": lost_images}
         timing["lost_s"] = lost_time
+        previews.lost[name] = [row["box"] for row in lost_images[:len(previews.ids)]]
         timing["lost_runs_per_s"] = n * len(combos) / lost_time if lost_time > 0 else None
     if "linear-seg" in tasks and train_feats and eval_feats:
         classes = num_classes or _infer_classes(train_masks + eval_masks)
@@ -288,6 +312,8 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
                                           progress=runner.progress)
         timing["linear_probe_train_s"] = time.perf_counter() - t0
         metrics = evaluate_linear_probe(head, torch.stack(eval_feats), eval_masks, classes)
+        previews.predicted[name] = [predict(head, f, m.shape) for f, m in
+                                    zip(eval_feats[:len(previews.ids)], eval_masks[:len(previews.ids)])]
         result["linear_seg"] = {**metrics.to_dict(), "num_classes": classes, "feature": seg_spec.describe(),
                                 "n_train": len(train_feats), "n_eval": len(eval_feats), "train_loss": losses}
     if probes and cosines:
@@ -381,13 +407,14 @@ def evaluate_dense(
     size = (img_size, img_size) if img_size else backbone.img_size
     skipped: list[dict[str, str]] = []
     out: dict[str, dict[str, Any]] = {}
+    previews = Previews()
     for variant in variants:
         with variant.open(backbone, img_size=img_size, **(load_kwargs or {})) as vb:
             vb.check_input_size(size)
             runner = _Runner(vb, size, batch_size, progress, classes, skipped if not out else [])
             res = _evaluate_variant(vb, eval_set, train_set, tasks=tasks, seg_spec=FeatureSpec(seg_layer),
                                     lost_settings=lost_settings, probe_settings=probe_settings,
-                                    num_classes=classes, runner=runner, name=variant.name)
+                                    num_classes=classes, runner=runner, name=variant.name, previews=previews)
             out[variant.name] = {"description": variant.describe(), "model": vb.spec, **res}
     if not any(k in r for r in out.values() for k in ("linear_seg", "lost", "artifacts")):
         raise VsinkError(f"nothing could be evaluated: {len(skipped)} items skipped "
@@ -405,4 +432,4 @@ def evaluate_dense(
                "train_images": len(train_set) if train_set else None, "num_classes": classes,
                "class_names": eval_set.class_names, "info": eval_set.info}
     return DenseResult(model=backbone.spec, dataset=dataset, tasks=tasks, settings=settings, variants=out,
-                       skipped=skipped)
+                       skipped=skipped, previews=previews)

@@ -8,7 +8,9 @@ rerun reads what is there and runs only the missing items, so an interrupted run
 (a rerun under another mitigation protocol is refused). Images that cannot be read are skipped,
 reported and left for the next run. ``OUT/results.json`` holds the protocol (prompt,
 max_new_tokens, images, seed, parser, settings, mitigation protocol and resolved settings) and
-each mitigation's scores; ``OUT/results.md`` the table with deltas against the first mitigation.
+each mitigation's scores; ``OUT/results.md`` the table with deltas against the first mitigation;
+``OUT/results.html`` the same side by side (POPE per split with the unparseable answers counted,
+CHAIR per caption with the hallucinated words marked).
 For CHAIR the protocol and the report name the vocabulary (``reference`` or ``vsink``) and the
 synonym table used.
 """
@@ -103,12 +105,21 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
     if kind == "chair" and "vocabulary" in protocol:
         md += [f"CHAIR vocabulary: `{protocol['vocabulary']}` (synonyms: {protocol['synonyms']})", ""]
     md += [f"Protocol: `{json.dumps(protocol)}`", "", _table(names, rows)]
+    if kind == "pope":
+        for name, sc in scores.items():
+            bad = {s: m for s, m in sc["splits"].items() if m.get("unparseable")}
+            if bad:
+                md.append(f"{name}: unparseable answers (counted wrong, not yes): "
+                          + ", ".join(f"{s} {m['unparseable']}/{m['n']}" for s, m in bad.items()))
     for name, items in skipped.items():
         if items:
             md.append(f"{name}: {len(items)} items skipped (see results.json)")
     summary = {"kind": kind, "protocol": protocol, "baseline": names[0], "results": scores,
                "skipped": skipped}
-    return {"json": write_json(out / "results.json", summary), "markdown": write_text(out / "results.md", "\n".join(md) + "\n")}
+    from ..export.hallucination_report import hallucination_html
+
+    return {"json": write_json(out / "results.json", summary), "markdown": write_text(out / "results.md", "\n".join(md) + "\n"),
+            "html": write_text(out / "results.html", hallucination_html(summary))}
 
 
 def pope_protocol(prompt: str, max_new_tokens: int, parser: str, seed: int, questions: Sequence[dict[str, Any]],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -71,19 +70,54 @@ def dense_markdown(result: "DenseResult") -> str:
     return "\n".join(parts) + "\n"
 
 
-def dense_html(result: "DenseResult") -> str:
-    from ..export.report import STYLE
+def _artifact_curves(result: "DenseResult") -> list[str]:
+    from ..export.figures import layer_curves_figure
+    from ..export.html import fig
 
-    e = html.escape
+    per = {name: res["artifacts"]["per_layer"] for name, res in result.variants.items() if res.get("artifacts")}
+    if not per:
+        return []
+    outliers = {n: ([r["layer"] for r in rows], [100 * r["outlier_fraction"] for r in rows]) for n, rows in per.items()}
+    ratios = {n: ([r["layer"] for r in rows], [r["norm_ratio"] for r in rows]) for n, rows in per.items()}
+    return ["<h2>Artifacts per block, all variants on one axis</h2><div class='grid'>",
+            fig(layer_curves_figure(outliers, ylabel="outlier patches (%)", title="outlier patches per block",
+                                    floor=0.0), "outliers per block"),
+            fig(layer_curves_figure(ratios, ylabel="max / median patch norm", title="norm ratio per block", floor=1.0),
+                "norm ratio per block"), "</div>"]
+
+
+def dense_html(result: "DenseResult") -> str:
+    """The report page: the headline table with deltas, per-class IoU bars, per-block artifact
+    curves, and the first evaluation images with ground truth, predicted masks and LOST boxes."""
+    from ..export.dense_figures import per_class_iou_figure, previews_figure
+    from ..export.html import banner, esc, fig, inline_markdown, page, table
+    from ..export.report import SYNTHETIC_NOTE
+
     header, rows = _rows(result)
-    table = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
-    for r in rows:
-        table.append("<tr><th style='text-align:left'>" + e(r[0]) + "</th>"
-                     + "".join(f"<td>{e(c)}</td>" for c in r[1:]) + "</tr>")
-    table.append("</table>")
+    body = [f"<h1>vsink dense evaluation — <code>{esc(result.model)}</code></h1>"]
+    if result.model == "demo":
+        body.append(banner(SYNTHETIC_NOTE))
     md = dense_markdown(result).splitlines()
-    notes = [line for line in md if line.startswith(("- ", "  - ", "Dataset:", "**Synthetic"))]
-    body = "".join(f"<p>{e(line.lstrip('- ').replace('**', ''))}</p>" for line in notes)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vsink dense: {e(result.model)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>vsink dense evaluation — <code>{e(result.model)}</code></h1>"
-            + "".join(table) + body + "</body></html>")
+    body += [f"<p>{inline_markdown(line)}</p>" for line in md if line.startswith("Dataset:")]
+    body.append(table([esc(h) for h in header], [[esc(c) for c in r] for r in rows]))
+    lost = _lost_lines(result)
+    if lost:
+        body.append("<h2>LOST</h2><ul>" + "".join(f"<li>{inline_markdown(line.lstrip(' -'))}</li>" for line in lost)
+                    + "</ul>")
+    seg = {name: res["linear_seg"]["per_class_iou"] for name, res in result.variants.items() if res.get("linear_seg")}
+    if seg:
+        body.append("<h2>Per-class IoU</h2>" + fig(per_class_iou_figure(seg, result.dataset.get("class_names")),
+                                                    "per-class IoU", "wide"))
+    body += _artifact_curves(result)
+    pv = result.previews
+    if pv is not None and pv.ids and (pv.predicted or pv.lost):
+        classes = max((res["linear_seg"]["num_classes"] for res in result.variants.values() if res.get("linear_seg")),
+                      default=1)
+        body.append(f"<h2>First {len(pv.ids)} evaluation images</h2>"
+                    + fig(previews_figure(pv, classes), "predictions", "wide"))
+    body.append("<h2>Variants</h2><ul>" + "".join(
+        f"<li><b>{esc(n)}</b>: {inline_markdown(r['description'])}; layout {esc(str(r.get('layout')))}</li>"
+        for n, r in result.variants.items()) + "</ul>")
+    if result.skipped:
+        body.append(banner(f"{len(result.skipped)} items skipped (see results.json)", "warn"))
+    return page(f"vsink dense: {result.model}", body)

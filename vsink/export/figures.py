@@ -1,10 +1,15 @@
-"""Matplotlib figures rendered to PNG bytes (Agg backend, no display needed)."""
+"""Matplotlib figures rendered to PNG bytes (Agg backend, no display needed).
+
+Every value axis goes through :mod:`vsink.export.axes` (log only over a decade or more, full-value
+tick labels, colour bars without offset text). Figures that compare runs take one series per
+run and draw them on one shared axis.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -13,8 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .axes import colorbar, value_axis  # noqa: E402
+
+#: colours of compared runs, in order
+RUN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
 
 def png_bytes(fig) -> bytes:
+    """Render ``fig`` to PNG and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -34,7 +45,7 @@ def overlay_axes(ax, image: Image.Image, grid: np.ndarray, title: str, *, cmap: 
                    vmin=vmin, vmax=vmax)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    colorbar(ax, im)
     return im
 
 
@@ -44,30 +55,60 @@ def overlay_png(image: Image.Image, grid: np.ndarray, title: str, **kwargs) -> b
     return png_bytes(fig)
 
 
-def ratio_curve_png(layers: Sequence[int], ratios: Sequence[float], emergence: Optional[int], title: str) -> bytes:
+def layer_curves_figure(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], *, ylabel: str, title: str,
+                        floor: Optional[float] = None, marks: Optional[Mapping[str, Optional[int]]] = None):
+    """One line per run over blocks on one shared value axis; ``marks``: a dashed vertical line per
+    run (e.g. its emergence layer). Returns the figure."""
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(layers, ratios, marker="o")
-    if emergence is not None:
-        ax.axvline(emergence, color="tab:red", linestyle="--", label=f"emergence (block {emergence})")
-        ax.legend(fontsize=8)
+    values: list[float] = []
+    for (label, (layers, ys)), colour in zip(series.items(), RUN_COLOURS):
+        ax.plot(layers, ys, marker="o", ms=4, color=colour, label=label if len(series) > 1 else None)
+        values += [float(v) for v in ys]
+    for (label, layer), colour in zip((marks or {}).items(), RUN_COLOURS):
+        if layer is not None:
+            ax.axvline(layer, color=colour, linestyle="--", alpha=0.8, label=f"{label} (block {layer})")
+    value_axis(ax, values, floor=floor)
     ax.set_xlabel("block (0-based)")
-    ax.set_ylabel("max / median patch norm")
-    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    return png_bytes(fig)
-
-
-def norm_histogram_png(norms: np.ndarray, threshold: Optional[float], title: str) -> bytes:
-    fig, ax = plt.subplots(figsize=(6, 3))
-    values = norms[norms > 0].ravel()
-    bins = np.logspace(np.log10(values.min()), np.log10(values.max()), 60)
-    ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
-    ax.set_xscale("log")
-    if threshold is not None:
-        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.3g}")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    return fig
+
+
+def ratio_curve_png(layers: Sequence[int], ratios: Sequence[float], emergence: Optional[int], title: str) -> bytes:
+    """max / median patch norm per block (linear unless it spans a decade; 1 always in view)."""
+    marks = {"emergence": emergence} if emergence is not None else None
+    return png_bytes(layer_curves_figure({"ratio": (layers, ratios)}, ylabel="max / median patch norm",
+                                         title=title, floor=1.0, marks=marks))
+
+
+def norm_histogram_figure(norms: Mapping[str, np.ndarray], thresholds: Mapping[str, Optional[float]], title: str):
+    """Patch-norm histograms of one or more runs on shared bins and axes."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    pooled = np.concatenate([np.asarray(v, dtype=float).ravel() for v in norms.values()])
+    pooled = pooled[np.isfinite(pooled) & (pooled > 0)]
+    scale = value_axis(ax, [pooled.min(), pooled.max()], which="x") if pooled.size else "linear"
+    lo, hi = (float(pooled.min()), float(pooled.max())) if pooled.size else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = np.logspace(np.log10(lo), np.log10(hi), 60) if scale == "log" else np.linspace(lo, hi, 60)
+    for (label, values), colour in zip(norms.items(), RUN_COLOURS):
+        v = np.asarray(values, dtype=float).ravel()
+        ax.hist(v[np.isfinite(v) & (v > 0)], bins=bins, color=colour, alpha=0.6 if len(norms) > 1 else 0.8,
+                label=label if len(norms) > 1 else None)
+    for (label, thr), colour in zip(thresholds.items(), RUN_COLOURS):
+        if thr is not None:
+            ax.axvline(thr, color=colour if len(norms) > 1 else "tab:red", linestyle="--",
+                       label=f"{label} threshold {thr:.3g}" if len(norms) > 1 else f"threshold {thr:.3g}")
     ax.set_xlabel("patch-token norm")
     ax.set_ylabel("count")
     ax.set_title(title, fontsize=9)
-    return png_bytes(fig)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def norm_histogram_png(norms: np.ndarray, threshold: Optional[float], title: str) -> bytes:
+    return png_bytes(norm_histogram_figure({"norms": norms}, {"norms": threshold}, title))

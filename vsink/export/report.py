@@ -2,100 +2,197 @@
 
 from __future__ import annotations
 
-import html
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
-from .figures import data_uri, norm_histogram_png, overlay_png, ratio_curve_png
+from .figures import norm_histogram_png, overlay_png, ratio_curve_png
+from .html import banner, esc, fig, fmt, img, page, table
+from .layer_figures import heatmap_figure, massive_figure, norm_small_multiples_figure, sink_share_by_head
 
 if TYPE_CHECKING:
+    from ..detect import AttentionSink
     from ..scan import ScanResult
 
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f2f2f2}.warn{background:#fff4d6;border:1px solid #e0b000;padding:8px 12px}
-.grid{display:flex;flex-wrap:wrap;gap:8px}.grid img{max-width:380px}code{background:#f4f4f4;padding:1px 4px}
-"""
+SYNTHETIC_NOTE = ("**Synthetic demo model.** Its high-norm tokens are planted by construction (see docs/demo.md); "
+                  "the numbers say nothing about any real model.")
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img src="{data_uri(png)}" alt="{html.escape(alt)}">'
+@dataclass
+class SinkGroup:
+    """One token of one image that is a sink in one or more blocks."""
+
+    image: int
+    token: int
+    kind: str
+    row: "int | None"
+    col: "int | None"
+    layers: list[int]
+    peak_layer: int
+    peak_share: float
+    peak_ratio: float
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return html.escape(str(v))
+def group_sinks(sinks: Sequence["AttentionSink"], limit: int = 30, per_image: int = 4) -> tuple[list[SinkGroup], int]:
+    """Sinks grouped by (image, token) over blocks, strongest peak share first, at most
+    ``per_image`` tokens of one image and ``limit`` rows; returns the rows and how many groups
+    were left out."""
+    groups: dict[tuple[int, int], SinkGroup] = {}
+    for s in sinks:
+        g = groups.get((s.image, s.token))
+        if g is None:
+            groups[(s.image, s.token)] = SinkGroup(s.image, s.token, s.kind, s.row, s.col, [s.layer], s.layer,
+                                                   s.share, s.ratio)
+            continue
+        g.layers.append(s.layer)
+        if s.share > g.peak_share:
+            g.peak_layer, g.peak_share, g.peak_ratio = s.layer, s.share, s.ratio
+    ordered = sorted(groups.values(), key=lambda g: -g.peak_share)
+    shown: list[SinkGroup] = []
+    per: dict[int, int] = {}
+    for g in ordered:
+        if len(shown) < limit and per.get(g.image, 0) < per_image:
+            shown.append(g)
+            per[g.image] = per.get(g.image, 0) + 1
+    return shown, len(ordered) - len(shown)
+
+
+def layer_ranges(layers: Sequence[int]) -> str:
+    """``[3, 4, 5, 8]`` → ``"3–5, 8"``."""
+    out: list[str] = []
+    values = sorted(set(layers))
+    start = prev = values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(str(start) if start == prev else f"{start}–{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(out)
+
+
+def sinks_table(result: "ScanResult") -> str:
+    shown, left_out = group_sinks(result.sinks)
+    if not shown:
+        return "<p>No attention sink in any block.</p>"
+    rows = [[esc(result.images[g.image]), str(g.token), g.kind, f"{g.row},{g.col}" if g.row is not None else "—",
+             layer_ranges(g.layers), str(g.peak_layer), f"{g.peak_share:.4f}", f"{g.peak_ratio:.1f}"] for g in shown]
+    note = (f"<p class='muted'>{len(result.sinks)} (image, token, block) entries in {len(shown) + left_out} "
+            f"tokens; shown: the strongest, at most 4 tokens per image"
+            + (f"; {left_out} more tokens in scan.json" if left_out else "") + ".</p>")
+    return table(["image", "token", "kind", "row,col", "sink in blocks", "peak block", "peak share", "× median"],
+                 rows) + note
+
+
+def massive_section(result: "ScanResult") -> list[str]:
+    trace, threshold = result.trace, result.settings.get("massive_ratio", 100.0)
+    if trace.massive_values is None:
+        return []
+    parts = ["<h2>Massive activations</h2>",
+             f"<p>Top |activations| of each block output (Sun et al. 2024); an activation is massive at "
+             f"≥ {threshold:g}× the block output's median |activation|. {len(result.massive)} massive entries.</p>",
+             fig(massive_figure(trace, result.massive, threshold, "all images"), "massive activations", "wide")]
+    by_dim: dict[int, list] = {}
+    for m in result.massive:
+        by_dim.setdefault(m.dim, []).append(m)
+    if by_dim:
+        rows = []
+        for dim, found in sorted(by_dim.items(), key=lambda kv: -max(m.ratio for m in kv[1])):
+            kinds = sorted({m.kind for m in found})
+            rows.append([str(dim), layer_ranges([m.layer for m in found]), ", ".join(kinds),
+                         str(len({(m.image, m.token) for m in found})), f"{max(m.ratio for m in found):.0f}",
+                         f"{max(found, key=lambda m: m.ratio).value:.4g}"])
+        parts.append(table(["dim", "blocks", "token kinds", "(image, token) pairs", "max × median", "value"], rows))
+    return parts
+
+
+def per_head_section(result: "ScanResult") -> list[str]:
+    trace = result.trace
+    if trace.attn_received is None:
+        return []
+    layers = list(trace.layers)
+    share = sink_share_by_head(trace, result.sinks)
+    parts = ["<h2>Per head</h2>",
+             "<p>Left: the attention each head gives to the sinks of its block (mean over queries and images). "
+             "Right: attention entropy per head (nats, mean over queries and images).</p><div class='grid'>",
+             fig(heatmap_figure(share, layers, title="sink share, block × head", label="attention on sinks",
+                                vmin=0.0, vmax=max(float(share.max()), 1e-6)), "sink share per head")]
+    if trace.attn_entropy is not None:
+        parts.append(fig(heatmap_figure(trace.attn_entropy.mean(axis=1), layers, title="attention entropy",
+                                        label="nats", cmap="cividis"), "entropy per head"))
+    parts.append("</div>")
+    return parts
+
+
+def norm_maps_section(result: "ScanResult") -> list[str]:
+    trace, layout = result.trace, result.layout
+    if trace.norms is None or not result.thumbnails:
+        return []
+    parts = ["<h2>Norm maps at every block</h2>",
+             "<p>Patch-token norms, one colour scale per image over all blocks (growth with depth shows); "
+             "class tokens and registers are not on the grid (their norms are in the table above).</p>"]
+    for i, thumb in enumerate(result.thumbnails):
+        grids = {layer: layout.patch_grid(trace.norms[pos, i], dim=0) for pos, layer in enumerate(trace.layers)}
+        parts.append(fig(norm_small_multiples_figure(thumb, grids, result.images[i]), "norm maps", "wide"))
+    return parts
 
 
 def render_scan_report(result: "ScanResult") -> str:
     """Return the report as one HTML string."""
     trace, hn, layout = result.trace, result.high_norm, result.layout
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vsink scan: {e(result.model)}</title>",
-             f"<style>{STYLE}</style></head><body>", f"<h1>vsink scan — <code>{e(result.model)}</code></h1>"]
+    parts = [f"<h1>vsink scan — <code>{esc(result.model)}</code></h1>"]
     if result.synthetic:
-        parts.append("<p class='warn'><b>Synthetic demo model.</b> Its high-norm tokens are planted by "
-                     "construction (see docs/demo.md); the numbers say nothing about any real model.</p>")
-    parts.append(f"<p>Layout: {e(layout.describe())}; input {result.input_size[0]}×{result.input_size[1]}; "
-                 f"{len(result.images)} images scanned, {len(result.skipped)} skipped. "
-                 f"Threshold method: <code>{e(hn.method)}</code>. Emergence layer: "
-                 f"<b>{_fmt(hn.emergence_layer)}</b>. Outlier tokens (all layers): {len(hn.outliers)}. "
-                 f"Sinks: {len(result.sinks)}.</p>")
+        parts.append(banner(SYNTHETIC_NOTE))
+    emergence = (f"first outliers at block <b>{hn.emergence_layer}</b>" if hn.emergence_layer is not None
+                 else "<b>no outlier token in any block</b>")
+    parts.append(f"<p>Layout: {esc(layout.describe())}; input {result.input_size[0]}×{result.input_size[1]}; "
+                 f"{len(result.images)} image{'s' if len(result.images) != 1 else ''} scanned, "
+                 f"{len(result.skipped)} skipped. Threshold method: <code>{esc(hn.method)}</code>; {emergence}. "
+                 f"Outlier tokens (all blocks): {len(hn.outliers)}. Sink entries: {len(result.sinks)}. "
+                 f"Massive activations: {len(result.massive)}.</p>")
     if result.settings.get("edits"):
-        parts.append("<p>Forward edits applied: " + ", ".join(f"<code>{e(x)}</code>" for x in result.settings["edits"])
+        parts.append("<p>Forward edits applied: " + ", ".join(f"<code>{esc(x)}</code>" for x in result.settings["edits"])
                      + ". Appended registers are excluded from the patch statistics and maps.</p>")
 
     layers = [s.index for s in hn.layers]
-    parts.append("<h2>Norm ratio per layer</h2>")
-    parts.append(_img(ratio_curve_png(layers, [s.ratio for s in hn.layers], hn.emergence_layer,
-                                      "max / median patch norm"), "ratio curve"))
+    parts.append("<h2>Norm ratio per block</h2>")
+    parts.append(img(ratio_curve_png(layers, [s.ratio for s in hn.layers], hn.emergence_layer,
+                                     "max / median patch norm"), "ratio curve"))
     focus_pos = layers.index(hn.emergence_layer) if hn.emergence_layer is not None else len(layers) - 1
     focus = hn.layers[focus_pos]
     patch_norms = layout.patches(trace.norms[focus_pos], dim=1)
     parts.append(f"<h2>Patch-norm histogram, block {focus.index}</h2>")
-    parts.append(_img(norm_histogram_png(patch_norms, focus.threshold, f"block {focus.index}"), "histogram"))
+    parts.append(img(norm_histogram_png(patch_norms, focus.threshold, f"block {focus.index}"), "histogram"))
 
-    parts.append("<h2>Layers</h2><table><tr><th>block</th><th>median</th><th>max</th><th>ratio</th>"
-                 "<th>threshold</th><th>outlier %</th><th>cls norm</th><th>max reg norm</th><th>cls recv</th>"
-                 "<th>reg recv</th><th>max patch recv</th><th>entropy</th></tr>")
+    rows = []
     for n, a in zip(hn.layers, result.attention):
-        parts.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in (
-            n.index, n.median, n.max, n.ratio, n.threshold, 100 * n.outlier_fraction, n.cls,
+        rows.append([fmt(v) for v in (
+            n.index, n.median, n.max, n.ratio, n.threshold, n.outliers, 100 * n.outlier_fraction, n.cls,
             max(n.registers) if n.registers else None,
-            a["cls_received"], a["register_received"], a["max_patch_received"], a["entropy"])) + "</tr>")
-    parts.append("</table>")
+            a["cls_received"], a["register_received"], a["max_patch_received"], a["entropy"])])
+    parts.append("<h2>Blocks</h2>" + table(
+        ["block", "median", "max", "ratio", "threshold", "outliers", "outlier %", "cls norm", "max reg norm",
+         "cls recv", "reg recv", "max patch recv", "entropy"], rows, left=0))
 
-    parts.append(f"<h2>Norm maps, block {focus.index}</h2><div class='grid'>")
-    for i, thumb in enumerate(result.thumbnails):
-        grid = layout.patch_grid(trace.norms[focus_pos, i], dim=0)
-        parts.append(_img(overlay_png(thumb, grid, f"{result.images[i]} — norm, block {focus.index}"), "norm map"))
-    parts.append("</div>")
+    parts += massive_section(result)
+    parts += per_head_section(result)
+    parts += norm_maps_section(result)
 
     if trace.attn_received is not None:
         last = list(range(max(0, len(layers) - 2), len(layers)))
-        parts.append("<h2>Attention received (head mean), last layers</h2><div class='grid'>")
+        parts.append("<h2>Attention received (head mean), last blocks</h2><div class='grid'>")
         for i, thumb in enumerate(result.thumbnails):
             for pos in last:
                 share = trace.attn_received[pos, i].mean(axis=0)
                 grid = layout.patch_grid(share, dim=0)
                 prefix = share[layout.non_patch_indices()].sum()
-                parts.append(_img(overlay_png(thumb, grid, f"{result.images[i]} — received, block {layers[pos]}"
-                                              f" (cls+registers: {prefix:.2f})", cmap="viridis"), "received"))
+                parts.append(img(overlay_png(thumb, grid, f"{result.images[i]} — received, block {layers[pos]}"
+                                             f" (cls+registers: {prefix:.2f})", cmap="viridis"), "received"))
         parts.append("</div>")
 
-    parts.append("<h2>Strongest sinks</h2><table><tr><th>image</th><th>block</th><th>token</th><th>kind</th>"
-                 "<th>row,col</th><th>share</th><th>× median</th></tr>")
-    for s in sorted(result.sinks, key=lambda s: -s.share)[:30]:
-        where = f"{s.row},{s.col}" if s.row is not None else "—"
-        parts.append(f"<tr><td>{e(result.images[s.image])}</td><td>{s.layer}</td><td>{s.token}</td>"
-                     f"<td>{s.kind}</td><td>{where}</td><td>{s.share:.4f}</td><td>{s.ratio:.1f}</td></tr>")
-    parts.append("</table>")
+    parts.append("<h2>Strongest sinks</h2>" + sinks_table(result))
     if result.skipped:
         parts.append("<h2>Skipped</h2><ul>" + "".join(
-            f"<li><code>{e(s['image'])}</code>: {e(s['reason'])}</li>" for s in result.skipped) + "</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+            f"<li><code>{esc(s['image'])}</code>: {esc(s['reason'])}</li>" for s in result.skipped) + "</ul>")
+    return page(f"vsink scan: {result.model}", parts)
 

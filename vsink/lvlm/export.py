@@ -2,9 +2,11 @@
 
 For batch row b: ``DIR/row<b>.npz`` with ``attention`` [steps, layers, h, w] (head mean per layer,
 NaN where FastV pruned a token), ``layer_mean`` [steps, h, w] (mean over layers, pruned tokens
-ignored), ``tokens`` [steps] (the generated ids), ``grid`` (h, w), and the run's ``mitigation``,
-``protocol`` and ``settings`` (JSON) as strings; and ``DIR/row<b>/
-step<t>.png`` overlays of ``layer_mean`` on the image. Works for any grid size: LLaVA's square
+ignored), ``tokens`` [steps] (the generated ids), ``words`` (JSON: each generated token decoded
+alone), ``grid`` (h, w), the run's ``mitigation``, ``protocol`` and ``settings`` (JSON) as strings,
+and, when the images are given, ``image`` (uint8 [H, W, 3], longer side at most
+:data:`IMAGE_SIDE`) for ``vsink view``; and ``DIR/row<b>/step<t>.png`` overlays of ``layer_mean``
+on the image, titled with the word. Works for any grid size: LLaVA's square
 patch grid, Qwen2-VL's merged (h, w) grid, or 1 × n when the tokens do not form a rectangle.
 """
 
@@ -22,6 +24,28 @@ from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..io import NpzWriter, atomic_path
 from .generate import GenerationResult
+
+#: longer side of the image stored in each row's npz
+IMAGE_SIDE = 448
+
+
+def token_words(lvlm: LVLM, ids: Sequence[int]) -> list[str]:
+    """Each token id decoded alone (special tokens kept, so an end-of-text token stays visible);
+    ``id N`` without a tokenizer."""
+    tok = getattr(lvlm.processor, "tokenizer", None)
+    if tok is None:
+        return [f"id {int(i)}" for i in ids]
+    return [tok.decode([int(i)]) for i in ids]
+
+
+def stored_image(image: Image.Image) -> np.ndarray:
+    """``image`` as uint8 RGB with its longer side at most :data:`IMAGE_SIDE`."""
+    image = image.convert("RGB")
+    scale = IMAGE_SIDE / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),
+                             Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], out: Union[str, os.PathLike],
@@ -41,10 +65,14 @@ def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any
         with np.errstate(invalid="ignore"):
             layer_mean = np.nanmean(per_layer, axis=1)
         path = out / f"row{b}.npz"
+        words = token_words(lvlm, result.new_tokens[b].tolist())
         with NpzWriter(path) as w:
             w.add("attention", per_layer.astype(np.float32))
             w.add("layer_mean", layer_mean.astype(np.float32))
             w.add("tokens", result.new_tokens[b].cpu().numpy())
+            w.add("words", np.asarray(json.dumps(words)))
+            if images is not None:
+                w.add("image", stored_image(images[b]))
             w.add("grid", np.asarray(grid))
             w.add("mitigation", np.asarray(result.mitigation))
             w.add("protocol", np.asarray(result.protocol))
@@ -54,9 +82,8 @@ def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any
             for t in range(layer_mean.shape[0]):
                 png_path = out / f"row{b}" / f"step{t:03d}.png"
                 png_path.parent.mkdir(parents=True, exist_ok=True)
-                token = int(result.new_tokens[b, t])
                 data = overlay_png(images[b].convert("RGB"), np.nan_to_num(layer_mean[t]),
-                                   f"row {b}, token {t} (id {token}), layer mean")
+                                   f"row {b}, word {t}: {words[t].strip() or repr(words[t])}, layer mean")
                 with atomic_path(png_path) as tmp:
                     tmp.write_bytes(data)
                 written.append(png_path)

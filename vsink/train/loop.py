@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -60,6 +61,14 @@ class TrainTask(ABC):
     @abstractmethod
     def finish(self, directory: Path) -> dict[str, Any]:
         """Save the trained model in its library's format; return a summary."""
+
+    def compared_models(self) -> dict[str, Backbone]:
+        """Models the run's report scans side by side on :meth:`held_out_images` (none by default)."""
+        return {}
+
+    def held_out_images(self) -> list[Image.Image]:
+        """The evaluation images, as the report scans them."""
+        return []
 
 
 def sample_order(num_samples: int, seed: int, positions: Sequence[int]) -> list[int]:

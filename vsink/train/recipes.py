@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 from torch import nn
 
 from ..backbones.base import Backbone
@@ -30,6 +31,7 @@ from ..io import write_json, write_text
 from .data import TrainImages, flips_for, load_training_images, to_input
 from .distributed import init_distributed, shutdown
 from .loop import TrainTask, no_decay_parameters, train
+from .report import finetune_report
 
 
 
@@ -203,6 +205,13 @@ class PosthocTask(TrainTask):
             out["cls_cosine"] = float(_cosine(s_cls, t_cls).mean())
         return out
 
+    def compared_models(self) -> dict[str, Backbone]:
+        label = "teacher (" + ", ".join(self.teacher.edits) + ")" if self.teacher.edits else "original"
+        return {label: self.teacher, "fine-tuned": self.student}
+
+    def held_out_images(self) -> list[Image.Image]:
+        return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in self.images.eval_pixels]
+
     def finish(self, directory: Path) -> dict[str, Any]:
         self.student.save(directory)
         return {"model": str(directory), "registers": self.student.layout().num_registers,
@@ -297,6 +306,7 @@ def run_finetune(cfg: dict[str, Any], *, resume: bool = False, progress: bool = 
         summary["recipe"] = cfg["recipe"]
         if info.main:
             write_json(out / "summary.json", summary)
+            write_text(out / "report.html", finetune_report(out, summary, task))
         return summary
     finally:
         shutdown(info)

@@ -1,0 +1,226 @@
+"""``vsink view``: the payload against the npz it was read from, the page self-contained, and the
+page itself in a real headless Chromium: clicking a patch shows that patch's attention row, with
+the numbers of the npz; norms toggle; registers and class tokens sit apart; LVLM words."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import vsink
+from browser import chrome
+from vsink.cli import main
+from vsink.data.demo_images import demo_images
+from vsink.errors import VsinkError
+from vsink.export.viewer import encode, load_viewer_data, write_viewer
+from vsink.layout import TokenLayout
+from vsink.maps import export_maps
+from conftest import timm_model
+
+LAYER, HEAD = 5, 1
+
+
+@pytest.fixture(scope="module")
+def maps_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("maps")
+    with pytest.warns(UserWarning, match="kind 'full' writes about"):
+        export_maps(vsink.load("demo"), demo_images(), out, kinds=["full", "norm", "cls"], layers=[2, LAYER],
+                    heads="all", formats=["npz"], progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def register_maps(tmp_path_factory):
+    """A model with 2 registers after the class token: 1 cls + 2 reg + 3x3 patches."""
+    out = tmp_path_factory.mktemp("reg")
+    model = timm_model("vit_small_patch14_reg4_dinov2", img_size=42, reg_tokens=2)
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    img = Image.fromarray(rng.integers(0, 255, (42, 42, 3), dtype=np.uint8))
+    with pytest.warns(UserWarning, match="kind 'full' writes about"):
+        export_maps(vsink.wrap(model), [img], out, kinds=["full", "norm"], layers=[1], heads="all",
+                    formats=["npz"], progress=False)
+    return out
+
+
+def decoded(enc) -> np.ndarray:
+    dtype = "<f2" if enc["dtype"] == "f16" else "<f4"
+    import base64
+
+    return np.frombuffer(base64.b64decode(enc["data"]), dtype=dtype).astype(np.float32).reshape(enc["shape"])
+
+
+def test_payload_holds_the_npz_values(maps_dir):
+    payload = load_viewer_data(maps_dir, precision="float32")
+    image = payload["images"][0]
+    with np.load(maps_dir / "china.npz") as d:
+        full, norm, prefix = d[f"full/layer{LAYER}"], d[f"norm/layer{LAYER}"], d[f"norm/layer{LAYER}/prefix"]
+        assert d["image"].dtype == np.uint8 and d["image"].shape == (224, 224, 3)
+    rows = image["layers"][str(LAYER)]["rows"]
+    np.testing.assert_array_equal(decoded(rows["values"]), full)
+    norms = decoded(image["layers"][str(LAYER)]["norm"])
+    np.testing.assert_array_equal(norms[1:], norm.ravel())
+    np.testing.assert_array_equal(norms[:1], prefix)
+    half = decoded(load_viewer_data(maps_dir)["images"][0]["layers"][str(LAYER)]["rows"]["values"])
+    np.testing.assert_allclose(half, full, rtol=1e-3, atol=6e-8)  # float16: ~3 significant digits, 2**-24 steps
+
+
+def test_registers_are_listed_apart_from_the_grid(register_maps):
+    image = load_viewer_data(register_maps)["images"][0]
+    assert image["grid"] == [3, 3] and image["patch_start"] == 3 and image["tokens"] == 12
+    assert [(p["token"], p["kind"], p["label"]) for p in image["prefix"]] == [
+        (0, "cls", "cls"), (1, "register", "reg 0"), (2, "register", "reg 1")]
+
+
+def test_page_is_self_contained(maps_dir, tmp_path):
+    path = write_viewer(maps_dir, tmp_path / "v.html")
+    text = path.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text, re.I)
+    assert "<link" not in text and "import(" not in text and "fetch(" not in text
+    data = re.search(r"<script id='vsink-data' type='application/json'>(.*?)</script>", text, re.S).group(1)
+    assert json.loads(data)["kind"] == "vision"
+
+
+def test_bad_directory_and_layers(tmp_path, maps_dir):
+    with pytest.raises(VsinkError, match="no vsink output to view"):
+        load_viewer_data(tmp_path)
+    with pytest.raises(VsinkError, match=r"block 3 is not in this export \(it has blocks \[2, 5\]\)"):
+        load_viewer_data(maps_dir, layers=[3])
+    assert list(load_viewer_data(maps_dir, layers=[-1])["images"][0]["layers"]) == [str(LAYER)]
+    with pytest.raises(VsinkError, match="precision must be one of"):
+        encode(np.zeros(2), "int8")
+    assert main(["view", str(tmp_path)]) == 2
+
+
+def click_patch(driver, row: int, col: int, grid) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    canvas = driver.find_element(By.ID, "canvas")
+    w, h = canvas.size["width"], canvas.size["height"]
+    x = (col + 0.5) * w / grid[1] - w / 2  # selenium 4: offsets from the element's centre
+    y = (row + 0.5) * h / grid[0] - h / 2
+    ActionChains(driver).move_to_element_with_offset(canvas, int(x), int(y)).click().perform()
+
+
+def shown(driver) -> np.ndarray:
+    return np.asarray(driver.execute_script("return Array.from(window.vsinkViewer.shown)"), dtype=np.float32)
+
+
+def number(text: str) -> float:
+    return float(text.split(":")[-1].strip())
+
+
+def severe(driver) -> list:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+@pytest.mark.parametrize("precision, rtol, atol", [("float32", 1e-6, 1e-12), ("float16", 1e-3, 6e-8)])
+def test_clicking_a_patch_shows_its_attention_row_in_chromium(maps_dir, precision, rtol, atol):
+    """float16 keeps ~3 significant digits, and steps of 2**-24 (6e-8) below 6e-5."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    path = write_viewer(maps_dir, maps_dir / f"viewer-{precision}.html", precision=precision)
+    with np.load(maps_dir / "china.npz") as d:
+        full = d[f"full/layer{LAYER}"]  # [heads, N, N]
+        norm, norm_prefix = d[f"norm/layer{LAYER}"], d[f"norm/layer{LAYER}/prefix"]
+    layout = TokenLayout(1, 0, (14, 14))
+    driver = chrome()
+    try:
+        driver.get(path.as_uri())
+        time.sleep(0.5)
+        Select(driver.find_element(By.ID, "layer-select")).select_by_value(str(LAYER))
+        Select(driver.find_element(By.ID, "head-select")).select_by_value(str(HEAD))
+        for row, col in ((2, 9), (11, 3)):
+            click_patch(driver, row, col, layout.grid)
+            time.sleep(0.2)
+            token = layout.patch_token(row, col)
+            state = driver.execute_script("return window.vsinkViewer.state")
+            assert (state["query"], state["map"], state["layer"], state["head"]) == (token, "rows", str(LAYER), str(HEAD))
+            expected = full[HEAD, token]
+            np.testing.assert_allclose(shown(driver), expected, rtol=rtol, atol=atol)
+            # the visible numbers: the class token's share (apart from the grid) and the largest value
+            cls_text = driver.find_element(By.CSS_SELECTOR, "#prefix button[data-token='0']").text
+            assert cls_text.startswith("cls:") and number(cls_text) == pytest.approx(expected[0], rel=2e-3, abs=atol)
+            top = driver.find_elements(By.CSS_SELECTOR, "#top tr[data-token] td.value")
+            assert float(top[0].text) == pytest.approx(expected.max(), rel=2e-3, abs=atol)
+            assert f"row of token {token} (patch row {row}, col {col})" in driver.find_element(By.ID, "what").text
+        Select(driver.find_element(By.ID, "head-select")).select_by_value("mean")
+        np.testing.assert_allclose(shown(driver), full[:, token].mean(axis=0), rtol=2 * rtol, atol=atol)
+        driver.find_element(By.ID, "norm-toggle").click()
+        expected_norm = np.concatenate([norm_prefix, norm.ravel()])
+        np.testing.assert_allclose(shown(driver), expected_norm, rtol=rtol)
+        assert number(driver.find_element(By.CSS_SELECTOR, "#prefix button[data-token='0']").text) == \
+            pytest.approx(norm_prefix[0], rel=2e-3)
+        assert not severe(driver)
+    finally:
+        driver.quit()
+
+
+def test_scan_output_is_viewable_in_chromium(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    assert main(["scan", "--no-progress", "--out", str(tmp_path)]) == 0
+    trace = vsink.Trace.load(tmp_path / "trace.npz")
+    path = write_viewer(tmp_path, precision="float32")
+    driver = chrome()
+    try:
+        driver.get(path.as_uri())
+        time.sleep(0.5)
+        Select(driver.find_element(By.ID, "image-select")).select_by_value("1")
+        Select(driver.find_element(By.ID, "layer-select")).select_by_value("3")
+        Select(driver.find_element(By.ID, "map-select")).select_by_value("cls")
+        Select(driver.find_element(By.ID, "head-select")).select_by_value("2")
+        time.sleep(0.2)
+        np.testing.assert_allclose(shown(driver), trace.attn_cls[3, 1, 2], rtol=1e-6)
+        assert "vsink maps --kind full" in driver.find_element(By.ID, "message").text
+        assert not severe(driver)
+    finally:
+        driver.quit()
+
+
+def test_lvlm_words_show_their_attention_per_layer_in_chromium(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    from PIL import Image
+
+    from vsink.backbones.hf_lvlm import LVLM
+    from vsink.data.demo_lvlm import build_tiny_llava
+    from vsink.lvlm import generate
+    from vsink.lvlm.export import export_attention
+
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    inputs = lvlm.prepare([image], ["describe this image"])
+    torch.manual_seed(0)
+    result = generate(lvlm, inputs, max_new_tokens=3, capture_attention=True)
+    export_attention(lvlm, result, inputs, tmp_path, images=[image], png=False)
+    with np.load(tmp_path / "row0.npz") as d:
+        att, words = d["attention"], json.loads(str(d["words"]))
+        assert d["image"].shape == (32, 32, 3)
+    assert words == [processor.tokenizer.decode([t]) for t in result.new_tokens[0].tolist()]
+    path = write_viewer(tmp_path, precision="float32")
+    driver = chrome()
+    try:
+        driver.get(path.as_uri())
+        time.sleep(0.5)
+        spans = driver.find_elements(By.CSS_SELECTOR, "#words span")
+        assert [s.get_attribute("data-step") for s in spans] == ["0", "1", "2"]
+        assert [s.text for s in spans] == [w.strip() or json.dumps(w) for w in words]
+        spans[1].click()
+        Select(driver.find_element(By.ID, "layer-select")).select_by_value("2")
+        np.testing.assert_allclose(shown(driver), att[1, 2].ravel(), rtol=1e-6)
+        Select(driver.find_element(By.ID, "layer-select")).select_by_value("mean")
+        np.testing.assert_allclose(shown(driver), att[1].mean(axis=0).ravel(), rtol=1e-5)
+        assert not severe(driver)
+    finally:
+        driver.quit()

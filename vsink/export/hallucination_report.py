@@ -1,0 +1,163 @@
+"""``results.html`` of ``vsink eval pope`` and ``vsink eval chair``: every mitigation side by side
+with deltas against the first; POPE per split with the unparseable answers counted (a split whose
+answers are all unparseable shows no metric, not 0.00); CHAIR per caption with the object words
+marked (hallucinated red, grounded green)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Optional
+
+from .html import banner, delta, esc, page, table
+
+POPE_METRICS = (("accuracy", "accuracy (%)", False), ("precision", "precision (%)", False),
+                ("recall", "recall (%)", False), ("f1", "F1 (%)", False), ("yes_ratio", "yes-ratio (%)", None))
+CHAIR_METRICS = (("chair_s", "CHAIR_s (%)", 100, True), ("chair_i", "CHAIR_i (%)", 100, True),
+                 ("recall", "recall (%)", 100, False), ("avg_len", "average length (words)", 1, None))
+#: captions shown per page
+MAX_CAPTIONS = 300
+
+
+def _cell(value: Optional[float], scale: float = 100) -> str:
+    return "—" if value is None else f"{value * scale:.2f}"
+
+
+def _delta(value: Optional[float], base: Optional[float], lower_is_better: Optional[bool], scale: float = 100) -> str:
+    if lower_is_better is None:
+        if value is None or base is None:
+            return "<span class='muted'>—</span>"
+        return f"<span class='muted'>{(value - base) * scale:+.2f}</span>"
+    return delta(None if value is None else value * scale, None if base is None else base * scale,
+                 lower_is_better=lower_is_better)
+
+
+def _pope_split_table(names: list[str], metrics: list[Optional[dict[str, Any]]]) -> str:
+    header = ["metric", esc(names[0])] + [h for n in names[1:] for h in (esc(n), f"Δ vs {esc(names[0])}")]
+    unusable = [m is not None and m.get("n") and m.get("unparseable") == m.get("n") for m in metrics]
+    rows = []
+    for key, label, lower in POPE_METRICS:
+        def value(i: int) -> Optional[float]:
+            return None if metrics[i] is None or unusable[i] else metrics[i].get(key)
+
+        cells = [esc(label), _cell(value(0)) if not unusable[0] else "<b>n/a: all unparseable</b>"]
+        for i in range(1, len(names)):
+            cells.append(_cell(value(i)) if not unusable[i] else "<b>n/a: all unparseable</b>")
+            cells.append(_delta(value(i), value(0), None if lower is None else lower))
+        rows.append(cells)
+    counts = []
+    for i, m in enumerate(metrics):
+        text = "—" if m is None else f"{m.get('unparseable', 0)} / {m.get('n', 0)}"
+        counts.append(f"<b class='neg'>{text}</b>" if m is not None and m.get("unparseable") else text)
+    cells = ["unparseable answers", counts[0]]
+    for c in counts[1:]:
+        cells += [c, ""]
+    rows.append(cells)
+    return table(header, rows)
+
+
+def pope_sections(summary: dict[str, Any]) -> list[str]:
+    results = summary["results"]
+    names = list(results)
+    parser = summary["protocol"].get("parser")
+    parts = []
+    problems = [(n, s, m) for n, r in results.items() for s, m in r["splits"].items() if m.get("unparseable")]
+    if problems:
+        lines = "; ".join(f"{n} / {s}: {m['unparseable']} of {m['n']}" for n, s, m in problems)
+        full = any(m["unparseable"] == m["n"] for _, _, m in problems)
+        parts.append(banner(f"**Unparseable answers** (parser `{parser}`): {lines}. They count as wrong answers that "
+                            "are not a yes" + ("; where every answer of a split is unparseable its metrics are not "
+                                               "shown (they would all read 0.00)" if full else "") + ".",
+                            "banner" if full else "warn"))
+    splits = sorted({s for r in results.values() for s in r["splits"]})
+    for split in splits + ["mean"]:
+        metrics = [(r["mean"] if split == "mean" else r["splits"].get(split)) for r in results.values()]
+        title = "mean over splits" if split == "mean" else f"split {split}"
+        parts.append(f"<h2>{esc(title)}</h2>" + _pope_split_table(names, metrics))
+    return parts
+
+
+def _locate(caption: str, words: list[str], hallucinated: list[bool]) -> tuple[str, list[str]]:
+    """The caption with each word marked at its first unused occurrence (case-insensitive, a plural
+    ending allowed); the words not found in the text."""
+    spans: list[tuple[int, int, bool]] = []
+    missing = []
+    for word, bad in zip(words, hallucinated):
+        pattern = re.compile(r"\b" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?:e?s)?\b", re.I)
+        for m in pattern.finditer(caption):
+            if not any(m.start() < e and s < m.end() for s, e, _ in spans):
+                spans.append((m.start(), m.end(), bad))
+                break
+        else:
+            missing.append(word)
+    out, at = [], 0
+    for start, end, bad in sorted(spans):
+        out.append(esc(caption[at:start]))
+        out.append(f"<mark class='{'halluc' if bad else 'ok'}'>{esc(caption[start:end])}</mark>")
+        at = end
+    out.append(esc(caption[at:]))
+    return "".join(out), missing
+
+
+def caption_cell(detail: dict[str, Any]) -> str:
+    """One caption with its object words marked, and its hallucinated classes."""
+    bad_classes = set(detail.get("hallucinated", []))
+    words = detail.get("mentioned_words", [])
+    flags = [c in bad_classes for c in detail.get("mentioned", [])]
+    text, missing = _locate(detail.get("caption", ""), words, flags)
+    extra = f" <span class='muted'>(found as: {esc(', '.join(missing))})</span>" if missing else ""
+    halluc = (f"<br><span class='neg'>hallucinated: {esc(', '.join(sorted(bad_classes)))}</span>"
+              if bad_classes else "")
+    return text + extra + halluc
+
+
+def chair_sections(summary: dict[str, Any]) -> list[str]:
+    results = summary["results"]
+    names = list(results)
+    header = ["metric", esc(names[0])] + [h for n in names[1:] for h in (esc(n), f"Δ vs {esc(names[0])}")]
+    rows = []
+    for key, label, scale, lower in CHAIR_METRICS:
+        base = results[names[0]].get(key)
+        cells = [esc(label), _cell(base, scale)]
+        for n in names[1:]:
+            cells += [_cell(results[n].get(key), scale), _delta(results[n].get(key), base, lower, scale)]
+        rows.append(cells)
+    cells = ["captions (mentions, hallucinated)", f"{results[names[0]].get('n')} ({results[names[0]].get('mentions')}, "
+             f"{results[names[0]].get('hallucinated_mentions')})"]
+    for n in names[1:]:
+        cells += [f"{results[n].get('n')} ({results[n].get('mentions')}, {results[n].get('hallucinated_mentions')})", ""]
+    rows.append(cells)
+    parts = ["<h2>Scores</h2>" + table(header, rows)]
+    by_image: dict[int, dict[str, dict[str, Any]]] = {}
+    for n, r in results.items():
+        for d in r.get("captions", []):
+            by_image.setdefault(int(d["image_id"]), {})[n] = d
+    ids = sorted(by_image)
+    parts.append(f"<h2>Captions</h2><p><mark class='halluc'>hallucinated</mark> object words, "
+                 f"<mark class='ok'>grounded</mark> ones; {len(ids)} images"
+                 + (f", the first {MAX_CAPTIONS} shown" if len(ids) > MAX_CAPTIONS else "") + ".</p>")
+    cap_rows = []
+    for image_id in ids[:MAX_CAPTIONS]:
+        cells = [str(image_id)]
+        for n in names:
+            d = by_image[image_id].get(n)
+            cells.append(caption_cell(d) if d is not None else "<span class='muted'>—</span>")
+        cap_rows.append(cells)
+    html_table = table(["image id"] + [esc(n) for n in names], cap_rows)
+    parts.append(html_table.replace("<td>", "<td class='cap'>"))
+    return parts
+
+
+def hallucination_html(summary: dict[str, Any]) -> str:
+    """The page of a ``results.json`` summary of :func:`vsink.evaluate.hallucination.save_results`."""
+    kind = summary["kind"]
+    title = f"vsink eval {kind}"
+    body = [f"<h1>{esc(title)}</h1>"]
+    protocol = summary["protocol"]
+    body.append(f"<p>Protocol: <code>{esc(json.dumps({k: v for k, v in protocol.items() if k != 'images'}))}</code>"
+                + (f"; {len(protocol['images'])} images" if isinstance(protocol.get("images"), list) else "") + "</p>")
+    body += pope_sections(summary) if kind == "pope" else chair_sections(summary)
+    for name, items in summary.get("skipped", {}).items():
+        if items:
+            body.append(banner(f"{name}: {len(items)} items skipped (see results.json)", "warn"))
+    return page(title, body)

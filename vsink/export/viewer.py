@@ -1,0 +1,253 @@
+"""``vsink view DIR``: one self-contained, offline HTML file to explore attention and norms.
+
+It reads what the other commands wrote (:func:`load_viewer_data` says which arrays it uses):
+
+* ``vsink maps`` output (``maps.json`` + ``<stem>.npz``): per block ``full/layer<L>`` attention
+  rows (``--kind full``; clicking a patch shows its row), ``cls`` / ``received`` maps and ``norm``
+  maps, and the input ``image``;
+* ``vsink scan`` output (``scan.json`` + ``trace.npz``): per block the class-token row and the
+  attention received, per head, the token norms, and the report ``thumbnails`` (no full rows);
+* ``vsink generate --export-attention`` output (``row<b>.npz``): per generated word its
+  attention on the image, per decoder layer.
+
+Everything is embedded: the images as PNG data URIs, arrays as base64 float16 (default, half the
+size: ~3 significant digits, in steps of 2⁻²⁴ ≈ 6e-8 below 6e-5) or float32, the script and the
+colour maps. Full
+attention rows dominate the size: images × blocks × heads × tokens² × 2 bytes (× 4/3 for base64);
+``max_images`` and ``layers`` bound it, and :func:`write_viewer` reports the size.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+
+from ..errors import VsinkError
+from ..io import write_text
+from ..layout import TokenLayout
+from .html import esc
+
+PRECISIONS = ("float16", "float32")
+#: a warning is printed above this many bytes
+LARGE_BYTES = 64 * 2**20
+
+
+def encode(array: np.ndarray, precision: str = "float16") -> dict[str, Any]:
+    """``{"dtype": "f16" | "f32", "shape", "data": base64 of the little-endian values}``."""
+    if precision not in PRECISIONS:
+        raise VsinkError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = "<f2" if precision == "float16" else "<f4"
+    values = np.ascontiguousarray(array, dtype=dtype)
+    return {"dtype": "f16" if precision == "float16" else "f32", "shape": list(values.shape),
+            "data": base64.b64encode(values.tobytes()).decode("ascii")}
+
+
+def image_uri(image: Union[Image.Image, np.ndarray]) -> str:
+    """A PNG data URI of an RGB image."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _placeholder(grid: Sequence[int]) -> str:
+    """A grey image of the grid's aspect, for exports made before images were stored."""
+    h, w = grid
+    scale = max(1, 224 // max(h, w))
+    return image_uri(Image.new("RGB", (w * scale, h * scale), (128, 128, 128)))
+
+
+def _prefix(layout: TokenLayout) -> list[dict[str, Any]]:
+    """Class tokens and registers with their sequence index and a label."""
+    out, reg = [], 0
+    for token in layout.non_patch_indices():
+        kind = layout.kind_of(token)
+        label = ("cls" if layout.num_cls == 1 else f"cls {token}") if kind == "cls" else f"reg {reg}"
+        reg += kind == "register"
+        out.append({"token": token, "kind": kind, "label": label})
+    return out
+
+
+def _tokens(layout: TokenLayout, grid: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+    """Patch grid [..., h, w] + prefix values [..., n_prefix] → values over all tokens [..., N]."""
+    lead = grid.shape[:-2]
+    out = np.zeros((*lead, layout.num_tokens), dtype=np.float32)
+    out[..., layout.patch_slice] = grid.reshape(*lead, -1)
+    out[..., layout.non_patch_indices()] = prefix
+    return out
+
+
+def _pick_layers(available: Sequence[int], layers: Optional[Sequence[int]]) -> list[int]:
+    """``layers`` (block indices; negative: from the end of the exported blocks) among ``available``."""
+    available = list(available)
+    if layers is None:
+        return available
+    wanted = []
+    for layer in layers:
+        layer = int(layer)
+        if layer < 0 and -len(available) <= layer:
+            layer = available[layer]
+        if layer not in available:
+            raise VsinkError(f"block {layer} is not in this export (it has blocks {available})")
+        wanted.append(layer)
+    return sorted(set(wanted))
+
+
+def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]], precision: str) -> dict[str, Any]:
+    meta = json.loads((directory / "maps.json").read_text())
+    settings = meta.get("settings", {})
+    kinds = settings.get("kinds", [])
+    exported = settings.get("layers", [])
+    heads = settings.get("heads", "mean")
+    images = []
+    for entry in meta["images"][:max_images]:
+        layout = TokenLayout.from_dict(entry["layout"])
+        path = directory / f"{entry['stem']}.npz"
+        if not path.is_file():
+            raise VsinkError(f"{path} is missing: vsink view needs the npz arrays (vsink maps --format png,npz)")
+        chosen = _pick_layers(exported, layers)
+        per_layer: dict[str, Any] = {}
+        with np.load(path, allow_pickle=False) as data:
+            for layer in chosen:
+                item: dict[str, Any] = {}
+                if f"norm/layer{layer}" in data.files:
+                    item["norm"] = encode(_tokens(layout, data[f"norm/layer{layer}"], data[f"norm/layer{layer}/prefix"]),
+                                          precision)
+                for kind in ("cls", "received"):
+                    key = f"{kind}/layer{layer}"
+                    if f"{key}/prefix" not in data.files:
+                        continue
+                    prefix = data[f"{key}/prefix"]
+                    if key in data.files:
+                        ids = list(range(prefix.shape[0])) if heads in ("all", "mean") else list(heads)
+                        values = _tokens(layout, data[key], prefix[ids])
+                    else:
+                        ids, values = ["mean"], _tokens(layout, data[f"{key}/mean"][None], prefix.mean(axis=0)[None])
+                    item[kind] = {"heads": ids, "values": encode(values, precision)}
+                if f"full/layer{layer}" in data.files:
+                    full = data[f"full/layer{layer}"]
+                    ids = list(range(full.shape[0])) if heads in ("all", "mean") else list(heads)
+                    item["rows"] = {"heads": ids, "values": encode(full, precision)}
+                per_layer[str(layer)] = item
+            picture = image_uri(data["image"]) if "image" in data.files else _placeholder(layout.grid)
+        images.append({"name": entry["image"], "image": picture, "grid": list(layout.grid),
+                       "tokens": layout.num_tokens, "patch_start": layout.num_prefix, "prefix": _prefix(layout),
+                       "layers": per_layer})
+    if not images:
+        raise VsinkError(f"{directory / 'maps.json'} lists no image")
+    return {"kind": "vision", "source": "maps", "model": meta.get("model"), "synthetic": bool(meta.get("synthetic")),
+            "kinds": kinds, "images": images}
+
+
+def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]], precision: str) -> dict[str, Any]:
+    from ..probe import Trace
+
+    meta = json.loads((directory / "scan.json").read_text())
+    trace = Trace.load(directory / "trace.npz")
+    with np.load(directory / "trace.npz", allow_pickle=False) as data:
+        thumbs = data["thumbnails"] if "thumbnails" in data.files else None
+    layout = trace.layout
+    chosen = _pick_layers(trace.layers, layers)
+    images = []
+    for i, name in enumerate(meta["images"][:max_images]):
+        per_layer: dict[str, Any] = {}
+        for layer in chosen:
+            pos = trace.layers.index(layer)
+            item: dict[str, Any] = {}
+            if trace.norms is not None:
+                item["norm"] = encode(trace.norms[pos, i], precision)
+            for kind, arr in (("cls", trace.attn_cls), ("received", trace.attn_received)):
+                if arr is not None:
+                    item[kind] = {"heads": list(range(arr.shape[2])), "values": encode(arr[pos, i], precision)}
+            per_layer[str(layer)] = item
+        picture = image_uri(thumbs[i]) if thumbs is not None and i < len(thumbs) else _placeholder(layout.grid)
+        images.append({"name": name, "image": picture, "grid": list(layout.grid), "tokens": layout.num_tokens,
+                       "patch_start": layout.num_prefix, "prefix": _prefix(layout), "layers": per_layer})
+    return {"kind": "vision", "source": "scan", "model": meta.get("model"), "synthetic": bool(meta.get("synthetic")),
+            "kinds": [k for k, a in (("cls", trace.attn_cls), ("received", trace.attn_received), ("norm", trace.norms))
+                      if a is not None], "images": images}
+
+
+def _from_lvlm(directory: Path, max_images: int, layers: Optional[Sequence[int]], precision: str) -> dict[str, Any]:
+    rows = []
+    files = sorted(directory.glob("row*.npz"), key=lambda p: int(p.stem[3:]) if p.stem[3:].isdigit() else 0)
+    for path in files[:max_images]:
+        with np.load(path, allow_pickle=False) as data:
+            att = data["attention"]  # [steps, L, h, w]
+            grid = [int(v) for v in data["grid"]]
+            chosen = _pick_layers(range(att.shape[1]), layers)
+            words = json.loads(str(data["words"])) if "words" in data.files else [f"id {int(t)}" for t in data["tokens"]]
+            rows.append({"name": path.stem, "image": image_uri(data["image"]) if "image" in data.files
+                         else _placeholder(grid), "grid": grid, "words": words, "layers": chosen,
+                         "attention": encode(att[:, chosen].reshape(att.shape[0], len(chosen), -1), precision),
+                         "mitigation": str(data["mitigation"]), "protocol": str(data["protocol"])})
+    return {"kind": "lvlm", "source": "generate", "model": None, "synthetic": False, "rows": rows}
+
+
+def load_viewer_data(directory: Union[str, os.PathLike], *, max_images: int = 8,
+                     layers: Optional[Sequence[int]] = None, precision: str = "float16") -> dict[str, Any]:
+    """The viewer's payload from a ``vsink maps``, ``vsink scan`` or ``vsink generate
+    --export-attention`` directory (the first ``max_images`` images; ``layers``: blocks to keep,
+    default all exported)."""
+    directory = Path(directory)
+    if max_images < 1:
+        raise VsinkError(f"max_images must be >= 1, got {max_images}")
+    encode(np.zeros(0), precision)  # checks the precision before any reading
+    if (directory / "maps.json").is_file():
+        return _from_maps(directory, max_images, layers, precision)
+    if (directory / "scan.json").is_file() and (directory / "trace.npz").is_file():
+        return _from_scan(directory, max_images, layers, precision)
+    if any(directory.glob("row*.npz")):
+        return _from_lvlm(directory, max_images, layers, precision)
+    raise VsinkError(f"{directory}: no vsink output to view (expected maps.json from 'vsink maps', scan.json and "
+                     "trace.npz from 'vsink scan', or row<N>.npz from 'vsink generate --export-attention')")
+
+
+def _lut(name: str) -> list[str]:
+    cmap = colormaps[name]
+    return ["%02x%02x%02x" % tuple(int(round(255 * c)) for c in cmap(i / 255)[:3]) for i in range(256)]
+
+
+def render_viewer(payload: dict[str, Any], title: str) -> str:
+    """The viewer page for a payload of :func:`load_viewer_data`."""
+    payload = {**payload, "colormaps": {"attention": _lut("inferno"), "norm": _lut("magma")}}
+    data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    script = resources.files("vsink.export").joinpath("viewer.js").read_text(encoding="utf-8")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{VIEWER_STYLE}"
+            f"</style></head><body><div id='app'></div><script id='vsink-data' type='application/json'>{data}</script>"
+            f"<script>{script}</script></body></html>")
+
+
+VIEWER_STYLE = """
+body{font-family:system-ui,sans-serif;margin:16px;color:#222}#controls{display:flex;gap:14px;flex-wrap:wrap;
+align-items:center;margin-bottom:10px}#main{display:flex;gap:18px;align-items:flex-start}canvas{cursor:crosshair;
+border:1px solid #999}#side{min-width:300px;font-size:13px}#prefix button{margin:2px;padding:3px 6px;
+border:1px solid #888;background:#f4f4f4;cursor:pointer;font:12px monospace}#prefix button.query{outline:2px solid
+#06c}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+.banner{background:#ffe1e1;border:2px solid #c00;padding:8px 12px;font-weight:600;margin-bottom:10px}
+.note{color:#666;font-size:12px}#words span{display:inline-block;margin:2px;padding:2px 5px;border:1px solid #bbb;
+cursor:pointer;font-family:monospace}#words span.sel{background:#06c;color:#fff}#legend{display:flex;gap:6px;
+align-items:center;font-size:12px;margin-top:6px}#legend canvas{border:none;cursor:default}
+"""
+
+
+def write_viewer(directory: Union[str, os.PathLike], out: Union[str, os.PathLike, None] = None, *,
+                 max_images: int = 8, layers: Optional[Sequence[int]] = None,
+                 precision: str = "float16") -> Path:
+    """Write the viewer of ``directory`` to ``out`` (default ``DIR/viewer.html``) atomically."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise VsinkError(f"{directory} is not a directory")
+    payload = load_viewer_data(directory, max_images=max_images, layers=layers, precision=precision)
+    path = Path(out) if out is not None else directory / "viewer.html"
+    return write_text(path, render_viewer(payload, f"vsink view: {directory.name}"))
