@@ -111,5 +111,5 @@ def test_cli_scan_on_the_demo_lvlm(tmp_path, capsys):
     data = json.loads((tmp_path / "scan.json").read_text())
     assert data["synthetic"] is True and data["prompt"] == "what is in the picture ?"
     assert data["lvlm"]["sink_dims"] == list(DL.SINK_DIMS) and data["lvlm"]["tower_to_llm"]["both"] > 0
-    assert (tmp_path / "report.html").read_text().count("Synthetic demo LVLM") == 1
+    assert (tmp_path / "report.html").read_text().count("Synthetic demo LVLM") == 1  # a visible banner
     assert (tmp_path / "vision" / "scan.json").exists() and (tmp_path / "trace.npz").exists()

@@ -85,9 +85,7 @@ class LVLM:
     @property
     def cache_argument(self) -> str:
         """The model's KV-cache keyword: ``cache`` (transformers 5) or ``past_key_values`` (4.x)."""
-        import inspect
-
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return "cache" if "cache" in self._forward_parameters() else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -180,7 +178,16 @@ class LVLM:
         if tok is not None:
             tok.padding_side = "left"
         inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        accepted = self._forward_parameters()
+        # some tokenizers add token_type_ids, which LLaVA's forward (and transformers 4.x's
+        # generate) do not take
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
+                if k != "token_type_ids" or k in accepted}
+
+    def _forward_parameters(self) -> set[str]:
+        import inspect
+
+        return set(inspect.signature(self.model.forward).parameters)
 
     def _format(self, prompt: str) -> str:
         placeholder = getattr(self.processor, "image_token", "<image>")

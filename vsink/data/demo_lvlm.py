@@ -14,8 +14,10 @@ WORDS = ("a an the is there in image picture photo what color of and yes no cat 
          "describe this please answer question one word shape circle square triangle sky tree").split()
 
 
-def word_tokenizer(extra_special: tuple[str, ...] = ()):
-    """A whitespace word-level fast tokenizer (``<s>`` BOS, ``</s>`` EOS, ``<pad>``, ``<unk>``)."""
+def word_tokenizer(extra_special: tuple[str, ...] = (), tokenizer_class: Any = None):
+    """A whitespace word-level fast tokenizer (``<s>`` BOS, ``</s>`` EOS, ``<pad>``, ``<unk>``), as
+    ``tokenizer_class`` (default ``PreTrainedTokenizerFast``; processors that check the class, such
+    as Qwen2-VL's under transformers 4.x, get theirs)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -24,8 +26,9 @@ def word_tokenizer(extra_special: tuple[str, ...] = ()):
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>", additional_special_tokens=list(extra_special))
+    tok = (tokenizer_class or PreTrainedTokenizerFast)(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=list(extra_special))
     tok.padding_side = "left"
     return tok
 
@@ -55,6 +58,9 @@ def build_tiny_llava(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_he
     config = tr.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-1, vision_feature_select_strategy="default")
     model = tr.LlavaForConditionalGeneration(config).eval()
+    # a random model may sample its image placeholder, which transformers 4.x then counts as an image
+    # token when it re-encodes the sequence (no cache); a test model never generates it
+    model.generation_config.suppress_tokens = [config.image_token_id]
     image_processor = tr.CLIPImageProcessor(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
     processor = tr.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
@@ -77,6 +83,7 @@ def build_tiny_llava_next(*, hidden: int = 64, layers: int = 4, heads: int = 4, 
                                 image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                                 vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
     model = tr.LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = [config.image_token_id]  # see build_tiny_llava
     image_processor = tr.LlavaNextImageProcessor(size={"shortest_edge": image_size},
                                                  crop_size={"height": image_size, "width": image_size},
                                                  image_grid_pinpoints=pinpoints)
@@ -95,7 +102,8 @@ def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
 
     if version not in ("2", "2.5"):
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
-    tok = word_tokenizer(("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"))
+    tok = word_tokenizer(("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"),
+                         tokenizer_class=tr.Qwen2TokenizerFast)
     torch.manual_seed(seed)
     half = hidden // heads // 2  # rotary frequencies per head, split over (time, height, width)
     time_part = half // 4
@@ -119,6 +127,9 @@ def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     model = model_cls(config_cls(text_config=text, vision_config=vision, **ids)).eval()
+    # a random model may sample its vision placeholders, on which transformers 4.x's M-RoPE index
+    # fails, or end every row at once with EOS; a test model generates neither
+    model.generation_config.suppress_tokens = sorted([*ids.values(), tok.eos_token_id])
     pixels = image_size * image_size
     image_processor = tr.Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=4, merge_size=2,
                                                temporal_patch_size=2)

@@ -40,6 +40,14 @@ class FastVSettings:
         check_protocol(self.protocol)
 
 
+def _gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., B, N, d] at token positions ``idx`` [B, n] (per row): rotary embeddings are
+    [B, N, d], or [3, B, N, d] for M-RoPE under transformers 4.x."""
+    lead = (1,) * (t.ndim - 3)
+    index = idx.reshape(*lead, idx.shape[0], idx.shape[1], 1).expand(*t.shape[:-2], idx.shape[1], t.shape[-1])
+    return t.gather(-2, index)
+
+
 @register
 class FastV(Mitigation):
     """FastV as a composable mitigation (see the module docstring)."""
@@ -98,8 +106,7 @@ class FastV(Mitigation):
             idx = self._gather
             pe = kwargs.get("position_embeddings")
             if pe is not None:
-                kwargs["position_embeddings"] = tuple(
-                    t.gather(-2, idx.expand(t.shape[0], -1)[..., None].expand(-1, -1, t.shape[-1])) for t in pe)
+                kwargs["position_embeddings"] = tuple(_gather_tokens(t, idx) for t in pe)
             pos = kwargs.get("position_ids")
             if isinstance(pos, torch.Tensor) and pos.shape[-1] == self._total:
                 kwargs["position_ids"] = pos.gather(-1, idx.expand(*pos.shape[:-1], -1))
