@@ -160,7 +160,8 @@ def test_hooked_registers_round_trip_through_vsink_load(tmp_path, pixel_values):
 ])
 def test_parameter_roles_name_the_embeddings(family, case, expected):
     backbone = vsink.wrap(_model(family, case))
-    names = {id(p): n for n, p in backbone.model.named_parameters()}
+    # transformers 4.x nests CLIP/SigLIP vision models one level deeper (vision_model.*); 5.x does not
+    names = {id(p): n.removeprefix("vision_model.") for n, p in backbone.model.named_parameters()}
     got = {role: [names[id(p)] for p in params] for role, params in backbone.parameter_roles().items()}
     assert got == expected
     def tokens(b):

@@ -42,6 +42,7 @@ def explicit_attention(
     logit_fns: Sequence[LogitFn] = (),
     prob_fns: Sequence[ProbFn] = (),
     chunk_size: Optional[int] = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """softmax((q*scale) k^T + mask) v, computed block by block over queries.
 
@@ -53,6 +54,8 @@ def explicit_attention(
         prob_fns: called on each block of post-softmax probabilities (with the logits, see
             :data:`ProbFn`); may return a replacement.
         chunk_size: queries per block; default from :func:`query_chunk_size`.
+        q_offset: index of ``q``'s first row among the layer's queries: the site functions get
+            ``q_start`` counted from there (the mask covers ``q``'s rows only).
 
     Returns:
         [B, H, Nq, d] in the dtype of ``v``. Softmax runs in float32 for low-precision inputs.
@@ -74,12 +77,12 @@ def explicit_attention(
         if mask is not None:
             logits = logits + mask[..., start:stop, :]
         for fn in logit_fns:
-            edited = fn(logits, start)
+            edited = fn(logits, start + q_offset)
             logits = logits if edited is None else edited
         probs = logits.float().softmax(dim=-1).to(v.dtype) if low_precision else logits.softmax(dim=-1)
         source: Optional[torch.Tensor] = logits
         for fn in prob_fns:
-            edited = fn(probs, start, source)
+            edited = fn(probs, start + q_offset, source)
             if edited is not None:
                 probs, source = edited, None
         out[:, :, start:stop] = probs @ v

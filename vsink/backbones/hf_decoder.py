@@ -4,9 +4,12 @@ the same sites as a vision backbone (``block_input``, ``block_output``, ``mlp_hi
 :class:`~vsink.probe.Trace`, the detectors and the mitigations work on it unchanged.
 
 Attention of a layer with an attention site runs through vsink's explicit attention (routed by
-:mod:`vsink.backbones.hf_router`); the masks are the model's own (additive, boolean, or ``None``
-for a causal pass without padding) unless a :class:`~vsink.lvlm.context.DecodeContext` is bound,
-which then gives the mask of every layer from token positions (FastV prunes keys).
+:mod:`vsink.backbones.hf_router`). In a scan every row is computed explicitly, with the model's own
+masks. During generation a :class:`~vsink.lvlm.context.DecodeContext` is bound: it gives every
+layer's mask from token positions (FastV prunes keys), and the site functions say which query rows
+they need (``rows=`` of :meth:`~vsink.backbones.sites.SiteModel.hook`) — the other rows run the
+model's own attention implementation (eager or SDPA) and the two parts are stitched back, so a
+mitigation pays for the rows it edits only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from .sites import SiteModel
 if TYPE_CHECKING:
     from ..lvlm.context import DecodeContext
     from .hf_lvlm import LVLM
+
+
+#: original implementations that take an additive [B, 1, q, kv] mask for any subset of query rows,
+#: so a routed layer can leave the rows no site function needs to them
+SPLITTABLE = ("eager", "sdpa")
 
 
 class DecoderModel(SiteModel):
@@ -106,16 +114,28 @@ class DecoderModel(SiteModel):
         def routed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                    **kwargs: Any):
+            original = module.__dict__["_vsink_router"].original
             if self.suspended:
-                original = module.__dict__["_vsink_router"].original
                 return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
-            if self.context is not None:
-                self.context.shapes[layer] = (query.shape[2], key.shape[2])
-            mask = self._mask(layer, query, key, attention_mask)
-            out = self._attention(layer, query, key, value, scale=scaling, mask=mask)
-            return out.transpose(1, 2).contiguous(), None
+            q, kv = query.shape[2], key.shape[2]
+            if self.context is None:  # a scan: every row explicitly
+                out = self._attention(layer, query, key, value, scale=scaling, mask=self._mask(layer, query, key,
+                                                                                               attention_mask))
+                return out.transpose(1, 2).contiguous(), None
+            self.context.shapes[layer] = (q, kv)
+            mask = self.context.mask(layer, q, kv, query.device, query.dtype)
+            first = self.first_row(layer, q, kv) if self._router.original_implementation in SPLITTABLE else 0
+            if first >= q:  # no site function needs a row of this call: the model's own kernel
+                return original(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+            tail = self._attention(layer, query[:, :, first:], key, value, scale=scaling, mask=mask[:, :, first:],
+                                   q_offset=first).transpose(1, 2)
+            if first == 0:
+                return tail.contiguous(), None
+            head, _ = original(module, query[:, :, :first], key, value, mask[:, :, :first], scaling=scaling,
+                               dropout=dropout, **kwargs)
+            return torch.cat([head, tail], dim=1).contiguous(), None
 
         return self._router.route(layer, routed)
 

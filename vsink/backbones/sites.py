@@ -44,6 +44,8 @@ SITES = ("block_input", "block_output", "mlp_hidden", "attn_logits", "attn_probs
 ATTENTION_SITES = ("attn_logits", "attn_probs", "attn_qkv")
 
 SiteFn = Callable[..., Optional[torch.Tensor]]
+#: ``rows(queries, keys) -> first query row a site function needs``
+RowsFn = Callable[[int, int], int]
 
 
 class SiteHandle:
@@ -80,6 +82,7 @@ class SiteModel(ABC):
         self.suspended = False
         self._attn_fns: dict[int, dict[str, list[Any]]] = {}
         self._attn_undo: dict[int, Callable[[], None]] = {}
+        self._rows: dict[int, RowsFn] = {}  # id(site function) -> the rows it needs
 
     # --- what each model provides -------------------------------------------------------
     @property
@@ -140,7 +143,7 @@ class SiteModel(ABC):
         return int(self._mlp_out_proj(layer).in_features)
 
     # --- sites --------------------------------------------------------------------------
-    def hook(self, site: str, layer: int, fn: SiteFn) -> SiteHandle:
+    def hook(self, site: str, layer: int, fn: SiteFn, *, rows: Optional[RowsFn] = None) -> SiteHandle:
         """Install ``fn`` at ``site`` of block ``layer``.
 
         ``block_input`` / ``block_output`` / ``mlp_hidden``: ``fn(tensor [B, N, C]) -> replacement or None``.
@@ -148,6 +151,12 @@ class SiteModel(ABC):
         ``attn_probs``: ``fn(probs [B, H, q, N], q_start, logits) -> replacement or None``, where
         ``logits`` is ``None`` once an earlier function replaced the probabilities.
         ``attn_qkv``: ``fn(q, k, v)`` with each [B, H, N, head_dim]; its return value is ignored.
+
+        ``rows`` (attention sites): ``rows(queries, keys) -> first`` says that ``fn`` needs only the
+        query rows from ``first`` on (it sees ``q_start >= first``). Models that can (an LVLM
+        decoder during generation) compute the rows before the smallest ``first`` of a layer's
+        functions with their own attention implementation (SDPA, flash) and only the rest
+        explicitly; ``first == queries`` leaves the whole call to the model. Default: every row.
         """
         if site not in SITES:
             raise VsinkError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
@@ -160,7 +169,16 @@ class SiteModel(ABC):
             return SiteHandle(self.blocks[layer].register_forward_hook(self._block_hook(fn)).remove)
         if site == "mlp_hidden":
             return SiteHandle(self._mlp_out_proj(layer).register_forward_pre_hook(self._mlp_hook(fn)).remove)
+        if rows is not None:
+            self._rows[id(fn)] = rows
         return self._hook_attention(site, layer, fn)
+
+    def first_row(self, layer: int, queries: int, keys: int) -> int:
+        """The first query row any attention function of ``layer`` needs (see :meth:`hook`)."""
+        fns = self._attn_fns.get(layer, {})
+        needed = [self._rows[id(fn)](queries, keys) if id(fn) in self._rows else 0
+                  for site in ("attn_logits", "attn_probs", "attn_qkv") for fn in fns.get(site, ())]
+        return max(0, min(needed, default=queries))
 
     def _to_bnc(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(0, 1) if self.seq_first else x
@@ -210,6 +228,7 @@ class SiteModel(ABC):
 
         def remove() -> None:
             fns[site].remove(fn)
+            self._rows.pop(id(fn), None)
             if not any(fns.values()):
                 del self._attn_fns[layer]
                 self._attn_undo.pop(layer)()
@@ -229,8 +248,10 @@ class SiteModel(ABC):
         *,
         scale: float | torch.Tensor,
         mask: Optional[torch.Tensor] = None,
+        q_offset: int = 0,
     ) -> torch.Tensor:
-        """Explicit attention for block ``layer`` with its installed site functions."""
+        """Explicit attention for block ``layer`` with its installed site functions; ``q`` holds
+        the layer's query rows from ``q_offset`` on (the site functions see absolute indices)."""
         fns = self._attn_fns.get(layer, {})
         for fn in fns.get("attn_qkv", ()):
             fn(q, k, v)
@@ -243,5 +264,6 @@ class SiteModel(ABC):
             mask=mask,
             logit_fns=tuple(fns.get("attn_logits", ())),
             prob_fns=tuple(fns.get("attn_probs", ())),
+            q_offset=q_offset,
             chunk_size=self.attention_chunk_size,
         )

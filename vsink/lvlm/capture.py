@@ -1,7 +1,7 @@
 """Per generated token, the attention of its query on each row's image tokens, per decoder layer
-(head mean), captured from the decoder's ``attn_probs`` site. Capturing routes every layer through
-vsink's explicit attention (the probabilities are needed), so it costs what explicit attention
-costs; mitigations alone do not."""
+(head mean), captured from the decoder's ``attn_probs`` site. Capturing computes the last query row
+of every layer explicitly (its probabilities are needed); the other rows keep the model's own
+attention kernel."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class AttentionCapture(HookSet):
 
     def _install(self) -> None:
         for layer in range(self.decoder.num_layers):
-            self._handles.append(self.decoder.hook("attn_probs", layer, self._observer(layer)))
+            self._handles.append(self.decoder.hook("attn_probs", layer, self._observer(layer),
+                                                   rows=lambda queries, keys: queries - 1))
 
     def _observer(self, layer: int):
         def fn(probs: torch.Tensor, q_start: int, logits: Optional[torch.Tensor]) -> None:

@@ -57,8 +57,9 @@ class PAI(Mitigation):
         #: whether α applies in the current pass (official + guidance: off until the text-only
         #: branch has run once)
         self.amplify = not (s.protocol == "official" and s.gamma is not None)
-        for layer in range(s.start_layer, end):
-            handles.append(run.decoder.hook("attn_logits", layer, self._amplify(run, layer)))
+        for layer in range(s.start_layer, end):  # only the last query row is edited
+            handles.append(run.decoder.hook("attn_logits", layer, self._amplify(run, layer),
+                                            rows=lambda queries, keys: queries - 1))
 
     def _amplify(self, run: Run, layer: int):
         alpha = self.settings.alpha

@@ -96,7 +96,7 @@ class VAR(Mitigation):
         for layer in range(decoder.num_layers):
             handles.append(decoder.hook("block_input", layer, self._find_sinks(layer)))
         for layer in range(s.start_layer, decoder.num_layers):
-            handles.append(decoder.hook("attn_probs", layer, self._edit(run, layer)))
+            handles.append(decoder.hook("attn_probs", layer, self._edit(run, layer), rows=self._rows(run, layer)))
 
     def _find_sinks(self, layer: int):
         official = self.settings.protocol == "official"
@@ -118,6 +118,19 @@ class VAR(Mitigation):
         if self.settings.protocol == "official":
             return run.context.lookup(self.sinks[layer][0], kpos, False)
         return torch.cat(self.sinks[layer], dim=1)
+
+    @staticmethod
+    def _rows(run: Run, layer: int):
+        """VAR edits only queries after the image: the rows before the first such query (in any
+        batch row) run the model's own attention."""
+
+        def rows(queries: int, keys: int) -> int:
+            ctx = run.context
+            after = (ctx.query_positions(layer, ctx.image_end.device) >= ctx.image_end[:, None]).any(0)
+            hits = after.nonzero()
+            return int(hits[0]) if len(hits) else queries
+
+        return rows
 
     def _edit(self, run: Run, layer: int):
         def fn(probs: torch.Tensor, q_start: int, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
