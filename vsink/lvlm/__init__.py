@@ -2,7 +2,8 @@
 
 from ..backbones.hf_lvlm import LVLM, load_lvlm
 from .generate import GenerationResult, generate, make_settings
-from .session import PROTOCOLS, FastVSettings, PAISettings, Session, VARSettings
+from .session import Session
+from .settings import PROTOCOLS, FastVSettings, PAISettings, VARSettings
 
 __all__ = ["PROTOCOLS", "FastVSettings", "GenerationResult", "LVLM", "PAISettings", "Session", "VARSettings",
            "generate", "load_lvlm", "make_settings"]

@@ -11,9 +11,9 @@ import torch
 
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
-from .session import FastVSettings, PAISettings, Session, VARSettings, check_protocol
+from .session import Session
+from .settings import MITIGATIONS, FastVSettings, PAISettings, VARSettings, check_protocol
 
-MITIGATIONS = {"none": None, "var": VARSettings, "pai": PAISettings, "fastv": FastVSettings}
 Settings = Union[VARSettings, PAISettings, FastVSettings]
 
 

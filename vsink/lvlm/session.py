@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -24,92 +24,9 @@ from torch import nn
 from ..backbones.hf_lvlm import LVLM
 from ..backbones.hf_vision import eager_attention_of
 from ..errors import VsinkError
+from .settings import SHARE_EPS, FastVSettings, PAISettings, VARSettings
 
 ATTN_NAME = "vsink_lvlm"
-
-#: ``paper``: the methods as the papers describe them (vsink's default); ``official``: as the
-#: authors' released scripts run them (see docs/lvlm.md, "Protocols")
-PROTOCOLS = ("paper", "official")
-
-#: VAR ``official``: the visual-sink share's denominator adds this to each image token's attention
-SHARE_EPS = 1e-6
-
-
-def check_protocol(protocol: str) -> str:
-    """``protocol`` if it is one of :data:`PROTOCOLS`, else a one-line :class:`VsinkError`."""
-    if protocol not in PROTOCOLS:
-        raise VsinkError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    return protocol
-
-
-@dataclass
-class VARSettings:
-    """Visual attention redistribution (Kang et al. 2025).
-
-    ``protocol="official"`` follows the released code (seilk/VisAttnSink): a layer whose prompt
-    has no visual sink is left unedited, the sinks are those of the prompt pass (generated tokens
-    never are), and the visual-sink share's denominator adds :data:`SHARE_EPS` per image token.
-    Its released configuration uses the defaults below."""
-
-    p: float = 0.6  # share of sink attention the sinks keep
-    rho: float = 0.5  # image-centric rows: visual-sink share of image attention <= rho
-    min_image: float = 0.2  # ... and total image attention >= min_image
-    tau: float = 20.0  # sink threshold on phi
-    start_layer: int = 2
-    sink_dims: Optional[list[int]] = None  # None: the known or calibrated dimensions
-    protocol: str = "paper"
-
-    #: defaults of the released scripts where they differ from the ones above (A_exps/lv1.5_7b.yml)
-    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {}
-
-    def __post_init__(self) -> None:
-        check_protocol(self.protocol)
-
-
-@dataclass
-class PAISettings:
-    """Paying more attention to images (Liu et al. 2024).
-
-    ``protocol="official"`` follows the released scripts (LALBJ/PAI): with guidance on
-    (``gamma`` set), the prompt pass runs without α (the first token gets guidance only) and α is
-    switched on once the text-only branch has run; with ``gamma == 1`` the guidance returns before
-    that, so α never applies. Official defaults: γ = 1.1 and layers [2, 32) (the README's
-    commands)."""
-
-    alpha: float = 0.2
-    start_layer: int = 2
-    end_layer: Optional[int] = None  # exclusive; None = all layers
-    gamma: Optional[float] = None  # classifier-free guidance strength (1.1 suggested); None = off
-    plausibility: float = 0.1  # keep tokens with p >= plausibility * max p (image branch)
-    protocol: str = "paper"
-
-    #: the README's POPE/CHAIR commands: --alpha 0.2 --gamma 1.1 --start-layer 2 --end-layer 32
-    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"gamma": 1.1, "end_layer": 32}
-
-    def __post_init__(self) -> None:
-        check_protocol(self.protocol)
-
-
-@dataclass
-class FastVSettings:
-    """FastV token pruning (Chen et al. 2024): blocks >= k see only the kept image tokens.
-
-    ``protocol="official"`` follows the released llava-hf ``fastv_forward`` (pkunlp-icler/FastV):
-    the kept count is ``round(n(1 − R))`` (vsink's paper protocol: ``n − round(nR)``), ties go
-    to ``torch.topk``, and without the KV cache every forward re-prunes by the newest token's
-    attention (vsink's paper protocol prunes once, at the prompt). Official default k = 3 (with
-    R = 0.5: the lmms-eval script ``fastv_kvcache.py`` behind the README's LLaVA-1.5-7B table)."""
-
-    k: int = 2
-    ratio: float = 0.5  # R: fraction of image tokens pruned
-    protocol: str = "paper"
-
-    #: lmms-eval-with-kvcache/fastv_kvcache.py: K = 3, ratio = 0.5
-    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"k": 3}
-
-    def __post_init__(self) -> None:
-        check_protocol(self.protocol)
-
 
 def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden states a decoder layer's forward pre-hook receives."""
@@ -186,11 +103,11 @@ class Session:
             self.sink_dims = sink_dimensions(lvlm, var.sink_dims)
         self.capture = Captured() if capture else None
         self._step_capture: Optional[torch.Tensor] = None
+        for name, cfg, key in (("var", var, "start_layer"), ("pai", pai, "start_layer"), ("fastv", fastv, "k")):
+            if cfg is not None and getattr(cfg, key) >= lvlm.num_layers:
+                raise VsinkError(f"{name} setting '{key}' must be below the {lvlm.num_layers} decoder layers of "
+                                 f"{lvlm.spec}, got {getattr(cfg, key)}")
         if fastv is not None:
-            if not 0 <= fastv.ratio < 1:
-                raise VsinkError(f"FastV ratio R must be in [0, 1), got {fastv.ratio}")
-            if not 1 <= fastv.k < lvlm.num_layers:
-                raise VsinkError(f"FastV k must be in [1, {lvlm.num_layers}), got {fastv.k}")
             if len(set(self.spans.counts())) > 1:
                 raise VsinkError(f"FastV needs the same number of image tokens in every row, got {self.spans.counts()}")
 
