@@ -438,7 +438,8 @@ class Option:
     what it may be (``kind``; ``nullable``: also null / unset), its default and meaning.
 
     Command-line only: ``flag`` (default ``--key-with-dashes``), ``positional``, ``repeat``
-    (given several times, collected in a list), ``required``; ``default_text`` describes a
+    (given several times, collected in a list), ``required``, ``metavar`` (the placeholder in
+    ``--help``; default: the kind's, or the key for a positional); ``default_text`` describes a
     default that is not a literal value (e.g. "the model's")."""
 
     key: str
@@ -451,6 +452,7 @@ class Option:
     positional: bool = False
     repeat: bool = False
     required: bool = False
+    metavar: Optional[str] = None
 
     @property
     def cli_flag(self) -> str:
@@ -553,8 +555,9 @@ def add_option(parser: argparse.ArgumentParser, option: Option) -> argparse.Acti
         kwargs.update(action="store_true")
     else:
         kwargs.update(type=_Convert(option), default=option.default)
-        if option.kind.metavar and not option.positional:
-            kwargs["metavar"] = option.kind.metavar
+        metavar = option.metavar or (None if option.positional else option.kind.metavar)
+        if metavar:
+            kwargs["metavar"] = metavar
         if option.repeat:
             kwargs["action"] = "append" if not option.positional else "store"
             if option.positional:

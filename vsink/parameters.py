@@ -225,7 +225,7 @@ CHAIR = declare(
 FINETUNE = declare(
     Option("config", InputPath(), None, "recipe YAML", nullable=True, default_text="built-in defaults, the posthoc demo"),
     Option("overrides", Assignment(), [], "recipe overrides (see the recipe keys in docs/options.md)",
-           positional=True, repeat=True, default_text="none"),
+           positional=True, repeat=True, default_text="none", metavar="KEY=VALUE"),
     Option("resume", Bool(), False, "continue from the latest checkpoint in out/"),
     NO_PROGRESS,
 )
