@@ -1,87 +1,146 @@
-"""Generation speed with each mitigation against vanilla eager ``generate``, and FastV's prefill.
+"""Generation speed and memory with each mitigation against vanilla HF ``generate``: SDPA (the
+default users run: the headline) and eager.
 
-One LLaVA-style model (random weights, built offline: Llama decoder ``--hidden``×``--layers``,
-576 image tokens like LLaVA-1.5), one batch, greedy. Runs alternate between variants; the median
-tokens/s of each is compared with vanilla HF eager generate (``attn_implementation="eager"``).
-Targets: VAR and PAI (without guidance) ≥ 0.9× vanilla. FastV (k=2, R=50%): prefill time
-(``max_new_tokens=1``) against vsink's ``none``.
+The model is the demo LVLM's mechanism at LLaVA-1.5's shape (:func:`vsink.data.demo_llava.build_demo_llava`
+with ``--layers`` decoder layers, hidden 1024, 336 px images in 14 px patches: 576 image tokens per
+row), random weights apart from the planted sinks, so VAR finds visual sinks and really edits rows.
+One batch, greedy, ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``, so every run
+decodes the same count). Times: the variants alternate within each of ``--rounds`` rounds and the
+median tokens/s of each is compared with vanilla SDPA and with vanilla eager. Peak process RSS:
+each variant once in a fresh subprocess. FastV's prefill (one new token) is compared with vanilla
+SDPA's.
 
-    python benchmarks/lvlm_generate.py          # ~126 M decoder parameters, batch 2, 16 new tokens, CPU
+Targets (issue 17): VAR and PAI (without guidance) >= 0.9x vanilla SDPA tokens/s; FastV (R = 50 %)
+faster than vanilla SDPA in prefill; peak RSS <= 1.1x vanilla. ``--device cuda --attn flash_attention_2``
+runs the same comparison against flash attention on a GPU.
+
+    python benchmarks/lvlm_generate.py            # ~117 M parameters, batch 2, 16 new tokens, CPU, ~6 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+import warnings
 
-import numpy as np
-import torch
-from PIL import Image
+VARIANTS = {"vanilla": ("none", {}), "vanilla eager": ("none", {}), "vsink none": ("none", {}),
+            "var": ("var", {}), "pai": ("pai", {}), "fastv": ("fastv", {"k": 2, "ratio": 0.5})}
 
-from vsink.data.demo_lvlm import build_tiny_llava
-from vsink.lvlm import LVLM, generate
 
-VARIANTS = {"vsink none": ("none", {}), "var": ("var", {"sink_dims": [11, 29], "tau": 20.0}),
-            "pai": ("pai", {}), "fastv": ("fastv", {"k": 2, "ratio": 0.5})}
+def _setup(args):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vsink.data.demo_llava import build_demo_llava
+    from vsink.lvlm import LVLM
+
+    torch.set_num_threads(args.threads)
+    model, processor = build_demo_llava(layers=args.layers, image_size=336, patch_size=14)
+    model = model.to(args.device)
+    model.set_attn_implementation(args.attn)
+    lvlm = LVLM(model, processor, "vsink/demo-llava")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((336, 336, 3)) * 255).astype(np.uint8)) for _ in range(args.batch_size)]
+    inputs = lvlm.prepare(images, ["describe this image please ."] * args.batch_size)
+    return lvlm, inputs
+
+
+def _runner(lvlm, inputs, args):
+    import torch
+
+    from vsink.lvlm import MitigationWarning, generate
+
+    model = lvlm.model
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def run(name: str, new: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        if name.startswith("vanilla"):
+            impl = "eager" if name == "vanilla eager" else args.attn
+            model.set_attn_implementation(impl)
+            try:
+                with torch.no_grad():
+                    model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            finally:
+                model.set_attn_implementation(args.attn)
+        else:
+            mitigation, settings = VARIANTS[name]
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", MitigationWarning)  # a mitigation that edits nothing costs nothing
+                r = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=new)
+            assert r.new_tokens.shape[1] == new, (name, r.new_tokens.shape)
+        sync()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def _worker(name: str, args) -> dict:
+    lvlm, inputs = _setup(args)
+    _runner(lvlm, inputs, args)(name, args.new_tokens)
+    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--attn", default="sdpa", help="the vanilla implementation: sdpa (default) or flash_attention_2")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args)))
+        return
+    import torch
 
-    model, processor = build_tiny_llava(hidden=args.hidden, layers=args.layers, heads=16, kv_heads=16,
-                                        image_size=336, patch=14)
-    lvlm = LVLM(model, processor, "bench")
-    decoder = sum(p.numel() for p in model.model.language_model.parameters())
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((336, 336, 3)) * 255).astype(np.uint8)) for _ in range(args.batch_size)]
-    inputs = lvlm.prepare(images, ["describe this image please ."] * args.batch_size)
-    n = args.new_tokens
+    from vsink.lvlm.generate import generate  # noqa: F401  (import cost outside the timings)
 
-    def vanilla(max_new: int) -> float:
-        model.set_attn_implementation("eager")
-        try:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
-            return time.perf_counter() - t0
-        finally:
-            model.set_attn_implementation("sdpa")
-
-    def ours(name: str, max_new: int) -> float:
-        mitigation, settings = VARIANTS[name]
-        t0 = time.perf_counter()
-        r = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=max_new)
-        assert r.new_tokens.shape[1] == max_new
-        return time.perf_counter() - t0
-
-    for name in ("vsink none", "var"):  # warm-up
-        ours(name, 2)
-    times: dict[str, list[float]] = {"vanilla eager": [], **{k: [] for k in VARIANTS}}
-    prefill: dict[str, list[float]] = {"vsink none": [], "fastv": []}
+    lvlm, inputs = _setup(args)
+    run = _runner(lvlm, inputs, args)
+    n, batch = args.new_tokens, args.batch_size
+    for name in VARIANTS:  # warm-up
+        run(name, 2)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    prefill: dict[str, list[float]] = {"vanilla": [], "fastv": []}
     for _ in range(args.rounds):
-        times["vanilla eager"].append(vanilla(n))
         for name in VARIANTS:
-            times[name].append(ours(name, n))
+            times[name].append(run(name, n))
         for name in prefill:
-            prefill[name].append(ours(name, 1))
-    base = args.batch_size * n / statistics.median(times["vanilla eager"])
-    print(f"decoder {decoder / 1e6:.0f} M parameters ({args.layers} layers, hidden {args.hidden}), "
-          f"{inputs['input_ids'].shape[1]} prompt tokens, batch {args.batch_size}, {n} new tokens, "
-          f"{args.rounds} rounds, {args.threads} threads")
+            prefill[name].append(run(name, 1))
+    peaks = {}
+    if not args.skip_memory:
+        for name in VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True,
+                                 text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+            peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    decoder = sum(p.numel() for p in lvlm.model.model.language_model.parameters())
+    print(f"demo LVLM at LLaVA-1.5 shape: decoder {decoder / 1e6:.0f} M parameters ({args.layers} layers, hidden "
+          f"1024), {inputs['input_ids'].shape[1]} prompt tokens, batch {batch}, {n} new tokens, {args.rounds} rounds, "
+          f"{args.threads} threads, {args.device}, torch {torch.__version__}")
+    sdpa = batch * n / statistics.median(times["vanilla"])
+    eager = batch * n / statistics.median(times["vanilla eager"])
+    print(f"{'variant':>14} {'tokens/s':>9} {'x ' + args.attn:>10} {'x eager':>8} {'peak MiB':>9} {'peak x':>7}")
     for name, ts in times.items():
-        rate = args.batch_size * n / statistics.median(ts)
-        print(f"{name:>14}: {rate:7.2f} tokens/s  = {rate / base:.3f}x vanilla eager")
-    a, b = statistics.median(prefill["vsink none"]), statistics.median(prefill["fastv"])
-    print(f"prefill (1 new token): none {a:.2f} s, FastV {b:.2f} s  -> speed-up {a / b:.2f}x")
+        rate = batch * n / statistics.median(ts)
+        peak = peaks.get(name)
+        mem = f"{peak:9.0f} {peak / peaks['vanilla']:7.3f}" if peak else f"{'—':>9} {'—':>7}"
+        label = f"vanilla {args.attn}" if name == "vanilla" else name
+        print(f"{label:>14} {rate:9.2f} {rate / sdpa:10.3f} {rate / eager:8.3f} {mem}")
+    a, b = statistics.median(prefill["vanilla"]), statistics.median(prefill["fastv"])
+    print(f"prefill (1 new token): vanilla {args.attn} {a:.2f} s, FastV (k=2, R=50%) {b:.2f} s -> {a / b:.2f}x")
 
 
 if __name__ == "__main__":

@@ -232,4 +232,4 @@ def test_cli_vocabulary_and_synonyms(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "chair", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "reference (default)" in help_text and "--synonyms FILE" in help_text
+    assert "one of reference, vsink; default: reference" in help_text and "--synonyms FILE" in help_text

@@ -82,7 +82,7 @@ def test_nothing_scannable_exits_nonzero(tmp_path, capsys):
     (["scan", "/no/such/image.jpg"], "no such file or directory"),
     (["scan", "--model", "nope:thing"], "supported model specs"),
     (["scan", "--img-size", "100"], "not a multiple of the patch size"),
-    (["scan", "--threshold", "loud"], "is not 'auto', 'sigma:K' or a number"),
+    (["scan", "--threshold", "loud"], "must be auto, sigma:K (K a finite number >= 0) or an absolute norm"),
 ])
 def test_clear_errors(args, message, tmp_path, capsys):
     code, out, err = run(capsys, *args, "--out", str(tmp_path), "--no-progress")

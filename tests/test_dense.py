@@ -169,16 +169,19 @@ def test_cli_eval_dense(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--format", "voc", "--data", "/nonexistent"], "nonexistent: VOC root directory not found"),
-    (["--data", "somewhere"], "--data is not used with --format synthetic"),
-    (["--tasks", "lost,segment"], "unknown task(s) segment"),
-    (["--lost-biases", "zero"], "--lost-biases: expected a comma list of numbers"),
-    (["--lost-normalize", "maybe"], "--lost-normalize must be no, yes or both"),
+    (["--format", "voc", "--data", "/nonexistent"], "--data: must be an existing file or directory, got '/nonexistent'"),
+    (["--format", "voc", "--data", "TMP"], "VOC JPEGImages directory not found"),
+    (["--data", "TMP"], "--data is not used with --format synthetic"),
+    (["--tasks", "lost,segment"], "--tasks: must be a non-empty list of distinct entries, each one of linear-seg, lost, "
+                                  "artifacts, got 'lost,segment' (entry 'segment' is not one of"),
+    (["--lost-biases", "zero"], "--lost-biases: must be a non-empty list, each a finite number, got 'zero'"),
+    (["--lost-normalize", "maybe"], "--lost-normalize: must be one of no, yes, both, got 'maybe'"),
     (["--variant", "x=missing.safetensors"], "missing.safetensors: file not found"),
-    (["--lost-ties", "reference"], "ties: only 'stable' is defined"),
-    (["--lost-iou", "strict"], "iou: use one of exact, reference"),
+    (["--lost-ties", "reference"], "--lost-ties: must be one of stable, got 'reference'"),
+    (["--lost-iou", "strict"], "--lost-iou: must be one of exact, reference, got 'strict'"),
 ])
-def test_cli_eval_errors(argv, message, capsys):
+def test_cli_eval_errors(argv, message, capsys, tmp_path):
+    argv = [str(tmp_path) if a == "TMP" else a for a in argv]
     assert main(["eval", "dense", "--no-progress", "--synthetic-images", "2", "--img-size", "64"] + argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1

@@ -502,7 +502,7 @@ def test_settings_and_errors():
         generate(lvlm, inputs, mitigation="var", settings={"beta": 1})
     with pytest.raises(VsinkError, match="no sink dimensions known"):
         generate(lvlm, inputs, mitigation="var")
-    with pytest.raises(VsinkError, match=r"FastV ratio R must be in \[0, 1\)"):
+    with pytest.raises(VsinkError, match=r"fastv setting 'ratio' must be a finite number in \[0, 1\), got 1\.0"):
         generate(lvlm, inputs, mitigation="fastv", settings={"ratio": 1.0})
     text_only = dict(processor.tokenizer(["is there a cat ?"], return_tensors="pt"))
     with pytest.raises(VsinkError, match="every prompt needs an image"):
@@ -545,10 +545,10 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
     assert 'protocol official, settings {"k": 3, "ratio": 0.5, "protocol": "official"}' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
-    assert "paper (default)" in " ".join(capsys.readouterr().out.split())
+    assert "one of paper, official; default: paper" in " ".join(capsys.readouterr().out.split())
     assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
                  "--prompt", "x", "--protocol", "authors"]) == 2
-    assert "protocol must be one of paper, official, got 'authors'" in capsys.readouterr().err
+    assert "--protocol: must be one of paper, official, got 'authors'" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
                  "--prompt", "x", "--mitigation", "vcd"]) == 2
     assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
@@ -556,4 +556,5 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--image", str(tmp_path / "a.png"),
                  "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert "unknown mitigation" in err and "one --prompt per --image" in err and "Traceback" not in err
+    assert "--mitigation: must be one of none, var, pai, fastv, got 'vcd'" in err and "one --prompt per --image" in err
+    assert "Traceback" not in err

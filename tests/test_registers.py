@@ -226,7 +226,7 @@ def test_spec_files_and_errors(tmp_path, demo_spec):
     assert [(n["layer"], n["neuron"]) for n in data["neurons"]] == [(n.layer, n.neuron) for n in spec.neurons]
     assert NeuronSpec.load(path).neurons == spec.neurons
     (tmp_path / "bad.json").write_text('{"neurons": [{"layer": "x"}]}')
-    with pytest.raises(vsink.VsinkError, match=r"neurons\[0\] needs integer"):
+    with pytest.raises(vsink.VsinkError, match=r"bad\.json: neurons\[0\]: field 'layer' must be an integer >= 0, got 'x'"):
         NeuronSpec.load(tmp_path / "bad.json")
     with pytest.raises(vsink.VsinkError, match="outside the 768 MLP units"):
         TestTimeRegisters(NeuronSpec("demo", [RegisterNeuron(2, 5000, 1)])).apply(backbone)

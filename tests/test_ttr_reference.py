@@ -220,9 +220,9 @@ def test_discovery_options_by_hand(options, expected):
 
 def test_discovery_option_errors():
     backbone = vsink.load("demo")
-    with pytest.raises(vsink.VsinkError, match="outlier_tokens must be one of patches, all"):
+    with pytest.raises(vsink.VsinkError, match="'outlier_tokens' must be one of patches, all, got 'cls'"):
         find_register_neurons(backbone, demo_images(), outlier_tokens="cls", progress=False)
-    with pytest.raises(vsink.VsinkError, match="sparsity_fraction must be in"):
+    with pytest.raises(vsink.VsinkError, match=r"'sparsity_fraction' must be a finite number in \[0, 1\], got 1\.5"):
         find_register_neurons(backbone, demo_images(), sparsity_filter=True, sparsity_fraction=1.5, progress=False)
 
 
@@ -238,7 +238,7 @@ def test_cli_ttr_shift_and_discovery_flags(tmp_path, capsys):
     assert "shift=reference" in data["settings"]["edits"][0]
     assert main(["scan", "--test-time-registers", str(spec), "--ttr-shift", "global", "--no-progress",
                  "--out", str(tmp_path / "x")]) == 2
-    assert "unknown shift 'global'" in capsys.readouterr().err
+    assert "--ttr-shift: must be one of per-neuron, reference, got 'global'" in capsys.readouterr().err
 
 
 def _help(argv, capsys) -> str:
@@ -250,13 +250,14 @@ def _help(argv, capsys) -> str:
 @pytest.mark.parametrize("command", [["scan"], ["maps"], ["registers", "apply"], ["eval", "dense"]])
 def test_help_shows_the_ttr_options_and_defaults(command, capsys):
     text = _help(command, capsys)
-    assert "--ttr-shift TTR_SHIFT per-neuron (default:" in text
+    assert "--ttr-shift per-neuron|reference per-neuron (each register neuron" in text
+    assert "(one of per-neuron, reference; default: per-" in text  # argparse wraps at the hyphen
     assert "--ttr-zero-trained-registers also zero" in text and "(default: trained registers keep" in text
 
 
 def test_help_shows_the_discovery_options_and_defaults(capsys):
     text = _help(["registers", "find"], capsys)
-    assert "--outlier-tokens OUTLIER_TOKENS patches (default:" in text
+    assert "--outlier-tokens patches|all outlier positions: patches" in text and "default: patches)" in text
     assert "--sparsity-filter the paper notebook's filter" in text and "(default off)" in text
-    assert "--sparsity-fraction SPARSITY_FRACTION see --sparsity-filter (default 0.5)" in text
-    assert "--sparsity-activation SPARSITY_ACTIVATION see --sparsity-filter (default 0.5)" in text
+    assert "--sparsity-fraction X see --sparsity-filter (a finite number in [0, 1]; default: 0.5)" in text
+    assert "--sparsity-activation X see --sparsity-filter (a finite number; default: 0.5)" in text

@@ -1,5 +1,6 @@
 """``KEY=VALUE`` command-line assignments (recipe overrides, mitigation settings), values read
-as YAML scalars or lists with ``yaml.safe_load``."""
+as YAML scalars or lists with ``yaml.safe_load`` (through :mod:`vsink.readers`). The values are
+checked against their declarations where they are used."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from .errors import VsinkError
 
 def parse_assignment(item: str, option: str) -> tuple[str, Any]:
     """``"train.steps=100"`` → ``("train.steps", 100)``; ``option`` names the flag in errors."""
-    import yaml
+    from .readers import ReadError, parse_yaml
 
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise VsinkError(f"{option} {item!r}: use KEY=VALUE")
     try:
-        return key, yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise VsinkError(f"{option} {item!r}: value is not valid YAML") from None
+        return key, parse_yaml(text, f"{option} {key}=...")
+    except ReadError as e:
+        raise VsinkError(f"{option} {item[:60]!r}: value is not valid YAML ({e})") from None

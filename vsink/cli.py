@@ -13,43 +13,26 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .errors import VsinkError
+from .options import add_options
 
 
-def _add_common_args(p: argparse.ArgumentParser) -> None:
-    """Inputs, model and progress options shared by the image subcommands."""
-    p.add_argument("images", nargs="*", help="image files or directories (default: bundled demo images)")
-    _add_model_args(p)
+class UsageError(VsinkError):
+    """A command line argparse cannot read (unknown flag, missing value, refused value)."""
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--model", default="demo", help="model spec (default: demo); see 'vsink models'")
-    p.add_argument("--weights", help="checkpoint to load (.safetensors or a state dict)")
-    p.add_argument("--img-size", type=int, help="square input size (default: the model's)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as loaded)")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="build timm models with random weights (testing without network)")
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as :class:`UsageError` (one line, exit code 2, by :func:`main`)."""
 
-
-def _add_ttr_args(p: argparse.ArgumentParser, flag: bool = True) -> None:
-    if flag:
-        p.add_argument("--test-time-registers", metavar="NEURONS_JSON",
-                       help="apply test-time registers from a 'vsink registers find' spec")
-    p.add_argument("--ttr-registers", type=int, default=1, help="appended register tokens (default 1)")
-    p.add_argument("--ttr-scale", type=float, default=1.0, help="scale of the moved activation (default 1)")
-    p.add_argument("--ttr-mode", default="max", help="max (default: signed value of largest magnitude) or mean")
-    p.add_argument("--ttr-shift", default="per-neuron",
-                   help="per-neuron (default: each register neuron moves its own value) or reference (one "
-                        "scalar per layer, the signed max over tokens and that layer's neurons, as the released code)")
-    p.add_argument("--ttr-zero-trained-registers", action="store_true",
-                   help="also zero the register neurons on trained registers, as the released code "
-                        "(default: trained registers keep their activations)")
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vsink", description="Find, fix and measure attention sinks "
-                                     "and register tokens in vision transformers.")
+    """The ``vsink`` parser; every flag comes from its declaration in :mod:`vsink.parameters`."""
+    from . import parameters as P
+
+    parser = _Parser(prog="vsink", description="Find, fix and measure attention sinks "
+                     "and register tokens in vision transformers.")
     parser.add_argument("--version", action="version", version=f"vsink {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -57,149 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Scan images (files or directories) for high-norm tokens and attention "
                                       "sinks in every layer. With no images and no --model, runs the built-in "
                                       "synthetic demo on the bundled demo images, offline.")
-    _add_common_args(scan)
-    scan.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    scan.add_argument("--threshold", default="auto",
-                      help="high-norm threshold: auto (default), sigma:K, or an absolute norm")
-    scan.add_argument("--sink-ratio", type=float, default=5.0,
-                      help="sink = share of received attention >= this x the median share (default: 5)")
-    scan.add_argument("--out", default="vsink-out", help="output directory (default: vsink-out)")
-    scan.add_argument("--prompt", help="scan an LVLM (--model demo-llava, hf:llava-hf/..., DIR): its language model's "
-                                       "sinks and its vision tower, each image asked with this prompt "
-                                       "(default for demo-llava: 'describe the image')")
-    scan.add_argument("--trust-remote-code", action="store_true",
-                      help="LVLM scans: allow the model's own code from the hub (off by default)")
-    _add_ttr_args(scan)
+    add_options(scan, P.IMAGES, P.MODEL, P.SCAN, [P.TTR_SPEC], P.TTR)
 
     maps = sub.add_parser("maps", help="export attention and norm maps (npz arrays, png overlays)",
                           description="Export per-image attention and norm maps: arrays in <out>/<stem>.npz, "
                                       "overlays and a contact sheet in <out>/<stem>/, an index in maps.json. "
                                       "With no images: the bundled demo images.")
-    _add_common_args(maps)
-    maps.add_argument("--kind", action="append",
-                      help="cls, received, norm, rollout, full (repeat or comma-separate; "
-                           "default: cls,received,norm,rollout)")
-    maps.add_argument("--layers", default="all", help="all (default) or a comma list of block indices, e.g. 0,5,-1")
-    maps.add_argument("--heads", default="mean", help="mean (default), all, or a comma list of head indices")
-    maps.add_argument("--format", default="png,npz", help="png, npz or png,npz (default)")
-    maps.add_argument("--fusion", default="mean", help="rollout head fusion: mean (default), max, min")
-    maps.add_argument("--discard-ratio", type=float, default=0.0,
-                      help="rollout: zero this fraction of the lowest fused attention entries (default 0)")
-    maps.add_argument("--keep-aspect", action="store_true",
-                      help="dynamic-size models: keep each image's aspect ratio (longer side = img size)")
-    maps.add_argument("--out", default="vsink-maps", help="output directory (default: vsink-maps)")
-    _add_ttr_args(maps)
+    add_options(maps, P.IMAGES, P.MODEL, P.MAPS, [P.TTR_SPEC], P.TTR)
 
     registers = sub.add_parser("registers", help="register neurons and test-time registers (no training)")
     reg_sub = registers.add_subparsers(dest="registers_command", required=True)
     find = reg_sub.add_parser("find", help="rank MLP neurons by their activation on high-norm tokens",
                               description="Find register neurons (Jiang et al. 2025) and write neurons.json.")
-    _add_common_args(find)
-    find.add_argument("--out", default="neurons.json", help="output spec (default: neurons.json)")
-    find.add_argument("--top-k", type=int, default=10, help="neurons to keep (default 10)")
-    find.add_argument("--detection-layer", type=int, help="block whose outliers are used (default: emergence layer)")
-    find.add_argument("--highest-layer", type=int, help="last block whose MLP is scored (default: emergence layer)")
-    find.add_argument("--threshold", default="auto", help="high-norm threshold: auto, sigma:K or a number")
-    find.add_argument("--min-selectivity", type=float,
-                      help="keep neurons whose outlier score is >= this x their mean |activation| on patches")
-    find.add_argument("--outlier-tokens", default="patches",
-                      help="patches (default: outlier positions are patches above the threshold) or all (any "
-                           "token, class token included, as the released code)")
-    find.add_argument("--sparsity-filter", action="store_true",
-                      help="the paper notebook's filter: per image, score only neurons below "
-                           "--sparsity-activation on >= --sparsity-fraction of all tokens (default off)")
-    find.add_argument("--sparsity-fraction", type=float, default=0.5, help="see --sparsity-filter (default 0.5)")
-    find.add_argument("--sparsity-activation", type=float, default=0.5, help="see --sparsity-filter (default 0.5)")
-    find.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    add_options(find, P.IMAGES, P.MODEL, P.FIND)
     apply = reg_sub.add_parser("apply", help="scan with and without test-time registers and compare",
                                description="Scan the images without and with test-time registers from a neuron "
                                            "spec: DIR/before and DIR/after hold scan.json and report.html, "
                                            "DIR/compare.html shows both side by side.")
-    _add_common_args(apply)
-    apply.add_argument("--neurons", required=True, help="neurons.json from 'vsink registers find'")
-    apply.add_argument("--out", default="vsink-registers", help="output directory (default: vsink-registers)")
-    apply.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    _add_ttr_args(apply, flag=False)
+    add_options(apply, P.IMAGES, P.MODEL, P.APPLY, P.TTR)
 
-    _add_eval_parser(sub)
-    _add_lvlm_parsers(sub)
-    finetune = sub.add_parser("finetune", help="add registers and train them (posthoc distillation or scratch)",
-                              description="Run a fine-tuning recipe (configs/*.yaml); KEY=VALUE overrides any "
-                                          "recipe field, e.g. train.steps=100 teacher.kind=ttr. Under torchrun "
-                                          "each process trains on its share of every batch (DDP).")
-    finetune.add_argument("--config", help="recipe YAML (default: built-in defaults, the posthoc demo)")
-    finetune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    finetune.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out/")
-    finetune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    sub.add_parser("models", help="list the supported model spec forms")
-    view = sub.add_parser("view", help="write an interactive viewer (one offline HTML file) of a scan, maps or "
-                                       "attention export",
-                          description="Write one self-contained HTML file to explore the output of 'vsink maps' "
-                                      "(attention rows with --kind full), 'vsink scan' or 'vsink generate "
-                                      "--export-attention': pick an image, block and head, click a patch to see its "
-                                      "attention row, toggle norms; for LVLMs pick a generated word.")
-    view.add_argument("directory", help="output directory of vsink maps, scan or generate --export-attention")
-    view.add_argument("--out", help="HTML file to write (default: DIRECTORY/viewer.html)")
-    view.add_argument("--max-images", type=int, default=8, help="images (or LVLM rows) to include (default 8)")
-    view.add_argument("--layers", help="comma list of exported blocks to include (default: all exported)")
-    view.add_argument("--precision", default="float16",
-                      help="float16 (default: half the size, values to ~3 significant digits) or float32")
-    return parser
-
-
-def lvlm_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """--model/--device/--dtype/--trust-remote-code of the LVLM subcommands."""
-    p.add_argument("--model", required=required, help="hf:REPO or a local directory of an LVLM "
-                   "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as saved)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let transformers run code shipped with the model (off by default)")
-
-
-def protocol_arg(p: argparse.ArgumentParser) -> None:
-    """--protocol of the commands that run LVLM mitigations."""
-    p.add_argument("--protocol", default="paper",
-                   help="paper (default): the mitigation as its paper describes it; official: as the authors' "
-                        "released scripts run it, with their defaults (docs/lvlm.md, Protocols)")
-
-
-def _add_lvlm_parsers(sub) -> None:
-    model_args = lvlm_model_args
-
-    gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",
-                         description="Greedy generation with none, VAR, PAI or FastV; several --image/--prompt "
-                                     "pairs run as one left-padded batch.")
-    model_args(gen)
-    gen.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image, or one for all)")
-    gen.add_argument("--mitigation", default="none",
-                     help="none (default), var, pai, fastv, ttr, or a '+'-joined combination such as ttr+var")
-    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="mitigation setting, e.g. p=0.6, alpha=0.2, gamma=1.1, k=2, ratio=0.5, sink_dims=[1415,2533]")
-    gen.add_argument("--sinks", help="sink calibration JSON from 'vsink lvlm calibrate' (VAR's sink_dims)")
-    protocol_arg(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
-    gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    gen.add_argument("--export-attention", metavar="DIR", help="write per-token attention on the image (npz, png)")
-
-    lvlm = sub.add_parser("lvlm", help="LVLM tools")
-    lvlm_sub = lvlm.add_subparsers(dest="lvlm_command", required=True)
-    cal = lvlm_sub.add_parser("calibrate", help="find the decoder's sink dimensions (for VAR)",
-                              description="Rank hidden dimensions by |h / rms(h)| on the first (BOS) token in early "
-                                          "decoder layers over a few prompts; write them to JSON.")
-    model_args(cal)
-    cal.add_argument("--image", action="append", help="images (default: the bundled demo images)")
-    cal.add_argument("--prompt", default="Describe the image.", help="prompt used with every image")
-    cal.add_argument("--num-dims", type=int, default=2, help="dimensions to keep (default 2)")
-    cal.add_argument("--out", default="sinks.json", help="output JSON (default sinks.json)")
-
-
-def _comma(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _add_eval_parser(sub) -> None:
     evaluate = sub.add_parser("eval", help="evaluations: dense prediction, POPE, CHAIR")
     ev_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     dense = ev_sub.add_parser(
@@ -207,42 +66,42 @@ def _add_eval_parser(sub) -> None:
         description="Evaluate a model and its variants (baseline, test-time registers, fine-tuned weights, "
                     "other models) on dense tasks; writes OUT/results.json, results.md and results.html. "
                     "With --format synthetic (the default) no data is needed.")
-    _add_model_args(dense)
-    dense.add_argument("--data", help="dataset root (voc, ade, folder) or instances JSON (coco)")
-    dense.add_argument("--format", default="synthetic", help="voc, ade, coco, folder or synthetic (default)")
-    dense.add_argument("--split", help="evaluation split (default: val / validation)")
-    dense.add_argument("--train-split", help="split the linear head trains on (default: train / training)")
-    dense.add_argument("--images", dest="coco_images", help="coco: image directory (default: next to the JSON)")
-    dense.add_argument("--image-set", default="auto", help="voc: segmentation, main or auto (default)")
-    dense.add_argument("--tasks", help="comma list of linear-seg, lost, artifacts (default: all the data allows)")
-    dense.add_argument("--variant", action="append", metavar="NAME=VALUE",
-                       help="baseline, NAME=neurons.json (test-time registers), NAME=weights.safetensors, "
-                            "NAME=model:SPEC (repeatable; baseline is added first); the --ttr-* options apply "
-                            "to every test-time-register variant")
-    _add_ttr_args(dense, flag=False)
-    dense.add_argument("--limit", type=int, help="use the first N images of each split")
-    dense.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    dense.add_argument("--seg-layer", type=int, default=-1, help="block for linear-seg features (default -1)")
-    dense.add_argument("--num-classes", type=int, help="classes in the masks (default: the dataset's or inferred)")
-    dense.add_argument("--epochs", type=int, default=20, help="linear head epochs (default 20)")
-    dense.add_argument("--lr", type=float, default=1e-3, help="linear head learning rate (default 1e-3)")
-    dense.add_argument("--no-batchnorm", action="store_true", help="linear head without BatchNorm")
-    dense.add_argument("--seed", type=int, default=0, help="seed for the head and the synthetic data (default 0)")
-    dense.add_argument("--lost-layers", default="-1", help="LOST blocks, comma list (default -1)")
-    dense.add_argument("--lost-kinds", default="k", help="LOST features: comma list of k, q, v, tokens (default k)")
-    dense.add_argument("--lost-biases", default="0", help="LOST Gram-matrix biases, comma list (default 0)")
-    dense.add_argument("--lost-normalize", default="no", help="L2-normalise LOST features: no (default), yes, both")
-    dense.add_argument("--lost-k", type=int, default=100, help="LOST seed-expansion candidates (default 100)")
-    dense.add_argument("--lost-ties", default="stable",
-                       help="LOST order of equal degrees: stable (default, and the only one defined: patch order)")
-    dense.add_argument("--lost-iou", default="exact",
-                       help="CorLoc IoU: exact (default: IoU >= 0.5 is a hit) or reference (LOST's bbox_iou on "
-                            "float boxes: +1e-7 on heights and union, so exactly 0.5 is a miss)")
-    dense.add_argument("--synthetic-images", type=int, default=32, help="synthetic: images per split (default 32)")
-    dense.add_argument("--out", default="vsink-eval", help="output directory (default: vsink-eval)")
-    from .cli_hallucination import add_parsers
+    add_options(dense, P.MODEL, P.DENSE, P.TTR)
+    pope = ev_sub.add_parser("pope", help="POPE: build questions, run an LVLM, score yes/no answers",
+                             description="Score --answers FILE, or run --model over POPE questions (built from "
+                                         "--annotations, or --questions FILE) with each --mitigation.")
+    add_options(pope, P.POPE_RUN, P.POPE)
+    chair = ev_sub.add_parser("chair", help="CHAIR: caption images with an LVLM, score object hallucination",
+                              description="Score --generated FILE, or run --model to caption images from "
+                                          "--annotations with each --mitigation.")
+    add_options(chair, P.CHAIR_RUN, P.CHAIR)
 
-    add_parsers(ev_sub)
+    gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",
+                         description="Greedy generation with none, VAR, PAI, FastV, test-time registers in the "
+                                     "vision tower (ttr), or several joined by + (ttr+var); several --image/--prompt "
+                                     "pairs run as one left-padded batch. Prints what each mitigation did per layer.")
+    add_options(gen, P.LVLM_MODEL, P.GENERATE)
+    lvlm = sub.add_parser("lvlm", help="LVLM tools")
+    lvlm_sub = lvlm.add_subparsers(dest="lvlm_command", required=True)
+    cal = lvlm_sub.add_parser("calibrate", help="find the decoder's sink dimensions (for VAR)",
+                              description="Rank hidden dimensions by |h / rms(h)| on the first (BOS) token in early "
+                                          "decoder layers over a few prompts; write them to JSON.")
+    add_options(cal, P.LVLM_MODEL, P.CALIBRATE)
+
+    finetune = sub.add_parser("finetune", help="add registers and train them (posthoc distillation or scratch)",
+                              description="Run a fine-tuning recipe (configs/*.yaml); KEY=VALUE overrides any "
+                                          "recipe key, e.g. train.steps=100 teacher.kind=ttr. Under torchrun "
+                                          "each process trains on its share of every batch (DDP).")
+    add_options(finetune, P.FINETUNE)
+    sub.add_parser("models", help="list the supported model spec forms")
+    view = sub.add_parser("view", help="write an interactive viewer (one offline HTML file) of a scan, maps or "
+                                       "attention export",
+                          description="Write one self-contained HTML file to explore the output of 'vsink maps' "
+                                      "(attention rows with --kind full), 'vsink scan' or 'vsink generate "
+                                      "--export-attention': pick an image, block and head, click a patch to see its "
+                                      "attention row, toggle norms; for LVLMs pick a generated word.")
+    add_options(view, P.VIEW)
+    return parser
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
@@ -418,13 +277,13 @@ def _cmd_registers(args: argparse.Namespace) -> int:
 def _cmd_maps(args: argparse.Namespace) -> int:
     from .maps import DEFAULT_KINDS, export_maps
 
-    kinds = [k.strip() for group in (args.kind or [",".join(DEFAULT_KINDS)]) for k in group.split(",") if k.strip()]
+    kinds = [k for group in args.kind for k in group] if args.kind else list(DEFAULT_KINDS)
     images = _inputs(args)
     backbone = _load_for(args)
     ttr = _ttr(args, args.test_time_registers)
     with ttr.applied(backbone) if ttr else nullcontext():
         result = export_maps(backbone, images, args.out, kinds=kinds, layers=args.layers, heads=args.heads,
-                             formats=[f.strip() for f in args.format.split(",") if f.strip()], fusion=args.fusion,
+                             formats=args.format, fusion=args.fusion,
                              discard_ratio=args.discard_ratio, img_size=args.img_size,
                              keep_aspect=args.keep_aspect, progress=not args.no_progress)
     print(f"exported maps for {len(result.images)} images ({len(result.skipped)} skipped) to {args.out}")
@@ -446,18 +305,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate.segmentation import ProbeSettings
     from .evaluate.variants import parse_variants
 
-    def numbers(text: str, kind: type, what: str) -> list:
-        try:
-            return [kind(t) for t in _comma(text)]
-        except ValueError:
-            raise VsinkError(f"{what}: expected a comma list of numbers, got {text!r}") from None
-
-    normalize = {"no": [False], "yes": [True], "both": [False, True]}.get(args.lost_normalize)
-    if normalize is None:
-        raise VsinkError(f"--lost-normalize must be no, yes or both, got {args.lost_normalize!r}")
-    lost = LostSettings(layers=numbers(args.lost_layers, int, "--lost-layers"), kinds=_comma(args.lost_kinds),
-                        biases=numbers(args.lost_biases, float, "--lost-biases"), normalize=normalize, k=args.lost_k,
-                        ties=args.lost_ties, iou=args.lost_iou)
+    normalize = {"no": [False], "yes": [True], "both": [False, True]}[args.lost_normalize]
+    lost = LostSettings(layers=args.lost_layers, kinds=args.lost_kinds, biases=args.lost_biases, normalize=normalize,
+                        k=args.lost_k, ties=args.lost_ties, iou=args.lost_iou)
     variants = parse_variants(args.variant, _ttr_options(args))
     if args.format == "synthetic" and args.data:
         raise VsinkError("--data is not used with --format synthetic (the default); pass --format voc|ade|coco|folder")
@@ -466,7 +316,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.format == "synthetic":
         common["synthetic_size"] = args.img_size or 224
     eval_set = open_dataset(args.format, args.data, args.split, **common).limit(args.limit)
-    tasks = _comma(args.tasks) if args.tasks else supported_tasks(eval_set)
+    tasks = args.tasks or supported_tasks(eval_set)
     train_set = None
     if "linear-seg" in tasks:
         train_split = args.train_split or DEFAULT_SPLITS.get(args.format, (None, None))[0]
@@ -591,13 +441,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_view(args: argparse.Namespace) -> int:
     from .export.viewer import LARGE_BYTES, write_viewer
 
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(t) for t in _comma(args.layers)]
-        except ValueError:
-            raise VsinkError(f"--layers: expected a comma list of block indices, got {args.layers!r}") from None
-    path = write_viewer(args.directory, args.out, max_images=args.max_images, layers=layers, precision=args.precision)
+    path = write_viewer(args.directory, args.out, max_images=args.max_images, layers=args.layers,
+                        precision=args.precision)
     size = path.stat().st_size
     print(f"wrote {path} ({size / 2**20:.1f} MiB; open it in a browser, no server needed)")
     if size > LARGE_BYTES:
@@ -607,11 +452,11 @@ def _cmd_view(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
                 "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
                 "view": _cmd_view}
     try:
+        args = build_parser().parse_args(argv)
         return handlers[args.command](args)
     except VsinkError as e:
         print(f"vsink: error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """``vsink eval pope`` and ``vsink eval chair``: score existing outputs, or run an LVLM with
-mitigations over the benchmark (resumable) and score."""
+mitigations over the benchmark (resumable) and score. The flags are declared in
+:mod:`vsink.parameters` (``POPE_RUN``, ``POPE``, ``CHAIR_RUN``, ``CHAIR``)."""
 
 from __future__ import annotations
 
@@ -10,55 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import VsinkError
-from .io import read_jsonl, write_jsonl
-
-
-def add_parsers(ev_sub) -> None:
-    from .cli import lvlm_model_args, protocol_arg
-
-    def run_args(p: argparse.ArgumentParser, prompt: str, max_new: int) -> None:
-        lvlm_model_args(p, required=False)
-        p.add_argument("--images", help="image directory (file names as in the annotations)")
-        p.add_argument("--annotations", help="COCO instances JSON")
-        p.add_argument("--mitigation", default="none",
-                       help="comma list of none, var, pai, fastv (default none); the first is the baseline")
-        p.add_argument("--set", action="append", default=[], metavar="MITIGATION.KEY=VALUE",
-                       help="setting of one mitigation, e.g. var.p=0.6, pai.gamma=1.1, fastv.ratio=0.5")
-        p.add_argument("--sinks", help="sink calibration JSON for var (from 'vsink lvlm calibrate')")
-        protocol_arg(p)
-        p.add_argument("--num-images", type=int, default=500, help="images sampled from the annotations (default 500)")
-        p.add_argument("--limit", type=int, help="run only the first N items")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-        p.add_argument("--batch-size", type=int, default=4, help="prompts per generate call (default 4)")
-        p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default {max_new}")
-        p.add_argument("--prompt", default=prompt, help=f"prompt (default: {prompt!r})")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-        p.add_argument("--out", default="vsink-hallucination", help="output directory")
-
-    pope = ev_sub.add_parser("pope", help="POPE: build questions, run an LVLM, score yes/no answers",
-                             description="Score --answers FILE, or run --model over POPE questions (built from "
-                                         "--annotations, or --questions FILE) with each --mitigation.")
-    from .evaluate.hallucination import CHAIR_PROMPT, POPE_PROMPT
-
-    run_args(pope, POPE_PROMPT, 16)
-    pope.add_argument("--answers", help="score this answers JSONL (no model)")
-    pope.add_argument("--questions", help="questions JSONL to use instead of building them")
-    pope.add_argument("--splits", default="random,popular,adversarial", help="POPE splits (default: all three)")
-    pope.add_argument("--parser", default="official", help="official (default) or strict")
-    pope.add_argument("--build-only", action="store_true", help="write OUT/questions.jsonl and stop")
-
-    chair = ev_sub.add_parser("chair", help="CHAIR: caption images with an LVLM, score object hallucination",
-                              description="Score --generated FILE, or run --model to caption images from "
-                                          "--annotations with each --mitigation.")
-    run_args(chair, CHAIR_PROMPT, 512)
-    chair.add_argument("--generated", help="score this generated-captions JSONL (no model)")
-    chair.add_argument("--captions", help="COCO captions JSON (reference captions add ground-truth objects)")
-    chair.add_argument("--vocabulary", default="reference", choices=("reference", "vsink"),
-                       help="reference (default): mentions exactly as the reference chair.py finds them, quirks "
-                            "included; vsink: vsink's table with the reference's errors fixed (docs/fidelity.md)")
-    chair.add_argument("--synonyms", metavar="FILE",
-                       help="synonym table in the reference synonyms.txt format, for --vocabulary reference "
-                            "(default: the packaged copy of the reference table)")
+from .io import write_jsonl
 
 
 def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -98,10 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.eval_command == "pope":
-        if args.parser not in pope_mod.PARSERS:
-            raise VsinkError(f"--parser must be one of {', '.join(pope_mod.PARSERS)}")
         if args.answers:
-            rows = read_jsonl(args.answers, ("split", "label", "answer"))
+            rows = pope_mod.read_answers(args.answers)
             scores = {"answers": pope_mod.score_answers(rows, args.parser)}
             protocol = {"answers": str(args.answers), "parser": args.parser}
             paths = hal.save_results(out, "pope", protocol, scores, {})
@@ -110,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
             questions = hal.load_questions(args.questions)
         else:
             _require(args, "annotations")
-            questions = pope_mod.build_questions(args.annotations, splits=[s for s in args.splits.split(",") if s],
-                                                 num_images=args.num_images, seed=args.seed)
+            questions = pope_mod.build_questions(args.annotations, splits=args.splits, num_images=args.num_images,
+                                                 seed=args.seed)
             write_jsonl(out / "questions.jsonl", questions)
             if args.build_only:
                 print(f"wrote {len(questions)} questions to {out / 'questions.jsonl'}")
@@ -127,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     scoring = {"annotations": str(args.annotations), "captions": str(args.captions) if args.captions else None,
                "vocabulary": vocab.name, "synonyms": vocab.source}
     if args.generated:
-        rows = read_jsonl(args.generated, ("image_id", "caption"))
+        rows = chair_mod.read_generated(args.generated)
         scores = {"generated": chair_mod.score_captions(rows, truth, str(args.generated), vocab)}
         protocol = {"generated": str(args.generated), **scoring}
         return _report(hal.save_results(out, "chair", protocol, scores, {}))
@@ -154,13 +105,9 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     from .mitigate import make_mitigations
 
     _require(args, "model", "images")
-    names = [m.strip() for m in args.mitigation.split(",") if m.strip()]
-    if not names or len(set(names)) != len(names):
-        raise VsinkError(f"--mitigation: give distinct names, got {args.mitigation!r}")
+    names = args.mitigation
     settings = _mitigation_settings(args, names)
     resolved = {name: make_mitigations(name, settings[name], args.protocol) for name in names}  # fail before loading
-    if args.batch_size < 1:
-        raise VsinkError(f"--batch-size must be >= 1, got {args.batch_size}")
     lvlm = load_lvlm_for(args)
     protocol = {**protocol, "model": args.model, "settings": settings, "mitigation_protocol": args.protocol,
                 "resolved_settings": {name: _resolved(mits) for name, mits in resolved.items()}}

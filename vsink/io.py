@@ -9,11 +9,11 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import VsinkError
+from .options import Kind
 
 
 @contextmanager
@@ -47,33 +47,48 @@ def write_json(path: Union[str, os.PathLike], obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Lines of a JSONL file; a malformed line is an error naming the file and line, except a last
-    line cut by an interrupted append (no final newline), which is skipped. Lines end at ``\\n``
-    only: U+2028, U+0085 and the other characters ``str.splitlines`` breaks on are valid inside a
-    JSON string written with ``ensure_ascii=False``."""
+def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = (), *,
+               fields: Optional[Mapping[str, Kind]] = None, unique: Optional[str] = None,
+               cut_last_line: bool = False) -> list[dict[str, Any]]:
+    """Lines of a JSONL file, each a JSON object; every problem is a one-line error naming the
+    file and line (and the field): bytes that are not UTF-8, a line that is not JSON or not an
+    object, a missing ``required`` field, a field of the wrong kind (``fields``: key → kind, checked
+    where present), a repeated value of the ``unique`` field (the error names both lines).
+
+    ``cut_last_line``: for vsink's own logs, appended as work completes — a last line cut by an
+    interrupted append (no final newline, not JSON) is skipped; elsewhere (files to be scored)
+    it is an error. Lines end at ``\\n`` only: U+2028, U+0085 and the other characters
+    ``str.splitlines`` breaks on are valid inside a JSON string written with ``ensure_ascii=False``."""
+    from .readers import ReadError, checked_field, parse_json, read_text
+
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").split("\n")
-    except OSError as e:
-        raise VsinkError(f"{p}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise VsinkError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = read_text(p).split("\n")
     rows = []
+    seen: dict[Any, int] = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except ValueError:
+            row = parse_json(line, str(p), n)
+        except ReadError as e:
             if n == len(lines):
-                continue
-            raise VsinkError(f"{p}:{n}: not a JSON object") from None
+                if cut_last_line:
+                    continue
+                raise ReadError(f"{e}; the last line has no newline: cut by an interrupted write?") from None
+            raise
         if not isinstance(row, dict):
-            raise VsinkError(f"{p}:{n}: not a JSON object")
+            raise ReadError(f"{p}:{n}: not a JSON object (got {type(row).__name__ if row is not None else 'null'})")
         missing = [k for k in required if k not in row]
         if missing:
-            raise VsinkError(f"{p}:{n}: missing field(s) {', '.join(missing)}")
+            raise ReadError(f"{p}:{n}: missing field(s) {', '.join(missing)}")
+        for key, kind in (fields or {}).items():
+            if key in row:
+                checked_field(row, key, kind, f"{p}:{n}")
+        if unique is not None and unique in row:
+            value = json.dumps(row[unique], sort_keys=True)
+            if value in seen:
+                raise ReadError(f"{p}:{n}: {unique} {value} repeats line {seen[value]}; each must appear once")
+            seen[value] = n
         rows.append(row)
     return rows
 

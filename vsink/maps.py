@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 
 from .backbones.base import Backbone
 from .errors import VsinkError
-from .images import ImageSource, NamedImage, load_batch
+from .finite import FiniteGuard
+from .images import ImageSource, NamedImage, load_batch, source_name
 from .io import NpzWriter, write_json
+from .outputs import check_output_dir, clean_stale_temps, derived_names
 from .layout import TokenLayout
 from .probe import Probe
 from .rollout import FUSIONS, FullAttentionObserver, RolloutObserver
@@ -107,14 +109,12 @@ def _head_arrays(kind: str, layer: int, values: np.ndarray, layout: TokenLayout,
     return out
 
 
-def _stem(name: str, used: set[str]) -> str:
-    base = Path(name.split(":", 1)[-1]).stem or "image"
-    stem, n = base, 1
-    while stem in used:
-        n += 1
-        stem = f"{base}-{n}"
-    used.add(stem)
-    return stem
+def stems(names: Sequence[str], out_dir: Union[str, os.PathLike]) -> list[str]:
+    """The output stem of each input name: its file stem made safe (never ``.``, ``..``, hidden or
+    a path), numbered ``-2``, ``-3`` on a clash, so that ``<stem>.npz`` and ``<stem>/`` of two
+    inputs never collide with each other or with ``maps.json`` and stay inside ``out_dir``."""
+    bases = [Path(name.split(":", 1)[-1]).stem for name in names]
+    return derived_names(bases, out_dir, entries=("{}", "{}.npz"), reserved=("maps.json",))
 
 
 def export_maps(
@@ -132,10 +132,12 @@ def export_maps(
     keep_aspect: bool = False,
     progress: bool = True,
 ) -> MapsResult:
-    """Export maps for each image into ``out_dir`` (``<stem>.npz``, ``<stem>/*.png``, ``maps.json``).
+    """Export maps for each image into ``out_dir`` (``<stem>.npz``, ``<stem>/*.png``, ``maps.json``;
+    stems from :func:`stems`).
 
     Unreadable images are skipped and listed; each image's files are written atomically as soon
-    as it is done, so an interruption loses nothing already exported.
+    as it is done, so an interruption loses nothing already exported. Temporary files an earlier,
+    killed run left in these folders are removed.
     """
     from .export.maps import render_image_pngs
 
@@ -157,13 +159,14 @@ def export_maps(
     sel_layers = parse_selection(layers, backbone.num_layers, "layers", ("all",))
     sel_layers = list(range(backbone.num_layers)) if sel_layers == "all" else sel_layers
     sel_heads = parse_selection(heads, backbone.num_heads, "heads", ("mean", "all"))
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "out_dir")
+    image_stems = stems([source_name(item, i) for i, item in enumerate(images)], out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
     settings = {"kinds": kinds, "layers": sel_layers, "heads": sel_heads, "formats": formats, "fusion": fusion,
                 "discard_ratio": discard_ratio, "img_size": img_size, "keep_aspect": keep_aspect}
     done: list[ImageMaps] = []
     skipped: list[dict[str, str]] = []
-    used: set[str] = set()
     warned = False
     for index, item in enumerate(tqdm(images, desc="maps", unit="img", disable=not progress)):
         loaded, names, failed = load_batch([item], index)
@@ -182,7 +185,7 @@ def export_maps(
                           f"{n_heads} heads x {layout.num_tokens}^2 float32), {len(images) * per_image / 2**20:.1f} MiB "
                           "for all images", stacklevel=2)
             warned = True
-        maps = ImageMaps(name, _stem(name, used), image.resize((size[1], size[0]), Image.BICUBIC), layout, {})
+        maps = ImageMaps(name, image_stems[index], image.resize((size[1], size[0]), Image.BICUBIC), layout, {})
         with ExitStack() as stack:
             writer = stack.enter_context(NpzWriter(out / f"{maps.stem}.npz")) if "npz" in formats else None
             maps.arrays = _compute(backbone, maps, size, kinds, sel_layers, sel_heads, fusion, discard_ratio,
@@ -193,6 +196,7 @@ def export_maps(
                 writer.add("image", np.asarray(maps.image.convert("RGB"), dtype=np.uint8))
                 maps.files.append(f"{maps.stem}.npz")
         if "png" in formats:
+            clean_stale_temps(out / maps.stem)
             maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads)
         done.append(maps)
         maps.arrays = {}  # on disk now
@@ -209,6 +213,7 @@ def _compute(backbone: Backbone, maps: ImageMaps, size: tuple[int, int], kinds: 
     layout = maps.layout
     x = backbone.preprocess([maps.image], size)
     want_attention = any(k in kinds for k in HEAD_KINDS)
+    stack.enter_context(FiniteGuard(backbone))
     probe = None
     if want_attention or "norm" in kinds:
         probe = stack.enter_context(Probe(backbone, layers=layers, norms="norm" in kinds, attention=want_attention))

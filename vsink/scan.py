@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from .detect import (AttentionSink, HighNormResult, MassiveActivation, detect_hi
                      detect_sinks, layer_attention_summary, massive_summary)
 from .errors import VsinkError
 from .images import ImageSource, NamedImage, load_batch
-from .io import write_json, write_text
+from .io import write_text
 from .layout import TokenLayout
 from .probe import Probe, Trace
 
@@ -40,23 +41,14 @@ class NothingScanned(VsinkError):
 
 
 def parse_threshold(value: Union[str, float, None]) -> dict[str, Any]:
-    """``"auto"`` | ``"sigma:K"`` | a number (absolute norm) → keyword arguments of :func:`detect_high_norm`."""
-    if value is None or value == "auto":
-        return {"method": "auto"}
-    if isinstance(value, (int, float)):
-        return {"method": "absolute", "threshold": float(value)}
-    text = str(value).strip()
-    if text.startswith("sigma:"):
-        try:
-            return {"method": "sigma", "k": float(text.split(":", 1)[1])}
-        except ValueError:
-            pass
-    else:
-        try:
-            return {"method": "absolute", "threshold": float(text)}
-        except ValueError:
-            pass
-    raise VsinkError(f"threshold {value!r} is not 'auto', 'sigma:K' or a number")
+    """``"auto"`` | ``"sigma:K"`` | a number (absolute norm) → keyword arguments of :func:`detect_high_norm`;
+    NaN, infinity, a negative K and a norm <= 0 are refused."""
+    from .options import Invalid, Threshold
+
+    try:
+        return Threshold().detect_kwargs(value)
+    except Invalid:
+        raise VsinkError(f"threshold {value!r} is not {Threshold().describe()}") from None
 
 
 @dataclass
@@ -118,17 +110,23 @@ class ScanResult:
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
         """Write ``scan.json``, ``report.html`` and ``trace.npz`` (the trace plus every outlier token,
         as arrays ``outlier_image``, ``outlier_layer``, ``outlier_token``, ``outlier_norm``, and the
-        report images as ``thumbnails`` uint8 [images, H, W, 3]) into ``out_dir``, each atomically."""
+        report images as ``thumbnails`` uint8 [images, H, W, 3]) into ``out_dir``, each atomically; the
+        report and the JSON are made first, so a failure leaves every earlier file in ``out_dir`` as it
+        was."""
         from .export.report import render_scan_report
+        from .outputs import check_output_dir, clean_stale_temps
 
-        out = Path(out_dir)
+        out = check_output_dir(out_dir, "out_dir")
+        report = render_scan_report(self)  # both can fail: before any file is replaced
+        summary = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
         out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(out)
         extra = self.high_norm.outliers.arrays("outlier")
         if self.thumbnails:  # the report images, for ``vsink view``
             extra["thumbnails"] = np.stack([np.asarray(t.convert("RGB"), dtype=np.uint8) for t in self.thumbnails])
         paths = {"trace": self.trace.save(out / "trace.npz", extra=extra)}
-        paths["report"] = write_text(out / "report.html", render_scan_report(self))
-        paths["json"] = write_json(out / "scan.json", self.to_json())
+        paths["report"] = write_text(out / "report.html", report)
+        paths["json"] = write_text(out / "scan.json", summary)
         return paths
 
 
@@ -163,8 +161,12 @@ def scan(
     Raises:
         NothingScanned: if no image could be read.
     """
-    if batch_size < 1:
-        raise VsinkError(f"batch_size must be >= 1, got {batch_size}")
+    from .options import Float, Option
+    from .parameters import SCAN
+
+    SCAN["batch_size"].check(batch_size)
+    SCAN["sink_ratio"].check(sink_ratio)
+    Option("massive_ratio", Float(0, min_open=True)).check(massive_ratio)
     if not images:
         raise VsinkError("no images given")
     size = (img_size, img_size) if img_size else backbone.img_size
@@ -201,7 +203,10 @@ def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], 
                     massive_ratio: float = 100.0, batch_size: int, thumbnails: Sequence[Image.Image] = (),
                     synthetic: Optional[bool] = None) -> ScanResult:
     """Run every detector on a trace of ``backbone`` and assemble the :class:`ScanResult`."""
+    from .finite import check_finite_trace
+
     detect_kwargs = parse_threshold(threshold)
+    check_finite_trace(trace, backbone.spec)
     settings = {"batch_size": batch_size, "threshold": detect_kwargs, "sink_ratio": sink_ratio,
                 "massive_ratio": massive_ratio, "layers": list(trace.layers),
                 "dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),

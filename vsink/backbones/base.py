@@ -213,10 +213,12 @@ class Backbone(SiteModel):
     # --- weights and saving ----------------------------------------------------------------
     def load_weights(self, path: Union[str, os.PathLike]) -> None:
         """Load a checkpoint (safetensors, or a state dict read with ``weights_only=True``) into
-        :attr:`model`; missing keys are an error."""
+        :attr:`model`; missing keys, wrong shapes and NaN or infinite values are errors."""
+        from ..finite import check_finite_weights
         from .registry import load_weights, read_state_dict
 
         load_weights(self.model, path, self._state_for_model(read_state_dict(path)))
+        check_finite_weights(self, f"weights file {path}")
 
     def _state_for_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a checkpoint's keys onto :attr:`model` (adapters whose checkpoints hold more)."""

@@ -173,6 +173,13 @@ class LVLM:
             raise VsinkError(f"{self.spec}: no processor was loaded; pass input_ids and pixel_values yourself")
         if len(images) != len(prompts):
             raise VsinkError(f"got {len(images)} images for {len(prompts)} prompts")
+        placeholder = getattr(self.processor, "image_token", "<image>")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise VsinkError(f"prompt {i}: must be text, got {prompt!r}")
+            if prompt.count(placeholder) > 1:
+                raise VsinkError(f"prompt {i} has {prompt.count(placeholder)} {placeholder!r} placeholders for its one "
+                                 f"image; write one, or none (vsink then adds it)")
         texts = [self._format(p) for p in prompts]
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:

@@ -6,13 +6,14 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..errors import ModelSpecError, VsinkError
 from .base import Backbone
+from .saved import SAVED_CONFIG
 
 SPEC_FORMS = """supported model specs:
   demo                              the built-in synthetic ViT with planted high-norm tokens (offline)
@@ -84,19 +85,36 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: Union[str, os.PathLike],
                  state: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Load a checkpoint into ``model``; missing keys are an error, unexpected ones a warning.
+    """Load a checkpoint into ``model``; missing keys and tensors of the wrong shape are an error
+    naming them (and the shapes), unexpected keys a warning.
 
     ``state`` is the already-read content of ``path``, when the caller has it.
     """
     state = read_state_dict(path) if state is None else state
+    check_state_matches(model, state, f"weights file {path}")
     result = model.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        shown = ", ".join(result.missing_keys[:8])
-        more = f" (and {len(result.missing_keys) - 8} more)" if len(result.missing_keys) > 8 else ""
-        raise VsinkError(f"weights file {path} does not match the model: missing {shown}{more}")
     if result.unexpected_keys:
         warnings.warn(f"weights file {path}: ignored {len(result.unexpected_keys)} keys not in the model "
                       f"(e.g. {result.unexpected_keys[0]})", stacklevel=2)
+
+
+def check_state_matches(model: nn.Module, state: Mapping[str, Union[torch.Tensor, Sequence[int]]],
+                        source: str) -> None:
+    """Raise a :class:`VsinkError` naming the keys of ``model`` that ``state`` (tensors, or their
+    shapes) lacks and those whose shapes differ (with both shapes), before ``load_state_dict``
+    would fail on them."""
+    expected = model.state_dict()
+    shapes = {k: list(v.shape) if isinstance(v, torch.Tensor) else list(v) for k, v in state.items()}
+    missing = [k for k in expected if k not in shapes]
+    wrong = [f"{k} {shapes[k]} (the model's: {list(expected[k].shape)})"
+             for k in expected if k in shapes and shapes[k] != list(expected[k].shape)]
+    problems = []
+    for label, keys in (("missing", missing), ("wrong shape", wrong)):
+        if keys:
+            more = f" (and {len(keys) - 8} more)" if len(keys) > 8 else ""
+            problems.append(f"{label} {', '.join(keys[:8])}{more}")
+    if problems:
+        raise VsinkError(f"{source} does not match the model: {'; '.join(problems)}")
 
 
 def wrap(model: nn.Module, spec: Optional[str] = None) -> Backbone:
@@ -142,16 +160,24 @@ def load(
         attn_implementation: Hugging Face attention implementation to load with (e.g. ``"eager"``).
         model_kwargs: extra keyword arguments for the library constructor (e.g. ``depth=2``).
     """
-    from .hf_vision import HFVisionBackbone, load_hf
-    from .open_clip import OpenClipBackbone, load_open_clip
-    from .timm import TimmBackbone, load_timm
-
     if not isinstance(spec, str) or not spec.strip():
         raise _spec_error(str(spec), "empty spec")
     spec = spec.strip()
     if (Path(spec) / SAVED_CONFIG).is_file():
         return _load_saved(Path(spec), weights=weights, device=device, dtype=dtype,
                            attn_implementation=attn_implementation)
+    return _load_library(spec, weights=weights, img_size=img_size, device=device, dtype=dtype, pretrained=pretrained,
+                         attn_implementation=attn_implementation, model_kwargs=model_kwargs)
+
+
+def _load_library(spec: str, *, weights: Optional[Union[str, os.PathLike]], img_size: Optional[int], device: Any,
+                  dtype: Any, pretrained: bool, attn_implementation: Optional[str],
+                  model_kwargs: Optional[dict[str, Any]]) -> Backbone:
+    """:func:`load` of a library spec (never a saved folder, so a saved model cannot recurse)."""
+    from .hf_vision import HFVisionBackbone, load_hf
+    from .open_clip import OpenClipBackbone, load_open_clip
+    from .timm import TimmBackbone, load_timm
+
     kwargs = dict(model_kwargs or {})
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
@@ -202,40 +228,31 @@ def load(
     return backbone
 
 
-SAVED_CONFIG = "vsink.json"
-
-
 def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], device: Any, dtype: Any,
                 attn_implementation: Optional[str]) -> Backbone:
     """A directory written by :meth:`Backbone.save`: rebuild, re-attach hooked registers, load weights."""
-    import json
-
     from .hf_vision import HFVisionBackbone, load_hf
+    from .saved import read_saved_config
 
-    cfg_path = directory / SAVED_CONFIG
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        family, spec, n_hooked = cfg["family"], cfg["spec"], int(cfg.get("hooked_registers", 0))
-        img_size = cfg.get("img_size")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelSpecError(f"{cfg_path}: not a vsink model config ({e!r})") from None
-    if cfg.get("format") != "vsink-backbone":
-        raise ModelSpecError(f"{cfg_path}: 'format' must be 'vsink-backbone'")
-    size = int(img_size[0]) if img_size else None
+    cfg = read_saved_config(directory)
+    family, spec, n_hooked = cfg["family"], cfg["spec"], cfg["hooked_registers"]
+    size = int(cfg["img_size"][0]) if cfg["img_size"] else None
     if family == "hf":
         model, _, _ = load_hf(str(directory), weights=None, attn_implementation=attn_implementation, model_kwargs={})
         backbone: Backbone = HFVisionBackbone(model, str(directory))
         if size:
             backbone.img_size = (size, size)
     else:
-        backbone = load(spec, img_size=size, pretrained=False, model_kwargs=cfg.get("model_kwargs") or {})
+        backbone = _load_library(spec, weights=None, img_size=size, device="cpu", dtype=None, pretrained=False,
+                                 attn_implementation=None, model_kwargs=cfg["model_kwargs"])
     if n_hooked:
         backbone.attach_hooked_registers(nn.Parameter(torch.zeros(1, n_hooked, backbone.embed_dim)))
     backbone.load_weights(weights or directory / "model.safetensors")
-    backbone.mean, backbone.std = tuple(cfg.get("mean", backbone.mean)), tuple(cfg.get("std", backbone.std))
+    backbone.mean = tuple(cfg["mean"]) if cfg["mean"] else backbone.mean
+    backbone.std = tuple(cfg["std"]) if cfg["std"] else backbone.std
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     backbone.model.to(device=dev, dtype=torch_dtype)  # dtype None keeps the loaded one
     backbone.source = {"spec": spec if family != "hf" else "hf:.", "img_size": size,
-                       "model_kwargs": cfg.get("model_kwargs") or {}}
+                       "model_kwargs": cfg["model_kwargs"]}
     backbone.spec = str(directory)
     return backbone

@@ -82,13 +82,13 @@ def _plant_tower(tower: torch.nn.Module, g: torch.Generator, u: torch.Tensor) ->
 
 
 @torch.no_grad()
-def _plant_language_model(model: torch.nn.Module, bos_id: int, g: torch.Generator) -> None:
+def _plant_language_model(model: torch.nn.Module, bos_id: int, text: dict[str, Any]) -> None:
     lm = model.model.language_model if hasattr(model.model, "language_model") else model.language_model.model
     emb = lm.embed_tokens.weight
     for d, value in zip(SINK_DIMS, SINK_VALUES):
         emb[bos_id, d] = value
-    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
-    groups = TEXT["num_attention_heads"] // TEXT["num_key_value_heads"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    groups = text["num_attention_heads"] // text["num_key_value_heads"]
     slow = head_dim // 2 - 1  # the slowest rotary pair: (slow, slow + head_dim / 2)
     for layer in lm.layers:
         attn = layer.self_attn
@@ -102,7 +102,6 @@ def _plant_language_model(model: torch.nn.Module, bos_id: int, g: torch.Generato
             for d in SINK_DIMS:
                 attn.k_proj.weight[k_row, d] = SINK_KEY_GAIN
             attn.k_proj.bias[k_row] = 0.0
-    del g
 
 
 @torch.no_grad()
@@ -116,17 +115,21 @@ def _plant_projector(model: torch.nn.Module, u: torch.Tensor) -> None:
         proj.linear_2.weight[d, PROJECTOR_UNIT] = value / half
 
 
-def build_demo_llava(seed: int = SEED) -> tuple[Any, Any]:
-    """(``LlavaForConditionalGeneration``, ``LlavaProcessor``) with the planted mechanisms."""
+def build_demo_llava(seed: int = SEED, *, layers: int = TEXT["num_hidden_layers"],
+                     image_size: int = TOWER["image_size"], patch_size: int = TOWER["patch_size"]) -> tuple[Any, Any]:
+    """(``LlavaForConditionalGeneration``, ``LlavaProcessor``) with the planted mechanisms; ``layers``,
+    ``image_size`` and ``patch_size`` resize it (``layers=12, image_size=336, patch_size=14``: a
+    LLaVA-1.5-shaped prompt of 576 image tokens, for benchmarks)."""
     import transformers as tr
 
     from .demo_lvlm import word_tokenizer
 
     tok = word_tokenizer(("<image>",))
     torch.manual_seed(seed)
+    text_sizes = {**TEXT, "num_hidden_layers": layers}
     text = tr.LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, **TEXT)
-    vision = tr.CLIPVisionConfig(**TOWER)
+                          pad_token_id=tok.pad_token_id, **text_sizes)
+    vision = tr.CLIPVisionConfig(**{**TOWER, "image_size": image_size, "patch_size": patch_size})
     config = tr.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-2, vision_feature_select_strategy="default",
                             projector_hidden_act="relu")
@@ -137,10 +140,10 @@ def build_demo_llava(seed: int = SEED) -> tuple[Any, Any]:
     tower = model.model.vision_tower if hasattr(model.model, "vision_tower") else model.vision_tower
     _plant_tower(tower, g, u)
     _plant_projector(model, u)
-    _plant_language_model(model, tok.bos_token_id, g)
-    size = TOWER["image_size"]
-    image_processor = tr.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = tr.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=TOWER["patch_size"],
+    _plant_language_model(model, tok.bos_token_id, text_sizes)
+    image_processor = tr.CLIPImageProcessor(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = tr.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
                                   vision_feature_select_strategy="default", image_token="<image>",
                                   num_additional_image_tokens=1)
     return model, processor

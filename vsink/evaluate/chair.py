@@ -18,18 +18,21 @@ mean words (letter runs) per caption. 0 where a denominator is 0.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from ..errors import VsinkError
+from ..io import read_jsonl
+from ..options import Text
+from ..readers import checked_field, read_json, records
 from . import chair_reference, chair_vsink
 from .chair_words import SYNONYMS
-from .coco import read_coco_objects
+from .coco import ID, read_coco_objects
 
 VOCABULARIES = ("reference", "vsink")
+#: the kinds of the fields of a generated-captions file
+GENERATED_FIELDS = {"image_id": ID, "caption": Text()}
 
 
 @dataclass(frozen=True)
@@ -75,15 +78,17 @@ def ground_truth(annotations: Union[str, os.PathLike, dict],
     truth = {i: {vocab.categories[c] for c in objs} for i, objs in coco.objects.items()}
     if captions is not None:
         cwhere = "captions JSON" if isinstance(captions, dict) else str(captions)
-        try:
-            cdata = captions if isinstance(captions, dict) else json.loads(Path(captions).read_text())
-            for ann in cdata["annotations"]:
-                truth.setdefault(int(ann["image_id"]), set()).update(c for _, c in vocab.mentions(str(ann["caption"])))
-        except OSError as e:
-            raise VsinkError(f"{cwhere}: cannot read ({e.strerror or e})") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise VsinkError(f"{cwhere}: not a COCO captions file ({e!r})") from None
+        cdata = captions if isinstance(captions, dict) else read_json(captions, "COCO captions file")
+        for at, ann in records(cdata, "annotations", cwhere):
+            image = checked_field(ann, "image_id", ID, at)
+            truth.setdefault(image, set()).update(c for _, c in vocab.mentions(checked_field(ann, "caption", Text(), at)))
     return truth
+
+
+def read_generated(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """A generated-captions JSONL to score: ``image_id`` (an integer) and ``caption`` (text) on
+    every line; a caption that is null, a number or a list is an error, not text."""
+    return read_jsonl(path, ("image_id", "caption"), fields=GENERATED_FIELDS)
 
 
 def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str]],
@@ -94,10 +99,10 @@ def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str
     vocab = _as_vocabulary(vocabulary)
     details, n_mentions, n_halluc, n_bad, hit, gt_total, lengths = [], 0, 0, 0, 0, 0, []
     for i, row in enumerate(generated):
-        try:
-            image_id, caption = int(row["image_id"]), str(row["caption"])
-        except (KeyError, TypeError, ValueError):
-            raise VsinkError(f"{where}: item {i} needs image_id and caption") from None
+        if not isinstance(row, Mapping) or "image_id" not in row or "caption" not in row:
+            raise VsinkError(f"{where}: item {i} needs image_id and caption")
+        image_id = checked_field(row, "image_id", ID, f"{where}: item {i}")
+        caption = checked_field(row, "caption", Text(), f"{where}: item {i}")
         if image_id not in truth:
             raise VsinkError(f"{where}: item {i}: image_id {image_id} is not in the annotations")
         gt = truth[image_id]

@@ -3,13 +3,16 @@ object classes in each image."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Union
 
 from ..errors import VsinkError
+from ..options import RELATIVE_FILE, Int, Text
+from ..readers import checked_field, read_json, records
+
+#: COCO image and category ids
+ID = Int(min=0)
 
 
 @dataclass
@@ -21,20 +24,18 @@ class CocoObjects:
 
 
 def read_coco_objects(annotations: Union[str, os.PathLike, dict]) -> CocoObjects:
-    """Read a COCO instances file (or its parsed dict); errors name the file."""
+    """Read a COCO instances file (or its parsed dict); every problem is an error naming the file
+    and the entry (``categories[i]``, ``images[i]``, ``annotations[i]``) and field."""
     where = "instances JSON" if isinstance(annotations, dict) else str(annotations)
-    try:
-        data = annotations if isinstance(annotations, dict) else json.loads(Path(annotations).read_text())
-        names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-        objects: dict[int, set[str]] = {i: set() for i in files}
-        for i, ann in enumerate(data["annotations"]):
-            image, cat = int(ann["image_id"]), int(ann["category_id"])
-            if image not in files or cat not in names:
-                raise VsinkError(f"{where}: annotations[{i}] refers to an unknown image or category")
-            objects[image].add(names[cat])
-    except OSError as e:
-        raise VsinkError(f"{where}: cannot read ({e.strerror or e})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise VsinkError(f"{where}: not a COCO instances file (categories, images, annotations needed; {e!r})") from None
+    data = annotations if isinstance(annotations, dict) else read_json(annotations, "COCO instances file")
+    names = {checked_field(c, "id", ID, at): checked_field(c, "name", Text(), at)
+             for at, c in records(data, "categories", where)}
+    files = {checked_field(im, "id", ID, at): checked_field(im, "file_name", RELATIVE_FILE, at)
+             for at, im in records(data, "images", where)}
+    objects: dict[int, set[str]] = {i: set() for i in files}
+    for at, ann in records(data, "annotations", where):
+        image, cat = checked_field(ann, "image_id", ID, at), checked_field(ann, "category_id", ID, at)
+        if image not in files or cat not in names:
+            raise VsinkError(f"{at} refers to an unknown image or category")
+        objects[image].add(names[cat])
     return CocoObjects(files, objects, sorted(set(names.values())), where)

@@ -12,9 +12,8 @@ coordinates ``(x0, y0, x1, y1)`` with exclusive ends (a box covering a whole W×
 
 from __future__ import annotations
 
-import json
 import os
-import xml.etree.ElementTree as ET
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -24,6 +23,8 @@ from PIL import Image
 
 from ..errors import VsinkError
 from ..images import IMAGE_SUFFIXES, load_image
+from ..options import RELATIVE_FILE, AnyOf, Bool, Float, Int, Invalid, ListOf, Text
+from ..readers import ReadError, checked_field, read_json, read_lines, read_xml, records
 
 IGNORE_INDEX = 255
 FORMATS = ("voc", "ade", "coco", "folder", "synthetic")
@@ -33,6 +34,10 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "train", "tvmonitor")
 
 PathLike = Union[str, os.PathLike]
+
+#: a box coordinate; a COCO ``bbox`` [x, y, w, h]
+COORD = Float()
+BBOX = ListOf(Float(), length=4)
 
 
 class DatasetError(VsinkError):
@@ -156,12 +161,26 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+#: an id of a split list: a file stem, never a path
+SAMPLE_ID = r"(?!\.\.?$)[^/\\\x00]+"
+
+
 def _split_list(path: Path) -> list[str]:
+    """Ids of a split list (first word of each line); each a file stem, not a path."""
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
         hint = f"; available: {', '.join(available)}" if available else ""
         raise DatasetError(f"{path}: split list not found{hint}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = read_lines(path)
+    except ReadError as e:
+        raise DatasetError(str(e)) from None
+    ids = []
+    for n, line in lines:
+        sid = line.split()[0]
+        if not re.fullmatch(SAMPLE_ID, sid):
+            raise DatasetError(f"{path}:{n}: {sid!r} is not an image id (a file name without folders)")
+        ids.append(sid)
     if not ids:
         raise DatasetError(f"{path}: split list is empty")
     return ids
@@ -172,18 +191,18 @@ def read_voc_boxes(path: PathLike, *, include_difficult: bool = True) -> np.ndar
     coordinates (``xmin - 1, ymin - 1, xmax, ymax``), as LOST reads them."""
     p = Path(path)
     try:
-        root = ET.parse(p).getroot()
-    except (ET.ParseError, OSError) as e:
-        raise DatasetError(f"{p}: unreadable annotation XML ({e})") from None
+        root = read_xml(p)
+    except ReadError as e:
+        raise DatasetError(str(e)) from None
     boxes = []
     for obj in root.iter("object"):
         if not include_difficult and (obj.findtext("difficult") or "0").strip() == "1":
             continue
         bb = obj.find("bndbox")
         try:
-            x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr, arg-type]
-        except (AttributeError, TypeError, ValueError):
-            raise DatasetError(f"{p}: object without a numeric bndbox (xmin, ymin, xmax, ymax)") from None
+            x0, y0, x1, y1 = (COORD.from_text(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr, arg-type]
+        except (AttributeError, TypeError, Invalid):
+            raise DatasetError(f"{p}: object without a finite numeric bndbox (xmin, ymin, xmax, ymax)") from None
         if x1 < x0 or y1 < y0:
             raise DatasetError(f"{p}: box ({x0}, {y0}, {x1}, {y1}) has max < min")
         boxes.append((x0 - 1, y0 - 1, x1, y1))
@@ -273,39 +292,34 @@ def read_coco(annotations: PathLike, images: Optional[PathLike] = None, *,
     if not path.is_file():
         raise DatasetError(f"{path}: COCO annotation file not found")
     try:
-        data = json.loads(path.read_text())
-        files = {int(im["id"]): im["file_name"] for im in data["images"]}
-        anns = data["annotations"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"{path}: not a COCO instances file (images[].id/file_name and annotations "
-                           f"are required; problem: {e!r})") from None
+        data = read_json(path, "COCO instances file")
+        files = {checked_field(im, "id", Int(min=0), at): checked_field(im, "file_name", RELATIVE_FILE, at)
+                 for at, im in records(data, "images", str(path))}
+        boxes: dict[int, list[tuple[float, float, float, float]]] = {}
+        for at, ann in records(data, "annotations", str(path)):
+            if checked_field(ann, "iscrowd", AnyOf((Bool(), Int(0, 1))), at, 0) and not include_crowd:
+                continue
+            x, y, w, h = checked_field(ann, "bbox", BBOX, at)
+            image_id = checked_field(ann, "image_id", Int(min=0), at)
+            if image_id not in files:
+                raise DatasetError(f"{at} refers to unknown image_id {image_id}")
+            if w < 0 or h < 0:
+                raise DatasetError(f"{at} has a negative box size")
+            boxes.setdefault(image_id, []).append((x, y, x + w, y + h))
+        categories = [(checked_field(c, "id", Int(min=0), at), checked_field(c, "name", Text(), at, None))
+                      for at, c in records(data, "categories", str(path), required=False)]
+    except ReadError as e:
+        raise DatasetError(str(e)) from None
     if images is None:
         split = path.stem.split("_", 1)[-1]
         images = path.parent.parent / split
     image_dir = _require_dir(Path(images), "COCO images")
-    boxes: dict[int, list[tuple[float, float, float, float]]] = {}
-    for i, ann in enumerate(anns):
-        try:
-            if ann.get("iscrowd", 0) and not include_crowd:
-                continue
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            image_id = int(ann["image_id"])
-        except (KeyError, TypeError, ValueError):
-            raise DatasetError(f"{path}: annotations[{i}] needs image_id and bbox [x, y, w, h]") from None
-        if image_id not in files:
-            raise DatasetError(f"{path}: annotations[{i}] refers to unknown image_id {image_id}")
-        if w < 0 or h < 0:
-            raise DatasetError(f"{path}: annotations[{i}] has a negative box size")
-        boxes.setdefault(image_id, []).append((x, y, x + w, y + h))
     samples = [DenseSample(Path(files[i]).stem, image_dir / files[i], None, np.asarray(b, dtype=np.float64))
                for i, b in sorted(boxes.items())]
     if not samples:
         raise DatasetError(f"{path}: no image has a box")
-    categories = data.get("categories") or []
     return DenseDataset(path.stem, "coco", path.stem, samples,
-                        class_names=[c.get("name", str(c.get("id"))) for c in categories] or None,
+                        class_names=[name if name is not None else str(cid) for cid, name in categories] or None,
                         info={"images": str(image_dir), "include_crowd": include_crowd})
 
 

@@ -8,6 +8,7 @@ one forward pass and reduced immediately, so variants and sweeps never recompute
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from ..backbones.base import Backbone
 from ..detect.norms import detect_high_norm
 from ..errors import VsinkError
 from ..features import FEATURE_KINDS, FeatureCapture, FeatureSpec
-from ..io import write_json, write_text
+from ..io import write_text
 from ..probe import Probe
 from .artifacts import foreground_grid, foreground_share, neighbour_cosine
 from .datasets import IGNORE_INDEX, DatasetError, DenseDataset, DenseSample, Loaded
@@ -51,8 +52,13 @@ class LostSettings:
     iou: str = "exact"
 
     def __post_init__(self) -> None:
+        from ..parameters import DENSE
+
         check_ties(self.ties)
         check_iou_rule(self.iou)
+        self.biases = DENSE["lost_biases"].check(list(self.biases), name="LOST biases")
+        self.layers = DENSE["lost_layers"].check(list(self.layers), name="LOST layers")
+        self.k = DENSE["lost_k"].check(self.k, name="LOST k")
 
     def combos(self, num_layers: int) -> list[tuple[FeatureSpec, float, bool]]:
         for kind in self.kinds:
@@ -145,13 +151,18 @@ class DenseResult:
         return dense_markdown(self)
 
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
-        """Write ``results.json``, ``results.md`` and ``results.html`` (atomically)."""
+        """Write ``results.json``, ``results.md`` and ``results.html`` (atomically; all three are made
+        before any is written, so a failure leaves the folder as it was)."""
+        from ..outputs import check_output_dir, clean_stale_temps
         from .report import dense_html
 
-        out = Path(out_dir)
-        return {"json": write_json(out / "results.json", self.to_json()),
-                "markdown": write_text(out / "results.md", self.to_markdown()),
-                "html": write_text(out / "results.html", dense_html(self))}
+        out = check_output_dir(out_dir, "out_dir")
+        texts = {"json": json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n",
+                 "markdown": self.to_markdown(), "html": dense_html(self)}
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(out)
+        names = {"json": "results.json", "markdown": "results.md", "html": "results.html"}
+        return {key: write_text(out / names[key], text) for key, text in texts.items()}
 
 
 @dataclass

@@ -28,7 +28,10 @@ from tqdm.auto import tqdm
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..images import load_image
-from ..io import append_jsonl, read_jsonl, write_json, write_text
+from ..io import append_jsonl, read_jsonl, write_text
+from ..options import Int
+from ..outputs import clean_stale_temps
+from .pope import QUESTION_ID
 
 POPE_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 CHAIR_PROMPT = "Please describe this image in detail."
@@ -45,7 +48,8 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
     from ..lvlm import generate
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    existing = read_jsonl(out_file) if out_file.exists() else []
+    key_kind = {"image_id": Int(min=0)}.get(key, QUESTION_ID)
+    existing = read_jsonl(out_file, (key,), fields={key: key_kind}, cut_last_line=True) if out_file.exists() else []
     other = sorted({str(row.get("protocol", "paper")) for row in existing} - {protocol})
     if other:
         raise VsinkError(f"{out_file}: made under protocol {', '.join(other)}, not {protocol}; use another --out")
@@ -71,7 +75,7 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
                                     for it, text in zip(batch, result.texts)], fsync=True)
         bar.update(len(todo[start:start + batch_size]))
     bar.close()
-    return read_jsonl(out_file), skipped
+    return read_jsonl(out_file, (key,), fields={key: key_kind}, cut_last_line=True), skipped
 
 
 def _table(names: list[str], rows: list[tuple[str, list[Optional[float]], int]]) -> str:
@@ -118,8 +122,12 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
                "skipped": skipped}
     from ..export.hallucination_report import hallucination_html
 
-    return {"json": write_json(out / "results.json", summary), "markdown": write_text(out / "results.md", "\n".join(md) + "\n"),
-            "html": write_text(out / "results.html", hallucination_html(summary))}
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"  # made before any file is written
+    page = hallucination_html(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    return {"json": write_text(out / "results.json", text), "markdown": write_text(out / "results.md", "\n".join(md) + "\n"),
+            "html": write_text(out / "results.html", page)}
 
 
 def pope_protocol(prompt: str, max_new_tokens: int, parser: str, seed: int, questions: Sequence[dict[str, Any]],
@@ -129,6 +137,6 @@ def pope_protocol(prompt: str, max_new_tokens: int, parser: str, seed: int, ques
 
 
 def load_questions(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
-    from .pope import FIELDS
+    from .pope import read_questions
 
-    return read_jsonl(path, FIELDS)
+    return read_questions(path)

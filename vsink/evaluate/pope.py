@@ -28,11 +28,29 @@ from collections import Counter
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from ..errors import VsinkError
+from ..io import read_jsonl
+from ..options import AnyOf, Choice, Int, Text
 from .coco import read_coco_objects
 
 SPLITS = ("random", "popular", "adversarial")
 PARSERS = ("official", "strict")
 FIELDS = ("question_id", "image", "object", "split", "label", "text")
+QUESTION_ID = AnyOf((Int(), Text()))
+LABEL = Choice(("yes", "no"))
+#: the kinds of the fields of questions and answers files
+FIELD_KINDS = {"question_id": QUESTION_ID, "image": Text(), "object": Text(), "split": Text(), "label": LABEL,
+               "text": Text(), "answer": Text()}
+
+
+def read_questions(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """A questions JSONL (:data:`FIELDS` on every line, each ``question_id`` once)."""
+    return read_jsonl(path, FIELDS, fields=FIELD_KINDS, unique="question_id")
+
+
+def read_answers(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """An answers JSONL to score: ``split``, ``label`` (yes/no) and ``answer`` (text) on every line;
+    a ``question_id``, where given, appears once (a repeated one would be scored twice)."""
+    return read_jsonl(path, ("split", "label", "answer"), fields=FIELD_KINDS, unique="question_id")
 
 
 def question_text(obj: str) -> str:
@@ -113,6 +131,8 @@ def score_answers(answers: Iterable[dict[str, Any]], parser: str = "official") -
             raise VsinkError(f"answer {i}: needs split, label and answer fields") from None
         if label not in ("yes", "no"):
             raise VsinkError(f"answer {i}: label must be yes or no, got {label!r}")
+        if text is not None and not isinstance(text, str):
+            raise VsinkError(f"answer {i}: the answer must be text, got {text!r}")
         labels, preds = by_split.setdefault(split, ([], []))
         labels.append(label)
         preds.append(parse_answer(text, parser))

@@ -93,8 +93,12 @@ class ProbeSettings:
     seed: int = 0
 
     def check(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise VsinkError(f"linear probe needs epochs >= 1, batch_size >= 1 and lr > 0, got {self}")
+        from ..options import Float, Option
+        from ..parameters import DENSE
+
+        for key in ("epochs", "batch_size", "lr", "seed"):
+            DENSE[key].check(getattr(self, key), name=f"linear probe {key}")
+        Option("weight_decay", Float(0)).check(self.weight_decay, name="linear probe weight_decay")
 
 
 def upsampled_logits(head: LinearHead, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from PIL import Image
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..io import NpzWriter, atomic_path
+from ..outputs import check_output_dir, clean_stale_temps
 from .generate import GenerationResult
 
 #: longer side of the image stored in each row's npz
@@ -55,8 +56,9 @@ def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any
 
     if result.attention is None:
         raise VsinkError("generate with capture_attention=True to export attention")
-    out = Path(out)
+    out = check_output_dir(out, "out")
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
     written = []
     att = result.attention.numpy()  # [steps, B, L, n]
     for b, count in enumerate(result.image_spans.counts()):
@@ -79,6 +81,7 @@ def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any
             w.add("settings", np.asarray(json.dumps(result.settings)))
         written.append(path)
         if png and images is not None:
+            clean_stale_temps(out / f"row{b}")
             for t in range(layer_mean.shape[0]):
                 png_path = out / f"row{b}" / f"step{t:03d}.png"
                 png_path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,8 +16,11 @@ from ..backbones.hooks import hidden_states_arg
 from ..detect.visual_sinks import rms_phi, sink_flags
 from ..errors import VsinkError
 from ..io import write_json
+from ..options import Int, ListOf, Mapping_, Text
+from ..readers import checked_field, read_json
 
 __all__ = ["Calibration", "calibrate", "detect_sinks"]
+
 
 @dataclass
 class Calibration:
@@ -35,13 +37,14 @@ class Calibration:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Calibration":
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-            return cls(str(data["model"]), [int(d) for d in data["sink_dims"]], list(data.get("layers", [])),
-                       dict(data.get("counts", {})), dict(data.get("mean_phi", {})))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise VsinkError(f"{p}: not a sink calibration file ({e})") from None
+        """Read a calibration JSON; every problem is an error naming the file and the field."""
+        where = str(path)
+        data = read_json(path, "sink calibration file")
+        return cls(checked_field(data, "model", Text(), where, ""),
+                   checked_field(data, "sink_dims", ListOf(Int(min=0), nonempty=True), where),
+                   checked_field(data, "layers", ListOf(Int(min=0)), where, []),
+                   checked_field(data, "counts", Mapping_(), where, {}),
+                   checked_field(data, "mean_phi", Mapping_(), where, {}))
 
 
 @torch.no_grad()
@@ -50,6 +53,9 @@ def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional
     """Find sink dimensions: on the input of early decoder layers (default 1–3), take the first
     real token of every row (BOS, the text sink) and rank dimensions by how often they are among
     its ``top`` largest φ, then by mean φ; keep ``num_dims``."""
+    if isinstance(num_dims, bool) or not isinstance(num_dims, int) or not 1 <= num_dims <= lvlm.hidden_size:
+        raise VsinkError(f"num_dims must be an integer in [1, {lvlm.hidden_size}] (the hidden size of {lvlm.spec}), "
+                         f"got {num_dims!r}")
     layers = list(layers) if layers is not None else [i for i in (1, 2, 3) if i < lvlm.num_layers]
     counts: dict[int, int] = {}
     phis: dict[int, list[float]] = {}
@@ -78,6 +84,9 @@ def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional
     if not counts:
         raise VsinkError("calibration saw no tokens")
     ranked = sorted(counts, key=lambda d: (-counts[d], -sum(phis[d]) / len(phis[d])))
+    if len(ranked) < num_dims:
+        raise VsinkError(f"num_dims {num_dims}: only {len(ranked)} dimensions were ever among the top {top} φ of the "
+                         f"first token over these prompts; ask for at most {len(ranked)}")
     chosen = ranked[:num_dims]
     return Calibration(model=lvlm.spec, sink_dims=chosen, layers=layers,
                        counts={str(d): counts[d] for d in ranked[:16]},

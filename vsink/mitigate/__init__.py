@@ -6,14 +6,16 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 from ..errors import VsinkError
-from .base import PROTOCOLS, REGISTRY, Mitigation, Run, check_protocol, register
+from .base import REGISTRY, Mitigation, Run, register
+from .settings import PROTOCOLS, check_protocol, declared_settings
 from .fastv import FastV, FastVSettings
 from .pai import PAI, GuidanceProcessor, PAISettings
 from .ttr import TTR, TTRSettings
 from .var import VAR, VARSettings, redistribute, redistribution
 
 __all__ = ["FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
-           "Run", "TTR", "TTRSettings", "VAR", "VARSettings", "check_protocol", "make_mitigations", "mitigation_names",
+           "Run", "TTR", "TTRSettings", "VAR", "VARSettings", "check_protocol", "declared_settings", "make_mitigations",
+           "mitigation_names",
            "redistribute", "redistribution", "register"]
 
 

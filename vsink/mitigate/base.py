@@ -6,7 +6,7 @@ A mitigation is one class in one file of this package, registered with :func:`re
     @register
     class MyMitigation(Mitigation):
         name = "mine"
-        settings_class = MySettings          # a dataclass; ``protocol`` optional
+        settings_class = MySettings          # a dataclass of setting(...) fields (mitigate/settings.py)
 
         def _install(self, run, handles):    # add site handles (decoder.hook(...)) to ``handles``
             ...
@@ -28,24 +28,14 @@ import torch
 
 from ..backbones.hooks import HookSet
 from ..errors import VsinkError
+from .settings import check_protocol
 
 if TYPE_CHECKING:
     from ..backbones.hf_decoder import DecoderModel
     from ..backbones.hf_lvlm import LVLM
     from ..lvlm.context import DecodeContext
 
-#: ``paper``: the methods as the papers describe them (vsink's default); ``official``: as the
-#: authors' released scripts run them (docs/fidelity.md)
-PROTOCOLS = ("paper", "official")
-
 REGISTRY: dict[str, type["Mitigation"]] = {}
-
-
-def check_protocol(protocol: str) -> str:
-    """``protocol`` if it is one of :data:`PROTOCOLS`, else a one-line :class:`VsinkError`."""
-    if protocol not in PROTOCOLS:
-        raise VsinkError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    return protocol
 
 
 def register(cls: type["Mitigation"]) -> type["Mitigation"]:
@@ -133,6 +123,14 @@ class Mitigation(ABC):
     def nothing_edited_hint(self) -> str:
         """Why a mitigation may have edited nothing (for the warning)."""
         return "check its settings"
+
+
+def below_depth(run: Run, name: str, key: str, value: int) -> None:
+    """Refuse a layer setting at or beyond the decoder's depth (the model decides that limit)."""
+    n = run.decoder.num_layers
+    if value >= n:
+        raise VsinkError(f"{name} setting '{key}' must be below the {n} decoder layers of "
+                         f"{run.lvlm.spec}, got {value}")
 
 
 class _Installed(HookSet):

@@ -20,24 +20,24 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ..errors import VsinkError
 from ..backbones.hooks import hidden_states_arg
-from .base import Mitigation, Run, check_protocol, register
+from ..errors import VsinkError
+from ..options import Float, Int
+from .base import Mitigation, Run, below_depth, register
+from .settings import CheckedSettings, setting
 
 
 @dataclass
-class FastVSettings:
+class FastVSettings(CheckedSettings):
     """FastV's settings (see the module docstring)."""
 
-    k: int = 2
-    ratio: float = 0.5  # R: fraction of image tokens pruned
+    k: int = setting(2, Int(min=1), "decoder layer from which pruned image tokens are dropped (below the depth)")
+    ratio: float = setting(0.5, Float(0, 1, max_open=True), "R: fraction of image tokens pruned")
     protocol: str = "paper"
 
+    NAME: ClassVar[str] = "fastv"
     #: lmms-eval-with-kvcache/fastv_kvcache.py: K = 3, ratio = 0.5
     OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"k": 3}
-
-    def __post_init__(self) -> None:
-        check_protocol(self.protocol)
 
 
 def _gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -58,10 +58,7 @@ class FastV(Mitigation):
     def _install(self, run: Run, handles: list) -> None:
         s: FastVSettings = self.settings
         n = run.decoder.num_layers
-        if not 0 <= s.ratio < 1:
-            raise VsinkError(f"FastV ratio R must be in [0, 1), got {s.ratio}")
-        if not 1 <= s.k < n:
-            raise VsinkError(f"FastV k must be in [1, {n}), got {s.k}")
+        below_depth(run, self.name, "k", s.k)
         counts = run.context.spans.counts()
         if len(set(counts)) > 1:
             raise VsinkError(f"FastV needs the same number of image tokens in every row, got {counts}")

@@ -19,26 +19,33 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ..errors import VsinkError
-from .base import Mitigation, Run, check_protocol, register
+from ..options import Float, Int, OptionError
+from .base import Mitigation, Run, below_depth, register
+from .settings import CheckedSettings, check_protocol, setting
 
 
 @dataclass
-class PAISettings:
+class PAISettings(CheckedSettings):
     """PAI's settings (see the module docstring)."""
 
-    alpha: float = 0.2
-    start_layer: int = 2
-    end_layer: Optional[int] = None  # exclusive; None = all layers
-    gamma: Optional[float] = None  # classifier-free guidance strength (1.1 suggested); None = off
-    plausibility: float = 0.1  # keep tokens with p >= plausibility * max p (image branch)
+    alpha: float = setting(0.2, Float(0), "amplification α of the last query's attention logits on image tokens")
+    start_layer: int = setting(2, Int(min=0), "first decoder layer amplified (below the decoder's depth)")
+    end_layer: Optional[int] = setting(None, Int(min=1), "layer where amplification stops (exclusive, above "
+                                       "start_layer; null: all layers)", nullable=True)
+    gamma: Optional[float] = setting(None, Float(0), "classifier-free guidance strength γ (1.1 suggested; "
+                                     "null: off)", nullable=True)
+    plausibility: float = setting(0.1, Float(0, 1), "guidance keeps tokens with p >= plausibility · max p")
     protocol: str = "paper"
 
+    NAME: ClassVar[str] = "pai"
     #: the README's POPE/CHAIR commands: --alpha 0.2 --gamma 1.1 --start-layer 2 --end-layer 32
     OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"gamma": 1.1, "end_layer": 32}
 
     def __post_init__(self) -> None:
-        check_protocol(self.protocol)
+        super().__post_init__()
+        if self.end_layer is not None and self.end_layer <= self.start_layer:
+            raise OptionError(f"pai setting 'end_layer' must be above start_layer ({self.start_layer}), "
+                              f"got {self.end_layer}")
 
 
 @register
@@ -52,8 +59,7 @@ class PAI(Mitigation):
         s: PAISettings = self.settings
         n = run.decoder.num_layers
         end = n if s.end_layer is None else min(s.end_layer, n)
-        if not 0 <= s.start_layer < n:
-            raise VsinkError(f"pai: start_layer must be in [0, {n}), got {s.start_layer}")
+        below_depth(run, self.name, "start_layer", s.start_layer)
         #: whether α applies in the current pass (official + guidance: off until the text-only
         #: branch has run once)
         self.amplify = not (s.protocol == "official" and s.gamma is not None)

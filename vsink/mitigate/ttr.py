@@ -17,18 +17,25 @@ from typing import Any, ClassVar, Optional
 from torch import nn
 
 from ..errors import VsinkError
+from ..options import Choice, Float, Int, Text
+from ..registers.test_time import SHIFTS
 from .base import Closer, Mitigation, Run, register
+from .settings import CheckedSettings, setting
 
 
 @dataclass
-class TTRSettings:
+class TTRSettings(CheckedSettings):
     """Test-time register settings (see the module docstring)."""
 
-    neurons: Optional[str] = None  # path of a neurons.json for the vision tower
-    registers: int = 1
-    scale: float = 1.0
-    shift: str = "per-neuron"
+    neurons: Optional[str] = setting(None, Text(what="a path"), "neurons.json of the vision tower ('vsink registers find' on "
+                                     "it); required", nullable=True)
+    registers: int = setting(1, Int(min=1, max=64), "appended register tokens")
+    scale: float = setting(1.0, Float(), "factor on the moved value")
+    shift: str = setting("per-neuron", Choice(SHIFTS), "per-neuron: each neuron's own value; reference: the "
+                         "released code's one scalar per layer")
 
+    NAME: ClassVar[str] = "ttr"
+    #: the released code's rule
     OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {"shift": "reference"}
 
 

@@ -17,30 +17,32 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ..errors import VsinkError
 from ..detect.visual_sinks import sink_flags
-from .base import Mitigation, Run, check_protocol, register
+from ..options import Float, Int, ListOf
+from .base import Mitigation, Run, below_depth, register
+from .settings import CheckedSettings, setting
 
 #: VAR ``official``: the visual-sink share's denominator adds this to each image token's attention
 SHARE_EPS = 1e-6
 
 
 @dataclass
-class VARSettings:
+class VARSettings(CheckedSettings):
     """VAR's settings; the released configuration (A_exps/lv1.5_7b.yml) uses these defaults."""
 
-    p: float = 0.6  # share of sink attention the sinks keep
-    rho: float = 0.5  # image-centric rows: visual-sink share of image attention <= rho
-    min_image: float = 0.2  # ... and total image attention >= min_image
-    tau: float = 20.0  # sink threshold on phi
-    start_layer: int = 2
-    sink_dims: Optional[list[int]] = None  # None: the known or calibrated dimensions
+    p: float = setting(0.6, Float(0, 1), "share of their attention the sinks keep")
+    rho: float = setting(0.5, Float(0, 1), "image-centric rows: visual-sink share of image attention <= rho")
+    min_image: float = setting(0.2, Float(0, 1), "image-centric rows: total image attention >= min_image")
+    tau: float = setting(20.0, Float(0, min_open=True), "sink threshold on φ = |h / rms(h)|")
+    start_layer: int = setting(2, Int(min=0), "first decoder layer edited (below the decoder's depth)")
+    sink_dims: Optional[list[int]] = setting(None, ListOf(Int(min=0), nonempty=True),
+                                             "hidden dimensions whose φ marks sinks (null: the known or "
+                                             "calibrated ones)", nullable=True)
     protocol: str = "paper"
 
+    NAME: ClassVar[str] = "var"
+    #: defaults of the released scripts where they differ from the ones above (none)
     OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {}
-
-    def __post_init__(self) -> None:
-        check_protocol(self.protocol)
 
 
 def redistribution(probs: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor,
@@ -89,8 +91,7 @@ class VAR(Mitigation):
     def _install(self, run: Run, handles: list) -> None:
         s: VARSettings = self.settings
         decoder = run.decoder
-        if not 0 <= s.start_layer < decoder.num_layers:
-            raise VsinkError(f"var: start_layer must be in [0, {decoder.num_layers}), got {s.start_layer}")
+        below_depth(run, self.name, "start_layer", s.start_layer)
         self.sink_dims = run.lvlm.sink_dimensions(s.sink_dims)
         self.sinks: dict[int, list[torch.Tensor]] = {}  # per layer: the flags of each pass's new tokens
         for layer in range(decoder.num_layers):

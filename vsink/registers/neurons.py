@@ -15,7 +15,6 @@ Two options reproduce the authors' released code (``shared/algorithms.py``): ``o
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from ..errors import VsinkError
 from ..images import ImageSource, NamedImage, load_batch
 from ..io import write_json
 from ..layout import TokenLayout
+from ..options import Float, Int, Mapping_, Text, check_all
+from ..readers import checked_field, read_json, records
 from ..probe import Probe
 from ..scan import parse_threshold
 
@@ -65,20 +66,14 @@ class NeuronSpec:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "NeuronSpec":
+        """Read a ``neurons.json``; every problem is an error naming the file and the field."""
         p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise VsinkError(f"cannot read neuron spec {p}: {e}") from e
-        if not isinstance(data, dict) or not isinstance(data.get("neurons"), list):
-            raise VsinkError(f"{p}: a neuron spec needs a 'neurons' list")
-        neurons = []
-        for i, n in enumerate(data["neurons"]):
-            try:
-                neurons.append(RegisterNeuron(int(n["layer"]), int(n["neuron"]), float(n.get("score", 0.0))))
-            except (KeyError, TypeError, ValueError):
-                raise VsinkError(f"{p}: neurons[{i}] needs integer 'layer' and 'neuron' fields, got {n!r}") from None
-        return cls(model=str(data.get("model", "")), neurons=neurons, settings=dict(data.get("settings", {})))
+        data = read_json(p, "neuron spec")
+        neurons = [RegisterNeuron(checked_field(n, "layer", Int(min=0), at), checked_field(n, "neuron", Int(min=0), at),
+                                  checked_field(n, "score", Float(), at, 0.0))
+                   for at, n in records(data, "neurons", str(p))]
+        return cls(model=checked_field(data, "model", Text(), str(p), ""), neurons=neurons,
+                   settings=checked_field(data, "settings", Mapping_(), str(p), {}))
 
     def check(self, backbone: Backbone) -> None:
         """Raise if a neuron is outside the backbone's blocks or MLP width."""
@@ -145,12 +140,18 @@ def find_register_neurons(
         sparsity_fraction: see ``sparsity_filter`` (default 0.5, as released).
         sparsity_activation: see ``sparsity_filter`` (default 0.5, as released).
     """
-    if top_k < 1:
-        raise VsinkError(f"top_k must be >= 1, got {top_k}")
-    if outlier_tokens not in OUTLIER_TOKENS:
-        raise VsinkError(f"outlier_tokens must be one of {', '.join(OUTLIER_TOKENS)}, got {outlier_tokens!r}")
-    if not 0.0 <= sparsity_fraction <= 1.0:
-        raise VsinkError(f"sparsity_fraction must be in [0, 1], got {sparsity_fraction}")
+    from ..finite import check_finite_trace
+    from ..parameters import FIND
+
+    check_all(FIND, dict(top_k=top_k, detection_layer=detection_layer, highest_layer=highest_layer,
+                         threshold=threshold, min_selectivity=min_selectivity, outlier_tokens=outlier_tokens,
+                         sparsity_fraction=sparsity_fraction, sparsity_activation=sparsity_activation,
+                         batch_size=batch_size))
+    depth = backbone.num_layers
+    for key, value in (("detection_layer", detection_layer), ("highest_layer", highest_layer)):
+        if value is not None and not -depth <= value < depth:
+            raise VsinkError(f"{key} must be a block index in [{-depth}, {depth - 1}] for the {depth} blocks of "
+                             f"{backbone.spec}, got {value}")
     size = (img_size, img_size) if img_size else backbone.img_size
     skipped: list[dict[str, str]] = []
     with Probe(backbone, attention=False) as probe:
@@ -162,6 +163,7 @@ def find_register_neurons(
     if not probe.num_batches():
         raise VsinkError("no image could be read for register-neuron discovery")
     trace = probe.trace()
+    check_finite_trace(trace, backbone.spec)
     high = detect_high_norm(trace, **parse_threshold(threshold))
     if high.emergence_layer is None and detection_layer is None:
         raise VsinkError("no high-norm outliers in these images: there is nothing for register neurons to "

@@ -66,8 +66,10 @@ class TestTimeRegisters:
 
     def __init__(self, spec: NeuronSpec, *, registers: int = 1, scale: float = 1.0, mode: str = "max",
                  shift: str = "per-neuron", zero_trained_registers: bool = False):
-        if registers < 1:
-            raise VsinkError(f"registers must be >= 1, got {registers}")
+        from ..parameters import TTR
+
+        registers = TTR["ttr_registers"].check(registers, name="registers")
+        scale = TTR["ttr_scale"].check(scale, name="scale")
         if mode not in MODES:
             raise VsinkError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if shift not in SHIFTS:

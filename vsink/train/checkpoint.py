@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones.registry import check_state_matches
 from ..errors import VsinkError
 
 PREFIX = "step_"
@@ -73,6 +74,23 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def check_checkpoint_fits(directory: Path, module: nn.Module) -> None:
+    """Raise unless the newest checkpoint in ``directory`` holds every weight of ``module`` with
+    its shape (read from the safetensors header only), so ``--resume`` is refused before a run writes."""
+    from safetensors import safe_open
+
+    found = list_checkpoints(directory)
+    if not found:
+        return
+    path = found[-1] / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:  # a corrupt header surfaces as several exception types
+        raise VsinkError(f"{path}: unreadable checkpoint ({e})") from None
+    check_state_matches(module, shapes, f"checkpoint {found[-1]}")
+
+
 def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: Optional[torch.amp.GradScaler]) -> int:
     """Restore everything from a checkpoint directory; return the step it was taken after."""
@@ -83,12 +101,14 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt files surface from several libraries
         raise VsinkError(f"{path}: unreadable checkpoint ({e})") from None
-    missing = module.load_state_dict(weights, strict=False).missing_keys
-    if missing:
-        raise VsinkError(f"{path}: checkpoint does not match the model (missing {missing[:4]})")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
+    check_state_matches(module, weights, f"checkpoint {path}")
+    module.load_state_dict(weights, strict=False)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise VsinkError(f"{path}: the optimizer state does not fit this recipe's trained parameters ({e})") from None

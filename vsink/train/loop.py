@@ -121,10 +121,18 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def check_task(task: TrainTask, settings: dict[str, Any], device: torch.device) -> Optional[torch.dtype]:
+    """What :func:`train` refuses before it starts (nothing unlocked, an AMP setting the device
+    cannot run), so callers can check before writing anything; returns the autocast dtype."""
+    if not task.trainable():
+        raise VsinkError("nothing to train: no parameter is unlocked")
+    return resolve_amp(settings["amp"], device)
+
+
 def _rewrite_metrics(path: Path, upto: int) -> None:
     """Keep only the metric lines of steps <= ``upto`` (after a resume)."""
     if path.is_file():
-        write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= upto])
+        write_jsonl(path, [r for r in read_jsonl(path, cut_last_line=True) if r.get("step", 0) <= upto])
 
 
 def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, device: torch.device,
@@ -135,14 +143,12 @@ def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, de
     s = settings
     steps, accum, batch = s["steps"], s["grad_accum"], s["batch_size"]
     ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
+    amp = check_task(task, s, device)
     named = task.trainable()
-    if not named:
-        raise VsinkError("nothing to train: no parameter is unlocked")
     optimizer = torch.optim.AdamW(param_groups(named, s["weight_decay"], task.no_decay()), lr=s["lr"],
                                   betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, steps, s["warmup_steps"], s["min_lr_ratio"]))
-    amp = resolve_amp(s["amp"], device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     start = 0
     existing = list_checkpoints(ckpt_dir)

@@ -28,9 +28,11 @@ from torch import nn
 from ..backbones.base import Backbone
 from ..errors import VsinkError
 from ..io import write_json, write_text
+from .checkpoint import check_checkpoint_fits, list_checkpoints
 from .data import TrainImages, flips_for, load_training_images, to_input
 from .distributed import init_distributed, shutdown
-from .loop import TrainTask, no_decay_parameters, train
+from .loop import TrainTask, check_task, no_decay_parameters, train
+from .memory import check_memory
 from .report import finetune_report
 
 
@@ -267,40 +269,83 @@ class ScratchTask(TrainTask):
 
 
 def _build(cfg: dict[str, Any], device: torch.device) -> TrainTask:
+    """The recipe's task: the model (its memory needs checked), then the training images."""
     from ..backbones.registry import load
 
     m = cfg["model"]
     kwargs = dict(m["model_kwargs"])
-    if cfg["recipe"] == "scratch":
-        kwargs["reg_tokens"] = cfg["registers"]["n"]
-    elif cfg["registers"]["n"] < 1:
-        raise VsinkError("the posthoc recipe adds at least one register (registers.n >= 1)")
     if cfg["recipe"] == "posthoc":
         base = load(m["spec"], img_size=m["img_size"], weights=m["weights"], model_kwargs=kwargs,
                     pretrained=m["pretrained"], device=device)
+        check_memory(cfg, base, base.img_size, device)
         return PosthocTask(cfg, base, load_training_images(cfg["data"], base.img_size, cfg["seed"], False), device)
-    size = (m["img_size"], m["img_size"]) if m["img_size"] else None
-    if size is None:  # the architecture's default input size
-        size = load(m["spec"], model_kwargs=kwargs, pretrained=False).img_size
+    kwargs["reg_tokens"] = cfg["registers"]["n"]
+    shape = load(m["spec"], img_size=m["img_size"], model_kwargs=kwargs, pretrained=False)
+    if shape.family != "timm":
+        raise VsinkError(f"the scratch recipe trains timm ViTs (reg_tokens); model.spec {m['spec']!r} is {shape.family}")
+    size = shape.img_size
+    check_memory(cfg, shape, size, device)
     images = load_training_images(cfg["data"], size, cfg["seed"], classification=True)
     kwargs["num_classes"] = images.num_classes
     torch.manual_seed(cfg["seed"])
     backbone = load(m["spec"], img_size=m["img_size"], model_kwargs=kwargs, pretrained=False, device=device)
-    if backbone.family != "timm":
-        raise VsinkError(f"the scratch recipe trains timm ViTs (reg_tokens); model.spec {m['spec']!r} is {backbone.family}")
     return ScratchTask(cfg, backbone, images, device)
+
+
+#: recipe keys that shape the trained module and its optimizer: a resumed run must keep them
+RESUME_KEYS = ("recipe", "model.spec", "model.img_size", "model.model_kwargs", "registers.n", "student.unlock",
+               "student.last_blocks", "student.blocks")
+
+
+def _preflight(cfg: dict[str, Any], out: Path, resume: bool) -> None:
+    """Everything about the output folder that can refuse the run, checked before anything is
+    written: it can be written, it holds no earlier run unless resuming, and a resumed run keeps
+    the earlier run's model (:data:`RESUME_KEYS`, from its config.yaml)."""
+    from ..outputs import check_output_dir
+    from ..readers import ReadError, read_yaml
+
+    check_output_dir(out, "out")
+    if not list_checkpoints(out / "checkpoints"):
+        return
+    if not resume:
+        raise VsinkError(f"{out / 'checkpoints'} holds checkpoints of an earlier run; pass --resume to continue it "
+                         "or choose another output directory")
+    try:
+        earlier = read_yaml(out / "config.yaml")
+    except ReadError:
+        return  # no record of the earlier recipe: the checkpoint's shapes are checked when it is loaded
+    if not isinstance(earlier, dict):
+        return
+    for key in RESUME_KEYS:
+        section, _, leaf = key.rpartition(".")
+        before = (earlier.get(section) or {}).get(leaf) if section else earlier.get(leaf)
+        now = cfg[section][leaf] if section else cfg[leaf]
+        if before != now:
+            raise VsinkError(f"--resume: the run in {out} was made with {key}={before!r}, this recipe has {now!r}; "
+                             f"a resumed run keeps {', '.join(RESUME_KEYS)} (or choose another output directory)")
 
 
 def run_finetune(cfg: dict[str, Any], *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run a validated recipe (see :func:`vsink.train.config.load_config`); returns the summary,
-    also written to ``<out>/summary.json`` with the resolved recipe in ``<out>/config.yaml``."""
+    also written to ``<out>/summary.json`` with the resolved recipe in ``<out>/config.yaml``.
+
+    Nothing is written before every check has passed (the output folder, an earlier run, the
+    model, the memory the recipe needs)."""
+    from ..outputs import clean_stale_temps
+
     info, device = init_distributed(cfg["train"]["device"])
     try:
         torch.manual_seed(cfg["seed"])
         out = Path(cfg["out"])
-        if info.main:
-            write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        _preflight(cfg, out, resume)
         task = _build(cfg, device)
+        check_task(task, cfg["train"], device)
+        if resume:
+            check_checkpoint_fits(out / "checkpoints", task.module)
+        if info.main:
+            for folder in (out, out / "checkpoints", out / "final"):
+                clean_stale_temps(folder)
+            write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         summary = train(task, cfg["train"], out, seed=cfg["seed"], device=device, info=info, resume=resume,
                         progress=progress)
         summary["recipe"] = cfg["recipe"]

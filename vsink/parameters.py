@@ -1,0 +1,249 @@
+"""Declared parameters of the ``vsink`` commands: every flag's kind (type and range), default and
+meaning. :mod:`vsink.cli` builds its parsers from these declarations (so a value is checked as
+the flag is read, before any work starts, and ``--help`` shows what is allowed); the library
+functions behind the commands check their arguments against the same declarations; and
+docs/options.md tabulates them (:mod:`vsink.option_docs`).
+
+Limits that depend on the model (a block index within its depth, a number of sink dimensions
+within its hidden size) are checked by the library once the model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .backbones.registry import DTYPES
+from .evaluate.chair import VOCABULARIES
+from .evaluate.datasets import FORMATS
+from .evaluate.dense import TASKS
+from .evaluate.hallucination import CHAIR_PROMPT, POPE_PROMPT
+from .evaluate.lost import IOU_RULES, TIES
+from .evaluate.pope import PARSERS, SPLITS
+from .features import FEATURE_KINDS
+from .mitigate import PROTOCOLS, REGISTRY
+from .maps import DEFAULT_KINDS, KINDS
+from .options import (DEVICE, SEED, Assignment, Bool, Choice, Float, InputPath, Int, ListOf, Option, OutputDir,
+                      OutputFile, Template, Text, Threshold, declare)
+from .registers.neurons import OUTLIER_TOKENS
+from .registers.test_time import MODES, SHIFTS
+from .rollout import FUSIONS
+
+BATCH = Option("batch_size", Int(1), 8, "images per forward pass")
+_NAMES = "|".join(sorted(REGISTRY))
+#: ``none`` or mitigations joined by ``+`` (``ttr+var``): run together in one call
+MITIGATION = Text(rf"none|({_NAMES})(\+({_NAMES}))*", "none or a '+'-joined combination of " + ", ".join(sorted(REGISTRY)))
+SIZE = Int(1, 16384)
+THRESHOLD = Option("threshold", Threshold(), "auto", "high-norm threshold")
+NO_PROGRESS = Option("no_progress", Bool(), False, "hide the progress bar")
+
+IMAGES = declare(Option("images", InputPath("file or directory"), [], "image files or directories",
+                        default_text="the bundled demo images", positional=True, repeat=True))
+
+MODEL = declare(
+    NO_PROGRESS,
+    Option("model", Text(r"\S.*", "a model spec"), "demo", "model spec; see 'vsink models'"),
+    Option("weights", InputPath(), None, "checkpoint to load (.safetensors or a state dict)", nullable=True),
+    Option("img_size", SIZE, None, "square input size", nullable=True, default_text="the model's"),
+    Option("device", DEVICE, "cpu", "device"),
+    Option("dtype", Choice(tuple(DTYPES)), None, "weights dtype", nullable=True, default_text="as loaded"),
+    Option("no_pretrained", Bool(), False, "build timm models with random weights (testing without network)"),
+)
+
+TTR_SPEC = Option("test_time_registers", InputPath(), None, "apply test-time registers from a 'vsink registers "
+                  "find' spec (neurons.json)", nullable=True)
+TTR = declare(
+    Option("ttr_registers", Int(1, 1024), 1, "appended register tokens"),
+    Option("ttr_scale", Float(), 1.0, "scale of the moved activation"),
+    Option("ttr_mode", Choice(MODES), "max", "max (signed value of largest magnitude) or mean"),
+    Option("ttr_shift", Choice(SHIFTS), "per-neuron", "per-neuron (each register neuron moves its own value) or "
+           "reference (one scalar per layer, the signed max over tokens and that layer's neurons, as the released "
+           "code)"),
+    Option("ttr_zero_trained_registers", Bool(), False, "also zero the register neurons on trained registers, as "
+           "the released code (default: trained registers keep their activations)"),
+)
+
+SCAN = declare(
+    BATCH,
+    THRESHOLD,
+    Option("sink_ratio", Float(0, min_open=True), 5.0, "sink = share of received attention >= this x the median share"),
+    Option("out", OutputDir(), "vsink-out", "output directory (scan.json, report.html, trace.npz)"),
+    Option("prompt", Text(r"(?s).*\S.*", "a non-empty prompt"), None, "scan an LVLM (demo-llava, hf:llava-hf/..., "
+           "DIR): its language model's sinks and its vision tower, each image asked with this prompt", nullable=True,
+           default_text="a vision scan; 'describe the image' for demo-llava"),
+    Option("trust_remote_code", Bool(), False, "LVLM scans: let transformers run code shipped with the model"),
+)
+
+MAPS = declare(
+    Option("kind", ListOf(Choice(KINDS), nonempty=True), None, "map kinds (repeat or comma-separate)",
+           repeat=True, default_text=",".join(DEFAULT_KINDS)),
+    Option("layers", Text(r"\s*(all|-?\d+(\s*,\s*-?\d+)*)\s*,?\s*", "all or a comma list of block indices "
+           "(negative from the end)"), "all", "blocks"),
+    Option("heads", Text(r"\s*(mean|all|-?\d+(\s*,\s*-?\d+)*)\s*,?\s*", "mean, all or a comma list of head "
+           "indices"), "mean", "heads of the cls and received maps"),
+    Option("format", ListOf(Choice(("png", "npz")), nonempty=True, distinct=True), ["png", "npz"], "file formats"),
+    Option("fusion", Choice(FUSIONS), "mean", "rollout head fusion"),
+    Option("discard_ratio", Float(0, 1, max_open=True), 0.0,
+           "rollout: zero this fraction of the lowest fused attention entries"),
+    Option("keep_aspect", Bool(), False, "dynamic-size models: keep each image's aspect ratio (longer side = img size)"),
+    Option("out", OutputDir(), "vsink-maps", "output directory (<stem>.npz, <stem>/*.png, maps.json)"),
+)
+
+FIND = declare(
+    Option("out", OutputFile(), "neurons.json", "output spec"),
+    Option("top_k", Int(1), 10, "neurons to keep"),
+    Option("detection_layer", Int(), None, "block whose outliers are used (negative from the end, within the "
+           "depth)", nullable=True, default_text="the emergence layer"),
+    Option("highest_layer", Int(), None, "last block whose MLP is scored (negative from the end, within the "
+           "depth)", nullable=True, default_text="the emergence layer"),
+    replace(THRESHOLD, help="high-norm threshold of the outlier pass"),
+    Option("min_selectivity", Float(0), None, "keep neurons whose outlier score is >= this x their mean "
+           "|activation| on patches", nullable=True, default_text="no filter"),
+    Option("outlier_tokens", Choice(OUTLIER_TOKENS), "patches", "outlier positions: patches above the threshold, "
+           "or any token (class token included), as the released code"),
+    Option("sparsity_filter", Bool(), False, "the paper notebook's filter: per image, score only neurons below "
+           "--sparsity-activation on >= --sparsity-fraction of all tokens (default off)"),
+    Option("sparsity_fraction", Float(0, 1), 0.5, "see --sparsity-filter"),
+    Option("sparsity_activation", Float(), 0.5, "see --sparsity-filter"),
+    BATCH,
+)
+
+APPLY = declare(
+    Option("neurons", InputPath(), None, "neurons.json from 'vsink registers find'", required=True),
+    Option("out", OutputDir(), "vsink-registers", "output directory (before/ and after/)"),
+    BATCH,
+)
+
+DENSE = declare(
+    Option("data", InputPath("file or directory"), None, "dataset root (voc, ade, folder) or instances JSON (coco)",
+           nullable=True),
+    Option("format", Choice(FORMATS), "synthetic", "dataset format"),
+    Option("split", Text(r"(?!\.\.?$)[\w.-]+", "a split name (letters, digits, _ . -)"), None, "evaluation split",
+           nullable=True, default_text="val / validation"),
+    Option("train_split", Text(r"(?!\.\.?$)[\w.-]+", "a split name (letters, digits, _ . -)"), None,
+           "split the linear head trains on", nullable=True, default_text="train / training"),
+    Option("coco_images", InputPath("directory"), None, "coco: image directory", nullable=True, flag="--images",
+           default_text="next to the JSON"),
+    Option("image_set", Choice(("auto", "segmentation", "main")), "auto", "voc: image set"),
+    Option("tasks", ListOf(Choice(TASKS), nonempty=True, distinct=True), None, "tasks", nullable=True,
+           default_text="all the data allows"),
+    Option("variant", Text(r"\s*\S.*", "baseline or NAME=VALUE"), None, "baseline, NAME=neurons.json (test-time "
+           "registers), NAME=weights.safetensors, NAME=model:SPEC (baseline is added first); the --ttr-* options "
+           "apply to every test-time-register variant", repeat=True, default_text="baseline"),
+    Option("limit", Int(1), None, "use the first N images of each split", nullable=True, default_text="all"),
+    BATCH,
+    Option("seg_layer", Int(), -1, "block for linear-seg features (negative from the end)"),
+    Option("num_classes", Int(1, 255), None, "classes in the masks", nullable=True,
+           default_text="the dataset's or inferred"),
+    Option("epochs", Int(1), 20, "linear head epochs"),
+    Option("lr", Float(0, min_open=True), 1e-3, "linear head learning rate"),
+    Option("no_batchnorm", Bool(), False, "linear head without BatchNorm"),
+    Option("seed", SEED, 0, "seed for the head and the synthetic data"),
+    Option("lost_layers", ListOf(Int(), nonempty=True), [-1], "LOST blocks"),
+    Option("lost_kinds", ListOf(Choice(FEATURE_KINDS), nonempty=True), ["k"], "LOST features"),
+    Option("lost_biases", ListOf(Float(), nonempty=True), [0.0], "LOST Gram-matrix biases"),
+    Option("lost_normalize", Choice(("no", "yes", "both")), "no", "L2-normalise LOST features"),
+    Option("lost_k", Int(1), 100, "LOST seed-expansion candidates"),
+    Option("lost_ties", Choice(TIES), "stable", "LOST order of equal degrees (stable: patch order, the only one "
+           "defined)"),
+    Option("lost_iou", Choice(IOU_RULES), "exact", "CorLoc IoU: exact (IoU >= 0.5 is a hit) or reference (LOST's "
+           "bbox_iou on float boxes: +1e-7 on heights and union, so exactly 0.5 is a miss)"),
+    Option("synthetic_images", Int(1, 100_000), 32, "synthetic: images per split"),
+    Option("out", OutputDir(), "vsink-eval", "output directory (results.json, results.md, results.html)"),
+)
+
+LVLM_MODEL = declare(
+    Option("model", Text(r"\S.*", "hf:REPO or a local directory"), None, "hf:REPO or a local directory of an LVLM "
+           "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)", required=True),
+    Option("device", DEVICE, "cpu", "device"),
+    Option("dtype", Choice(tuple(DTYPES)), None, "weights dtype", nullable=True, default_text="as saved"),
+    Option("trust_remote_code", Bool(), False, "let transformers run code shipped with the model"),
+)
+PROTOCOL = Option("protocol", Choice(PROTOCOLS), "paper", "paper: the mitigation as its paper describes it; "
+                  "official: as the authors' released scripts run it, with their defaults (docs/lvlm.md, Protocols)")
+SINKS = Option("sinks", InputPath(), None, "sink calibration JSON from 'vsink lvlm calibrate' (VAR's sink_dims)",
+               nullable=True)
+
+GENERATE = declare(
+    Option("image", InputPath(), None, "image file (repeat for a batch)", repeat=True, required=True),
+    Option("prompt", Text(), None, "prompt text (one per --image, or one for all)", repeat=True, required=True),
+    Option("mitigation", MITIGATION, "none", "hallucination mitigation, or several joined by + (ttr+var)"),
+    Option("set", Assignment(), [], "mitigation setting, e.g. p=0.6, alpha=0.2, gamma=1.1, k=2, ratio=0.5, "
+           "sink_dims=[1415,2533] (see docs/options.md)", repeat=True, default_text="none"),
+    SINKS,
+    PROTOCOL,
+    Option("max_new_tokens", Int(1, 1_000_000), 64, "tokens to generate"),
+    Option("no_cache", Bool(), False, "recompute the whole sequence every step"),
+    Option("export_attention", OutputDir(), None, "write per-token attention on the image (npz, png) here",
+           nullable=True),
+)
+
+CALIBRATE = declare(
+    Option("image", InputPath(), None, "images", repeat=True, default_text="the bundled demo images"),
+    Option("prompt", Text(), "Describe the image.", "prompt used with every image"),
+    Option("num_dims", Int(1), 2, "dimensions to keep (at most the hidden size)"),
+    Option("out", OutputFile(), "sinks.json", "output JSON"),
+)
+
+
+def hallucination_run(prompt: Option, max_new_tokens: int) -> dict[str, Option]:
+    """The options of ``vsink eval pope|chair`` that run a model."""
+    return declare(
+        *[replace(o, required=False) if o.key == "model" else o for o in LVLM_MODEL.values()],
+        Option("images", InputPath("directory"), None, "image directory (file names as in the annotations)",
+               nullable=True),
+        Option("annotations", InputPath(), None, "COCO instances JSON", nullable=True),
+        Option("mitigation", ListOf(MITIGATION, nonempty=True, distinct=True), ["none"],
+               "mitigations (each may join several with +); the first is the baseline"),
+        Option("set", Assignment(), [], "setting of one mitigation, e.g. var.p=0.6, pai.gamma=1.1, fastv.ratio=0.5",
+               repeat=True, default_text="none"),
+        replace(SINKS, help="sink calibration JSON for var (from 'vsink lvlm calibrate')"),
+        PROTOCOL,
+        Option("num_images", Int(1), 500, "images sampled from the annotations"),
+        Option("limit", Int(1), None, "run only the first N items", nullable=True, default_text="all"),
+        Option("seed", SEED, 0, "sampling seed"),
+        Option("batch_size", Int(1), 4, "prompts per generate call"),
+        Option("max_new_tokens", Int(1, 1_000_000), max_new_tokens, "tokens to generate"),
+        prompt,
+        replace(NO_PROGRESS, help="hide progress bars"),
+        Option("out", OutputDir(), "vsink-hallucination", "output directory"),
+    )
+
+
+POPE_RUN = hallucination_run(Option("prompt", Template(("question",)), POPE_PROMPT, "prompt"), 16)
+POPE = declare(
+    Option("answers", InputPath(), None, "score this answers JSONL (no model)", nullable=True),
+    Option("questions", InputPath(), None, "questions JSONL to use instead of building them", nullable=True),
+    Option("splits", ListOf(Choice(SPLITS), nonempty=True, distinct=True), list(SPLITS), "POPE splits"),
+    Option("parser", Choice(PARSERS), "official", "answer parser"),
+    Option("build_only", Bool(), False, "write OUT/questions.jsonl and stop"),
+)
+CHAIR_RUN = hallucination_run(Option("prompt", Text(), CHAIR_PROMPT, "prompt (used as given)"), 512)
+CHAIR = declare(
+    Option("generated", InputPath(), None, "score this generated-captions JSONL (no model)", nullable=True),
+    Option("captions", InputPath(), None, "COCO captions JSON (reference captions add ground-truth objects)",
+           nullable=True),
+    Option("vocabulary", Choice(VOCABULARIES), "reference", "reference: mentions exactly as the reference "
+           "chair.py finds them, quirks included; vsink: vsink's table with the reference's errors fixed "
+           "(docs/fidelity.md)"),
+    Option("synonyms", InputPath(), None, "synonym table in the reference synonyms.txt format, for --vocabulary "
+           "reference", nullable=True, default_text="the packaged reference table"),
+)
+
+VIEW = declare(
+    Option("directory", InputPath("directory"), None, "output directory of vsink maps, scan or generate "
+           "--export-attention", positional=True, required=True),
+    Option("out", OutputFile(), None, "HTML file to write", nullable=True, default_text="DIRECTORY/viewer.html"),
+    Option("max_images", Int(1, 1000), 8, "images (or LVLM rows) to include"),
+    Option("layers", ListOf(Int(), nonempty=True), None, "exported blocks to include", nullable=True,
+           default_text="all exported"),
+    Option("precision", Choice(("float16", "float32")), "float16", "float16: half the size, values to ~3 "
+           "significant digits; float32: exact"),
+)
+
+FINETUNE = declare(
+    Option("config", InputPath(), None, "recipe YAML", nullable=True, default_text="built-in defaults, the posthoc demo"),
+    Option("overrides", Assignment(), [], "recipe overrides (see the recipe keys in docs/options.md)",
+           positional=True, repeat=True, default_text="none", metavar="KEY=VALUE"),
+    Option("resume", Bool(), False, "continue from the latest checkpoint in out/"),
+    NO_PROGRESS,
+)
