@@ -229,7 +229,8 @@ def test_runner_errors(tiny, tmp_path, capsys):
     assert main(base + ["--model", str(tiny / "model"), "--images", str(tiny / "images"),
                         "--set", "var.p=0.5"]) == 2
     err = capsys.readouterr().err
-    assert "needs --model" in err and "(entry 'vcd' is not one of none, var, pai, fastv)" in err
+    assert "needs --model" in err
+    assert "(entry 'vcd' is not none or a '+'-joined combination of fastv, pai, ttr, var)" in err
     assert "MITIGATION.KEY" in err
     assert "Traceback" not in err
 

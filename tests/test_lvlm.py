@@ -556,5 +556,6 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--image", str(tmp_path / "a.png"),
                  "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert "--mitigation: must be one of none, var, pai, fastv, got 'vcd'" in err and "one --prompt per --image" in err
+    assert "--mitigation: must be none or a '+'-joined combination of fastv, pai, ttr, var, got 'vcd'" in err
+    assert "one --prompt per --image" in err
     assert "Traceback" not in err

@@ -10,7 +10,7 @@ Quick start::
 
 __version__ = "0.1.0"
 
-from .backbones import SITES, SPEC_FORMS, Backbone, load, wrap
+from .backbones import SITES, Backbone, load, spec_forms, wrap
 from .errors import ImageError, ModelSpecError, VsinkError
 from .layout import TokenLayout
 from .maps import MapsResult, export_maps
@@ -18,6 +18,6 @@ from .probe import Probe, Trace
 from .scan import NothingScanned, ScanResult, scan
 
 __all__ = [
-    "SITES", "SPEC_FORMS", "Backbone", "ImageError", "MapsResult", "ModelSpecError", "NothingScanned", "Probe",
-    "ScanResult", "TokenLayout", "Trace", "VsinkError", "export_maps", "load", "scan", "wrap", "__version__",
+    "SITES", "Backbone", "ImageError", "MapsResult", "ModelSpecError", "NothingScanned", "Probe",
+    "ScanResult", "TokenLayout", "Trace", "VsinkError", "export_maps", "load", "scan", "spec_forms", "wrap", "__version__",
 ]

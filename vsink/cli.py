@@ -432,9 +432,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .backbones import SPEC_FORMS
+    from .backbones import spec_forms
 
-    print(SPEC_FORMS)
+    print(spec_forms())
     return 0
 
 

@@ -17,7 +17,6 @@ from .io import write_jsonl
 def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
     from .cli import parse_settings
     from .lvlm.sinks import Calibration
-
     from .mitigate import mitigation_names
 
     parts = {n: mitigation_names(n) for n in names}  # "ttr+var" runs ttr and var together
@@ -27,7 +26,8 @@ def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str
         runs = [n for n in names if part in parts[n]]
         if not dot or not runs:
             known = sorted({p for ps in parts.values() for p in ps})
-            raise VsinkError(f"--set {key}=...: use MITIGATION.KEY with a mitigation of this run ({', '.join(known)})")
+            raise VsinkError(f"--set {key}=...: use MITIGATION.KEY with a mitigation of this run "
+                             f"({', '.join(known) if known else 'this run has none'})")
         for n in runs:
             settings[n][key if len(parts[n]) > 1 else field] = value
     if args.sinks:

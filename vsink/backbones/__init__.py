@@ -2,6 +2,8 @@
 
 from .base import Backbone
 from .sites import SITES, SiteHandle, SiteModel
-from .registry import SPEC_FORMS, load, load_weights, read_state_dict, wrap
+from .families import family, named_spec, spec_forms
+from .registry import load, load_weights, read_state_dict, wrap
 
-__all__ = ["SITES", "SPEC_FORMS", "Backbone", "SiteHandle", "SiteModel", "load", "load_weights", "read_state_dict", "wrap"]
+__all__ = ["SITES", "Backbone", "SiteHandle", "SiteModel", "family", "load", "load_weights", "named_spec", "read_state_dict",
+           "spec_forms", "wrap"]

@@ -13,7 +13,7 @@ import copy
 import os
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,6 +54,40 @@ class Backbone(SiteModel):
     """
 
     family: str = "?"
+    #: what ``vsink models`` prints for this family (see :mod:`vsink.backbones.families`)
+    spec_forms: ClassVar[str] = ""
+    #: the specs a saved model of this family is rebuilt from (a full-match regular expression)
+    saved_spec: ClassVar[str] = r"(?!)"
+    saved_spec_help: ClassVar[str] = "nothing (this family saves no models)"
+    #: the family builds a ViT with ``reg_tokens`` registers from scratch (the scratch recipe)
+    scratch_registers: ClassVar[bool] = False
+
+    # --- how the family is found (vsink.backbones.families) ---------------------------------
+    @classmethod
+    def can_wrap(cls, model: nn.Module) -> bool:
+        """Whether this family wraps an already-built ``model`` (:func:`vsink.wrap`)."""
+        return False
+
+    @classmethod
+    def claims_directory(cls, path: Path) -> bool:
+        """Whether a local directory (not a saved vsink model) is a model of this family."""
+        return False
+
+    @classmethod
+    def from_spec(cls, name: str, *, weights: Optional[Union[str, os.PathLike]], img_size: Optional[int],
+                  pretrained: bool, attn_implementation: Optional[str], model_kwargs: dict[str, Any]) -> "Backbone":
+        """The backbone of the spec ``<family>:name`` (weights, device and dtype are applied after)."""
+        raise VsinkError(f"the {cls.family} family loads no spec")
+
+    @classmethod
+    def from_saved(cls, directory: Path, cfg: dict[str, Any], *, attn_implementation: Optional[str]) -> "Backbone":
+        """Rebuild a saved model's architecture (its weights are loaded after): by default from the
+        library spec recorded in ``vsink.json``."""
+        from .registry import load_library
+
+        size = int(cfg["img_size"][0]) if cfg["img_size"] else None
+        return load_library(cfg["spec"], weights=None, img_size=size, device="cpu", dtype=None, pretrained=False,
+                            attn_implementation=None, model_kwargs=cfg["model_kwargs"])
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ the model's original implementation (eager, sdpa, ...).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
+from .families import family
 from .hf_router import Router
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,12 +40,43 @@ def _vision_config(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config
 
 
-
+@family
 class HFVisionBackbone(Backbone):
     """A Hugging Face vision encoder (``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
     ``CLIPVisionModel``, ``SiglipVisionModel``)."""
 
     family = "hf"
+    spec_forms = ("hf:REPO_OR_LOCAL_DIR              a Hugging Face ViT / DINOv2 / DINOv2-with-registers / CLIP / "
+                  "SigLIP\n                                    vision model, e.g. hf:facebook/dinov2-with-registers-small\n"
+                  "LOCAL_DIR                         a local Hugging Face model directory (same as hf:LOCAL_DIR)")
+    saved_spec = r".*"  # rebuilt from the saved folder itself
+    saved_spec_help = "any text (informational)"
+
+    @classmethod
+    def can_wrap(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("transformers.")
+
+    @classmethod
+    def claims_directory(cls, path: Path) -> bool:
+        return (path / "config.json").is_file()
+
+    @classmethod
+    def from_spec(cls, name: str, *, weights, img_size, pretrained, attn_implementation,
+                  model_kwargs) -> "HFVisionBackbone":
+        model, mean, std = load_hf(name, weights=weights, attn_implementation=attn_implementation,
+                                   model_kwargs=model_kwargs)
+        backbone = cls(model, f"hf:{name}", mean=mean, std=std)
+        if img_size:  # position embeddings are interpolated at run time
+            backbone.img_size = (img_size, img_size)
+        return backbone
+
+    @classmethod
+    def from_saved(cls, directory: Path, cfg: dict[str, Any], *, attn_implementation: Optional[str]) -> "HFVisionBackbone":
+        model, _, _ = load_hf(str(directory), weights=None, attn_implementation=attn_implementation, model_kwargs={})
+        backbone = cls(model, str(directory))
+        if cfg["img_size"]:
+            backbone.img_size = (int(cfg["img_size"][0]), int(cfg["img_size"][0]))
+        return backbone
 
     def __init__(self, model: nn.Module, spec: str = "hf:<module>",
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -63,3 +63,27 @@ class HookSet:
         """Uninstall every handle (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
+
+
+class Hooks(HookSet):
+    """A :class:`HookSet` whose handles come from ``install(handles)``: it appends each handle as it
+    makes it, so a failure part-way still removes the ones already made."""
+
+    def __init__(self, install: Callable[[list[Any]], None]):
+        super().__init__()
+        self._install_fn = install
+
+    def _install(self) -> None:
+        self._install_fn(self._handles)
+
+
+class Closer:
+    """A handle that runs ``close`` on ``remove()`` (an undo step in a handle list)."""
+
+    def __init__(self, close: Callable[[], Any]):
+        self._close: Optional[Callable[[], Any]] = close
+
+    def remove(self) -> None:
+        if self._close is not None:
+            close, self._close = self._close, None
+            close()

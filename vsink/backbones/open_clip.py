@@ -16,16 +16,33 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
+from .families import family
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-
+@family
 class OpenClipBackbone(Backbone):
     """The vision tower of an open_clip model (``model.visual``)."""
 
     family = "open_clip"
+    spec_forms = "open_clip:NAME[/PRETRAINED_TAG]   an open_clip vision tower, e.g. open_clip:ViT-B-16/laion2b_s34b_b88k"
+    saved_spec = r"open_clip:[^\s/\\].*"
+    saved_spec_help = "open_clip:NAME[/TAG]"
+
+    @classmethod
+    def can_wrap(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("open_clip.") or (
+            hasattr(model, "visual") and hasattr(getattr(model, "visual"), "conv1"))
+
+    @classmethod
+    def from_spec(cls, name: str, *, weights, img_size, pretrained, attn_implementation,
+                  model_kwargs) -> "OpenClipBackbone":
+        arch, _, tag = name.partition("/")
+        model, mean, std = load_open_clip(arch, tag=tag or None, weights=weights, img_size=img_size,
+                                          model_kwargs=model_kwargs)
+        return cls(model, f"open_clip:{name}", mean=mean, std=std)
 
     def __init__(self, visual: nn.Module, spec: str = "open_clip:<module>",
                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD):

@@ -1,4 +1,6 @@
-"""Model specs (``demo``, ``timm:NAME``, ``open_clip:NAME[/TAG]``, ``hf:REPO_OR_DIR``) → :class:`Backbone`."""
+"""Model specs → :class:`Backbone`: named specs (``demo``), ``FAMILY:NAME`` (``timm:``, ``open_clip:``,
+``hf:``, or a registered family), local model directories and saved models; the families
+themselves are found in :mod:`vsink.backbones.families`, never named here."""
 
 from __future__ import annotations
 
@@ -13,18 +15,8 @@ from torch import nn
 
 from ..errors import ModelSpecError, VsinkError
 from .base import Backbone
+from .families import families, family_of_directory, family_of_model, named_specs, spec_forms
 from .saved import SAVED_CONFIG
-
-SPEC_FORMS = """supported model specs:
-  demo                              the built-in synthetic ViT with planted high-norm tokens (offline)
-  DIR with vsink.json               a model saved by Backbone.save / vsink finetune (registers included)
-  timm:NAME                         a timm ViT, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m
-  open_clip:NAME[/PRETRAINED_TAG]   an open_clip vision tower, e.g. open_clip:ViT-B-16/laion2b_s34b_b88k
-  hf:REPO_OR_LOCAL_DIR              a Hugging Face ViT / DINOv2 / DINOv2-with-registers / CLIP / SigLIP
-                                    vision model, e.g. hf:facebook/dinov2-with-registers-small
-  LOCAL_DIR                         a local Hugging Face model directory (same as hf:LOCAL_DIR)
-options: weights=PATH (.safetensors, or a state dict read with torch.load(weights_only=True)),
-         img_size, device, dtype"""
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -34,7 +26,7 @@ DTYPES = {
 
 
 def _spec_error(spec: str, why: str) -> ModelSpecError:
-    return ModelSpecError(f"cannot load model {spec!r}: {why}\n{SPEC_FORMS}")
+    return ModelSpecError(f"cannot load model {spec!r}: {why}\n{spec_forms()}")
 
 
 def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
@@ -118,22 +110,15 @@ def check_state_matches(model: nn.Module, state: Mapping[str, Union[torch.Tensor
 
 
 def wrap(model: nn.Module, spec: Optional[str] = None) -> Backbone:
-    """Wrap an already-built timm, open_clip or Hugging Face model in the matching adapter."""
-    from .hf_vision import HFVisionBackbone
-    from .open_clip import OpenClipBackbone
-    from .timm import TimmBackbone
-
+    """Wrap an already-built model in the adapter of the first family that can wrap it (timm,
+    open_clip, Hugging Face vision, or a family registered through the ``vsink.backbones`` entry point)."""
     if isinstance(model, Backbone):
         return model
-    module = type(model).__module__
-    if module.startswith("timm."):
-        return TimmBackbone(model, spec or f"timm:{type(model).__name__}")
-    if module.startswith("open_clip.") or hasattr(model, "visual") and hasattr(getattr(model, "visual"), "conv1"):
-        return OpenClipBackbone(model, spec or f"open_clip:{type(model).__name__}")
-    if module.startswith("transformers."):
-        return HFVisionBackbone(model, spec or f"hf:{type(model).__name__}")
-    raise VsinkError(f"cannot wrap a {type(model).__module__}.{type(model).__name__}: "
-                     "vsink supports timm VisionTransformer, open_clip and Hugging Face vision models")
+    cls = family_of_model(model)
+    if cls is None:
+        raise VsinkError(f"cannot wrap a {type(model).__module__}.{type(model).__name__}: no model family wraps it "
+                         f"(families: {', '.join(families())})")
+    return cls(model, spec or f"{cls.family}:{type(model).__name__}")
 
 
 def load(
@@ -166,45 +151,29 @@ def load(
     if (Path(spec) / SAVED_CONFIG).is_file():
         return _load_saved(Path(spec), weights=weights, device=device, dtype=dtype,
                            attn_implementation=attn_implementation)
-    return _load_library(spec, weights=weights, img_size=img_size, device=device, dtype=dtype, pretrained=pretrained,
-                         attn_implementation=attn_implementation, model_kwargs=model_kwargs)
+    return load_library(spec, weights=weights, img_size=img_size, device=device, dtype=dtype, pretrained=pretrained,
+                        attn_implementation=attn_implementation, model_kwargs=model_kwargs)
 
 
-def _load_library(spec: str, *, weights: Optional[Union[str, os.PathLike]], img_size: Optional[int], device: Any,
-                  dtype: Any, pretrained: bool, attn_implementation: Optional[str],
-                  model_kwargs: Optional[dict[str, Any]]) -> Backbone:
-    """:func:`load` of a library spec (never a saved folder, so a saved model cannot recurse)."""
-    from .hf_vision import HFVisionBackbone, load_hf
-    from .open_clip import OpenClipBackbone, load_open_clip
-    from .timm import TimmBackbone, load_timm
-
+def load_library(spec: str, *, weights: Optional[Union[str, os.PathLike]], img_size: Optional[int], device: Any,
+                 dtype: Any, pretrained: bool, attn_implementation: Optional[str],
+                 model_kwargs: Optional[dict[str, Any]]) -> Backbone:
+    """:func:`load` of a library spec — a named spec (``demo``), ``FAMILY:NAME`` or a local model
+    directory — never a saved folder, so a saved model cannot make loading recurse."""
     kwargs = dict(model_kwargs or {})
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    family, _, name = spec.partition(":")
-    if not name and spec != "demo" and Path(spec).is_dir():
-        family, name = "hf", spec
-    mean = std = None
+    prefix, _, name = spec.partition(":")
+    named = named_specs()
+    options = dict(weights=weights, img_size=img_size, pretrained=pretrained, attn_implementation=attn_implementation,
+                   model_kwargs=kwargs)
     try:
-        if spec == "demo":
-            from ..data.demo_model import build_demo_model
-
-            if img_size is not None:
-                kwargs["img_size"] = img_size
-            model = build_demo_model(**kwargs)
-            backbone_cls: type = TimmBackbone
-        elif family == "timm" and name:
-            model = load_timm(name, weights=weights, img_size=img_size, pretrained=pretrained, model_kwargs=kwargs)
-            backbone_cls = TimmBackbone
-        elif family == "open_clip" and name:
-            arch, _, tag = name.partition("/")
-            model, mean, std = load_open_clip(arch, tag=tag or None, weights=weights, img_size=img_size,
-                                              model_kwargs=kwargs)
-            backbone_cls = OpenClipBackbone
-        elif family == "hf" and name:
-            model, mean, std = load_hf(name, weights=weights, attn_implementation=attn_implementation,
-                                       model_kwargs=kwargs)
-            backbone_cls = HFVisionBackbone
+        if spec in named:
+            backbone = named[spec][0](**options)
+        elif prefix in families() and name:
+            backbone = families()[prefix].from_spec(name, **options)
+        elif Path(spec).is_dir() and (owner := family_of_directory(Path(spec))) is not None:
+            backbone = owner.from_spec(spec, **options)
         else:
             raise _spec_error(spec, "unknown form")
     except ModelSpecError:
@@ -214,37 +183,24 @@ def _load_library(spec: str, *, weights: Optional[Union[str, os.PathLike]], img_
     except Exception as e:  # library loaders fail in many ways (network, hub, config); report one clearly
         raise _spec_error(spec, f"{type(e).__name__}: {e}. Without network access, pass weights=PATH "
                                 "or a local directory") from e
-    if backbone_cls is TimmBackbone:
-        backbone = TimmBackbone(model, spec)
-    else:
-        extra = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
-        backbone = backbone_cls(model, spec, **extra)
+    backbone.spec = spec
     if weights is not None:
         backbone.load_weights(weights)
     backbone.model.to(device=dev, dtype=torch_dtype)  # dtype None keeps the loaded one
-    if hf_size := (img_size if backbone_cls is HFVisionBackbone else None):
-        backbone.img_size = (hf_size, hf_size)
     backbone.source = {"spec": spec, "img_size": img_size, "model_kwargs": dict(model_kwargs or {})}
     return backbone
 
 
 def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], device: Any, dtype: Any,
                 attn_implementation: Optional[str]) -> Backbone:
-    """A directory written by :meth:`Backbone.save`: rebuild, re-attach hooked registers, load weights."""
-    from .hf_vision import HFVisionBackbone, load_hf
+    """A directory written by :meth:`Backbone.save`: rebuild (by its family), re-attach hooked
+    registers, load the weights."""
     from .saved import read_saved_config
 
     cfg = read_saved_config(directory)
-    family, spec, n_hooked = cfg["family"], cfg["spec"], cfg["hooked_registers"]
-    size = int(cfg["img_size"][0]) if cfg["img_size"] else None
-    if family == "hf":
-        model, _, _ = load_hf(str(directory), weights=None, attn_implementation=attn_implementation, model_kwargs={})
-        backbone: Backbone = HFVisionBackbone(model, str(directory))
-        if size:
-            backbone.img_size = (size, size)
-    else:
-        backbone = _load_library(spec, weights=None, img_size=size, device="cpu", dtype=None, pretrained=False,
-                                 attn_implementation=None, model_kwargs=cfg["model_kwargs"])
+    cls = families()[cfg["family"]]
+    backbone = cls.from_saved(directory, cfg, attn_implementation=attn_implementation)
+    n_hooked = cfg["hooked_registers"]
     if n_hooked:
         backbone.attach_hooked_registers(nn.Parameter(torch.zeros(1, n_hooked, backbone.embed_dim)))
     backbone.load_weights(weights or directory / "model.safetensors")
@@ -252,7 +208,8 @@ def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], 
     backbone.std = tuple(cfg["std"]) if cfg["std"] else backbone.std
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     backbone.model.to(device=dev, dtype=torch_dtype)  # dtype None keeps the loaded one
-    backbone.source = {"spec": spec if family != "hf" else "hf:.", "img_size": size,
+    size = int(cfg["img_size"][0]) if cfg["img_size"] else None
+    backbone.source = {"spec": cfg["spec"] if cls.saved_spec != ".*" else "hf:.", "img_size": size,
                        "model_kwargs": cfg["model_kwargs"]}
     backbone.spec = str(directory)
     return backbone

@@ -15,17 +15,15 @@ from ..options import Choice, Float, Int, ListOf, Mapping_, Option, Text, declar
 from ..readers import ReadError, checked_field, read_json
 
 SAVED_CONFIG = "vsink.json"
-FAMILIES = ("timm", "open_clip", "hf")
-#: the spec a saved model is rebuilt from, per family (``hf`` models are rebuilt from the folder itself)
-SPEC_FORMS = {"timm": r"demo|timm:[^\s/\\].*", "open_clip": r"open_clip:[^\s/\\].*", "hf": r".*"}
 
 SAVED_FIELDS: dict[str, Option] = declare(
     Option("format", Choice(("vsink-backbone",)), None, "marks the folder as a saved vsink model", required=True),
     Option("version", Int(1, 1), 1, "format version"),
-    Option("family", Choice(FAMILIES), None, "the adapter family", required=True),
-    Option("spec", Text(r"demo|(timm|open_clip|hf):\S.*", "demo, timm:NAME, open_clip:NAME[/TAG] or hf:..."), None,
-           "the library spec the model is rebuilt from (timm: demo or timm:NAME; open_clip: open_clip:NAME; hf: "
-           "informational)", required=True),
+    Option("family", Text(r"[\w.-]+", "a family name"), None, "the adapter family (a registered one: timm, "
+           "open_clip, hf, or a plugin's)", required=True),
+    Option("spec", Text(r"\S+", "a spec without spaces"), None, "the library spec the model is rebuilt from (the "
+           "family decides which: timm: demo or timm:NAME; open_clip: open_clip:NAME; hf: informational)",
+           required=True),
     Option("img_size", ListOf(Int(1, 16384), length=2), None, "default input size [H, W]", nullable=True),
     Option("model_kwargs", Mapping_(), {}, "keyword arguments of the library constructor"),
     Option("mean", ListOf(Float(), length=3), None, "per-channel normalisation mean", nullable=True,
@@ -53,7 +51,14 @@ def read_saved_config(directory: Union[str, os.PathLike]) -> dict[str, Any]:
                 cfg[key] = checked_field(data, key, option.kind, str(path), option.default)
     except ReadError as e:
         raise ModelSpecError(f"{e} (vsink.json of a saved model)") from None
-    if not re.fullmatch(SPEC_FORMS[cfg["family"]], cfg["spec"]):
-        raise ModelSpecError(f"{path}: field 'spec' {cfg['spec']!r} is not a {cfg['family']} spec (expected "
-                             f"{'demo or timm:NAME' if cfg['family'] == 'timm' else 'open_clip:NAME[/TAG]'})")
+    from .families import families
+
+    known = families()
+    if cfg["family"] not in known:
+        raise ModelSpecError(f"{path}: field 'family' {cfg['family']!r} is not a registered model family "
+                             f"({', '.join(known)})")
+    cls = known[cfg["family"]]
+    if not re.fullmatch(cls.saved_spec, cfg["spec"]):
+        raise ModelSpecError(f"{path}: field 'spec' must be {cls.saved_spec_help} (the specs the {cfg['family']} "
+                             f"family rebuilds a saved model from), got {cfg['spec']!r}")
     return cfg

@@ -11,13 +11,27 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
+from .families import family
 
 
-
+@family
 class TimmBackbone(Backbone):
     """A timm ``VisionTransformer`` (or subclass such as ``VisionTransformerDistilled``)."""
 
     family = "timm"
+    spec_forms = "timm:NAME                         a timm ViT, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m"
+    saved_spec = r"demo|timm:[^\s/\\].*"
+    saved_spec_help = "demo, timm:NAME"
+    scratch_registers = True
+
+    @classmethod
+    def can_wrap(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("timm.")
+
+    @classmethod
+    def from_spec(cls, name: str, *, weights, img_size, pretrained, attn_implementation, model_kwargs) -> "TimmBackbone":
+        return cls(load_timm(name, weights=weights, img_size=img_size, pretrained=pretrained, model_kwargs=model_kwargs),
+                   f"timm:{name}")
 
     def __init__(self, model: nn.Module, spec: str = "timm:<module>"):
         from timm.models.vision_transformer import VisionTransformer

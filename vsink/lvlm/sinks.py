@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..backbones.hf_lvlm import LVLM
-from ..backbones.hooks import hidden_states_arg
+from ..backbones.hooks import Hooks
 from ..detect.visual_sinks import rms_phi, sink_flags
 from ..errors import VsinkError
 from ..io import write_json
@@ -60,17 +60,10 @@ def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional
     counts: dict[int, int] = {}
     phis: dict[int, list[float]] = {}
     seen: list[torch.Tensor] = []
-
-    def pre(module, args, kwargs):
-        seen.append(hidden_states_arg(args, kwargs))
-
+    decoder = lvlm.decoder()
     for inputs in batches:
-        handles = [lvlm.layers[i].register_forward_pre_hook(pre, with_kwargs=True) for i in layers]
-        try:
+        with Hooks(lambda handles: handles.extend(decoder.hook("block_input", i, seen.append) for i in layers)):
             lvlm.model(**inputs)
-        finally:
-            for h in handles:
-                h.remove()
         mask = inputs.get("attention_mask")
         first = (mask.long().argmax(dim=1) if mask is not None else torch.zeros(len(inputs["input_ids"]), dtype=torch.long))
         for h in seen:
@@ -96,15 +89,12 @@ def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional
 def detect_sinks(lvlm: LVLM, inputs: dict[str, Any], dims: Sequence[int], tau: float = 20.0) -> torch.Tensor:
     """Sink flags [layers, B, N] of a prompt: max over ``dims`` of φ on each layer's input > tau."""
     flags: list[torch.Tensor] = []
+    decoder = lvlm.decoder()
 
-    def pre(module, args, kwargs):
-        flags.append(sink_flags(hidden_states_arg(args, kwargs), list(dims), tau))
+    def observe(h: torch.Tensor) -> None:
+        flags.append(sink_flags(h, list(dims), tau))
 
-    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in lvlm.layers]
-    try:
-        with torch.no_grad():
-            lvlm.model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks(lambda handles: handles.extend(decoder.hook("block_input", i, observe)
+                                              for i in range(decoder.num_layers))), torch.no_grad():
+        lvlm.model(**inputs)
     return torch.stack(flags)

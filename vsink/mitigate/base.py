@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 
-from ..backbones.hooks import HookSet
+from ..backbones.hooks import HookSet, Hooks
 from ..errors import VsinkError
 from .settings import check_protocol
 
@@ -93,7 +93,7 @@ class Mitigation(ABC):
     def installed(self, run: Run) -> HookSet:
         """A context manager that installs the mitigation for ``run`` and removes it on exit."""
         self.stats = {}
-        return _Installed(lambda handles: self._install(run, handles))
+        return Hooks(lambda handles: self._install(run, handles))
 
     @abstractmethod
     def _install(self, run: Run, handles: list) -> None:
@@ -131,24 +131,3 @@ def below_depth(run: Run, name: str, key: str, value: int) -> None:
     if value >= n:
         raise VsinkError(f"{name} setting '{key}' must be below the {n} decoder layers of "
                          f"{run.lvlm.spec}, got {value}")
-
-
-class _Installed(HookSet):
-    def __init__(self, install: Callable[[list], None]):
-        super().__init__()
-        self._install_fn = install
-
-    def _install(self) -> None:
-        self._install_fn(self._handles)
-
-
-class Closer:
-    """A handle that runs ``close`` on ``remove()`` (for context-manager edits in a handle list)."""
-
-    def __init__(self, close: Callable[[], Any]):
-        self._close: Optional[Callable[[], Any]] = close
-
-    def remove(self) -> None:
-        if self._close is not None:
-            close, self._close = self._close, None
-            close()

@@ -19,7 +19,8 @@ from torch import nn
 from ..errors import VsinkError
 from ..options import Choice, Float, Int, Text
 from ..registers.test_time import SHIFTS
-from .base import Closer, Mitigation, Run, register
+from ..backbones.hooks import Closer
+from .base import Mitigation, Run, register
 from .settings import CheckedSettings, setting
 
 

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
+from ..backbones.hooks import Hooks
 from ..detect import detect_high_norm
 from ..errors import VsinkError
 from ..images import ImageSource, NamedImage, load_batch
@@ -199,8 +200,7 @@ def find_register_neurons(
             overall[layer] += a[keep].mean(dim=1).sum(dim=0).double().cpu()
         return fn
 
-    handles = [backbone.hook("mlp_hidden", l, scorer(l)) for l in layers]
-    try:
+    with Hooks(lambda handles: handles.extend(backbone.hook("mlp_hidden", l, scorer(l)) for l in layers)):
         image_index = 0
         for start, items in tqdm(list(_batches(images, batch_size)), desc="find: neurons", disable=not progress):
             loaded, _, _ = load_batch(items, start)  # the same files fail as in pass 1
@@ -213,9 +213,6 @@ def find_register_neurons(
             current["mask"] = mask
             used += int((mask.sum(dim=1) > 0).sum())
             backbone.forward(backbone.preprocess(loaded, size))
-    finally:
-        for h in handles:
-            h.remove()
     if used == 0:
         raise VsinkError(f"no image has outliers at block {detection} with threshold {stats.threshold}: "
                          "nothing to score")

@@ -19,13 +19,12 @@ indexes sample 0. See docs/registers.md and docs/fidelity.md.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
 from ..backbones.base import Backbone
-from ..backbones.sites import SiteHandle
+from ..backbones.hooks import Closer, HookSet, Hooks
 from ..errors import VsinkError
 from .neurons import NeuronSpec
 
@@ -86,33 +85,23 @@ class TestTimeRegisters:
                 f"scale={self.scale:g}, mode={self.mode}, shift={self.shift}, "
                 f"zero_trained_registers={self.zero_trained_registers})")
 
-    def apply(self, backbone: Backbone) -> SiteHandle:
-        """Install on ``backbone`` until the returned handle's ``remove()``."""
-        self.spec.check(backbone)
-        handles = [backbone.append_tokens(self.registers)]
-        try:
+    def applied(self, backbone: Backbone) -> HookSet:
+        """The test-time registers on ``backbone`` as a :class:`HookSet`: ``with ttr.applied(backbone):``
+        installs them for the block, ``remove()`` undoes :meth:`apply`."""
+
+        def install(handles: list) -> None:
+            self.spec.check(backbone)
+            handles.append(backbone.append_tokens(self.registers))
             for layer, neurons in sorted(self.spec.by_layer().items()):
                 handles.append(backbone.hook("mlp_hidden", layer, self._shift(backbone, neurons)))
-        except BaseException:
-            for h in reversed(handles):
-                h.remove()
-            raise
-        backbone.edits.append(self.describe())
+            backbone.edits.append(self.describe())
+            handles.append(Closer(lambda: backbone.edits.remove(self.describe())))
 
-        def remove() -> None:
-            for h in reversed(handles):
-                h.remove()
-            backbone.edits.remove(self.describe())
+        return Hooks(install)
 
-        return SiteHandle(remove)
-
-    @contextmanager
-    def applied(self, backbone: Backbone) -> Iterator[Backbone]:
-        handle = self.apply(backbone)
-        try:
-            yield backbone
-        finally:
-            handle.remove()
+    def apply(self, backbone: Backbone) -> HookSet:
+        """Install on ``backbone`` until the returned handle's ``remove()``."""
+        return self.applied(backbone).__enter__()
 
     def _moved(self, values: torch.Tensor, layout) -> torch.Tensor:
         """The value written to the appended tokens, [B, 1, K] or [B, 1, 1], from [B, N, K]."""

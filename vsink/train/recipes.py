@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from ..backbones.base import Backbone
+from ..backbones.hooks import Hooks
 from ..errors import VsinkError
 from ..io import write_json, write_text
 from .checkpoint import check_checkpoint_fits, list_checkpoints
@@ -41,14 +42,11 @@ def _last_tokens(backbone: Backbone, x: torch.Tensor, module: Optional[nn.Module
                  grad: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """(class token [B, D] or None, patch grid [B, h, w, D]) of the last block, after the final norm."""
     seen: dict[str, torch.Tensor] = {}
-    handle = backbone.hook("block_output", -1, lambda t: seen.__setitem__("x", t))
-    try:
+    with Hooks(lambda handles: handles.append(backbone.hook("block_output", -1, lambda t: seen.__setitem__("x", t)))):
         if grad:
             backbone.train_forward(x, module)
         else:
             backbone.forward(x)
-    finally:
-        handle.remove()
     with nullcontext() if grad else torch.no_grad():
         tokens = backbone.final_norm(seen["x"])
     layout = backbone.current_layout()
@@ -281,8 +279,9 @@ def _build(cfg: dict[str, Any], device: torch.device) -> TrainTask:
         return PosthocTask(cfg, base, load_training_images(cfg["data"], base.img_size, cfg["seed"], False), device)
     kwargs["reg_tokens"] = cfg["registers"]["n"]
     shape = load(m["spec"], img_size=m["img_size"], model_kwargs=kwargs, pretrained=False)
-    if shape.family != "timm":
-        raise VsinkError(f"the scratch recipe trains timm ViTs (reg_tokens); model.spec {m['spec']!r} is {shape.family}")
+    if not type(shape).scratch_registers:
+        raise VsinkError(f"the scratch recipe builds ViTs with reg_tokens registers (timm); model.spec {m['spec']!r} "
+                         f"is a {shape.family} model")
     size = shape.img_size
     check_memory(cfg, shape, size, device)
     images = load_training_images(cfg["data"], size, cfg["seed"], classification=True)

@@ -1,0 +1,119 @@
+"""Model families: each is one adapter file that registers itself; nothing else names a family.
+
+A family is a :class:`~vsink.backbones.base.Backbone` subclass decorated with :func:`family`. It
+says which built models it wraps (``can_wrap``), how a spec ``PREFIX:NAME`` loads (``from_spec``),
+which spec a saved model of it is rebuilt from (``saved_spec``, a regular expression) and how
+(``from_saved``), and the lines ``vsink models`` prints (``spec_forms``)::
+
+    @family
+    class MyBackbone(Backbone):
+        family = "mine"                           # the spec prefix: "mine:NAME"
+        spec_forms = "mine:NAME    my ViTs"
+
+        @classmethod
+        def can_wrap(cls, model): return isinstance(model, MyViT)
+
+        @classmethod
+        def from_spec(cls, name, **options): return cls(build_my_vit(name), f"mine:{name}")
+
+Families outside vsink register through the ``vsink.backbones`` entry point (a module whose import
+runs the decorator), e.g. in their ``pyproject.toml``::
+
+    [project.entry-points."vsink.backbones"]
+    mine = "my_package.vsink_family"
+
+:func:`named_spec` registers a builder for one exact spec (``demo``, ``demo-llava``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from ..errors import VsinkError
+
+if TYPE_CHECKING:
+    from .base import Backbone
+
+ENTRY_POINT_GROUP = "vsink.backbones"
+#: vsink's own families (imported before the entry points, so a source checkout needs no install)
+BUILTIN = ("vsink.backbones.timm", "vsink.backbones.open_clip", "vsink.backbones.hf_vision", "vsink.data.demos")
+
+_FAMILIES: dict[str, type["Backbone"]] = {}
+_NAMED: dict[str, tuple[Callable[..., "Backbone"], str]] = {}
+_loaded = False
+
+
+def family(cls: type["Backbone"]) -> type["Backbone"]:
+    """Class decorator: register a backbone family under ``cls.family``."""
+    name = getattr(cls, "family", None)
+    if not isinstance(name, str) or not name or name == "?" or ":" in name:
+        raise VsinkError(f"{cls.__name__}: a family needs a name without ':' in its 'family' attribute")
+    if name in _FAMILIES and _FAMILIES[name] is not cls:
+        raise VsinkError(f"two backbone families are named {name!r}: {_FAMILIES[name].__name__} and {cls.__name__}")
+    _FAMILIES[name] = cls
+    return cls
+
+
+def named_spec(spec: str, help: str) -> Callable[[Callable[..., "Backbone"]], Callable[..., "Backbone"]]:
+    """Decorator: ``builder(**options)`` loads the model of the exact spec ``spec``."""
+
+    def register(builder: Callable[..., "Backbone"]) -> Callable[..., "Backbone"]:
+        _NAMED[spec] = (builder, help)
+        return builder
+
+    return register
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN:
+        importlib.import_module(module)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.value.split(":")[0] in BUILTIN:
+            continue
+        try:
+            entry.load()
+        except Exception as e:  # a broken plugin must not take vsink down; say which one
+            raise VsinkError(f"the vsink.backbones entry point {entry.name!r} ({entry.value}) failed to load: "
+                             f"{type(e).__name__}: {e}") from e
+
+
+def families() -> dict[str, type["Backbone"]]:
+    """Every registered family by name (vsink's own, then the entry points')."""
+    _load()
+    return dict(_FAMILIES)
+
+
+def named_specs() -> dict[str, tuple[Callable[..., "Backbone"], str]]:
+    """Every registered exact spec: (builder, help)."""
+    _load()
+    return dict(_NAMED)
+
+
+def family_of_model(model: Any) -> Optional[type["Backbone"]]:
+    """The first family that can wrap an already-built ``model`` (registration order)."""
+    return next((cls for cls in families().values() if cls.can_wrap(model)), None)
+
+
+def family_of_directory(path: Path) -> Optional[type["Backbone"]]:
+    """The family that loads a local model directory (a Hugging Face one: ``config.json``)."""
+    return next((cls for cls in families().values() if cls.claims_directory(path)), None)
+
+
+def spec_forms() -> str:
+    """The text ``vsink models`` prints: every named spec and family form."""
+    lines = ["supported model specs:"]
+    lines += [f"  {spec:<34}{help}" for spec, (_, help) in named_specs().items()]
+    lines += ["  DIR with vsink.json               a model saved by Backbone.save / vsink finetune (registers "
+              "included)"]
+    for cls in families().values():
+        lines += [f"  {line}" for line in cls.spec_forms.splitlines()]
+    lines += ["options: weights=PATH (.safetensors, or a state dict read with torch.load(weights_only=True)),",
+              "         img_size, device, dtype"]
+    return "\n".join(lines)

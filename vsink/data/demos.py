@@ -1,0 +1,30 @@
+"""The demos as model specs: ``demo`` (the synthetic ViT) and ``demo-llava`` (the vision tower of
+the synthetic LVLM, for ``vsink scan`` / ``registers find`` on it; ``--prompt`` scans the whole LVLM)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..backbones.base import Backbone
+from ..backbones.families import named_spec
+
+
+@named_spec("demo", "the built-in synthetic ViT with planted high-norm tokens (offline)")
+def demo(*, img_size: Optional[int] = None, model_kwargs: Optional[dict[str, Any]] = None, **ignored: Any) -> Backbone:
+    from ..backbones.timm import TimmBackbone
+    from .demo_model import build_demo_model
+
+    kwargs = dict(model_kwargs or {})
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    return TimmBackbone(build_demo_model(**kwargs), "demo")
+
+
+@named_spec("demo-llava", "the synthetic demo LVLM (offline); as a vision model: its CLIP tower with planted "
+                          "register neurons; with --prompt (scan) or in generate: the whole LVLM")
+def demo_llava_tower(**ignored: Any) -> Backbone:
+    from ..backbones.hf_lvlm import DEMO_LVLM, load_lvlm
+
+    tower = load_lvlm(DEMO_LVLM).vision_backbone()
+    tower.spec = "demo-llava"
+    return tower
