@@ -106,8 +106,6 @@ def main() -> None:
         return
     import torch
 
-    from vsink.lvlm.generate import generate  # noqa: F401  (import cost outside the timings)
-
     lvlm, inputs = _setup(args)
     run = _runner(lvlm, inputs, args)
     n, batch = args.new_tokens, args.batch_size

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from vsink.data.synthetic import synthetic_dataset, write_voc
-from vsink.evaluate.datasets import DatasetError, open_dataset, read_ade, read_coco, read_folder, read_voc, read_mask
+from vsink.evaluate.datasets import DatasetError, read_ade, read_coco, read_folder, read_voc, read_mask
+from vsink.evaluate.open import open_dataset
 
 
 @pytest.fixture

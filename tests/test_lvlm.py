@@ -11,6 +11,7 @@ from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_
 from vsink.errors import VsinkError
 from contextlib import ExitStack
 
+from vsink.backbones.hf_decoder import decoder_of
 from vsink.lvlm import LVLM, PAISettings, VARSettings, generate
 from vsink.lvlm.context import DecodeContext
 from vsink.lvlm.sinks import calibrate, detect_sinks
@@ -184,7 +185,7 @@ class _Bound:
 
     def __init__(self, lvlm, inputs, *mitigations):
         self.lvlm, self.inputs, self.mitigations = lvlm, inputs, mitigations
-        self.decoder = lvlm.decoder()
+        self.decoder = decoder_of(lvlm)
         self.context = DecodeContext(lvlm, inputs["input_ids"], inputs["attention_mask"])
         self.run = Run(lvlm, self.decoder, self.context, inputs["input_ids"], inputs["attention_mask"])
         self.probs: dict[int, list[torch.Tensor]] = {}

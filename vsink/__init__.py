@@ -8,8 +8,7 @@ Quick start::
     result.save("vsink-out")                       # scan.json, report.html, trace.npz
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .backbones import SITES, Backbone, load, spec_forms, wrap
 from .errors import ImageError, ModelSpecError, VsinkError
 from .layout import TokenLayout

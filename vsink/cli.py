@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__
+from .version import __version__
 from .errors import VsinkError
 from .options import add_options
 
@@ -300,7 +300,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .cli_hallucination import run
 
         return run(args)
-    from .evaluate.datasets import DEFAULT_SPLITS, open_dataset
+    from .evaluate.open import DEFAULT_SPLITS, open_dataset
     from .evaluate.dense import LostSettings, evaluate_dense, supported_tasks
     from .evaluate.segmentation import ProbeSettings
     from .evaluate.variants import parse_variants

@@ -3,8 +3,8 @@ one line naming the block, instead of surfacing later as a failed statistic or f
 
 * :func:`check_finite_weights`: after weights are loaded from a user's file, the first
   parameter or buffer (in model order) holding NaN or inf, and its block.
-* :func:`check_finite_trace`: after a probe, the first probed block whose output norms are not
-  finite (a NaN or inf anywhere in a token's vector makes its norm so).
+* :meth:`vsink.probe.Trace.check_finite`: after a probe, the first probed block whose output norms
+  are not finite (a NaN or inf anywhere in a token's vector makes its norm so).
 * :class:`FiniteGuard`: while installed, a forward pass stops at the first block whose output
   holds NaN or inf.
 """
@@ -13,20 +13,18 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
-from .backbones.base import Backbone
 from .backbones.hooks import HookSet
+from .backbones.sites import SiteModel
 from .errors import VsinkError
-from .probe import Trace
 
 
 class NonFiniteError(VsinkError):
     """NaN or infinite weights or activations; the message names the first block where they appear."""
 
 
-def _block_of(backbone: Backbone, name: str) -> Optional[int]:
+def _block_of(backbone: SiteModel, name: str) -> Optional[int]:
     """The block holding the parameter or buffer ``name`` of ``backbone.model``, or None."""
     owner = name.rpartition(".")[0]
     module = backbone.model.get_submodule(owner) if owner else backbone.model
@@ -36,7 +34,7 @@ def _block_of(backbone: Backbone, name: str) -> Optional[int]:
     return None
 
 
-def check_finite_weights(backbone: Backbone, source: str) -> None:
+def check_finite_weights(backbone: SiteModel, source: str) -> None:
     """Raise :class:`NonFiniteError` naming the first tensor of ``backbone.model`` with NaN or inf
     values and its block (``source`` says where the weights came from)."""
     for name, tensor in backbone.model.state_dict().items():
@@ -46,22 +44,11 @@ def check_finite_weights(backbone: Backbone, source: str) -> None:
             raise NonFiniteError(f"{source}: '{name}' holds NaN or infinite values (first in {where})")
 
 
-def check_finite_trace(trace: Trace, spec: str) -> None:
-    """Raise :class:`NonFiniteError` naming the first probed block whose output norms are not finite."""
-    if trace.norms is None:
-        return
-    bad = ~np.isfinite(trace.norms).reshape(len(trace.layers), -1).all(axis=1)
-    if bad.any():
-        layer = trace.layers[int(np.argmax(bad))]
-        raise NonFiniteError(f"{spec}: non-finite activations (NaN or inf) first appear in the output of block "
-                             f"{layer}; check the weights and any edits (test-time registers, their scale)")
-
-
 class FiniteGuard(HookSet):
     """``with FiniteGuard(backbone): ...``: a forward pass raises :class:`NonFiniteError` at the first
     block whose output holds NaN or inf."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: SiteModel):
         super().__init__()
         self.backbone = backbone
 

@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -26,26 +26,13 @@ from .images import ImageSource, NamedImage, load_batch, source_name
 from .io import NpzWriter, write_json
 from .outputs import check_output_dir, clean_stale_temps, derived_names
 from .layout import TokenLayout
+from .export.maps import ImageMaps
 from .probe import Probe
 from .rollout import FUSIONS, FullAttentionObserver, RolloutObserver
 
 KINDS = ("cls", "received", "norm", "rollout", "full")
 DEFAULT_KINDS = ("cls", "received", "norm", "rollout")
 HEAD_KINDS = ("cls", "received")
-
-
-@dataclass
-class ImageMaps:
-    """Maps of one image. ``arrays`` holds every exported array except the streamed ``full``
-    while the image is processed; :func:`export_maps` empties it once the files are written,
-    so memory stays flat over many images (read the arrays back from ``<stem>.npz``)."""
-
-    name: str
-    stem: str
-    image: Image.Image
-    layout: TokenLayout
-    arrays: dict[str, np.ndarray]
-    files: list[str] = field(default_factory=list)
 
 
 @dataclass

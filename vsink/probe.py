@@ -81,6 +81,19 @@ class Trace:
                 np.savez_compressed(f, header=np.array(json.dumps(header)), **arrays)
         return path
 
+    def check_finite(self, spec: str) -> None:
+        """Raise :class:`~vsink.finite.NonFiniteError` naming the first probed block whose output
+        norms are not finite (NaN or inf anywhere in a token's vector)."""
+        from .finite import NonFiniteError
+
+        if self.norms is None:
+            return
+        bad = ~np.isfinite(self.norms).reshape(len(self.layers), -1).all(axis=1)
+        if bad.any():
+            layer = self.layers[int(np.argmax(bad))]
+            raise NonFiniteError(f"{spec}: non-finite activations (NaN or inf) first appear in the output of block "
+                                 f"{layer}; check the weights and any edits (test-time registers, their scale)")
+
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Trace":
         try:

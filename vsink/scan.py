@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__
+from .version import __version__
 from .backbones.base import Backbone
 from .detect import (AttentionSink, HighNormResult, MassiveActivation, detect_high_norm, detect_massive,
                      detect_sinks, layer_attention_summary, massive_summary)
@@ -203,10 +203,8 @@ def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], 
                     massive_ratio: float = 100.0, batch_size: int, thumbnails: Sequence[Image.Image] = (),
                     synthetic: Optional[bool] = None) -> ScanResult:
     """Run every detector on a trace of ``backbone`` and assemble the :class:`ScanResult`."""
-    from .finite import check_finite_trace
-
     detect_kwargs = parse_threshold(threshold)
-    check_finite_trace(trace, backbone.spec)
+    trace.check_finite(backbone.spec)
     settings = {"batch_size": batch_size, "threshold": detect_kwargs, "sink_ratio": sink_ratio,
                 "massive_ratio": massive_ratio, "layers": list(trace.layers),
                 "dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),

@@ -80,14 +80,11 @@ class Backbone(SiteModel):
         raise VsinkError(f"the {cls.family} family loads no spec")
 
     @classmethod
-    def from_saved(cls, directory: Path, cfg: dict[str, Any], *, attn_implementation: Optional[str]) -> "Backbone":
-        """Rebuild a saved model's architecture (its weights are loaded after): by default from the
-        library spec recorded in ``vsink.json``."""
-        from .registry import load_library
-
-        size = int(cfg["img_size"][0]) if cfg["img_size"] else None
-        return load_library(cfg["spec"], weights=None, img_size=size, device="cpu", dtype=None, pretrained=False,
-                            attn_implementation=None, model_kwargs=cfg["model_kwargs"])
+    def from_saved(cls, directory: Path, cfg: dict[str, Any], *,
+                   attn_implementation: Optional[str]) -> Optional["Backbone"]:
+        """Rebuild a saved model's architecture (its weights are loaded after), or None: then it is
+        rebuilt from the library spec recorded in ``vsink.json``."""
+        return None
 
     def __init__(
         self,
@@ -249,7 +246,7 @@ class Backbone(SiteModel):
         """Load a checkpoint (safetensors, or a state dict read with ``weights_only=True``) into
         :attr:`model`; missing keys, wrong shapes and NaN or infinite values are errors."""
         from ..finite import check_finite_weights
-        from .registry import load_weights, read_state_dict
+        from .weights import load_weights, read_state_dict
 
         load_weights(self.model, path, self._state_for_model(read_state_dict(path)))
         check_finite_weights(self, f"weights file {path}")

@@ -36,6 +36,15 @@ if TYPE_CHECKING:
 SPLITTABLE = ("eager", "sdpa")
 
 
+def decoder_of(lvlm: "LVLM") -> "DecoderModel":
+    """The language model of ``lvlm`` as a :class:`DecoderModel` — one object per LVLM, so its sites
+    and routes are shared by everything that uses the decoder."""
+    decoder = lvlm.__dict__.get("_vsink_decoder")
+    if decoder is None:
+        decoder = lvlm.__dict__["_vsink_decoder"] = DecoderModel(lvlm)
+    return decoder
+
+
 class DecoderModel(SiteModel):
     """The decoder of ``lvlm`` with named sites.
 

@@ -45,7 +45,6 @@ class LVLM:
         self.text_config = model.config.get_text_config()
         self.layers = self._find_layers()
         self._vision: Optional[Any] = None
-        self._decoder: Optional[Any] = None
 
     # --- structure ----------------------------------------------------------------------
     def _find_layers(self) -> list[nn.Module]:
@@ -143,15 +142,6 @@ class LVLM:
         if bad:
             raise VsinkError(f"sink dimensions {bad} outside the hidden size {self.hidden_size}")
         return [int(d) for d in dims]
-
-    def decoder(self):
-        """The language model as a :class:`~vsink.backbones.hf_decoder.DecoderModel` (one object
-        per LVLM: its sites and routes are shared by everything that uses the decoder)."""
-        from .hf_decoder import DecoderModel
-
-        if self._decoder is None:
-            self._decoder = DecoderModel(self)
-        return self._decoder
 
     def tower_patches_are_image_tokens(self, layout: Any) -> bool:
         """Whether the tower's patch tokens reach the language model one to one, in order, as the

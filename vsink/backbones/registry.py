@@ -5,10 +5,8 @@ themselves are found in :mod:`vsink.backbones.families`, never named here."""
 from __future__ import annotations
 
 import os
-import pickle
-import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -17,6 +15,10 @@ from ..errors import ModelSpecError, VsinkError
 from .base import Backbone
 from .families import families, family_of_directory, family_of_model, named_specs, spec_forms
 from .saved import SAVED_CONFIG
+from .weights import check_state_matches, load_weights, read_state_dict
+
+__all__ = ["DTYPES", "check_state_matches", "load", "load_library", "load_weights", "read_state_dict",
+           "resolve_device", "resolve_dtype", "wrap"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -47,66 +49,6 @@ def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise VsinkError(f"device {device!r} requested but CUDA is not available on this machine")
     return dev
-
-
-def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``."""
-    p = Path(path)
-    if not p.is_file():
-        raise VsinkError(f"weights file not found: {p}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise VsinkError(f"cannot read weights file {p}: it holds Python objects besides tensors, and vsink "
-                         "loads checkpoints with torch.load(weights_only=True); save a plain state dict or "
-                         "convert it to .safetensors") from e
-    except Exception as e:  # any parse failure of a user file becomes one clear message
-        raise VsinkError(f"cannot read weights file {p}: {type(e).__name__}: {e}") from e
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise VsinkError(f"weights file {p} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def load_weights(model: nn.Module, path: Union[str, os.PathLike],
-                 state: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Load a checkpoint into ``model``; missing keys and tensors of the wrong shape are an error
-    naming them (and the shapes), unexpected keys a warning.
-
-    ``state`` is the already-read content of ``path``, when the caller has it.
-    """
-    state = read_state_dict(path) if state is None else state
-    check_state_matches(model, state, f"weights file {path}")
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        warnings.warn(f"weights file {path}: ignored {len(result.unexpected_keys)} keys not in the model "
-                      f"(e.g. {result.unexpected_keys[0]})", stacklevel=2)
-
-
-def check_state_matches(model: nn.Module, state: Mapping[str, Union[torch.Tensor, Sequence[int]]],
-                        source: str) -> None:
-    """Raise a :class:`VsinkError` naming the keys of ``model`` that ``state`` (tensors, or their
-    shapes) lacks and those whose shapes differ (with both shapes), before ``load_state_dict``
-    would fail on them."""
-    expected = model.state_dict()
-    shapes = {k: list(v.shape) if isinstance(v, torch.Tensor) else list(v) for k, v in state.items()}
-    missing = [k for k in expected if k not in shapes]
-    wrong = [f"{k} {shapes[k]} (the model's: {list(expected[k].shape)})"
-             for k in expected if k in shapes and shapes[k] != list(expected[k].shape)]
-    problems = []
-    for label, keys in (("missing", missing), ("wrong shape", wrong)):
-        if keys:
-            more = f" (and {len(keys) - 8} more)" if len(keys) > 8 else ""
-            problems.append(f"{label} {', '.join(keys[:8])}{more}")
-    if problems:
-        raise VsinkError(f"{source} does not match the model: {'; '.join(problems)}")
 
 
 def wrap(model: nn.Module, spec: Optional[str] = None) -> Backbone:
@@ -199,7 +141,10 @@ def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], 
 
     cfg = read_saved_config(directory)
     cls = families()[cfg["family"]]
-    backbone = cls.from_saved(directory, cfg, attn_implementation=attn_implementation)
+    size = int(cfg["img_size"][0]) if cfg["img_size"] else None
+    backbone = cls.from_saved(directory, cfg, attn_implementation=attn_implementation) or load_library(
+        cfg["spec"], weights=None, img_size=size, device="cpu", dtype=None, pretrained=False, attn_implementation=None,
+        model_kwargs=cfg["model_kwargs"])
     n_hooked = cfg["hooked_registers"]
     if n_hooked:
         backbone.attach_hooked_registers(nn.Parameter(torch.zeros(1, n_hooked, backbone.embed_dim)))
@@ -208,7 +153,6 @@ def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], 
     backbone.std = tuple(cfg["std"]) if cfg["std"] else backbone.std
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     backbone.model.to(device=dev, dtype=torch_dtype)  # dtype None keeps the loaded one
-    size = int(cfg["img_size"][0]) if cfg["img_size"] else None
     backbone.source = {"spec": cfg["spec"] if cls.saved_spec != ".*" else "hf:.", "img_size": size,
                        "model_kwargs": cfg["model_kwargs"]}
     backbone.spec = str(directory)

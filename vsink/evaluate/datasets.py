@@ -321,31 +321,3 @@ def read_coco(annotations: PathLike, images: Optional[PathLike] = None, *,
     return DenseDataset(path.stem, "coco", path.stem, samples,
                         class_names=[name if name is not None else str(cid) for cid, name in categories] or None,
                         info={"images": str(image_dir), "include_crowd": include_crowd})
-
-
-DEFAULT_SPLITS = {"voc": ("train", "val"), "ade": ("training", "validation"), "folder": ("train", "val"),
-                  "synthetic": ("train", "val"), "coco": (None, None)}
-
-
-def open_dataset(fmt: str, path: Optional[PathLike] = None, split: Optional[str] = None, *,
-                 images: Optional[PathLike] = None, image_set: str = "auto",
-                 synthetic_images: int = 32, synthetic_size: int = 224, seed: int = 0) -> DenseDataset:
-    """Open a dataset by format name (see :data:`FORMATS`); ``split`` defaults to the format's
-    evaluation split."""
-    if fmt not in FORMATS:
-        raise DatasetError(f"unknown dataset format {fmt!r}; formats: {', '.join(FORMATS)}")
-    split = split or DEFAULT_SPLITS[fmt][1]
-    if fmt == "synthetic":
-        from ..data.synthetic import synthetic_dataset
-
-        return synthetic_dataset(split, num_images=synthetic_images, size=synthetic_size, seed=seed)
-    if path is None:
-        raise DatasetError(f"format {fmt!r} needs a data path")
-    if fmt == "voc":
-        return read_voc(path, split, image_set=image_set)
-    if fmt == "ade":
-        return read_ade(path, split)
-    if fmt == "coco":
-        return read_coco(path, images)
-    root = Path(path)
-    return read_folder(root, split if (root / "images" / split).is_dir() else None)

@@ -81,8 +81,8 @@ class Variant:
         if self.kind == "baseline":
             yield base
         elif self.kind == "ttr":
-            with self.test_time_registers().applied(base) as backbone:
-                yield backbone
+            with self.test_time_registers().applied(base):
+                yield base
         elif self.kind == "weights":
             if base.edits:
                 raise VsinkError(f"variant {self.name!r}: the base model carries edits ({', '.join(base.edits)})")

@@ -1,17 +1,31 @@
-"""PNG overlays and the per-image contact sheet of exported maps."""
+"""The maps of one image (:class:`ImageMaps`), their PNG overlays and the per-image contact sheet."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import numpy as np
+from PIL import Image
 
 from ..io import atomic_path
+from ..layout import TokenLayout
 from .figures import overlay_axes, plt
 
-if TYPE_CHECKING:
-    from ..maps import ImageMaps
+
+@dataclass
+class ImageMaps:
+    """Maps of one image. ``arrays`` holds every exported array except the streamed ``full``
+    while the image is processed; :func:`export_maps` empties it once the files are written,
+    so memory stays flat over many images (read the arrays back from ``<stem>.npz``)."""
+
+    name: str
+    stem: str
+    image: Image.Image
+    layout: TokenLayout
+    arrays: dict[str, np.ndarray]
+    files: list[str] = field(default_factory=list)
 
 GRID_KINDS = ("cls", "received", "norm")
 CMAPS = {"cls": "inferno", "received": "viridis", "norm": "magma", "rollout": "inferno"}
@@ -36,7 +50,7 @@ def _prefix_note(kind: str, prefix: np.ndarray, layout) -> str:
     return ", ".join(parts)
 
 
-def _panels(maps: "ImageMaps", kinds, layers, heads):
+def _panels(maps: ImageMaps, kinds, layers, heads):
     """(file name, grid, title, kind) for every overlay to draw."""
     a, layout = maps.arrays, maps.layout
     for kind in (k for k in GRID_KINDS if k in kinds):
@@ -63,7 +77,7 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def render_image_pngs(maps: "ImageMaps", out: Union[str, Path], model: str, kinds, layers, heads) -> list[str]:
+def render_image_pngs(maps: ImageMaps, out: Union[str, Path], model: str, kinds, layers, heads) -> list[str]:
     """Write ``<stem>/<kind>_layer<L>_<head>.png`` overlays and ``<stem>/contact.png``; return
     the paths relative to ``out``."""
     folder = Path(out) / maps.stem
@@ -84,7 +98,7 @@ def render_image_pngs(maps: "ImageMaps", out: Union[str, Path], model: str, kind
     return written
 
 
-def _contact_sheet(maps: "ImageMaps", model: str, kinds, layers):
+def _contact_sheet(maps: ImageMaps, model: str, kinds, layers):
     """Layers (rows) x grid kinds (columns), head mean, plus rollout on its own row."""
     cols = [k for k in GRID_KINDS if k in kinds]
     rows = len(layers) if cols else 0

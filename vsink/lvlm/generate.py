@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..backbones.hf_decoder import decoder_of
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..mitigate import REGISTRY, Mitigation, Run, check_protocol, make_mitigations, mitigation_names
@@ -86,7 +87,7 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         mask = torch.ones_like(input_ids)
     if not all(lvlm.image_spans(input_ids).counts()):
         raise VsinkError("every prompt needs an image (no image tokens found in a row)")
-    decoder = lvlm.decoder()
+    decoder = decoder_of(lvlm)
     context = DecodeContext(lvlm, input_ids, mask)
     run = Run(lvlm=lvlm, decoder=decoder, context=context, input_ids=input_ids, attention_mask=mask)
     capture = AttentionCapture(decoder, context) if capture_attention else None

@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..backbones.hf_decoder import DecoderModel
+from ..version import __version__
+from ..backbones.hf_decoder import DecoderModel, decoder_of
 from ..backbones.hf_lvlm import LVLM
 from ..backbones.hooks import HookSet
 from ..detect import MassiveActivation, detect_massive
@@ -191,7 +191,7 @@ def scan_lvlm(
         raise VsinkError("no images given")
     if not prompt or not prompt.strip():
         raise VsinkError("--prompt is empty; an LVLM scan needs the prompt the images are asked with")
-    decoder = lvlm.decoder()
+    decoder = decoder_of(lvlm)
     try:
         tower = lvlm.vision_backbone()
     except VsinkError:

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..backbones.hf_decoder import decoder_of
 from ..backbones.hf_lvlm import LVLM
 from ..backbones.hooks import Hooks
 from ..detect.visual_sinks import rms_phi, sink_flags
@@ -60,7 +61,7 @@ def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional
     counts: dict[int, int] = {}
     phis: dict[int, list[float]] = {}
     seen: list[torch.Tensor] = []
-    decoder = lvlm.decoder()
+    decoder = decoder_of(lvlm)
     for inputs in batches:
         with Hooks(lambda handles: handles.extend(decoder.hook("block_input", i, seen.append) for i in layers)):
             lvlm.model(**inputs)
@@ -89,7 +90,7 @@ def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional
 def detect_sinks(lvlm: LVLM, inputs: dict[str, Any], dims: Sequence[int], tau: float = 20.0) -> torch.Tensor:
     """Sink flags [layers, B, N] of a prompt: max over ``dims`` of φ on each layer's input > tau."""
     flags: list[torch.Tensor] = []
-    decoder = lvlm.decoder()
+    decoder = decoder_of(lvlm)
 
     def observe(h: torch.Tensor) -> None:
         flags.append(sink_flags(h, list(dims), tau))

@@ -141,7 +141,6 @@ def find_register_neurons(
         sparsity_fraction: see ``sparsity_filter`` (default 0.5, as released).
         sparsity_activation: see ``sparsity_filter`` (default 0.5, as released).
     """
-    from ..finite import check_finite_trace
     from ..parameters import FIND
 
     check_all(FIND, dict(top_k=top_k, detection_layer=detection_layer, highest_layer=highest_layer,
@@ -164,7 +163,7 @@ def find_register_neurons(
     if not probe.num_batches():
         raise VsinkError("no image could be read for register-neuron discovery")
     trace = probe.trace()
-    check_finite_trace(trace, backbone.spec)
+    trace.check_finite(backbone.spec)
     high = detect_high_norm(trace, **parse_threshold(threshold))
     if high.emergence_layer is None and detection_layer is None:
         raise VsinkError("no high-norm outliers in these images: there is nothing for register neurons to "

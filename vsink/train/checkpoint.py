@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones.registry import check_state_matches
+from ..backbones.weights import check_state_matches
 from ..errors import VsinkError
 
 PREFIX = "step_"
