@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..backbones.base import Backbone
 from ..detect.norms import detect_high_norm
 from ..errors import VsinkError
+from ..export.views import Previews
 from ..features import FEATURE_KINDS, FeatureCapture, FeatureSpec
 from ..io import write_text
 from ..probe import Probe
@@ -81,19 +82,6 @@ PREVIEW_IMAGES = 4
 
 
 @dataclass
-class Previews:
-    """The first evaluation images, their ground truth, and each variant's predicted mask and LOST
-    box, for the HTML report (not written to results.json)."""
-
-    ids: list[str] = field(default_factory=list)
-    images: list[Any] = field(default_factory=list)
-    masks: list[Optional[np.ndarray]] = field(default_factory=list)
-    boxes: list[Optional[np.ndarray]] = field(default_factory=list)
-    predicted: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    lost: dict[str, list[list[float]]] = field(default_factory=dict)
-
-
-@dataclass
 class DenseResult:
     """Everything :func:`evaluate_dense` measured; ``variants[name][task]`` holds each task's numbers."""
 
@@ -103,7 +91,7 @@ class DenseResult:
     settings: dict[str, Any]
     variants: dict[str, dict[str, Any]]
     skipped: list[dict[str, str]] = field(default_factory=list)
-    previews: Optional["Previews"] = field(default=None, repr=False)
+    previews: Optional[Previews] = field(default=None, repr=False)
 
     HEADLINE = (("linear_seg", "miou", "linear-seg mIoU (%)", 100),
                 ("linear_seg", "pixel_accuracy", "linear-seg pixel accuracy (%)", 100),

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:
-    from .dense import DenseResult
+from ..export.views import DenseView
 
 
 def _value(v: Optional[float]) -> str:
@@ -19,7 +18,7 @@ def _delta(v: Optional[float], base: Optional[float]) -> str:
     return f" ({'+' if d >= 0 else '−'}{_value(abs(d))})"
 
 
-def _rows(result: "DenseResult") -> tuple[list[str], list[list[str]]]:
+def _rows(result: DenseView) -> tuple[list[str], list[list[str]]]:
     names = list(result.variants)
     header = ["metric"] + [names[0]] + [f"{n} (Δ vs {names[0]})" for n in names[1:]]
     rows = []
@@ -28,7 +27,7 @@ def _rows(result: "DenseResult") -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _lost_lines(result: "DenseResult") -> list[str]:
+def _lost_lines(result: DenseView) -> list[str]:
     lines = []
     for name, res in result.variants.items():
         lost = res.get("lost")
@@ -46,7 +45,7 @@ def _lost_lines(result: "DenseResult") -> list[str]:
     return lines
 
 
-def dense_markdown(result: "DenseResult") -> str:
+def dense_markdown(result: DenseView) -> str:
     ds = result.dataset
     parts = [f"# vsink dense evaluation — `{result.model}`", ""]
     if result.model == "demo":
@@ -70,7 +69,7 @@ def dense_markdown(result: "DenseResult") -> str:
     return "\n".join(parts) + "\n"
 
 
-def _artifact_curves(result: "DenseResult") -> list[str]:
+def _artifact_curves(result: DenseView) -> list[str]:
     from ..export.figures import layer_curves_figure
     from ..export.html import fig
 
@@ -86,7 +85,7 @@ def _artifact_curves(result: "DenseResult") -> list[str]:
                 "norm ratio per block"), "</div>"]
 
 
-def dense_html(result: "DenseResult") -> str:
+def dense_html(result: DenseView) -> str:
     """The report page: the headline table with deltas, per-class IoU bars, per-block artifact
     curves, and the first evaluation images with ground truth, predicted masks and LOST boxes."""
     from ..export.dense_figures import per_class_iou_figure, previews_figure

@@ -4,7 +4,7 @@ on one colour scale, PCA of patch features, and a table of deltas against the fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -14,15 +14,13 @@ from .html import banner, delta, esc, fig, fmt, page, table
 from .layer_figures import heatmap_figure, norm_small_multiples_figure, sink_share_by_head
 from .pca import pca_figure
 from .report import SYNTHETIC_NOTE
-
-if TYPE_CHECKING:
-    from ..scan import ScanResult
+from .views import ScanView
 
 #: images shown as norm-map rows and PCA rows
 MAX_IMAGES = 4
 
 
-def summary(result: "ScanResult") -> dict[str, Optional[float]]:
+def summary(result: ScanView) -> dict[str, Optional[float]]:
     """The headline numbers of one scan (the comparison table's rows)."""
     hn = result.high_norm
     regs = [a["register_received"] for a in result.attention]
@@ -34,7 +32,7 @@ def summary(result: "ScanResult") -> dict[str, Optional[float]]:
             "sink entries": len(result.sinks), "massive activations": len(result.massive)}
 
 
-def _curves(runs: Mapping[str, "ScanResult"], key, ylabel: str, title: str, floor: Optional[float] = None,
+def _curves(runs: Mapping[str, ScanView], key, ylabel: str, title: str, floor: Optional[float] = None,
             marks: bool = False) -> str:
     series = {label: ([s.index for s in r.high_norm.layers], [key(r, i) for i in range(len(r.high_norm.layers))])
               for label, r in runs.items()}
@@ -42,7 +40,7 @@ def _curves(runs: Mapping[str, "ScanResult"], key, ylabel: str, title: str, floo
     return fig(layer_curves_figure(series, ylabel=ylabel, title=title, floor=floor, marks=mark), title)
 
 
-def comparison_sections(runs: Mapping[str, "ScanResult"],
+def comparison_sections(runs: Mapping[str, ScanView],
                         pca: Optional[Mapping[str, Mapping[int, np.ndarray]]] = None,
                         pca_images: Optional[Sequence[Image.Image]] = None) -> list[str]:
     """The HTML sections comparing ``runs`` (label → scan of the same images, the first is the
@@ -119,14 +117,14 @@ def comparison_sections(runs: Mapping[str, "ScanResult"],
     return parts
 
 
-def render_scan_comparison(runs: Mapping[str, "ScanResult"], title: str,
+def render_scan_comparison(runs: Mapping[str, ScanView], title: str,
                            pca: Optional[Mapping[str, Mapping[int, np.ndarray]]] = None,
                            pca_images: Optional[Sequence[Image.Image]] = None) -> str:
     """The comparison as one HTML page (see :func:`comparison_sections`)."""
     return page(title, [f"<h1>{esc(title)}</h1>", *comparison_sections(runs, pca, pca_images)])
 
 
-def pca_layers(result: "ScanResult") -> list[int]:
+def pca_layers(result: ScanView) -> list[int]:
     """The blocks a PCA figure shows by default: the first with outliers (if any) and the last."""
     last = result.trace.layers[-1]
     first = result.high_norm.emergence_layer

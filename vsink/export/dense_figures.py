@@ -3,7 +3,7 @@ next to the ground truth, LOST boxes on the images."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -12,8 +12,7 @@ from matplotlib.patches import Rectangle
 from .axes import plain_linear_axis
 from .figures import RUN_COLOURS, plt
 
-if TYPE_CHECKING:
-    from ..evaluate.dense import Previews
+from .views import Previews
 
 #: classes shown in the per-class IoU figure (the rest are in results.json)
 MAX_CLASSES = 40
@@ -53,7 +52,7 @@ def _mask_rgb(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
-def previews_figure(previews: "Previews", num_classes: int):
+def previews_figure(previews: Previews, num_classes: int):
     """Rows: the first evaluation images. Columns: the image with the ground-truth boxes (white)
     and each variant's LOST box (its colour); the ground-truth mask; each variant's predicted mask."""
     variants = list(previews.predicted)

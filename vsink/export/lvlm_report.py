@@ -4,19 +4,15 @@ tower's high-norm tokens arrive in the language model as visual sink tokens."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from PIL import Image
 
 from .figures import overlay_png
 from .html import banner, esc, fmt, img, page, table
-
-if TYPE_CHECKING:
-    from ..lvlm.scan import LVLMScanResult
+from .views import LVLMScanView
 
 
-def render_lvlm_report(result: "LVLMScanResult") -> str:
+def render_lvlm_report(result: LVLMScanView) -> str:
     """Return the report as one HTML string (inline PNGs, no external assets)."""
     body = [f"<h1>vsink LVLM scan — <code>{esc(result.model)}</code></h1>"]
     if result.synthetic:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from .figures import norm_histogram_png, overlay_png, ratio_curve_png
 from .html import banner, esc, fig, fmt, img, page, table
 from .layer_figures import heatmap_figure, massive_figure, norm_small_multiples_figure, sink_share_by_head
 
-if TYPE_CHECKING:
-    from ..detect import AttentionSink
-    from ..scan import ScanResult
+from ..detect import AttentionSink
+from .views import ScanView
 
 SYNTHETIC_NOTE = ("**Synthetic demo model.** Its high-norm tokens are planted by construction (see docs/demo.md); "
                   "the numbers say nothing about any real model.")
@@ -71,7 +70,7 @@ def layer_ranges(layers: Sequence[int]) -> str:
     return ", ".join(out)
 
 
-def sinks_table(result: "ScanResult") -> str:
+def sinks_table(result: ScanView) -> str:
     shown, left_out = group_sinks(result.sinks)
     if not shown:
         return "<p>No attention sink in any block.</p>"
@@ -84,7 +83,7 @@ def sinks_table(result: "ScanResult") -> str:
                  rows) + note
 
 
-def massive_section(result: "ScanResult") -> list[str]:
+def massive_section(result: ScanView) -> list[str]:
     trace, threshold = result.trace, result.settings.get("massive_ratio", 100.0)
     if trace.massive_values is None:
         return []
@@ -106,7 +105,7 @@ def massive_section(result: "ScanResult") -> list[str]:
     return parts
 
 
-def per_head_section(result: "ScanResult") -> list[str]:
+def per_head_section(result: ScanView) -> list[str]:
     trace = result.trace
     if trace.attn_received is None:
         return []
@@ -124,7 +123,7 @@ def per_head_section(result: "ScanResult") -> list[str]:
     return parts
 
 
-def norm_maps_section(result: "ScanResult") -> list[str]:
+def norm_maps_section(result: ScanView) -> list[str]:
     trace, layout = result.trace, result.layout
     if trace.norms is None or not result.thumbnails:
         return []
@@ -137,7 +136,7 @@ def norm_maps_section(result: "ScanResult") -> list[str]:
     return parts
 
 
-def render_scan_report(result: "ScanResult") -> str:
+def render_scan_report(result: ScanView) -> str:
     """Return the report as one HTML string."""
     trace, hn, layout = result.trace, result.high_norm, result.layout
     parts = [f"<h1>vsink scan — <code>{esc(result.model)}</code></h1>"]
