@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +133,109 @@ def test_composition_names_and_settings():
     inputs = lvlm.prepare([Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))], ["is there a cat ?"])
     with pytest.raises(VsinkError, match="ttr: set neurons=PATH"):
         generate(lvlm, inputs, mitigation="ttr")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Every attention call of the decoder, as (layer, query rows, which path): ``own`` is the
+    model's own implementation as the router captured it, ``explicit`` vsink's explicit attention."""
+    from vsink.backbones import hf_router
+    from vsink.backbones.sites import SiteModel
+
+    calls: list[tuple[int, int, str]] = []
+    own_names: set[str] = set()
+    real_function, real_attention = hf_router.implementation_function, SiteModel._attention
+
+    def spied_function(module, implementation):
+        fn = real_function(module, implementation)
+        own_names.add(fn.__name__)
+
+        def own(module, query, *args, **kwargs):
+            calls.append((module.layer_idx, query.shape[2], "own"))
+            return fn(module, query, *args, **kwargs)
+
+        return own
+
+    def spied_attention(self, layer, q, *args, **kwargs):
+        calls.append((layer, q.shape[2], "explicit"))
+        return real_attention(self, layer, q, *args, **kwargs)
+
+    monkeypatch.setattr(hf_router, "implementation_function", spied_function)
+    monkeypatch.setattr(SiteModel, "_attention", spied_attention)
+    return calls, own_names
+
+
+def test_rows_and_layers_a_mitigation_leaves_alone_run_the_models_own_attention(demo, inputs, kernel_calls):
+    calls, own_names = kernel_calls
+    prompt = inputs["input_ids"].shape[1]
+    result = generate(demo, inputs, mitigation="pai", settings={"start_layer": 1, "end_layer": 3}, max_new_tokens=3)
+    assert result.report[0]["edited"]
+    assert own_names == {"sdpa_attention_forward"}  # the demo LVLM runs SDPA: that is what "own" calls
+    steps = [prompt, 1, 1]  # the prompt pass, then two cached decode steps
+    for layer in (0, 3):  # outside PAI's layers: never routed, every row on the model's kernel
+        assert [(q, path) for l, q, path in calls if l == layer] == [(q, "own") for q in steps]
+    for layer in (1, 2):  # PAI edits the last row: the prompt's other rows stay on the model's kernel
+        assert [(q, path) for l, q, path in calls if l == layer] == [
+            (1, "explicit"), (prompt - 1, "own"), (1, "explicit"), (1, "explicit")]
+    calls.clear()
+    fastv = generate(demo, inputs, mitigation="fastv", settings={"k": 2, "ratio": 0.25}, max_new_tokens=2)
+    assert fastv.report[0]["layers"]
+    kept = prompt - round(0.25 * demo.image_spans(inputs["input_ids"]).counts()[0])
+    # FastV reads the last row's scores in layer k - 1 and then runs every layer on the model's kernel
+    assert [(l, q, path) for l, q, path in calls if path == "explicit"] == [(1, 1, "explicit")]
+    assert [(q, path) for l, q, path in calls if l == 3] == [(kept, "own"), (1, "own")]
+
+
+PLUGIN = Path(__file__).parent / "plugin"
+
+
+@pytest.fixture
+def temperature_plugin(tmp_path, monkeypatch):
+    """tests/plugin on sys.path as an installed distribution whose ``vsink.mitigations`` entry point
+    names ``temperature_mitigation``; discovered again into a copy of the registry."""
+    from vsink import mitigate
+    from vsink.mitigate import base
+
+    dist = tmp_path / "vsink_temperature-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vsink-temperature\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[vsink.mitigations]\ntemperature = temperature_mitigation\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(PLUGIN))
+    registry = dict(base.REGISTRY)
+    monkeypatch.setattr(base, "REGISTRY", registry)
+    monkeypatch.setattr(mitigate, "REGISTRY", registry)
+    assert "temperature_mitigation" not in sys.modules
+    mitigate._load_entry_points()
+    yield registry
+    sys.modules.pop("temperature_mitigation", None)
+
+
+def test_a_mitigation_from_an_entry_point_runs_alone_and_composed(temperature_plugin, demo, inputs):
+    assert "temperature" in temperature_plugin
+    none = generate(demo, inputs, max_new_tokens=3, capture_attention=True)
+    neutral = generate(demo, inputs, mitigation="temperature", settings={"t": 1.0, "layer": 2}, max_new_tokens=3,
+                       capture_attention=True)
+    assert torch.equal(neutral.new_tokens, none.new_tokens)
+    torch.testing.assert_close(neutral.attention, none.attention, atol=1e-5, rtol=0, equal_nan=True)
+    hot = generate(demo, inputs, mitigation="temperature+pai", settings={"temperature.t": 8.0, "temperature.layer": 2},
+                   max_new_tokens=3, capture_attention=True)
+    assert [r["mitigation"] for r in hot.report] == ["temperature", "pai"]
+    heads = demo.text_config.num_attention_heads
+    assert hot.report[0]["layers"] == [{"layer": 2, "rows_tempered": 3 * 2 * heads}]  # 3 passes, 2 rows
+    with pytest.raises(VsinkError, match="temperature setting 't'"):
+        make_mitigations("temperature", {"t": 0.0})
+
+
+def test_a_broken_mitigation_plugin_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    from vsink import mitigate
+
+    dist = tmp_path / "vsink_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vsink-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[vsink.mitigations]\nbroken = no_such_module_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = dict(mitigate.REGISTRY)
+    with pytest.warns(RuntimeWarning, match="entry point 'broken' .*failed to load"):
+        mitigate._load_entry_points()
+    assert mitigate.REGISTRY == before

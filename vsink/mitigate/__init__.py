@@ -1,8 +1,20 @@
 """Mitigations as composable edits on the shared sites: test-time registers (vision tower), VAR,
-PAI (attention plus guidance), FastV. See :mod:`vsink.mitigate.base` for how to add one."""
+PAI (attention plus guidance), FastV. See :mod:`vsink.mitigate.base` for how to add one.
+
+Mitigations outside vsink register through the ``vsink.mitigations`` entry point (a module whose
+import runs :func:`register`), e.g. in their ``pyproject.toml``::
+
+    [project.entry-points."vsink.mitigations"]
+    mine = "my_package.vsink_mitigation"
+
+They are imported with this package, so ``--mitigation mine`` and ``generate(...,
+mitigation="mine+var")`` know them; one that fails to import is left out with a warning.
+"""
 
 from __future__ import annotations
 
+import warnings
+from importlib.metadata import entry_points
 from typing import Any, Optional, Sequence, Union
 
 from ..errors import VsinkError
@@ -13,7 +25,9 @@ from .pai import PAI, GuidanceProcessor, PAISettings
 from .ttr import TTR, TTRSettings
 from .var import VAR, VARSettings, redistribute, redistribution
 
-__all__ = ["FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
+ENTRY_POINT_GROUP = "vsink.mitigations"
+
+__all__ = ["ENTRY_POINT_GROUP", "FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
            "Run", "TTR", "TTRSettings", "VAR", "VARSettings", "check_protocol", "declared_settings", "make_mitigations",
            "mitigation_names",
            "redistribute", "redistribution", "register"]
@@ -60,3 +74,17 @@ def _per_mitigation(names: list[str], settings: dict[str, Any]) -> dict[str, dic
         else:
             raise VsinkError(f"setting {key!r}: with several mitigations name one, e.g. {names[0]}.{key}")
     return per
+
+
+def _load_entry_points() -> None:
+    """Import every ``vsink.mitigations`` entry point (its :func:`register` runs on import); a
+    broken plugin is left out with a warning naming it, and vsink keeps working."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as e:
+            warnings.warn(f"the {ENTRY_POINT_GROUP} entry point {entry.name!r} ({entry.value}) failed to load and "
+                          f"is left out: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+
+
+_load_entry_points()

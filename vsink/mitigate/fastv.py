@@ -66,8 +66,9 @@ class FastV(Mitigation):
         self._scores: Optional[torch.Tensor] = None
         self._gather: Optional[torch.Tensor] = None
         self._total = 0
+        # the last prompt row's scores; a cached decode step (one row) needs none
         handles.append(run.decoder.hook("attn_probs", s.k - 1, self._observe(run),
-                                        rows=lambda queries, keys: queries - 1))  # the last row's scores
+                                        rows=lambda queries, keys: queries - 1 if queries > 1 else queries))
         for layer in range(s.k, n):  # first of the block's pre-hooks: every site sees the pruned sequence
             handles.append(run.decoder.blocks[layer].register_forward_pre_hook(self._prune(run, layer),
                                                                                with_kwargs=True, prepend=True))
