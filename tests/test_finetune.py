@@ -1,6 +1,7 @@
 """Register fine-tuning: recipe validation, the loop's schedule and parameter groups, the posthoc
 recipe on the demo model, resume after SIGKILL, and DDP on CPU with gloo."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import vsink
-from vsink.train import ConfigError, load_config, run_finetune
+from vsink.train import ConfigError, Recipe, load_config, run_finetune
 from vsink.train.loop import lr_factor, no_decay_parameters, param_groups, sample_order
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -35,7 +36,7 @@ def _metrics(out):
 @pytest.mark.parametrize("name", ["posthoc", "scratch"])
 def test_shipped_recipes_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg["recipe"] == name
+    assert isinstance(cfg, Recipe) and cfg.recipe == name
 
 
 def test_recipe_errors_name_the_key(tmp_path):
@@ -59,7 +60,7 @@ def test_recipe_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"'student\.unlock' must be a list, each one of pos_embed, patch_embed, norm, cls_token, got \['everything'\] \(entry 'everything' is not one of"):
         load_config(None, ["student.unlock=[everything]"])
     cfg = load_config(None, ["train.lr=1e-3", "student.blocks=[1, 2]"])
-    assert cfg["train"]["lr"] == 1e-3 and cfg["student"]["blocks"] == [1, 2]
+    assert cfg.train.lr == 1e-3 and cfg.student.blocks == [1, 2]
 
 
 def test_schedule_order_and_groups():
@@ -162,13 +163,13 @@ def test_denoised_teacher_without_augmentations_equals_the_original(tmp_path):
     cfg = load_config(None, ["model.img_size=64", "teacher.kind=denoised", "teacher.shifts=0", "teacher.flips=false",
                              "data.num_images=2", "data.eval_images=2"])
     base = vsink.load("demo", img_size=64)
-    images = load_training_images(cfg["data"], (64, 64), 0, classification=False)
+    images = load_training_images(cfg.data, (64, 64), 0, classification=False)
     task = PosthocTask(cfg, base, images, torch.device("cpu"))
     x = task.eval_x
     cls, grid = task.targets(x)
     ref_cls, ref_grid = _last_tokens(vsink.load("demo", img_size=64), x)
     assert torch.allclose(grid, ref_grid, atol=1e-6) and torch.allclose(cls, ref_cls, atol=1e-6)
-    cfg["teacher"]["shifts"], cfg["teacher"]["flips"] = 1, True
+    task.cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, shifts=1, flips=True))
     shifted_cls, shifted = task.targets(x)
     assert shifted.shape == grid.shape and not torch.allclose(shifted, grid)
 
