@@ -16,13 +16,14 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import vsink
-from vsink.train.config import DEFAULTS
+from vsink.train.config import DataConfig, Recipe
 from vsink.train.data import TrainImages, to_input
 from vsink.train.loop import lr_factor, no_decay_parameters, param_groups, train
 from vsink.train.recipes import ScratchTask
@@ -54,9 +55,9 @@ def plain_loop(backbone, images, steps, batch, seed) -> float:
 
 
 def vsink_loop(backbone, images, steps, batch, seed) -> float:
-    cfg = {**DEFAULTS, "seed": seed, "data": {**DEFAULTS["data"], "flip": True}}
-    settings = {**DEFAULTS["train"], "steps": steps, "batch_size": batch, "warmup_steps": 2, "eval_every": 10 ** 9,
-                "checkpoint_every": 10 ** 9, "log_every": 10 ** 9}
+    cfg = Recipe(recipe="scratch", seed=seed, data=DataConfig(flip=True))
+    settings = replace(cfg.train, steps=steps, batch_size=batch, warmup_steps=2, eval_every=10 ** 9,
+                       checkpoint_every=10 ** 9, log_every=10 ** 9)
     task = NoEvalScratch(cfg, backbone, images, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()

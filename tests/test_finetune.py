@@ -1,6 +1,7 @@
 """Register fine-tuning: recipe validation, the loop's schedule and parameter groups, the posthoc
 recipe on the demo model, resume after SIGKILL, and DDP on CPU with gloo."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import vsink
-from vsink.train import ConfigError, load_config, run_finetune
+from vsink.errors import VsinkError
+from vsink.train import ConfigError, Recipe, load_config, run_finetune
+from vsink.train.config import RECIPE
 from vsink.train.loop import lr_factor, no_decay_parameters, param_groups, sample_order
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -35,7 +39,7 @@ def _metrics(out):
 @pytest.mark.parametrize("name", ["posthoc", "scratch"])
 def test_shipped_recipes_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg["recipe"] == name
+    assert isinstance(cfg, Recipe) and cfg.recipe == name
 
 
 def test_recipe_errors_name_the_key(tmp_path):
@@ -59,7 +63,98 @@ def test_recipe_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"'student\.unlock' must be a list, each one of pos_embed, patch_embed, norm, cls_token, got \['everything'\] \(entry 'everything' is not one of"):
         load_config(None, ["student.unlock=[everything]"])
     cfg = load_config(None, ["train.lr=1e-3", "student.blocks=[1, 2]"])
-    assert cfg["train"]["lr"] == 1e-3 and cfg["student"]["blocks"] == [1, 2]
+    assert cfg.train.lr == 1e-3 and cfg.student.blocks == [1, 2]
+    with pytest.raises(ConfigError, match=r"x: unknown key 'trian'; did you mean 'train'\?"):
+        Recipe.from_mapping({"trian": {}}, "x")
+    with pytest.raises(ConfigError, match=r"x: 'model' must be a mapping, got 'demo'"):
+        Recipe.from_mapping({"model": "demo"}, "x")
+    with pytest.raises(ConfigError, match=r"x: a recipe must be a YAML mapping, got list"):
+        Recipe.from_mapping([], "x")
+
+
+def _field_paths(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _field_paths(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def test_recipe_fields_are_the_declared_keys():
+    """One dataclass field per RECIPE key, in its order (config.yaml keeps the order), each
+    defaulting to the declared default; Recipe() is the default recipe."""
+    default = Recipe()
+    assert list(_field_paths(default)) == list(RECIPE)
+    assert default == load_config(None) == Recipe.from_mapping(None)
+    for key, option in RECIPE.items():
+        assert default.value(key) == option.default, key
+    assert default.student.unlock is not Recipe().student.unlock  # no default shared between recipes
+    assert default.student.unlock is not RECIPE["student.unlock"].default
+    with pytest.raises(KeyError):
+        default.value("model")
+
+
+@pytest.mark.parametrize("name", ["posthoc", "scratch"])
+def test_recipe_to_dict_round_trips(name, tmp_path):
+    cfg = load_config(CONFIGS / f"{name}.yaml", ["train.lr=2e-3", "student.blocks=[0, -1]", "model.model_kwargs={depth: 2}",
+                                                 f"out={tmp_path}", "data.source=folder", f"data.path={tmp_path}"])
+    raw = cfg.to_dict()
+    assert list(raw) == [f.name for f in dataclasses.fields(Recipe)] and raw["train"]["lr"] == 2e-3
+    assert all(type(raw[k]) is dict for k in ("model", "registers", "teacher", "student", "loss", "data", "train"))
+    assert Recipe.from_mapping(raw, "again") == cfg
+    assert Recipe.from_mapping(yaml.safe_load(yaml.safe_dump(raw, sort_keys=False)), "config.yaml") == cfg  # as written
+    raw["train"]["lr"] = 1.0
+    assert cfg.train.lr == 2e-3  # a copy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+
+
+def test_run_finetune_takes_a_mapping_or_a_recipe(tmp_path):
+    cfg = load_config(CONFIGS / "scratch.yaml", [*TINY, "train.steps=2", "train.checkpoint_every=2"])
+    by_recipe = run_finetune(dataclasses.replace(cfg, out=str(tmp_path / "recipe")), progress=False)
+    raw = {**cfg.to_dict(), "out": str(tmp_path / "mapping")}
+    by_mapping = run_finetune(raw, progress=False)
+    for s in (by_recipe, by_mapping):
+        del s["images_per_s"], s["model"]
+    assert by_mapping == by_recipe
+    assert (tmp_path / "mapping" / "config.yaml").read_text() == (tmp_path / "recipe" / "config.yaml").read_text() \
+        .replace(str(tmp_path / "recipe"), str(tmp_path / "mapping"))
+    a = load_file(str(tmp_path / "recipe" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "mapping" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # either is validated before anything is written: a partial mapping takes the defaults, and a
+    # Recipe changed by hand is checked like a file
+    with pytest.raises(ConfigError, match=r"recipe: unknown key 'train\.stepz'; did you mean 'steps'\?"):
+        run_finetune({"out": str(tmp_path / "bad"), "train": {"stepz": 1}}, progress=False)
+    bad = dataclasses.replace(cfg, recipe="posthoc", registers=dataclasses.replace(cfg.registers, n=0),
+                              out=str(tmp_path / "bad"))
+    with pytest.raises(ConfigError, match=r"recipe: 'registers\.n' must be at least 1 for the posthoc recipe"):
+        run_finetune(bad, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_resume_compares_the_earlier_recipe_key_by_key(tmp_path):
+    from vsink.train.recipes import _preflight
+
+    ckpt = tmp_path / "checkpoints" / "step_0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "state.pt").write_bytes(b"")
+    earlier = load_config(None, [f"out={tmp_path}", "student.blocks=[1]", "model.model_kwargs={depth: 2}"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(earlier.to_dict(), sort_keys=False))
+    _preflight(earlier, tmp_path, resume=True)
+    _preflight(dataclasses.replace(earlier, train=dataclasses.replace(earlier.train, lr=0.5)), tmp_path, resume=True)
+    with pytest.raises(VsinkError, match=r"pass --resume"):
+        _preflight(earlier, tmp_path, resume=False)
+    changed = dataclasses.replace(earlier, student=dataclasses.replace(earlier.student, blocks=[0]))
+    with pytest.raises(VsinkError, match=r"made with student\.blocks=\[1\], this recipe has \[0\]"):
+        _preflight(changed, tmp_path, resume=True)
+    changed = dataclasses.replace(earlier, model=dataclasses.replace(earlier.model, model_kwargs={"depth": 3}))
+    with pytest.raises(VsinkError, match=r"made with model\.model_kwargs=\{'depth': 2\}, this recipe has \{'depth': 3\}"):
+        _preflight(changed, tmp_path, resume=True)
+    with pytest.raises(VsinkError, match=r"made with recipe='posthoc', this recipe has 'scratch'"):
+        _preflight(dataclasses.replace(earlier, recipe="scratch"), tmp_path, resume=True)
 
 
 def test_schedule_order_and_groups():
@@ -162,13 +257,13 @@ def test_denoised_teacher_without_augmentations_equals_the_original(tmp_path):
     cfg = load_config(None, ["model.img_size=64", "teacher.kind=denoised", "teacher.shifts=0", "teacher.flips=false",
                              "data.num_images=2", "data.eval_images=2"])
     base = vsink.load("demo", img_size=64)
-    images = load_training_images(cfg["data"], (64, 64), 0, classification=False)
+    images = load_training_images(cfg.data, (64, 64), 0, classification=False)
     task = PosthocTask(cfg, base, images, torch.device("cpu"))
     x = task.eval_x
     cls, grid = task.targets(x)
     ref_cls, ref_grid = _last_tokens(vsink.load("demo", img_size=64), x)
     assert torch.allclose(grid, ref_grid, atol=1e-6) and torch.allclose(cls, ref_cls, atol=1e-6)
-    cfg["teacher"]["shifts"], cfg["teacher"]["flips"] = 1, True
+    task.cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, shifts=1, flips=True))
     shifted_cls, shifted = task.targets(x)
     assert shifted.shape == grid.shape and not torch.allclose(shifted, grid)
 

@@ -423,11 +423,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     summary = run_finetune(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = summary.get("final_eval", {})
-        print(f"{cfg['recipe']}: {summary['steps']} steps, {summary['images_per_s'] or 0:.1f} images/s, "
+        print(f"{cfg.recipe}: {summary['steps']} steps, {summary['images_per_s'] or 0:.1f} images/s, "
               f"world size {summary['world_size']}")
         for k, v in ev.items():
             print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
-        print(f"wrote {summary['model']} (load with vsink.load), {cfg['out']}/metrics.jsonl, {cfg['out']}/summary.json")
+        print(f"wrote {summary['model']} (load with vsink.load), {cfg.out}/metrics.jsonl, {cfg.out}/summary.json")
     return 0
 
 

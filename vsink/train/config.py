@@ -1,13 +1,19 @@
 """Fine-tuning recipes as YAML: every key declared (:data:`RECIPE`: type, range, default,
 meaning), ``key=value`` overrides, validation with errors naming the file, the key, the value and
-what is allowed. Read with ``yaml.safe_load`` only, through :mod:`vsink.readers`."""
+what is allowed. Read with ``yaml.safe_load`` only, through :mod:`vsink.readers`.
+
+A validated recipe is a :class:`Recipe`: one frozen dataclass per section (:class:`ModelConfig`,
+:class:`RegistersConfig`, :class:`TeacherConfig`, :class:`StudentConfig`, :class:`LossConfig`,
+:class:`DataConfig`, :class:`TrainConfig`) whose fields are the section's keys, with
+:data:`RECIPE`'s defaults."""
 
 from __future__ import annotations
 
 import copy
 import difflib
 import os
-from typing import Any, Optional, Sequence, Union
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..assignments import parse_assignment
 from ..errors import VsinkError
@@ -68,18 +74,6 @@ RECIPE: dict[str, Option] = declare(
 )
 
 
-def _defaults() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, option in RECIPE.items():
-        section, _, leaf = key.rpartition(".")
-        (out.setdefault(section, {}) if section else out)[leaf] = copy.deepcopy(option.default)
-    return out
-
-
-#: the recipe with every default, as a nested mapping
-DEFAULTS: dict[str, Any] = _defaults()
-
-
 class ConfigError(VsinkError):
     """A recipe that cannot be used; the message names the file and the key."""
 
@@ -91,31 +85,6 @@ def _unknown(key: str, known: Sequence[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
-def validate(raw: Any, where: str = "config") -> dict[str, Any]:
-    """Merge ``raw`` over :data:`DEFAULTS`, checking every key against :data:`RECIPE` and the rules
-    between keys."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: a recipe must be a YAML mapping, got {type(raw).__name__}")
-    cfg = copy.deepcopy(DEFAULTS)
-    for top, value in raw.items():
-        if not isinstance(top, str) or top not in DEFAULTS:
-            raise _unknown(str(top), [k for k in DEFAULTS], where)
-        if not isinstance(DEFAULTS[top], dict):
-            cfg[top] = _check(top, value, where)
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{top}' must be a mapping, got {value!r}")
-        for leaf, v in value.items():
-            key = f"{top}.{leaf}"
-            if key not in RECIPE:
-                raise _unknown(key, [k for k in RECIPE if k.startswith(top + ".")], where)
-            cfg[top][leaf] = _check(key, v, where)
-    _check_rules(cfg, where)
-    return cfg
-
-
 def _check(key: str, value: Any, where: str) -> Any:
     try:
         return RECIPE[key].check(value, where=where)
@@ -123,16 +92,168 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise ConfigError(str(e)) from None
 
 
-def _check_rules(cfg: dict[str, Any], where: str) -> None:
-    if cfg["data"]["source"] == "folder" and not cfg["data"]["path"]:
-        raise ConfigError(f"{where}: 'data.path' is required when 'data.source' is folder")
-    if cfg["recipe"] == "posthoc":
-        if cfg["registers"]["n"] < 1:
-            raise ConfigError(f"{where}: 'registers.n' must be at least 1 for the posthoc recipe, got "
-                              f"{cfg['registers']['n']}")
-        if not any(cfg["loss"].values()):
-            raise ConfigError(f"{where}: the loss weights 'loss.cosine', 'loss.mse' and 'loss.cls' are all 0: "
-                              "nothing would be learned")
+def _default(key: str) -> Any:
+    """A dataclass field whose default is :data:`RECIPE`'s for ``key`` (a fresh copy for each
+    instance, so no two recipes share a list or mapping)."""
+    default = RECIPE[key].default
+    return field(default_factory=lambda: copy.deepcopy(default))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``model`` section: which model is loaded or built, and from what."""
+
+    spec: str = _default("model.spec")
+    img_size: Optional[int] = _default("model.img_size")
+    weights: Optional[str] = _default("model.weights")
+    model_kwargs: dict[str, Any] = _default("model.model_kwargs")
+    pretrained: bool = _default("model.pretrained")
+
+
+@dataclass(frozen=True)
+class RegistersConfig:
+    """The ``registers`` section: how many registers the model gets and their initialisation."""
+
+    n: int = _default("registers.n")
+    init_std: float = _default("registers.init_std")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The ``teacher`` section: what the posthoc student learns to reproduce."""
+
+    kind: str = _default("teacher.kind")
+    neurons: Optional[str] = _default("teacher.neurons")
+    ttr_registers: int = _default("teacher.ttr_registers")
+    shifts: int = _default("teacher.shifts")
+    flips: bool = _default("teacher.flips")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The ``student`` section: the parameters trained besides the registers (posthoc)."""
+
+    unlock: list[str] = _default("student.unlock")
+    last_blocks: int = _default("student.last_blocks")
+    blocks: list[int] = _default("student.blocks")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The ``loss`` section: weights of the posthoc distillation terms."""
+
+    cosine: float = _default("loss.cosine")
+    mse: float = _default("loss.mse")
+    cls: float = _default("loss.cls")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` section: where the training and held-out images come from."""
+
+    source: str = _default("data.source")
+    path: Optional[str] = _default("data.path")
+    num_images: int = _default("data.num_images")
+    eval_images: int = _default("data.eval_images")
+    flip: bool = _default("data.flip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` section: the settings of :func:`vsink.train.loop.train`."""
+
+    steps: int = _default("train.steps")
+    batch_size: int = _default("train.batch_size")
+    grad_accum: int = _default("train.grad_accum")
+    lr: float = _default("train.lr")
+    weight_decay: float = _default("train.weight_decay")
+    warmup_steps: int = _default("train.warmup_steps")
+    min_lr_ratio: float = _default("train.min_lr_ratio")
+    amp: str = _default("train.amp")
+    device: str = _default("train.device")
+    log_every: int = _default("train.log_every")
+    eval_every: int = _default("train.eval_every")
+    checkpoint_every: int = _default("train.checkpoint_every")
+    keep_checkpoints: int = _default("train.keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A fine-tuning recipe: one field per top-level key of :data:`RECIPE` and one section
+    dataclass per ``section.key`` group, every default taken from :data:`RECIPE` (``Recipe()`` is
+    the default recipe).
+
+    :meth:`from_mapping` (and :func:`load_config`) validate; building or changing one directly
+    (``dataclasses.replace``) checks nothing, and :func:`vsink.train.run_finetune` validates what
+    it is given. :meth:`to_dict` is the nested mapping written to ``config.yaml``."""
+
+    recipe: str = _default("recipe")
+    seed: int = _default("seed")
+    out: str = _default("out")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    registers: RegistersConfig = field(default_factory=RegistersConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_mapping(cls, raw: Any, where: str = "config") -> Recipe:
+        """``raw`` (a nested mapping, as read from YAML; None: empty) over the defaults, every key
+        checked against :data:`RECIPE` (unknown keys with a suggestion) and the rules between
+        keys; errors are :class:`ConfigError` naming ``where`` and the key."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+        defaults = cls()
+        names = [f.name for f in fields(cls)]
+        top: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {}
+        for name, value in raw.items():
+            if not isinstance(name, str) or name not in names:
+                raise _unknown(str(name), names, where)
+            if not is_dataclass(getattr(defaults, name)):
+                top[name] = _check(name, value, where)
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: '{name}' must be a mapping, got {value!r}")
+            leaves = sections.setdefault(name, {})
+            for leaf, v in value.items():
+                key = f"{name}.{leaf}"
+                if key not in RECIPE:
+                    raise _unknown(key, [k for k in RECIPE if k.startswith(name + ".")], where)
+                leaves[leaf] = _check(key, v, where)
+        recipe = replace(defaults, **top, **{name: replace(getattr(defaults, name), **leaves)
+                                              for name, leaves in sections.items()})
+        recipe._check_rules(where)
+        return recipe
+
+    def _check_rules(self, where: str) -> None:
+        if self.data.source == "folder" and not self.data.path:
+            raise ConfigError(f"{where}: 'data.path' is required when 'data.source' is folder")
+        if self.recipe == "posthoc":
+            if self.registers.n < 1:
+                raise ConfigError(f"{where}: 'registers.n' must be at least 1 for the posthoc recipe, got "
+                                  f"{self.registers.n}")
+            if not any((self.loss.cosine, self.loss.mse, self.loss.cls)):
+                raise ConfigError(f"{where}: the loss weights 'loss.cosine', 'loss.mse' and 'loss.cls' are all 0: "
+                                  "nothing would be learned")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as a nested plain mapping (sections as mappings, keys in :data:`RECIPE`'s
+        order): what ``config.yaml`` holds, and what :meth:`from_mapping` reads back."""
+        return asdict(self)
+
+    def value(self, key: str) -> Any:
+        """The value of a declared key, ``"seed"`` or ``"section.key"`` (e.g. ``"train.lr"``)."""
+        if key not in RECIPE:
+            raise KeyError(key)
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -154,8 +275,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return out
 
 
-def load_config(path: Optional[Union[str, os.PathLike]], overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a recipe YAML (``safe_load``), apply overrides, validate; errors name the file."""
+def load_config(path: Optional[Union[str, os.PathLike]], overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe YAML (``safe_load``; None: no file, the defaults), apply overrides and
+    validate (:meth:`Recipe.from_mapping`); errors name the file."""
     from ..readers import ReadError, read_yaml
 
     raw: Any = {}
@@ -168,4 +290,4 @@ def load_config(path: Optional[Union[str, os.PathLike]], overrides: Sequence[str
             raise ConfigError(str(e)) from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{where}: a recipe must be a YAML mapping, got {type(raw).__name__}")
-    return validate(apply_overrides(raw or {}, overrides), where)
+    return Recipe.from_mapping(apply_overrides(raw or {}, overrides), where)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..errors import VsinkError
 from ..images import IMAGE_SUFFIXES, expand_paths, load_batch
+from .config import DataConfig
 
 
 @dataclass
@@ -37,7 +38,7 @@ def _stack(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def _synthetic(cfg: dict[str, Any], size: tuple[int, int], seed: int, classification: bool) -> TrainImages:
+def _synthetic(data: DataConfig, size: tuple[int, int], seed: int, classification: bool) -> TrainImages:
     from ..data.synthetic import CLASSES, synthetic_dataset
 
     def split(name: str, n: int):
@@ -49,13 +50,15 @@ def _synthetic(cfg: dict[str, Any], size: tuple[int, int], seed: int, classifica
                                    for x in loaded])
         return _stack([x.image for x in loaded], size), labels
 
-    pixels, labels = split("train", cfg["num_images"])
-    eval_pixels, eval_labels = split("val", max(1, cfg["eval_images"]))
+    pixels, labels = split("train", data.num_images)
+    eval_pixels, eval_labels = split("val", max(1, data.eval_images))
     return TrainImages(pixels, eval_pixels, labels, eval_labels, list(CLASSES[1:]) if classification else None)
 
 
-def _folder(cfg: dict[str, Any], size: tuple[int, int], seed: int, classification: bool) -> TrainImages:
-    root = Path(cfg["path"])
+def _folder(data: DataConfig, size: tuple[int, int], seed: int, classification: bool) -> TrainImages:
+    if data.path is None:
+        raise VsinkError("'data.path' is required when 'data.source' is folder")
+    root = Path(data.path)
     if not root.is_dir():
         raise VsinkError(f"{root}: data.path directory not found")
     if classification:
@@ -74,20 +77,20 @@ def _folder(cfg: dict[str, Any], size: tuple[int, int], seed: int, classificatio
     if len(images) < 2:
         raise VsinkError(f"{root}: need at least 2 readable images (one for evaluation), found {len(images)}")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = min(max(1, cfg["eval_images"]), len(images) - 1)
-    ev, tr = order[:n_eval], order[n_eval:][: cfg["num_images"]]
+    n_eval = min(max(1, data.eval_images), len(images) - 1)
+    ev, tr = order[:n_eval], order[n_eval:][: data.num_images]
     pixels, eval_pixels = _stack([images[i] for i in tr], size), _stack([images[i] for i in ev], size)
     lab = torch.tensor(labels)
     return TrainImages(pixels, eval_pixels, lab[tr] if classification else None, lab[ev] if classification else None,
                        classes, skipped)
 
 
-def load_training_images(cfg: dict[str, Any], size: tuple[int, int], seed: int, classification: bool) -> TrainImages:
+def load_training_images(data: DataConfig, size: tuple[int, int], seed: int, classification: bool) -> TrainImages:
     """The ``data`` section of a recipe → resized uint8 images (+ labels for classification)."""
-    if cfg["source"] == "synthetic":
-        return _synthetic(cfg, size, seed, classification)
-    if cfg["source"] == "folder":
-        return _folder(cfg, size, seed, classification)
+    if data.source == "synthetic":
+        return _synthetic(data, size, seed, classification)
+    if data.source == "folder":
+        return _folder(data, size, seed, classification)
     if classification:
         raise VsinkError("data.source demo has no labels; use synthetic or folder for the scratch recipe")
     from ..data.demo_images import demo_images

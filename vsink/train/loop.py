@@ -29,6 +29,7 @@ from ..backbones.base import Backbone
 from ..errors import VsinkError
 from ..io import append_jsonl, read_jsonl, write_jsonl, write_text
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .distributed import DistInfo, barrier, mean_across
 
 
@@ -121,12 +122,12 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def check_task(task: TrainTask, settings: dict[str, Any], device: torch.device) -> Optional[torch.dtype]:
+def check_task(task: TrainTask, settings: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     """What :func:`train` refuses before it starts (nothing unlocked, an AMP setting the device
     cannot run), so callers can check before writing anything; returns the autocast dtype."""
     if not task.trainable():
         raise VsinkError("nothing to train: no parameter is unlocked")
-    return resolve_amp(settings["amp"], device)
+    return resolve_amp(settings.amp, device)
 
 
 def _rewrite_metrics(path: Path, upto: int) -> None:
@@ -135,20 +136,21 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
         write_jsonl(path, [r for r in read_jsonl(path, cut_last_line=True) if r.get("step", 0) <= upto])
 
 
-def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, device: torch.device,
+def train(task: TrainTask, settings: TrainConfig, out: Path, *, seed: int, device: torch.device,
           info: DistInfo = DistInfo(), resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the loop; returns the summary (also written to ``out/summary.json`` by the caller)."""
+    """Run the loop with the ``train`` section of a recipe; returns the summary (also written to
+    ``out/summary.json`` by the caller)."""
     from torch.nn.parallel import DistributedDataParallel
 
     s = settings
-    steps, accum, batch = s["steps"], s["grad_accum"], s["batch_size"]
+    steps, accum, batch = s.steps, s.grad_accum, s.batch_size
     ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
     amp = check_task(task, s, device)
     named = task.trainable()
-    optimizer = torch.optim.AdamW(param_groups(named, s["weight_decay"], task.no_decay()), lr=s["lr"],
+    optimizer = torch.optim.AdamW(param_groups(named, s.weight_decay, task.no_decay()), lr=s.lr,
                                   betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(i, steps, s["warmup_steps"], s["min_lr_ratio"]))
+        optimizer, lambda i: lr_factor(i, steps, s.warmup_steps, s.min_lr_ratio))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     start = 0
     existing = list_checkpoints(ckpt_dir)
@@ -199,7 +201,7 @@ def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, de
         images += global_batch * accum
         record = {"step": step + 1, "lr": lr, **mean_across(totals, info)}
         done = step + 1
-        if done % s["eval_every"] == 0 or done == steps:
+        if done % s.eval_every == 0 or done == steps:
             if info.main:
                 last_eval = task.evaluate()
                 record.update({f"eval/{k}": v for k, v in last_eval.items()})
@@ -207,11 +209,11 @@ def train(task: TrainTask, settings: dict[str, Any], out: Path, *, seed: int, de
         if info.main:
             append_jsonl(metrics_path, [record])
             bar.update(1)
-            if done % s["log_every"] == 0:
+            if done % s.log_every == 0:
                 bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.2e}")
-        if done % s["checkpoint_every"] == 0 or done == steps:
+        if done % s.checkpoint_every == 0 or done == steps:
             if info.main:
-                save_checkpoint(ckpt_dir, done, task.module, optimizer, scheduler, scaler, s["keep_checkpoints"])
+                save_checkpoint(ckpt_dir, done, task.module, optimizer, scheduler, scaler, s.keep_checkpoints)
             barrier(info)
     bar.close()
     elapsed = time.perf_counter() - t0

@@ -6,12 +6,12 @@ training step keeps for the backward pass, and the uint8 training images held in
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
 from ..backbones.base import Backbone
 from ..errors import VsinkError
+from .config import Recipe
 
 
 def _gib(n: float) -> str:
@@ -39,18 +39,18 @@ def step_bytes(backbone: Backbone, batch: int, size: tuple[int, int], extra_toke
     return 4 * batch * per_image
 
 
-def check_memory(cfg: dict[str, Any], backbone: Backbone, size: tuple[int, int], device: torch.device) -> None:
+def check_memory(cfg: Recipe, backbone: Backbone, size: tuple[int, int], device: torch.device) -> None:
     """Raise a :class:`VsinkError` with the estimate when the recipe's images or one step's
     activations (``train.batch_size`` images per process) exceed the device's memory."""
     total = device_memory(device)
-    data = cfg["data"]
-    images = (data["num_images"] + data["eval_images"]) * 3 * size[0] * size[1]
+    data = cfg.data
+    images = (data.num_images + data.eval_images) * 3 * size[0] * size[1]
     if images > total:
-        raise VsinkError(f"data.num_images={data['num_images']} and data.eval_images={data['eval_images']} need about "
+        raise VsinkError(f"data.num_images={data.num_images} and data.eval_images={data.eval_images} need about "
                          f"{_gib(images)} to hold the images at {size[0]}x{size[1]}, more than the {_gib(total)} of "
                          "this machine; lower data.num_images")
-    batch = cfg["train"]["batch_size"]
-    step = step_bytes(backbone, batch, size, cfg["registers"]["n"] if cfg["recipe"] == "posthoc" else 0)
+    batch = cfg.train.batch_size
+    step = step_bytes(backbone, batch, size, cfg.registers.n if cfg.recipe == "posthoc" else 0)
     if step > total:
         raise VsinkError(f"train.batch_size={batch} needs about {_gib(step)} of activations for one step "
                          f"({backbone.num_layers} blocks at {size[0]}x{size[1]}), more than the {_gib(total)} of "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from ..backbones.hooks import Hooks
 from ..errors import VsinkError
 from ..io import write_json, write_text
 from .checkpoint import check_checkpoint_fits, list_checkpoints
+from .config import Recipe
 from .data import TrainImages, flips_for, load_training_images, to_input
 from .distributed import init_distributed, shutdown
 from .loop import TrainTask, check_task, no_decay_parameters, train
@@ -75,18 +76,21 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class PosthocTask(TrainTask):
-    def __init__(self, cfg: dict[str, Any], base: Backbone, images: TrainImages, device: torch.device):
+    """The ``posthoc`` recipe: ``base`` + ``registers.n`` registers (the student) distilled from
+    the teacher ``teacher.kind`` made of ``base``."""
+
+    def __init__(self, cfg: Recipe, base: Backbone, images: TrainImages, device: torch.device):
         from ..detect.norms import detect_high_norm
         from ..probe import Probe
 
         self.cfg, self.images, self.device = cfg, images, device
-        reg = cfg["registers"]
-        self.student = base.with_registers(reg["n"], init_std=reg["init_std"], seed=cfg["seed"])
+        reg = cfg.registers
+        self.student = base.with_registers(reg.n, init_std=reg.init_std, seed=cfg.seed)
         for p in self.student.model.parameters():
             p.requires_grad_(False)
-        st = cfg["student"]
-        blocks = list(st["blocks"]) + list(range(base.num_layers - st["last_blocks"], base.num_layers))
-        self._trainable = unlocked_parameters(self.student, st["unlock"], sorted(set(blocks)))
+        st = cfg.student
+        blocks = list(st.blocks) + list(range(base.num_layers - st.last_blocks, base.num_layers))
+        self._trainable = unlocked_parameters(self.student, st.unlock, sorted(set(blocks)))
         for _, p in self._trainable:
             p.requires_grad_(True)
         self.module, self.num_samples = self.student.model, len(images.pixels)
@@ -106,37 +110,37 @@ class PosthocTask(TrainTask):
         return to_input(pixels, b.mean, b.std, self.device, b.dtype, flips)
 
     def _make_teacher(self, base: Backbone) -> Backbone:
-        t = self.cfg["teacher"]
+        t = self.cfg.teacher
         for p in base.model.parameters():
             p.requires_grad_(False)
-        if t["kind"] == "ttr":
+        if t.kind == "ttr":
             from ..registers import NeuronSpec, TestTimeRegisters, find_register_neurons
 
-            if t["neurons"]:
-                spec = NeuronSpec.load(t["neurons"])
+            if t.neurons:
+                spec = NeuronSpec.load(t.neurons)
             else:
                 from PIL import Image
 
                 pils = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in self.images.pixels]
                 spec = find_register_neurons(base, pils, progress=False)
                 print(f"vsink: teacher register neurons {[(n.layer, n.neuron) for n in spec.neurons]}", file=sys.stderr)
-            TestTimeRegisters(spec, registers=t["ttr_registers"]).apply(base)
+            TestTimeRegisters(spec, registers=t.ttr_registers).apply(base)
         return base
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Teacher class token and patch features for a batch."""
-        if self.cfg["teacher"]["kind"] != "denoised":
+        if self.cfg.teacher.kind != "denoised":
             return _last_tokens(self.teacher, x)
         return self._denoised(x)
 
     def _denoised(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        t = self.cfg["teacher"]
+        t = self.cfg.teacher
         ph, pw = self.teacher.patch_size
-        s = t["shifts"]
+        s = t.shifts
         shifts = [(0, 0)] + [(dy, dx) for d in range(1, s + 1) for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d))]
         total, count, cls_total = None, None, None
-        for flip in ([False, True] if t["flips"] else [False]):
+        for flip in ([False, True] if t.flips else [False]):
             xf = x.flip(-1) if flip else x
             for dy, dx in shifts:
                 # shift the image by whole patches (edges replicated); warp the features back
@@ -159,7 +163,7 @@ class PosthocTask(TrainTask):
                 count = valid if count is None else count + valid
                 if cls is not None:
                     cls_total = cls if cls_total is None else cls_total + cls
-        n = len(shifts) * (2 if t["flips"] else 1)
+        n = len(shifts) * (2 if t.flips else 1)
         return (cls_total / n if cls_total is not None else None), total / count.clamp(min=1)
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -170,17 +174,17 @@ class PosthocTask(TrainTask):
 
     def loss(self, model: nn.Module, samples: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
         x = self._input(self.images.pixels[list(samples)],
-                        flips_for(positions, self.cfg["seed"], self.cfg["data"]["flip"]))
+                        flips_for(positions, self.cfg.seed, self.cfg.data.flip))
         t_cls, t_patch = self.targets(x)
         s_cls, s_patch = _last_tokens(self.student, x, model, grad=True)
-        w = self.cfg["loss"]
+        w = self.cfg.loss
         cos = _cosine(s_patch, t_patch).mean()
         mse = F.mse_loss(s_patch.float(), t_patch.float())
-        loss = w["cosine"] * (1 - cos) + w["mse"] * mse
+        loss = w.cosine * (1 - cos) + w.mse * mse
         metrics = {"patch_cosine": float(cos.detach()), "mse": float(mse.detach())}
-        if w["cls"] and s_cls is not None and t_cls is not None:
+        if w.cls and s_cls is not None and t_cls is not None:
             cls_cos = _cosine(s_cls, t_cls).mean()
-            loss = loss + w["cls"] * (1 - cls_cos)
+            loss = loss + w.cls * (1 - cls_cos)
             metrics["cls_cosine"] = float(cls_cos.detach())
         return loss, metrics
 
@@ -219,7 +223,10 @@ class PosthocTask(TrainTask):
 
 
 class ScratchTask(TrainTask):
-    def __init__(self, cfg: dict[str, Any], backbone: Backbone, images: TrainImages, device: torch.device):
+    """The ``scratch`` recipe: ``backbone`` (built with ``registers.n`` registers and random
+    weights) trained for classification on the images' labels."""
+
+    def __init__(self, cfg: Recipe, backbone: Backbone, images: TrainImages, device: torch.device):
         self.cfg, self.backbone, self.images, self.device = cfg, backbone, images, device
         self.module, self.num_samples = backbone.model, len(images.pixels)
         backbone.model.train()
@@ -236,7 +243,7 @@ class ScratchTask(TrainTask):
 
     def loss(self, model: nn.Module, samples: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
         x = self._input(self.images.pixels[list(samples)],
-                        flips_for(positions, self.cfg["seed"], self.cfg["data"]["flip"]))
+                        flips_for(positions, self.cfg.seed, self.cfg.data.flip))
         y = self.images.labels[list(samples)].to(self.device)
         logits = self.backbone.train_forward(x, model)
         loss = F.cross_entropy(logits.float(), y)
@@ -266,28 +273,28 @@ class ScratchTask(TrainTask):
                 "classes": self.images.class_names}
 
 
-def _build(cfg: dict[str, Any], device: torch.device) -> TrainTask:
+def _build(cfg: Recipe, device: torch.device) -> TrainTask:
     """The recipe's task: the model (its memory needs checked), then the training images."""
     from ..backbones.registry import load
 
-    m = cfg["model"]
-    kwargs = dict(m["model_kwargs"])
-    if cfg["recipe"] == "posthoc":
-        base = load(m["spec"], img_size=m["img_size"], weights=m["weights"], model_kwargs=kwargs,
-                    pretrained=m["pretrained"], device=device)
+    m = cfg.model
+    kwargs = dict(m.model_kwargs)
+    if cfg.recipe == "posthoc":
+        base = load(m.spec, img_size=m.img_size, weights=m.weights, model_kwargs=kwargs,
+                    pretrained=m.pretrained, device=device)
         check_memory(cfg, base, base.img_size, device)
-        return PosthocTask(cfg, base, load_training_images(cfg["data"], base.img_size, cfg["seed"], False), device)
-    kwargs["reg_tokens"] = cfg["registers"]["n"]
-    shape = load(m["spec"], img_size=m["img_size"], model_kwargs=kwargs, pretrained=False)
+        return PosthocTask(cfg, base, load_training_images(cfg.data, base.img_size, cfg.seed, False), device)
+    kwargs["reg_tokens"] = cfg.registers.n
+    shape = load(m.spec, img_size=m.img_size, model_kwargs=kwargs, pretrained=False)
     if not type(shape).scratch_registers:
-        raise VsinkError(f"the scratch recipe builds ViTs with reg_tokens registers (timm); model.spec {m['spec']!r} "
+        raise VsinkError(f"the scratch recipe builds ViTs with reg_tokens registers (timm); model.spec {m.spec!r} "
                          f"is a {shape.family} model")
     size = shape.img_size
     check_memory(cfg, shape, size, device)
-    images = load_training_images(cfg["data"], size, cfg["seed"], classification=True)
+    images = load_training_images(cfg.data, size, cfg.seed, classification=True)
     kwargs["num_classes"] = images.num_classes
-    torch.manual_seed(cfg["seed"])
-    backbone = load(m["spec"], img_size=m["img_size"], model_kwargs=kwargs, pretrained=False, device=device)
+    torch.manual_seed(cfg.seed)
+    backbone = load(m.spec, img_size=m.img_size, model_kwargs=kwargs, pretrained=False, device=device)
     return ScratchTask(cfg, backbone, images, device)
 
 
@@ -296,7 +303,7 @@ RESUME_KEYS = ("recipe", "model.spec", "model.img_size", "model.model_kwargs", "
                "student.last_blocks", "student.blocks")
 
 
-def _preflight(cfg: dict[str, Any], out: Path, resume: bool) -> None:
+def _preflight(cfg: Recipe, out: Path, resume: bool) -> None:
     """Everything about the output folder that can refuse the run, checked before anything is
     written: it can be written, it holds no earlier run unless resuming, and a resumed run keeps
     the earlier run's model (:data:`RESUME_KEYS`, from its config.yaml)."""
@@ -318,36 +325,43 @@ def _preflight(cfg: dict[str, Any], out: Path, resume: bool) -> None:
     for key in RESUME_KEYS:
         section, _, leaf = key.rpartition(".")
         before = (earlier.get(section) or {}).get(leaf) if section else earlier.get(leaf)
-        now = cfg[section][leaf] if section else cfg[leaf]
+        now = cfg.value(key)
         if before != now:
             raise VsinkError(f"--resume: the run in {out} was made with {key}={before!r}, this recipe has {now!r}; "
                              f"a resumed run keeps {', '.join(RESUME_KEYS)} (or choose another output directory)")
 
 
-def run_finetune(cfg: dict[str, Any], *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run a validated recipe (see :func:`vsink.train.config.load_config`); returns the summary,
-    also written to ``<out>/summary.json`` with the resolved recipe in ``<out>/config.yaml``.
+def run_finetune(cfg: Union[Recipe, Mapping[str, Any]], *, resume: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Run a recipe (see :func:`vsink.train.config.load_config`); returns the summary, also
+    written to ``<out>/summary.json`` with the resolved recipe in ``<out>/config.yaml``.
 
-    Nothing is written before every check has passed (the output folder, an earlier run, the
-    model, the memory the recipe needs)."""
+    ``cfg`` is a :class:`~vsink.train.config.Recipe` or a nested mapping of recipe keys (as in a
+    recipe YAML, missing keys taking their defaults); either is validated first
+    (:meth:`Recipe.from_mapping <vsink.train.config.Recipe.from_mapping>`; a ``Recipe`` through
+    its :meth:`~vsink.train.config.Recipe.to_dict`, so one built or changed by hand is checked
+    too), raising :class:`~vsink.train.config.ConfigError`. Nothing is written before every check
+    has passed (the recipe, the output folder, an earlier run, the model, the memory the recipe
+    needs)."""
     from ..outputs import clean_stale_temps
 
-    info, device = init_distributed(cfg["train"]["device"])
+    cfg = Recipe.from_mapping(cfg.to_dict() if isinstance(cfg, Recipe) else cfg, where="recipe")
+    info, device = init_distributed(cfg.train.device)
     try:
-        torch.manual_seed(cfg["seed"])
-        out = Path(cfg["out"])
+        torch.manual_seed(cfg.seed)
+        out = Path(cfg.out)
         _preflight(cfg, out, resume)
         task = _build(cfg, device)
-        check_task(task, cfg["train"], device)
+        check_task(task, cfg.train, device)
         if resume:
             check_checkpoint_fits(out / "checkpoints", task.module)
         if info.main:
             for folder in (out, out / "checkpoints", out / "final"):
                 clean_stale_temps(folder)
-            write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-        summary = train(task, cfg["train"], out, seed=cfg["seed"], device=device, info=info, resume=resume,
+            write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        summary = train(task, cfg.train, out, seed=cfg.seed, device=device, info=info, resume=resume,
                         progress=progress)
-        summary["recipe"] = cfg["recipe"]
+        summary["recipe"] = cfg.recipe
         if info.main:
             write_json(out / "summary.json", summary)
             write_text(out / "report.html", finetune_report(out, summary, task))
