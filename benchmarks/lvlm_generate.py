@@ -6,8 +6,8 @@ with ``--layers`` decoder layers, hidden 1024, 336 px images in 14 px patches: 5
 row), random weights apart from the planted sinks, so VAR finds visual sinks and really edits rows.
 One batch, greedy, ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``, so every run
 decodes the same count). Times: the variants alternate within each of ``--rounds`` rounds and the
-median tokens/s of each is compared with vanilla SDPA and with vanilla eager. Peak process RSS:
-each variant once in a fresh subprocess. FastV's prefill (one new token) is compared with vanilla
+median tokens/s of each is compared with vanilla SDPA and with vanilla eager. Peak RSS: each
+variant once in a fresh subprocess, for the whole process and for the generate call alone. FastV's prefill (one new token) is compared with vanilla
 SDPA's.
 
 Targets (issue 17): VAR and PAI (without guidance) >= 0.9x vanilla SDPA tokens/s; FastV (R = 50 %)
@@ -83,20 +83,42 @@ def _runner(lvlm, inputs, args):
     return run
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
 def _worker(name: str, args) -> dict:
+    """Peak RSS of one generate call in a fresh process: the whole process's peak, and the peak
+    during the call alone (the kernel's high-water mark reset after the model is built; Linux)."""
+    import gc
+
     lvlm, inputs = _setup(args)
-    _runner(lvlm, inputs, args)(name, args.new_tokens)
-    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    run = _runner(lvlm, inputs, args)
+    run(name, 2)  # first-call allocations (kernels, caches) belong to the setup
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _status_mib("VmRSS")
+    except OSError:
+        before = None
+    run(name, args.new_tokens)
+    out = {"process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if before is not None:
+        out["call_peak_mib"] = _status_mib("VmHWM")
+        out["call_rise_mib"] = out["call_peak_mib"] - before
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per generate call (default 2)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per call (default 16)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--attn", default="sdpa", help="the vanilla implementation: sdpa (default) or flash_attention_2")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -123,20 +145,26 @@ def main() -> None:
         for name in VARIANTS:
             out = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True,
                                  text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-            peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+            peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])
     decoder = sum(p.numel() for p in lvlm.model.model.language_model.parameters())
     print(f"demo LVLM at LLaVA-1.5 shape: decoder {decoder / 1e6:.0f} M parameters ({args.layers} layers, hidden "
           f"1024), {inputs['input_ids'].shape[1]} prompt tokens, batch {batch}, {n} new tokens, {args.rounds} rounds, "
           f"{args.threads} threads, {args.device}, torch {torch.__version__}")
     sdpa = batch * n / statistics.median(times["vanilla"])
     eager = batch * n / statistics.median(times["vanilla eager"])
-    print(f"{'variant':>14} {'tokens/s':>9} {'x ' + args.attn:>10} {'x eager':>8} {'peak MiB':>9} {'peak x':>7}")
+    print(f"{'variant':>14} {'tokens/s':>9} {'x ' + args.attn:>10} {'x eager':>8} {'peak MiB':>9} {'peak x':>7} "
+          f"{'call MiB':>9} {'call x':>7}")
+    base = peaks.get("vanilla", {})
     for name, ts in times.items():
         rate = batch * n / statistics.median(ts)
-        peak = peaks.get(name)
-        mem = f"{peak:9.0f} {peak / peaks['vanilla']:7.3f}" if peak else f"{'—':>9} {'—':>7}"
+        mem = ""
+        for key in ("process_peak_mib", "call_rise_mib"):
+            value = peaks.get(name, {}).get(key)
+            mem += f" {value:9.0f} {value / base[key]:7.3f}" if value else f" {'—':>9} {'—':>7}"
         label = f"vanilla {args.attn}" if name == "vanilla" else name
-        print(f"{label:>14} {rate:9.2f} {rate / sdpa:10.3f} {rate / eager:8.3f} {mem}")
+        print(f"{label:>14} {rate:9.2f} {rate / sdpa:10.3f} {rate / eager:8.3f}{mem}")
+    if peaks:
+        print("peak: whole-process peak RSS; call: peak RSS during one generate call above the RSS before it")
     a, b = statistics.median(prefill["vanilla"]), statistics.median(prefill["fastv"])
     print(f"prefill (1 new token): vanilla {args.attn} {a:.2f} s, FastV (k=2, R=50%) {b:.2f} s -> {a / b:.2f}x")
 
