@@ -166,3 +166,29 @@ def test_logit_and_prob_edits_change_attention(pixel_values):
     probs = torch.cat(seen, 2)
     assert torch.equal(probs[..., 0], torch.ones_like(probs[..., 0]))
     assert not torch.allclose(edited, backbone.forward(x))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_grouped_query_attention_equals_sdpa_with_repeated_heads(chunk_size):
+    """Query heads sharing key/value heads (LLaMA/Qwen GQA): the grouped matmul equals SDPA on
+    keys and values repeated per head, and the site functions see [B, H, q, N] per query head."""
+    from vsink.attention import explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, Nq, Nk, d = 2, 8, 2, 7, 11, 16
+    q, k, v = (torch.randn(B, h, n, d, generator=g) for h, n in ((H, Nq), (Hk, Nk), (Hk, Nk)))
+    mask = torch.randn(B, 1, Nq, Nk, generator=g)
+    scale = torch.linspace(0.1, 0.4, H).view(H, 1, 1)  # per-head scale: heads must stay in order
+    seen = []
+
+    def observe(logits, q_start):
+        seen.append((logits.shape, q_start))
+
+    out = explicit_attention(q, k, v, scale=scale, mask=mask, chunk_size=chunk_size, logit_fns=(observe,))
+    ref = F.scaled_dot_product_attention(q * scale, k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1),
+                                         attn_mask=mask, scale=1.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert all(shape[:2] == (B, H) and shape[3] == Nk for shape, _ in seen)
+    assert sum(shape[2] for shape, _ in seen) == Nq and seen[0][1] == 0
+    with pytest.raises(ValueError, match="8 query heads cannot share 3"):
+        explicit_attention(q, torch.randn(B, 3, Nk, d), torch.randn(B, 3, Nk, d), scale=1.0)

@@ -47,7 +47,9 @@ def explicit_attention(
     """softmax((q*scale) k^T + mask) v, computed block by block over queries.
 
     Args:
-        q, k, v: [B, H, N, d] (keys/values may have their own length).
+        q, k, v: [B, H, N, d] (keys/values may have their own length, and fewer heads when
+            query heads share them: grouped-query attention, H a multiple of k's heads, query
+            head h reading key/value head h // (H / k's heads), without copying k and v per head).
         scale: a float or a tensor broadcastable to [H, 1, 1] (per-head scale).
         mask: optional additive float mask broadcastable to [B, H, Nq, Nk].
         logit_fns: called on each block of pre-softmax logits; may return a replacement.
@@ -60,22 +62,27 @@ def explicit_attention(
     Returns:
         [B, H, Nq, d] in the dtype of ``v``. Softmax runs in float32 for low-precision inputs.
     """
-    B, H, Nq, _ = q.shape
-    Nk = k.shape[2]
+    B, H, Nq, d = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    if H % Hk:
+        raise ValueError(f"{H} query heads cannot share {Hk} key/value heads")
+    groups = H // Hk
     if chunk_size is None:
         chunk_size = query_chunk_size(B, H, Nk)
-    # contiguous once per call: matmul would otherwise copy a strided k / v for every block
-    kt = k.transpose(-2, -1).contiguous()
-    v = v.contiguous()
+    kt = k.transpose(-2, -1)
+    if Nq > chunk_size:  # several blocks: contiguous once, or matmul copies a strided k / v per block
+        kt, v = kt.contiguous(), v.contiguous()
     if mask is not None and mask.ndim == 2:
         mask = mask[None, None]
     low_precision = v.dtype in (torch.float16, torch.bfloat16)
     out = v.new_empty(B, H, Nq, v.shape[-1])
     for start in range(0, Nq, chunk_size):
         stop = min(Nq, start + chunk_size)
-        logits = (q[:, :, start:stop] * scale) @ kt
+        n = stop - start
+        # grouped heads: the g query heads of one key head form one [g·n, d] matrix
+        logits = ((q[:, :, start:stop] * scale).reshape(B, Hk, groups * n, d) @ kt).view(B, H, n, Nk)
         if mask is not None:
-            logits = logits + mask[..., start:stop, :]
+            logits += mask[..., start:stop, :]  # logits is this block's own fresh tensor
         for fn in logit_fns:
             edited = fn(logits, start + q_offset)
             logits = logits if edited is None else edited
@@ -85,7 +92,7 @@ def explicit_attention(
             edited = fn(probs, start + q_offset, source)
             if edited is not None:
                 probs, source = edited, None
-        out[:, :, start:stop] = probs @ v
+        out[:, :, start:stop] = (probs.reshape(B, Hk, groups * n, Nk) @ v).view(B, H, n, -1)
     return out
 
 

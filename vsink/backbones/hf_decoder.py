@@ -134,15 +134,19 @@ class DecoderModel(SiteModel):
                                                                                                attention_mask))
                 return out.transpose(1, 2).contiguous(), None
             self.context.shapes[layer] = (q, kv)
-            mask = self.context.mask(layer, q, kv, query.device, query.dtype)
             first = self.first_row(layer, q, kv) if self._router.original_implementation in SPLITTABLE else 0
-            if first >= q:  # no site function needs a row of this call: the model's own kernel
-                return original(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+            if first >= q:  # no site function needs a row of this call: the model's own kernel and mask
+                return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                **kwargs)
+            mask = self.context.mask(layer, q, kv, query.device, query.dtype)
             tail = self._attention(layer, query[:, :, first:], key, value, scale=scaling, mask=mask[:, :, first:],
                                    q_offset=first).transpose(1, 2)
             if first == 0:
                 return tail.contiguous(), None
-            head, _ = original(module, query[:, :, :first], key, value, mask[:, :, :first], scaling=scaling,
+            # the rows before: the model's kernel with the model's own mask, cut to those rows (SDPA's
+            # causal case has none: rows from 0 against keys from 0, upper-left causal, as in the full call)
+            head_mask = attention_mask[:, :, :first] if attention_mask is not None else None
+            head, _ = original(module, query[:, :, :first], key, value, head_mask, scaling=scaling,
                                dropout=dropout, **kwargs)
             return torch.cat([head, tail], dim=1).contiguous(), None
 

@@ -255,9 +255,6 @@ class SiteModel(ABC):
         fns = self._attn_fns.get(layer, {})
         for fn in fns.get("attn_qkv", ()):
             fn(q, k, v)
-        if k.shape[1] != q.shape[1]:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         return explicit_attention(
             q, k, v,
             scale=scale,

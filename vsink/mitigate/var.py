@@ -126,6 +126,8 @@ class VAR(Mitigation):
         batch row) run the model's own attention."""
 
         def rows(queries: int, keys: int) -> int:
+            if queries == 1:  # a cached decode step: the query is a generated token, after the image
+                return 0
             ctx = run.context
             after = (ctx.query_positions(layer, ctx.image_end.device) >= ctx.image_end[:, None]).any(0)
             hits = after.nonzero()
