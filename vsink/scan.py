@@ -53,7 +53,12 @@ def parse_threshold(value: Union[str, float, None]) -> dict[str, Any]:
 
 @dataclass
 class ScanResult:
-    """What :func:`scan` found; ``to_json()`` is the ``scan.json`` schema (docs/scan-json.md)."""
+    """What :func:`scan` found; ``to_json()`` is the ``scan.json`` schema (docs/scan-json.md).
+
+    ``sinks`` holds every (image, token, block) sink entry, strongest first: largest share of
+    received attention first (entries of equal share in block, then image order), so
+    ``result.sinks[:3]`` are the three strongest.
+    """
 
     model: str
     synthetic: bool
@@ -68,6 +73,9 @@ class ScanResult:
     settings: dict[str, Any]
     thumbnails: list[Image.Image] = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        self.sinks = sorted(self.sinks, key=lambda s: -s.share)  # stable: ties keep block, then image order
+
     @property
     def layout(self) -> TokenLayout:
         return self.trace.layout
@@ -81,7 +89,7 @@ class ScanResult:
             for n, a, m in zip(self.high_norm.layers, self.attention, massive_summary(self.trace, self.massive))
         ]
         strongest = sorted(self.massive, key=lambda m: -m.ratio)[:MAX_MASSIVE_ENTRIES]
-        sinks = sorted(self.sinks, key=lambda s: -s.share)[:MAX_SINK_ENTRIES]
+        sinks = self.sinks[:MAX_SINK_ENTRIES]
         total = len(self.high_norm.outliers)
         return {
             "vsink_version": __version__,
