@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from .errors import VsinkError
 from .io import write_jsonl
+from .wording import count
 
 
 def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -39,7 +40,8 @@ def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
-    missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
+    """Refuse a run without the flags ``names`` (``images``: the positional IMAGE_DIR)."""
+    missing = ["IMAGE_DIR" if n == "images" else f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
     if missing:
         raise VsinkError(f"running the model needs {', '.join(missing)}")
 
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import hallucination as hal
     from .evaluate import pope as pope_mod
 
+    from .cli import image_dir_arg
+
+    args.images = image_dir_arg(args, "images_dir")
     out = Path(args.out)
     if args.eval_command == "pope":
         if args.answers:
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                                  seed=args.seed)
             write_jsonl(out / "questions.jsonl", questions)
             if args.build_only:
-                print(f"wrote {len(questions)} questions to {out / 'questions.jsonl'}")
+                print(f"wrote {count(len(questions), 'question')} to {out / 'questions.jsonl'}")
                 return 0
         items = questions[: args.limit] if args.limit else questions
         return _run_model(args, out, "pope", items, "question_id", "answer",
