@@ -189,7 +189,7 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scanned(images: Sequence[str], skipped: Sequence[dict]) -> str:
+def _scanned(images: Sequence[object], skipped: Sequence[dict]) -> str:
     """"2 images (1 skipped)" for the summaries."""
     return f"{count(len(images), 'image')} ({len(skipped)} skipped)"
 
