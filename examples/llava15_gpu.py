@@ -8,15 +8,20 @@ Loads the model in float16, generates a description and a POPE-style yes/no answ
 dimensions ship with vsink: 7B {1415, 2533}, 13B {2100, 4743}), PAI (α = 0.2, layers 2–31,
 guidance γ = 1.1) and FastV (k = 3, R = 50%), prints the answers and tokens/s, and writes
 each mitigation's per-token attention on the image to OUT/<mitigation>/.
+
+Without the hub (and the model not in the local cache) or without a GPU it stops with a one-line
+message (exit code 2); --device cpu --dtype float32 runs it on a CPU, slowly.
 """
 
 import argparse
+import sys
 import time
 
 import torch
 
 from vsink.backbones.registry import resolve_dtype
 from vsink.data.demo_images import demo_images
+from vsink.errors import VsinkError
 from vsink.images import load_image
 from vsink.lvlm import generate, load_lvlm
 from vsink.lvlm.export import export_attention
@@ -31,7 +36,12 @@ p.add_argument("--max-new-tokens", type=int, default=64)
 p.add_argument("--out", default="llava15-mitigations")
 args = p.parse_args()
 
-lvlm = load_lvlm(args.model, device=args.device, dtype=resolve_dtype(args.dtype))
+try:
+    lvlm = load_lvlm(args.model, device=args.device, dtype=resolve_dtype(args.dtype))
+except VsinkError as e:
+    print(f"llava15_gpu.py: error: {e} (this script needs network access to the Hugging Face hub, or the model in "
+          "the local cache, and a GPU)", file=sys.stderr)
+    sys.exit(2)
 images = [load_image(x) for x in args.image] if args.image else [im.image for im in demo_images()]
 prompts = ["Describe this image in detail.", "Is there a person in the image? Answer yes or no."]
 var = {"sink_dims": [int(d) for d in args.sink_dims.split(",")]} if args.sink_dims else {}

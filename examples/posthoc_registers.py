@@ -23,5 +23,4 @@ print("final agreement with the teacher:", {k: round(v, 4) for k, v in summary["
 images = [s.load().image for s in synthetic_dataset("test", num_images=16, size=112).samples]
 for name, model in (("original", vsink.load("demo", img_size=112)), ("student", vsink.load(str(out / "final")))):
     result = vsink.scan(model, images, img_size=112, progress=False)
-    print(f"{name}: {model.layout().describe()}; emergence layer {result.high_norm.emergence_layer}, "
-          f"{len(result.high_norm.tokens)} outlier tokens")
+    print(f"{name}: {model.layout().describe()}; {result.high_norm.summary()}")

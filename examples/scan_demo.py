@@ -22,7 +22,7 @@ for image, name in enumerate(result.images):
     tokens = [t for t in hn.tokens_at(hn.emergence_layer) if t.image == image] if hn.emergence_layer is not None else []
     print(f"{name}: {len(tokens)} high-norm patches, e.g. (row, col) {[(t.row, t.col) for t in tokens[:5]]}")
 
-strongest = max(result.sinks, key=lambda s: s.share, default=None)
+strongest = result.sinks[0] if result.sinks else None  # sinks are listed strongest first
 if strongest is not None:
     print(f"strongest sink: block {strongest.layer}, {strongest.kind} token {strongest.token} "
           f"of {result.images[strongest.image]}, {strongest.ratio:.0f}x the median share")

@@ -30,7 +30,6 @@ before.save(out / "before")
 after.save(out / "after")
 
 for label, result in (("before", before), ("after", after)):
-    print(f"{label}: emergence layer {result.high_norm.emergence_layer}, "
-          f"{len(result.high_norm.tokens)} outlier tokens, layout {result.layout.describe()}")
+    print(f"{label}: {result.high_norm.summary()}; layout {result.layout.describe()}")
 print("register share of attention per block:", [round(a["register_received"], 3) for a in after.attention])
 print("class-token cosine similarity:", F.cosine_similarity(plain[:, 0], fixed[:, 0], dim=-1).tolist())

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# Before torch is imported (it reads OMP_NUM_THREADS once, when it loads): one thread unless the
+# caller chose. The suite's models are tiny, so more threads mostly wait on each other, and on
+# shared cores they stall (README, Development: the suite's time on 2 cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
@@ -11,8 +15,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from vsink.data import demo_model  # noqa: E402
-
-torch.set_num_threads(2)
 
 HF_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 

@@ -4,6 +4,9 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -34,7 +37,7 @@ def test_test_time_registers_example(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(EXAMPLES / "ttr_demo.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "register neurons: [(2, 0), (2, 1), (2, 2), (2, 3)]" in out
-    assert "after: emergence layer None, 0 outlier tokens" in out
+    assert "after: no high-norm tokens found; layout" in out
     assert (tmp_path / "after" / "report.html").exists()
 
 
@@ -56,7 +59,7 @@ def test_posthoc_registers_example(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(EXAMPLES / "posthoc_registers.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "original: 1 cls + 0 registers + 7x7 patches; emergence layer 2" in out
-    assert "student: 1 cls + 4 registers + 7x7 patches; emergence layer None, 0 outlier tokens" in out
+    assert "student: 1 cls + 4 registers + 7x7 patches; no high-norm tokens found" in out
     assert (tmp_path / "final" / "vsink.json").exists() and (tmp_path / "metrics.jsonl").exists()
 
 
@@ -94,3 +97,19 @@ def test_pope_chair_example(tmp_path, monkeypatch, capsys):
     assert "fastv (Δ vs none)" in out and "over 2 captions" in out
     results = json.loads((tmp_path / "pope" / "results.json").read_text())
     assert results["results"]["none"]["mean"]["n"] == 2 * 3 * 6  # 2 images, 3 splits, 6 questions
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "vsink-tests/never-published-llava", "--device", "cpu"],
+     "hf:vsink-tests/never-published-llava: cannot load a config ("),
+    pytest.param([], "device 'cuda' requested but CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+], ids=["hub-unreachable", "no-gpu"])
+def test_llava15_gpu_script_without_hub_or_gpu_is_one_line(monkeypatch, capsys, argv, message):
+    """Offline (HF_HUB_OFFLINE=1, set by conftest) or without a GPU: a one-line error, exit code 2."""
+    monkeypatch.setattr(sys, "argv", ["llava15_gpu.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(EXAMPLES / "llava15_gpu.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"llava15_gpu.py: error: {message}") and "needs network access" in err

@@ -146,7 +146,7 @@ def test_pope_runner_interrupted_and_resumed(tiny, tmp_path, monkeypatch, capsys
     import vsink.lvlm as lvlm_mod
     from vsink.cli import main
 
-    argv = ["eval", "pope", "--model", str(tiny / "model"), "--images", str(tiny / "images"),
+    argv = ["eval", "pope", str(tiny / "images"), "--model", str(tiny / "model"),
             "--annotations", str(tiny / "instances.json"), "--num-images", "2", "--splits", "random,popular",
             "--mitigation", "none,pai", "--set", "pai.alpha=0.5", "--max-new-tokens", "2", "--batch-size", "4",
             "--no-progress", "--out", str(tmp_path)]
@@ -187,7 +187,7 @@ def test_pope_runner_interrupted_and_resumed(tiny, tmp_path, monkeypatch, capsys
 def test_chair_runner_and_scoring_only(tiny, tmp_path):
     from vsink.cli import main
 
-    assert main(["eval", "chair", "--model", str(tiny / "model"), "--images", str(tiny / "images"),
+    assert main(["eval", "chair", str(tiny / "images"), "--model", str(tiny / "model"),
                  "--annotations", str(tiny / "instances.json"), "--num-images", "3", "--mitigation", "none,fastv",
                  "--max-new-tokens", "4", "--no-progress", "--out", str(tmp_path)]) == 0
     rows = _lines(tmp_path / "fastv" / "generated.jsonl")
@@ -205,7 +205,7 @@ def test_chair_runner_and_scoring_only(tiny, tmp_path):
 def test_runner_records_the_mitigation_protocol(tiny, tmp_path, capsys):
     from vsink.cli import main
 
-    argv = ["eval", "chair", "--model", str(tiny / "model"), "--images", str(tiny / "images"),
+    argv = ["eval", "chair", str(tiny / "images"), "--model", str(tiny / "model"),
             "--annotations", str(tiny / "instances.json"), "--num-images", "2", "--mitigation", "none,pai",
             "--max-new-tokens", "2", "--no-progress", "--out", str(tmp_path)]
     assert main(argv + ["--protocol", "official"]) == 0
@@ -223,10 +223,10 @@ def test_runner_errors(tiny, tmp_path, capsys):
     from vsink.cli import main
 
     base = ["eval", "pope", "--annotations", str(tiny / "instances.json"), "--out", str(tmp_path)]
-    assert main(base + ["--images", str(tiny / "images")]) == 2  # no --model
-    assert main(base + ["--model", str(tiny / "model"), "--images", str(tiny / "images"),
+    assert main(base + [str(tiny / "images")]) == 2  # no --model
+    assert main(base + [str(tiny / "images"), "--model", str(tiny / "model"),
                         "--mitigation", "none,vcd"]) == 2
-    assert main(base + ["--model", str(tiny / "model"), "--images", str(tiny / "images"),
+    assert main(base + [str(tiny / "images"), "--model", str(tiny / "model"),
                         "--set", "var.p=0.5"]) == 2
     err = capsys.readouterr().err
     assert "needs --model" in err

@@ -266,7 +266,7 @@ def test_chair_captions_that_are_not_text_are_refused(tmp_path, capsys, caption)
         "pai-end-below-start", "var-p-abc", "var-sink_dims-abc", "fastv-k-2.5", "fastv-ratio-half", "var-p-nan"])
 def test_mitigation_settings_are_refused_before_the_model_loads(photos, tmp_path, capsys, mitigation, setting,
                                                                  message):
-    err = refused(capsys, "generate", "--model", tmp_path / "never-loaded", "--image", photos / "img1.png",
+    err = refused(capsys, "generate", "--model", tmp_path / "never-loaded", photos / "img1.png",
                   "--prompt", "is there a cat ?", "--mitigation", mitigation, "--set", setting, match=message)
     assert "decoder layers" not in err  # refused before loading
 
@@ -276,7 +276,7 @@ def test_mitigation_settings_are_refused_before_the_model_loads(photos, tmp_path
 def test_mitigation_layers_beyond_the_decoder_are_refused(tiny_lvlm, capsys, mitigation, setting):
     key = setting.partition("=")[0]
     dims = ["--set", "sink_dims=[1,2]"] if mitigation == "var" else []
-    refused(capsys, "generate", "--model", tiny_lvlm / "model", "--image", tiny_lvlm / "images" / "img1.png",
+    refused(capsys, "generate", "--model", tiny_lvlm / "model", tiny_lvlm / "images" / "img1.png",
             "--prompt", "is there a cat ?", "--mitigation", mitigation, "--set", setting, *dims,
             match=rf"{mitigation} setting '{key}' must be below the 4 decoder layers")
 
@@ -287,7 +287,7 @@ def test_mitigation_layers_beyond_the_decoder_are_refused(tiny_lvlm, capsys, mit
     ("100000", r"num_dims must be an integer in \[1, 64\]"),
 ], ids=["0", "-1", "100000"])
 def test_calibrate_num_dims_out_of_range(tiny_lvlm, tmp_path, capsys, dims, message):
-    refused(capsys, "lvlm", "calibrate", "--model", tiny_lvlm / "model", "--image", tiny_lvlm / "images" / "img1.png",
+    refused(capsys, "lvlm", "calibrate", "--model", tiny_lvlm / "model", tiny_lvlm / "images" / "img1.png",
             "--num-dims", dims, "--out", tmp_path / "sinks.json", match=message)
     assert not (tmp_path / "sinks.json").exists()
 
@@ -321,7 +321,7 @@ def test_out_that_is_a_file(tmp_path, capsys, photos, command):
     argv, flag = {
         "scan": (["scan"], "--out"),
         "eval pope": (["eval", "pope", "--answers", jsonl(tmp_path / "answers.jsonl", ANSWERS)], "--out"),
-        "generate": (["generate", "--model", tmp_path / "never-loaded", "--image", photos / "img1.png", "--prompt", "x"],
+        "generate": (["generate", "--model", tmp_path / "never-loaded", photos / "img1.png", "--prompt", "x"],
                      "--export-attention"),
     }[command]
     err = refused(capsys, *argv, flag, existing, match=rf"argument {flag}: .*exists and is not a directory")
@@ -500,7 +500,7 @@ def test_coco_files_of_the_wrong_shape(tmp_path, capsys, override, message, read
     if reader == "pope":
         argv = ["eval", "pope", "--annotations", instances, "--build-only", "--out", tmp_path / "out"]
     else:
-        argv = ["eval", "dense", "--format", "coco", "--data", instances, "--images", tmp_path / "images",
+        argv = ["eval", "dense", tmp_path / "images", "--format", "coco", "--data", instances,
                 "--out", tmp_path / "out"]
     refused(capsys, *argv, match=rf"instances\.json: {message}")
 
@@ -525,7 +525,7 @@ def test_resuming_over_answers_without_question_ids(tiny_lvlm, tmp_path, capsys)
          "text": "Is there a dog in the image?"} for i in range(2)])
     (tmp_path / "out" / "none").mkdir(parents=True)
     jsonl(tmp_path / "out" / "none" / "answers.jsonl", [{"split": "random", "label": "yes", "answer": "yes"}])
-    refused(capsys, "eval", "pope", "--model", tiny_lvlm / "model", "--images", tiny_lvlm / "images", "--questions",
+    refused(capsys, "eval", "pope", tiny_lvlm / "images", "--model", tiny_lvlm / "model", "--questions",
             questions, "--out", tmp_path / "out", "--no-progress",
             match=r"answers\.jsonl:1: missing field\(s\) question_id")
 
@@ -541,9 +541,8 @@ def test_pope_prompt_with_an_unknown_field(tmp_path, capsys):
                                              (["<image> <image> is there a cat ?", "<image> is there a dog ?"], 2)],
                          ids=["two-for-one-image", "three-for-two-images"])
 def test_more_image_placeholders_than_images(tiny_lvlm, capsys, prompts, images):
-    argv = ["generate", "--model", tiny_lvlm / "model", "--max-new-tokens", "1"]
-    for i in range(images):
-        argv += ["--image", tiny_lvlm / "images" / f"img{i + 1}.png"]
+    argv = ["generate", *[tiny_lvlm / "images" / f"img{i + 1}.png" for i in range(images)], "--model",
+            tiny_lvlm / "model", "--max-new-tokens", "1"]
     for p in prompts:
         argv += ["--prompt", p]
     refused(capsys, *argv, match=r"prompt 0 has 2 '<image>' placeholders for its one image")

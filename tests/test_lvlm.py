@@ -529,34 +529,34 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
     processor.save_pretrained(tmp_path / "m")
     _image().save(tmp_path / "a.png")
     _image(1).save(tmp_path / "b.png")
-    assert main(["lvlm", "calibrate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
+    assert main(["lvlm", "calibrate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"),
                  "--out", str(tmp_path / "sinks.json")]) == 0
     dims = json.loads((tmp_path / "sinks.json").read_text())["sink_dims"]
     assert len(dims) == 2
-    code = main(["generate", "--model", f"hf:{tmp_path / 'm'}", "--image", str(tmp_path / "a.png"),
-                 "--image", str(tmp_path / "b.png"), "--prompt", "is there a cat ?", "--mitigation", "var",
+    code = main(["generate", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", f"hf:{tmp_path / 'm'}",
+                 "--prompt", "is there a cat ?", "--mitigation", "var",
                  "--sinks", str(tmp_path / "sinks.json"), "--set", "tau=2", "--max-new-tokens", "3",
                  "--export-attention", str(tmp_path / "att")])
     assert code == 0
     captured = capsys.readouterr()
     assert f"[{tmp_path / 'a.png'}]" in captured.out and (tmp_path / "att" / "row1.npz").exists()
     assert "mitigation var, protocol paper" in captured.err
-    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"), "--prompt", "x",
+    assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"), "--prompt", "x",
                  "--mitigation", "fastv", "--protocol", "official", "--max-new-tokens", "2", "--no-cache"]) == 0
     assert 'protocol official, settings {"k": 3, "ratio": 0.5, "protocol": "official"}' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "one of paper, official; default: paper" in " ".join(capsys.readouterr().out.split())
-    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
+    assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"),
                  "--prompt", "x", "--protocol", "authors"]) == 2
     assert "--protocol: must be one of paper, official, got 'authors'" in capsys.readouterr().err
-    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
+    assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"),
                  "--prompt", "x", "--mitigation", "vcd"]) == 2
-    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "a.png"),
+    assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"),
                  "--prompt", "x", "--prompt", "y", "--prompt", "z"]) == 2
-    assert main(["generate", "--model", str(tmp_path / "missing"), "--image", str(tmp_path / "a.png"),
+    assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "missing"),
                  "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "--mitigation: must be none or a '+'-joined combination of fastv, pai, ttr, var, got 'vcd'" in err
-    assert "one --prompt per --image" in err
+    assert "one --prompt per image (or one for all): 1 image, 3 prompts" in err
     assert "Traceback" not in err

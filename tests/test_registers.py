@@ -246,7 +246,7 @@ def test_cli_registers_find_apply_and_scan_flag(tmp_path, capsys):
     assert {(n["layer"], n["neuron"]) for n in json.loads(spec.read_text())["neurons"]} == PLANTED
     assert main(["registers", "apply", "--neurons", str(spec), "--out", str(tmp_path / "cmp"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "after: emergence layer None, 0 outlier tokens" in out
+    assert " after: no high-norm tokens found, max register share" in out and "None" not in out
     after = json.loads((tmp_path / "cmp" / "after" / "scan.json").read_text())
     before = json.loads((tmp_path / "cmp" / "before" / "scan.json").read_text())
     assert before["high_norm"]["emergence_layer"] == D.PLANTED_BLOCK and after["high_norm"]["tokens"] == []

@@ -77,6 +77,16 @@ def test_api_accepts_paths_and_pil_and_saves(tmp_path):
         vsink.scan(backbone, [], progress=False)
 
 
+def test_sinks_are_strongest_first():
+    result = vsink.scan(vsink.load("demo"), demo_images(), progress=False)
+    shares = [s.share for s in result.sinks]
+    assert len({s.layer for s in result.sinks}) > 1 and shares == sorted(shares, reverse=True)
+    received = result.trace.attn_received.mean(axis=2)  # [L, I, N], the shares the detector ranks
+    top = result.sinks[0]
+    assert top.share == pytest.approx(float(received[list(result.trace.layers).index(top.layer)].max()))
+    assert [s["share"] for s in result.to_json()["sinks"]] == shares  # scan.json keeps the order
+
+
 def test_scan_layers_subset_and_siglip_without_cls():
     backbone = vsink.wrap(hf_model("siglip"))
     result = vsink.scan(backbone, images()[:1], layers=[1], progress=False)

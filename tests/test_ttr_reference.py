@@ -252,12 +252,12 @@ def test_help_shows_the_ttr_options_and_defaults(command, capsys):
     text = _help(command, capsys)
     assert "--ttr-shift per-neuron|reference per-neuron (each register neuron" in text
     assert "(one of per-neuron, reference; default: per-" in text  # argparse wraps at the hyphen
-    assert "--ttr-zero-trained-registers also zero" in text and "(default: trained registers keep" in text
+    assert "--ttr-zero-trained-registers also zero" in text and "(default: off: trained registers keep" in text
 
 
 def test_help_shows_the_discovery_options_and_defaults(capsys):
     text = _help(["registers", "find"], capsys)
     assert "--outlier-tokens patches|all outlier positions: patches" in text and "default: patches)" in text
-    assert "--sparsity-filter the paper notebook's filter" in text and "(default off)" in text
+    assert "--sparsity-filter the paper notebook's filter" in text and "of all tokens (default: off)" in text
     assert "--sparsity-fraction X see --sparsity-filter (a finite number in [0, 1]; default: 0.5)" in text
     assert "--sparsity-activation X see --sparsity-filter (a finite number; default: 0.5)" in text

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import os
+import re
+import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO, Union
 
 from .version import __version__
-from .errors import VsinkError
+from .errors import VsinkError, VsinkWarning
+from .cli_common import image_dir_arg, load_lvlm_for, parse_settings
 from .options import add_options
+from .wording import count
 
 
 class UsageError(VsinkError):
@@ -21,7 +25,13 @@ class UsageError(VsinkError):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors raised as :class:`UsageError` (one line, exit code 2, by :func:`main`)."""
+    """argparse with its errors raised as :class:`UsageError` (one line, exit code 2, by :func:`main`),
+    and values that start with a negative number (``--lost-layers -1,-2``, ``--layers -2,-1``)
+    read as values, not as unknown flags (no vsink flag starts with a digit)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
@@ -69,31 +79,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(dense, P.MODEL, P.DENSE, P.TTR)
     pope = ev_sub.add_parser("pope", help="POPE: build questions, run an LVLM, score yes/no answers",
                              description="Score --answers FILE, or run --model over POPE questions (built from "
-                                         "--annotations, or --questions FILE) with each --mitigation.")
+                                         "--annotations, or --questions FILE) about the images in IMAGE_DIR with "
+                                         "each --mitigation.")
     add_options(pope, P.POPE_RUN, P.POPE)
     chair = ev_sub.add_parser("chair", help="CHAIR: caption images with an LVLM, score object hallucination",
-                              description="Score --generated FILE, or run --model to caption images from "
-                                          "--annotations with each --mitigation.")
+                              description="Score --generated FILE, or run --model to caption the images of IMAGE_DIR "
+                                          "listed in --annotations with each --mitigation.")
     add_options(chair, P.CHAIR_RUN, P.CHAIR)
 
     gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",
                          description="Greedy generation with none, VAR, PAI, FastV, test-time registers in the "
-                                     "vision tower (ttr), or several joined by + (ttr+var); several --image/--prompt "
-                                     "pairs run as one left-padded batch. Prints what each mitigation did per layer.")
-    add_options(gen, P.LVLM_MODEL, P.GENERATE)
+                                     "vision tower (ttr), or several joined by + (ttr+var); the images (files or "
+                                     "directories) and their prompts run as one left-padded batch. Prints what each "
+                                     "mitigation did per layer.")
+    add_options(gen, P.IMAGES, P.LVLM_MODEL, P.GENERATE)
     lvlm = sub.add_parser("lvlm", help="LVLM tools")
     lvlm_sub = lvlm.add_subparsers(dest="lvlm_command", required=True)
     cal = lvlm_sub.add_parser("calibrate", help="find the decoder's sink dimensions (for VAR)",
                               description="Rank hidden dimensions by |h / rms(h)| on the first (BOS) token in early "
-                                          "decoder layers over a few prompts; write them to JSON.")
-    add_options(cal, P.LVLM_MODEL, P.CALIBRATE)
+                                          "decoder layers over a few prompts, one per image; write them to JSON.")
+    add_options(cal, P.IMAGES, P.LVLM_MODEL, P.CALIBRATE)
 
     finetune = sub.add_parser("finetune", help="add registers and train them (posthoc distillation or scratch)",
                               description="Run a fine-tuning recipe (configs/*.yaml); KEY=VALUE overrides any "
                                           "recipe key, e.g. train.steps=100 teacher.kind=ttr. Under torchrun "
                                           "each process trains on its share of every batch (DDP).")
     add_options(finetune, P.FINETUNE)
-    sub.add_parser("models", help="list the supported model spec forms")
+    sub.add_parser("models", help="list the model spec forms: vision models and LVLMs",
+                   description="List every form of --model: vision models (scan, maps, registers, eval dense, "
+                               "finetune) and LVLMs (generate, lvlm calibrate, eval pope|chair, scan --prompt).")
     view = sub.add_parser("view", help="write an interactive viewer (one offline HTML file) of a scan, maps or "
                                        "attention export",
                           description="Write one self-contained HTML file to explore the output of 'vsink maps' "
@@ -124,17 +138,17 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         return 1
     paths = result.save(args.out)
     hn = result.high_norm
-    print(f"scanned {len(result.images)} images ({len(result.skipped)} skipped) with {result.model}")
+    print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}")
     print(f"layout: {result.layout.describe()}")
-    print(f"high-norm tokens: emergence layer {hn.emergence_layer}, "
-          f"{len(hn.outliers)} outlier tokens over all layers")
+    print(f"high-norm tokens: {hn.summary()}" if hn.emergence_layer is not None else hn.summary())
     for layer in hn.layers:
         print(f"  block {layer.index:>2}: median {layer.median:8.3f}  max {layer.max:8.3f}  "
               f"ratio {layer.ratio:6.2f}{_outlier_note(layer)}")
-    print(f"attention sinks: {len(result.sinks)} (token, image, layer) entries")
+    entries = count(len(result.sinks), "(token, image, layer) entry", "(token, image, layer) entries")
+    print(f"attention sinks: {entries}, strongest first in scan.json")
     dims = sorted({m.dim for m in result.massive})
     print(f"massive activations (>= {result.settings['massive_ratio']:g}x median |activation|): "
-          f"{len(result.massive)} entries" + (f", residual dims {dims}" if dims else ""))
+          f"{count(len(result.massive), 'entry', 'entries')}" + (f", residual dims {dims}" if dims else ""))
     for path in paths.values():
         print(f"wrote {path}")
     return 0
@@ -149,9 +163,6 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
                          "'vsink generate --mitigation ttr+...'")
     images = _inputs(args)
     lvlm = load_lvlm_for(args)
-    if lvlm.synthetic:
-        print("vsink: model 'demo-llava' is SYNTHETIC: a small LLaVA with planted register neurons, visual sinks "
-              "and sink dimensions (see docs/lvlm.md)", file=sys.stderr)
     prompt = args.prompt if args.prompt is not None else "describe the image"
     try:
         result = scan_lvlm(lvlm, images, prompt, batch_size=args.batch_size, sink_ratio=args.sink_ratio,
@@ -162,8 +173,7 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
         print(f"vsink: error: {e}", file=sys.stderr)
         return 1
     paths = result.save(args.out)
-    print(f"scanned {len(result.images)} images ({len(result.skipped)} skipped) with {result.model}, "
-          f"prompt {prompt!r}")
+    print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}, prompt {prompt!r}")
     print(f"layout: {result.layout.describe()}; sink dims {result.sink_dims} ({result.sink_dims_source}), "
           f"tau {result.tau:g}")
     for row in result.layer_summaries():
@@ -180,16 +190,21 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scanned(images: Sequence[object], skipped: Sequence[dict]) -> str:
+    """"2 images (1 skipped)" for the summaries."""
+    return f"{count(len(images), 'image')} ({len(skipped)} skipped)"
+
+
 def _outlier_note(layer) -> str:
     """How a layer's outliers were found, for the scan summary (empty when there are none)."""
     if not layer.outliers:
         return ""
-    parts = [f"{layer.outliers} outliers ({100 * layer.outlier_fraction:.1f}%)"]
+    parts = [f"{count(layer.outliers, 'outlier')} ({100 * layer.outlier_fraction:.1f}%)"]
     if layer.threshold is not None:
         parts.append(f"pooled threshold {layer.threshold:.3g}")
     if layer.own_gap_images:
         n = layer.own_gap_images
-        parts.append(f"{n} image{'s' if n != 1 else ''} through {'their' if n != 1 else 'its'} own gap")
+        parts.append(f"{count(n, 'image')} through {'their' if n != 1 else 'its'} own gap")
     return "  " + ", ".join(parts)
 
 
@@ -206,10 +221,25 @@ def _load_for(args: argparse.Namespace):
 
 
 def _inputs(args: argparse.Namespace):
+    """The positional images (files, directories walked), or the bundled demo images."""
     from .data.demo_images import demo_images
     from .images import expand_paths
 
     return expand_paths(args.images) if args.images else demo_images()
+
+
+def _lvlm_inputs(args: argparse.Namespace):
+    """The images of generate / calibrate as :class:`~vsink.images.NamedImage` s: the positional
+    images, or those of the deprecated ``--image``, or the bundled demo images."""
+    from .data.demo_images import demo_images
+    from .images import NamedImage, expand_paths, load_image
+
+    if args.images and args.image:
+        raise VsinkError("give the images as positional arguments only (--image is the deprecated spelling)")
+    paths = args.images or args.image
+    if not paths:
+        return demo_images()
+    return [NamedImage(str(path), load_image(path)) for path in expand_paths(paths)]
 
 
 def _ttr(args: argparse.Namespace, path: Optional[str]):
@@ -268,8 +298,8 @@ def _cmd_registers(args: argparse.Namespace) -> int:
     for label, r in (("before", before), ("after", after)):
         hn = r.high_norm
         regs = [a["register_received"] for a in r.attention]
-        print(f"{label:>6}: emergence layer {hn.emergence_layer}, {len(hn.outliers)} outlier tokens, "
-              f"max register share {max(regs):.3f}, max patch-norm ratio {max(l.ratio for l in hn.layers):.2f}")
+        print(f"{label:>6}: {hn.summary()}, max register share {max(regs):.3f}, "
+              f"max patch-norm ratio {max(l.ratio for l in hn.layers):.2f}")
     print(f"wrote {out / 'before'}, {out / 'after'} and {compare} (side by side)")
     return 0
 
@@ -286,9 +316,9 @@ def _cmd_maps(args: argparse.Namespace) -> int:
                              formats=args.format, fusion=args.fusion,
                              discard_ratio=args.discard_ratio, img_size=args.img_size,
                              keep_aspect=args.keep_aspect, progress=not args.no_progress)
-    print(f"exported maps for {len(result.images)} images ({len(result.skipped)} skipped) to {args.out}")
+    print(f"exported maps for {_scanned(result.images, result.skipped)} to {args.out}")
     for m in result.images:
-        print(f"  {m.name}: {len(m.files)} files, {m.layout.describe()}")
+        print(f"  {m.name}: {count(len(m.files), 'file')}, {m.layout.describe()}")
     if not result.images:
         print("vsink: error: no image could be read", file=sys.stderr)
         return 1
@@ -311,7 +341,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     variants = parse_variants(args.variant, _ttr_options(args))
     if args.format == "synthetic" and args.data:
         raise VsinkError("--data is not used with --format synthetic (the default); pass --format voc|ade|coco|folder")
-    common = dict(images=args.coco_images, image_set=args.image_set, synthetic_images=args.synthetic_images,
+    coco_images = image_dir_arg(args, "coco_images")
+    if coco_images and args.format != "coco":
+        raise VsinkError(f"an image directory is given with --format coco only; {args.format} reads its images "
+                         + ("from --data" if args.format != "synthetic" else "nowhere (they are generated)"))
+    common = dict(images=coco_images, image_set=args.image_set, synthetic_images=args.synthetic_images,
                   seed=args.seed)
     if args.format == "synthetic":
         common["synthetic_size"] = args.img_size or 224
@@ -338,36 +372,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_lvlm_for(args: argparse.Namespace):
-    from .backbones.hf_lvlm import load_lvlm
-    from .backbones.registry import resolve_dtype
-
-    repo = args.model.removeprefix("hf:")
-    lvlm = load_lvlm(repo, device=args.device, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
-    print(f"vsink: {lvlm.spec}: {lvlm.model_type}, {lvlm.num_layers} decoder layers", file=sys.stderr)
-    return lvlm
-
-
-def parse_settings(pairs: Sequence[str]) -> dict:
-    """``--set KEY=VALUE`` options → a dict."""
-    from .assignments import parse_assignment
-
-    return dict(parse_assignment(item, "--set") for item in pairs)
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import warnings
-
-    from .images import load_image
     from .lvlm import MitigationWarning, generate
     from .lvlm.sinks import Calibration
     from .mitigate import make_mitigations, mitigation_names
 
+    named = _lvlm_inputs(args)
     prompts = list(args.prompt)
-    if len(prompts) == 1 and len(args.image) > 1:
-        prompts *= len(args.image)
-    if len(prompts) != len(args.image):
-        raise VsinkError(f"give one --prompt per --image (or one for all): {len(args.image)} images, {len(prompts)} prompts")
+    if len(prompts) == 1 and len(named) > 1:
+        prompts *= len(named)
+    if len(prompts) != len(named):
+        raise VsinkError(f"give one --prompt per image (or one for all): {count(len(named), 'image')}, "
+                         f"{count(len(prompts), 'prompt')}")
     settings = parse_settings(args.set)
     if args.sinks:
         names = mitigation_names(args.mitigation)
@@ -375,14 +391,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if "var" in names:
             settings.setdefault(key, Calibration.load(args.sinks).sink_dims)
     make_mitigations(args.mitigation, settings, args.protocol)  # fail before loading the model
-    images = [load_image(p) for p in args.image]
+    images = [item.image for item in named]
     lvlm = load_lvlm_for(args)
     inputs = lvlm.prepare(images, prompts)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore", MitigationWarning)  # reported below, one line each
         result = generate(lvlm, inputs, mitigation=args.mitigation, settings=settings, protocol=args.protocol,
                           max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
-                          capture_attention=bool(args.export_attention))
+                          capture_attention=bool(args.export_attention), progress=not args.no_progress)
     print(f"vsink: mitigation {result.mitigation}, protocol {result.protocol}, settings {json.dumps(result.settings)}",
           file=sys.stderr)
     for entry in result.report:
@@ -391,27 +407,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"vsink: {entry['mitigation']} per layer: {layers}", file=sys.stderr)
     for note in result.warnings:
         print(f"vsink: warning: {note}", file=sys.stderr)
-    for path, text in zip(args.image, result.texts):
-        print(f"[{path}] {text}")
+    for item, text in zip(named, result.texts):
+        print(f"[{item.name}] {text}")
     if args.export_attention:
         from .lvlm.export import export_attention
 
         written = export_attention(lvlm, result, inputs, args.export_attention, images=images)
-        print(f"wrote {len(written)} files to {args.export_attention}")
+        print(f"wrote {count(len(written), 'file')} to {args.export_attention}")
     return 0
 
 
 def _cmd_lvlm(args: argparse.Namespace) -> int:
-    from .data.demo_images import demo_images
-    from .images import load_image
     from .lvlm.sinks import calibrate
 
-    images = [load_image(p) for p in args.image] if args.image else [im.image for im in demo_images()]
+    images = [item.image for item in _lvlm_inputs(args)]
     lvlm = load_lvlm_for(args)
     batches = [lvlm.prepare([im], [args.prompt]) for im in images]
-    cal = calibrate(lvlm, batches, num_dims=args.num_dims)
+    cal = calibrate(lvlm, batches, num_dims=args.num_dims, progress=not args.no_progress)
     cal.save(args.out)
-    print(f"sink dimensions of {lvlm.spec}: {cal.sink_dims} (layers {cal.layers}, {len(images)} prompts)")
+    print(f"sink dimensions of {lvlm.spec}: {cal.sink_dims} (layers {cal.layers}, {count(len(images), 'prompt')})")
     print(f"wrote {args.out}")
     return 0
 
@@ -423,7 +437,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     summary = run_finetune(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = summary.get("final_eval", {})
-        print(f"{cfg.recipe}: {summary['steps']} steps, {summary['images_per_s'] or 0:.1f} images/s, "
+        print(f"{cfg.recipe}: {count(summary['steps'], 'step')}, {summary['images_per_s'] or 0:.1f} images/s, "
               f"world size {summary['world_size']}")
         for k, v in ev.items():
             print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
@@ -431,10 +445,22 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the LVLM forms of --model (``vsink generate``, ``lvlm calibrate``, ``eval pope|chair``, ``scan --prompt``)
+LVLM_SPEC_FORMS = """LVLMs, for vsink generate, lvlm calibrate, eval pope|chair and scan --prompt:
+  demo-llava                        the built-in synthetic LLaVA with planted register neurons, visual sinks
+                                    and sink dimensions (offline; docs/lvlm.md)
+  hf:REPO                           a Hugging Face LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL,
+                                    e.g. hf:llava-hf/llava-1.5-7b-hf (the hf: prefix is optional)
+  LOCAL_DIR                         a local directory of one of these (save_pretrained)
+options: device (auto: cuda if available), dtype (default: the checkpoint's), trust_remote_code"""
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones import spec_forms
 
-    print(spec_forms())
+    forms = spec_forms().partition("\n")[2]  # below its "supported model specs:" heading
+    print(f"vision models, for vsink scan, maps, registers, eval dense and finetune (model.spec):\n{forms}\n")
+    print(LVLM_SPEC_FORMS)
     return 0
 
 
@@ -451,13 +477,25 @@ def _cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message: Union[Warning, str], category: type[Warning], filename: str, lineno: int,
+                  file: Optional[TextIO] = None, line: Optional[str] = None) -> None:
+    """``warnings.showwarning`` for the command line: one ``vsink: warning: ...`` line, no source
+    line (another library's warning names its category)."""
+    text = " ".join(str(message).split())
+    if not issubclass(category, VsinkWarning):
+        text = f"{category.__name__}: {text}"
+    print(f"vsink: warning: {text}", file=file or sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
                 "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
                 "view": _cmd_view}
     try:
-        args = build_parser().parse_args(argv)
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = build_parser().parse_args(argv)
+            return handlers[args.command](args)
     except VsinkError as e:
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2

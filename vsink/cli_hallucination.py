@@ -12,10 +12,11 @@ from typing import Any, Optional
 
 from .errors import VsinkError
 from .io import write_jsonl
+from .wording import count
 
 
 def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
-    from .cli import parse_settings
+    from .cli_common import parse_settings
     from .lvlm.sinks import Calibration
     from .mitigate import mitigation_names
 
@@ -39,7 +40,8 @@ def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
-    missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
+    """Refuse a run without the flags ``names`` (``images``: the positional IMAGE_DIR)."""
+    missing = ["IMAGE_DIR" if n == "images" else f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
     if missing:
         raise VsinkError(f"running the model needs {', '.join(missing)}")
 
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import hallucination as hal
     from .evaluate import pope as pope_mod
 
+    from .cli_common import image_dir_arg
+
+    args.images = image_dir_arg(args, "images_dir")
     out = Path(args.out)
     if args.eval_command == "pope":
         if args.answers:
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                                  seed=args.seed)
             write_jsonl(out / "questions.jsonl", questions)
             if args.build_only:
-                print(f"wrote {len(questions)} questions to {out / 'questions.jsonl'}")
+                print(f"wrote {count(len(questions), 'question')} to {out / 'questions.jsonl'}")
                 return 0
         items = questions[: args.limit] if args.limit else questions
         return _run_model(args, out, "pope", items, "question_id", "answer",
@@ -100,7 +105,7 @@ def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str
 
 def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[str, Any]], key: str, field: str,
                prompt, score, protocol: dict[str, Any]) -> int:
-    from .cli import load_lvlm_for
+    from .cli_common import load_lvlm_for
     from .evaluate import hallucination as hal
     from .mitigate import make_mitigations
 

@@ -11,3 +11,8 @@ class ModelSpecError(VsinkError):
 
 class ImageError(VsinkError):
     """An image file that cannot be read."""
+
+
+class VsinkWarning(UserWarning):
+    """Something a user should know that does not stop the work; the command line prints it as
+    one ``vsink: warning: ...`` line."""

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .backbones.base import Backbone
-from .errors import VsinkError
+from .errors import VsinkError, VsinkWarning
 from .finite import FiniteGuard
 from .images import ImageSource, NamedImage, load_batch, source_name
 from .io import NpzWriter, write_json
@@ -29,6 +29,7 @@ from .layout import TokenLayout
 from .export.maps import ImageMaps
 from .probe import Probe
 from .rollout import FUSIONS, FullAttentionObserver, RolloutObserver
+from . import wording
 
 KINDS = ("cls", "received", "norm", "rollout", "full")
 DEFAULT_KINDS = ("cls", "received", "norm", "rollout")
@@ -168,9 +169,10 @@ def export_maps(
         if "full" in kinds and not warned:
             n_heads = backbone.num_heads if sel_heads in ("mean", "all") else len(sel_heads)
             per_image = len(sel_layers) * n_heads * layout.num_tokens ** 2 * 4
-            warnings.warn(f"kind 'full' writes about {per_image / 2**20:.1f} MiB per image ({len(sel_layers)} blocks x "
-                          f"{n_heads} heads x {layout.num_tokens}^2 float32), {len(images) * per_image / 2**20:.1f} MiB "
-                          "for all images", stacklevel=2)
+            shape = (f"{wording.count(len(sel_layers), 'block')} x {wording.count(n_heads, 'head')} x "
+                     f"{layout.num_tokens}^2 float32")
+            warnings.warn(f"kind 'full' writes about {per_image / 2**20:.1f} MiB per image ({shape}), "
+                          f"{len(images) * per_image / 2**20:.1f} MiB for all images", VsinkWarning, stacklevel=2)
             warned = True
         maps = ImageMaps(name, image_stems[index], image.resize((size[1], size[0]), Image.BICUBIC), layout, {})
         with ExitStack() as stack:

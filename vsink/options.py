@@ -19,6 +19,7 @@ import math
 import os
 import re
 import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -256,6 +257,10 @@ class ListOf(Kind):
         if self.distinct and len(set(map(repr, out))) != len(out):
             raise Invalid("an entry repeats")
 
+    @property
+    def metavar(self) -> Optional[str]:  # type: ignore[override]
+        return f"{self.item.metavar},..." if self.item.metavar else None
+
     def describe(self) -> str:
         head = f"a list of {self.length} entries" if self.length is not None else (
             "a non-empty list" if self.nonempty else "a list")
@@ -437,10 +442,12 @@ class Option:
     """One user-settable value: ``key`` (a flag's destination, a recipe key or a setting name),
     what it may be (``kind``; ``nullable``: also null / unset), its default and meaning.
 
-    Command-line only: ``flag`` (default ``--key-with-dashes``), ``positional``, ``repeat``
-    (given several times, collected in a list), ``required``, ``metavar`` (the placeholder in
-    ``--help``; default: the kind's, or the key for a positional); ``default_text`` describes a
-    default that is not a literal value (e.g. "the model's")."""
+    Command-line only: ``flag`` (default ``--key-with-dashes``), ``positional`` (optional unless
+    ``required``), ``repeat`` (given several times, collected in a list; a positional takes any
+    number), ``required``, ``metavar`` (the placeholder in ``--help``; default: the kind's, or the
+    key for a positional), ``deprecated`` (an old spelling kept for one release: what to write
+    instead; using it prints one line on stderr); ``default_text`` describes a default that is not
+    a literal value (e.g. "the model's")."""
 
     key: str
     kind: Kind
@@ -453,6 +460,7 @@ class Option:
     repeat: bool = False
     required: bool = False
     metavar: Optional[str] = None
+    deprecated: Optional[str] = None
 
     @property
     def cli_flag(self) -> str:
@@ -490,11 +498,15 @@ class Option:
             raise OptionError(error_text(self, value, name or f"'{self.key}'", where, str(e))) from None
 
     def help_text(self) -> str:
-        """``--help`` text: the meaning, what is allowed and the default (``%`` escaped for argparse)."""
-        if isinstance(self.kind, Bool):
-            return self.help.replace("%", "%%")
+        """``--help`` text: the meaning, what is allowed and the default (``%`` escaped for argparse);
+        a deprecated spelling says what replaces it."""
         tail = "required" if self.required else f"default: {self.default_shown()}"
-        text = f"{self.help} ({self.allowed(cli=True)}; {tail})" if self.help else f"{self.allowed(cli=True)}; {tail}"
+        if isinstance(self.kind, Bool):
+            text = f"{self.help} ({tail})" if self.help else tail
+        else:
+            text = f"{self.help} ({self.allowed(cli=True)}; {tail})" if self.help else f"{self.allowed(cli=True)}; {tail}"
+        if self.deprecated:
+            text = f"deprecated, removed in the next release: {self.deprecated}. {text}"
         return text.replace("%", "%%")
 
 
@@ -532,6 +544,12 @@ def declare(*options: Option) -> dict[str, Option]:
     return out
 
 
+#: options several commands and library functions share
+BATCH = Option("batch_size", Int(1), 8, "images per forward pass")
+THRESHOLD = Option("threshold", Threshold(), "auto", "high-norm threshold")
+NO_PROGRESS = Option("no_progress", Bool(), False, "hide progress bars")
+
+
 class _Convert:
     """argparse ``type=``: the kind's ``from_text``; a refusal names the value and what is allowed."""
 
@@ -545,6 +563,29 @@ class _Convert:
         except Invalid as e:
             why = f" ({e})" if str(e) else ""
             raise argparse.ArgumentTypeError(f"must be {self.option.kind.describe()}, got {shown(text)}{why}") from None
+
+
+def deprecation_text(flag: str, instead: str) -> str:
+    """The one line printed when a deprecated spelling is used."""
+    return f"vsink: warning: {flag} is deprecated and will be removed in the next release; {instead}"
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: stores its value (appends, for a repeatable one) like the flag
+    did, and prints :func:`deprecation_text` on stderr the first time it is used."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, instead: str, append: bool, **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.instead, self.append, self.warned = instead, append, False
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        if not self.warned:
+            print(deprecation_text(option_string or self.dest, self.instead), file=sys.stderr)
+            self.warned = True
+        if self.append:
+            values = [*(getattr(namespace, self.dest, None) or []), values]
+        setattr(namespace, self.dest, values)
 
 
 def add_option(parser: argparse.ArgumentParser, option: Option) -> argparse.Action:
@@ -562,6 +603,12 @@ def add_option(parser: argparse.ArgumentParser, option: Option) -> argparse.Acti
             kwargs["action"] = "append" if not option.positional else "store"
             if option.positional:
                 kwargs["nargs"] = "*"
+        elif option.positional and not option.required:
+            kwargs["nargs"] = "?"
+        if option.deprecated:
+            if option.positional or option.required:
+                raise ValueError(f"option {option.key!r}: only an optional flag can be deprecated")
+            kwargs.update(action=_Deprecated, instead=option.deprecated, append=option.repeat)
     if option.positional:
         action = parser.add_argument(option.key, **kwargs)
     else:
@@ -588,8 +635,11 @@ def markdown_table(options: Sequence[Option], *, cli: bool = False) -> str:
             name += " ..." if o.positional else " (repeatable)"
         if o.required:
             name += " (required)"
+        if o.deprecated:
+            name += " (deprecated)"
         allowed = "switch" if cli and isinstance(o.kind, Bool) else o.allowed(cli=cli)
         default = "—" if o.required else o.default_text if o.default_text is not None else f"`{o.default_shown(cli)}`"
-        cells = [f"`{name}`", allowed, default, o.help or ""]
+        meaning = f"deprecated, removed in the next release: {o.deprecated}. {o.help}" if o.deprecated else o.help
+        cells = [f"`{name}`", allowed, default, meaning or ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines) + "\n"

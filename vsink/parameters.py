@@ -15,57 +15,63 @@ from dataclasses import replace
 from .backbones.registry import DTYPES
 from .evaluate.chair import VOCABULARIES
 from .evaluate.datasets import FORMATS
-from .evaluate.dense import TASKS
+from .evaluate.dense import LOST, TASKS
 from .evaluate.hallucination import CHAIR_PROMPT, POPE_PROMPT
-from .evaluate.lost import IOU_RULES, TIES
 from .evaluate.pope import PARSERS, SPLITS
-from .features import FEATURE_KINDS
+from .evaluate.segmentation import PROBE
 from .mitigate import PROTOCOLS, REGISTRY
 from .maps import DEFAULT_KINDS, KINDS
-from .options import (DEVICE, SEED, Assignment, Bool, Choice, Float, InputPath, Int, ListOf, Option, OutputDir,
-                      OutputFile, Template, Text, Threshold, declare)
-from .registers.neurons import OUTLIER_TOKENS
-from .registers.test_time import MODES, SHIFTS
+from .options import (BATCH, DEVICE, NO_PROGRESS, SEED, Assignment, Bool, Choice, Float, InputPath, Int, ListOf,
+                      Option, OutputDir, OutputFile, Template, Text, declare)
+from .registers.neurons import FIND as FIND_ARGUMENTS
+from .registers.test_time import TTR as TTR_SETTINGS
 from .rollout import FUSIONS
+from .scan import SCAN as SCAN_ARGUMENTS
 
-BATCH = Option("batch_size", Int(1), 8, "images per forward pass")
 _NAMES = "|".join(sorted(REGISTRY))
 #: ``none`` or mitigations joined by ``+`` (``ttr+var``): run together in one call
 MITIGATION = Text(rf"none|({_NAMES})(\+({_NAMES}))*", "none or a '+'-joined combination of " + ", ".join(sorted(REGISTRY)))
 SIZE = Int(1, 16384)
-THRESHOLD = Option("threshold", Threshold(), "auto", "high-norm threshold")
-NO_PROGRESS = Option("no_progress", Bool(), False, "hide the progress bar")
+#: the same --device and --dtype for vision models and LVLMs
+DEVICE_OPTION = Option("device", DEVICE, "cpu", "device to run on (auto: cuda if available, else cpu)")
+DTYPE_OPTION = Option("dtype", Choice(tuple(DTYPES)), None, "dtype of the weights", nullable=True,
+                      default_text="as stored: a Hugging Face checkpoint's own dtype; float32 for timm, open_clip and "
+                                   "the demo models")
 
-IMAGES = declare(Option("images", InputPath("file or directory"), [], "image files or directories",
-                        default_text="the bundled demo images", positional=True, repeat=True))
+IMAGES = declare(Option("images", InputPath("file or directory"), [], "image files or directories (directories "
+                        "are searched recursively)", default_text="the bundled demo images", positional=True,
+                        repeat=True))
+#: what replaces a deprecated --image / --images flag
+POSITIONAL_IMAGES = "give image files or directories as positional arguments"
+
+
+def image_dir(meaning: str, default_text: str, old_key: str) -> dict[str, Option]:
+    """A positional image directory and the deprecated ``--images DIR`` flag it replaces (stored
+    under ``old_key``)."""
+    return declare(
+        Option("images", InputPath("directory"), None, meaning, nullable=True, positional=True, metavar="IMAGE_DIR",
+               default_text=default_text),
+        Option(old_key, InputPath("directory"), None, meaning, nullable=True, flag="--images",
+               default_text=default_text, deprecated="give IMAGE_DIR as a positional argument"),
+    )
+
 
 MODEL = declare(
     NO_PROGRESS,
     Option("model", Text(r"\S.*", "a model spec"), "demo", "model spec; see 'vsink models'"),
     Option("weights", InputPath(), None, "checkpoint to load (.safetensors or a state dict)", nullable=True),
     Option("img_size", SIZE, None, "square input size", nullable=True, default_text="the model's"),
-    Option("device", DEVICE, "cpu", "device"),
-    Option("dtype", Choice(tuple(DTYPES)), None, "weights dtype", nullable=True, default_text="as loaded"),
+    DEVICE_OPTION,
+    DTYPE_OPTION,
     Option("no_pretrained", Bool(), False, "build timm models with random weights (testing without network)"),
 )
 
 TTR_SPEC = Option("test_time_registers", InputPath(), None, "apply test-time registers from a 'vsink registers "
                   "find' spec (neurons.json)", nullable=True)
-TTR = declare(
-    Option("ttr_registers", Int(1, 1024), 1, "appended register tokens"),
-    Option("ttr_scale", Float(), 1.0, "scale of the moved activation"),
-    Option("ttr_mode", Choice(MODES), "max", "max (signed value of largest magnitude) or mean"),
-    Option("ttr_shift", Choice(SHIFTS), "per-neuron", "per-neuron (each register neuron moves its own value) or "
-           "reference (one scalar per layer, the signed max over tokens and that layer's neurons, as the released "
-           "code)"),
-    Option("ttr_zero_trained_registers", Bool(), False, "also zero the register neurons on trained registers, as "
-           "the released code (default: trained registers keep their activations)"),
-)
-
+#: the --ttr-* flags: TestTimeRegisters' settings
+TTR = declare(*TTR_SETTINGS.values())
 SCAN = declare(
-    BATCH,
-    THRESHOLD,
-    Option("sink_ratio", Float(0, min_open=True), 5.0, "sink = share of received attention >= this x the median share"),
+    *SCAN_ARGUMENTS.values(),
     Option("out", OutputDir(), "vsink-out", "output directory (scan.json, report.html, trace.npz)"),
     Option("prompt", Text(r"(?s).*\S.*", "a non-empty prompt"), None, "scan an LVLM (demo-llava, hf:llava-hf/..., "
            "DIR): its language model's sinks and its vision tower, each image asked with this prompt", nullable=True,
@@ -90,21 +96,7 @@ MAPS = declare(
 
 FIND = declare(
     Option("out", OutputFile(), "neurons.json", "output spec"),
-    Option("top_k", Int(1), 10, "neurons to keep"),
-    Option("detection_layer", Int(), None, "block whose outliers are used (negative from the end, within the "
-           "depth)", nullable=True, default_text="the emergence layer"),
-    Option("highest_layer", Int(), None, "last block whose MLP is scored (negative from the end, within the "
-           "depth)", nullable=True, default_text="the emergence layer"),
-    replace(THRESHOLD, help="high-norm threshold of the outlier pass"),
-    Option("min_selectivity", Float(0), None, "keep neurons whose outlier score is >= this x their mean "
-           "|activation| on patches", nullable=True, default_text="no filter"),
-    Option("outlier_tokens", Choice(OUTLIER_TOKENS), "patches", "outlier positions: patches above the threshold, "
-           "or any token (class token included), as the released code"),
-    Option("sparsity_filter", Bool(), False, "the paper notebook's filter: per image, score only neurons below "
-           "--sparsity-activation on >= --sparsity-fraction of all tokens (default off)"),
-    Option("sparsity_fraction", Float(0, 1), 0.5, "see --sparsity-filter"),
-    Option("sparsity_activation", Float(), 0.5, "see --sparsity-filter"),
-    BATCH,
+    *FIND_ARGUMENTS.values(),
 )
 
 APPLY = declare(
@@ -114,6 +106,7 @@ APPLY = declare(
 )
 
 DENSE = declare(
+    *image_dir("coco: the image directory", "next to the JSON", "coco_images").values(),
     Option("data", InputPath("file or directory"), None, "dataset root (voc, ade, folder) or instances JSON (coco)",
            nullable=True),
     Option("format", Choice(FORMATS), "synthetic", "dataset format"),
@@ -121,8 +114,6 @@ DENSE = declare(
            nullable=True, default_text="val / validation"),
     Option("train_split", Text(r"(?!\.\.?$)[\w.-]+", "a split name (letters, digits, _ . -)"), None,
            "split the linear head trains on", nullable=True, default_text="train / training"),
-    Option("coco_images", InputPath("directory"), None, "coco: image directory", nullable=True, flag="--images",
-           default_text="next to the JSON"),
     Option("image_set", Choice(("auto", "segmentation", "main")), "auto", "voc: image set"),
     Option("tasks", ListOf(Choice(TASKS), nonempty=True, distinct=True), None, "tasks", nullable=True,
            default_text="all the data allows"),
@@ -130,33 +121,23 @@ DENSE = declare(
            "registers), NAME=weights.safetensors, NAME=model:SPEC (baseline is added first); the --ttr-* options "
            "apply to every test-time-register variant", repeat=True, default_text="baseline"),
     Option("limit", Int(1), None, "use the first N images of each split", nullable=True, default_text="all"),
-    BATCH,
+    PROBE["batch_size"],
     Option("seg_layer", Int(), -1, "block for linear-seg features (negative from the end)"),
     Option("num_classes", Int(1, 255), None, "classes in the masks", nullable=True,
            default_text="the dataset's or inferred"),
-    Option("epochs", Int(1), 20, "linear head epochs"),
-    Option("lr", Float(0, min_open=True), 1e-3, "linear head learning rate"),
-    Option("no_batchnorm", Bool(), False, "linear head without BatchNorm"),
-    Option("seed", SEED, 0, "seed for the head and the synthetic data"),
-    Option("lost_layers", ListOf(Int(), nonempty=True), [-1], "LOST blocks"),
-    Option("lost_kinds", ListOf(Choice(FEATURE_KINDS), nonempty=True), ["k"], "LOST features"),
-    Option("lost_biases", ListOf(Float(), nonempty=True), [0.0], "LOST Gram-matrix biases"),
-    Option("lost_normalize", Choice(("no", "yes", "both")), "no", "L2-normalise LOST features"),
-    Option("lost_k", Int(1), 100, "LOST seed-expansion candidates"),
-    Option("lost_ties", Choice(TIES), "stable", "LOST order of equal degrees (stable: patch order, the only one "
-           "defined)"),
-    Option("lost_iou", Choice(IOU_RULES), "exact", "CorLoc IoU: exact (IoU >= 0.5 is a hit) or reference (LOST's "
-           "bbox_iou on float boxes: +1e-7 on heights and union, so exactly 0.5 is a miss)"),
+    *(PROBE[key] for key in ("epochs", "lr", "no_batchnorm", "seed")),
+    *LOST.values(),
     Option("synthetic_images", Int(1, 100_000), 32, "synthetic: images per split"),
     Option("out", OutputDir(), "vsink-eval", "output directory (results.json, results.md, results.html)"),
 )
 
 LVLM_MODEL = declare(
-    Option("model", Text(r"\S.*", "hf:REPO or a local directory"), None, "hf:REPO or a local directory of an LVLM "
-           "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)", required=True),
-    Option("device", DEVICE, "cpu", "device"),
-    Option("dtype", Choice(tuple(DTYPES)), None, "weights dtype", nullable=True, default_text="as saved"),
+    Option("model", Text(r"\S.*", "an LVLM spec"), None, "LVLM spec: demo-llava, hf:REPO or a local directory "
+           "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL); see 'vsink models'", required=True),
+    DEVICE_OPTION,
+    DTYPE_OPTION,
     Option("trust_remote_code", Bool(), False, "let transformers run code shipped with the model"),
+    NO_PROGRESS,
 )
 PROTOCOL = Option("protocol", Choice(PROTOCOLS), "paper", "paper: the mitigation as its paper describes it; "
                   "official: as the authors' released scripts run it, with their defaults (docs/lvlm.md, Protocols)")
@@ -164,8 +145,8 @@ SINKS = Option("sinks", InputPath(), None, "sink calibration JSON from 'vsink lv
                nullable=True)
 
 GENERATE = declare(
-    Option("image", InputPath(), None, "image file (repeat for a batch)", repeat=True, required=True),
-    Option("prompt", Text(), None, "prompt text (one per --image, or one for all)", repeat=True, required=True),
+    Option("image", InputPath(), None, "image file (repeat for a batch)", repeat=True, deprecated=POSITIONAL_IMAGES),
+    Option("prompt", Text(), None, "prompt text (one per image, or one for all)", repeat=True, required=True),
     Option("mitigation", MITIGATION, "none", "hallucination mitigation, or several joined by + (ttr+var)"),
     Option("set", Assignment(), [], "mitigation setting, e.g. p=0.6, alpha=0.2, gamma=1.1, k=2, ratio=0.5, "
            "sink_dims=[1415,2533] (see docs/options.md)", repeat=True, default_text="none"),
@@ -178,7 +159,8 @@ GENERATE = declare(
 )
 
 CALIBRATE = declare(
-    Option("image", InputPath(), None, "images", repeat=True, default_text="the bundled demo images"),
+    Option("image", InputPath(), None, "image file", repeat=True, default_text="the bundled demo images",
+           deprecated=POSITIONAL_IMAGES),
     Option("prompt", Text(), "Describe the image.", "prompt used with every image"),
     Option("num_dims", Int(1), 2, "dimensions to keep (at most the hidden size)"),
     Option("out", OutputFile(), "sinks.json", "output JSON"),
@@ -188,9 +170,9 @@ CALIBRATE = declare(
 def hallucination_run(prompt: Option, max_new_tokens: int) -> dict[str, Option]:
     """The options of ``vsink eval pope|chair`` that run a model."""
     return declare(
+        *image_dir("COCO image directory (file names as in the annotations)", "none; needed to run a model",
+                    "images_dir").values(),
         *[replace(o, required=False) if o.key == "model" else o for o in LVLM_MODEL.values()],
-        Option("images", InputPath("directory"), None, "image directory (file names as in the annotations)",
-               nullable=True),
         Option("annotations", InputPath(), None, "COCO instances JSON", nullable=True),
         Option("mitigation", ListOf(MITIGATION, nonempty=True, distinct=True), ["none"],
                "mitigations (each may join several with +); the first is the baseline"),
@@ -204,7 +186,6 @@ def hallucination_run(prompt: Option, max_new_tokens: int) -> dict[str, Option]:
         Option("batch_size", Int(1), 4, "prompts per generate call"),
         Option("max_new_tokens", Int(1, 1_000_000), max_new_tokens, "tokens to generate"),
         prompt,
-        replace(NO_PROGRESS, help="hide progress bars"),
         Option("out", OutputDir(), "vsink-hallucination", "output directory"),
     )
 

@@ -21,6 +21,7 @@ from .errors import VsinkError
 from .images import ImageSource, NamedImage, load_batch
 from .io import write_text
 from .layout import TokenLayout
+from .options import BATCH, THRESHOLD, Float, Option, declare
 from .probe import Probe, Trace
 
 
@@ -40,6 +41,14 @@ class NothingScanned(VsinkError):
         super().__init__(f"no image could be scanned ({len(skipped)} skipped: {reasons})")
 
 
+#: the checked arguments of :func:`scan` (``vsink scan`` adds its output and LVLM flags)
+SCAN = declare(
+    BATCH,
+    THRESHOLD,
+    Option("sink_ratio", Float(0, min_open=True), 5.0, "sink = share of received attention >= this x the median share"),
+)
+
+
 def parse_threshold(value: Union[str, float, None]) -> dict[str, Any]:
     """``"auto"`` | ``"sigma:K"`` | a number (absolute norm) → keyword arguments of :func:`detect_high_norm`;
     NaN, infinity, a negative K and a norm <= 0 are refused."""
@@ -53,7 +62,12 @@ def parse_threshold(value: Union[str, float, None]) -> dict[str, Any]:
 
 @dataclass
 class ScanResult:
-    """What :func:`scan` found; ``to_json()`` is the ``scan.json`` schema (docs/scan-json.md)."""
+    """What :func:`scan` found; ``to_json()`` is the ``scan.json`` schema (docs/scan-json.md).
+
+    ``sinks`` holds every (image, token, block) sink entry, strongest first: largest share of
+    received attention first (entries of equal share in block, then image order), so
+    ``result.sinks[:3]`` are the three strongest.
+    """
 
     model: str
     synthetic: bool
@@ -68,6 +82,9 @@ class ScanResult:
     settings: dict[str, Any]
     thumbnails: list[Image.Image] = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        self.sinks = sorted(self.sinks, key=lambda s: -s.share)  # stable: ties keep block, then image order
+
     @property
     def layout(self) -> TokenLayout:
         return self.trace.layout
@@ -81,7 +98,7 @@ class ScanResult:
             for n, a, m in zip(self.high_norm.layers, self.attention, massive_summary(self.trace, self.massive))
         ]
         strongest = sorted(self.massive, key=lambda m: -m.ratio)[:MAX_MASSIVE_ENTRIES]
-        sinks = sorted(self.sinks, key=lambda s: -s.share)[:MAX_SINK_ENTRIES]
+        sinks = self.sinks[:MAX_SINK_ENTRIES]
         total = len(self.high_norm.outliers)
         return {
             "vsink_version": __version__,
@@ -161,9 +178,6 @@ def scan(
     Raises:
         NothingScanned: if no image could be read.
     """
-    from .options import Float, Option
-    from .parameters import SCAN
-
     SCAN["batch_size"].check(batch_size)
     SCAN["sink_ratio"].check(sink_ratio)
     Option("massive_ratio", Float(0, min_open=True)).check(massive_ratio)

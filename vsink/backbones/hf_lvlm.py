@@ -8,7 +8,7 @@ vision tower, and turning images + prompts into model inputs with the model's ow
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ModelSpecError, VsinkError
 from ..layout import ImageSpans
+from .registry import resolve_device
 
 SUPPORTED_LVLM = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 #: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025), by name fragment
@@ -200,13 +201,21 @@ class LVLM:
 DEMO_LVLM = "demo-llava"
 
 
-def load_lvlm(repo: str, *, device: str = "cpu", dtype: Optional[torch.dtype] = None,
+def _one_line(error: Exception) -> str:
+    """An exception's message with its line breaks folded (the hub's messages span lines)."""
+    return " ".join(str(error).split())
+
+
+def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
               trust_remote_code: bool = False) -> LVLM:
     """Load an LVLM and its processor from a hub id or local directory (``from_pretrained``), or
-    build the synthetic demo (``"demo-llava"``, offline). ``trust_remote_code`` is passed through
-    only when the caller asks for it."""
+    build the synthetic demo (``"demo-llava"``, offline). ``device``: ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"`` or ``"auto"`` (CUDA if available), checked before anything is loaded; ``dtype``
+    ``None`` keeps the checkpoint's own. ``trust_remote_code`` is passed through only when the
+    caller asks for it."""
     import transformers
 
+    device = resolve_device(device)
     if repo == DEMO_LVLM:
         from ..data.demo_llava import build_demo_llava
 
@@ -216,7 +225,7 @@ def load_lvlm(repo: str, *, device: str = "cpu", dtype: Optional[torch.dtype] = 
     try:
         config = transformers.AutoConfig.from_pretrained(repo, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelSpecError(f"hf:{repo}: cannot load a config ({e})") from None
+        raise ModelSpecError(f"hf:{repo}: cannot load a config ({_one_line(e)})") from None
     classes = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
     if config.model_type not in classes:
@@ -229,7 +238,7 @@ def load_lvlm(repo: str, *, device: str = "cpu", dtype: Optional[torch.dtype] = 
     try:
         model = cls.from_pretrained(repo, **kwargs).to(device)
     except OSError as e:
-        raise ModelSpecError(f"hf:{repo}: cannot load the model ({e})") from None
+        raise ModelSpecError(f"hf:{repo}: cannot load the model ({_one_line(e)})") from None
     try:
         processor = transformers.AutoProcessor.from_pretrained(repo, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):

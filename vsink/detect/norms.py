@@ -40,6 +40,7 @@ import numpy as np
 from ..errors import VsinkError
 from ..layout import TokenLayout
 from ..probe import Trace
+from ..wording import count
 from . import gap as gap_test
 
 METHODS = ("auto", "sigma", "absolute")
@@ -156,6 +157,13 @@ class HighNormResult:
         """At most ``limit`` flagged tokens, highest norm first."""
         order = np.argsort(-self.outliers.norm, kind="stable")[:limit]
         return list(self.outliers.select(order).rows(self.layout))
+
+    def summary(self) -> str:
+        """One line for messages: "emergence layer 2, 57 outlier tokens over all layers", or "no
+        high-norm tokens found" when no layer has any."""
+        if self.emergence_layer is None:
+            return "no high-norm tokens found"
+        return f"emergence layer {self.emergence_layer}, {count(len(self.outliers), 'outlier token')} over all layers"
 
 
 @dataclass

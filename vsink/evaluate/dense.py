@@ -27,14 +27,27 @@ from ..errors import VsinkError
 from ..export.views import Previews
 from ..features import FEATURE_KINDS, FeatureCapture, FeatureSpec
 from ..io import write_text
+from ..options import Choice, Float, Int, ListOf, Option, declare
 from ..probe import Probe
 from .artifacts import foreground_grid, foreground_share, neighbour_cosine
 from .datasets import IGNORE_INDEX, DatasetError, DenseDataset, DenseSample, Loaded
-from .lost import check_iou_rule, check_ties, is_correct, lost
+from .lost import IOU_RULES, TIES, check_iou_rule, check_ties, is_correct, lost
 from .segmentation import ProbeSettings, evaluate_linear_probe, predict, train_linear_probe
 from .variants import Variant
 
 TASKS = ("linear-seg", "lost", "artifacts")
+#: the LOST sweep's settings (``vsink eval dense --lost-*``; :class:`LostSweep` checks them)
+LOST = declare(
+    Option("lost_layers", ListOf(Int(), nonempty=True), [-1], "LOST blocks"),
+    Option("lost_kinds", ListOf(Choice(FEATURE_KINDS), nonempty=True), ["k"], "LOST features"),
+    Option("lost_biases", ListOf(Float(), nonempty=True), [0.0], "LOST Gram-matrix biases"),
+    Option("lost_normalize", Choice(("no", "yes", "both")), "no", "L2-normalise LOST features"),
+    Option("lost_k", Int(1), 100, "LOST seed-expansion candidates"),
+    Option("lost_ties", Choice(TIES), "stable", "LOST order of equal degrees (stable: patch order, the only one "
+           "defined)"),
+    Option("lost_iou", Choice(IOU_RULES), "exact", "CorLoc IoU: exact (IoU >= 0.5 is a hit) or reference (LOST's "
+           "bbox_iou on float boxes: +1e-7 on heights and union, so exactly 0.5 is a miss)"),
+)
 
 
 @dataclass
@@ -53,13 +66,11 @@ class LostSettings:
     iou: str = "exact"
 
     def __post_init__(self) -> None:
-        from ..parameters import DENSE
-
         check_ties(self.ties)
         check_iou_rule(self.iou)
-        self.biases = DENSE["lost_biases"].check(list(self.biases), name="LOST biases")
-        self.layers = DENSE["lost_layers"].check(list(self.layers), name="LOST layers")
-        self.k = DENSE["lost_k"].check(self.k, name="LOST k")
+        self.biases = LOST["lost_biases"].check(list(self.biases), name="LOST biases")
+        self.layers = LOST["lost_layers"].check(list(self.layers), name="LOST layers")
+        self.k = LOST["lost_k"].check(self.k, name="LOST k")
 
     def combos(self, num_layers: int) -> list[tuple[FeatureSpec, float, bool]]:
         for kind in self.kinds:

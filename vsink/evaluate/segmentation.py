@@ -22,7 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VsinkError
+from ..options import BATCH, SEED, Bool, Float, Int, Option, declare
 from .datasets import IGNORE_INDEX
+
+#: the linear head's training settings (``vsink eval dense`` flags; :class:`ProbeSettings` checks them)
+PROBE = declare(
+    BATCH,
+    Option("epochs", Int(1), 20, "linear head epochs"),
+    Option("lr", Float(0, min_open=True), 1e-3, "linear head learning rate"),
+    Option("no_batchnorm", Bool(), False, "linear head without BatchNorm"),
+    Option("seed", SEED, 0, "seed for the head and the synthetic data"),
+)
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int,
@@ -93,11 +103,8 @@ class ProbeSettings:
     seed: int = 0
 
     def check(self) -> None:
-        from ..options import Float, Option
-        from ..parameters import DENSE
-
         for key in ("epochs", "batch_size", "lr", "seed"):
-            DENSE[key].check(getattr(self, key), name=f"linear probe {key}")
+            PROBE[key].check(getattr(self, key), name=f"linear probe {key}")
         Option("weight_decay", Float(0)).check(self.weight_decay, name="linear probe weight_decay")
 
 

@@ -10,16 +10,17 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from ..backbones.hf_decoder import decoder_of
 from ..backbones.hf_lvlm import LVLM
-from ..errors import VsinkError
+from ..errors import VsinkError, VsinkWarning
 from ..mitigate import REGISTRY, Mitigation, Run, check_protocol, make_mitigations, mitigation_names
 from .capture import AttentionCapture
 from .context import DecodeContext
 
 
-class MitigationWarning(UserWarning):
+class MitigationWarning(VsinkWarning):
     """A mitigation changed nothing in a generation call."""
 
 
@@ -32,6 +33,17 @@ def make_settings(mitigation: str, values: Optional[dict[str, Any]] = None, prot
         raise VsinkError(f"make_settings takes one mitigation, got {mitigation!r}")
     mitigations = make_mitigations(mitigation, values, protocol)
     return mitigations[0].settings if mitigations else None
+
+
+class TokenProgress:
+    """A ``LogitsProcessor`` that changes nothing and advances a progress bar once per decoding step."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.bar.update(1)
+        return scores
 
 
 @dataclass
@@ -53,7 +65,7 @@ class GenerationResult:
 
 def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Sequence[Mitigation]] = "none",
              settings: Optional[dict[str, Any]] = None, protocol: str = "paper", max_new_tokens: int = 32,
-             use_cache: bool = True, capture_attention: bool = False) -> GenerationResult:
+             use_cache: bool = True, capture_attention: bool = False, progress: bool = False) -> GenerationResult:
     """Greedy decoding of a batch (``inputs`` from :meth:`LVLM.prepare`, left-padded) with
     mitigations.
 
@@ -66,6 +78,8 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
             settings not given. Recorded in the result.
         capture_attention: record, for every generated token, its query's attention on the image
             tokens per layer (head mean; routes every layer through explicit attention).
+        progress: show a progress bar over the decoding steps (off by default: callers that
+            generate batch after batch show their own).
 
     Every mitigation reports what it did per layer (``result.report``); one that edited nothing
     raises a :class:`MitigationWarning` (and is listed in ``result.warnings``).
@@ -98,6 +112,9 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         if capture is not None:
             stack.enter_context(capture)
         processors = [p for m in mitigations for p in m.logits_processors(run)]
+        bar = stack.enter_context(tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not progress))
+        if progress:
+            processors.append(TokenProgress(bar))
         out = lvlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   use_cache=use_cache, logits_processor=processors or None)
     new = out[:, input_ids.shape[1]:]

@@ -266,4 +266,4 @@ def _sink_dims(lvlm: LVLM, inputs: dict[str, Any], given: Optional[Sequence[int]
         return lvlm.sink_dimensions(given), "given"
     if lvlm.known_sink_dims():
         return lvlm.sink_dimensions(), "known"
-    return calibrate(lvlm, [inputs]).sink_dims, "calibrated"
+    return calibrate(lvlm, [inputs], progress=False).sink_dims, "calibrated"

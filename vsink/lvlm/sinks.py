@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from ..backbones.hf_decoder import decoder_of
 from ..backbones.hf_lvlm import LVLM
@@ -50,10 +51,11 @@ class Calibration:
 
 @torch.no_grad()
 def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional[Sequence[int]] = None,
-              num_dims: int = 2, top: int = 4) -> Calibration:
+              num_dims: int = 2, top: int = 4, progress: bool = True) -> Calibration:
     """Find sink dimensions: on the input of early decoder layers (default 1–3), take the first
     real token of every row (BOS, the text sink) and rank dimensions by how often they are among
-    its ``top`` largest φ, then by mean φ; keep ``num_dims``."""
+    its ``top`` largest φ, then by mean φ; keep ``num_dims``. ``progress`` shows a progress bar
+    over the batches."""
     if isinstance(num_dims, bool) or not isinstance(num_dims, int) or not 1 <= num_dims <= lvlm.hidden_size:
         raise VsinkError(f"num_dims must be an integer in [1, {lvlm.hidden_size}] (the hidden size of {lvlm.spec}), "
                          f"got {num_dims!r}")
@@ -62,7 +64,7 @@ def calibrate(lvlm: LVLM, batches: Sequence[dict[str, Any]], *, layers: Optional
     phis: dict[int, list[float]] = {}
     seen: list[torch.Tensor] = []
     decoder = decoder_of(lvlm)
-    for inputs in batches:
+    for inputs in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
         with Hooks(lambda handles: handles.extend(decoder.hook("block_input", i, seen.append) for i in layers)):
             lvlm.model(**inputs)
         mask = inputs.get("attention_mask")

@@ -16,7 +16,7 @@ Two options reproduce the authors' released code (``shared/algorithms.py``): ``o
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -30,12 +30,31 @@ from ..errors import VsinkError
 from ..images import ImageSource, NamedImage, load_batch
 from ..io import write_json
 from ..layout import TokenLayout
-from ..options import Float, Int, Mapping_, Text, check_all
+from ..options import BATCH, THRESHOLD, Bool, Choice, Float, Int, Mapping_, Option, Text, check_all, declare
 from ..readers import checked_field, read_json, records
 from ..probe import Probe
 from ..scan import parse_threshold
 
 OUTLIER_TOKENS = ("patches", "all")
+
+#: the arguments of :func:`find_register_neurons` (``vsink registers find`` flags)
+FIND = declare(
+    Option("top_k", Int(1), 10, "neurons to keep"),
+    Option("detection_layer", Int(), None, "block whose outliers are used (negative from the end, within the "
+           "depth)", nullable=True, default_text="the emergence layer"),
+    Option("highest_layer", Int(), None, "last block whose MLP is scored (negative from the end, within the "
+           "depth)", nullable=True, default_text="the emergence layer"),
+    replace(THRESHOLD, help="high-norm threshold of the outlier pass"),
+    Option("min_selectivity", Float(0), None, "keep neurons whose outlier score is >= this x their mean "
+           "|activation| on patches", nullable=True, default_text="no filter"),
+    Option("outlier_tokens", Choice(OUTLIER_TOKENS), "patches", "outlier positions: patches above the threshold, "
+           "or any token (class token included), as the released code"),
+    Option("sparsity_filter", Bool(), False, "the paper notebook's filter: per image, score only neurons below "
+           "--sparsity-activation on >= --sparsity-fraction of all tokens"),
+    Option("sparsity_fraction", Float(0, 1), 0.5, "see --sparsity-filter"),
+    Option("sparsity_activation", Float(), 0.5, "see --sparsity-filter"),
+    BATCH,
+)
 
 
 @dataclass
@@ -141,8 +160,6 @@ def find_register_neurons(
         sparsity_fraction: see ``sparsity_filter`` (default 0.5, as released).
         sparsity_activation: see ``sparsity_filter`` (default 0.5, as released).
     """
-    from ..parameters import FIND
-
     check_all(FIND, dict(top_k=top_k, detection_layer=detection_layer, highest_layer=highest_layer,
                          threshold=threshold, min_selectivity=min_selectivity, outlier_tokens=outlier_tokens,
                          sparsity_fraction=sparsity_fraction, sparsity_activation=sparsity_activation,

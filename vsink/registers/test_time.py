@@ -26,10 +26,23 @@ import torch
 from ..backbones.base import Backbone
 from ..backbones.hooks import Closer, HookSet, Hooks
 from ..errors import VsinkError
+from ..options import Bool, Choice, Float, Int, Option, declare
 from .neurons import NeuronSpec
 
 MODES = ("max", "mean")
 SHIFTS = ("per-neuron", "reference")
+
+#: the settings of :class:`TestTimeRegisters` (``vsink scan``/``eval dense`` take them as ``--ttr-*``)
+TTR = declare(
+    Option("ttr_registers", Int(1, 1024), 1, "appended register tokens"),
+    Option("ttr_scale", Float(), 1.0, "scale of the moved activation"),
+    Option("ttr_mode", Choice(MODES), "max", "max (signed value of largest magnitude) or mean"),
+    Option("ttr_shift", Choice(SHIFTS), "per-neuron", "per-neuron (each register neuron moves its own value) or "
+           "reference (one scalar per layer, the signed max over tokens and that layer's neurons, as the released "
+           "code)"),
+    Option("ttr_zero_trained_registers", Bool(), False, "also zero the register neurons on trained registers, as "
+           "the released code", default_text="off: trained registers keep their activations"),
+)
 
 
 def signed_max(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -65,8 +78,6 @@ class TestTimeRegisters:
 
     def __init__(self, spec: NeuronSpec, *, registers: int = 1, scale: float = 1.0, mode: str = "max",
                  shift: str = "per-neuron", zero_trained_registers: bool = False):
-        from ..parameters import TTR
-
         registers = TTR["ttr_registers"].check(registers, name="registers")
         scale = TTR["ttr_scale"].check(scale, name="scale")
         if mode not in MODES:

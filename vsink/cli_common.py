@@ -1,0 +1,41 @@
+"""What the ``vsink`` command modules share: reading the image-directory argument, loading the
+LVLM of ``--model``, parsing ``--set`` assignments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .errors import VsinkError
+
+
+def image_dir_arg(args: argparse.Namespace, old_key: str) -> Optional[str]:
+    """The positional IMAGE_DIR, or the deprecated ``--images DIR`` stored under ``old_key``."""
+    old = getattr(args, old_key)
+    if args.images and old:
+        raise VsinkError("give the image directory as a positional argument only (--images is the deprecated "
+                         "spelling)")
+    return args.images or old
+
+
+def load_lvlm_for(args: argparse.Namespace):
+    """The LVLM of ``--model`` (``hf:`` prefix optional) with ``--device``, ``--dtype`` and
+    ``--trust-remote-code``; says so on stderr when it is the synthetic demo."""
+    from .backbones.hf_lvlm import load_lvlm
+    from .backbones.registry import resolve_dtype
+
+    repo = args.model.removeprefix("hf:")
+    lvlm = load_lvlm(repo, device=args.device, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
+    if lvlm.synthetic:
+        print("vsink: model 'demo-llava' is SYNTHETIC: a small LLaVA with planted register neurons, visual sinks "
+              "and sink dimensions (see docs/lvlm.md)", file=sys.stderr)
+    print(f"vsink: {lvlm.spec}: {lvlm.model_type}, {lvlm.num_layers} decoder layers", file=sys.stderr)
+    return lvlm
+
+
+def parse_settings(pairs: Sequence[str]) -> dict:
+    """``--set KEY=VALUE`` options → a dict."""
+    from .assignments import parse_assignment
+
+    return dict(parse_assignment(item, "--set") for item in pairs)
