@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,6 +96,9 @@ def _worker(name: str, args) -> dict:
     run = _runner(lvlm, inputs, args)
     run(name, 2)  # first-call allocations (kernels, caches) belong to the setup
     gc.collect()
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so this worker
+    # would report the parent's peak (the parent held a model during the timing rounds)
+    setup_peak = _status_mib("VmHWM")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -104,10 +106,11 @@ def _worker(name: str, args) -> dict:
     except OSError:
         before = None
     run(name, args.new_tokens)
-    out = {"process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    call_peak = _status_mib("VmHWM")
+    out = {"process_peak_mib": max(setup_peak, call_peak)}
     if before is not None:
-        out["call_peak_mib"] = _status_mib("VmHWM")
-        out["call_rise_mib"] = out["call_peak_mib"] - before
+        out["call_peak_mib"] = call_peak
+        out["call_rise_mib"] = call_peak - before
     return out
 
 

@@ -1,6 +1,6 @@
 """Size of each deviation between the ``paper`` and ``official`` mitigation protocols, on tiny
 LLaVA models built offline (random weights; CPU, seconds). The figures in
-docs/fidelity_lvlm_sections.md come from this script.
+docs/fidelity.md (VAR, PAI and FastV sections) come from this script.
 
 * VAR, no visual sink: BOS carries a massive value in one hidden dimension (a text sink at
   every layer, τ = 8), no image token does. Rows edited (batch row, head, query) summed over

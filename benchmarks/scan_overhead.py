@@ -43,6 +43,13 @@ import sys
 import time
 
 
+def _peak_kib() -> int:
+    """This process's peak RSS (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries that across
+    fork and exec, so a child would report its parent's peak when the parent was larger."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def _rss_kib() -> int:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
@@ -110,7 +117,7 @@ def measure_memory(variant: str, args) -> dict:
         if cuda:
             peak = torch.cuda.max_memory_allocated()
             return {"activation_mib": (peak - base) / 2**20, "peak_mib": peak / 2**20}
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_kib = _peak_kib()
         return {"activation_mib": (peak_kib - base) / 1024, "peak_mib": peak_kib / 1024,
                 "tensor_mib": _tensor_peak_mib(fn, x)}
 
@@ -131,7 +138,7 @@ def _tensor_peak_mib(fn, x) -> float:
 
 
 PROCESS_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 import numpy as np, skimage.data, timm, torch
 from PIL import Image
@@ -149,7 +156,9 @@ else:
     import vsink
     vsink.scan(vsink.wrap(model), images, img_size=size, batch_size=2, progress=False)
 t2 = time.perf_counter()
-print(json.dumps({"process_s": t2 - t0, "call_s": t2 - t1, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+with open("/proc/self/status") as f:  # VmHWM: ru_maxrss would carry the parent's peak across fork and exec
+    peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"process_s": t2 - t0, "call_s": t2 - t1, "peak_mib": peak_kib / 1024}))
 """
 
 

@@ -154,7 +154,8 @@ GENERATE = declare(
     PROTOCOL,
     Option("max_new_tokens", Int(1, 1_000_000), 64, "tokens to generate"),
     Option("no_cache", Bool(), False, "recompute the whole sequence every step"),
-    Option("export_attention", OutputDir(), None, "write per-token attention on the image (npz, png) here",
+    Option("export_attention", OutputDir(), None, "write per-token attention on the image (npz, png) here; "
+           "the captured last query row runs explicit attention in every layer (slower than the fused kernel)",
            nullable=True),
 )
 

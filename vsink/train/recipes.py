@@ -32,7 +32,7 @@ from ..io import write_json, write_text
 from .checkpoint import check_checkpoint_fits, list_checkpoints
 from .config import Recipe
 from .data import TrainImages, flips_for, load_training_images, to_input
-from .distributed import init_distributed, shutdown
+from .distributed import barrier, init_distributed, shutdown
 from .loop import TrainTask, check_task, no_decay_parameters, train
 from .memory import check_memory
 from .report import finetune_report
@@ -365,6 +365,7 @@ def run_finetune(cfg: Union[Recipe, Mapping[str, Any]], *, resume: bool = False,
         if info.main:
             write_json(out / "summary.json", summary)
             write_text(out / "report.html", finetune_report(out, summary, task))
+        barrier(info)  # the other ranks tear the process group down only once the main rank has written
         return summary
     finally:
         shutdown(info)
