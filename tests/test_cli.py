@@ -74,7 +74,8 @@ def test_bad_files_are_skipped_and_listed(tmp_path, capsys):
 def test_nothing_scannable_exits_nonzero(tmp_path, capsys):
     (tmp_path / "x.jpg").write_bytes(b"")
     code, out, err = run(capsys, "scan", str(tmp_path / "x.jpg"), "--out", str(tmp_path / "out"), "--no-progress")
-    assert code == 1 and "no image could be scanned" in err
+    assert code == 2 and "no image could be scanned" in err
+    assert err.count("vsink: skipped") == 1  # reported once, as the scan met it
     assert not (tmp_path / "out" / "scan.json").exists()
 
 

@@ -131,11 +131,9 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         with ttr.applied(backbone) if ttr else nullcontext():
             result = scan(backbone, images, batch_size=args.batch_size, img_size=args.img_size,
                           threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress)
-    except NothingScanned as e:
-        for s in e.skipped:
-            print(f"vsink: skipped {s['reason']}", file=sys.stderr)
+    except NothingScanned as e:  # each skipped file was reported as the scan met it
         print(f"vsink: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     paths = result.save(args.out)
     hn = result.high_norm
     print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}")
@@ -167,11 +165,9 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
     try:
         result = scan_lvlm(lvlm, images, prompt, batch_size=args.batch_size, sink_ratio=args.sink_ratio,
                            progress=not args.no_progress)
-    except NothingScanned as e:
-        for s in e.skipped:
-            print(f"vsink: skipped {s['reason']}", file=sys.stderr)
+    except NothingScanned as e:  # each skipped file was reported as the scan met it
         print(f"vsink: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     paths = result.save(args.out)
     print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}, prompt {prompt!r}")
     print(f"layout: {result.layout.describe()}; sink dims {result.sink_dims} ({result.sink_dims_source}), "
@@ -216,6 +212,9 @@ def _load_for(args: argparse.Namespace):
     if backbone.spec == "demo":
         print("vsink: model 'demo' is SYNTHETIC: a small ViT with high-norm tokens planted by construction "
               "(block 2, MLP neurons 0-3; see docs/demo.md)", file=sys.stderr)
+    elif backbone.spec == "demo-llava":
+        print("vsink: model 'demo-llava' is SYNTHETIC: the vision tower of the demo LVLM, register neurons planted "
+              "by construction (see docs/lvlm.md)", file=sys.stderr)
     print(f"vsink: {backbone.describe()}", file=sys.stderr)
     return backbone
 
@@ -243,8 +242,14 @@ def _lvlm_inputs(args: argparse.Namespace):
 
 
 def _ttr(args: argparse.Namespace, path: Optional[str]):
-    """The TestTimeRegisters the options ask for, or None."""
+    """The TestTimeRegisters the options ask for, or None (then a --ttr-* flag given says it did nothing)."""
     if not path:
+        from .parameters import TTR
+
+        unused = [o.flag or "--" + o.key.replace("_", "-") for o in TTR.values() if getattr(args, o.key) != o.default]
+        if unused:
+            warnings.warn(f"{', '.join(unused)} did nothing: test-time registers apply only with "
+                          "--test-time-registers neurons.json", VsinkWarning, stacklevel=2)
         return None
     from .registers import NeuronSpec, TestTimeRegisters
 
@@ -316,12 +321,12 @@ def _cmd_maps(args: argparse.Namespace) -> int:
                              formats=args.format, fusion=args.fusion,
                              discard_ratio=args.discard_ratio, img_size=args.img_size,
                              keep_aspect=args.keep_aspect, progress=not args.no_progress)
+    if not result.images:  # each skipped file was reported as the export met it
+        print(f"vsink: error: no image could be read ({count(len(result.skipped), 'file')} skipped)", file=sys.stderr)
+        return 2
     print(f"exported maps for {_scanned(result.images, result.skipped)} to {args.out}")
     for m in result.images:
         print(f"  {m.name}: {count(len(m.files), 'file')}, {m.layout.describe()}")
-    if not result.images:
-        print("vsink: error: no image could be read", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -487,6 +492,18 @@ def _show_warning(message: Union[Warning, str], category: type[Warning], filenam
     print(f"vsink: warning: {text}", file=file or sys.stderr)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse; arguments no parser knows are refused naming the (sub)command they were given to."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        words = [getattr(args, key, None) for key in ("command", "registers_command", "eval_command", "lvlm_command")]
+        prog = " ".join(["vsink", *(w for w in words if w)])
+        hint = ("; images are positional arguments (files or directories)"
+                if any(e.split("=")[0] in ("--image", "--images") for e in extras) else "")
+        raise UsageError(f"{prog}: unrecognized arguments: {' '.join(extras)}{hint} (see '{prog} --help')")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
                 "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
@@ -494,7 +511,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            args = build_parser().parse_args(argv)
+            args = _parse(build_parser(), argv)
             return handlers[args.command](args)
     except VsinkError as e:
         print(f"vsink: error: {e}", file=sys.stderr)

@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .wording import count
+
 Array = Union[torch.Tensor, np.ndarray]
 
 TOKEN_KINDS = ("cls", "register", "patch")
@@ -169,8 +171,8 @@ class TokenLayout:
 
     def describe(self) -> str:
         return (
-            f"{self.num_cls} cls + {self.num_registers} registers + {self.grid[0]}x{self.grid[1]} patches"
-            + (f" + {self.num_appended} appended registers" if self.num_appended else "")
+            f"{self.num_cls} cls + {count(self.num_registers, 'register')} + {self.grid[0]}x{self.grid[1]} patches"
+            + (f" + {count(self.num_appended, 'appended register')}" if self.num_appended else "")
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -67,7 +67,10 @@ def parse_selection(value: Union[str, Sequence[int], None], count: int, what: st
         raise VsinkError(f"{what} must be {' | '.join(keywords)} or a comma list of integers, got {value!r}") from None
     bad = [i for i in indices if not -count <= i < count]
     if bad:
-        raise VsinkError(f"{what} {bad} out of range for {count}")
+        raise VsinkError(f"{what} {bad} out of range: indices in [{-count}, {count - 1}] for {count} {what}")
+    twice = sorted({i % count for i in indices if sum(j % count == i % count for j in indices) > 1})
+    if twice:
+        raise VsinkError(f"{what} {twice} given more than once")
     return sorted({i % count for i in indices})
 
 

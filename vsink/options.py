@@ -382,6 +382,10 @@ class InputPath(Kind):
         p = Path(value)
         ok = (p.is_file() and self.what != "directory") or (p.is_dir() and self.what != "file")
         if not ok:
+            if p.is_dir():
+                raise Invalid("a directory, not a file")
+            if p.exists():
+                raise Invalid("not a directory" if p.is_file() else "neither a file nor a directory")
             raise Invalid(f"no such {self.what}")
         return str(value)
 

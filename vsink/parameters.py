@@ -32,6 +32,7 @@ _NAMES = "|".join(sorted(REGISTRY))
 #: ``none`` or mitigations joined by ``+`` (``ttr+var``): run together in one call
 MITIGATION = Text(rf"none|({_NAMES})(\+({_NAMES}))*", "none or a '+'-joined combination of " + ", ".join(sorted(REGISTRY)))
 SIZE = Int(1, 16384)
+PROMPT_TEXT = Text(r"(?s).*\S.*", "a non-empty prompt")
 #: the same --device and --dtype for vision models and LVLMs
 DEVICE_OPTION = Option("device", DEVICE, "cpu", "device to run on (auto: cuda if available, else cpu)")
 DTYPE_OPTION = Option("dtype", Choice(tuple(DTYPES)), None, "dtype of the weights", nullable=True,
@@ -73,7 +74,7 @@ TTR = declare(*TTR_SETTINGS.values())
 SCAN = declare(
     *SCAN_ARGUMENTS.values(),
     Option("out", OutputDir(), "vsink-out", "output directory (scan.json, report.html, trace.npz)"),
-    Option("prompt", Text(r"(?s).*\S.*", "a non-empty prompt"), None, "scan an LVLM (demo-llava, hf:llava-hf/..., "
+    Option("prompt", PROMPT_TEXT, None, "scan an LVLM (demo-llava, hf:llava-hf/..., "
            "DIR): its language model's sinks and its vision tower, each image asked with this prompt", nullable=True,
            default_text="a vision scan; 'describe the image' for demo-llava"),
     Option("trust_remote_code", Bool(), False, "LVLM scans: let transformers run code shipped with the model"),
@@ -146,7 +147,7 @@ SINKS = Option("sinks", InputPath(), None, "sink calibration JSON from 'vsink lv
 
 GENERATE = declare(
     Option("image", InputPath(), None, "image file (repeat for a batch)", repeat=True, deprecated=POSITIONAL_IMAGES),
-    Option("prompt", Text(), None, "prompt text (one per image, or one for all)", repeat=True, required=True),
+    Option("prompt", PROMPT_TEXT, None, "prompt text (one per image, or one for all)", repeat=True, required=True),
     Option("mitigation", MITIGATION, "none", "hallucination mitigation, or several joined by + (ttr+var)"),
     Option("set", Assignment(), [], "mitigation setting, e.g. p=0.6, alpha=0.2, gamma=1.1, k=2, ratio=0.5, "
            "sink_dims=[1415,2533] (see docs/options.md)", repeat=True, default_text="none"),
@@ -162,7 +163,7 @@ GENERATE = declare(
 CALIBRATE = declare(
     Option("image", InputPath(), None, "image file", repeat=True, default_text="the bundled demo images",
            deprecated=POSITIONAL_IMAGES),
-    Option("prompt", Text(), "Describe the image.", "prompt used with every image"),
+    Option("prompt", PROMPT_TEXT, "Describe the image.", "prompt used with every image"),
     Option("num_dims", Int(1), 2, "dimensions to keep (at most the hidden size)"),
     Option("out", OutputFile(), "sinks.json", "output JSON"),
 )
@@ -199,7 +200,7 @@ POPE = declare(
     Option("parser", Choice(PARSERS), "official", "answer parser"),
     Option("build_only", Bool(), False, "write OUT/questions.jsonl and stop"),
 )
-CHAIR_RUN = hallucination_run(Option("prompt", Text(), CHAIR_PROMPT, "prompt (used as given)"), 512)
+CHAIR_RUN = hallucination_run(Option("prompt", PROMPT_TEXT, CHAIR_PROMPT, "prompt (used as given)"), 512)
 CHAIR = declare(
     Option("generated", InputPath(), None, "score this generated-captions JSONL (no model)", nullable=True),
     Option("captions", InputPath(), None, "COCO captions JSON (reference captions add ground-truth objects)",

@@ -206,6 +206,16 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _refuse_vision_spec(repo: str) -> None:
+    """A vision model spec (``demo``, ``timm:...``, ``open_clip:...``) where an LVLM is expected:
+    say so, instead of asking the hub for a repository of that name."""
+    from .families import named_specs
+
+    if repo in named_specs() or repo.split(":", 1)[0] in ("timm", "open_clip"):
+        raise ModelSpecError(f"{repo!r} is a vision model; an LVLM is needed here: {DEMO_LVLM} (offline), hf:REPO "
+                             f"({', '.join(SUPPORTED_LVLM)}) or a local directory of one (see 'vsink models')")
+
+
 def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
               trust_remote_code: bool = False) -> LVLM:
     """Load an LVLM and its processor from a hub id or local directory (``from_pretrained``), or
@@ -222,6 +232,7 @@ def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Opt
         model, processor = build_demo_llava()
         return LVLM(model.to(device=device, dtype=dtype), processor, DEMO_LVLM, synthetic=True)
 
+    _refuse_vision_spec(repo)
     try:
         config = transformers.AutoConfig.from_pretrained(repo, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -27,8 +27,12 @@ DTYPES = {
 }
 
 
-def _spec_error(spec: str, why: str) -> ModelSpecError:
-    return ModelSpecError(f"cannot load model {spec!r}: {why}\n{spec_forms()}")
+def _spec_error(spec: str, why: str, forms: bool = True) -> ModelSpecError:
+    """The error for a spec that cannot be loaded; ``forms``: list the spec forms (the spec's form
+    is unknown), else point to ``vsink models`` (the form is known, loading it failed)."""
+    if forms:
+        return ModelSpecError(f"cannot load model {spec!r}: {why}\n{spec_forms()}")
+    return ModelSpecError(f"cannot load model {spec!r}: {why}")
 
 
 def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
@@ -123,8 +127,10 @@ def load_library(spec: str, *, weights: Optional[Union[str, os.PathLike]], img_s
     except VsinkError as e:
         raise _spec_error(spec, str(e)) from e
     except Exception as e:  # library loaders fail in many ways (network, hub, config); report one clearly
-        raise _spec_error(spec, f"{type(e).__name__}: {e}. Without network access, pass weights=PATH "
-                                "or a local directory") from e
+        why = " ".join(f"{type(e).__name__}: {e}".split()).rstrip(".")
+        raise _spec_error(spec, f"{why}. Without network access: --weights PATH (weights=PATH) a local checkpoint, "
+                                "--no-pretrained (pretrained=False) random timm weights, or a local model "
+                                "directory", forms=False) from e
     backbone.spec = spec
     if weights is not None:
         backbone.load_weights(weights)

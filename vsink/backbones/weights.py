@@ -20,6 +20,8 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise VsinkError(f"weights file not found: {p}")
+    if p.stat().st_size == 0:
+        raise VsinkError(f"cannot read weights file {p}: the file is empty")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -32,7 +34,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
                          "loads checkpoints with torch.load(weights_only=True); save a plain state dict or "
                          "convert it to .safetensors") from e
     except Exception as e:  # any parse failure of a user file becomes one clear message
-        raise VsinkError(f"cannot read weights file {p}: {type(e).__name__}: {e}") from e
+        detail = " ".join(str(e).split())
+        raise VsinkError(f"cannot read weights file {p}: {type(e).__name__}{': ' + detail if detail else ''} (expected "
+                         ".safetensors or a torch.save state dict)") from e
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

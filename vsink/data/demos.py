@@ -20,8 +20,9 @@ def demo(*, img_size: Optional[int] = None, model_kwargs: Optional[dict[str, Any
     return TimmBackbone(build_demo_model(**kwargs), "demo")
 
 
-@named_spec("demo-llava", "the synthetic demo LVLM (offline); as a vision model: its CLIP tower with planted "
-                          "register neurons; with --prompt (scan) or in generate: the whole LVLM")
+@named_spec("demo-llava", "the synthetic demo LVLM (offline): scan, generate, lvlm calibrate and eval pope|chair "
+                          "run the whole LVLM; registers, maps and eval dense its CLIP tower (planted register "
+                          "neurons)")
 def demo_llava_tower(**ignored: Any) -> Backbone:
     from ..backbones.hf_lvlm import DEMO_LVLM, load_lvlm
 

@@ -54,7 +54,8 @@ class TTR(Mitigation):
         s: TTRSettings = self.settings
         if not s.neurons:
             raise VsinkError("ttr: set neurons=PATH (a neurons.json found on this model's vision tower with "
-                             "'vsink registers find --model ... --vision-tower')")
+                             "'vsink registers find --model TOWER': demo-llava for the demo; for LLaVA-1.5 its "
+                             "frozen CLIP tower, hf:openai/clip-vit-large-patch14-336)")
         spec = NeuronSpec.load(s.neurons)
         tower = run.lvlm.vision_backbone()
         spec.check(tower)

@@ -16,6 +16,8 @@ Two options reproduce the authors' released code (``shared/algorithms.py``): ``o
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from ..backbones.base import Backbone
 from ..backbones.hooks import Hooks
 from ..detect import detect_high_norm
-from ..errors import VsinkError
+from ..errors import VsinkError, VsinkWarning
 from ..images import ImageSource, NamedImage, load_batch
 from ..io import write_json
 from ..layout import TokenLayout
@@ -96,7 +98,14 @@ class NeuronSpec:
                    settings=checked_field(data, "settings", Mapping_(), str(p), {}))
 
     def check(self, backbone: Backbone) -> None:
-        """Raise if a neuron is outside the backbone's blocks or MLP width."""
+        """Raise if a neuron is outside the backbone's blocks or MLP width; warn if the spec was
+        found on another model (an LVLM's tower, ``SPEC#vision_tower``, counts as ``SPEC``)."""
+        tower = "#vision_tower"
+        found_on, applied_to = self.model.removesuffix(tower), backbone.spec.removesuffix(tower)
+        if found_on and found_on != applied_to:
+            warnings.warn(f"the neuron spec was found on {self.model!r} and is applied to {backbone.spec!r}: "
+                          "test-time registers fix only the model whose neurons they name (fine if both have the "
+                          "same weights)", VsinkWarning, stacklevel=3)
         for n in self.neurons:
             if not 0 <= n.layer < backbone.num_layers:
                 raise VsinkError(f"neuron spec: layer {n.layer} outside the {backbone.num_layers} blocks of {backbone.spec}")
@@ -172,13 +181,17 @@ def find_register_neurons(
     size = (img_size, img_size) if img_size else backbone.img_size
     skipped: list[dict[str, str]] = []
     with Probe(backbone, attention=False) as probe:
-        for start, items in tqdm(list(_batches(images, batch_size)), desc="find: norms", disable=not progress):
+        bar = tqdm(list(_batches(images, batch_size)), desc="find: norms", disable=not progress)
+        for start, items in bar:
             loaded, _, failed = load_batch(items, start)
+            for entry in failed:  # reported as met, as vsink.scan does; listed in settings["unreadable"]
+                bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
             skipped += failed
             if loaded:
                 probe.run(backbone.preprocess(loaded, size))
     if not probe.num_batches():
-        raise VsinkError("no image could be read for register-neuron discovery")
+        reasons = "; ".join(s["reason"] for s in skipped[:5])
+        raise VsinkError(f"no image could be read for register-neuron discovery ({len(skipped)} skipped: {reasons})")
     trace = probe.trace()
     trace.check_finite(backbone.spec)
     high = detect_high_norm(trace, **parse_threshold(threshold))

@@ -36,7 +36,8 @@ SHIFTS = ("per-neuron", "reference")
 TTR = declare(
     Option("ttr_registers", Int(1, 1024), 1, "appended register tokens"),
     Option("ttr_scale", Float(), 1.0, "scale of the moved activation"),
-    Option("ttr_mode", Choice(MODES), "max", "max (signed value of largest magnitude) or mean"),
+    Option("ttr_mode", Choice(MODES), "max", "the value a register neuron moves to the register: max (its signed "
+           "value of largest magnitude over the patches) or mean (its mean over the patches; per-neuron shift only)"),
     Option("ttr_shift", Choice(SHIFTS), "per-neuron", "per-neuron (each register neuron moves its own value) or "
            "reference (one scalar per layer, the signed max over tokens and that layer's neurons, as the released "
            "code)"),
