@@ -88,7 +88,7 @@ def test_batch_invariance(demo_spec):
 
 def test_shift_moves_the_largest_magnitude_per_sample_and_zeroes_patches():
     backbone = vsink.wrap(timm_case("deit"))
-    spec = NeuronSpec("t", [RegisterNeuron(0, 3, 1.0), RegisterNeuron(0, 7, 1.0)])
+    spec = NeuronSpec("", [RegisterNeuron(0, 3, 1.0), RegisterNeuron(0, 7, 1.0)])
     seen = {}
 
     def plant(h):
@@ -124,7 +124,7 @@ def test_no_register_activity_means_only_the_extra_token_differs(pixel_values):
     backbone = vsink.wrap(model)
     x = pixel_values()
     plain = backbone.forward(x)
-    spec = NeuronSpec("t", [RegisterNeuron(0, 5, 0.0)])
+    spec = NeuronSpec("", [RegisterNeuron(0, 5, 0.0)])
     with TestTimeRegisters(spec).applied(backbone):
         with_ttr = backbone.forward(x)
     extra = backbone.append_tokens(1)

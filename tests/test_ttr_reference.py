@@ -63,7 +63,7 @@ def _plant_two_neurons(h, layout):
     h[1, layout.patch_token(2, 3), 3] = -9.0
 
 
-TWO_NEURONS = NeuronSpec("t", [RegisterNeuron(0, 3, 1.0), RegisterNeuron(0, 7, 1.0)])
+TWO_NEURONS = NeuronSpec("", [RegisterNeuron(0, 3, 1.0), RegisterNeuron(0, 7, 1.0)])
 
 
 def test_reference_shift_writes_one_signed_scalar_per_layer_and_sample():
@@ -99,7 +99,7 @@ def _plant_trained_register(h, layout):
 @pytest.mark.parametrize("zero", [False, True])
 def test_trained_registers_kept_or_zeroed(zero):
     backbone = vsink.wrap(timm_case("dinov2_reg4"))  # [cls, 4 registers, 3x3 patches]
-    spec = NeuronSpec("t", [RegisterNeuron(0, 5, 1.0)])
+    spec = NeuronSpec("", [RegisterNeuron(0, 5, 1.0)])
     h, lay = _shifted(backbone, spec, _plant_trained_register, shift="reference", zero_trained_registers=zero)
     trained = lay.register_indices()[:lay.num_registers]
     # the scalar is taken before anything is zeroed: max 2.0, min -3.0 (on a trained register) -> -3.0
@@ -130,7 +130,7 @@ def test_demo_planted_neurons_cancel_under_the_reference_shift():
 def test_one_neuron_per_layer_gives_the_same_shift_in_both_rules():
     """With a single neuron the layer's scalar is that neuron's signed max (no ±m tie here)."""
     backbone = vsink.wrap(timm_case("deit"))
-    spec = NeuronSpec("t", [RegisterNeuron(0, 3, 1.0)])
+    spec = NeuronSpec("", [RegisterNeuron(0, 3, 1.0)])
 
     def plant(h, layout):
         h[:, :, 3] = 0.25

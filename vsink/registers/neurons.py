@@ -99,7 +99,8 @@ class NeuronSpec:
 
     def check(self, backbone: Backbone) -> None:
         """Raise if a neuron is outside the backbone's blocks or MLP width; warn if the spec was
-        found on another model (an LVLM's tower, ``SPEC#vision_tower``, counts as ``SPEC``)."""
+        found on another model (an LVLM's tower, ``SPEC#vision_tower``, counts as ``SPEC``; an empty
+        ``model``, a hand-written spec, is not compared)."""
         tower = "#vision_tower"
         found_on, applied_to = self.model.removesuffix(tower), backbone.spec.removesuffix(tower)
         if found_on and found_on != applied_to:
