@@ -149,3 +149,11 @@ def test_an_empty_prompt_is_refused(command, photo, capsys):
 def test_layout_counts_its_tokens_in_words():
     assert TokenLayout(1, 1, (2, 2), 1).describe() == "1 cls + 1 register + 2x2 patches + 1 appended register"
     assert TokenLayout(1, 0, (2, 2), 2).describe() == "1 cls + 0 registers + 2x2 patches + 2 appended registers"
+
+
+def test_finetune_overrides_may_follow_resume(tmp_path, capsys):
+    """KEY=VALUE after --resume is an override like the ones before it (here a misspelt one, so
+    nothing trains): refused for its key, not as an unrecognised argument."""
+    code, _, err = run(capsys, "finetune", f"out={tmp_path / 'run'}", "--resume", "train.stepz=3", "--no-progress")
+    assert code == 2 and "override: unknown key 'train.stepz'; did you mean 'train.steps'?" in err
+    assert "unrecognized" not in err and not (tmp_path / "run").exists()

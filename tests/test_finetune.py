@@ -144,7 +144,16 @@ def test_resume_compares_the_earlier_recipe_key_by_key(tmp_path):
     earlier = load_config(None, [f"out={tmp_path}", "student.blocks=[1]", "model.model_kwargs={depth: 2}"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(earlier.to_dict(), sort_keys=False))
     _preflight(earlier, tmp_path, resume=True)
-    _preflight(dataclasses.replace(earlier, train=dataclasses.replace(earlier.train, lr=0.5)), tmp_path, resume=True)
+    further = dataclasses.replace(earlier, train=dataclasses.replace(earlier.train, steps=500, log_every=1, eval_every=7))
+    _preflight(further, tmp_path, resume=True)  # how far it trains and how often it reports may change
+    # the learning rate is what it trains with (and the restored scheduler would keep the old one)
+    with pytest.raises(VsinkError, match=r"made with train\.lr=0\.001, this recipe has 0\.5; a resumed run keeps"):
+        _preflight(dataclasses.replace(earlier, train=dataclasses.replace(earlier.train, lr=0.5)), tmp_path, resume=True)
+    # the data: every differing key is named, with both values
+    fewer = dataclasses.replace(earlier, data=dataclasses.replace(earlier.data, num_images=8, eval_images=4))
+    with pytest.raises(VsinkError, match=r"made with data\.num_images=64, this recipe has 8; "
+                                         r"data\.eval_images=16, this recipe has 4;"):
+        _preflight(fewer, tmp_path, resume=True)
     with pytest.raises(VsinkError, match=r"pass --resume"):
         _preflight(earlier, tmp_path, resume=False)
     changed = dataclasses.replace(earlier, student=dataclasses.replace(earlier.student, blocks=[0]))
@@ -155,6 +164,32 @@ def test_resume_compares_the_earlier_recipe_key_by_key(tmp_path):
         _preflight(changed, tmp_path, resume=True)
     with pytest.raises(VsinkError, match=r"made with recipe='posthoc', this recipe has 'scratch'"):
         _preflight(dataclasses.replace(earlier, recipe="scratch"), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("steps, state", [(8, "is complete"), (3, "went further")])
+def test_resume_refuses_a_run_that_would_train_nothing_more(tmp_path, steps, state):
+    from vsink.train.recipes import _preflight
+
+    ckpt = tmp_path / "checkpoints" / "step_0000008"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "state.pt").write_bytes(b"")
+    earlier = load_config(None, [f"out={tmp_path}", "train.steps=8"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(earlier.to_dict(), sort_keys=False))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    fewer = dataclasses.replace(earlier, train=dataclasses.replace(earlier.train, steps=steps))
+    with pytest.raises(VsinkError, match=rf"the run in .* {state} at step 8 .* train\.steps={steps} trains nothing "
+                                         r"more; pass train\.steps > 8"):
+        _preflight(fewer, tmp_path, resume=True)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_overrides_name_the_full_key_and_refuse_repeats():
+    with pytest.raises(ConfigError, match=r"override: unknown key 'train\.step'; did you mean 'train\.steps'\?"):
+        load_config(CONFIGS / "posthoc.yaml", ["train.step=5"])
+    with pytest.raises(ConfigError, match=r"override: 'train\.steps' is given more than once"):
+        load_config(CONFIGS / "posthoc.yaml", ["train.steps=5", "train.steps=6"])
+    assert load_config(None, ["model.model_kwargs.depth=2"]).model.model_kwargs == {"depth": 2}
 
 
 def test_schedule_order_and_groups():

@@ -114,8 +114,11 @@ def test_finetune_report_has_training_curves_and_both_models(tmp_path):
     page = Page((tmp_path / "report.html").read_text())
     assert page.section("Training curves")["img"] == 1
     assert page.section("Summary")["table"] == 1
-    header = next(r for r in page.cells if r and r[0] == "metric" and len(r) == 4)
-    assert header[2] == "fine-tuned" and header[1].startswith("teacher")
+    header = next(r for r in page.cells if r and r[0] == "metric" and len(r) > 2)
+    # the original (with its outliers), the test-time-register teacher, the fine-tuned student
+    assert [h for h in header if not h.startswith("Δ")] == ["metric", "original", "teacher (test-time registers)",
+                                                          "fine-tuned"]
+    assert "Original, teacher (test-time registers) and fine-tuned, side by side" in page.sections
     assert page.section("PCA of patch features")["img"] == 1
 
 

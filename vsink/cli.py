@@ -495,6 +495,9 @@ def _show_warning(message: Union[Warning, str], category: type[Warning], filenam
 def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Parse; arguments no parser knows are refused naming the (sub)command they were given to."""
     args, extras = parser.parse_known_args(argv)
+    if args.command == "finetune":  # KEY=VALUE overrides may stand on both sides of a flag (--resume)
+        args.overrides += [e for e in extras if re.match(r"[\w.]+=", e)]
+        extras = [e for e in extras if not re.match(r"[\w.]+=", e)]
     if extras:
         words = [getattr(args, key, None) for key in ("command", "registers_command", "eval_command", "lvlm_command")]
         prog = " ".join(["vsink", *(w for w in words if w)])

@@ -109,8 +109,9 @@ def comparison_sections(runs: Mapping[str, ScanView],
                                                          vmin=float(stack.min()), vmax=float(stack.max())),
                              f"{label} norm maps", "wide"))
     if pca and pca_images:
-        blocks = ", ".join(str(b) for b in next(iter(pca.values())))
-        parts.append(f"<h2>PCA of patch features as RGB, blocks {blocks}</h2>"
+        shown_blocks = list(next(iter(pca.values())))
+        blocks = ", ".join(str(b) for b in shown_blocks)
+        parts.append(f"<h2>PCA of patch features as RGB, block{'s' if len(shown_blocks) != 1 else ''} {blocks}</h2>"
                      "<p>First three principal components of each image's patch features (block output through "
                      "the final norm), fitted per image and run; saturated dots are high-norm artifacts.</p>")
         parts.append(fig(pca_figure(pca_images, pca, "PCA of patch features"), "PCA", "wide"))

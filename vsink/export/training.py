@@ -71,10 +71,13 @@ def training_sections(out_dir: Union[str, os.PathLike], summary: dict[str, Any])
 
 
 def render_training_report(out_dir: Union[str, os.PathLike], summary: dict[str, Any],
-                           comparison: Sequence[str] = ()) -> str:
-    """The run's page: summary, curves, then ``comparison`` sections (e.g. original vs fine-tuned)."""
+                           comparison: Sequence[str] = (), compared: Sequence[str] = ()) -> str:
+    """The run's page: summary, curves, then ``comparison`` sections of the ``compared`` models
+    (their labels, e.g. original and fine-tuned)."""
     title = f"vsink finetune — {summary.get('recipe', '')} {Path(out_dir).name}".strip()
     body = [f"<h1>{esc(title)}</h1>", *training_sections(out_dir, summary)]
     if comparison:
-        body += ["<h2>Original and fine-tuned model, side by side</h2>", *comparison]
+        names = list(compared) or ["the models"]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        body += [f"<h2>{esc(listed[0].upper() + listed[1:])}, side by side</h2>", *comparison]
     return page(title, body)

@@ -74,6 +74,11 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory (``step_NNNNNNN``) was taken after."""
+    return int(path.name[len(PREFIX):])
+
+
 def check_checkpoint_fits(directory: Path, module: nn.Module) -> None:
     """Raise unless the newest checkpoint in ``directory`` holds every weight of ``module`` with
     its shape (read from the safetensors header only), so ``--resume`` is refused before a run writes."""

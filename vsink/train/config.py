@@ -79,6 +79,12 @@ class ConfigError(VsinkError):
 
 
 def _unknown(key: str, known: Sequence[str], where: str) -> ConfigError:
+    """``key`` is not a recipe key: the message names the closest known key as written where the
+    key came from (a dotted override: the dotted key; inside a YAML section: the leaf)."""
+    if "." in key and where == "override":
+        close = difflib.get_close_matches(key, list(known), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; see the recipe keys in docs/options.md"
+        return ConfigError(f"{where}: unknown key '{key}'{hint}")
     leaf = key.rpartition(".")[2]
     close = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in known], n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(k.rpartition('.')[2] for k in known)}"
@@ -260,11 +266,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     """``["train.steps=100", "teacher.kind=ttr"]`` → a copy of ``raw`` with those values (parsed
     as YAML scalars/lists)."""
     out = copy.deepcopy(raw)
+    sections = {k.partition(".")[0] for k in RECIPE if "." in k}
+    seen: set[str] = set()
     for item in overrides:
         try:
             key, value = parse_assignment(item, "override")
         except VsinkError as e:
             raise ConfigError(str(e)) from None
+        if key in seen:
+            raise ConfigError(f"override: '{key}' is given more than once")
+        seen.add(key)
+        if key not in RECIPE and key not in sections and ".".join(key.split(".")[:2]) not in RECIPE:
+            raise _unknown(key, list(RECIPE), "override")
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

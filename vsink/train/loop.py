@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -63,9 +63,10 @@ class TrainTask(ABC):
     def finish(self, directory: Path) -> dict[str, Any]:
         """Save the trained model in its library's format; return a summary."""
 
-    def compared_models(self) -> dict[str, Backbone]:
-        """Models the run's report scans side by side on :meth:`held_out_images` (none by default)."""
-        return {}
+    def compared_models(self) -> list[tuple[str, Backbone, Callable[[], ContextManager[Any]]]]:
+        """Models the run's report scans side by side on :meth:`held_out_images`, as (label,
+        backbone, the edits it runs under — a context manager factory); none by default."""
+        return []
 
     def held_out_images(self) -> list[Image.Image]:
         """The evaluation images, as the report scans them."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,8 @@ from ..backbones.base import Backbone
 from ..backbones.hooks import Hooks
 from ..errors import VsinkError
 from ..io import write_json, write_text
-from .checkpoint import check_checkpoint_fits, list_checkpoints
-from .config import Recipe
+from .checkpoint import check_checkpoint_fits, checkpoint_step, list_checkpoints
+from .config import RECIPE, Recipe
 from .data import TrainImages, flips_for, load_training_images, to_input
 from .distributed import barrier, init_distributed, shutdown
 from .loop import TrainTask, check_task, no_decay_parameters, train
@@ -103,6 +103,7 @@ class PosthocTask(TrainTask):
         self.outlier_patch = torch.zeros(len(self.eval_x), layout.num_patches, dtype=torch.bool)
         for t in original.tokens:
             self.outlier_patch[t.image, t.token - layout.num_prefix] = True
+        self._teacher_edits = None
         self.teacher = self._make_teacher(base)
 
     def _input(self, pixels: torch.Tensor, flips: Optional[list[bool]] = None) -> torch.Tensor:
@@ -124,14 +125,20 @@ class PosthocTask(TrainTask):
                 pils = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in self.images.pixels]
                 spec = find_register_neurons(base, pils, progress=False)
                 print(f"vsink: teacher register neurons {[(n.layer, n.neuron) for n in spec.neurons]}", file=sys.stderr)
-            TestTimeRegisters(spec, registers=t.ttr_registers).apply(base)
+            self._teacher_edits = TestTimeRegisters(spec, registers=t.ttr_registers)
         return base
+
+    def _teaching(self):
+        """The teacher's edits (test-time registers for ``teacher.kind: ttr``) while in the block;
+        outside it the teacher's backbone is the original model."""
+        return self._teacher_edits.applied(self.teacher) if self._teacher_edits else nullcontext()
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Teacher class token and patch features for a batch."""
         if self.cfg.teacher.kind != "denoised":
-            return _last_tokens(self.teacher, x)
+            with self._teaching():
+                return _last_tokens(self.teacher, x)
         return self._denoised(x)
 
     def _denoised(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -209,9 +216,11 @@ class PosthocTask(TrainTask):
             out["cls_cosine"] = float(_cosine(s_cls, t_cls).mean())
         return out
 
-    def compared_models(self) -> dict[str, Backbone]:
-        label = "teacher (" + ", ".join(self.teacher.edits) + ")" if self.teacher.edits else "original"
-        return {label: self.teacher, "fine-tuned": self.student}
+    def compared_models(self) -> list[tuple[str, Backbone, Callable[[], ContextManager[Any]]]]:
+        models = [("original", self.teacher, nullcontext)]
+        if self._teacher_edits:
+            models.append(("teacher (test-time registers)", self.teacher, self._teaching))
+        return models + [("fine-tuned", self.student, nullcontext)]
 
     def held_out_images(self) -> list[Image.Image]:
         return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in self.images.eval_pixels]
@@ -298,37 +307,53 @@ def _build(cfg: Recipe, device: torch.device) -> TrainTask:
     return ScratchTask(cfg, backbone, images, device)
 
 
-#: recipe keys that shape the trained module and its optimizer: a resumed run must keep them
-RESUME_KEYS = ("recipe", "model.spec", "model.img_size", "model.model_kwargs", "registers.n", "student.unlock",
-               "student.last_blocks", "student.blocks")
+#: the recipe keys a resumed run may change: where it writes, how far it trains, where it runs and
+#: how often it logs, evaluates and checkpoints. Every other key is what the run trains with
+#: (model, registers, teacher, student, loss, data, seed, optimizer and schedule) and must stay.
+RESUME_MAY_CHANGE = ("out", "train.steps", "train.device", "train.log_every", "train.eval_every",
+                     "train.checkpoint_every", "train.keep_checkpoints")
 
 
 def _preflight(cfg: Recipe, out: Path, resume: bool) -> None:
     """Everything about the output folder that can refuse the run, checked before anything is
-    written: it can be written, it holds no earlier run unless resuming, and a resumed run keeps
-    the earlier run's model (:data:`RESUME_KEYS`, from its config.yaml)."""
+    written: it can be written, it holds no earlier run unless resuming, and a resumed run trains
+    further (``train.steps`` beyond its newest checkpoint) with the earlier run's recipe (from its
+    config.yaml; only :data:`RESUME_MAY_CHANGE` may differ)."""
     from ..outputs import check_output_dir
     from ..readers import ReadError, read_yaml
 
     check_output_dir(out, "out")
-    if not list_checkpoints(out / "checkpoints"):
+    checkpoints = list_checkpoints(out / "checkpoints")
+    if not checkpoints:
         return
     if not resume:
         raise VsinkError(f"{out / 'checkpoints'} holds checkpoints of an earlier run; pass --resume to continue it "
                          "or choose another output directory")
+    done = checkpoint_step(checkpoints[-1])
+    if cfg.train.steps <= done:
+        state = "is complete" if cfg.train.steps == done else "went further"
+        raise VsinkError(f"--resume: the run in {out} {state} at step {done} (its newest checkpoint) and "
+                         f"train.steps={cfg.train.steps} trains nothing more; pass train.steps > {done} to continue "
+                         "it (nothing was changed)")
     try:
         earlier = read_yaml(out / "config.yaml")
     except ReadError:
         return  # no record of the earlier recipe: the checkpoint's shapes are checked when it is loaded
     if not isinstance(earlier, dict):
         return
-    for key in RESUME_KEYS:
+    changed = []
+    for key in RECIPE:
         section, _, leaf = key.rpartition(".")
-        before = (earlier.get(section) or {}).get(leaf) if section else earlier.get(leaf)
-        now = cfg.value(key)
+        holder = earlier.get(section) if section else earlier
+        if key in RESUME_MAY_CHANGE or not isinstance(holder, dict) or leaf not in holder:
+            continue
+        before, now = holder[leaf], cfg.value(key)
         if before != now:
-            raise VsinkError(f"--resume: the run in {out} was made with {key}={before!r}, this recipe has {now!r}; "
-                             f"a resumed run keeps {', '.join(RESUME_KEYS)} (or choose another output directory)")
+            changed.append(f"{key}={before!r}, this recipe has {now!r}")
+    if changed:
+        raise VsinkError(f"--resume: the run in {out} was made with {'; '.join(changed)}; a resumed run keeps its "
+                         f"recipe, only {', '.join(RESUME_MAY_CHANGE)} may change: repeat the earlier values "
+                         f"(see {out / 'config.yaml'}) or choose another output directory")
 
 
 def run_finetune(cfg: Union[Recipe, Mapping[str, Any]], *, resume: bool = False,

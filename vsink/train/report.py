@@ -23,9 +23,12 @@ def finetune_report(out: Path, summary: dict[str, Any], task: TrainTask) -> str:
     images = task.held_out_images()
     sections: list[str] = []
     if models and images:
-        runs = {label: scan(b, images, progress=False, report_images=MAX_IMAGES) for label, b in models.items()}
-        first = next(iter(runs.values()))
-        shown, blocks = first.thumbnails, pca_layers(first)
-        pca = {label: patch_features(b, shown, blocks, first.input_size) for label, b in models.items()}
+        runs, pca = {}, {}
+        for label, backbone, edits in models:
+            with edits():
+                runs[label] = scan(backbone, images, progress=False, report_images=MAX_IMAGES)
+                if len(runs) == 1:
+                    shown, blocks = runs[label].thumbnails, pca_layers(runs[label])
+                pca[label] = patch_features(backbone, shown, blocks, runs[label].input_size)
         sections = comparison_sections(runs, pca, shown)
-    return render_training_report(out, summary, sections)
+    return render_training_report(out, summary, sections, [label for label, _, _ in models])
