@@ -10,7 +10,7 @@ from PIL import Image
 
 from vsink.errors import VsinkError
 from vsink.evaluate.chair import score_chair
-from vsink.evaluate.chair_vsink import mentions, singular
+from vsink.evaluate.chair_vsink import mentions, singular, words
 from vsink.evaluate.pope import build_questions, parse_answer, question_text, score_answers
 
 CASES = [("", "yes", None), ("Yes.", "yes", "yes"), ("No, there is not", "no", "no"),
@@ -112,6 +112,17 @@ def test_chair_golden_cases():
     assert first["mentioned"] == ["person", "dog", "cat", "cat"] and first["hallucinated"] == ["cat", "cat"]
     nothing = score_chair([{"image_id": 2, "caption": "Nothing here."}], _coco(), vocabulary="vsink")
     assert (nothing["chair_i"], nothing["chair_s"], nothing["recall"]) == (0.0, 0.0, 0.0)
+
+
+def test_chair_vsink_words_are_unicode_letter_runs():
+    assert words("très propre café naïve") == ["très", "propre", "café", "naïve"]
+    assert words("Nai\u0308ve CAFÉ's 2 dogs_x") == ["naïve", "café", "dogs", "x"]  # decomposed ï, composed to NFC
+    generated = [{"image_id": 1, "caption": "Un café très propre near a dog."},
+                 {"image_id": 2, "caption": "A naïve cat's nap."}]
+    result = score_chair(generated, _coco(), vocabulary="vsink")
+    # un café très propre near a dog -> 7 | a naïve cat nap -> 4 (ASCII letter runs gave 8 and 5)
+    assert result["avg_len"] == pytest.approx((7 + 4) / 2)
+    assert [c["mentioned"] for c in result["captions"]] == [["dog"], ["cat"]]
 
 
 def test_chair_reference_captions_extend_ground_truth():

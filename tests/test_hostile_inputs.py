@@ -239,6 +239,28 @@ def test_pope_answers_with_repeated_question_ids_are_refused(tmp_path, capsys):
             match=r"answers\.jsonl:8: question_id 3 repeats line 4")
 
 
+@pytest.mark.parametrize("first, repeat", [(3, "3"), ("3", 3)], ids=["int-then-text", "text-then-int"])
+def test_pope_answers_with_an_id_repeated_as_another_json_type_are_refused(tmp_path, capsys, first, repeat):
+    rows = [dict(r) for r in ANSWERS]
+    rows[3]["question_id"] = first
+    answers = jsonl(tmp_path / "answers.jsonl", rows + [{**ANSWERS[3], "question_id": repeat}])
+    refused(capsys, "eval", "pope", "--answers", answers, "--out", tmp_path / "out",
+            match=rf"answers\.jsonl:8: question_id {re.escape(json.dumps(repeat))} repeats line 4")
+    assert not (tmp_path / "out").exists()
+
+
+def test_chair_generated_with_repeated_image_ids_are_refused(tmp_path, capsys):
+    rows = [{"image_id": 1, "caption": "A dog."}, {"image_id": 2, "caption": "A cat and a car."},
+            {"image_id": 1, "caption": "A bus."}]
+    generated = jsonl(tmp_path / "generated.jsonl", rows)
+    refused(capsys, "eval", "chair", "--generated", generated, "--annotations", coco(tmp_path / "instances.json"),
+            "--out", tmp_path / "out", match=r"generated\.jsonl:3: image_id 1 repeats line 1; each must appear once")
+    assert not (tmp_path / "out").exists()
+    jsonl(generated, rows[:2])
+    assert cli(capsys, "eval", "chair", "--generated", generated, "--annotations", tmp_path / "instances.json",
+               "--out", tmp_path / "out")[0] == 0
+
+
 @pytest.mark.parametrize("caption", [None, 42, ["a", "dog"]], ids=["null", "number", "list"])
 def test_chair_captions_that_are_not_text_are_refused(tmp_path, capsys, caption):
     generated = jsonl(tmp_path / "generated.jsonl", [{"image_id": 1, "caption": "A dog."},

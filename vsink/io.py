@@ -53,7 +53,8 @@ def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = (), *,
     """Lines of a JSONL file, each a JSON object; every problem is a one-line error naming the
     file and line (and the field): bytes that are not UTF-8, a line that is not JSON or not an
     object, a missing ``required`` field, a field of the wrong kind (``fields``: key → kind, checked
-    where present), a repeated value of the ``unique`` field (the error names both lines).
+    where present), a repeated value of the ``unique`` field (the error names both lines; an integer
+    and its decimal text, ``1`` and ``"1"``, are one value).
 
     ``cut_last_line``: for vsink's own logs, appended as work completes — a last line cut by an
     interrupted append (no final newline, not JSON) is skipped; elsewhere (files to be scored)
@@ -85,10 +86,12 @@ def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = (), *,
             if key in row:
                 checked_field(row, key, kind, f"{p}:{n}")
         if unique is not None and unique in row:
-            value = json.dumps(row[unique], sort_keys=True)
-            if value in seen:
-                raise ReadError(f"{p}:{n}: {unique} {value} repeats line {seen[value]}; each must appear once")
-            seen[value] = n
+            value = row[unique]
+            ident = json.dumps(str(value) if isinstance(value, int) and not isinstance(value, bool) else value,
+                               sort_keys=True)
+            if ident in seen:
+                raise ReadError(f"{p}:{n}: {unique} {json.dumps(value)} repeats line {seen[ident]}; each must appear once")
+            seen[ident] = n
         rows.append(row)
     return rows
 

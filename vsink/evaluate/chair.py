@@ -13,7 +13,7 @@ Ground truth of an image: its instance-annotation classes ∪ the classes mentio
 captions (when given), both through the chosen vocabulary. CHAIR_i = hallucinated mentions /
 mentions; CHAIR_s = captions with ≥ 1 hallucinated mention / captions; recall = Σ |mentioned ∩
 ground truth| / Σ |ground truth| over captions (as in OPERA's copy of the reference); avg_len =
-mean words (letter runs) per caption. 0 where a denominator is 0.
+mean words (runs of Unicode letters, "café" one word) per caption. 0 where a denominator is 0.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def ground_truth(annotations: Union[str, os.PathLike, dict],
 
 def read_generated(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     """A generated-captions JSONL to score: ``image_id`` (an integer) and ``caption`` (text) on
-    every line; a caption that is null, a number or a list is an error, not text."""
-    return read_jsonl(path, ("image_id", "caption"), fields=GENERATED_FIELDS)
+    every line, each ``image_id`` once (a repeated one would be scored twice); a caption that is
+    null, a number or a list is an error, not text."""
+    return read_jsonl(path, ("image_id", "caption"), fields=GENERATED_FIELDS, unique="image_id")
 
 
 def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str]],

@@ -3,8 +3,9 @@
 
 * Segments: the caption is cut at punctuation (``. , ; : ! ? ( ) [ ] { } / |``, dashes, ellipsis);
   no phrase spans a cut, so "microwave, oven" is a microwave and an oven.
-* Words: lowercase letter runs (possessive "'s" dropped; a hyphen separates words, so "hot-dog" is
-  "hot dog"), singularised by a vocabulary-guided rule set — irregular plurals from a table, then
+* Words: lowercase runs of Unicode letters, composed to NFC ("café" and "naïve" are one word
+  each; digits and "_" are not letters; possessive "'s" dropped; a hyphen separates words, so
+  "hot-dog" is "hot dog"), singularised by a vocabulary-guided rule set — irregular plurals from a table, then
   "-ies" → "-y", "-ves" → "-f"/"-fe", "-es" → "", "-s" → "", each accepted only if it yields a word
   of the vocabulary (so "bus" stays "bus", and "snow" or "glass" are never mangled into class
   words). No NLTK or Pattern: nothing is downloaded at run time.
@@ -19,18 +20,19 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 from typing import Optional
 
 from .chair_words import COMPOUNDS, IRREGULAR, MODIFIERS, SYNONYMS
 
-WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 BOUNDARY = re.compile(r"[.,;:!?()\[\]{}/|…—–]|--")
 
 
 def words(text: str) -> list[str]:
-    """Lowercase words of a caption, possessive 's removed."""
-    return [w[:-2] if w.endswith("'s") else w for w in WORD.findall(text.lower())]
+    """Lowercase words (runs of Unicode letters, composed to NFC) of a caption, possessive 's removed."""
+    return [w[:-2] if w.endswith("'s") else w for w in WORD.findall(unicodedata.normalize("NFC", text).lower())]
 
 
 @lru_cache(maxsize=1)

@@ -49,7 +49,8 @@ def read_questions(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
 
 def read_answers(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     """An answers JSONL to score: ``split``, ``label`` (yes/no) and ``answer`` (text) on every line;
-    a ``question_id``, where given, appears once (a repeated one would be scored twice)."""
+    a ``question_id``, where given, appears once (a repeated one would be scored twice; ``1`` and
+    ``"1"`` are the same id)."""
     return read_jsonl(path, ("split", "label", "answer"), fields=FIELD_KINDS, unique="question_id")
 
 
