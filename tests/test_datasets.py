@@ -42,6 +42,16 @@ def test_voc_round_trip(voc):
         assert b.image.size == a.image.size
 
 
+def test_datasets_and_samples_print_briefly(voc):
+    data, root = voc
+    assert repr(read_voc(root, "val")) == "DenseDataset('VOC', format='voc', split='val', 3 items)"
+    assert repr(data) == "DenseDataset('synthetic', format='synthetic', split='val', 3 items)"
+    assert repr(data[0]) == (f"DenseSample('val_0000', image=<image 64x64>, mask=array[64, 64], "
+                             f"boxes=array{list(data[0].boxes.shape)})")
+    image, mask = root / "JPEGImages" / "val_0000.jpg", root / "SegmentationClass" / "val_0000.png"
+    assert repr(read_voc(root, "val")[0]) == f"DenseSample('val_0000', image='{image}', mask='{mask}', boxes=<read on load>)"
+
+
 def test_voc_errors_name_the_file(voc):
     _, root = voc
     with pytest.raises(DatasetError, match=r"Segmentation/test\.txt and .*Main/test\.txt: split list not found; available: val"):

@@ -110,6 +110,33 @@ def test_bad_items_are_skipped_and_reported(tmp_path, demo):
     assert "val_0001.jpg" in reasons["val_0001"] and "labels [30]" in reasons["val_0002"]
     assert res.variants["baseline"]["lost"]["n"] == 2
     assert [r["id"] for r in res.variants["baseline"]["lost"]["images"]] == ["val_0000", "val_0003"]
+    assert (res.dataset["images"], res.dataset["images_evaluated"]) == (4, 2)
+
+
+def test_skipped_items_are_reported_once_and_the_header_counts_what_was_evaluated(tmp_path, planted_neurons,
+                                                                                    capsys):
+    root = write_voc(synthetic_dataset("train", num_images=3, size=64), tmp_path / "VOC")
+    write_voc(synthetic_dataset("val", num_images=6, size=64), root)
+    for i in (1, 2):
+        (root / "JPEGImages" / f"val_000{i}.jpg").write_bytes(b"broken")
+    for i in (3, 4):
+        (root / "SegmentationClass" / f"val_000{i}.png").write_bytes(b"broken")
+    (root / "JPEGImages" / "train_0002.jpg").write_bytes(b"broken")
+    out = tmp_path / "eval"
+    assert main(["eval", "dense", "--format", "voc", "--data", str(root), "--img-size", "64", "--epochs", "1",
+                 "--variant", f"ttr={planted_neurons}", "--no-progress", "--out", str(out)]) == 0
+    skips = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(skips) == 5  # two variants, one line per bad item
+    for name in ("val_0001.jpg", "val_0002.jpg", "val_0003.png", "val_0004.png", "train_0002.jpg"):
+        assert sum(name in line for line in skips) == 1
+    data = json.loads((out / "results.json").read_text())
+    assert [(s["split"], s["item"]) for s in data["skipped"]] == [
+        ("train", "train_0002"), ("val", "val_0001"), ("val", "val_0002"), ("val", "val_0003"), ("val", "val_0004")]
+    assert data["dataset"]["images_evaluated"] == 2 and data["dataset"]["train_images_used"] == 2
+    md = (out / "results.md").read_text()
+    assert ("split `val`: 2 of 6 images (4 skipped), linear head trained on `train`: 2 of 3 images (1 skipped)"
+            in md)
+    assert "on 2 images" in md and "(6 images)" not in md
 
 
 def test_weights_variant_uses_a_copy(tmp_path, demo):
@@ -124,6 +151,22 @@ def test_weights_variant_uses_a_copy(tmp_path, demo):
     with variant.open(demo) as ft:
         assert ft is not demo and torch.equal(ft.model.norm.weight, 2 * before)
     assert torch.equal(demo.model.norm.weight, before)
+
+
+def test_a_saved_models_weights_file_that_does_not_fit_names_its_directory(tmp_path, demo):
+    saved = demo.with_registers(4, init_std=0.1).save(tmp_path / "final")
+    with pytest.raises(VsinkError) as info:
+        with Variant.parse(f"ft={saved / 'model.safetensors'}").open(demo):
+            pass
+    message = str(info.value)
+    assert "wrong shape pos_embed" in message and "\n" not in message
+    assert message.endswith(f"{saved} holds a saved model (vsink.json): pass the directory instead "
+                            f"(--variant ft={saved})")
+    (saved / "vsink.json").unlink()
+    with pytest.raises(VsinkError, match="wrong shape pos_embed") as info:
+        with Variant.parse(f"ft={saved / 'model.safetensors'}").open(demo):
+            pass
+    assert "saved model" not in str(info.value)
 
 
 def test_variant_parsing(tmp_path, planted_neurons):

@@ -12,6 +12,7 @@ import pytest
 
 from vsink.cli import main
 from vsink.evaluate.chair import score_chair
+from vsink.evaluate.dense import DenseResult
 from vsink.evaluate.hallucination import save_results
 from vsink.evaluate.pope import score_answers
 from vsink.export.hallucination_report import caption_cell
@@ -180,3 +181,26 @@ def test_dense_html_renders_markdown_banner_and_figures(tmp_path):
     assert page.section("Artifacts per block")["img"] == 2
     assert page.section("First 4 evaluation images")["img"] == 1
     assert "split <code>val</code>" in text and "LOST" in page.sections
+
+
+def test_dense_markdown_numbers_settings_and_counts():
+    def lost(hits):
+        return {"setting": {"layer": 5, "kind": "k", "bias": 0.0, "normalize": False}, "k": 100, "corloc": hits / 32,
+                "n": 32, "sweep": [{}, {}], "best_on_eval_set": {"layer": 4, "kind": "v", "bias": 0.5, "normalize": True,
+                                                                  "corloc": 1.0}}
+
+    variants = {"baseline": {"artifacts": {"outlier_fraction": 0.1103, "neighbour_cosine": 0.0196,
+                                           "attention_entropy": 2.0004}, "lost": lost(3), "description": "baseline"},
+                "ttr": {"artifacts": {"outlier_fraction": 0.0, "neighbour_cosine": 0.0193,
+                                      "attention_entropy": 1.9996}, "lost": lost(1), "description": "ttr"}}
+    dataset = {"name": "VOC", "format": "voc", "split": "val", "images": 34, "images_evaluated": 32,
+               "train_split": None, "train_images": None, "train_images_used": None}
+    md = DenseResult(model="m", dataset=dataset, tasks=["lost", "artifacts"], settings={"input_size": [64, 64]},
+                     variants=variants).to_markdown()
+    assert "Dataset: VOC [voc], split `val`: 32 of 34 images (2 skipped); input 64×64." in md
+    assert "| outlier patches, last block (%) | 11.03 | 0.00 (−11.03) |" in md
+    assert "| neighbour patch cosine | 0.020 | 0.019 (±0.000) |" in md  # −0.0003 rounds to zero: never "−0.000"
+    assert "| attention entropy, last block (nats) | 2.000 | 2.000 (−0.001) |" in md  # −0.0008
+    assert "| LOST CorLoc (%) | 9.38 | 3.12 (−6.25) |" in md  # 3/32 → 1/32: the delta is not 3.12 − 9.38
+    assert "bias 0, normalised: no, k 100 → CorLoc 9.38% on 32 images" in md
+    assert "block 4 v, bias 0.5, normalised: yes → 100.00%" in md and "normalize" not in md

@@ -370,8 +370,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress)
     paths = result.save(args.out)
     print(result.to_markdown())
-    for entry in result.skipped:
-        print(f"vsink: skipped {entry['item']}: {entry['reason']}", file=sys.stderr)
     for path in paths.values():
         print(f"wrote {path}")
     return 0

@@ -15,6 +15,10 @@ from torch import nn
 from ..errors import VsinkError
 
 
+class StateMismatchError(VsinkError):
+    """A checkpoint whose keys or shapes do not fit the model."""
+
+
 def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``."""
     p = Path(path)
@@ -62,7 +66,7 @@ def load_weights(model: nn.Module, path: Union[str, os.PathLike],
 
 def check_state_matches(model: nn.Module, state: Mapping[str, Union[torch.Tensor, Sequence[int]]],
                         source: str) -> None:
-    """Raise a :class:`VsinkError` naming the keys of ``model`` that ``state`` (tensors, or their
+    """Raise a :class:`StateMismatchError` naming the keys of ``model`` that ``state`` (tensors, or their
     shapes) lacks and those whose shapes differ (with both shapes), before ``load_state_dict``
     would fail on them."""
     expected = model.state_dict()
@@ -76,4 +80,4 @@ def check_state_matches(model: nn.Module, state: Mapping[str, Union[torch.Tensor
             more = f" (and {len(keys) - 8} more)" if len(keys) > 8 else ""
             problems.append(f"{label} {', '.join(keys[:8])}{more}")
     if problems:
-        raise VsinkError(f"{source} does not match the model: {'; '.join(problems)}")
+        raise StateMismatchError(f"{source} does not match the model: {'; '.join(problems)}")

@@ -76,6 +76,21 @@ class DenseSample:
         boxes = self.boxes() if callable(self.boxes) else self.boxes
         return Loaded(image=image, mask=mask, boxes=boxes)
 
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{name}={_short(getattr(self, name))}" for name in ("image", "mask", "boxes"))
+        return f"DenseSample({self.id!r}, {parts})"
+
+
+def _short(value: object) -> str:
+    """A sample's image, mask or boxes in a few words: a path, a shape, never the pixels."""
+    if isinstance(value, np.ndarray):
+        return f"array{list(value.shape)}"
+    if isinstance(value, Image.Image):
+        return f"<image {value.width}x{value.height}>"
+    if callable(value):
+        return "<read on load>"
+    return repr(str(value)) if isinstance(value, Path) else repr(value)
+
 
 @dataclass
 class DenseDataset:
@@ -91,6 +106,9 @@ class DenseDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def __repr__(self) -> str:
+        return f"DenseDataset({self.name!r}, format={self.format!r}, split={self.split!r}, {len(self)} items)"
 
     def __getitem__(self, i: int) -> DenseSample:
         return self.samples[i]

@@ -104,6 +104,7 @@ class DenseResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     previews: Optional[Previews] = field(default=None, repr=False)
 
+    #: (task, key, label, display scale); percentages are shown with 2 decimals, the rest with 3
     HEADLINE = (("linear_seg", "miou", "linear-seg mIoU (%)", 100),
                 ("linear_seg", "pixel_accuracy", "linear-seg pixel accuracy (%)", 100),
                 ("lost", "corloc", "LOST CorLoc (%)", 100),
@@ -118,13 +119,14 @@ class DenseResult:
     def baseline(self) -> str:
         return next(iter(self.variants))
 
-    def headline(self) -> list[tuple[str, list[Optional[float]]]]:
-        """(label, value per variant in display units) for each headline metric that was measured."""
+    def headline(self) -> list[tuple[str, list[Optional[float]], int]]:
+        """(label, value per variant in display units, decimals shown) for each headline metric
+        that was measured."""
         rows = []
         for task, key, label, scale in self.HEADLINE:
             values = [self.variants[v].get(task, {}).get(key) for v in self.variants]
             if any(v is not None for v in values):
-                rows.append((label, [None if v is None else v * scale for v in values]))
+                rows.append((label, [None if v is None else v * scale for v in values], 2 if scale == 100 else 3))
         return rows
 
     def deltas(self) -> dict[str, dict[str, Optional[float]]]:
@@ -187,17 +189,21 @@ def _check_labels(sample: DenseSample, loaded: Loaded, num_classes: Optional[int
 
 
 class _Runner:
-    """One variant's backbone, run over a dataset in batches, skipping and reporting bad items."""
+    """One variant's backbone, run over a dataset in batches, skipping bad items. When ``skipped``
+    is given (the first variant's run; later variants meet the same items) each bad item is
+    appended to it and reported on stderr. ``kept[role]`` counts the items each pass used."""
 
-    def __init__(self, backbone: Backbone, size: tuple[int, int], batch_size: int, progress: bool,
-                 num_classes: Optional[int], skipped: list[dict[str, str]]):
-        self.backbone, self.size, self.batch_size = backbone, size, batch_size
+    def __init__(self, name: str, backbone: Backbone, size: tuple[int, int], batch_size: int, progress: bool,
+                 num_classes: Optional[int], skipped: Optional[list[dict[str, str]]]):
+        self.name, self.backbone, self.size, self.batch_size = name, backbone, size, batch_size
         self.progress, self.num_classes, self.skipped = progress, num_classes, skipped
         self.forward_images = 0
+        self.kept: dict[str, int] = {}
 
-    def batches(self, dataset: DenseDataset, specs: Sequence[FeatureSpec], desc: str,
+    def batches(self, dataset: DenseDataset, specs: Sequence[FeatureSpec], role: str,
                 need: Callable[[Loaded], Optional[str]]) -> Iterator[_Batch]:
-        bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not self.progress)
+        self.kept[role] = 0
+        bar = tqdm(total=len(dataset), desc=f"{self.name} {dataset.split}", unit="img", disable=not self.progress)
         with FeatureCapture(self.backbone, specs) as capture:
             for start in range(0, len(dataset), self.batch_size):
                 samples, loaded = [], []
@@ -209,8 +215,9 @@ class _Runner:
                         if missing:
                             raise DatasetError(f"{sample.id}: {missing}")
                     except DatasetError as e:
-                        self.skipped.append({"split": dataset.split, "item": sample.id, "reason": str(e)})
-                        bar.write(f"vsink: skipped {e}", file=sys.stderr)
+                        if self.skipped is not None:
+                            self.skipped.append({"split": dataset.split, "item": sample.id, "reason": str(e)})
+                            bar.write(f"vsink: skipped {e}", file=sys.stderr)
                         continue
                     samples.append(sample)
                     loaded.append(item)
@@ -219,6 +226,7 @@ class _Runner:
                     continue
                 self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
                 self.forward_images += len(samples)
+                self.kept[role] += len(samples)
                 yield _Batch(samples, loaded, capture.pop())
         bar.close()
 
@@ -254,7 +262,7 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
     train_masks: list[np.ndarray] = []
     if "linear-seg" in tasks:
         t0 = time.perf_counter()
-        for batch in runner.batches(train_set, [seg_spec], f"{name} {train_set.split}", _needs(["linear-seg"])):
+        for batch in runner.batches(train_set, [seg_spec], "train", _needs(["linear-seg"])):
             train_feats.extend(batch.features[seg_spec].permute(0, 3, 1, 2))
             train_masks.extend(x.mask for x in batch.loaded)
         timing["train_features_s"] = time.perf_counter() - t0
@@ -272,7 +280,7 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
         if "artifacts" in tasks:
             probes = [stack.enter_context(Probe(backbone, attention=False)),
                       stack.enter_context(Probe(backbone, layers=[-1], norms=False, attention=True))]
-        for batch in runner.batches(eval_set, specs, f"{name} {eval_set.split}", _needs(tasks)):
+        for batch in runner.batches(eval_set, specs, "eval", _needs(tasks)):
             grid = backbone.current_layout().grid
             result["layout"] = backbone.current_layout().describe()
             for b, (sample, item) in enumerate(zip(batch.samples, batch.loaded)):
@@ -418,14 +426,16 @@ def evaluate_dense(
     skipped: list[dict[str, str]] = []
     out: dict[str, dict[str, Any]] = {}
     previews = Previews()
+    kept: dict[str, int] = {}
     for variant in variants:
         with variant.open(backbone, img_size=img_size, **(load_kwargs or {})) as vb:
             vb.check_input_size(size)
-            runner = _Runner(vb, size, batch_size, progress, classes, skipped if not out else [])
+            runner = _Runner(variant.name, vb, size, batch_size, progress, classes, None if out else skipped)
             res = _evaluate_variant(vb, eval_set, train_set, tasks=tasks, seg_spec=FeatureSpec(seg_layer),
                                     lost_settings=lost_settings, probe_settings=probe_settings,
                                     num_classes=classes, runner=runner, name=variant.name, previews=previews)
             out[variant.name] = {"description": variant.describe(), "model": vb.spec, **res}
+            kept = kept or runner.kept
     if not any(k in r for r in out.values() for k in ("linear_seg", "lost", "artifacts")):
         raise VsinkError(f"nothing could be evaluated: {len(skipped)} items skipped "
                          f"(first: {skipped[0]['reason'] if skipped else 'none'})")
@@ -438,8 +448,10 @@ def evaluate_dense(
                 "linear_probe": vars(probe_settings) if "linear-seg" in tasks else None,
                 "device": str(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch.")}
     dataset = {"name": eval_set.name, "format": eval_set.format, "split": eval_set.split,
-               "images": len(eval_set), "train_split": train_set.split if train_set else None,
-               "train_images": len(train_set) if train_set else None, "num_classes": classes,
+               "images": len(eval_set), "images_evaluated": kept["eval"],
+               "train_split": train_set.split if train_set else None,
+               "train_images": len(train_set) if train_set else None, "train_images_used": kept.get("train"),
+               "num_classes": classes,
                "class_names": eval_set.class_names, "info": eval_set.info}
     return DenseResult(model=backbone.spec, dataset=dataset, tasks=tasks, settings=settings, variants=out,
                        skipped=skipped, previews=previews)

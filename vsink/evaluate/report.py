@@ -7,24 +7,39 @@ from typing import Optional
 from ..export.views import DenseView
 
 
-def _value(v: Optional[float]) -> str:
-    return "—" if v is None else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
+def _value(v: Optional[float], decimals: int) -> str:
+    """``v`` rounded to ``decimals``; a value that rounds to zero is ``0.00``, never ``-0.00``."""
+    return "—" if v is None else f"{round(v, decimals) + 0.0:.{decimals}f}"
 
 
-def _delta(v: Optional[float], base: Optional[float]) -> str:
+def _delta(v: Optional[float], base: Optional[float], decimals: int) -> str:
+    """``v - base`` rounded to ``decimals``, signed; ``±0.00`` when it rounds to zero."""
     if v is None or base is None:
         return ""
-    d = v - base
-    return f" ({'+' if d >= 0 else '−'}{_value(abs(d))})"
+    d = round(v - base, decimals)
+    sign = "±" if d == 0 else "+" if d > 0 else "−"
+    return f" ({sign}{abs(d):.{decimals}f})"
 
 
 def _rows(result: DenseView) -> tuple[list[str], list[list[str]]]:
     names = list(result.variants)
     header = ["metric"] + [names[0]] + [f"{n} (Δ vs {names[0]})" for n in names[1:]]
     rows = []
-    for label, values in result.headline():
-        rows.append([label] + [_value(values[0])] + [_value(v) + _delta(v, values[0]) for v in values[1:]])
+    for label, values, decimals in result.headline():
+        rows.append([label, _value(values[0], decimals)]
+                    + [_value(v, decimals) + _delta(v, values[0], decimals) for v in values[1:]])
     return header, rows
+
+
+def _normalised(flag: bool) -> str:
+    return f"normalised: {'yes' if flag else 'no'}"
+
+
+def _split(name: str, total: int, used: int) -> str:
+    """A split and its images, e.g. "`val` (6 images)", or "`val`: 2 of 6 images (4 skipped)"."""
+    if used == total:
+        return f"`{name}` ({total} images)"
+    return f"`{name}`: {used} of {total} images ({total - used} skipped)"
 
 
 def _lost_lines(result: DenseView) -> list[str]:
@@ -35,12 +50,12 @@ def _lost_lines(result: DenseView) -> list[str]:
             continue
         s = lost["setting"]
         lines.append(f"- **{name}**: stated setting block {s['layer']} {s['kind']}, bias {s['bias']:g}, "
-                     f"normalize {s['normalize']}, k {lost['k']} → CorLoc {100 * lost['corloc']:.2f}% "
+                     f"{_normalised(s['normalize'])}, k {lost['k']} → CorLoc {100 * lost['corloc']:.2f}% "
                      f"on {lost['n']} images")
         if len(lost["sweep"]) > 1:
             b = lost["best_on_eval_set"]
             lines.append(f"  - sweep ({len(lost['sweep'])} settings): best on the evaluation set block {b['layer']} "
-                         f"{b['kind']}, bias {b['bias']:g}, normalize {b['normalize']} → {100 * b['corloc']:.2f}% "
+                         f"{b['kind']}, bias {b['bias']:g}, {_normalised(b['normalize'])} → {100 * b['corloc']:.2f}% "
                          "(chosen on the evaluation data: an upper bound, not a result)")
     return lines
 
@@ -51,11 +66,11 @@ def dense_markdown(result: DenseView) -> str:
     if result.model == "demo":
         parts += ["**Synthetic demo model** (planted high-norm tokens, see docs/demo.md): the numbers say "
                   "nothing about any real model.", ""]
-    parts.append(f"Dataset: {ds['name']} [{ds['format']}], split `{ds['split']}` ({ds['images']} images)"
-                 + (f", linear head trained on `{ds['train_split']}` ({ds['train_images']} images)"
-                    if ds.get("train_split") and "linear-seg" in result.tasks else "")
-                 + f"; input {result.settings['input_size'][0]}×{result.settings['input_size'][1]}; "
-                 f"{len(result.skipped)} items skipped.")
+    evaluated = _split(ds["split"], ds["images"], ds["images_evaluated"])
+    train = (f", linear head trained on {_split(ds['train_split'], ds['train_images'], ds['train_images_used'])}"
+             if ds.get("train_split") and "linear-seg" in result.tasks else "")
+    size = result.settings["input_size"]
+    parts.append(f"Dataset: {ds['name']} [{ds['format']}], split {evaluated}{train}; input {size[0]}×{size[1]}.")
     parts.append("")
     header, rows = _rows(result)
     parts.append("| " + " | ".join(header) + " |")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from ..backbones.base import Backbone
+from ..backbones.saved import SAVED_CONFIG
+from ..backbones.weights import StateMismatchError
 from ..errors import VsinkError
 
 if TYPE_CHECKING:
@@ -87,7 +89,14 @@ class Variant:
             if base.edits:
                 raise VsinkError(f"variant {self.name!r}: the base model carries edits ({', '.join(base.edits)})")
             backbone = copy.deepcopy(base)
-            backbone.load_weights(self.value)
+            try:
+                backbone.load_weights(self.value)
+            except StateMismatchError as e:
+                folder = Path(self.value).parent
+                if not (folder / SAVED_CONFIG).is_file():
+                    raise
+                raise VsinkError(f"{e}; {folder} holds a saved model ({SAVED_CONFIG}): pass the directory instead "
+                                 f"(--variant {self.name}={folder})") from None
             yield backbone
         else:
             from ..backbones.registry import load
