@@ -449,7 +449,8 @@ def test_tampered_spec_in_a_folder_named_like_a_spec_cannot_recurse(saved_demo, 
 def test_resume_with_another_register_count(finished_run, tmp_path, capsys):
     run = shutil.copytree(finished_run, tmp_path / "run")
     before = snapshot(run)
-    refused(capsys, "finetune", *TINY_RECIPE, "registers.n=3", f"out={run}", "--resume", "--no-progress",
+    refused(capsys, "finetune", *TINY_RECIPE, "registers.n=3", "train.steps=4", f"out={run}", "--resume",
+            "--no-progress",
             match=r"--resume: the run in .* was made with registers\.n=2, this recipe has 3")
     assert snapshot(run) == before
 
@@ -458,7 +459,8 @@ def test_resume_without_the_earlier_recipe_checks_the_checkpoint_first(finished_
     run = shutil.copytree(finished_run, tmp_path / "run")
     (run / "config.yaml").unlink()
     before = snapshot(run)
-    refused(capsys, "finetune", *TINY_RECIPE, "registers.n=3", f"out={run}", "--resume", "--no-progress",
+    refused(capsys, "finetune", *TINY_RECIPE, "registers.n=3", "train.steps=4", f"out={run}", "--resume",
+            "--no-progress",
             match=r"checkpoint .*step_0000002 does not match the model: wrong shape reg_token \[1, 2, 48\] "
                   r"\(the model's: \[1, 3, 48\]\)")
     assert snapshot(run) == before

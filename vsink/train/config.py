@@ -267,15 +267,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     as YAML scalars/lists)."""
     out = copy.deepcopy(raw)
     sections = {k.partition(".")[0] for k in RECIPE if "." in k}
-    seen: set[str] = set()
-    for item in overrides:
+    for item in overrides:  # in order: a key given twice takes its last value
         try:
             key, value = parse_assignment(item, "override")
         except VsinkError as e:
             raise ConfigError(str(e)) from None
-        if key in seen:
-            raise ConfigError(f"override: '{key}' is given more than once")
-        seen.add(key)
         if key not in RECIPE and key not in sections and ".".join(key.split(".")[:2]) not in RECIPE:
             raise _unknown(key, list(RECIPE), "override")
         node = out

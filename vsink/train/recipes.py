@@ -329,18 +329,22 @@ def _preflight(cfg: Recipe, out: Path, resume: bool) -> None:
     if not resume:
         raise VsinkError(f"{out / 'checkpoints'} holds checkpoints of an earlier run; pass --resume to continue it "
                          "or choose another output directory")
+    try:
+        earlier = read_yaml(out / "config.yaml")
+    except ReadError:
+        earlier = None  # no record of the earlier recipe: the checkpoint's shapes are checked when it is loaded
+    if isinstance(earlier, dict):
+        _check_same_recipe(cfg, earlier, out)
     done = checkpoint_step(checkpoints[-1])
     if cfg.train.steps <= done:
         state = "is complete" if cfg.train.steps == done else "went further"
         raise VsinkError(f"--resume: the run in {out} {state} at step {done} (its newest checkpoint) and "
                          f"train.steps={cfg.train.steps} trains nothing more; pass train.steps > {done} to continue "
                          "it (nothing was changed)")
-    try:
-        earlier = read_yaml(out / "config.yaml")
-    except ReadError:
-        return  # no record of the earlier recipe: the checkpoint's shapes are checked when it is loaded
-    if not isinstance(earlier, dict):
-        return
+
+
+def _check_same_recipe(cfg: Recipe, earlier: dict, out: Path) -> None:
+    """A resumed run's recipe against the earlier run's config.yaml (see :data:`RESUME_MAY_CHANGE`)."""
     changed = []
     for key in RECIPE:
         section, _, leaf = key.rpartition(".")
