@@ -157,3 +157,18 @@ def test_finetune_overrides_may_follow_resume(tmp_path, capsys):
     code, _, err = run(capsys, "finetune", f"out={tmp_path / 'run'}", "--resume", "train.stepz=3", "--no-progress")
     assert code == 2 and "override: unknown key 'train.stepz'; did you mean 'train.steps'?" in err
     assert "unrecognized" not in err and not (tmp_path / "run").exists()
+
+
+def test_every_demo_model_says_it_is_synthetic_and_its_outputs_record_it(photo, tmp_path, capsys):
+    """The flag comes from the model (its builder), not from its spec's name: the demo LVLM's
+    tower is synthetic too, and a copy with registers stays synthetic."""
+    import vsink
+
+    code, _, err = run(capsys, "maps", str(photo), "--model", "demo-llava", "--layers", "0", "--out",
+                       str(tmp_path / "m"), "--no-progress")
+    assert code == 0 and "vsink: model 'demo-llava' is SYNTHETIC: the vision tower of the demo LVLM" in err
+    assert json.loads((tmp_path / "m" / "maps.json").read_text())["synthetic"] is True
+    assert vsink.load("demo").with_registers(2).synthetic
+    real = vsink.load("timm:vit_tiny_patch16_224", pretrained=False, img_size=32,
+                      model_kwargs={"patch_size": 8, "depth": 1})
+    assert real.synthetic is None and vsink.scan(real, [str(photo)], progress=False).synthetic is False

@@ -209,12 +209,8 @@ def _load_for(args: argparse.Namespace):
 
     backbone = load(args.model, weights=args.weights, img_size=args.img_size, device=args.device,
                     dtype=args.dtype, pretrained=not args.no_pretrained)
-    if backbone.spec == "demo":
-        print("vsink: model 'demo' is SYNTHETIC: a small ViT with high-norm tokens planted by construction "
-              "(block 2, MLP neurons 0-3; see docs/demo.md)", file=sys.stderr)
-    elif backbone.spec == "demo-llava":
-        print("vsink: model 'demo-llava' is SYNTHETIC: the vision tower of the demo LVLM, register neurons planted "
-              "by construction (see docs/lvlm.md)", file=sys.stderr)
+    if backbone.synthetic:
+        print(f"vsink: model {backbone.spec!r} is SYNTHETIC: {backbone.synthetic}", file=sys.stderr)
     print(f"vsink: {backbone.describe()}", file=sys.stderr)
     return backbone
 

@@ -68,10 +68,11 @@ def parse_selection(value: Union[str, Sequence[int], None], count: int, what: st
     bad = [i for i in indices if not -count <= i < count]
     if bad:
         raise VsinkError(f"{what} {bad} out of range: indices in [{-count}, {count - 1}] for {count} {what}")
-    twice = sorted({i % count for i in indices if sum(j % count == i % count for j in indices) > 1})
+    resolved = [i % count for i in indices]
+    twice = sorted({i for i in resolved if resolved.count(i) > 1})
     if twice:
         raise VsinkError(f"{what} {twice} given more than once")
-    return sorted({i % count for i in indices})
+    return sorted(set(resolved))
 
 
 def input_size(backbone: Backbone, image: Image.Image, img_size: Optional[int], keep_aspect: bool) -> tuple[int, int]:
@@ -192,9 +193,9 @@ def export_maps(
             maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads)
         done.append(maps)
         maps.arrays = {}  # on disk now
-        write_json(out / "maps.json", MapsResult(backbone.spec, backbone.spec == "demo", done, skipped,
+        write_json(out / "maps.json", MapsResult(backbone.spec, backbone.synthetic is not None, done, skipped,
                                                  settings).to_json())
-    result = MapsResult(backbone.spec, backbone.spec == "demo", done, skipped, settings)
+    result = MapsResult(backbone.spec, backbone.synthetic is not None, done, skipped, settings)
     write_json(out / "maps.json", result.to_json())
     return result
 

@@ -225,7 +225,7 @@ def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], 
                 "edits": list(backbone.edits)}
     return ScanResult(
         model=backbone.spec,
-        synthetic=backbone.spec == "demo" if synthetic is None else synthetic,
+        synthetic=backbone.synthetic is not None if synthetic is None else synthetic,
         input_size=size,
         images=names,
         skipped=skipped,

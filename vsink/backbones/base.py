@@ -207,6 +207,7 @@ class Backbone(SiteModel):
             new = copy.deepcopy(self)
             new.attach_hooked_registers(nn.Parameter(tokens))
         new.source = {**self.source, "registers": new.layout().num_registers}
+        new.synthetic = self.synthetic
         return new
 
     def _with_native_registers(self, tokens: torch.Tensor) -> Optional["Backbone"]:

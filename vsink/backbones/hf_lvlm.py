@@ -207,11 +207,13 @@ def _one_line(error: Exception) -> str:
 
 
 def _refuse_vision_spec(repo: str) -> None:
-    """A vision model spec (``demo``, ``timm:...``, ``open_clip:...``) where an LVLM is expected:
-    say so, instead of asking the hub for a repository of that name."""
-    from .families import named_specs
+    """A vision model spec (``demo``, ``timm:...``, ``open_clip:...``: a named spec or a family
+    prefix other than ``hf``, which LVLMs share) where an LVLM is expected: say so, instead of
+    asking the hub for a repository of that name."""
+    from .families import families, named_specs
 
-    if repo in named_specs() or repo.split(":", 1)[0] in ("timm", "open_clip"):
+    prefix = repo.split(":", 1)[0] if ":" in repo else None
+    if repo in named_specs() or (prefix in families() and prefix != "hf"):
         raise ModelSpecError(f"{repo!r} is a vision model; an LVLM is needed here: {DEMO_LVLM} (offline), hf:REPO "
                              f"({', '.join(SUPPORTED_LVLM)}) or a local directory of one (see 'vsink models')")
 

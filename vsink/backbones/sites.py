@@ -76,6 +76,8 @@ class SiteModel(ABC):
     def __init__(self, model: nn.Module, spec: str):
         self.model = model.eval()
         self.spec = spec
+        #: for a synthetic demo model, what was planted in it (None: a real model); outputs say so
+        self.synthetic: Optional[str] = None
         self.attention_chunk_size: Optional[int] = None
         self.edits: list[str] = []
         #: while True, site functions are not called and routed layers run their original attention

@@ -122,7 +122,7 @@ def build_demo_llava(seed: int = SEED, *, layers: int = TEXT["num_hidden_layers"
     LLaVA-1.5-shaped prompt of 576 image tokens, for benchmarks)."""
     import transformers as tr
 
-    from .demo_lvlm import word_tokenizer
+    from .demo_lvlm import llava_processor, word_tokenizer
 
     tok = word_tokenizer(("<image>",))
     torch.manual_seed(seed)
@@ -141,9 +141,4 @@ def build_demo_llava(seed: int = SEED, *, layers: int = TEXT["num_hidden_layers"
     _plant_tower(tower, g, u)
     _plant_projector(model, u)
     _plant_language_model(model, tok.bos_token_id, text_sizes)
-    image_processor = tr.CLIPImageProcessor(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
-    processor = tr.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-                                  vision_feature_select_strategy="default", image_token="<image>",
-                                  num_additional_image_tokens=1)
-    return model, processor
+    return model, llava_processor(tok, image_size, patch_size)

@@ -61,12 +61,18 @@ def build_tiny_llava(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_he
     # a random model may sample its image placeholder, which transformers 4.x then counts as an image
     # token when it re-encodes the sequence (no cache); a test model never generates it
     model.generation_config.suppress_tokens = [config.image_token_id]
+    return model, llava_processor(tok, image_size, patch)
+
+
+def llava_processor(tok: Any, image_size: int, patch: int) -> Any:
+    """A ``LlavaProcessor`` for square ``image_size`` images, CLIP preprocessing, one class token."""
+    import transformers as tr
+
     image_processor = tr.CLIPImageProcessor(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
-    processor = tr.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
-                                  vision_feature_select_strategy="default", image_token="<image>",
-                                  num_additional_image_tokens=1)
-    return model, processor
+    return tr.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                             vision_feature_select_strategy="default", image_token="<image>",
+                             num_additional_image_tokens=1)
 
 
 def build_tiny_llava_next(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,

@@ -17,7 +17,10 @@ def demo(*, img_size: Optional[int] = None, model_kwargs: Optional[dict[str, Any
     kwargs = dict(model_kwargs or {})
     if img_size is not None:
         kwargs["img_size"] = img_size
-    return TimmBackbone(build_demo_model(**kwargs), "demo")
+    backbone = TimmBackbone(build_demo_model(**kwargs), "demo")
+    backbone.synthetic = ("a small ViT with high-norm tokens planted by construction (block 2, MLP neurons 0-3; "
+                          "see docs/demo.md)")
+    return backbone
 
 
 @named_spec("demo-llava", "the synthetic demo LVLM (offline): scan, generate, lvlm calibrate and eval pope|chair "
@@ -28,4 +31,5 @@ def demo_llava_tower(**ignored: Any) -> Backbone:
 
     tower = load_lvlm(DEMO_LVLM).vision_backbone()
     tower.spec = "demo-llava"
+    tower.synthetic = "the vision tower of the demo LVLM, register neurons planted by construction (see docs/lvlm.md)"
     return tower

@@ -103,6 +103,8 @@ class DenseResult:
     variants: dict[str, dict[str, Any]]
     skipped: list[dict[str, str]] = field(default_factory=list)
     previews: Optional[Previews] = field(default=None, repr=False)
+    #: the baseline is a synthetic demo model (its numbers say nothing about real models)
+    synthetic: bool = False
 
     #: (task, key, label, display scale); percentages are shown with 2 decimals, the rest with 3
     HEADLINE = (("linear_seg", "miou", "linear-seg mIoU (%)", 100),
@@ -142,7 +144,7 @@ class DenseResult:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "synthetic_model": self.model == "demo", "dataset": self.dataset,
+        return {"model": self.model, "synthetic_model": self.synthetic, "dataset": self.dataset,
                 "tasks": self.tasks, "settings": self.settings, "baseline": self.baseline,
                 "variants": self.variants, "deltas": self.deltas(), "skipped": self.skipped}
 
@@ -453,5 +455,5 @@ def evaluate_dense(
                "train_images": len(train_set) if train_set else None, "train_images_used": kept.get("train"),
                "num_classes": classes,
                "class_names": eval_set.class_names, "info": eval_set.info}
-    return DenseResult(model=backbone.spec, dataset=dataset, tasks=tasks, settings=settings, variants=out,
+    return DenseResult(model=backbone.spec, synthetic=backbone.synthetic is not None, dataset=dataset, tasks=tasks, settings=settings, variants=out,
                        skipped=skipped, previews=previews)

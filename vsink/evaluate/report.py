@@ -63,7 +63,7 @@ def _lost_lines(result: DenseView) -> list[str]:
 def dense_markdown(result: DenseView) -> str:
     ds = result.dataset
     parts = [f"# vsink dense evaluation — `{result.model}`", ""]
-    if result.model == "demo":
+    if result.synthetic:
         parts += ["**Synthetic demo model** (planted high-norm tokens, see docs/demo.md): the numbers say "
                   "nothing about any real model.", ""]
     evaluated = _split(ds["split"], ds["images"], ds["images_evaluated"])
@@ -109,7 +109,7 @@ def dense_html(result: DenseView) -> str:
 
     header, rows = _rows(result)
     body = [f"<h1>vsink dense evaluation — <code>{esc(result.model)}</code></h1>"]
-    if result.model == "demo":
+    if result.synthetic:
         body.append(banner(SYNTHETIC_NOTE))
     md = dense_markdown(result).splitlines()
     body += [f"<p>{inline_markdown(line)}</p>" for line in md if line.startswith("Dataset:")]

@@ -82,5 +82,6 @@ class DenseView(Protocol):
     variants: dict[str, dict[str, Any]]
     skipped: list[dict[str, str]]
     previews: Optional[Previews]
+    synthetic: bool
 
     def headline(self) -> list[tuple[str, list[Optional[float]], int]]: ...
