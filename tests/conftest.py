@@ -70,13 +70,68 @@ def hf_model(kind: str, attn_implementation: str = "eager") -> torch.nn.Module:
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(intermediate_size=128, **HF_COMMON))
     elif kind == "siglip":
         model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(intermediate_size=128, **HF_COMMON))
+    elif kind in HF_NEW_CASES:
+        model = _hf_new_model(transformers, kind)
     else:
         raise KeyError(kind)
     model.set_attn_implementation(attn_implementation)
     return model.eval()
 
 
-HF_CASES = ("vit", "dinov2", "dinov2_reg", "clip", "siglip")
+#: the HF vision families added for issue 22, with the transformers class each needs
+HF_NEW_CASES = {"dinov3": "DINOv3ViTModel", "dinov3_reg": "DINOv3ViTModel", "siglip2": "Siglip2VisionModel",
+                "aimv2": "Aimv2VisionModel", "aimv2_native": "Aimv2VisionModel"}
+HF_CASES = ("vit", "dinov2", "dinov2_reg", "clip", "siglip", *HF_NEW_CASES)
+
+
+def require_hf_class(kind: str) -> None:
+    """Skip (with the reason) a case whose class the installed transformers truly lacks."""
+    import transformers
+
+    name = HF_NEW_CASES.get(kind)
+    if name is not None and not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+
+
+def _hf_new_model(transformers, kind: str) -> torch.nn.Module:
+    require_hf_class(kind)
+    common = dict(HF_COMMON, intermediate_size=128)
+    if kind.startswith("dinov3"):
+        # gated MLP and 2 storage tokens on the "_reg" case, plain MLP and none on the other
+        reg = kind == "dinov3_reg"
+        return transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+            num_register_tokens=2 if reg else 0, use_gated_mlp=reg, layerscale_value=1.0, **common))
+    if kind == "siglip2":
+        common.pop("image_size")
+        return transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(num_patches=16, **common))
+    return transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(is_native=kind == "aimv2_native", **common))
+
+
+def siglip2_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images [B, C, H, W] cut into SigLIP2's patches by its own image processor's function
+    (transformers 5: a [C, H, W] tensor; 4.x: a [H, W, C] array), for the reference call."""
+    import numpy as np
+    import transformers
+    from transformers.models.siglip2 import image_processing_siglip2 as proc
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        rows = [proc.convert_image_to_patches(img, patch_size) for img in x]
+    else:
+        rows = [torch.from_numpy(proc.convert_image_to_patches(np.ascontiguousarray(img.permute(1, 2, 0).numpy()),
+                                                               patch_size)) for img in x]
+    return torch.stack(rows)
+
+
+def hf_call(model: torch.nn.Module, x: torch.Tensor, **kwargs):
+    """Call an HF vision model on images [B, 3, H, W] the way its users do (SigLIP2: the
+    processor's patches, an all-ones pixel_attention_mask and the spatial shapes)."""
+    if type(model).__name__ == "Siglip2VisionModel":
+        p = model.config.patch_size
+        patches = siglip2_patches(x, p)
+        shapes = torch.tensor([[x.shape[-2] // p, x.shape[-1] // p]] * x.shape[0])
+        return model(pixel_values=patches, pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long),
+                     spatial_shapes=shapes, **kwargs)
+    return model(pixel_values=x, **kwargs)
 
 
 def open_clip_visual(block_type=None, **kwargs) -> torch.nn.Module:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import vsink
-from conftest import (HF_CASES, TIMM_CASES, capture_probs, hf_model, open_clip_visual, sharpen, timm_case,
-                      timm_model, timm_reference)
+from conftest import (HF_CASES, TIMM_CASES, capture_probs, hf_call, hf_model, open_clip_visual, sharpen,
+                      timm_case, timm_model, timm_reference)
 
 TOL = 1e-5
 
@@ -96,7 +96,7 @@ def test_hf_attention_equals_eager_output_attentions(kind, pixel_values):
     backbone = vsink.wrap(model)
     x = pixel_values()
     with torch.no_grad():
-        ref = model(pixel_values=x, output_attentions=True)
+        ref = hf_call(model, x, output_attentions=True)
     out, probs = capture_probs(backbone, x)
     assert len(ref.attentions) == len(probs)
     for p, r in zip(probs, ref.attentions):
@@ -108,7 +108,7 @@ def test_hf_attention_equals_eager_output_attentions(kind, pixel_values):
     assert torch.equal(backbone.forward(x), ref.last_hidden_state)
 
 
-@pytest.mark.parametrize("kind", ["dinov2_reg", "siglip"])
+@pytest.mark.parametrize("kind", ["dinov2_reg", "siglip", "dinov3_reg", "siglip2", "aimv2"])
 def test_hf_sdpa_model_routes_and_restores(kind, pixel_values):
     eager = sharpen(hf_model(kind, "eager"))
     sdpa = hf_model(kind, "sdpa")
@@ -116,8 +116,8 @@ def test_hf_sdpa_model_routes_and_restores(kind, pixel_values):
     backbone = vsink.wrap(sdpa)
     x = pixel_values()
     with torch.no_grad():
-        ref = eager(pixel_values=x, output_attentions=True)
-        plain = sdpa(pixel_values=x).last_hidden_state
+        ref = hf_call(eager, x, output_attentions=True)
+        plain = hf_call(sdpa, x).last_hidden_state
     # route only layer 1: layer 0 keeps running sdpa
     got = []
     handle = backbone.hook("attn_probs", 1, lambda c, s, z: got.append(c.clone()))

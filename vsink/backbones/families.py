@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "vsink.backbones"
 #: vsink's own families (imported before the entry points, so a source checkout needs no install)
-BUILTIN = ("vsink.backbones.timm", "vsink.backbones.open_clip", "vsink.backbones.hf_vision", "vsink.data.demos")
+BUILTIN = ("vsink.backbones.timm", "vsink.backbones.open_clip", "vsink.backbones.hf_vision", "vsink.backbones.hf_dinov3",
+           "vsink.backbones.hf_siglip2", "vsink.backbones.hf_aimv2", "vsink.data.demos")
 
 _FAMILIES: dict[str, type["Backbone"]] = {}
 _NAMED: dict[str, tuple[Callable[..., "Backbone"], str]] = {}

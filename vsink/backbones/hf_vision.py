@@ -1,4 +1,6 @@
-"""Adapter for Hugging Face vision encoders: ViT, DINOv2 (with registers), CLIP and SigLIP vision.
+"""Adapter for Hugging Face vision encoders: ViT, DINOv2 (with registers), CLIP and SigLIP vision
+here; DINOv3, SigLIP2 and AIMv2 in their own files (``hf_dinov3.py``, ``hf_siglip2.py``,
+``hf_aimv2.py``), subclasses registered with :func:`hf_adapter` under the same ``hf`` family.
 
 Attention is routed through :mod:`vsink.backbones.hf_router` (transformers' public
 ``AttentionInterface``) while any attention site is installed; layers without a site keep running
@@ -16,8 +18,9 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
-from .families import family
+from .families import families, family
 from .hf_router import Router
+from .sites import SiteHandle
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,8 +39,33 @@ SUPPORTED = {
 }
 
 
+#: model_type -> the adapter subclass for it (registered by :func:`hf_adapter`)
+_ADAPTERS: dict[str, type["HFVisionBackbone"]] = {}
+
+#: what a pooling-attention function receives: probabilities [B, H, queries, N] of the head's
+#: probe (query) over the encoder's output tokens
+PoolFn = Callable[[torch.Tensor], None]
+
+
 def _vision_config(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config
+
+
+def hf_adapter(*model_types: str, model_class: str, mean: Sequence[float], std: Sequence[float], num_cls: int,
+               interpolate: bool = False) -> Callable[[type], type]:
+    """Class decorator: ``cls`` (a :class:`HFVisionBackbone` subclass) adapts the Hugging Face
+    vision models of ``model_types`` (a vision config's type, or a dual model's whose
+    ``vision_config`` it is), loaded with ``transformers.<model_class>``; ``mean``/``std``: the
+    default normalisation, ``num_cls``: class tokens, ``interpolate``: the model takes
+    ``interpolate_pos_encoding``."""
+
+    def register(cls: type) -> type:
+        for model_type in model_types:
+            SUPPORTED[model_type] = (model_class, tuple(mean), tuple(std), num_cls, interpolate)
+            _ADAPTERS[model_type] = cls
+        return cls
+
+    return register
 
 
 @family
@@ -51,6 +79,15 @@ class HFVisionBackbone(Backbone):
                   "LOCAL_DIR                         a local Hugging Face model directory (same as hf:LOCAL_DIR)")
     saved_spec = r".*"  # rebuilt from the saved folder itself
     saved_spec_help = "any text (informational)"
+
+    def __new__(cls, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any) -> "HFVisionBackbone":
+        """``HFVisionBackbone(model)`` builds the adapter registered for the model's type (DINOv3,
+        SigLIP2, AIMv2 have their own, see :func:`hf_adapter`)."""
+        if cls is HFVisionBackbone and model is not None:
+            families()  # the adapter files register on the family registry's first use
+            model_type = getattr(_vision_config(getattr(model, "config", None)), "model_type", None)
+            cls = _ADAPTERS.get(model_type, cls)
+        return super().__new__(cls)
 
     @classmethod
     def can_wrap(cls, model: nn.Module) -> bool:
@@ -91,8 +128,19 @@ class HFVisionBackbone(Backbone):
         self.config = config
         self._layers = self._find_layers(model, config, spec)
         super().__init__(model, spec, mean=mean or d_mean, std=std or d_std,
-                         img_size=to_pair(config.image_size), patch_size=to_pair(config.patch_size))
+                         img_size=self._default_size(config), patch_size=to_pair(config.patch_size))
         self._router = Router(model, config, [self._attention_module(i) for i in range(self.num_layers)], label=spec)
+
+    @staticmethod
+    def _default_size(config: Any) -> tuple[int, int]:
+        """The model's default input size ``(H, W)``."""
+        return to_pair(config.image_size)
+
+    @property
+    def owner(self) -> nn.Module:
+        """The module holding the embeddings, encoder and final norm (``vision_model`` where the
+        model wraps one, else the model)."""
+        return getattr(self.model, "vision_model", self.model)
 
     @staticmethod
     def _find_layers(model: nn.Module, config: Any, spec: str) -> list[nn.Module]:
@@ -128,16 +176,62 @@ class HFVisionBackbone(Backbone):
 
     @property
     def final_norm(self) -> nn.Module:
-        """``layernorm`` (ViT, DINOv2) or ``post_layernorm`` (CLIP, SigLIP; HF applies CLIP's
-        to the pooled token only, vsink applies it to every token for dense features)."""
-        for name in ("layernorm", "post_layernorm"):
-            for owner in (self.model, getattr(self.model, "vision_model", None)):
-                if owner is not None and isinstance(getattr(owner, name, None), nn.Module):
-                    return getattr(owner, name)
+        """``layernorm`` (ViT, DINOv2), ``post_layernorm`` (CLIP, SigLIP, SigLIP2; HF applies
+        CLIP's to the pooled token only, vsink applies it to every token for dense features),
+        ``norm`` (DINOv3) or ``rms_norm`` (AIMv2)."""
+        for name in ("layernorm", "post_layernorm", "norm", "rms_norm"):
+            if isinstance(getattr(self.owner, name, None), nn.Module):
+                return getattr(self.owner, name)
         return nn.Identity()
 
+    # --- the attention-pooling head (SigLIP, SigLIP2, AIMv2) ------------------------------
+    @property
+    def pool_head(self) -> Optional[nn.Module]:
+        """The attention-pooling head whose probe (a learned query) attends over the encoder's
+        output tokens after the final norm, or None (models without one, or loaded without it).
+        Here: SigLIP's and SigLIP2's ``head`` (``probe`` + ``nn.MultiheadAttention``)."""
+        head = getattr(self.owner, "head", None)
+        if isinstance(getattr(head, "attention", None), nn.MultiheadAttention) and hasattr(head, "probe"):
+            return head
+        return None
+
+    def hook_pool(self, fn: PoolFn) -> SiteHandle:
+        """Call ``fn(probs)`` with the pooling head's attention, [B, H, 1, N] over the output
+        tokens (laid out as :meth:`current_layout`), on every forward; observation only (the head
+        runs its own code). Models without an attention-pooling head: a :class:`VsinkError`."""
+        head = self.pool_head
+        if head is None:
+            raise VsinkError(f"{self.spec} has no attention-pooling head (a learned probe attending over the tokens)")
+
+        def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self.suspended:
+                with torch.no_grad():
+                    fn(self._pool_probs(module, args, kwargs))
+
+        return SiteHandle(head.register_forward_pre_hook(observe, with_kwargs=True).remove)
+
+    def _pool_probs(self, head: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The head's probabilities [B, H, 1, N] from the inputs of its ``forward``: SigLIP's
+        ``nn.MultiheadAttention`` with the probe as query, ``in_proj`` weights, scale
+        ``1/sqrt(head_dim)``, padded keys (a 0 in the mask) excluded."""
+        x = args[0] if args else kwargs["hidden_state"]
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        mha: nn.MultiheadAttention = head.attention
+        b, n, d = x.shape
+        heads = mha.num_heads
+        weight, bias = mha.in_proj_weight, mha.in_proj_bias
+        q = nn.functional.linear(head.probe.to(x.dtype).expand(b, -1, -1), weight[:d],
+                                 None if bias is None else bias[:d])
+        k = nn.functional.linear(x, weight[d:2 * d], None if bias is None else bias[d:2 * d])
+        q = q.reshape(b, 1, heads, d // heads).transpose(1, 2)
+        k = k.reshape(b, n, heads, d // heads).transpose(1, 2)
+        logits = q @ k.transpose(-1, -2) * (d // heads) ** -0.5
+        if mask is not None:
+            logits = logits.masked_fill(~mask.bool().reshape(b, 1, 1, n), float("-inf"))
+        return logits.softmax(dim=-1)
+
     def _parameter_roles(self) -> dict[str, list[Optional[nn.Parameter]]]:
-        emb = getattr(self.model, "vision_model", self.model).embeddings
+        emb = self.owner.embeddings
 
         def first(*names: str):
             return next((getattr(emb, n) for n in names if getattr(emb, n, None) is not None), None)
@@ -154,10 +248,16 @@ class HFVisionBackbone(Backbone):
 
         if self.config.model_type not in ("dinov2", "dinov2_with_registers") or hasattr(self.model, "vision_model"):
             return None
+        return self._with_more_registers(transformers.Dinov2WithRegistersConfig,
+                                         transformers.Dinov2WithRegistersModel, tokens)
+
+    def _with_more_registers(self, config_class: type, model_class: type, tokens: torch.Tensor) -> "HFVisionBackbone":
+        """A ``model_class`` built from this config with ``tokens`` [1, n, D] appended to its
+        ``embeddings.register_tokens`` (``num_register_tokens`` grown by n), the weights carried over."""
         old = int(getattr(self.config, "num_register_tokens", 0) or 0)
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in ("model_type", "architectures")}
-        config = transformers.Dinov2WithRegistersConfig(**{**cfg, "num_register_tokens": old + tokens.shape[1]})
-        model = transformers.Dinov2WithRegistersModel(config).to(device=self.device, dtype=self.dtype)
+        config = config_class(**{**cfg, "num_register_tokens": old + tokens.shape[1]})
+        model = model_class(config).to(device=self.device, dtype=self.dtype)
         state = dict(self.model.state_dict())
         previous = state.pop("embeddings.register_tokens", tokens.new_zeros(1, 0, tokens.shape[-1]))
         state["embeddings.register_tokens"] = torch.cat([previous, tokens], dim=1)
@@ -183,7 +283,7 @@ class HFVisionBackbone(Backbone):
     def _register_points(self) -> tuple[nn.Module, str, nn.Module, str]:
         """Registers enter at the embeddings' output and leave at the encoder's output (or at the
         final norm's input where the layers are called inline, as in ``ViTModel``)."""
-        owner = getattr(self.model, "vision_model", self.model)
+        owner = self.owner
         encoder = getattr(owner, "encoder", None)
         if encoder is not None:
             return owner.embeddings, "post", encoder, "post"
@@ -191,7 +291,7 @@ class HFVisionBackbone(Backbone):
 
     def _mlp_out_proj(self, layer: int) -> nn.Module:
         block = self.blocks[layer]
-        mlp = getattr(block, "mlp", None)
+        mlp = getattr(block, "mlp", None) or getattr(block, "ffn", None)
         for name in ("fc2", "down_proj", "weights_out"):
             if mlp is not None and hasattr(mlp, name):
                 return getattr(mlp, name)
@@ -226,6 +326,7 @@ def load_hf(repo: str, *, weights: Optional[str], attn_implementation: Optional[
     import transformers
     from transformers import AutoConfig
 
+    families()  # the adapter files add their model types on the registry's first use
     try:
         config = AutoConfig.from_pretrained(repo)
     except (OSError, ValueError) as e:
@@ -235,7 +336,10 @@ def load_hf(repo: str, *, weights: Optional[str], attn_implementation: Optional[
         raise VsinkError(
             f"hf:{repo}: model type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED))}"
         )
-    cls = getattr(transformers, SUPPORTED[model_type][0])
+    cls = getattr(transformers, SUPPORTED[model_type][0], None)
+    if cls is None:
+        raise VsinkError(f"hf:{repo}: model type {model_type!r} needs transformers.{SUPPORTED[model_type][0]}, "
+                         f"which the installed transformers {transformers.__version__} does not have")
     kwargs = dict(model_kwargs)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
