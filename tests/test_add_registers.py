@@ -155,6 +155,14 @@ def test_hooked_registers_round_trip_through_vsink_load(tmp_path, pixel_values):
                     "patch_embed": ["embeddings.patch_embedding.weight"]}),
     ("hf", "siglip", {"registers": [], "cls_token": [], "pos_embed": ["embeddings.position_embedding.weight"],
                       "patch_embed": ["embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias"]}),
+    # DINOv3's positions are rotary (no parameter); AIMv2's patches enter through a conv "patch_embed"
+    ("hf", "dinov3_reg", {"registers": ["embeddings.register_tokens"], "cls_token": ["embeddings.cls_token"],
+                          "pos_embed": [], "patch_embed": ["embeddings.patch_embeddings.weight",
+                                                           "embeddings.patch_embeddings.bias"]}),
+    ("hf", "siglip2", {"registers": [], "cls_token": [], "pos_embed": ["embeddings.position_embedding.weight"],
+                       "patch_embed": ["embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias"]}),
+    ("hf", "aimv2", {"registers": [], "cls_token": [], "pos_embed": ["embeddings.position_embedding.weight"],
+                     "patch_embed": ["embeddings.patch_embed.weight", "embeddings.patch_embed.bias"]}),
     ("open_clip", None, {"registers": [], "cls_token": ["class_embedding"], "pos_embed": ["positional_embedding"],
                          "patch_embed": ["conv1.weight"]}),
 ])

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import vsink
 from vsink.errors import ModelSpecError, VsinkError
-from conftest import hf_model, timm_model
+from conftest import hf_call, hf_model, timm_model
 
 REG4 = dict(img_size=42, depth=2, embed_dim=64, num_heads=4)
 
@@ -69,7 +69,7 @@ def test_open_clip_spec_from_registered_config(tmp_path, pixel_values):
         vsink.load("open_clip:no-such-arch/tag")
 
 
-@pytest.mark.parametrize("kind", ["vit", "dinov2_reg", "clip", "siglip"])
+@pytest.mark.parametrize("kind", ["vit", "dinov2_reg", "clip", "siglip", "dinov3_reg", "siglip2", "aimv2"])
 def test_hf_local_directory(kind, tmp_path, pixel_values):
     from transformers import ViTImageProcessor
 
@@ -78,7 +78,7 @@ def test_hf_local_directory(kind, tmp_path, pixel_values):
     ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path)
     x = pixel_values()
     with torch.no_grad():
-        expected = source(pixel_values=x).last_hidden_state
+        expected = hf_call(source, x).last_hidden_state
     for spec in (f"hf:{tmp_path}", str(tmp_path)):
         backbone = vsink.load(spec, attn_implementation="eager")
         assert backbone.family == "hf" and backbone.model.config._attn_implementation == "eager"

@@ -46,6 +46,14 @@ class HFDinov3Backbone(HFVisionBackbone):
 
         return SiteHandle(remove)
 
+    def _state_for_model(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoints name the layers ``layer.N`` (the released files, transformers 4.x and
+        ``save_pretrained`` in 5.x); transformers 5 nests them as ``model.layer.N``."""
+        keys = self.model.state_dict().keys()
+        if any(k.startswith("model.layer.") for k in keys):
+            return {f"model.{k}" if k.startswith("layer.") else k: v for k, v in state.items()}
+        return state
+
     def _with_native_registers(self, tokens: torch.Tensor) -> Optional[HFVisionBackbone]:
         import transformers
 

@@ -239,7 +239,7 @@ class HFVisionBackbone(Backbone):
         return {"registers": module_parameters(first("register_tokens")),
                 "cls_token": module_parameters(first("cls_token", "class_embedding")),
                 "pos_embed": module_parameters(first("position_embeddings", "position_embedding")),
-                "patch_embed": module_parameters(first("patch_embeddings", "patch_embedding"))}
+                "patch_embed": module_parameters(first("patch_embeddings", "patch_embedding", "patch_embed"))}
 
     def _with_native_registers(self, tokens: torch.Tensor) -> Optional["HFVisionBackbone"]:
         """DINOv2 (with or without registers) → ``Dinov2WithRegistersModel`` with the weights
