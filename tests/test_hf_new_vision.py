@@ -291,9 +291,29 @@ def test_cli_on_models_without_a_class_token(kind, tmp_path, capsys):
     assert scan["layout"]["cls"] == 0 and scan["layout"]["tokens"] == 16
     code = main(["maps", *images, "--model", str(saved), "--out", str(tmp_path / "m"), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "no class token: kind 'cls' is not available" in err and "Traceback" not in err
-    assert main(["maps", *images, "--model", str(saved), "--kind", "received,norm,rollout", "--out",
-                 str(tmp_path / "m"), "--no-progress"]) == 0
+    assert code == 2 and "Traceback" not in err
+    assert "no class token: kind 'cls' is not available (its attention-pooling head's probe: kind 'pool')" in err
+    assert main(["maps", *images, "--model", str(saved), "--kind", "received,norm,rollout,pool", "--heads", "all",
+                 "--out", str(tmp_path / "m"), "--no-progress"]) == 0
     with np.load(tmp_path / "m" / "img0.npz") as arrays:
         # without a class token, rollout is the mean of the patch rows (docs/maps.md)
         assert arrays["rollout"].shape == (4, 4) and arrays["rollout/prefix"].shape == (0,)
+        # the probe's attention: one distribution per head over the 16 output tokens
+        assert arrays["pool"].shape == (4, 4, 4) and arrays["pool/prefix"].shape == (4, 0)
+        assert np.allclose(arrays["pool"].sum(axis=(1, 2)), 1.0, atol=1e-5)
+        assert np.allclose(arrays["pool/mean"], arrays["pool"].mean(axis=0), atol=1e-6)
+    assert (tmp_path / "m" / "img0" / "pool_mean.png").is_file() and (tmp_path / "m" / "img0" / "pool_head3.png").is_file()
+
+
+def test_pool_maps_equal_the_pooling_probe_and_are_refused_without_a_head(tmp_path):
+    backbone = vsink.wrap(sharpen(hf_model("siglip2")))
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    seen = []
+    handle = backbone.hook_pool(lambda p: seen.append(p.clone()))
+    backbone.forward(backbone.preprocess([image]))
+    handle.remove()
+    vsink.export_maps(backbone, [image], tmp_path / "m", kinds=["pool"], heads="all", formats=["npz"], progress=False)
+    with np.load(next((tmp_path / "m").glob("*.npz"))) as arrays:
+        assert np.allclose(arrays["pool"], seen[0][0, :, 0].reshape(4, 4, 4).numpy(), atol=1e-6)
+    with pytest.raises(VsinkError, match="no attention-pooling head: kind 'pool' is not available"):
+        vsink.export_maps(vsink.wrap(hf_model("dinov3")), [image], tmp_path / "d", kinds=["pool"], progress=False)

@@ -1,8 +1,10 @@
 """``vsink.export_maps``: attention and norm maps per image, as arrays (.npz) and overlays (.png).
 
 Kinds: ``cls`` (class token → every token), ``received`` (attention each token receives, mean
-over queries), ``norm`` (token norms), ``rollout`` (see :mod:`vsink.rollout`) and ``full`` (raw
-attention matrices, npz only, streamed block by block). Array names: docs/maps.md.
+over queries), ``norm`` (token norms), ``rollout`` (see :mod:`vsink.rollout`), ``pool`` (the
+attention-pooling head's probe → every output token, for models pooled that way: SigLIP,
+SigLIP2, AIMv2) and ``full`` (raw attention matrices, npz only, streamed block by block). Array
+names: docs/maps.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .probe import Probe
 from .rollout import FUSIONS, FullAttentionObserver, RolloutObserver
 from . import wording
 
-KINDS = ("cls", "received", "norm", "rollout", "full")
+KINDS = ("cls", "received", "norm", "rollout", "pool", "full")
 DEFAULT_KINDS = ("cls", "received", "norm", "rollout")
 HEAD_KINDS = ("cls", "received")
 
@@ -89,10 +91,11 @@ def input_size(backbone: Backbone, image: Image.Image, img_size: Optional[int], 
     return max(ph, round(h * scale / ph) * ph), max(pw, round(w * scale / pw) * pw)
 
 
-def _head_arrays(kind: str, layer: int, values: np.ndarray, layout: TokenLayout,
+def _head_arrays(kind: str, layer: Optional[int], values: np.ndarray, layout: TokenLayout,
                  heads: Union[str, list[int]]) -> dict[str, np.ndarray]:
-    """values [H, N] → ``kind/layerL`` [heads, h, w], ``/mean`` [h, w], ``/prefix`` [H, n_prefix]."""
-    key = f"{kind}/layer{layer}"
+    """values [H, N] → ``kind/layerL`` [heads, h, w], ``/mean`` [h, w], ``/prefix`` [H, n_prefix]
+    (``kind`` alone for a map of no block: ``pool``)."""
+    key = kind if layer is None else f"{kind}/layer{layer}"
     out = {f"{key}/mean": layout.patch_grid(values.mean(axis=0), dim=0),
            f"{key}/prefix": values[:, layout.non_patch_indices()]}
     if heads != "mean":
@@ -145,7 +148,10 @@ def export_maps(
     if fusion not in FUSIONS:
         raise VsinkError(f"unknown head fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
     if "cls" in kinds and backbone.layout().num_cls == 0:
-        raise VsinkError(f"{backbone.spec} has no class token: kind 'cls' is not available")
+        pooled = " (its attention-pooling head's probe: kind 'pool')" if backbone.pool_head is not None else ""
+        raise VsinkError(f"{backbone.spec} has no class token: kind 'cls' is not available{pooled}")
+    if "pool" in kinds and backbone.pool_head is None:
+        raise VsinkError(f"{backbone.spec} has no attention-pooling head: kind 'pool' is not available")
     if not images:
         raise VsinkError("no images given")
     sel_layers = parse_selection(layers, backbone.num_layers, "layers", ("all",))
@@ -214,6 +220,9 @@ def _compute(backbone: Backbone, maps: ImageMaps, size: tuple[int, int], kinds: 
     if rollout is not None:
         for handle in rollout.install(backbone, layout):
             stack.callback(handle.remove)
+    pooled: list[np.ndarray] = []
+    if "pool" in kinds:
+        stack.callback(backbone.hook_pool(lambda probs: pooled.append(probs[0, :, 0].float().cpu().numpy())).remove)
     if "full" in kinds:
         head_list = None if heads in ("mean", "all") else heads
         full = FullAttentionObserver(layers, head_list,
@@ -236,6 +245,8 @@ def _compute(backbone: Backbone, maps: ImageMaps, size: tuple[int, int], kinds: 
                 norms = trace.norms[pos, 0]
                 arrays[f"norm/layer{layer}"] = layout.patch_grid(norms, dim=0)
                 arrays[f"norm/layer{layer}/prefix"] = norms[layout.non_patch_indices()]
+    if pooled:
+        arrays.update(_head_arrays("pool", None, pooled[0], layout, heads))
     if rollout is not None:
         row = rollout.row()[0].numpy()
         arrays["rollout"] = layout.patch_grid(row, dim=0)

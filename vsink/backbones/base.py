@@ -13,7 +13,7 @@ import copy
 import os
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from .hooks import hook_tensor
 from .sites import SiteHandle, SiteModel
 
 PARAMETER_ROLES = ("registers", "cls_token", "pos_embed", "patch_embed")
+
+#: receives an attention-pooling head's probabilities [B, H, 1, N] (its probe over the output tokens)
+PoolFn = Callable[[torch.Tensor], None]
 
 
 def module_parameters(x: Optional[Union[nn.Module, nn.Parameter]]) -> list[nn.Parameter]:
@@ -159,6 +162,33 @@ class Backbone(SiteModel):
             self._appended -= n
 
         return SiteHandle(remove)
+
+    # --- the attention-pooling head ---------------------------------------------------------
+    @property
+    def pool_head(self) -> Optional[nn.Module]:
+        """The attention-pooling head whose probe (a learned query) attends over the output tokens
+        after the final norm (SigLIP, SigLIP2, AIMv2), or None (the default: no such head)."""
+        return None
+
+    def hook_pool(self, fn: PoolFn) -> SiteHandle:
+        """Call ``fn(probs)`` with the pooling head's attention, [B, H, 1, N] over the output
+        tokens (laid out as :meth:`current_layout`), on every forward; observation only (the head
+        runs its own code). Models without an attention-pooling head: a :class:`VsinkError`."""
+        head = self.pool_head
+        if head is None:
+            raise VsinkError(f"{self.spec} has no attention-pooling head (a learned probe attending over the tokens)")
+
+        def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self.suspended:
+                with torch.no_grad():
+                    fn(self._pool_probs(module, args, kwargs))
+
+        return SiteHandle(head.register_forward_pre_hook(observe, with_kwargs=True).remove)
+
+    def _pool_probs(self, head: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The head's probabilities [B, H, 1, N] from the inputs of its ``forward`` (adapters
+        whose :attr:`pool_head` is not None implement it)."""
+        raise VsinkError(f"{self.spec}: no pooling attention")
 
     # --- registers ----------------------------------------------------------------------
     @property

@@ -20,7 +20,6 @@ from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
 from .families import families, family
 from .hf_router import Router
-from .sites import SiteHandle
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,11 +40,6 @@ SUPPORTED = {
 
 #: model_type -> the adapter subclass for it (registered by :func:`hf_adapter`)
 _ADAPTERS: dict[str, type["HFVisionBackbone"]] = {}
-
-#: what a pooling-attention function receives: probabilities [B, H, queries, N] of the head's
-#: probe (query) over the encoder's output tokens
-PoolFn = Callable[[torch.Tensor], None]
-
 
 def _vision_config(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config
@@ -194,21 +188,6 @@ class HFVisionBackbone(Backbone):
         if isinstance(getattr(head, "attention", None), nn.MultiheadAttention) and hasattr(head, "probe"):
             return head
         return None
-
-    def hook_pool(self, fn: PoolFn) -> SiteHandle:
-        """Call ``fn(probs)`` with the pooling head's attention, [B, H, 1, N] over the output
-        tokens (laid out as :meth:`current_layout`), on every forward; observation only (the head
-        runs its own code). Models without an attention-pooling head: a :class:`VsinkError`."""
-        head = self.pool_head
-        if head is None:
-            raise VsinkError(f"{self.spec} has no attention-pooling head (a learned probe attending over the tokens)")
-
-        def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not self.suspended:
-                with torch.no_grad():
-                    fn(self._pool_probs(module, args, kwargs))
-
-        return SiteHandle(head.register_forward_pre_hook(observe, with_kwargs=True).remove)
 
     def _pool_probs(self, head: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """The head's probabilities [B, H, 1, N] from the inputs of its ``forward``: SigLIP's

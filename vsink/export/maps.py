@@ -28,7 +28,9 @@ class ImageMaps:
     files: list[str] = field(default_factory=list)
 
 GRID_KINDS = ("cls", "received", "norm")
-CMAPS = {"cls": "inferno", "received": "viridis", "norm": "magma", "rollout": "inferno"}
+CMAPS = {"cls": "inferno", "received": "viridis", "norm": "magma", "rollout": "inferno", "pool": "inferno"}
+#: where a map of no single block comes from (its overlay title)
+WHERE = {"rollout": "all blocks", "pool": "pooling head"}
 
 
 def _prefix_note(kind: str, prefix: np.ndarray, layout) -> str:
@@ -69,6 +71,13 @@ def _panels(maps: ImageMaps, kinds, layers, heads):
                            _prefix_note(kind, prefix[h], layout))
     if "rollout" in kinds:
         yield "rollout.png", a["rollout"], "rollout", None, "-", _prefix_note("rollout", a["rollout/prefix"], layout)
+    if "pool" in kinds:
+        prefix = a["pool/prefix"]
+        yield "pool_mean.png", a["pool/mean"], "pool", None, "head mean", _prefix_note("pool", prefix, layout)
+        if heads != "mean":
+            chosen = list(range(prefix.shape[0])) if heads == "all" else heads
+            for grid, h in zip(a["pool"], chosen):
+                yield f"pool_head{h}.png", grid, "pool", None, f"head {h}", _prefix_note("pool", prefix[h], layout)
 
 
 def _save(fig, path: Path) -> None:
@@ -86,7 +95,7 @@ def render_image_pngs(maps: ImageMaps, out: Union[str, Path], model: str, kinds,
     w, h = maps.image.size
     for fname, grid, kind, layer, head, note in _panels(maps, kinds, layers, heads):
         fig, ax = plt.subplots(figsize=(4.2, 4.2 * h / w + 0.6))
-        where = f"block {layer}" if layer is not None else "all blocks"
+        where = f"block {layer}" if layer is not None else WHERE[kind]
         title = f"{model} | {kind} | {where} | {head}" + (f"\n{note}" if note else "")
         overlay_axes(ax, maps.image, grid, title, cmap=CMAPS[kind])
         _save(fig, folder / fname)
@@ -99,13 +108,15 @@ def render_image_pngs(maps: ImageMaps, out: Union[str, Path], model: str, kinds,
 
 
 def _contact_sheet(maps: ImageMaps, model: str, kinds, layers):
-    """Layers (rows) x grid kinds (columns), head mean, plus rollout on its own row."""
+    """Layers (rows) x grid kinds (columns), head mean, plus rollout and the pooling map on a row
+    of their own."""
     cols = [k for k in GRID_KINDS if k in kinds]
     rows = len(layers) if cols else 0
-    extra = 1 if "rollout" in kinds else 0
+    last = [k for k in ("rollout", "pool") if k in kinds]
+    extra = 1 if last else 0
     if rows + extra == 0:
         return None
-    ncols = max(1, len(cols))
+    ncols = max(1, len(cols), len(last))
     w, h = maps.image.size
     fig, axes = plt.subplots(rows + extra, ncols, figsize=(3.2 * ncols, (3.2 * h / w + 0.4) * (rows + extra)),
                              squeeze=False)
@@ -114,10 +125,12 @@ def _contact_sheet(maps: ImageMaps, model: str, kinds, layers):
         for c, kind in enumerate(cols):
             key = f"{kind}/layer{layer}" + ("" if kind == "norm" else "/mean")
             overlay_axes(axes[r][c], maps.image, a[key], f"{kind}, block {layer}", cmap=CMAPS[kind])
-    if extra:
-        overlay_axes(axes[rows][0], maps.image, a["rollout"], "rollout", cmap=CMAPS["rollout"])
-        for c in range(1, ncols):
-            axes[rows][c].axis("off")
+    for c, kind in enumerate(last):
+        key = "rollout" if kind == "rollout" else "pool/mean"
+        title = "rollout" if kind == "rollout" else "pooling probe"
+        overlay_axes(axes[rows][c], maps.image, a[key], title, cmap=CMAPS[kind])
+    for c in range(len(last), ncols if extra else 0):
+        axes[rows][c].axis("off")
     fig.suptitle(f"{model} — {maps.name}", fontsize=10)
     fig.tight_layout()
     return fig
