@@ -124,13 +124,13 @@ def siglip2_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def hf_call(model: torch.nn.Module, x: torch.Tensor, **kwargs):
     """Call an HF vision model on images [B, 3, H, W] the way its users do (SigLIP2: the
-    processor's patches, an all-ones pixel_attention_mask and the spatial shapes)."""
-    if type(model).__name__ == "Siglip2VisionModel":
+    processor's patches, an all-ones pixel_attention_mask and the spatial shapes; a full SigLIP2's
+    ``vision_model`` — a ``Siglip2VisionTransformer`` in transformers 4.x — takes them in order)."""
+    if type(model).__name__ in ("Siglip2VisionModel", "Siglip2VisionTransformer"):
         p = model.config.patch_size
         patches = siglip2_patches(x, p)
         shapes = torch.tensor([[x.shape[-2] // p, x.shape[-1] // p]] * x.shape[0])
-        return model(pixel_values=patches, pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long),
-                     spatial_shapes=shapes, **kwargs)
+        return model(patches, torch.ones(patches.shape[:2], dtype=torch.long), shapes, **kwargs)
     return model(pixel_values=x, **kwargs)
 
 

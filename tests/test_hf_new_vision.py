@@ -317,3 +317,31 @@ def test_pool_maps_equal_the_pooling_probe_and_are_refused_without_a_head(tmp_pa
         assert np.allclose(arrays["pool"], seen[0][0, :, 0].reshape(4, 4, 4).numpy(), atol=1e-6)
     with pytest.raises(VsinkError, match="no attention-pooling head: kind 'pool' is not available"):
         vsink.export_maps(vsink.wrap(hf_model("dinov3")), [image], tmp_path / "d", kinds=["pool"], progress=False)
+
+
+def test_siglip2_loads_from_a_full_checkpoint_and_full_aimv2_is_refused(tmp_path, pixel_values):
+    """A full SigLIP2 checkpoint (text and vision, model type 'siglip2') loads its vision tower;
+    transformers' Aimv2VisionModel does not read a full AIMv2 checkpoint's vision weights, so
+    model type 'aimv2' is refused rather than run with random weights."""
+    import transformers
+
+    require_hf_class("siglip2")
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=8,
+                  num_patches=16)
+    torch.manual_seed(0)
+    full = transformers.Siglip2Model(transformers.Siglip2Config(text_config=text, vision_config=vision)).eval()
+    full.save_pretrained(tmp_path / "siglip2")
+    backbone = vsink.load(f"hf:{tmp_path / 'siglip2'}")
+    assert type(backbone).__name__ == "HFSiglip2Backbone"
+    x = pixel_values()
+    with torch.no_grad():
+        expected = hf_call(full.vision_model, x).last_hidden_state
+    assert torch.allclose(backbone.forward(x), expected, atol=TOL)
+    require_hf_class("aimv2")
+    transformers.Aimv2Model(transformers.Aimv2Config(
+        text_config=dict(text, eos_token_id=2), vision_config=dict(vision, image_size=32))).save_pretrained(
+        tmp_path / "aimv2")
+    with pytest.raises(vsink.errors.ModelSpecError, match="model type 'aimv2' is not supported"):
+        vsink.load(f"hf:{tmp_path / 'aimv2'}")

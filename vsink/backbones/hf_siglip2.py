@@ -38,7 +38,7 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> tuple[torch.Tensor,
     return patches.reshape(b, (h // p) * (w // p), p * p * c), shapes
 
 
-@hf_adapter("siglip2_vision_model", model_class="Siglip2VisionModel", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+@hf_adapter("siglip2_vision_model", "siglip2", model_class="Siglip2VisionModel", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
             num_cls=0)
 class HFSiglip2Backbone(HFVisionBackbone):
     """A Hugging Face ``Siglip2VisionModel``; see the module docstring for patches and grids."""
