@@ -345,3 +345,10 @@ def test_siglip2_loads_from_a_full_checkpoint_and_full_aimv2_is_refused(tmp_path
         tmp_path / "aimv2")
     with pytest.raises(vsink.errors.ModelSpecError, match="model type 'aimv2' is not supported"):
         vsink.load(f"hf:{tmp_path / 'aimv2'}")
+
+
+def test_vsink_models_lists_the_new_encoders(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("DINOv3ViTModel", "Siglip2VisionModel", "Aimv2VisionModel", "verified on tiny offline models only"):
+        assert name in out

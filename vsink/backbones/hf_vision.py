@@ -65,11 +65,17 @@ def hf_adapter(*model_types: str, model_class: str, mean: Sequence[float], std: 
 @family
 class HFVisionBackbone(Backbone):
     """A Hugging Face vision encoder (``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
-    ``CLIPVisionModel``, ``SiglipVisionModel``)."""
+    ``CLIPVisionModel``, ``SiglipVisionModel``; ``DINOv3ViTModel``, ``Siglip2VisionModel`` and
+    ``Aimv2VisionModel`` through their subclasses)."""
 
     family = "hf"
-    spec_forms = ("hf:REPO_OR_LOCAL_DIR              a Hugging Face ViT / DINOv2 / DINOv2-with-registers / CLIP / "
-                  "SigLIP\n                                    vision model, e.g. hf:facebook/dinov2-with-registers-small\n"
+    spec_forms = ("hf:REPO_OR_LOCAL_DIR              a Hugging Face vision model: ViT, DINOv2, DINOv2-with-registers, "
+                  "CLIP, SigLIP,\n"
+                  "                                    DINOv3 (DINOv3ViTModel), SigLIP2 (Siglip2VisionModel, also from a "
+                  "full SigLIP2),\n"
+                  "                                    AIMv2 (Aimv2VisionModel), e.g. "
+                  "hf:facebook/dinov2-with-registers-small\n"
+                  "                                    (DINOv3, SigLIP2, AIMv2: verified on tiny offline models only)\n"
                   "LOCAL_DIR                         a local Hugging Face model directory (same as hf:LOCAL_DIR)")
     saved_spec = r".*"  # rebuilt from the saved folder itself
     saved_spec_help = "any text (informational)"
