@@ -8,7 +8,7 @@ import vsink
 from vsink.errors import VsinkError
 from vsink.features import FeatureCapture, FeatureSpec, extract_features
 
-from conftest import HF_CASES, TIMM_CASES, hf_model, open_clip_visual, timm_case
+from conftest import HF_CASES, TIMM_CASES, hf_call, hf_model, open_clip_visual, timm_case
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -46,8 +46,10 @@ def test_hf_tokens_and_keys_equal_library(kind, pixel_values):
     seen = {}
     handle = proj.register_forward_hook(lambda m, a, o: seen.setdefault("k", o))
     with torch.no_grad():
-        out = model(pixel_values=x, output_hidden_states=True)
+        out = hf_call(model, x, output_hidden_states=True)
     handle.remove()
+    if kind.startswith("dinov3"):  # keys as attention uses them: rotated by HF's own rotary code
+        seen["k"] = _dinov3_rotated(model, x, seen["k"])
     specs = [FeatureSpec(0, norm=False), FeatureSpec(-1), FeatureSpec(0, "k")]
     feats = extract_features(backbone, x, specs)
     assert torch.allclose(feats[specs[0]], _grid(backbone, out.hidden_states[1]), **TOL)
@@ -56,6 +58,21 @@ def test_hf_tokens_and_keys_equal_library(kind, pixel_values):
         last = getattr(model, "vision_model", model).post_layernorm(last)  # nested under transformers 4.x
     assert torch.allclose(feats[specs[1]], _grid(backbone, last), **TOL)
     assert torch.allclose(feats[specs[2]], _grid(backbone, seen["k"]), **TOL)
+
+
+def _dinov3_rotated(model, x, keys):
+    """``k_proj`` output [B, N, D] → the keys DINOv3's attention uses: its ``apply_rotary_pos_emb``
+    with its ``rope_embeddings`` (patches rotated, class and storage tokens not)."""
+    import sys
+
+    modeling = sys.modules[type(model).__module__]
+    b, n, d = keys.shape
+    heads = keys.reshape(b, n, 4, d // 4).transpose(1, 2)
+    with torch.no_grad():
+        cos, sin = model.rope_embeddings(x)
+        _, rotated = modeling.apply_rotary_pos_emb(heads, heads, cos, sin)
+    assert not torch.allclose(rotated, heads)
+    return rotated.transpose(1, 2).reshape(b, n, d)
 
 
 def test_open_clip_keys_and_final_norm_equal_library(pixel_values):

@@ -41,6 +41,7 @@ SUPPORTED = {
 #: model_type -> the adapter subclass for it (registered by :func:`hf_adapter`)
 _ADAPTERS: dict[str, type["HFVisionBackbone"]] = {}
 
+
 def _vision_config(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config
 

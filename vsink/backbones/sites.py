@@ -20,7 +20,7 @@ Sites (per layer, 0-based block index):
     receives the logits they came from, see :data:`vsink.attention.ProbFn`);
 ``attn_qkv``
     the queries, keys and values the attention is computed from, each [B, H, N, head_dim]
-    (after any q/k normalisation; observation only).
+    (after any q/k normalisation and rotary positions, as the attention uses them; observation only).
 
 A site function receives the tensor and may return a replacement (an edit) or ``None``
 (an observation). Attention sites route that layer's attention through vsink's explicit
