@@ -322,6 +322,14 @@ def test_pool_maps_equal_the_pooling_probe_and_are_refused_without_a_head(tmp_pa
     vsink.export_maps(backbone, [image], tmp_path / "m", kinds=["pool"], heads="all", formats=["npz"], progress=False)
     with np.load(next((tmp_path / "m").glob("*.npz"))) as arrays:
         assert np.allclose(arrays["pool"], seen[0][0, :, 0].reshape(4, 4, 4).numpy(), atol=1e-6)
+    # hooked registers leave before the final norm: the head attends over the 16 patches only
+    student = backbone.with_registers(2, init_std=0.1)
+    assert student.layout().num_tokens == 18 and student.pool_layout().num_tokens == 16
+    vsink.export_maps(student, [image], tmp_path / "r", kinds=["pool", "norm"], formats=["npz"], progress=False)
+    with np.load(next((tmp_path / "r").glob("*.npz"))) as arrays:
+        assert arrays["pool/mean"].shape == (4, 4) and arrays["pool/prefix"].shape == (4, 0)
+        assert arrays["norm/layer0/prefix"].shape == (2,)  # the blocks do see them
+        assert np.isclose(arrays["pool/mean"].sum(), 1.0, atol=1e-5)
     with pytest.raises(VsinkError, match="no attention-pooling head: kind 'pool' is not available"):
         vsink.export_maps(vsink.wrap(hf_model("dinov3")), [image], tmp_path / "d", kinds=["pool"], progress=False)
 

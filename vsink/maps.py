@@ -246,7 +246,7 @@ def _compute(backbone: Backbone, maps: ImageMaps, size: tuple[int, int], kinds: 
                 arrays[f"norm/layer{layer}"] = layout.patch_grid(norms, dim=0)
                 arrays[f"norm/layer{layer}/prefix"] = norms[layout.non_patch_indices()]
     if pooled:
-        arrays.update(_head_arrays("pool", None, pooled[0], layout, heads))
+        arrays.update(_head_arrays("pool", None, pooled[0], backbone.pool_layout(size), heads))
     if rollout is not None:
         row = rollout.row()[0].numpy()
         arrays["rollout"] = layout.patch_grid(row, dim=0)

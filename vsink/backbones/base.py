@@ -172,7 +172,7 @@ class Backbone(SiteModel):
 
     def hook_pool(self, fn: PoolFn) -> SiteHandle:
         """Call ``fn(probs)`` with the pooling head's attention, [B, H, 1, N] over the output
-        tokens (laid out as :meth:`current_layout`), on every forward; observation only (the head
+        tokens (laid out as :meth:`pool_layout`), on every forward; observation only (the head
         runs its own code). Models without an attention-pooling head: a :class:`VsinkError`."""
         head = self.pool_head
         if head is None:
@@ -184,6 +184,13 @@ class Backbone(SiteModel):
                     fn(self._pool_probs(module, args, kwargs))
 
         return SiteHandle(head.register_forward_pre_hook(observe, with_kwargs=True).remove)
+
+    def pool_layout(self, input_size: Optional[tuple[int, int]] = None) -> TokenLayout:
+        """The layout of the tokens the pooling head attends over: :meth:`layout` without hooked
+        registers (they are dropped before the final norm, so the head never sees them)."""
+        layout = self.layout(input_size)
+        return TokenLayout(layout.num_cls, layout.num_registers - self._hooked_registers, layout.grid,
+                           layout.num_appended)
 
     def _pool_probs(self, head: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """The head's probabilities [B, H, 1, N] from the inputs of its ``forward`` (adapters
