@@ -38,9 +38,10 @@ if TYPE_CHECKING:
     from .base import Backbone
 
 ENTRY_POINT_GROUP = "vsink.backbones"
-#: vsink's own families (imported before the entry points, so a source checkout needs no install)
-BUILTIN = ("vsink.backbones.timm", "vsink.backbones.open_clip", "vsink.backbones.hf_vision", "vsink.backbones.hf_dinov3",
-           "vsink.backbones.hf_siglip2", "vsink.backbones.hf_aimv2", "vsink.data.demos")
+#: vsink's own families and the files adding model types to them (the hf family's DINOv3, SigLIP2,
+#: AIMv2 adapters), imported before the entry points, so a source checkout needs no install
+BUILTIN = ("vsink.backbones.timm", "vsink.backbones.open_clip", "vsink.backbones.hf_vision",
+           "vsink.backbones.hf_dinov3", "vsink.backbones.hf_siglip2", "vsink.backbones.hf_aimv2", "vsink.data.demos")
 
 _FAMILIES: dict[str, type["Backbone"]] = {}
 _NAMED: dict[str, tuple[Callable[..., "Backbone"], str]] = {}
