@@ -266,6 +266,7 @@ def test_cli_on_dinov3_scan_maps_neurons_and_test_time_registers(tmp_path, capsy
     assert main(["scan", *images, "--model", str(saved), "--out", str(tmp_path / "scan"), "--no-progress"]) == 0
     scan = json.loads((tmp_path / "scan" / "scan.json").read_text())
     assert scan["layout"]["grid"] == [4, 4] and scan["layout"]["cls"] == 1
+    # the bright patch of each of the 3 images, at both blocks (the write stays in the residual stream)
     assert scan["high_norm"]["emergence_layer"] == 0 and scan["high_norm"]["tokens_total"] == 3 * 2
     assert main(["maps", *images, "--model", str(saved), "--format", "npz", "--out", str(tmp_path / "maps"),
                  "--no-progress"]) == 0
