@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import re
+import reprlib
 import string
 import sys
 from dataclasses import dataclass
@@ -36,8 +37,11 @@ class Invalid(ValueError):
 
 
 def shown(value: Any, limit: int = 300) -> str:
-    """``repr(value)``, cut to ``limit`` characters (hostile values can be huge, or nested too
-    deeply for ``repr``)."""
+    """``repr(value)``, cut to ``limit`` characters (hostile values can be huge, nested too deeply
+    for ``repr``, or share parts through YAML aliases so that a full ``repr`` never ends: a value
+    expanding to more than ``limit`` parts is shown abbreviated, in bounded time)."""
+    if isinstance(value, (Mapping, list, tuple)) and measure(value, nodes=limit)[1] > limit:
+        return _short_repr.repr(value)[:limit]
     try:
         text = repr(value)
     except RecursionError:
@@ -48,24 +52,61 @@ def shown(value: Any, limit: int = 300) -> str:
 #: deepest nesting of lists and mappings accepted in a free-form mapping (:class:`Mapping_`)
 MAX_DEPTH = 32
 
+#: most values a free-form mapping may hold once expanded (a value shared through YAML aliases
+#: counts each time it is reached): nine levels of nine aliases expand to 9**9
+MAX_VALUES = 100_000
+
+
+def _short() -> "reprlib.Repr":
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxstring, r.maxother = 3, 4, 4, 4, 40, 40
+    return r
+
+
+_short_repr = _short()
+
+
+def _children(value: Any) -> Iterable[Any]:
+    return value.values() if isinstance(value, Mapping) else value
+
+
+def measure(value: Any, depth: int = MAX_DEPTH, nodes: int = MAX_VALUES) -> tuple[int, int]:
+    """(nesting depth, values once expanded) of ``value``, where a scalar has depth 0 and counts
+    as one value. Time is linear in the *distinct* lists and mappings (each is measured once,
+    memoised by identity), so a YAML alias bomb is measured as quickly as it was parsed. A value
+    that contains itself counts as deeper than ``depth`` and larger than ``nodes``; counts stop
+    growing once past the limits."""
+    container = (Mapping, list, tuple)
+    if not isinstance(value, container):
+        return 0, 1
+    memo: dict[int, tuple[int, int]] = {}
+    open_ids: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        v, finished = stack.pop()
+        key = id(v)
+        if finished:
+            open_ids.discard(key)
+            d, n = 1, 1
+            for c in _children(v):
+                cd, cn = memo[id(c)] if isinstance(c, container) else (0, 1)
+                d, n = max(d, cd + 1), min(n + cn, nodes + 1)
+            memo[key] = (min(d, depth + 1), n)
+            continue
+        if key in memo:
+            continue
+        if key in open_ids:  # v is its own descendant
+            return depth + 1, nodes + 1
+        open_ids.add(key)
+        stack.append((v, True))
+        stack.extend((c, False) for c in _children(v) if isinstance(c, container) and id(c) not in memo)
+    return memo[id(value)]
+
 
 def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
-    """How deeply lists and mappings nest in ``value`` (0 for a scalar), without recursion; stops
-    counting once past ``limit``."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, Mapping):
-            children: Iterable[Any] = v.values()
-        elif isinstance(v, (list, tuple)):
-            children = v
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if depth > limit:
-            break
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (Mapping, list, tuple)))
-    return deepest
+    """How deeply lists and mappings nest in ``value`` (0 for a scalar): :func:`measure`'s depth,
+    linear in the distinct parts; stops counting once past ``limit``."""
+    return measure(value, depth=limit)[0]
 
 
 def _number(x: float) -> str:
@@ -287,13 +328,17 @@ class AnyOf(Kind):
 
 @dataclass(frozen=True)
 class Mapping_(Kind):
-    """A mapping with string keys, nested at most :data:`MAX_DEPTH` levels."""
+    """A mapping with string keys, nested at most :data:`MAX_DEPTH` levels and holding at most
+    :data:`MAX_VALUES` values once expanded."""
 
     def parse(self, value: Any) -> dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise Invalid()
-        if nesting_depth(value) > MAX_DEPTH:
+        depth, size = measure(value)
+        if depth > MAX_DEPTH:
             raise Invalid(f"nested deeper than {MAX_DEPTH} levels")
+        if size > MAX_VALUES:
+            raise Invalid(f"more than {MAX_VALUES:,} values once expanded (YAML aliases repeat what they name)")
         return dict(value)
 
     def describe(self) -> str:

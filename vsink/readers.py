@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
 from .errors import VsinkError
-from .options import Invalid, Kind, shown
+from .options import MAX_VALUES, Invalid, Kind, measure, shown
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,7 +69,11 @@ def read_json(path: PathLike, what: str = "file", top: type = dict) -> Any:
 
 
 def parse_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load`` (no tags, no code) with named errors and a nesting limit."""
+    """``yaml.safe_load`` (no tags, no code) with named errors and a nesting limit. Aliases
+    (``*name``) may repeat what an anchor names, but the document may not expand to more values
+    than its text has characters (or :data:`vsink.options.MAX_VALUES`, whichever is more), nor
+    contain itself: nine levels of nine aliases would otherwise make every later walk over the
+    value (checks, ``repr``, JSON) run for hours."""
     import yaml
 
     try:
@@ -81,6 +85,10 @@ def parse_yaml(text: str, where: str) -> Any:
         at = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ReadError(f"{where}{at}: not valid YAML ({problem})") from None
+    bound = max(MAX_VALUES, len(text))
+    if measure(value, depth=10 ** 9, nodes=bound)[1] > bound:
+        raise ReadError(f"{where}: its aliases (*name) expand it to more than {bound:,} values, or make it "
+                        "contain itself; write the values out") from None
     return value
 
 

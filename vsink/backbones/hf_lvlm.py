@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import ModelSpecError, VsinkError
 from ..layout import ImageSpans
 from .registry import resolve_device
+from .remote_code import is_remote_code_refusal, refused
 
 SUPPORTED_LVLM = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 #: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025), by name fragment
@@ -224,7 +225,7 @@ def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Opt
     build the synthetic demo (``"demo-llava"``, offline). ``device``: ``"cpu"``, ``"cuda"``,
     ``"cuda:1"`` or ``"auto"`` (CUDA if available), checked before anything is loaded; ``dtype``
     ``None`` keeps the checkpoint's own. ``trust_remote_code`` is passed through only when the
-    caller asks for it."""
+    caller asks for it (``True``; anything else refuses a model that ships its own code)."""
     import transformers
 
     device = resolve_device(device)
@@ -235,9 +236,12 @@ def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Opt
         return LVLM(model.to(device=device, dtype=dtype), processor, DEMO_LVLM, synthetic=True)
 
     _refuse_vision_spec(repo)
+    trust_remote_code = trust_remote_code is True  # never None: transformers would ask on stdin
     try:
         config = transformers.AutoConfig.from_pretrained(repo, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        if is_remote_code_refusal(e):
+            raise refused(f"hf:{repo}", "--trust-remote-code (trust_remote_code=True)") from None
         raise ModelSpecError(f"hf:{repo}: cannot load a config ({_one_line(e)})") from None
     classes = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}

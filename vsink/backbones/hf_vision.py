@@ -20,6 +20,7 @@ from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
 from .families import families, family
 from .hf_router import Router
+from .remote_code import is_remote_code_refusal, refused
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -314,8 +315,10 @@ def load_hf(repo: str, *, weights: Optional[str], attn_implementation: Optional[
 
     families()  # the adapter files add their model types on the registry's first use
     try:
-        config = AutoConfig.from_pretrained(repo)
+        config = AutoConfig.from_pretrained(repo, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        if is_remote_code_refusal(e):
+            raise refused(f"hf:{repo}", None) from None
         raise VsinkError(f"cannot load a Hugging Face config from {repo!r}: {e}") from e
     model_type = config.model_type
     if model_type not in SUPPORTED:
@@ -326,7 +329,7 @@ def load_hf(repo: str, *, weights: Optional[str], attn_implementation: Optional[
     if cls is None:
         raise VsinkError(f"hf:{repo}: model type {model_type!r} needs transformers.{SUPPORTED[model_type][0]}, "
                          f"which the installed transformers {transformers.__version__} does not have")
-    kwargs = dict(model_kwargs)
+    kwargs = {**model_kwargs, "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if weights is None:
@@ -339,7 +342,7 @@ def load_hf(repo: str, *, weights: Optional[str], attn_implementation: Optional[
     try:
         from transformers import AutoImageProcessor
 
-        proc = AutoImageProcessor.from_pretrained(repo)
+        proc = AutoImageProcessor.from_pretrained(repo, trust_remote_code=False)
         mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
     except (OSError, ValueError, KeyError):
         pass

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import ModelSpecError, VsinkError
 from .base import Backbone
 from .families import families, family_of_directory, family_of_model, named_specs, spec_forms
+from .remote_code import is_remote_code_refusal, no_remote_code_prompt, refused
 from .saved import SAVED_CONFIG
 from .weights import check_state_matches, load_weights, read_state_dict
 
@@ -101,6 +102,18 @@ def load(
                         attn_implementation=attn_implementation, model_kwargs=model_kwargs)
 
 
+def _build(spec: str, named: dict, options: dict[str, Any]) -> Backbone:
+    """The backbone of a named spec, ``FAMILY:NAME`` or a local model directory."""
+    prefix, _, name = spec.partition(":")
+    if spec in named:
+        return named[spec][0](**options)
+    if prefix in families() and name:
+        return families()[prefix].from_spec(name, **options)
+    if Path(spec).is_dir() and (owner := family_of_directory(Path(spec))) is not None:
+        return owner.from_spec(spec, **options)
+    raise _spec_error(spec, "unknown form")
+
+
 def load_library(spec: str, *, weights: Optional[Union[str, os.PathLike]], img_size: Optional[int], device: Any,
                  dtype: Any, pretrained: bool, attn_implementation: Optional[str],
                  model_kwargs: Optional[dict[str, Any]]) -> Backbone:
@@ -109,24 +122,19 @@ def load_library(spec: str, *, weights: Optional[Union[str, os.PathLike]], img_s
     kwargs = dict(model_kwargs or {})
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    prefix, _, name = spec.partition(":")
     named = named_specs()
     options = dict(weights=weights, img_size=img_size, pretrained=pretrained, attn_implementation=attn_implementation,
                    model_kwargs=kwargs)
     try:
-        if spec in named:
-            backbone = named[spec][0](**options)
-        elif prefix in families() and name:
-            backbone = families()[prefix].from_spec(name, **options)
-        elif Path(spec).is_dir() and (owner := family_of_directory(Path(spec))) is not None:
-            backbone = owner.from_spec(spec, **options)
-        else:
-            raise _spec_error(spec, "unknown form")
+        with no_remote_code_prompt():
+            backbone = _build(spec, named, options)
     except ModelSpecError:
         raise
     except VsinkError as e:
         raise _spec_error(spec, str(e)) from e
     except Exception as e:  # library loaders fail in many ways (network, hub, config); report one clearly
+        if is_remote_code_refusal(e):
+            raise refused(spec, None) from None
         why = " ".join(f"{type(e).__name__}: {e}".split()).rstrip(".")
         raise _spec_error(spec, f"{why}. Without network access: --weights PATH (weights=PATH) a local checkpoint, "
                                 "--no-pretrained (pretrained=False) random timm weights, or a local model "

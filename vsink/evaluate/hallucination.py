@@ -106,6 +106,8 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
                 (("chair_s", "CHAIR_s (%)", 100), ("chair_i", "CHAIR_i (%)", 100), ("recall", "recall (%)", 100),
                  ("avg_len", "average length (words)", 1))]
     md = [f"# vsink eval {kind}", ""]
+    if protocol.get("synthetic"):
+        md += ["**Synthetic demo LVLM**: its numbers say nothing about any real model.", ""]
     if kind == "chair" and "vocabulary" in protocol:
         md += [f"CHAIR vocabulary: `{protocol['vocabulary']}` (synonyms: {protocol['synonyms']})", ""]
     md += [f"Protocol: `{json.dumps(protocol)}`", "", _table(names, rows)]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from .html import banner, delta, esc, page, table
+from .html import SYNTHETIC_LVLM_NOTE, banner, delta, esc, page, table
 
 POPE_METRICS = (("accuracy", "accuracy (%)", False), ("precision", "precision (%)", False),
                 ("recall", "recall (%)", False), ("f1", "F1 (%)", False), ("yes_ratio", "yes-ratio (%)", None))
@@ -24,12 +24,14 @@ def _cell(value: Optional[float], scale: float = 100) -> str:
 
 
 def _delta(value: Optional[float], base: Optional[float], lower_is_better: Optional[bool], scale: float = 100) -> str:
+    """The signed difference with 2 decimals, as in ``results.md`` (coloured unless neither
+    direction is better)."""
     if lower_is_better is None:
         if value is None or base is None:
             return "<span class='muted'>—</span>"
-        return f"<span class='muted'>{(value - base) * scale:+.2f}</span>"
+        return f"<span class='muted'>{round((value - base) * scale, 2) + 0.0:+.2f}</span>"
     return delta(None if value is None else value * scale, None if base is None else base * scale,
-                 lower_is_better=lower_is_better)
+                 lower_is_better=lower_is_better, decimals=2)
 
 
 def _pope_split_table(names: list[str], metrics: list[Optional[dict[str, Any]]]) -> str:
@@ -79,14 +81,23 @@ def pope_sections(summary: dict[str, Any]) -> list[str]:
 
 def _locate(caption: str, words: list[str], hallucinated: list[bool]) -> tuple[str, list[str]]:
     """The caption with each word marked at its first unused occurrence (case-insensitive, a plural
-    ending allowed); the words not found in the text."""
+    ending allowed); the words not found in the text.
+
+    Linear in the caption for each distinct word: a word's matches are read once, in order, and a
+    repeated word resumes after its previous mark (a match skipped earlier overlapped a mark, and
+    marks are never removed, so it would be skipped again)."""
     spans: list[tuple[int, int, bool]] = []
+    taken = bytearray(len(caption))
+    matches: dict[str, Iterator[re.Match]] = {}
     missing = []
     for word, bad in zip(words, hallucinated):
-        pattern = re.compile(r"\b" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?:e?s)?\b", re.I)
-        for m in pattern.finditer(caption):
-            if not any(m.start() < e and s < m.end() for s, e, _ in spans):
+        if word not in matches:
+            pattern = re.compile(r"\b" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?:e?s)?\b", re.I)
+            matches[word] = pattern.finditer(caption)
+        for m in matches[word]:
+            if not any(taken[m.start():m.end()]):
                 spans.append((m.start(), m.end(), bad))
+                taken[m.start():m.end()] = b"\x01" * (m.end() - m.start())
                 break
         else:
             missing.append(word)
@@ -148,14 +159,32 @@ def chair_sections(summary: dict[str, Any]) -> list[str]:
     return parts
 
 
+def protocol_table(protocol: dict[str, Any]) -> str:
+    """The protocol as a two-column table: text as text (the prompt keeps its line breaks),
+    a list of images as its count, nested settings as compact JSON."""
+    rows = []
+    for key, value in protocol.items():
+        if key == "images" and isinstance(value, list):
+            shown = f"{len(value)} images"
+        elif isinstance(value, str):
+            shown = f"<code style='white-space:pre-wrap'>{esc(value)}</code>"
+        elif isinstance(value, (dict, list)):
+            shown = f"<code>{esc(json.dumps(value, sort_keys=True))}</code>" if value else "—"
+        else:
+            shown = esc(json.dumps(value))
+        rows.append([esc(key), shown])
+    return table(["setting", "value"], rows, left=2)
+
+
 def hallucination_html(summary: dict[str, Any]) -> str:
     """The page of a ``results.json`` summary of :func:`vsink.evaluate.hallucination.save_results`."""
     kind = summary["kind"]
     title = f"vsink eval {kind}"
     body = [f"<h1>{esc(title)}</h1>"]
     protocol = summary["protocol"]
-    body.append(f"<p>Protocol: <code>{esc(json.dumps({k: v for k, v in protocol.items() if k != 'images'}))}</code>"
-                + (f"; {len(protocol['images'])} images" if isinstance(protocol.get("images"), list) else "") + "</p>")
+    if protocol.get("synthetic"):
+        body.append(banner(SYNTHETIC_LVLM_NOTE))
+    body.append("<h2>Protocol</h2>" + protocol_table(protocol))
     body += pope_sections(summary) if kind == "pope" else chair_sections(summary)
     for name, items in summary.get("skipped", {}).items():
         if items:

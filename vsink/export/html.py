@@ -21,6 +21,11 @@ td.cap{text-align:left;max-width:760px;font-size:12px}
 
 esc = html.escape
 
+#: the banner of every page about the synthetic demo LVLM (``demo-llava``)
+SYNTHETIC_LVLM_NOTE = ("**Synthetic demo LVLM.** Its register neurons, visual sinks and sink dimensions are planted by "
+                       "construction (see docs/lvlm.md); the numbers say nothing about any real model, and the text "
+                       "it generates is meaningless.")
+
 
 def page(title: str, body: Iterable[str]) -> str:
     """A complete HTML document with the shared style and no external asset."""
@@ -71,12 +76,15 @@ def fmt(v) -> str:
     return esc(str(v))
 
 
-def delta(after: Optional[float], before: Optional[float], *, lower_is_better: bool = True) -> str:
-    """``after − before`` as a coloured signed cell (green where it moved the good way)."""
+def delta(after: Optional[float], before: Optional[float], *, lower_is_better: bool = True,
+          decimals: Optional[int] = None) -> str:
+    """``after − before`` as a coloured signed cell (green where it moved the good way): with
+    ``decimals``, rounded to that many (``±0.00`` when it rounds to zero), else 4 significant digits."""
     if after is None or before is None:
         return "<span class='muted'>—</span>"
-    d = after - before
+    d = after - before if decimals is None else round(after - before, decimals)
     if d == 0:
-        return "<span class='muted'>0</span>"
+        return f"<span class='muted'>{'0' if decimals is None else f'±{0:.{decimals}f}'}</span>"
     good = (d < 0) == lower_is_better
-    return f"<span class='{'pos' if good else 'neg'}'>{'+' if d > 0 else '−'}{abs(d):.4g}</span>"
+    size = f"{abs(d):.4g}" if decimals is None else f"{abs(d):.{decimals}f}"
+    return f"<span class='{'pos' if good else 'neg'}'>{'+' if d > 0 else '−'}{size}</span>"

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .figures import overlay_png
-from .html import banner, esc, fmt, img, page, table
+from .html import SYNTHETIC_LVLM_NOTE, banner, esc, fmt, img, page, table
 from .views import LVLMScanView
 
 
@@ -16,9 +16,7 @@ def render_lvlm_report(result: LVLMScanView) -> str:
     """Return the report as one HTML string (inline PNGs, no external assets)."""
     body = [f"<h1>vsink LVLM scan — <code>{esc(result.model)}</code></h1>"]
     if result.synthetic:
-        body.append(banner("**Synthetic demo LVLM.** Its register neurons, visual sinks and sink dimensions are "
-                           "planted by construction (see docs/lvlm.md); the numbers say nothing about any real "
-                           "model, and the text it generates is meaningless."))
+        body.append(banner(SYNTHETIC_LVLM_NOTE))
     body.append(f"<p>Prompt: <code>{esc(result.prompt)}</code>; layout per row: {esc(result.layout.describe())}; "
                 f"{len(result.images)} images, {len(result.skipped)} skipped. Sink dimensions {result.sink_dims} "
                 f"({esc(result.sink_dims_source)}), τ = {result.tau:g}.</p>")
