@@ -244,3 +244,296 @@ def test_loaders_that_vsink_does_not_call_directly_cannot_ask(remote_code_folder
     with no_remote_code_prompt(), pytest.raises(ValueError, match="trust_remote_code"):
         AutoConfig.from_pretrained(str(folder))
     assert not marker.exists()
+
+
+# --- matplotlib maths in file names ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def odd_names(tmp_path_factory):
+    """A folder of two photos named like maths and like markup."""
+    root = tmp_path_factory.mktemp("odd") / "images"
+    png(root / MATH_NAME, seed=1)
+    png(root / HOSTILE_NAME, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def odd_maps(odd_names, tmp_path_factory):
+    out = tmp_path_factory.mktemp("odd-maps") / "maps"
+    assert main(["maps", str(odd_names), "--kind", "cls,norm", "--layers", "1,5", "--out", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_names_with_dollars_do_not_kill_maps(odd_maps):
+    meta = json.loads((odd_maps / "maps.json").read_text())
+    entry = next(e for e in meta["images"] if e["image"].endswith(MATH_NAME))
+    pngs = sorted((odd_maps / entry["stem"]).glob("*.png"))
+    assert pngs and all(p.stat().st_size > 0 for p in pngs)
+
+
+def test_names_with_dollars_do_not_kill_scan(odd_names, tmp_path, capsys):
+    assert main(["scan", str(odd_names), "--out", str(tmp_path / "scan"), "--no-progress"]) == 0
+    capsys.readouterr()
+    report = (tmp_path / "scan" / "report.html").read_text()
+    assert 'alt="norm maps: ' in report and MATH_NAME in report  # the name, as text beside its figure
+    assert "&lt;!--&lt;script&gt;c.png" in report and HOSTILE_NAME not in report
+
+
+def test_figure_titles_show_dollars_as_written():
+    from vsink.export.layer_figures import norm_small_multiples_figure
+
+    image = Image.new("RGB", (32, 32))
+    figure = norm_small_multiples_figure(image, {0: np.ones((2, 2)), 1: np.arange(4.0).reshape(2, 2)}, MATH_NAME)
+    title = figure._suptitle
+    assert title.get_text() == MATH_NAME and title.get_parse_math() is False
+    from vsink.export.figures import png_bytes
+
+    assert png_bytes(figure)[:4] == b"\x89PNG"
+
+
+def test_every_figure_builder_turns_mathtext_off():
+    """Every function of vsink.export that makes a matplotlib figure is wrapped in plain_text
+    (a new figure without it would break on the first file name with two dollars)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import vsink.export
+
+    builders = []
+    for info in pkgutil.iter_modules(vsink.export.__path__):
+        module = importlib.import_module(f"vsink.export.{info.name}")
+        for name, fn in vars(module).items():
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__:
+                source = inspect.getsource(inspect.unwrap(fn))
+                if "plt.subplots" in source or "plt.figure" in source:
+                    builders.append((module.__name__, name, getattr(fn, "plain_text", False)))
+    assert len(builders) >= 10
+    assert [b for b in builders if not b[2]] == []
+
+
+# --- the viewer: HTML tokenizer states, folders read back -----------------------------------------
+
+def test_viewer_json_has_no_character_that_changes_the_html_or_script():
+    from vsink.export.viewer import render_viewer, script_json
+
+    value = {"name": "<!--<script>a</script>&amp;\u2028\u2029-->"}
+    text = script_json(value)
+    assert not set("<>&\u2028\u2029") & set(text)
+    assert json.loads(text) == value
+    page = render_viewer({"kind": "vision", "images": [], "name": value["name"]}, "t")
+    data = page.split("<script id='vsink-data' type='application/json'>", 1)[1].split("</script>", 1)[0]
+    assert json.loads(data)["name"] == value["name"]
+
+
+def test_a_markup_name_renders_as_text_in_chromium(odd_maps):
+    """``<!--<script>c.png`` used to leave a blank page (the JSON opened an HTML comment inside
+    the script element). The page now runs, and both names show as text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from browser import chrome
+    from vsink.export.viewer import write_viewer
+
+    path = write_viewer(odd_maps, odd_maps.parent / "viewer.html")
+    driver = chrome()
+    try:
+        driver.get(path.as_uri())
+        time.sleep(0.5)
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        options = [o.text for o in Select(driver.find_element(By.ID, "image-select")).options]
+        assert any(HOSTILE_NAME in o for o in options) and any(MATH_NAME in o for o in options), options
+        assert driver.execute_script("return document.querySelectorAll('#app canvas').length") > 0
+        assert driver.execute_script("return document.querySelectorAll('script').length") == 2
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def maps_dir(tmp_path_factory):
+    from vsink.maps import export_maps
+
+    out = tmp_path_factory.mktemp("maps")
+    export_maps(vsink.load("demo"), [Image.open(png(out.parent / "src" / "one.png", size=64))], out,
+                kinds=["cls", "norm"], layers=[1, 2], heads="all", formats=["npz"], progress=False)
+    return out
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def rewrite_npz(path: Path, change) -> None:
+    with np.load(path, allow_pickle=False) as d:
+        arrays = {k: d[k] for k in d.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+def view_refused(capsys, folder: Path, match: str) -> None:
+    refused(capsys, "view", folder, match=match)
+    assert not (folder / "viewer.html").exists()
+
+
+def test_view_of_a_sound_folder(maps_dir, tmp_path, capsys):
+    folder = copy_of(maps_dir, tmp_path)
+    assert main(["view", str(folder)]) == 0
+    assert (folder / "viewer.html").is_file()
+
+
+@pytest.mark.parametrize("name", ["../secret", "/etc/passwd", "sub/../../secret"], ids=["dotdot", "absolute", "nested"])
+def test_view_refuses_names_outside_the_folder(maps_dir, tmp_path, capsys, name):
+    folder = copy_of(maps_dir, tmp_path)
+    (tmp_path / "secret.npz").write_bytes((folder / "one.npz").read_bytes())
+    meta = json.loads((folder / "maps.json").read_text())
+    meta["images"][0]["stem"] = name
+    (folder / "maps.json").write_text(json.dumps(meta))
+    view_refused(capsys, folder, r"maps\.json: images\[0\]: field 'stem': .* points outside")
+
+
+def test_view_refuses_a_link_that_leads_outside(maps_dir, tmp_path, capsys):
+    folder = copy_of(maps_dir, tmp_path)
+    elsewhere = tmp_path / "elsewhere.npz"
+    (folder / "one.npz").rename(elsewhere)
+    (folder / "one.npz").symlink_to(elsewhere)
+    view_refused(capsys, folder, r"'one' is a link that points outside")
+
+
+def test_view_refuses_object_arrays(maps_dir, tmp_path, capsys):
+    folder = copy_of(maps_dir, tmp_path)
+    rewrite_npz(folder / "one.npz", lambda a: a.update({"norm/layer1": np.array([{"x": 1}], dtype=object)}))
+    view_refused(capsys, folder, r"one\.npz: array 'norm/layer1' cannot be read without running code")
+
+
+def test_view_refuses_missing_arrays(maps_dir, tmp_path, capsys):
+    folder = copy_of(maps_dir, tmp_path)
+    rewrite_npz(folder / "one.npz", lambda a: a.pop("norm/layer1/prefix"))
+    view_refused(capsys, folder, r"one\.npz: missing array 'norm/layer1/prefix'")
+
+
+def test_view_refuses_arrays_of_the_wrong_shape(maps_dir, tmp_path, capsys):
+    folder = copy_of(maps_dir, tmp_path)
+    rewrite_npz(folder / "one.npz", lambda a: a.update({"norm/layer2": a["norm/layer2"][:3]}))
+    view_refused(capsys, folder, r"one\.npz: array 'norm/layer2' has shape \[3, 14\]; expected \[14, 14\] "
+                                 r"\(the layout in .*maps\.json\)")
+
+
+def test_view_refuses_json_and_npz_that_disagree(maps_dir, tmp_path, capsys):
+    folder = copy_of(maps_dir, tmp_path)
+    meta = json.loads((folder / "maps.json").read_text())
+    meta["images"][0]["layout"]["grid"] = [7, 7]
+    (folder / "maps.json").write_text(json.dumps(meta))
+    view_refused(capsys, folder, r"has shape \[14, 14\]; expected \[7, 7\]")
+    meta["images"][0]["layout"] = "14x14"
+    (folder / "maps.json").write_text(json.dumps(meta))
+    view_refused(capsys, folder, r"field 'layout': not a token layout")
+
+
+def test_view_refuses_a_file_that_is_not_an_npz(maps_dir, tmp_path, capsys):
+    folder = copy_of(maps_dir, tmp_path)
+    (folder / "one.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    view_refused(capsys, folder, r"one\.npz: not a readable \.npz archive")
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan")
+    assert main(["scan", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_a_scan_whose_json_and_trace_disagree(scanned, tmp_path, capsys):
+    folder = copy_of(scanned, tmp_path)
+    meta = json.loads((folder / "scan.json").read_text())
+    meta["images"] = meta["images"][:1]
+    (folder / "scan.json").write_text(json.dumps(meta))
+    view_refused(capsys, folder, r"scan\.json lists 1 images but .*trace\.npz holds \d+; the two come from "
+                                 r"different runs")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update({"norms": a["norms"][:, :, :-1]}), r"array 'norms' has shape .*expected"),
+    (lambda a: a.update({"header": np.array("[1, 2]")}), r"array 'header' must be a JSON object"),
+    (lambda a: a.update({"attn_cls": np.array([None], dtype=object)}), r"array 'attn_cls' cannot be read"),
+    (lambda a: a.pop("header"), r"missing array 'header'"),
+], ids=["wrong-shape", "header-not-object", "object-array", "no-header"])
+def test_a_damaged_trace(scanned, tmp_path, capsys, change, match):
+    folder = copy_of(scanned, tmp_path)
+    rewrite_npz(folder / "trace.npz", change)
+    with pytest.raises(VsinkError, match=match):
+        vsink.Trace.load(folder / "trace.npz")
+    view_refused(capsys, folder, match)
+
+
+# --- the hallucination report ---------------------------------------------------------------------
+
+def chair_summary(synthetic: bool) -> dict:
+    base = {"chair_s": 0.5, "chair_i": 0.25, "recall": 0.8, "avg_len": 12.0, "n": 2, "mentions": 4,
+            "hallucinated_mentions": 1, "captions": []}
+    var = {**base, "chair_s": 0.4987654, "chair_i": 0.2112345, "recall": 0.8}
+    return {"kind": "chair", "baseline": "none", "skipped": {}, "results": {"none": base, "var": var},
+            "protocol": {"prompt": "Describe <this> image.\nIn detail.", "max_new_tokens": 512, "seed": 0,
+                         "model": "demo-llava", "synthetic": synthetic, "settings": {"var": {"p": 0.6}},
+                         "images": ["a.png", "b.png"]}}
+
+
+def test_chair_deltas_have_two_decimals():
+    """chair_s 49.87654 − 50 = −0.12346 → "−0.12"; chair_i 21.12345 − 25 → "−3.88"; equal → "±0.00"."""
+    from vsink.export.hallucination_report import hallucination_html
+
+    page = hallucination_html(chair_summary(False))
+    deltas = re.findall(r"<span class='(?:pos|neg|muted)'>([^<]*)</span>", page)
+    assert "−0.12" in deltas and "−3.88" in deltas and "±0.00" in deltas
+    assert not [d for d in deltas if re.search(r"\.\d{3}", d)]
+
+
+def test_synthetic_pages_carry_the_banner_and_a_protocol_table():
+    from vsink.export.hallucination_report import hallucination_html
+
+    page = hallucination_html(chair_summary(True))
+    assert "Synthetic demo LVLM" in page
+    assert "<td class='l'>prompt</td><td class='l'><code style='white-space:pre-wrap'>Describe &lt;this&gt; image.\n" \
+           "In detail.</code></td>" in page
+    assert "<td class='l'>images</td><td class='l'>2 images</td>" in page
+    assert '{"' not in page.split("<h2>Scores</h2>")[0].split("<td class='l'>settings</td>")[0]
+    assert "Synthetic demo LVLM" not in hallucination_html(chair_summary(False))
+
+
+def test_captions_and_prompts_are_text_in_results_html():
+    from vsink.export.hallucination_report import hallucination_html
+
+    summary = chair_summary(False)
+    summary["results"]["none"]["captions"] = [
+        {"image_id": 1, "caption": "<!--<script>a dog</script>", "mentioned": ["dog"], "mentioned_words": ["dog"],
+         "hallucinated": []}]
+    page = hallucination_html(summary)
+    assert "&lt;!--&lt;script&gt;a <mark class='ok'>dog</mark>&lt;/script&gt;" in page
+    assert "<script" not in page and "<!--" not in page
+
+
+# --- checkpoints read back -----------------------------------------------------------------------
+
+def test_checkpoint_folders_that_lead_outside_or_are_misnamed(tmp_path):
+    from vsink.readers import ReadError
+    from vsink.train.checkpoint import list_checkpoints
+
+    run = tmp_path / "run" / "checkpoints"
+    for name in ("step_0000002", "step_latest", "step_0000001"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(b"")
+        (run / name / "state.pt").write_bytes(b"")
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000001", "step_0000002"]
+    elsewhere = tmp_path / "elsewhere"
+    (run / "step_0000002").rename(elsewhere)
+    (run / "step_0000002").symlink_to(elsewhere)
+    with pytest.raises(ReadError, match="step_0000002' is a link that points outside"):
+        list_checkpoints(run)
+
+
+def test_view_refuses_a_kind_listed_in_maps_json_but_not_in_the_npz(maps_dir, tmp_path, capsys):
+    folder = copy_of(maps_dir, tmp_path)
+    rewrite_npz(folder / "one.npz", lambda a: [a.pop(k) for k in list(a) if k.startswith("cls/layer2")])
+    view_refused(capsys, folder, r"one\.npz: missing array 'cls/layer2/prefix'")

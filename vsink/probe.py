@@ -96,14 +96,31 @@ class Trace:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Trace":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                arrays = {name: data[name] for name in (*cls.ARRAYS, "input_norms") if name in data.files}
-        except (OSError, ValueError, KeyError) as e:
-            raise VsinkError(f"cannot read trace file {path}: {e}") from e
-        return cls(layout=TokenLayout.from_dict(header["layout"]), layers=list(header["layers"]),
-                   meta=header.get("meta", {}), **arrays)
+        """Read a trace written by :meth:`save`; any array missing from what the header describes,
+        of the wrong shape or not numeric is a one-line :class:`~vsink.readers.ReadError`."""
+        from .readback import layout_of, open_npz
+        from .readers import ReadError, parse_json
+
+        with open_npz(path) as data:
+            header = parse_json(str(data.array("header", kind="text")), f"{path}: array 'header'")
+            if not isinstance(header, dict):
+                raise ReadError(f"{path}: array 'header' must be a JSON object")
+            layout = layout_of(header.get("layout"), f"{path}: header field 'layout'")
+            layers = header.get("layers")
+            if not isinstance(layers, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+                raise ReadError(f"{path}: header field 'layers' must be a list of block indices, got {layers!r:.80}")
+            meta = header.get("meta", {})
+            if not isinstance(meta, dict):
+                raise ReadError(f"{path}: header field 'meta' must be a JSON object")
+            L, N, because = len(layers), layout.num_tokens, "its header's layers and layout"
+            shapes = {"norms": (L, None, N), "input_norms": (None, N), "attn_received": (L, None, None, N),
+                      "attn_cls": (L, None, None, N), "attn_entropy": (L, None, None), "massive_values": (L, None, None),
+                      "massive_tokens": (L, None, None), "massive_dims": (L, None, None), "massive_median": (L, None)}
+            arrays = {name: data.array(name, shape, what=because) for name, shape in shapes.items() if name in data}
+        counts = {name: a.shape[1] if name != "input_norms" else a.shape[0] for name, a in arrays.items()}
+        if len(set(counts.values())) > 1:
+            raise ReadError(f"{path}: its arrays disagree on the number of images ({counts})")
+        return cls(layout=layout, layers=list(layers), meta=meta, **arrays)
 
 
 class Rows:

@@ -10,7 +10,7 @@ from matplotlib import colormaps
 from matplotlib.patches import Rectangle
 
 from .axes import plain_linear_axis
-from .figures import RUN_COLOURS, plt
+from .figures import RUN_COLOURS, plain_text, plt
 
 from .views import Previews
 
@@ -18,6 +18,7 @@ from .views import Previews
 MAX_CLASSES = 40
 
 
+@plain_text
 def per_class_iou_figure(variants: dict[str, list[Optional[float]]], class_names: Optional[Sequence[str]]):
     """Grouped bars: per class, one bar per variant (IoU in %, one axis from 0 to 100); classes
     with an empty union (None) get no bar."""
@@ -52,6 +53,7 @@ def _mask_rgb(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+@plain_text
 def previews_figure(previews: Previews, num_classes: int):
     """Rows: the first evaluation images. Columns: the image with the ground-truth boxes (white)
     and each variant's LOST box (its colour); the ground-truth mask; each variant's predicted mask."""

@@ -8,8 +8,9 @@ run and draw them on one shared axis.
 from __future__ import annotations
 
 import base64
+import functools
 import io
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import matplotlib
 
@@ -22,6 +23,23 @@ from .axes import colorbar, value_axis  # noqa: E402
 
 #: colours of compared runs, in order
 RUN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def plain_text(build: F) -> F:
+    """Build a figure with mathtext off: its titles, labels and legends show file names, model
+    specs, prompts and generated words as written (``a$\\frac{$b.png`` is not a formula that
+    fails to parse once all the work is done). Every figure builder of vsink is wrapped in it."""
+
+    @functools.wraps(build)
+    def built(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return build(*args, **kwargs)
+
+    built.plain_text = True  # type: ignore[attr-defined]
+    return built  # type: ignore[return-value]
 
 
 def png_bytes(fig) -> bytes:
@@ -49,12 +67,14 @@ def overlay_axes(ax, image: Image.Image, grid: np.ndarray, title: str, *, cmap: 
     return im
 
 
+@plain_text
 def overlay_png(image: Image.Image, grid: np.ndarray, title: str, **kwargs) -> bytes:
     fig, ax = plt.subplots(figsize=(4, 4 * image.size[1] / image.size[0] + 0.3))
     overlay_axes(ax, image, grid, title, **kwargs)
     return png_bytes(fig)
 
 
+@plain_text
 def layer_curves_figure(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], *, ylabel: str, title: str,
                         floor: Optional[float] = None, marks: Optional[Mapping[str, Optional[int]]] = None):
     """One line per run over blocks on one shared value axis; ``marks``: a dashed vertical line per
@@ -84,6 +104,7 @@ def ratio_curve_png(layers: Sequence[int], ratios: Sequence[float], emergence: O
                                          title=title, floor=1.0, marks=marks))
 
 
+@plain_text
 def norm_histogram_figure(norms: Mapping[str, np.ndarray], thresholds: Mapping[str, Optional[float]], title: str):
     """Patch-norm histograms of one or more runs on shared bins and axes."""
     fig, ax = plt.subplots(figsize=(6, 3))

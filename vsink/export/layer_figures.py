@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .axes import DistinctFormatter, colorbar, value_axis
-from .figures import RUN_COLOURS, plt
+from .figures import RUN_COLOURS, plain_text, plt
 
 if TYPE_CHECKING:
     from ..detect import AttentionSink, MassiveActivation
@@ -32,6 +32,7 @@ def sink_share_by_head(trace: "Trace", sinks: Sequence["AttentionSink"]) -> np.n
     return out
 
 
+@plain_text
 def heatmap_figure(values: np.ndarray, layers: Sequence[int], *, title: str, label: str,
                    cmap: str = "viridis", vmin: Optional[float] = None, vmax: Optional[float] = None):
     """Blocks (rows) × heads (columns) with a colour bar; each cell annotated when the grid is small."""
@@ -55,6 +56,7 @@ def heatmap_figure(values: np.ndarray, layers: Sequence[int], *, title: str, lab
     return fig
 
 
+@plain_text
 def massive_figure(trace: "Trace", found: Sequence["MassiveActivation"], threshold: float, title: str):
     """Sun et al.'s view: per block the top-1, top-2, top-3 |activation| and the median (mean over
     images; log axis when they span a decade), the top-1 dimension written at each point; right:
@@ -102,6 +104,7 @@ def massive_figure(trace: "Trace", found: Sequence["MassiveActivation"], thresho
     return fig
 
 
+@plain_text
 def norm_small_multiples_figure(image: Image.Image, grids: Mapping[int, np.ndarray], title: str,
                                 vmin: Optional[float] = None, vmax: Optional[float] = None):
     """The image, then the patch-norm map of every block, all on one colour scale (default: the

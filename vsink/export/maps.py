@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..io import atomic_path
 from ..layout import TokenLayout
-from .figures import overlay_axes, plt
+from .figures import overlay_axes, plain_text, plt
 
 
 @dataclass
@@ -86,6 +86,7 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+@plain_text
 def render_image_pngs(maps: ImageMaps, out: Union[str, Path], model: str, kinds, layers, heads) -> list[str]:
     """Write ``<stem>/<kind>_layer<L>_<head>.png`` overlays and ``<stem>/contact.png``; return
     the paths relative to ``out``."""
@@ -107,6 +108,7 @@ def render_image_pngs(maps: ImageMaps, out: Union[str, Path], model: str, kinds,
     return written
 
 
+@plain_text
 def _contact_sheet(maps: ImageMaps, model: str, kinds, layers):
     """Layers (rows) x grid kinds (columns), head mean, plus rollout and the pooling map on a row
     of their own."""

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..backbones.base import Backbone
 from ..features import FeatureCapture, FeatureSpec
-from .figures import plt
+from .figures import plain_text, plt
 
 
 def pca_rgb(features: np.ndarray) -> np.ndarray:
@@ -49,6 +49,7 @@ def patch_features(backbone: Backbone, images: Sequence[Image.Image], layers: Se
     return {spec.resolve(backbone.num_layers).layer: found[spec].float().cpu().numpy() for spec in specs}
 
 
+@plain_text
 def pca_figure(images: Sequence[Image.Image], runs: Mapping[str, Mapping[int, np.ndarray]], title: str):
     """Rows: images; columns: the input, then for each block each run's PCA-RGB panel."""
     layers = list(next(iter(runs.values())))

@@ -132,7 +132,8 @@ def norm_maps_section(result: ScanView) -> list[str]:
              "class tokens and registers are not on the grid (their norms are in the table above).</p>"]
     for i, thumb in enumerate(result.thumbnails):
         grids = {layer: layout.patch_grid(trace.norms[pos, i], dim=0) for pos, layer in enumerate(trace.layers)}
-        parts.append(fig(norm_small_multiples_figure(thumb, grids, result.images[i]), "norm maps", "wide"))
+        parts.append(fig(norm_small_multiples_figure(thumb, grids, result.images[i]),
+                         f"norm maps: {result.images[i]}", "wide"))
     return parts
 
 
@@ -186,7 +187,8 @@ def render_scan_report(result: ScanView) -> str:
                 grid = layout.patch_grid(share, dim=0)
                 prefix = share[layout.non_patch_indices()].sum()
                 parts.append(img(overlay_png(thumb, grid, f"{result.images[i]} — received, block {layers[pos]}"
-                                             f" (cls+registers: {prefix:.2f})", cmap="viridis"), "received"))
+                                             f" (cls+registers: {prefix:.2f})", cmap="viridis"),
+                                 f"received, block {layers[pos]}: {result.images[i]}"))
         parts.append("</div>")
 
     parts.append("<h2>Strongest sinks</h2>" + sinks_table(result))

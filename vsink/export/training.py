@@ -9,7 +9,7 @@ from typing import Any, Sequence, Union
 
 from ..io import read_jsonl
 from .axes import value_axis
-from .figures import plt
+from .figures import plain_text, plt
 from .html import esc, fig, fmt, page, table
 
 
@@ -31,6 +31,7 @@ def metric_series(records: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int
     return {k: series[k] for k in sorted(series, key=order)}
 
 
+@plain_text
 def training_curves_figure(records: Sequence[dict[str, Any]], title: str):
     """One panel per metric over steps (log only where a metric spans a decade); evaluation
     metrics, measured every few steps, are drawn with markers."""

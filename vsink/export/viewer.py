@@ -34,9 +34,15 @@ from PIL import Image
 from ..errors import VsinkError
 from ..io import write_text
 from ..layout import TokenLayout
+from ..options import AnyOf, Choice, Int, ListOf, Mapping_, Text
+from ..readback import layout_of, member, open_npz
+from ..readers import ReadError, checked_field, parse_json, read_json, records
 from .html import esc
 
 PRECISIONS = ("float16", "float32")
+TEXT, TEXTS, MAPPING = Text(), ListOf(Text()), Mapping_()
+INDICES = ListOf(Int(min=0))
+HEADS = AnyOf((Choice(("mean", "all")), ListOf(Int(min=0))))
 #: a warning is printed above this many bytes
 LARGE_BYTES = 64 * 2**20
 
@@ -103,63 +109,95 @@ def _pick_layers(available: Sequence[int], layers: Optional[Sequence[int]]) -> l
     return sorted(set(wanted))
 
 
+def _maps_settings(meta: dict[str, Any], where: str) -> tuple[list[str], list[int], Union[str, list[int]]]:
+    settings = checked_field(meta, "settings", MAPPING, where, default={})
+    kinds = checked_field(settings, "kinds", TEXTS, f"{where}: settings", default=[])
+    exported = checked_field(settings, "layers", INDICES, f"{where}: settings", default=[])
+    heads = checked_field(settings, "heads", HEADS, f"{where}: settings", default="mean")
+    return kinds, exported, heads
+
+
 def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]], precision: str) -> dict[str, Any]:
-    meta = json.loads((directory / "maps.json").read_text())
-    settings = meta.get("settings", {})
-    kinds = settings.get("kinds", [])
-    exported = settings.get("layers", [])
-    heads = settings.get("heads", "mean")
+    where = str(directory / "maps.json")
+    meta = read_json(directory / "maps.json", "maps.json")
+    kinds, exported, heads = _maps_settings(meta, where)
     images = []
-    for entry in meta["images"][:max_images]:
-        layout = TokenLayout.from_dict(entry["layout"])
-        path = directory / f"{entry['stem']}.npz"
+    for at, entry in list(records(meta, "images", where))[:max_images]:
+        layout = layout_of(entry.get("layout"), f"{at}: field 'layout'")
+        name = checked_field(entry, "image", TEXT, at)
+        path = member(directory, checked_field(entry, "stem", TEXT, at), f"{at}: field 'stem'", ".npz")
         if not path.is_file():
             raise VsinkError(f"{path} is missing: vsink view needs the npz arrays (vsink maps --format png,npz)")
         chosen = _pick_layers(exported, layers)
+        grid, n_prefix = tuple(layout.grid), layout.num_prefix
+        because = f"the layout in {where}"
         per_layer: dict[str, Any] = {}
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path) as data:
             for layer in chosen:
                 item: dict[str, Any] = {}
-                if f"norm/layer{layer}" in data.files:
-                    item["norm"] = encode(_tokens(layout, data[f"norm/layer{layer}"], data[f"norm/layer{layer}/prefix"]),
+                if "norm" in kinds or f"norm/layer{layer}" in data:  # listed in maps.json: must be there
+                    item["norm"] = encode(_tokens(layout, data.array(f"norm/layer{layer}", grid, what=because),
+                                                  data.array(f"norm/layer{layer}/prefix", (n_prefix,), what=because)),
                                           precision)
                 for kind in ("cls", "received"):
                     key = f"{kind}/layer{layer}"
-                    if f"{key}/prefix" not in data.files:
+                    if kind not in kinds and f"{key}/prefix" not in data:
                         continue
-                    prefix = data[f"{key}/prefix"]
-                    if key in data.files:
+                    prefix = data.array(f"{key}/prefix", (None, n_prefix), what=because)
+                    if key in data:
                         ids = list(range(prefix.shape[0])) if heads in ("all", "mean") else list(heads)
-                        values = _tokens(layout, data[key], prefix[ids])
+                        if max(ids, default=0) >= prefix.shape[0]:
+                            raise ReadError(f"{where}: settings heads {ids} disagree with {path}: '{key}/prefix' has "
+                                            f"{prefix.shape[0]} heads")
+                        values = _tokens(layout, data.array(key, (len(ids), *grid), what=f"heads and layout in {where}"),
+                                         prefix[ids])
                     else:
-                        ids, values = ["mean"], _tokens(layout, data[f"{key}/mean"][None], prefix.mean(axis=0)[None])
+                        mean = data.array(f"{key}/mean", grid, what=because)
+                        ids, values = ["mean"], _tokens(layout, mean[None], prefix.mean(axis=0)[None])
                     item[kind] = {"heads": ids, "values": encode(values, precision)}
-                if f"full/layer{layer}" in data.files:
-                    full = data[f"full/layer{layer}"]
+                if "full" in kinds or f"full/layer{layer}" in data:
+                    n = layout.num_tokens
+                    full = data.array(f"full/layer{layer}", (None, n, n), what=because)
                     ids = list(range(full.shape[0])) if heads in ("all", "mean") else list(heads)
+                    if len(ids) != full.shape[0]:
+                        raise ReadError(f"{where}: settings heads {ids} disagree with {path}: 'full/layer{layer}' has "
+                                        f"{full.shape[0]} heads")
                     item["rows"] = {"heads": ids, "values": encode(full, precision)}
                 per_layer[str(layer)] = item
-            picture = image_uri(data["image"]) if "image" in data.files else _placeholder(layout.grid)
-        images.append({"name": entry["image"], "image": picture, "grid": list(layout.grid),
+            picture = image_uri(data.array("image", kind="image")) if "image" in data else _placeholder(layout.grid)
+        images.append({"name": name, "image": picture, "grid": list(layout.grid),
                        "tokens": layout.num_tokens, "patch_start": layout.num_prefix, "prefix": _prefix(layout),
                        "layers": per_layer})
     if not images:
         raise VsinkError(f"{directory / 'maps.json'} lists no image")
-    return {"kind": "vision", "source": "maps", "model": meta.get("model"), "synthetic": bool(meta.get("synthetic")),
-            "kinds": kinds, "images": images}
+    return {"kind": "vision", "source": "maps", "model": _text_or_none(meta, "model", where),
+            "synthetic": bool(meta.get("synthetic")), "kinds": kinds, "images": images}
+
+
+def _text_or_none(meta: dict[str, Any], key: str, where: str) -> Optional[str]:
+    value = meta.get(key)
+    return None if value is None else checked_field(meta, key, TEXT, where)
 
 
 def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]], precision: str) -> dict[str, Any]:
     from ..probe import Trace
 
-    meta = json.loads((directory / "scan.json").read_text())
+    where = str(directory / "scan.json")
+    meta = read_json(directory / "scan.json", "scan.json")
+    names = checked_field(meta, "images", TEXTS, where)
     trace = Trace.load(directory / "trace.npz")
-    with np.load(directory / "trace.npz", allow_pickle=False) as data:
-        thumbs = data["thumbnails"] if "thumbnails" in data.files else None
     layout = trace.layout
+    if trace.num_images != len(names):
+        raise ReadError(f"{where} lists {len(names)} images but {directory / 'trace.npz'} holds {trace.num_images}; "
+                        "the two come from different runs")
+    with open_npz(directory / "trace.npz") as data:
+        thumbs = data.array("thumbnails", (None, None, None, 3)) if "thumbnails" in data else None
+    if thumbs is not None and (thumbs.dtype != np.uint8 or len(thumbs) > len(names)):
+        raise ReadError(f"{directory / 'trace.npz'}: array 'thumbnails' must be uint8 pixels of at most "
+                        f"{len(names)} images, got {thumbs.dtype} {list(thumbs.shape)}")
     chosen = _pick_layers(trace.layers, layers)
     images = []
-    for i, name in enumerate(meta["images"][:max_images]):
+    for i, name in enumerate(names[:max_images]):
         per_layer: dict[str, Any] = {}
         for layer in chosen:
             pos = trace.layers.index(layer)
@@ -173,7 +211,8 @@ def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]]
         picture = image_uri(thumbs[i]) if thumbs is not None and i < len(thumbs) else _placeholder(layout.grid)
         images.append({"name": name, "image": picture, "grid": list(layout.grid), "tokens": layout.num_tokens,
                        "patch_start": layout.num_prefix, "prefix": _prefix(layout), "layers": per_layer})
-    return {"kind": "vision", "source": "scan", "model": meta.get("model"), "synthetic": bool(meta.get("synthetic")),
+    return {"kind": "vision", "source": "scan", "model": _text_or_none(meta, "model", where),
+            "synthetic": bool(meta.get("synthetic")),
             "kinds": [k for k, a in (("cls", trace.attn_cls), ("received", trace.attn_received), ("norm", trace.norms))
                       if a is not None], "images": images}
 
@@ -182,15 +221,27 @@ def _from_lvlm(directory: Path, max_images: int, layers: Optional[Sequence[int]]
     rows = []
     files = sorted(directory.glob("row*.npz"), key=lambda p: int(p.stem[3:]) if p.stem[3:].isdigit() else 0)
     for path in files[:max_images]:
-        with np.load(path, allow_pickle=False) as data:
-            att = data["attention"]  # [steps, L, h, w]
-            grid = [int(v) for v in data["grid"]]
+        path = member(directory, path.name, str(directory))
+        with open_npz(path) as data:
+            att = data.array("attention", (None, None, None, None))  # [steps, L, h, w]
+            grid = [int(v) for v in data.array("grid", (2,))]
+            if grid != list(att.shape[2:]):
+                raise ReadError(f"{path}: array 'grid' {grid} disagrees with array 'attention' "
+                                f"{list(att.shape)} (steps, layers, rows, columns)")
             chosen = _pick_layers(range(att.shape[1]), layers)
-            words = json.loads(str(data["words"])) if "words" in data.files else [f"id {int(t)}" for t in data["tokens"]]
-            rows.append({"name": path.stem, "image": image_uri(data["image"]) if "image" in data.files
+            if "words" in data:
+                words = parse_json(str(data.array("words", kind="text")), f"{path}: array 'words'")
+                if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                    raise ReadError(f"{path}: array 'words' must be a JSON list of texts")
+            else:
+                words = [f"id {int(t)}" for t in data.array("tokens", (att.shape[0],))]
+            if len(words) != att.shape[0]:
+                raise ReadError(f"{path}: {len(words)} words but array 'attention' has {att.shape[0]} steps")
+            rows.append({"name": path.stem, "image": image_uri(data.array("image", kind="image")) if "image" in data
                          else _placeholder(grid), "grid": grid, "words": words, "layers": chosen,
                          "attention": encode(att[:, chosen].reshape(att.shape[0], len(chosen), -1), precision),
-                         "mitigation": str(data["mitigation"]), "protocol": str(data["protocol"])})
+                         "mitigation": str(data.array("mitigation", kind="text")),
+                         "protocol": str(data.array("protocol", kind="text"))})
     return {"kind": "lvlm", "source": "generate", "model": None, "synthetic": False, "rows": rows}
 
 
@@ -218,10 +269,22 @@ def _lut(name: str) -> list[str]:
     return ["%02x%02x%02x" % tuple(int(round(255 * c)) for c in cmap(i / 255)[:3]) for i in range(256)]
 
 
+#: characters that could end or change the meaning of an inline script in any tokenizer state
+#: (``</script``, ``<!--``, ``-->``, character references) or a JavaScript line (U+2028/9), as
+#: JSON escapes that ``JSON.parse`` reads back unchanged
+_SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON safe inside ``<script type='application/json'>``: no ``<``, ``>``,
+    ``&``, U+2028 or U+2029 remains (each is written as its ``\\uXXXX`` escape)."""
+    return json.dumps(value, separators=(",", ":")).translate(_SCRIPT_ESCAPES)
+
+
 def render_viewer(payload: dict[str, Any], title: str) -> str:
     """The viewer page for a payload of :func:`load_viewer_data`."""
     payload = {**payload, "colormaps": {"attention": _lut("inferno"), "norm": _lut("magma")}}
-    data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    data = script_json(payload)
     script = resources.files("vsink.export").joinpath("viewer.js").read_text(encoding="utf-8")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{VIEWER_STYLE}"
             f"</style></head><body><div id='app'></div><script id='vsink-data' type='application/json'>{data}</script>"

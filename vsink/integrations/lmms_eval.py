@@ -31,12 +31,13 @@ def manifest() -> ModelManifest:
 
 
 def _value(value: Any) -> Any:
-    """A ``set_`` value: YAML scalar, or a ``;``-separated list."""
-    import yaml
+    """A ``set_`` value: YAML scalar, or a ``;``-separated list (read through
+    :func:`vsink.readers.parse_yaml`: safe, alias bombs refused)."""
+    from ..readers import parse_yaml
 
     if isinstance(value, str) and ";" in value:
-        return [yaml.safe_load(v) for v in value.split(";") if v]
-    return yaml.safe_load(value) if isinstance(value, str) else value
+        return [parse_yaml(v, "model_args set_") for v in value.split(";") if v]
+    return parse_yaml(value, "model_args set_") if isinstance(value, str) else value
 
 
 def _flag(value: Any) -> bool:

@@ -6,6 +6,7 @@ under a temporary name, then renamed)."""
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..backbones.weights import check_state_matches
 from ..errors import VsinkError
+from ..readback import member
 
 PREFIX = "step_"
 
@@ -69,9 +71,10 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and (p / "model.safetensors").is_file() and (p / "state.pt").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [member(directory, p.name, f"{directory}: checkpoint") for p in directory.iterdir()
+             if re.fullmatch(re.escape(PREFIX) + r"\d+", p.name)]
+    found = [p for p in found if p.is_dir() and (p / "model.safetensors").is_file() and (p / "state.pt").is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def checkpoint_step(path: Path) -> int:
