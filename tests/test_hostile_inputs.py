@@ -513,6 +513,27 @@ def test_pathological_nesting(tmp_path, capsys, where):
     refused(capsys, *argv, "--out", tmp_path / "out", match=rf"{named}: nested too deeply")
 
 
+def yaml_alias_bomb(levels: int = 9) -> str:
+    """``levels`` levels of nine aliases in flow style: ~600 bytes, 9**levels values expanded."""
+    parts = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    parts += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "{" + ", ".join(parts) + "}"
+
+
+@pytest.mark.parametrize("where", ["recipe-override", "mitigation-set"])
+def test_yaml_alias_bombs_are_refused_where_yaml_enters(tmp_path, capsys, where):
+    """Every YAML value goes through one reader, which refuses a document whose aliases expand it
+    past its own size (issue 20: nine levels of nine aliases used to hang the checks)."""
+    bomb = yaml_alias_bomb()
+    argv, named = {
+        "recipe-override": (["finetune", *TINY_RECIPE, f"model.model_kwargs={bomb}", f"out={tmp_path / 'run'}"],
+                            r"model\.model_kwargs=\.\.\."),
+        "mitigation-set": (["generate", png(tmp_path / "a.png"), "--model", "demo-llava", "--prompt", "<image> hi",
+                            "--mitigation", "var", "--set", f"var.start_layer={bomb}"], r"var\.start_layer=\.\.\."),
+    }[where]
+    refused(capsys, *argv, match=rf"{named}: its aliases \(\*name\) expand it to more than")
+
+
 @pytest.mark.parametrize("override, message", [
     ({"annotations": {"1": {"image_id": 1, "category_id": 1}}}, r"field 'annotations' must be a list, got an object"),
     ({"categories": [1, 2, 3]}, r"categories\[0\] must be an object, got 1"),

@@ -537,3 +537,35 @@ def test_view_refuses_a_kind_listed_in_maps_json_but_not_in_the_npz(maps_dir, tm
     folder = copy_of(maps_dir, tmp_path)
     rewrite_npz(folder / "one.npz", lambda a: [a.pop(k) for k in list(a) if k.startswith("cls/layer2")])
     view_refused(capsys, folder, r"one\.npz: missing array 'cls/layer2/prefix'")
+
+
+def lvlm_row(path: Path, **override) -> Path:
+    """A ``vsink generate --export-attention`` row: 3 words, 2 layers, a 2 × 3 grid."""
+    arrays = {"attention": np.full((3, 2, 2, 3), 1 / 6, np.float32), "layer_mean": np.full((3, 2, 3), 1 / 6, np.float32),
+              "tokens": np.array([5, 6, 7]), "words": np.asarray(json.dumps(["a", "<image>", "c"])),
+              "grid": np.array([2, 3]), "mitigation": np.asarray("none"), "protocol": np.asarray("default"),
+              "settings": np.asarray("{}")}
+    arrays.update(override)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_view_of_lvlm_rows(tmp_path, capsys):
+    lvlm_row(tmp_path / "rows" / "row0.npz")
+    assert main(["view", str(tmp_path / "rows")]) == 0
+    page = (tmp_path / "rows" / "viewer.html").read_text()
+    assert "\\u003cimage\\u003e" in page
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"grid": np.array([3, 3])}, r"row0\.npz: array 'grid' \[3, 3\] disagrees with array 'attention' \[3, 2, 2, 3\]"),
+    ({"words": np.asarray(json.dumps(["a"]))}, r"row0\.npz: 1 words but array 'attention' has 3 steps"),
+    ({"words": np.array([{"a": 1}], dtype=object)}, r"array 'words' cannot be read without running code"),
+    ({"attention": np.zeros((3, 2, 6))}, r"array 'attention' has shape \[3, 2, 6\]; expected \[\*, \*, \*, \*\]"),
+    ({"image": np.zeros((4, 4), np.float32)}, r"array 'image' must hold uint8 RGB pixels"),
+    ({"mitigation": np.array(3)}, r"array 'mitigation' must be a text"),
+], ids=["grid", "words-count", "words-object", "attention-shape", "image", "mitigation"])
+def test_view_refuses_lvlm_rows_that_disagree(tmp_path, capsys, override, match):
+    lvlm_row(tmp_path / "rows" / "row0.npz", **override)
+    view_refused(capsys, tmp_path / "rows", match)
