@@ -569,3 +569,28 @@ def test_view_of_lvlm_rows(tmp_path, capsys):
 def test_view_refuses_lvlm_rows_that_disagree(tmp_path, capsys, override, match):
     lvlm_row(tmp_path / "rows" / "row0.npz", **override)
     view_refused(capsys, tmp_path / "rows", match)
+
+
+def test_a_chair_run_of_the_demo_lvlm_is_marked_synthetic(tmp_path, capsys):
+    png(tmp_path / "images" / "img1.png")
+    code = main(["eval", "chair", str(tmp_path / "images"), "--model", "demo-llava", "--annotations",
+                 str(coco_instances(tmp_path / "instances.json")), "--max-new-tokens", "2", "--no-progress",
+                 "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    page = (tmp_path / "out" / "results.html").read_text()
+    assert "Synthetic demo LVLM" in page and "<td class='l'>synthetic</td><td class='l'>true</td>" in page
+    assert "Synthetic demo LVLM" in (tmp_path / "out" / "results.md").read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["protocol"]["synthetic"] is True
+
+
+def test_pope_pages_carry_the_banner_too():
+    from vsink.export.hallucination_report import hallucination_html
+
+    split = {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 0.66666, "yes_ratio": 1.0, "n": 6,
+             "unparseable": 0}
+    summary = {"kind": "pope", "baseline": "none", "skipped": {},
+               "results": {"none": {"splits": {"random": split}, "mean": split}},
+               "protocol": {"prompt": "{question}", "parser": "first-word", "synthetic": True, "images": ["a"]}}
+    page = hallucination_html(summary)
+    assert "Synthetic demo LVLM" in page and "<td class='l'>parser</td>" in page
