@@ -594,3 +594,11 @@ def test_pope_pages_carry_the_banner_too():
                "protocol": {"prompt": "{question}", "parser": "first-word", "synthetic": True, "images": ["a"]}}
     page = hallucination_html(summary)
     assert "Synthetic demo LVLM" in page and "<td class='l'>parser</td>" in page
+
+
+def test_view_refuses_a_trace_that_is_a_link_outside_the_folder(scanned, tmp_path, capsys):
+    folder = copy_of(scanned, tmp_path)
+    elsewhere = tmp_path / "elsewhere.npz"
+    (folder / "trace.npz").rename(elsewhere)
+    (folder / "trace.npz").symlink_to(elsewhere)
+    view_refused(capsys, folder, r"'trace\.npz' is a link that points outside")

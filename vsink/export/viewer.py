@@ -119,7 +119,7 @@ def _maps_settings(meta: dict[str, Any], where: str) -> tuple[list[str], list[in
 
 def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]], precision: str) -> dict[str, Any]:
     where = str(directory / "maps.json")
-    meta = read_json(directory / "maps.json", "maps.json")
+    meta = read_json(member(directory, "maps.json", str(directory)), "maps.json")
     kinds, exported, heads = _maps_settings(meta, where)
     images = []
     for at, entry in list(records(meta, "images", where))[:max_images]:
@@ -183,9 +183,9 @@ def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]]
     from ..probe import Trace
 
     where = str(directory / "scan.json")
-    meta = read_json(directory / "scan.json", "scan.json")
+    meta = read_json(member(directory, "scan.json", str(directory)), "scan.json")
     names = checked_field(meta, "images", TEXTS, where)
-    trace = Trace.load(directory / "trace.npz")
+    trace = Trace.load(member(directory, "trace.npz", str(directory)))
     layout = trace.layout
     if trace.num_images != len(names):
         raise ReadError(f"{where} lists {len(names)} images but {directory / 'trace.npz'} holds {trace.num_images}; "
