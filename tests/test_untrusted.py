@@ -602,3 +602,27 @@ def test_view_refuses_a_trace_that_is_a_link_outside_the_folder(scanned, tmp_pat
     (folder / "trace.npz").rename(elsewhere)
     (folder / "trace.npz").symlink_to(elsewhere)
     view_refused(capsys, folder, r"'trace\.npz' is a link that points outside")
+
+
+def test_question_images_outside_the_image_folder_are_skipped(tmp_path, capsys):
+    """A questions file naming ``../secret.png`` (or an absolute path): that item is skipped and
+    reported, the image outside --images is never read."""
+    png(tmp_path / "images" / "img1.png")
+    png(tmp_path / "secret.png", seed=5)
+    rows = [{"question_id": 0, "image": "img1.png", "object": "dog", "split": "random", "label": "yes",
+             "text": "Is there a dog in the image?"},
+            {"question_id": 1, "image": "../secret.png", "object": "cat", "split": "random", "label": "no",
+             "text": "Is there a cat in the image?"},
+            {"question_id": 2, "image": str(tmp_path / "secret.png"), "object": "cat", "split": "random",
+             "label": "no", "text": "Is there a cat in the image?"}]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["eval", "pope", str(tmp_path / "images"), "--model", "demo-llava", "--questions", str(questions),
+                 "--max-new-tokens", "1", "--no-progress", "--out", str(tmp_path / "out")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    reasons = {s["item"]: s["reason"] for s in results["skipped"]["none"]}
+    assert set(reasons) == {"1", "2"} and all("points outside" in r for r in reasons.values()), reasons
+    answered = [json.loads(line)["question_id"] for line in (tmp_path / "out" / "none" / "answers.jsonl").open()]
+    assert answered == [0]

@@ -31,6 +31,7 @@ from ..images import load_image
 from ..io import append_jsonl, read_jsonl, write_text
 from ..options import Int
 from ..outputs import clean_stale_temps
+from ..readback import member
 from .pope import QUESTION_ID
 
 POPE_PROMPT = "{question}\nAnswer the question using a single word or phrase."
@@ -62,7 +63,7 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
         batch, images = [], []
         for item in todo[start:start + batch_size]:
             try:
-                images.append(load_image(images_dir / item["image"]))
+                images.append(load_image(member(images_dir, item["image"], f"{key} {item[key]}: image")))
                 batch.append(item)
             except VsinkError as e:
                 skipped.append({"item": str(item[key]), "reason": str(e)})
