@@ -5,10 +5,13 @@ make ``vsink view`` embed files from elsewhere.
   generous time limit, so a regression fails instead of hanging the suite);
 * code shipped with a model: a folder whose ``config.json`` has an ``auto_map`` to a Python file
   that writes a marker; stdin answers ``y``; the marker must never appear;
-* folders read back (``vsink view``, traces): object arrays, missing keys, wrong shapes, JSON and
-  npz that disagree, names that lead outside the folder;
-* the viewer's embedded JSON in every HTML tokenizer state, in a real headless Chromium;
-* file names that matplotlib would parse as maths.
+* folders read back (``vsink view``, traces, checkpoints, POPE/CHAIR image names): object
+  arrays, missing keys, wrong shapes, JSON and npz that disagree, names that lead outside the
+  folder;
+* the viewer's embedded JSON in every HTML tokenizer state, in a real headless Chromium, and
+  names, captions and prompts as text in the other pages;
+* file names that matplotlib would parse as maths;
+* POPE/CHAIR pages: deltas with 2 decimals, the synthetic banner, the protocol as a table.
 """
 
 from __future__ import annotations
@@ -311,6 +314,9 @@ def test_every_figure_builder_turns_mathtext_off():
                     builders.append((module.__name__, name, getattr(fn, "plain_text", False)))
     assert len(builders) >= 10
     assert [b for b in builders if not b[2]] == []
+    elsewhere = [str(p) for p in (ROOT / "vsink").rglob("*.py") if "export" not in p.parts
+                 and re.search(r"plt\.(subplots|figure)\(", p.read_text())]
+    assert elsewhere == []  # figures are built in vsink/export only
 
 
 # --- the viewer: HTML tokenizer states, folders read back -----------------------------------------
@@ -541,7 +547,8 @@ def test_view_refuses_a_kind_listed_in_maps_json_but_not_in_the_npz(maps_dir, tm
 
 def lvlm_row(path: Path, **override) -> Path:
     """A ``vsink generate --export-attention`` row: 3 words, 2 layers, a 2 × 3 grid."""
-    arrays = {"attention": np.full((3, 2, 2, 3), 1 / 6, np.float32), "layer_mean": np.full((3, 2, 3), 1 / 6, np.float32),
+    arrays = {"attention": np.full((3, 2, 2, 3), 1 / 6, np.float32),
+              "layer_mean": np.full((3, 2, 3), 1 / 6, np.float32),
               "tokens": np.array([5, 6, 7]), "words": np.asarray(json.dumps(["a", "<image>", "c"])),
               "grid": np.array([2, 3]), "mitigation": np.asarray("none"), "protocol": np.asarray("default"),
               "settings": np.asarray("{}")}

@@ -114,7 +114,8 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     settings = _mitigation_settings(args, names)
     resolved = {name: make_mitigations(name, settings[name], args.protocol) for name in names}  # fail before loading
     lvlm = load_lvlm_for(args)
-    protocol = {**protocol, "model": args.model, "synthetic": lvlm.synthetic, "settings": settings, "mitigation_protocol": args.protocol,
+    protocol = {**protocol, "model": args.model, "synthetic": lvlm.synthetic, "settings": settings,
+                "mitigation_protocol": args.protocol,
                 "resolved_settings": {name: _resolved(mits) for name, mits in resolved.items()}}
     scores, skipped = {}, {}
     for name in names:
