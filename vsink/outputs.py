@@ -65,9 +65,18 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, mode)
 
 
+def _exists(path: Path, follow: bool = True) -> bool:
+    """Whether ``path`` exists; False for any name the file system refuses (too long, ...)."""
+    try:
+        os.stat(path, follow_symlinks=follow)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _nearest_existing(path: Path) -> Path:
     path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
+    while not _exists(path) and path != path.parent:
         path = path.parent
     return path
 
@@ -94,7 +103,7 @@ def _link_problem(path: Path) -> Optional[str]:
     """Why a symbolic link in ``path`` (itself or a folder above it) cannot be written through."""
     p = Path(os.path.abspath(path))
     for candidate in (p, *p.parents):
-        if candidate.is_symlink() and not candidate.exists():
+        if _exists(candidate, follow=False) and candidate.is_symlink() and not _exists(candidate):
             return f"{'it' if candidate == p else candidate} is a symbolic link to {os.readlink(candidate)}, which does not exist"
     return None
 
@@ -104,7 +113,7 @@ def output_dir_problem(path: PathLike) -> Optional[str]:
     or the nearest existing folder above it is one, so it can be created; no dangling symbolic link
     on the way; a name the file system accepts)."""
     p = Path(path)
-    problem = _link_problem(p) or _name_problem(p)
+    problem = _name_problem(p) or _link_problem(p)
     if problem:
         return problem
     if p.exists() and not p.is_dir():
@@ -120,11 +129,11 @@ def output_dir_problem(path: PathLike) -> Optional[str]:
 def output_file_problem(path: PathLike) -> Optional[str]:
     """Why ``path`` cannot be written as a file, or None when it can."""
     p = Path(path)
-    if p.is_dir():
-        return "it is a directory; give a file path"
-    problem = _link_problem(p) or _name_problem(p)
+    problem = _name_problem(p) or _link_problem(p)
     if problem:
         return problem
+    if p.is_dir():
+        return "it is a directory; give a file path"
     problem = output_dir_problem(p.parent if str(p.parent) else Path("."))
     return f"its folder cannot be written: {problem}" if problem else None
 
