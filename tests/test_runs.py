@@ -235,7 +235,7 @@ def test_repeated_answers_are_scored_once(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(_pope(tiny, out)) == 0
     err = capsys.readouterr().err
-    assert "6 repeated question_id line(s) ignored" in err
+    assert err.count("6 repeated question_id line(s) ignored") == 1
     result = json.loads((out / "results.json").read_text())["results"]["none"]
     assert result["mean"]["n"] == 6 and result["mean"]["yes_ratio"] == 0.0  # the first answer of each: "no"
     with pytest.raises(VsinkError, match="question_id 0 was answered before"):
@@ -465,3 +465,29 @@ def test_output_targets_refused_before_any_work(tmp_path, case, request, capsys)
         assert expect in lines[0], err
         assert "SYNTHETIC" not in err  # refused before the model was loaded
     assert not (tmp_path / "missing").exists()
+
+
+def test_finetune_is_one_writer_too(tmp_path):
+    import socket
+
+    from vsink.outputs import OutputError
+    from vsink.train import load_config, run_finetune
+
+    configs = ROOT / "configs"
+    tiny = ["model.spec=timm:vit_tiny_patch16_224", "model.img_size=32",
+            "model.model_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}", "registers.n=2",
+            "data.num_images=8", "data.eval_images=4", "train.eval_every=1000", "train.log_every=1000",
+            "train.warmup_steps=1", "train.steps=1", f"out={tmp_path}"]
+    sleeper = subprocess.Popen(["sleep", "60"])  # a live process of this host holds the folder
+    try:
+        (tmp_path / ".vsink.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
+                                                          "command": "vsink finetune", "started": "now"}))
+        with pytest.raises(OutputError, match=f"is being written by pid {sleeper.pid} on .*'vsink finetune'"):
+            run_finetune(load_config(configs / "scratch.yaml", tiny), progress=False)
+        assert not (tmp_path / "config.yaml").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.warns(UserWarning, match="taking over the lock"):
+        run_finetune(load_config(configs / "scratch.yaml", tiny), progress=False)
+    assert (tmp_path / "final" / "vsink.json").exists() and not (tmp_path / ".vsink.lock").exists()
