@@ -306,24 +306,25 @@ def test_an_interrupted_registers_apply_leaves_before_after_and_compare_as_they_
     _view_works(out / "before")
 
 
-def test_a_killed_scan_leaves_the_earlier_set_and_the_next_run_cleans_up(tmp_path):
+def test_a_killed_export_leaves_the_earlier_set_and_the_next_run_cleans_up(tmp_path):
     from vsink.cli import main
 
-    out = tmp_path / "scan"
-    images = _demo_images(tmp_path, 3)
-    assert main(["scan", str(images), "--out", str(out), "--no-progress"]) == 0
+    out = tmp_path / "maps"
+    images = _demo_images(tmp_path, 4)
+    argv = ["maps", str(images), "--out", str(out), "--layers", "0", "--kind", "norm", "--no-progress"]
+    assert main(argv) == 0
     earlier = _snapshot(out)
-    # kill -9 once the rerun has started writing its new set (its staging folder exists)
-    proc = _vsink("scan", str(images), "--out", str(out), "--batch-size", "1", "--no-progress")
+    # kill -9 in the middle of the rerun: its first image is written (in its staging folder), the rest not
+    proc = _vsink(*argv)
     deadline = time.time() + 120
-    while not list(out.glob(".vsink-stage-*")) and time.time() < deadline and proc.poll() is None:
+    while not list(out.glob(".vsink-stage-*/*.npz")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    assert list(out.glob(".vsink-stage-*")), proc.communicate()
+    assert list(out.glob(".vsink-stage-*/*.npz")), proc.communicate()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert {k: v for k, v in _snapshot(out).items() if not k.startswith(".")} == earlier
     _view_works(out)
-    assert main(["scan", str(images), "--out", str(out), "--no-progress"]) == 0  # the dead writer's lock is taken over
+    assert main(argv) == 0  # the dead writer's lock is taken over, its staging folder removed
     assert not list(out.glob(".vsink-*")) and not (out / ".vsink.lock").exists()
 
 

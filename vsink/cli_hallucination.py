@@ -7,11 +7,10 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import VsinkError, VsinkWarning
+from .errors import VsinkError
 from .io import write_jsonl
 from .manifest import content_hash
 from .wording import count
@@ -139,10 +138,8 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     files = {name: out / name / ("answers.jsonl" if kind == "pope" else "generated.jsonl") for name in names}
     try:
         for name in names:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", VsinkWarning)  # repeated answers are reported by the run below
-                earlier = files[name].exists() and hal.read_rows(files[name], key)  # a damaged file is named first
-            if earlier:
+            # a damaged file is named first; repeated answers are reported by the run below
+            if files[name].exists() and hal.read_rows(files[name], key, report=False):
                 check_resume(files[name].parent, determining[name], f"the answers in {files[name].name}")
     except StaleRun:
         if not args.new_run:

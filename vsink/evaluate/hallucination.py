@@ -93,12 +93,13 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
                                     for it, text in zip(batch, result.texts)], fsync=True)
         bar.update(len(todo[start:start + batch_size]))
     bar.close()
-    return read_rows(out_file, key) if out_file.exists() else [], skipped
+    return read_rows(out_file, key, report=False) if out_file.exists() else [], skipped
 
 
-def read_rows(path: Path, key: str) -> list[dict[str, Any]]:
+def read_rows(path: Path, key: str, report: bool = True) -> list[dict[str, Any]]:
     """A runner's answers file, the first row of each ``key`` (a repeated key — two writers at once
-    in an older vsink, or an edited file — is reported once as a warning and never scored twice)."""
+    in an older vsink, or an edited file — is never scored twice; with ``report``, the repeats are
+    counted in a warning)."""
     import warnings
 
     key_kind = {"image_id": Int(min=0)}.get(key, QUESTION_ID)
@@ -110,7 +111,7 @@ def read_rows(path: Path, key: str) -> list[dict[str, Any]]:
             continue
         seen.add(ident)
         rows.append(row)
-    if repeats:
+    if repeats and report:
         warnings.warn(f"{path}: {repeats} repeated {key} line(s) ignored; the first answer of each is scored",
                       VsinkWarning, stacklevel=2)
     return rows
