@@ -430,8 +430,10 @@ def test_export_attention_leaves_no_stale_rows(tiny, tmp_path):
             "--export-attention", str(out), "--no-progress"]
     assert main(base[:1] + [str(tiny / "images" / "img1.jpg"), str(tiny / "images" / "img2.jpg")] + base[1:]) == 0
     assert (out / "row1.npz").exists() and (out / "row1").is_dir()
+    assert main(["view", str(out)]) == 0  # OUT/viewer.html shows this export
     assert main(base[:1] + [str(tiny / "images" / "img3.jpg")] + base[1:]) == 0
     assert not (out / "row1.npz").exists() and not (out / "row1").exists()
+    assert not (out / "viewer.html").exists()  # the earlier export's page went with it
     assert json.loads((out / "vsink-run.json").read_text())["determining"]["rows"] == 1
     _view_works(out)
 

@@ -528,7 +528,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        full = space_error(e, "vsink")
+        full = space_error(e)
         if full is None:
             raise
         print(f"vsink: error: {full}", file=sys.stderr)

@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 import warnings
@@ -44,6 +43,8 @@ TEMP_FILE = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 TEMP_DIR = re.compile(r"\.(step_\d+\.|save-)[a-z0-9_]{8}")
 #: the record of a run folder: what determined its results and which entries form its set
 MANIFEST = "vsink-run.json"
+#: pages made later from a set (``vsink view``'s default output): they go with the set they show
+DERIVED = ("viewer.html",)
 #: the one-writer lock of a folder
 LOCK = ".vsink.lock"
 #: the journal of a set swap in progress
@@ -189,8 +190,8 @@ def clean_stale_temps(directory: PathLike, targets: Optional[Iterable[str]] = No
     """Remove what killed runs left in ``directory``: temporary files of :func:`vsink.io.atomic_path`
     (only those for ``targets``, when given) and, without ``targets``, vsink's temporary
     directories (unfinished checkpoints, ``save_pretrained`` staging). Returns what was removed;
-    a directory that does not exist is left alone. A second vsink process writing into the same
-    directory at the same time is not supported."""
+    a directory that does not exist is left alone. Call it while holding the folder's
+    :class:`RunLock` (a concurrent writer's temporary files look the same)."""
     d = Path(directory)
     if not d.is_dir():
         return []
@@ -215,14 +216,16 @@ def ignore_file_size_signal() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def space_error(error: OSError, where: PathLike) -> Optional[OutputError]:
+def space_error(error: OSError, where: Optional[PathLike] = None) -> Optional[OutputError]:
     """``error`` as a one-line :class:`OutputError` when it is a full disk, a quota or a file-size
-    limit; None for any other error."""
+    limit (``where``: the output folder whose earlier set stays); None for any other error."""
     if error.errno not in SPACE_ERRORS:
         return None
     what = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "a file grew past the file-size limit",
             errno.EDQUOT: "the disk quota is exceeded"}[error.errno]
-    return OutputError(f"{where}: {what} while writing {error.filename or 'the outputs'}; nothing was replaced")
+    if where is None:
+        return OutputError(f"{what} while writing {error.filename or 'the outputs'}")
+    return OutputError(f"{where}: {what} while writing its outputs; nothing was replaced")
 
 
 # ---------------------------------------------------------------------------------------------- one writer
@@ -279,7 +282,11 @@ class RunLock:
 
     def _take_over_if_stale(self) -> None:
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
+            text = self.path.read_text(encoding="utf-8")
+            if not text:  # a writer between creating its lock and filling it in
+                raise OutputError(f"{self.directory} is being written by another process (its lock {self.path} "
+                                  "is being made); wait for it, or remove the lock if no vsink process is running")
+            holder = json.loads(text)
             pid = int(holder["pid"])
         except FileNotFoundError:
             return
@@ -467,7 +474,7 @@ class OutputSet:
                                            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                            **self.manifest, "files": entries + [MANIFEST]})
         entries.append(MANIFEST)
-        replaced = sorted(n for n in set(entries) | set(_set_entries(self.out))
+        replaced = sorted(n for n in set(entries) | set(_set_entries(self.out)) | set(DERIVED)
                           if (self.out / n).exists() or (self.out / n).is_symlink())
         old = Path(tempfile.mkdtemp(prefix=".vsink-old-", dir=self.out))
         _dump(self.out / JOURNAL, {"stage": self.stage.name, "old": old.name, "entries": entries,
