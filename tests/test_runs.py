@@ -494,3 +494,30 @@ def test_finetune_is_one_writer_too(tmp_path):
     with pytest.warns(UserWarning, match="taking over the lock"):
         run_finetune(load_config(configs / "scratch.yaml", tiny), progress=False)
     assert (tmp_path / "final" / "vsink.json").exists() and not (tmp_path / ".vsink.lock").exists()
+
+
+def test_an_lvlm_scan_that_fails_midway_leaves_the_earlier_set(tiny, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from vsink.cli import main
+
+    scan_mod = importlib.import_module("vsink.scan")
+    out = tmp_path / "lvlm"
+    argv = ["scan", str(tiny / "images" / "img1.jpg"), str(tiny / "images" / "img2.jpg"), "--model",
+            str(tiny / "model"), "--prompt", "describe", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert (out / "vision" / "scan.json").exists() and (out / "vision" / "vsink-run.json").exists()
+    earlier = _snapshot(out)
+    real = scan_mod.ScanResult.save
+
+    def full_disk(self, out_dir):  # the tower's scan is written, then the disk is full
+        real(self, out_dir)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(scan_mod.ScanResult, "save", full_disk)
+    capsys.readouterr()
+    assert main(argv[:1] + [str(tiny / "images" / "img3.jpg")] + argv[3:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"vsink: error: {out}: no space left on the device while writing its outputs; nothing was replaced"
+    assert _snapshot(out) == earlier
+    _view_works(out)
