@@ -227,7 +227,8 @@ def test_runner_records_the_mitigation_protocol(tiny, tmp_path, capsys):
     assert '"mitigation_protocol": "official"' in (tmp_path / "results.md").read_text()
     capsys.readouterr()
     assert main(argv) == 2  # resuming these files under the paper protocol would mix the two
-    assert "generated.jsonl: made under protocol official, not paper" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the answers in generated.jsonl were made with other settings (protocol: \"official\" → \"paper\"" in err
 
 
 def test_runner_errors(tiny, tmp_path, capsys):

@@ -182,7 +182,7 @@ def test_maps_writes_nothing_outside_out(tmp_path, capsys, name):
     assert [p.name for p in area.iterdir()] == ["out"]  # nothing landed beside OUT
     entry = json.loads((out / "maps.json").read_text())["images"][0]
     assert entry["stem"] == "image"  # never '.' or '..'
-    assert sorted(p.name for p in out.iterdir()) == ["image", "image.npz", "maps.json"]  # no PNG in OUT itself
+    assert sorted(p.name for p in out.iterdir()) == ["image", "image.npz", "maps.json", "vsink-run.json"]  # no PNG in OUT itself
     for f in entry["files"]:
         assert (out / f).resolve().is_relative_to((out / "image").resolve()) or f == "image.npz"
 

@@ -216,11 +216,17 @@ def _load_for(args: argparse.Namespace):
 
 
 def _inputs(args: argparse.Namespace):
-    """The positional images (files, directories walked), or the bundled demo images."""
+    """The positional images (files, directories walked, the command's own outputs left out), or the
+    bundled demo images."""
     from .data.demo_images import demo_images
     from .images import expand_paths
 
-    return expand_paths(args.images) if args.images else demo_images()
+    return expand_paths(args.images, exclude=_outputs(args)) if args.images else demo_images()
+
+
+def _outputs(args: argparse.Namespace) -> list[str]:
+    """The folders a command writes, never read as its inputs."""
+    return [getattr(args, key) for key in ("out", "export_attention") if getattr(args, key, None)]
 
 
 def _lvlm_inputs(args: argparse.Namespace):
@@ -234,7 +240,7 @@ def _lvlm_inputs(args: argparse.Namespace):
     paths = args.images or args.image
     if not paths:
         return demo_images()
-    return [NamedImage(str(path), load_image(path)) for path in expand_paths(paths)]
+    return [NamedImage(str(path), load_image(path)) for path in expand_paths(paths, exclude=_outputs(args))]
 
 
 def _ttr(args: argparse.Namespace, path: Optional[str]):
@@ -282,20 +288,28 @@ def _cmd_registers(args: argparse.Namespace) -> int:
     from .export.compare import MAX_IMAGES, pca_layers, render_scan_comparison
     from .export.pca import patch_features
     from .io import write_text
+    from .manifest import weights_fingerprint
+    from .outputs import OutputSet
 
     ttr = _ttr(args, args.neurons)
     out = Path(args.out)
     kwargs = dict(batch_size=args.batch_size, img_size=args.img_size, progress=not args.no_progress)
-    before = scan(backbone, images, **kwargs)
-    before.save(out / "before")
-    shown, blocks = before.thumbnails[:MAX_IMAGES], pca_layers(before)
-    pca = {"before": patch_features(backbone, shown, blocks, before.input_size)}
-    with ttr.applied(backbone):
-        after = scan(backbone, images, **kwargs)
-        pca["after"] = patch_features(backbone, shown, blocks, before.input_size)
-    after.save(out / "after")
-    compare = write_text(out / "compare.html", render_scan_comparison(
-        {"before": before, "after": after}, f"vsink registers apply — {backbone.spec}", pca, shown))
+    determining = {"model": backbone.spec, "weights": weights_fingerprint(backbone.model),
+                   "images": [str(i) for i in images], "neurons": str(args.neurons), "ttr": _ttr_options(args),
+                   "batch_size": args.batch_size, "img_size": args.img_size}
+    with OutputSet(out, "vsink registers apply", {"determining": determining}, name="--out") as stage:
+        before = scan(backbone, images, **kwargs)
+        shown, blocks = before.thumbnails[:MAX_IMAGES], pca_layers(before)
+        pca = {"before": patch_features(backbone, shown, blocks, before.input_size)}
+        with ttr.applied(backbone):
+            after = scan(backbone, images, **kwargs)
+            pca["after"] = patch_features(backbone, shown, blocks, before.input_size)
+        page = render_scan_comparison({"before": before, "after": after}, f"vsink registers apply — {backbone.spec}",
+                                      pca, shown)
+        before.save(stage / "before")
+        after.save(stage / "after")
+        write_text(stage / "compare.html", page)
+    compare = out / "compare.html"
     for label, r in (("before", before), ("after", after)):
         hn = r.high_norm
         regs = [a["register_received"] for a in r.attention]
@@ -317,9 +331,6 @@ def _cmd_maps(args: argparse.Namespace) -> int:
                              formats=args.format, fusion=args.fusion,
                              discard_ratio=args.discard_ratio, img_size=args.img_size,
                              keep_aspect=args.keep_aspect, progress=not args.no_progress)
-    if not result.images:  # each skipped file was reported as the export met it
-        print(f"vsink: error: no image could be read ({count(len(result.skipped), 'file')} skipped)", file=sys.stderr)
-        return 2
     print(f"exported maps for {_scanned(result.images, result.skipped)} to {args.out}")
     for m in result.images:
         print(f"  {m.name}: {count(len(m.files), 'file')}, {m.layout.describe()}")
@@ -505,6 +516,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
                 "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
                 "view": _cmd_view}
+    from .outputs import ignore_file_size_signal, space_error
+
+    ignore_file_size_signal()  # past ``ulimit -f`` a write fails with EFBIG (one line below) instead of killing
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -512,6 +526,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return handlers[args.command](args)
     except VsinkError as e:
         print(f"vsink: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        full = space_error(e)
+        if full is None:
+            raise
+        print(f"vsink: error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vsink: interrupted; nothing was left half-written (resumable runs keep their finished items)",

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from .errors import VsinkError
 from .io import write_jsonl
+from .manifest import content_hash
 from .wording import count
 
 
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     args.images = image_dir_arg(args, "images_dir")
     out = Path(args.out)
+    if args.new_run and (args.eval_command == "pope" and args.answers or args.eval_command == "chair" and args.generated):
+        raise VsinkError("--new-run applies to runs of a model; scoring a file writes its results as one set")
     if args.eval_command == "pope":
         if args.answers:
             rows = pope_mod.read_answers(args.answers)
@@ -62,21 +65,24 @@ def run(args: argparse.Namespace) -> int:
             protocol = {"answers": str(args.answers), "parser": args.parser}
             paths = hal.save_results(out, "pope", protocol, scores, {})
             return _report(paths)
+        built = not args.questions
         if args.questions:
             questions = hal.load_questions(args.questions)
         else:
             _require(args, "annotations")
             questions = pope_mod.build_questions(args.annotations, splits=args.splits, num_images=args.num_images,
                                                  seed=args.seed)
-            write_jsonl(out / "questions.jsonl", questions)
             if args.build_only:
+                write_jsonl(out / "questions.jsonl", questions)
                 print(f"wrote {count(len(questions), 'question')} to {out / 'questions.jsonl'}")
                 return 0
         items = questions[: args.limit] if args.limit else questions
+        inputs = {"splits": sorted({q["split"] for q in questions}), "questions": content_hash(questions)}
         return _run_model(args, out, "pope", items, "question_id", "answer",
                           lambda it: args.prompt.format(question=it["text"]),
                           lambda rows: pope_mod.score_answers(rows, args.parser),
-                          hal.pope_protocol(args.prompt, args.max_new_tokens, args.parser, args.seed, items, {}))
+                          hal.pope_protocol(args.prompt, args.max_new_tokens, args.parser, args.seed, items, {}),
+                          inputs, {"questions.jsonl": questions} if built else {})
     _require(args, "annotations")
     vocab = chair_mod.load_vocabulary(args.vocabulary, args.synonyms)
     truth = chair_mod.ground_truth(args.annotations, args.captions, vocab)
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     protocol = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "greedy": True,
                 "images": [it["image"] for it in items], **scoring}
     return _run_model(args, out, "chair", items, "image_id", "caption", lambda it: args.prompt,
-                      lambda rows: chair_mod.score_captions(rows, truth, vocabulary=vocab), protocol)
+                      lambda rows: chair_mod.score_captions(rows, truth, vocabulary=vocab), protocol,
+                      {"images": content_hash(images)})
 
 
 def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str, Any]]:
@@ -104,10 +111,17 @@ def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str
 
 
 def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[str, Any]], key: str, field: str,
-               prompt, score, protocol: dict[str, Any]) -> int:
+               prompt, score, protocol: dict[str, Any], inputs: dict[str, Any],
+               written: Optional[dict[str, list]] = None) -> int:
+    """Run every mitigation over ``items`` into ``out`` (or, with --new-run, a fresh folder when
+    ``out`` holds a run made otherwise), holding the folder's lock, then score. ``inputs``: what
+    identifies the whole question or image list (before --limit), for the run record."""
     from .cli_common import load_lvlm_for
     from .evaluate import hallucination as hal
+    from .manifest import StaleRun, check_resume, fresh_folder, weights_fingerprint
     from .mitigate import make_mitigations
+    from .outputs import RunLock
+    from .version import __version__
 
     _require(args, "model", "images")
     names = args.mitigation
@@ -117,20 +131,40 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     protocol = {**protocol, "model": args.model, "synthetic": lvlm.synthetic, "settings": settings,
                 "mitigation_protocol": args.protocol,
                 "resolved_settings": {name: _resolved(mits) for name, mits in resolved.items()}}
-    scores, skipped = {}, {}
-    for name in names:
-        rows, skipped[name] = hal.run_items(
-            lvlm, items, key, out / name / ("answers.jsonl" if kind == "pope" else "generated.jsonl"),
-            images_dir=Path(args.images), prompt=prompt, field=field, mitigation=name, settings=settings[name],
-            protocol=args.protocol, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            progress=not args.no_progress)
-        wanted = {it[key] for it in items}
-        rows = [r for r in rows if r[key] in wanted]
-        if not rows:
-            raise VsinkError(f"{name}: no item could be run (first problem: "
-                             f"{skipped[name][0]['reason'] if skipped[name] else 'none'})")
-        scores[name] = score(rows)
-    return _report(hal.save_results(out, kind, protocol, scores, skipped))
+    common = {"kind": kind, "model": args.model, "weights": weights_fingerprint(lvlm.model),
+              "protocol": args.protocol, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+              "decoding": "greedy", **inputs, "vsink_version": __version__}
+    determining = {name: {**common, "mitigation": name, "settings": settings[name],
+                          "resolved_settings": protocol["resolved_settings"][name]} for name in names}
+    files = {name: out / name / ("answers.jsonl" if kind == "pope" else "generated.jsonl") for name in names}
+    try:
+        for name in names:
+            # a damaged file is named first; repeated answers are reported by the run below
+            if files[name].exists() and hal.read_rows(files[name], key, report=False):
+                check_resume(files[name].parent, determining[name], f"the answers in {files[name].name}")
+    except StaleRun:
+        if not args.new_run:
+            raise
+        out = fresh_folder(out)
+        print(f"vsink: {args.out} holds a run made with other settings; this run writes {out}", file=sys.stderr)
+    command = f"vsink eval {kind}"
+    with RunLock(out, command):
+        for name, rows in (written or {}).items():
+            write_jsonl(out / name, rows)
+        scores, skipped = {}, {}
+        for name in names:
+            rows, skipped[name] = hal.run_items(
+                lvlm, items, key, out / name / files[name].name,
+                images_dir=Path(args.images), prompt=prompt, field=field, mitigation=name, settings=settings[name],
+                protocol=args.protocol, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                progress=not args.no_progress, determining=determining[name], command=command)
+            wanted = {it[key] for it in items}
+            rows = [r for r in rows if r[key] in wanted]
+            if not rows:
+                raise VsinkError(f"{name}: no item could be run (first problem: "
+                                 f"{skipped[name][0]['reason'] if skipped[name] else 'none'})")
+            scores[name] = score(rows)
+        return _report(hal.save_results(out, kind, protocol, scores, skipped))
 
 
 def _resolved(mitigations: list) -> Optional[dict[str, Any]]:

@@ -72,16 +72,34 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
         raise ImageError(f"{p}: corrupt or truncated image ({e})") from None
 
 
-def expand_paths(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
+def expand_paths(paths: Iterable[Union[str, os.PathLike]],
+                 exclude: Iterable[Union[str, os.PathLike]] = ()) -> list[Path]:
     """Files as given; directories walked (sorted) for image files. Missing paths and empty
-    directories raise :class:`VsinkError`."""
+    directories raise :class:`VsinkError`.
+
+    vsink's own outputs are never inputs (the one rule for every command that reads an image
+    folder): a walk skips the folders in ``exclude`` (the command's output folders), every
+    folder under the walked one that holds a run record (``vsink-run.json``) and vsink's staging
+    folders, so ``vsink maps DIR --out DIR/maps`` run twice reads only the images of DIR."""
+    from .outputs import MANIFEST, STAGE_DIR
+
+    skip = {Path(os.path.abspath(e)) for e in exclude}
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            root = Path(os.path.abspath(p))
+            found = []
+            for folder, dirs, files in os.walk(p, followlinks=False):
+                here = Path(os.path.abspath(folder))
+                if here in skip or (here != root and (MANIFEST in files or STAGE_DIR.fullmatch(here.name))):
+                    dirs[:] = []
+                    continue
+                found += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+            found = sorted(f for f in found if f.is_file())
             if not found:
-                raise VsinkError(f"{p}: directory contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise VsinkError(f"{p}: directory contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                                 "outside vsink's own output folders")
             out.extend(found)
         elif p.exists():
             out.append(p)

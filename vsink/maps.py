@@ -26,7 +26,9 @@ from .errors import VsinkError, VsinkWarning
 from .finite import FiniteGuard
 from .images import ImageSource, NamedImage, load_batch, source_name
 from .io import NpzWriter, write_json
-from .outputs import check_output_dir, clean_stale_temps, derived_names
+from .manifest import weights_fingerprint
+from .outputs import OutputSet, check_output_dir, derived_names
+from .version import __version__
 from .layout import TokenLayout
 from .export.maps import ImageMaps
 from .probe import Probe
@@ -130,12 +132,11 @@ def export_maps(
     """Export maps for each image into ``out_dir`` (``<stem>.npz``, ``<stem>/*.png``, ``maps.json``;
     stems from :func:`stems`).
 
-    Unreadable images are skipped and listed; each image's files are written atomically as soon
-    as it is done, so an interruption loses nothing already exported. Temporary files an earlier,
-    killed run left in these folders are removed.
+    Unreadable images are skipped and listed (none readable: a :class:`VsinkError`). The files are written as one set with the folder's
+    ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`): they replace the earlier export (its
+    files included, where an image is no longer exported) when every image is done, and an
+    interruption or a failure leaves the earlier export as it was.
     """
-    from .export.maps import render_image_pngs
-
     kinds = list(dict.fromkeys(kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
@@ -159,10 +160,24 @@ def export_maps(
     sel_heads = parse_selection(heads, backbone.num_heads, "heads", ("mean", "all"))
     out = check_output_dir(out_dir, "out_dir")
     image_stems = stems([source_name(item, i) for i, item in enumerate(images)], out)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     settings = {"kinds": kinds, "layers": sel_layers, "heads": sel_heads, "formats": formats, "fusion": fusion,
                 "discard_ratio": discard_ratio, "img_size": img_size, "keep_aspect": keep_aspect}
+    determining = {"model": backbone.spec, "weights": weights_fingerprint(backbone.model),
+                   "images": [source_name(item, i) for i, item in enumerate(images)], "settings": settings,
+                   "vsink_version": __version__}
+    with OutputSet(out, "vsink maps", {"determining": determining}) as stage:
+        result = _export_all(backbone, images, stage, image_stems, settings, progress)
+    return result
+
+
+def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedImage]], out: Path,
+                image_stems: list[str], settings: dict[str, Any], progress: bool) -> MapsResult:
+    """Every image's maps into ``out`` (the staging folder of the set), then ``maps.json``."""
+    from .export.maps import render_image_pngs
+
+    kinds, sel_layers, sel_heads, formats = settings["kinds"], settings["layers"], settings["heads"], settings["formats"]
+    fusion, discard_ratio, img_size = settings["fusion"], settings["discard_ratio"], settings["img_size"]
+    keep_aspect = settings["keep_aspect"]
     done: list[ImageMaps] = []
     skipped: list[dict[str, str]] = []
     warned = False
@@ -195,12 +210,11 @@ def export_maps(
                 writer.add("image", np.asarray(maps.image.convert("RGB"), dtype=np.uint8))
                 maps.files.append(f"{maps.stem}.npz")
         if "png" in formats:
-            clean_stale_temps(out / maps.stem)
             maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads)
         done.append(maps)
         maps.arrays = {}  # on disk now
-        write_json(out / "maps.json", MapsResult(backbone.spec, backbone.synthetic is not None, done, skipped,
-                                                 settings).to_json())
+    if not done:  # each skipped file was reported as the export met it; the earlier export stays
+        raise VsinkError(f"no image could be read ({wording.count(len(skipped), 'file')} skipped)")
     result = MapsResult(backbone.spec, backbone.synthetic is not None, done, skipped, settings)
     write_json(out / "maps.json", result.to_json())
     return result

@@ -188,7 +188,11 @@ def hallucination_run(prompt: Option, max_new_tokens: int) -> dict[str, Option]:
         Option("batch_size", Int(1), 4, "prompts per generate call"),
         Option("max_new_tokens", Int(1, 1_000_000), max_new_tokens, "tokens to generate"),
         prompt,
-        Option("out", OutputDir(), "vsink-hallucination", "output directory"),
+        Option("out", OutputDir(), "vsink-hallucination", "output directory; a rerun into it resumes the earlier "
+               "run when everything that determines the answers is the same (vsink-run.json), and is refused "
+               "otherwise"),
+        Option("new_run", Bool(), False, "when --out holds a run made with other settings, write into the first "
+               "free OUT-2, OUT-3, ... instead of refusing"),
     )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .manifest import weights_fingerprint
 from .version import __version__
 from .backbones.base import Backbone
 from .detect import (AttentionSink, HighNormResult, MassiveActivation, detect_high_norm, detect_massive,
@@ -81,6 +82,8 @@ class ScanResult:
     massive: list[MassiveActivation]
     settings: dict[str, Any]
     thumbnails: list[Image.Image] = field(default_factory=list, repr=False)
+    #: :func:`vsink.manifest.weights_fingerprint` of the scanned model (recorded in ``vsink-run.json``)
+    weights: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.sinks = sorted(self.sinks, key=lambda s: -s.share)  # stable: ties keep block, then image order
@@ -127,24 +130,30 @@ class ScanResult:
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
         """Write ``scan.json``, ``report.html`` and ``trace.npz`` (the trace plus every outlier token,
         as arrays ``outlier_image``, ``outlier_layer``, ``outlier_token``, ``outlier_norm``, and the
-        report images as ``thumbnails`` uint8 [images, H, W, 3]) into ``out_dir``, each atomically; the
-        report and the JSON are made first, so a failure leaves every earlier file in ``out_dir`` as it
-        was."""
+        report images as ``thumbnails`` uint8 [images, H, W, 3]) into ``out_dir`` as one set with its
+        ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`): a failure or an interruption leaves the
+        earlier set in ``out_dir`` as it was."""
         from .export.report import render_scan_report
-        from .outputs import check_output_dir, clean_stale_temps
+        from .outputs import OutputSet
 
-        out = check_output_dir(out_dir, "out_dir")
-        report = render_scan_report(self)  # both can fail: before any file is replaced
+        report = render_scan_report(self)  # both can fail: before anything is written
         summary = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        out.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(out)
         extra = self.high_norm.outliers.arrays("outlier")
         if self.thumbnails:  # the report images, for ``vsink view``
             extra["thumbnails"] = np.stack([np.asarray(t.convert("RGB"), dtype=np.uint8) for t in self.thumbnails])
-        paths = {"trace": self.trace.save(out / "trace.npz", extra=extra)}
-        paths["report"] = write_text(out / "report.html", report)
-        paths["json"] = write_text(out / "scan.json", summary)
-        return paths
+        with OutputSet(out_dir, "vsink scan", {"determining": self.determining()}) as stage:
+            self.trace.save(stage / "trace.npz", extra=extra)
+            write_text(stage / "report.html", report)
+            write_text(stage / "scan.json", summary)
+        out = Path(out_dir)
+        return {"trace": out / "trace.npz", "report": out / "report.html", "json": out / "scan.json",
+                "record": out / "vsink-run.json"}
+
+    def determining(self) -> dict[str, Any]:
+        """What determined this scan (for its ``vsink-run.json``): model, weights, input size,
+        images, settings, version."""
+        return {"model": self.model, "weights": self.weights, "input_size": list(self.input_size),
+                "images": self.images, "settings": self.settings, "vsink_version": __version__}
 
 
 def scan(
@@ -236,5 +245,6 @@ def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], 
         massive=detect_massive(trace, min_ratio=massive_ratio),
         settings=settings,
         thumbnails=list(thumbnails),
+        weights=weights_fingerprint(backbone.model),
     )
 

@@ -99,10 +99,15 @@ def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str
     module docstring); ``truth`` must come from :func:`ground_truth` with the same vocabulary."""
     vocab = _as_vocabulary(vocabulary)
     details, n_mentions, n_halluc, n_bad, hit, gt_total, lengths = [], 0, 0, 0, 0, 0, []
+    seen: dict[int, int] = {}
     for i, row in enumerate(generated):
         if not isinstance(row, Mapping) or "image_id" not in row or "caption" not in row:
             raise VsinkError(f"{where}: item {i} needs image_id and caption")
         image_id = checked_field(row, "image_id", ID, f"{where}: item {i}")
+        if image_id in seen:
+            raise VsinkError(f"{where}: item {i}: image_id {image_id} was captioned before (item {seen[image_id]}); "
+                             "each image is scored once")
+        seen[image_id] = i
         caption = checked_field(row, "caption", Text(), f"{where}: item {i}")
         if image_id not in truth:
             raise VsinkError(f"{where}: item {i}: image_id {image_id} is not in the annotations")

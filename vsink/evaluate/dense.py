@@ -154,18 +154,21 @@ class DenseResult:
         return dense_markdown(self)
 
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
-        """Write ``results.json``, ``results.md`` and ``results.html`` (atomically; all three are made
-        before any is written, so a failure leaves the folder as it was)."""
-        from ..outputs import check_output_dir, clean_stale_temps
+        """Write ``results.json``, ``results.md`` and ``results.html`` as one set with its
+        ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`; all three are made before any is
+        written, and a failure leaves the earlier set as it was)."""
+        from ..outputs import OutputSet
         from .report import dense_html
 
-        out = check_output_dir(out_dir, "out_dir")
         texts = {"json": json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n",
                  "markdown": self.to_markdown(), "html": dense_html(self)}
-        out.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(out)
         names = {"json": "results.json", "markdown": "results.md", "html": "results.html"}
-        return {key: write_text(out / names[key], text) for key, text in texts.items()}
+        determining = {"model": self.model, "dataset": self.dataset, "tasks": self.tasks, "settings": self.settings,
+                       "variants": list(self.variants)}
+        with OutputSet(out_dir, "vsink eval dense", {"determining": determining}) as stage:
+            for key, text in texts.items():
+                write_text(stage / names[key], text)
+        return {**{key: Path(out_dir) / name for key, name in names.items()}, "record": Path(out_dir) / "vsink-run.json"}
 
 
 @dataclass

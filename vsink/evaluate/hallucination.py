@@ -4,9 +4,15 @@ mitigations, resumable, then scored.
 Each mitigation writes ``OUT/<mitigation>/answers.jsonl`` (POPE: the question fields plus
 ``answer``) or ``generated.jsonl`` (CHAIR: ``image_id``, ``image``, ``caption``), each line with
 the mitigation ``protocol`` it was made under, one line per item as soon as its batch is done; a
-rerun reads what is there and runs only the missing items, so an interrupted run loses nothing
-(a rerun under another mitigation protocol is refused). Images that cannot be read are skipped,
-reported and left for the next run. ``OUT/results.json`` holds the protocol (prompt,
+rerun reads what is there and runs only the missing items, so an interrupted run loses nothing.
+``OUT/<mitigation>/vsink-run.json`` records, before the first answer is written, everything that
+determines the answers (:mod:`vsink.manifest`: model and weights fingerprint, mitigation, its
+settings as given and as resolved, protocol, prompt, generation settings, splits, the questions or
+images, the vsink version); a rerun with any of them different is refused with one line naming
+each difference, and answers without such a record are never reused. One process writes a
+folder at a time (:class:`vsink.outputs.RunLock`). A key answered twice (files of an older vsink,
+or edited) is scored once: the first answer counts, and the repeats are reported. Images that
+cannot be read are skipped, reported and left for the next run. ``OUT/results.json`` holds the protocol (prompt,
 max_new_tokens, images, seed, parser, settings, mitigation protocol and resolved settings) and
 each mitigation's scores; ``OUT/results.md`` the table with deltas against the first mitigation;
 ``OUT/results.html`` the same side by side (POPE per split with the unparseable answers counted,
@@ -26,11 +32,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from ..backbones.hf_lvlm import LVLM
-from ..errors import VsinkError
+from ..errors import VsinkError, VsinkWarning
 from ..images import load_image
 from ..io import append_jsonl, read_jsonl, write_text
+from ..manifest import check_resume, write_record
 from ..options import Int
-from ..outputs import clean_stale_temps
+from ..outputs import MANIFEST, OutputSet
 from ..readback import member
 from .pope import QUESTION_ID
 
@@ -41,16 +48,26 @@ CHAIR_PROMPT = "Please describe this image in detail."
 def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: Path, *, images_dir: Path,
               prompt: Callable[[dict[str, Any]], str], field: str, mitigation: str,
               settings: Optional[dict[str, Any]], max_new_tokens: int, batch_size: int,
-              protocol: str = "paper", progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+              protocol: str = "paper", progress: bool = True,
+              determining: Optional[dict[str, Any]] = None,
+              command: str = "vsink eval") -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Generate ``field`` for every item not yet in ``out_file`` (matched on ``key``) under the
     mitigation ``protocol`` (paper or official, recorded in every row; rows of an earlier run
-    under another protocol are an error); returns all rows in the file and the items skipped
-    this time."""
+    under another protocol are an error); returns the rows in the file, the first per key, and the
+    items skipped this time.
+
+    ``determining``: what determines the answers (see the module docstring), recorded in the
+    folder's ``vsink-run.json`` before the first answer; earlier answers are resumed only when the
+    record matches (:func:`vsink.manifest.check_resume`)."""
     from ..lvlm import generate
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    key_kind = {"image_id": Int(min=0)}.get(key, QUESTION_ID)
-    existing = read_jsonl(out_file, (key,), fields={key: key_kind}, cut_last_line=True) if out_file.exists() else []
+    existing = read_rows(out_file, key) if out_file.exists() else []
+    if determining is not None:
+        if existing:
+            check_resume(out_file.parent, determining, f"the answers in {out_file.name}")
+        else:
+            write_record(out_file.parent, command, determining, [out_file.name])
     other = sorted({str(row.get("protocol", "paper")) for row in existing} - {protocol})
     if other:
         raise VsinkError(f"{out_file}: made under protocol {', '.join(other)}, not {protocol}; use another --out")
@@ -76,7 +93,28 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
                                     for it, text in zip(batch, result.texts)], fsync=True)
         bar.update(len(todo[start:start + batch_size]))
     bar.close()
-    return read_jsonl(out_file, (key,), fields={key: key_kind}, cut_last_line=True), skipped
+    return read_rows(out_file, key, report=False) if out_file.exists() else [], skipped
+
+
+def read_rows(path: Path, key: str, report: bool = True) -> list[dict[str, Any]]:
+    """A runner's answers file, the first row of each ``key`` (a repeated key — two writers at once
+    in an older vsink, or an edited file — is never scored twice; with ``report``, the repeats are
+    counted in a warning)."""
+    import warnings
+
+    key_kind = {"image_id": Int(min=0)}.get(key, QUESTION_ID)
+    rows, seen, repeats = [], set(), 0
+    for row in read_jsonl(path, (key,), fields={key: key_kind}, cut_last_line=True):
+        ident = json.dumps(str(row[key]) if isinstance(row[key], int) else row[key])
+        if ident in seen:
+            repeats += 1
+            continue
+        seen.add(ident)
+        rows.append(row)
+    if repeats and report:
+        warnings.warn(f"{path}: {repeats} repeated {key} line(s) ignored; the first answer of each is scored",
+                      VsinkWarning, stacklevel=2)
+    return rows
 
 
 def _table(names: list[str], rows: list[tuple[str, list[Optional[float]], int]]) -> str:
@@ -127,10 +165,11 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
 
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"  # made before any file is written
     page = hallucination_html(summary)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
-    return {"json": write_text(out / "results.json", text), "markdown": write_text(out / "results.md", "\n".join(md) + "\n"),
-            "html": write_text(out / "results.html", page)}
+    with OutputSet(out, f"vsink eval {kind}", {"determining": {"kind": kind, "protocol": protocol}}) as stage:
+        write_text(stage / "results.json", text)
+        write_text(stage / "results.md", "\n".join(md) + "\n")
+        write_text(stage / "results.html", page)
+    return {"json": out / "results.json", "markdown": out / "results.md", "html": out / "results.html", "record": out / MANIFEST}
 
 
 def pope_protocol(prompt: str, max_new_tokens: int, parser: str, seed: int, questions: Sequence[dict[str, Any]],

@@ -123,13 +123,21 @@ def _metrics(labels: list[str], preds: list[Optional[str]]) -> dict[str, Any]:
 
 
 def score_answers(answers: Iterable[dict[str, Any]], parser: str = "official") -> dict[str, Any]:
-    """``{"parser", "splits": {split: metrics}, "mean": metrics averaged over splits}``."""
+    """``{"parser", "splits": {split: metrics}, "mean": metrics averaged over splits}``. A
+    ``question_id`` given twice is an error: no question is scored twice."""
     by_split: dict[str, tuple[list[str], list[Optional[str]]]] = {}
+    seen: dict[str, int] = {}
     for i, a in enumerate(answers):
         try:
             split, label, text = a["split"], a["label"], a["answer"]
         except (KeyError, TypeError):
             raise VsinkError(f"answer {i}: needs split, label and answer fields") from None
+        if "question_id" in a:
+            qid = str(a["question_id"])
+            if qid in seen:
+                raise VsinkError(f"answer {i}: question_id {qid} was answered before (answer {seen[qid]}); "
+                                 "each question is scored once")
+            seen[qid] = i
         if label not in ("yes", "no"):
             raise VsinkError(f"answer {i}: label must be yes or no, got {label!r}")
         if text is not None and not isinstance(text, str):

@@ -32,6 +32,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from ..errors import VsinkError
+from ..outputs import check_complete
 from ..io import write_text
 from ..layout import TokenLayout
 from ..options import AnyOf, Choice, Int, ListOf, Mapping_, Text
@@ -311,6 +312,7 @@ def write_viewer(directory: Union[str, os.PathLike], out: Union[str, os.PathLike
     directory = Path(directory)
     if not directory.is_dir():
         raise VsinkError(f"{directory} is not a directory")
+    check_complete(directory)  # a swap of its outputs cut short by a kill: the folder may mix two runs
     payload = load_viewer_data(directory, max_images=max_images, layers=layers, precision=precision)
     path = Path(out) if out is not None else directory / "viewer.html"
     return write_text(path, render_viewer(payload, f"vsink view: {directory.name}"))

@@ -23,7 +23,8 @@ from PIL import Image
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..io import NpzWriter, atomic_path
-from ..outputs import check_output_dir, clean_stale_temps
+from ..outputs import OutputSet, check_output_dir
+from ..version import __version__
 from .generate import GenerationResult
 
 #: longer side of the image stored in each row's npz
@@ -51,14 +52,24 @@ def stored_image(image: Image.Image) -> np.ndarray:
 
 def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], out: Union[str, os.PathLike],
                      images: Optional[Sequence[Image.Image]] = None, png: bool = True) -> list[Path]:
-    """Write the arrays (and overlays when ``images`` are given) described in the module docstring."""
-    from ..export.figures import overlay_png
-
+    """Write the arrays (and overlays when ``images`` are given) described in the module docstring,
+    as one set with the folder's ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`): rows of an
+    earlier export into the same folder are replaced or removed, never mixed with this one."""
     if result.attention is None:
         raise VsinkError("generate with capture_attention=True to export attention")
-    out = check_output_dir(out, "out")
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
+    final = check_output_dir(out, "out")
+    determining = {"model": lvlm.spec, "mitigation": result.mitigation, "protocol": result.protocol,
+                   "settings": result.settings, "rows": len(result.texts), "vsink_version": __version__}
+    with OutputSet(final, "vsink generate --export-attention", {"determining": determining}) as stage:
+        written = _write_rows(lvlm, result, inputs, stage, images, png)
+    return [final / path.relative_to(stage) for path in written]
+
+
+def _write_rows(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], out: Path,
+                images: Optional[Sequence[Image.Image]], png: bool) -> list[Path]:
+    """Each batch row's ``row<b>.npz`` (and step overlays) into ``out``, the staging folder of the set."""
+    from ..export.figures import overlay_png
+
     written = []
     att = result.attention.numpy()  # [steps, B, L, n]
     for b, count in enumerate(result.image_spans.counts()):
@@ -81,7 +92,6 @@ def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any
             w.add("settings", np.asarray(json.dumps(result.settings)))
         written.append(path)
         if png and images is not None:
-            clean_stale_temps(out / f"row{b}")
             for t in range(layer_mean.shape[0]):
                 png_path = out / f"row{b}" / f"step{t:03d}.png"
                 png_path.parent.mkdir(parents=True, exist_ok=True)

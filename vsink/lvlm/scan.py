@@ -40,6 +40,7 @@ from ..errors import VsinkError
 from ..images import ImageSource, NamedImage, load_batch
 from ..io import write_json, write_text
 from ..layout import PromptLayout
+from ..manifest import weights_fingerprint
 from ..probe import Probe, Rows, Trace
 from ..scan import MASSIVE_TOP_K, NothingScanned, ScanResult, result_of_trace
 from ..detect.visual_sinks import rms_phi
@@ -90,6 +91,8 @@ class LVLMScanResult:
     vision: Optional[ScanResult]
     tower_patches_are_image_tokens: bool
     settings: dict[str, Any] = field(default_factory=dict)
+    #: :func:`vsink.manifest.weights_fingerprint` of the LVLM (recorded in ``vsink-run.json``)
+    weights: Optional[str] = None
 
     # --- per-layer summaries ---------------------------------------------------------------
     def visual_sinks(self, layer: int) -> np.ndarray:
@@ -152,16 +155,25 @@ class LVLMScanResult:
 
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
         """``scan.json``, ``report.html``, the decoder's ``trace.npz`` (with φ) and the tower's
-        ``vision/`` scan, each written atomically."""
+        ``vision/`` scan, written as one set with its ``vsink-run.json``
+        (:class:`vsink.outputs.OutputSet`): a failure leaves the earlier set as it was."""
         from ..export.lvlm_report import render_lvlm_report
+        from ..outputs import OutputSet
 
+        report = render_lvlm_report(self)
+        determining = {"model": self.model, "weights": self.weights, "prompt": self.prompt, "images": self.images,
+                       "settings": self.settings, "vsink_version": __version__}
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"trace": self.trace.save(out / "trace.npz", extra={"phi": self.phi})}
+        with OutputSet(out, "vsink scan --prompt", {"determining": determining}) as stage:
+            self.trace.save(stage / "trace.npz", extra={"phi": self.phi})
+            if self.vision is not None:
+                self.vision.save(stage / "vision")
+            write_text(stage / "report.html", report)
+            write_json(stage / "scan.json", self.to_json())
+        paths = {"trace": out / "trace.npz", "report": out / "report.html", "json": out / "scan.json",
+                 "record": out / "vsink-run.json"}
         if self.vision is not None:
-            paths.update({f"vision_{k}": v for k, v in self.vision.save(out / "vision").items()})
-        paths["report"] = write_text(out / "report.html", render_lvlm_report(self))
-        paths["json"] = write_json(out / "scan.json", self.to_json())
+            paths["vision"] = out / "vision"
         return paths
 
 
@@ -242,6 +254,7 @@ def scan_lvlm(
         tower_patches_are_image_tokens=tower is not None and lvlm.tower_patches_are_image_tokens(layout),
         settings={"batch_size": batch_size, "tau": tau, "sink_ratio": sink_ratio, "massive_ratio": massive_ratio,
                   "dtype": str(decoder.dtype).removeprefix("torch."), "device": str(decoder.device)},
+        weights=weights_fingerprint(lvlm.model),
     )
 
 

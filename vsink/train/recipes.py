@@ -372,7 +372,7 @@ def run_finetune(cfg: Union[Recipe, Mapping[str, Any]], *, resume: bool = False,
     too), raising :class:`~vsink.train.config.ConfigError`. Nothing is written before every check
     has passed (the recipe, the output folder, an earlier run, the model, the memory the recipe
     needs)."""
-    from ..outputs import clean_stale_temps
+    from ..outputs import RunLock, clean_stale_temps
 
     cfg = Recipe.from_mapping(cfg.to_dict() if isinstance(cfg, Recipe) else cfg, where="recipe")
     info, device = init_distributed(cfg.train.device)
@@ -384,16 +384,17 @@ def run_finetune(cfg: Union[Recipe, Mapping[str, Any]], *, resume: bool = False,
         check_task(task, cfg.train, device)
         if resume:
             check_checkpoint_fits(out / "checkpoints", task.module)
-        if info.main:
-            for folder in (out, out / "checkpoints", out / "final"):
-                clean_stale_temps(folder)
-            write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        summary = train(task, cfg.train, out, seed=cfg.seed, device=device, info=info, resume=resume,
-                        progress=progress)
-        summary["recipe"] = cfg.recipe
-        if info.main:
-            write_json(out / "summary.json", summary)
-            write_text(out / "report.html", finetune_report(out, summary, task))
+        with RunLock(out, "vsink finetune") if info.main else nullcontext():  # one run writes a folder at a time
+            if info.main:
+                for folder in (out, out / "checkpoints", out / "final"):
+                    clean_stale_temps(folder)
+                write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            summary = train(task, cfg.train, out, seed=cfg.seed, device=device, info=info, resume=resume,
+                            progress=progress)
+            summary["recipe"] = cfg.recipe
+            if info.main:
+                write_json(out / "summary.json", summary)
+                write_text(out / "report.html", finetune_report(out, summary, task))
         barrier(info)  # the other ranks tear the process group down only once the main rank has written
         return summary
     finally:
