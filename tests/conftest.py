@@ -50,8 +50,23 @@ TIMM_CASES = {
 }
 
 
+#: timm's ``Eva`` models (rotary positions): EVA-02 with fused qkv + q/v biases + SwiGLU and with
+#: separate q/k/v projections; timm's SBB RoPE ViT (no class token, 1 register, layer scale);
+#: DINOv3 (class token + 4 storage tokens, half-rotation RoPE, dynamic size); Naver's RoPE-ViT on
+#: ``AttentionRope``, axial and mixed (learned per-block frequencies), and with grouped k/v heads
+ROPE_CASES = {
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28)),
+    "eva02_qkv_separate": ("eva02_base_patch14_224", dict(img_size=28)),
+    "rope_reg1_gap": ("vit_base_patch16_rope_reg1_gap_256", dict(patch_size=8)),
+    "dinov3": ("vit_small_patch16_dinov3", dict(patch_size=8)),
+    "rope_axial": ("vit_small_patch16_rope_224", dict(patch_size=8)),
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(patch_size=8)),
+    "rope_gqa": ("vit_small_patch16_rope_224", dict(patch_size=8, qkv_fused=False, num_kv_heads=2)),
+}
+
+
 def timm_case(case: str) -> torch.nn.Module:
-    name, kwargs = TIMM_CASES[case]
+    name, kwargs = {**TIMM_CASES, **ROPE_CASES}[case]
     return timm_model(name, **kwargs)
 
 

@@ -7,16 +7,17 @@ import torch
 import torch.nn.functional as F
 
 import vsink
-from conftest import (HF_CASES, TIMM_CASES, capture_probs, hf_call, hf_model, open_clip_visual, sharpen,
-                      timm_case, timm_model, timm_reference)
+from conftest import (HF_CASES, ROPE_CASES, TIMM_CASES, capture_probs, hf_call, hf_model, open_clip_visual,
+                      sharpen, timm_case, timm_model, timm_reference)
 
 TOL = 1e-5
 
 
-@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+@pytest.mark.parametrize("case", sorted(TIMM_CASES) + sorted(ROPE_CASES))
 @pytest.mark.parametrize("fused", [True, False])
 def test_timm_attention_equals_library(case, fused, pixel_values):
-    name, kwargs = TIMM_CASES[case]
+    """timm ViTs and timm's Eva models (rotary positions applied by timm in the reference)."""
+    name, kwargs = {**TIMM_CASES, **ROPE_CASES}[case]
     model = sharpen(timm_model(name, **kwargs))
     for blk in model.blocks:
         blk.attn.fused_attn = fused

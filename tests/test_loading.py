@@ -148,9 +148,12 @@ def test_wrap_rejects_other_modules():
 
 
 def test_unsupported_timm_architectures_fail_clearly(pixel_values):
-    eva = timm_model("eva02_tiny_patch14_224", img_size=28, embed_dim=64, num_heads=2)
-    with pytest.raises(VsinkError, match="Eva is not a timm VisionTransformer"):
-        vsink.wrap(eva)
+    beit = timm_model("beit_base_patch16_224", patch_size=8)
+    with pytest.raises(VsinkError, match="cannot wrap a timm.models.beit.Beit: no model family wraps it"):
+        vsink.wrap(beit)
+    with pytest.raises(VsinkError, match=r"Beit is not a timm VisionTransformer \(ViT, DeiT, DINOv2\) or Eva"):
+        vsink.load("timm:beit_base_patch16_224", pretrained=False,
+                   model_kwargs=dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2))
     diff = vsink.wrap(timm_model("vit_tiny_patch16_224", patch_size=8, attn_layer="diff"))
     with pytest.raises(VsinkError, match="not timm's standard Attention"):
         diff.hook("attn_probs", 0, lambda p, s, z: None)

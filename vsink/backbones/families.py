@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "vsink.backbones"
 #: vsink's own families and the files adding model types to them (the hf family's DINOv3, SigLIP2,
 #: AIMv2 adapters), imported before the entry points, so a source checkout needs no install
-BUILTIN = ("vsink.backbones.timm", "vsink.backbones.open_clip", "vsink.backbones.hf_vision",
+BUILTIN = ("vsink.backbones.timm", "vsink.backbones.timm_eva", "vsink.backbones.open_clip", "vsink.backbones.hf_vision",
            "vsink.backbones.hf_dinov3", "vsink.backbones.hf_siglip2", "vsink.backbones.hf_aimv2", "vsink.data.demos")
 
 _FAMILIES: dict[str, type["Backbone"]] = {}

@@ -1,9 +1,14 @@
-"""Adapter for timm ``VisionTransformer`` models (ViT, DeiT, DINOv2 with and without registers)."""
+"""Adapter for timm ``VisionTransformer`` models (ViT, DeiT, DINOv2 with and without registers).
+
+timm's ``Eva`` models (EVA-02, RoPE ViTs, DINOv3) have their own adapter, a subclass of this one
+(:mod:`vsink.backbones.timm_eva`); a ``timm:NAME`` spec is wrapped by whichever timm adapter
+accepts the built model.
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
@@ -11,7 +16,7 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
-from .families import family
+from .families import families, family
 
 
 @family
@@ -23,22 +28,32 @@ class TimmBackbone(Backbone):
     saved_spec = r"demo|timm:[^\s/\\].*"
     saved_spec_help = "demo, timm:NAME"
     scratch_registers = True
+    #: the timm constructor argument that sets the number of registers
+    register_kwarg: ClassVar[str] = "reg_tokens"
+
+    @classmethod
+    def model_class(cls) -> type[nn.Module]:
+        """The timm model class this adapter wraps."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer
 
     @classmethod
     def can_wrap(cls, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("timm.")
+        return isinstance(model, cls.model_class())
 
     @classmethod
     def from_spec(cls, name: str, *, weights, img_size, pretrained, attn_implementation, model_kwargs) -> "TimmBackbone":
-        return cls(load_timm(name, weights=weights, img_size=img_size, pretrained=pretrained, model_kwargs=model_kwargs),
-                   f"timm:{name}")
+        model = load_timm(name, weights=weights, img_size=img_size, pretrained=pretrained, model_kwargs=model_kwargs)
+        adapters = [c for c in families().values() if issubclass(c, TimmBackbone) and c.can_wrap(model)]
+        if not adapters:
+            raise VsinkError(f"timm:{name}: {type(model).__name__} is not a timm VisionTransformer (ViT, DeiT, DINOv2) "
+                             "or Eva (EVA-02, RoPE ViTs, DINOv3); other timm architectures are not supported")
+        return adapters[0](model, f"timm:{name}")
 
     def __init__(self, model: nn.Module, spec: str = "timm:<module>"):
-        from timm.models.vision_transformer import VisionTransformer
-
-        if not isinstance(model, VisionTransformer):
-            raise VsinkError(f"{spec}: {type(model).__name__} is not a timm VisionTransformer "
-                             "(ViT, DeiT, DINOv2 families); other timm architectures are not supported")
+        if not self.can_wrap(model):
+            raise VsinkError(f"{spec}: {type(model).__name__} is not a timm {self.model_class().__name__}")
         cfg = getattr(model, "pretrained_cfg", None) or {}
         super().__init__(
             model,
@@ -62,7 +77,8 @@ class TimmBackbone(Backbone):
         return bool(getattr(self.model, "dynamic_img_size", False))
 
     def _token_counts(self) -> tuple[int, int]:
-        n_reg = int(getattr(self.model, "num_reg_tokens", 0))
+        reg = self.model.reg_token
+        n_reg = 0 if reg is None else int(reg.shape[1])
         return int(self.model.num_prefix_tokens) - n_reg, n_reg
 
     def _run_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -79,8 +95,8 @@ class TimmBackbone(Backbone):
 
     def _with_native_registers(self, tokens: torch.Tensor) -> "TimmBackbone":
         """timm's own ``reg_token``: the state dict equals that of the same architecture built
-        with ``reg_tokens=n`` (position rows for the registers are zero when the position
-        embedding covers the prefix tokens)."""
+        with :attr:`register_kwarg` ``=n`` (position rows for the registers are zero when the
+        position embedding covers the prefix tokens)."""
         if getattr(self.model, "dist_token", None) is not None:
             raise VsinkError(f"{self.spec}: adding registers to distilled DeiT is not supported")
         model = copy.deepcopy(self.model)
@@ -91,20 +107,25 @@ class TimmBackbone(Backbone):
             if model.pos_embed is not None and not model.no_embed_class:
                 pe, p = model.pos_embed, model.num_prefix_tokens
                 model.pos_embed = nn.Parameter(torch.cat([pe[:, :p], pe.new_zeros(1, n, pe.shape[-1]), pe[:, p:]], dim=1))
-        model.num_reg_tokens = int(getattr(model, "num_reg_tokens", 0)) + n
-        model.num_prefix_tokens += n
-        new = TimmBackbone(model, self.spec)
+        self._grow_prefix(model, n)
+        new = type(self)(model, self.spec)
         new.mean, new.std, new.img_size = self.mean, self.std, self.img_size
         return new
 
+    def _grow_prefix(self, model: nn.Module, n: int) -> None:
+        """Count ``n`` more registers in the model's own attributes."""
+        model.num_reg_tokens = int(getattr(model, "num_reg_tokens", 0)) + n
+        model.num_prefix_tokens += n
+
     def _save_weights(self, directory, meta: dict[str, Any]) -> dict[str, Any]:
         """``model.safetensors`` is timm's state dict: ``timm.create_model(arch, reg_tokens=n,
-        pretrained=True, pretrained_cfg_overlay=dict(file=...))`` (with the same size arguments)
-        or ``load_state_dict`` reads it."""
+        pretrained=True, pretrained_cfg_overlay=dict(file=...))`` (``num_reg_tokens=n`` for Eva;
+        with the same size arguments) or ``load_state_dict`` reads it."""
         super()._save_weights(directory, meta)
         kwargs = dict(meta["model_kwargs"])
-        if getattr(self.model, "num_reg_tokens", 0):
-            kwargs["reg_tokens"] = int(self.model.num_reg_tokens)
+        n_reg = self._token_counts()[1]
+        if n_reg:
+            kwargs[self.register_kwarg] = n_reg
         arch = (getattr(self.model, "pretrained_cfg", None) or {}).get("architecture")
         return {"model_kwargs": kwargs, "architecture": arch}
 
