@@ -155,8 +155,18 @@ def plant_register_neuron(backbone, layer, neuron, mask_holder, strength=60.0):
     return backbone.hook("mlp_hidden", layer, fire)
 
 
+def unit_layer_scale(model):
+    """Layer-scale gains set to 1 (DINOv3 starts them at 1e-5, which would scale the planted write away)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gamma" in name:
+                p.fill_(1.0)
+    return model
+
+
 FAMILIES = {
     "timm": lambda: vsink.wrap(timm_case("deit")),
+    "timm-eva": lambda: vsink.wrap(unit_layer_scale(timm_case("dinov3"))),  # RoPE, class token + 4 storage tokens
     "open_clip": lambda: vsink.wrap(open_clip_visual()),
     "hf": lambda: vsink.wrap(hf_model("dinov2_reg", "sdpa")),
 }

@@ -173,3 +173,140 @@ def test_appended_registers_get_no_rotary_position(case):
     assert backbone.layout().num_appended == 0
     assert torch.equal(backbone.forward(x), model.forward_features(x))
 
+
+
+@pytest.mark.parametrize("case", ["dinov3", "rope_reg1_gap"])
+def test_rollout_and_maps_equal_timms_attention(case, tmp_path):
+    """Rollout (class-token row for DINOv3, mean patch row without a class token) and the cls /
+    received maps against timm's own attention (fused off, attn_drop hooked)."""
+    model = sharpen(timm_case(case))
+    backbone = vsink.wrap(model)
+    layout = backbone.layout()
+    img = _image()
+    _, attentions = timm_reference(model, backbone.preprocess([img]))
+    ref = reference_rollout(attentions, layout.num_cls, layout.num_prefix)
+    export_maps(backbone, [img], tmp_path, kinds=["rollout", "received"] + (["cls"] if layout.num_cls else []),
+                heads="all", formats=["npz"], progress=False)
+    with np.load(tmp_path / "image-0.npz") as d:
+        np.testing.assert_allclose(d["rollout"], layout.patch_grid(ref, dim=0).numpy(), atol=1e-5)
+        assert d["rollout/prefix"].shape == (layout.num_prefix,)
+        for i, a in enumerate(attentions):
+            a = a[0]
+            np.testing.assert_allclose(d[f"received/layer{i}"], layout.patch_grid(a.mean(1), dim=1).numpy(), atol=1e-5)
+            if layout.num_cls:
+                np.testing.assert_allclose(d[f"cls/layer{i}"], layout.patch_grid(a[:, 0], dim=1).numpy(), atol=1e-5)
+
+
+def test_dynamic_size_dinov3_attention_and_probe_outputs(pixel_values):
+    """DINOv3 takes any multiple of the patch size (the rotary table follows the grid); a probe
+    without attention leaves the output bit for bit, with attention within float tolerance."""
+    model = sharpen(timm_case("dinov3"))
+    backbone = vsink.wrap(model)
+    assert backbone.dynamic_size and backbone.layout((48, 40)).grid == (6, 5)
+    x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(3))
+    _, ref = timm_reference(model, x)
+    _, probs = capture_probs(backbone, x)
+    assert probs[0].shape[-1] == 5 + 30
+    assert max((p - r).abs().max().item() for p, r in zip(probs, ref)) <= TOL
+    plain = backbone.forward(x)
+    with vsink.Probe(backbone, attention=False) as probe:
+        observed = probe.run(x)
+    assert torch.equal(observed, plain)
+    with vsink.Probe(backbone) as probe:
+        routed = probe.run(x)
+    assert (routed - plain).abs().max().item() <= 1e-6 * plain.abs().max().item()
+    assert probe.trace().attn_received.shape[-1] == backbone.layout((48, 40)).num_tokens
+    assert torch.equal(backbone.forward(x), plain)
+
+
+@pytest.mark.parametrize("case", ["dinov3", "eva02", "rope_reg1_gap"])
+def test_with_registers_is_timms_architecture_with_more_registers(case, tmp_path):
+    """The copy with 2 more registers has the state dict of timm's model built with
+    num_reg_tokens + 2, and that model (loaded with it, through timm's own loader from the saved
+    file too) computes the same output; vsink.load(DIR) rebuilds it."""
+    import timm
+
+    name, kwargs = ROPE_CASES[case]
+    kwargs = dict(kwargs)
+    base = vsink.load(f"timm:{name}", pretrained=False, img_size=kwargs.pop("img_size", 32),
+                      model_kwargs={**TINY, **kwargs})
+    sharpen(base.model)
+    n_cls, n_reg, grid = LAYOUTS[case]
+    grown = base.with_registers(2, init_std=0.5)
+    assert type(grown) is type(base) and base.layout().num_registers == n_reg
+    layout = grown.layout()
+    assert (layout.num_cls, layout.num_registers, layout.grid) == (n_cls, n_reg + 2, grid)
+    x = _x(grown)
+    out = grown.forward(x)
+    assert out.shape[1] == layout.num_tokens
+    saved = grown.save(tmp_path / "grown")
+    meta = json.loads((saved / "vsink.json").read_text())
+    assert meta["family"] == "timm-eva" and meta["model_kwargs"]["num_reg_tokens"] == n_reg + 2
+    overlay = dict(file=str(saved / "model.safetensors"))
+    library = timm.create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
+                                img_size=meta["img_size"][0], **meta["model_kwargs"]).eval()
+    assert library.num_prefix_tokens == layout.num_prefix
+    with torch.no_grad():
+        assert torch.equal(library.forward_features(x), out)
+    reloaded = vsink.load(str(saved))
+    assert reloaded.family == "timm-eva" and reloaded.layout() == layout
+    assert torch.equal(reloaded.forward(x), out)
+    # the registers are prefix tokens: attention over them equals timm's, and they get no rotation
+    _, ref = timm_reference(reloaded.model, x)
+    _, probs = capture_probs(reloaded, x)
+    assert max((p - r).abs().max().item() for p, r in zip(probs, ref)) <= TOL
+    assert all(blk.attn.num_prefix_tokens == layout.num_prefix for blk in reloaded.model.blocks)
+
+
+def test_cli_scan_maps_and_test_time_registers_on_a_saved_rope_model(tmp_path, capsys):
+    """A saved tiny DINOv3 through the command line: scan (layout with the 4 storage tokens as
+    registers), maps with rollout, and a scan with test-time registers appended after the patches."""
+    backbone = vsink.load("timm:vit_small_patch16_dinov3", pretrained=False, img_size=32,
+                          model_kwargs={**TINY, "patch_size": 8})
+    sharpen(backbone.model)
+    model_dir = str(backbone.save(tmp_path / "dinov3"))
+    photo = tmp_path / "photo.png"
+    _image(40).save(photo)
+    assert main(["scan", str(photo), "--model", model_dir, "--out", str(tmp_path / "scan"), "--no-progress"]) == 0
+    layout = json.loads((tmp_path / "scan" / "scan.json").read_text())["layout"]
+    assert (layout["cls"], layout["registers_after_cls"], layout["grid"]) == (1, 4, [4, 4])
+    assert main(["maps", str(photo), "--model", model_dir, "--kind", "rollout,cls,norm", "--format", "npz",
+                 "--out", str(tmp_path / "maps"), "--no-progress"]) == 0
+    with np.load(tmp_path / "maps" / "photo.npz") as d:
+        assert d["rollout"].shape == (4, 4) and d["rollout/prefix"].shape == (5,)
+        assert d["cls/layer1/mean"].shape == (4, 4) and d["cls/layer1/prefix"].shape == (4, 5)  # per head
+    neurons = tmp_path / "neurons.json"
+    neurons.write_text(json.dumps({"neurons": [{"layer": 0, "neuron": 3}]}))
+    assert main(["scan", str(photo), "--model", model_dir, "--test-time-registers", str(neurons),
+                 "--out", str(tmp_path / "ttr"), "--no-progress"]) == 0
+    layout = json.loads((tmp_path / "ttr" / "scan.json").read_text())["layout"]
+    assert layout["register_position"] == "after_cls+end" and layout["registers_appended"] == 1
+    capsys.readouterr()
+    assert main(["models"]) == 0 and "timm:vit_small_patch16_dinov3" in capsys.readouterr().out
+
+
+def test_posthoc_finetune_adds_trained_registers_to_a_rope_model(tmp_path):
+    """A few posthoc steps on a tiny DINOv3: the student (4 storage tokens + 2 new registers, all in
+    timm's reg_token) trains, its new registers move, and the result loads through vsink and timm."""
+    import timm
+
+    cfg = load_config(None, [
+        "recipe=posthoc", f"out={tmp_path}", "model.spec=timm:vit_small_patch16_dinov3", "model.img_size=32",
+        "model.pretrained=false", "model.model_kwargs={patch_size: 8, depth: 2, embed_dim: 64, num_heads: 4}",
+        "registers.n=2", "registers.init_std=1.0e-6", "teacher.kind=original", "student.unlock=[]",
+        "student.last_blocks=1", "data.num_images=8", "data.eval_images=4", "train.steps=4", "train.batch_size=4",
+        "train.warmup_steps=1", "train.lr=1.0e-2", "train.eval_every=4", "train.checkpoint_every=4",
+        "train.log_every=1"])
+    run_finetune(cfg, progress=False)
+    student = vsink.load(str(tmp_path / "final"))
+    assert student.family == "timm-eva"
+    assert (student.layout().num_cls, student.layout().num_registers) == (1, 6)
+    new = student.model.reg_token[0, 4:]
+    assert new.abs().max() > 1e-4, "the new registers did not move from their ~1e-6 start"
+    meta = json.loads((tmp_path / "final" / "vsink.json").read_text())
+    overlay = dict(file=str(tmp_path / "final" / "model.safetensors"))
+    library = timm.create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
+                                img_size=32, **meta["model_kwargs"]).eval()
+    x = _x(student)
+    with torch.no_grad():
+        assert torch.equal(library.forward_features(x), student.forward(x))

@@ -20,10 +20,10 @@ SAVED_FIELDS: dict[str, Option] = declare(
     Option("format", Choice(("vsink-backbone",)), None, "marks the folder as a saved vsink model", required=True),
     Option("version", Int(1, 1), 1, "format version"),
     Option("family", Text(r"[\w.-]+", "a family name"), None, "the adapter family (a registered one: timm, "
-           "open_clip, hf, or a plugin's)", required=True),
+           "timm-eva, open_clip, hf, or a plugin's)", required=True),
     Option("spec", Text(r"\S+", "a spec without spaces"), None, "the library spec the model is rebuilt from (the "
-           "family decides which: timm: demo or timm:NAME; open_clip: open_clip:NAME; hf: informational)",
-           required=True),
+           "family decides which: timm: demo or timm:NAME; timm-eva: timm:NAME; open_clip: open_clip:NAME; hf: "
+           "informational)", required=True),
     Option("img_size", ListOf(Int(1, 16384), length=2), None, "default input size [H, W]", nullable=True),
     Option("model_kwargs", Mapping_(), {}, "keyword arguments of the library constructor"),
     Option("mean", ListOf(Float(), length=3), None, "per-channel normalisation mean", nullable=True,
