@@ -15,7 +15,7 @@ import vsink
 from vsink.cli import main
 from vsink.maps import export_maps
 from vsink.train import load_config, run_finetune
-from conftest import ROPE_CASES, capture_probs, sharpen, timm_case, timm_model, timm_reference
+from conftest import ROPE_CASES, capture_probs, sharpen, timm_case, timm_reference
 from test_maps import reference_rollout
 
 TOL = 1e-5
@@ -106,7 +106,7 @@ def site_qk(backbone, layer, x):
 
 
 @pytest.mark.parametrize("case", sorted(ROPE_CASES))
-def test_layout_matches_timm_prefix_and_spatial_tokens(case, pixel_values):
+def test_layout_matches_timm_prefix_and_spatial_tokens(case):
     model = timm_case(case)
     backbone = vsink.wrap(model)
     assert backbone.family == "timm-eva"

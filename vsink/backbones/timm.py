@@ -47,8 +47,8 @@ class TimmBackbone(Backbone):
         model = load_timm(name, weights=weights, img_size=img_size, pretrained=pretrained, model_kwargs=model_kwargs)
         adapters = [c for c in families().values() if issubclass(c, TimmBackbone) and c.can_wrap(model)]
         if not adapters:
-            raise VsinkError(f"timm:{name}: {type(model).__name__} is not a timm VisionTransformer (ViT, DeiT, DINOv2) "
-                             "or Eva (EVA-02, RoPE ViTs, DINOv3); other timm architectures are not supported")
+            raise VsinkError(f"timm:{name}: {type(model).__name__} is not a timm VisionTransformer (ViT, DeiT, "
+                             "DINOv2) or Eva (EVA-02, RoPE ViTs, DINOv3); other timm architectures are not supported")
         return adapters[0](model, f"timm:{name}")
 
     def __init__(self, model: nn.Module, spec: str = "timm:<module>"):

@@ -37,9 +37,12 @@ class TimmEvaBackbone(TimmBackbone):
     positions, class token and registers optional)."""
 
     family = "timm-eva"
-    spec_forms = ("timm:NAME                         a timm Eva model: EVA-02 (timm:eva02_small_patch14_224), RoPE "
-                  "ViTs (timm:vit_base_patch16_rope_reg1_gap_256, timm:vit_small_patch16_rope_224), DINOv3 "
-                  "(timm:vit_small_patch16_dinov3)")
+    spec_forms = ("timm:NAME                         a timm RoPE ViT (timm's Eva): EVA-02, e.g. "
+                  "timm:eva02_small_patch14_224;\n"
+                  "                                    timm:vit_*_rope*, e.g. "
+                  "timm:vit_base_patch16_rope_reg1_gap_256;\n"
+                  "                                    DINOv3 (4 storage tokens = registers), e.g. "
+                  "timm:vit_small_patch16_dinov3")
     saved_spec = r"timm:[^\s/\\].*"
     saved_spec_help = "timm:NAME"
     scratch_registers = False
@@ -53,7 +56,8 @@ class TimmEvaBackbone(TimmBackbone):
 
     def _parameter_roles(self) -> dict[str, list[Optional[nn.Parameter]]]:
         roles = super()._parameter_roles()
-        roles["pos_embed"] = [self.model.pos_embed, *module_parameters(self.model.rope)]  # mixed RoPE learns frequencies
+        # RoPE-Mixed learns its rotary frequencies: position parameters too
+        roles["pos_embed"] = [self.model.pos_embed, *module_parameters(self.model.rope)]
         return roles
 
     def _grow_prefix(self, model: nn.Module, n: int) -> None:
