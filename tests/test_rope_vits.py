@@ -5,6 +5,7 @@ save and load through vsink and timm. Attention against timm's own: tests/test_a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,29 +259,73 @@ def test_with_registers_is_timms_architecture_with_more_registers(case, tmp_path
     assert all(blk.attn.num_prefix_tokens == layout.num_prefix for blk in reloaded.model.blocks)
 
 
-def test_cli_scan_maps_and_test_time_registers_on_a_saved_rope_model(tmp_path, capsys):
-    """A saved tiny DINOv3 through the command line: scan (layout with the 4 storage tokens as
-    registers), maps with rollout, and a scan with test-time registers appended after the patches."""
+PLANTED = 7
+
+
+def planted_dinov3(images):
+    """A tiny DINOv3 (layer scale 1) whose block-0 MLP neuron ``PLANTED`` fires on the ~10% of
+    patches of ``images`` where its input projects most on a fixed direction and then writes a
+    large fixed vector: high-norm patches made by one register neuron. Returns the backbone and
+    the neuron's pre-activation minus its threshold on the patches [B, P], read with a plain
+    torch hook (> 0: it fires; the write grows with the margin)."""
     backbone = vsink.load("timm:vit_small_patch16_dinov3", pretrained=False, img_size=32,
                           model_kwargs={**TINY, "patch_size": 8})
-    sharpen(backbone.model)
+    model, layout = backbone.model, backbone.layout()
+    seen = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gamma" in name:
+                p.fill_(1.0)
+        mlp = model.blocks[0].mlp
+        hook = model.blocks[0].norm2.register_forward_hook(lambda m, a, o: seen.__setitem__("x", o))
+        model.forward_features(backbone.preprocess(images))
+        hook.remove()
+        g = torch.Generator().manual_seed(1)
+        read, write = torch.randn(64, generator=g), torch.randn(64, generator=g)
+        pre = layout.patches(seen["x"]) @ read
+        threshold = torch.quantile(pre.flatten(), 0.9)
+        mlp.fc1.weight[PLANTED] = read * 10
+        mlp.fc1.bias[PLANTED] = -threshold * 10
+        mlp.fc2.weight[:, PLANTED] = write / write.norm() * 5
+    return backbone, pre - threshold
+
+
+def test_cli_registers_find_scan_maps_and_test_time_registers_on_a_saved_rope_model(tmp_path, capsys):
+    """A saved tiny DINOv3 with a planted register neuron through the command line: scan finds
+    the planted high-norm patches (every strongly firing one, none where the neuron is silent;
+    layout with the 4 storage tokens as registers),
+    registers find ranks the planted neuron first, maps with rollout, and a scan with test-time
+    registers (appended after the patches, no rotary position) finds no high-norm token."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        _image(40, seed=i).save(folder / f"r{i}.png")
+    images = [Image.open(path).convert("RGB") for path in sorted(folder.iterdir())]
+    backbone, margin = planted_dinov3(images)
     model_dir = str(backbone.save(tmp_path / "dinov3"))
-    photo = tmp_path / "photo.png"
-    _image(40).save(photo)
-    assert main(["scan", str(photo), "--model", model_dir, "--out", str(tmp_path / "scan"), "--no-progress"]) == 0
-    layout = json.loads((tmp_path / "scan" / "scan.json").read_text())["layout"]
+    assert main(["scan", str(folder), "--model", model_dir, "--out", str(tmp_path / "scan"), "--no-progress"]) == 0
+    before = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    layout = before["layout"]
     assert (layout["cls"], layout["registers_after_cls"], layout["grid"]) == (1, 4, [4, 4])
-    assert main(["maps", str(photo), "--model", model_dir, "--kind", "rollout,cls,norm", "--format", "npz",
-                 "--out", str(tmp_path / "maps"), "--no-progress"]) == 0
-    with np.load(tmp_path / "maps" / "photo.npz") as d:
+    names = [path.name for path in sorted(folder.iterdir())]
+    found = {(Path(before["images"][t["image"]]).name, t["token"] - 5) for t in before["high_norm"]["tokens"]
+             if t["layer"] == 0}
+    fires, strong = ({(names[i], int(p)) for i, p in torch.nonzero(m)} for m in (margin > 0, margin > 0.5))
+    assert len(strong) >= 5 and strong <= found <= fires
+    neurons = tmp_path / "neurons.json"
+    assert main(["registers", "find", str(folder), "--model", model_dir, "--out", str(neurons), "--top-k", "3",
+                 "--no-progress"]) == 0
+    assert [(n["layer"], n["neuron"]) for n in json.loads(neurons.read_text())["neurons"]][0] == (0, PLANTED)
+    assert main(["maps", str(folder / "r0.png"), "--model", model_dir, "--kind", "rollout,cls,norm", "--format",
+                 "npz", "--out", str(tmp_path / "maps"), "--no-progress"]) == 0
+    with np.load(tmp_path / "maps" / "r0.npz") as d:
         assert d["rollout"].shape == (4, 4) and d["rollout/prefix"].shape == (5,)
         assert d["cls/layer1/mean"].shape == (4, 4) and d["cls/layer1/prefix"].shape == (4, 5)  # per head
-    neurons = tmp_path / "neurons.json"
-    neurons.write_text(json.dumps({"neurons": [{"layer": 0, "neuron": 3}]}))
-    assert main(["scan", str(photo), "--model", model_dir, "--test-time-registers", str(neurons),
+    assert main(["scan", str(folder), "--model", model_dir, "--test-time-registers", str(neurons),
                  "--out", str(tmp_path / "ttr"), "--no-progress"]) == 0
-    layout = json.loads((tmp_path / "ttr" / "scan.json").read_text())["layout"]
-    assert layout["register_position"] == "after_cls+end" and layout["registers_appended"] == 1
+    after = json.loads((tmp_path / "ttr" / "scan.json").read_text())
+    assert after["layout"]["register_position"] == "after_cls+end" and after["layout"]["registers_appended"] == 1
+    assert before["high_norm"]["tokens"] and after["high_norm"]["tokens"] == []
     capsys.readouterr()
     assert main(["models"]) == 0 and "timm:vit_small_patch16_dinov3" in capsys.readouterr().out
 
