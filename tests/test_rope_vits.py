@@ -145,6 +145,25 @@ def test_captured_queries_and_keys_carry_timms_rotary_positions(case):
     assert (probs - unrotated).abs().max() > 1e-2, "attention without rotary positions must differ"
 
 
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_probes_leave_outputs_unchanged(case):
+    """Observation only (norms, MLP activations): bit for bit; with attention routed through
+    vsink's explicit attention: within 1e-6 of the output's scale; afterwards timm's own again."""
+    model = sharpen(timm_case(case))
+    backbone = vsink.wrap(model)
+    x = _x(backbone)
+    plain = backbone.forward(x)
+    with vsink.Probe(backbone, attention=False) as probe:
+        observed = probe.run(x)
+    assert torch.equal(observed, plain)
+    with vsink.Probe(backbone) as probe:
+        routed = probe.run(x)
+    assert (routed - plain).abs().max().item() <= 1e-6 * plain.abs().max().item()
+    assert probe.trace().attn_received.sum(-1) == pytest.approx(1.0, abs=1e-5)
+    assert not any(backbone.attention_routed(i) for i in range(backbone.num_layers))
+    assert torch.equal(backbone.forward(x), plain)
+
+
 @pytest.mark.parametrize("case", ["dinov3", "rope_reg1_gap", "eva02", "rope_mixed"])
 def test_appended_registers_get_no_rotary_position(case):
     """Test-time registers appended after the patches: their queries and keys are the plain
