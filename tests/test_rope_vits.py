@@ -124,6 +124,20 @@ def test_layout_matches_timm_prefix_and_spatial_tokens(case):
     torch.testing.assert_close(torch.cat([parts["cls"], parts["registers"]], dim=1), prefix, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("case, roles", [
+    ("dinov3", {"registers": ["reg_token"], "cls_token": ["cls_token"], "pos_embed": []}),
+    ("eva02", {"registers": [], "cls_token": ["cls_token"], "pos_embed": ["pos_embed"]}),
+    ("rope_reg1_gap", {"registers": ["reg_token"], "cls_token": [], "pos_embed": []}),
+    ("rope_mixed", {"registers": [], "cls_token": ["cls_token"], "pos_embed": ["rope.freqs"]}),  # learned frequencies
+])
+def test_parameter_roles_for_fine_tuning(case, roles):
+    backbone = vsink.wrap(timm_case(case))
+    names = {id(p): n for n, p in backbone.model.named_parameters()}
+    got = {role: [names[id(p)] for p in params] for role, params in backbone.parameter_roles().items()}
+    assert {role: got[role] for role in roles} == roles
+    assert got["patch_embed"] == [n for n in names.values() if n.startswith("patch_embed.")]
+
+
 @pytest.mark.parametrize("case", sorted(ROPE_CASES))
 def test_captured_queries_and_keys_carry_timms_rotary_positions(case):
     """The attn_qkv site sees timm's q/k with the patch rows rotated by the table the block
