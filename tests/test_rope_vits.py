@@ -388,3 +388,26 @@ def test_posthoc_finetune_adds_trained_registers_to_a_rope_model(tmp_path):
     x = _x(student)
     with torch.no_grad():
         assert torch.equal(library.forward_features(x), student.forward(x))
+
+
+def test_scratch_recipe_builds_a_rope_model_with_timms_register_argument(tmp_path):
+    """The scratch recipe on a DINOv3 spec: timm's Eva takes num_reg_tokens (not reg_tokens); the
+    model trains a few steps and loads with timm's loader."""
+    import timm
+
+    cfg = load_config(None, [
+        "recipe=scratch", f"out={tmp_path}", "model.spec=timm:vit_small_patch16_dinov3", "model.img_size=32",
+        "model.model_kwargs={patch_size: 8, depth: 2, embed_dim: 64, num_heads: 4}", "registers.n=2",
+        "data.num_images=8", "data.eval_images=4", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
+        "train.eval_every=2", "train.checkpoint_every=2"])
+    run_finetune(cfg, progress=False)
+    model = vsink.load(str(tmp_path / "final"))
+    assert model.family == "timm-eva" and (model.layout().num_cls, model.layout().num_registers) == (1, 2)
+    meta = json.loads((tmp_path / "final" / "vsink.json").read_text())
+    assert meta["model_kwargs"]["num_reg_tokens"] == 2 and "reg_tokens" not in meta["model_kwargs"]
+    overlay = dict(file=str(tmp_path / "final" / "model.safetensors"), num_classes=meta["model_kwargs"]["num_classes"])
+    library = timm.create_model(meta["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, img_size=32,
+                                **meta["model_kwargs"]).eval()
+    x = _x(model)
+    with torch.no_grad():
+        assert torch.equal(library(x), model.model(x))

@@ -62,8 +62,10 @@ class Backbone(SiteModel):
     #: the specs a saved model of this family is rebuilt from (a full-match regular expression)
     saved_spec: ClassVar[str] = r"(?!)"
     saved_spec_help: ClassVar[str] = "nothing (this family saves no models)"
-    #: the family builds a ViT with ``reg_tokens`` registers from scratch (the scratch recipe)
+    #: the family builds a ViT with registers from scratch (the scratch recipe), passing their
+    #: number as the library constructor's :attr:`register_kwarg`
     scratch_registers: ClassVar[bool] = False
+    register_kwarg: ClassVar[Optional[str]] = None
 
     # --- how the family is found (vsink.backbones.families) ---------------------------------
     @classmethod

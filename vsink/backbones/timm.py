@@ -8,7 +8,7 @@ accepts the built model.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +28,7 @@ class TimmBackbone(Backbone):
     saved_spec = r"demo|timm:[^\s/\\].*"
     saved_spec_help = "demo, timm:NAME"
     scratch_registers = True
-    #: the timm constructor argument that sets the number of registers
-    register_kwarg: ClassVar[str] = "reg_tokens"
+    register_kwarg = "reg_tokens"
 
     @classmethod
     def model_class(cls) -> type[nn.Module]:

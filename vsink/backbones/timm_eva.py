@@ -45,7 +45,7 @@ class TimmEvaBackbone(TimmBackbone):
                   "timm:vit_small_patch16_dinov3")
     saved_spec = r"timm:[^\s/\\].*"
     saved_spec_help = "timm:NAME"
-    scratch_registers = False
+    scratch_registers = True
     register_kwarg = "num_reg_tokens"
 
     @classmethod

@@ -8,8 +8,9 @@ model), ``ttr`` (the frozen model with test-time registers, so its patch feature
 artifact-free), ``denoised`` (the frozen model's features averaged over flips and whole-patch
 shifts, each warped back — the PH-Reg idea).
 
-``scratch`` — a timm ViT with ``registers.n`` registers (0 allowed, to compare) trained from
-random weights on a classification set (synthetic shapes or a folder of class subfolders).
+``scratch`` — a timm ViT (``VisionTransformer`` or ``Eva``) with ``registers.n`` registers (0
+allowed, to compare) trained from random weights on a classification set (synthetic shapes or a
+folder of class subfolders).
 """
 
 from __future__ import annotations
@@ -293,11 +294,11 @@ def _build(cfg: Recipe, device: torch.device) -> TrainTask:
                     pretrained=m.pretrained, device=device)
         check_memory(cfg, base, base.img_size, device)
         return PosthocTask(cfg, base, load_training_images(cfg.data, base.img_size, cfg.seed, False), device)
-    kwargs["reg_tokens"] = cfg.registers.n
     shape = load(m.spec, img_size=m.img_size, model_kwargs=kwargs, pretrained=False)
     if not type(shape).scratch_registers:
-        raise VsinkError(f"the scratch recipe builds ViTs with reg_tokens registers (timm); model.spec {m.spec!r} "
-                         f"is a {shape.family} model")
+        raise VsinkError(f"the scratch recipe builds ViTs with their library's own registers (timm); model.spec "
+                         f"{m.spec!r} is a {shape.family} model")
+    kwargs[type(shape).register_kwarg] = cfg.registers.n
     size = shape.img_size
     check_memory(cfg, shape, size, device)
     images = load_training_images(cfg.data, size, cfg.seed, classification=True)
