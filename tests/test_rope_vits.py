@@ -411,3 +411,30 @@ def test_scratch_recipe_builds_a_rope_model_with_timms_register_argument(tmp_pat
     x = _x(model)
     with torch.no_grad():
         assert torch.equal(library(x), model.model(x))
+
+
+@pytest.mark.parametrize("case", ["dinov3", "rope_gqa"])
+def test_masks_and_causal_attention_follow_timm(case):
+    """timm's attn_mask (boolean: True keeps; float: added) and is_causal reach vsink's explicit
+    attention as in timm's own unfused path."""
+    model = sharpen(timm_case(case))
+    backbone = vsink.wrap(model)
+    x = _x(backbone)
+    n = backbone.layout().num_tokens
+    g = torch.Generator().manual_seed(0)
+    masks = [dict(attn_mask=(torch.rand(2, 1, n, n, generator=g) > 0.3) | torch.eye(n, dtype=torch.bool)),
+             dict(attn_mask=torch.randn(2, 1, n, n, generator=g)), dict(is_causal=True)]
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    with torch.no_grad():
+        refs = [model.forward_features(x, **m) for m in masks]
+    handles = [backbone.hook("attn_probs", i, lambda p, s, z: None) for i in range(backbone.num_layers)]
+    try:
+        with torch.no_grad():
+            got = [model.forward_features(x, **m) for m in masks]
+    finally:
+        for h in handles:
+            h.remove()
+    for g_, r in zip(got, refs):
+        assert (g_ - r).abs().max().item() <= 1e-6 * r.abs().max().item()
+    assert not torch.allclose(refs[2], model.forward_features(x)), "the causal mask must matter"
