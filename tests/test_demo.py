@@ -34,6 +34,9 @@ def test_demo_outliers_are_the_planted_tokens(demo):
             assert found == expected
             stats = result.high_norm.layers[layer]
             assert stats.ratio > 8
+    per_image = result.to_json()["per_image"]
+    assert [e["high_norm_tokens"] for e in per_image] == [int(f.sum()) for f in firing]
+    assert [e["high_norm_layers"] for e in per_image] == [list(range(D.PLANTED_BLOCK, backbone.num_layers))] * 2
 
 
 def test_demo_outliers_sit_on_flat_patches(demo):

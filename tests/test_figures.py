@@ -151,3 +151,97 @@ def test_norm_small_multiples_show_every_block_on_one_scale():
     shown = [ax.images[0] for ax in fig.axes if ax.images and ax.get_title().startswith("block")]
     assert len(shown) == 5 and {im.get_clim() for im in shown} == {(1.0, 5.0)}
     plt.close(fig)
+
+
+def test_overlay_on_a_scale_starts_at_zero_with_units_marks_and_a_flat_note():
+    """A class-token map spanning 0.0045–0.00452 is drawn on a scale from 0 (so it looks flat), the
+    bar names the quantity, τ is a line on the bar, and the title says the panel is flat."""
+    from vsink.export.scales import shared_scale
+
+    grid = np.linspace(0.0045, 0.00452, 16).reshape(4, 4)
+    scale = shared_scale([grid, np.full((4, 4), 0.02)], zero=True, label="attention share", marks={"τ": 0.01})
+    fig, ax = plt.subplots()
+    im = overlay_axes(ax, Image.new("RGB", (60, 40)), grid, "cls", scale=scale)
+    assert im.get_clim() == (0.0, 0.02)
+    bar = next(a for a in fig.axes if a is not ax)
+    assert "attention share" in bar.get_ylabel() and "τ = 0.01" in bar.get_ylabel()
+    assert any(np.allclose(line.get_ydata(), 0.01) for line in bar.lines)
+    assert "flat" in ax.get_title() and "0.0045" in ax.get_title()
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    overlay_axes(ax, Image.new("RGB", (60, 40)), np.linspace(0, 1, 16).reshape(4, 4), "cls", scale=scale)
+    assert "flat" not in ax.get_title()
+    plt.close(fig)
+
+
+def test_norm_histograms_at_every_block_mark_each_threshold_on_one_axis():
+    from vsink.export.layer_figures import norm_histograms_figure
+
+    rng = np.random.default_rng(0)
+    norms = [rng.normal(10, 1, (3, 16)), rng.normal(10, 1, (3, 16)), np.r_[rng.normal(10, 1, 40), [80.0] * 8]]
+    fig = norm_histograms_figure(norms, [0, 1, 2], [None, 30.0, 45.0], emergence=1)
+    panels = [ax for ax in fig.axes if ax.patches]
+    assert len(panels) == 3
+    marks = [[float(line.get_xdata()[0]) for line in ax.lines] for ax in panels]
+    assert marks == [[], [30.0], [45.0]]
+    assert len({ax.get_xlim() for ax in panels}) == 1  # one norm axis for all blocks
+    assert "emergence" in panels[1].get_title() and "threshold 30" in panels[1].get_title()
+    plt.close(fig)
+
+
+def test_maps_share_one_scale_per_kind_over_blocks_and_images(tmp_path):
+    """maps.json's scales equal the range over every exported map of that kind in every image
+    (read back from the npz files); attention scales start at 0; each PNG canvas uses them."""
+    import json
+
+    import vsink
+    from vsink.data.demo_images import demo_images
+    from vsink.export.maps import OverlayCanvas
+    from vsink.maps import export_maps
+
+    backbone = vsink.load("demo")
+    export_maps(backbone, demo_images(), tmp_path, kinds=["cls", "norm", "rollout"], layers=[1, 4], progress=False)
+    index = json.loads((tmp_path / "maps.json").read_text())
+    arrays: dict[str, list[np.ndarray]] = {"cls": [], "norm": [], "rollout": []}
+    for entry in index["images"]:
+        with np.load(tmp_path / f"{entry['stem']}.npz") as d:
+            arrays["cls"] += [d["cls/layer1/mean"], d["cls/layer4/mean"]]
+            arrays["norm"] += [d["norm/layer1"], d["norm/layer4"]]
+            arrays["rollout"].append(d["rollout"])
+    for kind, grids in arrays.items():
+        scale = index["scales"][kind]
+        low = 0.0 if kind != "norm" else min(float(g.min()) for g in grids)
+        assert scale["vmin"] == pytest.approx(low) and scale["vmax"] == pytest.approx(max(float(g.max()) for g in grids))
+    assert "norm" in index["scales"]["norm"]["label"] and "attention" in index["scales"]["cls"]["label"]
+    from vsink.export.scales import Scale
+
+    canvas = OverlayCanvas(Image.new("RGB", (60, 40)), Scale(**index["scales"]["norm"]), "magma")
+    assert canvas.overlay.get_clim() == (index["scales"]["norm"]["vmin"], index["scales"]["norm"]["vmax"])
+    canvas.close()
+
+
+def test_per_head_grid_uses_one_scale_for_all_heads_and_images():
+    from vsink.export.layer_figures import head_grid_figure
+    from vsink.export.scales import shared_scale
+
+    rng = np.random.default_rng(0)
+    grids = [rng.random((3, 4, 4)) * 0.1, rng.random((3, 4, 4))]
+    scale = shared_scale(grids, zero=True, label="attention share")
+    fig = head_grid_figure([Image.new("RGB", (40, 30))] * 2, grids, ["a.png", "b.png"], scale, "t")
+    overlays = [im for ax in fig.axes for im in ax.images[1:]]
+    assert len(overlays) == 6 and {im.get_clim() for im in overlays} == {(0.0, scale.vmax)}
+    plt.close(fig)
+
+
+def test_dense_previews_have_a_legend_of_the_classes_in_their_masks():
+    from vsink.export.dense_figures import previews_figure
+    from vsink.export.views import Previews
+
+    gt = np.array([[0, 1], [1, 255]], dtype=np.uint8)
+    predicted = np.array([[0, 3], [3, 3]], dtype=np.uint8)
+    pv = Previews(ids=["a"], images=[Image.new("RGB", (8, 8))], masks=[gt], boxes=[None],
+                  predicted={"baseline": [predicted]})
+    fig = previews_figure(pv, 4, ["background", "square", "circle", "star"])
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["background", "square", "star"]  # circle: in no mask
+    plt.close(fig)

@@ -102,6 +102,19 @@ def test_tower_high_norm_tokens_become_visual_sinks(demo, photos):
     assert layer["bos_share"] > 0.05 and 0 < layer["image_attention_share"] < 1
     assert data["vision"]["high_norm"]["emergence_layer"] == DL.TOWER_PLANTED_BLOCK
 
+    # per image: the tower's high-norm tokens are the planted firing patches of that image, and its
+    # visual sink tokens those the LLM flags (any layer), read from tower_to_llm above
+    for i, entry in enumerate(data["vision"]["per_image"]):
+        assert entry["high_norm_tokens"] == int(firing[i].sum())
+    for i, entry in enumerate(data["per_image"]):
+        assert entry["visual_sink_tokens"] == int(sinks[i].sum())
+    # the planted sink heads (keys read the sink dims carried by BOS and the visual sinks) have the
+    # largest BOS and visual-sink shares of every layer in the layer x head maps
+    shares = result.head_shares()
+    others = [h for h in range(shares["bos"].shape[1]) if h not in DL.SINK_HEADS]
+    for key in ("bos", "visual_sinks"):
+        assert (shares[key][:, list(DL.SINK_HEADS)].min(axis=1) > shares[key][:, others].max(axis=1)).all(), key
+
 
 def test_cli_scan_on_the_demo_lvlm(tmp_path, capsys):
     assert main(["scan", "--model", "demo-llava", "--prompt", "what is in the picture ?", "--out", str(tmp_path),

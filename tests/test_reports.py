@@ -106,6 +106,31 @@ def test_registers_apply_writes_one_side_by_side_report(tmp_path, capsys):
     assert page.section("Per block, all runs on one axis")["img"] == 4
     assert page.section("PCA of patch features")["img"] == 1
     assert page.section("Norm maps at every block")["img"] == 2 * 2  # two images x (before, after)
+    assert page.section("Per image")["table"] == 1
+
+
+def test_comparison_says_which_images_its_maps_show_and_lists_every_image(tmp_path):
+    """Six photos, four drawn: the page says "the first 4 of 6" and its per-image table has all six."""
+    from vsink.export.compare import MAX_IMAGES
+
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(MAX_IMAGES + 2):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    neurons = tmp_path / "neurons.json"
+    assert main(["registers", "find", "--no-progress", "--out", str(neurons)]) == 0
+    assert main(["registers", "apply", str(folder), "--neurons", str(neurons), "--no-progress",
+                 "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "compare.html").read_text()
+    page = Page(text)
+    assert f"the first {MAX_IMAGES} of {MAX_IMAGES + 2} images" in text
+    assert page.section("Norm maps at every block")["img"] == 2 * MAX_IMAGES
+    listed = {r[0] for r in page.cells if r and r[0].endswith(".png")}
+    assert listed == {str(folder / f"p{i}.png") for i in range(MAX_IMAGES + 2)}
 
 
 def test_finetune_report_has_training_curves_and_both_models(tmp_path):

@@ -61,7 +61,9 @@ def test_payload_holds_the_npz_values(maps_dir):
     image = payload["images"][0]
     with np.load(maps_dir / "china.npz") as d:
         full, norm, prefix = d[f"full/layer{LAYER}"], d[f"norm/layer{LAYER}"], d[f"norm/layer{LAYER}/prefix"]
-        assert d["image"].dtype == np.uint8 and d["image"].shape == (224, 224, 3)
+        # the 640 x 427 photo the model saw whole, at its aspect with the longer side 448 (not squashed to 224²)
+        assert d["image"].dtype == np.uint8 and d["image"].shape == (299, 448, 3)
+        np.testing.assert_allclose(d["view_box"], [0, 0, 640, 427])
     rows = image["layers"][str(LAYER)]["rows"]
     np.testing.assert_array_equal(decoded(rows["values"]), full)
     norms = decoded(image["layers"][str(LAYER)]["norm"])
@@ -221,6 +223,69 @@ def test_lvlm_words_show_their_attention_per_layer_in_chromium(tmp_path):
         np.testing.assert_allclose(shown(driver), att[1, 2].ravel(), rtol=1e-6)
         Select(driver.find_element(By.ID, "layer-select")).select_by_value("mean")
         np.testing.assert_allclose(shown(driver), att[1].mean(axis=0).ravel(), rtol=1e-5)
+        assert not severe(driver)
+    finally:
+        driver.quit()
+
+
+def test_viewer_names_images_draws_them_at_their_aspect_and_marks_the_image_token(tmp_path):
+    """A 300 × 200 photo: the scan viewer's canvas keeps 3:2 (the whole photo, no padding from the
+    stacked thumbnails); an LVLM export is named by its file and drawn on LLaVA's square crop; a
+    generated image placeholder is an image-span marker, not a word."""
+    from selenium.webdriver.common.by import By
+    from PIL import Image
+
+    from vsink.backbones.hf_lvlm import LVLM
+    from vsink.data.demo_lvlm import build_tiny_llava
+    from vsink.io import NpzWriter
+    from vsink.lvlm import generate
+    from vsink.lvlm.export import export_attention
+
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(wide)
+    Image.fromarray(rng.integers(0, 255, (300, 150, 3), dtype=np.uint8)).save(tall)
+    scan_dir = tmp_path / "scan"
+    assert main(["scan", str(wide), str(tall), "--no-progress", "--out", str(scan_dir)]) == 0
+    payload = load_viewer_data(scan_dir)
+    assert [im["name"] for im in payload["images"]] == [str(wide), str(tall)]
+
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor)
+    photo = Image.open(wide).convert("RGB")
+    inputs = lvlm.prepare([photo], ["describe this image"])
+    result = generate(lvlm, inputs, max_new_tokens=3, capture_attention=True)
+    rows = tmp_path / "rows"
+    export_attention(lvlm, result, inputs, rows, images=[photo], names=["wide.png"], png=False)
+    with np.load(rows / "row0.npz") as d:
+        arrays = {k: d[k] for k in d.files}
+    words = json.loads(str(arrays["words"]))
+    words[1] = str(arrays["image_token"])
+    arrays["words"] = np.asarray(json.dumps(words))
+    with NpzWriter(rows / "row0.npz") as w:
+        for key, value in arrays.items():
+            w.add(key, value)
+    driver = chrome()
+    try:
+        driver.get(write_viewer(scan_dir).as_uri())
+        time.sleep(0.5)
+        canvas = driver.find_element(By.TAG_NAME, "canvas")
+        assert int(canvas.get_attribute("width")) / int(canvas.get_attribute("height")) == pytest.approx(1.5, abs=0.01)
+        from selenium.webdriver.support.ui import Select
+
+        Select(driver.find_element(By.ID, "image-select")).select_by_value("1")
+        time.sleep(0.3)
+        canvas = driver.find_element(By.TAG_NAME, "canvas")
+        assert int(canvas.get_attribute("width")) / int(canvas.get_attribute("height")) == pytest.approx(0.5, abs=0.01)
+        driver.get(write_viewer(rows).as_uri())
+        time.sleep(0.5)
+        assert Select(driver.find_element(By.ID, "image-select")).first_selected_option.text == "wide.png"
+        canvas = driver.find_element(By.TAG_NAME, "canvas")
+        assert canvas.get_attribute("width") == canvas.get_attribute("height")  # LLaVA's centre crop
+        assert driver.find_element(By.ID, "legend-min").text == "0"  # attention is coloured from 0
+        spans = driver.find_elements(By.CSS_SELECTOR, "#words span")
+        assert spans[1].text == "[image]" and "image-span" in spans[1].get_attribute("class")
+        assert "image-span" not in spans[0].get_attribute("class")
         assert not severe(driver)
     finally:
         driver.quit()

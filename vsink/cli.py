@@ -147,9 +147,24 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     dims = sorted({m.dim for m in result.massive})
     print(f"massive activations (>= {result.settings['massive_ratio']:g}x median |activation|): "
           f"{count(len(result.massive), 'entry', 'entries')}" + (f", residual dims {dims}" if dims else ""))
+    _print_per_image(result.per_image())
     for path in paths.values():
         print(f"wrote {path}")
     return 0
+
+
+#: images listed one by one in a scan's summary (all are in scan.json's per_image)
+SUMMARY_IMAGES = 20
+
+
+def _print_per_image(entries: list[dict]) -> None:
+    print("per image (high-norm tokens at the emergence block; sink tokens over all blocks):")
+    for entry in entries[:SUMMARY_IMAGES]:
+        top = f", max norm {entry['max_norm']:.4g}" if entry["max_norm"] is not None else ""
+        print(f"  {Path(entry['image']).name}: {count(entry['high_norm_tokens'], 'high-norm token')}{top}, "
+              f"{count(entry['sink_tokens'], 'sink token')}")
+    if len(entries) > SUMMARY_IMAGES:
+        print(f"  ... {len(entries) - SUMMARY_IMAGES} more images in scan.json (per_image)")
 
 
 def _scan_lvlm(args: argparse.Namespace) -> int:
@@ -422,7 +437,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.export_attention:
         from .lvlm.export import export_attention
 
-        written = export_attention(lvlm, result, inputs, args.export_attention, images=images)
+        written = export_attention(lvlm, result, inputs, args.export_attention, images=images,
+                                   names=[Path(item.name).name for item in named])
         print(f"wrote {count(len(written), 'file')} to {args.export_attention}")
     return 0
 

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -31,6 +31,8 @@ from .outputs import OutputSet, check_output_dir, derived_names
 from .version import __version__
 from .layout import TokenLayout
 from .export.maps import ImageMaps
+from .export.scales import Scale
+from .viewbox import DISPLAY_SIDE
 from .probe import Probe
 from .rollout import FUSIONS, FullAttentionObserver, RolloutObserver
 from . import wording
@@ -47,13 +49,18 @@ class MapsResult:
     images: list[ImageMaps]
     skipped: list[dict[str, str]]
     settings: dict[str, Any]
+    #: the colour scale of each drawn kind, shared by all images and blocks (:mod:`vsink.export.scales`)
+    scales: dict[str, Scale] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "synthetic": self.synthetic,
-            "images": [{"image": m.name, "stem": m.stem, "layout": m.layout.to_dict(), "files": m.files}
+            "images": [{"image": m.name, "stem": m.stem, "layout": m.layout.to_dict(),
+                        "size": list(m.size) if m.size else None,
+                        "view_box": m.view_box.to_list() if m.view_box else None, "files": m.files}
                        for m in self.images],
+            "scales": {kind: scale.to_dict() for kind, scale in self.scales.items()},
             "skipped": self.skipped,
             "settings": self.settings,
         }
@@ -132,10 +139,14 @@ def export_maps(
     """Export maps for each image into ``out_dir`` (``<stem>.npz``, ``<stem>/*.png``, ``maps.json``;
     stems from :func:`stems`).
 
-    Unreadable images are skipped and listed (none readable: a :class:`VsinkError`). The files are written as one set with the folder's
-    ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`): they replace the earlier export (its
-    files included, where an image is no longer exported) when every image is done, and an
-    interruption or a failure leaves the earlier export as it was.
+    Unreadable images are skipped and listed (none readable: a :class:`VsinkError`). The files are
+    written as one set with the folder's ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`):
+    they replace the earlier export (its files included, where an image is no longer exported) when
+    every image is done, and an interruption or a failure leaves the earlier export as it was. The
+    PNGs are drawn after the last image, on one colour scale per kind shared by all images and
+    blocks (``scales`` in maps.json), from the arrays read back from each npz (with
+    ``formats=["png"]`` alone they stay in memory until then). Each map is drawn on the region of
+    the original image the model saw (``view_box``).
     """
     kinds = list(dict.fromkeys(kinds))
     unknown = [k for k in kinds if k not in KINDS]
@@ -173,13 +184,14 @@ def export_maps(
 def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedImage]], out: Path,
                 image_stems: list[str], settings: dict[str, Any], progress: bool) -> MapsResult:
     """Every image's maps into ``out`` (the staging folder of the set), then ``maps.json``."""
-    from .export.maps import render_image_pngs
+    from .export.maps import map_scales, reload, render_image_pngs
 
     kinds, sel_layers, sel_heads, formats = settings["kinds"], settings["layers"], settings["heads"], settings["formats"]
     fusion, discard_ratio, img_size = settings["fusion"], settings["discard_ratio"], settings["img_size"]
     keep_aspect = settings["keep_aspect"]
     done: list[ImageMaps] = []
     skipped: list[dict[str, str]] = []
+    scales: dict[str, Scale] = {}
     warned = False
     for index, item in enumerate(tqdm(images, desc="maps", unit="img", disable=not progress)):
         loaded, names, failed = load_batch([item], index)
@@ -199,32 +211,42 @@ def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedIma
             warnings.warn(f"kind 'full' writes about {per_image / 2**20:.1f} MiB per image ({shape}), "
                           f"{len(images) * per_image / 2**20:.1f} MiB for all images", VsinkWarning, stacklevel=2)
             warned = True
-        maps = ImageMaps(name, image_stems[index], image.resize((size[1], size[0]), Image.BICUBIC), layout, {})
+        box = backbone.view_box(image.size)
+        maps = ImageMaps(name, image_stems[index], box.crop(image, side=DISPLAY_SIDE), layout, {}, view_box=box,
+                         size=image.size)
         with ExitStack() as stack:
             writer = stack.enter_context(NpzWriter(out / f"{maps.stem}.npz")) if "npz" in formats else None
-            maps.arrays = _compute(backbone, maps, size, kinds, sel_layers, sel_heads, fusion, discard_ratio,
+            maps.arrays = _compute(backbone, image, maps, size, kinds, sel_layers, sel_heads, fusion, discard_ratio,
                                    writer, stack)
             if writer is not None:
                 for key, arr in maps.arrays.items():
                     writer.add(key, arr)
                 writer.add("image", np.asarray(maps.image.convert("RGB"), dtype=np.uint8))
+                writer.add("view_box", np.asarray(box.to_list(), dtype=np.float64))
                 maps.files.append(f"{maps.stem}.npz")
         if "png" in formats:
-            maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads)
+            scales = map_scales([maps], kinds, sel_layers, sel_heads, scales)
+        if "npz" in formats:  # on disk now: read back to draw
+            maps.arrays, maps.image = {}, None
         done.append(maps)
-        maps.arrays = {}  # on disk now
     if not done:  # each skipped file was reported as the export met it; the earlier export stays
         raise VsinkError(f"no image could be read ({wording.count(len(skipped), 'file')} skipped)")
-    result = MapsResult(backbone.spec, backbone.synthetic is not None, done, skipped, settings)
+    if "png" in formats:
+        for maps in done:
+            if "npz" in formats:
+                reload(maps, out / f"{maps.stem}.npz")
+            maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads, scales)
+            maps.arrays, maps.image = {}, None
+    result = MapsResult(backbone.spec, backbone.synthetic is not None, done, skipped, settings, scales)
     write_json(out / "maps.json", result.to_json())
     return result
 
 
-def _compute(backbone: Backbone, maps: ImageMaps, size: tuple[int, int], kinds: list[str], layers: list[int],
-             heads: Union[str, list[int]], fusion: str, discard_ratio: float,
+def _compute(backbone: Backbone, image: Image.Image, maps: ImageMaps, size: tuple[int, int], kinds: list[str],
+             layers: list[int], heads: Union[str, list[int]], fusion: str, discard_ratio: float,
              writer: Optional[NpzWriter], stack: ExitStack) -> dict[str, np.ndarray]:
     layout = maps.layout
-    x = backbone.preprocess([maps.image], size)
+    x = backbone.preprocess([image], size)
     want_attention = any(k in kinds for k in HEAD_KINDS)
     stack.enter_context(FiniteGuard(backbone))
     probe = None

@@ -24,6 +24,7 @@ from .io import write_text
 from .layout import TokenLayout
 from .options import BATCH, THRESHOLD, Float, Option, declare
 from .probe import Probe, Trace
+from .viewbox import ViewBox
 
 
 MAX_MASSIVE_ENTRIES = 200
@@ -84,6 +85,9 @@ class ScanResult:
     thumbnails: list[Image.Image] = field(default_factory=list, repr=False)
     #: :func:`vsink.manifest.weights_fingerprint` of the scanned model (recorded in ``vsink-run.json``)
     weights: Optional[str] = None
+    #: per scanned image: its ``(width, height)`` and the region the model saw (:mod:`vsink.viewbox`)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    view_boxes: list[ViewBox] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.sinks = sorted(self.sinks, key=lambda s: -s.share)  # stable: ties keep block, then image order
@@ -91,6 +95,32 @@ class ScanResult:
     @property
     def layout(self) -> TokenLayout:
         return self.trace.layout
+
+    def per_image(self) -> list[dict[str, Any]]:
+        """What each image holds: its size and view box, its high-norm tokens (distinct tokens at
+        the emergence block, entries over all blocks, the blocks where it has any) and its
+        attention-sink entries (over all blocks, and distinct tokens)."""
+        hn, out = self.high_norm, []
+        table = hn.outliers
+        at_emergence = hn.mask(hn.emergence_layer).sum(axis=1) if hn.emergence_layer is not None else None
+        for i, name in enumerate(self.images):
+            mine = table.image == i
+            sinks = [s for s in self.sinks if s.image == i]
+            entry: dict[str, Any] = {"image": name}
+            if i < len(self.image_sizes):
+                entry["size"] = [int(v) for v in self.image_sizes[i]]
+            if i < len(self.view_boxes):
+                entry["view_box"] = self.view_boxes[i].to_list()
+            entry.update({
+                "high_norm_tokens": int(at_emergence[i]) if at_emergence is not None else 0,
+                "high_norm_entries": int(mine.sum()),
+                "high_norm_layers": sorted({int(v) for v in table.layer[mine]}),
+                "max_norm": float(table.norm[mine].max()) if mine.any() else None,
+                "sink_entries": len(sinks),
+                "sink_tokens": len({s.token for s in sinks}),
+            })
+            out.append(entry)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         layers = [
@@ -111,6 +141,7 @@ class ScanResult:
             "layout": self.layout.to_dict(),
             "images": self.images,
             "skipped": self.skipped,
+            "per_image": self.per_image(),
             "layers": layers,
             "high_norm": {
                 "method": self.high_norm.method,
@@ -140,7 +171,7 @@ class ScanResult:
         summary = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
         extra = self.high_norm.outliers.arrays("outlier")
         if self.thumbnails:  # the report images, for ``vsink view``
-            extra["thumbnails"] = np.stack([np.asarray(t.convert("RGB"), dtype=np.uint8) for t in self.thumbnails])
+            extra.update(stack_thumbnails(self.thumbnails))
         with OutputSet(out_dir, "vsink scan", {"determining": self.determining()}) as stage:
             self.trace.save(stage / "trace.npz", extra=extra)
             write_text(stage / "report.html", report)
@@ -198,6 +229,8 @@ def scan(
     names: list[str] = []
     skipped: list[dict[str, str]] = []
     thumbnails: list[Image.Image] = []
+    boxes: list[ViewBox] = []
+    sizes: list[tuple[int, int]] = []
     bar = tqdm(total=len(images), desc="scan", unit="img", disable=not progress)
     with Probe(backbone, layers=layers, massive=MASSIVE_TOP_K) as probe:
         for start in range(0, len(images), batch_size):
@@ -209,8 +242,11 @@ def scan(
                 pixel_values = backbone.preprocess(batch, size)
                 probe.run(pixel_values)
                 names.extend(batch_names)
-                for img in batch[: max(0, report_images - len(thumbnails))]:
-                    thumbnails.append(img.resize((size[1], size[0]), Image.BICUBIC))
+                for img in batch:
+                    boxes.append(backbone.view_box(img.size))
+                    sizes.append(img.size)
+                    if len(thumbnails) < report_images:
+                        thumbnails.append(boxes[-1].crop(img, side=max(size)))
             bar.update(len(images[start:start + batch_size]))
     bar.close()
     if not names:
@@ -218,13 +254,26 @@ def scan(
     trace = probe.trace(meta={"model": backbone.spec, "images": names})
     return result_of_trace(backbone, trace, size=size, names=names, skipped=skipped, threshold=threshold,
                            sink_ratio=sink_ratio, massive_ratio=massive_ratio, batch_size=batch_size,
-                           thumbnails=thumbnails)
+                           thumbnails=thumbnails, image_sizes=sizes, view_boxes=boxes)
+
+
+def stack_thumbnails(thumbnails: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+    """Report images of different sizes as ``thumbnails`` uint8 [images, H, W, 3] (each at the
+    top left, black beyond it) and ``thumbnail_sizes`` [images, 2] (height, width of each)."""
+    h = max(t.size[1] for t in thumbnails)
+    w = max(t.size[0] for t in thumbnails)
+    stacked = np.zeros((len(thumbnails), h, w, 3), dtype=np.uint8)
+    for i, t in enumerate(thumbnails):
+        stacked[i, : t.size[1], : t.size[0]] = np.asarray(t.convert("RGB"), dtype=np.uint8)
+    return {"thumbnails": stacked, "thumbnail_sizes": np.asarray([(t.size[1], t.size[0]) for t in thumbnails],
+                                                                  dtype=np.int64)}
 
 
 def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], names: list[str],
                     skipped: list[dict[str, str]], threshold: Union[str, float, None] = "auto", sink_ratio: float = 5.0,
                     massive_ratio: float = 100.0, batch_size: int, thumbnails: Sequence[Image.Image] = (),
-                    synthetic: Optional[bool] = None) -> ScanResult:
+                    synthetic: Optional[bool] = None, image_sizes: Sequence[tuple[int, int]] = (),
+                    view_boxes: Sequence[ViewBox] = ()) -> ScanResult:
     """Run every detector on a trace of ``backbone`` and assemble the :class:`ScanResult`."""
     detect_kwargs = parse_threshold(threshold)
     trace.check_finite(backbone.spec)
@@ -246,5 +295,7 @@ def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], 
         settings=settings,
         thumbnails=list(thumbnails),
         weights=weights_fingerprint(backbone.model),
+        image_sizes=[tuple(v) for v in image_sizes],
+        view_boxes=list(view_boxes),
     )
 

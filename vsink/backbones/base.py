@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import VsinkError
 from ..layout import TokenLayout
+from ..viewbox import ViewBox
 from .hooks import hook_tensor
 from .sites import SiteHandle, SiteModel
 
@@ -340,6 +341,11 @@ class Backbone(SiteModel):
         return h, w
 
     # --- inputs -------------------------------------------------------------------------
+    def view_box(self, size: Sequence[int]) -> ViewBox:
+        """The region of a ``(width, height)`` image that :meth:`preprocess` feeds to the model:
+        the whole image (it is resized, not cropped), in the image's pixels (:mod:`vsink.viewbox`)."""
+        return ViewBox.full(size)
+
     def preprocess(self, images: Sequence[Image.Image], size: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """RGB PIL images → normalised [B, 3, H, W] on the model's device and dtype.
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ModelSpecError, VsinkError
 from ..layout import ImageSpans
+from ..viewbox import ViewBox, clip_processor_box, pad_colour
 from .registry import resolve_device
 from .remote_code import is_remote_code_refusal, refused
 
@@ -112,6 +113,20 @@ class LVLM:
                 return (t * h // merge, w // merge)
         side = int(round(count ** 0.5))
         return (side, side) if side * side == count else (1, count)
+
+    def view_box(self, size: Sequence[int]) -> ViewBox:
+        """The region of a ``(width, height)`` image this model's processor feeds to the model, in
+        the image's pixels (:mod:`vsink.viewbox`): LLaVA's CLIP processor resizes the shortest edge
+        and centre-crops (after padding to a square where ``do_pad`` is set); Qwen2-VL's
+        ``smart_resize`` and LLaVA-NeXT's tiles keep the whole image."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        if self.model_type == "llava" and image_processor is not None:
+            return clip_processor_box(image_processor, size)
+        return ViewBox.full(size)
+
+    def view_fill(self) -> tuple[int, int, int]:
+        """The colour the processor pads with, for drawing a view box that reaches outside the image."""
+        return pad_colour(getattr(self.processor, "image_processor", None))
 
     def vision_backbone(self):
         """The vision tower as a vsink vision :class:`~vsink.backbones.base.Backbone` (CLIP /

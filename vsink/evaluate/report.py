@@ -128,7 +128,7 @@ def dense_html(result: DenseView) -> str:
         classes = max((res["linear_seg"]["num_classes"] for res in result.variants.values() if res.get("linear_seg")),
                       default=1)
         body.append(f"<h2>First {len(pv.ids)} evaluation images</h2>"
-                    + fig(previews_figure(pv, classes), "predictions", "wide"))
+                    + fig(previews_figure(pv, classes, result.dataset.get("class_names")), "predictions", "wide"))
     body.append("<h2>Variants</h2><ul>" + "".join(
         f"<li><b>{esc(n)}</b>: {inline_markdown(r['description'])}; layout {esc(str(r.get('layout')))}</li>"
         for n, r in result.variants.items()) + "</ul>")

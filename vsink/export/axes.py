@@ -100,10 +100,14 @@ def value_axis(ax, values: Sequence[float], *, which: str = "y", floor: Optional
     return "linear"
 
 
-def colorbar(ax, mappable, **kwargs):
+def colorbar(ax, mappable, label: Optional[str] = None, fraction: float = 0.046, **kwargs):
     """A colour bar beside ``ax`` whose labels are full values (no offset text above it, which
-    would sit on the title of the axes next to it)."""
-    cbar = ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, **kwargs)
+    would sit on the title of the axes next to it); ``label``: the quantity and its units;
+    ``fraction``: its share of the axes' width (0.046 × height / width of an image keeps it as tall
+    as the image)."""
+    cbar = ax.figure.colorbar(mappable, ax=ax, fraction=fraction, pad=0.02, **kwargs)
+    if label:
+        cbar.set_label(label, fontsize=7)
     cbar.formatter = DistinctFormatter()
     cbar.locator = ticker.MaxNLocator(nbins=5)
     cbar.update_ticks()

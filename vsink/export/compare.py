@@ -14,6 +14,7 @@ from .html import banner, delta, esc, fig, fmt, page, table
 from .layer_figures import heatmap_figure, norm_small_multiples_figure, sink_share_by_head
 from .pca import pca_figure
 from .report import SYNTHETIC_NOTE
+from .scales import shared_scale
 from .views import ScanView
 
 #: images shown as norm-map rows and PCA rows
@@ -99,23 +100,49 @@ def comparison_sections(runs: Mapping[str, ScanView],
                                             label="attention on sinks", vmin=0.0, vmax=top), f"{label} sink share"))
         parts.append("</div>")
 
-    parts.append("<h2>Norm maps at every block (one colour scale per image across runs)</h2>")
-    for i in range(min(MAX_IMAGES, len(first.thumbnails))):
-        grids = {label: {layer: r.layout.patch_grid(r.trace.norms[pos, i], dim=0)
-                         for pos, layer in enumerate(r.trace.layers)} for label, r in runs.items()}
-        stack = np.concatenate([np.stack(list(g.values())).ravel() for g in grids.values()])
-        for label, g in grids.items():
-            parts.append(fig(norm_small_multiples_figure(first.thumbnails[i], g, f"{label}: {first.images[i]}",
-                                                         vmin=float(stack.min()), vmax=float(stack.max())),
-                             f"{label} norm maps", "wide"))
+    parts += _per_image_table(runs)
+    shown = min(MAX_IMAGES, len(first.thumbnails))
+    subset = (f"the first {shown} of {len(first.images)} images (every image is in the per-image table above)"
+              if shown < len(first.images) else f"all {len(first.images)} images")
+    grids = {(i, label): {layer: r.layout.patch_grid(r.trace.norms[pos, i], dim=0)
+                          for pos, layer in enumerate(r.trace.layers)}
+             for i in range(shown) for label, r in runs.items()}
+    scale = shared_scale([g for per in grids.values() for g in per.values()], zero=False, label="token norm (L2)")
+    parts.append("<h2>Norm maps at every block</h2>"
+                 f"<p>One colour scale for every run, block and image ({scale.vmin:.4g}–{scale.vmax:.4g}); shown: "
+                 f"{subset}.</p>")
+    for (i, label), g in grids.items():
+        parts.append(fig(norm_small_multiples_figure(first.thumbnails[i], g, f"{label}: {first.images[i]}",
+                                                     vmin=scale.vmin, vmax=scale.vmax),
+                         f"{label} norm maps", "wide"))
     if pca and pca_images:
         shown_blocks = list(next(iter(pca.values())))
         blocks = ", ".join(str(b) for b in shown_blocks)
         parts.append(f"<h2>PCA of patch features as RGB, block{'s' if len(shown_blocks) != 1 else ''} {blocks}</h2>"
                      "<p>First three principal components of each image's patch features (block output through "
-                     "the final norm), fitted per image and run; saturated dots are high-norm artifacts.</p>")
+                     "the final norm), fitted per image and run; saturated dots are high-norm artifacts. Shown: "
+                     f"{'the first ' if len(pca_images) < len(first.images) else ''}{len(pca_images)} of "
+                     f"{len(first.images)} images.</p>")
         parts.append(fig(pca_figure(pca_images, pca, "PCA of patch features"), "PCA", "wide"))
     return parts
+
+
+def _per_image_table(runs: Mapping[str, ScanView]) -> list[str]:
+    """Every image (not only those drawn): each run's high-norm tokens at its emergence block and
+    its sink tokens."""
+    labels = list(runs)
+    per = {label: r.per_image() for label, r in runs.items()}
+    rows = []
+    for i, name in enumerate(runs[labels[0]].images):
+        cells = [esc(name)]
+        for label in labels:
+            entry = per[label][i]
+            cells += [str(entry["high_norm_tokens"]), str(entry["sink_tokens"])]
+        rows.append(cells)
+    header = ["image"] + [h for label in labels for h in (f"{esc(label)}: high-norm tokens",
+                                                          f"{esc(label)}: sink tokens")]
+    return ["<h2>Per image</h2><p>High-norm tokens: distinct tokens at each run's emergence block; sink tokens: "
+            "distinct tokens that are a sink in any block.</p>", table(header, rows)]
 
 
 def render_scan_comparison(runs: Mapping[str, ScanView], title: str,

@@ -53,10 +53,33 @@ def _mask_rgb(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+def _class_legend(fig, previews: Previews, num_classes: int, class_names: Optional[Sequence[str]]) -> int:
+    """A legend of the mask colours of every class that appears in the shown masks (ground truth
+    or predicted), named by ``class_names`` where given; returns its number of rows."""
+    present: set[int] = set()
+    for mask in [*previews.masks, *(m for masks in previews.predicted.values() for m in masks)]:
+        if mask is not None:
+            values = np.unique(mask)
+            present |= {int(v) for v in values if v != 255}
+    if not present:
+        return 0
+    cmap = colormaps["tab20"]
+    names = list(class_names or [])
+    handles = [Rectangle((0, 0), 1, 1, color=cmap(c % 20)) for c in sorted(present)]
+    labels = [names[c] if c < len(names) else f"class {c}" for c in sorted(present)]
+    if num_classes > 20:
+        labels = [f"{label} ({c})" for label, c in zip(labels, sorted(present))]
+    ncol = min(6, len(handles))
+    fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=6, title="mask colours (tab20; "
+               "colours repeat every 20 classes)" if num_classes > 20 else "mask colours", title_fontsize=6)
+    return -(-len(handles) // ncol)
+
+
 @plain_text
-def previews_figure(previews: Previews, num_classes: int):
+def previews_figure(previews: Previews, num_classes: int, class_names: Optional[Sequence[str]] = None):
     """Rows: the first evaluation images. Columns: the image with the ground-truth boxes (white)
-    and each variant's LOST box (its colour); the ground-truth mask; each variant's predicted mask."""
+    and each variant's LOST box (its colour); the ground-truth mask; each variant's predicted mask;
+    above them a legend of the classes in those masks (``class_names`` where given)."""
     variants = list(previews.predicted)
     cols = 1 + (1 + len(variants) if variants else 0)
     rows = len(previews.ids)
@@ -87,5 +110,7 @@ def previews_figure(previews: Previews, num_classes: int):
     if previews.lost:
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7)
-    fig.tight_layout(rect=(0, 0.04 if previews.lost else 0, 1, 1))
+    legend_rows = _class_legend(fig, previews, num_classes, class_names) if variants else 0
+    top = 1 - (0.03 + 0.018 * legend_rows) * 8 / max(fig.get_size_inches()[1], 1) if legend_rows else 1
+    fig.tight_layout(rect=(0, 0.04 if previews.lost else 0, 1, top))
     return fig

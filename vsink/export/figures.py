@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .axes import colorbar, value_axis  # noqa: E402
+from .scales import Scale, flat_note  # noqa: E402
 
 #: colours of compared runs, in order
 RUN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -55,16 +56,36 @@ def data_uri(png: bytes) -> str:
 
 
 def overlay_axes(ax, image: Image.Image, grid: np.ndarray, title: str, *, cmap: str = "inferno",
-                 alpha: float = 0.55, vmin: Optional[float] = None, vmax: Optional[float] = None):
-    """Draw ``image`` with ``grid`` [h, w] upsampled (bilinear) over it and a colour bar."""
+                 alpha: float = 0.55, vmin: Optional[float] = None, vmax: Optional[float] = None,
+                 scale: Optional[Scale] = None, colour_bar: bool = True):
+    """Draw ``image`` (the region the model saw, :mod:`vsink.viewbox`) with ``grid`` [h, w]
+    upsampled (bilinear) over all of it and a colour bar. With a :class:`Scale` the colours span
+    its range, the bar carries its label and marks, and a panel whose own range is tiny says so
+    in its title (:func:`flat_note`)."""
     w, h = image.size
+    if scale is not None:
+        vmin, vmax = scale.vmin, scale.vmax
+        note = flat_note(grid)
+        title = f"{title} ({note})" if note else title
     ax.imshow(image)
     im = ax.imshow(grid, cmap=cmap, alpha=alpha, extent=(0, w, h, 0), interpolation="bilinear",
                    vmin=vmin, vmax=vmax)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=8, parse_math=False)  # titles hold file names: "$" is not maths
     ax.axis("off")
-    colorbar(ax, im)
+    if colour_bar:
+        cbar = colorbar(ax, im, label=scale.label if scale is not None else None, fraction=0.046 * min(1.0, h / w))
+        if scale is not None:
+            mark_scale(cbar, scale)
     return im
+
+
+def mark_scale(cbar, scale: Scale) -> None:
+    """Draw ``scale``'s marks (thresholds) as lines across a colour bar, named in its label."""
+    for name, value in scale.marks.items():
+        cbar.ax.axhline(value, color="cyan", linewidth=1.5)
+    if scale.marks:
+        marks = ", ".join(f"{name} = {value:.3g}" for name, value in scale.marks.items())
+        cbar.set_label(f"{scale.label}; line: {marks}", fontsize=7)
 
 
 @plain_text

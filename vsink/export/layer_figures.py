@@ -4,17 +4,20 @@ in the style of Sun et al. (2024), and norm maps at every block as small multipl
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from collections import Counter
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .axes import DistinctFormatter, colorbar, value_axis
+from .axes import DistinctFormatter, colorbar, use_log, value_axis
 from .figures import RUN_COLOURS, plain_text, plt
+from .scales import flat_note
 
 if TYPE_CHECKING:
     from ..detect import AttentionSink, MassiveActivation
+    from .scales import Scale
     from ..probe import Trace
 
 
@@ -107,8 +110,9 @@ def massive_figure(trace: "Trace", found: Sequence["MassiveActivation"], thresho
 @plain_text
 def norm_small_multiples_figure(image: Image.Image, grids: Mapping[int, np.ndarray], title: str,
                                 vmin: Optional[float] = None, vmax: Optional[float] = None):
-    """The image, then the patch-norm map of every block, all on one colour scale (default: the
-    range over all blocks, so growth with depth shows); one colour bar."""
+    """The image, then the patch-norm map of every block over the image's extent, all on one
+    colour scale (default: the range over all blocks; a report passes the range over all images
+    too), so growth with depth shows; one colour bar, a flat panel says so in its title."""
     stack = np.stack(list(grids.values()))
     vmin = float(stack.min()) if vmin is None else vmin
     vmax = float(stack.max()) if vmax is None else vmax
@@ -116,23 +120,99 @@ def norm_small_multiples_figure(image: Image.Image, grids: Mapping[int, np.ndarr
     cols = min(7, panels)
     rows = math.ceil(panels / cols)
     w, h = image.size
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.6, 1.6 * rows * h / w + 0.5), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.6, 1.6 * rows * h / w + 0.7), squeeze=False)
     flat = axes.ravel()
     flat[0].imshow(image)
     flat[0].set_title("input", fontsize=7)
     im = None
     for ax, (layer, grid) in zip(flat[1:], grids.items()):
-        im = ax.imshow(grid, cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest")
+        im = ax.imshow(grid, cmap="magma", vmin=vmin, vmax=vmax, interpolation="nearest", extent=(0, w, h, 0))
         median = float(np.median(grid))
-        ax.set_title(f"block {layer}, max/med {grid.max() / median:.1f}" if median > 0 else f"block {layer}",
-                     fontsize=7)
+        text = f"block {layer}, max/med {grid.max() / median:.1f}" if median > 0 else f"block {layer}"
+        note = flat_note(grid)
+        ax.set_title(text + (f"\n{note}" if note else ""), fontsize=6 if note else 7)
     for ax in flat:
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, parse_math=False)
     if im is not None:
         cbar = fig.colorbar(im, ax=list(flat), fraction=0.02, pad=0.01)
         cbar.formatter = DistinctFormatter()
         cbar.update_ticks()
         cbar.ax.tick_params(labelsize=7)
-        cbar.set_label("token norm", fontsize=7)
+        cbar.set_label("token norm (L2)", fontsize=7)
+    return fig
+
+
+@plain_text
+def norm_histograms_figure(norms: Sequence[np.ndarray], layers: Sequence[int], thresholds: Sequence[Optional[float]],
+                           emergence: Optional[int]):
+    """Patch-token norm histograms of every block (all images pooled) on one shared norm axis and
+    shared bins, the detector's threshold of each block as a dashed red line."""
+    pooled = np.concatenate([np.asarray(v, dtype=float).ravel() for v in norms])
+    pooled = pooled[np.isfinite(pooled) & (pooled > 0)]
+    lo, hi = (float(pooled.min()), float(pooled.max())) if pooled.size else (0.5, 1.5)
+    for t in thresholds:
+        if t is not None and np.isfinite(t) and t > 0:
+            lo, hi = min(lo, t), max(hi, t)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    log = use_log([lo, hi])
+    bins = np.logspace(np.log10(lo), np.log10(hi), 50) if log else np.linspace(lo, hi, 50)
+    cols = min(4, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.0 * rows + 0.4), squeeze=False, sharex=True)
+    for ax, values, layer, threshold in zip(axes.ravel(), norms, layers, thresholds):
+        v = np.asarray(values, dtype=float).ravel()
+        ax.hist(v[np.isfinite(v) & (v > 0)], bins=bins, color="tab:blue", alpha=0.8)
+        if threshold is not None:
+            ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1.2)
+        value_axis(ax, [lo, hi], which="x")
+        ax.set_xlim(lo, hi)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.yaxis.set_major_formatter(DistinctFormatter())
+        ax.tick_params(labelsize=6)
+        what = f"block {layer}" + (" (emergence)" if layer == emergence else "")
+        ax.set_title(what + (f", threshold {threshold:.3g}" if threshold is not None else ", no threshold"),
+                     fontsize=7)
+    for ax in axes.ravel()[len(layers):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("patch-token norm (L2)", fontsize=7)
+    fig.suptitle("patch-token norms per block, all images (count, symlog); dashed: the detector's threshold",
+                 fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@plain_text
+def head_grid_figure(images: Sequence[Image.Image], grids: Sequence[np.ndarray], names: Sequence[str],
+                     scale: "Scale", title: str):
+    """Images (rows) × heads (columns): each head's map ``grids[i]`` [heads, h, w] over the image,
+    all on one ``scale``; one colour bar."""
+    heads = grids[0].shape[0]
+    w, h = images[0].size
+    fig, axes = plt.subplots(len(images), heads + 1, figsize=(1.3 * (heads + 1) + 0.8, 1.3 * len(images) * h / w + 0.6),
+                             squeeze=False)
+    im = None
+    for r, (image, grid, name) in enumerate(zip(images, grids, names)):
+        iw, ih = image.size
+        axes[r][0].imshow(image)
+        label = Path(name).name
+        axes[r][0].set_title(label if len(label) < 24 else label[:21] + "…", fontsize=6, parse_math=False)
+        for c in range(heads):
+            ax = axes[r][c + 1]
+            ax.imshow(image)
+            im = ax.imshow(grid[c], cmap="viridis", alpha=0.6, vmin=scale.vmin, vmax=scale.vmax,
+                           interpolation="nearest", extent=(0, iw, ih, 0))
+            if r == 0:
+                ax.set_title(f"head {c}", fontsize=7)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    if im is not None:
+        cbar = fig.colorbar(im, ax=list(axes.ravel()), fraction=0.02, pad=0.01)
+        cbar.formatter = DistinctFormatter()
+        cbar.update_ticks()
+        cbar.ax.tick_params(labelsize=6)
+        cbar.set_label(scale.label, fontsize=7)
     return fig

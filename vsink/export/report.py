@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
-from .figures import norm_histogram_png, overlay_png, ratio_curve_png
+from .figures import overlay_png, ratio_curve_png
 from .html import banner, esc, fig, fmt, img, page, table
-from .layer_figures import heatmap_figure, massive_figure, norm_small_multiples_figure, sink_share_by_head
+from .layer_figures import (head_grid_figure, heatmap_figure, massive_figure, norm_histograms_figure,
+                            norm_small_multiples_figure, sink_share_by_head)
+from .scales import shared_scale
 
 from ..detect import AttentionSink
 from .views import ScanView
@@ -123,18 +126,74 @@ def per_head_section(result: ScanView) -> list[str]:
     return parts
 
 
+def _subset(result: ScanView) -> str:
+    """A sentence naming the images drawn ("Shown: the first 12 of 40 images ...") when the report
+    draws fewer images than it scanned, else nothing."""
+    shown, total = len(result.thumbnails), len(result.images)
+    if shown >= total:
+        return ""
+    return (f" Shown: the first {shown} of {total} images (every image is in the per-image table; "
+            "<code>vsink maps</code> draws all of them).")
+
+
+#: images in the per-head grid
+HEAD_GRID_IMAGES = 4
+
+
 def norm_maps_section(result: ScanView) -> list[str]:
     trace, layout = result.trace, result.layout
     if trace.norms is None or not result.thumbnails:
         return []
+    grids = [{layer: layout.patch_grid(trace.norms[pos, i], dim=0) for pos, layer in enumerate(trace.layers)}
+             for i in range(len(result.thumbnails))]
+    scale = shared_scale([g for per in grids for g in per.values()], zero=False, label="token norm (L2)")
     parts = ["<h2>Norm maps at every block</h2>",
-             "<p>Patch-token norms, one colour scale per image over all blocks (growth with depth shows); "
-             "class tokens and registers are not on the grid (their norms are in the table above).</p>"]
+             f"<p>Patch-token norms on one colour scale for every block and image ({scale.vmin:.4g}–"
+             f"{scale.vmax:.4g}), so growth with depth and differences between images show; a panel whose own "
+             "range is under 1 % of its values says <i>flat</i>. Each map covers the region of the image the "
+             "model saw. Class tokens and registers are not on the grid (their norms are in the table above)."
+             + _subset(result) + "</p>"]
     for i, thumb in enumerate(result.thumbnails):
-        grids = {layer: layout.patch_grid(trace.norms[pos, i], dim=0) for pos, layer in enumerate(trace.layers)}
-        parts.append(fig(norm_small_multiples_figure(thumb, grids, result.images[i]),
+        parts.append(fig(norm_small_multiples_figure(thumb, grids[i], result.images[i], scale.vmin, scale.vmax),
                          f"norm maps: {result.images[i]}", "wide"))
     return parts
+
+
+def head_grid_section(result: ScanView) -> list[str]:
+    """Per head, the last block's class-token attention (received attention without a class
+    token) for the first images, on one scale from 0."""
+    trace, layout = result.trace, result.layout
+    source, what = ((trace.attn_cls, "attention from the class token (share)") if trace.attn_cls is not None
+                    and layout.num_cls else (trace.attn_received, "attention received (share, mean over queries)"))
+    if source is None or not result.thumbnails:
+        return []
+    shown = min(HEAD_GRID_IMAGES, len(result.thumbnails))
+    pos, layer = len(trace.layers) - 1, trace.layers[-1]
+    grids = [layout.patch_grid(source[pos, i], dim=1) for i in range(shown)]
+    scale = shared_scale(grids, zero=True, label=what)
+    more = (f" (the first {shown} of {len(result.images)} images)" if shown < len(result.images) else "")
+    return [f"<h2>Per-head attention, block {layer}</h2>",
+            f"<p>{esc(what.capitalize())}, each head on its own; one scale from 0 for all heads and "
+            f"images{more}.</p>",
+            fig(head_grid_figure(result.thumbnails[:shown], grids, result.images[:shown], scale,
+                                 f"block {layer}: {what} per head"), "attention per head", "wide")]
+
+
+def per_image_section(result: ScanView) -> list[str]:
+    rows = []
+    for entry in result.per_image():
+        box = entry.get("view_box")
+        rows.append([esc(entry["image"]), "×".join(str(v) for v in entry["size"]) if "size" in entry else "—",
+                     ", ".join(f"{v:g}" for v in box) if box else "—", str(entry["high_norm_tokens"]),
+                     str(entry["high_norm_entries"]), layer_ranges(entry["high_norm_layers"])
+                     if entry["high_norm_layers"] else "—", fmt(entry["max_norm"]), str(entry["sink_tokens"]),
+                     str(entry["sink_entries"])])
+    return ["<h2>Per image</h2>",
+            "<p>High-norm tokens: distinct tokens at the emergence block; entries: (token, block) pairs over "
+            "all blocks. Sinks likewise. View box: the region of the image the model saw (x0, y0, x1, y1 in "
+            "its pixels).</p>",
+            table(["image", "size", "view box", "high-norm tokens", "entries", "in blocks", "max norm",
+                   "sink tokens", "sink entries"], rows)]
 
 
 def render_scan_report(result: ScanView) -> str:
@@ -158,11 +217,10 @@ def render_scan_report(result: ScanView) -> str:
     parts.append("<h2>Norm ratio per block</h2>")
     parts.append(img(ratio_curve_png(layers, [s.ratio for s in hn.layers], hn.emergence_layer,
                                      "max / median patch norm"), "ratio curve"))
-    focus_pos = layers.index(hn.emergence_layer) if hn.emergence_layer is not None else len(layers) - 1
-    focus = hn.layers[focus_pos]
-    patch_norms = layout.patches(trace.norms[focus_pos], dim=1)
-    parts.append(f"<h2>Patch-norm histogram, block {focus.index}</h2>")
-    parts.append(img(norm_histogram_png(patch_norms, focus.threshold, f"block {focus.index}"), "histogram"))
+    parts.append("<h2>Patch-norm histograms at every block</h2>")
+    parts.append(fig(norm_histograms_figure([layout.patches(trace.norms[pos], dim=1) for pos in range(len(layers))],
+                                            layers, [n.threshold for n in hn.layers], hn.emergence_layer),
+                     "histograms", "wide"))
 
     rows = []
     for n, a in zip(hn.layers, result.attention):
@@ -174,21 +232,26 @@ def render_scan_report(result: ScanView) -> str:
         ["block", "median", "max", "ratio", "threshold", "outliers", "outlier %", "cls norm", "max reg norm",
          "cls recv", "reg recv", "max patch recv", "entropy"], rows, left=0))
 
+    parts += per_image_section(result)
     parts += massive_section(result)
     parts += per_head_section(result)
     parts += norm_maps_section(result)
+    parts += head_grid_section(result)
 
-    if trace.attn_received is not None:
+    if trace.attn_received is not None and result.thumbnails:
         last = list(range(max(0, len(layers) - 2), len(layers)))
-        parts.append("<h2>Attention received (head mean), last blocks</h2><div class='grid'>")
-        for i, thumb in enumerate(result.thumbnails):
-            for pos in last:
-                share = trace.attn_received[pos, i].mean(axis=0)
-                grid = layout.patch_grid(share, dim=0)
-                prefix = share[layout.non_patch_indices()].sum()
-                parts.append(img(overlay_png(thumb, grid, f"{result.images[i]} — received, block {layers[pos]}"
-                                             f" (cls+registers: {prefix:.2f})", cmap="viridis"),
-                                 f"received, block {layers[pos]}: {result.images[i]}"))
+        shares = {(i, pos): trace.attn_received[pos, i].mean(axis=0)
+                  for i in range(len(result.thumbnails)) for pos in last}
+        scale = shared_scale([layout.patch_grid(v, dim=0) for v in shares.values()], zero=True,
+                             label="attention received (share, mean over queries)")
+        parts.append("<h2>Attention received (head mean), last blocks</h2>"
+                     f"<p>One colour scale from 0 for every panel.{_subset(result)}</p><div class='grid'>")
+        for (i, pos), share in shares.items():
+            grid = layout.patch_grid(share, dim=0)
+            prefix = share[layout.non_patch_indices()].sum()
+            parts.append(img(overlay_png(result.thumbnails[i], grid, f"{Path(result.images[i]).name} — received, block "
+                                         f"{layers[pos]} (cls+registers: {prefix:.2f})", cmap="viridis",
+                                         scale=scale), f"received, block {layers[pos]}: {result.images[i]}"))
         parts.append("</div>")
 
     parts.append("<h2>Strongest sinks</h2>" + sinks_table(result))

@@ -57,13 +57,22 @@
     return "#" + lut[i];
   }
 
-  // one heat grid [h*w] over the image, with the cell of `mark` outlined
-  function drawGrid(ctx, picture, grid, values, lut, mark, alpha) {
+  // the canvas at the picture's own aspect (the region the model saw), longer side DISPLAY
+  function fitCanvas(canvas, picture) {
+    const w = picture.naturalWidth || 1, h = picture.naturalHeight || 1, scale = DISPLAY / Math.max(w, h);
+    canvas.width = Math.round(w * scale);
+    canvas.height = Math.round(h * scale);
+  }
+
+  // one heat grid [h*w] over the image, with the cell of `mark` outlined; attention (fromZero)
+  // is coloured from 0, so a nearly uniform map looks uniform
+  function drawGrid(ctx, picture, grid, values, lut, mark, alpha, fromZero) {
     const [h, w] = grid, W = ctx.canvas.width, H = ctx.canvas.height;
     ctx.clearRect(0, 0, W, H);
     ctx.drawImage(picture, 0, 0, W, H);
     let lo = Infinity, hi = -Infinity;
     for (const v of values) if (!Number.isNaN(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    if (fromZero) lo = Math.min(0, lo);
     const span = hi > lo ? hi - lo : 1;
     ctx.globalAlpha = alpha;
     for (let r = 0; r < h; r++) for (let c = 0; c < w; c++) {
@@ -161,11 +170,8 @@
       state.layer = fill(layerSel, layers.map((l) => [l, "block " + l]), state.layer ?? layers[layers.length - 1]);
       api.grid = im.grid;
       api.tokens = im.tokens;
-      const scale = DISPLAY / Math.max(im.grid[0], im.grid[1]);
-      canvas.width = Math.round(im.grid[1] * scale);
-      canvas.height = Math.round(im.grid[0] * scale);
       if (state.query === null || state.query >= im.tokens) state.query = im.prefix.length ? im.prefix[0].token : im.patch_start;
-      picture.onload = refreshLayer;
+      picture.onload = () => { fitCanvas(canvas, picture); refreshLayer(); };
       picture.src = im.image;
     }
     function refreshLayer() {
@@ -207,7 +213,7 @@
       const isPatchQuery = state.map === "rows" && !state.norm && state.query >= im.patch_start
         && state.query < im.patch_start + patches.length;
       const [lo, hi] = drawGrid(ctx, picture, im.grid, patches, lut,
-                                isPatchQuery ? state.query - im.patch_start : null, 0.6);
+                                isPatchQuery ? state.query - im.patch_start : null, 0.6, !state.norm);
       legend(lut, lo, hi, state.norm ? "token norm" : "attention");
       const prefix = document.getElementById("prefix");
       prefix.textContent = "";
@@ -289,14 +295,14 @@
       if (layerSel.value !== state.layer) { state.layer = "mean"; layerSel.value = "mean"; }
       words.textContent = "";
       r.words.forEach((w, t) => {
-        const s = el("span", { "data-step": String(t), class: t === state.step ? "sel" : "" }, w.trim() || JSON.stringify(w));
+        const isImage = w === r.image_token;
+        const cls = (t === state.step ? "sel" : "") + (isImage ? " image-span" : "");
+        const s = el("span", { "data-step": String(t), class: cls.trim(), title: isImage ? "the image placeholder token" : "" },
+                     isImage ? "[image]" : (w.trim() || JSON.stringify(w)));
         s.addEventListener("click", () => { state.step = t; refreshRow(); });
         words.appendChild(s);
       });
-      const scale = DISPLAY / Math.max(r.grid[0], r.grid[1]);
-      canvas.width = Math.round(r.grid[1] * scale);
-      canvas.height = Math.round(r.grid[0] * scale);
-      picture.onload = draw;
+      picture.onload = () => { fitCanvas(canvas, picture); draw(); };
       picture.src = r.image;
     }
     function draw() {
@@ -315,7 +321,7 @@
         for (let p = 0; p < P; p++) out[p] = arr.data[base + l * P + p];
       }
       api.shown = out;
-      const [lo, hi] = drawGrid(canvas.getContext("2d"), picture, r.grid, out, DATA.colormaps.attention, null, 0.6);
+      const [lo, hi] = drawGrid(canvas.getContext("2d"), picture, r.grid, out, DATA.colormaps.attention, null, 0.6, true);
       legend(DATA.colormaps.attention, lo, hi, "attention of the word on the image");
       let sum = 0;
       for (const v of out) if (!Number.isNaN(v)) sum += v;

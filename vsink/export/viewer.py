@@ -193,9 +193,14 @@ def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                         "the two come from different runs")
     with open_npz(directory / "trace.npz") as data:
         thumbs = data.array("thumbnails", (None, None, None, 3)) if "thumbnails" in data else None
+        sizes = (data.array("thumbnail_sizes", (len(thumbs), 2)) if thumbs is not None and "thumbnail_sizes" in data
+                 else None)
     if thumbs is not None and (thumbs.dtype != np.uint8 or len(thumbs) > len(names)):
         raise ReadError(f"{directory / 'trace.npz'}: array 'thumbnails' must be uint8 pixels of at most "
                         f"{len(names)} images, got {thumbs.dtype} {list(thumbs.shape)}")
+    if sizes is not None and ((sizes < 1).any() or (sizes > np.asarray(thumbs.shape[1:3])).any()):
+        raise ReadError(f"{directory / 'trace.npz'}: array 'thumbnail_sizes' must hold (height, width) within "
+                        f"the thumbnails' {list(thumbs.shape[1:3])}, got {sizes.tolist()}")
     chosen = _pick_layers(trace.layers, layers)
     images = []
     for i, name in enumerate(names[:max_images]):
@@ -209,7 +214,11 @@ def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                 if arr is not None:
                     item[kind] = {"heads": list(range(arr.shape[2])), "values": encode(arr[pos, i], precision)}
             per_layer[str(layer)] = item
-        picture = image_uri(thumbs[i]) if thumbs is not None and i < len(thumbs) else _placeholder(layout.grid)
+        if thumbs is not None and i < len(thumbs):
+            h, w = (int(v) for v in sizes[i]) if sizes is not None and i < len(sizes) else thumbs.shape[1:3]
+            picture = image_uri(thumbs[i][:h, :w])
+        else:
+            picture = _placeholder(layout.grid)
         images.append({"name": name, "image": picture, "grid": list(layout.grid), "tokens": layout.num_tokens,
                        "patch_start": layout.num_prefix, "prefix": _prefix(layout), "layers": per_layer})
     return {"kind": "vision", "source": "scan", "model": _text_or_none(meta, "model", where),
@@ -238,7 +247,10 @@ def _from_lvlm(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                 words = [f"id {int(t)}" for t in data.array("tokens", (att.shape[0],))]
             if len(words) != att.shape[0]:
                 raise ReadError(f"{path}: {len(words)} words but array 'attention' has {att.shape[0]} steps")
-            rows.append({"name": path.stem, "image": image_uri(data.array("image", kind="image")) if "image" in data
+            name = str(data.array("name", kind="text")) if "name" in data else path.stem
+            image_token = str(data.array("image_token", kind="text")) if "image_token" in data else "<image>"
+            rows.append({"name": name, "image_token": image_token,
+                         "image": image_uri(data.array("image", kind="image")) if "image" in data
                          else _placeholder(grid), "grid": grid, "words": words, "layers": chosen,
                          "attention": encode(att[:, chosen].reshape(att.shape[0], len(chosen), -1), precision),
                          "mitigation": str(data.array("mitigation", kind="text")),
@@ -300,7 +312,7 @@ border:1px solid #888;background:#f4f4f4;cursor:pointer;font:12px monospace}#pre
 #06c}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 .banner{background:#ffe1e1;border:2px solid #c00;padding:8px 12px;font-weight:600;margin-bottom:10px}
 .note{color:#666;font-size:12px}#words span{display:inline-block;margin:2px;padding:2px 5px;border:1px solid #bbb;
-cursor:pointer;font-family:monospace}#words span.sel{background:#06c;color:#fff}#legend{display:flex;gap:6px;
+cursor:pointer;font-family:monospace}#words span.sel{background:#06c;color:#fff}#words span.image-span{border-style:dashed;background:#eef6ee;font-style:italic}#legend{display:flex;gap:6px;
 align-items:center;font-size:12px;margin-top:6px}#legend canvas{border:none;cursor:default}
 """
 

@@ -38,6 +38,8 @@ class ScanView(Protocol):
     @property
     def layout(self) -> TokenLayout: ...
 
+    def per_image(self) -> list[dict[str, Any]]: ...
+
 
 class LVLMScanView(Protocol):
     """An LVLM scan (:class:`vsink.lvlm.scan.LVLMScanResult`)."""
@@ -53,8 +55,14 @@ class LVLMScanView(Protocol):
     sink_dims_source: str
     tau: float
     vision: Optional[ScanView]
+    trace: Trace
+    thumbnails: list[Image.Image]
 
     def layer_summaries(self) -> list[dict[str, Any]]: ...
+
+    def per_image(self) -> list[dict[str, Any]]: ...
+
+    def head_shares(self) -> dict[str, np.ndarray]: ...
 
     def tower_to_llm(self) -> Optional[dict[str, Any]]: ...
 

@@ -3,10 +3,13 @@
 For batch row b: ``DIR/row<b>.npz`` with ``attention`` [steps, layers, h, w] (head mean per layer,
 NaN where FastV pruned a token), ``layer_mean`` [steps, h, w] (mean over layers, pruned tokens
 ignored), ``tokens`` [steps] (the generated ids), ``words`` (JSON: each generated token decoded
-alone), ``grid`` (h, w), the run's ``mitigation``, ``protocol`` and ``settings`` (JSON) as strings,
-and, when the images are given, ``image`` (uint8 [H, W, 3], longer side at most
-:data:`IMAGE_SIDE`) for ``vsink view``; and ``DIR/row<b>/step<t>.png`` overlays of ``layer_mean``
-on the image, titled with the word. Works for any grid size: LLaVA's square
+alone), ``image_token`` (the image placeholder as decoded, which the viewer marks as an image span
+rather than a word), ``grid`` (h, w), the run's ``mitigation``, ``protocol`` and ``settings`` (JSON) as strings,
+and, when the images are given, ``name`` (the image's name), ``view_box`` (x0, y0, x1, y1: the region
+of the original image the processor fed to the model, in its pixels; :meth:`LVLM.view_box`) and
+``image`` (that region, uint8 [H, W, 3], longer side at most :data:`IMAGE_SIDE`) for ``vsink view``;
+and ``DIR/row<b>/step<t>.png`` overlays of ``layer_mean`` on that region, titled with the word, on
+one colour scale from 0 over all steps of the row. Works for any grid size: LLaVA's square
 patch grid, Qwen2-VL's merged (h, w) grid, or 1 × n when the tokens do not form a rectangle.
 """
 
@@ -25,6 +28,7 @@ from ..errors import VsinkError
 from ..io import NpzWriter, atomic_path
 from ..outputs import OutputSet, check_output_dir
 from ..version import __version__
+from ..viewbox import ViewBox
 from .generate import GenerationResult
 
 #: longer side of the image stored in each row's npz
@@ -40,35 +44,35 @@ def token_words(lvlm: LVLM, ids: Sequence[int]) -> list[str]:
     return [tok.decode([int(i)]) for i in ids]
 
 
-def stored_image(image: Image.Image) -> np.ndarray:
-    """``image`` as uint8 RGB with its longer side at most :data:`IMAGE_SIDE`."""
-    image = image.convert("RGB")
-    scale = IMAGE_SIDE / max(image.size)
-    if scale < 1:
-        image = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),
-                             Image.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+def stored_image(lvlm: LVLM, image: Image.Image) -> tuple[Image.Image, ViewBox]:
+    """The region of ``image`` the model saw (uint8 RGB, longer side at most :data:`IMAGE_SIDE`)
+    and its view box."""
+    box = lvlm.view_box(image.size)
+    return box.crop(image, lvlm.view_fill(), IMAGE_SIDE), box
 
 
 def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], out: Union[str, os.PathLike],
-                     images: Optional[Sequence[Image.Image]] = None, png: bool = True) -> list[Path]:
+                     images: Optional[Sequence[Image.Image]] = None, png: bool = True,
+                     names: Optional[Sequence[str]] = None) -> list[Path]:
     """Write the arrays (and overlays when ``images`` are given) described in the module docstring,
     as one set with the folder's ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`): rows of an
-    earlier export into the same folder are replaced or removed, never mixed with this one."""
+    earlier export into the same folder are replaced or removed, never mixed with this one.
+    ``names``: the images' names (default ``row<b>``)."""
     if result.attention is None:
         raise VsinkError("generate with capture_attention=True to export attention")
     final = check_output_dir(out, "out")
     determining = {"model": lvlm.spec, "mitigation": result.mitigation, "protocol": result.protocol,
                    "settings": result.settings, "rows": len(result.texts), "vsink_version": __version__}
     with OutputSet(final, "vsink generate --export-attention", {"determining": determining}) as stage:
-        written = _write_rows(lvlm, result, inputs, stage, images, png)
+        written = _write_rows(lvlm, result, inputs, stage, images, png, names)
     return [final / path.relative_to(stage) for path in written]
 
 
 def _write_rows(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], out: Path,
-                images: Optional[Sequence[Image.Image]], png: bool) -> list[Path]:
+                images: Optional[Sequence[Image.Image]], png: bool, names: Optional[Sequence[str]]) -> list[Path]:
     """Each batch row's ``row<b>.npz`` (and step overlays) into ``out``, the staging folder of the set."""
     from ..export.figures import overlay_png
+    from ..export.scales import shared_scale
 
     written = []
     att = result.attention.numpy()  # [steps, B, L, n]
@@ -84,19 +88,25 @@ def _write_rows(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], ou
             w.add("layer_mean", layer_mean.astype(np.float32))
             w.add("tokens", result.new_tokens[b].cpu().numpy())
             w.add("words", np.asarray(json.dumps(words)))
+            w.add("image_token", np.asarray(token_words(lvlm, [lvlm.image_token_id])[0]))
             if images is not None:
-                w.add("image", stored_image(images[b]))
+                shown, box = stored_image(lvlm, images[b])
+                w.add("image", np.asarray(shown, dtype=np.uint8))
+                w.add("view_box", np.asarray(box.to_list(), dtype=np.float64))
+                w.add("name", np.asarray(names[b] if names is not None else f"row{b}"))
             w.add("grid", np.asarray(grid))
             w.add("mitigation", np.asarray(result.mitigation))
             w.add("protocol", np.asarray(result.protocol))
             w.add("settings", np.asarray(json.dumps(result.settings)))
         written.append(path)
         if png and images is not None:
+            scale = shared_scale([layer_mean], zero=True, label="attention share (mean over layers)")
+            label = names[b] if names is not None else f"row {b}"
             for t in range(layer_mean.shape[0]):
                 png_path = out / f"row{b}" / f"step{t:03d}.png"
                 png_path.parent.mkdir(parents=True, exist_ok=True)
-                data = overlay_png(images[b].convert("RGB"), np.nan_to_num(layer_mean[t]),
-                                   f"row {b}, word {t}: {words[t].strip() or repr(words[t])}, layer mean")
+                data = overlay_png(shown, np.nan_to_num(layer_mean[t]),
+                                   f"{label}, word {t}: {words[t].strip() or repr(words[t])}, layer mean", scale=scale)
                 with atomic_path(png_path) as tmp:
                     tmp.write_bytes(data)
                 written.append(png_path)

@@ -44,6 +44,7 @@ from ..manifest import weights_fingerprint
 from ..probe import Probe, Rows, Trace
 from ..scan import MASSIVE_TOP_K, NothingScanned, ScanResult, result_of_trace
 from ..detect.visual_sinks import rms_phi
+from ..viewbox import DISPLAY_SIDE, ViewBox
 
 #: visual sink tokens listed per image and layer in scan.json (the full φ array is in trace.npz)
 MAX_SINK_TOKENS = 256
@@ -93,6 +94,11 @@ class LVLMScanResult:
     settings: dict[str, Any] = field(default_factory=dict)
     #: :func:`vsink.manifest.weights_fingerprint` of the LVLM (recorded in ``vsink-run.json``)
     weights: Optional[str] = None
+    #: per image: its (width, height), the region the processor fed to the model, and that region
+    #: as drawn in the report (the first :data:`REPORT_IMAGES`)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    view_boxes: list[ViewBox] = field(default_factory=list)
+    thumbnails: list[Image.Image] = field(default_factory=list, repr=False)
 
     # --- per-layer summaries ---------------------------------------------------------------
     def visual_sinks(self, layer: int) -> np.ndarray:
@@ -115,6 +121,38 @@ class LVLMScanResult:
                 "massive": strongest[:MAX_MASSIVE_PER_LAYER],
             })
         return out
+
+    def per_image(self) -> list[dict[str, Any]]:
+        """Per image: its size and view box, its visual sink tokens (distinct image tokens with φ
+        above τ at any decoder layer) and how many (layer, token) entries."""
+        sinks = np.stack([self.visual_sinks(layer) for layer in range(self.phi.shape[0])])  # [L, I, P]
+        out = []
+        for i, name in enumerate(self.images):
+            entry: dict[str, Any] = {"image": name}
+            if i < len(self.image_sizes):
+                entry["size"] = [int(v) for v in self.image_sizes[i]]
+            if i < len(self.view_boxes):
+                entry["view_box"] = self.view_boxes[i].to_list()
+            entry.update({"visual_sink_tokens": int(sinks[:, i].any(axis=0).sum()),
+                          "visual_sink_entries": int(sinks[:, i].sum()),
+                          "bos_share": float(self.trace.attn_received[:, i, :, 0].mean()),
+                          "image_attention_share": float(
+                              self.trace.attn_received[:, i][..., self.layout.patch_slice].sum(-1).mean())})
+            out.append(entry)
+        return out
+
+    def head_shares(self) -> dict[str, np.ndarray]:
+        """[decoder layers, heads] shares of attention (mean over queries and images): on BOS, on
+        the image tokens, and on the visual sink tokens of that layer (φ > τ)."""
+        received = self.trace.attn_received  # [L, I, H, N]
+        image = self.layout.patch_slice
+        on_sinks = np.zeros(received.shape[0:1] + received.shape[2:3])
+        for layer in range(received.shape[0]):
+            mask = np.zeros(received.shape[1:2] + received.shape[3:], dtype=bool)  # [I, N]
+            mask[:, image] = self.visual_sinks(layer)
+            on_sinks[layer] = (received[layer] * mask[:, None, :]).sum(-1).mean(0)
+        return {"bos": received[..., 0].mean(axis=1), "image": received[..., image].sum(-1).mean(axis=1),
+                "visual_sinks": on_sinks}
 
     def tower_to_llm(self) -> Optional[dict[str, Any]]:
         """The tower's high-norm tokens (at its emergence layer) against the LLM's visual sink
@@ -141,6 +179,7 @@ class LVLMScanResult:
             "prompt": self.prompt,
             "images": self.images,
             "skipped": self.skipped,
+            "per_image": self.per_image(),
             "lvlm": {
                 "layout": self.layout.to_dict(),
                 "sink_dims": self.sink_dims,
@@ -239,19 +278,23 @@ def scan_lvlm(
     bar.close()
     trace = probes[0].trace(meta={"model": lvlm.spec, "images": names, "prompt": prompt})
     vision = None
+    originals = [img for batch in batches for img in batch]
+    boxes = [lvlm.view_box(img.size) for img in originals]
+    thumbnails = [box.crop(img, lvlm.view_fill(), DISPLAY_SIDE)
+                  for box, img in zip(boxes[:REPORT_IMAGES], originals[:REPORT_IMAGES])]
     if tower is not None:
-        h, w = tower.img_size
-        thumbnails = [img.resize((w, h), Image.BICUBIC) for batch in batches for img in batch][:REPORT_IMAGES]
         vision = result_of_trace(tower, probes[2].trace(meta={"model": tower.spec, "images": names}),
                                  size=tower.img_size, names=names, skipped=skipped, sink_ratio=sink_ratio,
                                  massive_ratio=massive_ratio, batch_size=batch_size, thumbnails=thumbnails,
-                                 synthetic=lvlm.synthetic)
+                                 synthetic=lvlm.synthetic, image_sizes=[img.size for img in originals],
+                                 view_boxes=boxes)
     layout = decoder.layout()
     return LVLMScanResult(
         model=lvlm.spec, synthetic=lvlm.synthetic, prompt=prompt, images=names, skipped=skipped, layout=layout,
         trace=trace, phi=probes[1].array(), sink_dims=dims, sink_dims_source=source, tau=tau,
         massive=detect_massive(trace, min_ratio=massive_ratio), vision=vision,
         tower_patches_are_image_tokens=tower is not None and lvlm.tower_patches_are_image_tokens(layout),
+        image_sizes=[img.size for img in originals], view_boxes=boxes, thumbnails=thumbnails,
         settings={"batch_size": batch_size, "tau": tau, "sink_ratio": sink_ratio, "massive_ratio": massive_ratio,
                   "dtype": str(decoder.dtype).removeprefix("torch."), "device": str(decoder.device)},
         weights=weights_fingerprint(lvlm.model),
