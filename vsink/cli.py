@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "With no images: the bundled demo images.")
     add_options(maps, P.IMAGES, P.MODEL, P.MAPS, [P.TTR_SPEC], P.TTR)
 
+    ablate = sub.add_parser("ablate", help="ablate sinks, registers, high-norm tokens, massive activations or register "
+                            "neurons and measure what changes",
+                            description="Causal ablations (docs/ablate.md): replace what a target writes at chosen "
+                                        "blocks (zero, mean over images, mean over tokens of its kind, resample from "
+                                        "another image) and measure the change in final features, class-token "
+                                        "attention and high-norm tokens against a clean pass. Writes results.json, "
+                                        "results.md and report.html. With no images: the bundled demo images.")
+    add_options(ablate, P.IMAGES, P.MODEL, P.ABLATE, [P.TTR_SPEC], P.TTR)
+
     registers = sub.add_parser("registers", help="register neurons and test-time registers (no training)")
     reg_sub = registers.add_subparsers(dest="registers_command", required=True)
     find = reg_sub.add_parser("find", help="rank MLP neurons by their activation on high-norm tokens",
@@ -277,6 +286,38 @@ def _ttr_options(args: argparse.Namespace) -> dict:
     """The TestTimeRegisters keyword options of the --ttr-* flags."""
     return dict(registers=args.ttr_registers, scale=args.ttr_scale, mode=args.ttr_mode, shift=args.ttr_shift,
                 zero_trained_registers=args.ttr_zero_trained_registers)
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import ablate
+    from .registers import NeuronSpec
+
+    if "neurons" in args.targets and args.neurons is None:
+        raise VsinkError("--targets neurons needs --neurons neurons.json (from 'vsink registers find')")
+    images = _inputs(args)
+    backbone = _load_for(args)
+    neurons = NeuronSpec.load(args.neurons) if args.neurons else None
+    ttr = _ttr(args, args.test_time_registers)
+    with ttr.applied(backbone) if ttr else nullcontext():
+        result = ablate(backbone, images, targets=args.targets, ablations=args.ablations, layers=args.layers,
+                        neurons=neurons, seed=args.seed, batch_size=args.batch_size, img_size=args.img_size,
+                        threshold=args.threshold, sink_ratio=args.sink_ratio, massive_ratio=args.massive_ratio,
+                        progress=not args.no_progress)
+    paths = result.save(args.out)
+    print(f"ablated {_scanned(result.images, result.skipped)} with {result.model}; layout {result.layout.describe()}")
+    for s in result.selections:
+        print(f"  {s.describe()}")
+    print(f"{'target':<10} {'block':>5} {'ablation':<12} {'cos cls':>8} {'cos patches':>11} {'cls-attn TV':>11} "
+          f"{'high-norm':>13} {'max/median':>15}")
+    for r in result.rows:
+        cos_cls = f"{r.cos_cls:.4f}" if r.cos_cls is not None else "-"
+        tv = f"{r.attn_tv:.4f}" if r.attn_tv is not None else "-"
+        print(f"{r.target:<10} {r.layer:>5} {r.ablation:<12} {cos_cls:>8} {r.cos_patches:>11.4f} {tv:>11} "
+              f"{f'{r.high_norm_before} -> {r.high_norm_after}':>13} "
+              f"{f'{r.max_ratio_before:.2f} -> {r.max_ratio_after:.2f}':>15}")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
 
 
 def _cmd_registers(args: argparse.Namespace) -> int:
@@ -529,7 +570,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    handlers = {"scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
+    handlers = {"ablate": _cmd_ablate, "scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
                 "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
                 "view": _cmd_view}
     from .outputs import ignore_file_size_signal, space_error

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .ablate import ABLATE as ABLATE_ARGUMENTS
 from .backbones.registry import DTYPES
 from .evaluate.chair import VOCABULARIES
 from .evaluate.datasets import FORMATS
@@ -21,7 +22,7 @@ from .evaluate.pope import PARSERS, SPLITS
 from .evaluate.segmentation import PROBE
 from .mitigate import PROTOCOLS, REGISTRY
 from .maps import DEFAULT_KINDS, KINDS
-from .options import (BATCH, DEVICE, NO_PROGRESS, SEED, Assignment, Bool, Choice, Float, InputPath, Int, ListOf,
+from .options import (BATCH, DEVICE, NO_PROGRESS, SEED, THRESHOLD, Assignment, Bool, Choice, Float, InputPath, Int, ListOf,
                       Option, OutputDir, OutputFile, Template, Text, declare)
 from .registers.neurons import FIND as FIND_ARGUMENTS
 from .registers.test_time import TTR as TTR_SETTINGS
@@ -93,6 +94,12 @@ MAPS = declare(
            "rollout: zero this fraction of the lowest fused attention entries"),
     Option("keep_aspect", Bool(), False, "dynamic-size models: keep each image's aspect ratio (longer side = img size)"),
     Option("out", OutputDir(), "vsink-maps", "output directory (<stem>.npz, <stem>/*.png, maps.json)"),
+)
+
+ABLATE = declare(
+    *ABLATE_ARGUMENTS.values(),
+    THRESHOLD,
+    Option("out", OutputDir(), "vsink-ablate", "output directory (results.json, results.md, report.html)"),
 )
 
 FIND = declare(

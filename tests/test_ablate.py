@@ -1,0 +1,170 @@
+"""Causal ablations (vsink/ablate.py, `vsink ablate`): planted answers on the demo, hand-computed
+replacements on a tiny case, identity of an empty ablation, the command and its report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vsink
+from vsink.ablate import Selection, ablate, derangement, replacement, run_pass
+from vsink.cli import main
+from vsink.data import demo_model as D
+from vsink.data.demo_images import demo_images
+from vsink.images import load_batch
+from vsink.layout import TokenLayout
+from vsink.registers import NeuronSpec, RegisterNeuron
+
+LAST = 5  # the demo's last block
+#: a non-planted MLP unit may move the planted high-norm tokens' final norms by at most this fraction
+NON_PLANTED_BOUND = 0.01
+
+
+@pytest.fixture(scope="module")
+def demo():
+    backbone = vsink.load("demo")
+    images, _, _ = load_batch(demo_images())
+    return backbone, [backbone.preprocess(images, backbone.img_size)]
+
+
+def _final_norms(backbone, batches, ablation=None):
+    """Final-block token norms by the test's own capture (not the measures under test)."""
+    out = run_pass(backbone, batches, capture=[("block_output", LAST)], ablation=ablation)
+    return out.sites[("block_output", LAST)].norm(dim=-1)
+
+
+def _neurons(backbone, batches, units):
+    layout = backbone.layout()
+    tokens = np.ones((batches[0].shape[0], layout.num_tokens), dtype=bool)
+    return (Selection("neurons", D.PLANTED_BLOCK, "mlp_hidden", tokens, list(units)),
+            torch.zeros(tokens.shape[0], layout.num_tokens, len(units)))
+
+
+def test_zeroing_the_planted_neurons_removes_the_high_norm_tokens(demo):
+    backbone, batches = demo
+    layout = backbone.layout()
+    before = _final_norms(backbone, batches)[:, layout.patch_slice]
+    high = before > 5 * before.median()  # the planted write makes flat patches ~10x the median
+    assert high.sum() >= 10
+    after = _final_norms(backbone, batches, _neurons(backbone, batches, D.PLANTED_NEURONS))[:, layout.patch_slice]
+    assert (after[high] / after.median()).max() < 1.0  # every former high-norm token is now below the median
+
+
+def test_a_non_planted_neuron_changes_the_high_norm_tokens_by_less_than_the_bound(demo):
+    backbone, batches = demo
+    layout = backbone.layout()
+    before = _final_norms(backbone, batches)[:, layout.patch_slice]
+    high = before > 5 * before.median()
+    for unit in (4, 10, 100):
+        after = _final_norms(backbone, batches, _neurons(backbone, batches, [unit]))[:, layout.patch_slice]
+        assert ((after - before).abs() / before)[high].max() < NON_PLANTED_BOUND
+
+
+def test_the_api_reports_the_planted_neurons_removing_the_detected_tokens(demo):
+    backbone, _ = demo
+    spec = {D.PLANTED_BLOCK: list(D.PLANTED_NEURONS)}
+    result = ablate(backbone, demo_images(), targets=["neurons", "high-norm"], ablations=["zero"], neurons=spec,
+                    layers=[D.PLANTED_BLOCK], progress=False)
+    rows = {r.target: r for r in result.rows}
+    assert rows["neurons"].channels == list(D.PLANTED_NEURONS)
+    assert rows["neurons"].high_norm_before > 0 and rows["neurons"].high_norm_after == 0
+    assert rows["high-norm"].tokens == rows["high-norm"].high_norm_before  # detected at block 2, still at the last
+    assert rows["high-norm"].high_norm_after == 0
+    assert rows["neurons"].cos_patches < 0.99 and rows["neurons"].attn_tv > 0.1
+
+
+def test_zero_ablation_of_nothing_is_the_identity_bit_for_bit(demo):
+    backbone, batches = demo
+    layout = backbone.layout()
+    clean = run_pass(backbone, batches)
+    nothing = np.zeros((2, layout.num_tokens), dtype=bool)
+    for selection in (Selection("high-norm", 2, "block_output", nothing),
+                      Selection("massive", 3, "block_output", nothing, [5, 7]),
+                      Selection("neurons", 2, "mlp_hidden", ~nothing, [])):
+        width = len(selection.channels) if selection.channels is not None else backbone.embed_dim
+        ablated = run_pass(backbone, batches, ablation=(selection, torch.zeros(2, layout.num_tokens, width)))
+        assert torch.equal(ablated.features, clean.features)
+        assert np.array_equal(ablated.trace.attn_cls, clean.trace.attn_cls)
+
+
+def test_replacements_by_hand_on_a_tiny_case():
+    layout = TokenLayout(num_cls=1, num_registers=1, grid=(1, 2))  # tokens: cls, register, patch, patch
+    clean = torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2)  # value = 8 i + 2 t + c
+    tokens = np.zeros((3, 4), dtype=bool)
+    tokens[0, 2] = tokens[1, 3] = True
+    sel = Selection("high-norm", 0, "block_output", tokens)
+    # mean over images at the same position: mean_i (8 i + 2 t + c) = 8 + 2 t + c
+    expected = torch.tensor([[8 + 2 * t + c for c in range(2)] for t in range(4)], dtype=torch.float32)
+    assert torch.equal(replacement(sel, "mean-images", clean, layout), expected.expand(3, 4, 2))
+    # mean over the patches the target does not select: (0,3) (1,2) (2,2) (2,3) -> 6, 12, 20, 22 (+c)
+    patch = torch.tensor([(6 + 12 + 20 + 22) / 4 + c for c in range(2)])
+    cls = torch.tensor([8.0 + c for c in range(2)])    # all cls tokens: (0 + 8 + 16) / 3
+    reg = torch.tensor([10.0 + c for c in range(2)])  # all registers
+    got = replacement(sel, "mean-kind", clean, layout)
+    assert torch.allclose(got[:, 2], patch.expand(3, 2)) and torch.allclose(got[:, 3], patch.expand(3, 2))
+    assert torch.allclose(got[:, 0], cls.expand(3, 2)) and torch.allclose(got[:, 1], reg.expand(3, 2))
+    perm = derangement(3, seed=7)
+    assert sorted(perm.tolist()) == [0, 1, 2] and not np.any(perm == np.arange(3))
+    assert np.array_equal(perm, derangement(3, seed=7))
+    assert torch.equal(replacement(sel, "resample", clean, layout, seed=7), clean[torch.as_tensor(perm)])
+    assert torch.equal(replacement(sel, "zero", clean, layout), torch.zeros(3, 4, 2))
+    channel = Selection("massive", 0, "block_output", tokens, [1])
+    assert torch.equal(replacement(channel, "mean-images", clean, layout), expected[:, [1]].expand(3, 4, 1))
+
+
+def test_installed_ablation_replaces_exactly_the_selected_entries(demo):
+    backbone, batches = demo
+    layout = backbone.layout()
+    site = ("block_output", 1)
+    clean = run_pass(backbone, batches, capture=[site]).sites[site]
+    tokens = np.zeros((2, layout.num_tokens), dtype=bool)
+    tokens[0, [0, 5, 9]] = True
+    tokens[1, [3]] = True
+    for channels in (None, [0, 17]):
+        sel = Selection("massive", 1, "block_output", tokens, channels)
+        values = replacement(sel, "resample", clean, layout, seed=1)
+        got = run_pass(backbone, [batches[0][:1], batches[0][1:]], capture=[site], ablation=(sel, values)).sites[site]
+        ch = list(range(clean.shape[-1])) if channels is None else channels
+        expected = clean.clone()
+        mask = torch.as_tensor(tokens)
+        expected[:, :, ch] = torch.where(mask[..., None], clean[[1, 0]][:, :, ch], clean[:, :, ch])
+        assert torch.equal(got, expected)
+
+
+def test_registers_target_with_fix_reg_mean():
+    backbone = vsink.load("demo").with_registers(2)
+    result = ablate(backbone, demo_images(), targets=["registers"], ablations=["mean-images", "resample"],
+                    layers=[1, 3], progress=False)
+    assert [(r.layer, r.ablation) for r in result.rows] == [(1, "mean-images"), (1, "resample"),
+                                                              (3, "mean-images"), (3, "resample")]
+    assert all(r.tokens == 2 * 2 and r.cos_registers is not None for r in result.rows)
+    with pytest.raises(vsink.VsinkError, match="no registers"):
+        ablate(vsink.load("demo"), demo_images(), targets=["registers"], progress=False)
+
+
+def test_cli_writes_results_and_the_html_report(tmp_path, capsys):
+    spec = tmp_path / "neurons.json"
+    NeuronSpec("demo", [RegisterNeuron(D.PLANTED_BLOCK, n, 1.0) for n in D.PLANTED_NEURONS]).save(spec)
+    out = tmp_path / "abl"
+    assert main(["ablate", "--targets", "neurons,high-norm", "--neurons", str(spec), "--ablations",
+                 "zero,mean-kind", "--layers", "2", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "neurons        2 zero" in printed and "wrote" in printed
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["target"], r["ablation"]) for r in data["rows"]] == [
+        ("neurons", "zero"), ("neurons", "mean-kind"), ("high-norm", "zero"), ("high-norm", "mean-kind")]
+    assert data["rows"][0]["high_norm_after"] == 0
+    html = (out / "report.html").read_text()
+    assert html.count("<h2>") == 2 and html.count("<img") == 2 and "Synthetic demo model" in html
+    assert (out / "results.md").read_text().count("\n| neurons | 2 |") == 2
+    record = json.loads((out / "vsink-run.json").read_text())
+    assert record["command"] == "vsink ablate"
+
+
+def test_cli_neurons_without_a_spec_is_one_line(capsys):
+    assert main(["ablate", "--targets", "neurons", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vsink: error: --targets neurons needs --neurons")

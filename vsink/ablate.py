@@ -1,0 +1,500 @@
+"""Causal ablations: replace what a target writes at chosen layers and measure what changes downstream.
+
+A *target* names entries of one site of one block (docs/ablate.md):
+
+``sinks``
+    the attention-sink tokens the sink detector finds at block ``L`` (per image), at ``block_output``;
+``registers``
+    the register tokens of the layout (trained registers after the class token and test-time
+    registers appended at the end), at ``block_output``;
+``high-norm``
+    the high-norm patch tokens the high-norm detector flags at block ``L`` (per image), at ``block_output``;
+``massive``
+    the massive activations the detector finds at block ``L``: their residual dimensions at their
+    tokens (per image), at ``block_output``;
+``neurons``
+    register neurons (a ``neurons.json`` or ``{layer: [unit, ...]}``): those MLP hidden units at
+    every token, at ``mlp_hidden`` of the neuron's block.
+
+An *ablation* says what replaces the selected entries; every value a replacement needs is taken
+from a first, clean pass over the same images:
+
+``zero``
+    zero;
+``mean-images``
+    the clean value at the same token position and channel, averaged over the images (for
+    registers at every layer this is Fix-Reg-Mean, Sun et al. 2024);
+``mean-kind``
+    the clean mean over the images and over every token of the same kind (class token, register,
+    patch) that the target does not select (all tokens of that kind when it selects every one):
+    a high-norm patch becomes an average ordinary patch, a register the average register;
+``resample``
+    the clean value of another image at the same token position and channel; images are paired by a
+    seeded derangement (no image receives its own values).
+
+Each (target, layer, ablation) is one more pass over the images. Measured against the clean pass:
+cosine similarity of the final features (last block output through the final norm) per token
+kind, the class-token attention map's total variation per block, the model output's cosine (the
+class token or pooled output), and the high-norm tokens left (the detector's count and the largest
+patch-norm ratio at the last block).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones.base import Backbone
+from .backbones.hooks import Hooks
+from .detect.attention import detect_sinks
+from .detect.massive import detect_massive
+from .detect.norms import HighNormResult, detect_high_norm
+from .errors import VsinkError
+from .images import ImageSource, NamedImage, load_batch
+from .layout import TokenLayout
+from .maps import parse_selection
+from .options import BATCH, SEED, Choice, Float, InputPath, ListOf, Option, Text, declare
+from .probe import Probe, Trace
+from .registers.neurons import NeuronSpec
+from .scan import MASSIVE_TOP_K, parse_threshold
+from .version import __version__
+
+TARGETS = ("sinks", "registers", "high-norm", "massive", "neurons")
+ABLATIONS = ("zero", "mean-images", "mean-kind", "resample")
+KINDS = ("cls", "registers", "patches")
+
+ABLATE = declare(
+    Option("targets", ListOf(Choice(TARGETS), nonempty=True, distinct=True), ["high-norm"], "what to ablate"),
+    Option("ablations", ListOf(Choice(ABLATIONS), nonempty=True, distinct=True), ["zero"],
+           "what replaces it (mean-images, mean-kind and resample from a first clean pass)"),
+    Option("layers", Text(r"\s*(auto|-?\d+(\s*,\s*-?\d+)*)\s*,?\s*", "auto or a comma list of block indices "
+           "(negative from the end)"), "auto", "blocks whose output is ablated (neurons: their own blocks, "
+           "filtered to these)", default_text="auto: the first block with high-norm tokens, else the middle block"),
+    Option("neurons", InputPath(), None, "neurons.json from 'vsink registers find' (target neurons)", nullable=True),
+    Option("seed", SEED, 0, "seed of the resample derangement"),
+    Option("sink_ratio", Float(0, min_open=True), 5.0, "sink = share of received attention >= this x the median share"),
+    Option("massive_ratio", Float(0, min_open=True), 100.0, "massive = |activation| >= this x the median |activation|"),
+    BATCH,
+)
+
+
+@dataclass
+class Selection:
+    """The entries one target selects at one site of one block: ``tokens`` bool [images, tokens]
+    and ``channels`` (None: every channel)."""
+
+    target: str
+    layer: int
+    site: str
+    tokens: np.ndarray
+    channels: Optional[list[int]] = None
+
+    @property
+    def count(self) -> int:
+        """Selected tokens over all images."""
+        return int(self.tokens.sum())
+
+    def describe(self) -> str:
+        what = f"{self.count} token(s) over {self.tokens.shape[0]} image(s)"
+        if self.channels is not None:
+            what += f", channel(s) {self.channels}"
+        return f"{self.target} at block {self.layer} ({self.site}): {what}"
+
+
+@dataclass
+class Pass:
+    """What one pass over the images observed."""
+
+    trace: Trace
+    features: torch.Tensor          # [I, N, D] final features (last block output through the final norm)
+    outputs: Optional[torch.Tensor]  # [I, D] the model's output, when it is one tensor per image
+    sites: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # clean site values [I, N, C]
+
+
+@dataclass
+class AblationRow:
+    """One (target, layer, ablation): what was selected and what changed."""
+
+    target: str
+    layer: int
+    site: str
+    ablation: str
+    tokens: int
+    channels: Optional[list[int]]
+    cos_cls: Optional[float]
+    cos_registers: Optional[float]
+    cos_patches: float
+    cos_patches_min: float
+    attn_tv: Optional[float]
+    attn_tv_per_block: Optional[list[float]]
+    output_cos: Optional[float]
+    high_norm_before: int
+    high_norm_after: int
+    max_ratio_before: float
+    max_ratio_after: float
+    #: image 0's maps for the figures: final patch norms, class-token attention (last block), patch cosine
+    maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("maps")
+        return out
+
+
+@dataclass
+class AblationResult:
+    model: str
+    images: list[str]
+    skipped: list[dict[str, str]]
+    layout: TokenLayout
+    settings: dict[str, Any]
+    selections: list[Selection]
+    rows: list[AblationRow]
+    clean_maps: dict[str, np.ndarray]
+    synthetic: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "vsink_version": __version__, "images": self.images, "skipped": self.skipped,
+                "layout": self.layout.to_dict(), "settings": self.settings,
+                "selections": [{"target": s.target, "layer": s.layer, "site": s.site, "tokens": s.count,
+                                "channels": s.channels} for s in self.selections],
+                "rows": [r.to_json() for r in self.rows]}
+
+    def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
+        """Write ``results.json``, ``results.md`` and ``report.html`` into ``out_dir`` as one set with its
+        ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`)."""
+        from .export.ablation_report import render_ablation_markdown, render_ablation_report
+        from .io import write_text
+        from .outputs import OutputSet
+
+        report = render_ablation_report(self)
+        markdown = render_ablation_markdown(self)
+        summary = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
+        determining = {"model": self.model, "images": self.images, "settings": self.settings}
+        with OutputSet(out_dir, "vsink ablate", {"determining": determining}) as stage:
+            write_text(stage / "results.json", summary)
+            write_text(stage / "results.md", markdown)
+            write_text(stage / "report.html", report)
+        out = Path(out_dir)
+        return {"json": out / "results.json", "markdown": out / "results.md", "report": out / "report.html",
+                "record": out / "vsink-run.json"}
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` with no fixed point (``n >= 2``)."""
+    if n < 2:
+        raise VsinkError("resample needs at least 2 images (each takes another image's values)")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
+def replacement(selection: Selection, ablation: str, clean: Optional[torch.Tensor], layout: TokenLayout,
+                seed: int = 0) -> torch.Tensor:
+    """The values that replace the selected entries, [I, N, C'] over the selected channels (C' = all
+    channels when ``selection.channels`` is None); only the selected entries of it are used.
+    ``clean`` holds the site's clean values [I, N, C] (not needed for ``zero``)."""
+    if ablation not in ABLATIONS:
+        raise VsinkError(f"unknown ablation {ablation!r}; use one of {', '.join(ABLATIONS)}")
+    if clean is None:
+        raise VsinkError(f"ablation {ablation!r} needs the clean values of the site")
+    values = clean if selection.channels is None else clean[:, :, selection.channels]
+    images = values.shape[0]
+    if ablation == "zero":
+        return torch.zeros_like(values)
+    if ablation == "mean-images":
+        return values.mean(dim=0, keepdim=True).expand_as(values)
+    if ablation == "resample":
+        return values[torch.as_tensor(derangement(images, seed))]
+    mask = torch.as_tensor(selection.tokens)
+    out = torch.empty_like(values)
+    kinds = np.array(layout.kinds())
+    for kind in sorted(set(kinds.tolist())):
+        of_kind = torch.as_tensor(kinds == kind)[None, :].expand(images, -1)
+        pool = of_kind & ~mask if bool((of_kind & ~mask).any()) else of_kind
+        mean = values[pool].mean(dim=0)
+        out[:, torch.as_tensor(kinds == kind)] = mean
+    return out
+
+
+def install_ablation(backbone: Backbone, selection: Selection, values: torch.Tensor, batch: list[int]) -> Hooks:
+    """The ablation of ``selection`` with ``values`` [I, N, C'] (from :func:`replacement`), a hook set
+    to enter (``with install_ablation(...):``). ``batch`` is read at every call: the image indices of
+    the batch being run (fill it before each forward)."""
+    mask_all = torch.as_tensor(selection.tokens)
+    channels = selection.channels
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(batch)
+        if x.shape[:2] != (len(batch), mask_all.shape[1]):
+            raise VsinkError(f"ablation of {selection.target}: the site holds {tuple(x.shape[:2])} (images, tokens), "
+                             f"the selection {(len(batch), mask_all.shape[1])}")
+        mask = mask_all[idx].to(x.device)[..., None]
+        new = values[idx].to(device=x.device, dtype=x.dtype)
+        if channels is None:
+            return torch.where(mask, new, x)
+        out = x.clone()
+        out[:, :, channels] = torch.where(mask, new, x[:, :, channels])
+        return out
+
+    return Hooks(lambda handles: handles.append(backbone.hook(selection.site, selection.layer, fn)))
+
+
+def _final_features(backbone: Backbone, store: list[torch.Tensor]):
+    norm = backbone.final_norm
+
+    def fn(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            store.append(norm(x).detach().float().cpu())
+
+    return fn
+
+
+@torch.no_grad()
+def run_pass(backbone: Backbone, batches: Sequence[torch.Tensor], *, capture: Sequence[tuple[str, int]] = (),
+             ablation: Optional[tuple[Selection, torch.Tensor]] = None) -> Pass:
+    """One pass over ``batches`` (preprocessed pixel values), optionally with an ablation installed:
+    the probe's trace (norms, attention, massive activations), the final features, the model output
+    and the values of the ``capture`` sites (after the ablation, which is installed first)."""
+    batch: list[int] = []
+    features: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    captured: dict[tuple[str, int], list[torch.Tensor]] = {key: [] for key in capture}
+
+    def install(handles: list[Any]) -> None:
+        if ablation is not None:  # first: every observer below sees the ablated values
+            handles.append(install_ablation(backbone, ablation[0], ablation[1], batch).__enter__())
+        for key, store in captured.items():
+            handles.append(backbone.hook(key[0], key[1], lambda x, s=store: s.append(x.detach().float().cpu())))
+        handles.append(backbone.hook("block_output", backbone.num_layers - 1, _final_features(backbone, features)))
+
+    with Hooks(install), Probe(backbone, massive=MASSIVE_TOP_K) as probe:
+        start = 0
+        for pixel_values in batches:
+            batch[:] = range(start, start + pixel_values.shape[0])
+            out = probe.run(pixel_values)
+            if isinstance(out, torch.Tensor) and out.dim() == 2:
+                outputs.append(out.detach().float().cpu())
+            start += pixel_values.shape[0]
+    trace = probe.trace(meta={"model": backbone.spec})
+    trace.check_finite(backbone.spec)
+    return Pass(trace=trace, features=torch.cat(features),
+                outputs=torch.cat(outputs) if len(outputs) == len(batches) else None,
+                sites={key: torch.cat(v) for key, v in captured.items()})
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
+
+
+def _last_ratio(trace: Trace, layout: TokenLayout) -> float:
+    patches = trace.norms[-1][:, layout.patch_slice]
+    median = float(np.median(patches))
+    return float(patches.max() / median) if median > 0 else float("inf")
+
+
+def _cls_maps(trace: Trace) -> Optional[np.ndarray]:
+    """Class-token attention per block, heads averaged: [L, I, N] (None without a class token)."""
+    if trace.attn_cls is None or trace.layout.cls_token is None:
+        return None
+    return trace.attn_cls.mean(axis=2)
+
+
+def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNormResult,
+            detect_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The measures of one ablated pass against the clean one (see the module docstring)."""
+    cos = _cosine(clean.features, ablated.features)  # [I, N]
+    parts = layout.split(cos)
+    mean = lambda t: float(t.mean()) if t.numel() else None  # noqa: E731
+    patches = parts["patches"]
+    before, after = _cls_maps(clean.trace), _cls_maps(ablated.trace)
+    tv = None if before is None else 0.5 * np.abs(after - before).sum(axis=-1).mean(axis=1)  # [L]
+    after_hn = detect_high_norm(ablated.trace, **detect_kwargs)
+    last = clean.trace.layers[-1]
+    output_cos = None
+    if clean.outputs is not None and ablated.outputs is not None:
+        output_cos = float(_cosine(clean.outputs, ablated.outputs).mean())
+    maps = {"norms": ablated.trace.norms[-1][0, layout.patch_slice], "cos": layout.patches(cos, dim=1)[0].numpy()}
+    if after is not None:
+        maps["cls_attention"] = after[-1, 0, layout.patch_slice]
+    return dict(
+        cos_cls=mean(parts["cls"]),
+        cos_registers=mean(parts["registers"]) if layout.total_registers else None,
+        cos_patches=float(patches.mean()), cos_patches_min=float(patches.min()),
+        attn_tv=None if tv is None else float(tv[-1]),
+        attn_tv_per_block=None if tv is None else [float(v) for v in tv],
+        output_cos=output_cos,
+        high_norm_before=len(high_norm.tokens_at(last)), high_norm_after=len(after_hn.tokens_at(last)),
+        max_ratio_before=_last_ratio(clean.trace, layout), max_ratio_after=_last_ratio(ablated.trace, layout),
+        maps=maps,
+    )
+
+
+def _neuron_layers(neurons: Union[NeuronSpec, Mapping[int, Sequence[int]], None]) -> dict[int, list[int]]:
+    if neurons is None:
+        raise VsinkError("target neurons needs register neurons (--neurons neurons.json from 'vsink registers find')")
+    by_layer = neurons.by_layer() if isinstance(neurons, NeuronSpec) else {int(k): list(v) for k, v in neurons.items()}
+    return {layer: sorted(set(int(u) for u in units)) for layer, units in sorted(by_layer.items())}
+
+
+def select(target: str, layer: int, trace: Trace, *, high_norm: HighNormResult, sink_ratio: float,
+           massive_ratio: float, neurons: Optional[list[int]] = None) -> Selection:
+    """The entries ``target`` selects at block ``layer``, from the clean pass's ``trace``."""
+    layout, images = trace.layout, trace.num_images
+    tokens = np.zeros((images, layout.num_tokens), dtype=bool)
+    if target == "registers":
+        regs = layout.register_indices()  # trained, then appended (test-time) registers
+        if not regs:
+            raise VsinkError(f"target registers: the model has no registers ({layout.describe()}); add test-time "
+                             "registers with --test-time-registers or use a model trained with registers")
+        tokens[:, regs] = True
+        return Selection(target, layer, "block_output", tokens)
+    if target == "high-norm":
+        tokens[:, layout.patch_slice] = high_norm.mask(layer)
+        return Selection(target, layer, "block_output", tokens)
+    if target == "sinks":
+        for s in detect_sinks(trace, ratio=sink_ratio):
+            if s.layer == layer:
+                tokens[s.image, s.token] = True
+        return Selection(target, layer, "block_output", tokens)
+    if target == "massive":
+        dims = set()
+        for m in detect_massive(trace, min_ratio=massive_ratio):
+            if m.layer == layer:
+                tokens[m.image, m.token] = True
+                dims.add(m.dim)
+        return Selection(target, layer, "block_output", tokens, sorted(dims))
+    if target == "neurons":
+        tokens[:] = True
+        return Selection(target, layer, "mlp_hidden", tokens, list(neurons or []))
+    raise VsinkError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+
+
+def _layers(layers: Union[str, Sequence[int], None], backbone: Backbone, high_norm: HighNormResult) -> list[int]:
+    chosen = parse_selection(layers, backbone.num_layers, "layers", ("auto",))
+    if chosen != "auto":
+        return list(chosen)
+    emergence = high_norm.emergence_layer
+    return [emergence if emergence is not None else backbone.num_layers // 2]
+
+
+def ablate(
+    backbone: Backbone,
+    images: Sequence[Union[ImageSource, NamedImage]],
+    *,
+    targets: Sequence[str] = ("high-norm",),
+    ablations: Sequence[str] = ("zero",),
+    layers: Union[str, Sequence[int], None] = "auto",
+    neurons: Union[NeuronSpec, Mapping[int, Sequence[int]], None] = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    img_size: Optional[int] = None,
+    threshold: Union[str, float, None] = "auto",
+    sink_ratio: float = 5.0,
+    massive_ratio: float = 100.0,
+    progress: bool = True,
+) -> AblationResult:
+    """Ablate each target at each layer with each ablation and measure the change (module docstring).
+
+    Args:
+        backbone: from :func:`vsink.load` or :func:`vsink.wrap`.
+        images: file paths, PIL images or :class:`~vsink.images.NamedImage` (unreadable files skipped).
+        targets: some of :data:`TARGETS`.
+        ablations: some of :data:`ABLATIONS`.
+        layers: ``"auto"`` (the first block with high-norm tokens, else the middle block) or block
+            indices; target ``neurons`` uses its neurons' own blocks, kept when in ``layers`` (unless auto).
+        neurons: register neurons for target ``neurons`` (a :class:`NeuronSpec` or ``{layer: [unit, ...]}``).
+        seed: seed of the resample derangement.
+        threshold: the high-norm detector's threshold (``"auto"``, ``"sigma:K"`` or a norm).
+    """
+    for key, value in (("targets", list(targets)), ("ablations", list(ablations)), ("seed", seed),
+                       ("sink_ratio", sink_ratio), ("massive_ratio", massive_ratio), ("batch_size", batch_size)):
+        ABLATE[key].check(value)
+    detect_kwargs = parse_threshold(threshold)
+    if not images:
+        raise VsinkError("no images given")
+    size = (img_size, img_size) if img_size else backbone.img_size
+    backbone.check_input_size(size)
+    if isinstance(neurons, NeuronSpec):
+        neurons.check(backbone)
+    by_layer = _neuron_layers(neurons) if "neurons" in targets else {}
+    names: list[str] = []
+    skipped: list[dict[str, str]] = []
+    batches: list[torch.Tensor] = []
+    thumbnail = None
+    for start in range(0, len(images), batch_size):
+        batch, batch_names, failed = load_batch(images[start:start + batch_size], start)
+        for entry in failed:
+            print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+        skipped += failed
+        if batch:
+            batches.append(backbone.preprocess(batch, size))
+            names += batch_names
+            thumbnail = thumbnail or batch[0].convert("RGB").resize((size[1], size[0]))
+    if not names:
+        raise VsinkError("no image could be read")
+    if "resample" in ablations and len(names) < 2:
+        raise VsinkError("ablation resample needs at least 2 images (each takes another image's values)")
+
+    first = run_pass(backbone, batches)
+    layout = first.trace.layout
+    high_norm = detect_high_norm(first.trace, **detect_kwargs)
+    chosen = _layers(layers, backbone, high_norm)
+    selections: list[Selection] = []
+    for target in targets:
+        if target == "neurons":
+            explicit = parse_selection(layers, backbone.num_layers, "layers", ("auto",))
+            keep = [l for l in by_layer if explicit == "auto" or l in explicit]
+            if not keep:
+                raise VsinkError(f"target neurons: no register neuron in blocks {chosen} (neurons in {sorted(by_layer)})")
+            selections += [select(target, l, first.trace, high_norm=high_norm, sink_ratio=sink_ratio,
+                                  massive_ratio=massive_ratio, neurons=by_layer[l]) for l in keep]
+        else:
+            selections += [select(target, l, first.trace, high_norm=high_norm, sink_ratio=sink_ratio,
+                                  massive_ratio=massive_ratio) for l in chosen]
+    needs_clean = any(a != "zero" for a in ablations)
+    sites = sorted({(s.site, s.layer) for s in selections}) if needs_clean else []
+    clean = run_pass(backbone, batches, capture=sites) if sites else first  # the site values of the chosen blocks
+
+    rows: list[AblationRow] = []
+    bar = tqdm(total=len(selections) * len(ablations), desc="ablate", unit="pass", disable=not progress)
+    for selection in selections:
+        for ablation in ablations:
+            site_values = clean.sites.get((selection.site, selection.layer))
+            if ablation == "zero":
+                width = backbone.mlp_width(selection.layer) if selection.site == "mlp_hidden" else backbone.embed_dim
+                channels = width if selection.channels is None else len(selection.channels)
+                values = torch.zeros(1, 1, channels).expand(len(names), layout.num_tokens, channels)
+            else:
+                values = replacement(selection, ablation, site_values, layout, seed)
+            ablated = run_pass(backbone, batches, ablation=(selection, values))
+            measured = measure(clean, ablated, layout, high_norm, detect_kwargs)
+            rows.append(AblationRow(target=selection.target, layer=selection.layer, site=selection.site,
+                                    ablation=ablation, tokens=selection.count, channels=selection.channels,
+                                    **measured))
+            bar.update(1)
+    bar.close()
+    clean_maps = {"norms": clean.trace.norms[-1][0, layout.patch_slice]}
+    cls_maps = _cls_maps(clean.trace)
+    if cls_maps is not None:
+        clean_maps["cls_attention"] = cls_maps[-1, 0, layout.patch_slice]
+    if thumbnail is not None:
+        clean_maps["image"] = np.asarray(thumbnail)
+    settings = {"targets": list(targets), "ablations": list(ablations), "layers": chosen, "seed": seed,
+                "batch_size": batch_size, "input_size": list(size), "threshold": detect_kwargs,
+                "sink_ratio": sink_ratio, "massive_ratio": massive_ratio,
+                "neurons": {str(k): v for k, v in by_layer.items()} if by_layer else None,
+                "edits": list(backbone.edits)}
+    return AblationResult(model=backbone.spec, images=names, skipped=skipped, layout=layout, settings=settings,
+                          selections=selections, rows=rows, clean_maps=clean_maps,
+                          synthetic=backbone.synthetic is not None)

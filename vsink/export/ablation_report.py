@@ -1,0 +1,95 @@
+"""The ``vsink ablate`` outputs: ``results.md`` (the table) and ``report.html`` (the table and one
+figure per target x layer: image 0's final patch norms, class-token attention and per-patch cosine
+to the clean features, one row per ablation under the clean row)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from .figures import plain_text, plt
+from .axes import colorbar
+from .html import banner, esc, fig, fmt, page, table
+
+if TYPE_CHECKING:
+    from ..ablate import AblationResult, AblationRow
+
+COLUMNS = ("target", "block", "ablation", "tokens", "channels", "cos cls", "cos registers", "cos patches",
+           "min cos patch", "cls-attention TV (last block)", "high-norm before", "high-norm after",
+           "max/median norm before", "max/median norm after")
+
+
+def _cells(row: "AblationRow") -> list[str]:
+    channels = "all" if row.channels is None else ",".join(map(str, row.channels)) or "none"
+    return [row.target, str(row.layer), row.ablation, str(row.tokens), channels, fmt(row.cos_cls),
+            fmt(row.cos_registers), fmt(row.cos_patches), fmt(row.cos_patches_min), fmt(row.attn_tv),
+            str(row.high_norm_before), str(row.high_norm_after), fmt(row.max_ratio_before), fmt(row.max_ratio_after)]
+
+
+def render_ablation_markdown(result: "AblationResult") -> str:
+    """The results table as Markdown."""
+    lines = [f"# vsink ablate: {result.model}", "", f"{len(result.images)} image(s); layout {result.layout.describe()}",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("—", "-") for c in _cells(r)) + " |" for r in result.rows]
+    return "\n".join(lines) + "\n"
+
+
+@plain_text
+def ablation_figure(result: "AblationResult", target: str, layer: int):
+    """One figure for ``target`` at ``layer``: a row for the clean pass, then one per ablation;
+    columns final patch norms, class-token attention (last block), cosine to the clean features."""
+    rows = [r for r in result.rows if r.target == target and r.layer == layer]
+    grid = result.layout.grid
+    clean = result.clean_maps
+    has_attention = "cls_attention" in clean
+    columns = ["final patch norm", *(["cls attention, last block"] if has_attention else []), "cosine to clean"]
+    fig_, axes = plt.subplots(len(rows) + 1, len(columns), figsize=(3.2 * len(columns), 2.8 * (len(rows) + 1)),
+                              squeeze=False)
+    norm_max = max([float(clean["norms"].max())] + [float(r.maps["norms"].max()) for r in rows])
+    attn_max = max([float(clean["cls_attention"].max())] + [float(r.maps["cls_attention"].max()) for r in rows]) \
+        if has_attention else 1.0
+    panels: list[list[Optional[tuple[np.ndarray, float, float, str]]]] = [
+        [(clean["norms"], 0.0, norm_max, "viridis"),
+         *([(clean["cls_attention"], 0.0, attn_max, "magma")] if has_attention else []), None]]
+    for r in rows:
+        panels.append([(r.maps["norms"], 0.0, norm_max, "viridis"),
+                       *([(r.maps["cls_attention"], 0.0, attn_max, "magma")] if has_attention else []),
+                       (r.maps["cos"], -1.0, 1.0, "RdBu")])
+    labels = ["clean"] + [r.ablation for r in rows]
+    for i, (label, line) in enumerate(zip(labels, panels)):
+        for j, panel in enumerate(line):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(columns[j], fontsize=9)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=9)
+            if panel is None:
+                ax.axis("off")
+                continue
+            values, vmin, vmax, cmap = panel
+            im = ax.imshow(np.asarray(values, dtype=float).reshape(grid), vmin=vmin, vmax=vmax, cmap=cmap)
+            colorbar(ax, im)
+    fig_.suptitle(f"{result.model}: {target} at block {layer} (image {result.images[0]})", fontsize=10)
+    return fig_
+
+
+def render_ablation_report(result: "AblationResult") -> str:
+    """The HTML report: settings, the table, a figure per target x layer."""
+    body = [f"<h1>vsink ablate: {esc(result.model)}</h1>"]
+    if result.synthetic:
+        body.append(banner("**Synthetic demo model.** Its register neurons and sinks are planted by construction "
+                           "(docs/demo.md); the numbers say nothing about any real model."))
+    body.append(f"<p>{len(result.images)} image(s), layout {esc(result.layout.describe())}; every ablation is "
+                "compared with the clean pass over the same images (docs/ablate.md).</p>")
+    body.append(table(COLUMNS, ([esc(c) for c in _cells(r)] for r in result.rows), left=3))
+    seen: list[tuple[str, int]] = []
+    for r in result.rows:
+        if (r.target, r.layer) not in seen:
+            seen.append((r.target, r.layer))
+    for target, layer in seen:
+        body.append(f"<h2>{esc(target)} at block {layer}</h2>")
+        body.append(fig(ablation_figure(result, target, layer), f"{target} at block {layer}", "wide"))
+    return page(f"vsink ablate {result.model}", body)
