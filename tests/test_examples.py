@@ -113,3 +113,11 @@ def test_llava15_gpu_script_without_hub_or_gpu_is_one_line(monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"llava15_gpu.py: error: {message}") and "needs network access" in err
+
+
+def test_ablate_demo_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ablate_demo.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "ablate_demo.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "neurons    block 2 zero" in out and "high-norm tokens 69 -> 0" in out
+    assert (tmp_path / "report.html").exists() and (tmp_path / "vsink-run.json").exists()

@@ -41,11 +41,8 @@ patch-norm ratio at the last block).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -167,25 +164,6 @@ class AblationResult:
                 "selections": [{"target": s.target, "layer": s.layer, "site": s.site, "tokens": s.count,
                                 "channels": s.channels} for s in self.selections],
                 "rows": [r.to_json() for r in self.rows]}
-
-    def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
-        """Write ``results.json``, ``results.md`` and ``report.html`` into ``out_dir`` as one set with its
-        ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`)."""
-        from .export.ablation_report import render_ablation_markdown, render_ablation_report
-        from .io import write_text
-        from .outputs import OutputSet
-
-        report = render_ablation_report(self)
-        markdown = render_ablation_markdown(self)
-        summary = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        determining = {"model": self.model, "images": self.images, "settings": self.settings}
-        with OutputSet(out_dir, "vsink ablate", {"determining": determining}) as stage:
-            write_text(stage / "results.json", summary)
-            write_text(stage / "results.md", markdown)
-            write_text(stage / "report.html", report)
-        out = Path(out_dir)
-        return {"json": out / "results.json", "markdown": out / "results.md", "report": out / "report.html",
-                "record": out / "vsink-run.json"}
 
 
 def derangement(n: int, seed: int) -> np.ndarray:

@@ -290,6 +290,7 @@ def _ttr_options(args: argparse.Namespace) -> dict:
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import ablate
+    from .export.ablation_report import save_ablation
     from .registers import NeuronSpec
 
     if "neurons" in args.targets and args.neurons is None:
@@ -303,7 +304,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
                         neurons=neurons, seed=args.seed, batch_size=args.batch_size, img_size=args.img_size,
                         threshold=args.threshold, sink_ratio=args.sink_ratio, massive_ratio=args.massive_ratio,
                         progress=not args.no_progress)
-    paths = result.save(args.out)
+    paths = save_ablation(result, args.out)
     print(f"ablated {_scanned(result.images, result.skipped)} with {result.model}; layout {result.layout.describe()}")
     for s in result.selections:
         print(f"  {s.describe()}")

@@ -4,30 +4,33 @@ to the clean features, one row per ablation under the clean row)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 
-from .figures import plain_text, plt
+from ..ablate import AblationResult, AblationRow
+from ..io import write_text
+from ..outputs import OutputSet
 from .axes import colorbar
+from .figures import plain_text, plt
 from .html import banner, esc, fig, fmt, page, table
-
-if TYPE_CHECKING:
-    from ..ablate import AblationResult, AblationRow
 
 COLUMNS = ("target", "block", "ablation", "tokens", "channels", "cos cls", "cos registers", "cos patches",
            "min cos patch", "cls-attention TV (last block)", "high-norm before", "high-norm after",
            "max/median norm before", "max/median norm after")
 
 
-def _cells(row: "AblationRow") -> list[str]:
+def _cells(row: AblationRow) -> list[str]:
     channels = "all" if row.channels is None else ",".join(map(str, row.channels)) or "none"
     return [row.target, str(row.layer), row.ablation, str(row.tokens), channels, fmt(row.cos_cls),
             fmt(row.cos_registers), fmt(row.cos_patches), fmt(row.cos_patches_min), fmt(row.attn_tv),
             str(row.high_norm_before), str(row.high_norm_after), fmt(row.max_ratio_before), fmt(row.max_ratio_after)]
 
 
-def render_ablation_markdown(result: "AblationResult") -> str:
+def render_ablation_markdown(result: AblationResult) -> str:
     """The results table as Markdown."""
     lines = [f"# vsink ablate: {result.model}", "", f"{len(result.images)} image(s); layout {result.layout.describe()}",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -36,7 +39,7 @@ def render_ablation_markdown(result: "AblationResult") -> str:
 
 
 @plain_text
-def ablation_figure(result: "AblationResult", target: str, layer: int):
+def ablation_figure(result: AblationResult, target: str, layer: int):
     """One figure for ``target`` at ``layer``: a row for the clean pass, then one per ablation;
     columns final patch norms, class-token attention (last block), cosine to the clean features."""
     rows = [r for r in result.rows if r.target == target and r.layer == layer]
@@ -76,7 +79,7 @@ def ablation_figure(result: "AblationResult", target: str, layer: int):
     return fig_
 
 
-def render_ablation_report(result: "AblationResult") -> str:
+def render_ablation_report(result: AblationResult) -> str:
     """The HTML report: settings, the table, a figure per target x layer."""
     body = [f"<h1>vsink ablate: {esc(result.model)}</h1>"]
     if result.synthetic:
@@ -93,3 +96,19 @@ def render_ablation_report(result: "AblationResult") -> str:
         body.append(f"<h2>{esc(target)} at block {layer}</h2>")
         body.append(fig(ablation_figure(result, target, layer), f"{target} at block {layer}", "wide"))
     return page(f"vsink ablate {result.model}", body)
+
+
+def save_ablation(result: AblationResult, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``report.html`` into ``out_dir`` as one set with its
+    ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`): a failure leaves the earlier set as it was."""
+    report = render_ablation_report(result)  # before anything is written
+    markdown = render_ablation_markdown(result)
+    summary = json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n"
+    determining = {"model": result.model, "images": result.images, "settings": result.settings}
+    with OutputSet(out_dir, "vsink ablate", {"determining": determining}) as stage:
+        write_text(stage / "results.json", summary)
+        write_text(stage / "results.md", markdown)
+        write_text(stage / "report.html", report)
+    out = Path(out_dir)
+    return {"json": out / "results.json", "markdown": out / "results.md", "report": out / "report.html",
+            "record": out / "vsink-run.json"}
