@@ -164,7 +164,14 @@ def test_cli_writes_results_and_the_html_report(tmp_path, capsys):
     assert record["command"] == "vsink ablate"
 
 
-def test_cli_neurons_without_a_spec_is_one_line(capsys):
-    assert main(["ablate", "--targets", "neurons", "--no-progress"]) == 2
+@pytest.mark.parametrize("argv, message", [
+    (["--targets", "neurons"], "--targets neurons needs --neurons"),
+    (["--layers", "9"], "layers [9] out of range"),
+    (["--targets", "registers"], "target registers: the model has no registers"),
+    (["--ablations", "zero,blur"], "--ablations"),
+], ids=["neurons-without-spec", "layer-out-of-range", "no-registers", "unknown-ablation"])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    assert main(["ablate", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("vsink: error: --targets neurons needs --neurons")
+    assert err[-1].startswith("vsink: error: ") and message in err[-1]
+    assert not (tmp_path / "o").exists()
