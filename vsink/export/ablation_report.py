@@ -41,7 +41,8 @@ def render_ablation_markdown(result: AblationResult) -> str:
 @plain_text
 def ablation_figure(result: AblationResult, target: str, layer: int):
     """One figure for ``target`` at ``layer``: a row for the clean pass, then one per ablation;
-    columns final patch norms, class-token attention (last block), cosine to the clean features."""
+    columns final patch norms, class-token attention (last block), cosine to the clean features;
+    one colour scale per quantity over the rows (norms and attention from 0, cosine -1 to 1)."""
     rows = [r for r in result.rows if r.target == target and r.layer == layer]
     grid = result.layout.grid
     clean = result.clean_maps
@@ -52,13 +53,15 @@ def ablation_figure(result: AblationResult, target: str, layer: int):
     norm_max = max([float(clean["norms"].max())] + [float(r.maps["norms"].max()) for r in rows])
     attn_max = max([float(clean["cls_attention"].max())] + [float(r.maps["cls_attention"].max()) for r in rows]) \
         if has_attention else 1.0
-    panels: list[list[Optional[tuple[np.ndarray, float, float, str]]]] = [
-        [(clean["norms"], 0.0, norm_max, "viridis"),
-         *([(clean["cls_attention"], 0.0, attn_max, "magma")] if has_attention else []), None]]
+    norm = ("viridis", "token norm (L2)")
+    attention = ("magma", "attention share")
+    panels: list[list[Optional[tuple[np.ndarray, float, float, tuple[str, str]]]]] = [
+        [(clean["norms"], 0.0, norm_max, norm),
+         *([(clean["cls_attention"], 0.0, attn_max, attention)] if has_attention else []), None]]
     for r in rows:
-        panels.append([(r.maps["norms"], 0.0, norm_max, "viridis"),
-                       *([(r.maps["cls_attention"], 0.0, attn_max, "magma")] if has_attention else []),
-                       (r.maps["cos"], -1.0, 1.0, "RdBu")])
+        panels.append([(r.maps["norms"], 0.0, norm_max, norm),
+                       *([(r.maps["cls_attention"], 0.0, attn_max, attention)] if has_attention else []),
+                       (r.maps["cos"], -1.0, 1.0, ("RdBu", "cosine"))])
     labels = ["clean"] + [r.ablation for r in rows]
     for i, (label, line) in enumerate(zip(labels, panels)):
         for j, panel in enumerate(line):
@@ -72,9 +75,9 @@ def ablation_figure(result: AblationResult, target: str, layer: int):
             if panel is None:
                 ax.axis("off")
                 continue
-            values, vmin, vmax, cmap = panel
+            values, vmin, vmax, (cmap, quantity) = panel
             im = ax.imshow(np.asarray(values, dtype=float).reshape(grid), vmin=vmin, vmax=vmax, cmap=cmap)
-            colorbar(ax, im)
+            colorbar(ax, im, label=quantity)
     fig_.suptitle(f"{result.model}: {target} at block {layer} (image {result.images[0]})", fontsize=10)
     return fig_
 
