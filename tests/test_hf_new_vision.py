@@ -270,8 +270,10 @@ def test_cli_on_dinov3_scan_maps_neurons_and_test_time_registers(tmp_path, capsy
     assert scan["high_norm"]["emergence_layer"] == 0 and scan["high_norm"]["tokens_total"] == 3 * 2
     assert main(["maps", *images, "--model", str(saved), "--format", "npz", "--out", str(tmp_path / "maps"),
                  "--no-progress"]) == 0
+    assert "kinds: cls, received, norm, rollout; left out pool (no attention-pooling head)" in capsys.readouterr().out
     with np.load(tmp_path / "maps" / "img0.npz") as arrays:
         assert {"cls/layer0/mean", "rollout", "norm/layer1"} <= set(arrays.files)
+        assert not any(name.startswith("pool") for name in arrays.files)
         assert arrays["norm/layer1"].shape == (4, 4) and np.argmax(arrays["norm/layer1"]) == 0 * 4 + 1
     assert main(["registers", "find", *images, "--model", str(saved), "--out", str(tmp_path / "neurons.json"),
                  "--no-progress"]) == 0
@@ -294,7 +296,18 @@ def test_cli_on_models_without_a_class_token(kind, tmp_path, capsys):
     else:
         scan = vsink.scan(vsink.load(str(saved)), images, progress=False).to_json()
     assert scan["layout"]["cls"] == 0 and scan["layout"]["tokens"] == 16 and len(scan["layers"]) == 2
-    code = main(["maps", *images, "--model", str(saved), "--out", str(tmp_path / "m"), "--no-progress"])
+    # the default kinds follow the layout: no class token, so no cls map; the pooling probe's map instead
+    capsys.readouterr()
+    assert main(["maps", *images, "--model", str(saved), "--format", "npz", "--out", str(tmp_path / "default"),
+                 "--no-progress"]) == 0
+    assert "kinds: received, norm, rollout, pool; left out cls (no class token)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "default" / "maps.json").read_text())["settings"]["kinds"] == [
+        "received", "norm", "rollout", "pool"]
+    with np.load(tmp_path / "default" / "img0.npz") as arrays:
+        assert {"received/layer1/mean", "norm/layer1", "rollout", "pool/mean"} <= set(arrays.files)
+        assert not any(name.startswith("cls/") for name in arrays.files)
+    code = main(["maps", *images, "--model", str(saved), "--kind", "cls", "--out", str(tmp_path / "m"),
+                 "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "no class token: kind 'cls' is not available (its attention-pooling head's probe: kind 'pool')" in err

@@ -377,11 +377,11 @@ def _cmd_registers(args: argparse.Namespace) -> int:
 
 
 def _cmd_maps(args: argparse.Namespace) -> int:
-    from .maps import DEFAULT_KINDS, export_maps
+    from .maps import default_kinds, export_maps
 
-    kinds = [k for group in args.kind for k in group] if args.kind else list(DEFAULT_KINDS)
     images = _inputs(args)
     backbone = _load_for(args)
+    kinds, left_out = ([k for group in args.kind for k in group], []) if args.kind else default_kinds(backbone)
     ttr = _ttr(args, args.test_time_registers)
     with ttr.applied(backbone) if ttr else nullcontext():
         result = export_maps(backbone, images, args.out, kinds=kinds, layers=args.layers, heads=args.heads,
@@ -389,6 +389,7 @@ def _cmd_maps(args: argparse.Namespace) -> int:
                              discard_ratio=args.discard_ratio, img_size=args.img_size,
                              keep_aspect=args.keep_aspect, progress=not args.no_progress)
     print(f"exported maps for {_scanned(result.images, result.skipped)} to {args.out}")
+    print(f"  kinds: {', '.join(result.settings['kinds'])}" + (f"; left out {', '.join(left_out)}" if left_out else ""))
     for m in result.images:
         print(f"  {m.name}: {count(len(m.files), 'file')}, {m.layout.describe()}")
     return 0

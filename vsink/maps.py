@@ -38,8 +38,23 @@ from .rollout import FUSIONS, FullAttentionObserver, RolloutObserver
 from . import wording
 
 KINDS = ("cls", "received", "norm", "rollout", "pool", "full")
-DEFAULT_KINDS = ("cls", "received", "norm", "rollout")
+#: the kinds drawn by default, those the model's layout allows (:func:`default_kinds`)
+DEFAULT_KINDS = ("cls", "received", "norm", "rollout", "pool")
 HEAD_KINDS = ("cls", "received")
+
+
+def default_kinds(backbone: Backbone) -> tuple[list[str], list[str]]:
+    """The default kinds for ``backbone`` and a note for each default it leaves out: ``cls`` only
+    with a class token, ``pool`` only with an attention-pooling head (SigLIP, SigLIP2, AIMv2)."""
+    kinds, left_out = [], []
+    for kind in DEFAULT_KINDS:
+        if kind == "cls" and backbone.layout().num_cls == 0:
+            left_out.append("cls (no class token)")
+        elif kind == "pool" and backbone.pool_head is None:
+            left_out.append("pool (no attention-pooling head)")
+        else:
+            kinds.append(kind)
+    return kinds, left_out
 
 
 @dataclass
@@ -126,7 +141,7 @@ def export_maps(
     images: Sequence[Union[ImageSource, NamedImage]],
     out_dir: Union[str, os.PathLike],
     *,
-    kinds: Sequence[str] = DEFAULT_KINDS,
+    kinds: Optional[Sequence[str]] = None,
     layers: Union[str, Sequence[int], None] = "all",
     heads: Union[str, Sequence[int], None] = "mean",
     formats: Sequence[str] = ("png", "npz"),
@@ -139,6 +154,10 @@ def export_maps(
     """Export maps for each image into ``out_dir`` (``<stem>.npz``, ``<stem>/*.png``, ``maps.json``;
     stems from :func:`stems`).
 
+    ``kinds`` default (None): :func:`default_kinds`, those of ``cls``, ``received``, ``norm``,
+    ``rollout`` and ``pool`` the model's layout allows; ``settings["kinds"]`` of the result says
+    which were drawn.
+
     Unreadable images are skipped and listed (none readable: a :class:`VsinkError`). The files are
     written as one set with the folder's ``vsink-run.json`` (:class:`vsink.outputs.OutputSet`):
     they replace the earlier export (its files included, where an image is no longer exported) when
@@ -148,7 +167,7 @@ def export_maps(
     ``formats=["png"]`` alone they stay in memory until then). Each map is drawn on the region of
     the original image the model saw (``view_box``).
     """
-    kinds = list(dict.fromkeys(kinds))
+    kinds = default_kinds(backbone)[0] if kinds is None else list(dict.fromkeys(kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise VsinkError(f"unknown map kind(s) {unknown}; kinds are {', '.join(KINDS)}")

@@ -83,7 +83,8 @@ SCAN = declare(
 
 MAPS = declare(
     Option("kind", ListOf(Choice(KINDS), nonempty=True), None, "map kinds (repeat or comma-separate)",
-           repeat=True, default_text=",".join(DEFAULT_KINDS)),
+           repeat=True, default_text=",".join(DEFAULT_KINDS) + " (those the model has: cls needs a class token, pool an "
+           "attention-pooling head)"),
     Option("layers", Text(r"\s*(all|-?\d+(\s*,\s*-?\d+)*)\s*,?\s*", "all or a comma list of block indices "
            "(negative from the end)"), "all", "blocks"),
     Option("heads", Text(r"\s*(mean|all|-?\d+(\s*,\s*-?\d+)*)\s*,?\s*", "mean, all or a comma list of head "
