@@ -126,3 +126,21 @@ def test_cli_scan_on_the_demo_lvlm(tmp_path, capsys):
     assert data["lvlm"]["sink_dims"] == list(DL.SINK_DIMS) and data["lvlm"]["tower_to_llm"]["both"] > 0
     assert (tmp_path / "report.html").read_text().count("Synthetic demo LVLM") == 1  # a visible banner
     assert (tmp_path / "vision" / "scan.json").exists() and (tmp_path / "trace.npz").exists()
+
+
+def test_layer_by_head_maps_name_decoder_layers(demo, photos, monkeypatch):
+    """The LVLM report's layer × head heat maps have the LLM's decoder layers as rows, and say so."""
+    from vsink.export import lvlm_report
+    from vsink.export.layer_figures import heatmap_figure
+
+    labels = []
+
+    def recording(*args, **kwargs):
+        figure = heatmap_figure(*args, **kwargs)
+        labels.append((figure.axes[0].get_ylabel(), figure.axes[0].get_xlabel()))
+        return figure
+
+    monkeypatch.setattr(lvlm_report, "heatmap_figure", recording)
+    result = scan_lvlm(demo, photos[:1], "describe the image", progress=False)
+    lvlm_report.head_share_section(result)
+    assert labels == [("decoder layer", "head")] * 3  # BOS, image tokens, visual sinks

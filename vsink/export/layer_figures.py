@@ -37,8 +37,10 @@ def sink_share_by_head(trace: "Trace", sinks: Sequence["AttentionSink"]) -> np.n
 
 @plain_text
 def heatmap_figure(values: np.ndarray, layers: Sequence[int], *, title: str, label: str,
-                   cmap: str = "viridis", vmin: Optional[float] = None, vmax: Optional[float] = None):
-    """Blocks (rows) × heads (columns) with a colour bar; each cell annotated when the grid is small."""
+                   cmap: str = "viridis", vmin: Optional[float] = None, vmax: Optional[float] = None,
+                   rows_label: str = "block"):
+    """Blocks (rows; ``rows_label``, e.g. ``"decoder layer"`` for an LLM) × heads (columns) with a
+    colour bar; each cell annotated when the grid is small."""
     rows, cols = values.shape
     fig, ax = plt.subplots(figsize=(min(1.2 + 0.45 * cols, 9), min(1.0 + 0.3 * rows, 9)))
     im = ax.imshow(values, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -46,7 +48,7 @@ def heatmap_figure(values: np.ndarray, layers: Sequence[int], *, title: str, lab
     ax.set_yticks(range(rows), [str(l) for l in layers])
     ax.tick_params(labelsize=7)
     ax.set_xlabel("head")
-    ax.set_ylabel("block")
+    ax.set_ylabel(rows_label)
     ax.set_title(title, fontsize=9)
     if rows * cols <= 16 * 16:
         top = np.nanmax(values) if np.isfinite(values).any() else 0.0

@@ -25,7 +25,8 @@ def head_share_section(result: LVLMScanView) -> list[str]:
     for key, what in (("bos", "on BOS"), ("image", "on the image tokens"), ("visual_sinks", "on visual sinks")):
         values = shares[key]
         parts.append(fig(heatmap_figure(values, layers, title=f"attention {what}, layer × head",
-                                        label="attention share", vmin=0.0, vmax=max(float(values.max()), 1e-6)),
+                                        label="attention share", vmin=0.0, vmax=max(float(values.max()), 1e-6),
+                                        rows_label="decoder layer"),
                          f"attention {what} per head"))
     parts.append("</div>")
     return parts
