@@ -223,6 +223,9 @@ def test_lvlm_words_show_their_attention_per_layer_in_chromium(tmp_path):
         np.testing.assert_allclose(shown(driver), att[1, 2].ravel(), rtol=1e-6)
         Select(driver.find_element(By.ID, "layer-select")).select_by_value("mean")
         np.testing.assert_allclose(shown(driver), att[1].mean(axis=0).ravel(), rtol=1e-5)
+        # one scale for every word and layer: from 0 to the largest share any of them has
+        drawn = driver.execute_script("return window.vsinkViewer.drawn")
+        assert drawn == [0.0, pytest.approx(float(np.nanmax(att)), rel=1e-6)]
         assert not severe(driver)
     finally:
         driver.quit()
@@ -286,6 +289,139 @@ def test_viewer_names_images_draws_them_at_their_aspect_and_marks_the_image_toke
         spans = driver.find_elements(By.CSS_SELECTOR, "#words span")
         assert spans[1].text == "[image]" and "image-span" in spans[1].get_attribute("class")
         assert "image-span" not in spans[0].get_attribute("class")
+        assert not severe(driver)
+    finally:
+        driver.quit()
+
+
+def test_computed_scales_span_every_shown_value_from_zero(maps_dir):
+    """An npz-only export records no scales: the viewer's is one per quantity over the patch values
+    of every image, block and head it shows (attention from 0; norms their own range)."""
+    payload = load_viewer_data(maps_dir)
+    grids = {"rows": [], "cls": [], "norm": []}
+    for stem in ("china", "flower"):
+        with np.load(maps_dir / f"{stem}.npz") as d:
+            for layer in (2, LAYER):
+                grids["rows"].append(d[f"full/layer{layer}"][..., 1:])  # one class token, then the patches
+                grids["cls"].append(d[f"cls/layer{layer}"])
+                grids["norm"].append(d[f"norm/layer{layer}"])
+    scales = payload["scales"]
+    assert set(scales) == {"rows", "cls", "norm"}
+    for quantity in ("rows", "cls"):
+        assert scales[quantity]["vmin"] == 0.0
+        assert scales[quantity]["vmax"] == pytest.approx(max(float(g.max()) for g in grids[quantity]), rel=1e-6)
+    assert scales["norm"]["vmin"] == pytest.approx(min(float(g.min()) for g in grids["norm"]), rel=1e-6)
+    assert scales["norm"]["vmax"] == pytest.approx(max(float(g.max()) for g in grids["norm"]), rel=1e-6)
+    assert scales["norm"]["vmin"] > 0  # norms are not pinned to 0
+
+
+@pytest.fixture(scope="module")
+def drawn_maps(tmp_path_factory):
+    """A png + npz export: maps.json records the scales its PNGs were drawn on."""
+    out = tmp_path_factory.mktemp("drawn")
+    export_maps(vsink.load("demo"), demo_images(), out, kinds=["cls", "norm"], layers=[2, LAYER], progress=False)
+    return out
+
+
+def test_panels_of_one_quantity_share_the_recorded_scale_in_chromium(drawn_maps):
+    """Two blocks and two images: each panel's own range differs, the colour scale does not; it is
+    the one maps.json records for the PNGs (attention from 0)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    recorded = json.loads((drawn_maps / "maps.json").read_text())["scales"]
+    assert recorded["cls"]["vmin"] == 0.0 and recorded["norm"]["vmin"] > 0
+    driver = chrome()
+    try:
+        driver.get(write_viewer(drawn_maps, precision="float32").as_uri())
+        time.sleep(0.5)
+        for quantity in ("cls", "norm"):
+            seen, panel_max = set(), []
+            for image, layer in (("0", "2"), ("0", str(LAYER)), ("1", str(LAYER))):
+                Select(driver.find_element(By.ID, "image-select")).select_by_value(image)
+                time.sleep(0.3)
+                Select(driver.find_element(By.ID, "layer-select")).select_by_value(layer)
+                box = driver.find_element(By.ID, "norm-toggle")
+                if box.is_selected() != (quantity == "norm"):
+                    box.click()
+                time.sleep(0.2)
+                scale = driver.execute_script("return window.vsinkViewer.scale")
+                drawn = tuple(driver.execute_script("return window.vsinkViewer.drawn"))  # the colours' range
+                legend = (float(driver.find_element(By.ID, "legend-min").text),
+                          float(driver.find_element(By.ID, "legend-max").text))
+                assert drawn == (scale["vmin"], scale["vmax"])
+                seen.add((scale["vmin"], scale["vmax"], legend))
+                panel_max.append(float(shown(driver)[1:].max()))
+            assert len(seen) == 1, quantity  # one scale for the three panels
+            (vmin, vmax, legend), = seen
+            assert (vmin, vmax) == (recorded[quantity]["vmin"], recorded[quantity]["vmax"])
+            assert legend == (pytest.approx(vmin, rel=1e-3), pytest.approx(vmax, rel=1e-3))
+            # per-panel min-max would have given three different ranges
+            assert len({round(m, 6) for m in panel_max}) == 3 and max(panel_max) <= vmax * (1 + 1e-6)
+        assert not severe(driver)
+    finally:
+        driver.quit()
+
+
+def test_recorded_scales_must_hold_the_arrays(drawn_maps, tmp_path):
+    import shutil
+
+    from vsink.readers import ReadError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(drawn_maps, copy)
+    meta = json.loads((copy / "maps.json").read_text())
+    meta["scales"]["cls"]["vmax"] /= 2
+    (copy / "maps.json").write_text(json.dumps(meta))
+    with pytest.raises(ReadError, match=r"scales.cls \[0, .*\] in maps.json disagrees with .*(china|flower)\.npz: array 'cls/layer\d'"):
+        load_viewer_data(copy)
+    meta["scales"]["cls"]["vmax"] = "high"
+    (copy / "maps.json").write_text(json.dumps(meta))
+    with pytest.raises(ReadError, match="scales.cls: field 'vmax' must be a finite number"):
+        load_viewer_data(copy)
+
+
+def test_pool_maps_are_shown_in_chromium(tmp_path):
+    """SigLIP2 has no class token and an attention-pooling head: its pool map (per head, of no
+    block) is a map of the viewer; registers hooked in by with_registers never reach the head."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from conftest import hf_model, sharpen
+
+    backbone = vsink.wrap(sharpen(hf_model("siglip2")))
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    export_maps(backbone, [image], tmp_path / "m", kinds=["pool", "norm"], heads="all", formats=["npz"],
+                progress=False)
+    with np.load(next((tmp_path / "m").glob("*.npz"))) as d:
+        pool = d["pool"]  # [heads, 4, 4]
+    payload = load_viewer_data(tmp_path / "m", precision="float32")
+    entry = payload["images"][0]["pool"]
+    assert entry["heads"] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(decoded(entry["values"]), pool.reshape(4, 16))
+    assert payload["scales"]["pool"]["vmin"] == 0 and payload["scales"]["pool"]["vmax"] == pytest.approx(pool.max())
+
+    student = backbone.with_registers(2, init_std=0.1)
+    export_maps(student, [image], tmp_path / "r", kinds=["pool"], formats=["npz"], progress=False)
+    with np.load(next((tmp_path / "r").glob("*.npz"))) as d:
+        mean = d["pool/mean"]
+    values = decoded(load_viewer_data(tmp_path / "r", precision="float32")["images"][0]["pool"]["values"])
+    assert values.shape == (1, 18) and np.isnan(values[0, :2]).all()  # the two hooked registers
+    np.testing.assert_array_equal(values[0, 2:], mean.ravel())
+
+    driver = chrome()
+    try:
+        driver.get(write_viewer(tmp_path / "m", precision="float32").as_uri())
+        time.sleep(0.5)
+        Select(driver.find_element(By.ID, "map-select")).select_by_value("pool")
+        Select(driver.find_element(By.ID, "head-select")).select_by_value("2")
+        time.sleep(0.2)
+        np.testing.assert_allclose(shown(driver), pool[2].ravel(), rtol=1e-6)
+        assert driver.find_element(By.ID, "what").text.startswith("pool (the pooling head")
+        Select(driver.find_element(By.ID, "head-select")).select_by_value("mean")
+        np.testing.assert_allclose(shown(driver), pool.mean(axis=0).ravel(), rtol=1e-5)
+        assert driver.execute_script("return window.vsinkViewer.scale")["vmax"] == pytest.approx(pool.max())
         assert not severe(driver)
     finally:
         driver.quit()

@@ -64,15 +64,14 @@
     canvas.height = Math.round(h * scale);
   }
 
-  // one heat grid [h*w] over the image, with the cell of `mark` outlined; attention (fromZero)
-  // is coloured from 0, so a nearly uniform map looks uniform
-  function drawGrid(ctx, picture, grid, values, lut, mark, alpha, fromZero) {
+  // one heat grid [h*w] over the image, with the cell of `mark` outlined, coloured on `scale`:
+  // the quantity's one scale over all blocks, heads and images (DATA.scales; attention from 0),
+  // so a flat map looks flat and maps of one quantity compare
+  function drawGrid(ctx, picture, grid, values, lut, mark, alpha, scale) {
     const [h, w] = grid, W = ctx.canvas.width, H = ctx.canvas.height;
     ctx.clearRect(0, 0, W, H);
     ctx.drawImage(picture, 0, 0, W, H);
-    let lo = Infinity, hi = -Infinity;
-    for (const v of values) if (!Number.isNaN(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
-    if (fromZero) lo = Math.min(0, lo);
+    const lo = scale.vmin, hi = scale.vmax;
     const span = hi > lo ? hi - lo : 1;
     ctx.globalAlpha = alpha;
     for (let r = 0; r < h; r++) for (let c = 0; c < w; c++) {
@@ -91,7 +90,8 @@
     return [lo, hi];
   }
 
-  function legend(lut, lo, hi, label) {
+  function legend(lut, [lo, hi], scale) {
+    const label = scale.label + " (one scale for every block, head and image)";
     const box = document.getElementById("legend");
     box.textContent = "";
     const bar = el("canvas", { width: "160", height: "12" });
@@ -147,16 +147,19 @@
 
     function image() { return DATA.images[state.image]; }
     function entry() { return image().layers[state.layer]; }
+    // the values of a map kind: per block, or the image's pooling map (of no block)
+    function block(kind) { return kind === "pool" ? image().pool : entry()[kind]; }
     function mapOptions() {
       const e = entry(), out = [];
       if (e.rows) out.push(["rows", "attention row of the selected token"]);
       if (e.cls) out.push(["cls", "class-token attention"]);
       if (e.received) out.push(["received", "attention received"]);
+      if (image().pool) out.push(["pool", "attention-pooling head's probe (after the last block)"]);
       return out;
     }
     function headIds(kind) {
-      const e = entry();
-      return e[kind] ? e[kind].heads : [];
+      const b = block(kind);
+      return b ? b.heads : [];
     }
     function fill(sel, options, keep) {
       sel.textContent = "";
@@ -189,7 +192,7 @@
       const im = image(), e = entry(), n = im.tokens;
       if (state.norm) return e.norm ? decode(e.norm).data : null;
       if (!state.map) return null;
-      const block = e[state.map], arr = decode(block.values), heads = block.heads;
+      const chosen = block(state.map), arr = decode(chosen.values), heads = chosen.heads;
       const stride = state.map === "rows" ? n * n : n, offset = state.map === "rows" ? state.query * n : 0;
       const out = new Float32Array(n);
       if (state.head === "mean") {
@@ -212,9 +215,11 @@
       const lut = DATA.colormaps[state.norm ? "norm" : "attention"];
       const isPatchQuery = state.map === "rows" && !state.norm && state.query >= im.patch_start
         && state.query < im.patch_start + patches.length;
-      const [lo, hi] = drawGrid(ctx, picture, im.grid, patches, lut,
-                                isPatchQuery ? state.query - im.patch_start : null, 0.6, !state.norm);
-      legend(lut, lo, hi, state.norm ? "token norm" : "attention");
+      const scale = DATA.scales[state.norm ? "norm" : state.map];
+      api.scale = scale;
+      api.drawn = drawGrid(ctx, picture, im.grid, patches, lut, isPatchQuery ? state.query - im.patch_start : null, 0.6,
+                           scale);
+      legend(lut, api.drawn, scale);
       const prefix = document.getElementById("prefix");
       prefix.textContent = "";
       for (const p of im.prefix) {
@@ -229,14 +234,15 @@
         ? "patch row " + Math.floor((q - im.patch_start) / grid[1]) + ", col " + ((q - im.patch_start) % grid[1])
         : (im.prefix.find((p) => p.token === q) || { label: "token" }).label;
       let prefixSum = 0;
-      for (const p of im.prefix) prefixSum += all[p.token];
+      for (const p of im.prefix) if (!Number.isNaN(all[p.token])) prefixSum += all[p.token];
       const what = state.norm ? "norms, block " + state.layer
+        : state.map === "pool" ? "pool (the pooling head, after the last block), head " + state.head
         : (state.map === "rows" ? "row of token " + q + " (" + where + ")" : state.map) + ", block " + state.layer + ", head " + state.head;
       const readout = document.getElementById("readout");
       readout.textContent = "";
       readout.append(el("p", { id: "what" }, what),
                      el("p", { id: "sums" }, state.norm ? "" : "on class tokens + registers " + fmt(prefixSum)));
-      const order = Array.from(all.keys()).sort((a, b) => all[b] - all[a]).slice(0, 5);
+      const order = Array.from(all.keys()).filter((t) => !Number.isNaN(all[t])).sort((a, b) => all[b] - all[a]).slice(0, 5);
       const top = document.getElementById("top");
       top.textContent = "";
       top.appendChild(el("tr")).append(el("th", {}, "token"), el("th", {}, "kind / position"), el("th", {}, "value"));
@@ -321,8 +327,9 @@
         for (let p = 0; p < P; p++) out[p] = arr.data[base + l * P + p];
       }
       api.shown = out;
-      const [lo, hi] = drawGrid(canvas.getContext("2d"), picture, r.grid, out, DATA.colormaps.attention, null, 0.6, true);
-      legend(DATA.colormaps.attention, lo, hi, "attention of the word on the image");
+      api.scale = DATA.scales.attention;
+      api.drawn = drawGrid(canvas.getContext("2d"), picture, r.grid, out, DATA.colormaps.attention, null, 0.6, api.scale);
+      legend(DATA.colormaps.attention, api.drawn, api.scale);
       let sum = 0;
       for (const v of out) if (!Number.isNaN(v)) sum += v;
       document.getElementById("readout").textContent = "word " + state.step + " " + JSON.stringify(r.words[state.step])

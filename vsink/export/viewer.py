@@ -4,11 +4,15 @@ It reads what the other commands wrote (:func:`load_viewer_data` says which arra
 
 * ``vsink maps`` output (``maps.json`` + ``<stem>.npz``): per block ``full/layer<L>`` attention
   rows (``--kind full``; clicking a patch shows its row), ``cls`` / ``received`` maps and ``norm``
-  maps, and the input ``image``;
+  maps, the attention-pooling head's ``pool`` map (of no block), and the input ``image``;
 * ``vsink scan`` output (``scan.json`` + ``trace.npz``): per block the class-token row and the
   attention received, per head, the token norms, and the report ``thumbnails`` (no full rows);
 * ``vsink generate --export-attention`` output (``row<b>.npz``): per generated word its
   attention on the image, per decoder layer.
+
+Every quantity is drawn on one colour scale shared by all its blocks, heads and images
+(:func:`viewer_scales`; attention from 0): the ``scales`` maps.json records when the export drew
+PNGs (so the viewer and the PNGs agree), else one computed over the patch values shown.
 
 Everything is embedded: the images as PNG data URIs, arrays as base64 float16 (default, half the
 size: ~3 significant digits, in steps of 2⁻²⁴ ≈ 6e-8 below 6e-5) or float32, the script and the
@@ -38,7 +42,10 @@ from ..layout import TokenLayout
 from ..options import AnyOf, Choice, Int, ListOf, Mapping_, Text
 from ..readback import layout_of, member, open_npz
 from ..readers import ReadError, checked_field, parse_json, read_json, records
+from ..options import Float
 from .html import esc
+from .maps import UNITS
+from .scales import Scale, shared_scale
 
 PRECISIONS = ("float16", "float32")
 TEXT, TEXTS, MAPPING = Text(), ListOf(Text()), Mapping_()
@@ -46,6 +53,10 @@ INDICES = ListOf(Int(min=0))
 HEADS = AnyOf((Choice(("mean", "all")), ListOf(Int(min=0))))
 #: a warning is printed above this many bytes
 LARGE_BYTES = 64 * 2**20
+NUMBER = Float()
+#: colour bar label of each quantity the viewer draws (the maps kinds' own, and these)
+LABELS = {**UNITS, "rows": "attention of the selected token (share)",
+          "attention": "attention of the word on the image (share)"}
 
 
 def encode(array: np.ndarray, precision: str = "float16") -> dict[str, Any]:
@@ -123,6 +134,7 @@ def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]]
     meta = read_json(member(directory, "maps.json", str(directory)), "maps.json")
     kinds, exported, heads = _maps_settings(meta, where)
     images = []
+    shown: dict[str, list[tuple[np.ndarray, str]]] = {}
     for at, entry in list(records(meta, "images", where))[:max_images]:
         layout = layout_of(entry.get("layout"), f"{at}: field 'layout'")
         name = checked_field(entry, "image", TEXT, at)
@@ -137,9 +149,10 @@ def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]]
             for layer in chosen:
                 item: dict[str, Any] = {}
                 if "norm" in kinds or f"norm/layer{layer}" in data:  # listed in maps.json: must be there
-                    item["norm"] = encode(_tokens(layout, data.array(f"norm/layer{layer}", grid, what=because),
-                                                  data.array(f"norm/layer{layer}/prefix", (n_prefix,), what=because)),
-                                          precision)
+                    norm = _tokens(layout, data.array(f"norm/layer{layer}", grid, what=because),
+                                   data.array(f"norm/layer{layer}/prefix", (n_prefix,), what=because))
+                    shown.setdefault("norm", []).append((norm[layout.patch_slice], f"{path}: array 'norm/layer{layer}'"))
+                    item["norm"] = encode(norm, precision)
                 for kind in ("cls", "received"):
                     key = f"{kind}/layer{layer}"
                     if kind not in kinds and f"{key}/prefix" not in data:
@@ -155,6 +168,7 @@ def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                     else:
                         mean = data.array(f"{key}/mean", grid, what=because)
                         ids, values = ["mean"], _tokens(layout, mean[None], prefix.mean(axis=0)[None])
+                    shown.setdefault(kind, []).append((values[..., layout.patch_slice], f"{path}: array '{key}'"))
                     item[kind] = {"heads": ids, "values": encode(values, precision)}
                 if "full" in kinds or f"full/layer{layer}" in data:
                     n = layout.num_tokens
@@ -163,16 +177,82 @@ def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                     if len(ids) != full.shape[0]:
                         raise ReadError(f"{where}: settings heads {ids} disagree with {path}: 'full/layer{layer}' has "
                                         f"{full.shape[0]} heads")
+                    shown.setdefault("rows", []).append((full[..., layout.patch_slice], f"{path}: array 'full/layer{layer}'"))
                     item["rows"] = {"heads": ids, "values": encode(full, precision)}
                 per_layer[str(layer)] = item
+            pool = _pool(data, layout, heads, where, path, shown) if "pool" in kinds or "pool/prefix" in data else None
             picture = image_uri(data.array("image", kind="image")) if "image" in data else _placeholder(layout.grid)
         images.append({"name": name, "image": picture, "grid": list(layout.grid),
                        "tokens": layout.num_tokens, "patch_start": layout.num_prefix, "prefix": _prefix(layout),
-                       "layers": per_layer})
+                       "layers": per_layer, **({"pool": {**pool, "values": encode(pool["values"], precision)}}
+                                               if pool else {})})
     if not images:
         raise VsinkError(f"{directory / 'maps.json'} lists no image")
     return {"kind": "vision", "source": "maps", "model": _text_or_none(meta, "model", where),
-            "synthetic": bool(meta.get("synthetic")), "kinds": kinds, "images": images}
+            "synthetic": bool(meta.get("synthetic")), "kinds": kinds, "images": images,
+            "scales": viewer_scales(shown, _recorded_scales(meta, where))}
+
+
+def _pool(data, layout: TokenLayout, heads: Union[str, list[int]], where: str, path: Path,
+          shown: dict[str, list]) -> dict[str, Any]:
+    """The pooling probe's attention over the image's tokens: ``{"heads", "values" [heads, N]}``;
+    registers hooked in by ``with_registers`` leave before the head (NaN: it never sees them)."""
+    grid, prefix_all = tuple(layout.grid), layout.non_patch_indices()
+    prefix = data.array("pool/prefix", (None, None), what=f"the layout in {where}")
+    dropped = len(prefix_all) - prefix.shape[1]
+    if not 0 <= dropped <= layout.num_registers or (dropped and layout.num_registers != dropped):
+        raise ReadError(f"{path}: array 'pool/prefix' has {prefix.shape[1]} class tokens and registers; the layout "
+                        f"in {where} has {len(prefix_all)}, of which only hooked registers may be missing")
+    seen = prefix_all[:layout.num_cls + layout.num_registers - dropped] + prefix_all[layout.num_prefix:]
+    if "pool" in data:
+        ids = list(range(prefix.shape[0])) if heads in ("all", "mean") else list(heads)
+        if max(ids, default=0) >= prefix.shape[0]:
+            raise ReadError(f"{where}: settings heads {ids} disagree with {path}: 'pool/prefix' has "
+                            f"{prefix.shape[0]} heads")
+        patches, on_prefix = data.array("pool", (len(ids), *grid), what=f"heads and layout in {where}"), prefix[ids]
+    else:
+        ids = ["mean"]
+        patches = data.array("pool/mean", grid, what=f"the layout in {where}")[None]
+        on_prefix = prefix.mean(axis=0)[None]
+    values = np.full((len(ids), layout.num_tokens), np.nan, dtype=np.float32)
+    values[:, layout.patch_slice] = patches.reshape(len(ids), -1)
+    values[:, seen] = on_prefix
+    shown.setdefault("pool", []).append((patches, f"{path}: array 'pool'"))
+    return {"heads": ids, "values": values}
+
+
+def _recorded_scales(meta: dict[str, Any], where: str) -> dict[str, Scale]:
+    """The ``scales`` maps.json records (those of the PNGs), each checked."""
+    out = {}
+    for kind, entry in checked_field(meta, "scales", MAPPING, where, default={}).items():
+        at = f"{where}: scales.{kind}"
+        entry = checked_field({"scale": entry}, "scale", MAPPING, at)
+        vmin, vmax = checked_field(entry, "vmin", NUMBER, at), checked_field(entry, "vmax", NUMBER, at)
+        if not vmin < vmax:
+            raise ReadError(f"{at}: vmin {vmin} must be below vmax {vmax}")
+        out[kind] = Scale(vmin, vmax, checked_field(entry, "label", TEXT, at, default=LABELS.get(kind, kind)))
+    return out
+
+
+def viewer_scales(shown: dict[str, list[tuple[np.ndarray, str]]],
+                  recorded: Optional[dict[str, Scale]] = None) -> dict[str, dict[str, Any]]:
+    """One colour scale per quantity (``{vmin, vmax, label}``) over every value ``shown`` of it
+    (``(array, where it came from)`` pairs; attention quantities from 0): the ``recorded`` one
+    where there is one, which must hold every shown value (else the record and the arrays disagree)."""
+    out = {}
+    for quantity, items in shown.items():
+        scale = (recorded or {}).get(quantity)
+        if scale is None:
+            scale = shared_scale([a for a, _ in items], zero=quantity != "norm", label=LABELS[quantity])
+        else:
+            slack = 1e-5 * max(abs(scale.vmin), abs(scale.vmax))
+            for values, at in items:
+                finite = values[np.isfinite(values)]
+                if finite.size and (finite.min() < scale.vmin - slack or finite.max() > scale.vmax + slack):
+                    raise ReadError(f"scales.{quantity} [{scale.vmin:.6g}, {scale.vmax:.6g}] in maps.json disagrees "
+                                    f"with {at}: its values span [{finite.min():.6g}, {finite.max():.6g}]")
+        out[quantity] = {"vmin": scale.vmin, "vmax": scale.vmax, "label": scale.label}
+    return out
 
 
 def _text_or_none(meta: dict[str, Any], key: str, where: str) -> Optional[str]:
@@ -203,15 +283,18 @@ def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                         f"the thumbnails' {list(thumbs.shape[1:3])}, got {sizes.tolist()}")
     chosen = _pick_layers(trace.layers, layers)
     images = []
+    shown: dict[str, list[tuple[np.ndarray, str]]] = {}
     for i, name in enumerate(names[:max_images]):
         per_layer: dict[str, Any] = {}
         for layer in chosen:
             pos = trace.layers.index(layer)
             item: dict[str, Any] = {}
             if trace.norms is not None:
+                shown.setdefault("norm", []).append((trace.norms[pos, i][layout.patch_slice], "norms"))
                 item["norm"] = encode(trace.norms[pos, i], precision)
             for kind, arr in (("cls", trace.attn_cls), ("received", trace.attn_received)):
                 if arr is not None:
+                    shown.setdefault(kind, []).append((arr[pos, i][..., layout.patch_slice], kind))
                     item[kind] = {"heads": list(range(arr.shape[2])), "values": encode(arr[pos, i], precision)}
             per_layer[str(layer)] = item
         if thumbs is not None and i < len(thumbs):
@@ -224,11 +307,12 @@ def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]]
     return {"kind": "vision", "source": "scan", "model": _text_or_none(meta, "model", where),
             "synthetic": bool(meta.get("synthetic")),
             "kinds": [k for k, a in (("cls", trace.attn_cls), ("received", trace.attn_received), ("norm", trace.norms))
-                      if a is not None], "images": images}
+                      if a is not None], "images": images, "scales": viewer_scales(shown)}
 
 
 def _from_lvlm(directory: Path, max_images: int, layers: Optional[Sequence[int]], precision: str) -> dict[str, Any]:
     rows = []
+    shown: dict[str, list[tuple[np.ndarray, str]]] = {}
     files = sorted(directory.glob("row*.npz"), key=lambda p: int(p.stem[3:]) if p.stem[3:].isdigit() else 0)
     for path in files[:max_images]:
         path = member(directory, path.name, str(directory))
@@ -249,13 +333,15 @@ def _from_lvlm(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                 raise ReadError(f"{path}: {len(words)} words but array 'attention' has {att.shape[0]} steps")
             name = str(data.array("name", kind="text")) if "name" in data else path.stem
             image_token = str(data.array("image_token", kind="text")) if "image_token" in data else "<image>"
+            shown.setdefault("attention", []).append((att[:, chosen], str(path)))
             rows.append({"name": name, "image_token": image_token,
                          "image": image_uri(data.array("image", kind="image")) if "image" in data
                          else _placeholder(grid), "grid": grid, "words": words, "layers": chosen,
                          "attention": encode(att[:, chosen].reshape(att.shape[0], len(chosen), -1), precision),
                          "mitigation": str(data.array("mitigation", kind="text")),
                          "protocol": str(data.array("protocol", kind="text"))})
-    return {"kind": "lvlm", "source": "generate", "model": None, "synthetic": False, "rows": rows}
+    return {"kind": "lvlm", "source": "generate", "model": None, "synthetic": False, "rows": rows,
+            "scales": viewer_scales(shown)}
 
 
 def load_viewer_data(directory: Union[str, os.PathLike], *, max_images: int = 8,
