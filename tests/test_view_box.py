@@ -13,7 +13,7 @@ from PIL import Image
 
 import vsink
 from vsink.backbones.hf_lvlm import LVLM
-from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_qwen2_vl
+from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
 from vsink.lvlm import generate
 from vsink.lvlm.export import export_attention
 from vsink.lvlm.scan import scan_lvlm
@@ -103,6 +103,40 @@ def test_pad_to_square_view_box_reaches_outside_the_image():
     fill = tuple(int(m * 255) for m in processor.image_mean)
     assert close_to(box.crop(photo, fill), seen) < 8
     assert has_colour(seen, RED) and has_colour(seen, BLUE)  # padded, nothing cropped away
+
+
+def test_llava_next_view_box_is_the_whole_photo_its_processor_tiles(tmp_path):
+    """LLaVA-NeXT's processor keeps every pixel: a base image (the whole photo resized to the
+    32 × 32 crop size) and any-resolution tiles of the photo at its aspect, padded. By hand for the
+    300 × 200 photo and the tiny model's pinpoints (h × w) 32 × 32, 32 × 64, 64 × 32: the best fit
+    is 32 × 64 (the photo scaled by min(64/300, 32/200) = 0.16 covers 48 × 32 = 1536 pixels there,
+    683 in the others); the photo is resized to 48 × 32, centred on the 64 × 32 canvas with
+    (64 − 48) / 2 = 8 columns of padding each side, and cut into two 32 × 32 tiles. So the recorded
+    box is the whole photo, not LLaVA's centre crop."""
+    model, processor = build_tiny_llava_next()
+    lvlm = LVLM(model, processor)
+    photo = margin_photo()
+    box = lvlm.view_box(photo.size)
+    assert box == ViewBox.full((300, 200))
+    inputs = lvlm.prepare([photo], ["describe"])
+    patches = inputs["pixel_values"][0]
+    assert patches.shape == (3, 3, 32, 32)  # the base image, then the left and right tiles
+    base = denormalised(patches[0], processor.image_processor)
+    canvas = np.concatenate([denormalised(t, processor.image_processor) for t in patches[1:]], axis=1)
+    content, padding = canvas[:, 8:56], np.concatenate([canvas[:, :8], canvas[:, 56:]], axis=1)
+    for seen in (base, content):
+        assert close_to(box.crop(photo), seen) < 8  # the whole photo is what the model got
+        assert close_to(ViewBox(50, 0, 250, 200).crop(photo), seen) > 30  # LLaVA's centre crop is not
+        assert has_colour(seen, RED) and has_colour(seen, BLUE)
+    assert np.abs(padding).max() < 1  # the padding (black) holds no photo pixel: the box is no wider
+
+    result = generate(lvlm, inputs, max_new_tokens=2, capture_attention=True)
+    export_attention(lvlm, result, inputs, tmp_path, images=[photo], png=False)
+    with np.load(tmp_path / "row0.npz") as data:
+        stored = data["image"]
+        np.testing.assert_allclose(data["view_box"], [0, 0, 300, 200])
+    assert stored.shape[1] / stored.shape[0] == pytest.approx(1.5, abs=0.01)
+    assert has_colour(stored, RED) and has_colour(stored, BLUE) and has_colour(stored, GREEN)
 
 
 def qwen_image(pixel_values: torch.Tensor, grid_thw, processor) -> np.ndarray:
