@@ -158,6 +158,83 @@ def test_chair_prompt_and_max_new_tokens_are_refused_and_new_run_goes_elsewhere(
     assert code == 2 and "have no record of what made them" in err
 
 
+def _with(argv, flag, value):
+    """``argv`` with ``flag``'s value (or, for ``IMAGE_DIR``, the image folder) replaced."""
+    argv = list(argv)
+    argv[2 if flag == "IMAGE_DIR" else argv.index(flag) + 1] = str(value)
+    return argv
+
+
+def test_pope_records_input_bytes_folder_limit_batch_size_and_parser(tiny, tmp_path, capsys):
+    """The images' bytes, the images folder, --limit, --batch-size, --parser and the questions'
+    source file each determine a POPE run: each, changed alone, is refused and named."""
+    from vsink.cli import main
+    from vsink.manifest import content_hash, file_sha256
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny / "images", images)
+    out = tmp_path / "pope"
+    argv = _with(_pope(tiny, out, "--limit", "4"), "IMAGE_DIR", images)
+    assert main(argv) == 0
+    record = json.loads((out / "none" / "vsink-run.json").read_text())["determining"]
+    asked = {r["image"] for r in _lines(out / "none" / "answers.jsonl")}  # the one image of the 4 questions
+    assert record["image_bytes"] == content_hash({name: file_sha256(images / name) for name in asked})
+    assert record["images_dir"] == str(images.resolve()) and record["limit"] == 4 and record["batch_size"] == 6
+    assert record["parser"] == "official" and record["annotations_file"] == file_sha256(tiny / "instances.json")
+    answers = _lines(out / "none" / "answers.jsonl")
+    capsys.readouterr()
+    assert main(argv) == 0  # the same run resumes
+    capsys.readouterr()
+    assert "limit: 4 → 5" in _refused(capsys, main(_with(argv, "--limit", 5)), "limit")
+    assert "batch_size: 6 → 2" in _refused(capsys, main(_with(argv, "--batch-size", 2)), "batch_size")
+    assert 'parser: "official" → "strict"' in _refused(capsys, main(argv + ["--parser", "strict"]), "parser")
+    moved = tmp_path / "moved"
+    shutil.copytree(images, moved)  # the same bytes in another folder
+    line = _refused(capsys, main(_with(argv, "IMAGE_DIR", moved)), "images_dir")
+    assert "image_bytes" not in line
+    (name,) = asked
+    Image.open(images / name).transpose(Image.FLIP_LEFT_RIGHT).save(images / name)  # same name, other pixels
+    line = _refused(capsys, main(argv), "image_bytes")
+    assert "images_dir" not in line
+    shutil.copy(moved / name, images / name)
+    annotations = tmp_path / "instances.json"
+    annotations.write_text((tiny / "instances.json").read_text() + "\n")  # same questions, other file
+    line = _refused(capsys, main(_with(argv, "--annotations", annotations)), "annotations_file")
+    assert "questions: " not in line
+    assert _lines(out / "none" / "answers.jsonl") == answers  # the refused runs changed nothing
+    # questions given as a file: its bytes are recorded
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text((out / "questions.jsonl").read_text())
+    from_file = _with(_with(argv, "--out", tmp_path / "from-file"), "--annotations", tiny / "instances.json")
+    from_file[from_file.index("--annotations"):from_file.index("--annotations") + 2] = ["--questions", str(questions)]
+    assert main(from_file) == 0
+    capsys.readouterr()
+    questions.write_text(questions.read_text() + "\n")
+    _refused(capsys, main(from_file), "questions_file")
+
+
+def test_chair_records_its_annotation_and_caption_files(tiny, tmp_path, capsys):
+    from vsink.cli import main
+    from vsink.manifest import file_sha256
+
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"annotations": [{"image_id": i, "caption": "a dog on a road"} for i in OBJECTS]}))
+    out = tmp_path / "chair"
+    argv = _chair(tiny, out, "--captions", str(captions))
+    assert main(argv) == 0
+    record = json.loads((out / "none" / "vsink-run.json").read_text())["determining"]
+    assert record["captions_file"] == file_sha256(captions)
+    assert record["annotations_file"] == file_sha256(tiny / "instances.json")
+    assert record["limit"] is None and record["batch_size"] == 4
+    capsys.readouterr()
+    captions.write_text(json.dumps({"annotations": [{"image_id": i, "caption": "a cat"} for i in OBJECTS]}))
+    line = _refused(capsys, main(argv), "captions_file")
+    assert "annotations_file" not in line
+    annotations = tmp_path / "instances.json"
+    annotations.write_text((tiny / "instances.json").read_text() + "\n")
+    _refused(capsys, main(_with(_chair(tiny, out), "--annotations", annotations)), "annotations_file", "captions_file")
+
+
 def test_runner_refuses_another_mitigation_in_the_same_file(tiny, tmp_path):
     from vsink.evaluate.hallucination import run_items
     from vsink.lvlm import load_lvlm

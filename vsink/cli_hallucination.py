@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from .errors import VsinkError
 from .io import write_jsonl
-from .manifest import content_hash
+from .manifest import content_hash, file_sha256
 from .wording import count
 
 
@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {count(len(questions), 'question')} to {out / 'questions.jsonl'}")
                 return 0
         items = questions[: args.limit] if args.limit else questions
-        inputs = {"splits": sorted({q["split"] for q in questions}), "questions": content_hash(questions)}
+        source = {"questions_file": file_sha256(args.questions)} if args.questions else \
+            {"annotations_file": file_sha256(args.annotations)}
+        inputs = {"splits": sorted({q["split"] for q in questions}), "questions": content_hash(questions), **source,
+                  "parser": args.parser}
         return _run_model(args, out, "pope", items, "question_id", "answer",
                           lambda it: args.prompt.format(question=it["text"]),
                           lambda rows: pope_mod.score_answers(rows, args.parser),
@@ -97,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
     items = images[: args.limit] if args.limit else images
     protocol = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "greedy": True,
                 "images": [it["image"] for it in items], **scoring}
+    inputs = {"images": content_hash(images), "annotations_file": file_sha256(args.annotations),
+              "captions_file": file_sha256(args.captions) if args.captions else None, "vocabulary": vocab.name,
+              "synonyms": vocab.source}
     return _run_model(args, out, "chair", items, "image_id", "caption", lambda it: args.prompt,
-                      lambda rows: chair_mod.score_captions(rows, truth, vocabulary=vocab), protocol,
-                      {"images": content_hash(images)})
+                      lambda rows: chair_mod.score_captions(rows, truth, vocabulary=vocab), protocol, inputs)
 
 
 def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str, Any]]:
@@ -115,10 +120,12 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
                written: Optional[dict[str, list]] = None) -> int:
     """Run every mitigation over ``items`` into ``out`` (or, with --new-run, a fresh folder when
     ``out`` holds a run made otherwise), holding the folder's lock, then score. ``inputs``: what
-    identifies the whole question or image list (before --limit), for the run record."""
+    identifies the whole question or image list (before --limit) and the files and settings that
+    make or score the answers, for the run record; the bytes of the images ``items`` use, the
+    images folder, --limit and --batch-size are added here."""
     from .cli_common import load_lvlm_for
     from .evaluate import hallucination as hal
-    from .manifest import StaleRun, check_resume, fresh_folder, weights_fingerprint
+    from .manifest import StaleRun, check_resume, files_fingerprint, fresh_folder, weights_fingerprint
     from .mitigate import make_mitigations
     from .outputs import RunLock
     from .version import __version__
@@ -133,7 +140,9 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
                 "resolved_settings": {name: _resolved(mits) for name, mits in resolved.items()}}
     common = {"kind": kind, "model": args.model, "weights": weights_fingerprint(lvlm.model),
               "protocol": args.protocol, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-              "decoding": "greedy", **inputs, "vsink_version": __version__}
+              "decoding": "greedy", **inputs, "images_dir": str(Path(args.images).resolve()),
+              "image_bytes": files_fingerprint(args.images, [it["image"] for it in items]), "limit": args.limit,
+              "batch_size": args.batch_size, "vsink_version": __version__}
     determining = {name: {**common, "mitigation": name, "settings": settings[name],
                           "resolved_settings": protocol["resolved_settings"][name]} for name in names}
     files = {name: out / name / ("answers.jsonl" if kind == "pope" else "generated.jsonl") for name in names}

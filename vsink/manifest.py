@@ -7,7 +7,8 @@ resumable runners' folders)::
 
 A resumed run compares its own ``determining`` fields with the folder's (:func:`check_resume`)
 and is refused with one line naming each field that differs (``field: old → new``); nothing is
-reused across a difference. The weights are identified by :func:`weights_fingerprint`.
+reused across a difference. The weights are identified by :func:`weights_fingerprint`, input
+files by their bytes (:func:`file_sha256`, :func:`files_fingerprint`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,32 @@ def content_hash(obj: Any) -> str:
     or images."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: PathLike) -> str:
+    """``sha256:`` + hex of a file's bytes (read in blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def files_fingerprint(directory: PathLike, names: Any) -> str:
+    """One identity of the files ``names`` in ``directory``: :func:`content_hash` of each distinct
+    name with the SHA-256 of its bytes (None for a file that is missing, unreadable or outside the
+    folder: a run skips it, and it counts as changed once it appears)."""
+    from .readback import member
+    from .readers import ReadError
+
+    entries: dict[str, Optional[str]] = {}
+    for name in sorted({str(n) for n in names}):
+        try:
+            path = member(directory, name, str(directory))
+            entries[name] = file_sha256(path) if path.is_file() else None
+        except (ReadError, OSError):
+            entries[name] = None
+    return content_hash(entries)
 
 
 def weights_fingerprint(module: Any) -> str:
@@ -133,5 +160,5 @@ def fresh_folder(out: PathLike) -> Path:
         n += 1
 
 
-__all__ = ["StaleRun", "check_resume", "content_hash", "differences", "fresh_folder", "recorded",
-           "weights_fingerprint", "write_record"]
+__all__ = ["StaleRun", "check_resume", "content_hash", "differences", "file_sha256", "files_fingerprint",
+           "fresh_folder", "recorded", "weights_fingerprint", "write_record"]
