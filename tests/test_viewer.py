@@ -373,7 +373,8 @@ def test_recorded_scales_must_hold_the_arrays(drawn_maps, tmp_path):
     meta = json.loads((copy / "maps.json").read_text())
     meta["scales"]["cls"]["vmax"] /= 2
     (copy / "maps.json").write_text(json.dumps(meta))
-    with pytest.raises(ReadError, match=r"scales.cls \[0, .*\] in maps.json disagrees with .*(china|flower)\.npz: array 'cls/layer\d'"):
+    disagree = r"scales.cls \[0, .*\] in maps.json disagrees with .*(china|flower)\.npz: array 'cls/layer\d'"
+    with pytest.raises(ReadError, match=disagree):
         load_viewer_data(copy)
     meta["scales"]["cls"]["vmax"] = "high"
     (copy / "maps.json").write_text(json.dumps(meta))

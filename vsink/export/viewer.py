@@ -39,10 +39,9 @@ from ..errors import VsinkError
 from ..outputs import check_complete
 from ..io import write_text
 from ..layout import TokenLayout
-from ..options import AnyOf, Choice, Int, ListOf, Mapping_, Text
+from ..options import AnyOf, Choice, Float, Int, ListOf, Mapping_, Text
 from ..readback import layout_of, member, open_npz
 from ..readers import ReadError, checked_field, parse_json, read_json, records
-from ..options import Float
 from .html import esc
 from .maps import UNITS
 from .scales import Scale, shared_scale
@@ -151,7 +150,8 @@ def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                 if "norm" in kinds or f"norm/layer{layer}" in data:  # listed in maps.json: must be there
                     norm = _tokens(layout, data.array(f"norm/layer{layer}", grid, what=because),
                                    data.array(f"norm/layer{layer}/prefix", (n_prefix,), what=because))
-                    shown.setdefault("norm", []).append((norm[layout.patch_slice], f"{path}: array 'norm/layer{layer}'"))
+                    shown.setdefault("norm", []).append((_span(norm[layout.patch_slice]),
+                                                         f"{path}: array 'norm/layer{layer}'"))
                     item["norm"] = encode(norm, precision)
                 for kind in ("cls", "received"):
                     key = f"{kind}/layer{layer}"
@@ -168,7 +168,8 @@ def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                     else:
                         mean = data.array(f"{key}/mean", grid, what=because)
                         ids, values = ["mean"], _tokens(layout, mean[None], prefix.mean(axis=0)[None])
-                    shown.setdefault(kind, []).append((values[..., layout.patch_slice], f"{path}: array '{key}'"))
+                    shown.setdefault(kind, []).append((_span(values[..., layout.patch_slice]),
+                                                       f"{path}: array '{key}'"))
                     item[kind] = {"heads": ids, "values": encode(values, precision)}
                 if "full" in kinds or f"full/layer{layer}" in data:
                     n = layout.num_tokens
@@ -177,7 +178,8 @@ def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                     if len(ids) != full.shape[0]:
                         raise ReadError(f"{where}: settings heads {ids} disagree with {path}: 'full/layer{layer}' has "
                                         f"{full.shape[0]} heads")
-                    shown.setdefault("rows", []).append((full[..., layout.patch_slice], f"{path}: array 'full/layer{layer}'"))
+                    shown.setdefault("rows", []).append((_span(full[..., layout.patch_slice]),
+                                                         f"{path}: array 'full/layer{layer}'"))
                     item["rows"] = {"heads": ids, "values": encode(full, precision)}
                 per_layer[str(layer)] = item
             pool = _pool(data, layout, heads, where, path, shown) if "pool" in kinds or "pool/prefix" in data else None
@@ -217,8 +219,14 @@ def _pool(data, layout: TokenLayout, heads: Union[str, list[int]], where: str, p
     values = np.full((len(ids), layout.num_tokens), np.nan, dtype=np.float32)
     values[:, layout.patch_slice] = patches.reshape(len(ids), -1)
     values[:, seen] = on_prefix
-    shown.setdefault("pool", []).append((patches, f"{path}: array 'pool'"))
+    shown.setdefault("pool", []).append((_span(patches), f"{path}: array 'pool'"))
     return {"heads": ids, "values": values}
+
+
+def _span(values: np.ndarray) -> np.ndarray:
+    """The smallest and largest finite value (empty if none): all a scale needs of an array."""
+    finite = np.asarray(values)[np.isfinite(values)]
+    return np.asarray([finite.min(), finite.max()], dtype=np.float64) if finite.size else finite
 
 
 def _recorded_scales(meta: dict[str, Any], where: str) -> dict[str, Scale]:
@@ -237,7 +245,7 @@ def _recorded_scales(meta: dict[str, Any], where: str) -> dict[str, Scale]:
 def viewer_scales(shown: dict[str, list[tuple[np.ndarray, str]]],
                   recorded: Optional[dict[str, Scale]] = None) -> dict[str, dict[str, Any]]:
     """One colour scale per quantity (``{vmin, vmax, label}``) over every value ``shown`` of it
-    (``(array, where it came from)`` pairs; attention quantities from 0): the ``recorded`` one
+    (``(values or their span, where they came from)`` pairs; attention quantities from 0): the ``recorded`` one
     where there is one, which must hold every shown value (else the record and the arrays disagree)."""
     out = {}
     for quantity, items in shown.items():
@@ -290,11 +298,11 @@ def _from_scan(directory: Path, max_images: int, layers: Optional[Sequence[int]]
             pos = trace.layers.index(layer)
             item: dict[str, Any] = {}
             if trace.norms is not None:
-                shown.setdefault("norm", []).append((trace.norms[pos, i][layout.patch_slice], "norms"))
+                shown.setdefault("norm", []).append((_span(trace.norms[pos, i][layout.patch_slice]), "norms"))
                 item["norm"] = encode(trace.norms[pos, i], precision)
             for kind, arr in (("cls", trace.attn_cls), ("received", trace.attn_received)):
                 if arr is not None:
-                    shown.setdefault(kind, []).append((arr[pos, i][..., layout.patch_slice], kind))
+                    shown.setdefault(kind, []).append((_span(arr[pos, i][..., layout.patch_slice]), kind))
                     item[kind] = {"heads": list(range(arr.shape[2])), "values": encode(arr[pos, i], precision)}
             per_layer[str(layer)] = item
         if thumbs is not None and i < len(thumbs):
@@ -333,7 +341,7 @@ def _from_lvlm(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                 raise ReadError(f"{path}: {len(words)} words but array 'attention' has {att.shape[0]} steps")
             name = str(data.array("name", kind="text")) if "name" in data else path.stem
             image_token = str(data.array("image_token", kind="text")) if "image_token" in data else "<image>"
-            shown.setdefault("attention", []).append((att[:, chosen], str(path)))
+            shown.setdefault("attention", []).append((_span(att[:, chosen]), str(path)))
             rows.append({"name": name, "image_token": image_token,
                          "image": image_uri(data.array("image", kind="image")) if "image" in data
                          else _placeholder(grid), "grid": grid, "words": words, "layers": chosen,
