@@ -393,10 +393,10 @@ def test_pool_maps_are_shown_in_chromium(tmp_path):
 
     backbone = vsink.wrap(sharpen(hf_model("siglip2")))
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    export_maps(backbone, [image], tmp_path / "m", kinds=["pool", "norm"], heads="all", formats=["npz"],
+    export_maps(backbone, [image], tmp_path / "m", kinds=["pool", "norm", "rollout"], heads="all", formats=["npz"],
                 progress=False)
     with np.load(next((tmp_path / "m").glob("*.npz"))) as d:
-        pool = d["pool"]  # [heads, 4, 4]
+        pool, rollout = d["pool"], d["rollout"]  # [heads, 4, 4], [4, 4]
     payload = load_viewer_data(tmp_path / "m", precision="float32")
     entry = payload["images"][0]["pool"]
     assert entry["heads"] == [0, 1, 2, 3]
@@ -423,6 +423,11 @@ def test_pool_maps_are_shown_in_chromium(tmp_path):
         Select(driver.find_element(By.ID, "head-select")).select_by_value("mean")
         np.testing.assert_allclose(shown(driver), pool.mean(axis=0).ravel(), rtol=1e-5)
         assert driver.execute_script("return window.vsinkViewer.scale")["vmax"] == pytest.approx(pool.max())
+        # the rollout (of no block either) is a map too, on its own scale
+        Select(driver.find_element(By.ID, "map-select")).select_by_value("rollout")
+        time.sleep(0.2)
+        np.testing.assert_allclose(shown(driver), rollout.ravel(), rtol=1e-6)
+        assert driver.execute_script("return window.vsinkViewer.drawn") == [0, pytest.approx(rollout.max())]
         assert not severe(driver)
     finally:
         driver.quit()

@@ -147,13 +147,14 @@
 
     function image() { return DATA.images[state.image]; }
     function entry() { return image().layers[state.layer]; }
-    // the values of a map kind: per block, or the image's pooling map (of no block)
-    function block(kind) { return kind === "pool" ? image().pool : entry()[kind]; }
+    // the values of a map kind: per block, or the image's rollout and pooling maps (of no block)
+    function block(kind) { return kind === "pool" || kind === "rollout" ? image()[kind] : entry()[kind]; }
     function mapOptions() {
       const e = entry(), out = [];
       if (e.rows) out.push(["rows", "attention row of the selected token"]);
       if (e.cls) out.push(["cls", "class-token attention"]);
       if (e.received) out.push(["received", "attention received"]);
+      if (image().rollout) out.push(["rollout", "attention rollout (all blocks)"]);
       if (image().pool) out.push(["pool", "attention-pooling head's probe (after the last block)"]);
       return out;
     }
@@ -237,6 +238,7 @@
       for (const p of im.prefix) if (!Number.isNaN(all[p.token])) prefixSum += all[p.token];
       const what = state.norm ? "norms, block " + state.layer
         : state.map === "pool" ? "pool (the pooling head, after the last block), head " + state.head
+        : state.map === "rollout" ? "rollout (all blocks)"
         : (state.map === "rows" ? "row of token " + q + " (" + where + ")" : state.map) + ", block " + state.layer + ", head " + state.head;
       const readout = document.getElementById("readout");
       readout.textContent = "";

@@ -4,7 +4,8 @@ It reads what the other commands wrote (:func:`load_viewer_data` says which arra
 
 * ``vsink maps`` output (``maps.json`` + ``<stem>.npz``): per block ``full/layer<L>`` attention
   rows (``--kind full``; clicking a patch shows its row), ``cls`` / ``received`` maps and ``norm``
-  maps, the attention-pooling head's ``pool`` map (of no block), and the input ``image``;
+  maps, the ``rollout`` and the attention-pooling head's ``pool`` map (of no block), and the input
+  ``image``;
 * ``vsink scan`` output (``scan.json`` + ``trace.npz``): per block the class-token row and the
   attention received, per head, the token norms, and the report ``thumbnails`` (no full rows);
 * ``vsink generate --export-attention`` output (``row<b>.npz``): per generated word its
@@ -183,11 +184,19 @@ def _from_maps(directory: Path, max_images: int, layers: Optional[Sequence[int]]
                     item["rows"] = {"heads": ids, "values": encode(full, precision)}
                 per_layer[str(layer)] = item
             pool = _pool(data, layout, heads, where, path, shown) if "pool" in kinds or "pool/prefix" in data else None
+            rollout = None
+            if "rollout" in kinds or "rollout/prefix" in data:
+                grid_values = data.array("rollout", grid, what=because)
+                on_prefix = data.array("rollout/prefix", (n_prefix,), what=because)
+                rollout = _tokens(layout, grid_values[None], on_prefix[None])
+                shown.setdefault("rollout", []).append((_span(grid_values), f"{path}: array 'rollout'"))
             picture = image_uri(data.array("image", kind="image")) if "image" in data else _placeholder(layout.grid)
         images.append({"name": name, "image": picture, "grid": list(layout.grid),
                        "tokens": layout.num_tokens, "patch_start": layout.num_prefix, "prefix": _prefix(layout),
                        "layers": per_layer, **({"pool": {**pool, "values": encode(pool["values"], precision)}}
-                                               if pool else {})})
+                                               if pool else {}),
+                       **({"rollout": {"heads": ["mean"], "values": encode(rollout, precision)}}
+                          if rollout is not None else {})})
     if not images:
         raise VsinkError(f"{directory / 'maps.json'} lists no image")
     return {"kind": "vision", "source": "maps", "model": _text_or_none(meta, "model", where),
