@@ -16,6 +16,7 @@ from typing import Optional, Sequence, TextIO, Union
 from .version import __version__
 from .errors import VsinkError, VsinkWarning
 from .cli_common import image_dir_arg, load_lvlm_for, parse_settings
+from .evaluate.benchmarks import MODULES as BENCHMARK_MODULES, get as get_benchmark
 from .options import add_options
 from .wording import count
 
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "DIR/compare.html shows both side by side.")
     add_options(apply, P.IMAGES, P.MODEL, P.APPLY, P.TTR)
 
-    evaluate = sub.add_parser("eval", help="evaluations: dense prediction, POPE, CHAIR")
+    evaluate = sub.add_parser("eval", help="evaluations: dense prediction, POPE, CHAIR, MME, HallusionBench, "
+                                           "Object HalBench, AMBER")
     ev_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     dense = ev_sub.add_parser(
         "dense", help="linear-probe segmentation, LOST object discovery and artifact metrics",
@@ -95,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Score --generated FILE, or run --model to caption the images of IMAGE_DIR "
                                           "listed in --annotations with each --mitigation.")
     add_options(chair, P.CHAIR_RUN, P.CHAIR)
+    for name in BENCHMARK_MODULES:
+        bench = get_benchmark(name)
+        bench_parser = ev_sub.add_parser(name, help=f"{bench.title}: run an LVLM, score offline",
+                                   description=f"Score --answers FILE, or run --model over the {bench.title} items of "
+                                               "--data (images in IMAGE_DIR, by default the data's folder) with each "
+                                               "--mitigation.")
+        add_options(bench_parser, P.benchmark_options(name))
 
     gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",
                          description="Greedy generation with none, VAR, PAI, FastV, test-time registers in the "
@@ -396,7 +405,7 @@ def _cmd_maps(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    if args.eval_command in ("pope", "chair"):
+    if args.eval_command in ("pope", "chair", *BENCHMARK_MODULES):
         from .cli_hallucination import run
 
         return run(args)

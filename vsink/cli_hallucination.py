@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     args.images = image_dir_arg(args, "images_dir")
     out = Path(args.out)
+    if args.eval_command not in ("pope", "chair"):
+        return _run_benchmark(args, out)
     if args.new_run and (args.eval_command == "pope" and args.answers or args.eval_command == "chair" and args.generated):
         raise VsinkError("--new-run applies to runs of a model; scoring a file writes its results as one set")
     if args.eval_command == "pope":
@@ -107,6 +109,36 @@ def run(args: argparse.Namespace) -> int:
                       lambda rows: chair_mod.score_captions(rows, truth, vocabulary=vocab), protocol, inputs)
 
 
+def _run_benchmark(args: argparse.Namespace, out: Path) -> int:
+    """``vsink eval NAME`` for a benchmark of :mod:`vsink.evaluate.benchmarks`: score --answers, or
+    run the model over the items of --data."""
+    from .evaluate import hallucination as hal
+    from .evaluate.benchmarks import get
+    from .io import read_jsonl
+
+    bench = get(args.eval_command)
+    settings = {o.key: getattr(args, o.key) for o in bench.options}
+    scoring = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
+               "comparable": bench.comparable}
+    score = bench.scorer(settings)
+    if args.answers:
+        if args.new_run:
+            raise VsinkError("--new-run applies to runs of a model; scoring a file writes its results as one set")
+        rows = read_jsonl(args.answers, tuple(bench.answer_fields), fields=bench.answer_fields, unique=bench.key)
+        protocol = {"answers": str(args.answers), **scoring}
+        return _report(hal.save_results(out, bench.name, protocol, {"answers": score(rows)}, {}))
+    _require(args, "data")
+    items = bench.read_items(args.data, settings)
+    if not args.images:
+        args.images = str(Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent)
+    chosen = bench.limit(items, args.limit) if args.limit else items
+    protocol = {"data": str(args.data), "prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "greedy": True,
+                "items": len(chosen), "images": sorted({it["image"] for it in chosen}), **scoring}
+    return _run_model(args, out, bench.name, chosen, bench.key, bench.field,
+                      lambda it: args.prompt.format(question=it["question"]), score, protocol,
+                      {"items": content_hash(items)})
+
+
 def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str, Any]]:
     from .evaluate.coco import read_coco_objects
 
@@ -145,7 +177,7 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
               "batch_size": args.batch_size, "vsink_version": __version__}
     determining = {name: {**common, "mitigation": name, "settings": settings[name],
                           "resolved_settings": protocol["resolved_settings"][name]} for name in names}
-    files = {name: out / name / ("answers.jsonl" if kind == "pope" else "generated.jsonl") for name in names}
+    files = {name: out / name / ("generated.jsonl" if field == "caption" else "answers.jsonl") for name in names}
     try:
         for name in names:
             # a damaged file is named first; repeated answers are reported by the run below

@@ -224,6 +224,28 @@ CHAIR = declare(
            "reference", nullable=True, default_text="the packaged reference table"),
 )
 
+def benchmark_options(name: str) -> dict[str, Option]:
+    """The options of ``vsink eval NAME`` for a benchmark of :mod:`vsink.evaluate.benchmarks`."""
+    from .evaluate.benchmarks import get
+
+    bench = get(name)
+    run = {key: o for key, o in hallucination_run(
+        Option("prompt", Template(("question",)), bench.prompt, "prompt ({question}: the benchmark's question)"),
+        bench.max_new_tokens).items() if key not in ("annotations", "num_images", "seed")}
+    run["images"] = replace(run["images"], help="image directory (paths as in the data)",
+                            default_text="the data's folder")
+    run["images_dir"] = replace(run["images_dir"], help="image directory (paths as in the data)",
+                                default_text="the data's folder")
+    run["out"] = replace(run["out"], default=f"vsink-{name}")
+    return declare(
+        *run.values(),
+        Option("data", InputPath("file or directory"), None, f"{bench.title}: the official data", nullable=True),
+        Option("answers", InputPath(), None, "score this answers JSONL (no model)", nullable=True),
+        *bench.options,
+    )
+
+
+
 VIEW = declare(
     Option("directory", InputPath("directory"), None, "output directory of vsink maps, scan or generate "
            "--export-attention", positional=True, required=True),

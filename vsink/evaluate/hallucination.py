@@ -130,7 +130,8 @@ def _table(names: list[str], rows: list[tuple[str, list[Optional[float]], int]])
 
 def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[str, dict[str, Any]],
                  skipped: dict[str, list[dict[str, str]]]) -> dict[str, Path]:
-    """``results.json`` and ``results.md`` for POPE (``kind="pope"``) or CHAIR."""
+    """``results.json``, ``results.md`` and ``results.html`` for POPE (``kind="pope"``), CHAIR or a
+    benchmark of :mod:`vsink.evaluate.benchmarks` (``kind`` its name)."""
     names = list(scores)
     if kind == "pope":
         metrics = [("accuracy", "accuracy (%)", 100), ("precision", "precision (%)", 100),
@@ -140,6 +141,8 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
             for key, label, scale in metrics:
                 values = [(sc["mean"] if split == "mean" else sc["splits"].get(split, {})).get(key) for sc in scores.values()]
                 rows.append((f"{split} {label}", values, scale))
+    elif kind != "chair":
+        rows = benchmark_rows(kind, scores)
     else:
         rows = [(label, [sc[key] for sc in scores.values()], scale) for key, label, scale in
                 (("chair_s", "CHAIR_s (%)", 100), ("chair_i", "CHAIR_i (%)", 100), ("recall", "recall (%)", 100),
@@ -170,6 +173,20 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
         write_text(stage / "results.md", "\n".join(md) + "\n")
         write_text(stage / "results.html", page)
     return {"json": out / "results.json", "markdown": out / "results.md", "html": out / "results.html", "record": out / MANIFEST}
+
+
+def benchmark_rows(kind: str, scores: dict[str, dict[str, Any]]) -> list[tuple[str, list[Optional[float]], float]]:
+    """The report rows of a benchmark of :mod:`vsink.evaluate.benchmarks`, one value per
+    mitigation (None where a mitigation's scores lack the row)."""
+    from .benchmarks import get
+
+    per = [{m.label: m for m in get(kind).metrics(sc)} for sc in scores.values()]
+    labels = list(dict.fromkeys(label for p in per for label in p))
+    rows = []
+    for label in labels:
+        scale = next(p[label].scale for p in per if label in p)
+        rows.append((label, [p[label].value if label in p else None for p in per], scale))
+    return rows
 
 
 def pope_protocol(prompt: str, max_new_tokens: int, parser: str, seed: int, questions: Sequence[dict[str, Any]],

@@ -1,5 +1,5 @@
-"""``results.html`` of ``vsink eval pope`` and ``vsink eval chair``: every mitigation side by side
-with deltas against the first; POPE per split with the unparseable answers counted (a split whose
+"""``results.html`` of ``vsink eval pope``, ``vsink eval chair`` and the benchmarks of
+:mod:`vsink.evaluate.benchmarks`: every mitigation side by side with deltas against the first; POPE per split with the unparseable answers counted (a split whose
 answers are all unparseable shows no metric, not 0.00); CHAIR per caption with the object words
 marked (hallucinated red, grounded green)."""
 
@@ -159,6 +159,38 @@ def chair_sections(summary: dict[str, Any]) -> list[str]:
     return parts
 
 
+def benchmark_sections(summary: dict[str, Any]) -> list[str]:
+    """A benchmark of :mod:`vsink.evaluate.benchmarks`: its metrics side by side with deltas
+    (2 decimals, coloured by the metric's better direction), what its numbers compare with, and
+    its own detail tables per mitigation."""
+    from ..evaluate.benchmarks import get
+
+    bench = get(summary["kind"])
+    results = summary["results"]
+    names = list(results)
+    per = [{m.label: m for m in bench.metrics(r)} for r in results.values()]
+    labels = list(dict.fromkeys(label for p in per for label in p))
+    header = ["metric", esc(names[0])] + [h for n in names[1:] for h in (esc(n), f"Δ vs {esc(names[0])}")]
+    rows = []
+    for label in labels:
+        ms = [p.get(label) for p in per]
+        scale = next(m.scale for m in ms if m is not None)
+        lower = next(m.lower_is_better for m in ms if m is not None)
+        values = [None if m is None else m.value for m in ms]
+        cells = [esc(label), _cell(values[0], scale)]
+        for v in values[1:]:
+            cells += [_cell(v, scale), _delta(v, values[0], lower, scale)]
+        rows.append(cells)
+    parts = [f"<h2>{esc(bench.title)}</h2>" + table(header, rows),
+             f"<p><b>Comparable with:</b> {esc(bench.comparable)}</p>"]
+    if bench.details is not None:
+        for name, r in results.items():
+            for title, head, body in bench.details(r):
+                parts.append(f"<h3>{esc(name)}: {esc(title)}</h3>"
+                             + table([esc(h) for h in head], [[esc(c) for c in row] for row in body]))
+    return parts
+
+
 def protocol_table(protocol: dict[str, Any]) -> str:
     """The protocol as a two-column table: text as text (the prompt keeps its line breaks),
     a list of images as its count, nested settings as compact JSON."""
@@ -185,7 +217,12 @@ def hallucination_html(summary: dict[str, Any]) -> str:
     if protocol.get("synthetic"):
         body.append(banner(SYNTHETIC_LVLM_NOTE))
     body.append("<h2>Protocol</h2>" + protocol_table(protocol))
-    body += pope_sections(summary) if kind == "pope" else chair_sections(summary)
+    if kind == "pope":
+        body += pope_sections(summary)
+    elif kind == "chair":
+        body += chair_sections(summary)
+    else:
+        body += benchmark_sections(summary)
     for name, items in summary.get("skipped", {}).items():
         if items:
             body.append(banner(f"{name}: {len(items)} items skipped (see results.json)", "warn"))

@@ -1,0 +1,83 @@
+"""The hallucination benchmarks that ``vsink eval NAME`` runs and scores offline, as one table:
+each :class:`Benchmark` names its reader of the official data, its answers-file fields, its
+default prompt and generation length, its scorer and the metric rows of its report. The
+resumable runner (:mod:`vsink.evaluate.hallucination`), the command (:mod:`vsink.cli_hallucination`)
+and the report (:mod:`vsink.export.hallucination_report`) look a benchmark up here by name, so a new
+benchmark is a new module and one line in :data:`MODULES`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+from ..errors import VsinkError
+from ..options import Kind, Option
+
+PathLike = Union[str, os.PathLike]
+
+#: benchmark name → module defining ``BENCHMARK``
+MODULES = {"mme": "vsink.evaluate.mme"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of a report: ``value`` shown × ``scale`` with 2 decimals; ``lower_is_better``
+    colours deltas (None: neither direction is better)."""
+
+    label: str
+    value: Optional[float]
+    scale: float = 100
+    lower_is_better: Optional[bool] = False
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark.
+
+    ``read_items(data, settings)``: the items of the official data (each with the ``key``,
+    ``image`` relative to the image directory and ``question``, the text put into ``prompt``);
+    ``answer_fields``: the fields an answers file to score must carry (with their kinds);
+    ``scorer(settings)``: a function of the answered rows returning the scores; ``metrics(scores)``:
+    the report's rows; ``limit(items, n)``: the first ``n`` items as the benchmark counts them
+    (MME: whole image pairs); ``comparable``: what its numbers can be compared with (recorded in
+    every result); ``details(scores)``: extra report tables (title, header, rows); ``options``:
+    its own command-line options (their values are the ``settings`` given to the reader and the
+    scorer, and are recorded)."""
+
+    name: str
+    title: str
+    read_items: Callable[[PathLike, dict[str, Any]], list[dict[str, Any]]]
+    answer_fields: dict[str, Kind]
+    scorer: Callable[[dict[str, Any]], Callable[[Sequence[dict[str, Any]]], dict[str, Any]]]
+    metrics: Callable[[dict[str, Any]], list[Metric]]
+    prompt: str
+    max_new_tokens: int
+    comparable: str
+    key: str = "question_id"
+    field: str = "answer"
+    limit: Callable[[list[dict[str, Any]], int], list[dict[str, Any]]] = lambda items, n: items[:n]
+    details: Optional[Callable[[dict[str, Any]], list[tuple[str, list[str], list[list[str]]]]]] = None
+    options: tuple[Option, ...] = ()
+
+
+def get(name: str) -> Benchmark:
+    """The benchmark called ``name``."""
+    if name not in MODULES:
+        raise VsinkError(f"unknown benchmark {name!r}; known: {', '.join(MODULES)}")
+    return importlib.import_module(MODULES[name]).BENCHMARK
+
+
+def yes_no_metrics(labels: Sequence[str], preds: Sequence[Optional[str]], positive: str = "yes") -> dict[str, Any]:
+    """Accuracy, precision, recall and F1 with ``positive`` as the positive class (a prediction
+    that is neither yes nor no is wrong and not positive); 0 where a denominator is 0."""
+    tp = sum(p == positive and l == positive for l, p in zip(labels, preds))
+    fp = sum(p == positive and l != positive for l, p in zip(labels, preds))
+    fn = sum(p != positive and l == positive for l, p in zip(labels, preds))
+    correct = sum(p == l for l, p in zip(labels, preds))
+    n = len(labels)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"n": n, "accuracy": correct / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1}
