@@ -161,3 +161,101 @@ def test_mme_cli_runs_resumes_and_scores_a_file(tmp_path, monkeypatch, capsys):
     assert main(["eval", "mme", "--answers", str(mine), "--out", str(tmp_path / "bad")]) == 2
     assert "mine.jsonl:1: missing field(s) label" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------- HallusionBench
+
+from vsink.evaluate import hallusionbench as hb  # noqa: E402
+
+HB_EXTRACTS = [
+    ("Yes", "Yes"), ("YES", "Yes"),          # lower-cased, one word
+    ("No.", "No"),                           # the "." is deleted (not followed by a digit)
+    ("", "Unknown"),                         # no words
+    ("Yes, the circle is larger.", "Yes"),   # ", " touches a space: commas deleted; words yes, the, ...
+    ("No, it is not.", "No"),                # "not" is not "no"; only "no" counts
+    ("Yes and no", "Unknown"),               # both words: neither answer
+    ("yes/no", "Unknown"),                   # "/" touches no space: replaced by one, so "yes no": both
+    ("Yes!", "Yes"),                         # "!" touches no space: a space, words ["yes"]
+    ("Yes-sir", "Yes"),                      # "-" becomes a space: "yes sir"
+    ("Yes-sir, 1,000 points", "Unknown"),    # a digit-comma-digit: every mark deleted, "yessir" is no word
+    ("yes.no", "Unknown"),                   # the "." goes: "yesno"
+    ("no.3", "Unknown"),                     # a "." before a digit stays: the word is "no.3"
+    ("." * 32 + " Yes.", "Unknown"),         # only 32 periods go (re.UNICODE passed as count): "yes." stays
+    ("." * 31 + " Yes.", "Yes"),             # 32 periods in all: every one goes
+]
+
+
+@pytest.mark.parametrize("text, expected", HB_EXTRACTS)
+def test_hallusionbench_extraction_follows_vlmevalkit(text, expected):
+    assert hb.extract(text) == expected
+
+
+def _hb(cat, sub, s, f, q, gt, answer):
+    return {"category": cat, "subcategory": sub, "set_id": s, "figure_id": f, "question_id": q, "gt_answer": gt,
+            "answer": answer}
+
+
+def test_hallusionbench_scores_by_hand():
+    rows = [
+        _hb("VD", "illusion", "0", "0", "0", "1", "Yes"),   # right
+        _hb("VD", "illusion", "0", "0", "1", "0", "No"),    # right   -> figure VD/illusion/0/0 all right
+        _hb("VD", "illusion", "0", "1", "0", "0", "Yes"),   # wrong
+        _hb("VD", "illusion", "0", "1", "1", "1", "Yes"),   # right   -> figure 0/1 not all right
+        _hb("VS", "chart", "0", "0", "0", "1", "Yes"),      # right; VS figure 0 (no figure): not a figure
+        _hb("VS", "chart", "0", "1", "0", "1", "I think so"),  # Unknown: wrong
+        _hb("VS", "chart", "0", "2", "0", "0", "No"),       # right
+    ]
+    s = hb.score_answers(rows)
+    o = s["overall"]
+    # aAcc: 5 of 7 questions
+    assert o["aAcc"] == pytest.approx(5 / 7) and o["questions"] == 7
+    # fAcc: figures VD 0/0 (all right), VD 0/1 (no), VS 0/1 (no), VS 0/2 (yes); VS 0/0 left out: 2 / 4
+    assert (o["figures"], o["fAcc"]) == (4, 0.5)
+    # qAcc: VD q0 over figures 0, 1 (right, wrong: no), VD q1 (right, right: yes), VS q0 over
+    # figures 0, 1, 2 (right, wrong, right: no): 1 / 3
+    assert (o["question_pairs"], o["qAcc"]) == (3, pytest.approx(1 / 3))
+    vd, vs = s["categories"]["VD"], s["categories"]["VS"]
+    assert (vd["aAcc"], vd["fAcc"], vd["qAcc"]) == (0.75, 0.5, 0.5)
+    assert (vs["aAcc"], vs["fAcc"], vs["qAcc"]) == (pytest.approx(2 / 3), 0.5, 0.0)
+    assert s["extracted"] == {"Yes": 4, "No": 2, "Unknown": 1}
+    with pytest.raises(VsinkError, match="HallusionBench question VD_illusion_0_0_0 answered twice"):
+        hb.score_answers(rows + rows[:1])
+
+
+def test_hallusionbench_reader_and_errors(tmp_path):
+    items = hb.read_items(DATA / "hallusionbench" / "HallusionBench.json")
+    # the no-figure question (VS, visual_input 0) is not run: 6 of the 7 rows
+    assert len(items) == 6 and items[0]["image"] == "hallusion_bench/VD/illusion/0_0.png"
+    assert items[0]["index"] == "VD_illusion_0_0_0"
+    rows = json.loads((DATA / "hallusionbench" / "HallusionBench.json").read_text())
+    bad = tmp_path / "HallusionBench.json"
+    for change, message in [({"gt_answer": "yes"}, r"\[0\]: field 'gt_answer' must be one of 0, 1"),
+                            ({"category": "VX"}, r"\[0\]: field 'category' must be one of VD, VS"),
+                            ({"filename": None}, r"\[0\]: field 'filename' must be a relative image path")]:
+        bad.write_text(json.dumps([{**rows[0], **change}]))
+        with pytest.raises(VsinkError, match=message):
+            hb.read_items(bad)
+    bad.write_text(json.dumps([{k: v for k, v in rows[0].items() if k != "set_id"}]))
+    with pytest.raises(VsinkError, match=r"\[0\]: missing field 'set_id'"):
+        hb.read_items(bad)
+    bad.write_text(json.dumps({"rows": rows}))
+    with pytest.raises(VsinkError, match="must be a JSON array"):
+        hb.read_items(bad)
+
+
+def test_hallusionbench_cli(tmp_path, monkeypatch):
+    data = DATA / "hallusionbench" / "HallusionBench.json"
+    out, results = _run_demo("hallusionbench", tmp_path, "--data", str(data))
+    answers = _lines(out / "pai" / "answers.jsonl")
+    assert len(answers) == 6 and {"index", "gt_answer", "answer", "image"} <= set(answers[0])
+    none = results["results"]["none"]
+    assert none["n"] == 6 and set(none["categories"]) == {"VD", "VS"} and 0 <= none["overall"]["aAcc"] <= 1
+    _resumes_without_generating("hallusionbench", out, ["--data", str(data)], monkeypatch)
+    rows = json.loads(data.read_text())
+    mine = tmp_path / "mine.jsonl"
+    # every official row answered with its label, the no-figure one included: all 100
+    mine.write_text("".join(json.dumps({**r, "answer": "Yes" if r["gt_answer"] == "1" else "No"}) + "\n"
+                            for r in rows))
+    assert main(["eval", "hallusionbench", "--answers", str(mine), "--out", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "results.json").read_text())["results"]["answers"]["overall"]
+    assert (scored["aAcc"], scored["fAcc"], scored["qAcc"], scored["questions"]) == (1.0, 1.0, 1.0, 7)

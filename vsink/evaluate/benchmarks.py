@@ -18,7 +18,7 @@ from ..options import Kind, Option
 PathLike = Union[str, os.PathLike]
 
 #: benchmark name → module defining ``BENCHMARK``
-MODULES = {"mme": "vsink.evaluate.mme"}
+MODULES = {"mme": "vsink.evaluate.mme", "hallusionbench": "vsink.evaluate.hallusionbench"}
 
 
 @dataclass(frozen=True)
