@@ -259,3 +259,112 @@ def test_hallusionbench_cli(tmp_path, monkeypatch):
     assert main(["eval", "hallusionbench", "--answers", str(mine), "--out", str(tmp_path / "scored")]) == 0
     scored = json.loads((tmp_path / "scored" / "results.json").read_text())["results"]["answers"]["overall"]
     assert (scored["aAcc"], scored["fAcc"], scored["qAcc"], scored["questions"]) == (1.0, 1.0, 1.0, 7)
+
+
+# ---------------------------------------------------------------- Object HalBench
+
+from vsink.evaluate import object_halbench as ohb  # noqa: E402
+from vsink.evaluate import wordnet_lemmas as wl  # noqa: E402
+
+OHB = DATA / "object_halbench"
+
+OHB_MENTIONS = [
+    # NLTK's lemmatiser gives "men" for "men": noun.exc lists men → man, both are WordNet nouns,
+    # equally long, and the first wins; "men" is no entry, so no person. "vases" has the candidates
+    # "vase" (-s) and "vas" (-ses → -s), both nouns: the shorter "vas" wins, no vase.
+    ("Two men and a dog near vases.", [("dog", "dog")]),
+    # "toilet seat" joins into toilet; any other "seat" goes when "toilet" is there
+    ("A woman sits on a toilet seat next to the toilet.", [("woman", "person"), ("toilet", "toilet"),
+                                                           ("toilet", "toilet")]),
+    ("The seat of the toilet.", [("toilet", "toilet")]),
+    # this table's pairs: "dining table" and "coffee table" (both the table class), "remote control"
+    ("A dining table with a coffee table and a remote control.",
+     [("dining table", "dining table"), ("coffee table", "dining table"), ("remote control", "remote")]),
+    # "people" is its own WordNet lemma and an entry; "children" → child (noun.exc); "skis" → ski
+    ("People, children and skis.", [("people", "person"), ("child", "person"), ("ski", "skis")]),
+    # "baby cat" joins into cat; "train track" joins into a word the table lacks: no train
+    ("A baby cat on a train track.", [("cat", "cat")]),
+    # "tennis" stays (Pattern would make it "tenni"); "glasses" → glass, so "wine glasses" joins
+    ("A tennis racket and glasses of wine in wine glasses",
+     [("tennis racket", "tennis racket"), ("wine glass", "wine glass")]),
+    # "buses" → bus, and "bus" stays a bus (Pattern's "bu" in the reference CHAIR)
+    ("Buses and a bus.", [("bus", "bus"), ("bus", "bus")]),
+    ("The knives and mice.", [("knife", "knife"), ("mouse", "mouse")]),  # noun.exc
+]
+
+
+@pytest.mark.parametrize("caption, expected", OHB_MENTIONS)
+def test_object_halbench_mentions_follow_rlhf_v(caption, expected):
+    assert ohb.mentions(caption) == expected
+
+
+def test_wordnet_lemmatiser_on_a_hand_made_wordnet(tmp_path):
+    # a WordNet of five nouns and one irregular form, and NLTK's rules worked by hand
+    (tmp_path / "index.noun").write_text("  1 licence line\nglass n 1\nglasses n 1\nvas n 1\nvase n 1\nman n 1\n")
+    (tmp_path / "noun.exc").write_text("men man\n")
+    nouns = wl.read_wordnet(tmp_path)
+    assert nouns.lemmas == {"glass", "glasses", "vas", "vase", "man"}  # the licence line is no noun
+    assert wl.lemmatize("glasses", nouns) == "glass"  # glasses, glass (-ses → -s): the shorter
+    assert wl.lemmatize("vases", nouns) == "vas"      # vase (-s), vas (-ses): the shorter
+    assert wl.lemmatize("men", nouns) == "man"        # noun.exc; "men" is no noun in this WordNet
+    # one rule gives "glasses", a noun: the search stops there although "glass" is shorter
+    assert wl.lemmatize("glassess", nouns) == "glasses"
+    # one rule gives "vases", no noun; the rules again: vase, vas; the shorter
+    assert wl.lemmatize("vasess", nouns) == "vas"
+    assert wl.lemmatize("dogs", nouns) == "dogs"      # no candidate: the word itself
+    # the table keeps what matters to a vocabulary: for {glass, vase}, glasses → glass (it lemmatises
+    # into a vocabulary word); not vases → vas (neither word is in the vocabulary: it changes nothing)
+    table = wl.relevant_table({"glass", "vase"}, nouns)
+    assert table["glasses"] == "glass" and "vases" not in table and "men" not in table
+    # a vocabulary word whose lemma is another word is kept: "glasses" would never match itself
+    assert wl.relevant_table({"glasses"}, nouns)["glasses"] == "glass"
+
+
+def test_object_halbench_scores_by_hand():
+    score = ohb.scorer({"annotations": OHB / "instances_val2014.json",
+                        "captions": OHB / "captions_val2014.json"})
+    # truth: 139 {person, dog}; 285 {toilet} ∪ the reference caption's {vase, sink}
+    out = score([
+        {"image_id": 139, "caption": "Assistant: A man and his dog on a chair."},  # person, dog, chair (hallucinated)
+        {"image_id": 285, "caption": "A white toilet next to a sink."},             # toilet, sink: both right
+    ])
+    assert (out["mentions"], out["hallucinated_mentions"]) == (5, 1)
+    assert out["chair_i"] == 0.2 and out["chair_s"] == 0.5 and out["chair_s_refine"] == 0.5
+    # recall: distinct right classes (2 + 2) / truth classes (2 + 3)
+    assert out["recall"] == pytest.approx(4 / 5)
+    # "Assistant:" removed first: "A man and his dog on a chair." is 8 words, the other 7
+    assert out["avg_len"] == 7.5
+    # a caption with no object counts for CHAIR_s, not for the refined CHAIR_s
+    out = score([{"image_id": 139, "caption": "A chair."}, {"image_id": 285, "caption": "Nothing here."}])
+    assert (out["chair_s"], out["chair_s_refine"]) == (0.5, 1.0)
+
+
+def test_object_halbench_reader_errors(tmp_path):
+    settings = {"annotations": OHB / "instances_val2014.json"}
+    items = ohb.read_items(OHB / "obj_halbench_300_with_image.jsonl", settings)
+    assert [it["image"] for it in items] == ["COCO_val2014_000000000139.jpg", "COCO_val2014_000000000285.jpg"]
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(json.dumps({"image_id": 7, "question": "Describe."}) + "\n")
+    with pytest.raises(VsinkError, match=r"line 1: image_id 7 is not in"):
+        ohb.read_items(bad, settings)
+    bad.write_text(json.dumps({"image_id": 139}) + "\n")
+    with pytest.raises(VsinkError, match=r"q.jsonl:1: missing field\(s\) question"):
+        ohb.read_items(bad, settings)
+    with pytest.raises(VsinkError, match="needs --annotations"):
+        ohb.read_items(OHB / "obj_halbench_300_with_image.jsonl", {})
+
+
+def test_object_halbench_cli(tmp_path, monkeypatch):
+    args = ["--data", str(OHB / "obj_halbench_300_with_image.jsonl"), str(OHB / "val2014"),
+            "--annotations", str(OHB / "instances_val2014.json"), "--captions", str(OHB / "captions_val2014.json")]
+    out, results = _run_demo("object-halbench", tmp_path, *args)
+    rows = _lines(out / "none" / "generated.jsonl")
+    assert [r["image_id"] for r in rows] == [139, 285] and "caption" in rows[0]
+    assert results["results"]["none"]["n"] == 2 and results["results"]["none"]["vocabulary"] == "object-halbench"
+    _resumes_without_generating("object-halbench", out, args, monkeypatch)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"image_id": 139, "caption": "A dog and a cat."}) + "\n")
+    assert main(["eval", "object-halbench", "--answers", str(mine), "--annotations",
+                 str(OHB / "instances_val2014.json"), "--out", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "results.json").read_text())["results"]["answers"]
+    assert scored["chair_i"] == 0.5 and scored["captions"][0]["hallucinated"] == ["cat"]

@@ -18,7 +18,8 @@ from ..options import Kind, Option
 PathLike = Union[str, os.PathLike]
 
 #: benchmark name → module defining ``BENCHMARK``
-MODULES = {"mme": "vsink.evaluate.mme", "hallusionbench": "vsink.evaluate.hallusionbench"}
+MODULES = {"mme": "vsink.evaluate.mme", "hallusionbench": "vsink.evaluate.hallusionbench",
+           "object-halbench": "vsink.evaluate.object_halbench"}
 
 
 @dataclass(frozen=True)
