@@ -368,3 +368,113 @@ def test_object_halbench_cli(tmp_path, monkeypatch):
                  str(OHB / "instances_val2014.json"), "--out", str(tmp_path / "scored")]) == 0
     scored = json.loads((tmp_path / "scored" / "results.json").read_text())["results"]["answers"]
     assert scored["chair_i"] == 0.5 and scored["captions"][0]["hallucinated"] == ["cat"]
+
+
+# ---------------------------------------------------------------- AMBER
+
+from vsink.evaluate import amber  # noqa: E402
+
+AMBER = DATA / "amber"
+
+
+def test_amber_discriminative_by_hand():
+    rows = [({"type": "discriminative-hallucination", "truth": "yes"}, "Yes"),   # right
+            ({"type": "discriminative-hallucination", "truth": "yes"}, "Yes."),  # not exactly "Yes": wrong
+            ({"type": "discriminative-hallucination", "truth": "no"}, "No"),     # right, a right "No"
+            ({"type": "discriminative-hallucination", "truth": "no"}, "Yes"),    # wrong
+            ({"type": "discriminative-attribute-state", "truth": "no"}, "No"),   # right
+            ({"type": "relation", "truth": "no"}, "no")]                         # lower case: not "No", wrong
+    d = amber.score_discriminative(rows)
+    ex = d["types"]["existence"]
+    # every denominator starts at 0.001: accuracy 2/4.001 → 50.0; recall 1/2.001 → 50.0; precision
+    # 1/1.001 = 99.90 → 99.9 although every "No" is right; F1 from the rounded 0.999 and 0.5 with
+    # + 0.001 (existence): 0.999 / 1.5 = 0.666 → 66.6
+    assert (ex["accuracy"], ex["precision"], ex["recall"], ex["f1"], ex["questions"]) == (50.0, 99.9, 50.0, 66.6, 4)
+    # state alone: 1/1.001 everywhere → 99.9; F1 2·0.999²/(1.998 + 0.0001) = 0.99895 → 99.9
+    assert d["types"]["state"] == {"accuracy": 99.9, "precision": 99.9, "recall": 99.9, "f1": 99.9, "questions": 1}
+    # attribute sums state, number and action, each starting at 0.001: 1/1.003 = 99.70 → 99.7;
+    # F1 2·0.997²/(1.994 + 0.0001) = 0.99695 → 99.7
+    assert d["types"]["attribute"]["accuracy"] == 99.7 and d["types"]["attribute"]["f1"] == 99.7
+    rel = d["types"]["relation"]  # nothing right: 0/1.001, 0/0.001, 0/1.001; F1 0/(0 + 0 + 0.0001)
+    assert (rel["accuracy"], rel["precision"], rel["recall"], rel["f1"]) == (0.0, 0.0, 0.0, 0.0)
+    o = d["types"]["overall"]
+    # 3 right of 6.001 → 50.0; recall 2/4.001 → 50.0; precision 2/2.001 = 99.950 → 100.0;
+    # F1 2·1·0.5/(1.5 + 0.0001) = 0.66662 → 66.7
+    assert (o["accuracy"], o["precision"], o["recall"], o["f1"]) == (50.0, 100.0, 50.0, 66.7)
+    assert "number" not in d["types"] and d["neither_yes_nor_no"] == 2
+    # vsink's first-word reading makes "Yes." and "no" answers: relation's "no" is right
+    assert amber.score_discriminative(rows, "first-word")["types"]["relation"]["accuracy"] == 99.9
+
+
+def _amber_generative(similar=lambda a, b: 0.0):
+    annotations, relation, safe = amber.read_data(str(AMBER))
+    rows = [(annotations[1], "A man walks his dog on the ground under the sky near an orange light and two cats."),
+            (annotations[2], "A boat near a forest with sunglasses.")]
+    return amber.score_generative(rows, relation, set(safe), similar, 0.8)
+
+
+def test_amber_generative_by_hand():
+    g = _amber_generative()
+    # response 1 (truth sky, grass, person; hallu dog, bird): its words of relation.json, in order,
+    # man dog ground sky orange light cat ("cats" → cat). man covers person (associated), ground
+    # covers grass, sky itself; orange and light are global safe words (skipped, still counted);
+    # dog is a hallu object (Cog) and hallucinated; cat is hallucinated.
+    # response 2 (truth ship, ship, tree; hallu cat): boat covers the first ship only (the first
+    # match wins: the repeated ship is never covered), forest covers tree; "sunglasses" lemmatises
+    # to "sunglass", no word of relation.json, though "sunglasses" is one.
+    assert g["per_response"][0] == {"id": 1, "objects": ["man", "dog", "ground", "sky", "orange", "light", "cat"],
+                                    "hallucinated": ["dog", "cat"]}
+    assert g["per_response"][1]["objects"] == ["boat", "forest"] and g["per_response"][1]["hallucinated"] == []
+    # CHAIR 2/(9 + 0.001) → 22.2; Cover (3 + 2)/(6 + 0.001) → 83.3; Hal 100 − 1/2.001·100 = 50.02 → 50.0;
+    # Cog 1/(3 + 0.001) → 33.3
+    assert (g["CHAIR"], g["Cover"], g["Hal"], g["Cog"]) == (22.2, 83.3, 50.0, 33.3)
+    # a word similar (> 0.8) to a truth word covers it and is not hallucinated: cat ~ person
+    planted = _amber_generative(lambda a, b: 0.9 if {a, b} == {"cat", "person"} else 0.0)
+    assert planted["per_response"][0]["hallucinated"] == ["dog"] and planted["CHAIR"] == 11.1  # 1/9.001
+
+
+def test_amber_without_spacy_says_so_and_records_it():
+    settings = {"data": AMBER, "similarity_model": "no_such_model", "similarity_score": 0.8, "yes_no": "exact"}
+    with pytest.warns(Warning, match="word similarity is off"):
+        score = amber.scorer(settings)
+    out = score([{"id": 1, "response": "A dog."}, {"id": 3, "response": "Yes"}])
+    assert out["settings"]["word_similarity"].startswith("off: exact matches only")
+    assert out["generative"]["responses"] == 1 and out["discriminative"]["types"]["existence"]["questions"] == 1
+
+
+def test_amber_reader_errors(tmp_path):
+    items = amber.read_items(AMBER, {"queries": "all"})
+    assert [it["id"] for it in items] == [1, 2, 3, 4, 5] and items[0]["question"] == "Describe this image."
+    root = tmp_path / "amber"
+    shutil.copytree(AMBER, root)
+    (root / "safe_words.txt").unlink()
+    with pytest.raises(VsinkError, match="no safe_words.txt"):
+        amber.read_data(str(root))
+    shutil.copy(AMBER / "safe_words.txt", root / "safe_words.txt")
+    annotations = json.loads((AMBER / "annotations.json").read_text())
+    annotations[0]["truth"].append("unicorn")
+    (root / "annotations.json").write_text(json.dumps(annotations))
+    with pytest.raises(VsinkError, match=r"\[0\]: truth word 'unicorn' is not a key of relation.json"):
+        amber.read_data(str(root))
+    annotations[0]["truth"].pop()
+    annotations[2]["truth"] = "maybe"
+    (root / "annotations.json").write_text(json.dumps(annotations))
+    with pytest.raises(VsinkError, match=r"\[2\]: field 'truth' must be one of yes, no"):
+        amber.read_data(str(root))
+
+
+def test_amber_cli(tmp_path, monkeypatch, capsys):
+    args = ["--data", str(AMBER), str(AMBER / "image")]
+    out, results = _run_demo("amber", tmp_path, *args)
+    assert "word similarity is off" in capsys.readouterr().err
+    rows = _lines(out / "none" / "answers.jsonl")
+    assert [r["id"] for r in rows] == [1, 2, 3, 4, 5] and "response" in rows[0]
+    none = results["results"]["none"]
+    assert none["generative"]["responses"] == 2 and none["settings"]["word_similarity"].startswith("off")
+    assert results["protocol"]["similarity_model"] == "en_core_web_lg"
+    _resumes_without_generating("amber", out, args, monkeypatch)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(r) + "\n" for r in [{"id": 3, "response": "Yes"}, {"id": 4, "response": "No"}]))
+    assert main(["eval", "amber", "--answers", str(mine), "--data", str(AMBER), "--out", str(tmp_path / "s")]) == 0
+    scored = json.loads((tmp_path / "s" / "results.json").read_text())["results"]["answers"]
+    assert scored["discriminative"]["types"]["overall"]["accuracy"] == 100.0  # 2/2.001 = 99.95 → 100.0

@@ -120,6 +120,7 @@ def _run_benchmark(args: argparse.Namespace, out: Path) -> int:
     settings = {o.key: getattr(args, o.key) for o in bench.options}
     scoring = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
                "comparable": bench.comparable}
+    settings["data"] = args.data
     score = bench.scorer(settings)
     if args.answers:
         if args.new_run:

@@ -19,7 +19,7 @@ PathLike = Union[str, os.PathLike]
 
 #: benchmark name → module defining ``BENCHMARK``
 MODULES = {"mme": "vsink.evaluate.mme", "hallusionbench": "vsink.evaluate.hallusionbench",
-           "object-halbench": "vsink.evaluate.object_halbench"}
+           "object-halbench": "vsink.evaluate.object_halbench", "amber": "vsink.evaluate.amber"}
 
 
 @dataclass(frozen=True)
