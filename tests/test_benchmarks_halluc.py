@@ -478,3 +478,45 @@ def test_amber_cli(tmp_path, monkeypatch, capsys):
     assert main(["eval", "amber", "--answers", str(mine), "--data", str(AMBER), "--out", str(tmp_path / "s")]) == 0
     scored = json.loads((tmp_path / "s" / "results.json").read_text())["results"]["answers"]
     assert scored["discriminative"]["types"]["overall"]["accuracy"] == 100.0  # 2/2.001 = 99.95 → 100.0
+
+
+# ---------------------------------------------------------------- lmms-eval samples
+
+def _samples(path, samples):
+    """Lines as lmms-eval's --log_samples writes them (doc without images, filtered_resps)."""
+    path.write_text("".join(json.dumps({"doc_id": i, "doc": doc, "target": doc.get("answer"), "arguments": [],
+                                        "resps": [[text]], "filtered_resps": [text]}) + "\n"
+                            for i, (doc, text) in enumerate(samples)))
+    return path
+
+
+def test_mme_scores_lmms_eval_samples(tmp_path):
+    # lmms-lab/MME documents: the two questions of an image share its question_id; other
+    # categories (here OCR) are not part of the hallucination subset and are left out
+    docs = [({"question_id": "existence/1.jpg", "question": "Is there a dog?", "answer": "Yes",
+              "category": "existence"}, "Yes"),
+            ({"question_id": "existence/1.jpg", "question": "Is there a cat?", "answer": "No",
+              "category": "existence"}, "Yes"),
+            ({"question_id": "OCR/2.jpg", "question": "Is the word 'hi'?", "answer": "Yes", "category": "OCR"}, "No"),
+            ({"question_id": "OCR/2.jpg", "question": "Is the word 'ho'?", "answer": "No", "category": "OCR"}, "No")]
+    path = _samples(tmp_path / "samples_mme.jsonl", docs)
+    assert main(["eval", "mme", "--answers", str(path), "--out", str(tmp_path / "out")]) == 0
+    scored = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["answers"]
+    # one of two right, the pair not: 50 + 0
+    assert list(scored["categories"]) == ["existence"] and scored["categories"]["existence"]["score"] == 50.0
+
+
+def test_hallusionbench_scores_lmms_eval_samples(tmp_path, capsys):
+    rows = json.loads((DATA / "hallusionbench" / "HallusionBench.json").read_text())
+    path = _samples(tmp_path / "samples_hb.jsonl", [({k: v for k, v in r.items() if k != "filename"},
+                                                     "Yes" if r["gt_answer"] == "1" else "No") for r in rows])
+    assert main(["eval", "hallusionbench", "--answers", str(path), "--out", str(tmp_path / "out")]) == 0
+    scored = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["answers"]["overall"]
+    assert (scored["aAcc"], scored["questions"]) == (1.0, 7)
+    broken = _samples(tmp_path / "broken.jsonl", [({"category": "VD"}, "Yes")])
+    capsys.readouterr()
+    assert main(["eval", "hallusionbench", "--answers", str(broken), "--out", str(tmp_path / "bad")]) == 2
+    assert "broken.jsonl:1: doc: missing field 'subcategory'" in capsys.readouterr().err
+    # AMBER has no lmms-eval task vsink reads: said in one line
+    assert main(["eval", "amber", "--answers", str(path), "--data", str(AMBER), "--out", str(tmp_path / "a")]) == 2
+    assert "lmms-eval has no AMBER task that vsink reads" in capsys.readouterr().err

@@ -113,8 +113,7 @@ def _run_benchmark(args: argparse.Namespace, out: Path) -> int:
     """``vsink eval NAME`` for a benchmark of :mod:`vsink.evaluate.benchmarks`: score --answers, or
     run the model over the items of --data."""
     from .evaluate import hallucination as hal
-    from .evaluate.benchmarks import get
-    from .io import read_jsonl
+    from .evaluate.benchmarks import get, read_answers
 
     bench = get(args.eval_command)
     settings = {o.key: getattr(args, o.key) for o in bench.options}
@@ -125,7 +124,7 @@ def _run_benchmark(args: argparse.Namespace, out: Path) -> int:
     if args.answers:
         if args.new_run:
             raise VsinkError("--new-run applies to runs of a model; scoring a file writes its results as one set")
-        rows = read_jsonl(args.answers, tuple(bench.answer_fields), fields=bench.answer_fields, unique=bench.key)
+        rows = read_answers(bench, args.answers)
         protocol = {"answers": str(args.answers), **scoring}
         return _report(hal.save_results(out, bench.name, protocol, {"answers": score(rows)}, {}))
     _require(args, "data")

@@ -45,7 +45,8 @@ class Benchmark:
     (MME: whole image pairs); ``comparable``: what its numbers can be compared with (recorded in
     every result); ``details(scores)``: extra report tables (title, header, rows); ``options``:
     its own command-line options (their values are the ``settings`` given to the reader and the
-    scorer, and are recorded)."""
+    scorer, and are recorded); ``from_lmms_eval(doc, response, doc_id)``: an answers row from one
+    sample of lmms-eval's task for this benchmark (None: a sample outside it), where there is one."""
 
     name: str
     title: str
@@ -61,6 +62,7 @@ class Benchmark:
     limit: Callable[[list[dict[str, Any]], int], list[dict[str, Any]]] = lambda items, n: items[:n]
     details: Optional[Callable[[dict[str, Any]], list[tuple[str, list[str], list[list[str]]]]]] = None
     options: tuple[Option, ...] = ()
+    from_lmms_eval: Optional[Callable[[dict[str, Any], str, Any], Optional[dict[str, Any]]]] = None
 
 
 def get(name: str) -> Benchmark:
@@ -68,6 +70,43 @@ def get(name: str) -> Benchmark:
     if name not in MODULES:
         raise VsinkError(f"unknown benchmark {name!r}; known: {', '.join(MODULES)}")
     return importlib.import_module(MODULES[name]).BENCHMARK
+
+
+def read_answers(bench: Benchmark, path: PathLike) -> list[dict[str, Any]]:
+    """An answers JSONL to score: rows with :attr:`Benchmark.answer_fields` (each key once), or
+    the samples lmms-eval writes with ``--log_samples`` for the benchmark's task (lines with
+    ``doc`` and ``filtered_resps``), converted row by row."""
+    from ..io import read_jsonl
+    from ..readers import ReadError, checked_field
+
+    first = read_jsonl(path)[:1]
+    if not (first and "doc" in first[0] and "filtered_resps" in first[0]):
+        return read_jsonl(path, tuple(bench.answer_fields), fields=bench.answer_fields, unique=bench.key)
+    if bench.from_lmms_eval is None:
+        raise ReadError(f"{path}: lmms-eval samples; lmms-eval has no {bench.title} task that vsink reads")
+    rows, seen = [], set()
+    for n, sample in enumerate(read_jsonl(path, ("doc", "filtered_resps")), 1):
+        doc, resps = sample["doc"], sample["filtered_resps"]
+        while isinstance(resps, list) and resps:
+            resps = resps[0]
+        if not isinstance(doc, dict) or not isinstance(resps, str):
+            raise ReadError(f"{path}:{n}: an lmms-eval sample needs 'doc' (an object) and 'filtered_resps' (the "
+                            "generated text)")
+        try:
+            row = bench.from_lmms_eval(doc, resps, sample.get("doc_id", n))
+        except KeyError as e:
+            raise ReadError(f"{path}:{n}: doc: missing field {e}") from None
+        if row is None:
+            continue
+        for key, kind in bench.answer_fields.items():
+            checked_field(row, key, kind, f"{path}:{n}: doc")
+        if str(row[bench.key]) in seen:
+            raise ReadError(f"{path}:{n}: {bench.key} {row[bench.key]} repeats an earlier sample")
+        seen.add(str(row[bench.key]))
+        rows.append(row)
+    if not rows:
+        raise ReadError(f"{path}: no lmms-eval sample of the {bench.title} questions")
+    return rows
 
 
 def yes_no_metrics(labels: Sequence[str], preds: Sequence[Optional[str]], positive: str = "yes") -> dict[str, Any]:

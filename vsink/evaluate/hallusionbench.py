@@ -152,9 +152,16 @@ def details(scores: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     return [("Accuracies by split", head, body), ("Extracted answers", ["extracted", "answers"], extracted)]
 
 
+def from_lmms_eval(doc: dict[str, Any], response: str, doc_id: Any) -> dict[str, Any]:
+    """An answers row from a sample of lmms-eval's ``hallusion_bench_image`` task (its documents
+    carry the official fields)."""
+    row = {**{k: doc[k] for k in ANSWER_FIELDS if k != "answer"}, "answer": response}
+    return {**row, "index": _ident(row, "category", "subcategory", "set_id", "figure_id", "question_id")}
+
+
 BENCHMARK = Benchmark(
     name="hallusionbench", title="HallusionBench", read_items=read_items, answer_fields=ANSWER_FIELDS,
     scorer=lambda settings: score_answers, metrics=metrics, prompt=PROMPT, max_new_tokens=64,
     comparable="VLMEvalKit's HallusionBench with judge exact_matching (aAcc, fAcc, qAcc); not the paper's or the "
                "leaderboard's GPT-4-judged numbers",
-    key="index", details=details)
+    key="index", details=details, from_lmms_eval=from_lmms_eval)

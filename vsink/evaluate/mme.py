@@ -136,9 +136,20 @@ def details(scores: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                                 for cat, c in scores["categories"].items()])]
 
 
+def from_lmms_eval(doc: dict[str, Any], response: str, doc_id: Any) -> Optional[dict[str, Any]]:
+    """An answers row from a sample of lmms-eval's ``mme`` task (``lmms-lab/MME``: ``question_id``
+    — the image, shared by its two questions —, ``category``, ``answer``); None outside the four
+    categories."""
+    if doc["category"] not in CATEGORIES:
+        return None
+    label = str(doc["answer"]).lower().strip().replace(".", "")
+    return {"question_id": f"{doc['question_id']}#{doc_id}", "image_id": str(doc["question_id"]),
+            "category": doc["category"], "label": label, "answer": response}
+
+
 BENCHMARK = Benchmark(
     name="mme", title="MME hallucination subset", read_items=read_items, answer_fields=ANSWER_FIELDS,
     scorer=lambda settings: score_answers, metrics=metrics, prompt=PROMPT, max_new_tokens=16,
     comparable="lmms-eval's mme task with its default prompt (the default here; its per-category scores for existence, count, position "
                "and color; its perception total adds six more categories)",
-    limit=limit, details=details)
+    limit=limit, details=details, from_lmms_eval=from_lmms_eval)
