@@ -472,6 +472,8 @@ def test_amber_cli(tmp_path, monkeypatch, capsys):
     none = results["results"]["none"]
     assert none["generative"]["responses"] == 2 and none["settings"]["word_similarity"].startswith("off")
     assert results["protocol"]["similarity_model"] == "en_core_web_lg"
+    assert "none: scored with nouns: every token" in (out / "results.md").read_text()
+    assert "word_similarity</td><td>off: exact matches only" in (out / "results.html").read_text()
     _resumes_without_generating("amber", out, args, monkeypatch)
     mine = tmp_path / "mine.jsonl"
     mine.write_text("".join(json.dumps(r) + "\n" for r in [{"id": 3, "response": "Yes"}, {"id": 4, "response": "No"}]))

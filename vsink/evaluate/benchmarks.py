@@ -107,17 +107,3 @@ def read_answers(bench: Benchmark, path: PathLike) -> list[dict[str, Any]]:
     if not rows:
         raise ReadError(f"{path}: no lmms-eval sample of the {bench.title} questions")
     return rows
-
-
-def yes_no_metrics(labels: Sequence[str], preds: Sequence[Optional[str]], positive: str = "yes") -> dict[str, Any]:
-    """Accuracy, precision, recall and F1 with ``positive`` as the positive class (a prediction
-    that is neither yes nor no is wrong and not positive); 0 where a denominator is 0."""
-    tp = sum(p == positive and l == positive for l, p in zip(labels, preds))
-    fp = sum(p == positive and l != positive for l, p in zip(labels, preds))
-    fn = sum(p != positive and l == positive for l, p in zip(labels, preds))
-    correct = sum(p == l for l, p in zip(labels, preds))
-    n = len(labels)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"n": n, "accuracy": correct / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1}

@@ -159,6 +159,10 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
             if bad:
                 md.append(f"{name}: unparseable answers (counted wrong, not yes): "
                           + ", ".join(f"{s} {m['unparseable']}/{m['n']}" for s, m in bad.items()))
+    if kind not in ("pope", "chair"):
+        for name, sc in scores.items():
+            if sc.get("settings"):  # what the scorer used where the reference's data is missing (AMBER)
+                md.append(f"{name}: scored with " + "; ".join(f"{k}: {v}" for k, v in sc["settings"].items()))
     for name, items in skipped.items():
         if items:
             md.append(f"{name}: {len(items)} items skipped (see results.json)")
