@@ -522,3 +522,19 @@ def test_hallusionbench_scores_lmms_eval_samples(tmp_path, capsys):
     # AMBER has no lmms-eval task vsink reads: said in one line
     assert main(["eval", "amber", "--answers", str(path), "--data", str(AMBER), "--out", str(tmp_path / "a")]) == 2
     assert "lmms-eval has no AMBER task that vsink reads" in capsys.readouterr().err
+
+
+def test_example_scores_every_benchmark(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["hallucination_benchmarks.py", str(tmp_path)])
+    with pytest.warns(Warning, match="word similarity is off"):
+        runpy.run_path(str(Path(__file__).parents[1] / "examples" / "hallucination_benchmarks.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    # the comments of the example, worked by hand: MME 50 + 0; HallusionBench one of two right, the
+    # edited figure wrong, the question not right on both; Object HalBench puppy → dog, cats wrong;
+    # AMBER cat hallucinated of dog, cat, ground: 1/3.001; both truth objects covered: 2/2.001 → 100.0
+    for line in ("MME existence score: 50.0", "HallusionBench aAcc / fAcc / qAcc: 0.5 0.5 0.0",
+                 "Object HalBench CHAIR_i: 0.5", "AMBER CHAIR / Cover: 33.3 100.0", "AMBER existence accuracy: 99.9"):
+        assert line in out
