@@ -538,3 +538,21 @@ def test_example_scores_every_benchmark(tmp_path, monkeypatch, capsys):
     for line in ("MME existence score: 50.0", "HallusionBench aAcc / fAcc / qAcc: 0.5 0.5 0.0",
                  "Object HalBench CHAIR_i: 0.5", "AMBER CHAIR / Cover: 33.3 100.0", "AMBER existence accuracy: 99.9"):
         assert line in out
+
+
+def test_benchmark_pages_show_deltas_with_two_decimals_and_the_banner(tmp_path):
+    from vsink.evaluate.hallucination import save_results
+
+    def scores(existence_right):
+        rows = [_mme_row("existence", "a", 0, "yes", "Yes"), _mme_row("existence", "a", 1, "no", "No"),
+                _mme_row("existence", "b", 0, "yes", "Yes"),
+                _mme_row("existence", "b", 1, "no", "No" if existence_right else "Yes")]
+        return mme.score_answers(rows)
+
+    paths = save_results(tmp_path, "mme", {"synthetic": True, "prompt": "<b>{question}</b>"},
+                         {"none": scores(False), "var": scores(True)}, {})
+    page, md = paths["html"].read_text(), paths["markdown"].read_text()
+    # existence 125.00 → 200.00: +75.00, a win (higher is better), in both files
+    assert "| existence score (0–200) | 125.00 | 200.00 (+75.00) |" in md
+    assert "<span class='pos'>+75.00</span>" in page and "Synthetic demo LVLM" in page
+    assert "&lt;b&gt;{question}&lt;/b&gt;" in page and "<b>{question}</b>" not in page
