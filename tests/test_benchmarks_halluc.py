@@ -556,3 +556,18 @@ def test_benchmark_pages_show_deltas_with_two_decimals_and_the_banner(tmp_path):
     assert "| existence score (0–200) | 125.00 | 200.00 (+75.00) |" in md
     assert "<span class='pos'>+75.00</span>" in page and "Synthetic demo LVLM" in page
     assert "&lt;b&gt;{question}&lt;/b&gt;" in page and "<b>{question}</b>" not in page
+
+
+def test_a_changed_scoring_file_is_a_different_run(tmp_path, capsys):
+    # the run record holds the bytes of AMBER's data files: a resume after relation.json changed is refused
+    data = tmp_path / "amber"
+    shutil.copytree(AMBER, data)
+    argv = ["eval", "amber", "--data", str(data), str(data / "image"), "--model", "demo-llava", "--no-progress",
+            "--max-new-tokens", "2", "--limit", "1", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    relation = json.loads((data / "relation.json").read_text())
+    relation["dog"] = ["puppy"]
+    (data / "relation.json").write_text(json.dumps(relation))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "data_file:" in capsys.readouterr().err

@@ -136,7 +136,22 @@ def _run_benchmark(args: argparse.Namespace, out: Path) -> int:
                 "items": len(chosen), "images": sorted({it["image"] for it in chosen}), **scoring}
     return _run_model(args, out, bench.name, chosen, bench.key, bench.field,
                       lambda it: args.prompt.format(question=it["question"]), score, protocol,
-                      {"items": content_hash(items)})
+                      {"items": content_hash(items), **_benchmark_files(bench, args.data, settings),
+                       **{k: v for k, v in scoring.items() if k != "comparable"}})
+
+
+def _benchmark_files(bench, data: str, settings: dict[str, Any]) -> dict[str, Optional[str]]:
+    """The bytes of what makes or scores a benchmark's answers, for the run record: the data file
+    (or the data folder's files the benchmark names) and every file option (annotations, captions)."""
+    from .manifest import files_fingerprint
+
+    path = Path(data)
+    files = {"data_file": file_sha256(path) if path.is_file() else files_fingerprint(path, bench.data_files(settings))}
+    for option in bench.options:
+        value = settings.get(option.key)
+        if value is not None and Path(str(value)).is_file():
+            files[f"{option.key}_file"] = file_sha256(value)
+    return files
 
 
 def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str, Any]]:

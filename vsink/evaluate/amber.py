@@ -308,4 +308,6 @@ BENCHMARK = Benchmark(
     metrics=metrics, prompt="{question}", max_new_tokens=512,
     comparable="AMBER's inference.py on the same responses where its spaCy model and NLTK tagger agree with the "
                "settings recorded (word_similarity, nouns); discriminative numbers exactly, with --yes-no exact",
-    key="id", field="response", details=details, options=OPTIONS)
+    key="id", field="response", details=details, options=OPTIONS,
+    data_files=lambda settings: ("annotations.json", "relation.json", "safe_words.txt",
+                                 f"query/query_{settings['queries']}.json"))

@@ -46,7 +46,9 @@ class Benchmark:
     every result); ``details(scores)``: extra report tables (title, header, rows); ``options``:
     its own command-line options (their values are the ``settings`` given to the reader and the
     scorer, and are recorded); ``from_lmms_eval(doc, response, doc_id)``: an answers row from one
-    sample of lmms-eval's task for this benchmark (None: a sample outside it), where there is one."""
+    sample of lmms-eval's task for this benchmark (None: a sample outside it), where there is one;
+    ``data_files(settings)``: the files of a data folder that make or score the answers (their
+    bytes go into a run's record)."""
 
     name: str
     title: str
@@ -63,6 +65,7 @@ class Benchmark:
     details: Optional[Callable[[dict[str, Any]], list[tuple[str, list[str], list[list[str]]]]]] = None
     options: tuple[Option, ...] = ()
     from_lmms_eval: Optional[Callable[[dict[str, Any], str, Any], Optional[dict[str, Any]]]] = None
+    data_files: Callable[[dict[str, Any]], tuple[str, ...]] = lambda settings: ()
 
 
 def get(name: str) -> Benchmark:
