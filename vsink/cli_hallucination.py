@@ -1,6 +1,7 @@
-"""``vsink eval pope`` and ``vsink eval chair``: score existing outputs, or run an LVLM with
-mitigations over the benchmark (resumable) and score. The flags are declared in
-:mod:`vsink.parameters` (``POPE_RUN``, ``POPE``, ``CHAIR_RUN``, ``CHAIR``)."""
+"""``vsink eval pope``, ``vsink eval chair`` and ``vsink eval NAME`` for the benchmarks of
+:mod:`vsink.evaluate.benchmarks`: score existing outputs, or run an LVLM with mitigations over the
+benchmark (resumable) and score. The flags are declared in :mod:`vsink.parameters` (``POPE_RUN``,
+``POPE``, ``CHAIR_RUN``, ``CHAIR``, ``benchmark_options``)."""
 
 from __future__ import annotations
 

@@ -185,7 +185,6 @@ def spacy_similarity(model: str) -> tuple[Optional[Callable[[str, str], float]],
     return (lambda a, b: float(doc(a).similarity(doc(b)))), f"spaCy {model}"
 
 
-@lru_cache(maxsize=4)
 def read_data(folder: str) -> tuple[dict[int, dict[str, Any]], dict[str, list[str]], frozenset[str]]:
     """Annotations by id, ``relation.json`` and the global safe words of AMBER's data folder."""
     root = Path(folder)

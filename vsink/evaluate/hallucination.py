@@ -1,5 +1,6 @@
-"""The hallucination runner: an LVLM over POPE questions or CHAIR images, with and without
-mitigations, resumable, then scored.
+"""The hallucination runner: an LVLM over POPE questions, CHAIR images or the items of a
+benchmark of :mod:`vsink.evaluate.benchmarks` (MME, HallusionBench, Object HalBench, AMBER), with
+and without mitigations, resumable, then scored.
 
 Each mitigation writes ``OUT/<mitigation>/answers.jsonl`` (POPE: the question fields plus
 ``answer``) or ``generated.jsonl`` (CHAIR: ``image_id``, ``image``, ``caption``), each line with
