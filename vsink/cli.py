@@ -99,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(chair, P.CHAIR_RUN, P.CHAIR)
     for name in BENCHMARK_MODULES:
         bench = get_benchmark(name)
-        bench_parser = ev_sub.add_parser(name, help=f"{bench.title}: run an LVLM, score offline",
-                                   description=f"Score --answers FILE, or run --model over the {bench.title} items of "
-                                               "--data (images in IMAGE_DIR, by default the data's folder) with each "
-                                               "--mitigation.")
+        bench_parser = ev_sub.add_parser(
+            name, help=f"{bench.title}: run an LVLM, score offline",
+            description=f"Score --answers FILE, or run --model over the {bench.title} items of --data (images in "
+                        "IMAGE_DIR, by default the data's folder) with each --mitigation.")
         add_options(bench_parser, P.benchmark_options(name))
 
     gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",

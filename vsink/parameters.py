@@ -224,6 +224,7 @@ CHAIR = declare(
            "reference", nullable=True, default_text="the packaged reference table"),
 )
 
+
 def benchmark_options(name: str) -> dict[str, Option]:
     """The options of ``vsink eval NAME`` for a benchmark of :mod:`vsink.evaluate.benchmarks`."""
     from .evaluate.benchmarks import get
@@ -243,7 +244,6 @@ def benchmark_options(name: str) -> dict[str, Option]:
         Option("answers", InputPath(), None, "score this answers JSONL (no model)", nullable=True),
         *bench.options,
     )
-
 
 
 VIEW = declare(
