@@ -249,16 +249,26 @@ def test_pope_answers_with_an_id_repeated_as_another_json_type_are_refused(tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_chair_generated_with_repeated_image_ids_are_refused(tmp_path, capsys):
-    rows = [{"image_id": 1, "caption": "A dog."}, {"image_id": 2, "caption": "A cat and a car."},
-            {"image_id": 1, "caption": "A bus."}]
+def test_chair_generated_with_repeated_image_and_sample_are_refused(tmp_path, capsys):
+    # several captions of an image are each scored (as the reference chair.py does); the same image
+    # and sample index twice would score one caption twice
+    rows = [{"image_id": 1, "caption": "A dog.", "sample": 0}, {"image_id": 2, "caption": "A cat and a car."},
+            {"image_id": 1, "caption": "A bus.", "sample": 0}]
     generated = jsonl(tmp_path / "generated.jsonl", rows)
     refused(capsys, "eval", "chair", "--generated", generated, "--annotations", coco(tmp_path / "instances.json"),
-            "--out", tmp_path / "out", match=r"generated\.jsonl:3: image_id 1 repeats line 1; each must appear once")
+            "--out", tmp_path / "out", match=r"generated\.jsonl:3: image_id 1 sample 0 repeats line 1; each must appear once")
     assert not (tmp_path / "out").exists()
-    jsonl(generated, rows[:2])
+    # a caption without a sample index is the image's next one: sample 0 given, then an unnumbered
+    # caption of image 1 (sample 1), then sample 1 given again
+    jsonl(generated, [rows[0], rows[1], {"image_id": 1, "caption": "A bus."}, {"image_id": 1, "caption": "x", "sample": 1}])
+    refused(capsys, "eval", "chair", "--generated", generated, "--annotations", tmp_path / "instances.json",
+            "--out", tmp_path / "out", match=r"item 3: image_id 1 sample 1 was captioned before \(item 2\)")
+    jsonl(generated, [rows[0], rows[1], {"image_id": 1, "caption": "A bus."}])
     assert cli(capsys, "eval", "chair", "--generated", generated, "--annotations", tmp_path / "instances.json",
                "--out", tmp_path / "out")[0] == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["generated"]
+    assert (results["n"], results["images"]) == (3, 2)
+    assert [(c["image_id"], c["sample"]) for c in results["captions"]] == [(1, 0), (2, 0), (1, 1)]
 
 
 @pytest.mark.parametrize("caption", [None, 42, ["a", "dog"]], ids=["null", "number", "list"])

@@ -165,7 +165,7 @@ def test_pope_html_counts_unparseable_answers_instead_of_zeros(tmp_path):
         assert page.section(split)["table"] == 1
     rows = [r for r in page.cells if r and r[0] in ("accuracy (%)", "unparseable answers")]
     assert all(r[1] == "n/a: all unparseable" for r in rows if r[0] == "accuracy (%)")
-    assert all(r[2] == "50.00" for r in rows if r[0] == "accuracy (%)")  # 'Yes' to 12 yes, 12 no
+    assert all(r[2].startswith("50.00 [") for r in rows if r[0] == "accuracy (%)")  # 'Yes' to 12 yes, 12 no
     assert [r[1] for r in rows if r[0] == "unparseable answers"] == ["24 / 24", "24 / 24", "48 / 48"]
     assert "none: unparseable answers (counted wrong, not yes): adversarial 24/24, random 24/24" in \
         paths["markdown"].read_text()
@@ -189,7 +189,11 @@ def test_chair_html_marks_hallucinated_words_per_caption(tmp_path):
     assert page.classes["halluc"][1:] == ["cat", "dog"]  # image 1: the cat; image 2 under pai: the dog
     assert page.classes["ok"][1:] == ["man", "dogs", "dog", "cat", "cat"]
     score_row = next(r for r in page.cells if r and r[0] == "CHAIR_s (%)")
-    assert score_row[1:3] == ["50.00", "50.00"]
+    # none: image 1 hallucinates, image 2 not; pai: the reverse. Two images resampled: both image 1
+    # (1/4: 100 %), both image 2 (1/4: 0 %), one of each (1/2: 50 %), so the 95 % interval is
+    # [0, 100]; the paired difference pai − none is −100 for image 1 twice, +100 for image 2
+    # twice and 0 otherwise: ±0.00 with the interval [−100, +100], neutral (it contains 0)
+    assert score_row[1:4] == ["50.00 [0.00, 100.00]", "50.00 [0.00, 100.00]", "±0.00 [−100.00, +100.00]"]
     cell = caption_cell({"caption": "Two <b>dogs</b>", "mentioned": ["dog"], "hallucinated": ["dog"],
                          "mentioned_words": ["dog"]})
     assert "&lt;b&gt;<mark class='halluc'>dogs</mark>&lt;/b&gt;" in cell  # escaped text, the word marked

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import VsinkError
+from .evaluate.stats import Bootstrap
 from .io import write_jsonl
 from .manifest import content_hash, file_sha256
 from .wording import count
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             rows = pope_mod.read_answers(args.answers)
             scores = {"answers": pope_mod.score_answers(rows, args.parser)}
             protocol = {"answers": str(args.answers), "parser": args.parser}
-            paths = hal.save_results(out, "pope", protocol, scores, {})
+            paths = hal.save_results(out, "pope", protocol, scores, {}, Bootstrap.from_args(args))
             return _report(paths)
         built = not args.questions
         if args.questions:
@@ -98,16 +99,23 @@ def run(args: argparse.Namespace) -> int:
         rows = chair_mod.read_generated(args.generated)
         scores = {"generated": chair_mod.score_captions(rows, truth, str(args.generated), vocab)}
         protocol = {"generated": str(args.generated), **scoring}
-        return _report(hal.save_results(out, "chair", protocol, scores, {}))
+        return _report(hal.save_results(out, "chair", protocol, scores, {}, Bootstrap.from_args(args)))
     images = _chair_images(args.annotations, args.num_images, args.seed)
-    items = images[: args.limit] if args.limit else images
-    protocol = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "greedy": True,
-                "images": [it["image"] for it in items], **scoring}
-    inputs = {"images": content_hash(images), "annotations_file": file_sha256(args.annotations),
-              "captions_file": file_sha256(args.captions) if args.captions else None, "vocabulary": vocab.name,
-              "synonyms": vocab.source}
-    return _run_model(args, out, "chair", items, "image_id", "caption", lambda it: args.prompt,
-                      lambda rows: chair_mod.score_captions(rows, truth, vocabulary=vocab), protocol, inputs)
+    chosen = images[: args.limit] if args.limit else images
+    items = [{**it, "sample": s} for it in chosen for s in range(args.samples_per_image)]
+    protocol = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "greedy": args.samples_per_image == 1, "images": [it["image"] for it in chosen], **scoring}
+    inputs: dict[str, Any] = {"images": content_hash(images), "annotations_file": file_sha256(args.annotations),
+                              "captions_file": file_sha256(args.captions) if args.captions else None,
+                              "vocabulary": vocab.name, "synonyms": vocab.source}
+    sampling = None
+    if args.samples_per_image > 1:
+        sampling = {"seed": args.seed, "temperature": args.temperature, "top_p": args.top_p}
+        protocol.update(samples_per_image=args.samples_per_image, sampling=sampling)
+        inputs.update(samples_per_image=args.samples_per_image, sampling=sampling)
+    return _run_model(args, out, "chair", items, ("image_id", "sample"), "caption", lambda it: args.prompt,
+                      lambda rows: chair_mod.score_captions(rows, truth, vocabulary=vocab), protocol,
+                      inputs, sampling=sampling)
 
 
 def _run_benchmark(args: argparse.Namespace, out: Path) -> int:
@@ -163,14 +171,16 @@ def _chair_images(annotations: str, num_images: int, seed: int) -> list[dict[str
     return [{"image_id": i, "image": files[i]} for i in ids]
 
 
-def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[str, Any]], key: str, field: str,
+def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[str, Any]], key, field: str,
                prompt, score, protocol: dict[str, Any], inputs: dict[str, Any],
-               written: Optional[dict[str, list]] = None) -> int:
+               written: Optional[dict[str, list]] = None, sampling: Optional[dict[str, Any]] = None) -> int:
     """Run every mitigation over ``items`` into ``out`` (or, with --new-run, a fresh folder when
     ``out`` holds a run made otherwise), holding the folder's lock, then score. ``inputs``: what
     identifies the whole question or image list (before --limit) and the files and settings that
     make or score the answers, for the run record; the bytes of the images ``items`` use, the
-    images folder, --limit and --batch-size are added here."""
+    images folder, --limit and --batch-size are added here. ``key``: the field(s) identifying an
+    item (:func:`vsink.evaluate.hallucination.key_of`); ``sampling``: sample instead of decoding
+    greedily."""
     from .cli_common import load_lvlm_for
     from .evaluate import hallucination as hal
     from .manifest import StaleRun, check_resume, files_fingerprint, fresh_folder, weights_fingerprint
@@ -188,9 +198,10 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
                 "resolved_settings": {name: _resolved(mits) for name, mits in resolved.items()}}
     common = {"kind": kind, "model": args.model, "weights": weights_fingerprint(lvlm.model),
               "protocol": args.protocol, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-              "decoding": "greedy", **inputs, "images_dir": str(Path(args.images).resolve()),
-              "image_bytes": files_fingerprint(args.images, [it["image"] for it in items]), "limit": args.limit,
-              "batch_size": args.batch_size, "vsink_version": __version__}
+              "decoding": "sampled" if sampling else "greedy", **inputs,
+              "images_dir": str(Path(args.images).resolve()),
+              "image_bytes": files_fingerprint(args.images, list(dict.fromkeys(it["image"] for it in items))),
+              "limit": args.limit, "batch_size": args.batch_size, "vsink_version": __version__}
     determining = {name: {**common, "mitigation": name, "settings": settings[name],
                           "resolved_settings": protocol["resolved_settings"][name]} for name in names}
     files = {name: out / name / ("generated.jsonl" if field == "caption" else "answers.jsonl") for name in names}
@@ -214,14 +225,14 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
                 lvlm, items, key, out / name / files[name].name,
                 images_dir=Path(args.images), prompt=prompt, field=field, mitigation=name, settings=settings[name],
                 protocol=args.protocol, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                progress=not args.no_progress, determining=determining[name], command=command)
-            wanted = {it[key] for it in items}
-            rows = [r for r in rows if r[key] in wanted]
+                progress=not args.no_progress, determining=determining[name], command=command, sampling=sampling)
+            wanted = {hal.key_of(it, key) for it in items}
+            rows = [r for r in rows if hal.key_of(r, key) in wanted]
             if not rows:
                 raise VsinkError(f"{name}: no item could be run (first problem: "
                                  f"{skipped[name][0]['reason'] if skipped[name] else 'none'})")
             scores[name] = score(rows)
-        return _report(hal.save_results(out, kind, protocol, scores, skipped))
+        return _report(hal.save_results(out, kind, protocol, scores, skipped, Bootstrap.from_args(args)))
 
 
 def _resolved(mitigations: list) -> Optional[dict[str, Any]]:

@@ -48,13 +48,14 @@ def write_json(path: Union[str, os.PathLike], obj: Any) -> Path:
 
 
 def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = (), *,
-               fields: Optional[Mapping[str, Kind]] = None, unique: Optional[str] = None,
+               fields: Optional[Mapping[str, Kind]] = None, unique: Union[None, str, tuple[str, ...]] = None,
                cut_last_line: bool = False) -> list[dict[str, Any]]:
     """Lines of a JSONL file, each a JSON object; every problem is a one-line error naming the
     file and line (and the field): bytes that are not UTF-8, a line that is not JSON or not an
     object, a missing ``required`` field, a field of the wrong kind (``fields``: key → kind, checked
-    where present), a repeated value of the ``unique`` field (the error names both lines; an integer
-    and its decimal text, ``1`` and ``"1"``, are one value).
+    where present), a repeated value of the ``unique`` field, or of the ``unique`` fields together
+    on the lines that have them all (the error names both lines; an integer and its decimal text,
+    ``1`` and ``"1"``, are one value).
 
     ``cut_last_line``: for vsink's own logs, appended as work completes — a last line cut by an
     interrupted append (no final newline, not JSON) is skipped; elsewhere (files to be scored)
@@ -85,12 +86,14 @@ def read_jsonl(path: Union[str, os.PathLike], required: Sequence[str] = (), *,
         for key, kind in (fields or {}).items():
             if key in row:
                 checked_field(row, key, kind, f"{p}:{n}")
-        if unique is not None and unique in row:
-            value = row[unique]
-            ident = json.dumps(str(value) if isinstance(value, int) and not isinstance(value, bool) else value,
+        keys = (unique,) if isinstance(unique, str) else unique or ()
+        if keys and all(k in row for k in keys):
+            values = [row[k] for k in keys]
+            ident = json.dumps([str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values],
                                sort_keys=True)
             if ident in seen:
-                raise ReadError(f"{p}:{n}: {unique} {json.dumps(value)} repeats line {seen[ident]}; each must appear once")
+                named = " ".join(f"{k} {json.dumps(v)}" for k, v in zip(keys, values))
+                raise ReadError(f"{p}:{n}: {named} repeats line {seen[ident]}; each must appear once")
             seen[ident] = n
         rows.append(row)
     return rows

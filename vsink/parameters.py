@@ -20,6 +20,7 @@ from .evaluate.dense import LOST, TASKS
 from .evaluate.hallucination import CHAIR_PROMPT, POPE_PROMPT
 from .evaluate.pope import PARSERS, SPLITS
 from .evaluate.segmentation import PROBE
+from .evaluate.stats import STATS
 from .mitigate import PROTOCOLS, REGISTRY
 from .maps import DEFAULT_KINDS, KINDS
 from .options import (BATCH, DEVICE, NO_PROGRESS, SEED, THRESHOLD, Assignment, Bool, Choice, Float, InputPath, Int, ListOf,
@@ -211,8 +212,15 @@ POPE = declare(
     Option("splits", ListOf(Choice(SPLITS), nonempty=True, distinct=True), list(SPLITS), "POPE splits"),
     Option("parser", Choice(PARSERS), "official", "answer parser"),
     Option("build_only", Bool(), False, "write OUT/questions.jsonl and stop"),
+    *STATS.values(),
 )
-CHAIR_RUN = hallucination_run(Option("prompt", PROMPT_TEXT, CHAIR_PROMPT, "prompt (used as given)"), 512)
+CHAIR_RUN = declare(
+    *hallucination_run(Option("prompt", PROMPT_TEXT, CHAIR_PROMPT, "prompt (used as given)"), 512).values(),
+    Option("samples_per_image", Int(1, 1000), 1, "captions per image: 1 decodes greedily; more samples each "
+           "caption (seeded from --seed, the image and the sample index) and scores every one"),
+    Option("temperature", Float(0.0, min_open=True), 1.0, "sampling temperature (with --samples-per-image > 1)"),
+    Option("top_p", Float(0.0, 1.0, min_open=True), 1.0, "nucleus sampling mass (with --samples-per-image > 1)"),
+)
 CHAIR = declare(
     Option("generated", InputPath(), None, "score this generated-captions JSONL (no model)", nullable=True),
     Option("captions", InputPath(), None, "COCO captions JSON (reference captions add ground-truth objects)",
@@ -222,6 +230,7 @@ CHAIR = declare(
            "(docs/fidelity.md)"),
     Option("synonyms", InputPath(), None, "synonym table in the reference synonyms.txt format, for --vocabulary "
            "reference", nullable=True, default_text="the packaged reference table"),
+    *STATS.values(),
 )
 
 

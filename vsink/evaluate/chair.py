@@ -14,6 +14,11 @@ captions (when given), both through the chosen vocabulary. CHAIR_i = hallucinate
 mentions; CHAIR_s = captions with ≥ 1 hallucinated mention / captions; recall = Σ |mentioned ∩
 ground truth| / Σ |ground truth| over captions (as in OPERA's copy of the reference); avg_len =
 mean words (runs of Unicode letters, "café" one word) per caption. 0 where a denominator is 0.
+
+Several captions per image (sampled captions) are scored each, as the reference chair.py scores
+every caption it is given; a caption is identified by its image and its ``sample`` index (given
+in the file, or its position among the image's captions), and the same image and sample index
+twice is an error: no caption is scored twice.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from ..errors import VsinkError
 from ..io import read_jsonl
-from ..options import Text
+from ..options import Int, Text
 from ..readers import checked_field, read_json, records
 from . import chair_reference, chair_vsink
 from .chair_words import SYNONYMS
@@ -32,7 +37,7 @@ from .coco import ID, read_coco_objects
 
 VOCABULARIES = ("reference", "vsink")
 #: the kinds of the fields of a generated-captions file
-GENERATED_FIELDS = {"image_id": ID, "caption": Text()}
+GENERATED_FIELDS = {"image_id": ID, "caption": Text(), "sample": Int(min=0)}
 
 
 @dataclass(frozen=True)
@@ -87,27 +92,34 @@ def ground_truth(annotations: Union[str, os.PathLike, dict],
 
 def read_generated(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     """A generated-captions JSONL to score: ``image_id`` (an integer) and ``caption`` (text) on
-    every line, each ``image_id`` once (a repeated one would be scored twice); a caption that is
-    null, a number or a list is an error, not text."""
-    return read_jsonl(path, ("image_id", "caption"), fields=GENERATED_FIELDS, unique="image_id")
+    every line, optionally ``sample`` (an integer >= 0: which of the image's captions). An image
+    may have several captions; the same ``image_id`` and ``sample`` twice is an error (that caption
+    would be scored twice). A caption that is null, a number or a list is an error, not text."""
+    return read_jsonl(path, ("image_id", "caption"), fields=GENERATED_FIELDS, unique=("image_id", "sample"))
 
 
 def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str]],
                    where: str = "generated captions",
                    vocabulary: Union[str, Vocabulary] = "reference") -> dict[str, Any]:
-    """CHAIR_i, CHAIR_s, recall, avg_len, the vocabulary used and per-caption details (see the
-    module docstring); ``truth`` must come from :func:`ground_truth` with the same vocabulary."""
+    """CHAIR_i, CHAIR_s, recall, avg_len, the vocabulary used, the number of images and per-caption
+    details (see the module docstring: every caption is scored, several per image allowed, the
+    same image and ``sample`` index twice refused); ``truth`` must come from :func:`ground_truth`
+    with the same vocabulary."""
     vocab = _as_vocabulary(vocabulary)
     details, n_mentions, n_halluc, n_bad, hit, gt_total, lengths = [], 0, 0, 0, 0, 0, []
-    seen: dict[int, int] = {}
+    seen: dict[tuple[int, int], int] = {}
+    per_image: dict[int, int] = {}
     for i, row in enumerate(generated):
         if not isinstance(row, Mapping) or "image_id" not in row or "caption" not in row:
             raise VsinkError(f"{where}: item {i} needs image_id and caption")
         image_id = checked_field(row, "image_id", ID, f"{where}: item {i}")
-        if image_id in seen:
-            raise VsinkError(f"{where}: item {i}: image_id {image_id} was captioned before (item {seen[image_id]}); "
-                             "each image is scored once")
-        seen[image_id] = i
+        sample = (checked_field(row, "sample", GENERATED_FIELDS["sample"], f"{where}: item {i}") if "sample" in row
+                  else per_image.get(image_id, 0))
+        if (image_id, sample) in seen:
+            raise VsinkError(f"{where}: item {i}: image_id {image_id} sample {sample} was captioned before "
+                             f"(item {seen[(image_id, sample)]}); each caption is scored once")
+        seen[(image_id, sample)] = i
+        per_image[image_id] = per_image.get(image_id, 0) + 1
         caption = checked_field(row, "caption", Text(), f"{where}: item {i}")
         if image_id not in truth:
             raise VsinkError(f"{where}: item {i}: image_id {image_id} is not in the annotations")
@@ -117,17 +129,19 @@ def score_captions(generated: Iterable[dict[str, Any]], truth: dict[int, set[str
         n_mentions += len(found)
         n_halluc += len(halluc)
         n_bad += bool(halluc)
-        hit += len({c for _, c in found} & gt)
+        recalled = len({c for _, c in found} & gt)
+        hit += recalled
         gt_total += len(gt)
         lengths.append(len(chair_vsink.words(caption)))
-        details.append({"image_id": image_id, "caption": caption, "mentioned": [c for _, c in found],
+        details.append({"image_id": image_id, "sample": sample, "caption": caption, "mentioned": [c for _, c in found],
                         "hallucinated": [c for _, c in halluc], "mentioned_words": [p for p, _ in found],
-                        "hallucinated_words": [p for p, _ in halluc]})
+                        "hallucinated_words": [p for p, _ in halluc], "recalled": recalled, "truth": len(gt),
+                        "words": lengths[-1]})
     if not details:
         raise VsinkError(f"{where}: no captions to score")
     return {"chair_i": n_halluc / n_mentions if n_mentions else 0.0, "chair_s": n_bad / len(details),
             "recall": hit / gt_total if gt_total else 0.0, "avg_len": sum(lengths) / len(lengths),
-            "n": len(details), "mentions": n_mentions, "hallucinated_mentions": n_halluc,
+            "n": len(details), "images": len(per_image), "mentions": n_mentions, "hallucinated_mentions": n_halluc,
             "vocabulary": vocab.name, "synonyms": vocab.source, "captions": details}
 
 

@@ -24,6 +24,7 @@ synonym table used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -41,25 +42,50 @@ from ..options import Int
 from ..outputs import MANIFEST, OutputSet
 from ..readback import member
 from .pope import QUESTION_ID
+from .stats import Bootstrap
 
 POPE_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 CHAIR_PROMPT = "Please describe this image in detail."
 
 
-def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: Path, *, images_dir: Path,
+Key = Union[str, tuple[str, ...]]
+#: the kinds of the key fields of the runner's files (any other key field: a question id)
+KEY_KINDS = {"image_id": Int(min=0), "sample": Int(min=0)}
+
+
+def key_of(row: dict[str, Any], key: Key) -> Any:
+    """The value identifying a row: its ``key`` field, or the tuple of its ``key`` fields (a row
+    of an older vsink without ``sample`` is sample 0)."""
+    if isinstance(key, str):
+        return row[key]
+    return tuple(row.get(k, 0) if k == "sample" else row[k] for k in key)
+
+
+def sampling_seed(seed: int, first: Any) -> int:
+    """The torch seed of a sampled batch: from ``seed`` and the key of the batch's first item (a
+    resumed run meets the same batches, so it samples the same captions)."""
+    return int.from_bytes(hashlib.sha256(json.dumps([seed, first]).encode()).digest()[:8], "little")
+
+
+def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: Path, *, images_dir: Path,
               prompt: Callable[[dict[str, Any]], str], field: str, mitigation: str,
               settings: Optional[dict[str, Any]], max_new_tokens: int, batch_size: int,
               protocol: str = "paper", progress: bool = True,
               determining: Optional[dict[str, Any]] = None,
-              command: str = "vsink eval") -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Generate ``field`` for every item not yet in ``out_file`` (matched on ``key``) under the
-    mitigation ``protocol`` (paper or official, recorded in every row; rows of an earlier run
-    under another protocol are an error); returns the rows in the file, the first per key, and the
-    items skipped this time.
+              command: str = "vsink eval",
+              sampling: Optional[dict[str, Any]] = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Generate ``field`` for every item not yet in ``out_file`` (matched on ``key``: a field, or
+    several, e.g. ``("image_id", "sample")`` for several captions per image) under the mitigation
+    ``protocol`` (paper or official, recorded in every row; rows of an earlier run under another
+    protocol are an error); returns the rows in the file, the first per key, and the items
+    skipped this time.
 
     ``determining``: what determines the answers (see the module docstring), recorded in the
     folder's ``vsink-run.json`` before the first answer; earlier answers are resumed only when the
-    record matches (:func:`vsink.manifest.check_resume`)."""
+    record matches (:func:`vsink.manifest.check_resume`). ``sampling``: ``{"seed", "temperature",
+    "top_p"}`` to sample instead of decoding greedily, each batch seeded by :func:`sampling_seed`."""
+    import torch
+
     from ..lvlm import generate
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +98,8 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
     other = sorted({str(row.get("protocol", "paper")) for row in existing} - {protocol})
     if other:
         raise VsinkError(f"{out_file}: made under protocol {', '.join(other)}, not {protocol}; use another --out")
-    done = {row[key] for row in existing}
-    todo = [it for it in items if it[key] not in done]
+    done = {key_of(row, key) for row in existing}
+    todo = [it for it in items if key_of(it, key) not in done]
     skipped: list[dict[str, str]] = []
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{mitigation}", unit="item",
                disable=not progress)
@@ -81,15 +107,19 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
         batch, images = [], []
         for item in todo[start:start + batch_size]:
             try:
-                images.append(load_image(member(images_dir, item["image"], f"{key} {item[key]}: image")))
+                images.append(load_image(member(images_dir, item["image"], f"{key} {key_of(item, key)}: image")))
                 batch.append(item)
             except VsinkError as e:
-                skipped.append({"item": str(item[key]), "reason": str(e)})
+                skipped.append({"item": str(key_of(item, key)), "reason": str(e)})
                 bar.write(f"vsink: skipped {e}", file=sys.stderr)
         if batch:
             inputs = lvlm.prepare(images, [prompt(it) for it in batch])
-            result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, protocol=protocol,
-                              max_new_tokens=max_new_tokens)
+            with torch.random.fork_rng():
+                if sampling is not None:
+                    torch.manual_seed(sampling_seed(sampling["seed"], key_of(batch[0], key)))
+                result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, protocol=protocol,
+                                  max_new_tokens=max_new_tokens,
+                                  sampling=None if sampling is None else {k: sampling[k] for k in ("temperature", "top_p")})
             append_jsonl(out_file, [{**it, field: text.strip(), "protocol": protocol}
                                     for it, text in zip(batch, result.texts)], fsync=True)
         bar.update(len(todo[start:start + batch_size]))
@@ -97,64 +127,136 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: str, out_file: P
     return read_rows(out_file, key, report=False) if out_file.exists() else [], skipped
 
 
-def read_rows(path: Path, key: str, report: bool = True) -> list[dict[str, Any]]:
+def read_rows(path: Path, key: Key, report: bool = True) -> list[dict[str, Any]]:
     """A runner's answers file, the first row of each ``key`` (a repeated key — two writers at once
     in an older vsink, or an edited file — is never scored twice; with ``report``, the repeats are
-    counted in a warning)."""
+    counted in a warning). A several-field key (image and sample index) repeats only when all
+    its fields do."""
     import warnings
 
-    key_kind = {"image_id": Int(min=0)}.get(key, QUESTION_ID)
+    keys = (key,) if isinstance(key, str) else key
+    required = tuple(k for k in keys if k != "sample")  # files of an older vsink have no sample: sample 0
     rows, seen, repeats = [], set(), 0
-    for row in read_jsonl(path, (key,), fields={key: key_kind}, cut_last_line=True):
-        ident = json.dumps(str(row[key]) if isinstance(row[key], int) else row[key])
+    for row in read_jsonl(path, required, fields={k: KEY_KINDS.get(k, QUESTION_ID) for k in keys},
+                          cut_last_line=True):
+        value = key_of(row, keys)
+        ident = json.dumps([str(v) if isinstance(v, int) else v for v in value])
         if ident in seen:
             repeats += 1
             continue
         seen.add(ident)
         rows.append(row)
     if repeats and report:
-        warnings.warn(f"{path}: {repeats} repeated {key} line(s) ignored; the first answer of each is scored",
+        warnings.warn(f"{path}: {repeats} repeated {'/'.join(keys)} line(s) ignored; the first answer of each is scored",
                       VsinkWarning, stacklevel=2)
     return rows
 
 
-def _table(names: list[str], rows: list[tuple[str, list[Optional[float]], int]]) -> str:
+def _interval(iv: Optional[dict[str, float]], scale: float) -> str:
+    return "" if iv is None else f" [{iv['low'] * scale:.2f}, {iv['high'] * scale:.2f}]"
+
+
+def _delta(cmp: Optional[dict[str, float]], scale: float) -> str:
+    if cmp is None:
+        return ""
+    return f" (Δ {cmp['value'] * scale:+.2f} [{cmp['low'] * scale:+.2f}, {cmp['high'] * scale:+.2f}])"
+
+
+def _table(names: list[str], rows: list[tuple[str, list[Optional[float]], list[Optional[dict[str, float]]],
+                                              list[Optional[dict[str, float]]], int]]) -> str:
+    """Markdown: each value with its interval; each later mitigation's difference from the first
+    with the paired interval of the difference."""
     head = ["metric", names[0]] + [f"{n} (Δ vs {names[0]})" for n in names[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, values, scale in rows:
-        cells = [f"{values[0] * scale:.2f}" if values[0] is not None else "—"]
-        for v in values[1:]:
-            cells.append("—" if v is None else f"{v * scale:.2f} ({(v - values[0]) * scale:+.2f})")
+    for label, values, intervals, deltas, scale in rows:
+        cells = []
+        for i, v in enumerate(values):
+            if v is None:
+                cells.append("—")
+                continue
+            delta = _delta(deltas[i], scale)
+            if i and not delta and values[0] is not None:  # no paired interval: the plain difference
+                delta = f" ({(v - values[0]) * scale:+.2f})"
+            cells.append(f"{v * scale:.2f}{_interval(intervals[i], scale)}" + (delta if i else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[str, dict[str, Any]],
-                 skipped: dict[str, list[dict[str, str]]]) -> dict[str, Path]:
-    """``results.json``, ``results.md`` and ``results.html`` for POPE (``kind="pope"``), CHAIR or a
-    benchmark of :mod:`vsink.evaluate.benchmarks` (``kind`` its name)."""
+POPE_ROWS = (("accuracy", "accuracy (%)", 100), ("precision", "precision (%)", 100), ("recall", "recall (%)", 100),
+             ("f1", "F1 (%)", 100), ("yes_ratio", "yes-ratio (%)", 100))
+CHAIR_ROWS = (("chair_s", "CHAIR_s (%)", 100), ("chair_i", "CHAIR_i (%)", 100), ("recall", "recall (%)", 100),
+              ("avg_len", "average length (words)", 1))
+
+
+def _pope_rows(scores: dict[str, dict[str, Any]], comparisons: dict[str, Any]) -> list:
     names = list(scores)
+    rows = []
+    for split in sorted({s for sc in scores.values() for s in sc["splits"]}) + ["mean"]:
+        def part(d: Optional[dict[str, Any]]) -> dict[str, Any]:
+            return {} if d is None else (d.get("mean", {}) if split == "mean" else d.get("splits", {}).get(split, {}))
+
+        for key, label, scale in POPE_ROWS:
+            values = [(sc["mean"] if split == "mean" else sc["splits"].get(split, {})).get(key) for sc in scores.values()]
+            intervals = [part(sc.get("intervals")).get(key) for sc in scores.values()]
+            deltas = [None] + [part(comparisons.get(n)).get(key) for n in names[1:]]
+            rows.append((f"{split} {label}", values, intervals, deltas, scale))
+    return rows
+
+
+def _chair_rows(scores: dict[str, dict[str, Any]], comparisons: dict[str, Any]) -> list:
+    names = list(scores)
+    return [(label, [sc[key] for sc in scores.values()], [sc.get("intervals", {}).get(key) for sc in scores.values()],
+             [None] + [comparisons.get(n, {}).get(key) for n in names[1:]], scale)
+            for key, label, scale in CHAIR_ROWS]
+
+
+def statistics_line(statistics: dict[str, Any]) -> str:
+    """One sentence naming how the intervals were made."""
+    return (f"Intervals: {100 * statistics['level']:g} % {statistics['method']} over {statistics['unit']}s, "
+            f"{statistics['resamples']} resamples, seed {statistics['seed']}; Δ: the paired difference from the "
+            "first mitigation on the same items, with its paired-bootstrap interval (an interval containing 0 is "
+            "no demonstrated change).")
+
+
+def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[str, dict[str, Any]],
+                 skipped: dict[str, list[dict[str, str]]], statistics: Optional[Bootstrap] = None) -> dict[str, Path]:
+    """``results.json``, ``results.md`` and ``results.html`` for POPE (``kind="pope"``), CHAIR or a
+    benchmark of :mod:`vsink.evaluate.benchmarks` (``kind`` its name). POPE and CHAIR: every number
+    with its bootstrap interval and every difference from the first mitigation with its paired
+    interval (and, for POPE, McNemar's exact test); ``statistics``: the bootstrap's settings
+    (default :class:`~vsink.evaluate.stats.Bootstrap`)."""
+    from .hallucination_stats import chair_statistics, pope_statistics
+
+    names = list(scores)
+    settings = statistics or Bootstrap()
     if kind == "pope":
-        metrics = [("accuracy", "accuracy (%)", 100), ("precision", "precision (%)", 100),
-                   ("recall", "recall (%)", 100), ("f1", "F1 (%)", 100), ("yes_ratio", "yes-ratio (%)", 100)]
-        rows = []
-        for split in sorted({s for sc in scores.values() for s in sc["splits"]}) + ["mean"]:
-            for key, label, scale in metrics:
-                values = [(sc["mean"] if split == "mean" else sc["splits"].get(split, {})).get(key) for sc in scores.values()]
-                rows.append((f"{split} {label}", values, scale))
-    elif kind != "chair":
-        rows = benchmark_rows(kind, scores)
+        stats = pope_statistics(scores, settings)
+        for sc in scores.values():
+            sc.pop("items", None)  # per-question outcomes: resampled above, too many to keep
+        rows = _pope_rows(scores, stats["comparisons"])
+    elif kind == "chair":
+        stats = chair_statistics(scores, settings)
+        rows = _chair_rows(scores, stats["comparisons"])
     else:
-        rows = [(label, [sc[key] for sc in scores.values()], scale) for key, label, scale in
-                (("chair_s", "CHAIR_s (%)", 100), ("chair_i", "CHAIR_i (%)", 100), ("recall", "recall (%)", 100),
-                 ("avg_len", "average length (words)", 1))]
+        stats = {"statistics": None, "comparisons": {}}
+        rows = [(label, values, [None] * len(values), [None] * len(values), scale)
+                for label, values, scale in benchmark_rows(kind, scores)]
+    comparisons = stats["comparisons"]
     md = [f"# vsink eval {kind}", ""]
     if protocol.get("synthetic"):
         md += ["**Synthetic demo LVLM**: its numbers say nothing about any real model.", ""]
     if kind == "chair" and "vocabulary" in protocol:
         md += [f"CHAIR vocabulary: `{protocol['vocabulary']}` (synonyms: {protocol['synonyms']})", ""]
-    md += [f"Protocol: `{json.dumps(protocol)}`", "", _table(names, rows)]
+    md += [f"Protocol: `{json.dumps(protocol)}`", ""]
+    if stats["statistics"] is not None:
+        md += [statistics_line(stats["statistics"]), ""]
+    md.append(_table(names, rows))
     if kind == "pope":
+        for name, cmp in comparisons.items():
+            if cmp.get("n"):
+                t = cmp["mcnemar"]["all"]
+                md.append(f"{name} vs {names[0]}: McNemar's exact test on {t['n']} paired questions: "
+                          f"{t['b']} right only under {names[0]}, {t['c']} right only under {name}, p = {t['p']:.4g}")
         for name, sc in scores.items():
             bad = {s: m for s, m in sc["splits"].items() if m.get("unparseable")}
             if bad:
@@ -167,13 +269,17 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
     for name, items in skipped.items():
         if items:
             md.append(f"{name}: {len(items)} items skipped (see results.json)")
-    summary = {"kind": kind, "protocol": protocol, "baseline": names[0], "results": scores,
-               "skipped": skipped}
+    summary = {"kind": kind, "protocol": protocol, "baseline": names[0], "results": scores, "skipped": skipped}
+    if stats["statistics"] is not None:
+        summary.update(statistics=stats["statistics"], comparisons=comparisons)
     from ..export.hallucination_report import hallucination_html
 
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"  # made before any file is written
     page = hallucination_html(summary)
-    with OutputSet(out, f"vsink eval {kind}", {"determining": {"kind": kind, "protocol": protocol}}) as stage:
+    determining = {"kind": kind, "protocol": protocol}
+    if stats["statistics"] is not None:
+        determining["statistics"] = stats["statistics"]
+    with OutputSet(out, f"vsink eval {kind}", {"determining": determining}) as stage:
         write_text(stage / "results.json", text)
         write_text(stage / "results.md", "\n".join(md) + "\n")
         write_text(stage / "results.html", page)

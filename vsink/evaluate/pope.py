@@ -123,9 +123,13 @@ def _metrics(labels: list[str], preds: list[Optional[str]]) -> dict[str, Any]:
 
 
 def score_answers(answers: Iterable[dict[str, Any]], parser: str = "official") -> dict[str, Any]:
-    """``{"parser", "splits": {split: metrics}, "mean": metrics averaged over splits}``. A
+    """``{"parser", "splits": {split: metrics}, "mean": metrics averaged over splits, "items"}``;
+    ``items`` lists each answer as scored (``question_id``, or its position where the file has
+    none; ``image`` where given; ``split``, ``label`` and the ``parsed`` answer), which the
+    intervals and paired tests of :mod:`vsink.evaluate.hallucination_stats` resample. A
     ``question_id`` given twice is an error: no question is scored twice."""
     by_split: dict[str, tuple[list[str], list[Optional[str]]]] = {}
+    items: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for i, a in enumerate(answers):
         try:
@@ -145,6 +149,8 @@ def score_answers(answers: Iterable[dict[str, Any]], parser: str = "official") -
         labels, preds = by_split.setdefault(split, ([], []))
         labels.append(label)
         preds.append(parse_answer(text, parser))
+        items.append({"question_id": a.get("question_id", i), "image": a.get("image"), "split": split,
+                      "label": label, "parsed": preds[-1]})
     if not by_split:
         raise VsinkError("no answers to score")
     splits = {s: _metrics(*v) for s, v in sorted(by_split.items())}
@@ -152,4 +158,4 @@ def score_answers(answers: Iterable[dict[str, Any]], parser: str = "official") -
     mean = {k: sum(m[k] for m in splits.values()) / len(splits) for k in keys}
     mean["unparseable"] = sum(m["unparseable"] for m in splits.values())
     mean["n"] = sum(m["n"] for m in splits.values())
-    return {"parser": parser, "splits": splits, "mean": mean}
+    return {"parser": parser, "splits": splits, "mean": mean, "items": items}

@@ -1,7 +1,10 @@
 """``results.html`` of ``vsink eval pope``, ``vsink eval chair`` and the benchmarks of
-:mod:`vsink.evaluate.benchmarks`: every mitigation side by side with deltas against the first; POPE per split with the unparseable answers counted (a split whose
-answers are all unparseable shows no metric, not 0.00); CHAIR per caption with the object words
-marked (hallucinated red, grounded green)."""
+:mod:`vsink.evaluate.benchmarks`: every mitigation side by side, with deltas against the first.
+POPE and CHAIR show each number with its bootstrap interval and each delta with its paired
+interval, coloured as a win or a loss only when that interval excludes 0 (POPE adds McNemar's
+exact test); POPE per split with the unparseable answers counted (a split whose answers are all
+unparseable shows no metric, not 0.00); CHAIR per caption with the object words marked
+(hallucinated red, grounded green), several captions of an image in one cell."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import json
 import re
 from typing import Any, Iterator, Optional
 
-from .html import SYNTHETIC_LVLM_NOTE, banner, delta, esc, page, table
+from ..evaluate.stats import excludes_zero
+from .html import SYNTHETIC_LVLM_NOTE, banner, esc, page, table
 
 POPE_METRICS = (("accuracy", "accuracy (%)", False), ("precision", "precision (%)", False),
                 ("recall", "recall (%)", False), ("f1", "F1 (%)", False), ("yes_ratio", "yes-ratio (%)", None))
@@ -19,22 +23,37 @@ CHAIR_METRICS = (("chair_s", "CHAIR_s (%)", 100, True), ("chair_i", "CHAIR_i (%)
 MAX_CAPTIONS = 300
 
 
-def _cell(value: Optional[float], scale: float = 100) -> str:
-    return "—" if value is None else f"{value * scale:.2f}"
+def _cell(value: Optional[float], scale: float = 100, interval: Optional[dict[str, float]] = None) -> str:
+    if value is None:
+        return "—"
+    if interval is None:
+        return f"{value * scale:.2f}"
+    return (f"{value * scale:.2f} <span class='muted'>[{interval['low'] * scale:.2f}, "
+            f"{interval['high'] * scale:.2f}]</span>")
 
 
-def _delta(value: Optional[float], base: Optional[float], lower_is_better: Optional[bool], scale: float = 100) -> str:
-    """The signed difference with 2 decimals, as in ``results.md`` (coloured unless neither
-    direction is better)."""
-    if lower_is_better is None:
-        if value is None or base is None:
-            return "<span class='muted'>—</span>"
-        return f"<span class='muted'>{round((value - base) * scale, 2) + 0.0:+.2f}</span>"
-    return delta(None if value is None else value * scale, None if base is None else base * scale,
-                 lower_is_better=lower_is_better, decimals=2)
+def _delta(value: Optional[float], base: Optional[float], lower_is_better: Optional[bool], scale: float = 100,
+           paired: Optional[dict[str, float]] = None) -> str:
+    """The signed difference with 2 decimals, as in ``results.md``, coloured (green a win, red a
+    loss) where some direction is better. ``paired``: the paired interval of the difference
+    (POPE, CHAIR; ``{}`` where none could be made), shown, and the colour kept only when it
+    excludes 0; None: a scorer without intervals (the benchmarks), coloured by direction."""
+    if value is None or base is None:
+        return "<span class='muted'>—</span>"
+    d = round((value - base) * scale, 2) + 0.0
+    text = f"±{0:.2f}" if d == 0 else f"{d:+.2f}".replace("-", "−")
+    if paired:
+        text += f" [{paired['low'] * scale:+.2f}, {paired['high'] * scale:+.2f}]".replace("-", "−")
+    shown = paired is None or bool(paired) and excludes_zero(paired["low"], paired["high"])
+    if lower_is_better is None or not shown or d == 0:
+        return f"<span class='muted'>{text}</span>"
+    good = (d < 0) == lower_is_better
+    return f"<span class='{'pos' if good else 'neg'}'>{text}</span>"
 
 
-def _pope_split_table(names: list[str], metrics: list[Optional[dict[str, Any]]]) -> str:
+def _pope_split_table(names: list[str], metrics: list[Optional[dict[str, Any]]],
+                      intervals: list[dict[str, Any]], paired: list[dict[str, Any]],
+                      tests: list[Optional[dict[str, Any]]]) -> str:
     header = ["metric", esc(names[0])] + [h for n in names[1:] for h in (esc(n), f"Δ vs {esc(names[0])}")]
     unusable = [m is not None and m.get("n") and m.get("unparseable") == m.get("n") for m in metrics]
     rows = []
@@ -42,10 +61,11 @@ def _pope_split_table(names: list[str], metrics: list[Optional[dict[str, Any]]])
         def value(i: int) -> Optional[float]:
             return None if metrics[i] is None or unusable[i] else metrics[i].get(key)
 
-        cells = [esc(label), _cell(value(0)) if not unusable[0] else "<b>n/a: all unparseable</b>"]
+        cells = [esc(label), _cell(value(0), 100, intervals[0].get(key)) if not unusable[0]
+                 else "<b>n/a: all unparseable</b>"]
         for i in range(1, len(names)):
-            cells.append(_cell(value(i)) if not unusable[i] else "<b>n/a: all unparseable</b>")
-            cells.append(_delta(value(i), value(0), None if lower is None else lower))
+            cells.append(_cell(value(i), 100, intervals[i].get(key)) if not unusable[i] else "<b>n/a: all unparseable</b>")
+            cells.append(_delta(value(i), value(0), None if lower is None else lower, 100, paired[i].get(key) or {}))
         rows.append(cells)
     counts = []
     for i, m in enumerate(metrics):
@@ -55,6 +75,11 @@ def _pope_split_table(names: list[str], metrics: list[Optional[dict[str, Any]]])
     for c in counts[1:]:
         cells += [c, ""]
     rows.append(cells)
+    if any(t is not None for t in tests):
+        cells = ["McNemar's exact test (right only under the first / only under this one)", ""]
+        for t in tests[1:]:
+            cells += ["", "—" if t is None else f"{t['b']} / {t['c']}, p = {t['p']:.3g}"]
+        rows.append(cells)
     return table(header, rows)
 
 
@@ -71,11 +96,19 @@ def pope_sections(summary: dict[str, Any]) -> list[str]:
                             "are not a yes" + ("; where every answer of a split is unparseable its metrics are not "
                                                "shown (they would all read 0.00)" if full else "") + ".",
                             "banner" if full else "warn"))
+    comparisons = summary.get("comparisons", {})
     splits = sorted({s for r in results.values() for s in r["splits"]})
     for split in splits + ["mean"]:
+        def part(d: Optional[dict[str, Any]]) -> dict[str, Any]:
+            return {} if d is None else (d.get("mean", {}) if split == "mean" else d.get("splits", {}).get(split, {}))
+
         metrics = [(r["mean"] if split == "mean" else r["splits"].get(split)) for r in results.values()]
+        intervals = [part(r.get("intervals")) for r in results.values()]
+        paired = [{}] + [part(comparisons.get(n)) for n in names[1:]]
+        tests = [None] + [comparisons.get(n, {}).get("mcnemar", {}).get("all" if split == "mean" else split)
+                          for n in names[1:]]
         title = "mean over splits" if split == "mean" else f"split {split}"
-        parts.append(f"<h2>{esc(title)}</h2>" + _pope_split_table(names, metrics))
+        parts.append(f"<h2>{esc(title)}</h2>" + _pope_split_table(names, metrics, intervals, paired, tests))
     return parts
 
 
@@ -127,22 +160,27 @@ def chair_sections(summary: dict[str, Any]) -> list[str]:
     names = list(results)
     header = ["metric", esc(names[0])] + [h for n in names[1:] for h in (esc(n), f"Δ vs {esc(names[0])}")]
     rows = []
+    comparisons = summary.get("comparisons", {})
     for key, label, scale, lower in CHAIR_METRICS:
         base = results[names[0]].get(key)
-        cells = [esc(label), _cell(base, scale)]
+        cells = [esc(label), _cell(base, scale, results[names[0]].get("intervals", {}).get(key))]
         for n in names[1:]:
-            cells += [_cell(results[n].get(key), scale), _delta(results[n].get(key), base, lower, scale)]
+            cells += [_cell(results[n].get(key), scale, results[n].get("intervals", {}).get(key)),
+                      _delta(results[n].get(key), base, lower, scale, comparisons.get(n, {}).get(key) or {})]
         rows.append(cells)
-    cells = ["captions (mentions, hallucinated)", f"{results[names[0]].get('n')} ({results[names[0]].get('mentions')}, "
-             f"{results[names[0]].get('hallucinated_mentions')})"]
+
+    def counts(r: dict[str, Any]) -> str:
+        return f"{r.get('n')} ({r.get('images', r.get('n'))}, {r.get('mentions')}, {r.get('hallucinated_mentions')})"
+
+    cells = ["captions (images, mentions, hallucinated)", counts(results[names[0]])]
     for n in names[1:]:
-        cells += [f"{results[n].get('n')} ({results[n].get('mentions')}, {results[n].get('hallucinated_mentions')})", ""]
+        cells += [counts(results[n]), ""]
     rows.append(cells)
     parts = ["<h2>Scores</h2>" + table(header, rows)]
-    by_image: dict[int, dict[str, dict[str, Any]]] = {}
+    by_image: dict[int, dict[str, list[dict[str, Any]]]] = {}
     for n, r in results.items():
         for d in r.get("captions", []):
-            by_image.setdefault(int(d["image_id"]), {})[n] = d
+            by_image.setdefault(int(d["image_id"]), {}).setdefault(n, []).append(d)
     ids = sorted(by_image)
     parts.append(f"<h2>Captions</h2><p><mark class='halluc'>hallucinated</mark> object words, "
                  f"<mark class='ok'>grounded</mark> ones; {len(ids)} images"
@@ -151,8 +189,8 @@ def chair_sections(summary: dict[str, Any]) -> list[str]:
     for image_id in ids[:MAX_CAPTIONS]:
         cells = [str(image_id)]
         for n in names:
-            d = by_image[image_id].get(n)
-            cells.append(caption_cell(d) if d is not None else "<span class='muted'>—</span>")
+            caps = by_image[image_id].get(n)
+            cells.append("<hr>".join(caption_cell(d) for d in caps) if caps else "<span class='muted'>—</span>")
         cap_rows.append(cells)
     html_table = table(["image id"] + [esc(n) for n in names], cap_rows)
     parts.append(html_table.replace("<td>", "<td class='cap'>"))
@@ -217,6 +255,10 @@ def hallucination_html(summary: dict[str, Any]) -> str:
     if protocol.get("synthetic"):
         body.append(banner(SYNTHETIC_LVLM_NOTE))
     body.append("<h2>Protocol</h2>" + protocol_table(protocol))
+    if summary.get("statistics"):
+        from ..evaluate.hallucination import statistics_line
+
+        body.append(f"<p>{esc(statistics_line(summary['statistics']))}</p>")
     if kind == "pope":
         body += pope_sections(summary)
     elif kind == "chair":

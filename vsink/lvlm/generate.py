@@ -65,9 +65,11 @@ class GenerationResult:
 
 def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Sequence[Mitigation]] = "none",
              settings: Optional[dict[str, Any]] = None, protocol: str = "paper", max_new_tokens: int = 32,
-             use_cache: bool = True, capture_attention: bool = False, progress: bool = False) -> GenerationResult:
+             use_cache: bool = True, capture_attention: bool = False, progress: bool = False,
+             sampling: Optional[dict[str, float]] = None) -> GenerationResult:
     """Greedy decoding of a batch (``inputs`` from :meth:`LVLM.prepare`, left-padded) with
-    mitigations.
+    mitigations; with ``sampling`` (``{"temperature", "top_p"}``), sampling from torch's global
+    generator instead (the caller seeds it).
 
     Args:
         mitigation: ``"none"``, a name (``"var"``, ``"pai"``, ``"fastv"``, ``"ttr"``), a
@@ -115,7 +117,8 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         bar = stack.enter_context(tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not progress))
         if progress:
             processors.append(TokenProgress(bar))
-        out = lvlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
+        out = lvlm.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, **decoding,
                                   use_cache=use_cache, logits_processor=processors or None)
     new = out[:, input_ids.shape[1]:]
     tok = getattr(lvlm.processor, "tokenizer", None) if lvlm.processor is not None else None
