@@ -213,6 +213,26 @@ def test_chair_runner_and_scoring_only(tiny, tmp_path):
     assert scored["chair_i"] == 0.5 and scored["captions"][0]["hallucinated"] == ["cat"]
 
 
+def test_chair_runner_samples_several_captions_per_image_and_resumes(tiny, tmp_path):
+    from vsink.cli import main
+
+    argv = ["eval", "chair", str(tiny / "images"), "--model", str(tiny / "model"),
+            "--annotations", str(tiny / "instances.json"), "--num-images", "2", "--samples-per-image", "3",
+            "--temperature", "5", "--max-new-tokens", "6", "--no-progress", "--resamples", "200", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "none" / "generated.jsonl").read_text().splitlines()]
+    keys = [(r["image_id"], r["sample"]) for r in rows]
+    assert len(keys) == 6 and len(set(keys)) == 6 and {s for _, s in keys} == {0, 1, 2}
+    assert len({r["caption"] for r in rows}) > 2  # sampled at temperature 5, not one greedy caption repeated
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["results"]["none"]["n"], results["results"]["none"]["images"]) == (6, 2)
+    assert results["protocol"]["greedy"] is False and results["protocol"]["samples_per_image"] == 3
+    assert results["statistics"]["resamples"] == 200
+    before = (tmp_path / "none" / "generated.jsonl").read_text()
+    assert main(argv) == 0  # resumed: every (image, sample) is there, nothing is generated again
+    assert (tmp_path / "none" / "generated.jsonl").read_text() == before
+
+
 def test_runner_records_the_mitigation_protocol(tiny, tmp_path, capsys):
     from vsink.cli import main
 
