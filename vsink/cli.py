@@ -411,6 +411,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return run(args)
     from .evaluate.open import DEFAULT_SPLITS, open_dataset
     from .evaluate.dense import LostSettings, evaluate_dense, supported_tasks
+    from .evaluate.stats import Bootstrap
     from .evaluate.segmentation import ProbeSettings
     from .evaluate.variants import parse_variants
 
@@ -441,7 +442,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         lost_settings=lost, num_classes=args.num_classes, batch_size=args.batch_size, img_size=args.img_size,
         probe_settings=ProbeSettings(epochs=args.epochs, lr=args.lr, batchnorm=not args.no_batchnorm, seed=args.seed),
         load_kwargs=dict(device=args.device, dtype=args.dtype, pretrained=not args.no_pretrained),
-        progress=not args.no_progress)
+        progress=not args.no_progress, bootstrap=Bootstrap.from_args(args))
     paths = result.save(args.out)
     print(result.to_markdown())
     for path in paths.values():

@@ -138,6 +138,7 @@ DENSE = declare(
     *(PROBE[key] for key in ("epochs", "lr", "no_batchnorm", "seed")),
     *LOST.values(),
     Option("synthetic_images", Int(1, 100_000), 32, "synthetic: images per split"),
+    *STATS.values(),
     Option("out", OutputDir(), "vsink-eval", "output directory (results.json, results.md, results.html)"),
 )
 

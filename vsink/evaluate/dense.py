@@ -31,8 +31,10 @@ from ..options import Choice, Float, Int, ListOf, Option, declare
 from ..probe import Probe
 from .artifacts import foreground_grid, foreground_share, neighbour_cosine
 from .datasets import IGNORE_INDEX, DatasetError, DenseDataset, DenseSample, Loaded
+from .dense_stats import Units, comparisons, intervals, mean_units, seg_units
 from .lost import IOU_RULES, TIES, check_iou_rule, check_ties, is_correct, lost
 from .segmentation import ProbeSettings, evaluate_linear_probe, predict, train_linear_probe
+from .stats import Bootstrap
 from .variants import Variant
 
 TASKS = ("linear-seg", "lost", "artifacts")
@@ -90,6 +92,8 @@ def _combo_dict(spec: FeatureSpec, bias: float, normalize: bool) -> dict[str, An
 
 #: evaluation images kept for the report's figures
 PREVIEW_IMAGES = 4
+#: where a variant's result carries its per-image units until :func:`evaluate_dense` moves them out
+UNITS = "_units"
 
 
 @dataclass
@@ -105,6 +109,11 @@ class DenseResult:
     previews: Optional[Previews] = field(default=None, repr=False)
     #: the baseline is a synthetic demo model (its numbers say nothing about real models)
     synthetic: bool = False
+    #: per variant, each headline metric's per-image units (resampled by the intervals)
+    units: dict[str, dict[str, Units]] = field(default_factory=dict, repr=False)
+    #: the bootstrap's settings
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
+    _statistics: Optional[dict[str, Any]] = field(default=None, repr=False)
 
     #: (task, key, label, display scale); percentages are shown with 2 decimals, the rest with 3
     HEADLINE = (("linear_seg", "miou", "linear-seg mIoU (%)", 100),
@@ -131,6 +140,38 @@ class DenseResult:
                 rows.append((label, [None if v is None else v * scale for v in values], 2 if scale == 100 else 3))
         return rows
 
+    def headline_intervals(self) -> list[tuple[list[Optional[dict[str, float]]], list[Optional[dict[str, float]]]]]:
+        """For each row of :meth:`headline`: per variant, the value's interval and (``None`` for
+        the baseline) the paired interval of its difference from the baseline, in display units."""
+        stats = self.statistics()
+        names = list(self.variants)
+        out = []
+        for task, key, _, scale in self.HEADLINE:
+            values = [self.variants[v].get(task, {}).get(key) for v in self.variants]
+            if not any(v is not None for v in values):
+                continue
+            metric = f"{task}.{key}"
+
+            def scaled(iv: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+                return None if iv is None else {k: iv[k] * scale for k in ("value", "low", "high")}
+
+            out.append(([scaled(stats["intervals"][n].get(metric)) for n in names],
+                        [None] + [scaled(stats["comparisons"][n].get(metric)) for n in names[1:]]))
+        return out
+
+    def statistics(self) -> dict[str, Any]:
+        """``{"settings", "intervals": {variant: {task.key: {value, low, high}}}, "comparisons":
+        {variant: {task.key: {value, low, high, n}}}}`` (:mod:`vsink.evaluate.dense_stats`),
+        computed once."""
+        if self._statistics is None:
+            names = list(self.variants)
+            base = self.units.get(names[0], {})
+            self._statistics = {
+                "settings": self.bootstrap.to_dict("image"),
+                "intervals": {n: intervals(self.units.get(n, {}), self.bootstrap) for n in names},
+                "comparisons": {n: comparisons(base, self.units.get(n, {}), self.bootstrap) for n in names[1:]}}
+        return self._statistics
+
     def deltas(self) -> dict[str, dict[str, Optional[float]]]:
         """Headline metric minus the baseline's (raw units), per non-baseline variant."""
         base = self.variants[self.baseline]
@@ -144,9 +185,11 @@ class DenseResult:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        stats = self.statistics()
         return {"model": self.model, "synthetic_model": self.synthetic, "dataset": self.dataset,
                 "tasks": self.tasks, "settings": self.settings, "baseline": self.baseline,
-                "variants": self.variants, "deltas": self.deltas(), "skipped": self.skipped}
+                "variants": self.variants, "deltas": self.deltas(), "statistics": stats["settings"],
+                "intervals": stats["intervals"], "comparisons": stats["comparisons"], "skipped": self.skipped}
 
     def to_markdown(self) -> str:
         from .report import dense_markdown
@@ -164,7 +207,7 @@ class DenseResult:
                  "markdown": self.to_markdown(), "html": dense_html(self)}
         names = {"json": "results.json", "markdown": "results.md", "html": "results.html"}
         determining = {"model": self.model, "dataset": self.dataset, "tasks": self.tasks, "settings": self.settings,
-                       "variants": list(self.variants)}
+                       "variants": list(self.variants), "statistics": self.bootstrap.to_dict("image")}
         with OutputSet(out_dir, "vsink eval dense", {"determining": determining}) as stage:
             for key, text in texts.items():
                 write_text(stage / names[key], text)
@@ -262,6 +305,7 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
     specs = list(dict.fromkeys([seg_spec] + [c[0] for c in combos]))
     timing: dict[str, float] = {}
     result: dict[str, Any] = {"edits": list(backbone.edits), "layout": None}
+    units: dict[str, Units] = {}
 
     train_feats: list[torch.Tensor] = []
     train_masks: list[np.ndarray] = []
@@ -274,6 +318,7 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
 
     eval_feats: list[torch.Tensor] = []
     eval_masks: list[np.ndarray] = []
+    eval_ids: list[str] = []
     hits = np.zeros(len(combos), dtype=np.int64)
     lost_images: list[dict[str, Any]] = []
     cosines: list[float] = []
@@ -295,6 +340,7 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
                     previews.images.append(item.image)
                     previews.masks.append(item.mask)
                     previews.boxes.append(item.boxes)
+                eval_ids.append(str(sample.id))
                 if "linear-seg" in tasks:
                     eval_feats.append(seg.permute(2, 0, 1))
                     eval_masks.append(item.mask)
@@ -327,6 +373,8 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
                           "images": lost_images}
         timing["lost_s"] = lost_time
         previews.lost[name] = [row["box"] for row in lost_images[:len(previews.ids)]]
+        units.update(mean_units("lost.corloc", [str(r["id"]) for r in lost_images],
+                                [float(r["correct"]) for r in lost_images]))
         timing["lost_runs_per_s"] = n * len(combos) / lost_time if lost_time > 0 else None
     if "linear-seg" in tasks and train_feats and eval_feats:
         classes = num_classes or _infer_classes(train_masks + eval_masks)
@@ -334,27 +382,38 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
         head, losses = train_linear_probe(torch.stack(train_feats), train_masks, classes, probe_settings,
                                           progress=runner.progress)
         timing["linear_probe_train_s"] = time.perf_counter() - t0
-        metrics = evaluate_linear_probe(head, torch.stack(eval_feats), eval_masks, classes)
+        confusions: list[np.ndarray] = []
+        metrics = evaluate_linear_probe(head, torch.stack(eval_feats), eval_masks, classes, per_image=confusions)
+        units.update(seg_units(eval_ids, confusions))
         previews.predicted[name] = [predict(head, f, m.shape) for f, m in
                                     zip(eval_feats[:len(previews.ids)], eval_masks[:len(previews.ids)])]
         result["linear_seg"] = {**metrics.to_dict(), "num_classes": classes, "feature": seg_spec.describe(),
                                 "n_train": len(train_feats), "n_eval": len(eval_feats), "train_loss": losses}
     if probes and cosines:
-        result["artifacts"] = _artifacts(probes, cosines, fg_grids)
+        result["artifacts"] = _artifacts(probes, cosines, fg_grids, eval_ids, units)
     result["timing"] = timing
+    result[UNITS] = units
     return result
 
 
-def _artifacts(probes: list[Probe], cosines: list[float], fg_grids: list[Optional[np.ndarray]]) -> dict[str, Any]:
+def _artifacts(probes: list[Probe], cosines: list[float], fg_grids: list[Optional[np.ndarray]],
+               ids: list[str], units: dict[str, Units]) -> dict[str, Any]:
     norms_trace, attn_trace = probes[0].trace(), probes[1].trace()
     hn = detect_high_norm(norms_trace)
     last = hn.layers[-1]
     worst = max(hn.layers, key=lambda s: s.outlier_fraction)
     layout = attn_trace.layout
     shares = []
+    per_image_share: list[Optional[float]] = [None] * len(ids)
     if attn_trace.attn_cls is not None:
         cls_maps = layout.patch_grid(attn_trace.attn_cls[0].mean(axis=1), dim=1)  # [I, h, w]
-        shares = [foreground_share(m, fg) for m, fg in zip(cls_maps, fg_grids) if fg is not None]
+        per_image_share = [foreground_share(m, fg) if fg is not None else None for m, fg in zip(cls_maps, fg_grids)]
+        shares = [v for v in per_image_share if v is not None]
+    units.update(mean_units("artifacts.outlier_fraction", ids, hn.mask(last.index).mean(axis=1).tolist()))
+    units.update(mean_units("artifacts.outlier_fraction_max", ids, hn.mask(worst.index).mean(axis=1).tolist()))
+    units.update(mean_units("artifacts.attention_entropy", ids, attn_trace.attn_entropy[0].mean(axis=-1).tolist()))
+    units.update(mean_units("artifacts.cls_foreground_share", ids, per_image_share))
+    units.update(mean_units("artifacts.neighbour_cosine", ids, cosines))
     return {
         "n": len(cosines),
         "outlier_fraction": last.outlier_fraction,
@@ -387,6 +446,7 @@ def evaluate_dense(
     img_size: Optional[int] = None,
     load_kwargs: Optional[dict[str, Any]] = None,
     progress: bool = True,
+    bootstrap: Optional[Bootstrap] = None,
 ) -> DenseResult:
     """Evaluate ``backbone`` and its ``variants`` on dense tasks.
 
@@ -406,6 +466,8 @@ def evaluate_dense(
         img_size: square input size (default: the model's).
         load_kwargs: device/dtype/... for variants that load another model spec.
         progress: show progress bars.
+        bootstrap: settings of the intervals and paired differences (:mod:`vsink.evaluate.dense_stats`;
+            default 95 %, 1,000 resamples, seed 0).
     """
     tasks = list(dict.fromkeys(tasks if tasks is not None else supported_tasks(eval_set)))
     unknown = [t for t in tasks if t not in TASKS]
@@ -430,6 +492,7 @@ def evaluate_dense(
     size = (img_size, img_size) if img_size else backbone.img_size
     skipped: list[dict[str, str]] = []
     out: dict[str, dict[str, Any]] = {}
+    units: dict[str, dict[str, Units]] = {}
     previews = Previews()
     kept: dict[str, int] = {}
     for variant in variants:
@@ -439,6 +502,7 @@ def evaluate_dense(
             res = _evaluate_variant(vb, eval_set, train_set, tasks=tasks, seg_spec=FeatureSpec(seg_layer),
                                     lost_settings=lost_settings, probe_settings=probe_settings,
                                     num_classes=classes, runner=runner, name=variant.name, previews=previews)
+            units[variant.name] = res.pop(UNITS)
             out[variant.name] = {"description": variant.describe(), "model": vb.spec, **res}
             kept = kept or runner.kept
     if not any(k in r for r in out.values() for k in ("linear_seg", "lost", "artifacts")):
@@ -459,4 +523,4 @@ def evaluate_dense(
                "num_classes": classes,
                "class_names": eval_set.class_names, "info": eval_set.info}
     return DenseResult(model=backbone.spec, synthetic=backbone.synthetic is not None, dataset=dataset, tasks=tasks, settings=settings, variants=out,
-                       skipped=skipped, previews=previews)
+                       skipped=skipped, previews=previews, units=units, bootstrap=bootstrap or Bootstrap())

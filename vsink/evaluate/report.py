@@ -21,14 +21,38 @@ def _delta(v: Optional[float], base: Optional[float], decimals: int) -> str:
     return f" ({sign}{abs(d):.{decimals}f})"
 
 
+def _interval(iv: Optional[dict[str, float]], decimals: int, signed: bool = False) -> str:
+    """`` [low, high]`` of an interval (signed ends for a difference), or nothing."""
+    if iv is None:
+        return ""
+    ends = [round(iv[k], decimals) + 0.0 for k in ("low", "high")]
+    return " [" + ", ".join(f"{e:+.{decimals}f}" if signed else f"{e:.{decimals}f}" for e in ends).replace("-", "−") + "]"
+
+
 def _rows(result: DenseView) -> tuple[list[str], list[list[str]]]:
+    """The headline table: each value with its bootstrap interval, each difference from the
+    baseline with the paired interval of the difference."""
     names = list(result.variants)
     header = ["metric"] + [names[0]] + [f"{n} (Δ vs {names[0]})" for n in names[1:]]
     rows = []
-    for label, values, decimals in result.headline():
-        rows.append([label, _value(values[0], decimals)]
-                    + [_value(v, decimals) + _delta(v, values[0], decimals) for v in values[1:]])
+    for (label, values, decimals), (ivs, deltas) in zip(result.headline(), result.headline_intervals()):
+        cells = [label, _value(values[0], decimals) + _interval(ivs[0], decimals)]
+        for v, iv, d in zip(values[1:], ivs[1:], deltas[1:]):
+            delta = _delta(v, values[0], decimals)
+            if delta and d is not None:
+                delta = delta[:-1] + _interval(d, decimals, signed=True) + ")"
+            cells.append(_value(v, decimals) + _interval(iv, decimals) + delta)
+        rows.append(cells)
     return header, rows
+
+
+def statistics_line(result: DenseView) -> str:
+    """How the intervals were made, in one sentence."""
+    s = result.statistics()["settings"]
+    return (f"Intervals: {100 * s['level']:g} % {s['method']} over images, {s['resamples']} resamples, seed "
+            f"{s['seed']}; Δ: the difference from {next(iter(result.variants))} with its paired-bootstrap interval "
+            "over the images evaluated under both (an interval containing 0 is no demonstrated change). The "
+            "max/median norm ratio has no interval (docs/dense.md).")
 
 
 def _normalised(flag: bool) -> str:
@@ -72,6 +96,7 @@ def dense_markdown(result: DenseView) -> str:
     size = result.settings["input_size"]
     parts.append(f"Dataset: {ds['name']} [{ds['format']}], split {evaluated}{train}; input {size[0]}×{size[1]}.")
     parts.append("")
+    parts += [statistics_line(result), ""]
     header, rows = _rows(result)
     parts.append("| " + " | ".join(header) + " |")
     parts.append("|" + "---|" * len(header))
@@ -112,7 +137,7 @@ def dense_html(result: DenseView) -> str:
     if result.synthetic:
         body.append(banner(SYNTHETIC_NOTE))
     md = dense_markdown(result).splitlines()
-    body += [f"<p>{inline_markdown(line)}</p>" for line in md if line.startswith("Dataset:")]
+    body += [f"<p>{inline_markdown(line)}</p>" for line in md if line.startswith(("Dataset:", "Intervals:"))]
     body.append(table([esc(h) for h in header], [[esc(c) for c in r] for r in rows]))
     lost = _lost_lines(result)
     if lost:

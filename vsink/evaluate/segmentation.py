@@ -168,9 +168,13 @@ def predict(head: LinearHead, feats: torch.Tensor, size: tuple[int, int]) -> np.
 
 
 def evaluate_linear_probe(head: LinearHead, feats: torch.Tensor, masks: Sequence[np.ndarray],
-                          num_classes: int) -> SegMetrics:
-    """mIoU and pixel accuracy of the head over a whole set (one accumulated confusion matrix)."""
+                          num_classes: int, per_image: Optional[list[np.ndarray]] = None) -> SegMetrics:
+    """mIoU and pixel accuracy of the head over a whole set (one accumulated confusion matrix);
+    ``per_image``: a list that receives each image's confusion matrix (for intervals)."""
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     for f, m in zip(feats, masks):
-        conf += confusion_matrix(predict(head, f, m.shape), m, num_classes)
+        one = confusion_matrix(predict(head, f, m.shape), m, num_classes)
+        conf += one
+        if per_image is not None:
+            per_image.append(one)
     return seg_metrics(conf)
