@@ -169,6 +169,27 @@ def test_vsink_vocabulary_fixes(caption, found):
     assert chair_vsink.mentions(caption) == found
 
 
+def test_several_captions_of_an_image_are_each_scored_as_the_reference_does():
+    # the reference's compute_chair loops over every caption it is given: num_caps counts captions
+    # (not images), CHAIR_s = hallucinated captions / captions, CHAIR_i = hallucinated mentions /
+    # mentions over all captions; nothing merges two captions of one image. Image 1 holds a dog,
+    # image 2 a cat. Captions: image 1 "A dog and a cat." (dog, cat: cat hallucinated), image 1
+    # "A dog." (dog), image 2 "A cat." (cat): CHAIR_s 1/3, CHAIR_i 1/4; recall (OPERA's copy: Σ
+    # recalled / Σ ground truth over captions) 3/3.
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+            "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}],
+            "annotations": [{"image_id": 1, "category_id": 1}, {"image_id": 2, "category_id": 2}]}
+    generated = [{"image_id": 1, "caption": "A dog and a cat."}, {"image_id": 1, "caption": "A dog."},
+                 {"image_id": 2, "caption": "A cat."}]
+    for vocabulary in ("reference", "vsink"):
+        result = score_chair(generated, coco, vocabulary=vocabulary)
+        assert (result["chair_s"], result["chair_i"], result["recall"]) == (1 / 3, 1 / 4, 1.0)
+        assert (result["n"], result["images"], result["mentions"]) == (3, 2, 4)
+        assert [c["sample"] for c in result["captions"]] == [0, 1, 0]
+    with pytest.raises(VsinkError, match="image_id 1 sample 0 was captioned before"):
+        score_chair([{**generated[0], "sample": 0}, {**generated[1], "sample": 0}], coco)
+
+
 def test_synonyms_file(tmp_path):
     table = tmp_path / "synonyms.txt"
     # reference format: the class first, ", " between entries; "#" lines are comments; "man,  guy" gives
