@@ -88,9 +88,8 @@ def _counts(n: int, settings: Bootstrap) -> Any:
     for start in range(0, settings.resamples, CHUNK):
         rows = min(CHUNK, settings.resamples - start)
         idx = rng.integers(0, n, (rows, n))
-        counts = np.zeros((rows, n), dtype=np.float64)
-        np.add.at(counts, (np.arange(rows)[:, None], idx), 1.0)
-        yield counts
+        flat = (idx + n * np.arange(rows)[:, None]).ravel()
+        yield np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
 
 
 def _quantiles(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
