@@ -3,7 +3,8 @@ benchmark of :mod:`vsink.evaluate.benchmarks` (MME, HallusionBench, Object HalBe
 and without mitigations, resumable, then scored.
 
 Each mitigation writes ``OUT/<mitigation>/answers.jsonl`` (POPE: the question fields plus
-``answer``) or ``generated.jsonl`` (CHAIR: ``image_id``, ``image``, ``caption``), each line with
+``answer``) or ``generated.jsonl`` (CHAIR: ``image_id``, ``sample``, ``image``, ``caption``, keyed
+by image and sample index, so several sampled captions of an image are distinct rows), each line with
 the mitigation ``protocol`` it was made under, one line per item as soon as its batch is done; a
 rerun reads what is there and runs only the missing items, so an interrupted run loses nothing.
 ``OUT/<mitigation>/vsink-run.json`` records, before the first answer is written, everything that
@@ -15,7 +16,9 @@ folder at a time (:class:`vsink.outputs.RunLock`). A key answered twice (files o
 or edited) is scored once: the first answer counts, and the repeats are reported. Images that
 cannot be read are skipped, reported and left for the next run. ``OUT/results.json`` holds the protocol (prompt,
 max_new_tokens, images, seed, parser, settings, mitigation protocol and resolved settings) and
-each mitigation's scores; ``OUT/results.md`` the table with deltas against the first mitigation;
+each mitigation's scores with their bootstrap intervals, and the paired comparisons against the
+first mitigation (:mod:`vsink.evaluate.hallucination_stats`); ``OUT/results.md`` the table with
+intervals and deltas against the first mitigation;
 ``OUT/results.html`` the same side by side (POPE per split with the unparseable answers counted,
 CHAIR per caption with the hallucinated words marked).
 For CHAIR the protocol and the report name the vocabulary (``reference`` or ``vsink``) and the
