@@ -213,14 +213,6 @@ def _chair_rows(scores: dict[str, dict[str, Any]], comparisons: dict[str, Any]) 
             for key, label, scale in CHAIR_ROWS]
 
 
-def statistics_line(statistics: dict[str, Any]) -> str:
-    """One sentence naming how the intervals were made."""
-    return (f"Intervals: {100 * statistics['level']:g} % {statistics['method']} over {statistics['unit']}s, "
-            f"{statistics['resamples']} resamples, seed {statistics['seed']}; Δ: the paired difference from the "
-            "first mitigation on the same items, with its paired-bootstrap interval (an interval containing 0 is "
-            "no demonstrated change).")
-
-
 def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[str, dict[str, Any]],
                  skipped: dict[str, list[dict[str, str]]], statistics: Optional[Bootstrap] = None) -> dict[str, Path]:
     """``results.json``, ``results.md`` and ``results.html`` for POPE (``kind="pope"``), CHAIR or a
@@ -228,7 +220,7 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
     with its bootstrap interval and every difference from the first mitigation with its paired
     interval (and, for POPE, McNemar's exact test); ``statistics``: the bootstrap's settings
     (default :class:`~vsink.evaluate.stats.Bootstrap`)."""
-    from .hallucination_stats import chair_statistics, pope_statistics
+    from .hallucination_stats import chair_statistics, pope_statistics, statistics_line
 
     names = list(scores)
     settings = statistics or Bootstrap()

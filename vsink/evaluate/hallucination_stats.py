@@ -148,3 +148,11 @@ def chair_statistics(scores: dict[str, dict[str, Any]], settings: Bootstrap) -> 
                                  _chair_statistic, settings)
         comparisons[name] = {**interval_dict(delta, CHAIR_METRICS), "n": len(common)}
     return {"statistics": settings.to_dict("image"), "comparisons": comparisons}
+
+
+def statistics_line(statistics: dict[str, Any]) -> str:
+    """One sentence naming how the intervals were made."""
+    return (f"Intervals: {100 * statistics['level']:g} % {statistics['method']} over {statistics['unit']}s, "
+            f"{statistics['resamples']} resamples, seed {statistics['seed']}; Δ: the paired difference from the "
+            "first mitigation on the same items, with its paired-bootstrap interval (an interval containing 0 is "
+            "no demonstrated change).")

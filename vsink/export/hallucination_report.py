@@ -256,7 +256,7 @@ def hallucination_html(summary: dict[str, Any]) -> str:
         body.append(banner(SYNTHETIC_LVLM_NOTE))
     body.append("<h2>Protocol</h2>" + protocol_table(protocol))
     if summary.get("statistics"):
-        from ..evaluate.hallucination import statistics_line
+        from ..evaluate.hallucination_stats import statistics_line
 
         body.append(f"<p>{esc(statistics_line(summary['statistics']))}</p>")
     if kind == "pope":
