@@ -213,7 +213,7 @@ def test_chair_runner_and_scoring_only(tiny, tmp_path):
     assert scored["chair_i"] == 0.5 and scored["captions"][0]["hallucinated"] == ["cat"]
 
 
-def test_chair_runner_samples_several_captions_per_image_and_resumes(tiny, tmp_path):
+def test_chair_runner_samples_several_captions_per_image_and_resumes(tiny, tmp_path, capsys):
     from vsink.cli import main
 
     argv = ["eval", "chair", str(tiny / "images"), "--model", str(tiny / "model"),
@@ -231,6 +231,11 @@ def test_chair_runner_samples_several_captions_per_image_and_resumes(tiny, tmp_p
     before = (tmp_path / "none" / "generated.jsonl").read_text()
     assert main(argv) == 0  # resumed: every (image, sample) is there, nothing is generated again
     assert (tmp_path / "none" / "generated.jsonl").read_text() == before
+    one = [a for a in argv if a not in ("--samples-per-image", "3")]
+    capsys.readouterr()
+    assert main(one + ["--out", str(tmp_path / "greedy")]) == 2  # a temperature without sampling: refused
+    assert "--temperature and --top-p apply to sampled captions" in capsys.readouterr().err
+    assert not (tmp_path / "greedy").exists()
 
 
 def test_runner_records_the_mitigation_protocol(tiny, tmp_path, capsys):

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         scores = {"generated": chair_mod.score_captions(rows, truth, str(args.generated), vocab)}
         protocol = {"generated": str(args.generated), **scoring}
         return _report(hal.save_results(out, "chair", protocol, scores, {}, Bootstrap.from_args(args)))
+    if args.samples_per_image == 1 and (args.temperature != 1.0 or args.top_p != 1.0):
+        raise VsinkError("--temperature and --top-p apply to sampled captions (--samples-per-image 2 or more); "
+                         "one caption per image is decoded greedily")
     images = _chair_images(args.annotations, args.num_images, args.seed)
     chosen = images[: args.limit] if args.limit else images
     items = [{**it, "sample": s} for it in chosen for s in range(args.samples_per_image)]
