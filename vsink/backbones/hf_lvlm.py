@@ -103,6 +103,54 @@ class LVLM:
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -last:]
         return pos[None].expand(3, -1, -1) if self.model_type in MROPE_TYPES else pos
 
+    # --- branches (vsink.lvlm.branches) -----------------------------------------------------
+    def prompt_positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The position ids of a left-padded prompt batch as the model's own generation computes
+        them, and per row the offset [B, 1] of the tokens after it (a token with ``i`` real tokens
+        before it sits at ``i + offset``). Qwen2-VL / Qwen2.5-VL: the model's ``get_rope_index``
+        on these inputs (3-row M-RoPE), the offset its ``rope_deltas``; text-only rows: the same
+        position on the three rows."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        offset = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+        if self.model_type not in MROPE_TYPES:
+            return text, offset
+        if inputs.get("image_grid_thw") is None:
+            return text[None].expand(3, -1, -1), offset
+        import inspect
+
+        core = getattr(self.model, "model", self.model)
+        wanted = set(inspect.signature(core.get_rope_index).parameters)
+        kwargs = {k: v for k, v in inputs.items() if k in wanted and k not in ("input_ids", "attention_mask")}
+        positions, deltas = core.get_rope_index(ids, attention_mask=mask, **kwargs)
+        return positions, deltas.reshape(-1, 1).to(ids.device)
+
+    def step_positions(self, attention_mask: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The position ids [B, 1] (M-RoPE: [3, B, 1]) of the last token of ``attention_mask``,
+        with the ``offset`` of :meth:`prompt_positions`."""
+        pos = attention_mask.long().sum(-1, keepdim=True) - 1 + offset
+        return pos[None].expand(3, -1, -1) if self.model_type in MROPE_TYPES else pos
+
+    def read_out(self, hidden: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        """Decoder hidden states [..., D] through the language model's final norm (``norm``) and
+        its LM head: the logits an earlier layer would give."""
+        if norm:
+            hidden = self.final_norm()(hidden)
+        return self.model.get_output_embeddings()(hidden)
+
+    def final_norm(self) -> nn.Module:
+        """The language model's norm after its last decoder layer (the module holding the layers' ``norm``)."""
+        first = self.layers[0]
+        for _, module in self.model.named_modules():
+            layers = getattr(module, "layers", None)
+            if isinstance(layers, nn.ModuleList) and len(layers) and layers[0] is first:
+                norm = getattr(module, "norm", None)
+                if isinstance(norm, nn.Module):
+                    return norm
+        raise VsinkError(f"{self.spec}: cannot find the language model's final norm")
+
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:
         """(rows, cols) of a row's image tokens as a picture: Qwen2-VL from ``image_grid_thw`` and
         the merge size, LLaVA-NeXT's base grid when the count is a square, else 1 × count."""

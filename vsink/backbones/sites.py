@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -46,6 +47,46 @@ ATTENTION_SITES = ("attn_logits", "attn_probs", "attn_qkv")
 SiteFn = Callable[..., Optional[torch.Tensor]]
 #: ``rows(queries, keys) -> first query row a site function needs``
 RowsFn = Callable[[int, int], int]
+
+
+#: the owner (a mitigation's name) that site functions installed now belong to; see :func:`owned_by`
+_OWNER: ContextVar[Optional[str]] = ContextVar("vsink_site_owner", default=None)
+#: owners whose site functions are off in the forward pass in progress; see :func:`muted`
+_MUTED: ContextVar[frozenset] = ContextVar("vsink_muted_owners", default=frozenset())
+
+
+@contextmanager
+def owned_by(owner: str) -> Iterator[None]:
+    """Tag every site function installed inside the block as ``owner``'s (one mitigation's
+    edits), so that a forward pass can leave them out with :func:`muted`."""
+    token = _OWNER.set(owner)
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
+
+
+@contextmanager
+def muted(owners: Sequence[str]) -> Iterator[None]:
+    """Inside the block, the site functions of ``owners`` are not called (a branch of a
+    generation that runs without those mitigations' edits)."""
+    token = _MUTED.set(frozenset(_MUTED.get()) | frozenset(owners))
+    try:
+        yield
+    finally:
+        _MUTED.reset(token)
+
+
+def is_muted(owner: Optional[str]) -> bool:
+    """Whether ``owner``'s edits are off in the forward pass in progress."""
+    return owner is not None and owner in _MUTED.get()
+
+
+def _gated(fn: "SiteFn", owner: str) -> "SiteFn":
+    def gated(*args: Any) -> Optional[torch.Tensor]:
+        return None if owner in _MUTED.get() else fn(*args)
+
+    return gated
 
 
 class SiteHandle:
@@ -159,12 +200,18 @@ class SiteModel(ABC):
         decoder during generation) compute the rows before the smallest ``first`` of a layer's
         functions with their own attention implementation (SDPA, flash) and only the rest
         explicitly; ``first == queries`` leaves the whole call to the model. Default: every row.
+
+        A function installed inside :func:`owned_by` belongs to that owner and is skipped while
+        the owner is :func:`muted`.
         """
         if site not in SITES:
             raise VsinkError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
         if not -self.num_layers <= layer < self.num_layers:
             raise VsinkError(f"layer {layer} out of range for {self.num_layers} blocks of {self.spec}")
         layer %= self.num_layers
+        owner = _OWNER.get()
+        if owner is not None:
+            fn = _gated(fn, owner)
         if site == "block_input":
             return SiteHandle(self.blocks[layer].register_forward_pre_hook(self._input_hook(fn), with_kwargs=True).remove)
         if site == "block_output":

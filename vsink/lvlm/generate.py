@@ -13,9 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones.hf_decoder import decoder_of
+from ..backbones.hooks import Hooks
+from ..backbones.sites import owned_by
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError, VsinkWarning
 from ..mitigate import REGISTRY, Mitigation, Run, check_protocol, make_mitigations, mitigation_names
+from .branches import OBSERVERS, BranchRunner
 from .capture import AttentionCapture
 from .context import DecodeContext
 
@@ -103,17 +106,24 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         mask = torch.ones_like(input_ids)
     if not all(lvlm.image_spans(input_ids).counts()):
         raise VsinkError("every prompt needs an image (no image tokens found in a row)")
+    check_composition(mitigations)
     decoder = decoder_of(lvlm)
     context = DecodeContext(lvlm, input_ids, mask)
-    run = Run(lvlm=lvlm, decoder=decoder, context=context, input_ids=input_ids, attention_mask=mask)
+    run = Run(lvlm=lvlm, decoder=decoder, context=context, input_ids=input_ids, attention_mask=mask,
+              inputs=dict(inputs), use_cache=use_cache)
     capture = AttentionCapture(decoder, context) if capture_attention else None
+    runners = {m.name: BranchRunner(run, m, mitigations) for m in mitigations if m.branches(run)}
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(decoder.bound(context))
         for m in mitigations:
-            stack.enter_context(m.installed(run))
+            with owned_by(m.name):
+                stack.enter_context(m.installed(run))
         if capture is not None:
-            stack.enter_context(capture)
-        processors = [p for m in mitigations for p in m.logits_processors(run)]
+            with owned_by(OBSERVERS):
+                stack.enter_context(capture)
+        for runner in runners.values():
+            stack.enter_context(Hooks(runner.install))
+        processors = [*runners.values(), *(p for m in mitigations for p in m.logits_processors(run))]
         bar = stack.enter_context(tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not progress))
         if progress:
             processors.append(TokenProgress(bar))
@@ -133,8 +143,23 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         recorded: Optional[dict[str, Any]] = mitigations[0].settings_dict()
     else:
         recorded = {m.name: m.settings_dict() for m in mitigations} or None
+    reports = []
+    for m in mitigations:
+        report = m.report()
+        if m.name in runners:
+            report["branches"] = runners[m.name].record()
+            report["branch_passes"] = runners[m.name].passes
+        reports.append(report)
     return GenerationResult(out, new, texts, label, recorded, attention, context.spans, context.kept, protocol,
-                            [m.report() for m in mitigations], notes)
+                            reports, notes)
+
+
+def check_composition(mitigations: Sequence[Mitigation]) -> None:
+    """Refuse, in one line, a combination where two mitigations each set the next-token rule."""
+    rules = [m.name for m in mitigations if m.decodes()]
+    if len(rules) > 1:
+        raise VsinkError(f"{' and '.join(rules)} each set the next-token rule (branches combined or guidance); "
+                         "compose one of them with attention edits (var, pai, fastv, vaf, ttr)")
 
 
 #: the mitigations generate() knows by name

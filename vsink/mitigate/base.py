@@ -15,6 +15,11 @@ A mitigation is one class in one file of this package, registered with :func:`re
 Mitigations compose: ``generate(..., mitigation="ttr+var")`` installs each in turn on the same
 sites; attention edits stack in installation order (logit edits before the softmax, probability
 edits after it), as on the vision side.
+
+A mitigation that decodes from several views of the prompt (contrastive decoding) declares
+branches (:class:`~vsink.lvlm.branches.Branch`, :meth:`Mitigation.branches`) and a per-step rule that
+combines their logits (:meth:`Mitigation.combine`); the generation runs the branches and records
+which edits applied in each (see docs/architecture.md, "Branches").
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class Run:
     context: "DecodeContext"
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    #: every model input of the prompt batch (``pixel_values``, ``image_grid_thw``, ...), so that a
+    #: branch can transform the image (transformers 5 encodes images inside ``generate``)
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    use_cache: bool = True
 
 
 class Mitigation(ABC):
@@ -64,10 +73,14 @@ class Mitigation(ABC):
     settings_class: ClassVar[type]
     #: where it edits: ``"decoder"`` or ``"vision"``
     target: ClassVar[str] = "decoder"
+    #: whether its edits can run in another mitigation's branch (their state is kept per
+    #: generation context, :attr:`Run.context`); False keeps them to the main branch
+    in_branches: ClassVar[bool] = True
 
     def __init__(self, settings: Any):
         self.settings = settings
         self.stats: dict[int, dict[str, float]] = {}
+        self.step_stats: dict[int, dict[str, float]] = {}
 
     @classmethod
     def from_values(cls, values: Optional[dict[str, Any]] = None, protocol: str = "paper") -> "Mitigation":
@@ -92,7 +105,7 @@ class Mitigation(ABC):
     # --- installation ---------------------------------------------------------------------
     def installed(self, run: Run) -> HookSet:
         """A context manager that installs the mitigation for ``run`` and removes it on exit."""
-        self.stats = {}
+        self.stats, self.step_stats = {}, {}
         return Hooks(lambda handles: self._install(run, handles))
 
     @abstractmethod
@@ -103,6 +116,22 @@ class Mitigation(ABC):
         """``LogitsProcessor``\\ s the mitigation adds to ``generate`` (default none)."""
         return []
 
+    # --- branches -----------------------------------------------------------------------------
+    def branches(self, run: Run) -> list:
+        """The extra :class:`~vsink.lvlm.branches.Branch`\\ es of the prompt this mitigation decodes
+        from (default none). With branches, :meth:`combine` makes each step's logits."""
+        return []
+
+    def combine(self, step: int, logits: torch.Tensor, branches: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The next-token scores [B, V] of decoding step ``step`` (0 = the token after the prompt)
+        from the main branch's ``logits`` [B, V] and each branch's last-row logits by name."""
+        raise NotImplementedError(f"{self.name} declares branches but no rule to combine them")
+
+    def decodes(self) -> bool:
+        """Whether this mitigation sets the next-token rule (branches combined, guidance); two
+        such mitigations in one run are refused."""
+        return False
+
     # --- what it did ------------------------------------------------------------------------
     def count(self, layer: int, **amounts: float) -> None:
         """Add to this call's per-layer record (e.g. ``rows_edited=12, mass_moved=0.8``)."""
@@ -110,15 +139,25 @@ class Mitigation(ABC):
         for key, value in amounts.items():
             row[key] = row.get(key, 0.0) + float(value)
 
+    def count_step(self, step: int, **amounts: float) -> None:
+        """Add to this call's per-step record (decoding step ``step``; e.g. ``tokens_changed=1``)."""
+        row = self.step_stats.setdefault(int(step), {})
+        for key, value in amounts.items():
+            row[key] = row.get(key, 0.0) + float(value)
+
     def edited(self) -> bool:
-        """Whether the mitigation changed anything in this call."""
-        return any(v > 0 for row in self.stats.values() for v in row.values())
+        """Whether the mitigation changed anything in this call (in a layer or at a step)."""
+        return any(v > 0 for table in (self.stats, self.step_stats) for row in table.values() for v in row.values())
 
     def report(self) -> dict[str, Any]:
-        """``{"mitigation", "settings", "edited", "layers": [{"layer", ...amounts}]}``."""
+        """``{"mitigation", "settings", "edited", "layers": [{"layer", ...amounts}],
+        "steps": [{"step", ...amounts}]}``."""
+        def clean(row: dict[str, float]) -> dict[str, Any]:
+            return {k: (int(v) if float(v).is_integer() else v) for k, v in row.items()}
+
         return {"mitigation": self.name, "settings": self.settings_dict(), "edited": self.edited(),
-                "layers": [{"layer": layer, **{k: (int(v) if float(v).is_integer() else v) for k, v in row.items()}}
-                           for layer, row in sorted(self.stats.items())]}
+                "layers": [{"layer": layer, **clean(row)} for layer, row in sorted(self.stats.items())],
+                "steps": [{"step": step, **clean(row)} for step, row in sorted(self.step_stats.items())]}
 
     def nothing_edited_hint(self) -> str:
         """Why a mitigation may have edited nothing (for the warning)."""

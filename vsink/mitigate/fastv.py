@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ..backbones.hooks import hidden_states_arg
+from ..backbones.sites import is_muted
 from ..errors import VsinkError
 from ..options import Float, Int
 from .base import Mitigation, Run, below_depth, register
@@ -54,6 +55,8 @@ class FastV(Mitigation):
 
     name = "fastv"
     settings_class = FastVSettings
+    #: the pruning state (kept positions) belongs to the main pass's context
+    in_branches = False
 
     def _install(self, run: Run, handles: list) -> None:
         s: FastVSettings = self.settings
@@ -87,7 +90,7 @@ class FastV(Mitigation):
         ctx = run.context
 
         def pre(module, args, kwargs):
-            if run.decoder.suspended:
+            if run.decoder.suspended or is_muted(self.name):
                 return None
             h = hidden_states_arg(args, kwargs)
             if h.shape[1] == 1 and ctx.kept is not None:  # a cached decode step: nothing to prune

@@ -88,6 +88,9 @@ class PAI(Mitigation):
             return []
         return [GuidanceProcessor(run, self, s.gamma, s.plausibility, s.protocol)]
 
+    def decodes(self) -> bool:
+        return self.settings.gamma is not None
+
     def nothing_edited_hint(self) -> str:
         s = self.settings
         if s.protocol == "official" and s.gamma is not None and not getattr(self, "amplify", True):

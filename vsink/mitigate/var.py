@@ -93,22 +93,31 @@ class VAR(Mitigation):
         decoder = run.decoder
         below_depth(run, self.name, "start_layer", s.start_layer)
         self.sink_dims = run.lvlm.sink_dimensions(s.sink_dims)
-        self.sinks: dict[int, list[torch.Tensor]] = {}  # per layer: the flags of each pass's new tokens
+        #: per generation context (the call's, and each branch's that runs VAR): per layer, the
+        #: flags of each pass's new tokens
+        self.sinks_by_context: dict[int, dict[int, list[torch.Tensor]]] = {id(run.context): {}}
+        #: the main pass's flags (the call's own context)
+        self.sinks = self.sinks_by_context[id(run.context)]
         for layer in range(decoder.num_layers):
-            handles.append(decoder.hook("block_input", layer, self._find_sinks(layer)))
+            handles.append(decoder.hook("block_input", layer, self._find_sinks(run, layer)))
         for layer in range(s.start_layer, decoder.num_layers):
             handles.append(decoder.hook("attn_probs", layer, self._edit(run, layer), rows=self._rows(run, layer)))
 
-    def _find_sinks(self, layer: int):
+    def sinks_of(self, run: Run) -> dict[int, list[torch.Tensor]]:
+        """The sink flags found so far in the context ``run`` is in (the call's or a branch's)."""
+        return self.sinks_by_context.setdefault(id(run.context), {})
+
+    def _find_sinks(self, run: Run, layer: int):
         official = self.settings.protocol == "official"
 
         def fn(h: torch.Tensor) -> None:
-            if official and layer in self.sinks:
+            sinks = self.sinks_of(run)
+            if official and layer in sinks:
                 return  # official: the sinks are fixed by the prompt pass
             flags = sink_flags(h, self.sink_dims, self.settings.tau)
             if h.shape[1] > 1:  # a pass over the whole sequence so far starts afresh
-                self.sinks[layer] = []
-            self.sinks.setdefault(layer, []).append(flags)
+                sinks[layer] = []
+            sinks.setdefault(layer, []).append(flags)
 
         return fn
 
@@ -117,8 +126,8 @@ class VAR(Mitigation):
         token seen so far (``paper``), or those of the prompt pass, generated tokens never being
         sinks (``official``)."""
         if self.settings.protocol == "official":
-            return run.context.lookup(self.sinks[layer][0], kpos, False)
-        return torch.cat(self.sinks[layer], dim=1)
+            return run.context.lookup(self.sinks_of(run)[layer][0], kpos, False)
+        return torch.cat(self.sinks_of(run)[layer], dim=1)
 
     @staticmethod
     def _rows(run: Run, layer: int):

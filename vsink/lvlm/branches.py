@@ -1,0 +1,313 @@
+"""Branches of one generation call: extra views of the same prompt that a mitigation decodes from.
+
+A mitigation (contrastive decoding: VCD, M3ID, DAMRO, DoLa, ...) declares :class:`Branch`\\ es
+(:meth:`~vsink.mitigate.Mitigation.branches`) and a per-step rule that combines their logits
+(:meth:`~vsink.mitigate.Mitigation.combine`). The kinds:
+
+``image``
+    the prompt with its image transformed (noised, masked): the same token ids, other pixel values;
+``text``
+    the prompt without its image tokens (text only);
+``tokens``
+    any prompt of the mitigation's making: token ids with the input embeddings it builds (an
+    image reduced to chosen patches);
+``readout``
+    no pass of its own: an earlier layer's hidden state of the main pass (the residual stream
+    entering block ``j``, as ``hidden_states[j]`` of transformers), read through the LM head.
+
+Every branch that runs a pass keeps its own KV cache and the model's own position ids (computed
+for the branch's inputs by :meth:`~vsink.backbones.hf_lvlm.LVLM.prompt_positions`, M-RoPE
+included). Branches whose inputs have the same shapes and the same edits run stacked along the
+batch in one forward. Which of the composed mitigations' edits apply in a branch is explicit
+(``Branch.edits``; by default every composed mitigation that can run in a branch for ``image`` and
+``tokens`` branches, none for ``text``) and recorded in the owner's report; a vision-tower edit
+(``ttr``) is part of how every image is encoded and applies wherever an image is.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import torch
+
+from ..backbones.sites import muted, owned_by
+from ..errors import VsinkError
+from .context import DecodeContext
+
+if TYPE_CHECKING:
+    from ..mitigate.base import Mitigation, Run
+
+KINDS = ("image", "text", "tokens", "readout")
+#: inputs that carry the image; a text branch drops them
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
+#: the owner name of vsink's own observers (attention capture, readouts): never run in a branch
+OBSERVERS = "vsink-observers"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One extra branch of the prompt (see the module docstring).
+
+    Attributes:
+        name: the key of its logits in :meth:`~vsink.mitigate.Mitigation.combine`.
+        kind: ``image``, ``text``, ``tokens`` or ``readout``.
+        prompt: (``image``, ``tokens``) the branch's prompt inputs from the run: ``input_ids`` and
+            ``attention_mask`` [B, N] always (positions and masks come from them), then either the
+            image inputs (``pixel_values``, ...) or ``inputs_embeds`` [B, N, D].
+        layer: (``readout``) the block whose input is read out.
+        norm: (``readout``) apply the language model's final norm before the LM head.
+        edits: the composed mitigations whose edits apply in the branch (``None``: the kind's default).
+    """
+
+    name: str
+    kind: str
+    prompt: Optional[Callable[["Run"], dict[str, Any]]] = None
+    layer: Optional[int] = None
+    norm: bool = True
+    edits: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise VsinkError(f"branch {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind in ("image", "tokens") and self.prompt is None:
+            raise VsinkError(f"branch {self.name!r}: an {self.kind} branch needs prompt=")
+        if self.kind == "readout" and self.layer is None:
+            raise VsinkError(f"branch {self.name!r}: a readout branch needs layer=")
+
+
+def image_branch(name: str, transform: Callable[[torch.Tensor], torch.Tensor],
+                 edits: Optional[Sequence[str]] = None) -> Branch:
+    """The prompt with ``transform(pixel_values)`` as its image (the processor's tensor: LLaVA
+    [B, 3, H, W], LLaVA-NeXT [B, tiles, 3, H, W], Qwen2-VL's flattened patches)."""
+
+    def prompt(run: "Run") -> dict[str, Any]:
+        if run.inputs.get("pixel_values") is None:
+            raise VsinkError(f"branch {name!r} transforms the image, but the inputs carry no pixel_values")
+        return {**run.inputs, "pixel_values": transform(run.inputs["pixel_values"])}
+
+    return Branch(name, "image", prompt, edits=None if edits is None else tuple(edits))
+
+
+def text_branch(name: str, edits: Sequence[str] = ()) -> Branch:
+    """The prompt without its image tokens, left-padded (no edits by default)."""
+
+    def prompt(run: "Run") -> dict[str, Any]:
+        ids, mask = text_only(run)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return Branch(name, "text", prompt, edits=tuple(edits))
+
+
+def readout_branch(name: str, layer: int, norm: bool = True) -> Branch:
+    """The main pass's residual stream entering block ``layer`` through the LM head (``norm``:
+    after the final norm)."""
+    return Branch(name, "readout", layer=layer, norm=norm)
+
+
+def text_only(run: "Run") -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's token ids without image tokens and padding, left-padded again, and its mask."""
+    lvlm = run.lvlm
+    keep = (run.input_ids != lvlm.image_token_id) & run.attention_mask.bool()
+    rows = [ids[k] for ids, k in zip(run.input_ids, keep)]
+    width = max(len(r) for r in rows)
+    pad = int(getattr(lvlm.text_config, "pad_token_id", None) or 0)
+    ids = torch.full((len(rows), width), pad, dtype=run.input_ids.dtype, device=run.input_ids.device)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+@dataclass
+class _Group:
+    """Branches run stacked in one forward: their prompts concatenated along the batch."""
+
+    names: list[str]
+    edits: tuple[str, ...]
+    inputs: dict[str, Any]  # the stacked prompt
+    ids: torch.Tensor  # [G·B, N] prompt ids (positions, context)
+    mask: torch.Tensor
+    positions: torch.Tensor  # the prompt's position ids
+    offset: torch.Tensor  # [G·B, 1] position offset of later tokens
+    context: Optional[DecodeContext] = None
+    cache: Any = None
+    generated_positions: Optional[torch.Tensor] = None  # without the cache: the generated tokens' positions
+
+
+def _stack_key(inputs: dict[str, Any], edits: tuple[str, ...]) -> tuple:
+    shapes = tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in inputs.items()
+                          if isinstance(v, torch.Tensor)))
+    return shapes, edits
+
+
+def _cat(values: list[Any]) -> Any:
+    return torch.cat(values, dim=0) if isinstance(values[0], torch.Tensor) else values[0]
+
+
+class BranchRunner:
+    """Runs one mitigation's branches beside ``generate`` (a ``LogitsProcessor``): at each step it
+    runs every branch's pass (stacked where shapes and edits agree), reads the readouts of the main
+    pass, and returns the owner's combination of the logits.
+
+    Args:
+        run: the generation call.
+        owner: the mitigation whose branches these are.
+        composed: every mitigation of the call (for the edits of each branch).
+    """
+
+    def __init__(self, run: "Run", owner: "Mitigation", composed: Sequence["Mitigation"]):
+        self.run, self.owner = run, owner
+        self.branches: list[Branch] = list(owner.branches(run))
+        names = [b.name for b in self.branches]
+        if len(set(names)) != len(names):
+            raise VsinkError(f"{owner.name}: two branches are named alike ({names})")
+        self.others = [m.name for m in composed if m is not owner]
+        self.edits = {b.name: self._edits(b, composed) for b in self.branches}
+        self.step = 0
+        self.groups: list[_Group] = []
+        self.readouts: dict[int, torch.Tensor] = {}
+        self.in_branch = False
+        self.passes = 0
+
+    def _edits(self, branch: Branch, composed: Sequence["Mitigation"]) -> tuple[str, ...]:
+        if branch.kind == "readout":  # read from the main pass: every edit of the layers before it applies
+            return tuple(self.others)
+        if branch.edits is None:
+            default = [] if branch.kind == "text" else [m.name for m in composed
+                                                        if m is not self.owner and m.in_branches]
+            return tuple(default)
+        unknown = [e for e in branch.edits if e not in self.others]
+        if unknown:
+            raise VsinkError(f"{self.owner.name}: branch {branch.name!r} names edits {unknown} of no composed "
+                             f"mitigation ({', '.join(self.others) or 'none composed'})")
+        refused = [m.name for m in composed if m.name in branch.edits and not m.in_branches]
+        if refused:
+            raise VsinkError(f"{self.owner.name}: {refused[0]}'s edits cannot run in a branch "
+                             f"({branch.name!r}): its state belongs to the main pass")
+        return tuple(branch.edits)
+
+    def install(self, handles: list) -> None:
+        """The readout observers on the main pass (append their handles to ``handles``)."""
+        decoder = self.run.decoder
+        with owned_by(OBSERVERS):
+            for layer in sorted({b.layer for b in self.branches if b.kind == "readout"}):
+                if not 0 <= layer < decoder.num_layers:
+                    raise VsinkError(f"{self.owner.name}: readout layer {layer} outside the decoder's "
+                                     f"{decoder.num_layers} layers")
+                handles.append(decoder.hook("block_input", layer, self._reader(layer)))
+
+    def _reader(self, layer: int):
+        def fn(h: torch.Tensor) -> None:
+            self.readouts[layer] = h[:, -1]
+
+        return fn
+
+    def record(self) -> list[dict[str, Any]]:
+        """Per branch: name, kind, the edits that applied in it, and (readouts) the layer."""
+        out = []
+        for b in self.branches:
+            row: dict[str, Any] = {"name": b.name, "kind": b.kind, "edits": list(self.edits[b.name])}
+            if b.kind == "readout":
+                row["layer"] = b.layer
+            out.append(row)
+        return out
+
+    # --- the processor ------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits: dict[str, torch.Tensor] = {}
+        if self.step == 0:
+            self._build_groups()
+        for group in self.groups:
+            out = self._forward(group, input_ids)
+            per = out.shape[0] // len(group.names)
+            for i, name in enumerate(group.names):
+                logits[name] = out[i * per:(i + 1) * per].float()
+        for b in self.branches:
+            if b.kind == "readout":
+                logits[b.name] = self.run.lvlm.read_out(self.readouts[b.layer], norm=b.norm).float()
+        result = self.owner.combine(self.step, scores, logits)
+        self.step += 1
+        return result
+
+    def _build_groups(self) -> None:
+        lvlm = self.run.lvlm
+        pending: dict[tuple, list[tuple[str, dict[str, Any]]]] = {}
+        with muted([OBSERVERS]):
+            for b in self.branches:
+                if b.kind == "readout":
+                    continue
+                inputs = b.prompt(self.run)
+                pending.setdefault(_stack_key(inputs, self.edits[b.name]), []).append((b.name, inputs))
+        for (_, edits), members in pending.items():
+            stacked = {k: _cat([m[1][k] for m in members]) for k in members[0][1]}
+            ids, mask = stacked["input_ids"], stacked["attention_mask"]
+            positions, offset = lvlm.prompt_positions(stacked)
+            context = DecodeContext(lvlm, ids, mask) if edits else None
+            self.groups.append(_Group([m[0] for m in members], edits, stacked, ids, mask, positions, offset, context))
+
+    def _forward(self, group: _Group, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last-row logits of one group's pass at this step."""
+        from transformers import DynamicCache
+
+        lvlm, n = self.run.lvlm, len(group.names)
+        if self.step == 0:
+            kwargs = {k: v for k, v in group.inputs.items() if not (k == "input_ids" and "inputs_embeds" in group.inputs)}
+            kwargs["position_ids"] = group.positions
+            if self.run.use_cache:
+                group.cache = DynamicCache()
+        else:
+            new = input_ids[:, -1:].repeat(n, 1)
+            group.mask = torch.cat([group.mask, torch.ones_like(new)], dim=1)
+            group.ids = torch.cat([group.ids, new], dim=1)
+            step_pos = lvlm.step_positions(group.mask, group.offset)
+            if self.run.use_cache:
+                kwargs = {"input_ids": new, "attention_mask": group.mask, "position_ids": step_pos}
+            else:  # the whole sequence again, as the main branch does without the cache
+                kwargs = self._full_inputs(group, step_pos)
+        if group.cache is not None:
+            kwargs[lvlm.cache_argument] = group.cache
+        with ExitStack() as stack:
+            stack.enter_context(self._edits_of(group))
+            out = lvlm.model(**kwargs, use_cache=self.run.use_cache)
+        self.passes += 1
+        return out.logits[:, -1]
+
+    def _full_inputs(self, group: _Group, step_pos: torch.Tensor) -> dict[str, Any]:
+        """Prompt and generated tokens in one uncached pass (positions: the prompt's, then one per token)."""
+        steps = group.ids.shape[1] - group.inputs["input_ids"].shape[1]
+        generated = group.ids[:, -steps:]
+        prev = group.generated_positions
+        group.generated_positions = step_pos if prev is None else torch.cat([prev, step_pos], dim=-1)
+        kwargs = {k: v for k, v in group.inputs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds")}
+        if "inputs_embeds" in group.inputs:
+            embed = self.run.lvlm.model.get_input_embeddings()
+            kwargs["inputs_embeds"] = torch.cat([group.inputs["inputs_embeds"],
+                                                 embed(generated).to(group.inputs["inputs_embeds"].dtype)], dim=1)
+        else:
+            kwargs["input_ids"] = group.ids
+        kwargs["attention_mask"] = group.mask
+        kwargs["position_ids"] = torch.cat([group.positions, group.generated_positions], dim=-1)
+        return kwargs
+
+    def _edits_of(self, group: _Group):
+        """The context a group's pass runs in: no edit (the model itself), or the chosen edits with
+        the group's own generation context (masks, image positions, per-context state)."""
+        stack = ExitStack()
+        decoder, run = self.run.decoder, self.run
+        stack.enter_context(muted([OBSERVERS]))
+        if not group.edits:
+            stack.enter_context(decoder.suspend())
+            return stack
+        stack.enter_context(muted([m for m in self.others if m not in group.edits]))
+        main, bound = run.context, decoder.context
+
+        def swap_back() -> None:
+            run.context, decoder.context = main, bound
+
+        run.context = decoder.context = group.context
+        stack.callback(swap_back)
+        return stack
