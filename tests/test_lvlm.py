@@ -551,12 +551,12 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
                  "--prompt", "x", "--protocol", "authors"]) == 2
     assert "--protocol: must be one of paper, official, got 'authors'" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"),
-                 "--prompt", "x", "--mitigation", "vcd"]) == 2
+                 "--prompt", "x", "--mitigation", "nonesuch"]) == 2
     assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"),
                  "--prompt", "x", "--prompt", "y", "--prompt", "z"]) == 2
     assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "missing"),
                  "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert "--mitigation: must be none or a '+'-joined combination of fastv, pai, ttr, var, got 'vcd'" in err
+    assert "--mitigation: must be none or a '+'-joined combination of fastv, pai, ttr, vaf, var, got 'nonesuch'" in err
     assert "one --prompt per image (or one for all): 1 image, 3 prompts" in err
     assert "Traceback" not in err

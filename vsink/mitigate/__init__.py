@@ -1,5 +1,5 @@
 """Mitigations as composable edits on the shared sites: test-time registers (vision tower), VAR,
-PAI (attention plus guidance), FastV. See :mod:`vsink.mitigate.base` for how to add one.
+PAI (attention plus guidance), FastV, VAF (ClearSight). See :mod:`vsink.mitigate.base` for how to add one.
 
 Mitigations outside vsink register through the ``vsink.mitigations`` entry point (a module whose
 import runs :func:`register`), e.g. in their ``pyproject.toml``::
@@ -23,12 +23,13 @@ from .settings import PROTOCOLS, check_protocol, declared_settings
 from .fastv import FastV, FastVSettings
 from .pai import PAI, GuidanceProcessor, PAISettings
 from .ttr import TTR, TTRSettings
+from .vaf import VAF, VAFSettings
 from .var import VAR, VARSettings, redistribute, redistribution
 
 ENTRY_POINT_GROUP = "vsink.mitigations"
 
 __all__ = ["ENTRY_POINT_GROUP", "FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
-           "Run", "TTR", "TTRSettings", "VAR", "VARSettings", "check_protocol", "declared_settings", "make_mitigations",
+           "Run", "TTR", "TTRSettings", "VAF", "VAFSettings", "VAR", "VARSettings", "check_protocol", "declared_settings", "make_mitigations",
            "mitigation_names",
            "redistribute", "redistribution", "register"]
 
