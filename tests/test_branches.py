@@ -13,7 +13,7 @@ from PIL import Image
 from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
 from vsink.errors import VsinkError
 from vsink.lvlm import LVLM, generate
-from vsink.lvlm.branches import Branch, image_branch, readout_branch, text_branch, text_only
+from vsink.mitigate.branch import Branch, image_branch, readout_branch, text_branch, text_only
 from vsink.mitigate import PAI, PAISettings, Mitigation
 
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")

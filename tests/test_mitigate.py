@@ -116,15 +116,15 @@ def test_a_mitigation_that_edits_nothing_warns(demo, inputs):
 
 
 def test_composition_names_and_settings():
-    assert sorted(REGISTRY) == ["fastv", "pai", "ttr", "vaf", "var"]
+    assert sorted(REGISTRY) == ["damro", "fastv", "m3id", "pai", "ttr", "vaf", "var", "vcd"]
     mits = make_mitigations("pai+fastv", {"pai.alpha": 0.5, "fastv": {"k": 3}}, "paper")
     assert [m.name for m in mits] == ["pai", "fastv"] and mits[0].settings.alpha == 0.5 and mits[1].settings.k == 3
     with pytest.raises(VsinkError, match="with several mitigations name one"):
         make_mitigations("pai+fastv", {"alpha": 0.5})
     with pytest.raises(VsinkError, match="names one mitigation twice"):
         make_mitigations("var+var")
-    with pytest.raises(VsinkError, match="unknown mitigation 'vcd'"):
-        make_mitigations("var+vcd")
+    with pytest.raises(VsinkError, match="unknown mitigation 'nonesuch'"):
+        make_mitigations("var+nonesuch")
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor)
     rng = np.random.default_rng(0)

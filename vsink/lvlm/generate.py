@@ -17,7 +17,7 @@ from ..backbones.hooks import Hooks
 from ..backbones.sites import owned_by
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError, VsinkWarning
-from ..mitigate import REGISTRY, Mitigation, Run, check_protocol, make_mitigations, mitigation_names
+from ..mitigate import REGISTRY, Mitigation, Run, check_composition, check_protocol, make_mitigations, mitigation_names
 from .branches import OBSERVERS, BranchRunner
 from .capture import AttentionCapture
 from .context import DecodeContext
@@ -152,14 +152,6 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         reports.append(report)
     return GenerationResult(out, new, texts, label, recorded, attention, context.spans, context.kept, protocol,
                             reports, notes)
-
-
-def check_composition(mitigations: Sequence[Mitigation]) -> None:
-    """Refuse, in one line, a combination where two mitigations each set the next-token rule."""
-    rules = [m.name for m in mitigations if m.decodes()]
-    if len(rules) > 1:
-        raise VsinkError(f"{' and '.join(rules)} each set the next-token rule (branches combined or guidance); "
-                         "compose one of them with attention edits (var, pai, fastv, vaf, ttr)")
 
 
 #: the mitigations generate() knows by name

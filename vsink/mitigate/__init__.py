@@ -1,5 +1,6 @@
 """Mitigations as composable edits on the shared sites: test-time registers (vision tower), VAR,
-PAI (attention plus guidance), FastV, VAF (ClearSight). See :mod:`vsink.mitigate.base` for how to add one.
+PAI (attention plus guidance), FastV, VAF (ClearSight); contrastive decoding on branches: VCD, M3ID,
+DAMRO. See :mod:`vsink.mitigate.base` for how to add one.
 
 Mitigations outside vsink register through the ``vsink.mitigations`` entry point (a module whose
 import runs :func:`register`), e.g. in their ``pyproject.toml``::
@@ -20,16 +21,19 @@ from typing import Any, Optional, Sequence, Union
 from ..errors import VsinkError
 from .base import REGISTRY, Mitigation, Run, register
 from .settings import PROTOCOLS, check_protocol, declared_settings
+from .damro import DAMRO, DAMROSettings
 from .fastv import FastV, FastVSettings
+from .m3id import M3ID, M3IDSettings
 from .pai import PAI, GuidanceProcessor, PAISettings
 from .ttr import TTR, TTRSettings
 from .vaf import VAF, VAFSettings
+from .vcd import VCD, VCDSettings
 from .var import VAR, VARSettings, redistribute, redistribution
 
 ENTRY_POINT_GROUP = "vsink.mitigations"
 
-__all__ = ["ENTRY_POINT_GROUP", "FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
-           "Run", "TTR", "TTRSettings", "VAF", "VAFSettings", "VAR", "VARSettings", "check_protocol", "declared_settings", "make_mitigations",
+__all__ = ["DAMRO", "DAMROSettings", "M3ID", "M3IDSettings", "VCD", "VCDSettings", "ENTRY_POINT_GROUP", "FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
+           "Run", "TTR", "TTRSettings", "VAF", "VAFSettings", "VAR", "VARSettings", "check_composition", "check_protocol", "declared_settings", "make_mitigations",
            "mitigation_names",
            "redistribute", "redistribution", "register"]
 
@@ -57,7 +61,17 @@ def make_mitigations(spec: Union[str, Sequence[str]], settings: Optional[dict[st
     check_protocol(protocol)
     names = mitigation_names(spec)
     per = _per_mitigation(names, dict(settings or {}))
-    return [REGISTRY[name].from_values(per.get(name), protocol) for name in names]
+    mitigations = [REGISTRY[name].from_values(per.get(name), protocol) for name in names]
+    check_composition(mitigations)
+    return mitigations
+
+
+def check_composition(mitigations: Sequence[Mitigation]) -> None:
+    """Refuse, in one line, a combination where two mitigations each set the next-token rule."""
+    rules = [m.name for m in mitigations if m.decodes()]
+    if len(rules) > 1:
+        raise VsinkError(f"{' and '.join(rules)} each set the next-token rule (branches combined or guidance); "
+                         "compose one of them with attention edits (var, pai without gamma, fastv, vaf, ttr)")
 
 
 def _per_mitigation(names: list[str], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:

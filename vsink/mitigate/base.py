@@ -17,7 +17,7 @@ sites; attention edits stack in installation order (logit edits before the softm
 edits after it), as on the vision side.
 
 A mitigation that decodes from several views of the prompt (contrastive decoding) declares
-branches (:class:`~vsink.lvlm.branches.Branch`, :meth:`Mitigation.branches`) and a per-step rule that
+branches (:class:`~vsink.mitigate.branch.Branch`, :meth:`Mitigation.branches`) and a per-step rule that
 combines their logits (:meth:`Mitigation.combine`); the generation runs the branches and records
 which edits applied in each (see docs/architecture.md, "Branches").
 """
@@ -118,7 +118,7 @@ class Mitigation(ABC):
 
     # --- branches -----------------------------------------------------------------------------
     def branches(self, run: Run) -> list:
-        """The extra :class:`~vsink.lvlm.branches.Branch`\\ es of the prompt this mitigation decodes
+        """The extra :class:`~vsink.mitigate.branch.Branch`\\ es of the prompt this mitigation decodes
         from (default none). With branches, :meth:`combine` makes each step's logits."""
         return []
 

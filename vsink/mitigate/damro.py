@@ -1,0 +1,145 @@
+"""DAMRO — dive into the attention mechanism of LVLMs to reduce object hallucination (Gong et
+al., EMNLP 2024) on vsink's branches.
+
+The vision tower's "outlier" tokens are the top-``k`` patches by the class token's attention at
+the tower's feature layer (the layer whose output the LVLM reads, ``vision_feature_layer``): a
+single-head, full-width attention ``softmax(q·kᵀ/√C)`` from that layer's ``q_proj`` / ``k_proj``
+outputs. The contrastive branch is the prompt with the image reduced to those ``k`` patches'
+projected features (in the order of their attention, as ``torch.topk`` returns them); each step
+decodes from ``(1 + α)·l − α·l_outlier`` over the tokens that pass VCD's plausibility cutoff β.
+Defaults: the released POPE script (α 0.5, β 0.1, k 4); its CHAIR script uses α 1.5.
+
+The class token and the one-to-one patch-to-token path exist in LLaVA-1.5's tower only: other
+families (LLaVA-NeXT's tiles, Qwen2-VL's merged patches without a class token) are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import VsinkError
+from .branch import Branch
+from ..options import Choice, Float, Int
+from .base import Mitigation, Run, register
+from .contrastive import BRANCH_EDITS, branch_edits, changed, contrast
+from .settings import CheckedSettings, setting
+
+
+@dataclass
+class DAMROSettings(CheckedSettings):
+    """DAMRO's settings (see the module docstring)."""
+
+    alpha: float = setting(0.5, Float(0), "contrast strength α (POPE 0.5, CHAIR 1.5; 0: plain decoding)")
+    beta: float = setting(0.1, Float(0, 1), "plausibility cutoff β: tokens with p < β·max p are dropped")
+    k: int = setting(4, Int(min=1), "outlier patches kept in the contrastive branch")
+    branch_edits: str = setting("all", Choice(BRANCH_EDITS), "edits of the composed mitigations in the outlier "
+                                "branch: all, or none (the plain model)")
+    protocol: str = "paper"
+
+    NAME: ClassVar[str] = "damro"
+    #: the released POPE script's values are the defaults above
+    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "model", model) if hasattr(getattr(model, "model", None), "vision_tower") else model
+
+
+def check_family(lvlm: Any) -> None:
+    """Refuse, in one line, a model whose tower has no class token feeding patches one to one."""
+    if lvlm.model_type != "llava":
+        raise VsinkError(f"damro needs a vision tower with a class token whose patches reach the language model one "
+                         f"to one (LLaVA-1.5); {lvlm.spec} is {lvlm.model_type}")
+
+
+def outlier_patches(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention of the class token on each patch [B, P], the top-``k`` patch indices [B, k] in
+    descending attention) at the tower's feature layer."""
+    lvlm = run.lvlm
+    check_family(lvlm)
+    core = _core(lvlm.model)
+    cfg = lvlm.model.config
+    if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
+        raise VsinkError("damro: the tower's class token must be dropped from the features "
+                         "(vision_feature_select_strategy 'default')")
+    layer = int(cfg.vision_feature_layer) if isinstance(cfg.vision_feature_layer, int) else None
+    if layer is None:
+        raise VsinkError("damro needs one vision feature layer")
+    attention = lvlm.vision_backbone().blocks[layer].self_attn
+    grabbed: dict[str, torch.Tensor] = {}
+    hooks = [attention.q_proj.register_forward_hook(lambda m, a, out: grabbed.__setitem__("q", out)),
+             attention.k_proj.register_forward_hook(lambda m, a, out: grabbed.__setitem__("k", out))]
+    try:
+        with torch.no_grad():
+            hidden = core.vision_tower(run.inputs["pixel_values"], output_hidden_states=True).hidden_states[layer]
+    finally:
+        for h in hooks:
+            h.remove()
+    q, key = grabbed["q"].float(), grabbed["k"].float()
+    width = hidden.shape[-1]
+    cls = torch.softmax(q[:, :1] @ key.transpose(-2, -1) * width ** -0.5, dim=-1)[:, 0, 1:]  # [B, P]
+    if k > cls.shape[1]:
+        raise VsinkError(f"damro setting 'k' ({k}) exceeds the tower's {cls.shape[1]} patches")
+    return cls, torch.topk(cls, k, dim=1).indices
+
+
+def outlier_prompt(run: Run, k: int) -> dict[str, Any]:
+    """The prompt with each row's image reduced to its ``k`` outlier patches (see the module docstring)."""
+    lvlm = run.lvlm
+    core = _core(lvlm.model)
+    layer = int(lvlm.model.config.vision_feature_layer)
+    _, top = outlier_patches(run, k)
+    with torch.no_grad():
+        hidden = core.vision_tower(run.inputs["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:]
+        picked = hidden.gather(1, top[..., None].expand(-1, -1, hidden.shape[-1]))
+        features = core.multi_modal_projector(picked)  # [B, k, D]
+    spans, image_id = run.context.spans, lvlm.image_token_id
+    rows = []
+    for b in range(spans.batch_size):
+        ids = run.input_ids[b][run.attention_mask[b].bool()]
+        image = (ids == image_id).nonzero().flatten()
+        first, last = int(image[0]), int(image[-1]) + 1
+        rows.append(torch.cat([ids[:first], torch.full((k,), image_id, dtype=ids.dtype, device=ids.device), ids[last:]]))
+    width = max(len(r) for r in rows)
+    pad = int(getattr(lvlm.text_config, "pad_token_id", None) or 0)
+    ids = torch.full((len(rows), width), pad, dtype=run.input_ids.dtype, device=run.input_ids.device)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+    embeds = lvlm.model.get_input_embeddings()(ids)
+    image = ids == image_id
+    embeds = embeds.masked_scatter(image[..., None], features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+    return {"input_ids": ids, "attention_mask": mask, "inputs_embeds": embeds}
+
+
+@register
+class DAMRO(Mitigation):
+    """DAMRO as a mitigation with an outlier-patch branch (see the module docstring)."""
+
+    name = "damro"
+    settings_class = DAMROSettings
+
+    def _install(self, run: Run, handles: list) -> None:
+        check_family(run.lvlm)
+
+    def branches(self, run: Run) -> list:
+        s: DAMROSettings = self.settings
+        return [Branch("outliers", "tokens", lambda r: outlier_prompt(r, s.k), edits=branch_edits(s.branch_edits))]
+
+    def decodes(self) -> bool:
+        return True
+
+    def combine(self, step: int, logits: torch.Tensor, branches: dict[str, torch.Tensor]) -> torch.Tensor:
+        s: DAMROSettings = self.settings
+        if s.alpha == 0 and s.beta == 0:
+            return logits
+        out = contrast(logits, branches["outliers"], s.alpha, s.beta)
+        self.count_step(step, tokens_changed=changed(logits, out), rows_contrasted=logits.shape[0] if s.alpha else 0)
+        return out
+
+    def nothing_edited_hint(self) -> str:
+        return "alpha = 0 contrasts nothing"
