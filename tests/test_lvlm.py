@@ -497,8 +497,8 @@ def test_settings_and_errors():
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor)
     inputs = lvlm.prepare([_image()], [PROMPTS[0]])
-    with pytest.raises(VsinkError, match="unknown mitigation 'vcd'"):
-        generate(lvlm, inputs, mitigation="vcd")
+    with pytest.raises(VsinkError, match="unknown mitigation 'nonesuch'"):
+        generate(lvlm, inputs, mitigation="nonesuch")
     with pytest.raises(VsinkError, match=r"var: unknown setting\(s\) \['beta'\]"):
         generate(lvlm, inputs, mitigation="var", settings={"beta": 1})
     with pytest.raises(VsinkError, match="no sink dimensions known"):
