@@ -262,12 +262,13 @@ def test_runner_errors(tiny, tmp_path, capsys):
     base = ["eval", "pope", "--annotations", str(tiny / "instances.json"), "--out", str(tmp_path)]
     assert main(base + [str(tiny / "images")]) == 2  # no --model
     assert main(base + [str(tiny / "images"), "--model", str(tiny / "model"),
-                        "--mitigation", "none,vcd"]) == 2
+                        "--mitigation", "none,nonesuch"]) == 2
     assert main(base + [str(tiny / "images"), "--model", str(tiny / "model"),
                         "--set", "var.p=0.5"]) == 2
     err = capsys.readouterr().err
     assert "needs --model" in err
-    assert "(entry 'vcd' is not none or a '+'-joined combination of fastv, pai, ttr, var)" in err
+    assert ("(entry 'nonesuch' is not none or a '+'-joined combination of damro, fastv, m3id, pai, ttr, vaf, var, "
+            "vcd)") in err
     assert "MITIGATION.KEY" in err
     assert "Traceback" not in err
 
