@@ -101,11 +101,13 @@ class BranchRunner:
         """The readout observers on the main pass (append their handles to ``handles``)."""
         decoder = self.run.decoder
         with owned_by(OBSERVERS):
+            n = decoder.num_layers
             for layer in sorted({b.layer for b in self.branches if b.kind == "readout"}):
-                if not 0 <= layer < decoder.num_layers:
-                    raise VsinkError(f"{self.owner.name}: readout layer {layer} outside the decoder's "
-                                     f"{decoder.num_layers} layers")
-                handles.append(decoder.hook("block_input", layer, self._reader(layer)))
+                if not 0 <= layer <= n:
+                    raise VsinkError(f"{self.owner.name}: readout layer {layer} outside 0..{n} (the inputs of the "
+                                     f"decoder's {n} layers, and {n}: the last layer's output)")
+                site, block = ("block_input", layer) if layer < n else ("block_output", n - 1)
+                handles.append(decoder.hook(site, block, self._reader(layer)))
 
     def _reader(self, layer: int):
         def fn(h: torch.Tensor) -> None:

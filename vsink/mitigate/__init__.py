@@ -1,6 +1,6 @@
 """Mitigations as composable edits on the shared sites: test-time registers (vision tower), VAR,
 PAI (attention plus guidance), FastV, VAF (ClearSight); contrastive decoding on branches: VCD, M3ID,
-DAMRO. See :mod:`vsink.mitigate.base` for how to add one.
+DAMRO, DoLa. See :mod:`vsink.mitigate.base` for how to add one.
 
 Mitigations outside vsink register through the ``vsink.mitigations`` entry point (a module whose
 import runs :func:`register`), e.g. in their ``pyproject.toml``::
@@ -22,6 +22,7 @@ from ..errors import VsinkError
 from .base import REGISTRY, Mitigation, Run, register
 from .settings import PROTOCOLS, check_protocol, declared_settings
 from .damro import DAMRO, DAMROSettings
+from .dola import DoLa, DoLaSettings
 from .fastv import FastV, FastVSettings
 from .m3id import M3ID, M3IDSettings
 from .pai import PAI, GuidanceProcessor, PAISettings
@@ -32,7 +33,7 @@ from .var import VAR, VARSettings, redistribute, redistribution
 
 ENTRY_POINT_GROUP = "vsink.mitigations"
 
-__all__ = ["DAMRO", "DAMROSettings", "M3ID", "M3IDSettings", "VCD", "VCDSettings", "ENTRY_POINT_GROUP", "FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
+__all__ = ["DAMRO", "DAMROSettings", "DoLa", "DoLaSettings", "M3ID", "M3IDSettings", "VCD", "VCDSettings", "ENTRY_POINT_GROUP", "FastV", "FastVSettings", "GuidanceProcessor", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
            "Run", "TTR", "TTRSettings", "VAF", "VAFSettings", "VAR", "VARSettings", "check_composition", "check_protocol", "declared_settings", "make_mitigations",
            "mitigation_names",
            "redistribute", "redistribution", "register"]

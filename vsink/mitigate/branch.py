@@ -42,7 +42,8 @@ class Branch:
         prompt: (``image``, ``tokens``) the branch's prompt inputs from the run: ``input_ids`` and
             ``attention_mask`` [B, N] always (positions and masks come from them), then either the
             image inputs (``pixel_values``, ...) or ``inputs_embeds`` [B, N, D].
-        layer: (``readout``) the block whose input is read out.
+        layer: (``readout``) the block whose input is read out (transformers' ``hidden_states[layer]``);
+            the decoder's depth reads the last block's output (with ``norm``: the model's own logits).
         norm: (``readout``) apply the language model's final norm before the LM head.
         edits: the composed mitigations whose edits apply in the branch (``None``: the kind's default).
     """
