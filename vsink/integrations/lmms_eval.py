@@ -5,8 +5,9 @@ Registered through the ``lmms_eval.models`` entry-point group as ``vsink``; e.g.
     lmms-eval --model vsink --model_args pretrained=llava-hf/llava-1.5-7b-hf,mitigation=var,device=cuda \
         --tasks pope --batch_size 1
 
-``model_args``: ``pretrained`` (hub id or local directory), ``mitigation`` (none, var, pai,
-fastv), ``protocol`` (paper, the default, or official: see docs/lvlm.md; lmms-eval records
+``model_args``: ``pretrained`` (hub id or local directory), ``mitigation`` (none or any
+registered mitigation or ``+``-joined combination: var, pai, fastv, vaf, vcd, m3id, damro, dola,
+...), ``protocol`` (paper, the default, or official: see docs/lvlm.md; lmms-eval records
 ``model_args`` with its results, so pass it explicitly to have it recorded), one
 ``set_<name>=<value>`` per mitigation setting (e.g. ``set_p=0.6,set_gamma=1.1``;
 values parsed as YAML; lmms-eval splits ``model_args`` on commas, so lists use ``;``:
