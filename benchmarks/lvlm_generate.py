@@ -11,7 +11,9 @@ variant once in a fresh subprocess, for the whole process and for the generate c
 SDPA's.
 
 Targets (issue 17): VAR and PAI (without guidance) >= 0.9x vanilla SDPA tokens/s; FastV (R = 50 %)
-faster than vanilla SDPA in prefill; peak RSS <= 1.1x vanilla. ``--device cuda --attn flash_attention_2``
+faster than vanilla SDPA in prefill; peak RSS <= 1.1x vanilla. Issue 21: VAF >= 0.9x; VCD, M3ID
+and DAMRO (one extra branch pass per token, beside the model's own) >= 0.45x; DoLa (one LM-head
+readout per candidate layer, no extra pass) >= 0.8x. ``--variants`` picks a subset. ``--device cuda --attn flash_attention_2``
 runs the same comparison against flash attention on a GPU.
 
     python benchmarks/lvlm_generate.py            # ~117 M parameters, batch 2, 16 new tokens, CPU, ~6 minutes
@@ -29,7 +31,9 @@ import time
 import warnings
 
 VARIANTS = {"vanilla": ("none", {}), "vanilla eager": ("none", {}), "vsink none": ("none", {}),
-            "var": ("var", {}), "pai": ("pai", {}), "fastv": ("fastv", {"k": 2, "ratio": 0.5})}
+            "var": ("var", {}), "pai": ("pai", {}), "fastv": ("fastv", {"k": 2, "ratio": 0.5}),
+            "vaf": ("vaf", {}), "vcd": ("vcd", {}), "m3id": ("m3id", {"threshold": 1.0}), "damro": ("damro", {}),
+            "dola": ("dola", {})}
 
 
 def _setup(args):
@@ -124,8 +128,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--attn", default="sdpa", help="the vanilla implementation: sdpa (default) or flash_attention_2")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--variants", help="comma-separated subset of the variants (vanilla is always run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.variants:
+        unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+        if unknown:
+            p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        for name in [n for n in VARIANTS if n != "vanilla" and n not in args.variants.split(",")]:
+            del VARIANTS[name]
     if args.worker:
         print(json.dumps(_worker(args.worker, args)))
         return
@@ -137,7 +148,7 @@ def main() -> None:
     for name in VARIANTS:  # warm-up
         run(name, 2)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    prefill: dict[str, list[float]] = {"vanilla": [], "fastv": []}
+    prefill: dict[str, list[float]] = {"vanilla": [], "fastv": []} if "fastv" in VARIANTS else {}
     for _ in range(args.rounds):
         for name in VARIANTS:
             times[name].append(run(name, n))
@@ -154,7 +165,7 @@ def main() -> None:
           f"1024), {inputs['input_ids'].shape[1]} prompt tokens, batch {batch}, {n} new tokens, {args.rounds} rounds, "
           f"{args.threads} threads, {args.device}, torch {torch.__version__}")
     sdpa = batch * n / statistics.median(times["vanilla"])
-    eager = batch * n / statistics.median(times["vanilla eager"])
+    eager = batch * n / statistics.median(times["vanilla eager"]) if "vanilla eager" in times else float("nan")
     print(f"{'variant':>14} {'tokens/s':>9} {'x ' + args.attn:>10} {'x eager':>8} {'peak MiB':>9} {'peak x':>7} "
           f"{'call MiB':>9} {'call x':>7}")
     base = peaks.get("vanilla", {})
@@ -168,6 +179,8 @@ def main() -> None:
         print(f"{label:>14} {rate:9.2f} {rate / sdpa:10.3f} {rate / eager:8.3f}{mem}")
     if peaks:
         print("peak: whole-process peak RSS; call: peak RSS during one generate call above the RSS before it")
+    if not prefill:
+        return
     a, b = statistics.median(prefill["vanilla"]), statistics.median(prefill["fastv"])
     print(f"prefill (1 new token): vanilla {args.attn} {a:.2f} s, FastV (k=2, R=50%) {b:.2f} s -> {a / b:.2f}x")
 
