@@ -46,6 +46,10 @@ def test_generate_command_runs_each_method_with_its_settings(saved, capsys):
         expected = generate(lvlm, lvlm.prepare([_image()], ["is there a cat ?"]), mitigation=spec,
                             settings=settings, max_new_tokens=3).texts[0]
         assert expected.strip() in out.out and f"mitigation {spec}" in out.err, spec
+        if spec == "damro+pai":  # what the rule did per step, and which edits ran in its branch
+            assert "vsink: damro over 3 steps: tokens_changed=" in out.err
+            assert "vsink: damro branch outliers (tokens): edits pai" in out.err
+            assert "damro per layer" not in out.err
     assert main(["generate", str(root / "a.png"), "--model", str(root / "m"), "--prompt", "x",
                  "--mitigation", "vcd+m3id"]) == 2
     err = capsys.readouterr().err

@@ -482,7 +482,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for entry in result.report:
         layers = ", ".join(f"{row['layer']}: " + " ".join(f"{k}={v:g}" for k, v in row.items() if k != "layer")
                            for row in entry["layers"]) or "nothing"
-        print(f"vsink: {entry['mitigation']} per layer: {layers}", file=sys.stderr)
+        if entry["layers"] or not entry.get("steps"):
+            print(f"vsink: {entry['mitigation']} per layer: {layers}", file=sys.stderr)
+        if entry.get("steps"):
+            totals: dict[str, float] = {}
+            for row in entry["steps"]:
+                for k, v in row.items():
+                    if k != "step":
+                        totals[k] = totals.get(k, 0) + v
+            summary = " ".join(f"{k}={v:g}" for k, v in totals.items())
+            print(f"vsink: {entry['mitigation']} over {count(len(entry['steps']), 'step')}: {summary}", file=sys.stderr)
+        for branch in entry.get("branches", []):
+            print(f"vsink: {entry['mitigation']} branch {branch['name']} ({branch['kind']}): edits "
+                  f"{', '.join(branch['edits']) or 'none'}", file=sys.stderr)
     for note in result.warnings:
         print(f"vsink: warning: {note}", file=sys.stderr)
     for item, text in zip(named, result.texts):
