@@ -96,9 +96,14 @@ def test_the_rule_by_hand():
     assert chosen.tolist() == [1]  # the furthest candidate is the premature layer
 
 
-def test_per_row_choice_makes_a_batch_equal_its_rows():
-    model, processor = build_tiny_qwen2_vl()
-    lvlm = LVLM(model, processor, "tiny-qwen2_vl")
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_per_row_choice_makes_a_batch_equal_its_rows(family):
+    from vsink.data.demo_lvlm import build_tiny_llava_next
+
+    builders = {"llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
+                "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
+    model, processor = builders[family]()
+    lvlm = LVLM(model, processor, f"tiny-{family}")
     images = [_image(), _image(1)]
     inputs = lvlm.prepare(images, PROMPTS)
     for use_cache in (True, False):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vsink.backbones.hf_decoder import decoder_of
-from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_qwen2_vl
+from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
 from vsink.lvlm import LVLM, generate
 from contextlib import ExitStack
 
@@ -26,9 +26,13 @@ def _image(seed=0, size=(48, 40)):
     return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
+            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
 def lvlm(request):
-    model, processor = (build_tiny_llava if request.param == "llava" else build_tiny_qwen2_vl)()
+    model, processor = BUILDERS[request.param]()
     return LVLM(model, processor, f"tiny-{request.param}")
 
 
