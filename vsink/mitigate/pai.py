@@ -1,9 +1,9 @@
 """PAI — paying more attention to images (Liu et al., ECCV 2024), as edits on the decoder's sites.
 
 In layers ``[start_layer, end_layer)`` the pre-softmax logits (``attn_logits``) of the last query
-row on image keys become ``z + α|z|``. With ``gamma`` set, classifier-free guidance runs as a
-``LogitsProcessor``: the text-only branch (the prompt without its image tokens, its own KV cache,
-every edit suspended) gives ``l_t``, the image branch ``l_i``, and the next token is chosen from
+row on image keys become ``z + α|z|``. With ``gamma`` set, classifier-free guidance: a text-only
+branch (:mod:`vsink.mitigate.branch`: the prompt without its image tokens, its own KV cache, no
+edits) gives ``l_t``, the image branch ``l_i``, and the next token is chosen from
 ``γ(l_i − l_t) + l_t`` over tokens with ``p_i >= plausibility · max p_i``.
 
 ``protocol="official"`` follows the released scripts (LALBJ/PAI): with guidance on, the prompt
@@ -14,14 +14,16 @@ Official defaults: γ = 1.1 and layers [2, 32) (the README's commands).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
 
 from ..options import Float, Int, OptionError
+from .branch import text_branch
 from .base import Mitigation, Run, below_depth, register
-from .settings import CheckedSettings, check_protocol, setting
+from .settings import CheckedSettings, setting
 
 
 @dataclass
@@ -82,11 +84,24 @@ class PAI(Mitigation):
 
         return fn
 
-    def logits_processors(self, run: Run) -> list:
+    def branches(self, run: Run) -> list:
         s: PAISettings = self.settings
-        if s.gamma is None:
-            return []
-        return [GuidanceProcessor(run, self, s.gamma, s.plausibility, s.protocol)]
+        if s.gamma is None or (s.protocol == "official" and s.gamma == 1):
+            return []  # official with gamma = 1: the released guidance returns before its text-only pass
+        return [text_branch("text")]
+
+    def combine(self, step: int, logits: torch.Tensor, branches: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Classifier-free guidance against the text-only branch (see the module docstring)."""
+        s: PAISettings = self.settings
+        if s.protocol == "official":
+            self.amplify = True  # the released scripts switch α on once the text-only branch has run
+        image = torch.log_softmax(logits.float(), dim=-1)
+        text = torch.log_softmax(branches["text"].float(), dim=-1)
+        guided = s.gamma * (image - text) + text
+        cut = image < math.log(s.plausibility) + image.amax(-1, keepdim=True)
+        out = guided.masked_fill(cut, float("-inf"))
+        self.count_step(step, tokens_changed=int((out.argmax(-1) != logits.argmax(-1)).sum()))
+        return out
 
     def decodes(self) -> bool:
         return self.settings.gamma is not None
@@ -98,46 +113,3 @@ class PAI(Mitigation):
                     "run, and with gamma = 1 it never runs")
         return f"the layer range [{s.start_layer}, {s.end_layer}) holds no decoder layer"
 
-
-class GuidanceProcessor:
-    """PAI's classifier-free guidance as a ``LogitsProcessor`` (see the module docstring)."""
-
-    def __init__(self, run: Run, pai: PAI, gamma: float, plausibility: float, protocol: str = "paper"):
-        self.run, self.pai, self.gamma, self.beta = run, pai, gamma, plausibility
-        self.official = check_protocol(protocol) == "official"
-        lvlm = run.lvlm
-        keep = (run.input_ids != lvlm.image_token_id) & run.attention_mask.bool()
-        rows = [ids[k] for ids, k in zip(run.input_ids, keep)]
-        width = max(len(r) for r in rows)
-        pad = int(getattr(lvlm.text_config, "pad_token_id", None) or 0)
-        self.ids = torch.full((len(rows), width), pad, dtype=run.input_ids.dtype, device=run.input_ids.device)
-        self.mask = torch.zeros_like(self.ids)
-        for b, r in enumerate(rows):  # left padding
-            self.ids[b, width - len(r):] = r
-            self.mask[b, width - len(r):] = 1
-        self.cache = None
-
-    @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        image = torch.log_softmax(scores.float(), dim=-1)
-        if self.official and self.gamma == 1:
-            return image.to(scores.dtype)
-        if self.cache is None:  # first step: the text-only prompt
-            self.cache = DynamicCache()
-            ids = self.ids
-        else:  # then the token chosen at the previous step
-            ids = input_ids[:, -1:]
-            self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-        lvlm = self.run.lvlm
-        pos = lvlm.text_position_ids(self.mask, ids.shape[1])
-        with self.run.decoder.suspend():
-            out = lvlm.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
-                             **{lvlm.cache_argument: self.cache})
-        if self.official:
-            self.pai.amplify = True
-        text = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        guided = self.gamma * (image - text) + text
-        cut = image < (torch.log(torch.tensor(self.beta)) + image.amax(-1, keepdim=True))
-        return guided.masked_fill(cut, float("-inf")).to(scores.dtype)
