@@ -214,3 +214,12 @@ def test_two_contrastive_rules_are_refused_in_one_line(llava):
     inputs = llava.prepare([_image()], PROMPTS[:1])
     with pytest.raises(VsinkError, match="vcd and m3id each set the next-token rule"):
         generate(llava, inputs, mitigation="vcd+m3id", max_new_tokens=1)
+
+
+def test_attention_capture_sees_the_main_pass_only(llava):
+    # the noised branch's passes are not captured: with alpha 0 the captured attention is none's
+    inputs = llava.prepare([_image(), _image(1)], PROMPTS)
+    none = generate(llava, inputs, max_new_tokens=3, capture_attention=True)
+    vcd = generate(llava, inputs, mitigation="vcd", settings={"alpha": 0.0}, max_new_tokens=3, capture_attention=True)
+    assert vcd.attention.shape == none.attention.shape
+    torch.testing.assert_close(vcd.attention, none.attention, atol=1e-5, rtol=0, equal_nan=True)
