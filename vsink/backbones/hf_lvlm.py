@@ -108,8 +108,8 @@ class LVLM:
         """The position ids of a left-padded prompt batch as the model's own generation computes
         them, and per row the offset [B, 1] of the tokens after it (a token with ``i`` real tokens
         before it sits at ``i + offset``). Qwen2-VL / Qwen2.5-VL: the model's ``get_rope_index``
-        on these inputs (3-row M-RoPE), the offset its ``rope_deltas``; text-only rows: the same
-        position on the three rows."""
+        on these inputs (3-row M-RoPE), the offset one past each row's largest position; text-only
+        rows: the same position on the three rows."""
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
@@ -124,8 +124,11 @@ class LVLM:
         core = getattr(self.model, "model", self.model)
         wanted = set(inspect.signature(core.get_rope_index).parameters)
         kwargs = {k: v for k, v in inputs.items() if k in wanted and k not in ("input_ids", "attention_mask")}
-        positions, deltas = core.get_rope_index(ids, attention_mask=mask, **kwargs)
-        return positions, deltas.reshape(-1, 1).to(ids.device)
+        positions, _ = core.get_rope_index(ids, attention_mask=mask, **kwargs)
+        # the next token sits one past the row's largest position; transformers releases differ in
+        # what their rope_deltas count (padded or real tokens), so the offset is derived here
+        top = positions.masked_fill(mask[None] == 0, 0).amax(dim=(0, 2))
+        return positions, (top + 1 - mask.long().sum(-1)).reshape(-1, 1).to(ids.device)
 
     def step_positions(self, attention_mask: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The position ids [B, 1] (M-RoPE: [3, B, 1]) of the last token of ``attention_mask``,
