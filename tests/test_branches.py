@@ -3,7 +3,6 @@ its prompt (own cache, the model's own position ids, M-RoPE included), stacked b
 separate ones, readouts equal transformers' hidden states, edits apply where recorded."""
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import pytest

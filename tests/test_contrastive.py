@@ -173,8 +173,8 @@ def test_damro_outliers_are_the_class_tokens_top_patches_by_hand(llava):
         cls = torch.softmax(q[:, :1] @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)[:, 0, 1:]
 
     class R:  # what outlier_patches reads of a run
-        lvlm, inputs_ = llava, inputs
-    R.inputs = inputs
+        pass
+    R.lvlm, R.inputs = llava, inputs
     got, top = outlier_patches(R, 3)
     assert torch.allclose(got, cls, atol=1e-5)
     assert torch.equal(top, cls.argsort(dim=1, descending=True)[:, :3])

@@ -2,6 +2,8 @@
 enhance, system keys × suppress) in the layer window, checked by hand against the unedited logits;
 scale 1 equals none; batches with left padding, with and without the cache; vaf+fastv composes."""
 
+from contextlib import ExitStack
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,6 @@ from PIL import Image
 from vsink.backbones.hf_decoder import decoder_of
 from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
 from vsink.lvlm import LVLM, generate
-from contextlib import ExitStack
-
 from vsink.lvlm.context import DecodeContext
 from vsink.mitigate import FastV, FastVSettings, Run, VAF, VAFSettings
 from vsink.mitigate.vaf import layer_window
