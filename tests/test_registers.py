@@ -267,3 +267,78 @@ def test_cli_registers_find_apply_and_scan_flag(tmp_path, capsys):
                  "--out", str(tmp_path / "m"), "--no-progress"]) == 0
     with np.load(tmp_path / "m" / "china.npz") as d:
         assert d["norm/layer3/prefix"].shape == (2,) and d["norm/layer3/prefix"][1] > 3 * d["norm/layer3"].max()
+
+
+def test_cut_at_the_score_gap_by_hand():
+    from vsink.registers.score_gap import FALLBACK, cut_at_gap
+
+    # one dominant gap (10 -> 1, then spacings of 0.1): the cut is at it, one neuron kept
+    one = cut_at_gap([10.0, 1.0, 0.9, 0.8, 0.7, 0.6])
+    assert (one.count, one.gap, one.widest, one.clear) == (1, 9.0, 9.0, True)
+    # the demo's pattern: two pairs above the bulk, gaps 2.9 (after rank 2) and 1.7 (after rank 4,
+    # 0.59 of the widest: wide), then spacings of 0.1 (below a quarter): four kept
+    four = cut_at_gap([5.4, 5.4, 2.5, 2.5, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    assert four.count == 4 and four.gap == pytest.approx(1.7) and four.widest == pytest.approx(2.9)
+    # evenly spaced scores: the widest gap equals the median gap, no clear gap, the fallback count
+    flat = cut_at_gap([float(x) for x in range(64, 0, -1)])
+    assert (flat.count, flat.clear) == (FALLBACK, False)
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        skimage_photo(name).image.save(folder / f"{name}.png")
+    return folder
+
+
+def test_score_gap_keeps_the_demo_lvlm_tower_planted_neurons_alone(photo_dir, tmp_path, capsys):
+    from vsink.data import demo_llava as L
+
+    out = tmp_path / "neurons.json"
+    assert main(["registers", "find", str(photo_dir), "--model", "demo-llava", "--out", str(out), "--no-progress"]) == 0
+    spec = json.loads(out.read_text())
+    # planted by construction: block TOWER_PLANTED_BLOCK, neurons TOWER_NEURONS (vsink.data.demo_llava)
+    assert {(n["layer"], n["neuron"]) for n in spec["neurons"]} == {(L.TOWER_PLANTED_BLOCK, n) for n in L.TOWER_NEURONS}
+    cut, ranking = spec["settings"]["cut"], spec["settings"]["ranking"]
+    assert cut["rule"] == "score gap" and cut["kept"] == 2 and cut["clear_gap"]
+    assert len(ranking) == 64 and [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+    assert cut["gap"] == pytest.approx(ranking[1]["score"] - ranking[2]["score"])
+    text = capsys.readouterr().out
+    assert "---- cut: 2 kept (at the score gap" in text and "not kept" in text
+    # the score plot is written beside neurons.json
+    assert (tmp_path / "neurons-scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --top-k still overrides, and the output says what the gap would have kept
+    assert main(["registers", "find", str(photo_dir), "--model", "demo-llava", "--out", str(out), "--no-progress",
+                 "--top-k", "5"]) == 0
+    assert len(json.loads(out.read_text())["neurons"]) == 5
+    assert "--top-k 5; the score gap would keep 2" in capsys.readouterr().out
+
+
+def test_a_threshold_far_from_the_gap_test_warns(photo_dir):
+    from vsink.errors import VsinkWarning
+
+    tower = vsink.load("demo-llava")
+    # sigma:3 on these photos puts emergence at block 0 (the gap test: block 1, the planted block)
+    with pytest.warns(VsinkWarning, match=r"threshold sigma:3 disagrees with the detector's gap test.*emergence at "
+                      r"block 0 against .*emergence at block 1"):
+        spec = find_register_neurons(tower, sorted(photo_dir.iterdir()), threshold="sigma:3", progress=False)
+    assert spec.settings["cut"]["rule"] == "no clear gap"  # and its ranking shows no gap: warned too
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VsinkWarning)  # the default threshold is the gap test: no warning
+        find_register_neurons(tower, sorted(photo_dir.iterdir()), progress=False)
+
+
+def test_neuron_score_plot_marks_the_cut_between_kept_and_dropped():
+    from vsink.export.neuron_figures import neuron_scores_figure
+
+    fig = neuron_scores_figure([6.0, 3.2, 2.3, 2.2, 2.1], 2, "score gap", "t $\\frac{$")
+    ax = fig.axes[0]
+    cut = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(cut) == 1 and list(cut[0].get_xdata()) == [2.5, 2.5]
+    kept = [line for line in ax.get_lines() if line.get_label().startswith("kept")][0]
+    assert list(kept.get_xdata()) == [1, 2] and list(kept.get_ydata()) == [6.0, 3.2]
+    assert ax.get_ylim()[0] <= 0.0  # the score axis starts at 0
+    fig.canvas.draw()  # a title with mathtext characters draws as written

@@ -343,13 +343,13 @@ def _cmd_registers(args: argparse.Namespace) -> int:
                                      sparsity_filter=args.sparsity_filter, sparsity_fraction=args.sparsity_fraction,
                                      sparsity_activation=args.sparsity_activation, batch_size=args.batch_size,
                                      img_size=args.img_size, progress=not args.no_progress)
+        plot = _write_neuron_plot(spec, Path(args.out))
         spec.save(args.out)
         st = spec.settings
         print(f"register neurons of {spec.model}: outliers at block {st['detection_layer']}, scored blocks "
               f"0-{st['highest_layer']}, {st['images_with_outliers']}/{st['images']} images with outliers")
-        for n in spec.neurons:
-            print(f"  block {n.layer:>2} neuron {n.neuron:>5}  score {n.score:.4g}")
-        print(f"wrote {args.out}")
+        _print_ranking(st)
+        print(f"wrote {args.out} and {plot} (scores and the cut)")
         return 0
     from .export.compare import MAX_IMAGES, pca_layers, render_scan_comparison
     from .export.pca import patch_features
@@ -383,6 +383,33 @@ def _cmd_registers(args: argparse.Namespace) -> int:
               f"max patch-norm ratio {max(l.ratio for l in hn.layers):.2f}")
     print(f"wrote {out / 'before'}, {out / 'after'} and {compare} (side by side)")
     return 0
+
+
+def _print_ranking(settings: dict, below: int = 5) -> None:
+    """The kept neurons, the cut with its rule and gap, and the next ``below`` scores."""
+    cut, ranking = settings["cut"], settings["ranking"]
+    for i, n in enumerate(ranking[:cut["kept"] + below]):
+        if i == cut["kept"]:
+            how = {"score gap": f"at the score gap, {cut['gap']:.4g} wide; the widest is {cut['widest_gap']:.4g}",
+                   "no clear gap": f"no clear score gap: the {cut['kept']} best",
+                   "top_k": f"--top-k {cut['kept']}; the score gap would keep {cut['count']}"}[cut["rule"]]
+            print(f"  ---- cut: {cut['kept']} kept ({how}); not kept:")
+        print(f"  block {n['layer']:>2} neuron {n['neuron']:>5}  score {n['score']:.4g}")
+
+
+def _write_neuron_plot(spec, out: Path) -> Path:
+    """``OUT-scores.png`` beside ``OUT``: the ranked scores with the cut marked."""
+    from .export.neuron_figures import neuron_scores_png
+    from .io import atomic_path
+
+    cut = spec.settings["cut"]
+    path = out.with_name(f"{out.stem}-scores.png")
+    png = neuron_scores_png([n["score"] for n in spec.settings["ranking"]], cut["kept"], cut["rule"],
+                            f"register-neuron scores of {spec.model} (block {spec.settings['detection_layer']} "
+                            "outliers)")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    return path
 
 
 def _cmd_maps(args: argparse.Namespace) -> int:

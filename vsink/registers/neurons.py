@@ -4,8 +4,8 @@ Algorithm (Jiang et al. 2025, batched): pass 1 scans block-output norms and find
 outlier patches at the detection layer with the high-norm detector; pass 2 records, for every
 MLP hidden neuron of blocks ``0..highest_layer``, its mean |activation| over that image's
 outlier positions. Images without outliers are skipped (and counted). Scores are averaged over
-the remaining images; the top-k (layer, neuron) pairs are returned best first. Every per-image
-quantity is computed per sample of the batch.
+the remaining images; the (layer, neuron) pairs above the score gap (:mod:`.score_gap`), or the
+top-k, are returned best first. Every per-image quantity is computed per sample of the batch.
 
 Two options reproduce the authors' released code (``shared/algorithms.py``): ``outlier_tokens="all"``
 (an outlier position is any token above the threshold, the class token included; default
@@ -36,12 +36,14 @@ from ..options import BATCH, THRESHOLD, Bool, Choice, Float, Int, Mapping_, Opti
 from ..readers import checked_field, read_json, records
 from ..probe import Probe
 from ..scan import parse_threshold
+from .score_gap import CLEAR, WINDOW, cut_at_gap
 
 OUTLIER_TOKENS = ("patches", "all")
 
 #: the arguments of :func:`find_register_neurons` (``vsink registers find`` flags)
 FIND = declare(
-    Option("top_k", Int(1), 10, "neurons to keep"),
+    Option("top_k", Int(1), None, "neurons to keep", nullable=True,
+           default_text="those above the largest gap in the sorted scores"),
     Option("detection_layer", Int(), None, "block whose outliers are used (negative from the end, within the "
            "depth)", nullable=True, default_text="the emergence layer"),
     Option("highest_layer", Int(), None, "last block whose MLP is scored (negative from the end, within the "
@@ -139,7 +141,7 @@ def find_register_neurons(
     backbone: Backbone,
     images: Sequence[Union[ImageSource, NamedImage]],
     *,
-    top_k: int = 10,
+    top_k: Optional[int] = None,
     detection_layer: Optional[int] = None,
     highest_layer: Optional[int] = None,
     threshold: Union[str, float, None] = "auto",
@@ -155,6 +157,9 @@ def find_register_neurons(
     """Rank MLP neurons by their mean |activation| on high-norm tokens.
 
     Args:
+        top_k: neurons to keep; default ``None``: those above the score gap
+            (:func:`vsink.registers.score_gap.cut_at_gap`). ``settings["cut"]`` records the cut and
+            ``settings["ranking"]`` the best scores the gap test saw.
         detection_layer: block whose output defines the outliers (default: the emergence layer).
         highest_layer: last block whose MLP is scored (default: the emergence layer).
         threshold: high-norm threshold for pass 1 (``"auto"``, ``"sigma:K"`` or a number).
@@ -196,6 +201,7 @@ def find_register_neurons(
     trace = probe.trace()
     trace.check_finite(backbone.spec)
     high = detect_high_norm(trace, **parse_threshold(threshold))
+    _compare_with_gap_test(trace, high, threshold)
     if high.emergence_layer is None and detection_layer is None:
         raise VsinkError("no high-norm outliers in these images: there is nothing for register neurons to "
                          "explain (pass detection_layer and an absolute threshold to force a layer)")
@@ -254,13 +260,48 @@ def find_register_neurons(
             if min_selectivity is None or selectivity[n] >= min_selectivity:
                 candidates.append(RegisterNeuron(l, n, float(mean_score[n])))
     candidates.sort(key=lambda n: -n.score)
+    cut = cut_at_gap([n.score for n in candidates])
+    if top_k is None and not cut.clear:
+        warnings.warn(f"no clear gap in the neuron scores (the widest, {cut.widest:.3g}, is less than {CLEAR:g} times "
+                      f"the typical gap): kept the {cut.count} best; look at the scores, or pass top_k (--top-k)",
+                      VsinkWarning, stacklevel=3)
+    keep = cut.count if top_k is None else top_k
     n_images = trace.num_images
     settings = {"detection_layer": detection, "highest_layer": highest, "threshold": parse_threshold(threshold),
-                "detection_threshold": stats.threshold, "top_k": top_k, "min_selectivity": min_selectivity,
+                "detection_threshold": stats.threshold, "top_k": top_k,
+                "cut": {"rule": "top_k" if top_k is not None else "score gap" if cut.clear else "no clear gap", "kept": min(keep, len(candidates)),
+                        **cut.to_dict()},
+                "ranking": [asdict(n) for n in candidates[:max(WINDOW, keep)]], "min_selectivity": min_selectivity,
                 "outlier_tokens": outlier_tokens,
                 "sparsity_filter": {"fraction": sparsity_fraction, "activation": sparsity_activation}
                 if sparsity_filter else None,
                 "images": n_images, "images_with_outliers": used, "images_skipped_no_outliers": n_images - used,
                 "unreadable": skipped}
-    return NeuronSpec(model=backbone.spec, neurons=candidates[:top_k], settings=settings)
+    return NeuronSpec(model=backbone.spec, neurons=candidates[:keep], settings=settings)
+
+
+#: the threshold and the gap test disagree widely when their total outlier counts differ by more
+#: than this factor (or their emergence blocks differ)
+DISAGREEMENT = 2.0
+
+
+def _compare_with_gap_test(trace, high, threshold) -> None:
+    """Warn when a chosen (non-``auto``) threshold finds very different outliers from the
+    detector's gap test (``auto``) on the same norms: another emergence block, or total outlier
+    counts more than :data:`DISAGREEMENT` times apart."""
+    if parse_threshold(threshold)["method"] == "auto":
+        return
+    gap = detect_high_norm(trace)
+    mine, theirs = len(high.outliers), len(gap.outliers)
+    ratio = max(mine, theirs) / max(min(mine, theirs), 1)
+    if high.emergence_layer == gap.emergence_layer and (max(mine, theirs) == 0 or ratio <= DISAGREEMENT):
+        return
+
+    def said(result) -> str:
+        where = "no block" if result.emergence_layer is None else f"block {result.emergence_layer}"
+        return f"{len(result.outliers)} outlier tokens, emergence at {where}"
+
+    warnings.warn(f"threshold {threshold} disagrees with the detector's gap test (--threshold auto): {said(high)} "
+                  f"against {said(gap)}; the neurons found explain the threshold's outliers, check them "
+                  "(docs/registers.md)", VsinkWarning, stacklevel=4)
 
