@@ -625,3 +625,38 @@ def test_absurd_batch_size_is_refused_with_an_estimate(tmp_path, capsys):
             match=r"train\.batch_size=100000000 needs about [\d.]+ [TP]iB of activations for one step .* more than "
                   r"the [\d.]+ [GMT]iB of cpu")
     assert not (tmp_path / "run").exists()
+
+
+# --- issue 20, item 5: the LVLM's context --------------------------------------------------------
+
+def test_generation_beyond_the_lvlm_context_is_refused_naming_the_limit(capsys, tmp_path):
+    from vsink.data.demo_llava import TEXT
+
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (32, 32), (90, 120, 30)).save(photo)
+    limit = f"{TEXT['max_position_embeddings']:,}"  # the demo LVLM's config: 2,048 positions
+    err = refused(capsys, "generate", photo, "--model", "demo-llava", "--prompt", "describe", "--max-new-tokens",
+                  "5000", match=rf"max_new_tokens 5,000 after a prompt of \d+ tokens goes beyond demo-llava's context "
+                                rf"of {limit} tokens \(max_position_embeddings\): at most [\d,]+ here")
+    prompt, room = re.search(r"prompt of (\d+) tokens.*at most ([\d,]+) here", err).groups()
+    assert int(room.replace(",", "")) == TEXT["max_position_embeddings"] - int(prompt)
+    # a prompt far beyond the context: ~6,000 words for 2,048 positions
+    refused(capsys, "generate", photo, "--model", "demo-llava", "--prompt", "a cat " * 3000, "--max-new-tokens", "1",
+            match=rf"the prompt is [\d,]+ tokens with its image, beyond demo-llava's context of {limit} tokens")
+
+
+def test_generate_api_refuses_a_fractional_max_new_tokens(demo_lvlm_inputs):
+    from vsink.lvlm.generate import generate
+    from vsink.options import OptionError
+
+    lvlm, inputs = demo_lvlm_inputs
+    with pytest.raises(OptionError, match=r"'max_new_tokens' must be an integer >= 1, got 2.5"):
+        generate(lvlm, inputs, max_new_tokens=2.5)
+
+
+@pytest.fixture(scope="module")
+def demo_lvlm_inputs():
+    from vsink.backbones.hf_lvlm import load_lvlm
+
+    lvlm = load_lvlm("demo-llava")
+    return lvlm, lvlm.prepare([Image.new("RGB", (32, 32), (90, 120, 30))], ["describe"])

@@ -77,6 +77,26 @@ class LVLM:
         return int(self.text_config.hidden_size)
 
     @property
+    def context_length(self) -> Optional[int]:
+        """Most positions the language model takes (``max_position_embeddings`` of its text
+        config), or None when the config does not say."""
+        n = getattr(self.text_config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int = 0) -> None:
+        """Refuse, in one line naming the limit, a prompt of ``prompt_tokens`` (image tokens
+        included) that with ``max_new_tokens`` more would go past :attr:`context_length`."""
+        limit = self.context_length
+        if limit is None:
+            return
+        where = f"{self.spec}'s context of {limit:,} tokens (max_position_embeddings)"
+        if prompt_tokens > limit:
+            raise VsinkError(f"the prompt is {prompt_tokens:,} tokens with its image, beyond {where}: shorten it")
+        if prompt_tokens + max_new_tokens > limit:
+            raise VsinkError(f"max_new_tokens {max_new_tokens:,} after a prompt of {prompt_tokens:,} tokens goes beyond "
+                             f"{where}: at most {limit - prompt_tokens:,} here")
+
+    @property
     def image_token_id(self) -> int:
         cfg = self.model.config
         for name in ("image_token_id", "image_token_index"):
@@ -226,7 +246,8 @@ class LVLM:
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Any]:
         """Images + prompts → model inputs with the model's processor (left padding for batches).
         A prompt without the image placeholder gets the model's chat template if it has one,
-        else the image token in front."""
+        else the image token in front. A prompt beyond the model's context is refused
+        (:meth:`check_context`)."""
         if self.processor is None:
             raise VsinkError(f"{self.spec}: no processor was loaded; pass input_ids and pixel_values yourself")
         if len(images) != len(prompts):
@@ -243,6 +264,7 @@ class LVLM:
         if tok is not None:
             tok.padding_side = "left"
         inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        self.check_context(int(inputs["input_ids"].shape[1]))
         accepted = self._forward_parameters()
         # some tokenizers add token_type_ids, which LLaVA's forward (and transformers 4.x's
         # generate) do not take

@@ -17,6 +17,7 @@ from ..backbones.hooks import Hooks
 from ..backbones.sites import owned_by
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError, VsinkWarning
+from ..options import Int, Option
 from ..mitigate import REGISTRY, Mitigation, Run, check_composition, check_protocol, make_mitigations, mitigation_names
 from .branches import OBSERVERS, BranchRunner
 from .capture import AttentionCapture
@@ -85,13 +86,14 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
             tokens per layer (head mean; routes every layer through explicit attention).
         progress: show a progress bar over the decoding steps (off by default: callers that
             generate batch after batch show their own).
+        max_new_tokens: an integer >= 1; with the prompt, within the model's context
+            (:meth:`LVLM.check_context`: refused in one line naming the limit).
 
     Every mitigation reports what it did per layer (``result.report``); one that edited nothing
     raises a :class:`MitigationWarning` (and is listed in ``result.warnings``).
     """
     check_protocol(protocol)
-    if max_new_tokens < 1:
-        raise VsinkError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    Option("max_new_tokens", Int(1)).check(max_new_tokens)
     if isinstance(mitigation, str):
         mitigations = make_mitigations(mitigation, settings, protocol)
         label = "+".join(m.name for m in mitigations) or "none"
@@ -104,6 +106,7 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
+    lvlm.check_context(int(input_ids.shape[1]), max_new_tokens)
     if not all(lvlm.image_spans(input_ids).counts()):
         raise VsinkError("every prompt needs an image (no image tokens found in a row)")
     check_composition(mitigations)
