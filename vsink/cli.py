@@ -156,7 +156,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     hn = result.high_norm
     print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}")
     print(f"layout: {result.layout.describe()}")
-    print(f"high-norm tokens: {hn.summary()}" if hn.emergence_layer is not None else hn.summary())
+    said = hn.summary(result.images)
+    print(f"high-norm tokens: {said}" if hn.emergence_layer is not None else said)
     for layer in hn.layers:
         print(f"  block {layer.index:>2}: median {layer.median:8.3f}  max {layer.max:8.3f}  "
               f"ratio {layer.ratio:6.2f}{_outlier_note(layer)}")

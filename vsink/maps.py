@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backbones.base import Backbone
+from .arguments import images_arg, index_list_arg, int_arg
+from .backbones.base import Backbone, backbone_arg
 from .errors import VsinkError, VsinkWarning
 from .finite import FiniteGuard
 from .images import ImageSource, NamedImage, load_batch, source_name
@@ -86,11 +87,13 @@ def parse_selection(value: Union[str, Sequence[int], None], count: int, what: st
     """``"all"`` / ``"mean"`` (as allowed) or a comma list of indices (negative from the end)."""
     if value is None or (isinstance(value, str) and value in keywords):
         return value or keywords[0]
-    items = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        indices = [int(v) for v in items]
-    except ValueError:
-        raise VsinkError(f"{what} must be {' | '.join(keywords)} or a comma list of integers, got {value!r}") from None
+    if not isinstance(value, str):
+        indices = index_list_arg(value, what)
+    else:
+        try:
+            indices = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise VsinkError(f"{what} must be {' | '.join(keywords)} or a comma list of integers, got {value!r}") from None
     bad = [i for i in indices if not -count <= i < count]
     if bad:
         raise VsinkError(f"{what} {bad} out of range: indices in [{-count}, {count - 1}] for {count} {what}")
@@ -167,6 +170,9 @@ def export_maps(
     ``formats=["png"]`` alone they stay in memory until then). Each map is drawn on the region of
     the original image the model saw (``view_box``).
     """
+    backbone = backbone_arg(backbone)
+    images = images_arg(images)
+    img_size = int_arg(img_size, "img_size", 1, nullable=True)
     kinds = default_kinds(backbone)[0] if kinds is None else list(dict.fromkeys(kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
@@ -183,8 +189,6 @@ def export_maps(
         raise VsinkError(f"{backbone.spec} has no class token: kind 'cls' is not available{pooled}")
     if "pool" in kinds and backbone.pool_head is None:
         raise VsinkError(f"{backbone.spec} has no attention-pooling head: kind 'pool' is not available")
-    if not images:
-        raise VsinkError("no images given")
     sel_layers = parse_selection(layers, backbone.num_layers, "layers", ("all",))
     sel_layers = list(range(backbone.num_layers)) if sel_layers == "all" else sel_layers
     sel_heads = parse_selection(heads, backbone.num_heads, "heads", ("mean", "all"))

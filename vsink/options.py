@@ -593,6 +593,9 @@ def declare(*options: Option) -> dict[str, Option]:
     return out
 
 
+#: most registers a model may get, trained (``with_registers``, ``registers.n``) or appended at test time
+MAX_REGISTERS = 1024
+
 #: options several commands and library functions share
 BATCH = Option("batch_size", Int(1), 8, "images per forward pass")
 THRESHOLD = Option("threshold", Threshold(), "auto", "high-norm threshold")

@@ -16,8 +16,10 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .backbones.base import Backbone
+from .arguments import index_list_arg
+from .backbones.base import Backbone, backbone_arg
 from .backbones.hooks import HookSet
+from .backbones.sites import SiteModel
 from .errors import VsinkError
 from .io import atomic_path
 from .layout import TokenLayout
@@ -227,10 +229,11 @@ class Probe(HookSet):
     def __init__(self, backbone: Backbone, *, layers: Optional[Sequence[int]] = None,
                  norms: bool = True, attention: bool = True, massive: int = 0):
         super().__init__()
-        self.backbone = backbone
+        self.backbone = backbone = backbone if isinstance(backbone, SiteModel) else backbone_arg(backbone)
         n = backbone.num_layers
-        self.layers = sorted({int(i) % n for i in layers}) if layers is not None else list(range(n))
-        if layers is not None and any(not -n <= int(i) < n for i in layers):
+        layers = None if layers is None else index_list_arg(layers, "layers")
+        self.layers = sorted({i % n for i in layers}) if layers is not None else list(range(n))
+        if layers is not None and any(not -n <= i < n for i in layers):
             raise VsinkError(f"layers {list(layers)} out of range for {n} blocks")
         self.want_norms = norms
         self.want_attention = attention

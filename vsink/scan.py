@@ -13,9 +13,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .arguments import images_arg, index_list_arg, int_arg
 from .manifest import weights_fingerprint
 from .version import __version__
-from .backbones.base import Backbone
+from .backbones.base import Backbone, backbone_arg
 from .detect import (AttentionSink, HighNormResult, MassiveActivation, detect_high_norm, detect_massive,
                      detect_sinks, layer_attention_summary, massive_summary)
 from .errors import VsinkError
@@ -116,6 +117,7 @@ class ScanResult:
                 "high_norm_entries": int(mine.sum()),
                 "high_norm_layers": sorted({int(v) for v in table.layer[mine]}),
                 "max_norm": float(table.norm[mine].max()) if mine.any() else None,
+                "uniform_high_norm_block": next((u["layer"] for u in hn.uniform if u["image"] == i), None),
                 "sink_entries": len(sinks),
                 "sink_tokens": len({s.token for s in sinks}),
             })
@@ -150,6 +152,7 @@ class ScanResult:
                 "tokens_total": total,
                 "tokens_omitted": max(0, total - MAX_TOKEN_ENTRIES),
                 "tokens": [t.to_dict() for t in self.high_norm.strongest(MAX_TOKEN_ENTRIES)],
+                "uniform": [{**u, "image": self.images[u["image"]]} for u in self.high_norm.uniform],
             },
             "sinks_total": len(self.sinks),
             "sinks_omitted": max(0, len(self.sinks) - MAX_SINK_ENTRIES),
@@ -218,11 +221,14 @@ def scan(
     Raises:
         NothingScanned: if no image could be read.
     """
+    backbone = backbone_arg(backbone)
+    images = images_arg(images)
+    img_size = int_arg(img_size, "img_size", 1, nullable=True)
+    layers = None if layers is None else index_list_arg(layers, "layers")
+    int_arg(report_images, "report_images", 0)
     SCAN["batch_size"].check(batch_size)
     SCAN["sink_ratio"].check(sink_ratio)
     Option("massive_ratio", Float(0, min_open=True)).check(massive_ratio)
-    if not images:
-        raise VsinkError("no images given")
     size = (img_size, img_size) if img_size else backbone.img_size
     backbone.check_input_size(size)
     parse_threshold(threshold)  # a bad threshold fails before the scan

@@ -12,21 +12,52 @@ from __future__ import annotations
 import copy
 import os
 from abc import abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from ..arguments import instance_arg
 from ..errors import VsinkError
+from ..options import MAX_REGISTERS, Int, Option
 from ..layout import TokenLayout
 from ..viewbox import ViewBox
 from .hooks import hook_tensor
 from .sites import SiteHandle, SiteModel
 
 PARAMETER_ROLES = ("registers", "cls_token", "pos_embed", "patch_embed")
+
+
+def backbone_arg(value: Any, name: str = "backbone") -> "Backbone":
+    """``value`` if it is a :class:`Backbone`, else one error naming ``name`` and, for a spec
+    string or a bare module, what to call instead (:func:`vsink.arguments.instance_arg`)."""
+    if isinstance(value, (str, os.PathLike)):
+        fix = f"load it first, vsink.load({str(value)!r})"
+    elif isinstance(value, nn.Module):
+        fix = "wrap it first, vsink.wrap(model)"
+    else:
+        fix = ""
+    return instance_arg(value, Backbone, name, "a vsink Backbone (from vsink.load or vsink.wrap)", fix)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; each module's own ``training`` flag restored after
+    (also on an exception), a model partly in train mode included."""
+    modes = [(m, m.training) for m in model.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 #: receives an attention-pooling head's probabilities [B, H, 1, N] (its probe over the output tokens)
 PoolFn = Callable[[torch.Tensor], None]
@@ -232,10 +263,10 @@ class Backbone(SiteModel):
 
         timm and DINOv2 (HF) get their native registers (the same architecture with registers,
         weights carried over); other families get them through hooks around the blocks, stored
-        as the parameter ``vsink_registers`` of the model. The original is left untouched.
+        as the parameter ``vsink_registers`` of the model. The original is left untouched. ``n`` is
+        an integer in [1, 1024] (:data:`vsink.options.MAX_REGISTERS`, the command line's cap too).
         """
-        if n < 1:
-            raise VsinkError(f"add at least one register, got {n}")
+        n = Option("n", Int(1, MAX_REGISTERS)).check(n, name="n (registers)")
         if self.edits or self._attn_fns or self._appended:
             raise VsinkError(f"{self.spec}: remove edits and site functions before adding registers")
         g = torch.Generator().manual_seed(seed)
@@ -364,9 +395,13 @@ class Backbone(SiteModel):
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> Any:
-        """The library model's own output for ``pixel_values`` (with any installed sites)."""
+        """The library model's own output for ``pixel_values`` (with any installed sites), in eval
+        mode: a model left in train mode (dropout, stochastic depth active) is switched to eval for
+        the call and every module's own mode is restored afterwards, so probes give the same
+        answer on every run and the user's model is left as it was."""
         self._input_size = self.check_input_size(tuple(pixel_values.shape[-2:]))
-        return self._run_model(pixel_values)
+        with evaluating(self.model):
+            return self._run_model(pixel_values)
 
     def train_forward(self, pixel_values: torch.Tensor, module: Optional[nn.Module] = None) -> Any:
         """Forward with gradients, for training: calls ``module`` (default: the model; pass its

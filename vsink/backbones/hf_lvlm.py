@@ -8,12 +8,14 @@ vision tower, and turning images + prompts into model inputs with the model's ow
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 from torch import nn
 
+from ..arguments import instance_arg
 from ..errors import ModelSpecError, VsinkError
 from ..layout import ImageSpans
 from ..viewbox import ViewBox, clip_processor_box, pad_colour
@@ -284,6 +286,13 @@ class LVLM:
             conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
             return self.processor.apply_chat_template(conv, add_generation_prompt=True)
         return f"{placeholder}\n{prompt}"
+
+
+def lvlm_arg(value: Any, name: str = "lvlm") -> LVLM:
+    """``value`` if it is an :class:`LVLM`, else one error naming ``name`` (a spec string: load it
+    first; :func:`vsink.arguments.instance_arg`)."""
+    fix = f"load it first, load_lvlm({str(value)!r})" if isinstance(value, (str, os.PathLike)) else ""
+    return instance_arg(value, LVLM, name, "an LVLM (from vsink.backbones.hf_lvlm.load_lvlm)", fix)
 
 
 #: the built-in synthetic LVLM (vsink.data.demo_llava)

@@ -11,7 +11,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..arguments import ArgumentError, int_arg
 from ..errors import ModelSpecError, VsinkError
+from ..options import Mapping_, Option
 from .base import Backbone
 from .families import families, family_of_directory, family_of_model, named_specs, spec_forms
 from .remote_code import is_remote_code_refusal, no_remote_code_prompt, refused
@@ -26,6 +28,11 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
+
+
+#: ``model_kwargs`` of :func:`load`: bounded in depth and expanded size (a structure sharing parts,
+#: like a YAML alias bomb, is measured in time linear in its distinct parts: :func:`vsink.options.measure`)
+MODEL_KWARGS = Option("model_kwargs", Mapping_(), None, nullable=True)
 
 
 def _spec_error(spec: str, why: str, forms: bool = True) -> ModelSpecError:
@@ -61,6 +68,9 @@ def wrap(model: nn.Module, spec: Optional[str] = None) -> Backbone:
     open_clip, Hugging Face vision, or a family registered through the ``vsink.backbones`` entry point)."""
     if isinstance(model, Backbone):
         return model
+    if not isinstance(model, nn.Module):
+        hint = f": for a model spec, vsink.load({model!r})" if isinstance(model, str) else ""
+        raise ArgumentError(f"model must be a torch.nn.Module, got a {type(model).__name__}{hint}")
     cls = family_of_model(model)
     if cls is None:
         raise VsinkError(f"cannot wrap a {type(model).__module__}.{type(model).__name__}: no model family wraps it "
@@ -92,9 +102,18 @@ def load(
         attn_implementation: Hugging Face attention implementation to load with (e.g. ``"eager"``).
         model_kwargs: extra keyword arguments for the library constructor (e.g. ``depth=2``).
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise _spec_error(str(spec), "empty spec")
+    if isinstance(spec, Backbone):
+        raise ArgumentError(f"spec must be a model spec string; {spec.spec!r} is already a loaded Backbone: use it as it is")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ArgumentError(f"spec must be a model spec string (see vsink.spec_forms()), got a {type(spec).__name__}"
+                            + (": for a built model, vsink.wrap(model)" if isinstance(spec, nn.Module) else ""))
+    spec = str(spec)
+    if not spec.strip():
+        raise _spec_error(spec, "empty spec")
     spec = spec.strip()
+    img_size = int_arg(img_size, "img_size", 1, nullable=True)
+    if model_kwargs is not None:
+        model_kwargs = MODEL_KWARGS.check(model_kwargs, name="model_kwargs")
     if (Path(spec) / SAVED_CONFIG).is_file():
         return _load_saved(Path(spec), weights=weights, device=device, dtype=dtype,
                            attn_implementation=attn_implementation)

@@ -45,6 +45,9 @@ from . import gap as gap_test
 
 METHODS = ("auto", "sigma", "absolute")
 MIN_GROWTH = 2.0
+#: an image whose every patch token's norm grows at least this many times in one block, with no
+#: token standing out, is reported as uniformly high-norm (:attr:`HighNormResult.uniform`)
+UNIFORM_JUMP = 3.0
 
 
 @dataclass
@@ -138,6 +141,10 @@ class HighNormResult:
     emergence_layer: Optional[int]
     layout: TokenLayout
     num_images: int
+    #: images where every patch token jumped to a high norm at once, none standing out (a flat
+    #: image can trigger the artifact mechanism on every patch): ``{"image", "layer", "growth"}``
+    #: with the first such block and the smallest growth of a patch's norm in it
+    uniform: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[OutlierToken]:
@@ -158,12 +165,41 @@ class HighNormResult:
         order = np.argsort(-self.outliers.norm, kind="stable")[:limit]
         return list(self.outliers.select(order).rows(self.layout))
 
-    def summary(self) -> str:
+    def summary(self, names: Optional[list[str]] = None) -> str:
         """One line for messages: "emergence layer 2, 57 outlier tokens over all layers", or "no
-        high-norm tokens found" when no layer has any."""
-        if self.emergence_layer is None:
-            return "no high-norm tokens found"
-        return f"emergence layer {self.emergence_layer}, {count(len(self.outliers), 'outlier token')} over all layers"
+        high-norm tokens found" when no layer has any; then, for images where every patch jumped
+        to a high norm at once (:attr:`uniform`), that they may be uniform (``names``: the
+        images' names, else their indices)."""
+        text = (f"emergence layer {self.emergence_layer}, {count(len(self.outliers), 'outlier token')} over all layers"
+                if self.emergence_layer is not None else "no high-norm tokens found")
+        return text + "".join(f"; {uniform_text(u, names[u['image']] if names else None)}"
+                              for u in self.uniform[:3]) + (
+            f"; {len(self.uniform) - 3} more such images" if len(self.uniform) > 3 else "")
+
+
+
+def uniform_text(entry: dict[str, Any], name: Optional[str] = None) -> str:
+    """"every patch token is high-norm at block k in image i (...) — uniform image?"."""
+    where = f" in {name}" if name else f" in image {entry['image']}"
+    return (f"every patch token is high-norm at block {entry['layer']}{where} (each grew >= {entry['growth']:.3g}x in "
+            "that block, none stands out) — uniform image?")
+
+
+def uniform_jumps(trace: Trace, flagged_by_layer: list[np.ndarray], jump: float = UNIFORM_JUMP) -> list[dict[str, Any]]:
+    """Per image, the first traced block (after the first) where every patch token's norm is at
+    least ``jump`` times its norm at the previous traced block while no patch of that image is
+    flagged there; ``flagged_by_layer[pos]`` is the [I, P] outlier mask of trace position ``pos``."""
+    layout = trace.layout
+    out = []
+    for i in range(trace.num_images):
+        for pos in range(1, len(trace.layers)):
+            before = trace.norms[pos - 1][i, layout.patch_slice]
+            after = trace.norms[pos][i, layout.patch_slice]
+            growth = float(np.min(after / np.maximum(before, 1e-12)))
+            if growth >= jump and not flagged_by_layer[pos][i].any():
+                out.append({"image": i, "layer": int(trace.layers[pos]), "growth": growth})
+                break
+    return out
 
 
 @dataclass
@@ -233,6 +269,7 @@ def detect_high_norm(
     inputs = trace.input_norms[:, layout.patch_slice] if trace.input_norms is not None else None
     layers: list[LayerNormStats] = []
     found_parts: list[OutlierTable] = []
+    masks: list[np.ndarray] = []
     emergence: Optional[int] = None
     for pos, layer in enumerate(trace.layers):
         norms = trace.norms[pos]  # [I, N]
@@ -251,6 +288,7 @@ def detect_high_norm(
         else:
             thr = float(patches.mean() + k * patches.std()) if method == "sigma" else float(threshold)
             flagged = patches > thr
+        masks.append(flagged)
         image, p = np.nonzero(flagged)
         found_parts.append(OutlierTable(image.astype(np.int32), np.full(image.size, layer, np.int32),
                                         (p + layout.num_prefix).astype(np.int32), patches[image, p].astype(np.float32)))
@@ -280,4 +318,5 @@ def detect_high_norm(
     else:
         settings = {"method": method, "threshold": threshold}
     return HighNormResult(method=method, settings=settings, layers=layers, outliers=OutlierTable.concat(found_parts),
-                          emergence_layer=emergence, layout=layout, num_images=trace.num_images)
+                          emergence_layer=emergence, layout=layout, num_images=trace.num_images,
+                          uniform=uniform_jumps(trace, masks))

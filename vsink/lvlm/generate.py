@@ -12,10 +12,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from ..arguments import ArgumentError
+from ..backbones.base import evaluating
 from ..backbones.hf_decoder import decoder_of
 from ..backbones.hooks import Hooks
 from ..backbones.sites import owned_by
-from ..backbones.hf_lvlm import LVLM
+from ..backbones.hf_lvlm import LVLM, lvlm_arg
 from ..errors import VsinkError, VsinkWarning
 from ..options import Int, Option
 from ..mitigate import REGISTRY, Mitigation, Run, check_composition, check_protocol, make_mitigations, mitigation_names
@@ -92,6 +94,10 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
     Every mitigation reports what it did per layer (``result.report``); one that edited nothing
     raises a :class:`MitigationWarning` (and is listed in ``result.warnings``).
     """
+    lvlm = lvlm_arg(lvlm)
+    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        raise ArgumentError(f"inputs must be the dict LVLM.prepare(images, prompts) returns, got a "
+                            f"{type(inputs).__name__}{'' if not isinstance(inputs, dict) else ' without input_ids'}")
     check_protocol(protocol)
     Option("max_new_tokens", Int(1)).check(max_new_tokens)
     if isinstance(mitigation, str):
@@ -117,6 +123,7 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
     capture = AttentionCapture(decoder, context) if capture_attention else None
     runners = {m.name: BranchRunner(run, m, mitigations) for m in mitigations if m.branches(run)}
     with ExitStack() as stack, torch.no_grad():
+        stack.enter_context(evaluating(lvlm.model))
         stack.enter_context(decoder.bound(context))
         for m in mitigations:
             with owned_by(m.name):

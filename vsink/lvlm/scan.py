@@ -31,6 +31,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..arguments import ArgumentError, images_arg, int_arg
+from ..backbones.base import evaluating
+from ..backbones.hf_lvlm import lvlm_arg
 from ..version import __version__
 from ..backbones.hf_decoder import DecoderModel, decoder_of
 from ..backbones.hf_lvlm import LVLM
@@ -236,11 +239,12 @@ def scan_lvlm(
             these rows' BOS tokens with :func:`vsink.lvlm.sinks.calibrate`).
         tau: φ threshold of a visual sink token (VAR's τ).
     """
-    if batch_size < 1:
-        raise VsinkError(f"batch_size must be >= 1, got {batch_size}")
-    if not images:
-        raise VsinkError("no images given")
-    if not prompt or not prompt.strip():
+    lvlm = lvlm_arg(lvlm)
+    images = images_arg(images)
+    int_arg(batch_size, "batch_size", 1)
+    if not isinstance(prompt, str):
+        raise ArgumentError(f"prompt must be text, got a {type(prompt).__name__}")
+    if not prompt.strip():
         raise VsinkError("--prompt is empty; an LVLM scan needs the prompt the images are asked with")
     decoder = decoder_of(lvlm)
     try:
@@ -268,6 +272,7 @@ def scan_lvlm(
     if tower is not None:
         probes.append(Probe(tower, massive=MASSIVE_TOP_K))
     with torch.inference_mode(), ExitStack() as stack:
+        stack.enter_context(evaluating(lvlm.model))
         for probe in probes:
             stack.enter_context(probe)
         for batch in batches:

@@ -25,7 +25,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones.base import Backbone
+from ..arguments import images_arg, int_arg
+from ..backbones.base import Backbone, backbone_arg
 from ..backbones.hooks import Hooks
 from ..detect import detect_high_norm
 from ..errors import VsinkError, VsinkWarning
@@ -175,6 +176,9 @@ def find_register_neurons(
         sparsity_fraction: see ``sparsity_filter`` (default 0.5, as released).
         sparsity_activation: see ``sparsity_filter`` (default 0.5, as released).
     """
+    backbone = backbone_arg(backbone)
+    images = images_arg(images)
+    img_size = int_arg(img_size, "img_size", 1, nullable=True)
     check_all(FIND, dict(top_k=top_k, detection_layer=detection_layer, highest_layer=highest_layer,
                          threshold=threshold, min_selectivity=min_selectivity, outlier_tokens=outlier_tokens,
                          sparsity_fraction=sparsity_fraction, sparsity_activation=sparsity_activation,

@@ -26,7 +26,7 @@ import torch
 from ..backbones.base import Backbone
 from ..backbones.hooks import Closer, HookSet, Hooks
 from ..errors import VsinkError
-from ..options import Bool, Choice, Float, Int, Option, declare
+from ..options import MAX_REGISTERS, Bool, Choice, Float, Int, Option, declare
 from .neurons import NeuronSpec
 
 MODES = ("max", "mean")
@@ -34,7 +34,7 @@ SHIFTS = ("per-neuron", "reference")
 
 #: the settings of :class:`TestTimeRegisters` (``vsink scan``/``eval dense`` take them as ``--ttr-*``)
 TTR = declare(
-    Option("ttr_registers", Int(1, 1024), 1, "appended register tokens"),
+    Option("ttr_registers", Int(1, MAX_REGISTERS), 1, "appended register tokens"),
     Option("ttr_scale", Float(), 1.0, "scale of the moved activation"),
     Option("ttr_mode", Choice(MODES), "max", "the value a register neuron moves to the register: max (its signed "
            "value of largest magnitude over the patches) or mean (its mean over the patches; per-neuron shift only)"),

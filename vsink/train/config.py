@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..assignments import parse_assignment
 from ..errors import VsinkError
-from ..options import (DEVICE, SEED, Bool, Choice, Float, InputPath, Int, ListOf, Mapping_, Option, OptionError,
+from ..options import (DEVICE, MAX_REGISTERS, SEED, Bool, Choice, Float, InputPath, Int, ListOf, Mapping_, Option, OptionError,
                        OutputDir, Text, declare)
 
 RECIPES = ("posthoc", "scratch")
@@ -36,13 +36,13 @@ RECIPE: dict[str, Option] = declare(
            nullable=True),
     Option("model.model_kwargs", Mapping_(), {}, "keyword arguments of the library constructor, e.g. {depth: 4}"),
     Option("model.pretrained", Bool(), True, "load the library's pretrained weights (timm) when no weights are given"),
-    Option("registers.n", Int(0, 1024), 4, "registers added (posthoc: at least 1; scratch: 0 to compare)"),
+    Option("registers.n", Int(0, MAX_REGISTERS), 4, "registers added (posthoc: at least 1; scratch: 0 to compare)"),
     Option("registers.init_std", Float(0), 1e-6, "std of the new registers' normal initialisation"),
     Option("teacher.kind", Choice(("original", "ttr", "denoised")), "original",
            "posthoc teacher: the frozen model, with test-time registers, or averaged over flips and shifts"),
     Option("teacher.neurons", InputPath(), None, "teacher.kind ttr: a neurons.json (null: found on the "
            "training images)", nullable=True),
-    Option("teacher.ttr_registers", Int(1, 1024), 1, "teacher.kind ttr: appended registers"),
+    Option("teacher.ttr_registers", Int(1, MAX_REGISTERS), 1, "teacher.kind ttr: appended registers"),
     Option("teacher.shifts", Int(0, 64), 1, "teacher.kind denoised: whole-patch shifts in each direction"),
     Option("teacher.flips", Bool(), True, "teacher.kind denoised: also average over the horizontal flip"),
     Option("student.unlock", ListOf(Choice(UNLOCKABLE)), ["norm"], "parameter groups trained besides the registers"),
