@@ -2,6 +2,7 @@
 consistent with the building blocks, bad items skipped and reported, variants, CLI."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -228,3 +229,31 @@ def test_cli_eval_errors(argv, message, capsys, tmp_path):
     assert main(["eval", "dense", "--no-progress", "--synthetic-images", "2", "--img-size", "64"] + argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("x=nonexistent", r"variant 'x': cannot load model 'nonexistent': unknown form"),
+    ("m=timm:no_such_model", r"variant 'm': cannot load model 'timm:no_such_model': timm has no model named"),
+    ("ft={tmp}/garbage.safetensors", r"cannot read weights file .*garbage\.safetensors"),
+    ("ft={tmp}/other.safetensors", r"weights file .*other\.safetensors does not match the model: missing cls_token"),
+])
+def test_a_bad_variant_fails_before_the_baseline_runs(variant, message, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    import vsink.evaluate.dense as dense
+
+    (tmp_path / "garbage.safetensors").write_text("not a checkpoint")
+    save_file({"x": torch.zeros(3)}, tmp_path / "other.safetensors")
+
+    def baseline_ran(*args, **kwargs):
+        raise AssertionError("a variant ran before every variant was checked")
+
+    monkeypatch.setattr(dense, "_evaluate_variant", baseline_ran)
+    out = tmp_path / "out"
+    code = main(["eval", "dense", "--variant", variant.format(tmp=tmp_path), "--synthetic-images", "4",
+                 "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("vsink: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists()  # nothing written

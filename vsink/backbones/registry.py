@@ -121,6 +121,24 @@ def load(
                         attn_implementation=attn_implementation, model_kwargs=model_kwargs)
 
 
+def spec_problem(spec: str) -> Optional[str]:
+    """Why ``spec`` cannot be loaded, as far as can be told without building anything (its form;
+    a family's own name check, ``name_problem``, such as timm's list of models), or None. For
+    checks up front, e.g. the ``model:`` variants of ``vsink eval dense`` before the baseline runs."""
+    spec = spec.strip()
+    if not spec:
+        return "empty spec"
+    if (Path(spec) / SAVED_CONFIG).is_file() or spec in named_specs():
+        return None
+    prefix, _, name = spec.partition(":")
+    if prefix in families() and name:
+        check = getattr(families()[prefix], "name_problem", None)
+        return check(name) if check is not None else None
+    if Path(spec).is_dir() and family_of_directory(Path(spec)) is not None:
+        return None
+    return "unknown form (see 'vsink models')"
+
+
 def _build(spec: str, named: dict, options: dict[str, Any]) -> Backbone:
     """The backbone of a named spec, ``FAMILY:NAME`` or a local model directory."""
     prefix, _, name = spec.partition(":")

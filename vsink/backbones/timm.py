@@ -26,6 +26,13 @@ class TimmBackbone(Backbone):
     family = "timm"
     spec_forms = "timm:NAME                         a timm ViT, e.g. timm:vit_small_patch14_reg4_dinov2.lvd142m"
     saved_spec = r"demo|timm:[^\s/\\].*"
+
+    @classmethod
+    def name_problem(cls, name: str) -> Optional[str]:
+        """Why ``timm:NAME`` cannot be built (timm knows no such model), or None."""
+        import timm
+
+        return None if timm.is_model(name) else f"timm has no model named {name!r} (see timm.list_models())"
     saved_spec_help = "demo, timm:NAME"
     scratch_registers = True
     register_kwarg = "reg_tokens"

@@ -486,6 +486,8 @@ def evaluate_dense(
     if "linear-seg" in tasks and not (eval_set.has_masks and train_set.has_masks):
         raise DatasetError(f"linear-seg needs masks; {eval_set.describe()}")
     variants = list(variants or [Variant("baseline")])
+    for variant in variants:
+        variant.check(backbone)  # a bad weights file or model spec fails now, not after the baseline
     lost_settings = lost_settings or LostSettings()
     probe_settings = probe_settings or ProbeSettings()
     classes = num_classes or eval_set.num_classes

@@ -77,6 +77,34 @@ class Variant:
         options = "".join(f", {k}={v}" for k, v in self.ttr_options)
         return f"{self.name} ({self.kind}: {self.value}{options})"
 
+    def check(self, base: Backbone) -> None:
+        """What can be checked before any variant runs: a ``weights`` file is read and matched
+        against ``base`` (keys and shapes), a ``model`` spec's form and name are checked
+        (:func:`vsink.backbones.registry.spec_problem`). A bad variant then fails before the
+        baseline has run, not after."""
+        if self.kind == "weights":
+            from ..backbones.weights import check_state_matches, read_state_dict
+
+            try:
+                check_state_matches(base.model, base._state_for_model(read_state_dict(self.value)),
+                                    f"weights file {self.value}")
+            except StateMismatchError as e:
+                raise self._mismatch(e) from None
+        elif self.kind == "model":
+            from ..backbones.registry import spec_problem
+
+            problem = spec_problem(self.value)
+            if problem:
+                raise VsinkError(f"variant {self.name!r}: cannot load model {self.value!r}: {problem}")
+
+    def _mismatch(self, error: StateMismatchError) -> VsinkError:
+        """A weights file that does not fit; beside a saved model's ``vsink.json``, say to pass the folder."""
+        folder = Path(self.value).parent
+        if not (folder / SAVED_CONFIG).is_file():
+            return error
+        return VsinkError(f"{error}; {folder} holds a saved model ({SAVED_CONFIG}): pass the directory instead "
+                          f"(--variant {self.name}={folder})")
+
     @contextmanager
     def open(self, base: Backbone, **load_kwargs: Any) -> Iterator[Backbone]:
         """The backbone of this variant, derived from ``base`` (edits removed on exit)."""
@@ -92,11 +120,7 @@ class Variant:
             try:
                 backbone.load_weights(self.value)
             except StateMismatchError as e:
-                folder = Path(self.value).parent
-                if not (folder / SAVED_CONFIG).is_file():
-                    raise
-                raise VsinkError(f"{e}; {folder} holds a saved model ({SAVED_CONFIG}): pass the directory instead "
-                                 f"(--variant {self.name}={folder})") from None
+                raise self._mismatch(e) from None
             yield backbone
         else:
             from ..backbones.registry import load
