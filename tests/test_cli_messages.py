@@ -172,3 +172,13 @@ def test_every_demo_model_says_it_is_synthetic_and_its_outputs_record_it(photo, 
     real = vsink.load("timm:vit_tiny_patch16_224", pretrained=False, img_size=32,
                       model_kwargs={"patch_size": 8, "depth": 1})
     assert real.synthetic is None and vsink.scan(real, [str(photo)], progress=False).synthetic is False
+
+
+def test_a_setting_of_a_mitigation_not_chosen_says_so(photo, capsys):
+    # issue 20: "--set ttr.neurons=... without ttr" used to say "name one, e.g. pai.ttr.neurons"
+    code, _, err = run(capsys, "generate", str(photo), "--model", "demo-llava", "--prompt", "describe",
+                       "--mitigation", "pai+var", "--set", "ttr.neurons=n.json", "--max-new-tokens", "1")
+    assert code == 2 and err.count("vsink: error:") == 1, err
+    assert ("setting 'ttr.neurons': ttr is not among the chosen mitigations (pai+var); add it (e.g. pai+var+ttr) "
+            "or leave the setting out") in err
+    assert "pai.ttr.neurons" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -119,8 +120,13 @@ def test_composition_names_and_settings():
     assert sorted(REGISTRY) == ["damro", "dola", "fastv", "m3id", "pai", "ttr", "vaf", "var", "vcd"]
     mits = make_mitigations("pai+fastv", {"pai.alpha": 0.5, "fastv": {"k": 3}}, "paper")
     assert [m.name for m in mits] == ["pai", "fastv"] and mits[0].settings.alpha == 0.5 and mits[1].settings.k == 3
-    with pytest.raises(VsinkError, match="with several mitigations name one"):
+    with pytest.raises(VsinkError, match=r"with several mitigations \(pai\+fastv\) say whose it is, e\.g\. pai\.alpha"):
         make_mitigations("pai+fastv", {"alpha": 0.5})
+    for settings in ({"ttr.neurons": "n.json"}, {"ttr": {"neurons": "n.json"}}):
+        for chosen in ("pai", "pai+fastv"):  # one mitigation or several: ttr's setting is not theirs
+            with pytest.raises(VsinkError, match=rf"ttr is not among the chosen mitigations \({re.escape(chosen)}\); "
+                                                 rf"add it \(e\.g\. {re.escape(chosen)}\+ttr\)"):
+                make_mitigations(chosen, settings)
     with pytest.raises(VsinkError, match="names one mitigation twice"):
         make_mitigations("var+var")
     with pytest.raises(VsinkError, match="unknown mitigation 'nonesuch'"):

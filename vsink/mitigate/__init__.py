@@ -77,7 +77,12 @@ def check_composition(mitigations: Sequence[Mitigation]) -> None:
 
 def _per_mitigation(names: list[str], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     per: dict[str, dict[str, Any]] = {}
+    chosen = "+".join(names) or "none"
     for key, value in settings.items():
+        owner = key.split(".", 1)[0] if "." in key else key if isinstance(value, dict) else None
+        if owner in REGISTRY and owner not in names:
+            raise VsinkError(f"setting {key!r}: {owner} is not among the chosen mitigations ({chosen}); add it "
+                             f"(e.g. {'+'.join([*names, owner])}) or leave the setting out")
         if key in names and isinstance(value, dict):
             per.setdefault(key, {}).update(value)
         elif "." in key and key.split(".", 1)[0] in names:
@@ -88,7 +93,8 @@ def _per_mitigation(names: list[str], settings: dict[str, Any]) -> dict[str, dic
         elif not names:
             raise VsinkError(f"mitigation 'none' takes no settings, got {sorted(settings)}")
         else:
-            raise VsinkError(f"setting {key!r}: with several mitigations name one, e.g. {names[0]}.{key}")
+            raise VsinkError(f"setting {key!r}: with several mitigations ({chosen}) say whose it is, e.g. "
+                             f"{names[0]}.{key}")
     return per
 
 
