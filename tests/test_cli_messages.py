@@ -182,3 +182,13 @@ def test_a_setting_of_a_mitigation_not_chosen_says_so(photo, capsys):
     assert ("setting 'ttr.neurons': ttr is not among the chosen mitigations (pai+var); add it (e.g. pai+var+ttr) "
             "or leave the setting out") in err
     assert "pai.ttr.neurons" not in err
+
+
+def test_finetune_summary_lists_its_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, text, err = run(capsys, "finetune", "recipe=scratch", "model.spec=timm:vit_tiny_patch16_224", "model.img_size=32",
+                          "model.model_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}", "registers.n=1",
+                          "data.num_images=4", "data.eval_images=2", "train.steps=1", "train.batch_size=2",
+                          "train.warmup_steps=1", f"out={out}", "--no-progress")
+    assert code == 0, err
+    assert f"{out}/report.html (training curves" in text and (out / "report.html").is_file()

@@ -342,3 +342,28 @@ def test_neuron_score_plot_marks_the_cut_between_kept_and_dropped():
     assert list(kept.get_xdata()) == [1, 2] and list(kept.get_ydata()) == [6.0, 3.2]
     assert ax.get_ylim()[0] <= 0.0  # the score axis starts at 0
     fig.canvas.draw()  # a title with mathtext characters draws as written
+
+
+def test_an_lvlm_tower_spec_loads_as_a_vision_backbone(photo_dir, tmp_path, capsys):
+    from vsink.data import demo_llava as L
+
+    # SPEC#vision_tower (docs/registers.md) is the spec an LVLM's own tower carries
+    tower = vsink.load("demo-llava#vision_tower")
+    assert tower.spec == "demo-llava#vision_tower" and tower.synthetic
+    assert tower.num_layers == L.TOWER["num_hidden_layers"] and tower.embed_dim == L.TOWER["hidden_size"]
+    out = tmp_path / "neurons.json"
+    assert main(["registers", "find", str(photo_dir), "--model", "demo-llava#vision_tower", "--out", str(out),
+                 "--no-progress"]) == 0
+    spec = json.loads(out.read_text())
+    assert spec["model"] == "demo-llava#vision_tower"
+    assert {(n["layer"], n["neuron"]) for n in spec["neurons"]} == {(L.TOWER_PLANTED_BLOCK, n) for n in L.TOWER_NEURONS}
+    capsys.readouterr()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vsink.errors.VsinkWarning)  # found and applied on the tower: no mismatch warning
+        assert main(["scan", str(photo_dir), "--model", "demo-llava#vision_tower", "--test-time-registers", str(out),
+                     "--out", str(tmp_path / "fixed"), "--no-progress"]) == 0
+    fixed = json.loads((tmp_path / "fixed" / "scan.json").read_text())
+    assert fixed["high_norm"]["tokens_total"] == 0
+    assert "LVLM_SPEC#vision_tower" in vsink.spec_forms()

@@ -560,7 +560,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
               f"world size {summary['world_size']}")
         for k, v in ev.items():
             print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
-        print(f"wrote {summary['model']} (load with vsink.load), {cfg.out}/metrics.jsonl, {cfg.out}/summary.json")
+        print(f"wrote {summary['model']} (load with vsink.load), {cfg.out}/metrics.jsonl, {cfg.out}/summary.json, "
+              f"{cfg.out}/report.html (training curves, both models side by side)")
     return 0
 
 

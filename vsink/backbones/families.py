@@ -22,7 +22,8 @@ runs the decorator), e.g. in their ``pyproject.toml``::
     [project.entry-points."vsink.backbones"]
     mine = "my_package.vsink_family"
 
-:func:`named_spec` registers a builder for one exact spec (``demo``, ``demo-llava``).
+:func:`named_spec` registers a builder for one exact spec (``demo``, ``demo-llava``);
+:func:`spec_pattern` one for every spec matching a regular expression (``SPEC#vision_tower``).
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ ENTRY_POINT_GROUP = "vsink.backbones"
 #: vsink's own families and the files adding model types to them (the hf family's DINOv3, SigLIP2,
 #: AIMv2 adapters), imported before the entry points, so a source checkout needs no install
 BUILTIN = ("vsink.backbones.timm", "vsink.backbones.timm_eva", "vsink.backbones.open_clip", "vsink.backbones.hf_vision",
-           "vsink.backbones.hf_dinov3", "vsink.backbones.hf_siglip2", "vsink.backbones.hf_aimv2", "vsink.data.demos")
+           "vsink.backbones.hf_dinov3", "vsink.backbones.hf_siglip2", "vsink.backbones.hf_aimv2", "vsink.data.demos",
+           "vsink.backbones.lvlm_tower")
 
 _FAMILIES: dict[str, type["Backbone"]] = {}
 _NAMED: dict[str, tuple[Callable[..., "Backbone"], str]] = {}
+_PATTERNS: dict[str, tuple[Callable[..., "Backbone"], str]] = {}
 _loaded = False
 
 
@@ -67,6 +70,24 @@ def named_spec(spec: str, help: str) -> Callable[[Callable[..., "Backbone"]], Ca
         return builder
 
     return register
+
+
+def spec_pattern(pattern: str, form: str) -> Callable[[Callable[..., "Backbone"]], Callable[..., "Backbone"]]:
+    """Decorator: ``builder(match, **options)`` loads every spec that fully matches the regular
+    expression ``pattern`` (``match``: the :class:`re.Match`); ``form`` is its ``vsink models`` line.
+    Patterns are tried before family prefixes."""
+
+    def register(builder: Callable[..., "Backbone"]) -> Callable[..., "Backbone"]:
+        _PATTERNS[pattern] = (builder, form)
+        return builder
+
+    return register
+
+
+def spec_patterns() -> dict[str, tuple[Callable[..., "Backbone"], str]]:
+    """Every registered spec pattern: (builder, its ``vsink models`` line)."""
+    _load()
+    return dict(_PATTERNS)
 
 
 def _load() -> None:
@@ -114,6 +135,7 @@ def spec_forms() -> str:
     lines += [f"  {spec:<34}{help}" for spec, (_, help) in named_specs().items()]
     lines += ["  DIR with vsink.json               a model saved by Backbone.save / vsink finetune (registers "
               "included)"]
+    lines += [f"  {form}" for _, form in spec_patterns().values()]
     for cls in families().values():
         lines += [f"  {line}" for line in cls.spec_forms.splitlines()]
     lines += ["options: weights=PATH (.safetensors, or a state dict read with torch.load(weights_only=True)),",

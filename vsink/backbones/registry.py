@@ -5,6 +5,7 @@ themselves are found in :mod:`vsink.backbones.families`, never named here."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -15,7 +16,7 @@ from ..arguments import ArgumentError, int_arg
 from ..errors import ModelSpecError, VsinkError
 from ..options import Mapping_, Option
 from .base import Backbone
-from .families import families, family_of_directory, family_of_model, named_specs, spec_forms
+from .families import families, family_of_directory, family_of_model, named_specs, spec_forms, spec_patterns
 from .remote_code import is_remote_code_refusal, no_remote_code_prompt, refused
 from .saved import SAVED_CONFIG
 from .weights import check_state_matches, load_weights, read_state_dict
@@ -128,7 +129,8 @@ def spec_problem(spec: str) -> Optional[str]:
     spec = spec.strip()
     if not spec:
         return "empty spec"
-    if (Path(spec) / SAVED_CONFIG).is_file() or spec in named_specs():
+    if (Path(spec) / SAVED_CONFIG).is_file() or spec in named_specs() or any(
+            re.fullmatch(pattern, spec) for pattern in spec_patterns()):
         return None
     prefix, _, name = spec.partition(":")
     if prefix in families() and name:
@@ -144,6 +146,9 @@ def _build(spec: str, named: dict, options: dict[str, Any]) -> Backbone:
     prefix, _, name = spec.partition(":")
     if spec in named:
         return named[spec][0](**options)
+    for pattern, (builder, _) in spec_patterns().items():
+        if (match := re.fullmatch(pattern, spec)) is not None:
+            return builder(match, **options)
     if prefix in families() and name:
         return families()[prefix].from_spec(name, **options)
     if Path(spec).is_dir() and (owner := family_of_directory(Path(spec))) is not None:
