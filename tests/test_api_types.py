@@ -83,6 +83,11 @@ def test_each_entry_point_names_the_wrong_argument(demo, photo, tmp_path):
     assert not (tmp_path / "maps").exists()
 
 
+def test_numpy_integers_are_integers(demo, photo):
+    result = vsink.scan(demo, [str(photo)], layers=np.array([0, -1]), img_size=np.int64(224), progress=False)
+    assert result.trace.layers == [0, demo.num_layers - 1]
+
+
 def test_ranges_are_checked_too_and_name_the_argument(demo, photo):
     with pytest.raises(OptionError, match=r"img_size must be an integer >= 1, got 0"):
         vsink.scan(demo, [str(photo)], img_size=0)

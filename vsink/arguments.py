@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from numbers import Integral
 from typing import Any, Optional
 
 from .errors import VsinkError
-from .options import Int, Option
+from .options import Int, Option, shown
 
 
 class ArgumentError(VsinkError, TypeError):
@@ -27,8 +28,12 @@ class ArgumentError(VsinkError, TypeError):
 
 
 def _given(value: Any) -> str:
-    text = repr(value)
-    return f"the {type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+    return f"the {type(value).__name__} {shown(value, 80)}"
+
+
+def _integer(value: Any) -> bool:
+    """An integer, NumPy's included; not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def instance_arg(value: Any, kind: type, name: str, what: str, fix: str = "") -> Any:
@@ -64,27 +69,22 @@ def images_arg(value: Any, name: str = "images") -> list:
 
 def int_arg(value: Any, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None,
             nullable: bool = False) -> Optional[int]:
-    """An integer (not a bool, a float or a string) in ``[minimum, maximum]``; ``None`` when
-    ``nullable``. Out of range: an :class:`~vsink.options.OptionError`, also naming ``name``."""
+    """An integer (NumPy's too; not a bool, a float or a string) in ``[minimum, maximum]``; ``None``
+    when ``nullable``. Out of range: an :class:`~vsink.options.OptionError`, also naming ``name``."""
     if value is None and nullable:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _integer(value):
         raise ArgumentError(f"{name} must be an integer{'' if not nullable else ' or None'}, got {_given(value)}")
-    return Option(name, Int(minimum, maximum)).check(value, name=name)
+    return Option(name, Int(minimum, maximum)).check(int(value), name=name)
 
 
 def index_list_arg(value: Any, name: str) -> list[int]:
-    """A list of integer indices (negative allowed: counted from the end); one integer, floats,
-    bools and strings are refused."""
+    """A list of integer indices (negative allowed: counted from the end; NumPy integers too); one
+    integer, floats, bools and strings are refused."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ArgumentError(f"{name} must be a list of integers, got {_given(value)}")
     items = list(value)
-    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
+    bad = [v for v in items if not _integer(v)]
     if bad:
-        raise ArgumentError(f"{name} must be a list of integers, got {_given(bad[0])} in {shown_list(items)}")
+        raise ArgumentError(f"{name} must be a list of integers, got {_given(bad[0])} in {shown(items, 80)}")
     return [int(v) for v in items]
-
-
-def shown_list(items: list) -> str:
-    text = repr(items)
-    return text if len(text) <= 80 else text[:77] + "..."
