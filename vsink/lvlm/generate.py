@@ -5,6 +5,7 @@ attention capture over the image grid."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -95,9 +96,9 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
     raises a :class:`MitigationWarning` (and is listed in ``result.warnings``).
     """
     lvlm = lvlm_arg(lvlm)
-    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
         raise ArgumentError(f"inputs must be the dict LVLM.prepare(images, prompts) returns, got a "
-                            f"{type(inputs).__name__}{'' if not isinstance(inputs, dict) else ' without input_ids'}")
+                            f"{type(inputs).__name__}{'' if not isinstance(inputs, Mapping) else ' without input_ids'}")
     check_protocol(protocol)
     Option("max_new_tokens", Int(1)).check(max_new_tokens)
     if isinstance(mitigation, str):
