@@ -422,8 +422,9 @@ def test_amber_generative_by_hand():
     # response 2 (truth ship, ship, tree; hallu cat): boat covers the first ship only (the first
     # match wins: the repeated ship is never covered), forest covers tree; "sunglasses" lemmatises
     # to "sunglass", no word of relation.json, though "sunglasses" is one.
+    # (the counts the intervals resample: 3 truth objects, all covered; 2 hallu objects, dog covered)
     assert g["per_response"][0] == {"id": 1, "objects": ["man", "dog", "ground", "sky", "orange", "light", "cat"],
-                                    "hallucinated": ["dog", "cat"]}
+                                    "hallucinated": ["dog", "cat"], "truth": 3, "covered": 3, "hallu": 2, "cog": 1}
     assert g["per_response"][1]["objects"] == ["boat", "forest"] and g["per_response"][1]["hallucinated"] == []
     # CHAIR 2/(9 + 0.001) → 22.2; Cover (3 + 2)/(6 + 0.001) → 83.3; Hal 100 − 1/2.001·100 = 50.02 → 50.0;
     # Cog 1/(3 + 0.001) → 33.3
@@ -552,9 +553,16 @@ def test_benchmark_pages_show_deltas_with_two_decimals_and_the_banner(tmp_path):
     paths = save_results(tmp_path, "mme", {"synthetic": True, "prompt": "<b>{question}</b>"},
                          {"none": scores(False), "var": scores(True)}, {})
     page, md = paths["html"].read_text(), paths["markdown"].read_text()
-    # existence 125.00 → 200.00: +75.00, a win (higher is better), in both files
-    assert "| existence score (0–200) | 125.00 | 200.00 (+75.00) |" in md
-    assert "<span class='pos'>+75.00</span>" in page and "Synthetic demo LVLM" in page
+    # existence 125.00 → 200.00: +75.00. The bootstrap draws two images from {a, b}: aa, ab/ba, bb
+    # with probabilities 1/4, 1/2, 1/4. none scores 200, 125, 50 on them; var 200 always; so the
+    # 95 % interval of none is [50, 200] (a quarter of the mass at each end, far beyond 2.5 % of
+    # 1000 resamples), var's [200, 200], and the paired difference 0, 75 or 150: [0, 150] contains 0,
+    # so the +75.00 is not coloured as a win
+    assert "| existence score (0–200) | 125.00 [50.00, 200.00] | 200.00 [200.00, 200.00] (Δ +75.00 [+0.00, +150.00]) |" in md
+    assert "<span class='muted'>+75.00 [+0.00, +150.00]</span>" in page and "Synthetic demo LVLM" in page
+    # McNemar: of 4 paired questions only b's second changed (wrong → right): p = 2·P[X ≤ 0], X ~ B(1, 1/2) → 1
+    assert "McNemar's exact test on 4 paired questions: 0 right only under none, 1 right only under var, p = 1" in md
+    assert "0 / 1, p = 1" in page
     assert "&lt;b&gt;{question}&lt;/b&gt;" in page and "<b>{question}</b>" not in page
 
 

@@ -138,7 +138,8 @@ def _run_benchmark(args: argparse.Namespace, out: Path) -> int:
             raise VsinkError("--new-run applies to runs of a model; scoring a file writes its results as one set")
         rows = read_answers(bench, args.answers)
         protocol = {"answers": str(args.answers), **scoring}
-        return _report(hal.save_results(out, bench.name, protocol, {"answers": score(rows)}, {}))
+        return _report(hal.save_results(out, bench.name, protocol, {"answers": score(rows)}, {},
+                                        Bootstrap.from_args(args)))
     _require(args, "data")
     items = bench.read_items(args.data, settings)
     if not args.images:
@@ -235,8 +236,7 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
                 raise VsinkError(f"{name}: no item could be run (first problem: "
                                  f"{skipped[name][0]['reason'] if skipped[name] else 'none'})")
             scores[name] = score(rows)
-        statistics = Bootstrap.from_args(args) if kind in ("pope", "chair") else None  # the benchmarks have none yet
-        return _report(hal.save_results(out, kind, protocol, scores, skipped, statistics))
+        return _report(hal.save_results(out, kind, protocol, scores, skipped, Bootstrap.from_args(args)))
 
 
 def _resolved(mitigations: list) -> Optional[dict[str, Any]]:

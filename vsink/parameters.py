@@ -253,6 +253,7 @@ def benchmark_options(name: str) -> dict[str, Option]:
         Option("data", InputPath("file or directory"), None, f"{bench.title}: the official data", nullable=True),
         Option("answers", InputPath(), None, "score this answers JSONL (no model)", nullable=True),
         *bench.options,
+        *STATS.values(),
     )
 
 

@@ -40,10 +40,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+
 from ..errors import VsinkError, VsinkWarning
 from ..options import Choice, Float, Int, Option, Text
 from ..readers import ReadError, checked_field, read_json, read_lines
-from .benchmarks import Benchmark, Metric, PathLike
+from .benchmarks import Benchmark, Metric, PathLike, Units
 from .reference_tokenize import word_tokenize
 
 LEMMAS = Path(__file__).with_name("amber_lemmas.tsv")
@@ -91,14 +93,17 @@ def _rounded(groups: list[dict[str, float]], eps: float) -> dict[str, float]:
 
 
 def score_discriminative(rows: Sequence[tuple[dict[str, Any], str]], mode: str = "exact") -> dict[str, Any]:
-    """The reference's discriminative metrics from (annotation, response) pairs."""
+    """The reference's discriminative metrics from (annotation, response) pairs; ``items``: each
+    question's ``id``, counter ``group``, ``truth`` and the ``answer`` seen."""
     groups = {g: {"correct_num": START, "correct_score": 0, "no_num": START, "no_score": 0,
                   "ans_no_num": START, "ans_no_score": 0} for g in GROUPS}
     overall = {k: (START if k.endswith("num") else 0) for k in groups["existence"]}
-    other = 0
+    other, items = 0, []
     for ann, response in rows:
         answer = yes_no(response, mode)
         other += answer not in ("Yes", "No")
+        items.append({"id": ann.get("id"), "group": TYPES.get(ann["type"], "relation"), "truth": ann["truth"],
+                      "answer": answer})
         for c in (groups[TYPES.get(ann["type"], "relation")], overall):
             c["correct_num"] += 1
             if ann["truth"] == "yes":
@@ -113,7 +118,7 @@ def score_discriminative(rows: Sequence[tuple[dict[str, Any], str]], mode: str =
     out = {"overall": _rounded([overall], 0.0001), "existence": _rounded([groups["existence"]], 0.001),
            "attribute": _rounded([groups[g] for g in ("state", "number", "action")], 0.0001)}
     out.update({g: _rounded([groups[g]], 0.0001) for g in ("state", "number", "action", "relation")})
-    return {"types": {k: v for k, v in out.items() if v["questions"]}, "neither_yes_nor_no": other}
+    return {"types": {k: v for k, v in out.items() if v["questions"]}, "neither_yes_nor_no": other, "items": items}
 
 
 def score_generative(rows: Sequence[tuple[dict[str, Any], str]], relation: dict[str, list[str]],
@@ -158,7 +163,8 @@ def score_generative(rows: Sequence[tuple[dict[str, Any], str]], relation: dict[
         m["hallu_cover_num"] += len(hallu)
         m["non_hallu_score"] += not hallucinated
         m["non_hallu_num"] += 1
-        per_response.append({"id": ann["id"], "objects": nouns, "hallucinated": hallucinated})
+        per_response.append({"id": ann["id"], "objects": nouns, "hallucinated": hallucinated, "truth": len(truth),
+                             "covered": sum(covered), "hallu": len(hallu), "cog": sum(cog)})
     return {"CHAIR": round(m["chair_score"] / m["chair_num"] * 100, 1),
             "Cover": round(m["safe_cover_score"] / m["safe_cover_num"] * 100, 1),
             "Hal": round(100 - m["non_hallu_score"] / m["non_hallu_num"] * 100, 1),
@@ -246,6 +252,7 @@ def scorer(settings: dict[str, Any]) -> Callable[[Sequence[dict[str, Any]]], dic
                                                  settings["similarity_score"])
         if dis:
             out["discriminative"] = score_discriminative(dis, settings["yes_no"])
+            out["items"] = out["discriminative"].pop("items")  # per question: resampled, then dropped
         return out
 
     return score
@@ -266,6 +273,58 @@ def read_items(folder: PathLike, settings: dict[str, Any]) -> list[dict[str, Any
         items.append({"id": ident, "image": checked_field(row, "image", Text(r"\S.*", "an image file name"), where),
                       "question": checked_field(row, "query", Text(), where), "type": annotations[ident]["type"]})
     return items
+
+
+#: the report's discriminative types: (name, counter groups summed, F1's epsilon)
+_TYPES = (("overall", GROUPS, 0.0001), ("existence", ("existence",), 0.001),
+          ("attribute", ("state", "number", "action"), 0.0001), *((g, (g,), 0.0001) for g in GROUPS[1:]))
+#: per counter group, a question's counts: asked, right, truth no, right no, answered No, answered No rightly
+_D = 6
+#: a response's generative counts: objects, hallucinated, truth objects, covered, hallu objects, covered
+#: (Cog), responses with a hallucinated object, responses
+_G = 8
+
+
+def _statistic(sums: np.ndarray) -> np.ndarray:
+    g = sums[..., :len(GROUPS) * _D].reshape(*sums.shape[:-1], len(GROUPS), _D)
+    out = []
+    for _, members, eps in _TYPES:
+        c = sum(g[..., GROUPS.index(m), :] for m in members)
+        start = START * len(members)
+        acc, precision, recall = (c[..., 1] / (c[..., 0] + start) * 100, c[..., 5] / (c[..., 4] + start) * 100,
+                                  c[..., 3] / (c[..., 2] + start) * 100)
+        f1 = 2 * (precision / 100) * (recall / 100) / (precision / 100 + recall / 100 + eps) * 100
+        out += [acc, precision, recall, f1]
+    objects, bad, truth, covered, hallu, cog, hal, responses = (sums[..., len(GROUPS) * _D + i] for i in range(_G))
+    gen = [bad / (objects + START) * 100, covered / (truth + START) * 100,
+           100 - (responses - hal) / (responses + START) * 100, cog / (hallu + START) * 100]
+    return np.stack(gen + out, axis=-1)
+
+
+def units(scores: dict[str, Any]) -> Units:
+    """The **query** (an AMBER id): a generative query is one image's description, a discriminative
+    one a question. Per counter group a question's six counts, then a response's eight generative
+    counts; the reference's formulae unrounded, its 0.001 starts kept. McNemar on the
+    discriminative questions' right/wrong."""
+    rows: dict[str, np.ndarray] = {}
+    correct = {}
+    for q in scores.get("items", []):
+        row = np.zeros(len(GROUPS) * _D + _G)
+        no, said_no = q["truth"] == "no", q["answer"] == "No"
+        right = q["answer"] == ("No" if no else "Yes")
+        at = GROUPS.index(q["group"]) * _D
+        row[at:at + _D] = [1, right, no, no and said_no, said_no, said_no and no]
+        rows[str(q["id"])] = row
+        correct[str(q["id"])] = bool(right)
+    for r in scores.get("generative", {}).get("per_response", []):
+        row = np.zeros(len(GROUPS) * _D + _G)
+        row[len(GROUPS) * _D:] = [len(r["objects"]), len(r["hallucinated"]), r["truth"], r["covered"], r["hallu"],
+                                  r["cog"], bool(r["hallucinated"]), 1]
+        rows[str(r["id"])] = row
+    labels = [f"generative {k}" for k in ("CHAIR", "Cover", "Hal", "Cog")]
+    labels += [f"{name} {k}" for name, _, _ in _TYPES for k in ("accuracy", "precision", "recall", "f1")]
+    return Units("query", list(rows), np.array(list(rows.values())), labels, _statistic,
+                 correct if correct else None)
 
 
 def metrics(scores: dict[str, Any]) -> list[Metric]:
@@ -309,4 +368,5 @@ BENCHMARK = Benchmark(
                "settings recorded (word_similarity, nouns); discriminative numbers exactly, with --yes-no exact",
     key="id", field="response", details=details, options=OPTIONS,
     data_files=lambda settings: ("annotations.json", "relation.json", "safe_words.txt",
-                                 f"query/query_{settings['queries']}.json"))
+                                 f"query/query_{settings['queries']}.json"),
+    units=units)

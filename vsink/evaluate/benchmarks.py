@@ -48,7 +48,8 @@ class Benchmark:
     scorer, and are recorded); ``from_lmms_eval(doc, response, doc_id)``: an answers row from one
     sample of lmms-eval's task for this benchmark (None: a sample outside it), where there is one;
     ``data_files(settings)``: the files of a data folder that make or score the answers (their
-    bytes go into a run's record)."""
+    bytes go into a run's record); ``units(scores)``: the resampling units of the scores, for
+    their intervals and paired comparisons (:class:`Units`)."""
 
     name: str
     title: str
@@ -66,6 +67,24 @@ class Benchmark:
     options: tuple[Option, ...] = ()
     from_lmms_eval: Optional[Callable[[dict[str, Any], str, Any], Optional[dict[str, Any]]]] = None
     data_files: Callable[[dict[str, Any]], tuple[str, ...]] = lambda settings: ()
+    units: Optional[Callable[[dict[str, Any]], "Units"]] = None
+
+
+@dataclass(frozen=True)
+class Units:
+    """What a benchmark's bootstrap resamples (:mod:`vsink.evaluate.benchmark_stats`): ``unit``
+    names one row (``image``, ``question``, ...); ``keys`` identify the rows (pairing them across
+    mitigations); ``rows`` (``[units, columns]``) hold each unit's counts; ``statistic`` maps column
+    sums to the values of the report rows ``labels`` (the :class:`Metric` labels, in their units);
+    ``correct``: right/wrong per question, by question key, for McNemar's exact test (yes/no
+    benchmarks; None otherwise)."""
+
+    unit: str
+    keys: list[str]
+    rows: Any
+    labels: list[str]
+    statistic: Callable[[Any], Any]
+    correct: Optional[dict[str, bool]] = None
 
 
 def get(name: str) -> Benchmark:

@@ -216,10 +216,12 @@ def _chair_rows(scores: dict[str, dict[str, Any]], comparisons: dict[str, Any]) 
 def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[str, dict[str, Any]],
                  skipped: dict[str, list[dict[str, str]]], statistics: Optional[Bootstrap] = None) -> dict[str, Path]:
     """``results.json``, ``results.md`` and ``results.html`` for POPE (``kind="pope"``), CHAIR or a
-    benchmark of :mod:`vsink.evaluate.benchmarks` (``kind`` its name). POPE and CHAIR: every number
-    with its bootstrap interval and every difference from the first mitigation with its paired
-    interval (and, for POPE, McNemar's exact test); ``statistics``: the bootstrap's settings
-    (default :class:`~vsink.evaluate.stats.Bootstrap`)."""
+    benchmark of :mod:`vsink.evaluate.benchmarks` (``kind`` its name): every number with its
+    bootstrap interval and every difference from the first mitigation with its paired interval
+    (and, for POPE and the yes/no benchmarks, McNemar's exact test: :mod:`vsink.evaluate.hallucination_stats`,
+    :mod:`vsink.evaluate.benchmark_stats`); ``statistics``: the bootstrap's settings (default
+    :class:`~vsink.evaluate.stats.Bootstrap`)."""
+    from .benchmark_stats import mcnemar_line
     from .hallucination_stats import chair_statistics, pope_statistics, statistics_line
 
     names = list(scores)
@@ -233,8 +235,13 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
         stats = chair_statistics(scores, settings)
         rows = _chair_rows(scores, stats["comparisons"])
     else:
-        stats = {"statistics": None, "comparisons": {}}
-        rows = [(label, values, [None] * len(values), [None] * len(values), scale)
+        from .benchmark_stats import benchmark_statistics
+
+        stats = benchmark_statistics(kind, scores, settings)
+        for sc in scores.values():
+            sc.pop("items", None)  # per-question outcomes: resampled above, too many to keep
+        rows = [(label, values, [sc["intervals"].get(label) for sc in scores.values()],
+                 [None] + [stats["comparisons"][n].get(label) for n in names[1:]], scale)
                 for label, values, scale in benchmark_rows(kind, scores)]
     comparisons = stats["comparisons"]
     md = [f"# vsink eval {kind}", ""]
@@ -243,15 +250,14 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
     if kind == "chair" and "vocabulary" in protocol:
         md += [f"CHAIR vocabulary: `{protocol['vocabulary']}` (synonyms: {protocol['synonyms']})", ""]
     md += [f"Protocol: `{json.dumps(protocol)}`", ""]
-    if stats["statistics"] is not None:
-        md += [statistics_line(stats["statistics"]), ""]
+    md += [statistics_line(stats["statistics"]), ""]
     md.append(_table(names, rows))
+    for name, cmp in comparisons.items():
+        test = cmp.get("mcnemar", {})
+        test = test.get("all") if kind == "pope" else test
+        if cmp.get("n") and test:
+            md.append(mcnemar_line(name, names[0], test))
     if kind == "pope":
-        for name, cmp in comparisons.items():
-            if cmp.get("n"):
-                t = cmp["mcnemar"]["all"]
-                md.append(f"{name} vs {names[0]}: McNemar's exact test on {t['n']} paired questions: "
-                          f"{t['b']} right only under {names[0]}, {t['c']} right only under {name}, p = {t['p']:.4g}")
         for name, sc in scores.items():
             bad = {s: m for s, m in sc["splits"].items() if m.get("unparseable")}
             if bad:
@@ -264,16 +270,13 @@ def save_results(out: Path, kind: str, protocol: dict[str, Any], scores: dict[st
     for name, items in skipped.items():
         if items:
             md.append(f"{name}: {len(items)} items skipped (see results.json)")
-    summary = {"kind": kind, "protocol": protocol, "baseline": names[0], "results": scores, "skipped": skipped}
-    if stats["statistics"] is not None:
-        summary.update(statistics=stats["statistics"], comparisons=comparisons)
+    summary = {"kind": kind, "protocol": protocol, "baseline": names[0], "results": scores, "skipped": skipped,
+               "statistics": stats["statistics"], "comparisons": comparisons}
     from ..export.hallucination_report import hallucination_html
 
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"  # made before any file is written
     page = hallucination_html(summary)
-    determining = {"kind": kind, "protocol": protocol}
-    if stats["statistics"] is not None:
-        determining["statistics"] = stats["statistics"]
+    determining = {"kind": kind, "protocol": protocol, "statistics": stats["statistics"]}
     with OutputSet(out, f"vsink eval {kind}", {"determining": determining}) as stage:
         write_text(stage / "results.json", text)
         write_text(stage / "results.md", "\n".join(md) + "\n")

@@ -152,7 +152,9 @@ def chair_statistics(scores: dict[str, dict[str, Any]], settings: Bootstrap) -> 
 
 def statistics_line(statistics: dict[str, Any]) -> str:
     """One sentence naming how the intervals were made."""
-    return (f"Intervals: {100 * statistics['level']:g} % {statistics['method']} over {statistics['unit']}s, "
+    unit = statistics["unit"]
+    units = unit[:-1] + "ies" if unit.endswith("y") else unit + "s"
+    return (f"Intervals: {100 * statistics['level']:g} % {statistics['method']} over {units}, "
             f"{statistics['resamples']} resamples, seed {statistics['seed']}; Δ: the paired difference from the "
             "first mitigation on the same items, with its paired-bootstrap interval (an interval containing 0 is "
             "no demonstrated change).")

@@ -22,10 +22,13 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from ..errors import VsinkError
 from ..options import AnyOf, Choice, Int, Text
 from ..readers import ReadError, checked_field, read_json
-from .benchmarks import Benchmark, Metric, PathLike
+from .benchmarks import Benchmark, Metric, PathLike, Units
+from .stats import ratio
 
 CATEGORIES = ("VD", "VS")
 ID = AnyOf((Int(min=0), Text(r"\d+", "digits")))
@@ -87,7 +90,9 @@ def _accuracies(rows: Sequence[dict[str, Any]], right: dict[str, bool]) -> dict[
 
 
 def score_answers(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """aAcc, fAcc, qAcc overall and per category, the extraction counts (Yes/No/Unknown)."""
+    """aAcc, fAcc, qAcc overall and per category, the extraction counts (Yes/No/Unknown);
+    ``items``: each question's official fields, whether it is ``right`` and its extraction (for
+    the intervals: :func:`units`)."""
     keyed, right, counts = [], {}, {"Yes": 0, "No": 0, "Unknown": 0}
     for row in rows:
         index = _ident(row, "category", "subcategory", "set_id", "figure_id", "question_id")
@@ -97,12 +102,54 @@ def score_answers(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         counts[got] += 1
         right[index] = got == ("Yes" if str(row["gt_answer"]) == "1" else "No")
         keyed.append({**row, "index": index})
-    out = {"overall": _accuracies(keyed, right), "extracted": counts, "n": len(keyed)}
+    items = [{**{k: str(r[k]) for k in ("category", "subcategory", "set_id", "figure_id", "question_id")},
+              "index": r["index"], "right": right[r["index"]], "extracted": extract(r["answer"])} for r in keyed]
+    out = {"overall": _accuracies(keyed, right), "extracted": counts, "n": len(keyed), "items": items}
     out["categories"] = {c: _accuracies([r for r in keyed if r["category"] == c], right)
                          for c in CATEGORIES if any(r["category"] == c for r in keyed)}
     out["subcategories"] = {s: _accuracies([r for r in keyed if f"{r['category']}/{r['subcategory']}" == s], right)
                             for s in sorted({f"{r['category']}/{r['subcategory']}" for r in keyed})}
     return out
+
+
+#: the splits of the report rows, and per split the counts of one set: questions, right, figures,
+#: figures all right, question pairs, pairs all right
+SPLITS = ("overall", *CATEGORIES)
+_COUNTS = 6
+
+
+def _statistic(sums: np.ndarray) -> np.ndarray:
+    s = sums[..., :-2].reshape(*sums.shape[:-1], len(SPLITS), _COUNTS)
+    acc = np.stack([ratio(s[..., 1], s[..., 0]), ratio(s[..., 3], s[..., 2]), ratio(s[..., 5], s[..., 4])], axis=-1)
+    return np.concatenate([acc.reshape(*sums.shape[:-1], -1), ratio(sums[..., -2], sums[..., -1])[..., None]], axis=-1)
+
+
+def units(scores: dict[str, Any]) -> Units:
+    """The **set** (category, subcategory, set_id): every figure group (fAcc) and question group
+    (qAcc) lies inside one set, so a set's questions are resampled together. Per split (overall,
+    VD, VS): questions, right, figures, figures all right, question groups, groups all right; then
+    Unknown extractions and questions. McNemar on each question's right/wrong."""
+    sets: dict[str, dict[str, dict[str, list[bool]]]] = {}
+    for it in scores["items"]:
+        ident = "_".join((it["category"], it["subcategory"], it["set_id"]))
+        groups = sets.setdefault(ident, {"questions": {}, "figures": {}, "pairs": {}, "unknown": {}})
+        groups["questions"][it["index"]] = [it["right"]]
+        groups["unknown"][it["index"]] = [it["extracted"] == "Unknown"]
+        if not (it["category"] == "VS" and it["figure_id"] == "0"):
+            groups["figures"].setdefault(it["figure_id"], []).append(it["right"])
+        groups["pairs"].setdefault(it["question_id"], []).append(it["right"])
+    rows = []
+    for ident, groups in sets.items():
+        row = np.zeros(len(SPLITS) * _COUNTS + 2)
+        for at in (0, SPLITS.index(ident.split("_", 1)[0]) * _COUNTS):
+            row[at:at + _COUNTS] = [len(groups["questions"]), sum(v[0] for v in groups["questions"].values()),
+                                    len(groups["figures"]), sum(all(v) for v in groups["figures"].values()),
+                                    len(groups["pairs"]), sum(all(v) for v in groups["pairs"].values())]
+        row[-2:] = [sum(v[0] for v in groups["unknown"].values()), len(groups["questions"])]
+        rows.append(row)
+    labels = [f"{split} {key} (%)" for split in SPLITS for key in ("aAcc", "fAcc", "qAcc")]
+    return Units("set", list(sets), np.array(rows), labels + ["answers neither yes nor no (%)"], _statistic,
+                 {it["index"]: bool(it["right"]) for it in scores["items"]})
 
 
 def read_items(path: PathLike, settings: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
@@ -164,4 +211,4 @@ BENCHMARK = Benchmark(
     scorer=lambda settings: score_answers, metrics=metrics, prompt=PROMPT, max_new_tokens=64,
     comparable="VLMEvalKit's HallusionBench with judge exact_matching (aAcc, fAcc, qAcc); not the paper's or the "
                "leaderboard's GPT-4-judged numbers",
-    key="index", details=details, from_lmms_eval=from_lmms_eval)
+    key="index", details=details, from_lmms_eval=from_lmms_eval, units=units)

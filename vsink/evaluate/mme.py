@@ -19,10 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from ..errors import VsinkError
 from ..options import Choice, Text
 from ..readers import ReadError, read_lines
-from .benchmarks import Benchmark, Metric, PathLike
+from .benchmarks import Benchmark, Metric, PathLike, Units
+from .stats import ratio
 
 #: the hallucination subset, named as in MME's folders and lmms-eval's ``category`` field
 CATEGORIES = ("existence", "count", "position", "color")
@@ -96,8 +99,11 @@ def limit(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 def score_answers(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per category ``accuracy``, ``accuracy_plus``, ``score`` (0–200), question and image counts
-    and the answers parsed as ``other``; ``total`` (sum of the category scores present)."""
+    and the answers parsed as ``other``; ``total`` (sum of the category scores present); ``items``:
+    each question's ``question_id``, ``image_id``, ``category`` and whether it is ``right`` (for
+    the intervals: :func:`units`)."""
     by_image: dict[str, list[dict[str, Any]]] = {}
+    items = []
     for row in rows:
         by_image.setdefault(f"{row['category']}\0{row['image_id']}", []).append(row)
     categories: dict[str, dict[str, Any]] = {}
@@ -107,6 +113,8 @@ def score_answers(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise VsinkError(f"MME image {image_id}: {len(group)} answered question(s); MME scores each image's "
                              "two questions together (lmms-eval refuses it too)")
         right = [parse_answer(r["answer"]) == r["label"] for r in group]
+        items += [{"question_id": str(r["question_id"]), "image_id": image_id, "category": category, "right": ok}
+                  for r, ok in zip(group, right)]
         c = categories.setdefault(category, {"questions": 0, "correct": 0, "images": 0, "both": 0, "other": 0})
         c["questions"] += 2
         c["correct"] += sum(right)
@@ -119,7 +127,39 @@ def score_answers(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         acc, acc_plus = c["correct"] / c["questions"], c["both"] / c["images"]
         out[category] = {**c, "accuracy": acc, "accuracy_plus": acc_plus, "score": (acc + acc_plus) * 100}
     return {"categories": out, "total": sum(c["score"] for c in out.values()),
-            "n": sum(c["questions"] for c in out.values())}
+            "n": sum(c["questions"] for c in out.values()), "items": items}
+
+
+#: per category, the counts of one image: questions right, both right, questions, images
+_COUNTS = 4
+
+
+def _statistic(sums: np.ndarray) -> np.ndarray:
+    s = sums.reshape(*sums.shape[:-1], len(CATEGORIES), _COUNTS)
+    acc, acc_plus = ratio(s[..., 0], s[..., 2]), ratio(s[..., 1], s[..., 3])
+    score = (acc + acc_plus) * 100
+    per = np.stack([score, acc, acc_plus], axis=-1).reshape(*sums.shape[:-1], -1)
+    return np.concatenate([score.sum(axis=-1, keepdims=True), per], axis=-1)
+
+
+def units(scores: dict[str, Any]) -> Units:
+    """The **image** (its two questions together: accuracy+ pairs them): per category, questions
+    right, both right, 2 questions, 1 image; McNemar on each question's right/wrong. A category
+    no image of a resample is drawn from scores 0 there (and in the total)."""
+    rows: dict[str, np.ndarray] = {}
+    for it in scores["items"]:
+        key = f"{it['category']}/{it['image_id']}"
+        row = rows.setdefault(key, np.zeros(len(CATEGORIES) * _COUNTS))
+        at = CATEGORIES.index(it["category"]) * _COUNTS
+        row[at] += it["right"]
+        row[at + 2] += 1
+    for key, row in rows.items():
+        at = CATEGORIES.index(key.split("/", 1)[0]) * _COUNTS
+        row[at + 1], row[at + 3] = float(row[at] == row[at + 2]), 1.0
+    labels = ["total score (sum of categories)"] + [label for c in CATEGORIES for label in (
+        f"{c} score (0–200)", f"{c} accuracy (%)", f"{c} accuracy+ (%)")]
+    return Units("image", list(rows), np.array(list(rows.values())), labels, _statistic,
+                 {it["question_id"]: bool(it["right"]) for it in scores["items"]})
 
 
 def metrics(scores: dict[str, Any]) -> list[Metric]:
@@ -152,4 +192,4 @@ BENCHMARK = Benchmark(
     scorer=lambda settings: score_answers, metrics=metrics, prompt=PROMPT, max_new_tokens=16,
     comparable="lmms-eval's mme task with its default prompt (the default here; its per-category scores for existence, count, position "
                "and color; its perception total adds six more categories)",
-    limit=limit, details=details, from_lmms_eval=from_lmms_eval)
+    limit=limit, details=details, from_lmms_eval=from_lmms_eval, units=units)

@@ -30,13 +30,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+
 from ..errors import VsinkError
 from ..io import read_jsonl
 from ..options import InputPath, Int, Option, Text
 from ..readers import ReadError, read_lines
-from .benchmarks import Benchmark, Metric, PathLike
+from .benchmarks import Benchmark, Metric, PathLike, Units
 from .chair import Vocabulary, ground_truth, score_captions
 from .reference_tokenize import word_tokenize
+from .stats import ratio
 
 SYNONYMS = Path(__file__).with_name("object_halbench_synonyms.txt")
 LEMMAS = Path(__file__).with_name("object_halbench_lemmas.tsv")
@@ -128,10 +131,33 @@ def scorer(settings: dict[str, Any]) -> Callable[[Sequence[dict[str, Any]]], dic
         with_mention = sum(bool(c["mentioned"]) for c in out["captions"])
         bad = sum(bool(c["hallucinated"]) for c in out["captions"])
         out["chair_s_refine"] = bad / with_mention if with_mention else 0.0
-        out["avg_len"] = sum(len(c["caption"].strip().split(" ")) for c in out["captions"]) / out["n"]
+        out["avg_len"] = sum(_length(c["caption"]) for c in out["captions"]) / out["n"]
         return out
 
     return score
+
+
+def _length(caption: str) -> int:
+    """The script's caption length: words split on single spaces."""
+    return len(caption.strip().split(" "))
+
+
+def _statistic(sums: np.ndarray) -> np.ndarray:
+    captions, bad, with_mention, mentions, halluc, recalled, truth, words = (sums[..., i] for i in range(8))
+    return np.stack([ratio(bad, captions), ratio(bad, with_mention), ratio(halluc, mentions), ratio(recalled, truth),
+                     ratio(words, captions)], axis=-1)
+
+
+def units(scores: dict[str, Any]) -> Units:
+    """The **image** (one answer each): captions, captions with a hallucination, captions with a
+    mention, mentions, hallucinated mentions, classes recalled, ground-truth classes, words."""
+    rows: dict[str, np.ndarray] = {}
+    for c in scores["captions"]:
+        row = rows.setdefault(str(c["image_id"]), np.zeros(8))
+        row += [1, bool(c["hallucinated"]), bool(c["mentioned"]), len(c["mentioned"]), len(c["hallucinated"]),
+                c["recalled"], c["truth"], _length(c["caption"])]
+    labels = [m.label for m in metrics(scores)]
+    return Units("image", list(rows), np.array(list(rows.values())), labels, _statistic)
 
 
 def read_items(path: PathLike, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -178,4 +204,4 @@ BENCHMARK = Benchmark(
     scorer=scorer, metrics=metrics, prompt="{question}", max_new_tokens=512,
     comparable="RLHF-V's eval_gpt_obj_halbench.py without --use_gpt (rule-based), with COCO instances and "
                "captions as ground truth; not the GPT-assisted numbers of the RLHF-V and RLAIF-V papers",
-    key="image_id", field="caption", details=details, options=OPTIONS)
+    key="image_id", field="caption", details=details, options=OPTIONS, units=units)

@@ -36,7 +36,8 @@ import numpy as np
 from ..errors import VsinkError
 from ..options import SEED, Float, Int, Option, declare
 
-#: the bootstrap's settings (``vsink eval pope|chair|dense --ci-level/--resamples/--bootstrap-seed``)
+#: the bootstrap's settings (``vsink eval pope|chair|dense|NAME --ci-level/--resamples/--bootstrap-seed``, NAME a
+#: benchmark of :mod:`vsink.evaluate.benchmarks`)
 STATS = declare(
     Option("ci_level", Float(0.0, 1.0, min_open=True, max_open=True), 0.95, "confidence level of the bootstrap intervals"),
     Option("resamples", Int(10, 1_000_000), 1000, "bootstrap resamples (intervals and paired differences)"),

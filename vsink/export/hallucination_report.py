@@ -1,8 +1,8 @@
 """``results.html`` of ``vsink eval pope``, ``vsink eval chair`` and the benchmarks of
 :mod:`vsink.evaluate.benchmarks`: every mitigation side by side, with deltas against the first.
-POPE and CHAIR show each number with its bootstrap interval and each delta with its paired
-interval, coloured as a win or a loss only when that interval excludes 0 (POPE adds McNemar's
-exact test); POPE per split with the unparseable answers counted (a split whose answers are all
+Each number shows its bootstrap interval and each delta its paired interval, coloured as a win or
+a loss only when that interval excludes 0 (POPE and the yes/no benchmarks add McNemar's exact
+test); POPE per split with the unparseable answers counted (a split whose answers are all
 unparseable shows no metric, not 0.00); CHAIR per caption with the object words marked
 (hallucinated red, grounded green), several captions of an image in one cell."""
 
@@ -36,8 +36,8 @@ def _delta(value: Optional[float], base: Optional[float], lower_is_better: Optio
            paired: Optional[dict[str, float]] = None) -> str:
     """The signed difference with 2 decimals, as in ``results.md``, coloured (green a win, red a
     loss) where some direction is better. ``paired``: the paired interval of the difference
-    (POPE, CHAIR; ``{}`` where none could be made), shown, and the colour kept only when it
-    excludes 0; None: a scorer without intervals (the benchmarks), coloured by direction."""
+    (``{}`` where none could be made), shown, and the colour kept only when it excludes 0; None:
+    a summary written without intervals (an older vsink's), coloured by direction."""
     if value is None or base is None:
         return "<span class='muted'>—</span>"
     d = round((value - base) * scale, 2) + 0.0
@@ -198,9 +198,10 @@ def chair_sections(summary: dict[str, Any]) -> list[str]:
 
 
 def benchmark_sections(summary: dict[str, Any]) -> list[str]:
-    """A benchmark of :mod:`vsink.evaluate.benchmarks`: its metrics side by side with deltas
-    (2 decimals, coloured by the metric's better direction), what its numbers compare with, and
-    its own detail tables per mitigation."""
+    """A benchmark of :mod:`vsink.evaluate.benchmarks`: its metrics side by side, each with its
+    bootstrap interval, with deltas (2 decimals) and their paired intervals, coloured by the
+    metric's better direction only when that interval excludes 0, McNemar's exact test for the
+    yes/no benchmarks, what its numbers compare with, and its own detail tables per mitigation."""
     from ..evaluate.benchmarks import get
 
     bench = get(summary["kind"])
@@ -209,15 +210,24 @@ def benchmark_sections(summary: dict[str, Any]) -> list[str]:
     per = [{m.label: m for m in bench.metrics(r)} for r in results.values()]
     labels = list(dict.fromkeys(label for p in per for label in p))
     header = ["metric", esc(names[0])] + [h for n in names[1:] for h in (esc(n), f"Δ vs {esc(names[0])}")]
+    comparisons = summary.get("comparisons")
+    intervals = [r.get("intervals", {}) for r in results.values()]
     rows = []
     for label in labels:
         ms = [p.get(label) for p in per]
         scale = next(m.scale for m in ms if m is not None)
         lower = next(m.lower_is_better for m in ms if m is not None)
         values = [None if m is None else m.value for m in ms]
-        cells = [esc(label), _cell(values[0], scale)]
-        for v in values[1:]:
-            cells += [_cell(v, scale), _delta(v, values[0], lower, scale)]
+        cells = [esc(label), _cell(values[0], scale, intervals[0].get(label))]
+        for i, (n, v) in enumerate(zip(names[1:], values[1:]), 1):
+            paired = None if comparisons is None else comparisons.get(n, {}).get(label) or {}
+            cells += [_cell(v, scale, intervals[i].get(label)), _delta(v, values[0], lower, scale, paired)]
+        rows.append(cells)
+    tests = [None if comparisons is None else comparisons.get(n, {}).get("mcnemar") for n in names[1:]]
+    if any(tests):
+        cells = ["McNemar's exact test (right only under the first / only under this one)", ""]
+        for t in tests:
+            cells += ["", "—" if t is None else f"{t['b']} / {t['c']}, p = {t['p']:.3g}"]
         rows.append(cells)
     parts = [f"<h2>{esc(bench.title)}</h2>" + table(header, rows),
              f"<p><b>Comparable with:</b> {esc(bench.comparable)}</p>"]
