@@ -275,9 +275,10 @@ def read_items(folder: PathLike, settings: dict[str, Any]) -> list[dict[str, Any
     return items
 
 
-#: the report's discriminative types: (name, counter groups summed, F1's epsilon)
-_TYPES = (("overall", GROUPS, 0.0001), ("existence", ("existence",), 0.001),
-          ("attribute", ("state", "number", "action"), 0.0001), *((g, (g,), 0.0001) for g in GROUPS[1:]))
+#: the report's discriminative types: (name, counter groups summed, counters started at 0.001,
+#: F1's epsilon); overall is the reference's own counter over every question
+_TYPES = (("overall", GROUPS, 1, 0.0001), ("existence", ("existence",), 1, 0.001),
+          ("attribute", ("state", "number", "action"), 3, 0.0001), *((g, (g,), 1, 0.0001) for g in GROUPS[1:]))
 #: per counter group, a question's counts: asked, right, truth no, right no, answered No, answered No rightly
 _D = 6
 #: a response's generative counts: objects, hallucinated, truth objects, covered, hallu objects, covered
@@ -288,9 +289,9 @@ _G = 8
 def _statistic(sums: np.ndarray) -> np.ndarray:
     g = sums[..., :len(GROUPS) * _D].reshape(*sums.shape[:-1], len(GROUPS), _D)
     out = []
-    for _, members, eps in _TYPES:
+    for _, members, starts, eps in _TYPES:
         c = sum(g[..., GROUPS.index(m), :] for m in members)
-        start = START * len(members)
+        start = START * starts
         acc, precision, recall = (c[..., 1] / (c[..., 0] + start) * 100, c[..., 5] / (c[..., 4] + start) * 100,
                                   c[..., 3] / (c[..., 2] + start) * 100)
         f1 = 2 * (precision / 100) * (recall / 100) / (precision / 100 + recall / 100 + eps) * 100
@@ -322,7 +323,7 @@ def units(scores: dict[str, Any]) -> Units:
                                   r["cog"], bool(r["hallucinated"]), 1]
         rows[str(r["id"])] = row
     labels = [f"generative {k}" for k in ("CHAIR", "Cover", "Hal", "Cog")]
-    labels += [f"{name} {k}" for name, _, _ in _TYPES for k in ("accuracy", "precision", "recall", "f1")]
+    labels += [f"{name} {k}" for name, _, _, _ in _TYPES for k in ("accuracy", "precision", "recall", "f1")]
     return Units("query", list(rows), np.array(list(rows.values())), labels, _statistic,
                  correct if correct else None)
 
