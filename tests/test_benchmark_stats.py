@@ -50,7 +50,8 @@ def test_mme_resamples_images_as_scipy_does():
     low, high = _scipy(lambda i, axis=-1: right[i].sum(axis) / (2 * i.shape[axis]), 3)
     assert (iv["existence accuracy (%)"]["low"], iv["existence accuracy (%)"]["high"]) == pytest.approx((low, high))
     low, high = _scipy(lambda i, axis=-1: 100 * (right[i].sum(axis) / (2 * i.shape[axis]) + both[i].mean(axis)), 3)
-    assert (iv["existence score (0–200)"]["low"], iv["existence score (0–200)"]["high"]) == pytest.approx((low, high))
+    score = iv["existence score (0–200)"]
+    assert (score["low"], score["high"]) == pytest.approx((low, high))
     # the only category: the total's interval is its score's; the absent categories show no row
     assert iv["total score (sum of categories)"] == iv["existence score (0–200)"]
     assert not any(label.startswith("count") for label in iv)

@@ -558,7 +558,8 @@ def test_benchmark_pages_show_deltas_with_two_decimals_and_the_banner(tmp_path):
     # 95 % interval of none is [50, 200] (a quarter of the mass at each end, far beyond 2.5 % of
     # 1000 resamples), var's [200, 200], and the paired difference 0, 75 or 150: [0, 150] contains 0,
     # so the +75.00 is not coloured as a win
-    assert "| existence score (0–200) | 125.00 [50.00, 200.00] | 200.00 [200.00, 200.00] (Δ +75.00 [+0.00, +150.00]) |" in md
+    assert ("| existence score (0–200) | 125.00 [50.00, 200.00] | 200.00 [200.00, 200.00] "
+            "(Δ +75.00 [+0.00, +150.00]) |") in md
     assert "<span class='muted'>+75.00 [+0.00, +150.00]</span>" in page and "Synthetic demo LVLM" in page
     # McNemar: of 4 paired questions only b's second changed (wrong → right): p = 2·P[X ≤ 0], X ~ B(1, 1/2) → 1
     assert "McNemar's exact test on 4 paired questions: 0 right only under none, 1 right only under var, p = 1" in md

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(finetune, P.FINETUNE)
     sub.add_parser("models", help="list the model spec forms: vision models and LVLMs",
                    description="List every form of --model: vision models (scan, maps, registers, eval dense, "
-                               "finetune) and LVLMs (generate, lvlm calibrate, eval pope|chair, scan --prompt).")
+                               f"finetune) and LVLMs (generate, lvlm calibrate, eval {LVLM_EVALS}, scan --prompt).")
     view = sub.add_parser("view", help="write an interactive viewer (one offline HTML file) of a scan, maps or "
                                        "attention export",
                           description="Write one self-contained HTML file to explore the output of 'vsink maps' "
@@ -565,8 +565,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-#: the LVLM forms of --model (``vsink generate``, ``lvlm calibrate``, ``eval pope|chair``, ``scan --prompt``)
-LVLM_SPEC_FORMS = """LVLMs, for vsink generate, lvlm calibrate, eval pope|chair and scan --prompt:
+#: the ``vsink eval`` subcommands that run an LVLM
+LVLM_EVALS = "|".join(("pope", "chair", *BENCHMARK_MODULES))
+#: the LVLM forms of --model (``vsink generate``, ``lvlm calibrate``, ``eval`` :data:`LVLM_EVALS`, ``scan --prompt``)
+LVLM_SPEC_FORMS = f"""LVLMs, for vsink generate, lvlm calibrate, eval {LVLM_EVALS} and scan --prompt:
   demo-llava                        the built-in synthetic LLaVA with planted register neurons, visual sinks
                                     and sink dimensions (offline; docs/lvlm.md)
   hf:REPO                           a Hugging Face LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL,

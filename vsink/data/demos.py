@@ -23,9 +23,9 @@ def demo(*, img_size: Optional[int] = None, model_kwargs: Optional[dict[str, Any
     return backbone
 
 
-@named_spec("demo-llava", "the synthetic demo LVLM (offline): scan, generate, lvlm calibrate and eval pope|chair "
-                          "run the whole LVLM; registers, maps and eval dense its CLIP tower (planted register "
-                          "neurons)")
+@named_spec("demo-llava", "the synthetic demo LVLM (offline): scan, generate, lvlm calibrate and eval pope, "
+                          "chair and the hallucination benchmarks run the whole LVLM; registers, maps and eval "
+                          "dense its CLIP tower (planted register neurons)")
 def demo_llava_tower(**ignored: Any) -> Backbone:
     from ..backbones.hf_lvlm import DEMO_LVLM, load_lvlm
 
