@@ -43,13 +43,13 @@ class Benchmark:
     ``scorer(settings)``: a function of the answered rows returning the scores; ``metrics(scores)``:
     the report's rows; ``limit(items, n)``: the first ``n`` items as the benchmark counts them
     (MME: whole image pairs); ``comparable``: what its numbers can be compared with (recorded in
-    every result); ``details(scores)``: extra report tables (title, header, rows); ``options``:
-    its own command-line options (their values are the ``settings`` given to the reader and the
+    every result); ``units(scores)``: the resampling units of the scores, for their intervals and
+    paired comparisons (:class:`Units`); ``details(scores)``: extra report tables (title, header,
+    rows); ``options``: its own command-line options (their values are the ``settings`` given to the reader and the
     scorer, and are recorded); ``from_lmms_eval(doc, response, doc_id)``: an answers row from one
     sample of lmms-eval's task for this benchmark (None: a sample outside it), where there is one;
     ``data_files(settings)``: the files of a data folder that make or score the answers (their
-    bytes go into a run's record); ``units(scores)``: the resampling units of the scores, for
-    their intervals and paired comparisons (:class:`Units`)."""
+    bytes go into a run's record)."""
 
     name: str
     title: str
@@ -60,6 +60,7 @@ class Benchmark:
     prompt: str
     max_new_tokens: int
     comparable: str
+    units: Callable[[dict[str, Any]], "Units"]
     key: str = "question_id"
     field: str = "answer"
     limit: Callable[[list[dict[str, Any]], int], list[dict[str, Any]]] = lambda items, n: items[:n]
@@ -67,7 +68,6 @@ class Benchmark:
     options: tuple[Option, ...] = ()
     from_lmms_eval: Optional[Callable[[dict[str, Any], str, Any], Optional[dict[str, Any]]]] = None
     data_files: Callable[[dict[str, Any]], tuple[str, ...]] = lambda settings: ()
-    units: Optional[Callable[[dict[str, Any]], "Units"]] = None
 
 
 @dataclass(frozen=True)
