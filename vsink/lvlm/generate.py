@@ -122,6 +122,12 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
     run = Run(lvlm=lvlm, decoder=decoder, context=context, input_ids=input_ids, attention_mask=mask,
               inputs=dict(inputs), use_cache=use_cache)
     capture = AttentionCapture(decoder, context) if capture_attention else None
+    strategy = next((m for m in mitigations if getattr(m, "decode", None) is not None), None)
+    if strategy is not None:  # a decoding strategy (OPERA) runs its own search
+        strategy.check_composition([m for m in mitigations if m is not strategy], run, use_cache, capture_attention)
+        if sampling:
+            raise VsinkError(f"{strategy.name} is a decoding strategy of its own; sampling (temperature, top_p) "
+                             f"is refused with it")
     runners = {m.name: BranchRunner(run, m, mitigations) for m in mitigations if m.branches(run)}
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(evaluating(lvlm.model))
@@ -138,9 +144,12 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         bar = stack.enter_context(tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not progress))
         if progress:
             processors.append(TokenProgress(bar))
-        decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
-        out = lvlm.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, **decoding,
-                                  use_cache=use_cache, logits_processor=processors or None)
+        if strategy is not None:
+            out = strategy.decode(run, inputs, max_new_tokens, processors)
+        else:
+            decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
+            out = lvlm.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, **decoding,
+                                      use_cache=use_cache, logits_processor=processors or None)
     new = out[:, input_ids.shape[1]:]
     tok = getattr(lvlm.processor, "tokenizer", None) if lvlm.processor is not None else None
     texts = tok.batch_decode(new, skip_special_tokens=True) if tok is not None else [""] * len(new)

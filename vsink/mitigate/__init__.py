@@ -25,6 +25,7 @@ from .damro import DAMRO, DAMROSettings
 from .dola import DoLa, DoLaSettings
 from .fastv import FastV, FastVSettings
 from .m3id import M3ID, M3IDSettings
+from .opera import OPERA, OPERASettings
 from .pai import PAI, PAISettings
 from .ttr import TTR, TTRSettings
 from .vaf import VAF, VAFSettings
@@ -33,7 +34,7 @@ from .var import VAR, VARSettings, redistribute, redistribution
 
 ENTRY_POINT_GROUP = "vsink.mitigations"
 
-__all__ = ["DAMRO", "DAMROSettings", "DoLa", "DoLaSettings", "M3ID", "M3IDSettings", "VCD", "VCDSettings", "ENTRY_POINT_GROUP", "FastV", "FastVSettings", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
+__all__ = ["DAMRO", "DAMROSettings", "DoLa", "DoLaSettings", "M3ID", "M3IDSettings", "OPERA", "OPERASettings", "VCD", "VCDSettings", "ENTRY_POINT_GROUP", "FastV", "FastVSettings", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
            "Run", "TTR", "TTRSettings", "VAF", "VAFSettings", "VAR", "VARSettings", "check_composition", "check_protocol", "declared_settings", "make_mitigations",
            "mitigation_names",
            "redistribute", "redistribution", "register"]

@@ -1,0 +1,338 @@
+"""OPERA — over-trust penalty and retrospection-allocation (Huang et al., CVPR 2024), a decoding
+strategy on vsink's beam search (:mod:`vsink.lvlm.beam`), not a logits edit.
+
+Each step of a beam search over ``beams`` beams, every beam's top ``candidates`` tokens (by raw
+logit) each get a look-ahead forward; the last decoder layer's attention row of each candidate,
+maximum over heads, renormalised to sum 1, gives its attention ``a_ij`` over the response so far
+(rows and columns from the first generated token). Column ``j``'s score is
+``φ_j = 1e-7 · Π_{i ≥ j} scale · a_ij`` and a candidate's penalty is ``max_j φ_j``; in the first
+10 response tokens the penalty is instead minus the candidate's attention on the image tokens (a
+bonus). The candidate's logit becomes ``logit − penalty_weight · penalty``, the other tokens get
+``−999``, and the beam search proceeds on the log-softmax of that vector — so even at penalty 0
+the candidates' log-probabilities are renormalised among themselves (with every token a
+candidate and penalty 0 it is plain beam search).
+
+Retrospection: each step records, per beam, the most frequent argmax column among its
+candidates; when the prompt's most frequent one (``loc``, over beams) is the recorded column of
+every beam more than ``threshold`` times and ``loc ≥ 10``, the search rolls back to the state
+before response position ``loc + 1`` (at most ``candidates`` times per position, then one
+position earlier; never further back than ``window`` steps) and redoes that step on the full
+vocabulary, with the continuations chosen there before excluded (set to the minimum logit).
+
+The defaults are the released ``chair_eval.py`` / README settings (shikiw/OPERA): 5 beams, 5
+candidates, scale 50, threshold 15, window 512, penalty 1. ``protocol="official"`` additionally
+rounds φ to float16 as the released code stores it (values above 65504 become infinite). See
+docs/fidelity.md for every difference from the released code.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from ..errors import VsinkError
+from ..options import Float, Int
+from .base import Mitigation, Run, register
+from .settings import CheckedSettings, setting
+
+#: logit given to every token that is not a candidate (and to rejected continuations)
+FLOOR = -999.0
+#: response positions whose penalty is the image-attention bonus, and below which no rollback goes
+EARLY = 10
+
+
+@dataclass
+class OPERASettings(CheckedSettings):
+    """OPERA's settings (see the module docstring)."""
+
+    beams: int = setting(5, Int(min=1), "number of beams of the beam search")
+    candidates: Optional[int] = setting(5, Int(min=1), "tokens per beam scored by look-ahead attention (null: "
+                                        "every token of the vocabulary)", nullable=True)
+    scale: float = setting(50.0, Float(0, min_open=True), "factor on the attention before the column-wise products")
+    threshold: int = setting(15, Int(min=0), "rollback when one column wins in every beam more than this many steps")
+    window: int = setting(512, Int(min=1), "steps kept for retrospection (no rollback further back, none to "
+                          "response positions at or beyond it)")
+    penalty: float = setting(1.0, Float(0), "weight of the over-trust penalty on the candidates' logits")
+    protocol: str = "paper"
+
+    NAME: ClassVar[str] = "opera"
+    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+
+def column_scores(products: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """φ of each candidate over the response columns.
+
+    ``products`` [R, s]: per beam and column, ``Π scale · a_ij`` over the response rows so far;
+    ``rows`` [R, C, s + 1]: each candidate's renormalised attention on the response columns (the
+    last is the candidate itself). Returns [R, C, s + 1] = ``1e-7 · Π_{i ≥ j} scale · a_ij``."""
+    return 1e-7 * _with_one(products)[:, None, :] * (scale * rows)
+
+
+def extend_products(products: torch.Tensor, row: torch.Tensor, scale: float) -> torch.Tensor:
+    """The column products [R, s + 1] once the response row ``row`` [R, s + 1] is appended."""
+    return _with_one(products) * (scale * row)
+
+
+def _with_one(products: torch.Tensor) -> torch.Tensor:
+    """``products`` [R, s] with a column of ones appended (the newest column has no earlier rows)."""
+    return torch.cat([products, products.new_ones(products.shape[0], 1)], dim=-1)
+
+
+def over_trust(phi: torch.Tensor, image: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penalty [R, C], argmax column [R, C]) of candidates with scores ``phi`` [R, C, length] and
+    attention ``image`` [R, C] on the image: ``max φ`` past the first 10 response tokens, ``−image``
+    up to them."""
+    best, column = phi.max(dim=-1)
+    return (-image if length <= EARLY else best), column
+
+
+@dataclass
+class Retrospection:
+    """The rollback rule's state for one prompt (see the module docstring)."""
+
+    threshold: int
+    window: int
+    candidates: int
+
+    def __post_init__(self) -> None:
+        self.history: list[torch.Tensor] = []  # per step: [R] each beam's most frequent argmax column
+        self.times = [0] * self.window  # rollbacks per response position
+        self.rejected: dict[int, torch.Tensor] = {}  # response position → flat (beam · V + token) indices
+
+    def record(self, columns: torch.Tensor) -> int:
+        """Record a step's argmax columns [R, C]; returns the prompt's column (mode over beams of
+        the per-beam modes)."""
+        per_beam = columns.mode(dim=-1).values
+        self.history.append(per_beam)
+        return int(per_beam.mode().values)
+
+    def target(self, column: int, step: int) -> Optional[int]:
+        """The response position to roll back to at ``step``, or None."""
+        wins = (torch.stack(self.history, dim=-1) == column).sum(-1)
+        if not bool((wins > self.threshold).all()) or column < EARLY:
+            return None
+        position = column + 1
+        if position >= self.window:
+            return None
+        if self.times[position] >= self.candidates:
+            position -= 1
+            if self.times[position] >= self.candidates:
+                return None
+        self.times[position] += 1
+        if step + 1 - position > self.window + 1:
+            position = max(1, step - self.window)
+        return position
+
+
+class OperaLoop:
+    """OPERA's decoding loop for ``generate(custom_generate=...)`` on one prompt (see the module
+    docstring); counts what it did on the mitigation."""
+
+    def __init__(self, opera: "OPERA", run: Run, attention: Any):
+        self.opera, self.run, self.attention = opera, run, attention
+        self.rollbacks = 0
+        self.steps = 0
+
+    def _rows(self, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured rows renormalised: (response part [rows, t], image mass [rows])."""
+        a = self.attention.rows
+        a = a / a.sum(-1, keepdim=True)
+        image = self.run.context.image0[0].to(a.device)
+        return a[:, prompt:], (a[:, :prompt] * image[None, :prompt]).sum(-1)
+
+    def __call__(self, model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                 generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
+        from ..lvlm.beam import Beams, Stepper
+
+        s: OPERASettings = self.opera.settings
+        N = generation_config.num_beams
+        beams = Beams.start(input_ids, N, generation_config)
+        prompt = input_ids.shape[1]
+        stepper = Stepper(model, generation_config, model_kwargs)
+        logits = stepper.prefill(input_ids)
+        vocab = logits.shape[-1]
+        C = vocab if s.candidates is None else min(s.candidates, vocab)
+        retro = Retrospection(s.threshold, s.window, C)
+        products = torch.ones(input_ids.shape[0], 0, device=logits.device)
+        snapshots: dict[int, dict[str, Any]] = {}
+        cur_len, step, last = prompt, 0, None
+        while True:
+            ids = beams.flat(cur_len)
+            cand_logits, cand = logits.topk(C, dim=-1)
+            snapshots[step] = {"beams": beams.snapshot(), "products": products, "last": last}
+            snapshots.pop(step - s.window, None)
+            ahead, before, after = stepper.lookahead(ids, cand)
+            window, image = self._rows(prompt)
+            R = ids.shape[0]
+            window = window.view(R, C, step + 1)
+            phi = column_scores(products, window, s.scale)
+            if s.protocol == "official":
+                phi = phi.half().float()
+            penalty, columns = over_trust(phi, image.view(R, C), step + 1)
+            self.steps += 1
+            self.opera.count(self.run.decoder.num_layers - 1, candidates_scored=R * C)
+            column = retro.record(columns)
+            position = retro.target(column, step)
+            back = min(position, step - 1) if position is not None else None
+            if back is None or back not in snapshots:
+                scores = torch.full_like(logits, FLOOR).scatter(1, cand, cand_logits - s.penalty * penalty)
+                source, tokens, over = self._advance(beams, scores, ids, cur_len, logits_processor, stopping_criteria)
+                match = cand[source] == tokens[:, None]
+                if bool(match.any(-1).all()):  # every new beam continues with one of its candidates
+                    rows = source * C + match.float().argmax(-1)
+                    stepper.keep(rows, after)
+                    logits = ahead[rows]
+                    row = window.view(R * C, -1)[rows]
+                else:
+                    stepper.keep_prefix(source * C, before)
+                    logits = stepper.step(beams.flat(cur_len + 1))
+                    row = self._rows(prompt)[0]
+                products = extend_products(products[source], row, s.scale)
+                last, step, cur_len = (source, tokens), step + 1, cur_len + 1
+            else:
+                self.rollbacks += 1
+                self.opera.count(self.run.decoder.num_layers - 1, rollbacks=1)
+                chosen = snapshots[back + 1]["last"] if back + 1 in snapshots else last
+                snap = snapshots[back]
+                beams, products, last = snap["beams"].snapshot(), snap["products"], snap["last"]
+                for k in [k for k in snapshots if k > back]:
+                    del snapshots[k]
+                del retro.history[back + 1:]
+                cur_len, step = prompt + back, back
+                flat = (chosen[0] % N) * vocab + chosen[1]
+                previous = retro.rejected.get(position)
+                retro.rejected[position] = flat if previous is None else torch.cat([previous, flat])
+                retro.rejected.pop(position + 1, None)
+                logits = stepper.rebuild(beams.flat(cur_len), prompt)
+                shifted = (logits - (999.0 + logits.min(-1, keepdim=True).values)).view(beams.batch, -1)
+                shifted[:, retro.rejected[position]] = FLOOR
+                source, tokens, over = self._advance(beams, shifted.view(-1, vocab), beams.flat(cur_len), cur_len,
+                                                     logits_processor, stopping_criteria)
+                stepper.reorder(source)
+                logits = stepper.step(beams.flat(cur_len + 1))
+                products = extend_products(products[source], self._rows(prompt)[0], s.scale)
+                last, step, cur_len = (source, tokens), step + 1, cur_len + 1
+            if over:
+                break
+        return beams.output(generation_config.num_return_sequences or 1)
+
+    @staticmethod
+    def _advance(beams: Any, scores: torch.Tensor, ids: torch.Tensor, cur_len: int, processors: Any,
+                 stopping: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        log_probs = torch.log_softmax(scores, dim=-1)
+        if processors is not None:
+            log_probs = processors(ids, log_probs)
+        return beams.advance(log_probs, cur_len, stopping)
+
+
+#: mitigations OPERA composes with: attention edits that read the generation context per call
+COMPOSES_WITH = ("pai",)
+
+
+@register
+class OPERA(Mitigation):
+    """OPERA as a decoding strategy (see the module docstring)."""
+
+    name = "opera"
+    settings_class = OPERASettings
+
+    def _install(self, run: Run, handles: list) -> None:
+        """OPERA installs its attention capture per prompt, in :meth:`decode`."""
+
+    def decodes(self) -> bool:
+        return True
+
+    def check_composition(self, others: list[Mitigation], run: Run, use_cache: bool, capture: bool) -> None:
+        """Refuse, in one line, what OPERA cannot run with: another decoding strategy or rule
+        (guidance), mitigations not verified under its look-ahead rows, no KV cache, per-token capture."""
+        for m in others:
+            if getattr(m, "decode", None) is not None:
+                raise VsinkError(f"opera is a decoding strategy and cannot be combined with {m.name}, another one")
+            if m.name not in COMPOSES_WITH:
+                raise VsinkError(f"opera composes with {', '.join(COMPOSES_WITH)} only; {m.name} is refused "
+                                 f"(its edits are not verified under beam search with look-ahead rows)")
+            if m.decodes() or m.branches(run) or m.logits_processors(run):
+                raise VsinkError(f"opera cannot be combined with {m.name}'s next-token rule (guidance or branches); "
+                                 f"compose it with {m.name}'s attention edit only")
+        if not use_cache:
+            raise VsinkError("opera runs on the KV cache (as the released code does); use_cache=False is refused")
+        if capture:
+            raise VsinkError("opera does not capture per-token attention (its steps can be rolled back); "
+                             "drop capture_attention")
+
+    def decode(self, run: Run, inputs: dict[str, Any], max_new_tokens: int, processors: list) -> torch.Tensor:
+        """Generate for every prompt of ``inputs`` (each on its own beams: a rollback restores one
+        prompt's state) and return the left-padded batch of sequences [B, prompt + new]."""
+        from ..lvlm.beam import BeamContext, LastRowAttention, supports_custom_loops
+
+        if not supports_custom_loops():
+            raise VsinkError("opera needs transformers 5 (generate with a custom decoding loop)")
+        lvlm, decoder = run.lvlm, run.decoder
+        ids, mask = run.input_ids, run.attention_mask
+        news = []
+        saved = (run.context, decoder.context)
+        try:
+            for b in range(ids.shape[0]):
+                row = row_inputs(inputs, b, mask)
+                context = BeamContext(lvlm, row["input_ids"])
+                run.context = decoder.context = context
+                loop = OperaLoop(self, run, None)
+                with LastRowAttention(decoder, decoder.num_layers - 1) as attention:
+                    loop.attention = attention
+                    out = lvlm.model.generate(**row, max_new_tokens=max_new_tokens, num_beams=self.settings.beams,
+                                              do_sample=False, use_cache=True, logits_processor=processors or None,
+                                              custom_generate=functools.partial(_call, loop))
+                news.append(out[0, row["input_ids"].shape[1]:])
+        finally:
+            run.context, decoder.context = saved
+        fill = _fill_token(lvlm)
+        width = max(len(n) for n in news)
+        new = torch.full((len(news), width), fill, dtype=ids.dtype, device=ids.device)
+        for b, n in enumerate(news):
+            new[b, :len(n)] = n
+        return torch.cat([ids, new], dim=1)
+
+    def nothing_edited_hint(self) -> str:
+        return "no step was scored"
+
+
+def _call(loop: OperaLoop, model: Any, input_ids: torch.Tensor, logits_processor: Any = None,
+          stopping_criteria: Any = None, generation_config: Any = None, synced_gpus: bool = False,
+          **model_kwargs: Any) -> torch.Tensor:
+    return loop(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, **model_kwargs)
+
+
+def _fill_token(lvlm: Any) -> int:
+    """The token that pads a finished sequence (the model's pad token, else its EOS)."""
+    config = lvlm.model.generation_config
+    for value in (config.pad_token_id, getattr(lvlm.text_config, "pad_token_id", None), config.eos_token_id):
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def row_inputs(inputs: dict[str, Any], b: int, mask: torch.Tensor) -> dict[str, Any]:
+    """Row ``b`` of a left-padded batch of model inputs, without its padding: Qwen2-VL's flat
+    ``pixel_values`` are cut by ``image_grid_thw``; other per-row tensors are sliced."""
+    B = mask.shape[0]
+    keep = mask[b].bool()
+    out: dict[str, Any] = {"input_ids": inputs["input_ids"][b][keep][None],
+                           "attention_mask": torch.ones_like(inputs["input_ids"][b][keep][None])}
+    grid = inputs.get("image_grid_thw")
+    for key, value in inputs.items():
+        if key in out:
+            continue
+        if key == "pixel_values" and grid is not None:
+            counts = grid.prod(-1).tolist()
+            start = int(sum(counts[:b]))
+            out[key] = value[start:start + int(counts[b])]
+        elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == B:
+            out[key] = value[b:b + 1]
+        else:
+            out[key] = value
+    return out
