@@ -81,6 +81,13 @@ def _with_one(products: torch.Tensor) -> torch.Tensor:
     return torch.cat([products, products.new_ones(products.shape[0], 1)], dim=-1)
 
 
+def candidate_scores(logits: torch.Tensor, candidates: torch.Tensor, candidate_logits: torch.Tensor,
+                     penalty: torch.Tensor, weight: float) -> torch.Tensor:
+    """The step's logit vector [R, V]: :data:`FLOOR` everywhere but the candidates [R, C], which
+    keep their logits minus ``weight · penalty``."""
+    return torch.full_like(logits, FLOOR).scatter(1, candidates, candidate_logits - weight * penalty)
+
+
 def over_trust(phi: torch.Tensor, image: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(penalty [R, C], argmax column [R, C]) of candidates with scores ``phi`` [R, C, length] and
     attention ``image`` [R, C] on the image: ``max φ`` past the first 10 response tokens, ``−image``
@@ -178,7 +185,7 @@ class OperaLoop:
             position = retro.target(column, step)
             back = min(position, step - 1) if position is not None else None
             if back is None or back not in snapshots:
-                scores = torch.full_like(logits, FLOOR).scatter(1, cand, cand_logits - s.penalty * penalty)
+                scores = candidate_scores(logits, cand, cand_logits, penalty, s.penalty)
                 source, tokens, over = self._advance(beams, scores, ids, cur_len, logits_processor, stopping_criteria)
                 match = cand[source] == tokens[:, None]
                 if bool(match.any(-1).all()):  # every new beam continues with one of its candidates
@@ -317,8 +324,9 @@ def _fill_token(lvlm: Any) -> int:
 
 
 def row_inputs(inputs: dict[str, Any], b: int, mask: torch.Tensor) -> dict[str, Any]:
-    """Row ``b`` of a left-padded batch of model inputs, without its padding: Qwen2-VL's flat
-    ``pixel_values`` are cut by ``image_grid_thw``; other per-row tensors are sliced."""
+    """Row ``b`` of a left-padded batch of model inputs, without its padding: per-token tensors
+    lose the padded positions, Qwen2-VL's flat ``pixel_values`` are cut by ``image_grid_thw``,
+    other per-row tensors are sliced."""
     B = mask.shape[0]
     keep = mask[b].bool()
     out: dict[str, Any] = {"input_ids": inputs["input_ids"][b][keep][None],
@@ -327,7 +335,9 @@ def row_inputs(inputs: dict[str, Any], b: int, mask: torch.Tensor) -> dict[str, 
     for key, value in inputs.items():
         if key in out:
             continue
-        if key == "pixel_values" and grid is not None:
+        if isinstance(value, torch.Tensor) and value.shape[:2] == mask.shape:  # per token (token types)
+            out[key] = value[b][keep][None]
+        elif key == "pixel_values" and grid is not None:
             counts = grid.prod(-1).tolist()
             start = int(sum(counts[:b]))
             out[key] = value[start:start + int(counts[b])]

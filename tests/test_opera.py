@@ -1,0 +1,225 @@
+"""OPERA (vsink/mitigate/opera.py on vsink/lvlm/beam.py) on tiny LLaVA, LLaVA-NeXT, Qwen2-VL and
+Qwen2.5-VL models built offline; golden cases derived by hand from the released code
+(shikiw/OPERA @ 61426ef, transformers-4.29.2/src/transformers/generation/utils.py,
+``opera_beam_search``)."""
+
+import math
+from contextlib import ExitStack
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vsink.backbones.hf_decoder import decoder_of
+from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
+from vsink.errors import VsinkError
+from vsink.lvlm import LVLM, generate
+from vsink.lvlm.beam import BeamContext, Beams, LastRowAttention
+from vsink.mitigate import make_mitigations
+from vsink.mitigate.base import Run
+from vsink.mitigate.opera import FLOOR, Retrospection, candidate_scores, column_scores, extend_products, over_trust
+
+pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
+
+BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
+            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
+PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+#: penalty 0, every token a candidate, no rollback: plain beam search
+PLAIN = {"beams": 3, "candidates": None, "penalty": 0, "threshold": 10_000}
+
+
+def _image(seed=0, size=(48, 40)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def lvlm(request):
+    model, processor = BUILDERS[request.param]()
+    return LVLM(model, processor, f"tiny-{request.param}")
+
+
+def _hf_beams(lvlm, image, prompt, n, tokens):
+    inputs = lvlm.prepare([image], [prompt])
+    with torch.no_grad():
+        out = lvlm.model.generate(**inputs, max_new_tokens=tokens, num_beams=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, -0.5])
+def test_penalty_zero_with_every_token_a_candidate_is_hf_beam_search(lvlm, length_penalty):
+    images = [_image(), _image(1)]
+    config = lvlm.model.generation_config
+    saved = (config.eos_token_id, config.length_penalty)
+    # EOS: a token HF's own beam search emits, so hypotheses finish early and the finished-beam
+    # bookkeeping (scores over the generated length, early stopping) is exercised
+    config.eos_token_id = int(_hf_beams(lvlm, images[1], PROMPTS[1], 3, 4)[2])
+    config.length_penalty = length_penalty
+    try:
+        ours = generate(lvlm, lvlm.prepare(images, PROMPTS), mitigation="opera", settings=PLAIN, max_new_tokens=9)
+        fill = ours.new_tokens.new_tensor(config.pad_token_id)
+        finished = 0
+        for b in range(2):  # the batch is left-padded; each row equals HF beam search on it alone
+            ref = _hf_beams(lvlm, images[b], PROMPTS[b], 3, 9)
+            assert torch.equal(ours.new_tokens[b, :len(ref)], ref), b
+            assert bool((ours.new_tokens[b, len(ref):] == fill).all())
+            finished += len(ref) < 9
+    finally:
+        config.eos_token_id, config.length_penalty = saved
+    assert finished  # at least one row ended on EOS before the length limit
+
+
+def test_default_candidates_renormalise_unlike_beam_search():
+    # Released code: the step's logits are set to -999 except the top `num_attn_candidates`, which
+    # keep their (penalised) logits; log_softmax then runs over that vector, so the candidates'
+    # probabilities are renormalised among themselves. Two beams, two candidates, vocabulary 4:
+    # beam 0 has probabilities .30 .28 .22 .20, beam 1 .55 .35 .05 .05.
+    # Beam search (full softmax): (1,0) log .55 = -.598, (1,1) log .35 = -1.050, (0,0) log .30 = -1.204
+    #   -> the two running beams continue beam 1 with tokens 0 and 1.
+    # Renormalised over 2: beam 0: .30/.58 -> -.659, .28/.58 -> -.728; beam 1: .55/.90 -> -.492,
+    #   .35/.90 -> -.944 -> ranking (1,0) -.492, (0,0) -.659, (0,1) -.728: beams continue (1,0), (0,0).
+    probs = torch.tensor([[.30, .28, .22, .20], [.55, .35, .05, .05]])
+    logits = probs.log() + 3.0  # any offset per row: the released code works on raw logits
+    cand_logits, cand = logits.topk(2, dim=-1)
+    scores = candidate_scores(logits, cand, cand_logits, torch.zeros(2, 2), 1.0)
+    assert scores[0, 2] == FLOOR and scores[1, 3] == FLOOR
+    lp = torch.log_softmax(scores, -1)
+    assert lp[0, 0].item() == pytest.approx(math.log(.30 / .58), abs=1e-5)
+    assert lp[1, 1].item() == pytest.approx(math.log(.35 / .90), abs=1e-5)
+
+    def chosen(log_probs):
+        beams = _beams(2, vocab=4)
+        source, tokens, _ = beams.advance(log_probs, 1, lambda ids, scores: torch.zeros(len(ids), dtype=torch.bool))
+        return list(zip(source.tolist(), tokens.tolist()))
+
+    assert chosen(torch.log_softmax(logits, -1)) == [(1, 0), (1, 1)]
+    assert chosen(lp) == [(1, 0), (0, 0)]
+
+
+def _beams(n, vocab, prompt=1):
+    config = SimpleNamespace(_eos_token_tensor=torch.tensor([vocab + 5]), _pad_token_tensor=None, max_length=8,
+                             length_penalty=1.0, early_stopping=False)
+    beams = Beams.start(torch.zeros(n, prompt, dtype=torch.long), n, config)
+    beams.running_scores[:] = 0.0  # both beams live, equal scores
+    return beams
+
+
+def test_default_candidates_differ_from_beam_search_on_a_model():
+    model, processor = build_tiny_qwen2_vl()
+    lvlm = LVLM(model, processor, "tiny-qwen2_vl")
+    image = _image()
+    inputs = lvlm.prepare([image], [PROMPTS[0]])
+    ref = _hf_beams(lvlm, image, PROMPTS[0], 5, 12)
+    zero = generate(lvlm, inputs, mitigation="opera", settings={"penalty": 0, "threshold": 10_000},
+                    max_new_tokens=12).new_tokens[0]
+    assert not torch.equal(zero[:len(ref)], ref)
+
+
+def test_over_trust_penalty_by_hand():
+    # 11 response rows so far (positions 0..10), every attention 0.02 (x scale 50 = 1) except
+    # column 3, 0.04 (x 50 = 2) in rows 3..10: column products 1, except column 3: 2^8 = 256.
+    rows = torch.full((11, 11), 0.02).tril()
+    rows[3:, 3] = 0.04
+    products = torch.ones(1, 0)
+    for i in range(11):
+        products = extend_products(products, rows[None, i, :i + 1], 50.0)
+    assert torch.allclose(products[0], torch.tensor([1.0] * 3 + [256.0] + [1.0] * 7))
+    # candidate A attends column 3 with 0.04, candidate B with 0.02, each 0.02 elsewhere (12 columns):
+    # φ_3(A) = 1e-7 · 256 · 2 = 5.12e-5, φ_3(B) = 1e-7 · 256 = 2.56e-5, every other φ_j = 1e-7.
+    cand = torch.full((1, 2, 12), 0.02)
+    cand[0, 0, 3] = 0.04
+    phi = column_scores(products, cand, 50.0)
+    assert phi[0, 0, 3].item() == pytest.approx(5.12e-5) and phi[0, 1, 3].item() == pytest.approx(2.56e-5)
+    penalty, column = over_trust(phi, torch.zeros(1, 2), 12)
+    assert column.tolist() == [[3, 3]]
+    # logits: A 1 + 2e-5, B 1 -> A - 5.12e-5 = 1 - 3.12e-5 < B - 2.56e-5: B is chosen
+    logits = torch.tensor([[1 + 2e-5, 1.0, -5.0]])
+    scores = candidate_scores(logits, torch.tensor([[0, 1]]), logits[:, :2], penalty, 1.0)
+    assert int(scores.argmax()) == 1
+    assert int(candidate_scores(logits, torch.tensor([[0, 1]]), logits[:, :2], penalty, 0.0).argmax()) == 0
+    # up to the 10th response token the penalty is minus the attention on the image (a bonus)
+    early, _ = over_trust(phi[..., :10], torch.tensor([[0.3, 0.5]]), 10)
+    assert torch.allclose(early, torch.tensor([[-0.3, -0.5]]))
+
+
+def test_retrospection_rule_by_hand():
+    retro = Retrospection(threshold=15, window=512, candidates=5)
+    planted = torch.full((3, 5), 12)  # 3 beams, 5 candidates, all on column 12
+    for step in range(15):
+        assert retro.record(planted) == 12
+        assert retro.target(12, step) is None  # won 1..15 times: not more than 15
+    retro.record(planted)
+    assert retro.target(12, 15) == 13  # the 16th win rolls back to the position after the column
+    for _ in range(4):
+        assert retro.target(12, 15) == 13
+    assert retro.target(12, 15) == 12  # 5 (= candidates) rollbacks at 13: one position earlier
+    low = Retrospection(threshold=0, window=512, candidates=5)
+    low.record(torch.full((3, 5), 9))
+    assert low.target(9, 0) is None  # columns below 10 never roll back
+    mixed = Retrospection(threshold=0, window=512, candidates=5)
+    mixed.record(torch.tensor([[12] * 5, [12] * 5, [11] * 5]))
+    assert mixed.target(12, 0) is None  # one beam's column differs: no rollback
+
+
+def test_planted_attention_column_triggers_rollbacks(monkeypatch):
+    # Every captured last-layer row gets +100 on response column 11: from step 11 on every
+    # candidate's argmax column is 11, so with threshold 3 the 4th win (step 14) rolls back to
+    # position 12; the retained history (steps 0..12) holds 2 wins, so the rule fires again two steps
+    # later, 5 (= candidates) times at position 12, then 5 times at position 11, then never: 10.
+    original = LastRowAttention._observe
+
+    def planted(self, probs, q_start, logits):
+        original(self, probs, q_start, logits)
+        column = self.decoder.context.length + 11
+        if self.rows is not None and self.rows.shape[1] > column:
+            self.rows[:, column] += 100.0
+
+    monkeypatch.setattr(LastRowAttention, "_observe", planted)
+    model, processor = build_tiny_llava()
+    model.generation_config.eos_token_id = None  # no hypothesis ends before the length limit
+    lvlm = LVLM(model, processor, "tiny-llava")
+    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    result = generate(lvlm, inputs, mitigation="opera", settings={"threshold": 3}, max_new_tokens=20)
+    last = [row for row in result.report[0]["layers"] if row["layer"] == lvlm.num_layers - 1][0]
+    assert last["rollbacks"] == 10
+    assert result.new_tokens.shape[1] == 20
+
+
+def test_opera_composes_with_pai_and_refuses_the_rest():
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor, "tiny-llava")
+    image = _image()
+    inputs = lvlm.prepare([image], [PROMPTS[1]])
+    ours = generate(lvlm, inputs, mitigation="opera+pai", settings={"opera": PLAIN, "pai": {"alpha": 3.0}},
+                    max_new_tokens=8)
+    assert ours.report[1]["edited"]  # PAI edited the look-ahead forwards
+    # HF's own beam search with vsink's PAI installed on the same prompt: the same tokens
+    decoder = decoder_of(lvlm)
+    context = BeamContext(lvlm, inputs["input_ids"])
+    run = Run(lvlm=lvlm, decoder=decoder, context=context, input_ids=inputs["input_ids"],
+              attention_mask=inputs["attention_mask"])
+    (pai,) = make_mitigations("pai", {"alpha": 3.0})
+    with ExitStack() as stack, torch.no_grad():
+        stack.enter_context(decoder.bound(context))
+        stack.enter_context(pai.installed(run))
+        ref = lvlm.model.generate(**inputs, max_new_tokens=8, num_beams=3, do_sample=False,
+                                  return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        plain = lvlm.model.generate(**inputs, max_new_tokens=8, num_beams=3, do_sample=False,
+                                    return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(ours.new_tokens[0], ref.sequences[0, inputs["input_ids"].shape[1]:])
+    # α = 3 changes the beam scores: the edit is not a no-op here
+    assert abs(float(ref.sequences_scores[0]) - float(plain.sequences_scores[0])) > 1e-3
+    for spec, settings, words in [("opera+var", {"var.sink_dims": [3]}, "composes with pai only; var is refused"),
+                                  ("opera+fastv", {}, "fastv is refused"),
+                                  ("opera+pai", {"pai.gamma": 1.1}, "cannot be combined with pai's guidance")]:
+        with pytest.raises(VsinkError, match=words):
+            generate(lvlm, inputs, mitigation=spec, settings=settings, max_new_tokens=2)
+    with pytest.raises(VsinkError, match="use_cache=False is refused"):
+        generate(lvlm, inputs, mitigation="opera", max_new_tokens=2, use_cache=False)
+    with pytest.raises(VsinkError, match="drop capture_attention"):
+        generate(lvlm, inputs, mitigation="opera", max_new_tokens=2, capture_attention=True)
+    with pytest.raises(VsinkError, match="opera setting 'beams'"):
+        generate(lvlm, inputs, mitigation="opera", settings={"beams": 0}, max_new_tokens=2)
