@@ -267,7 +267,7 @@ def test_runner_errors(tiny, tmp_path, capsys):
                         "--set", "var.p=0.5"]) == 2
     err = capsys.readouterr().err
     assert "needs --model" in err
-    assert ("(entry 'nonesuch' is not none or a '+'-joined combination of damro, dola, fastv, m3id, pai, ttr, vaf, var, "
+    assert ("(entry 'nonesuch' is not none or a '+'-joined combination of damro, dola, fastv, m3id, opera, pai, ttr, vaf, var, "
             "vcd)") in err
     assert "MITIGATION.KEY" in err
     assert "Traceback" not in err

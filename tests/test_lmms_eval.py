@@ -48,3 +48,26 @@ def test_plugin_settings_parsing(tmp_path):
         VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},alpha=0.5")
     with pytest.raises(VsinkError, match="protocol must be one of"):
         VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},mitigation=pai,protocol=authors")
+
+
+def test_plugin_runs_opera(tmp_path):
+    from lmms_eval.api.instance import Instance
+
+    from vsink.data.demo_lvlm import build_tiny_llava
+    from vsink.integrations.lmms_eval import VsinkLVLM
+    from vsink.lvlm import LVLM, generate
+
+    model, processor = build_tiny_llava()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    lm = VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},mitigation=opera,set_beams=2,set_candidates=3")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    lm.task_dict = {"toy": {"test": {0: {"image": image}}}}
+    request = Instance("generate_until", ("is there a cat ?", {"max_new_tokens": 3, "until": []},
+                                          lambda doc: [doc["image"]], 0, "toy", "test"), 0,
+                       {"task": "toy", "doc_id": 0, "repeats": 1})
+    [text] = lm.generate_until([request])
+    lvlm = LVLM(model, processor)
+    expected = generate(lvlm, lvlm.prepare([image], ["is there a cat ?"]), mitigation="opera",
+                        settings={"beams": 2, "candidates": 3}, max_new_tokens=3).texts[0]
+    assert text == expected

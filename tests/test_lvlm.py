@@ -557,6 +557,6 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "missing"),
                  "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert "--mitigation: must be none or a '+'-joined combination of damro, dola, fastv, m3id, pai, ttr, vaf, var, vcd, got 'nonesuch'" in err
+    assert "--mitigation: must be none or a '+'-joined combination of damro, dola, fastv, m3id, opera, pai, ttr, vaf, var, vcd, got 'nonesuch'" in err
     assert "one --prompt per image (or one for all): 1 image, 3 prompts" in err
     assert "Traceback" not in err

@@ -15,7 +15,7 @@ from PIL import Image
 from vsink.backbones.hf_decoder import decoder_of
 from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
 from vsink.errors import VsinkError
-from vsink.lvlm import LVLM, generate
+from vsink.lvlm import LVLM, generate, load_lvlm
 from vsink.lvlm.beam import BeamContext, Beams, LastRowAttention
 from vsink.mitigate import make_mitigations
 from vsink.mitigate.base import Run
@@ -223,3 +223,52 @@ def test_opera_composes_with_pai_and_refuses_the_rest():
         generate(lvlm, inputs, mitigation="opera", max_new_tokens=2, capture_attention=True)
     with pytest.raises(VsinkError, match="opera setting 'beams'"):
         generate(lvlm, inputs, mitigation="opera", settings={"beams": 0}, max_new_tokens=2)
+
+
+CLASSES = ["bird", "car", "cat", "cup", "dog", "horse", "person", "tree"]
+OBJECTS = {1: ["person", "dog"], 2: ["cat", "car"], 3: ["dog", "car", "person"]}
+
+
+def test_opera_through_vsink_generate_and_eval(tmp_path, capsys):
+    import json
+
+    from vsink.cli import main
+
+    model, processor = build_tiny_qwen2_vl()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    (tmp_path / "images").mkdir()
+    for i in OBJECTS:
+        _image(i).save(tmp_path / "images" / f"img{i}.jpg")
+    coco = {"categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)],
+            "images": [{"id": i, "file_name": f"img{i}.jpg"} for i in OBJECTS],
+            "annotations": [{"image_id": i, "category_id": CLASSES.index(c) + 1, "bbox": [0, 0, 1, 1]}
+                            for i, objs in OBJECTS.items() for c in objs]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    image = tmp_path / "images" / "img1.jpg"
+    assert main(["generate", str(image), "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0],
+                 "--mitigation", "opera", "--set", "beams=2", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    lvlm = load_lvlm(str(tmp_path / "m"))  # as the command loads it (its saved tokenizer decodes)
+    expected = generate(lvlm, lvlm.prepare([Image.open(image).convert("RGB")], [PROMPTS[0]]), mitigation="opera",
+                        settings={"beams": 2}, max_new_tokens=4).texts[0]
+    assert expected in out and "mitigation opera" in err
+    assert main(["eval", "pope", str(tmp_path / "images"), "--model", str(tmp_path / "m"),
+                 "--annotations", str(tmp_path / "instances.json"), "--num-images", "2", "--splits", "random",
+                 "--mitigation", "none,opera", "--set", "opera.beams=2", "--max-new-tokens", "2", "--no-progress",
+                 "--out", str(tmp_path / "pope")]) == 0
+    results = json.loads((tmp_path / "pope" / "results.json").read_text())
+    assert set(results["results"]) == {"none", "opera"} and results["protocol"]["settings"]["opera"] == {"beams": 2}
+    answers = [json.loads(line) for line in (tmp_path / "pope" / "opera" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == results["results"]["opera"]["mean"]["n"] > 0
+    assert main(["eval", "chair", str(tmp_path / "images"), "--model", str(tmp_path / "m"),
+                 "--annotations", str(tmp_path / "instances.json"), "--num-images", "2", "--mitigation", "opera",
+                 "--set", "opera.candidates=3", "--max-new-tokens", "3", "--no-progress",
+                 "--out", str(tmp_path / "chair")]) == 0
+    chair = json.loads((tmp_path / "chair" / "results.json").read_text())
+    assert chair["protocol"]["resolved_settings"]["opera"]["candidates"] == 3
+    capsys.readouterr()
+    assert main(["generate", str(image), "--model", str(tmp_path / "m"), "--prompt", "x",
+                 "--mitigation", "opera+fastv"]) == 2
+    err = capsys.readouterr().err
+    assert "opera composes with pai only; fastv is refused" in err and "Traceback" not in err

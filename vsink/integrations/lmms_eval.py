@@ -6,14 +6,14 @@ Registered through the ``lmms_eval.models`` entry-point group as ``vsink``; e.g.
         --tasks pope --batch_size 1
 
 ``model_args``: ``pretrained`` (hub id or local directory), ``mitigation`` (none or any
-registered mitigation or ``+``-joined combination: var, pai, fastv, vaf, vcd, m3id, damro, dola,
+registered mitigation or ``+``-joined combination: var, pai, fastv, vaf, vcd, m3id, damro, dola, opera,
 ...), ``protocol`` (paper, the default, or official: see docs/lvlm.md; lmms-eval records
 ``model_args`` with its results, so pass it explicitly to have it recorded), one
 ``set_<name>=<value>`` per mitigation setting (e.g. ``set_p=0.6,set_gamma=1.1``;
 values parsed as YAML; lmms-eval splits ``model_args`` on commas, so lists use ``;``:
 ``set_sink_dims=1415;2533``), ``sinks`` (a calibration JSON for VAR), ``device``, ``dtype``,
 ``max_new_tokens`` (default 32, a task's ``max_new_tokens`` wins), ``trust_remote_code``.
-Greedy decoding; ``until`` strings cut the output.
+Greedy decoding (OPERA: its own beam search, ``set_beams=5``); ``until`` strings cut the output.
 """
 
 from __future__ import annotations
