@@ -13,7 +13,10 @@ SDPA's.
 Targets (issue 17): VAR and PAI (without guidance) >= 0.9x vanilla SDPA tokens/s; FastV (R = 50 %)
 faster than vanilla SDPA in prefill; peak RSS <= 1.1x vanilla. Issue 21: VAF >= 0.9x; VCD, M3ID
 and DAMRO (one extra branch pass per token, beside the model's own) >= 0.45x; DoLa (one LM-head
-readout per candidate layer, no extra pass) >= 0.8x. ``--variants`` picks a subset. ``--device cuda --attn flash_attention_2``
+readout per candidate layer, no extra pass) >= 0.8x; OPERA (5 beams, 5 candidates) >= 0.5x of HF
+beam search with the same 5 beams (``beams``; both without EOS so that both decode
+``--new-tokens``), also compared on the decoding steps alone (a 1-token call subtracted).
+``--variants`` picks a subset (``--variants beams,opera`` for OPERA's pair). ``--device cuda --attn flash_attention_2``
 runs the same comparison against flash attention on a GPU.
 
     python benchmarks/lvlm_generate.py            # ~117 M parameters, batch 2, 16 new tokens, CPU, ~6 minutes
@@ -33,7 +36,9 @@ import warnings
 VARIANTS = {"vanilla": ("none", {}), "vanilla eager": ("none", {}), "vsink none": ("none", {}),
             "var": ("var", {}), "pai": ("pai", {}), "fastv": ("fastv", {"k": 2, "ratio": 0.5}),
             "vaf": ("vaf", {}), "vcd": ("vcd", {}), "m3id": ("m3id", {"threshold": 1.0}), "damro": ("damro", {}),
-            "dola": ("dola", {})}
+            "dola": ("dola", {}), "beams": ("none", {}), "opera": ("opera", {})}
+#: OPERA's beams (its default) and those of the HF beam search it is compared with
+BEAMS = 5
 
 
 def _setup(args):
@@ -66,7 +71,19 @@ def _runner(lvlm, inputs, args):
     def run(name: str, new: int) -> float:
         sync()
         t0 = time.perf_counter()
-        if name.startswith("vanilla"):
+        if name in ("beams", "opera"):
+            eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+            try:
+                if name == "opera":
+                    r = generate(lvlm, inputs, mitigation="opera", settings={"beams": BEAMS}, max_new_tokens=new)
+                    assert r.new_tokens.shape[1] == new, (name, r.new_tokens.shape)
+                else:
+                    with torch.no_grad():
+                        model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                       num_beams=BEAMS)
+            finally:
+                model.generation_config.eos_token_id = eos
+        elif name.startswith("vanilla"):
             impl = "eager" if name == "vanilla eager" else args.attn
             model.set_attn_implementation(impl)
             try:
@@ -149,6 +166,8 @@ def main() -> None:
         run(name, 2)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     prefill: dict[str, list[float]] = {"vanilla": [], "fastv": []} if "fastv" in VARIANTS else {}
+    if "opera" in VARIANTS and "beams" in VARIANTS:
+        prefill.update({"beams": [], "opera": []})
     for _ in range(args.rounds):
         for name in VARIANTS:
             times[name].append(run(name, n))
@@ -179,10 +198,28 @@ def main() -> None:
         print(f"{label:>14} {rate:9.2f} {rate / sdpa:10.3f} {rate / eager:8.3f}{mem}")
     if peaks:
         print("peak: whole-process peak RSS; call: peak RSS during one generate call above the RSS before it")
-    if not prefill:
-        return
-    a, b = statistics.median(prefill["vanilla"]), statistics.median(prefill["fastv"])
-    print(f"prefill (1 new token): vanilla {args.attn} {a:.2f} s, FastV (k=2, R=50%) {b:.2f} s -> {a / b:.2f}x")
+    if "fastv" in prefill:
+        a, b = statistics.median(prefill["vanilla"]), statistics.median(prefill["fastv"])
+        print(f"prefill (1 new token): vanilla {args.attn} {a:.2f} s, FastV (k=2, R=50%) {b:.2f} s -> {a / b:.2f}x")
+    if "opera" in prefill:
+        _opera_lines(times, prefill, peaks, batch, n)
+
+
+def _opera_lines(times: dict, prefill: dict, peaks: dict, batch: int, n: int) -> None:
+    """OPERA against HF beam search with the same beams: tokens/s of the whole call and of the
+    decoding steps alone (the call minus a 1-token call: OPERA runs the prompt once per prompt,
+    transformers once per beam), and peak RSS of each."""
+    beam = batch * n / statistics.median(times["beams"])
+    opera = batch * n / statistics.median(times["opera"])
+    steps = {name: batch * (n - 1) / (statistics.median(times[name]) - statistics.median(prefill[name]))
+             for name in ("beams", "opera")}
+    line = (f"OPERA ({BEAMS} beams, 5 candidates) {opera:.2f} tokens/s vs HF beam search ({BEAMS} beams) "
+            f"{beam:.2f} tokens/s -> {opera / beam:.3f}x (target >= 0.5x); decoding steps alone "
+            f"{steps['opera']:.2f} vs {steps['beams']:.2f} tokens/s -> {steps['opera'] / steps['beams']:.3f}x")
+    if peaks:
+        a, b = peaks["beams"]["process_peak_mib"], peaks["opera"]["process_peak_mib"]
+        line += f"; peak RSS {b:.0f} MiB vs {a:.0f} MiB ({b / a:.2f}x)"
+    print(line)
 
 
 if __name__ == "__main__":
