@@ -19,7 +19,8 @@ from vsink.lvlm import LVLM, generate, load_lvlm
 from vsink.lvlm.beam import BeamContext, Beams, LastRowAttention
 from vsink.mitigate import make_mitigations
 from vsink.mitigate.base import Run
-from vsink.mitigate.opera import FLOOR, Retrospection, candidate_scores, column_scores, extend_products, over_trust
+from vsink.mitigate.opera import (FLOOR, Retrospection, candidate_scores, column_scores, extend_products, over_trust,
+                                  stored)
 
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
@@ -142,6 +143,18 @@ def test_over_trust_penalty_by_hand():
     # up to the 10th response token the penalty is minus the attention on the image (a bonus)
     early, _ = over_trust(phi[..., :10], torch.tensor([[0.3, 0.5]]), 10)
     assert torch.allclose(early, torch.tensor([[-0.3, -0.5]]))
+
+
+def test_official_protocol_stores_phi_in_float16():
+    # the released code writes φ into a float16 tensor: 1e-7 · 50^12 = 2.44e13 > 65504 -> inf, and
+    # 1e-7 · 50 · 0.06 = 3e-7 becomes the nearest float16 (a subnormal there: steps of 6e-8)
+    products = torch.tensor([[50.0 ** 11, 1.0]])  # column 0 after 11 rows of a = 1, column 1 after one of 0.02
+    phi = column_scores(products, torch.tensor([[[1.0, 0.06, 1.0]]]), 50.0)
+    assert phi[0, 0, 0].item() == pytest.approx(1e-7 * 50.0 ** 12, rel=1e-6)
+    official = stored(phi, "official")
+    assert math.isinf(official[0, 0, 0].item())
+    assert official[0, 0, 1].item() == float(torch.tensor(3e-7).half()) != pytest.approx(3e-7, rel=1e-6)
+    assert torch.equal(stored(phi, "paper"), phi)
 
 
 def test_retrospection_rule_by_hand():

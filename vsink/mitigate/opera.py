@@ -71,6 +71,12 @@ def column_scores(products: torch.Tensor, rows: torch.Tensor, scale: float) -> t
     return 1e-7 * _with_one(products)[:, None, :] * (scale * rows)
 
 
+def stored(phi: torch.Tensor, protocol: str) -> torch.Tensor:
+    """φ as the protocol keeps it: float32 (``paper``), or rounded to float16 as the released
+    code's score tensor holds it (``official``: above 65504 infinite)."""
+    return phi.half().float() if protocol == "official" else phi
+
+
 def extend_products(products: torch.Tensor, row: torch.Tensor, scale: float) -> torch.Tensor:
     """The column products [R, s + 1] once the response row ``row`` [R, s + 1] is appended."""
     return _with_one(products) * (scale * row)
@@ -175,9 +181,7 @@ class OperaLoop:
             window, image = self._rows(prompt)
             R = ids.shape[0]
             window = window.view(R, C, step + 1)
-            phi = column_scores(products, window, s.scale)
-            if s.protocol == "official":
-                phi = phi.half().float()
+            phi = stored(column_scores(products, window, s.scale), s.protocol)
             penalty, columns = over_trust(phi, image.view(R, C), step + 1)
             self.steps += 1
             self.opera.count(self.run.decoder.num_layers - 1, candidates_scored=R * C)
