@@ -285,3 +285,59 @@ def test_opera_through_vsink_generate_and_eval(tmp_path, capsys):
                  "--mitigation", "opera+fastv"]) == 2
     err = capsys.readouterr().err
     assert "opera composes with pai only; fastv is refused" in err and "Traceback" not in err
+
+
+def test_stepper_paths_keep_the_cache_right():
+    # the look-ahead rows kept as the next step, and the prefix kept with its candidate dropped then
+    # run again (OPERA's path when a new beam's token was no candidate), give the next logits of
+    # one full forward of the same sequences without a cache
+    import copy
+
+    from vsink.lvlm.beam import Stepper
+
+    model, processor = build_tiny_qwen2_vl()
+    lvlm = LVLM(model, processor, "tiny-qwen2_vl")
+    inputs = lvlm.prepare([_image()], [PROMPTS[1]])
+    seen = {}
+
+    def loop(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+             synced_gpus=False, **kwargs):
+        stepper = Stepper(model, kwargs)
+        logits = stepper.prefill(input_ids)
+        cand = logits.topk(2, dim=-1).indices  # 3 beams x 2 candidates
+        ahead, before, after = stepper.lookahead(input_ids, cand)
+        rows = torch.tensor([1, 4, 4])  # beam 0's 2nd candidate, beam 2's 1st, twice
+        ids = torch.cat([input_ids[rows // 2], cand.view(-1)[rows, None]], dim=1)
+        saved = copy.deepcopy(stepper.kwargs)
+        stepper.keep(rows, after)
+        seen["kept"] = stepper.step(torch.cat([ids, ids[:, -1:]], dim=1))
+        stepper.kwargs = saved
+        stepper.keep_prefix(rows, {**before, "cache": saved["cache"]})
+        seen["again"] = stepper.step(ids)
+        seen["ahead"] = ahead[rows]
+        seen["then"] = stepper.step(torch.cat([ids, ids[:, -1:]], dim=1))
+        seen["ids"] = torch.cat([ids, ids[:, -1:]], dim=1)
+        return input_ids
+
+    with torch.no_grad():
+        lvlm.model.generate(**inputs, num_beams=3, max_new_tokens=4, do_sample=False, custom_generate=loop)
+        full = lvlm.model(input_ids=seen["ids"], attention_mask=torch.ones_like(seen["ids"]),
+                          pixel_values=inputs["pixel_values"].repeat(3, 1),
+                          image_grid_thw=inputs["image_grid_thw"].repeat(3, 1),
+                          mm_token_type_ids=torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 2)).repeat(3, 1),
+                          ).logits[:, -1]
+    assert torch.allclose(seen["again"], seen["ahead"], atol=1e-5)
+    assert torch.allclose(seen["kept"], full, atol=1e-4) and torch.allclose(seen["then"], full, atol=1e-4)
+
+
+def test_fewer_candidates_than_beams_runs_the_prefix_path():
+    # the README's fast setting (1 candidate, 5 beams): at the first step only beam 0 is live, so
+    # four of the five new beams continue with tokens that were no candidate
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor, "tiny-llava")
+    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    batch = generate(lvlm, inputs, mitigation="opera", settings={"candidates": 1, "threshold": 25}, max_new_tokens=6)
+    for b in range(2):
+        alone = generate(lvlm, lvlm.prepare([[_image(), _image(1)][b]], [PROMPTS[b]]), mitigation="opera",
+                         settings={"candidates": 1, "threshold": 25}, max_new_tokens=6)
+        assert torch.equal(alone.new_tokens[0], batch.new_tokens[b, :alone.new_tokens.shape[1]])

@@ -188,10 +188,10 @@ class Stepper:
     """The forwards of a custom decoding loop on the model's own cache and kwargs (see the module
     docstring)."""
 
-    def __init__(self, model: Any, config: Any, kwargs: dict[str, Any]):
+    def __init__(self, model: Any, kwargs: dict[str, Any]):
         if not kwargs.get("use_cache", True):
             raise VsinkError("this decoding strategy runs on the KV cache; use_cache=False is not supported")
-        self.model, self.config = model, config
+        self.model = model
         self.kwargs = kwargs
         self.prompt_kwargs: Optional[dict[str, Any]] = None
 

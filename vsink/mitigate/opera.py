@@ -164,7 +164,7 @@ class OperaLoop:
         N = generation_config.num_beams
         beams = Beams.start(input_ids, N, generation_config)
         prompt = input_ids.shape[1]
-        stepper = Stepper(model, generation_config, model_kwargs)
+        stepper = Stepper(model, model_kwargs)
         logits = stepper.prefill(input_ids)
         vocab = logits.shape[-1]
         C = vocab if s.candidates is None else min(s.candidates, vocab)
