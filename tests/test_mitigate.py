@@ -117,7 +117,7 @@ def test_a_mitigation_that_edits_nothing_warns(demo, inputs):
 
 
 def test_composition_names_and_settings():
-    assert sorted(REGISTRY) == ["damro", "dola", "fastv", "m3id", "pai", "ttr", "vaf", "var", "vcd"]
+    assert sorted(REGISTRY) == ["damro", "dola", "fastv", "m3id", "opera", "pai", "ttr", "vaf", "var", "vcd"]
     mits = make_mitigations("pai+fastv", {"pai.alpha": 0.5, "fastv": {"k": 3}}, "paper")
     assert [m.name for m in mits] == ["pai", "fastv"] and mits[0].settings.alpha == 0.5 and mits[1].settings.k == 3
     with pytest.raises(VsinkError, match=r"with several mitigations \(pai\+fastv\) say whose it is, e\.g\. pai\.alpha"):
