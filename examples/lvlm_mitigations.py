@@ -1,4 +1,4 @@
-"""VAR, PAI and FastV on a tiny LLaVA built offline (SYNTHETIC: random weights).
+"""VAR, PAI, FastV and OPERA on a tiny LLaVA built offline (SYNTHETIC: random weights).
 
     python examples/lvlm_mitigations.py [OUT_DIR]
 
@@ -26,7 +26,7 @@ inputs = lvlm.prepare(images, ["is there a tree ?", "describe this image please 
 dims = calibrate(lvlm, [inputs], num_dims=2).sink_dims
 print("sink dimensions (calibrated):", dims)
 settings = {"none": {}, "var": {"sink_dims": dims, "tau": 2.0}, "pai": {"alpha": 0.5, "gamma": 1.1},
-            "fastv": {"k": 2, "ratio": 0.5}}
+            "fastv": {"k": 2, "ratio": 0.5}, "opera": {"beams": 3, "candidates": 3}}
 for mitigation, values in settings.items():
     result = generate(lvlm, inputs, mitigation=mitigation, settings=values, max_new_tokens=6,
                       capture_attention=mitigation == "var")

@@ -67,7 +67,7 @@ def test_lvlm_mitigations_example(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lvlm_mitigations.py", str(tmp_path)])
     runpy.run_path(str(EXAMPLES / "lvlm_mitigations.py"), run_name="__main__")
     out = capsys.readouterr().out
-    for name in ("none", "var", "pai", "fastv"):
+    for name in ("none", "var", "pai", "fastv", "opera"):
         assert f"{name:>5}: [" in out
     assert (tmp_path / "var-attention" / "row1.npz").exists()
 
