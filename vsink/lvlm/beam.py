@@ -79,6 +79,29 @@ def take_rows(kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     return out
 
 
+def first_row(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The model kwargs of the first of ``rows`` identical rows (the beams of one prompt): the
+    per-row tensors at row 0, and every other tensor (pixel values, the image features transformers
+    5 encodes before the first forward, flat per-patch tensors of Qwen2-VL) cut to its first
+    ``1 / rows``: transformers repeats each prompt's inputs as ``rows`` contiguous copies."""
+    out = take_rows(kwargs, torch.zeros(1, dtype=torch.long))
+    for key, value in kwargs.items():
+        if key not in ROW_KEYS:
+            out[key] = _first_copy(value, rows)
+    return out
+
+
+def _first_copy(value: Any, rows: int) -> Any:
+    if isinstance(value, dict):  # plain dicts and transformers' ModelOutput
+        items = {k: _first_copy(v, rows) for k, v in value.items()}
+        return items if type(value) is dict else type(value)(**items)
+    if isinstance(value, (list, tuple)) and value and len(value) % rows == 0:  # one entry per image
+        return type(value)(value[:len(value) // rows])
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] % rows == 0:
+        return value[:value.shape[0] // rows]
+    return value
+
+
 @dataclass
 class Beams:
     """transformers' beam bookkeeping for ``batch`` prompts of ``beams`` beams (vectorised beam
@@ -197,9 +220,13 @@ class Stepper:
 
     @property
     def cache(self) -> Any:
+        return self.cache_of(self.kwargs)
+
+    @staticmethod
+    def cache_of(kwargs: dict[str, Any]) -> Any:
         for key in ("cache", "past_key_values"):
-            if self.kwargs.get(key) is not None:
-                return self.kwargs[key]
+            if kwargs.get(key) is not None:
+                return kwargs[key]
         raise VsinkError("the model returned no KV cache")
 
     def _run(self, ids: torch.Tensor, new: int, kwargs: dict[str, Any], first: bool = False) -> tuple[torch.Tensor, dict]:
@@ -213,8 +240,19 @@ class Stepper:
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The prompt pass: logits of the first generated token [rows, V]; keeps a copy of the
-        prompt's cache for :meth:`rebuild`."""
-        logits, self.kwargs = self._run(input_ids, input_ids.shape[1], self.kwargs, first=True)
+        prompt's cache for :meth:`rebuild`. Rows that repeat one prompt (its beams) run once and
+        their cache is repeated."""
+        rows = input_ids.shape[0]
+        if rows > 1 and bool((input_ids == input_ids[:1]).all()):
+            logits, once = self._run(input_ids[:1], input_ids.shape[1], first_row(self.kwargs, rows), first=True)
+            self.cache_of(once).batch_repeat_interleave(rows)
+            self.kwargs = {**self.kwargs, **take_rows(once, torch.zeros(rows, dtype=torch.long))}
+            for key in ("cache", "past_key_values"):
+                if key in once:
+                    self.kwargs[key] = once[key]
+            logits = logits.expand(rows, -1)
+        else:
+            logits, self.kwargs = self._run(input_ids, input_ids.shape[1], self.kwargs, first=True)
         self.prompt_kwargs = {k: copy.deepcopy(v) for k, v in self.kwargs.items()}
         self.prompt_logits = logits
         return logits
