@@ -142,101 +142,110 @@ class Retrospection:
 
 class OperaLoop:
     """OPERA's decoding loop for ``generate(custom_generate=...)`` on one prompt (see the module
-    docstring); counts what it did on the mitigation."""
+    docstring); counts what it did on the mitigation, in the last decoder layer's row."""
 
     def __init__(self, opera: "OPERA", run: Run, attention: Any):
         self.opera, self.run, self.attention = opera, run, attention
-        self.rollbacks = 0
-        self.steps = 0
+        self.settings: OPERASettings = opera.settings
 
-    def _rows(self, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured rows renormalised: (response part [rows, t], image mass [rows])."""
         a = self.attention.rows
         a = a / a.sum(-1, keepdim=True)
         image = self.run.context.image0[0].to(a.device)
-        return a[:, prompt:], (a[:, :prompt] * image[None, :prompt]).sum(-1)
+        return a[:, self.prompt:], (a[:, :self.prompt] * image[None, :self.prompt]).sum(-1)
+
+    def _count(self, **amounts: float) -> None:
+        self.opera.count(self.run.decoder.num_layers - 1, **amounts)
 
     def __call__(self, model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                  generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
         from ..lvlm.beam import Beams, Stepper
 
-        s: OPERASettings = self.opera.settings
-        N = generation_config.num_beams
-        beams = Beams.start(input_ids, N, generation_config)
-        prompt = input_ids.shape[1]
-        stepper = Stepper(model, model_kwargs)
-        logits = stepper.prefill(input_ids)
-        vocab = logits.shape[-1]
-        C = vocab if s.candidates is None else min(s.candidates, vocab)
-        retro = Retrospection(s.threshold, s.window, C)
-        products = torch.ones(input_ids.shape[0], 0, device=logits.device)
-        snapshots: dict[int, dict[str, Any]] = {}
-        cur_len, step, last = prompt, 0, None
+        s = self.settings
+        self.processors, self.stopping = logits_processor, stopping_criteria
+        self.beams = Beams.start(input_ids, generation_config.num_beams, generation_config)
+        self.prompt = input_ids.shape[1]
+        self.stepper = Stepper(model, model_kwargs)
+        self.logits = self.stepper.prefill(input_ids)
+        self.vocab = self.logits.shape[-1]
+        self.C = self.vocab if s.candidates is None else min(s.candidates, self.vocab)
+        self.retro = Retrospection(s.threshold, s.window, self.C)
+        self.products = torch.ones(input_ids.shape[0], 0, device=self.logits.device)
+        self.snapshots: dict[int, dict[str, Any]] = {}
+        self.cur_len, self.step, self.last = self.prompt, 0, None
         while True:
-            ids = beams.flat(cur_len)
-            cand_logits, cand = logits.topk(C, dim=-1)
-            snapshots[step] = {"beams": beams.snapshot(), "products": products, "last": last}
-            snapshots.pop(step - s.window, None)
-            ahead, before, after = stepper.lookahead(ids, cand)
-            window, image = self._rows(prompt)
-            R = ids.shape[0]
-            window = window.view(R, C, step + 1)
-            phi = stored(column_scores(products, window, s.scale), s.protocol)
-            penalty, columns = over_trust(phi, image.view(R, C), step + 1)
-            self.steps += 1
-            self.opera.count(self.run.decoder.num_layers - 1, candidates_scored=R * C)
-            column = retro.record(columns)
-            position = retro.target(column, step)
-            back = min(position, step - 1) if position is not None else None
-            if back is None or back not in snapshots:
-                scores = candidate_scores(logits, cand, cand_logits, penalty, s.penalty)
-                source, tokens, over = self._advance(beams, scores, ids, cur_len, logits_processor, stopping_criteria)
-                match = cand[source] == tokens[:, None]
-                if bool(match.any(-1).all()):  # every new beam continues with one of its candidates
-                    rows = source * C + match.float().argmax(-1)
-                    stepper.keep(rows, after)
-                    logits = ahead[rows]
-                    row = window.view(R * C, -1)[rows]
-                else:
-                    stepper.keep_prefix(source * C, before)
-                    logits = stepper.step(beams.flat(cur_len + 1))
-                    row = self._rows(prompt)[0]
-                products = extend_products(products[source], row, s.scale)
-                last, step, cur_len = (source, tokens), step + 1, cur_len + 1
-            else:
-                self.rollbacks += 1
-                self.opera.count(self.run.decoder.num_layers - 1, rollbacks=1)
-                chosen = snapshots[back + 1]["last"] if back + 1 in snapshots else last
-                snap = snapshots[back]
-                beams, products, last = snap["beams"].snapshot(), snap["products"], snap["last"]
-                for k in [k for k in snapshots if k > back]:
-                    del snapshots[k]
-                del retro.history[back + 1:]
-                cur_len, step = prompt + back, back
-                flat = (chosen[0] % N) * vocab + chosen[1]
-                previous = retro.rejected.get(position)
-                retro.rejected[position] = flat if previous is None else torch.cat([previous, flat])
-                retro.rejected.pop(position + 1, None)
-                logits = stepper.rebuild(beams.flat(cur_len), prompt)
-                shifted = (logits - (999.0 + logits.min(-1, keepdim=True).values)).view(beams.batch, -1)
-                shifted[:, retro.rejected[position]] = FLOOR
-                source, tokens, over = self._advance(beams, shifted.view(-1, vocab), beams.flat(cur_len), cur_len,
-                                                     logits_processor, stopping_criteria)
-                stepper.reorder(source)
-                logits = stepper.step(beams.flat(cur_len + 1))
-                products = extend_products(products[source], self._rows(prompt)[0], s.scale)
-                last, step, cur_len = (source, tokens), step + 1, cur_len + 1
-            if over:
+            self.snapshots[self.step] = {"beams": self.beams.snapshot(), "products": self.products, "last": self.last}
+            self.snapshots.pop(self.step - s.window, None)
+            if self._candidate_step():
                 break
-        return beams.output(generation_config.num_return_sequences or 1)
+        return self.beams.output(generation_config.num_return_sequences or 1)
 
-    @staticmethod
-    def _advance(beams: Any, scores: torch.Tensor, ids: torch.Tensor, cur_len: int, processors: Any,
-                 stopping: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _candidate_step(self) -> bool:
+        """One step: look-ahead, penalty, then the beam step, or a rollback; whether the search is over."""
+        s, C, step = self.settings, self.C, self.step
+        ids = self.beams.flat(self.cur_len)
+        R = ids.shape[0]
+        cand_logits, cand = self.logits.topk(C, dim=-1)
+        ahead, before, after = self.stepper.lookahead(ids, cand)
+        window, image = self._rows()
+        window = window.view(R, C, step + 1)
+        phi = stored(column_scores(self.products, window, s.scale), s.protocol)
+        penalty, columns = over_trust(phi, image.view(R, C), step + 1)
+        self._count(candidates_scored=R * C)
+        position = self.retro.target(self.retro.record(columns), step)
+        back = min(position, step - 1) if position is not None else None
+        if back is not None and back in self.snapshots:
+            return self._roll_back(back, position)
+        scores = candidate_scores(self.logits, cand, cand_logits, penalty, s.penalty)
+        source, tokens, over = self._advance(scores, ids)
+        match = cand[source] == tokens[:, None]
+        if bool(match.any(-1).all()):  # every new beam continues with one of its candidates
+            rows = source * C + match.float().argmax(-1)
+            self.stepper.keep(rows, after)
+            self.logits = ahead[rows]
+            row = window.view(R * C, -1)[rows]
+        else:
+            self.stepper.keep_prefix(source * C, before)
+            self.logits = self.stepper.step(self.beams.flat(self.cur_len + 1))
+            row = self._rows()[0]
+        self._advanced(source, tokens, row)
+        return over
+
+    def _roll_back(self, back: int, position: int) -> bool:
+        """Restore the state before step ``back`` and redo it on the whole vocabulary without the
+        continuations chosen there before (recorded under response position ``position``)."""
+        self._count(rollbacks=1)
+        chosen = self.snapshots[back + 1]["last"] if back + 1 in self.snapshots else self.last
+        snap = self.snapshots[back]
+        self.beams, self.products, self.last = snap["beams"].snapshot(), snap["products"], snap["last"]
+        for k in [k for k in self.snapshots if k > back]:
+            del self.snapshots[k]
+        del self.retro.history[back + 1:]
+        self.cur_len, self.step = self.prompt + back, back
+        rejected = self.retro.rejected
+        flat = (chosen[0] % self.beams.beams) * self.vocab + chosen[1]
+        rejected[position] = flat if position not in rejected else torch.cat([rejected[position], flat])
+        rejected.pop(position + 1, None)
+        logits = self.stepper.rebuild(self.beams.flat(self.cur_len), self.prompt)
+        shifted = (logits - (999.0 + logits.min(-1, keepdim=True).values)).view(self.beams.batch, -1)
+        shifted[:, rejected[position]] = FLOOR
+        source, tokens, over = self._advance(shifted.view(-1, self.vocab), self.beams.flat(self.cur_len))
+        self.stepper.reorder(source)
+        self.logits = self.stepper.step(self.beams.flat(self.cur_len + 1))
+        self._advanced(source, tokens, self._rows()[0])
+        return over
+
+    def _advanced(self, source: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor) -> None:
+        """Book a beam step: the new beams' column products with their newest row ``row``."""
+        self.products = extend_products(self.products[source], row, self.settings.scale)
+        self.last, self.step, self.cur_len = (source, tokens), self.step + 1, self.cur_len + 1
+
+    def _advance(self, scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         log_probs = torch.log_softmax(scores, dim=-1)
-        if processors is not None:
-            log_probs = processors(ids, log_probs)
-        return beams.advance(log_probs, cur_len, stopping)
+        if self.processors is not None:
+            log_probs = self.processors(ids, log_probs)
+        return self.beams.advance(log_probs, self.cur_len, self.stopping)
 
 
 #: mitigations OPERA composes with: attention edits that read the generation context per call
