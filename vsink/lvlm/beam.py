@@ -185,7 +185,8 @@ class Beams:
         seqs = torch.cat([self.sequences, top_seqs], dim=1)
         self.sequences = seqs.gather(1, best[:, :, None].expand(-1, -1, seqs.shape[-1]))
         self.scores = merged.gather(1, best)
-        self.lengths = torch.cat([self.lengths, torch.full_like(done_lp, cur_len + 1, dtype=torch.long)], 1).gather(1, best)
+        ended = torch.full_like(done_lp, cur_len + 1, dtype=torch.long)
+        self.lengths = torch.cat([self.lengths, ended], 1).gather(1, best)
         self.finished = torch.cat([self.finished, just], dim=1).gather(1, best)
         # early stopping: can a running beam still beat the worst finished hypothesis?
         new_len = cur_len + 1
@@ -229,7 +230,8 @@ class Stepper:
                 return kwargs[key]
         raise VsinkError("the model returned no KV cache")
 
-    def _run(self, ids: torch.Tensor, new: int, kwargs: dict[str, Any], first: bool = False) -> tuple[torch.Tensor, dict]:
+    def _run(self, ids: torch.Tensor, new: int, kwargs: dict[str, Any],
+             first: bool = False) -> tuple[torch.Tensor, dict]:
         kwargs = dict(kwargs)  # transformers updates the dict it is given
         extra = {"is_first_iteration": True} if first else {}
         inputs = self.model.prepare_inputs_for_generation(ids, next_sequence_length=None if first else new,
