@@ -232,6 +232,8 @@ def test_opera_composes_with_pai_and_refuses_the_rest():
             generate(lvlm, inputs, mitigation=spec, settings=settings, max_new_tokens=2)
     with pytest.raises(VsinkError, match="use_cache=False is refused"):
         generate(lvlm, inputs, mitigation="opera", max_new_tokens=2, use_cache=False)
+    with pytest.raises(VsinkError, match="sampling \\(temperature, top_p\\) is refused"):
+        generate(lvlm, inputs, mitigation="opera", max_new_tokens=2, sampling={"temperature": 0.7, "top_p": 0.9})
     with pytest.raises(VsinkError, match="drop capture_attention"):
         generate(lvlm, inputs, mitigation="opera", max_new_tokens=2, capture_attention=True)
     with pytest.raises(VsinkError, match="opera setting 'beams'"):
