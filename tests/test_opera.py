@@ -227,7 +227,8 @@ def test_opera_composes_with_pai_and_refuses_the_rest():
     assert abs(float(ref.sequences_scores[0]) - float(plain.sequences_scores[0])) > 1e-3
     for spec, settings, words in [("opera+var", {"var.sink_dims": [3]}, "composes with pai only; var is refused"),
                                   ("opera+fastv", {}, "fastv is refused"),
-                                  ("opera+pai", {"pai.gamma": 1.1}, "cannot be combined with pai's guidance")]:
+                                  ("opera+pai", {"pai.gamma": 1.1}, "opera and pai each set the next-token rule"),
+                                  ("opera+vcd", {}, "opera and vcd each set the next-token rule")]:
         with pytest.raises(VsinkError, match=words):
             generate(lvlm, inputs, mitigation=spec, settings=settings, max_new_tokens=2)
     with pytest.raises(VsinkError, match="use_cache=False is refused"):
