@@ -24,7 +24,7 @@ features (its token, ``CONST`` and two more), so all have the same RMS.
   the text prior: after a question (".", an object word said, no "and") the answer is "no" iff
   ``W_G·G − W_M·M > W_G·G_STAR``, else "yes" — an absent object is denied only when the image
   reader gives the image more than ``G_STAR`` of its attention. After "Please describe this image
-  in detail." the caption is "a X and a Y": each object word scores ``PRIOR[c] + W_E·EV_c``,
+  in detail." the caption is "a X and a Y": each object word scores ``PRIOR[c] + TIE_BREAK·(8 − c) + W_E·EV_c``,
   ``COOCCUR_PRIOR`` more for the word that co-occurs with the object already said
   (:data:`COOCCUR`), ``-SAID_PENALTY·R_c`` for one already said.
 
@@ -69,8 +69,9 @@ MATCH_LOGIT = 7.0
 G_STAR = 0.37
 W_G, W_M = 20.0, 40.0
 W_E = 100.0
-PRIOR = {"person": 4.0}
-COOCCUR_PRIOR = 5.0
+PRIOR = {"person": 3.0}
+TIE_BREAK = 0.01  # class c's prior has TIE_BREAK · (8 − c) more, so equal evidence names the earlier class
+COOCCUR_PRIOR = 3.5
 SAID_PENALTY = 30.0
 SEED = 0
 SLOT0 = HEAD_DIM // 2 - 9  # query/key features on the slowest rotary pairs (first halves)
@@ -219,7 +220,7 @@ def _plant_prior(w: torch.Tensor, tok: Any) -> None:
     w[ids("and"), WORD_FLAG], w[ids("and"), AND_SAID] = 80.0, -100.0
     for c, name in enumerate(CLASSES):
         row = w[ids(name)]
-        row[TOKEN0 + ids("a")] = 50.0 + PRIOR.get(name, 0.0)
+        row[TOKEN0 + ids("a")] = 50.0 + PRIOR.get(name, 0.0) + TIE_BREAK * (len(CLASSES) - c)
         row[EV0 + c] = W_E
         row[SAID0 + c] = -SAID_PENALTY
         row[SAID0 + CLASSES.index(COOCCUR[name])] += COOCCUR_PRIOR
