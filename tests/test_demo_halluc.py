@@ -166,6 +166,13 @@ def test_the_readme_table_is_what_the_sequence_prints(run):
         assert f"| {label} | " + " | ".join(f"{100 * v:.2f}" for v in values) + " |" in text
 
 
+def test_the_results_pages_say_the_demo_is_synthetic_and_what_it_shows(run):
+    for folder in ("halluc-pope", "halluc-chair"):
+        page = (run / folder / "results.html").read_text()
+        assert "Synthetic demo LVLM (demo-halluc)" in page and "say nothing" in page
+        assert "register neurons" not in page  # demo-llava's banner is not this demo's
+
+
 def test_each_image_token_carries_its_cell():
     """The tower reads each cell's texture: the projected image token of a cell is exactly the
     planted feature vector of its type (an object's evidence on its class's dimension)."""
