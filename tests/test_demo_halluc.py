@@ -208,3 +208,13 @@ def test_the_data_reads_as_coco_with_each_images_objects(tmp_path):
     assert [cells.count(dh.SINK) for cells in layout] == [0, 1, 2, 3, 4]
     questions = build_questions(root / "instances.json", splits=["random"])
     assert len(questions) == 5 * 6 and sum(q["label"] == "yes" for q in questions) == 15
+
+
+def test_the_data_writer_refuses_an_unwritable_folder_in_one_line(tmp_path, capsys):
+    from vsink.data.demo_halluc_data import main as write_data
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert write_data([str(blocker / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vsink: cannot write the demo data to {blocker / 'data'}") and err.count("\n") == 1

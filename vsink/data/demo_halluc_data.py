@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Union
 
@@ -86,7 +87,12 @@ def main(argv: Union[list[str], None] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vsink.data.demo_halluc_data",
                                      description="write the planted-hallucination demo's images and annotations")
     parser.add_argument("out", help="output folder")
-    root = write_dataset(parser.parse_args(argv).out)
+    out = parser.parse_args(argv).out
+    try:
+        root = write_dataset(out)
+    except OSError as e:
+        print(f"vsink: cannot write the demo data to {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {NUM_IMAGES} images, {root / 'instances.json'} and {root / 'cells.json'}")
     return 0
 
