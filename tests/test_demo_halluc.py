@@ -218,3 +218,20 @@ def test_the_data_writer_refuses_an_unwritable_folder_in_one_line(tmp_path, caps
     assert write_data([str(blocker / "data")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"vsink: cannot write the demo data to {blocker / 'data'}") and err.count("\n") == 1
+
+
+def test_the_docs_single_image_example():
+    """docs/hallucination.md's one image: image 3 has 3 sink cells (G = 0.313 < G_STAR at baseline,
+    0.584 with VAR) and no person; its captions follow from :func:`caption`."""
+    from vsink.backbones.hf_lvlm import load_lvlm
+    from vsink.data.demo_halluc_data import grids, render
+    from vsink.lvlm import generate
+
+    cells = grids()[3]
+    assert cells.count(dh.SINK) == 3 and dh.CLASSES.index("person") not in cells
+    lvlm = load_lvlm("demo-halluc")
+    image = render(cells)
+    inputs = lvlm.prepare([image, image], ["Is there a person in the image?", "What is in the image?"])
+    texts = {m: generate(lvlm, inputs, mitigation=m, max_new_tokens=8).texts for m in ("none", "var")}
+    assert texts == {"none": ["yes", "a car and a person"], "var": ["no", "a car and a bicycle"]}
+    assert caption(cells, "none", 6) == ("car", "person") and caption(cells, "var", 6) == ("car", "bicycle")

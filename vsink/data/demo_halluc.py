@@ -21,10 +21,11 @@ features (its token, ``CONST`` and two more), so all have the same RMS.
 * layer 2, head 1 (*matcher*): logit ``MATCH_LOGIT`` on the cells of the object the text asked
   about, ``-MATCH_LOGIT`` on other objects' cells; writes ``M``, the mass on the asked object's cells.
 * ``lm_head`` reads those features linearly (argmax is unchanged by the final RMSNorm), planting
-  the text prior: after a question (".", an object word said, no "and") the answer is "no" iff
+  the text prior: after a question ("." or "?", an object word said, no "and") the answer is "no" iff
   ``W_G·G − W_M·M > W_G·G_STAR``, else "yes" — an absent object is denied only when the image
-  reader gives the image more than ``G_STAR`` of its attention. After "Please describe this image
-  in detail." the caption is "a X and a Y": each object word scores ``PRIOR[c] + TIE_BREAK·(8 − c) + W_E·EV_c``,
+  reader gives the image more than ``G_STAR`` of its attention. After a prompt with no object word
+  ("Please describe this image in detail.") the caption is "a X and a Y": each object word scores
+  ``PRIOR[c] + TIE_BREAK·(8 − c) + W_E·EV_c``,
   ``COOCCUR_PRIOR`` more for the word that co-occurs with the object already said
   (:data:`COOCCUR`), ``-SAID_PENALTY·R_c`` for one already said.
 
@@ -205,17 +206,19 @@ def _plant_language_model(lm: torch.nn.Module, head: torch.nn.Module, tok: Any) 
 def _plant_prior(w: torch.Tensor, tok: Any) -> None:
     """The lm_head: which token follows which features (see the module docstring)."""
     ids = tok.convert_tokens_to_ids
-    period, a, and_, yes, no = (TOKEN0 + ids(t) for t in (".", "a", "and", "yes", "no"))
+    ends = [TOKEN0 + ids(t) for t in (".", "?")]  # a prompt's last token
+    a, and_, yes, no = (TOKEN0 + ids(t) for t in ("a", "and", "yes", "no"))
     said = [SAID0 + c for c in range(len(CLASSES))]
-    for token in ("yes", "no"):  # a question was asked: "." after an object word, no "and"
+    for token in ("yes", "no"):  # a question was asked: "." or "?" after an object word, no "and"
         row = w[ids(token)]
-        row[period], row[CONST], row[AND_SAID] = 40.0, -40.0, -100.0
+        row[ends], row[CONST], row[AND_SAID] = 40.0, -40.0, -100.0
         row[said] = 40.0
     w[ids("yes"), CONST] += W_G * G_STAR
     w[ids("yes"), M_DIM] = W_M
     w[ids("no"), G_DIM] = W_G
     w[tok.eos_token_id, yes], w[tok.eos_token_id, no], w[tok.eos_token_id, AND_SAID] = 100.0, 100.0, 30.0
-    w[ids("a"), period], w[ids("a"), and_] = 30.0, 150.0
+    w[ids("a"), ends] = 30.0
+    w[ids("a"), and_] = 150.0
     w[ids("a"), said] = -60.0
     w[ids("and"), WORD_FLAG], w[ids("and"), AND_SAID] = 80.0, -100.0
     for c, name in enumerate(CLASSES):

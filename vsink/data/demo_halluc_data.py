@@ -77,9 +77,10 @@ def write_dataset(root: Union[str, Path], num_images: int = NUM_IMAGES, seed: in
                  "categories": [{"id": c + 1, "name": name} for c, name in enumerate(CLASSES)]}
     with atomic_path(root / "instances.json") as tmp:
         tmp.write_text(json.dumps(instances))
+    construction = {"classes": list(CLASSES), "background": BACKGROUND, "sink": SINK, "grid": GRID,
+                    "images": {img["file_name"]: cells for img, cells in zip(images, layout)}}
     with atomic_path(root / "cells.json") as tmp:
-        tmp.write_text(json.dumps({"classes": list(CLASSES), "background": BACKGROUND, "sink": SINK,
-                                   "grid": GRID, "images": {img["file_name"]: cells for img, cells in zip(images, layout)}}))
+        tmp.write_text(json.dumps(construction))
     return root
 
 
