@@ -126,6 +126,17 @@ def test_readme_sequence_pope_matches_the_construction(run):
     assert measured["var"]["accuracy"] == pytest.approx(1.0) and measured["var"]["yes_ratio"] == pytest.approx(0.5)
     assert measured["pai"]["accuracy"] == pytest.approx(0.9) and measured["pai"]["yes_ratio"] == pytest.approx(0.6)
     assert measured["none"]["recall"] == measured["var"]["recall"] == measured["pai"]["recall"] == 1.0
+    # McNemar against the baseline: a mitigation fixes exactly the absent questions of the images
+    # it lifts over G_STAR and breaks none (36 = 12 images with 2-4 sink cells × 3 for VAR, 24 for PAI)
+    comparisons = json.loads((run / "halluc-pope" / "results.json").read_text())["comparisons"]
+    baseline = [robust(pope_answer, cells[q["image"]], q["object"], "none") == q["label"] for q in questions]
+    for mitigation, fixed in (("var", 36), ("pai", 24)):
+        right = [robust(pope_answer, cells[q["image"]], q["object"], mitigation) == q["label"] for q in questions]
+        test = comparisons[mitigation]["mcnemar"]["all"]
+        assert (test["b"], test["c"]) == (sum(b and not r for b, r in zip(baseline, right)),
+                                          sum(r and not b for b, r in zip(baseline, right))) == (0, fixed)
+        assert test["p"] == pytest.approx(2 * 0.5 ** fixed)  # exact two-sided binomial with b = 0
+        assert comparisons[mitigation]["mean"]["accuracy"]["low"] > 0  # the paired interval excludes 0
 
 
 def test_readme_sequence_chair_matches_the_construction(run):
@@ -158,12 +169,13 @@ def test_the_readme_table_is_what_the_sequence_prints(run):
     text = README.read_text(encoding="utf-8").split("### A planted hallucination and its cure", 1)[1]
     pope = json.loads((run / "halluc-pope" / "results.json").read_text())["results"]
     chair = json.loads((run / "halluc-chair" / "results.json").read_text())["results"]
-    rows = {"POPE accuracy (%)": [pope[m]["mean"]["accuracy"] for m in MITIGATIONS],
-            "POPE yes-ratio (%)": [pope[m]["mean"]["yes_ratio"] for m in MITIGATIONS],
-            "CHAIR_s (%)": [chair[m]["chair_s"] for m in MITIGATIONS],
-            "CHAIR_i (%)": [chair[m]["chair_i"] for m in MITIGATIONS]}
+    rows = {"POPE accuracy (%)": [pope[m]["intervals"]["mean"]["accuracy"] for m in MITIGATIONS],
+            "POPE yes-ratio (%)": [pope[m]["intervals"]["mean"]["yes_ratio"] for m in MITIGATIONS],
+            "CHAIR_s (%)": [chair[m]["intervals"]["chair_s"] for m in MITIGATIONS],
+            "CHAIR_i (%)": [chair[m]["intervals"]["chair_i"] for m in MITIGATIONS]}
     for label, values in rows.items():
-        assert f"| {label} | " + " | ".join(f"{100 * v:.2f}" for v in values) + " |" in text
+        cells = [f"{100 * v['value']:.2f} [{100 * v['low']:.2f}, {100 * v['high']:.2f}]" for v in values]
+        assert f"| {label} | " + " | ".join(cells) + " |" in text
 
 
 def test_the_results_pages_say_the_demo_is_synthetic_and_what_it_shows(run):
