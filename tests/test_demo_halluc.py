@@ -247,3 +247,31 @@ def test_the_docs_single_image_example():
     texts = {m: generate(lvlm, inputs, mitigation=m, max_new_tokens=8).texts for m in ("none", "var")}
     assert texts == {"none": ["yes", "a car and a person"], "var": ["no", "a car and a bicycle"]}
     assert caption(cells, "none", 6) == ("car", "person") and caption(cells, "var", 6) == ("car", "bicycle")
+
+
+def test_the_comparison_set_on_the_demo():
+    """VAF, aimed at the reader's layer (2; its default window scaled to 3 layers is layer 1),
+    multiplies the reader's image logits by 1.15 and BOS's by 0.95: G = 0.67, 0.58, 0.50, 0.43 for
+    0-3 sink cells, over G_STAR, so it denies every absent object there (4 sink cells: G ≈ 0.37,
+    on the threshold, not asserted). VCD and M3ID at their defaults change no answer: VCD's noised
+    image still excites each cell's own filter, and M3ID's first token weighs the contrast by
+    (1 − γ₁)/γ₁ = 0.02."""
+    from vsink.backbones.hf_lvlm import load_lvlm
+    from vsink.data.demo_halluc_data import grids, render
+    from vsink.lvlm import generate
+
+    lvlm = load_lvlm("demo-halluc")
+    layout = grids(5)
+    for k, cells in enumerate(layout):
+        present = [dh.CLASSES[c] for c in sorted(set(cells)) if c < len(dh.CLASSES)]
+        absent = next(c for c in dh.CLASSES if dh.CLASSES.index(c) not in cells)
+        image = render(cells)
+        prompts = [f"Is there a {o} in the image?\nAnswer the question using a single word or phrase."
+                   for o in (present[0], absent)]
+        inputs = lvlm.prepare([image, image], prompts)
+        answers = {m: generate(lvlm, inputs, mitigation=m, max_new_tokens=4, **kw).texts for m, kw in (
+            ("none", {}), ("vaf", {"settings": {"start_layer": 2, "end_layer": 3}}), ("vcd", {}), ("m3id", {}))}
+        assert answers["none"] == ["yes", "no" if k <= 1 else "yes"]
+        assert answers["vcd"] == answers["m3id"] == answers["none"]
+        if k <= 3:
+            assert answers["vaf"] == ["yes", "no"]
