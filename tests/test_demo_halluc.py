@@ -253,9 +253,9 @@ def test_the_comparison_set_on_the_demo():
     """VAF, aimed at the reader's layer (2; its default window scaled to 3 layers is layer 1),
     multiplies the reader's image logits by 1.15 and BOS's by 0.95: G = 0.67, 0.58, 0.50, 0.43 for
     0-3 sink cells, over G_STAR, so it denies every absent object there (4 sink cells: G ≈ 0.37,
-    on the threshold, not asserted). VCD and M3ID at their defaults change no answer: VCD's noised
-    image still excites each cell's own filter, and M3ID's first token weighs the contrast by
-    (1 − γ₁)/γ₁ = 0.02."""
+    on the threshold, not asserted). VCD and M3ID at their defaults change no answer (M3ID's first
+    token weighs the contrast by (1 − γ₁)/γ₁ = 0.02; VCD's noised view presumably keeps the
+    textures' evidence), as docs/hallucination.md reports."""
     from vsink.backbones.hf_lvlm import load_lvlm
     from vsink.data.demo_halluc_data import grids, render
     from vsink.lvlm import generate
