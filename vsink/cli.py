@@ -571,6 +571,8 @@ LVLM_EVALS = "|".join(("pope", "chair", *BENCHMARK_MODULES))
 LVLM_SPEC_FORMS = f"""LVLMs, for vsink generate, lvlm calibrate, eval {LVLM_EVALS} and scan --prompt:
   demo-llava                        the built-in synthetic LLaVA with planted register neurons, visual sinks
                                     and sink dimensions (offline; docs/lvlm.md)
+  demo-halluc                       the synthetic planted-hallucination LLaVA: hallucination and its cure
+                                    by VAR/PAI with answers known by construction (offline; docs/hallucination.md)
   hf:REPO                           a Hugging Face LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL,
                                     e.g. hf:llava-hf/llava-1.5-7b-hf (the hf: prefix is optional)
   LOCAL_DIR                         a local directory of one of these (save_pretrained)

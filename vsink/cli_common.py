@@ -28,8 +28,10 @@ def load_lvlm_for(args: argparse.Namespace):
     repo = args.model.removeprefix("hf:")
     lvlm = load_lvlm(repo, device=args.device, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
     if lvlm.synthetic:
-        print("vsink: model 'demo-llava' is SYNTHETIC: a small LLaVA with planted register neurons, visual sinks "
-              "and sink dimensions (see docs/lvlm.md)", file=sys.stderr)
+        what = ("a small LLaVA whose object hallucination and its cure are planted (see docs/hallucination.md)"
+                if lvlm.spec == "demo-halluc" else
+                "a small LLaVA with planted register neurons, visual sinks and sink dimensions (see docs/lvlm.md)")
+        print(f"vsink: model {lvlm.spec!r} is SYNTHETIC: {what}", file=sys.stderr)
     print(f"vsink: {lvlm.spec}: {lvlm.model_type}, {lvlm.num_layers} decoder layers", file=sys.stderr)
     return lvlm
 

@@ -25,7 +25,8 @@ from .remote_code import is_remote_code_refusal, refused
 SUPPORTED_LVLM = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 #: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025), by name fragment
 KNOWN_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743],
-                   "vsink/demo-llava": [37, 611]}  # the demo's planted dims (vsink.data.demo_llava.SINK_DIMS)
+                   "vsink/demo-llava": [37, 611],  # the demos' planted dims (vsink.data.demo_llava.SINK_DIMS,
+                   "vsink/demo-halluc": [37, 611]}  # vsink.data.demo_halluc.SINK_DIMS)
 MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")  # 3-row M-RoPE positions, image grid from image_grid_thw
 
 
@@ -297,6 +298,8 @@ def lvlm_arg(value: Any, name: str = "lvlm") -> LVLM:
 
 #: the built-in synthetic LVLM (vsink.data.demo_llava)
 DEMO_LVLM = "demo-llava"
+#: the planted-hallucination demo LVLM (vsink.data.demo_halluc)
+DEMO_HALLUC = "demo-halluc"
 
 
 def _one_line(error: Exception) -> str:
@@ -319,7 +322,7 @@ def _refuse_vision_spec(repo: str) -> None:
 def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
               trust_remote_code: bool = False) -> LVLM:
     """Load an LVLM and its processor from a hub id or local directory (``from_pretrained``), or
-    build the synthetic demo (``"demo-llava"``, offline). ``device``: ``"cpu"``, ``"cuda"``,
+    build a synthetic demo (``"demo-llava"``, ``"demo-halluc"``, offline). ``device``: ``"cpu"``, ``"cuda"``,
     ``"cuda:1"`` or ``"auto"`` (CUDA if available), checked before anything is loaded; ``dtype``
     ``None`` keeps the checkpoint's own. ``trust_remote_code`` is passed through only when the
     caller asks for it (``True``; anything else refuses a model that ships its own code)."""
@@ -331,6 +334,11 @@ def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Opt
 
         model, processor = build_demo_llava()
         return LVLM(model.to(device=device, dtype=dtype), processor, DEMO_LVLM, synthetic=True)
+    if repo == DEMO_HALLUC:
+        from ..data.demo_halluc import build_demo_halluc
+
+        model, processor = build_demo_halluc()
+        return LVLM(model.to(device=device, dtype=dtype), processor, DEMO_HALLUC, synthetic=True)
 
     _refuse_vision_spec(repo)
     trust_remote_code = trust_remote_code is True  # never None: transformers would ask on stdin

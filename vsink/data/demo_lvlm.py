@@ -6,7 +6,7 @@ pretrained LVLM can be downloaded. ``save_pretrained`` on both gives a directory
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -14,15 +14,15 @@ WORDS = ("a an the is there in image picture photo what color of and yes no cat 
          "describe this please answer question one word shape circle square triangle sky tree").split()
 
 
-def word_tokenizer(extra_special: tuple[str, ...] = (), tokenizer_class: Any = None):
-    """A whitespace word-level fast tokenizer (``<s>`` BOS, ``</s>`` EOS, ``<pad>``, ``<unk>``), as
+def word_tokenizer(extra_special: tuple[str, ...] = (), tokenizer_class: Any = None, words: Sequence[str] = WORDS):
+    """A whitespace word-level fast tokenizer of ``words`` (``<s>`` BOS, ``</s>`` EOS, ``<pad>``, ``<unk>``), as
     ``tokenizer_class`` (default ``PreTrainedTokenizerFast``; processors that check the class, such
     as Qwen2-VL's under transformers 4.x, get theirs)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", *extra_special]
-    vocab = {tok: i for i, tok in enumerate(specials + [w for w in WORDS] + ["?", ".", ","])}
+    vocab = {tok: i for i, tok in enumerate(specials + list(words) + ["?", ".", ","])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])

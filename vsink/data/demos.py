@@ -1,5 +1,6 @@
-"""The demos as model specs: ``demo`` (the synthetic ViT) and ``demo-llava`` (the vision tower of
-the synthetic LVLM, for ``vsink scan`` / ``registers find`` on it; ``--prompt`` scans the whole LVLM)."""
+"""The demos as model specs: ``demo`` (the synthetic ViT), ``demo-llava`` (the vision tower of
+the synthetic LVLM, for ``vsink scan`` / ``registers find`` on it; ``--prompt`` scans the whole LVLM)
+and ``demo-halluc`` (the planted-hallucination LVLM; as a vision spec, its texture-reading tower)."""
 
 from __future__ import annotations
 
@@ -32,4 +33,16 @@ def demo_llava_tower(**ignored: Any) -> Backbone:
     tower = load_lvlm(DEMO_LVLM).vision_backbone()
     tower.spec = "demo-llava"
     tower.synthetic = "the vision tower of the demo LVLM, register neurons planted by construction (see docs/lvlm.md)"
+    return tower
+
+
+@named_spec("demo-halluc", "the synthetic planted-hallucination LVLM (offline): generate and eval pope|chair run "
+                           "it, its hallucination and the effect of VAR and PAI known by construction "
+                           "(docs/hallucination.md); as a vision model, its texture-reading CLIP tower")
+def demo_halluc_tower(**ignored: Any) -> Backbone:
+    from ..backbones.hf_lvlm import DEMO_HALLUC, load_lvlm
+
+    tower = load_lvlm(DEMO_HALLUC).vision_backbone()
+    tower.spec = "demo-halluc"
+    tower.synthetic = "the vision tower of the planted-hallucination demo LVLM (see docs/hallucination.md)"
     return tower

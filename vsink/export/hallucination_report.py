@@ -13,7 +13,7 @@ import re
 from typing import Any, Iterator, Optional
 
 from ..evaluate.stats import excludes_zero
-from .html import SYNTHETIC_LVLM_NOTE, banner, esc, page, table
+from .html import SYNTHETIC_HALLUC_NOTE, SYNTHETIC_LVLM_NOTE, banner, esc, page, table
 
 POPE_METRICS = (("accuracy", "accuracy (%)", False), ("precision", "precision (%)", False),
                 ("recall", "recall (%)", False), ("f1", "F1 (%)", False), ("yes_ratio", "yes-ratio (%)", None))
@@ -263,7 +263,7 @@ def hallucination_html(summary: dict[str, Any]) -> str:
     body = [f"<h1>{esc(title)}</h1>"]
     protocol = summary["protocol"]
     if protocol.get("synthetic"):
-        body.append(banner(SYNTHETIC_LVLM_NOTE))
+        body.append(banner(SYNTHETIC_HALLUC_NOTE if protocol.get("model") == "demo-halluc" else SYNTHETIC_LVLM_NOTE))
     body.append("<h2>Protocol</h2>" + protocol_table(protocol))
     if summary.get("statistics"):
         from ..evaluate.hallucination_stats import statistics_line

@@ -25,6 +25,11 @@ esc = html.escape
 SYNTHETIC_LVLM_NOTE = ("**Synthetic demo LVLM.** Its register neurons, visual sinks and sink dimensions are planted by "
                        "construction (see docs/lvlm.md); the numbers say nothing about any real model, and the text "
                        "it generates is meaningless.")
+#: the banner of a results page of the planted-hallucination demo (``demo-halluc``)
+SYNTHETIC_HALLUC_NOTE = ("**Synthetic demo LVLM (demo-halluc).** Its hallucination and the effect of each mitigation "
+                         "are planted by construction, with answers computable by hand (see docs/hallucination.md); "
+                         "the numbers show that the mitigations act on the mechanism they target, and say nothing "
+                         "about any real model.")
 
 
 def page(title: str, body: Iterable[str]) -> str:
