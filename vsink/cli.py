@@ -15,7 +15,7 @@ from typing import Optional, Sequence, TextIO, Union
 
 from .version import __version__
 from .errors import VsinkError, VsinkWarning
-from .cli_common import image_dir_arg, load_lvlm_for, parse_settings
+from .cli_common import image_dir_arg, load_lvlm_for, parse_settings, shard_of
 from .evaluate.benchmarks import MODULES as BENCHMARK_MODULES, get as get_benchmark
 from .options import add_options
 from .wording import count
@@ -148,10 +148,13 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     try:
         with ttr.applied(backbone) if ttr else nullcontext():
             result = scan(backbone, images, batch_size=args.batch_size, img_size=args.img_size,
-                          threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress)
+                          threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress,
+                          shard=shard_of(args))
     except NothingScanned as e:  # each skipped file was reported as the scan met it
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2
+    if result is None:  # another rank of a torchrun scan: rank 0 writes the outputs
+        return 0
     paths = result.save(args.out)
     hn = result.high_norm
     print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}")
@@ -240,8 +243,11 @@ def _outlier_note(layer) -> str:
 def _load_for(args: argparse.Namespace):
     from .backbones import load
 
-    backbone = load(args.model, weights=args.weights, img_size=args.img_size, device=args.device,
+    shard = shard_of(args)
+    backbone = load(args.model, weights=args.weights, img_size=args.img_size, device=shard.device(args.device),
                     dtype=args.dtype, pretrained=not args.no_pretrained)
+    if not shard.main:
+        return backbone
     if backbone.synthetic:
         print(f"vsink: model {backbone.spec!r} is SYNTHETIC: {backbone.synthetic}", file=sys.stderr)
     print(f"vsink: {backbone.describe()}", file=sys.stderr)
@@ -593,18 +599,48 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
     return args
 
 
+#: the commands that split their work over the processes of ``torchrun`` (docs/scale.md); finetune
+#: runs its own data-parallel training
+SHARDED = ("scan", "eval")
+
+
+def _join(args: argparse.Namespace):
+    """This process's :class:`vsink.shard.Shard` under ``torchrun`` (joining the process group), or
+    one process alone; a command that does not split its work is refused under torchrun."""
+    from .shard import Shard, from_env, join
+
+    shard = from_env()
+    if shard.alone or args.command == "finetune":
+        return Shard()
+    name = " ".join(w for w in (args.command, getattr(args, "registers_command", None),
+                                getattr(args, "lvlm_command", None)) if w)
+    lvlm_scan = args.command == "scan" and (args.prompt is not None or args.model == "demo-llava")
+    if args.command not in SHARDED or lvlm_scan:
+        raise VsinkError(f"vsink {name}{' --prompt' if lvlm_scan else ''} does not split its work over torchrun's "
+                         f"processes (WORLD_SIZE={shard.world}); run it as one process. Under torchrun: "
+                         "scan, eval pope|chair|dense, finetune (docs/scale.md)")
+    return join()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"ablate": _cmd_ablate, "scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
                 "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
                 "view": _cmd_view}
     from .outputs import ignore_file_size_signal, space_error
+    from .shard import OtherRankFailed, leave
 
     ignore_file_size_signal()  # past ``ulimit -f`` a write fails with EFBIG (one line below) instead of killing
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             args = _parse(build_parser(), argv)
-            return handlers[args.command](args)
+            args.shard = _join(args)
+            try:
+                return handlers[args.command](args)
+            finally:
+                leave()
+    except OtherRankFailed:  # rank 0 has said why
+        return 2
     except VsinkError as e:
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2
