@@ -95,3 +95,88 @@ def test_commands_that_do_not_split_their_work_are_refused_under_torchrun(tmp_pa
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("vsink: error: vsink ablate does not split its work")
     assert not (tmp_path / "a").exists()
+
+
+CLASSES = ["apple", "bird", "car", "dog", "person", "umbrella"]
+OBJECTS = {1: ["person", "dog", "car"], 2: ["person", "dog", "umbrella"], 3: ["apple", "bird"]}
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    """Three 40x40 images and COCO-style instances naming their objects (for POPE's questions)."""
+    root = tmp_path_factory.mktemp("coco")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(1)
+    for i in OBJECTS:
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"img{i}.jpg")
+    data = {"categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)],
+            "images": [{"id": i, "file_name": f"img{i}.jpg"} for i in OBJECTS],
+            "annotations": [{"image_id": i, "category_id": CLASSES.index(c) + 1, "bbox": [0, 0, 1, 1]}
+                            for i, objs in OBJECTS.items() for c in objs]}
+    (root / "instances.json").write_text(json.dumps(data))
+    return root
+
+
+def _pope(coco: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "pope", str(coco / "images"), "--model", "demo-llava", "--annotations",
+            str(coco / "instances.json"), "--num-images", "2", "--max-new-tokens", "2", "--out", str(out), *extra]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_pope_two_processes_equal_one(tmp_path, coco):
+    one(*_pope(coco, tmp_path / "one", "--splits", "random", "--batch-size", "2"))
+    vsink(*_pope(coco, tmp_path / "two", "--splits", "random", "--batch-size", "2"), world=2)
+    a, b = tmp_path / "one", tmp_path / "two"
+    assert len(_lines(a / "none" / "answers.jsonl")) == 12  # 2 images x 6 questions: 6 batches, 3 per rank
+    for name in ("none/answers.jsonl", "questions.jsonl", "results.json", "results.md", "results.html"):
+        assert (b / name).read_text() == (a / name).read_text(), name
+    assert _record(b / "none")["determining"] == _record(a / "none")["determining"]
+    assert sorted(p.name for p in (b / "none").iterdir()) == ["answers.jsonl", "vsink-run.json"]  # rank files folded in
+    assert not (b / ".vsink.lock").exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _complete_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_eval_pope_killed_on_every_rank_resumes_where_each_stopped(tmp_path, coco):
+    import signal
+    import time
+
+    args = _pope(coco, tmp_path / "run", "--splits", "random,popular", "--batch-size", "1", "--no-progress")
+    one(*_pope(coco, tmp_path / "one", "--splits", "random,popular", "--batch-size", "1"))
+    agent = subprocess.Popen(_command(args, 2), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    ranks = [tmp_path / "run" / "none" / f"answers.rank{r}.jsonl" for r in (0, 1)]
+    deadline = time.time() + 300
+    while not all(_complete_lines(p) for p in ranks) and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = _children(agent.pid)
+    assert len(workers) == 2 and agent.poll() is None
+    for pid in workers:  # both ranks die at once, wherever each one is
+        os.kill(pid, signal.SIGKILL)
+    assert agent.wait(timeout=120) != 0
+    assert not (tmp_path / "run" / "results.json").exists()
+    before = [row for p in ranks for row in _lines(p) if p.exists()]  # each rank's answers so far
+    assert 2 <= len(before) < 24
+
+    vsink(*args[:-1], world=2)  # the same command again resumes
+    final = _lines(tmp_path / "run" / "none" / "answers.jsonl")
+    assert sorted(r["question_id"] for r in final) == list(range(24))  # every question exactly once
+    kept = {r["question_id"]: r for r in before}
+    assert [r for r in final if r["question_id"] in kept] == sorted(kept.values(), key=lambda r: r["question_id"])
+    assert sorted(final, key=lambda r: r["question_id"]) == _lines(tmp_path / "one" / "none" / "answers.jsonl")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results == json.loads((tmp_path / "one" / "results.json").read_text())
+    assert not list((tmp_path / "run" / "none").glob("*.rank*"))

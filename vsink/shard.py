@@ -98,9 +98,10 @@ class Shard:
 
             dist.barrier()
 
-    def on_main(self, fn: Callable[[], T]) -> Optional[T]:
-        """Run ``fn`` on rank 0 only, the others waiting; its error (a :class:`VsinkError`) stops
-        every rank (:class:`OtherRankFailed` on the others). Returns ``fn()`` on rank 0, None elsewhere."""
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 only, the others waiting, and return its result on every rank
+        (pickled to the others); its :class:`VsinkError` stops every rank (:class:`OtherRankFailed`
+        on the others)."""
         if self.alone:
             return fn()
         error: Optional[str] = None
@@ -109,14 +110,13 @@ class Shard:
             try:
                 result = fn()
             except VsinkError as e:
-                error = str(e)
-                self.broadcast(error)
+                self.broadcast((str(e), None))
                 raise
             except BaseException:
-                self.broadcast("rank 0 failed")
+                self.broadcast(("rank 0 failed", None))
                 raise
-        error = self.broadcast(error)
-        if error is not None and not self.main:
+        error, result = self.broadcast((error, result))
+        if error is not None:
             raise OtherRankFailed(f"rank 0: {error}")
         return result
 
