@@ -180,3 +180,17 @@ def test_eval_pope_killed_on_every_rank_resumes_where_each_stopped(tmp_path, coc
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results == json.loads((tmp_path / "one" / "results.json").read_text())
     assert not list((tmp_path / "run" / "none").glob("*.rank*"))
+
+
+def test_eval_dense_two_processes_equal_one(tmp_path):
+    common = ["eval", "dense", "--synthetic-images", "5", "--img-size", "64", "--epochs", "2", "--batch-size", "2"]
+    one(*common, "--out", str(tmp_path / "one"))
+    vsink(*common, "--out", str(tmp_path / "two"), world=2)
+    a, b = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert a["tasks"] == ["linear-seg", "lost", "artifacts"] and a["dataset"]["images_evaluated"] == 5
+    for result in (a, b):  # measured times differ; everything else is equal
+        for variant in result["variants"].values():
+            assert variant.pop("timing")["forward_images"] == 10  # 5 training + 5 evaluation images
+    assert b == a
+    assert (tmp_path / "two" / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
+    assert _record(tmp_path / "two")["determining"] == _record(tmp_path / "one")["determining"]

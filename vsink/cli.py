@@ -441,14 +441,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if "linear-seg" in tasks:
         train_split = args.train_split or DEFAULT_SPLITS.get(args.format, (None, None))[0]
         train_set = open_dataset(args.format, args.data, train_split, **common).limit(args.limit)
-    print(f"vsink: evaluating on {eval_set.describe()}", file=sys.stderr)
+    shard = shard_of(args)
+    if shard.main:
+        print(f"vsink: evaluating on {eval_set.describe()}", file=sys.stderr)
     backbone = _load_for(args)
     result = evaluate_dense(
         backbone, eval_set, train_set=train_set, tasks=tasks, variants=variants, seg_layer=args.seg_layer,
         lost_settings=lost, num_classes=args.num_classes, batch_size=args.batch_size, img_size=args.img_size,
         probe_settings=ProbeSettings(epochs=args.epochs, lr=args.lr, batchnorm=not args.no_batchnorm, seed=args.seed),
-        load_kwargs=dict(device=args.device, dtype=args.dtype, pretrained=not args.no_pretrained),
-        progress=not args.no_progress, bootstrap=Bootstrap.from_args(args))
+        load_kwargs=dict(device=shard.device(args.device), dtype=args.dtype, pretrained=not args.no_pretrained),
+        progress=not args.no_progress, bootstrap=Bootstrap.from_args(args), shard=shard)
+    if result is None:  # another rank under torchrun: rank 0 writes the results
+        return 0
     paths = result.save(args.out)
     print(result.to_markdown())
     for path in paths.values():

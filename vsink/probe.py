@@ -175,6 +175,11 @@ class Rows:
         self.rows += n
         self.batches += 1
 
+    def clear(self) -> None:
+        """Forget every row (keeping the buffer)."""
+        self.rows = 0
+        self.batches = 0
+
     def array(self) -> np.ndarray:
         """The rows so far (a view; empty with no batch)."""
         return self._buf[:self.rows] if self._buf is not None else np.empty((0,), self.dtype)
@@ -324,6 +329,17 @@ class Probe(HookSet):
         if self._attn:
             return next(iter(self._attn.values())).batches["received"].batches
         return 0
+
+    def take(self) -> Trace:
+        """The trace of what was collected since the last :meth:`take` (or the start), then start
+        afresh: a sharded run sends each batch's rows to the process that joins them
+        (:meth:`Trace.join`)."""
+        trace = self.trace()
+        stores = [*self._norms.values(), self._input_norms, *(s for r in self._attn.values() for s in r.batches.values()),
+                  *(s for group in self._massive.values() for s in group)]
+        for store in stores:  # in place: the installed observers hold these
+            store.clear()
+        return trace
 
     def trace(self, meta: Optional[dict[str, Any]] = None) -> Trace:
         """Concatenate everything collected so far over images."""
