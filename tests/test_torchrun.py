@@ -194,3 +194,25 @@ def test_eval_dense_two_processes_equal_one(tmp_path):
     assert b == a
     assert (tmp_path / "two" / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
     assert _record(tmp_path / "two")["determining"] == _record(tmp_path / "one")["determining"]
+
+
+def test_registers_find_two_processes_equal_one(tmp_path):
+    """Six crops of the demo photos (4 with high-norm outliers) and an unreadable file, batches of 2:
+    rank 0 finds the outliers over every image's norms and adds the per-batch neuron sums in order."""
+    from vsink.data.demo_images import demo_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(item.image for item in demo_images()):
+        w, h = image.size
+        for j, box in enumerate([(0, 0, w, h), (0, 0, w // 2, h // 2), (w // 3, h // 4, w, h)]):
+            image.crop(box).resize((64, 48)).save(folder / f"p{i}{j}.png")
+    (folder / "p05.png").write_bytes(b"not an image")
+    common = ["registers", "find", str(folder), "--model", "demo", "--img-size", "112", "--batch-size", "2"]
+    one(*common, "--out", str(tmp_path / "one.json"))
+    two = vsink(*common, "--out", str(tmp_path / "two.json"), world=2)
+    spec = json.loads((tmp_path / "one.json").read_text())
+    assert len(spec["neurons"]) == 10 and spec["settings"]["images"] == 6
+    assert spec["settings"]["images_with_outliers"] == 4 and len(spec["settings"]["unreadable"]) == 1
+    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
+    assert two.stdout.count("register neurons of demo") == 1

@@ -348,7 +348,9 @@ def _cmd_registers(args: argparse.Namespace) -> int:
                                      min_selectivity=args.min_selectivity, outlier_tokens=args.outlier_tokens,
                                      sparsity_filter=args.sparsity_filter, sparsity_fraction=args.sparsity_fraction,
                                      sparsity_activation=args.sparsity_activation, batch_size=args.batch_size,
-                                     img_size=args.img_size, progress=not args.no_progress)
+                                     img_size=args.img_size, progress=not args.no_progress, shard=shard_of(args))
+        if spec is None:  # another rank under torchrun: rank 0 writes the spec
+            return 0
         spec.save(args.out)
         st = spec.settings
         print(f"register neurons of {spec.model}: outliers at block {st['detection_layer']}, scored blocks "
@@ -605,7 +607,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 
 #: the commands that split their work over the processes of ``torchrun`` (docs/scale.md); finetune
 #: runs its own data-parallel training
-SHARDED = ("scan", "eval")
+SHARDED = ("scan", "eval", "registers find")
 
 
 def _join(args: argparse.Namespace):
@@ -619,10 +621,10 @@ def _join(args: argparse.Namespace):
     name = " ".join(w for w in (args.command, getattr(args, "registers_command", None),
                                 getattr(args, "lvlm_command", None)) if w)
     lvlm_scan = args.command == "scan" and (args.prompt is not None or args.model == "demo-llava")
-    if args.command not in SHARDED or lvlm_scan:
+    if name not in SHARDED and args.command not in SHARDED or lvlm_scan:
         raise VsinkError(f"vsink {name}{' --prompt' if lvlm_scan else ''} does not split its work over torchrun's "
                          f"processes (WORLD_SIZE={shard.world}); run it as one process. Under torchrun: "
-                         "scan, eval pope|chair|dense, finetune (docs/scale.md)")
+                         "scan, registers find, eval pope|chair|dense, finetune (docs/scale.md)")
     return join()
 
 
