@@ -216,3 +216,18 @@ def test_registers_find_two_processes_equal_one(tmp_path):
     assert spec["settings"]["images_with_outliers"] == 4 and len(spec["settings"]["unreadable"]) == 1
     assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
     assert two.stdout.count("register neurons of demo") == 1
+
+
+def test_maps_two_processes_equal_one(tmp_path, images):
+    """Image i on rank i % 2: each rank writes its npz files and draws its PNGs into rank 0's staging
+    folder on the colour scales rank 0 folded over every image in order."""
+    common = ["maps", str(images), "--model", "demo", "--img-size", "112", "--layers", "1,2", "--kind", "cls,norm"]
+    one(*common, "--out", str(tmp_path / "one"))
+    vsink(*common, "--out", str(tmp_path / "two"), world=2)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".png"]) > 5 * 4  # 5 images, 4 overlays each and contact sheets
+    for name in files:
+        if name.name != "vsink-run.json":
+            assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert _record(tmp_path / "two")["determining"] == _record(tmp_path / "one")["determining"]

@@ -404,7 +404,9 @@ def _cmd_maps(args: argparse.Namespace) -> int:
         result = export_maps(backbone, images, args.out, kinds=kinds, layers=args.layers, heads=args.heads,
                              formats=args.format, fusion=args.fusion,
                              discard_ratio=args.discard_ratio, img_size=args.img_size,
-                             keep_aspect=args.keep_aspect, progress=not args.no_progress)
+                             keep_aspect=args.keep_aspect, progress=not args.no_progress, shard=shard_of(args))
+    if result is None:  # another rank under torchrun: rank 0 writes maps.json and lists the images
+        return 0
     print(f"exported maps for {_scanned(result.images, result.skipped)} to {args.out}")
     print(f"  kinds: {', '.join(result.settings['kinds'])}" + (f"; left out {', '.join(left_out)}" if left_out else ""))
     for m in result.images:
@@ -607,7 +609,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 
 #: the commands that split their work over the processes of ``torchrun`` (docs/scale.md); finetune
 #: runs its own data-parallel training
-SHARDED = ("scan", "eval", "registers find")
+SHARDED = ("scan", "maps", "eval", "registers find")
 
 
 def _join(args: argparse.Namespace):
@@ -624,7 +626,7 @@ def _join(args: argparse.Namespace):
     if name not in SHARDED and args.command not in SHARDED or lvlm_scan:
         raise VsinkError(f"vsink {name}{' --prompt' if lvlm_scan else ''} does not split its work over torchrun's "
                          f"processes (WORLD_SIZE={shard.world}); run it as one process. Under torchrun: "
-                         "scan, registers find, eval pope|chair|dense, finetune (docs/scale.md)")
+                         "scan, maps, registers find, eval pope|chair|dense, finetune (docs/scale.md)")
     return join()
 
 
