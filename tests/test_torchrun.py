@@ -231,3 +231,46 @@ def test_maps_two_processes_equal_one(tmp_path, images):
         if name.name != "vsink-run.json":
             assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert _record(tmp_path / "two")["determining"] == _record(tmp_path / "one")["determining"]
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path, images):
+    """Noise images have no high-norm outliers: rank 0 finds that after gathering the norms, and
+    the other rank stops too (no hang, no second message)."""
+    done = vsink("registers", "find", str(images), "--model", "demo", "--img-size", "112", "--batch-size", "2",
+                 "--out", str(tmp_path / "n.json"), world=2, ok=False)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "vsink: error:" in line]
+    assert len(errors) == 1 and "no high-norm outliers in these images" in errors[0]
+    assert not (tmp_path / "n.json").exists()
+
+
+def test_shard_cuts_batches_as_one_process_and_deals_them_by_rank():
+    from vsink.shard import Shard
+
+    # 7 items in batches of 3: [0, 3), [3, 6), [6, 7) → batches 0 and 2 on rank 0, batch 1 on rank 1
+    assert list(Shard(0, 2).batches(7, 3)) == [(0, 0, 3), (2, 6, 7)]
+    assert list(Shard(1, 2).batches(7, 3)) == [(1, 3, 6)]
+    assert list(Shard().batches(7, 3)) == [(0, 0, 3), (1, 3, 6), (2, 6, 7)]
+    # rounds: every rank takes as many steps (one collective each); rank 1 has none in the last round
+    assert list(Shard(1, 2).rounds(7, 3)) == [(1, (3, 6)), (3, None)]
+    assert list(Shard(0, 2).rounds(7, 3)) == [(0, (0, 3)), (2, (6, 7))]
+    assert Shard(3, 4).rank_file("out/none/answers.jsonl") == Path("out/none/answers.rank3.jsonl")
+
+
+def test_shard_from_the_environment(monkeypatch):
+    from vsink.errors import VsinkError
+    from vsink.shard import Shard, from_env
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert from_env() == Shard()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(VsinkError, match="RANK=5 WORLD_SIZE=4"):
+        from_env()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(VsinkError, match="must be integers"):
+        from_env()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert from_env() == Shard(3, 4, 1) and not from_env().main
