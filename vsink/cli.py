@@ -15,7 +15,7 @@ from typing import Optional, Sequence, TextIO, Union
 
 from .version import __version__
 from .errors import VsinkError, VsinkWarning
-from .cli_common import image_dir_arg, load_lvlm_for, parse_settings
+from .cli_common import image_dir_arg, load_lvlm_for, parse_settings, shard_of
 from .evaluate.benchmarks import MODULES as BENCHMARK_MODULES, get as get_benchmark
 from .options import add_options
 from .wording import count
@@ -148,10 +148,13 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     try:
         with ttr.applied(backbone) if ttr else nullcontext():
             result = scan(backbone, images, batch_size=args.batch_size, img_size=args.img_size,
-                          threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress)
+                          threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress,
+                          shard=shard_of(args))
     except NothingScanned as e:  # each skipped file was reported as the scan met it
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2
+    if result is None:  # another rank of a torchrun scan: rank 0 writes the outputs
+        return 0
     paths = result.save(args.out)
     hn = result.high_norm
     print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}")
@@ -241,8 +244,11 @@ def _outlier_note(layer) -> str:
 def _load_for(args: argparse.Namespace):
     from .backbones import load
 
-    backbone = load(args.model, weights=args.weights, img_size=args.img_size, device=args.device,
+    shard = shard_of(args)
+    backbone = load(args.model, weights=args.weights, img_size=args.img_size, device=shard.device(args.device),
                     dtype=args.dtype, pretrained=not args.no_pretrained)
+    if not shard.main:
+        return backbone
     if backbone.synthetic:
         print(f"vsink: model {backbone.spec!r} is SYNTHETIC: {backbone.synthetic}", file=sys.stderr)
     print(f"vsink: {backbone.describe()}", file=sys.stderr)
@@ -343,7 +349,9 @@ def _cmd_registers(args: argparse.Namespace) -> int:
                                      min_selectivity=args.min_selectivity, outlier_tokens=args.outlier_tokens,
                                      sparsity_filter=args.sparsity_filter, sparsity_fraction=args.sparsity_fraction,
                                      sparsity_activation=args.sparsity_activation, batch_size=args.batch_size,
-                                     img_size=args.img_size, progress=not args.no_progress)
+                                     img_size=args.img_size, progress=not args.no_progress, shard=shard_of(args))
+        if spec is None:  # another rank under torchrun: rank 0 writes the spec
+            return 0
         plot = _write_neuron_plot(spec, Path(args.out))
         spec.save(args.out)
         st = spec.settings
@@ -424,7 +432,9 @@ def _cmd_maps(args: argparse.Namespace) -> int:
         result = export_maps(backbone, images, args.out, kinds=kinds, layers=args.layers, heads=args.heads,
                              formats=args.format, fusion=args.fusion,
                              discard_ratio=args.discard_ratio, img_size=args.img_size,
-                             keep_aspect=args.keep_aspect, progress=not args.no_progress)
+                             keep_aspect=args.keep_aspect, progress=not args.no_progress, shard=shard_of(args))
+    if result is None:  # another rank under torchrun: rank 0 writes maps.json and lists the images
+        return 0
     print(f"exported maps for {_scanned(result.images, result.skipped)} to {args.out}")
     print(f"  kinds: {', '.join(result.settings['kinds'])}" + (f"; left out {', '.join(left_out)}" if left_out else ""))
     for m in result.images:
@@ -463,14 +473,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if "linear-seg" in tasks:
         train_split = args.train_split or DEFAULT_SPLITS.get(args.format, (None, None))[0]
         train_set = open_dataset(args.format, args.data, train_split, **common).limit(args.limit)
-    print(f"vsink: evaluating on {eval_set.describe()}", file=sys.stderr)
+    shard = shard_of(args)
+    if shard.main:
+        print(f"vsink: evaluating on {eval_set.describe()}", file=sys.stderr)
     backbone = _load_for(args)
     result = evaluate_dense(
         backbone, eval_set, train_set=train_set, tasks=tasks, variants=variants, seg_layer=args.seg_layer,
         lost_settings=lost, num_classes=args.num_classes, batch_size=args.batch_size, img_size=args.img_size,
         probe_settings=ProbeSettings(epochs=args.epochs, lr=args.lr, batchnorm=not args.no_batchnorm, seed=args.seed),
-        load_kwargs=dict(device=args.device, dtype=args.dtype, pretrained=not args.no_pretrained),
-        progress=not args.no_progress, bootstrap=Bootstrap.from_args(args))
+        load_kwargs=dict(device=shard.device(args.device), dtype=args.dtype, pretrained=not args.no_pretrained),
+        progress=not args.no_progress, bootstrap=Bootstrap.from_args(args), shard=shard)
+    if result is None:  # another rank under torchrun: rank 0 writes the results
+        return 0
     paths = result.save(args.out)
     print(result.to_markdown())
     for path in paths.values():
@@ -626,18 +640,48 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
     return args
 
 
+#: the commands that split their work over the processes of ``torchrun`` (docs/scale.md); finetune
+#: runs its own data-parallel training
+SHARDED = ("scan", "maps", "eval", "registers find")
+
+
+def _join(args: argparse.Namespace):
+    """This process's :class:`vsink.shard.Shard` under ``torchrun`` (joining the process group), or
+    one process alone; a command that does not split its work is refused under torchrun."""
+    from .shard import Shard, from_env, join
+
+    shard = from_env()
+    if shard.alone or args.command == "finetune":
+        return Shard()
+    name = " ".join(w for w in (args.command, getattr(args, "registers_command", None),
+                                getattr(args, "lvlm_command", None)) if w)
+    lvlm_scan = args.command == "scan" and (args.prompt is not None or args.model == "demo-llava")
+    if name not in SHARDED and args.command not in SHARDED or lvlm_scan:
+        raise VsinkError(f"vsink {name}{' --prompt' if lvlm_scan else ''} does not split its work over torchrun's "
+                         f"processes (WORLD_SIZE={shard.world}); run it as one process. Under torchrun: "
+                         "scan, maps, registers find, eval pope|chair|dense, finetune (docs/scale.md)")
+    return join()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"ablate": _cmd_ablate, "scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
                 "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
                 "view": _cmd_view}
     from .outputs import ignore_file_size_signal, space_error
+    from .shard import OtherRankFailed, leave
 
     ignore_file_size_signal()  # past ``ulimit -f`` a write fails with EFBIG (one line below) instead of killing
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             args = _parse(build_parser(), argv)
-            return handlers[args.command](args)
+            args.shard = _join(args)
+            try:
+                return handlers[args.command](args)
+            finally:
+                leave()
+    except OtherRankFailed:  # rank 0 has said why
+        return 2
     except VsinkError as e:
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2

@@ -19,14 +19,26 @@ def image_dir_arg(args: argparse.Namespace, old_key: str) -> Optional[str]:
     return args.images or old
 
 
+def shard_of(args: argparse.Namespace):
+    """The :class:`vsink.shard.Shard` :func:`vsink.cli.main` joined (one process alone when none was)."""
+    from .shard import Shard
+
+    return getattr(args, "shard", None) or Shard()
+
+
 def load_lvlm_for(args: argparse.Namespace):
-    """The LVLM of ``--model`` (``hf:`` prefix optional) with ``--device``, ``--dtype`` and
-    ``--trust-remote-code``; says so on stderr when it is the synthetic demo."""
+    """The LVLM of ``--model`` (``hf:`` prefix optional) with ``--device`` (under torchrun ``auto``
+    and ``cuda`` mean this process's GPU), ``--dtype`` and ``--trust-remote-code``; says so on
+    stderr when it is the synthetic demo (rank 0 only)."""
     from .backbones.hf_lvlm import load_lvlm
     from .backbones.registry import resolve_dtype
 
     repo = args.model.removeprefix("hf:")
-    lvlm = load_lvlm(repo, device=args.device, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
+    shard = shard_of(args)
+    lvlm = load_lvlm(repo, device=shard.device(args.device), dtype=resolve_dtype(args.dtype),
+                     trust_remote_code=args.trust_remote_code)
+    if not shard.main:
+        return lvlm
     if lvlm.synthetic:
         what = ("a small LLaVA whose object hallucination and its cure are planted (see docs/hallucination.md)"
                 if lvlm.spec == "demo-halluc" else

@@ -54,10 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import hallucination as hal
     from .evaluate import pope as pope_mod
 
-    from .cli_common import image_dir_arg
+    from .cli_common import image_dir_arg, shard_of
 
     args.images = image_dir_arg(args, "images_dir")
     out = Path(args.out)
+    scoring_only = any(getattr(args, key, None) for key in ("answers", "generated", "build_only"))
+    if not shard_of(args).main and (scoring_only or not args.model):
+        return 0  # scoring a file or building questions under torchrun: rank 0 does it
     if args.eval_command not in ("pope", "chair"):
         return _run_benchmark(args, out)
     if args.new_run and (args.eval_command == "pope" and args.answers or args.eval_command == "chair" and args.generated):
@@ -185,7 +188,7 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     images folder, --limit and --batch-size are added here. ``key``: the field(s) identifying an
     item (:func:`vsink.evaluate.hallucination.key_of`); ``sampling``: sample instead of decoding
     greedily."""
-    from .cli_common import load_lvlm_for
+    from .cli_common import load_lvlm_for, shard_of
     from .evaluate import hallucination as hal
     from .manifest import StaleRun, check_resume, files_fingerprint, fresh_folder, weights_fingerprint
     from .mitigate import make_mitigations
@@ -209,34 +212,50 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     determining = {name: {**common, "mitigation": name, "settings": settings[name],
                           "resolved_settings": protocol["resolved_settings"][name]} for name in names}
     files = {name: out / name / ("generated.jsonl" if field == "caption" else "answers.jsonl") for name in names}
-    try:
-        for name in names:
-            # a damaged file is named first; repeated answers are reported by the run below
-            if files[name].exists() and hal.read_rows(files[name], key, report=False):
-                check_resume(files[name].parent, determining[name], f"the answers in {files[name].name}")
-    except StaleRun:
-        if not args.new_run:
-            raise
-        out = fresh_folder(out)
-        print(f"vsink: {args.out} holds a run made with other settings; this run writes {out}", file=sys.stderr)
+
+    def folder() -> Path:
+        try:
+            for name in names:
+                # a damaged file is named first; repeated answers are reported by the run below
+                if files[name].exists() and hal.read_rows(files[name], key, report=False):
+                    check_resume(files[name].parent, determining[name], f"the answers in {files[name].name}")
+        except StaleRun:
+            if not args.new_run:
+                raise
+            fresh = fresh_folder(out)
+            print(f"vsink: {args.out} holds a run made with other settings; this run writes {fresh}", file=sys.stderr)
+            return fresh
+        return out
+
+    shard = shard_of(args)
+    out = shard.on_main(folder)
     command = f"vsink eval {kind}"
-    with RunLock(out, command):
-        for name, rows in (written or {}).items():
-            write_jsonl(out / name, rows)
+    lock = RunLock(out, command)  # rank 0 holds it for every rank
+    shard.on_main(lambda: lock.__enter__() and None)
+    try:
+        if shard.main:
+            for name, rows in (written or {}).items():
+                write_jsonl(out / name, rows)
         scores, skipped = {}, {}
         for name in names:
             rows, skipped[name] = hal.run_items(
                 lvlm, items, key, out / name / files[name].name,
                 images_dir=Path(args.images), prompt=prompt, field=field, mitigation=name, settings=settings[name],
                 protocol=args.protocol, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                progress=not args.no_progress, determining=determining[name], command=command, sampling=sampling)
+                progress=not args.no_progress, determining=determining[name], command=command, sampling=sampling,
+                shard=shard)
+            if not shard.main:
+                continue
             wanted = {hal.key_of(it, key) for it in items}
             rows = [r for r in rows if hal.key_of(r, key) in wanted]
             if not rows:
                 raise VsinkError(f"{name}: no item could be run (first problem: "
                                  f"{skipped[name][0]['reason'] if skipped[name] else 'none'})")
             scores[name] = score(rows)
-        return _report(hal.save_results(out, kind, protocol, scores, skipped, Bootstrap.from_args(args)))
+        return _report(hal.save_results(out, kind, protocol, scores, skipped, Bootstrap.from_args(args))) if shard.main else 0
+    finally:
+        if shard.main:
+            lock.__exit__(None, None, None)
 
 
 def _resolved(mitigations: list) -> Optional[dict[str, Any]]:

@@ -35,6 +35,7 @@ from .export.maps import ImageMaps
 from .export.scales import Scale
 from .viewbox import DISPLAY_SIDE
 from .probe import Probe
+from .shard import Shard
 from .rollout import FUSIONS, FullAttentionObserver, RolloutObserver
 from . import wording
 
@@ -153,7 +154,8 @@ def export_maps(
     img_size: Optional[int] = None,
     keep_aspect: bool = False,
     progress: bool = True,
-) -> MapsResult:
+    shard: Optional[Shard] = None,
+) -> Optional[MapsResult]:
     """Export maps for each image into ``out_dir`` (``<stem>.npz``, ``<stem>/*.png``, ``maps.json``;
     stems from :func:`stems`).
 
@@ -169,6 +171,12 @@ def export_maps(
     blocks (``scales`` in maps.json), from the arrays read back from each npz (with
     ``formats=["png"]`` alone they stay in memory until then). Each map is drawn on the region of
     the original image the model saw (``view_box``).
+
+    ``shard`` (under ``torchrun``, :mod:`vsink.shard`): rank 0 holds the folder and its staging
+    folder, every rank computes and writes the npz files of its images into it (image ``i`` on rank
+    ``i % N``), rank 0 folds the colour scales over every image in order and sends them, every rank
+    draws its images' PNGs, and rank 0 writes ``maps.json`` and swaps the set in: the files equal
+    one process's. Rank 0 returns the result, the other ranks None.
     """
     backbone = backbone_arg(backbone)
     images = images_arg(images)
@@ -199,15 +207,17 @@ def export_maps(
     determining = {"model": backbone.spec, "weights": weights_fingerprint(backbone.model),
                    "images": [source_name(item, i) for i, item in enumerate(images)], "settings": settings,
                    "vsink_version": __version__}
-    with OutputSet(out, "vsink maps", {"determining": determining}) as stage:
-        result = _export_all(backbone, images, stage, image_stems, settings, progress)
-    return result
+    shard = shard or Shard()
+    with ExitStack() as stack:  # rank 0 holds the set; every rank writes into its staging folder
+        stage = shard.on_main(lambda: stack.enter_context(OutputSet(out, "vsink maps", {"determining": determining})))
+        return _export_all(backbone, images, stage, image_stems, settings, progress, shard)
 
 
 def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedImage]], out: Path,
-                image_stems: list[str], settings: dict[str, Any], progress: bool) -> MapsResult:
+                image_stems: list[str], settings: dict[str, Any], progress: bool,
+                shard: Shard) -> Optional[MapsResult]:
     """Every image's maps into ``out`` (the staging folder of the set), then ``maps.json``."""
-    from .export.maps import map_scales, reload, render_image_pngs
+    from .export.maps import fold_scales, map_scales, panel_extents, reload, render_image_pngs
 
     kinds, sel_layers, sel_heads, formats = settings["kinds"], settings["layers"], settings["heads"], settings["formats"]
     fusion, discard_ratio, img_size = settings["fusion"], settings["discard_ratio"], settings["img_size"]
@@ -215,12 +225,16 @@ def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedIma
     done: list[ImageMaps] = []
     skipped: list[dict[str, str]] = []
     scales: dict[str, Scale] = {}
-    warned = False
-    for index, item in enumerate(tqdm(images, desc="maps", unit="img", disable=not progress)):
-        loaded, names, failed = load_batch([item], index)
+    warned = not shard.main  # rank 0 warns for all
+    extents: list[tuple[int, list[dict[str, str]], Optional[dict[str, np.ndarray]]]] = []  # under torchrun
+    indices = [i for i in range(len(images)) if shard.owns(i)]
+    for index in tqdm(indices, desc="maps", unit="img", disable=not progress or not shard.main):
+        loaded, names, failed = load_batch([images[index]], index)
         for entry in failed:
             print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
         skipped += failed
+        if not shard.alone:
+            extents.append((index, failed, None))
         if not loaded:
             continue
         image, name = loaded[0], names[0]
@@ -247,12 +261,28 @@ def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedIma
                 writer.add("image", np.asarray(maps.image.convert("RGB"), dtype=np.uint8))
                 writer.add("view_box", np.asarray(box.to_list(), dtype=np.float64))
                 maps.files.append(f"{maps.stem}.npz")
-        if "png" in formats:
+        if "png" in formats and shard.alone:
             scales = map_scales([maps], kinds, sel_layers, sel_heads, scales)
+        elif not shard.alone:
+            extents[-1] = (index, failed, panel_extents(maps, kinds, sel_layers, sel_heads))
         if "npz" in formats:  # on disk now: read back to draw
             maps.arrays, maps.image = {}, None
         done.append(maps)
-    if not done:  # each skipped file was reported as the export met it; the earlier export stays
+    if not shard.alone:  # rank 0 folds the colour scales over every image in order, as one process does
+        parts = shard.gather(extents)
+
+        def fold() -> dict[str, Scale]:
+            ordered = sorted((e for part in parts for e in part), key=lambda e: e[0])
+            if not any(extent is not None for _, _, extent in ordered):
+                raise VsinkError(f"no image could be read ({wording.count(len(images), 'file')} skipped)")
+            folded: dict[str, Scale] = {}
+            for _, _, extent in ordered:
+                if extent is not None and "png" in formats:
+                    folded = fold_scales([extent], folded)
+            return folded
+
+        scales = shard.on_main(fold)
+    elif not done:  # each skipped file was reported as the export met it; the earlier export stays
         raise VsinkError(f"no image could be read ({wording.count(len(skipped), 'file')} skipped)")
     if "png" in formats:
         for maps in done:
@@ -260,6 +290,14 @@ def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedIma
                 reload(maps, out / f"{maps.stem}.npz")
             maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads, scales)
             maps.arrays, maps.image = {}, None
+    if not shard.alone:  # rank 0 lists every rank's images in order
+        by_index = dict(zip([i for i, _, e in extents if e is not None], done))
+        parts = shard.gather([(index, failed, by_index.get(index)) for index, failed, _ in extents])
+        if parts is None:
+            return None
+        ordered = sorted((e for part in parts for e in part), key=lambda e: e[0])
+        skipped = [entry for _, failed, _ in ordered for entry in failed]
+        done = [maps for _, _, maps in ordered if maps is not None]
     result = MapsResult(backbone.spec, backbone.synthetic is not None, done, skipped, settings, scales)
     write_json(out / "maps.json", result.to_json())
     return result

@@ -83,6 +83,33 @@ class Trace:
                 np.savez_compressed(f, header=np.array(json.dumps(header)), **arrays)
         return path
 
+    def image_rows(self, start: int, stop: int) -> "Trace":
+        """The images ``start`` .. ``stop - 1`` of this trace (views of its arrays)."""
+        arrays = {name: getattr(self, name)[:, start:stop] for name in self.ARRAYS if getattr(self, name) is not None}
+        if self.input_norms is not None:
+            arrays["input_norms"] = self.input_norms[start:stop]
+        return Trace(layout=self.layout, layers=list(self.layers), meta=dict(self.meta), **arrays)
+
+    @classmethod
+    def join(cls, parts: Sequence["Trace"], meta: Optional[dict[str, Any]] = None) -> "Trace":
+        """One trace of the images of ``parts``, in their order (the traces of one probe's
+        batches, made by several processes); they must share their layout, blocks and arrays."""
+        if not parts:
+            raise VsinkError("no trace to join")
+        first = parts[0]
+        for part in parts[1:]:
+            if part.layout != first.layout or part.layers != first.layers:
+                raise VsinkError(f"traces to join differ: layout {part.layout.describe()} blocks {part.layers} vs "
+                                 f"{first.layout.describe()} blocks {first.layers}")
+        arrays = {}
+        for name in (*cls.ARRAYS, "input_norms"):
+            present = [getattr(p, name) is not None for p in parts]
+            if any(present) and not all(present):
+                raise VsinkError(f"traces to join differ: only some hold {name}")
+            if all(present):
+                arrays[name] = np.concatenate([getattr(p, name) for p in parts], axis=0 if name == "input_norms" else 1)
+        return cls(layout=first.layout, layers=list(first.layers), meta=dict(meta or first.meta), **arrays)
+
     def check_finite(self, spec: str) -> None:
         """Raise :class:`~vsink.finite.NonFiniteError` naming the first probed block whose output
         norms are not finite (NaN or inf anywhere in a token's vector)."""
@@ -149,6 +176,11 @@ class Rows:
         self._buf[self.rows:self.rows + n] = values
         self.rows += n
         self.batches += 1
+
+    def clear(self) -> None:
+        """Forget every row (keeping the buffer)."""
+        self.rows = 0
+        self.batches = 0
 
     def array(self) -> np.ndarray:
         """The rows so far (a view; empty with no batch)."""
@@ -300,6 +332,17 @@ class Probe(HookSet):
         if self._attn:
             return next(iter(self._attn.values())).batches["received"].batches
         return 0
+
+    def take(self) -> Trace:
+        """The trace of what was collected since the last :meth:`take` (or the start), then start
+        afresh: a sharded run sends each batch's rows to the process that joins them
+        (:meth:`Trace.join`)."""
+        trace = self.trace()
+        stores = [*self._norms.values(), self._input_norms, *(s for r in self._attn.values() for s in r.batches.values()),
+                  *(s for group in self._massive.values() for s in group)]
+        for store in stores:  # in place: the installed observers hold these
+            store.clear()
+        return trace
 
     def trace(self, meta: Optional[dict[str, Any]] = None) -> Trace:
         """Concatenate everything collected so far over images."""

@@ -25,6 +25,7 @@ from .io import write_text
 from .layout import TokenLayout
 from .options import BATCH, THRESHOLD, Float, Option, declare
 from .probe import Probe, Trace
+from .shard import Shard
 from .viewbox import ViewBox
 
 
@@ -202,7 +203,8 @@ def scan(
     layers: Optional[Sequence[int]] = None,
     report_images: int = 12,
     progress: bool = True,
-) -> ScanResult:
+    shard: Optional[Shard] = None,
+) -> Optional[ScanResult]:
     """Scan images for high-norm tokens and attention sinks in every layer.
 
     Args:
@@ -217,6 +219,10 @@ def scan(
         layers: blocks to scan (default all).
         report_images: how many input thumbnails to keep for the HTML report.
         progress: show a progress bar.
+        shard: this process's place under ``torchrun`` (:mod:`vsink.shard`): it scans its batches,
+            rank 0 gathers the reduced per-image data of all, in the order of ``images``, runs the
+            detectors over all of it and returns the result; the other ranks return None. The
+            result equals a one-process scan's.
 
     Raises:
         NothingScanned: if no image could be read.
@@ -232,17 +238,22 @@ def scan(
     size = (img_size, img_size) if img_size else backbone.img_size
     backbone.check_input_size(size)
     parse_threshold(threshold)  # a bad threshold fails before the scan
+    shard = shard or Shard()
     names: list[str] = []
     skipped: list[dict[str, str]] = []
     thumbnails: list[Image.Image] = []
     boxes: list[ViewBox] = []
     sizes: list[tuple[int, int]] = []
-    bar = tqdm(total=len(images), desc="scan", unit="img", disable=not progress)
+    done: list[tuple[int, int, int]] = []  # (batch number, its first skipped entry, images scanned)
+    mine = list(shard.batches(len(images), batch_size))
+    bar = tqdm(total=sum(stop - start for _, start, stop in mine), desc="scan", unit="img",
+               disable=not progress or not shard.main)
     with Probe(backbone, layers=layers, massive=MASSIVE_TOP_K) as probe:
-        for start in range(0, len(images), batch_size):
-            batch, batch_names, failed = load_batch(images[start:start + batch_size], start)
+        for b, start, stop in mine:
+            batch, batch_names, failed = load_batch(images[start:stop], start)
             for entry in failed:
                 bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+            done.append((b, len(skipped), len(batch)))
             skipped += failed
             if batch:
                 pixel_values = backbone.preprocess(batch, size)
@@ -253,14 +264,59 @@ def scan(
                     sizes.append(img.size)
                     if len(thumbnails) < report_images:
                         thumbnails.append(boxes[-1].crop(img, side=max(size)))
-            bar.update(len(images[start:start + batch_size]))
+            bar.update(stop - start)
     bar.close()
+    trace = probe.trace() if names else None
+    if not shard.alone:
+        parts = shard.gather(_ScanPart(done, names, skipped, thumbnails, boxes, sizes, trace))
+        if parts is None:
+            return None
+        names, skipped, thumbnails, boxes, sizes, trace = _join_parts(parts, report_images)
     if not names:
         raise NothingScanned(skipped)
-    trace = probe.trace(meta={"model": backbone.spec, "images": names})
+    trace.meta = {"model": backbone.spec, "images": names}
     return result_of_trace(backbone, trace, size=size, names=names, skipped=skipped, threshold=threshold,
                            sink_ratio=sink_ratio, massive_ratio=massive_ratio, batch_size=batch_size,
                            thumbnails=thumbnails, image_sizes=sizes, view_boxes=boxes)
+
+
+@dataclass
+class _ScanPart:
+    """What one process of a sharded scan sends rank 0: per batch it ran ``(batch number, index of
+    its first entry in skipped, images scanned)``, and its images' names, skipped entries,
+    thumbnails, view boxes, sizes and trace rows, in its batches' order."""
+
+    batches: list[tuple[int, int, int]]
+    names: list[str]
+    skipped: list[dict[str, str]]
+    thumbnails: list[Image.Image]
+    boxes: list[ViewBox]
+    sizes: list[tuple[int, int]]
+    trace: Optional[Trace]
+
+
+def _join_parts(parts: Sequence[_ScanPart], report_images: int) -> tuple[list[str], list[dict[str, str]],
+                                                                          list[Image.Image], list[ViewBox],
+                                                                          list[tuple[int, int]], Optional[Trace]]:
+    """The parts of a sharded scan put back in batch order (what one process would have collected)."""
+    runs = []  # (batch number, part, first image row, images, first skipped entry, skipped entries)
+    for part in parts:
+        row = 0
+        for i, (b, skip_start, n) in enumerate(part.batches):
+            skip_stop = part.batches[i + 1][1] if i + 1 < len(part.batches) else len(part.skipped)
+            runs.append((b, part, row, n, skip_start, skip_stop))
+            row += n
+    names, skipped, thumbnails, boxes, sizes, traces = [], [], [], [], [], []
+    for b, part, row, n, skip_start, skip_stop in sorted(runs, key=lambda r: r[0]):
+        skipped += part.skipped[skip_start:skip_stop]
+        if not n:
+            continue
+        names += part.names[row:row + n]
+        boxes += part.boxes[row:row + n]
+        sizes += part.sizes[row:row + n]
+        thumbnails += part.thumbnails[row:row + n][:max(0, report_images - len(thumbnails))]
+        traces.append(part.trace.image_rows(row, row + n))
+    return names, skipped, thumbnails, boxes, sizes, Trace.join(traces) if traces else None
 
 
 def stack_thumbnails(thumbnails: Sequence[Image.Image]) -> dict[str, np.ndarray]:

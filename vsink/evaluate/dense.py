@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -28,7 +28,9 @@ from ..export.views import Previews
 from ..features import FEATURE_KINDS, FeatureCapture, FeatureSpec
 from ..io import write_text
 from ..options import Choice, Float, Int, ListOf, Option, declare
-from ..probe import Probe
+from ..layout import TokenLayout
+from ..probe import Probe, Trace
+from ..shard import Shard
 from .artifacts import foreground_grid, foreground_share, neighbour_cosine
 from .datasets import IGNORE_INDEX, DatasetError, DenseDataset, DenseSample, Loaded
 from .dense_stats import Units, comparisons, intervals, mean_units, seg_units
@@ -219,6 +221,8 @@ class _Batch:
     samples: list[DenseSample]
     loaded: list[Loaded]
     features: dict[FeatureSpec, torch.Tensor]
+    #: the layout of the forward pass that made ``features``
+    layout: TokenLayout
 
 
 def supported_tasks(dataset: DenseDataset) -> list[str]:
@@ -239,44 +243,102 @@ def _check_labels(sample: DenseSample, loaded: Loaded, num_classes: Optional[int
 class _Runner:
     """One variant's backbone, run over a dataset in batches, skipping bad items. When ``skipped``
     is given (the first variant's run; later variants meet the same items) each bad item is
-    appended to it and reported on stderr. ``kept[role]`` counts the items each pass used."""
+    appended to it and reported on stderr. ``kept[role]`` counts the items each pass used.
+
+    Under ``torchrun`` (``shard``, :mod:`vsink.shard`) each process runs its batches (batch ``b`` on
+    rank ``b % N``, cut as one process cuts them), and after each round of N batches rank 0 gathers
+    them and yields them in order, with the rows the ``probes`` took of each: rank 0 computes
+    everything that pools over images as one process does; the other ranks yield nothing."""
 
     def __init__(self, name: str, backbone: Backbone, size: tuple[int, int], batch_size: int, progress: bool,
-                 num_classes: Optional[int], skipped: Optional[list[dict[str, str]]]):
+                 num_classes: Optional[int], skipped: Optional[list[dict[str, str]]], shard: Optional[Shard] = None):
         self.name, self.backbone, self.size, self.batch_size = name, backbone, size, batch_size
         self.progress, self.num_classes, self.skipped = progress, num_classes, skipped
+        self.shard = shard or Shard()
         self.forward_images = 0
         self.kept: dict[str, int] = {}
+        self._probe_rows: list[list[Trace]] = []
+
+    def _load(self, dataset: DenseDataset, start: int, stop: int, need: Callable[[Loaded], Optional[str]]
+              ) -> tuple[list[DenseSample], list[Loaded], list[dict[str, str]]]:
+        samples, loaded, skipped = [], [], []
+        for sample in dataset.samples[start:stop]:
+            try:
+                item = sample.load()
+                _check_labels(sample, item, self.num_classes)
+                missing = need(item)
+                if missing:
+                    raise DatasetError(f"{sample.id}: {missing}")
+            except DatasetError as e:
+                skipped.append({"split": dataset.split, "item": sample.id, "reason": str(e)})
+                continue
+            samples.append(sample)
+            loaded.append(item)
+        return samples, loaded, skipped
+
+    def _skip(self, entries: list[dict[str, str]], bar: tqdm) -> None:
+        if self.skipped is not None:
+            self.skipped.extend(entries)
+            for entry in entries:
+                bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
 
     def batches(self, dataset: DenseDataset, specs: Sequence[FeatureSpec], role: str,
-                need: Callable[[Loaded], Optional[str]]) -> Iterator[_Batch]:
+                need: Callable[[Loaded], Optional[str]], probes: Sequence[Probe] = ()) -> Iterator[_Batch]:
         self.kept[role] = 0
-        bar = tqdm(total=len(dataset), desc=f"{self.name} {dataset.split}", unit="img", disable=not self.progress)
+        self._probe_rows = []
+        bar = tqdm(total=len(dataset), desc=f"{self.name} {dataset.split}", unit="img",
+                   disable=not self.progress or not self.shard.main)
         with FeatureCapture(self.backbone, specs) as capture:
-            for start in range(0, len(dataset), self.batch_size):
-                samples, loaded = [], []
-                for sample in dataset.samples[start:start + self.batch_size]:
-                    try:
-                        item = sample.load()
-                        _check_labels(sample, item, self.num_classes)
-                        missing = need(item)
-                        if missing:
-                            raise DatasetError(f"{sample.id}: {missing}")
-                    except DatasetError as e:
-                        if self.skipped is not None:
-                            self.skipped.append({"split": dataset.split, "item": sample.id, "reason": str(e)})
-                            bar.write(f"vsink: skipped {e}", file=sys.stderr)
+            if self.shard.alone:
+                for start in range(0, len(dataset), self.batch_size):
+                    samples, loaded, skipped = self._load(dataset, start, start + self.batch_size, need)
+                    self._skip(skipped, bar)
+                    bar.update(len(dataset.samples[start:start + self.batch_size]))
+                    if not samples:
                         continue
-                    samples.append(sample)
-                    loaded.append(item)
-                bar.update(len(dataset.samples[start:start + self.batch_size]))
-                if not samples:
-                    continue
-                self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
-                self.forward_images += len(samples)
-                self.kept[role] += len(samples)
-                yield _Batch(samples, loaded, capture.pop())
+                    self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
+                    self.forward_images += len(samples)
+                    self.kept[role] += len(samples)
+                    yield _Batch(samples, loaded, capture.pop(), self.backbone.current_layout())
+            else:
+                yield from self._sharded(dataset, capture, need, role, bar, probes)
         bar.close()
+
+    def _sharded(self, dataset: DenseDataset, capture: FeatureCapture, need: Callable[[Loaded], Optional[str]],
+                 role: str, bar: tqdm, probes: Sequence[Probe]) -> Iterator[_Batch]:
+        for _, span in self.shard.rounds(len(dataset), self.batch_size):
+            piece = None
+            if span is not None:
+                samples, loaded, skipped = self._load(dataset, *span, need)
+                batch, rows = None, None
+                if samples:
+                    self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
+                    features = {spec: t.cpu() for spec, t in capture.pop().items()}
+                    sent = [replace(s, boxes=None) for s in samples]  # read already (a reader may not pickle)
+                    batch = _Batch(sent, loaded, features, self.backbone.current_layout())
+                    rows = [probe.take() for probe in probes]
+                piece = (span[1] - span[0], skipped, batch, rows)
+            pieces = self.shard.gather(piece)
+            for piece in pieces or ():  # rank order is the batches' order within a round
+                if piece is None:
+                    continue
+                count, skipped, batch, rows = piece
+                self._skip(skipped, bar)
+                bar.update(count)
+                if batch is None:
+                    continue
+                batch.features = {spec: t.to(self.backbone.device) for spec, t in batch.features.items()}
+                self.forward_images += len(batch.samples)
+                self.kept[role] += len(batch.samples)
+                self._probe_rows.append(rows)
+                yield batch
+
+    def traces(self, probes: Sequence[Probe]) -> list[Trace]:
+        """What ``probes`` collected over every batch of the last pass, in order (joined from every
+        rank's batches under ``torchrun``)."""
+        if self.shard.alone:
+            return [probe.trace() for probe in probes]
+        return [Trace.join([rows[i] for rows in self._probe_rows]) for i in range(len(probes))]
 
 
 def _needs(tasks: Sequence[str]) -> Callable[[Loaded], Optional[str]]:
@@ -330,9 +392,9 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
         if "artifacts" in tasks:
             probes = [stack.enter_context(Probe(backbone, attention=False)),
                       stack.enter_context(Probe(backbone, layers=[-1], norms=False, attention=True))]
-        for batch in runner.batches(eval_set, specs, "eval", _needs(tasks)):
-            grid = backbone.current_layout().grid
-            result["layout"] = backbone.current_layout().describe()
+        for batch in runner.batches(eval_set, specs, "eval", _needs(tasks), probes):
+            grid = batch.layout.grid
+            result["layout"] = batch.layout.describe()
             for b, (sample, item) in enumerate(zip(batch.samples, batch.loaded)):
                 seg = batch.features[seg_spec][b]
                 if len(previews.ids) < PREVIEW_IMAGES and sample.id not in previews.ids:
@@ -390,15 +452,15 @@ def _evaluate_variant(backbone: Backbone, eval_set: DenseDataset, train_set: Opt
         result["linear_seg"] = {**metrics.to_dict(), "num_classes": classes, "feature": seg_spec.describe(),
                                 "n_train": len(train_feats), "n_eval": len(eval_feats), "train_loss": losses}
     if probes and cosines:
-        result["artifacts"] = _artifacts(probes, cosines, fg_grids, eval_ids, units)
+        result["artifacts"] = _artifacts(runner.traces(probes), cosines, fg_grids, eval_ids, units)
     result["timing"] = timing
     result[UNITS] = units
     return result
 
 
-def _artifacts(probes: list[Probe], cosines: list[float], fg_grids: list[Optional[np.ndarray]],
+def _artifacts(traces: list[Trace], cosines: list[float], fg_grids: list[Optional[np.ndarray]],
                ids: list[str], units: dict[str, Units]) -> dict[str, Any]:
-    norms_trace, attn_trace = probes[0].trace(), probes[1].trace()
+    norms_trace, attn_trace = traces
     hn = detect_high_norm(norms_trace)
     last = hn.layers[-1]
     worst = max(hn.layers, key=lambda s: s.outlier_fraction)
@@ -447,7 +509,8 @@ def evaluate_dense(
     load_kwargs: Optional[dict[str, Any]] = None,
     progress: bool = True,
     bootstrap: Optional[Bootstrap] = None,
-) -> DenseResult:
+    shard: Optional[Shard] = None,
+) -> Optional[DenseResult]:
     """Evaluate ``backbone`` and its ``variants`` on dense tasks.
 
     Args:
@@ -468,6 +531,10 @@ def evaluate_dense(
         progress: show progress bars.
         bootstrap: settings of the intervals and paired differences (:mod:`vsink.evaluate.dense_stats`;
             default 95 %, 1,000 resamples, seed 0).
+        shard: this process's place under ``torchrun`` (:mod:`vsink.shard`): each process extracts
+            the features of its batches, rank 0 gathers them in order, fits the linear head, runs
+            LOST and pools the artifact metrics, and returns the result (equal to one process's,
+            timings aside); the other ranks return None.
     """
     tasks = list(dict.fromkeys(tasks if tasks is not None else supported_tasks(eval_set)))
     unknown = [t for t in tasks if t not in TASKS]
@@ -500,13 +567,15 @@ def evaluate_dense(
     for variant in variants:
         with variant.open(backbone, img_size=img_size, **(load_kwargs or {})) as vb:
             vb.check_input_size(size)
-            runner = _Runner(variant.name, vb, size, batch_size, progress, classes, None if out else skipped)
+            runner = _Runner(variant.name, vb, size, batch_size, progress, classes, None if out else skipped, shard)
             res = _evaluate_variant(vb, eval_set, train_set, tasks=tasks, seg_spec=FeatureSpec(seg_layer),
                                     lost_settings=lost_settings, probe_settings=probe_settings,
                                     num_classes=classes, runner=runner, name=variant.name, previews=previews)
             units[variant.name] = res.pop(UNITS)
             out[variant.name] = {"description": variant.describe(), "model": vb.spec, **res}
             kept = kept or runner.kept
+    if shard is not None and not shard.main:
+        return None
     if not any(k in r for r in out.values() for k in ("linear_seg", "lost", "artifacts")):
         raise VsinkError(f"nothing could be evaluated: {len(skipped)} items skipped "
                          f"(first: {skipped[0]['reason'] if skipped else 'none'})")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -44,6 +45,7 @@ from ..manifest import check_resume, write_record
 from ..options import Int
 from ..outputs import MANIFEST, OutputSet
 from ..readback import member
+from ..shard import Shard
 from .pope import QUESTION_ID
 from .stats import Bootstrap
 
@@ -76,7 +78,8 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: P
               protocol: str = "paper", progress: bool = True,
               determining: Optional[dict[str, Any]] = None,
               command: str = "vsink eval",
-              sampling: Optional[dict[str, Any]] = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+              sampling: Optional[dict[str, Any]] = None,
+              shard: Optional[Shard] = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Generate ``field`` for every item not yet in ``out_file`` (matched on ``key``: a field, or
     several, e.g. ``("image_id", "sample")`` for several captions per image) under the mitigation
     ``protocol`` (paper or official, recorded in every row; rows of an earlier run under another
@@ -86,29 +89,48 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: P
     ``determining``: what determines the answers (see the module docstring), recorded in the
     folder's ``vsink-run.json`` before the first answer; earlier answers are resumed only when the
     record matches (:func:`vsink.manifest.check_resume`). ``sampling``: ``{"seed", "temperature",
-    "top_p"}`` to sample instead of decoding greedily, each batch seeded by :func:`sampling_seed`."""
+    "top_p"}`` to sample instead of decoding greedily, each batch seeded by :func:`sampling_seed`.
+
+    ``shard`` (under ``torchrun``, :mod:`vsink.shard`): the items left are cut into batches as one
+    process cuts them, each process runs its batches into its own file beside ``out_file``
+    (``answers.rank1.jsonl``), and rank 0 folds those into ``out_file`` in the items' order, when
+    the run ends and when the next one starts (so a run killed on any rank resumes where each rank
+    stopped, with any number of processes). Rank 0 returns the rows and every rank's skipped items;
+    the other ranks return nothing."""
     import torch
 
     from ..lvlm import generate
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    existing = read_rows(out_file, key) if out_file.exists() else []
-    if determining is not None:
-        if existing:
-            check_resume(out_file.parent, determining, f"the answers in {out_file.name}")
-        else:
-            write_record(out_file.parent, command, determining, [out_file.name])
-    other = sorted({str(row.get("protocol", "paper")) for row in existing} - {protocol})
-    if other:
-        raise VsinkError(f"{out_file}: made under protocol {', '.join(other)}, not {protocol}; use another --out")
-    done = {key_of(row, key) for row in existing}
+    shard = shard or Shard()
+    order = {_ident(it, key): i for i, it in enumerate(items)}
+
+    def prepare() -> None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        parts = _rank_files(out_file)
+        existing = read_rows(out_file, key) if out_file.exists() else []
+        earlier = existing + [row for part in parts for row in read_rows(part, key, report=False)]
+        if determining is not None:
+            if earlier:
+                check_resume(out_file.parent, determining, f"the answers in {out_file.name}")
+            else:
+                write_record(out_file.parent, command, determining, [out_file.name])
+        other = sorted({str(row.get("protocol", "paper")) for row in earlier} - {protocol})
+        if other:
+            raise VsinkError(f"{out_file}: made under protocol {', '.join(other)}, not {protocol}; use another --out")
+        _fold(out_file, parts, key, existing, order)
+
+    shard.on_main(prepare)  # the other ranks read out_file once rank 0 has folded every rank's answers in
+    done = {key_of(row, key) for row in read_rows(out_file, key, report=False)} if out_file.exists() else set()
     todo = [it for it in items if key_of(it, key) not in done]
+    target = out_file if shard.alone else shard.rank_file(out_file)
+    mine = list(shard.batches(len(todo), batch_size))
     skipped: list[dict[str, str]] = []
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{mitigation}", unit="item",
-               disable=not progress)
-    for start in range(0, len(todo), batch_size):
+    bar = tqdm(total=len(items) if shard.alone else sum(b - a for _, a, b in mine),
+               initial=len(items) - len(todo) if shard.alone else 0, desc=f"{mitigation}", unit="item",
+               disable=not progress or not shard.main)
+    for _, start, stop in mine:
         batch, images = [], []
-        for item in todo[start:start + batch_size]:
+        for item in todo[start:stop]:
             try:
                 images.append(load_image(member(images_dir, item["image"], f"{key} {key_of(item, key)}: image")))
                 batch.append(item)
@@ -123,11 +145,55 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: P
                 result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, protocol=protocol,
                                   max_new_tokens=max_new_tokens,
                                   sampling=None if sampling is None else {k: sampling[k] for k in ("temperature", "top_p")})
-            append_jsonl(out_file, [{**it, field: text.strip(), "protocol": protocol}
-                                    for it, text in zip(batch, result.texts)], fsync=True)
-        bar.update(len(todo[start:start + batch_size]))
+            append_jsonl(target, [{**it, field: text.strip(), "protocol": protocol}
+                                  for it, text in zip(batch, result.texts)], fsync=True)
+        bar.update(stop - start)
     bar.close()
+    if not shard.alone:
+        every = shard.gather(skipped)  # waits for every rank to finish its batches
+        if every is None:
+            return [], []
+        ranked = {json.dumps(str(key_of(it, key))): i for i, it in enumerate(items)}  # skipped entries name str(key)
+        skipped = sorted((s for part in every for s in part), key=lambda s: ranked.get(json.dumps(s["item"]), len(items)))
+        _fold(out_file, _rank_files(out_file), key, read_rows(out_file, key, report=False) if out_file.exists() else [],
+              order)
     return read_rows(out_file, key, report=False) if out_file.exists() else [], skipped
+
+
+def _ident(row: dict[str, Any], key: Key) -> str:
+    """A row's key as one text: an integer and its decimal text are one key (as :func:`read_rows`
+    reads them)."""
+    value = key_of(row, key)
+    return json.dumps([str(v) if isinstance(v, int) else v for v in (value if isinstance(value, tuple) else (value,))])
+
+
+def _rank_files(out_file: Path) -> list[Path]:
+    """The per-rank files of a sharded run beside ``out_file`` (``answers.rank<N>.jsonl``), by rank."""
+    found = [(int(m.group(1)), p) for p in out_file.parent.glob(f"{out_file.stem}.rank*{out_file.suffix}")
+             if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.rank(\d+){re.escape(out_file.suffix)}", p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _fold(out_file: Path, parts: Sequence[Path], key: Key, existing: Sequence[dict[str, Any]],
+          order: dict[str, int]) -> None:
+    """Append the rows of the per-rank files ``parts`` that ``out_file`` lacks (its rows:
+    ``existing``), in the order of the run's items (others after them, in file order), then remove
+    the per-rank files. Appending before removing: a kill in between leaves rows in both, which
+    the next fold finds already there."""
+    if not parts:
+        return
+    seen = {_ident(row, key) for row in existing}
+    new = []
+    for part in parts:
+        for row in read_rows(part, key, report=False):
+            if _ident(row, key) not in seen:
+                seen.add(_ident(row, key))
+                new.append(row)
+    if new:
+        new.sort(key=lambda row: order.get(_ident(row, key), len(order)))  # stable: the others keep file order
+        append_jsonl(out_file, new, fsync=True)
+    for part in parts:
+        part.unlink(missing_ok=True)
 
 
 def read_rows(path: Path, key: Key, report: bool = True) -> list[dict[str, Any]]:

@@ -104,12 +104,33 @@ def map_scales(all_maps: Sequence[ImageMaps], kinds, layers, heads,
                earlier: Optional[dict[str, Scale]] = None) -> dict[str, Scale]:
     """One :class:`Scale` per kind over every panel of every image (attention kinds from 0),
     widened to cover ``earlier`` scales (so images can be added one at a time)."""
+    return fold_scales([panel_extents(maps, kinds, layers, heads) for maps in all_maps], earlier)
+
+
+def panel_extents(maps: ImageMaps, kinds, layers, heads) -> dict[str, np.ndarray]:
+    """The smallest and largest finite value of an image's panels, per kind (``[inf, -inf]``
+    when a kind has none): all a colour scale needs of them."""
+    out: dict[str, np.ndarray] = {}
+    for _, grid, kind, _, _ in panels(maps, kinds, layers, heads):
+        a = np.asarray(grid, dtype=np.float64)
+        finite = a[np.isfinite(a)]
+        lo, hi = out.get(kind, (np.inf, -np.inf))
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+        out[kind] = np.asarray([lo, hi])
+    return out
+
+
+def fold_scales(extents: Sequence[dict[str, np.ndarray]], earlier: Optional[dict[str, Scale]] = None
+                ) -> dict[str, Scale]:
+    """:func:`map_scales` from :func:`panel_extents` (rank 0 of a sharded export has only those
+    of the other ranks' images)."""
     values: dict[str, list[np.ndarray]] = {}
     for kind, scale in (earlier or {}).items():
         values[kind] = [np.asarray([scale.vmin, scale.vmax])]
-    for maps in all_maps:
-        for _, grid, kind, _, _ in panels(maps, kinds, layers, heads):
-            values.setdefault(kind, []).append(grid)
+    for extent in extents:
+        for kind, pair in extent.items():
+            values.setdefault(kind, []).append(pair)
     return {kind: shared_scale(grids, zero=kind != "norm", label=UNITS[kind]) for kind, grids in values.items()}
 
 

@@ -35,7 +35,8 @@ from ..io import write_json
 from ..layout import TokenLayout
 from ..options import BATCH, THRESHOLD, Bool, Choice, Float, Int, Mapping_, Option, Text, check_all, declare
 from ..readers import checked_field, read_json, records
-from ..probe import Probe
+from ..probe import Probe, Trace
+from ..shard import Shard
 from ..scan import parse_threshold
 from .score_gap import CLEAR, WINDOW, cut_at_gap
 
@@ -132,6 +133,26 @@ def _with_prefix_outliers(patch_mask: torch.Tensor, norms: torch.Tensor, layout:
     return full
 
 
+def _join_norms(parts) -> tuple[list[dict[str, str]], Optional[Trace], dict[int, int]]:
+    """The first passes of a sharded discovery put back in batch order: the skipped entries, the
+    joined norms trace and each batch's first image row in it."""
+    runs = []
+    for done, skipped, trace in parts:
+        row = 0
+        for i, (b, skip_start, n) in enumerate(done):
+            skip_stop = done[i + 1][1] if i + 1 < len(done) else len(skipped)
+            runs.append((b, skipped[skip_start:skip_stop], trace, row, n))
+            row += n
+    all_skipped, pieces, offsets, image = [], [], {}, 0
+    for b, entries, trace, row, n in sorted(runs, key=lambda r: r[0]):
+        all_skipped += entries
+        offsets[b] = image
+        if n:
+            pieces.append(trace.image_rows(row, row + n))
+            image += n
+    return all_skipped, Trace.join(pieces) if pieces else None, offsets
+
+
 def _batches(images, batch_size):
     for start in range(0, len(images), batch_size):
         yield start, images[start:start + batch_size]
@@ -154,7 +175,8 @@ def find_register_neurons(
     batch_size: int = 8,
     img_size: Optional[int] = None,
     progress: bool = True,
-) -> NeuronSpec:
+    shard: Optional[Shard] = None,
+) -> Optional[NeuronSpec]:
     """Rank MLP neurons by their mean |activation| on high-norm tokens.
 
     Args:
@@ -175,6 +197,10 @@ def find_register_neurons(
             that image is 0 (the image still counts in the average). Default off.
         sparsity_fraction: see ``sparsity_filter`` (default 0.5, as released).
         sparsity_activation: see ``sparsity_filter`` (default 0.5, as released).
+        shard: this process's place under ``torchrun`` (:mod:`vsink.shard`): each process runs its
+            batches in both passes; rank 0 finds the outliers over the norms of every image, and
+            adds the per-batch neuron sums in batch order, so the ranking equals one process's.
+            Rank 0 returns the spec, the other ranks None.
     """
     backbone = backbone_arg(backbone)
     images = images_arg(images)
@@ -189,40 +215,53 @@ def find_register_neurons(
             raise VsinkError(f"{key} must be a block index in [{-depth}, {depth - 1}] for the {depth} blocks of "
                              f"{backbone.spec}, got {value}")
     size = (img_size, img_size) if img_size else backbone.img_size
+    shard = shard or Shard()
+    batches = [(b, start, items) for b, (start, items) in enumerate(_batches(images, batch_size)) if shard.owns(b)]
     skipped: list[dict[str, str]] = []
+    done: list[tuple[int, int, int]] = []  # (batch number, its first skipped entry, images read)
     with Probe(backbone, attention=False) as probe:
-        bar = tqdm(list(_batches(images, batch_size)), desc="find: norms", disable=not progress)
-        for start, items in bar:
+        bar = tqdm(batches, desc="find: norms", disable=not progress or not shard.main)
+        for b, start, items in bar:
             loaded, _, failed = load_batch(items, start)
             for entry in failed:  # reported as met, as vsink.scan does; listed in settings["unreadable"]
                 bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+            done.append((b, len(skipped), len(loaded)))
             skipped += failed
             if loaded:
                 probe.run(backbone.preprocess(loaded, size))
-    if not probe.num_batches():
-        reasons = "; ".join(s["reason"] for s in skipped[:5])
-        raise VsinkError(f"no image could be read for register-neuron discovery ({len(skipped)} skipped: {reasons})")
-    trace = probe.trace()
-    trace.check_finite(backbone.spec)
-    high = detect_high_norm(trace, **parse_threshold(threshold))
-    _compare_with_gap_test(trace, high, threshold)
-    if high.emergence_layer is None and detection_layer is None:
-        raise VsinkError("no high-norm outliers in these images: there is nothing for register neurons to "
-                         "explain (pass detection_layer and an absolute threshold to force a layer)")
-    detection = high.emergence_layer if detection_layer is None else detection_layer % backbone.num_layers
-    highest = detection if highest_layer is None else highest_layer % backbone.num_layers
-    layout = trace.layout
-    stats = high.layers[trace.layers.index(detection)]
-    outliers = torch.from_numpy(high.mask(detection))  # [I, P]
-    if outlier_tokens == "all":
-        outliers = _with_prefix_outliers(outliers, torch.from_numpy(trace.norms[trace.layers.index(detection)]),
-                                         layout, stats.threshold)  # [I, N]
+    trace = probe.trace() if probe.num_batches() else None
+    if not shard.alone:
+        parts = shard.gather((done, skipped, trace))
+        if shard.main:
+            skipped, trace, offsets = _join_norms(parts)
 
+    def plan() -> tuple[int, int, float, torch.Tensor, dict[int, int], TokenLayout]:
+        if trace is None:
+            reasons = "; ".join(s["reason"] for s in skipped[:5])
+            raise VsinkError(f"no image could be read for register-neuron discovery ({len(skipped)} skipped: {reasons})")
+        trace.check_finite(backbone.spec)
+        high = detect_high_norm(trace, **parse_threshold(threshold))
+        _compare_with_gap_test(trace, high, threshold)
+        if high.emergence_layer is None and detection_layer is None:
+            raise VsinkError("no high-norm outliers in these images: there is nothing for register neurons to "
+                             "explain (pass detection_layer and an absolute threshold to force a layer)")
+        detection = high.emergence_layer if detection_layer is None else detection_layer % backbone.num_layers
+        highest = detection if highest_layer is None else highest_layer % backbone.num_layers
+        stats = high.layers[trace.layers.index(detection)]
+        outliers = torch.from_numpy(high.mask(detection))  # [I, P]
+        if outlier_tokens == "all":
+            outliers = _with_prefix_outliers(outliers, torch.from_numpy(trace.norms[trace.layers.index(detection)]),
+                                             trace.layout, stats.threshold)  # [I, N]
+        return detection, highest, stats.threshold, outliers, (offsets if not shard.alone else {}), trace.layout
+
+    # rank 0 finds the outliers over every image and sends them to every rank
+    detection, highest, detection_threshold, outliers, offsets, layout = shard.on_main(plan)
     layers = list(range(highest + 1))
     scores = {l: torch.zeros(backbone.mlp_width(l), dtype=torch.float64) for l in layers}
     overall = {l: torch.zeros(backbone.mlp_width(l), dtype=torch.float64) for l in layers}
     used = 0
-    current: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {"scores": scores, "overall": overall}
+    sums: list[tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor], int]] = []  # per batch, under torchrun
 
     def scorer(layer):
         def fn(h: torch.Tensor) -> None:
@@ -236,25 +275,43 @@ def find_register_neurons(
             if sparsity_filter:
                 below = (full < sparsity_activation).sum(dim=1)  # [B, hidden], over all tokens
                 per_image = per_image * (below >= sparsity_fraction * full.shape[1])[keep]
-            scores[layer] += per_image.sum(dim=0).double().cpu()
-            overall[layer] += a[keep].mean(dim=1).sum(dim=0).double().cpu()
+            current["scores"][layer] += per_image.sum(dim=0).double().cpu()
+            current["overall"][layer] += a[keep].mean(dim=1).sum(dim=0).double().cpu()
         return fn
 
     with Hooks(lambda handles: handles.extend(backbone.hook("mlp_hidden", l, scorer(l)) for l in layers)):
         image_index = 0
-        for start, items in tqdm(list(_batches(images, batch_size)), desc="find: neurons", disable=not progress):
+        for b, start, items in tqdm(batches, desc="find: neurons", disable=not progress or not shard.main):
             loaded, _, _ = load_batch(items, start)  # the same files fail as in pass 1
             if not loaded:
                 continue
+            if not shard.alone:
+                image_index = offsets[b]
             mask = outliers[image_index:image_index + len(loaded)]
             image_index += len(loaded)
             if not mask.any():
                 continue
             current["mask"] = mask
-            used += int((mask.sum(dim=1) > 0).sum())
+            if not shard.alone:  # this batch's sums, added on rank 0 in batch order as one process adds them
+                current["scores"] = {l: torch.zeros_like(t) for l, t in scores.items()}
+                current["overall"] = {l: torch.zeros_like(t) for l, t in overall.items()}
+            batch_used = int((mask.sum(dim=1) > 0).sum())
+            used += batch_used
             backbone.forward(backbone.preprocess(loaded, size))
+            if not shard.alone:
+                sums.append((b, current["scores"], current["overall"], batch_used))
+    if not shard.alone:
+        parts = shard.gather(sums)
+        if parts is None:
+            return None
+        used = 0
+        for _, part_scores, part_overall, batch_used in sorted((s for part in parts for s in part), key=lambda s: s[0]):
+            for l in layers:
+                scores[l] += part_scores[l]
+                overall[l] += part_overall[l]
+            used += batch_used
     if used == 0:
-        raise VsinkError(f"no image has outliers at block {detection} with threshold {stats.threshold}: "
+        raise VsinkError(f"no image has outliers at block {detection} with threshold {detection_threshold}: "
                          "nothing to score")
     candidates = []
     for l in layers:
@@ -272,7 +329,7 @@ def find_register_neurons(
     keep = cut.count if top_k is None else top_k
     n_images = trace.num_images
     settings = {"detection_layer": detection, "highest_layer": highest, "threshold": parse_threshold(threshold),
-                "detection_threshold": stats.threshold, "top_k": top_k,
+                "detection_threshold": detection_threshold, "top_k": top_k,
                 "cut": {"rule": "top_k" if top_k is not None else "score gap" if cut.clear else "no clear gap", "kept": min(keep, len(candidates)),
                         **cut.to_dict()},
                 "ranking": [asdict(n) for n in candidates[:max(WINDOW, keep)]], "min_selectivity": min_selectivity,
