@@ -183,7 +183,9 @@ def test_registers_find_two_processes_equal_one(tmp_path, images, coco, photos, 
     stdout, _ = _ran(two, "find")
     reference = Path(str(_reference("find", tmp_path, images, coco, photos)) + ".json")
     spec = json.loads(reference.read_text())
-    assert len(spec["neurons"]) == 10 and spec["settings"]["images"] == 6
+    # the score-gap cut keeps exactly the demo's planted neurons (block 2, MLP units 0-3; docs/demo.md)
+    assert [(n["layer"], n["neuron"]) for n in spec["neurons"]] == [(2, 0), (2, 1), (2, 2), (2, 3)]
+    assert spec["settings"]["images"] == 6
     assert spec["settings"]["images_with_outliers"] == 4 and len(spec["settings"]["unreadable"]) == 1
     assert (two / "find.json").read_text() == reference.read_text()
     assert stdout.count("register neurons of demo") == 1
