@@ -89,6 +89,8 @@ class ScanResult:
     #: per scanned image: its ``(width, height)`` and the region the model saw (:mod:`vsink.viewbox`)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     view_boxes: list[ViewBox] = field(default_factory=list)
+    #: the weight-only defect direction beside the observed one (``vsink scan --defect``), or None
+    defect: Optional[Any] = None
 
     def __post_init__(self) -> None:
         self.sinks = sorted(self.sinks, key=lambda s: -s.share)  # stable: ties keep block, then image order
@@ -159,6 +161,7 @@ class ScanResult:
             "sinks": [s.to_dict() for s in sinks],
             "massive": [m.to_dict() for m in strongest],
             "settings": self.settings,
+            **({"defect": self.defect.to_json()} if self.defect is not None else {}),
         }
 
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
@@ -186,8 +189,11 @@ class ScanResult:
     def determining(self) -> dict[str, Any]:
         """What determined this scan (for its ``vsink-run.json``): model, weights, input size,
         images, settings, version."""
-        return {"model": self.model, "weights": self.weights, "input_size": list(self.input_size),
-                "images": self.images, "settings": self.settings, "vsink_version": __version__}
+        out = {"model": self.model, "weights": self.weights, "input_size": list(self.input_size),
+               "images": self.images, "settings": self.settings, "vsink_version": __version__}
+        if self.defect is not None:
+            out["defect"] = {"samples": self.defect.defect.samples, "seed": self.defect.defect.seed}
+        return out
 
 
 def scan(

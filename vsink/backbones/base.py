@@ -26,6 +26,7 @@ from ..errors import VsinkError
 from ..options import MAX_REGISTERS, Int, Option
 from ..layout import TokenLayout
 from ..viewbox import ViewBox
+from .block_parts import BlockParts
 from .hooks import hook_tensor
 from .sites import SiteHandle, SiteModel
 
@@ -230,6 +231,14 @@ class Backbone(SiteModel):
         """The head's probabilities [B, H, 1, N] from the inputs of its ``forward`` (adapters
         whose :attr:`pool_head` is not None implement it)."""
         raise VsinkError(f"{self.spec}: no pooling attention")
+
+    # --- block weights ---------------------------------------------------------------------
+    def block_parts(self, layer: int) -> BlockParts:
+        """Block ``layer``'s weights as the weight-only defect direction reads them
+        (:class:`~vsink.backbones.block_parts.BlockParts`); families that cannot give them refuse
+        with one line (the default)."""
+        raise VsinkError(f"{self.spec}: the {self.family} family does not give its block weights, so it has no "
+                         "weight-only defect direction")
 
     # --- registers ----------------------------------------------------------------------
     @property

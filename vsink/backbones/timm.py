@@ -16,6 +16,7 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
+from .block_parts import BlockParts, HiddenOf, layer_scale
 from .families import families, family
 
 
@@ -140,6 +141,25 @@ class TimmBackbone(Backbone):
         if not hasattr(mlp, "fc2"):
             raise VsinkError(f"{self.spec}: block {layer} MLP ({type(mlp).__name__}) has no fc2 projection")
         return mlp.fc2
+
+    def block_parts(self, layer: int) -> BlockParts:
+        """timm's pre-norm ``Block``: ``norm1``, the value third of the fused ``qkv``, ``proj``,
+        ``ls1`` / ``ls2`` (LayerScale or identity), ``norm2``, the MLP up to ``fc2``."""
+        from timm.layers import Attention
+
+        block = self.blocks[layer]
+        attn = getattr(block, "attn", None)
+        if type(block).__name__ != "Block" or type(attn) is not Attention:
+            raise VsinkError(f"{self.spec}: block {layer} ({type(block).__name__}) is not timm's pre-norm Block with "
+                             "its standard Attention; no weight-only defect direction")
+        if getattr(attn, "gate", None) is not None:
+            raise VsinkError(f"{self.spec}: block {layer} has gated attention, which is not linear in the values; "
+                             "no weight-only defect direction")
+        value = attn.qkv.weight.chunk(3, dim=0)[2]
+        out = self._mlp_out_proj(layer)
+        return BlockParts(norm1=block.norm1, value=value, proj=attn.proj.weight, ls1=layer_scale(block.ls1),
+                          norm2=block.norm2, hidden=HiddenOf(block.mlp, out), out=out.weight,
+                          ls2=layer_scale(block.ls2), inner_norm=getattr(attn, "norm", None))
 
     def _install_attention(self, layer: int) -> Callable[[], None]:
         from timm.layers import Attention
