@@ -156,16 +156,16 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         with ttr.applied(backbone) if ttr else nullcontext():
             result = scan(backbone, images, batch_size=args.batch_size, img_size=args.img_size,
                           threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress)
+            if args.defect:  # the second pass sees the model as the scan did (test-time registers included)
+                from .defect import compare_with_scan, defect_directions
+
+                found = defect_directions(backbone, samples=args.defect_samples, seed=args.defect_seed,
+                                          progress=not args.no_progress)
+                result.defect = compare_with_scan(backbone, images, result, found, batch_size=args.batch_size,
+                                                  progress=not args.no_progress)
     except NothingScanned as e:  # each skipped file was reported as the scan met it
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2
-    if args.defect:
-        from .defect import compare_with_scan, defect_directions
-
-        found = defect_directions(backbone, samples=args.defect_samples, seed=args.defect_seed,
-                                  progress=not args.no_progress)
-        result.defect = compare_with_scan(backbone, images, result, found, batch_size=args.batch_size,
-                                          progress=not args.no_progress)
     paths = result.save(args.out)
     hn = result.high_norm
     print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}")
@@ -239,6 +239,8 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
     if args.test_time_registers:
         raise VsinkError("--test-time-registers applies to vision scans; for an LVLM use "
                          "'vsink generate --mitigation ttr+...'")
+    if args.defect:
+        raise VsinkError("--defect applies to vision scans (an LVLM's tower: 'vsink defect --model' on the tower)")
     images = _inputs(args)
     lvlm = load_lvlm_for(args)
     prompt = args.prompt if args.prompt is not None else "describe the image"
