@@ -170,6 +170,10 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     hn = result.high_norm
     print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}")
     print(f"layout: {result.layout.describe()}")
+    attention = result.settings["attention"]
+    if not attention["rows_sum_to_one"]:
+        print(f"attention: {attention['variant']}, whose rows do not sum to 1; shares are reported as computed, "
+              "not renormalised")
     said = hn.summary(result.images)
     print(f"high-norm tokens: {said}" if hn.emergence_layer is not None else said)
     for layer in hn.layers:

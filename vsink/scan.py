@@ -19,6 +19,7 @@ from .version import __version__
 from .backbones.base import Backbone, backbone_arg
 from .detect import (AttentionSink, HighNormResult, MassiveActivation, detect_high_norm, detect_massive,
                      detect_sinks, layer_attention_summary, massive_summary)
+from .attention_variants import attention_report
 from .errors import VsinkError
 from .images import ImageSource, NamedImage, load_batch
 from .io import write_text
@@ -292,7 +293,7 @@ def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], 
     settings = {"batch_size": batch_size, "threshold": detect_kwargs, "sink_ratio": sink_ratio,
                 "massive_ratio": massive_ratio, "layers": list(trace.layers),
                 "dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),
-                "edits": list(backbone.edits)}
+                "edits": list(backbone.edits), "attention": attention_report(backbone.model)}
     return ScanResult(
         model=backbone.spec,
         synthetic=backbone.synthetic is not None if synthetic is None else synthetic,

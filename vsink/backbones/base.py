@@ -341,6 +341,7 @@ class Backbone(SiteModel):
         """Save the weights (the library's own format, see the adapters) and ``vsink.json``, from
         which :func:`vsink.load` rebuilds this backbone (registers included). Files are written
         atomically; returns the directory."""
+        from ..attention_variants import attention_variant
         from ..io import write_json
 
         if self.edits or self._appended:
@@ -350,7 +351,8 @@ class Backbone(SiteModel):
         meta = {"format": "vsink-backbone", "version": 1, "family": self.family,
                 "spec": self.source.get("spec", self.spec), "img_size": list(self.img_size),
                 "model_kwargs": dict(self.source.get("model_kwargs") or {}), "mean": list(self.mean),
-                "std": list(self.std), "hooked_registers": self._hooked_registers}
+                "std": list(self.std), "hooked_registers": self._hooked_registers,
+                "attention": attention_variant(self.model)}
         meta.update(self._save_weights(directory, meta))
         write_json(directory / "vsink.json", meta)
         return directory

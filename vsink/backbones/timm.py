@@ -165,12 +165,27 @@ class TimmBackbone(Backbone):
         from timm.layers import Attention
 
         attn = self.blocks[layer].attn
+        backbone = self
+        if getattr(attn, "variant", None) is not None and hasattr(attn, "normaliser"):  # attention_variants
+
+            def route(q, k, v, *, scale, mask, normalise):
+                return backbone._attention(layer, q, k, v, scale=scale, mask=mask, normalise=normalise)
+
+            def variant_forward(x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                                is_causal: bool = False) -> torch.Tensor:
+                return type(attn).forward(attn, x, attn_mask, is_causal, route=route)
+
+            attn.forward = variant_forward
+
+            def undo_variant() -> None:
+                del attn.forward
+
+            return undo_variant
         if type(attn) is not Attention:
             raise VsinkError(
                 f"{self.spec}: block {layer} attention ({type(attn).__name__}) is not timm's standard Attention; "
                 "vsink cannot compute its attention explicitly"
             )
-        backbone = self
 
         def forward(x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
             B, N, _ = x.shape
