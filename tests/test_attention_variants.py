@@ -147,9 +147,12 @@ def test_sites_and_capture_on_every_variant(variant, pixel_values):
     x = pixel_values(batch=2, size=32)
     plain = backbone.forward(x).clone()
     seen = {}
-    handles = [backbone.hook("attn_logits", 1, lambda s, start: seen.setdefault("logits", s.clone())),
-               backbone.hook("attn_probs", 1, lambda p, start, s: seen.setdefault("probs", p.clone())),
-               backbone.hook("attn_qkv", 1, lambda q, k, v: seen.setdefault("q", q.clone())),
+    def keep(key, value):  # an observer: stores, returns None (no replacement)
+        seen.setdefault(key, value)
+
+    handles = [backbone.hook("attn_logits", 1, lambda s, start: keep("logits", s.clone())),
+               backbone.hook("attn_probs", 1, lambda p, start, s: keep("probs", (p.clone(), s))),
+               backbone.hook("attn_qkv", 1, lambda q, k, v: keep("q", q.clone())),
                backbone.hook("block_output", 1, lambda t: None), backbone.hook("mlp_hidden", 1, lambda t: None)]
     try:
         routed = backbone.forward(x)
@@ -157,7 +160,10 @@ def test_sites_and_capture_on_every_variant(variant, pixel_values):
         for h in handles:
             h.remove()
     torch.testing.assert_close(routed, plain, rtol=1e-4, atol=1e-5)
-    s, p = seen["logits"], seen["probs"]
+    s, (p, passed_logits) = seen["logits"], seen["probs"]
+    # the logits go with the weights only while these are their softmax (the probe's entropy
+    # shortcut assumes it); a variant's weights come alone
+    assert (passed_logits is not None) == (variant == "softmax")
     assert p.shape == s.shape  # weights over the same keys (the bias key / sink column is not one of them)
     attn = backbone.blocks[1].attn
     if variant == "kv_bias":
@@ -176,6 +182,26 @@ def test_sites_and_capture_on_every_variant(variant, pixel_values):
         torch.testing.assert_close(sums, torch.ones_like(sums))
     else:
         assert (sums - 1).abs().max() > 1e-3, "a variant reported as not summing to 1 must not be renormalised"
+
+
+@pytest.mark.parametrize("variant", ["softpick", "sigmoid", "sink_logit"])
+def test_probe_entropy_is_that_of_the_weights_as_computed(variant, pixel_values):
+    """−Σ p log p of the variant's own weights (not renormalised), averaged over queries."""
+    from vsink.probe import Probe
+
+    backbone = _variant_backbone(variant)
+    x = pixel_values(batch=1, size=32)
+    seen = []
+    h = backbone.hook("attn_probs", 1, lambda p, start, s: seen.append(p.clone()) or None)
+    try:
+        with Probe(backbone, layers=[1]) as probe:
+            backbone.forward(x)
+    finally:
+        h.remove()
+    p = seen[0].double()
+    want = -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1).mean(-1)  # [B, H]
+    got = torch.as_tensor(probe.trace().attn_entropy[0], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_scan_and_maps_report_rows_that_do_not_sum_to_one(tmp_path, capsys):

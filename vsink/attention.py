@@ -61,7 +61,8 @@ def explicit_attention(
             ``q_start`` counted from there (the mask covers ``q``'s rows only).
         normalise: ``normalise(logits, start)`` → weights, instead of the softmax (an attention
             variant, :mod:`vsink.attention_variants`; ``start``: the block's first row of
-            ``q``); its rows need not sum to 1 and are passed on as they are.
+            ``q``); its rows need not sum to 1 and are passed on as they are, and ``prob_fns``
+            get ``None`` for the logits (the weights are not their softmax).
 
     Returns:
         [B, H, Nq, d] in the dtype of ``v``. Softmax runs in float32 for low-precision inputs.
@@ -94,7 +95,9 @@ def explicit_attention(
             probs = normalise(logits.float(), start).to(v.dtype) if low_precision else normalise(logits, start)
         else:
             probs = logits.float().softmax(dim=-1).to(v.dtype) if low_precision else logits.softmax(dim=-1)
-        source: Optional[torch.Tensor] = logits
+        # the logits go with the weights only while these are their softmax (an attention variant's
+        # weights are not: functions then see None, as after an edit, and use the weights alone)
+        source: Optional[torch.Tensor] = logits if normalise is None else None
         for fn in prob_fns:
             edited = fn(probs, start + q_offset, source)
             if edited is not None:
