@@ -269,3 +269,45 @@ def test_recipes_take_model_attention(tmp_path):
         run_finetune(posthoc, progress=False)
     with pytest.raises(ConfigError, match="model.attention"):
         load_config(None, ["model.attention=linear"])
+
+
+def test_finetune_compare_attention_writes_one_report(tmp_path, capsys):
+    """Every run on equal terms (one recipe, registers.n=0 and model.attention per variant); one
+    table; the measures of each row are those of its own saved model."""
+    from vsink.cli import main
+    from vsink.train import load_config
+    from vsink.train.data import load_training_images, to_input
+
+    out = tmp_path / "cmp"
+    args = ["finetune", "--config", "configs/scratch.yaml", "--compare-attention", "--no-progress", f"out={out}",
+            "model.img_size=32", "model.model_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+            "registers.n=1", "data.num_images=8", "data.eval_images=4", "train.batch_size=4", "train.steps=1",
+            "train.warmup_steps=1", "train.eval_every=1000", "train.checkpoint_every=1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "compare.json").read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert list(runs) == ["registers", *VARIANTS[1:]]
+    assert runs["registers"]["registers"] == 1 and runs["registers"]["attention"]["variant"] == "softmax"
+    for v in VARIANTS[1:]:
+        assert runs[v]["registers"] == 0 and runs[v]["attention"]["variant"] == v
+        assert f"| {v} | 0 |" in printed and f"| {v} | 0 |" in (out / "compare.md").read_text()
+        config = load_config(out / v / "config.yaml", [])
+        assert config.model.attention == v and config.registers.n == 0
+    # sink share of one row recomputed from its model: the largest mean weight a token receives
+    cfg = load_config(out / "sigmoid" / "config.yaml", [])
+    backbone = vsink.load(str(out / "sigmoid" / "final"))
+    images = load_training_images(cfg.data, backbone.img_size, cfg.seed, classification=True)
+    x = to_input(images.eval_pixels, backbone.mean, backbone.std, backbone.device, backbone.dtype, None)
+    seen = []
+    h = backbone.hook("attn_probs", -1, lambda p, start, s: seen.append(p.clone()) or None)
+    try:
+        backbone.forward(x)
+    finally:
+        h.remove()
+    want = float(seen[0].mean(dim=(1, 2)).max(dim=1).values.mean())
+    assert runs["sigmoid"]["sink_share"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(VsinkError, match="scratch recipe"):
+        from vsink.train.compare_attention import comparison_runs
+
+        comparison_runs(load_config("configs/posthoc.yaml", []))

@@ -605,6 +605,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .train import load_config, run_finetune
 
     cfg = load_config(args.config, args.overrides)
+    if args.compare_attention:
+        from .train.compare_attention import comparison_table, compare_attention
+
+        if args.resume:
+            raise VsinkError("--compare-attention starts fresh runs; --resume each OUT/<run> on its own")
+        result = compare_attention(cfg, progress=not args.no_progress)
+        print(comparison_table(result["runs"]), end="")
+        print(f"wrote {cfg.out}/compare.json, {cfg.out}/compare.md and one run folder per row")
+        return 0
     summary = run_finetune(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = summary.get("final_eval", {})

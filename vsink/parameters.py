@@ -283,5 +283,7 @@ FINETUNE = declare(
     Option("overrides", Assignment(), [], "recipe overrides (see the recipe keys in docs/options.md)",
            positional=True, repeat=True, default_text="none", metavar="KEY=VALUE"),
     Option("resume", Bool(), False, "continue from the latest checkpoint in out/"),
+    Option("compare_attention", Bool(), False, "scratch recipe: train it with registers and with each sink-free "
+           "attention variant (registers.n=0) into out/<run>/, and write one comparison (compare.json, compare.md)"),
     NO_PROGRESS,
 )
