@@ -204,6 +204,14 @@ def _value_check(backbone, layer: int = 0) -> None:
     w = norm.weight.detach().double() if getattr(norm, "weight", None) is not None else torch.ones(x.shape[1])
     want = (xh[1:] - xh[:1]) * w @ parts.value.detach().double().T
     torch.testing.assert_close(v[1:] - v[:1], want, rtol=1e-4, atol=1e-4)
+    # the MLP's hidden and output projection belong together: the MLP's own output is
+    # out.W · hidden + out.b on any input (here the tokens entering the block)
+    mlp, out = parts.hidden.mlp, parts.hidden.out_proj
+    with torch.no_grad():
+        h = seen["x"][0].to(parts.out.dtype)
+        got = parts.hidden(h) @ parts.out.T + (out.bias if out.bias is not None else 0)
+        torch.testing.assert_close(got, mlp(h), rtol=1e-4, atol=1e-5)
+    assert parts.out is out.weight
 
 
 FAMILIES = {
