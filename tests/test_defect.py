@@ -165,15 +165,15 @@ def test_demo_disagreement_is_reported(tmp_path, capsys):
 def test_cache_by_fingerprint(tmp_path):
     model = timm_model("deit_tiny_patch16_224", patch_size=8)
     backbone = vsink.wrap(model)
-    first = defect_directions(backbone, samples=64, progress=False)
-    again = defect_directions(backbone, samples=64, progress=False)
+    first = defect_directions(backbone, samples=128, progress=False)
+    again = defect_directions(backbone, samples=128, progress=False)
     assert not first.cached and again.cached
     np.testing.assert_array_equal(first.directions, again.directions)
-    assert not defect_directions(backbone, samples=64, seed=1, progress=False).cached
-    assert not defect_directions(backbone, samples=64, recompute=True, progress=False).cached
+    assert not defect_directions(backbone, samples=128, seed=1, progress=False).cached
+    assert not defect_directions(backbone, samples=128, recompute=True, progress=False).cached
     with torch.no_grad():
         model.blocks[0].attn.proj.weight.mul_(3.0)
-    changed = defect_directions(backbone, samples=64, progress=False)
+    changed = defect_directions(backbone, samples=128, progress=False)
     assert not changed.cached and changed.weights != first.weights
 
 
@@ -233,7 +233,7 @@ FAMILIES = {
 def test_every_family_gives_its_block_weights(case):
     backbone = vsink.wrap(FAMILIES[case]())
     _value_check(backbone)
-    found = defect_directions(backbone, samples=64, progress=False, cache=False)
+    found = defect_directions(backbone, samples=160, progress=False, cache=False)
     assert found.directions.shape == (backbone.num_layers, backbone.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(found.directions, axis=1), 1.0, atol=1e-9)
 
@@ -243,21 +243,26 @@ def test_a_block_it_cannot_read_is_refused_in_one_line():
 
     backbone = vsink.wrap(timm_model("deit_tiny_patch16_224", patch_size=8, block_fn=ResPostBlock))
     with pytest.raises(VsinkError, match="not timm's pre-norm Block") as e:
-        defect_directions(backbone, samples=64, progress=False)
+        defect_directions(backbone, samples=128, progress=False)
     assert "\n" not in str(e.value)
 
 
 def test_cli_defect_writes_and_refuses(tmp_path, capsys):
     out = tmp_path / "d"
-    assert main(["defect", "--samples", "64", "--out", str(out), "--no-progress"]) == 0
+    assert main(["defect", "--samples", "256", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "block  5" in printed and "wrote" in printed
     report = json.loads((out / "defect.json").read_text())
-    assert report["samples"] == 64 and len(report["blocks"]) == 6
+    assert report["samples"] == 256 and len(report["blocks"]) == 6
     with np.load(out / "defect.npz") as z:
         assert z["directions"].shape == (6, 192)
-    assert json.loads((out / "vsink-run.json").read_text())["determining"]["samples"] == 64
-    assert main(["defect", "--samples", "64", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "vsink-run.json").read_text())["determining"]["samples"] == 256
+    assert main(["defect", "--samples", "256", "--out", str(out), "--no-progress"]) == 0
     assert "from the cache" in capsys.readouterr().out
     assert main(["defect", "--samples", "0", "--out", str(out)]) == 2
     assert "--samples" in capsys.readouterr().err
+    # fewer samples than the width (192) leave the fit underdetermined: refused in one line
+    assert main(["defect", "--samples", "100", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("vsink: error:")]
+    assert len(errors) == 1 and "samples 100 must exceed the width 192" in errors[0] and "Traceback" not in err

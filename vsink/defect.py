@@ -221,6 +221,9 @@ def defect_directions(backbone: Backbone, *, samples: int = DEFAULT_SAMPLES, see
     DEFECT["samples"].check(samples)
     DEFECT["seed"].check(seed)
     dim, blocks = backbone.embed_dim, backbone.num_layers
+    if samples <= dim:
+        raise VsinkError(f"samples {samples} must exceed the width {dim} of {backbone.spec} (the least-squares fit of "
+                         f"a {dim}-wide map needs more samples than unknowns per row; the reference uses 100000)")
     parts = [backbone.block_parts(i) for i in range(blocks)]  # a family that cannot refuses before any work
     fingerprint = weights_fingerprint(backbone.model)
     path = _cache_path(fingerprint, samples, seed)
