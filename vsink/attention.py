@@ -43,6 +43,7 @@ def explicit_attention(
     prob_fns: Sequence[ProbFn] = (),
     chunk_size: Optional[int] = None,
     q_offset: int = 0,
+    normalise: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """softmax((q*scale) k^T + mask) v, computed block by block over queries.
 
@@ -58,6 +59,10 @@ def explicit_attention(
         chunk_size: queries per block; default from :func:`query_chunk_size`.
         q_offset: index of ``q``'s first row among the layer's queries: the site functions get
             ``q_start`` counted from there (the mask covers ``q``'s rows only).
+        normalise: ``normalise(logits, start)`` → weights, instead of the softmax (an attention
+            variant, :mod:`vsink.attention_variants`; ``start``: the block's first row of
+            ``q``); its rows need not sum to 1 and are passed on as they are, and ``prob_fns``
+            get ``None`` for the logits (the weights are not their softmax).
 
     Returns:
         [B, H, Nq, d] in the dtype of ``v``. Softmax runs in float32 for low-precision inputs.
@@ -86,8 +91,13 @@ def explicit_attention(
         for fn in logit_fns:
             edited = fn(logits, start + q_offset)
             logits = logits if edited is None else edited
-        probs = logits.float().softmax(dim=-1).to(v.dtype) if low_precision else logits.softmax(dim=-1)
-        source: Optional[torch.Tensor] = logits
+        if normalise is not None:
+            probs = normalise(logits.float(), start).to(v.dtype) if low_precision else normalise(logits, start)
+        else:
+            probs = logits.float().softmax(dim=-1).to(v.dtype) if low_precision else logits.softmax(dim=-1)
+        # the logits go with the weights only while these are their softmax (an attention variant's
+        # weights are not: functions then see None, as after an edit, and use the weights alone)
+        source: Optional[torch.Tensor] = logits if normalise is None else None
         for fn in prob_fns:
             edited = fn(probs, start + q_offset, source)
             if edited is not None:

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "results.md and report.html. With no images: the bundled demo images.")
     add_options(ablate, P.IMAGES, P.MODEL, P.ABLATE, [P.TTR_SPEC], P.TTR)
 
+    defect = sub.add_parser("defect", help="the weight-only defect direction per block (SINDER), without images",
+                            description="Linearise every block (attention: LayerScale·proj·V·LN plus identity; MLP: "
+                                        "least squares on Gaussian inputs) and write the top left singular vector of "
+                                        "the cumulative product after each block: defect.json and defect.npz "
+                                        "(docs/defect.md). Cached by the weights' fingerprint, sample count and seed.")
+    add_options(defect, P.MODEL, P.DEFECT)
+
     registers = sub.add_parser("registers", help="register neurons and test-time registers (no training)")
     reg_sub = registers.add_subparsers(dest="registers_command", required=True)
     find = reg_sub.add_parser("find", help="rank MLP neurons by their activation on high-norm tokens",
@@ -150,6 +157,15 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             result = scan(backbone, images, batch_size=args.batch_size, img_size=args.img_size,
                           threshold=args.threshold, sink_ratio=args.sink_ratio, progress=not args.no_progress,
                           shard=shard_of(args))
+            # the second pass sees the model as the scan did (test-time registers included); under
+            # torchrun rank 0 runs it alone
+            if args.defect and result is not None:
+                from .defect import compare_with_scan, defect_directions
+
+                found = defect_directions(backbone, samples=args.defect_samples, seed=args.defect_seed,
+                                          progress=not args.no_progress)
+                result.defect = compare_with_scan(backbone, images, result, found, batch_size=args.batch_size,
+                                                  progress=not args.no_progress)
     except NothingScanned as e:  # each skipped file was reported as the scan met it
         print(f"vsink: error: {e}", file=sys.stderr)
         return 2
@@ -159,6 +175,10 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     hn = result.high_norm
     print(f"scanned {_scanned(result.images, result.skipped)} with {result.model}")
     print(f"layout: {result.layout.describe()}")
+    attention = result.settings["attention"]
+    if not attention["rows_sum_to_one"]:
+        print(f"attention: {attention['variant']}, whose rows do not sum to 1; shares are reported as computed, "
+              "not renormalised")
     said = hn.summary(result.images)
     print(f"high-norm tokens: {said}" if hn.emergence_layer is not None else said)
     for layer in hn.layers:
@@ -170,6 +190,38 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     print(f"massive activations (>= {result.settings['massive_ratio']:g}x median |activation|): "
           f"{count(len(result.massive), 'entry', 'entries')}" + (f", residual dims {dims}" if dims else ""))
     _print_per_image(result.per_image())
+    if result.defect is not None:
+        _print_defect_comparison(result.defect)
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _print_defect_comparison(comparison) -> None:
+    d = comparison.defect
+    print(f"weight-only defect direction ({d.samples} samples, seed {d.seed}{', cached' if d.cached else ''}) "
+          f"vs the observed high-norm direction (agree at |cos| >= {comparison.threshold:g}):")
+    for i, (c, n) in enumerate(zip(comparison.cosines, comparison.tokens)):
+        cos = f"|cos| {c:.3f}" if c is not None else "|cos|   -  "
+        print(f"  block {i:>2}: {cos}  over {count(n, 'high-norm token')}: {comparison.verdict(i)}")
+    if comparison.disagreeing:
+        print(f"the weight-only direction disagrees with the observed one at blocks {comparison.disagreeing}: "
+              "the mechanism is not in the linearised weights (docs/defect.md)")
+
+
+def _cmd_defect(args: argparse.Namespace) -> int:
+    from .defect import defect_directions
+
+    backbone = _load_for(args)
+    result = defect_directions(backbone, samples=args.samples, seed=args.seed, recompute=args.recompute,
+                               progress=not args.no_progress)
+    paths = result.save(args.out)
+    print(f"weight-only defect directions of {result.model} ({result.samples} samples per block, seed {result.seed}"
+          f"{', from the cache' if result.cached else ''}):")
+    for block in result.to_json()["blocks"]:
+        dims = ", ".join(f"{t['dim']}:{t['value']:+.3f}" for t in block["top_dims"][:3])
+        print(f"  block {block['index']:>2}: singular value {block['singular_value']:10.4g}  "
+              f"dominance {block['dominance']:7.3f}  largest entries {dims}")
     for path in paths.values():
         print(f"wrote {path}")
     return 0
@@ -196,6 +248,8 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
     if args.test_time_registers:
         raise VsinkError("--test-time-registers applies to vision scans; for an LVLM use "
                          "'vsink generate --mitigation ttr+...'")
+    if args.defect:
+        raise VsinkError("--defect applies to vision scans (an LVLM's tower: 'vsink defect --model' on the tower)")
     images = _inputs(args)
     lvlm = load_lvlm_for(args)
     prompt = args.prompt if args.prompt is not None else "describe the image"
@@ -567,6 +621,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .train import load_config, run_finetune
 
     cfg = load_config(args.config, args.overrides)
+    if args.compare_attention:
+        from .train.compare_attention import comparison_table, compare_attention
+
+        if args.resume:
+            raise VsinkError("--compare-attention starts fresh runs; --resume each OUT/<run> on its own")
+        result = compare_attention(cfg, progress=not args.no_progress)
+        print(comparison_table(result["runs"]), end="")
+        print(f"wrote {cfg.out}/compare.json, {cfg.out}/compare.md and one run folder per row")
+        return 0
     summary = run_finetune(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = summary.get("final_eval", {})
@@ -664,7 +727,7 @@ def _join(args: argparse.Namespace):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    handlers = {"ablate": _cmd_ablate, "scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
+    handlers = {"ablate": _cmd_ablate, "defect": _cmd_defect, "scan": _cmd_scan, "maps": _cmd_maps, "registers": _cmd_registers, "eval": _cmd_eval,
                 "finetune": _cmd_finetune, "generate": _cmd_generate, "lvlm": _cmd_lvlm, "models": _cmd_models,
                 "view": _cmd_view}
     from .outputs import ignore_file_size_signal, space_error

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .arguments import images_arg, index_list_arg, int_arg
+from .attention_variants import attention_report
 from .backbones.base import Backbone, backbone_arg
 from .errors import VsinkError, VsinkWarning
 from .finite import FiniteGuard
@@ -203,7 +204,8 @@ def export_maps(
     out = check_output_dir(out_dir, "out_dir")
     image_stems = stems([source_name(item, i) for i, item in enumerate(images)], out)
     settings = {"kinds": kinds, "layers": sel_layers, "heads": sel_heads, "formats": formats, "fusion": fusion,
-                "discard_ratio": discard_ratio, "img_size": img_size, "keep_aspect": keep_aspect}
+                "discard_ratio": discard_ratio, "img_size": img_size, "keep_aspect": keep_aspect,
+                "attention": attention_report(backbone.model)}
     determining = {"model": backbone.spec, "weights": weights_fingerprint(backbone.model),
                    "images": [source_name(item, i) for i, item in enumerate(images)], "settings": settings,
                    "vsink_version": __version__}

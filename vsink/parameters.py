@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from .ablate import ABLATE as ABLATE_ARGUMENTS
 from .backbones.registry import DTYPES
+from .defect import DEFECT as DEFECT_ARGUMENTS
 from .evaluate.chair import VOCABULARIES
 from .evaluate.datasets import FORMATS
 from .evaluate.dense import LOST, TASKS
@@ -80,6 +81,15 @@ SCAN = declare(
            "DIR): its language model's sinks and its vision tower, each image asked with this prompt", nullable=True,
            default_text="a vision scan; 'describe the image' for demo-llava"),
     Option("trust_remote_code", Bool(), False, "LVLM scans: let transformers run code shipped with the model"),
+    Option("defect", Bool(), False, "also compute the weight-only defect direction (SINDER; cached) and report per "
+           "block its |cos| with the observed high-norm direction (a second pass over the images)"),
+    replace(DEFECT_ARGUMENTS["samples"], key="defect_samples"),
+    replace(DEFECT_ARGUMENTS["seed"], key="defect_seed", help="seed of the defect direction's Gaussian samples"),
+)
+
+DEFECT = declare(
+    *DEFECT_ARGUMENTS.values(),
+    Option("out", OutputDir(), "vsink-defect", "output directory (defect.json, defect.npz)"),
 )
 
 MAPS = declare(
@@ -273,5 +283,7 @@ FINETUNE = declare(
     Option("overrides", Assignment(), [], "recipe overrides (see the recipe keys in docs/options.md)",
            positional=True, repeat=True, default_text="none", metavar="KEY=VALUE"),
     Option("resume", Bool(), False, "continue from the latest checkpoint in out/"),
+    Option("compare_attention", Bool(), False, "scratch recipe: train it with registers and with each sink-free "
+           "attention variant (registers.n=0) into out/<run>/, and write one comparison (compare.json, compare.md)"),
     NO_PROGRESS,
 )

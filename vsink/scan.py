@@ -19,6 +19,7 @@ from .version import __version__
 from .backbones.base import Backbone, backbone_arg
 from .detect import (AttentionSink, HighNormResult, MassiveActivation, detect_high_norm, detect_massive,
                      detect_sinks, layer_attention_summary, massive_summary)
+from .attention_variants import attention_report
 from .errors import VsinkError
 from .images import ImageSource, NamedImage, load_batch
 from .io import write_text
@@ -90,6 +91,8 @@ class ScanResult:
     #: per scanned image: its ``(width, height)`` and the region the model saw (:mod:`vsink.viewbox`)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     view_boxes: list[ViewBox] = field(default_factory=list)
+    #: the weight-only defect direction beside the observed one (``vsink scan --defect``), or None
+    defect: Optional[Any] = None
 
     def __post_init__(self) -> None:
         self.sinks = sorted(self.sinks, key=lambda s: -s.share)  # stable: ties keep block, then image order
@@ -160,6 +163,7 @@ class ScanResult:
             "sinks": [s.to_dict() for s in sinks],
             "massive": [m.to_dict() for m in strongest],
             "settings": self.settings,
+            **({"defect": self.defect.to_json()} if self.defect is not None else {}),
         }
 
     def save(self, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
@@ -187,8 +191,11 @@ class ScanResult:
     def determining(self) -> dict[str, Any]:
         """What determined this scan (for its ``vsink-run.json``): model, weights, input size,
         images, settings, version."""
-        return {"model": self.model, "weights": self.weights, "input_size": list(self.input_size),
-                "images": self.images, "settings": self.settings, "vsink_version": __version__}
+        out = {"model": self.model, "weights": self.weights, "input_size": list(self.input_size),
+               "images": self.images, "settings": self.settings, "vsink_version": __version__}
+        if self.defect is not None:
+            out["defect"] = {"samples": self.defect.defect.samples, "seed": self.defect.defect.seed}
+        return out
 
 
 def scan(
@@ -342,7 +349,7 @@ def result_of_trace(backbone: Backbone, trace: Trace, *, size: tuple[int, int], 
     settings = {"batch_size": batch_size, "threshold": detect_kwargs, "sink_ratio": sink_ratio,
                 "massive_ratio": massive_ratio, "layers": list(trace.layers),
                 "dtype": str(backbone.dtype).removeprefix("torch."), "device": str(backbone.device),
-                "edits": list(backbone.edits)}
+                "edits": list(backbone.edits), "attention": attention_report(backbone.model)}
     return ScanResult(
         model=backbone.spec,
         synthetic=backbone.synthetic is not None if synthetic is None else synthetic,

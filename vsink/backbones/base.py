@@ -26,6 +26,7 @@ from ..errors import VsinkError
 from ..options import MAX_REGISTERS, Int, Option
 from ..layout import TokenLayout
 from ..viewbox import ViewBox
+from .block_parts import BlockParts
 from .hooks import hook_tensor
 from .sites import SiteHandle, SiteModel
 
@@ -231,6 +232,14 @@ class Backbone(SiteModel):
         whose :attr:`pool_head` is not None implement it)."""
         raise VsinkError(f"{self.spec}: no pooling attention")
 
+    # --- block weights ---------------------------------------------------------------------
+    def block_parts(self, layer: int) -> BlockParts:
+        """Block ``layer``'s weights as the weight-only defect direction reads them
+        (:class:`~vsink.backbones.block_parts.BlockParts`); families that cannot give them refuse
+        with one line (the default)."""
+        raise VsinkError(f"{self.spec}: the {self.family} family does not give its block weights, so it has no "
+                         "weight-only defect direction")
+
     # --- registers ----------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
@@ -332,6 +341,7 @@ class Backbone(SiteModel):
         """Save the weights (the library's own format, see the adapters) and ``vsink.json``, from
         which :func:`vsink.load` rebuilds this backbone (registers included). Files are written
         atomically; returns the directory."""
+        from ..attention_variants import attention_variant
         from ..io import write_json
 
         if self.edits or self._appended:
@@ -341,7 +351,8 @@ class Backbone(SiteModel):
         meta = {"format": "vsink-backbone", "version": 1, "family": self.family,
                 "spec": self.source.get("spec", self.spec), "img_size": list(self.img_size),
                 "model_kwargs": dict(self.source.get("model_kwargs") or {}), "mean": list(self.mean),
-                "std": list(self.std), "hooked_registers": self._hooked_registers}
+                "std": list(self.std), "hooked_registers": self._hooked_registers,
+                "attention": attention_variant(self.model)}
         meta.update(self._save_weights(directory, meta))
         write_json(directory / "vsink.json", meta)
         return directory

@@ -18,6 +18,7 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
+from .block_parts import BlockParts, HiddenOf, layer_scale, repeat_kv
 from .families import families, family
 from .hf_router import Router
 from .remote_code import is_remote_code_refusal, refused
@@ -286,6 +287,35 @@ class HFVisionBackbone(Backbone):
         if output is not None and hasattr(output, "dense"):
             return output.dense
         raise VsinkError(f"{self.spec}: cannot find the MLP output projection of layer {layer}")
+
+    def block_parts(self, layer: int) -> BlockParts:
+        """A pre-norm HF encoder layer: its first and second norm (``layernorm_before`` / ``norm1`` /
+        ``layer_norm1`` / ``rms_norm1`` and their pairs), the attention's value and output projections
+        (grouped key/value heads repeated per query head), ``layer_scale1`` / ``layer_scale2`` where
+        present, the MLP up to its output projection."""
+        block = self.blocks[layer]
+
+        def first(owner: nn.Module, *names: str) -> Optional[nn.Module]:
+            return next((getattr(owner, n) for n in names if getattr(owner, n, None) is not None), None)
+
+        attn = self._attention_module(layer)
+        norm1 = first(block, "layernorm_before", "norm1", "layer_norm1", "rms_norm1")
+        norm2 = first(block, "layernorm_after", "norm2", "layer_norm2", "rms_norm2")
+        value = first(attn, "v_proj", "value")
+        proj = first(attn, "o_proj", "out_proj") or first(first(block, "attention") or block, "output")
+        proj = getattr(proj, "dense", proj)
+        if norm1 is None or norm2 is None or value is None or not isinstance(proj, nn.Linear):
+            raise VsinkError(f"{self.spec}: layer {layer} ({type(block).__name__}) is not a pre-norm layer vsink can "
+                             "read (norms, value and output projections); no weight-only defect direction")
+        query = first(attn, "q_proj", "query")
+        heads = self.num_heads
+        kv_heads = heads * value.out_features // query.out_features
+        out = self._mlp_out_proj(layer)
+        intermediate = getattr(block, "intermediate", None)
+        hidden = intermediate if intermediate is not None else HiddenOf(first(block, "mlp", "ffn"), out)
+        return BlockParts(norm1=norm1, value=repeat_kv(value.weight, kv_heads, heads), proj=proj.weight,
+                          ls1=layer_scale(getattr(block, "layer_scale1", None)), norm2=norm2, hidden=hidden,
+                          out=out.weight, ls2=layer_scale(getattr(block, "layer_scale2", None)))
 
     def _attention_module(self, layer: int) -> nn.Module:
         for module in self.blocks[layer].modules():

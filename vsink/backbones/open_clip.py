@@ -16,6 +16,7 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
+from .block_parts import BlockParts, HiddenOf, layer_scale
 from .families import family
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -94,6 +95,22 @@ class OpenClipBackbone(Backbone):
 
     def _mlp_out_proj(self, layer: int) -> nn.Module:
         return self.blocks[layer].mlp.c_proj
+
+    def block_parts(self, layer: int) -> BlockParts:
+        """open_clip's ``ResidualAttentionBlock``: ``ln_1``, the value third of ``in_proj_weight``,
+        ``out_proj``, ``ls_1`` / ``ls_2``, ``ln_2``, the MLP up to ``c_proj``."""
+        block = self.blocks[layer]
+        attn = block.attn
+        if not hasattr(attn, "in_proj_weight") or attn.in_proj_weight is None or not hasattr(attn, "out_proj"):
+            raise VsinkError(f"{self.spec}: block {layer} attention ({type(attn).__name__}) has no fused in_proj_weight; "
+                             "no weight-only defect direction")
+        if getattr(block, "ln_attn", None) is not None and not isinstance(block.ln_attn, nn.Identity):
+            raise VsinkError(f"{self.spec}: block {layer} normalises inside its attention (scale_attn); "
+                             "no weight-only defect direction")
+        out = self._mlp_out_proj(layer)
+        return BlockParts(norm1=block.ln_1, value=attn.in_proj_weight.chunk(3, dim=0)[2], proj=attn.out_proj.weight,
+                          ls1=layer_scale(getattr(block, "ls_1", None)), norm2=block.ln_2,
+                          hidden=HiddenOf(block.mlp, out), out=out.weight, ls2=layer_scale(getattr(block, "ls_2", None)))
 
     def _install_attention(self, layer: int) -> Callable[[], None]:
         attn = self.blocks[layer].attn

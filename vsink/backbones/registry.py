@@ -201,6 +201,10 @@ def _load_saved(directory: Path, *, weights: Optional[Union[str, os.PathLike]], 
     backbone = cls.from_saved(directory, cfg, attn_implementation=attn_implementation) or load_library(
         cfg["spec"], weights=None, img_size=size, device="cpu", dtype=None, pretrained=False, attn_implementation=None,
         model_kwargs=cfg["model_kwargs"])
+    if cfg["attention"] != "softmax":
+        from ..attention_variants import apply_attention
+
+        apply_attention(backbone.model, cfg["attention"])
     n_hooked = cfg["hooked_registers"]
     if n_hooked:
         backbone.attach_hooked_registers(nn.Parameter(torch.zeros(1, n_hooked, backbone.embed_dim)))

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Union
 
+from ..attention_variants import VARIANTS
 from ..errors import ModelSpecError
 from ..options import Choice, Float, Int, ListOf, Mapping_, Option, Text, declare
 from ..readers import ReadError, checked_field, read_json
@@ -32,6 +33,8 @@ SAVED_FIELDS: dict[str, Option] = declare(
            default_text="the adapter's"),
     Option("hooked_registers", Int(0, 1024), 0, "registers attached by hooks (families without native registers)"),
     Option("architecture", Text(), None, "timm: the pretrained config's architecture", nullable=True),
+    Option("attention", Choice(VARIANTS), "softmax", "the blocks' attention variant (vsink.attention_variants; "
+           "timm ViTs), swapped in before the weights are loaded"),
 )
 
 

@@ -298,9 +298,11 @@ class SiteModel(ABC):
         scale: float | torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         q_offset: int = 0,
+        normalise: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Explicit attention for block ``layer`` with its installed site functions; ``q`` holds
-        the layer's query rows from ``q_offset`` on (the site functions see absolute indices)."""
+        the layer's query rows from ``q_offset`` on (the site functions see absolute indices);
+        ``normalise``: an attention variant's row normalisation instead of the softmax."""
         fns = self._attn_fns.get(layer, {})
         for fn in fns.get("attn_qkv", ()):
             fn(q, k, v)
@@ -312,4 +314,5 @@ class SiteModel(ABC):
             prob_fns=tuple(fns.get("attn_probs", ())),
             q_offset=q_offset,
             chunk_size=self.attention_chunk_size,
+            normalise=normalise,
         )

@@ -16,6 +16,7 @@ from torch import nn
 from ..attention import additive_mask
 from ..errors import VsinkError
 from .base import Backbone, module_parameters, to_pair
+from .block_parts import BlockParts, HiddenOf, layer_scale
 from .families import families, family
 
 
@@ -141,16 +142,50 @@ class TimmBackbone(Backbone):
             raise VsinkError(f"{self.spec}: block {layer} MLP ({type(mlp).__name__}) has no fc2 projection")
         return mlp.fc2
 
+    def block_parts(self, layer: int) -> BlockParts:
+        """timm's pre-norm ``Block``: ``norm1``, the value third of the fused ``qkv``, ``proj``,
+        ``ls1`` / ``ls2`` (LayerScale or identity), ``norm2``, the MLP up to ``fc2``."""
+        from timm.layers import Attention
+
+        block = self.blocks[layer]
+        attn = getattr(block, "attn", None)
+        if type(block).__name__ != "Block" or type(attn) is not Attention:
+            raise VsinkError(f"{self.spec}: block {layer} ({type(block).__name__}) is not timm's pre-norm Block with "
+                             "its standard Attention; no weight-only defect direction")
+        if getattr(attn, "gate", None) is not None:
+            raise VsinkError(f"{self.spec}: block {layer} has gated attention, which is not linear in the values; "
+                             "no weight-only defect direction")
+        value = attn.qkv.weight.chunk(3, dim=0)[2]
+        out = self._mlp_out_proj(layer)
+        return BlockParts(norm1=block.norm1, value=value, proj=attn.proj.weight, ls1=layer_scale(block.ls1),
+                          norm2=block.norm2, hidden=HiddenOf(block.mlp, out), out=out.weight,
+                          ls2=layer_scale(block.ls2), inner_norm=getattr(attn, "norm", None))
+
     def _install_attention(self, layer: int) -> Callable[[], None]:
         from timm.layers import Attention
 
         attn = self.blocks[layer].attn
+        backbone = self
+        if getattr(attn, "variant", None) is not None and hasattr(attn, "normaliser"):  # attention_variants
+
+            def route(q, k, v, *, scale, mask, normalise):
+                return backbone._attention(layer, q, k, v, scale=scale, mask=mask, normalise=normalise)
+
+            def variant_forward(x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                                is_causal: bool = False) -> torch.Tensor:
+                return type(attn).forward(attn, x, attn_mask, is_causal, route=route)
+
+            attn.forward = variant_forward
+
+            def undo_variant() -> None:
+                del attn.forward
+
+            return undo_variant
         if type(attn) is not Attention:
             raise VsinkError(
                 f"{self.spec}: block {layer} attention ({type(attn).__name__}) is not timm's standard Attention; "
                 "vsink cannot compute its attention explicitly"
             )
-        backbone = self
 
         def forward(x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
             B, N, _ = x.shape

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import VsinkError
 from .base import module_parameters
+from .block_parts import BlockParts, HiddenOf, layer_scale, repeat_kv
 from .families import family
 from .sites import SiteHandle
 from .timm import TimmBackbone
@@ -81,6 +82,25 @@ class TimmEvaBackbone(TimmBackbone):
             appended.remove()
 
         return SiteHandle(remove)
+
+    def block_parts(self, layer: int) -> BlockParts:
+        """timm's pre-norm ``EvaBlock``: ``norm1``, the value rows (of the fused ``qkv`` or of
+        ``v_proj``, grouped key/value heads repeated per query head), the sub-LN ``attn.norm``
+        (identity unless EVA-02's), ``proj``, ``gamma_1`` / ``gamma_2``, ``norm2``, the MLP up to ``fc2``."""
+        block = self.blocks[layer]
+        if type(block).__name__ != "EvaBlock":
+            raise VsinkError(f"{self.spec}: block {layer} ({type(block).__name__}) is not timm's pre-norm EvaBlock; "
+                             "no weight-only defect direction")
+        attn = block.attn
+        heads = int(attn.num_heads)
+        if getattr(attn, "qkv", None) is not None:
+            value = attn.qkv.weight.chunk(3, dim=0)[2]
+        else:
+            value = repeat_kv(attn.v_proj.weight, int(getattr(attn, "num_kv_heads", heads)), heads)
+        out = self._mlp_out_proj(layer)
+        return BlockParts(norm1=block.norm1, value=value, proj=attn.proj.weight, ls1=layer_scale(block.gamma_1),
+                          norm2=block.norm2, hidden=HiddenOf(block.mlp, out), out=out.weight,
+                          ls2=layer_scale(block.gamma_2), inner_norm=getattr(attn, "norm", None))
 
     def _install_attention(self, layer: int) -> Callable[[], None]:
         from timm.layers import AttentionRope

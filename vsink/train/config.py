@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..assignments import parse_assignment
+from ..attention_variants import VARIANTS
 from ..errors import VsinkError
 from ..options import (DEVICE, MAX_REGISTERS, SEED, Bool, Choice, Float, InputPath, Int, ListOf, Mapping_, Option, OptionError,
                        OutputDir, Text, declare)
@@ -36,6 +37,8 @@ RECIPE: dict[str, Option] = declare(
            nullable=True),
     Option("model.model_kwargs", Mapping_(), {}, "keyword arguments of the library constructor, e.g. {depth: 4}"),
     Option("model.pretrained", Bool(), True, "load the library's pretrained weights (timm) when no weights are given"),
+    Option("model.attention", Choice(VARIANTS), "softmax", "attention of every block (timm ViTs; docs/finetune.md, "
+           "Attention variants): posthoc only softmax, gated (gate opened) or sink_logit (at -30)"),
     Option("registers.n", Int(0, MAX_REGISTERS), 4, "registers added (posthoc: at least 1; scratch: 0 to compare)"),
     Option("registers.init_std", Float(0), 1e-6, "std of the new registers' normal initialisation"),
     Option("teacher.kind", Choice(("original", "ttr", "denoised")), "original",
@@ -114,6 +117,7 @@ class ModelConfig:
     weights: Optional[str] = _default("model.weights")
     model_kwargs: dict[str, Any] = _default("model.model_kwargs")
     pretrained: bool = _default("model.pretrained")
+    attention: str = _default("model.attention")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from ..attention_variants import apply_attention, variant_parameters
 from ..backbones.base import Backbone
 from ..backbones.hooks import Hooks
 from ..errors import VsinkError
@@ -87,11 +88,14 @@ class PosthocTask(TrainTask):
         self.cfg, self.images, self.device = cfg, images, device
         reg = cfg.registers
         self.student = base.with_registers(reg.n, init_std=reg.init_std, seed=cfg.seed)
+        apply_attention(self.student.model, cfg.model.attention, start="pretrained")
         for p in self.student.model.parameters():
             p.requires_grad_(False)
         st = cfg.student
         blocks = list(st.blocks) + list(range(base.num_layers - st.last_blocks, base.num_layers))
         self._trainable = unlocked_parameters(self.student, st.unlock, sorted(set(blocks)))
+        known = {id(p) for _, p in self._trainable}
+        self._trainable += [(n, p) for n, p in variant_parameters(self.student.model) if id(p) not in known]
         for _, p in self._trainable:
             p.requires_grad_(True)
         self.module, self.num_samples = self.student.model, len(images.pixels)
@@ -305,6 +309,7 @@ def _build(cfg: Recipe, device: torch.device) -> TrainTask:
     kwargs["num_classes"] = images.num_classes
     torch.manual_seed(cfg.seed)
     backbone = load(m.spec, img_size=m.img_size, model_kwargs=kwargs, pretrained=False, device=device)
+    apply_attention(backbone.model, m.attention, start="scratch")
     return ScratchTask(cfg, backbone, images, device)
 
 
