@@ -94,3 +94,23 @@ def test_missing_accelerate_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
     with pytest.raises(VsinkError, match="--device-map needs the 'accelerate' package"):
         device_map_kwargs("auto", None, "x")
+
+
+def test_cli_generate_with_a_device_map_file_prints_the_same(pair, tmp_path, capsys):
+    from vsink.cli import main
+
+    whole, _ = pair
+    directory = whole.spec.removeprefix("hf:")
+    _image(0).save(tmp_path / "a.png")
+    (tmp_path / "map.json").write_text(json.dumps(SPLIT))
+    run = ["generate", str(tmp_path / "a.png"), "--model", directory, "--prompt", PROMPTS[0],
+           "--mitigation", "pai", "--set", "start_layer=1", "--max-new-tokens", "4"]
+    assert main(run) == 0
+    alone = capsys.readouterr().out
+    assert main(run + ["--device-map", str(tmp_path / "map.json"), "--offload-folder", str(tmp_path / "off")]) == 0
+    assert capsys.readouterr().out == alone
+    assert main(run + ["--device-map", str(tmp_path / "map.json")]) == 2
+    assert "on disk: give --offload-folder" in capsys.readouterr().err
+    assert main(["scan", str(tmp_path / "a.png"), "--model", "demo", "--device-map", "auto",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--device-map applies to LVLM scans" in capsys.readouterr().err
