@@ -14,6 +14,7 @@ from vsink.backbones.hf_lvlm import load_lvlm
 from vsink.data.demo_lvlm import build_tiny_llava
 from vsink.errors import VsinkError
 from vsink.lvlm import generate
+from vsink.manifest import weights_fingerprint
 
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
@@ -46,11 +47,13 @@ def pair(tmp_path_factory):
 
 
 def test_layers_are_offloaded(pair):
-    _, split = pair
+    whole, split = pair
     layers = split.model.model.language_model.layers
     assert {p.device.type for p in layers[1].parameters()} == {"meta"}  # on disk between forwards
     assert {p.device.type for p in layers[0].parameters()} == {"cpu"}
     assert split.device == torch.device("cpu")
+    # the run record's weights fingerprint reads the offloaded weights, so it names the same model
+    assert weights_fingerprint(split.model) == weights_fingerprint(whole.model)
 
 
 @pytest.mark.parametrize("mitigation", sorted(CASES))
@@ -96,7 +99,7 @@ def test_missing_accelerate_is_one_line(monkeypatch):
         device_map_kwargs("auto", None, "x")
 
 
-def test_cli_generate_with_a_device_map_file_prints_the_same(pair, tmp_path, capsys):
+def test_cli_generate_and_scan_with_a_device_map_file_equal_the_whole_model(pair, tmp_path, capsys):
     from vsink.cli import main
 
     whole, _ = pair
@@ -111,6 +114,16 @@ def test_cli_generate_with_a_device_map_file_prints_the_same(pair, tmp_path, cap
     assert capsys.readouterr().out == alone
     assert main(run + ["--device-map", str(tmp_path / "map.json")]) == 2
     assert "on disk: give --offload-folder" in capsys.readouterr().err
+    scan = ["scan", str(tmp_path / "a.png"), "--model", directory, "--prompt", PROMPTS[1]]
+    assert main(scan + ["--out", str(tmp_path / "whole")]) == 0
+    assert main(scan + ["--out", str(tmp_path / "split"), "--device-map", str(tmp_path / "map.json"),
+                        "--offload-folder", str(tmp_path / "off")]) == 0
+    assert (tmp_path / "split/scan.json").read_bytes() == (tmp_path / "whole/scan.json").read_bytes()
+    with np.load(tmp_path / "whole/trace.npz") as a, np.load(tmp_path / "split/trace.npz") as b:
+        assert a.files == b.files and all(a[k].tobytes() == b[k].tobytes() for k in a.files)
+    records = [json.loads((tmp_path / run / "vsink-run.json").read_text()) for run in ("whole", "split")]
+    assert records[0]["determining"] == records[1]["determining"]  # the weights fingerprint included
+    capsys.readouterr()
     assert main(["scan", str(tmp_path / "a.png"), "--model", "demo", "--device-map", "auto",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--device-map applies to LVLM scans" in capsys.readouterr().err
