@@ -149,6 +149,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
     if args.prompt is not None or args.model == DEMO_LVLM:
         return _scan_lvlm(args)
+    if args.device_map is not None:
+        raise VsinkError("--device-map applies to LVLM scans (--prompt); a vision model runs on --device")
     images = _inputs(args)
     backbone = _load_for(args)
     ttr = _ttr(args, args.test_time_registers)
@@ -653,7 +655,7 @@ LVLM_SPEC_FORMS = f"""LVLMs, for vsink generate, lvlm calibrate, eval {LVLM_EVAL
   hf:REPO                           a Hugging Face LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL,
                                     e.g. hf:llava-hf/llava-1.5-7b-hf (the hf: prefix is optional)
   LOCAL_DIR                         a local directory of one of these (save_pretrained)
-options: device (auto: cuda if available), dtype (default: the checkpoint's), trust_remote_code"""
+options: device (auto: cuda if available), dtype (default: the checkpoint's), trust_remote_code, device_map (accelerate; docs/scale.md)"""
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

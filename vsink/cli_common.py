@@ -28,15 +28,20 @@ def shard_of(args: argparse.Namespace):
 
 def load_lvlm_for(args: argparse.Namespace):
     """The LVLM of ``--model`` (``hf:`` prefix optional) with ``--device`` (under torchrun ``auto``
-    and ``cuda`` mean this process's GPU), ``--dtype`` and ``--trust-remote-code``; says so on
-    stderr when it is the synthetic demo (rank 0 only)."""
+    and ``cuda`` mean this process's GPU), ``--dtype``, ``--trust-remote-code`` and
+    ``--device-map`` / ``--offload-folder`` (one process only); says so on stderr when it is the
+    synthetic demo (rank 0 only)."""
     from .backbones.hf_lvlm import load_lvlm
     from .backbones.registry import resolve_dtype
 
     repo = args.model.removeprefix("hf:")
     shard = shard_of(args)
+    if args.device_map is not None and not shard.alone:
+        raise VsinkError("--device-map places one model across this node's devices in one process; under torchrun "
+                         "each rank holds a whole model (leave --device-map out, or run one process)")
     lvlm = load_lvlm(repo, device=shard.device(args.device), dtype=resolve_dtype(args.dtype),
-                     trust_remote_code=args.trust_remote_code)
+                     trust_remote_code=args.trust_remote_code, device_map=args.device_map,
+                     offload_folder=args.offload_folder)
     if not shard.main:
         return lvlm
     if lvlm.synthetic:

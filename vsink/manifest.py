@@ -19,7 +19,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from .outputs import MANIFEST, OutputError, read_manifest
 
@@ -76,8 +76,11 @@ def weights_fingerprint(module: Any) -> str:
     import torch
 
     digest = hashlib.sha256()
+    offloaded = _offloaded(module)
     with torch.no_grad():
         for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
+            if tensor.is_meta and name in offloaded:
+                tensor = offloaded[name]()
             digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
             if tensor.is_meta or tensor.numel() == 0:
                 continue
@@ -92,6 +95,21 @@ def weights_fingerprint(module: Any) -> str:
             digest.update(sample.to(torch.float64 if sample.is_floating_point() else sample.dtype).numpy().tobytes()
                           if not sample.is_complex() else sample.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
+
+
+def _offloaded(module: Any) -> dict[str, Callable[[], Any]]:
+    """Readers of the weights accelerate offloaded (``device_map`` with ``cpu``/``disk`` entries:
+    on the meta device in the module, the values in its hooks' ``weights_map``), by state-dict name."""
+    readers: dict[str, Callable[[], Any]] = {}
+    for prefix, sub in module.named_modules():
+        hook = getattr(sub, "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
+        if weights is None:
+            continue
+        for local in sub.state_dict(keep_vars=False):
+            if local in weights:
+                readers[f"{prefix}.{local}" if prefix else local] = lambda w=weights, k=local: w[k]
+    return readers
 
 
 def _shown(value: Any, limit: int = 60) -> str:

@@ -18,6 +18,7 @@ from .defect import DEFECT as DEFECT_ARGUMENTS
 from .evaluate.chair import VOCABULARIES
 from .evaluate.datasets import FORMATS
 from .evaluate.dense import LOST, TASKS
+from .backbones.device_map import STRATEGIES
 from .evaluate.hallucination import CHAIR_PROMPT, POPE_PROMPT
 from .evaluate.pope import PARSERS, SPLITS
 from .evaluate.segmentation import PROBE
@@ -38,6 +39,15 @@ SIZE = Int(1, 16384)
 PROMPT_TEXT = Text(r"(?s).*\S.*", "a non-empty prompt")
 #: the same --device and --dtype for vision models and LVLMs
 DEVICE_OPTION = Option("device", DEVICE, "cpu", "device to run on (auto: cuda if available, else cpu)")
+#: an LVLM's modules across GPUs, CPU and disk (accelerate), in one process
+DEVICE_MAP = declare(
+    Option("device_map", Text(r"\S.*", f"{', '.join(STRATEGIES)} or a JSON file"), None,
+           "LVLMs: place the model's modules across GPUs, CPU and disk with accelerate (pip install 'vsink[scale]') "
+           "instead of moving it whole to --device; a JSON file maps module names to a GPU index, cpu or disk "
+           "(docs/scale.md)", nullable=True, metavar="MAP"),
+    Option("offload_folder", OutputDir(), None, "with --device-map: where the modules it places on disk are "
+           "written", nullable=True),
+)
 DTYPE_OPTION = Option("dtype", Choice(tuple(DTYPES)), None, "dtype of the weights", nullable=True,
                       default_text="as stored: a Hugging Face checkpoint's own dtype; float32 for timm, open_clip and "
                                    "the demo models")
@@ -85,6 +95,7 @@ SCAN = declare(
            "block its |cos| with the observed high-norm direction (a second pass over the images)"),
     replace(DEFECT_ARGUMENTS["samples"], key="defect_samples"),
     replace(DEFECT_ARGUMENTS["seed"], key="defect_seed", help="seed of the defect direction's Gaussian samples"),
+    *[replace(o, help="LVLM scans: " + o.help.removeprefix("LVLMs: ")) for o in DEVICE_MAP.values()],
 )
 
 DEFECT = declare(
@@ -158,6 +169,7 @@ LVLM_MODEL = declare(
     DEVICE_OPTION,
     DTYPE_OPTION,
     Option("trust_remote_code", Bool(), False, "let transformers run code shipped with the model"),
+    *DEVICE_MAP.values(),
     NO_PROGRESS,
 )
 PROTOCOL = Option("protocol", Choice(PROTOCOLS), "paper", "paper: the mitigation as its paper describes it; "

@@ -19,6 +19,7 @@ from ..arguments import instance_arg
 from ..errors import ModelSpecError, VsinkError
 from ..layout import ImageSpans
 from ..viewbox import ViewBox, clip_processor_box, pad_colour
+from .device_map import DeviceMap, device_map_kwargs, device_map_main
 from .registry import resolve_device
 from .remote_code import is_remote_code_refusal, refused
 
@@ -114,6 +115,12 @@ class LVLM:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the model's one device, or under a device map (accelerate) the first
+        accelerator it places modules on (``cpu`` when it places them only on cpu / disk, whose
+        offloaded weights sit on the ``meta`` device between uses), as transformers' dispatch does."""
+        placed = getattr(self.model, "hf_device_map", None)
+        if placed:
+            return device_map_main(placed)
         return next(self.model.parameters()).device
 
     def image_spans(self, input_ids: torch.Tensor) -> ImageSpans:
@@ -320,15 +327,22 @@ def _refuse_vision_spec(repo: str) -> None:
 
 
 def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
-              trust_remote_code: bool = False) -> LVLM:
+              trust_remote_code: bool = False, device_map: Optional[DeviceMap] = None,
+              offload_folder: Optional[Union[str, os.PathLike]] = None) -> LVLM:
     """Load an LVLM and its processor from a hub id or local directory (``from_pretrained``), or
     build a synthetic demo (``"demo-llava"``, ``"demo-halluc"``, offline). ``device``: ``"cpu"``, ``"cuda"``,
     ``"cuda:1"`` or ``"auto"`` (CUDA if available), checked before anything is loaded; ``dtype``
     ``None`` keeps the checkpoint's own. ``trust_remote_code`` is passed through only when the
-    caller asks for it (``True``; anything else refuses a model that ships its own code)."""
+    caller asks for it (``True``; anything else refuses a model that ships its own code).
+    ``device_map`` (needs ``accelerate``; see :func:`vsink.backbones.device_map.device_map_arg`)
+    places the model's modules across devices, CPU and disk (``offload_folder``) instead of moving
+    it whole to ``device``."""
     import transformers
 
     device = resolve_device(device)
+    placement = device_map_kwargs(device_map, offload_folder, repo)
+    if placement and repo in (DEMO_LVLM, DEMO_HALLUC):
+        raise VsinkError(f"--device-map: {repo!r} is built in memory; give a saved model (hf:REPO or a directory)")
     if repo == DEMO_LVLM:
         from ..data.demo_llava import build_demo_llava
 
@@ -358,9 +372,14 @@ def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Opt
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = cls.from_pretrained(repo, **kwargs).to(device)
+        model = cls.from_pretrained(repo, **kwargs, **placement) if placement else \
+            cls.from_pretrained(repo, **kwargs).to(device)
     except OSError as e:
         raise ModelSpecError(f"hf:{repo}: cannot load the model ({_one_line(e)})") from None
+    except ValueError as e:
+        if not placement:
+            raise
+        raise VsinkError(f"hf:{repo}: --device-map: {_one_line(e)}") from None
     try:
         processor = transformers.AutoProcessor.from_pretrained(repo, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):

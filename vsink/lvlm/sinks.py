@@ -95,7 +95,7 @@ def detect_sinks(lvlm: LVLM, inputs: dict[str, Any], dims: Sequence[int], tau: f
     decoder = decoder_of(lvlm)
 
     def observe(h: torch.Tensor) -> None:
-        flags.append(sink_flags(h, list(dims), tau))
+        flags.append(sink_flags(h, list(dims), tau).to(lvlm.device))  # layers may sit on several devices
 
     with Hooks(lambda handles: handles.extend(decoder.hook("block_input", i, observe)
                                               for i in range(decoder.num_layers))), torch.no_grad():
