@@ -109,6 +109,10 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         label = "+".join(m.name for m in mitigations) or "none"
         if settings:
             raise VsinkError("pass settings inside the Mitigation objects, not as settings=")
+    for m in mitigations:
+        reason = m.refusal(type(lvlm))
+        if reason is not None:
+            raise VsinkError(f"{m.name} does not apply to {lvlm.spec} ({lvlm.family} family): {reason}")
     input_ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     if mask is None:
