@@ -38,8 +38,10 @@ class LVLM:
     (the defaults suit a LLaVA-like model: one image span per image, a square grid, 1-D positions).
     """
 
-    #: the family's name (``vsink models``)
+    #: the family's name (``vsink models``), its models' usual name and an example spec
     family: ClassVar[str] = "?"
+    title: ClassVar[str] = ""
+    example: ClassVar[str] = ""
     #: the ``config.model_type`` values it adapts
     model_types: ClassVar[tuple[str, ...]] = ()
     #: the transformers class that loads them (``transformers.<model_class>.from_pretrained``)

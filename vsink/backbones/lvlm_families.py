@@ -148,12 +148,14 @@ def lvlm_spec_forms(uses: str = "vsink generate, lvlm calibrate, eval pope|chair
               "families (model types; verified here on tiny offline models, not on real weights unless said):"]
     for name, cls in lvlm_families().items():
         origin = "plugin" if name in _PLUGINS else "built-in"
-        lines += _entry(name, f"{', '.join(cls.model_types)} ({cls.model_class}, {origin}); verified: {cls.verified}")
+        example = f", e.g. {cls.example}" if cls.example else ""
+        lines += _entry(name, f"{cls.title or name}: {', '.join(cls.model_types)} ({cls.model_class}, {origin}"
+                              f"{example}); verified: {cls.verified}")
     lines.append("options: device (auto: cuda if available), dtype (default: the checkpoint's), trust_remote_code")
     return "\n".join(lines)
 
 
 def _entry(name: str, text: str) -> list[str]:
     """``name`` and ``text`` wrapped in the two columns of ``vsink models``."""
-    body = textwrap.wrap(text, 80) or [""]
+    body = textwrap.wrap(text, 80, break_on_hyphens=False, break_long_words=False) or [""]
     return [f"  {name:<34}{body[0]}", *(f"  {'':<34}{line}" for line in body[1:])]

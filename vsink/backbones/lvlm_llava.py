@@ -19,6 +19,8 @@ class LlavaLVLM(LVLM):
     """LLaVA-1.5: one image span of (image / patch)² tokens, a square grid."""
 
     family = "llava"
+    title = "LLaVA-1.5"
+    example = "hf:llava-hf/llava-1.5-7b-hf"
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
     verified = ("tiny offline models (tests/test_lvlm.py) and the planted demo-llava; real LLaVA-1.5 weights: "

@@ -13,6 +13,8 @@ class LlavaNextLVLM(LVLM):
     """LLaVA-NeXT: one image span per image (base tile, then the tiles with newline tokens)."""
 
     family = "llava-next"
+    title = "LLaVA-NeXT"
+    example = "hf:llava-hf/llava-v1.6-mistral-7b-hf"
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     verified = "tiny offline models (tests/test_lvlm.py); real weights not verified here"

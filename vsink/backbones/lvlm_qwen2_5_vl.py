@@ -12,5 +12,7 @@ class Qwen25VLLVLM(Qwen2VLLVLM):
     """Qwen2.5-VL: as Qwen2-VL."""
 
     family = "qwen2.5-vl"
+    title = "Qwen2.5-VL"
+    example = "hf:Qwen/Qwen2.5-VL-3B-Instruct"
     model_types = ("qwen2_5_vl",)
     model_class = "Qwen2_5_VLForConditionalGeneration"

@@ -14,6 +14,8 @@ class Qwen2VLLVLM(LVLM):
     """Qwen2-VL: the image grid from ``image_grid_thw`` and the merge size; M-RoPE positions."""
 
     family = "qwen2-vl"
+    title = "Qwen2-VL"
+    example = "hf:Qwen/Qwen2-VL-2B-Instruct"
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
     verified = "tiny offline models (tests/test_lvlm.py); real weights not verified here"
