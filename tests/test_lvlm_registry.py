@@ -163,3 +163,12 @@ def test_every_coverage_cell_holds_on_the_familys_tiny_model(family, tmp_path):
             with pytest.raises(VsinkError, match=f"^{name} does not apply to tiny-{family} "):
                 generate(lvlm, inputs, mitigation=name, settings=settings, max_new_tokens=2)
     assert set(C.coverage()[family]) == set(mitigation_registry())
+
+
+def test_the_readme_lists_every_builtin_lvlm_family_with_what_was_verified():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for name, cls in LF.lvlm_families().items():
+        if cls.__module__.startswith("vsink."):
+            row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
+            assert row is not None, name
+            assert cls.title in row and cls.model_class in row and "real weights" in row
