@@ -1,4 +1,5 @@
-"""LVLM adapter and mitigations on tiny LLaVA, LLaVA-NeXT and Qwen2-VL models built offline."""
+"""LVLM adapter and mitigations on tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision
+models built offline."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
+from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision, build_tiny_qwen2_vl
 from vsink.errors import VsinkError
 from contextlib import ExitStack
 
@@ -21,7 +22,7 @@ from vsink.mitigate import PAI, VAR, Run, redistribute
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
 BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
-            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
+            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5"), "llava_onevision": build_tiny_llava_onevision}
 PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
 SETTINGS = {"none": {}, "var": {"sink_dims": [3, 7], "tau": 2.5}, "pai": {"alpha": 0.5},
             "pai_cfg": {"alpha": 0.5, "gamma": 1.1}, "fastv": {"k": 2, "ratio": 0.5}}

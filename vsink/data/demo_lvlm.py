@@ -142,3 +142,33 @@ def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
     video_processor = tr.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
     processor = processor_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor)
     return model, processor
+
+
+def build_tiny_llava_onevision(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                               image_size: int = 32, patch: int = 8, seed: int = 0) -> tuple[Any, Any]:
+    """(``LlavaOnevisionForConditionalGeneration``, ``LlavaOnevisionProcessor``): a SigLIP tower (no
+    class token, every patch kept), any-resolution tiles over the pinpoints (1×1 to 2×2 tiles of
+    ``image_size``): an image gives its base view's (image_size / patch)² tokens, then its tiles'
+    tokens row by row, each row closed by the learned newline feature."""
+    import transformers as tr
+
+    tok = word_tokenizer(("<image>", "<video>"))
+    torch.manual_seed(seed)
+    text, _ = _llama_and_clip(tok, hidden, layers, heads, kv_heads, image_size, patch)
+    vision = tr.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=image_size, patch_size=patch)
+    s = image_size
+    pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    ids = {"image_token_index": tok.convert_tokens_to_ids("<image>"),
+           "video_token_index": tok.convert_tokens_to_ids("<video>")}
+    config = tr.LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="full",
+                                     vision_feature_layer=-1, image_grid_pinpoints=pinpoints, **ids)
+    model = tr.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = sorted(ids.values())  # see build_tiny_llava
+    image_processor = tr.LlavaOnevisionImageProcessor(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints)
+    video_processor = tr.LlavaOnevisionVideoProcessor(size={"height": s, "width": s})
+    processor = tr.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
+                                           video_processor=video_processor, num_image_tokens=(s // patch) ** 2,
+                                           vision_feature_select_strategy="full", image_token="<image>",
+                                           video_token="<video>")
+    return model, processor
