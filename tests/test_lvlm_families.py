@@ -22,11 +22,11 @@ from vsink.backbones.hf_decoder import DecoderModel
 from vsink.backbones.hf_lvlm import LVLM, load_lvlm
 from vsink.backbones.lvlm_families import lvlm_families
 from vsink.cli import main
-from vsink.data.demo_lvlm import build_tiny_llava_onevision
+from vsink.data.demo_lvlm import build_tiny_llava_onevision, build_tiny_paligemma
 from vsink.probe import Probe
 
 #: family → tiny builder
-NEW = {"llava-onevision": build_tiny_llava_onevision}
+NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma}
 
 
 def _tiny(family: str):
@@ -88,3 +88,42 @@ def test_decoder_attention_equals_eager_and_probes_change_nothing(family):
     layout = probe.trace().layout
     spans = lvlm.image_spans(inputs["input_ids"])
     assert layout.patch_slice == slice(*spans.spans[0][0])
+
+
+def test_paligemma_prefix_is_bidirectional_and_sliding_windows_are_followed_during_generation():
+    """PaliGemma 2 with a 16-token window: its sliding layers' cache drops keys during decoding.
+    What vsink captures at every generated token equals transformers' eager attention of that
+    token's row on the image tokens, in a left-padded batch; and in the prompt the image tokens
+    attend to the text after them (the prefix is bidirectional)."""
+    _tiny("paligemma")
+    model, processor = build_tiny_paligemma(sliding_window=16)
+    lvlm = LVLM(model, processor, "tiny")
+    inputs = lvlm.prepare(_images(2), ["is there a cat ?", "describe this image please , what color is the sky ?"])
+    assert int(inputs["attention_mask"][0].sum()) < inputs["input_ids"].shape[1] and inputs["input_ids"].shape[1] > 16
+    from vsink.lvlm import generate
+
+    result = generate(lvlm, inputs, max_new_tokens=3, capture_attention=True)
+    with torch.no_grad():
+        assert torch.equal(result.sequences, model.generate(**inputs, max_new_tokens=3, do_sample=False))
+    spans = lvlm.image_spans(inputs["input_ids"])
+    dropped = 0
+    model.set_attn_implementation("eager")  # Gemma 2 runs eager anyway (no SDPA with soft-capping)
+    for step in range(3):
+        sequence = result.sequences[:, : inputs["input_ids"].shape[1] + step]
+        extra = torch.ones(2, step, dtype=inputs["attention_mask"].dtype)
+        with torch.no_grad():
+            reference = model(input_ids=sequence, pixel_values=inputs["pixel_values"],
+                              attention_mask=torch.cat([inputs["attention_mask"], extra], 1),
+                              token_type_ids=torch.cat([inputs["token_type_ids"], extra.long()], 1),
+                              output_attentions=True, use_cache=False).attentions
+        for layer, attention in enumerate(reference):
+            for b in range(2):
+                expected = attention[b, :, -1, spans.positions(b)].mean(0)
+                got = result.attention[step, b, layer]
+                absent = got.isnan()  # keys the window dropped from the cache: the model gives them nothing
+                dropped += int(absent.sum())
+                assert bool((expected[absent] == 0).all())
+                torch.testing.assert_close(got[~absent], expected[~absent], atol=1e-5, rtol=0)
+    assert dropped > 0  # the window did drop image keys
+    first_image, last_text = spans.positions(1)[0], inputs["input_ids"].shape[1] - 1
+    assert bool((reference[0][1, :, first_image, last_text] > 0).all())  # a key after the query: bidirectional

@@ -170,7 +170,7 @@ class LVLM:
         mask = torch.ones_like(ids) if mask is None else mask
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         offset = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
-        if self.model_type not in MROPE_TYPES:
+        if not self.mrope:
             return text, offset
         if inputs.get("image_grid_thw") is None:
             return text[None].expand(3, -1, -1), offset
@@ -189,7 +189,7 @@ class LVLM:
         """The position ids [B, 1] (M-RoPE: [3, B, 1]) of the last token of ``attention_mask``,
         with the ``offset`` of :meth:`prompt_positions`."""
         pos = attention_mask.long().sum(-1, keepdim=True) - 1 + offset
-        return pos[None].expand(3, -1, -1) if self.model_type in MROPE_TYPES else pos
+        return pos[None].expand(3, -1, -1) if self.mrope else pos
 
     def read_out(self, hidden: torch.Tensor, norm: bool = True) -> torch.Tensor:
         """Decoder hidden states [..., D] through the language model's final norm (``norm``) and
@@ -208,6 +208,12 @@ class LVLM:
                 if isinstance(norm, nn.Module):
                     return norm
         raise VsinkError(f"{self.spec}: cannot find the language model's final norm")
+
+    def attention_groups(self, inputs: dict[str, Any]) -> Optional[torch.Tensor]:
+        """The prompt's bidirectional blocks [B, N] as the model's own mask has them (tokens of one
+        group ``>= 0`` attend to each other in both directions; ``-1``: causal), or None for a
+        causal model (the default)."""
+        return None
 
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:
         """(rows, cols) of a row's image tokens as a picture: a square when the count is one, else
@@ -302,9 +308,10 @@ class LVLM:
         self.check_context(int(inputs["input_ids"].shape[1]))
         accepted = self._forward_parameters()
         # some tokenizers add token_type_ids, which LLaVA's forward (and transformers 4.x's
-        # generate) do not take
+        # generate) do not take (PaliGemma's and Gemma 3's do: their bidirectional blocks); labels
+        # (PaliGemma's processor) are for training
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
-                if k != "token_type_ids" or k in accepted}
+                if k != "labels" and (k != "token_type_ids" or k in accepted)}
 
     def _forward_parameters(self) -> set[str]:
         import inspect

@@ -298,9 +298,11 @@ class SiteModel(ABC):
         scale: float | torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         q_offset: int = 0,
+        softcap: Optional[float] = None,
     ) -> torch.Tensor:
         """Explicit attention for block ``layer`` with its installed site functions; ``q`` holds
-        the layer's query rows from ``q_offset`` on (the site functions see absolute indices)."""
+        the layer's query rows from ``q_offset`` on (the site functions see absolute indices);
+        ``softcap``: the model's attention-logit cap (Gemma 2), if any."""
         self._check_heads(layer, q, k, v)
         fns = self._attn_fns.get(layer, {})
         for fn in fns.get("attn_qkv", ()):
@@ -313,6 +315,7 @@ class SiteModel(ABC):
             prob_fns=tuple(fns.get("attn_probs", ())),
             q_offset=q_offset,
             chunk_size=self.attention_chunk_size,
+            softcap=softcap,
         )
 
     def _check_heads(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -172,3 +172,35 @@ def build_tiny_llava_onevision(*, hidden: int = 64, layers: int = 4, heads: int 
                                            vision_feature_select_strategy="full", image_token="<image>",
                                            video_token="<video>")
     return model, processor
+
+
+def build_tiny_paligemma(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                         image_size: int = 32, patch: int = 8, seed: int = 0, version: int = 2,
+                         sliding_window: int = 4096) -> tuple[Any, Any]:
+    """(``PaliGemmaForConditionalGeneration``, ``PaliGemmaProcessor``): PaliGemma 2 (a Gemma 2
+    decoder: attention-logit soft-capping, sliding-window layers) or, with ``version=1``, PaliGemma
+    (Gemma); a SigLIP tower. The prompt is ``image tokens, BOS, text``: the processor marks it all
+    as the prefix (``token_type_ids`` 0), over which the decoder attends in both directions."""
+    import transformers as tr
+
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    tok = word_tokenizer(("<image>",))
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                 max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)
+    # PaliGemma 2's Gemma 2: attention logits capped at 50, every other layer a 4096-token sliding
+    # window (``sliding_window`` smaller makes those layers drop keys on a tiny prompt)
+    text = tr.Gemma2Config(**sizes, sliding_window=sliding_window, attn_logit_softcapping=50.0) if version == 2 else \
+        tr.GemmaConfig(**sizes)
+    vision = tr.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=image_size, patch_size=patch, projection_dim=hidden)
+    config = tr.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                projection_dim=hidden, hidden_size=hidden)
+    model = tr.PaliGemmaForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = [config.image_token_id]  # see build_tiny_llava
+    image_processor = tr.SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch) ** 2
+    return model, tr.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
