@@ -22,11 +22,12 @@ from vsink.backbones.hf_decoder import DecoderModel
 from vsink.backbones.hf_lvlm import LVLM, load_lvlm
 from vsink.backbones.lvlm_families import lvlm_families
 from vsink.cli import main
-from vsink.data.demo_lvlm import build_tiny_llava_onevision, build_tiny_paligemma
+from vsink.data.demo_lvlm import build_tiny_gemma3, build_tiny_llava_onevision, build_tiny_paligemma
+from vsink.lvlm.context import DecodeContext
 from vsink.probe import Probe
 
 #: family → tiny builder
-NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma}
+NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3}
 
 
 def _tiny(family: str):
@@ -127,3 +128,38 @@ def test_paligemma_prefix_is_bidirectional_and_sliding_windows_are_followed_duri
     assert dropped > 0  # the window did drop image keys
     first_image, last_text = spans.positions(1)[0], inputs["input_ids"].shape[1] - 1
     assert bool((reference[0][1, :, first_image, last_text] > 0).all())  # a key after the query: bidirectional
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_generation_masks_have_the_models_bidirectional_blocks(family):
+    """In a bound generation context every row computed by vsink (all rows here) equals eager
+    attention only with the family's groups: without them the image tokens (Gemma 3) or the
+    prefix (PaliGemma) would attend causally."""
+    model, processor = _tiny(family)
+    lvlm = LVLM(model, processor, "tiny")
+    inputs = lvlm.prepare(_images(2), ["is there a cat ?", "describe this image please , what color is the sky ?"])
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True, use_cache=False).attentions
+    real = inputs["attention_mask"].bool()
+    keep = real[:, None, :, None] & real[:, None, None, :]  # padded rows and columns are not compared
+    upper = torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).triu(1)
+    assert bool((torch.where(keep & upper, reference[0], 0) > 0).any())  # keys after the query: not causal
+
+    def captured(groups):
+        decoder = DecoderModel(lvlm)
+        context = DecodeContext(lvlm, inputs["input_ids"], inputs["attention_mask"], groups)
+        got: dict[int, list[torch.Tensor]] = {}
+        with decoder.bound(context):
+            handles = [decoder.hook("attn_probs", layer, lambda p, s, z, layer=layer: got.setdefault(layer, []).append(p))
+                       for layer in range(decoder.num_layers)]
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+            for h in handles:
+                h.remove()
+        return [torch.cat(got[layer], dim=2) for layer in range(decoder.num_layers)]
+
+    for ours, theirs in zip(captured(lvlm.attention_groups(inputs)), reference):
+        torch.testing.assert_close(torch.where(keep, ours, 0), torch.where(keep, theirs, 0), atol=1e-5, rtol=0)
+    causal = captured(None)[0]
+    assert not torch.allclose(torch.where(keep, causal, 0), torch.where(keep, reference[0], 0), atol=1e-3)

@@ -304,7 +304,7 @@ class LVLM:
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"
-        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        inputs = self.processor(images=self.processor_images(images), text=texts, return_tensors="pt", padding=True)
         self.check_context(int(inputs["input_ids"].shape[1]))
         accepted = self._forward_parameters()
         # some tokenizers add token_type_ids, which LLaVA's forward (and transformers 4.x's
@@ -312,6 +312,10 @@ class LVLM:
         # (PaliGemma's processor) are for training
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
                 if k != "labels" and (k != "token_type_ids" or k in accepted)}
+
+    def processor_images(self, images: Sequence[Image.Image]) -> Any:
+        """The images as the processor takes them with one prompt each (default: a flat list)."""
+        return list(images)
 
     def _forward_parameters(self) -> set[str]:
         import inspect
