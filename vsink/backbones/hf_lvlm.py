@@ -26,6 +26,11 @@ from .registry import resolve_device
 from .remote_code import is_remote_code_refusal, refused
 
 
+class UnavailableFamily(ModelSpecError):
+    """The model's LVLM family cannot run with the installed transformers (class absent, or a
+    release whose model the family does not follow)."""
+
+
 class LVLM:
     """A Hugging Face LVLM behind vsink's interface (see the module docstring).
 
@@ -50,6 +55,10 @@ class LVLM:
     verified: ClassVar[str] = "tiny offline models only; real weights not verified here"
     #: mitigations the family refuses, with the one-line reason (``{"fastv": "why"}``)
     refuses: ClassVar[dict[str, str]] = {}
+    #: the oldest transformers release whose model this family follows (None: any with ``model_class``),
+    #: and why older ones are refused
+    min_transformers: ClassVar[Optional[str]] = None
+    min_transformers_reason: ClassVar[str] = ""
     #: M-RoPE: 3 rows of position ids (time, height, width), as Qwen2-VL
     mrope: ClassVar[bool] = False
     #: its vision tower is a vsink vision backbone (:meth:`vision_backbone`; test-time registers need it)
@@ -72,8 +81,24 @@ class LVLM:
         """Whether this family adapts the built ``model`` (default: its config's model type)."""
         return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
 
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        """Why this family cannot run with the installed transformers (one line), or None."""
+        import transformers
+        from packaging.version import Version
+
+        if not hasattr(transformers, cls.model_class):
+            return f"transformers {transformers.__version__} has no {cls.model_class} (the {cls.family} family)"
+        if cls.min_transformers and Version(transformers.__version__) < Version(cls.min_transformers):
+            return (f"the {cls.family} family needs transformers >= {cls.min_transformers} (installed: "
+                    f"{transformers.__version__}): {cls.min_transformers_reason}")
+        return None
+
     def __init__(self, model: nn.Module, processor: Any = None, spec: str = "hf:<module>", *,
                  synthetic: Union[bool, str] = False):
+        why = self.unavailable()
+        if why is not None:
+            raise UnavailableFamily(f"{spec}: {why}")
         self.model, self.processor, self.spec = model.eval(), processor, spec
         #: True for a synthetic model (planted mechanisms, meaningless text); ``synthetic_note``: what was planted
         self.synthetic = bool(synthetic)
@@ -277,11 +302,10 @@ class LVLM:
         """The model of ``repo`` (``transformers.<model_class>.from_pretrained``)."""
         import transformers
 
-        model_cls = getattr(transformers, cls.model_class, None)
-        if model_cls is None:
-            raise ModelSpecError(f"hf:{repo}: this transformers ({transformers.__version__}) has no "
-                                 f"{cls.model_class}; the {cls.family} family needs a release that does")
-        return model_cls.from_pretrained(repo, **kwargs)
+        why = cls.unavailable()
+        if why is not None:
+            raise UnavailableFamily(f"hf:{repo}: {why}")
+        return getattr(transformers, cls.model_class).from_pretrained(repo, **kwargs)
 
     # --- inputs -------------------------------------------------------------------------
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Any]:
@@ -293,7 +317,7 @@ class LVLM:
             raise VsinkError(f"{self.spec}: no processor was loaded; pass input_ids and pixel_values yourself")
         if len(images) != len(prompts):
             raise VsinkError(f"got {len(images)} images for {len(prompts)} prompts")
-        placeholder = getattr(self.processor, "image_token", "<image>")
+        placeholder = self.placeholder()
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise VsinkError(f"prompt {i}: must be text, got {prompt!r}")
@@ -313,6 +337,10 @@ class LVLM:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
                 if k != "labels" and (k != "token_type_ids" or k in accepted)}
 
+    def placeholder(self) -> str:
+        """The text that marks where the image goes in a prompt (the processor's ``image_token``)."""
+        return getattr(self.processor, "image_token", "<image>")
+
     def processor_images(self, images: Sequence[Image.Image]) -> Any:
         """The images as the processor takes them with one prompt each (default: a flat list)."""
         return list(images)
@@ -323,7 +351,7 @@ class LVLM:
         return set(inspect.signature(self.model.forward).parameters)
 
     def _format(self, prompt: str) -> str:
-        placeholder = getattr(self.processor, "image_token", "<image>")
+        placeholder = self.placeholder()
         if placeholder in prompt:
             return prompt
         if getattr(self.processor, "chat_template", None):

@@ -42,6 +42,11 @@ class Gemma3LVLM(LVLM):
         starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
         return torch.where(image, starts.long().cumsum(1) - 1, -1)
 
+    def placeholder(self) -> str:
+        """``<start_of_image>`` (the processor's ``boi_token``; transformers 4.x names the image
+        soft token its ``image_token``)."""
+        return getattr(self.processor, "boi_token", None) or super().placeholder()
+
     def processor_images(self, images: Sequence[Image.Image]) -> Any:
         """Gemma 3's processor takes a list of images per prompt."""
         return [[image] for image in images]

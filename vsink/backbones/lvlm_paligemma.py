@@ -31,6 +31,10 @@ class PaliGemmaLVLM(LVLM):
     example = "hf:google/paligemma2-3b-pt-224"
     model_types = ("paligemma",)
     model_class = "PaliGemmaForConditionalGeneration"
+    min_transformers = "5.0"
+    min_transformers_reason = ("transformers 4.x builds PaliGemma's mask otherwise (every pass of several tokens "
+                               "attends in both directions, generated tokens included; Gemma 2's windows on its "
+                               "own 4-D mask), which vsink's generation masks do not follow")
     verified = ("tiny offline PaliGemma 2 and PaliGemma models (tests/test_lvlm.py, tests/test_lvlm_families.py); "
                 "real weights not verified here")
 

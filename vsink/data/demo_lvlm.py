@@ -187,7 +187,7 @@ def build_tiny_paligemma(*, hidden: int = 64, layers: int = 4, heads: int = 4, k
 
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2, got {version!r}")
-    tok = word_tokenizer(("<image>",))
+    tok = word_tokenizer(("<image>",), tokenizer_class=tr.GemmaTokenizerFast)
     torch.manual_seed(seed)
     sizes = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
