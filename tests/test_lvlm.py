@@ -380,10 +380,11 @@ def test_pai_official_has_no_alpha_in_the_prompt_pass_under_guidance(lvlm):
     assert not torch.equal(run["paper"].attention[0][:, :, 2:], run["none"].attention[0][:, :, 2:])
     assert torch.equal(run["official_g1"].attention, run["none"].attention)
     assert torch.equal(run["official_g1"].new_tokens, run["none"].new_tokens)
-    # where the guided first token is the plain one (all but the tiny Gemma 3), step 1 has the same
-    # input as the unguided run's, and α is on there
-    if lvlm.family != "gemma3":
-        assert torch.equal(run["official"].new_tokens[:, :1], run["none"].new_tokens[:, :1])
+    # where the guided first token is the plain one (on the first four families' tiny models; not on
+    # every newer one's random weights), step 1 has the same input as the unguided run's, and α is on there
+    same_first = torch.equal(run["official"].new_tokens[:, :1], run["none"].new_tokens[:, :1])
+    assert same_first or lvlm.family not in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
+    if same_first:
         assert not torch.equal(run["official"].attention[1][:, :, 2:], run["none"].attention[1][:, :, 2:])
 
 
