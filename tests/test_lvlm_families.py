@@ -161,3 +161,17 @@ def test_generation_masks_have_the_models_bidirectional_blocks(family):
         torch.testing.assert_close(torch.where(keep, ours, 0), torch.where(keep, theirs, 0), atol=1e-5, rtol=0)
     causal = captured(None)[0]
     assert not torch.allclose(torch.where(keep, causal, 0), torch.where(keep, reference[0], 0), atol=1e-3)
+
+
+def test_a_scan_of_a_row_with_several_image_runs_is_one_line():
+    from vsink.data.demo_lvlm import build_tiny_llava
+    from vsink.errors import VsinkError
+
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor, "tiny")
+    inputs = lvlm.prepare(_images(1, (32, 32)), ["describe the image"])
+    ids = inputs["input_ids"].clone()
+    image = lvlm.image_spans(ids).positions(0)
+    ids[0, image[5]] = processor.tokenizer.convert_tokens_to_ids("the")  # one run cut in two
+    with pytest.raises(VsinkError, match=r"^tiny#decoder: a prompt row holds 2 runs of image tokens; a scan's layout "):
+        DecoderModel(lvlm).prompt_layout({**inputs, "input_ids": ids})

@@ -96,6 +96,9 @@ class DecoderModel(SiteModel):
                              f"({sorted(set(spans.spans))[:2]}); use one prompt and one image size per batch")
         bos_id = getattr(self.lvlm.text_config, "bos_token_id", None)
         bos = bos_id is not None and bool((ids[:, 0] == bos_id).all())
+        if len(spans.spans[0]) != 1:
+            raise VsinkError(f"{self.spec}: a prompt row holds {len(spans.spans[0])} runs of image tokens; a scan's "
+                             "layout needs one image span per row (one image, not split into separate runs)")
         layout = PromptLayout.of_row(spans, 0, bos=bos)
         return layout.with_grid(self.lvlm.image_grid(inputs, 0, layout.num_patches))
 
