@@ -27,7 +27,9 @@ declared with :func:`setting` and a :class:`Kind` each) and ``_install(run, hand
 functions (:data:`BlockFn`, :data:`LogitFn`, :data:`ProbFn`, :data:`QKVFn`, with :data:`RowsFn`)
 on ``run.decoder`` through ``run.decoder.hook(site, layer, fn, rows=...)``; ``refusal(family)``
 says why it does not apply to an LVLM family, ``calibration_settings(calibration)`` what it takes
-from a sink calibration. :func:`below_depth` checks a layer setting against the decoder.
+from a sink calibration. :func:`below_depth` checks a layer setting against the decoder. A
+mitigation that needs extra runs of the prompt declares them with :class:`Branch`
+(:func:`image_branch`, :func:`text_branch`, :func:`readout_branch`; see vsink/lvlm/branches.py).
 
 One discovery policy for the three groups (:class:`PluginError`): vsink's own modules first, then
 the entry points; a plugin that fails to import is one error naming it, raised when its registry
@@ -52,6 +54,7 @@ from .backbones.timm import TimmBackbone, load_timm
 from .errors import ModelSpecError, VsinkError, VsinkWarning
 from .layout import ImageSpans, PromptLayout, TokenLayout
 from .mitigate.base import Mitigation, Run, below_depth, register
+from .mitigate.branch import Branch, image_branch, readout_branch, text_branch
 from .mitigate.settings import CheckedSettings, setting
 from .options import AnyOf, Bool, Choice, Float, Int, Kind, ListOf, Text
 
@@ -66,7 +69,7 @@ ExplicitAttention = Callable[..., torch.Tensor]
 BACKBONE_MEMBERS = ("blocks", "num_heads", "dynamic_size", "_token_counts", "_run_model", "_mlp_out_proj",
                     "final_norm", "_parameter_roles", "_install_attention", "can_wrap", "from_spec")
 #: what an LVLM family may override (defaults: a LLaVA-like model)
-LVLM_MEMBERS = ("can_wrap", "image_grid", "view_box", "vision_tower", "tower_patches_are_image_tokens",
+LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "image_grid", "view_box", "vision_tower", "tower_patches_are_image_tokens",
                 "text_position_ids", "image_spans", "attention_groups", "placeholder", "processor_images", "load_model", "refuses",
                 "mrope", "tower_is_backbone")
 #: what a mitigation implements (``_install``) and may override
@@ -75,6 +78,7 @@ MITIGATION_MEMBERS = ("name", "settings_class", "target", "_install", "logits_pr
 
 __all__ = [
     "BACKBONE_MEMBERS", "LVLM", "LVLM_MEMBERS", "MITIGATION_MEMBERS", "SITES", "AnyOf", "Backbone", "BlockFn", "Bool",
+    "Branch", "image_branch", "readout_branch", "text_branch",
     "CheckedSettings", "Choice", "Closer", "ExplicitAttention", "Float", "HookSet", "Hooks", "ImageSpans", "Int", "Kind",
     "ListOf", "LogitFn", "Mitigation", "ModelSpecError", "PluginError", "ProbFn", "PromptLayout", "QKVFn", "RowsFn",
     "Run", "SiteFn", "SiteHandle", "SiteModel", "Text", "TimmBackbone", "TokenLayout", "VsinkError", "VsinkWarning",

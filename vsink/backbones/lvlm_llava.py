@@ -23,6 +23,7 @@ class LlavaLVLM(LVLM):
     example = "hf:llava-hf/llava-1.5-7b-hf"
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
+    patches_one_to_one = True
     verified = ("tiny offline models (tests/test_lvlm.py) and the planted demo-llava; real LLaVA-1.5 weights: "
                 "examples/llava15_gpu.py, not run here")
 
