@@ -47,6 +47,11 @@ class PaliGemmaLVLM(LVLM):
         prefix = types == 0 if valid is None else (types == 0) & valid.bool()
         return torch.where(prefix, 0, -1)
 
+    def prompt_positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the model's own generation: PaliGemma's position ids count from 1."""
+        positions, offset = super().prompt_positions(inputs)
+        return positions + 1, offset + 1
+
     def view_box(self, size: Sequence[int]) -> ViewBox:
         """SigLIP's processor resizes the whole image to a square: all of it is seen."""
         return ViewBox.full(size)
