@@ -106,9 +106,14 @@ def lvlm_families() -> dict[str, LVLMClass]:
 
 
 def named_lvlms() -> dict[str, NamedLVLM]:
-    """Every registered exact LVLM spec."""
+    """Every registered exact LVLM spec: vsink's own in :data:`BUILTIN` order, then the plugins'."""
     _load()
-    return dict(_NAMED)
+
+    def rank(item: tuple[str, NamedLVLM]) -> int:
+        module = item[1].builder.__module__
+        return BUILTIN.index(module) if module in BUILTIN else len(BUILTIN)
+
+    return dict(sorted(_NAMED.items(), key=rank))
 
 
 def sink_dims_by_name() -> dict[str, list[int]]:
