@@ -35,7 +35,8 @@ def grounded(tmp_path, monkeypatch):
     registry = dict(base.REGISTRY)
     monkeypatch.setattr(base, "REGISTRY", registry)
     monkeypatch.setattr(mitigate, "REGISTRY", registry)
-    mitigate._load_entry_points()
+    monkeypatch.setattr(mitigate, "_loaded", False)  # discover the entry points again, into the copy
+    mitigate.mitigation_registry()
     yield registry
     sys.modules.pop("grounded_mitigation", None)
 

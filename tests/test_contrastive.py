@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
+from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
+                                  build_tiny_paligemma, build_tiny_qwen2_vl)
 from vsink.errors import VsinkError
 from vsink.lvlm import LVLM, generate
 from vsink.mitigate import DAMRO, DAMROSettings, PAI, PAISettings, VAR, VARSettings, VCD, VCDSettings
@@ -24,7 +25,8 @@ from test_branches import Follow
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
 BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
-            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
+            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5"), "llava_onevision": build_tiny_llava_onevision,
+            "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3}
 
 
 def _image(seed=0, size=(48, 40)):

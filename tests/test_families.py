@@ -29,6 +29,7 @@ def plugin(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(PLUGIN))
     monkeypatch.setattr(F, "_loaded", False)  # discover the entry points again, into a copy of the registry
     monkeypatch.setattr(F, "_FAMILIES", dict(F._FAMILIES))
+    monkeypatch.setattr(F, "_PLUGINS", set(F._PLUGINS))
     assert "mini_vit" not in sys.modules
     yield
     sys.modules.pop("mini_vit", None)
@@ -77,3 +78,29 @@ def test_a_family_name_is_registered_once(plugin):
     with pytest.raises(vsink.VsinkError, match="two backbone families are named 'timm'"):
         F.family(Impostor)
     assert F.families()["timm"] is TimmBackbone
+
+
+def test_a_plugin_family_is_asked_before_a_builtin_one_that_also_accepts_the_model(plugin, monkeypatch):
+    import timm
+
+    from mini_vit import MiniBackbone
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=0)
+    assert type(vsink.wrap(vit)).__name__ == "TimmBackbone"  # the plugin does not accept it
+    F.families()
+    monkeypatch.setattr(MiniBackbone, "can_wrap", classmethod(lambda cls, model: True))  # now it accepts any model
+    assert list(F.families())[0] == "mini"
+    assert F.family_of_model(vit) is MiniBackbone
+
+
+def test_site_tensors_are_checked_against_the_declared_heads(plugin, monkeypatch):
+    from mini_vit import MiniBackbone
+
+    backbone = vsink.load("mini:2")  # 4 heads
+    x = torch.randn(1, 3, 32, 32)
+    monkeypatch.setattr(MiniBackbone, "num_heads", property(lambda self: 8))  # declares 8, hands over 4
+    handle = backbone.hook("attn_probs", 1, lambda p, start, z: None)
+    with pytest.raises(vsink.VsinkError, match=r"^mini:2: block 1 handed vsink's attention queries of shape "
+                                               r"\(1, 4, 17, 8\); the model declares 8 heads"):
+        backbone.forward(x)
+    handle.remove()

@@ -1,4 +1,5 @@
-"""LVLM adapter and mitigations on tiny LLaVA, LLaVA-NeXT and Qwen2-VL models built offline."""
+"""LVLM adapter and mitigations on tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision,
+PaliGemma (2) and Gemma 3 models built offline."""
 
 import json
 
@@ -7,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
+from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
+                                  build_tiny_paligemma, build_tiny_qwen2_vl)
 from vsink.errors import VsinkError
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 from vsink.backbones.hf_decoder import decoder_of
+from vsink.backbones.hf_lvlm import UnavailableFamily
 from vsink.lvlm import LVLM, PAISettings, VARSettings, generate
 from vsink.lvlm.context import DecodeContext
 from vsink.lvlm.sinks import calibrate, detect_sinks
@@ -21,7 +24,9 @@ from vsink.mitigate import PAI, VAR, Run, redistribute
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
 BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
-            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
+            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5"), "llava_onevision": build_tiny_llava_onevision,
+            "paligemma2": build_tiny_paligemma, "paligemma": lambda: build_tiny_paligemma(version=1),
+            "gemma3": build_tiny_gemma3}
 PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
 SETTINGS = {"none": {}, "var": {"sink_dims": [3, 7], "tau": 2.5}, "pai": {"alpha": 0.5},
             "pai_cfg": {"alpha": 0.5, "gamma": 1.1}, "fastv": {"k": 2, "ratio": 0.5}}
@@ -35,7 +40,23 @@ def _image(seed=0, size=(48, 40)):
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def lvlm(request):
     model, processor = BUILDERS[request.param]()
-    return LVLM(model, processor, f"tiny-{request.param}")
+    try:
+        return LVLM(model, processor, f"tiny-{request.param}")
+    except UnavailableFamily as e:  # a family this transformers lacks or that needs a newer one: reported
+        pytest.skip(str(e))
+
+
+@contextmanager
+def _eager(lvlm):
+    """The model on eager attention, then back on the implementations it had (SDPA; eager for
+    models that have no SDPA, such as Gemma 2)."""
+    before = {"text_config": lvlm.text_config._attn_implementation,
+              "vision_config": lvlm.model.config.vision_config._attn_implementation}
+    lvlm.model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        lvlm.model.set_attn_implementation(before)
 
 
 def _mit(name):
@@ -65,12 +86,9 @@ def test_none_reproduces_hf_greedy_generate(lvlm):
 
 def test_captured_attention_equals_hf_eager(lvlm):
     inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
-    lvlm.model.set_attn_implementation("eager")
-    try:
+    with _eager(lvlm):
         with torch.no_grad():
             ref = lvlm.model(**inputs, output_attentions=True)
-    finally:
-        lvlm.model.set_attn_implementation("sdpa")
     with _Bound(lvlm, inputs) as bound:  # vsink's capture on the decoder's sites, no mitigation
         attentions, ours = bound.forward(**inputs)
     real = inputs["attention_mask"].bool()
@@ -99,12 +117,9 @@ def test_batch_equals_single_and_cache_is_transparent(lvlm, name):
 
 def test_fastv_keeps_the_most_attended_image_tokens(lvlm):
     inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
-    lvlm.model.set_attn_implementation("eager")
-    try:
+    with _eager(lvlm):
         with torch.no_grad():
             att = lvlm.model(**inputs, output_attentions=True).attentions
-    finally:
-        lvlm.model.set_attn_implementation("sdpa")
     result = generate(lvlm, inputs, mitigation="fastv", settings={"k": 2, "ratio": 0.5}, max_new_tokens=3)
     spans = result.image_spans
     n_img = spans.counts()[0]
@@ -186,7 +201,7 @@ class _Bound:
     def __init__(self, lvlm, inputs, *mitigations):
         self.lvlm, self.inputs, self.mitigations = lvlm, inputs, mitigations
         self.decoder = decoder_of(lvlm)
-        self.context = DecodeContext(lvlm, inputs["input_ids"], inputs["attention_mask"])
+        self.context = DecodeContext(lvlm, inputs["input_ids"], inputs["attention_mask"], lvlm.attention_groups(inputs))
         self.run = Run(lvlm, self.decoder, self.context, inputs["input_ids"], inputs["attention_mask"])
         self.probs: dict[int, list[torch.Tensor]] = {}
 
@@ -365,9 +380,12 @@ def test_pai_official_has_no_alpha_in_the_prompt_pass_under_guidance(lvlm):
     assert not torch.equal(run["paper"].attention[0][:, :, 2:], run["none"].attention[0][:, :, 2:])
     assert torch.equal(run["official_g1"].attention, run["none"].attention)
     assert torch.equal(run["official_g1"].new_tokens, run["none"].new_tokens)
-    # on these models the guided first token is the plain one, so step 1 has the same input; α is on there
-    assert torch.equal(run["official"].new_tokens[:, :1], run["none"].new_tokens[:, :1])
-    assert not torch.equal(run["official"].attention[1][:, :, 2:], run["none"].attention[1][:, :, 2:])
+    # where the guided first token is the plain one (on the first four families' tiny models; not on
+    # every newer one's random weights), step 1 has the same input as the unguided run's, and α is on there
+    same_first = torch.equal(run["official"].new_tokens[:, :1], run["none"].new_tokens[:, :1])
+    assert same_first or lvlm.family not in ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
+    if same_first:
+        assert not torch.equal(run["official"].attention[1][:, :, 2:], run["none"].attention[1][:, :, 2:])
 
 
 def test_fastv_official_without_cache_reprunes_by_the_newest_token():

@@ -211,8 +211,9 @@ def temperature_plugin(tmp_path, monkeypatch):
     registry = dict(base.REGISTRY)
     monkeypatch.setattr(base, "REGISTRY", registry)
     monkeypatch.setattr(mitigate, "REGISTRY", registry)
+    monkeypatch.setattr(mitigate, "_loaded", False)
     assert "temperature_mitigation" not in sys.modules
-    mitigate._load_entry_points()
+    mitigate.mitigation_registry()
     yield registry
     sys.modules.pop("temperature_mitigation", None)
 
@@ -233,15 +234,18 @@ def test_a_mitigation_from_an_entry_point_runs_alone_and_composed(temperature_pl
         make_mitigations("temperature", {"t": 0.0})
 
 
-def test_a_broken_mitigation_plugin_is_left_out_with_a_warning(tmp_path, monkeypatch):
+def test_a_broken_mitigation_plugin_is_one_error_naming_it(tmp_path, monkeypatch):
     from vsink import mitigate
+    from vsink.backbones.plugins import PluginError
 
     dist = tmp_path / "vsink_broken-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vsink-broken\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[vsink.mitigations]\nbroken = no_such_module_here\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    before = dict(mitigate.REGISTRY)
-    with pytest.warns(RuntimeWarning, match="entry point 'broken' .*failed to load"):
-        mitigate._load_entry_points()
-    assert mitigate.REGISTRY == before
+    monkeypatch.setattr(mitigate, "_loaded", False)
+    with pytest.raises(PluginError, match=r"^the vsink.mitigations entry point 'broken' \(no_such_module_here\) "
+                                          r"failed to load: ModuleNotFoundError: No module named 'no_such_module_here'$"):
+        make_mitigations("var")
+    with pytest.raises(PluginError, match="'broken'"):  # every later use says it again, nothing runs without it
+        mitigate.mitigation_names("var")

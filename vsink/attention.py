@@ -44,8 +44,10 @@ def explicit_attention(
     chunk_size: Optional[int] = None,
     q_offset: int = 0,
     normalise: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """softmax((q*scale) k^T + mask) v, computed block by block over queries.
+    """softmax((q*scale) k^T + mask) v, computed block by block over queries (with ``softcap``:
+    the logits capped to ``softcap · tanh(logits / softcap)`` before the mask, as Gemma 2 does).
 
     Args:
         q, k, v: [B, H, N, d] (keys/values may have their own length, and fewer heads when
@@ -86,6 +88,8 @@ def explicit_attention(
         n = stop - start
         # grouped heads: the g query heads of one key head form one [g·n, d] matrix
         logits = ((q[:, :, start:stop] * scale).reshape(B, Hk, groups * n, d) @ kt).view(B, H, n, Nk)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         if mask is not None:
             logits += mask[..., start:stop, :]  # logits is this block's own fresh tensor
         for fn in logit_fns:

@@ -144,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from .backbones.hf_lvlm import DEMO_LVLM
+    from .backbones.lvlm_families import scan_prompt
     from .scan import NothingScanned, scan
 
-    if args.prompt is not None or args.model == DEMO_LVLM:
-        return _scan_lvlm(args)
+    prompt = args.prompt if args.prompt is not None else scan_prompt(args.model)
+    if prompt is not None:
+        return _scan_lvlm(args, prompt)
     if args.device_map is not None:
         raise VsinkError("--device-map applies to LVLM scans (--prompt); a vision model runs on --device")
     images = _inputs(args)
@@ -243,7 +244,7 @@ def _print_per_image(entries: list[dict]) -> None:
         print(f"  ... {len(entries) - SUMMARY_IMAGES} more images in scan.json (per_image)")
 
 
-def _scan_lvlm(args: argparse.Namespace) -> int:
+def _scan_lvlm(args: argparse.Namespace, prompt: str) -> int:
     from .lvlm.scan import scan_lvlm
     from .scan import NothingScanned
 
@@ -254,7 +255,6 @@ def _scan_lvlm(args: argparse.Namespace) -> int:
         raise VsinkError("--defect applies to vision scans (an LVLM's tower: 'vsink defect --model' on the tower)")
     images = _inputs(args)
     lvlm = load_lvlm_for(args)
-    prompt = args.prompt if args.prompt is not None else "describe the image"
     try:
         result = scan_lvlm(lvlm, images, prompt, batch_size=args.batch_size, sink_ratio=args.sink_ratio,
                            progress=not args.no_progress)
@@ -551,7 +551,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .lvlm import MitigationWarning, generate
     from .lvlm.sinks import Calibration
-    from .mitigate import make_mitigations, mitigation_names
+    from .mitigate import calibrated_settings, make_mitigations, mitigation_names
 
     named = _lvlm_inputs(args)
     prompts = list(args.prompt)
@@ -562,10 +562,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                          f"{count(len(prompts), 'prompt')}")
     settings = parse_settings(args.set)
     if args.sinks:
-        names = mitigation_names(args.mitigation)
-        key = "sink_dims" if names == ["var"] else "var.sink_dims"
-        if "var" in names:
-            settings.setdefault(key, Calibration.load(args.sinks).sink_dims)
+        settings = calibrated_settings(mitigation_names(args.mitigation), settings, Calibration.load(args.sinks))
     make_mitigations(args.mitigation, settings, args.protocol)  # fail before loading the model
     images = [item.image for item in named]
     lvlm = load_lvlm_for(args)
@@ -646,24 +643,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 #: the ``vsink eval`` subcommands that run an LVLM
 LVLM_EVALS = "|".join(("pope", "chair", *BENCHMARK_MODULES))
-#: the LVLM forms of --model (``vsink generate``, ``lvlm calibrate``, ``eval`` :data:`LVLM_EVALS`, ``scan --prompt``)
-LVLM_SPEC_FORMS = f"""LVLMs, for vsink generate, lvlm calibrate, eval {LVLM_EVALS} and scan --prompt:
-  demo-llava                        the built-in synthetic LLaVA with planted register neurons, visual sinks
-                                    and sink dimensions (offline; docs/lvlm.md)
-  demo-halluc                       the synthetic planted-hallucination LLaVA: hallucination and its cure
-                                    by VAR/PAI with answers known by construction (offline; docs/hallucination.md)
-  hf:REPO                           a Hugging Face LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL,
-                                    e.g. hf:llava-hf/llava-1.5-7b-hf (the hf: prefix is optional)
-  LOCAL_DIR                         a local directory of one of these (save_pretrained)
-options: device (auto: cuda if available), dtype (default: the checkpoint's), trust_remote_code, device_map (accelerate; docs/scale.md)"""
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .backbones import spec_forms
+    from .backbones.lvlm_families import lvlm_spec_forms
 
     forms = spec_forms().partition("\n")[2]  # below its "supported model specs:" heading
     print(f"vision models, for vsink scan, maps, registers, eval dense and finetune (model.spec):\n{forms}\n")
-    print(LVLM_SPEC_FORMS)
+    print(lvlm_spec_forms(f"vsink generate, lvlm calibrate, eval {LVLM_EVALS} and scan --prompt"))
     return 0
 
 

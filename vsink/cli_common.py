@@ -29,8 +29,8 @@ def shard_of(args: argparse.Namespace):
 def load_lvlm_for(args: argparse.Namespace):
     """The LVLM of ``--model`` (``hf:`` prefix optional) with ``--device`` (under torchrun ``auto``
     and ``cuda`` mean this process's GPU), ``--dtype``, ``--trust-remote-code`` and
-    ``--device-map`` / ``--offload-folder`` (one process only); says so on stderr when it is the
-    synthetic demo (rank 0 only)."""
+    ``--device-map`` / ``--offload-folder`` (one process only); says so on stderr when it is a
+    synthetic model (rank 0 only)."""
     from .backbones.hf_lvlm import load_lvlm
     from .backbones.registry import resolve_dtype
 
@@ -45,11 +45,9 @@ def load_lvlm_for(args: argparse.Namespace):
     if not shard.main:
         return lvlm
     if lvlm.synthetic:
-        what = ("a small LLaVA whose object hallucination and its cure are planted (see docs/hallucination.md)"
-                if lvlm.spec == "demo-halluc" else
-                "a small LLaVA with planted register neurons, visual sinks and sink dimensions (see docs/lvlm.md)")
-        print(f"vsink: model {lvlm.spec!r} is SYNTHETIC: {what}", file=sys.stderr)
-    print(f"vsink: {lvlm.spec}: {lvlm.model_type}, {lvlm.num_layers} decoder layers", file=sys.stderr)
+        print(f"vsink: model {lvlm.spec!r} is SYNTHETIC: {lvlm.synthetic_note}", file=sys.stderr)
+    print(f"vsink: {lvlm.spec}: {lvlm.model_type} ({lvlm.family} family), {lvlm.num_layers} decoder layers",
+          file=sys.stderr)
     return lvlm
 
 

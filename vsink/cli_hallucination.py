@@ -21,7 +21,7 @@ from .wording import count
 def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
     from .cli_common import parse_settings
     from .lvlm.sinks import Calibration
-    from .mitigate import mitigation_names
+    from .mitigate import calibrated_settings, mitigation_names
 
     parts = {n: mitigation_names(n) for n in names}  # "ttr+var" runs ttr and var together
     settings: dict[str, dict[str, Any]] = {n: {} for n in names}
@@ -35,10 +35,8 @@ def _mitigation_settings(args: argparse.Namespace, names: list[str]) -> dict[str
         for n in runs:
             settings[n][key if len(parts[n]) > 1 else field] = value
     if args.sinks:
-        for n in names:
-            if "var" in parts[n]:
-                settings[n].setdefault("sink_dims" if parts[n] == ["var"] else "var.sink_dims",
-                                       Calibration.load(args.sinks).sink_dims)
+        calibration = Calibration.load(args.sinks)
+        settings = {n: calibrated_settings(parts[n], settings[n], calibration) for n in names}
     return settings
 
 

@@ -10,11 +10,14 @@ within its hidden size) are checked by the library once the model is loaded.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from .ablate import ABLATE as ABLATE_ARGUMENTS
+from .backbones.plugins import PluginError
 from .backbones.registry import DTYPES
 from .defect import DEFECT as DEFECT_ARGUMENTS
+from .errors import VsinkError
 from .evaluate.chair import VOCABULARIES
 from .evaluate.datasets import FORMATS
 from .evaluate.dense import LOST, TASKS
@@ -23,18 +26,39 @@ from .evaluate.hallucination import CHAIR_PROMPT, POPE_PROMPT
 from .evaluate.pope import PARSERS, SPLITS
 from .evaluate.segmentation import PROBE
 from .evaluate.stats import STATS
-from .mitigate import PROTOCOLS, REGISTRY
+from .mitigate import PROTOCOLS, mitigation_names, mitigation_registry
 from .maps import DEFAULT_KINDS, KINDS
-from .options import (BATCH, DEVICE, NO_PROGRESS, SEED, THRESHOLD, Assignment, Bool, Choice, Float, InputPath, Int, ListOf,
-                      Option, OutputDir, OutputFile, Template, Text, declare)
+from .options import (BATCH, DEVICE, NO_PROGRESS, SEED, THRESHOLD, Assignment, Bool, Choice, Float, InputPath, Int,
+                      Invalid, Kind, ListOf, Option, OutputDir, OutputFile, Template, Text, declare)
 from .registers.neurons import FIND as FIND_ARGUMENTS
 from .registers.test_time import TTR as TTR_SETTINGS
 from .rollout import FUSIONS
 from .scan import SCAN as SCAN_ARGUMENTS
 
-_NAMES = "|".join(sorted(REGISTRY))
+
+
+@dataclass(frozen=True)
+class MitigationSpec(Kind):
+    """``none`` or registered mitigations joined by ``+`` (``ttr+var``), plugins' included (the
+    registry is consulted when a value is checked or described, not when this module is imported)."""
+
+    def parse(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise Invalid()
+        try:
+            mitigation_names(value)
+        except PluginError:
+            raise
+        except VsinkError:
+            raise Invalid() from None
+        return value
+
+    def describe(self) -> str:
+        return "none or a '+'-joined combination of " + ", ".join(sorted(mitigation_registry()))
+
+
 #: ``none`` or mitigations joined by ``+`` (``ttr+var``): run together in one call
-MITIGATION = Text(rf"none|({_NAMES})(\+({_NAMES}))*", "none or a '+'-joined combination of " + ", ".join(sorted(REGISTRY)))
+MITIGATION = MitigationSpec()
 SIZE = Int(1, 16384)
 PROMPT_TEXT = Text(r"(?s).*\S.*", "a non-empty prompt")
 #: the same --device and --dtype for vision models and LVLMs

@@ -14,10 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from vsink.mitigate import Mitigation, Run, register
-from vsink.mitigate.branch import image_branch, text_branch
-from vsink.mitigate.settings import CheckedSettings, setting
-from vsink.options import Float
+from vsink.plugin import CheckedSettings, Float, Mitigation, Run, image_branch, register, setting, text_branch
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from vsink.backbones import Backbone, family
+from vsink.plugin import Backbone, family
 
 
 class Attention(nn.Module):

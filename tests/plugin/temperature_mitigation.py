@@ -11,10 +11,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from vsink.mitigate import Mitigation, Run, register
-from vsink.mitigate.base import below_depth
-from vsink.mitigate.settings import CheckedSettings, setting
-from vsink.options import Float, Int
+from vsink.plugin import CheckedSettings, Float, Int, Mitigation, Run, below_depth, register, setting
 
 
 @dataclass

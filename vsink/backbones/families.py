@@ -28,12 +28,11 @@ runs the decorator), e.g. in their ``pyproject.toml``::
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import VsinkError
+from .plugins import load_entry_points
 
 if TYPE_CHECKING:
     from .base import Backbone
@@ -46,6 +45,7 @@ BUILTIN = ("vsink.backbones.timm", "vsink.backbones.timm_eva", "vsink.backbones.
            "vsink.backbones.lvlm_tower")
 
 _FAMILIES: dict[str, type["Backbone"]] = {}
+_PLUGINS: set[str] = set()
 _NAMED: dict[str, tuple[Callable[..., "Backbone"], str]] = {}
 _PATTERNS: dict[str, tuple[Callable[..., "Backbone"], str]] = {}
 _loaded = False
@@ -59,6 +59,8 @@ def family(cls: type["Backbone"]) -> type["Backbone"]:
     if name in _FAMILIES and _FAMILIES[name] is not cls:
         raise VsinkError(f"two backbone families are named {name!r}: {_FAMILIES[name].__name__} and {cls.__name__}")
     _FAMILIES[name] = cls
+    if not cls.__module__.startswith("vsink."):
+        _PLUGINS.add(name)
     return cls
 
 
@@ -94,23 +96,16 @@ def _load() -> None:
     global _loaded
     if _loaded:
         return
+    load_entry_points(ENTRY_POINT_GROUP, BUILTIN)
     _loaded = True
-    for module in BUILTIN:
-        importlib.import_module(module)
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        if entry.value.split(":")[0] in BUILTIN:
-            continue
-        try:
-            entry.load()
-        except Exception as e:  # a broken plugin must not take vsink down; say which one
-            raise VsinkError(f"the vsink.backbones entry point {entry.name!r} ({entry.value}) failed to load: "
-                             f"{type(e).__name__}: {e}") from e
 
 
 def families() -> dict[str, type["Backbone"]]:
-    """Every registered family by name (vsink's own, then the entry points')."""
+    """Every registered family by name: the plugins' (entry points, or any family defined outside
+    vsink) first, then vsink's own, so a plugin is asked before a built-in family that would also
+    accept its model."""
     _load()
-    return dict(_FAMILIES)
+    return {name: cls for plugin in (True, False) for name, cls in _FAMILIES.items() if (name in _PLUGINS) == plugin}
 
 
 def named_specs() -> dict[str, tuple[Callable[..., "Backbone"], str]]:
@@ -120,7 +115,7 @@ def named_specs() -> dict[str, tuple[Callable[..., "Backbone"], str]]:
 
 
 def family_of_model(model: Any) -> Optional[type["Backbone"]]:
-    """The first family that can wrap an already-built ``model`` (registration order)."""
+    """The first family that can wrap an already-built ``model`` (plugins before vsink's own)."""
     return next((cls for cls in families().values() if cls.can_wrap(model)), None)
 
 

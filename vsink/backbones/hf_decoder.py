@@ -96,6 +96,9 @@ class DecoderModel(SiteModel):
                              f"({sorted(set(spans.spans))[:2]}); use one prompt and one image size per batch")
         bos_id = getattr(self.lvlm.text_config, "bos_token_id", None)
         bos = bos_id is not None and bool((ids[:, 0] == bos_id).all())
+        if len(spans.spans[0]) != 1:
+            raise VsinkError(f"{self.spec}: a prompt row holds {len(spans.spans[0])} runs of image tokens; a scan's "
+                             "layout needs one image span per row (one image, not split into separate runs)")
         layout = PromptLayout.of_row(spans, 0, bos=bos)
         return layout.with_grid(self.lvlm.image_grid(inputs, 0, layout.num_patches))
 
@@ -129,18 +132,19 @@ class DecoderModel(SiteModel):
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
             q, kv = query.shape[2], key.shape[2]
-            if self.context is None:  # a scan: every row explicitly
-                out = self._attention(layer, query, key, value, scale=scaling, mask=self._mask(layer, query, key,
-                                                                                               attention_mask))
+            softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+            if self.context is None:  # a scan: every row explicitly, with the model's own mask
+                out = self._attention(layer, query, key, value, scale=scaling, softcap=softcap,
+                                      mask=self._mask(layer, query, key, attention_mask))
                 return out.transpose(1, 2).contiguous(), None
             self.context.shapes[layer] = (q, kv)
             first = self.first_row(layer, q, kv) if self._router.original_implementation in SPLITTABLE else 0
             if first >= q:  # no site function needs a row of this call: the model's own kernel and mask
                 return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                 **kwargs)
-            mask = self.context.mask(layer, q, kv, query.device, query.dtype)
+            mask = self.context.mask(layer, q, kv, query.device, query.dtype, window=window)
             tail = self._attention(layer, query[:, :, first:], key, value, scale=scaling, mask=mask[:, :, first:],
-                                   q_offset=first).transpose(1, 2)
+                                   q_offset=first, softcap=softcap).transpose(1, 2)
             if first == 0:
                 return tail.contiguous(), None
             # the rows before: the model's kernel with the model's own mask, cut to those rows (SDPA's
@@ -172,9 +176,17 @@ class DecoderModel(SiteModel):
         if self.context is not None:
             raise VsinkError(f"{self.spec}: a generation context is bound already")
         self.context = context
+
+        def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self.suspended:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                context.begin_pass(int(hidden.shape[1]))
+
+        handle = self.blocks[0].register_forward_pre_hook(begin, with_kwargs=True)
         try:
             yield context
         finally:
+            handle.remove()
             self.context = None
 
     def describe(self) -> str:

@@ -1,15 +1,17 @@
-"""Adapter for Hugging Face vision-language models: LLaVA-1.5 (``LlavaForConditionalGeneration``),
-LLaVA-NeXT (``LlavaNextForConditionalGeneration``), Qwen2-VL and Qwen2.5-VL.
+"""The LVLM adapter: a Hugging Face vision-language model behind vsink's interface.
 
-Everything that depends on the model class lives here: finding the decoder layers (by structure,
-since their attribute path moved between transformers releases), the image token id, the
-vision tower, and turning images + prompts into model inputs with the model's own processor.
+:class:`LVLM` holds what every family shares — decoder layers found by structure, the image token
+id, image spans, processor inputs, sink dimensions, the vision tower as a vision backbone. A family
+(one file each: ``lvlm_llava.py``, ``lvlm_llava_next.py``, ``lvlm_qwen2_vl.py``,
+``lvlm_qwen2_5_vl.py``, or a plugin's) subclasses it, registers with
+:func:`~vsink.backbones.lvlm_families.lvlm_family` and overrides the methods where its model
+differs. ``LVLM(model, processor)`` builds the adapter of the family that accepts the model.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -18,17 +20,16 @@ from torch import nn
 from ..arguments import instance_arg
 from ..errors import ModelSpecError, VsinkError
 from ..layout import ImageSpans
-from ..viewbox import ViewBox, clip_processor_box, pad_colour
+from ..viewbox import ViewBox, pad_colour
 from .device_map import DeviceMap, device_map_kwargs, device_map_main
+from .lvlm_families import family_of_model, family_of_type, named_lvlms, sink_dims_by_name, supported_types
 from .registry import resolve_device
 from .remote_code import is_remote_code_refusal, refused
 
-SUPPORTED_LVLM = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-#: sink dimensions of the language models of known LVLMs (VAR, Kang et al. 2025), by name fragment
-KNOWN_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743],
-                   "vsink/demo-llava": [37, 611],  # the demos' planted dims (vsink.data.demo_llava.SINK_DIMS,
-                   "vsink/demo-halluc": [37, 611]}  # vsink.data.demo_halluc.SINK_DIMS)
-MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")  # 3-row M-RoPE positions, image grid from image_grid_thw
+
+class UnavailableFamily(ModelSpecError):
+    """The model's LVLM family cannot run with the installed transformers (class absent, or a
+    release whose model the family does not follow)."""
 
 
 class LVLM:
@@ -38,17 +39,76 @@ class LVLM:
         model: the ``...ForConditionalGeneration`` module (eval mode).
         processor: its processor (or None when only token ids are passed in).
         layers: the decoder layers, in order.
+
+    A family sets the class attributes below and overrides the methods where its model differs
+    (the defaults suit a LLaVA-like model: one image span per image, a square grid, 1-D positions).
     """
 
-    def __init__(self, model: nn.Module, processor: Any = None, spec: str = "hf:<module>", *, synthetic: bool = False):
-        model_type = getattr(model.config, "model_type", None)
-        if model_type not in SUPPORTED_LVLM:
-            raise VsinkError(f"{spec}: model type {model_type!r} is not a supported LVLM; supported: "
-                             f"{', '.join(SUPPORTED_LVLM)}")
+    #: the family's name (``vsink models``), its models' usual name and an example spec
+    family: ClassVar[str] = "?"
+    title: ClassVar[str] = ""
+    example: ClassVar[str] = ""
+    #: the ``config.model_type`` values it adapts
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: the transformers class that loads them (``transformers.<model_class>.from_pretrained``)
+    model_class: ClassVar[str] = ""
+    #: what was verified here, for ``vsink models`` and the README
+    verified: ClassVar[str] = "tiny offline models only; real weights not verified here"
+    #: mitigations the family refuses, with the one-line reason (``{"fastv": "why"}``)
+    refuses: ClassVar[dict[str, str]] = {}
+    #: the oldest transformers release whose model this family follows (None: any with ``model_class``),
+    #: and why older ones are refused
+    min_transformers: ClassVar[Optional[str]] = None
+    min_transformers_reason: ClassVar[str] = ""
+    #: M-RoPE: 3 rows of position ids (time, height, width), as Qwen2-VL
+    mrope: ClassVar[bool] = False
+    #: its vision tower is a vsink vision backbone (:meth:`vision_backbone`; test-time registers need it)
+    tower_is_backbone: ClassVar[bool] = True
+    #: its tower has a class token and its patches reach the language model one to one (LLaVA-1.5;
+    #: DAMRO needs it)
+    patches_one_to_one: ClassVar[bool] = False
+
+    def __new__(cls, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any) -> "LVLM":
+        """``LVLM(model, ...)`` builds the adapter of the family that accepts ``model`` (plugins first)."""
+        if cls is LVLM and model is not None:
+            owner = family_of_model(model)
+            if owner is None:
+                spec = kwargs.get("spec", args[1] if len(args) > 1 else "hf:<module>")
+                model_type = getattr(getattr(model, "config", None), "model_type", None)
+                raise VsinkError(f"{spec}: model type {model_type!r} is not a supported LVLM; supported: "
+                                 f"{', '.join(supported_types())}")
+            cls = owner
+        return super().__new__(cls)
+
+    @classmethod
+    def can_wrap(cls, model: nn.Module) -> bool:
+        """Whether this family adapts the built ``model`` (default: its config's model type)."""
+        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        """Why this family cannot run with the installed transformers (one line), or None."""
+        import transformers
+        from packaging.version import Version
+
+        if not hasattr(transformers, cls.model_class):
+            return f"transformers {transformers.__version__} has no {cls.model_class} (the {cls.family} family)"
+        if cls.min_transformers and Version(transformers.__version__) < Version(cls.min_transformers):
+            return (f"the {cls.family} family needs transformers >= {cls.min_transformers} (installed: "
+                    f"{transformers.__version__}): {cls.min_transformers_reason}")
+        return None
+
+    def __init__(self, model: nn.Module, processor: Any = None, spec: str = "hf:<module>", *,
+                 synthetic: Union[bool, str] = False):
+        why = self.unavailable()
+        if why is not None:
+            raise UnavailableFamily(f"{spec}: {why}")
         self.model, self.processor, self.spec = model.eval(), processor, spec
-        #: True for the built-in demo (planted mechanisms, meaningless text)
-        self.synthetic = synthetic
-        self.model_type = model_type
+        #: True for a synthetic model (planted mechanisms, meaningless text); ``synthetic_note``: what was planted
+        self.synthetic = bool(synthetic)
+        self.synthetic_note: Optional[str] = synthetic if isinstance(synthetic, str) else (
+            "a synthetic model" if synthetic else None)
+        self.model_type = getattr(model.config, "model_type", None)
         self.text_config = model.config.get_text_config()
         self.layers = self._find_layers()
         self._vision: Optional[Any] = None
@@ -131,7 +191,7 @@ class LVLM:
         """Position ids of the last ``last`` tokens of a text-only, left-padded sequence (Qwen2-VL:
         the same positions on its three M-RoPE rows)."""
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -last:]
-        return pos[None].expand(3, -1, -1) if self.model_type in MROPE_TYPES else pos
+        return pos[None].expand(3, -1, -1) if self.mrope else pos
 
     # --- branches (vsink.lvlm.branches) -----------------------------------------------------
     def prompt_positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +205,7 @@ class LVLM:
         mask = torch.ones_like(ids) if mask is None else mask
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         offset = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
-        if self.model_type not in MROPE_TYPES:
+        if not self.mrope:
             return text, offset
         if inputs.get("image_grid_thw") is None:
             return text[None].expand(3, -1, -1), offset
@@ -164,7 +224,7 @@ class LVLM:
         """The position ids [B, 1] (M-RoPE: [3, B, 1]) of the last token of ``attention_mask``,
         with the ``offset`` of :meth:`prompt_positions`."""
         pos = attention_mask.long().sum(-1, keepdim=True) - 1 + offset
-        return pos[None].expand(3, -1, -1) if self.model_type in MROPE_TYPES else pos
+        return pos[None].expand(3, -1, -1) if self.mrope else pos
 
     def read_out(self, hidden: torch.Tensor, norm: bool = True) -> torch.Tensor:
         """Decoder hidden states [..., D] through the language model's final norm (``norm``) and
@@ -184,25 +244,21 @@ class LVLM:
                     return norm
         raise VsinkError(f"{self.spec}: cannot find the language model's final norm")
 
+    def attention_groups(self, inputs: dict[str, Any]) -> Optional[torch.Tensor]:
+        """The prompt's bidirectional blocks [B, N] as the model's own mask has them (tokens of one
+        group ``>= 0`` attend to each other in both directions; ``-1``: causal), or None for a
+        causal model (the default)."""
+        return None
+
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:
-        """(rows, cols) of a row's image tokens as a picture: Qwen2-VL from ``image_grid_thw`` and
-        the merge size, LLaVA-NeXT's base grid when the count is a square, else 1 × count."""
-        if self.model_type in MROPE_TYPES and inputs.get("image_grid_thw") is not None:
-            t, h, w = (int(v) for v in inputs["image_grid_thw"][min(row, len(inputs["image_grid_thw"]) - 1)])
-            merge = int(getattr(self.model.config.vision_config, "spatial_merge_size", 1))
-            if t * (h // merge) * (w // merge) == count:
-                return (t * h // merge, w // merge)
+        """(rows, cols) of a row's image tokens as a picture: a square when the count is one, else
+        1 × count (families with a known grid override this)."""
         side = int(round(count ** 0.5))
         return (side, side) if side * side == count else (1, count)
 
     def view_box(self, size: Sequence[int]) -> ViewBox:
         """The region of a ``(width, height)`` image this model's processor feeds to the model, in
-        the image's pixels (:mod:`vsink.viewbox`): LLaVA's CLIP processor resizes the shortest edge
-        and centre-crops (after padding to a square where ``do_pad`` is set); Qwen2-VL's
-        ``smart_resize`` and LLaVA-NeXT's tiles keep the whole image."""
-        image_processor = getattr(self.processor, "image_processor", None)
-        if self.model_type == "llava" and image_processor is not None:
-            return clip_processor_box(image_processor, size)
+        the image's pixels (:mod:`vsink.viewbox`); default: the whole image (tiles, ``smart_resize``)."""
         return ViewBox.full(size)
 
     def view_fill(self) -> tuple[int, int, int]:
@@ -216,16 +272,21 @@ class LVLM:
         from .hf_vision import HFVisionBackbone
 
         if self._vision is None:
-            tower = getattr(getattr(self.model, "model", self.model), "vision_tower", None)
+            tower = self.vision_tower()
             if tower is None:
                 raise VsinkError(f"{self.spec}: its vision tower ({self.model_type}) is not a supported vision backbone")
             self._vision = HFVisionBackbone(tower, f"{self.spec}#vision_tower")
         return self._vision
 
+    def vision_tower(self) -> Optional[nn.Module]:
+        """The vision tower module (default: ``vision_tower`` of the model or its inner model)."""
+        return getattr(getattr(self.model, "model", self.model), "vision_tower", None)
+
     def known_sink_dims(self) -> Optional[list[int]]:
-        """The sink dimensions of this model if it is a known one (by its name), else None."""
+        """The sink dimensions of this model if it is a known one (by its name, see
+        :func:`~vsink.backbones.lvlm_families.known_sink_dims`), else None."""
         name = str(getattr(self.model.config, "_name_or_path", "")).lower()
-        for key, dims in KNOWN_SINK_DIMS.items():
+        for key, dims in sink_dims_by_name().items():
             if key in name:
                 return list(dims)
         return None
@@ -243,14 +304,18 @@ class LVLM:
 
     def tower_patches_are_image_tokens(self, layout: Any) -> bool:
         """Whether the tower's patch tokens reach the language model one to one, in order, as the
-        image tokens of ``layout`` (LLaVA-1.5: the projector maps each patch of the selected
-        layer, the class token dropped; LLaVA-NeXT tiles and Qwen2-VL merges patches)."""
-        if self.model_type != "llava":
-            return False
-        if getattr(self.model.config, "vision_feature_select_strategy", "default") != "default":
-            return False
-        tower = self.vision_backbone()
-        return tower.layout().grid == tuple(layout.grid)
+        image tokens of ``layout`` (default no: tiles, merges and pixel shuffles break it)."""
+        return False
+
+    @classmethod
+    def load_model(cls, repo: str, config: Any, **kwargs: Any) -> nn.Module:
+        """The model of ``repo`` (``transformers.<model_class>.from_pretrained``)."""
+        import transformers
+
+        why = cls.unavailable()
+        if why is not None:
+            raise UnavailableFamily(f"hf:{repo}: {why}")
+        return getattr(transformers, cls.model_class).from_pretrained(repo, **kwargs)
 
     # --- inputs -------------------------------------------------------------------------
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Any]:
@@ -262,7 +327,7 @@ class LVLM:
             raise VsinkError(f"{self.spec}: no processor was loaded; pass input_ids and pixel_values yourself")
         if len(images) != len(prompts):
             raise VsinkError(f"got {len(images)} images for {len(prompts)} prompts")
-        placeholder = getattr(self.processor, "image_token", "<image>")
+        placeholder = self.placeholder()
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise VsinkError(f"prompt {i}: must be text, got {prompt!r}")
@@ -273,13 +338,22 @@ class LVLM:
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"
-        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        inputs = self.processor(images=self.processor_images(images), text=texts, return_tensors="pt", padding=True)
         self.check_context(int(inputs["input_ids"].shape[1]))
         accepted = self._forward_parameters()
         # some tokenizers add token_type_ids, which LLaVA's forward (and transformers 4.x's
-        # generate) do not take
+        # generate) do not take (PaliGemma's and Gemma 3's do: their bidirectional blocks); labels
+        # (PaliGemma's processor) are for training
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
-                if k != "token_type_ids" or k in accepted}
+                if k != "labels" and (k != "token_type_ids" or k in accepted)}
+
+    def placeholder(self) -> str:
+        """The text that marks where the image goes in a prompt (the processor's ``image_token``)."""
+        return getattr(self.processor, "image_token", "<image>")
+
+    def processor_images(self, images: Sequence[Image.Image]) -> Any:
+        """The images as the processor takes them with one prompt each (default: a flat list)."""
+        return list(images)
 
     def _forward_parameters(self) -> set[str]:
         import inspect
@@ -287,7 +361,7 @@ class LVLM:
         return set(inspect.signature(self.model.forward).parameters)
 
     def _format(self, prompt: str) -> str:
-        placeholder = getattr(self.processor, "image_token", "<image>")
+        placeholder = self.placeholder()
         if placeholder in prompt:
             return prompt
         if getattr(self.processor, "chat_template", None):
@@ -303,12 +377,6 @@ def lvlm_arg(value: Any, name: str = "lvlm") -> LVLM:
     return instance_arg(value, LVLM, name, "an LVLM (from vsink.backbones.hf_lvlm.load_lvlm)", fix)
 
 
-#: the built-in synthetic LVLM (vsink.data.demo_llava)
-DEMO_LVLM = "demo-llava"
-#: the planted-hallucination demo LVLM (vsink.data.demo_halluc)
-DEMO_HALLUC = "demo-halluc"
-
-
 def _one_line(error: Exception) -> str:
     """An exception's message with its line breaks folded (the hub's messages span lines)."""
     return " ".join(str(error).split())
@@ -322,37 +390,31 @@ def _refuse_vision_spec(repo: str) -> None:
 
     prefix = repo.split(":", 1)[0] if ":" in repo else None
     if repo in named_specs() or (prefix in families() and prefix != "hf"):
-        raise ModelSpecError(f"{repo!r} is a vision model; an LVLM is needed here: {DEMO_LVLM} (offline), hf:REPO "
-                             f"({', '.join(SUPPORTED_LVLM)}) or a local directory of one (see 'vsink models')")
+        named = ", ".join(f"{spec} (offline)" for spec in named_lvlms())
+        raise ModelSpecError(f"{repo!r} is a vision model; an LVLM is needed here: {named}, hf:REPO "
+                             f"({', '.join(supported_types())}) or a local directory of one (see 'vsink models')")
 
 
 def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
               trust_remote_code: bool = False, device_map: Optional[DeviceMap] = None,
               offload_folder: Optional[Union[str, os.PathLike]] = None) -> LVLM:
-    """Load an LVLM and its processor from a hub id or local directory (``from_pretrained``), or
-    build a synthetic demo (``"demo-llava"``, ``"demo-halluc"``, offline). ``device``: ``"cpu"``, ``"cuda"``,
-    ``"cuda:1"`` or ``"auto"`` (CUDA if available), checked before anything is loaded; ``dtype``
-    ``None`` keeps the checkpoint's own. ``trust_remote_code`` is passed through only when the
-    caller asks for it (``True``; anything else refuses a model that ships its own code).
-    ``device_map`` (needs ``accelerate``; see :func:`vsink.backbones.device_map.device_map_arg`)
-    places the model's modules across devices, CPU and disk (``offload_folder``) instead of moving
-    it whole to ``device``."""
+    """Load an LVLM and its processor from a hub id or local directory (``from_pretrained``, by the
+    family registered for its model type), or build a named one (``"demo-llava"``, ``"demo-halluc"``,
+    offline). ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` (CUDA if available),
+    checked before anything is loaded; ``dtype`` ``None`` keeps the checkpoint's own.
+    ``trust_remote_code`` is passed through only when the caller asks for it (``True``; anything else
+    refuses a model that ships its own code). ``device_map`` (needs ``accelerate``; see
+    :func:`vsink.backbones.device_map.device_map_arg`) places the model's modules across devices,
+    CPU and disk (``offload_folder``) instead of moving it whole to ``device``."""
     import transformers
 
     device = resolve_device(device)
     placement = device_map_kwargs(device_map, offload_folder, repo)
-    if placement and repo in (DEMO_LVLM, DEMO_HALLUC):
-        raise VsinkError(f"--device-map: {repo!r} is built in memory; give a saved model (hf:REPO or a directory)")
-    if repo == DEMO_LVLM:
-        from ..data.demo_llava import build_demo_llava
-
-        model, processor = build_demo_llava()
-        return LVLM(model.to(device=device, dtype=dtype), processor, DEMO_LVLM, synthetic=True)
-    if repo == DEMO_HALLUC:
-        from ..data.demo_halluc import build_demo_halluc
-
-        model, processor = build_demo_halluc()
-        return LVLM(model.to(device=device, dtype=dtype), processor, DEMO_HALLUC, synthetic=True)
+    named = named_lvlms().get(repo)
+    if named is not None:
+        if placement:
+            raise VsinkError(f"--device-map: {repo!r} is built in memory; give a saved model (hf:REPO or a directory)")
+        return named.builder(device=device, dtype=dtype)
 
     _refuse_vision_spec(repo)
     trust_remote_code = trust_remote_code is True  # never None: transformers would ask on stdin
@@ -362,18 +424,16 @@ def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Opt
         if is_remote_code_refusal(e):
             raise refused(f"hf:{repo}", "--trust-remote-code (trust_remote_code=True)") from None
         raise ModelSpecError(f"hf:{repo}: cannot load a config ({_one_line(e)})") from None
-    classes = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-               "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-    if config.model_type not in classes:
+    owner = family_of_type(config.model_type)
+    if owner is None:
         raise ModelSpecError(f"hf:{repo}: model type {config.model_type!r} is not a supported LVLM "
-                             f"({', '.join(SUPPORTED_LVLM)})")
-    cls = getattr(transformers, classes[config.model_type])
+                             f"({', '.join(supported_types())})")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = cls.from_pretrained(repo, **kwargs, **placement) if placement else \
-            cls.from_pretrained(repo, **kwargs).to(device)
+        model = owner.load_model(repo, config, **kwargs, **placement) if placement else \
+            owner.load_model(repo, config, **kwargs).to(device)
     except OSError as e:
         raise ModelSpecError(f"hf:{repo}: cannot load the model ({_one_line(e)})") from None
     except ValueError as e:
@@ -384,4 +444,4 @@ def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Opt
         processor = transformers.AutoProcessor.from_pretrained(repo, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         processor = None
-    return LVLM(model, processor, f"hf:{repo}")
+    return owner(model, processor, f"hf:{repo}")

@@ -299,10 +299,13 @@ class SiteModel(ABC):
         mask: Optional[torch.Tensor] = None,
         q_offset: int = 0,
         normalise: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+        softcap: Optional[float] = None,
     ) -> torch.Tensor:
         """Explicit attention for block ``layer`` with its installed site functions; ``q`` holds
         the layer's query rows from ``q_offset`` on (the site functions see absolute indices);
-        ``normalise``: an attention variant's row normalisation instead of the softmax."""
+        ``normalise``: an attention variant's row normalisation instead of the softmax;
+        ``softcap``: the model's attention-logit cap (Gemma 2), if any."""
+        self._check_heads(layer, q, k, v)
         fns = self._attn_fns.get(layer, {})
         for fn in fns.get("attn_qkv", ()):
             fn(q, k, v)
@@ -315,4 +318,19 @@ class SiteModel(ABC):
             q_offset=q_offset,
             chunk_size=self.attention_chunk_size,
             normalise=normalise,
+            softcap=softcap,
         )
+
+    def _check_heads(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The tensors an adapter hands to explicit attention against the heads the model declares
+        (``num_heads``): [B, num_heads, q, d] queries, keys and values of one shape [B, G, kv, d]
+        with G dividing the query heads (grouped-query attention)."""
+        heads = self.num_heads
+        if q.dim() != 4 or q.shape[1] != heads:
+            raise VsinkError(f"{self.spec}: block {layer} handed vsink's attention queries of shape "
+                             f"{tuple(q.shape)}; the model declares {heads} heads ([batch, {heads}, queries, "
+                             f"head_dim] expected: check the adapter's num_heads and its reshape)")
+        if k.dim() != 4 or k.shape != v.shape or k.shape[1] < 1 or heads % k.shape[1] or k.shape[-1] != q.shape[-1]:
+            raise VsinkError(f"{self.spec}: block {layer} handed vsink's attention keys {tuple(k.shape)} and values "
+                             f"{tuple(v.shape)} for queries {tuple(q.shape)}; keys and values must share one shape "
+                             f"[batch, G, keys, head_dim] with G dividing the {heads} query heads")

@@ -37,9 +37,11 @@ row up) raise ``G`` and ``EV_c``; :func:`build_demo_halluc` is deterministic.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
+
+from ..backbones.lvlm_families import known_sink_dims, named_lvlm
 
 CLASSES = ("person", "dog", "cat", "car", "bicycle", "bird", "horse", "boat")
 #: the object word that co-occurs with each (the caption prior's second mention)
@@ -55,6 +57,12 @@ HIDDEN, LAYERS, HEADS = 1024, 3, 8
 HEAD_DIM = HIDDEN // HEADS
 ROPE_THETA = 1e9
 SINK_DIMS = (37, 611)
+#: the spec and the model name (``config.name_or_path``) of the demo
+SPEC = "demo-halluc"
+NAME = "vsink/demo-halluc"
+NOTE = "a small LLaVA whose object hallucination and its cure are planted (see docs/hallucination.md)"
+
+known_sink_dims(NAME, SINK_DIMS)
 TEXT_SINK = (100.0, 50.0)  # BOS on SINK_DIMS
 VISUAL_SINK = (100.0, 0.0)  # a sink cell on SINK_DIMS
 # residual dimensions of the planted features
@@ -247,7 +255,7 @@ def build_demo_halluc(seed: int = SEED) -> tuple[Any, Any]:
     config = tr.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-2, vision_feature_select_strategy="default",
                             projector_hidden_act="relu")
-    config.name_or_path = "vsink/demo-halluc"
+    config.name_or_path = NAME
     model = tr.LlavaForConditionalGeneration(config).eval()
     inner = model.model
     _plant_tower(inner.vision_tower)
@@ -255,3 +263,13 @@ def build_demo_halluc(seed: int = SEED) -> tuple[Any, Any]:
     _plant_language_model(inner.language_model, model.lm_head, tok)
     model.generation_config.suppress_tokens = [config.image_token_id]
     return model, llava_processor(tok, IMAGE_SIZE, CELL)
+
+
+@named_lvlm(SPEC, "the synthetic planted-hallucination LLaVA: hallucination and its cure by VAR/PAI with answers "
+                  "known by construction (offline; docs/hallucination.md)")
+def demo_halluc(*, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> Any:
+    """The demo as an :class:`~vsink.backbones.hf_lvlm.LVLM` (``load_lvlm("demo-halluc")``)."""
+    from ..backbones.hf_lvlm import LVLM
+
+    model, processor = build_demo_halluc()
+    return LVLM(model.to(device=device, dtype=dtype), processor, SPEC, synthetic=NOTE)

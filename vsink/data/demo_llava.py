@@ -23,9 +23,11 @@ The text it generates is meaningless. :func:`build_demo_llava` is deterministic 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
+
+from ..backbones.lvlm_families import known_sink_dims, named_lvlm
 
 TOWER = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
              image_size=224, patch_size=16, hidden_act="relu")
@@ -47,6 +49,12 @@ SINK_QUERY_BIAS = 4.0
 PROJECTOR_UNIT = 0
 RESIDUAL_SCALE = 0.1
 SEED = 0
+#: the spec and the model name (``config.name_or_path``) of the demo
+SPEC = "demo-llava"
+NAME = "vsink/demo-llava"
+NOTE = "a small LLaVA with planted register neurons, visual sinks and sink dimensions (see docs/lvlm.md)"
+
+known_sink_dims(NAME, SINK_DIMS)
 
 
 def tower_direction(seed: int = SEED) -> torch.Tensor:
@@ -133,7 +141,7 @@ def build_demo_llava(seed: int = SEED, *, layers: int = TEXT["num_hidden_layers"
     config = tr.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-2, vision_feature_select_strategy="default",
                             projector_hidden_act="relu")
-    config.name_or_path = "vsink/demo-llava"
+    config.name_or_path = NAME
     model = tr.LlavaForConditionalGeneration(config).eval()
     g = torch.Generator().manual_seed(seed)
     u = tower_direction(seed)
@@ -142,3 +150,13 @@ def build_demo_llava(seed: int = SEED, *, layers: int = TEXT["num_hidden_layers"
     _plant_projector(model, u)
     _plant_language_model(model, tok.bos_token_id, text_sizes)
     return model, llava_processor(tok, image_size, patch_size)
+
+
+@named_lvlm(SPEC, "the built-in synthetic LLaVA with planted register neurons, visual sinks and sink dimensions "
+                  "(offline; docs/lvlm.md)", scan_prompt="describe the image")
+def demo_llava(*, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> Any:
+    """The demo as an :class:`~vsink.backbones.hf_lvlm.LVLM` (``load_lvlm("demo-llava")``)."""
+    from ..backbones.hf_lvlm import LVLM
+
+    model, processor = build_demo_llava()
+    return LVLM(model.to(device=device, dtype=dtype), processor, SPEC, synthetic=NOTE)

@@ -6,7 +6,7 @@ pretrained LVLM can be downloaded. ``save_pretrained`` on both gives a directory
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -14,10 +14,12 @@ WORDS = ("a an the is there in image picture photo what color of and yes no cat 
          "describe this please answer question one word shape circle square triangle sky tree").split()
 
 
-def word_tokenizer(extra_special: tuple[str, ...] = (), tokenizer_class: Any = None, words: Sequence[str] = WORDS):
+def word_tokenizer(extra_special: tuple[str, ...] = (), tokenizer_class: Any = None, words: Sequence[str] = WORDS,
+                   named: Optional[dict[str, str]] = None):
     """A whitespace word-level fast tokenizer of ``words`` (``<s>`` BOS, ``</s>`` EOS, ``<pad>``, ``<unk>``), as
     ``tokenizer_class`` (default ``PreTrainedTokenizerFast``; processors that check the class, such
-    as Qwen2-VL's under transformers 4.x, get theirs)."""
+    as Qwen2-VL's under transformers 4.x, get theirs). ``named``: special tokens some processors
+    read as attributes (Gemma 3's ``boi_token``, ``image_token``, ...), saved with the tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -28,7 +30,7 @@ def word_tokenizer(extra_special: tuple[str, ...] = (), tokenizer_class: Any = N
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tok = (tokenizer_class or PreTrainedTokenizerFast)(
         tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=list(extra_special))
+        additional_special_tokens=list(extra_special), **({"extra_special_tokens": named} if named else {}))
     tok.padding_side = "left"
     return tok
 
@@ -142,3 +144,96 @@ def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
     video_processor = tr.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
     processor = processor_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor)
     return model, processor
+
+
+def build_tiny_llava_onevision(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                               image_size: int = 32, patch: int = 8, seed: int = 0) -> tuple[Any, Any]:
+    """(``LlavaOnevisionForConditionalGeneration``, ``LlavaOnevisionProcessor``): a SigLIP tower (no
+    class token, every patch kept), any-resolution tiles over the pinpoints (1×1 to 2×2 tiles of
+    ``image_size``): an image gives its base view's (image_size / patch)² tokens, then its tiles'
+    tokens row by row, each row closed by the learned newline feature."""
+    import transformers as tr
+
+    tok = word_tokenizer(("<image>", "<video>"))
+    torch.manual_seed(seed)
+    text, _ = _llama_and_clip(tok, hidden, layers, heads, kv_heads, image_size, patch)
+    vision = tr.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=image_size, patch_size=patch)
+    s = image_size
+    pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    ids = {"image_token_index": tok.convert_tokens_to_ids("<image>"),
+           "video_token_index": tok.convert_tokens_to_ids("<video>")}
+    config = tr.LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="full",
+                                     vision_feature_layer=-1, image_grid_pinpoints=pinpoints, **ids)
+    model = tr.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = sorted(ids.values())  # see build_tiny_llava
+    image_processor = tr.LlavaOnevisionImageProcessor(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints)
+    video_processor = tr.LlavaOnevisionVideoProcessor(size={"height": s, "width": s})
+    processor = tr.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
+                                           video_processor=video_processor, num_image_tokens=(s // patch) ** 2,
+                                           vision_feature_select_strategy="full", image_token="<image>",
+                                           video_token="<video>")
+    return model, processor
+
+
+def build_tiny_paligemma(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                         image_size: int = 32, patch: int = 8, seed: int = 0, version: int = 2,
+                         sliding_window: int = 4096) -> tuple[Any, Any]:
+    """(``PaliGemmaForConditionalGeneration``, ``PaliGemmaProcessor``): PaliGemma 2 (a Gemma 2
+    decoder: attention-logit soft-capping, sliding-window layers) or, with ``version=1``, PaliGemma
+    (Gemma); a SigLIP tower. The prompt is ``image tokens, BOS, text``: the processor marks it all
+    as the prefix (``token_type_ids`` 0), over which the decoder attends in both directions."""
+    import transformers as tr
+
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    tok = word_tokenizer(("<image>",), tokenizer_class=tr.GemmaTokenizerFast)
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                 max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)
+    # PaliGemma 2's Gemma 2: attention logits capped at 50, every other layer a 4096-token sliding
+    # window (``sliding_window`` smaller makes those layers drop keys on a tiny prompt)
+    text = tr.Gemma2Config(**sizes, sliding_window=sliding_window, attn_logit_softcapping=50.0) if version == 2 else \
+        tr.GemmaConfig(**sizes)
+    vision = tr.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=image_size, patch_size=patch, projection_dim=hidden)
+    config = tr.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                projection_dim=hidden, hidden_size=hidden)
+    model = tr.PaliGemmaForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = [config.image_token_id]  # see build_tiny_llava
+    image_processor = tr.SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch) ** 2
+    return model, tr.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+
+
+def build_tiny_gemma3(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, image_size: int = 32,
+                      patch: int = 8, tokens_per_image: int = 4, seed: int = 0,
+                      sliding_window: int = 1024) -> tuple[Any, Any]:
+    """(``Gemma3ForConditionalGeneration``, ``Gemma3Processor``): a SigLIP tower average-pooled to
+    ``tokens_per_image`` image tokens, a Gemma 3 decoder (QK-norm, sliding-window layers
+    alternating with full ones) attending in both directions inside each image's tokens
+    (``token_type_ids`` 1). The prompt holds ``<start_of_image>`` where the image goes; the
+    processor expands it to start, image tokens, end."""
+    import transformers as tr
+
+    specials = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    tok = word_tokenizer(tuple(specials.values()), named=specials)
+    torch.manual_seed(seed)
+    text = tr.Gemma3TextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                               head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads,
+                               max_position_embeddings=2048, sliding_window=sliding_window,
+                               layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2),
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = tr.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=image_size, patch_size=patch)
+    ids = {key: tok.convert_tokens_to_ids(value) for key, value in
+           (("boi_token_index", specials["boi_token"]), ("eoi_token_index", specials["eoi_token"]),
+            ("image_token_index", specials["image_token"]))}
+    config = tr.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=tokens_per_image, **ids)
+    model = tr.Gemma3ForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = sorted(ids.values())  # see build_tiny_llava
+    image_processor = tr.Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
+    return model, tr.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=tokens_per_image)

@@ -28,9 +28,9 @@ def demo(*, img_size: Optional[int] = None, model_kwargs: Optional[dict[str, Any
                           "chair and the hallucination benchmarks run the whole LVLM; registers, maps and eval "
                           "dense its CLIP tower (planted register neurons)")
 def demo_llava_tower(**ignored: Any) -> Backbone:
-    from ..backbones.hf_lvlm import DEMO_LVLM, load_lvlm
+    from ..backbones.hf_lvlm import load_lvlm
 
-    tower = load_lvlm(DEMO_LVLM).vision_backbone()
+    tower = load_lvlm("demo-llava").vision_backbone()
     tower.spec = "demo-llava"
     tower.synthetic = "the vision tower of the demo LVLM, register neurons planted by construction (see docs/lvlm.md)"
     return tower
@@ -40,9 +40,9 @@ def demo_llava_tower(**ignored: Any) -> Backbone:
                            "it, its hallucination and the effect of VAR and PAI known by construction "
                            "(docs/hallucination.md); as a vision model, its texture-reading CLIP tower")
 def demo_halluc_tower(**ignored: Any) -> Backbone:
-    from ..backbones.hf_lvlm import DEMO_HALLUC, load_lvlm
+    from ..backbones.hf_lvlm import load_lvlm
 
-    tower = load_lvlm(DEMO_HALLUC).vision_backbone()
+    tower = load_lvlm("demo-halluc").vision_backbone()
     tower.spec = "demo-halluc"
     tower.synthetic = "the vision tower of the planted-hallucination demo LVLM (see docs/hallucination.md)"
     return tower

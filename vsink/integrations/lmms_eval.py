@@ -56,7 +56,7 @@ class VsinkLVLM(lmms):
         super().__init__()
         from ..backbones.registry import resolve_dtype
         from ..lvlm import load_lvlm
-        from ..mitigate import make_mitigations
+        from ..mitigate import calibrated_settings, make_mitigations, mitigation_names
         from ..lvlm.sinks import Calibration
 
         self.mitigation, self.protocol = mitigation, protocol
@@ -65,7 +65,7 @@ class VsinkLVLM(lmms):
         if unknown:
             raise VsinkError(f"unknown model_args {unknown}; mitigation settings are passed as set_<name>=<value>")
         if sinks:
-            self.settings.setdefault("sink_dims", Calibration.load(sinks).sink_dims)
+            self.settings = calibrated_settings(mitigation_names(mitigation), self.settings, Calibration.load(sinks))
         make_mitigations(mitigation, self.settings, protocol)
         self.max_new_tokens = int(max_new_tokens)
         self.lvlm = load_lvlm(str(pretrained), device=device, dtype=resolve_dtype(dtype),

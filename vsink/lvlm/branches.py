@@ -156,7 +156,7 @@ class BranchRunner:
             stacked = {k: _cat([m[1][k] for m in members]) for k in members[0][1]}
             ids, mask = stacked["input_ids"], stacked["attention_mask"]
             positions, offset = lvlm.prompt_positions(stacked)
-            context = DecodeContext(lvlm, ids, mask) if edits else None
+            context = DecodeContext(lvlm, ids, mask, lvlm.attention_groups(stacked)) if edits else None
             self.groups.append(_Group([m[0] for m in members], edits, stacked, ids, mask, positions, offset, context))
 
     def _forward(self, group: _Group, input_ids: torch.Tensor) -> torch.Tensor:

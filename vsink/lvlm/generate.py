@@ -109,6 +109,10 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         label = "+".join(m.name for m in mitigations) or "none"
         if settings:
             raise VsinkError("pass settings inside the Mitigation objects, not as settings=")
+    for m in mitigations:
+        reason = m.refusal(type(lvlm))
+        if reason is not None:
+            raise VsinkError(f"{m.name} does not apply to {lvlm.spec} ({lvlm.family} family): {reason}")
     input_ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     if mask is None:
@@ -118,7 +122,7 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         raise VsinkError("every prompt needs an image (no image tokens found in a row)")
     check_composition(mitigations)
     decoder = decoder_of(lvlm)
-    context = DecodeContext(lvlm, input_ids, mask)
+    context = DecodeContext(lvlm, input_ids, mask, lvlm.attention_groups(inputs))
     run = Run(lvlm=lvlm, decoder=decoder, context=context, input_ids=input_ids, attention_mask=mask,
               inputs=dict(inputs), use_cache=use_cache)
     capture = AttentionCapture(decoder, context) if capture_attention else None

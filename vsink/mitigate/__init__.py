@@ -8,16 +8,16 @@ import runs :func:`register`), e.g. in their ``pyproject.toml``::
     [project.entry-points."vsink.mitigations"]
     mine = "my_package.vsink_mitigation"
 
-They are imported with this package, so ``--mitigation mine`` and ``generate(...,
-mitigation="mine+var")`` know them; one that fails to import is left out with a warning.
+They are imported when the registry is first consulted (:func:`mitigation_registry`,
+:func:`mitigation_names`), so ``--mitigation mine`` and ``generate(..., mitigation="mine+var")``
+know them; one that fails to import is one error naming it (:mod:`vsink.backbones.plugins`).
 """
 
 from __future__ import annotations
 
-import warnings
-from importlib.metadata import entry_points
 from typing import Any, Optional, Sequence, Union
 
+from ..backbones.plugins import load_entry_points
 from ..errors import VsinkError
 from .base import REGISTRY, Mitigation, Run, register
 from .settings import PROTOCOLS, check_protocol, declared_settings
@@ -35,8 +35,8 @@ from .var import VAR, VARSettings, redistribute, redistribution
 ENTRY_POINT_GROUP = "vsink.mitigations"
 
 __all__ = ["DAMRO", "DAMROSettings", "DoLa", "DoLaSettings", "M3ID", "M3IDSettings", "OPERA", "OPERASettings", "VCD", "VCDSettings", "ENTRY_POINT_GROUP", "FastV", "FastVSettings", "Mitigation", "PAI", "PAISettings", "PROTOCOLS", "REGISTRY",
-           "Run", "TTR", "TTRSettings", "VAF", "VAFSettings", "VAR", "VARSettings", "check_composition", "check_protocol", "declared_settings", "make_mitigations",
-           "mitigation_names",
+           "Run", "TTR", "TTRSettings", "VAF", "VAFSettings", "VAR", "VARSettings", "calibrated_settings", "check_composition", "check_protocol", "declared_settings", "make_mitigations",
+           "mitigation_names", "mitigation_registry",
            "redistribute", "redistribution", "register"]
 
 
@@ -44,6 +44,7 @@ def mitigation_names(spec: Union[str, Sequence[str]]) -> list[str]:
     """``"none"`` → ``[]``; ``"ttr+var"`` → ``["ttr", "var"]`` (known, distinct names)."""
     names = [n.strip() for n in spec.split("+")] if isinstance(spec, str) else [str(n) for n in spec]
     names = [n for n in names if n and n != "none"]
+    mitigation_registry()
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise VsinkError(f"unknown mitigation {unknown[0]!r}; choose none or a '+'-joined combination of "
@@ -76,6 +77,17 @@ def check_composition(mitigations: Sequence[Mitigation]) -> None:
                          "compose one of them with attention edits (var, pai without gamma, fastv, vaf, ttr)")
 
 
+def calibrated_settings(names: Sequence[str], settings: dict[str, Any], calibration: Any) -> dict[str, Any]:
+    """``settings`` (flat: keys of the one mitigation, or ``NAME.KEY``) with what each mitigation
+    of ``names`` takes from a sink calibration (:meth:`Mitigation.calibration_settings`) added
+    where not given."""
+    out = dict(settings)
+    for name in names:
+        for key, value in REGISTRY[name].calibration_settings(calibration).items():
+            out.setdefault(key if list(names) == [name] else f"{name}.{key}", value)
+    return out
+
+
 def _per_mitigation(names: list[str], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     per: dict[str, dict[str, Any]] = {}
     chosen = "+".join(names) or "none"
@@ -99,15 +111,15 @@ def _per_mitigation(names: list[str], settings: dict[str, Any]) -> dict[str, dic
     return per
 
 
-def _load_entry_points() -> None:
-    """Import every ``vsink.mitigations`` entry point (its :func:`register` runs on import); a
-    broken plugin is left out with a warning naming it, and vsink keeps working."""
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            entry.load()
-        except Exception as e:
-            warnings.warn(f"the {ENTRY_POINT_GROUP} entry point {entry.name!r} ({entry.value}) failed to load and "
-                          f"is left out: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+_loaded = False
 
 
-_load_entry_points()
+def mitigation_registry() -> dict[str, type[Mitigation]]:
+    """Every registered mitigation by name: vsink's own and the ``vsink.mitigations`` entry
+    points' (imported on the first call; a broken one raises
+    :class:`~vsink.backbones.plugins.PluginError` naming it)."""
+    global _loaded
+    if not _loaded:
+        load_entry_points(ENTRY_POINT_GROUP)
+        _loaded = True
+    return dict(REGISTRY)

@@ -99,6 +99,19 @@ class Mitigation(ABC):
         extra = {"protocol": protocol} if has_protocol else {}
         return cls(cls.settings_class(**{**defaults, **values, **extra}))
 
+    @classmethod
+    def refusal(cls, family: type["LVLM"]) -> Optional[str]:
+        """Why this mitigation does not apply to the LVLM ``family`` (one line), or None when it
+        runs there. The family's own word comes first (:attr:`LVLM.refuses`); a mitigation that
+        needs something of a model overrides this."""
+        return family.refuses.get(cls.name)
+
+    @classmethod
+    def calibration_settings(cls, calibration: Any) -> dict[str, Any]:
+        """The settings this mitigation takes from a sink calibration (``vsink lvlm calibrate``,
+        ``--sinks``; a :class:`~vsink.lvlm.sinks.Calibration`): default none."""
+        return {}
+
     def settings_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.settings)
 

@@ -16,7 +16,7 @@ families (LLaVA-NeXT's tiles, Qwen2-VL's merged patches without a class token) a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -48,11 +48,14 @@ def _core(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "model", model) if hasattr(getattr(model, "model", None), "vision_tower") else model
 
 
+#: why DAMRO does not apply to a family without :attr:`LVLM.patches_one_to_one`
+NEEDS = "damro needs a vision tower with a class token whose patches reach the language model one to one (LLaVA-1.5)"
+
+
 def check_family(lvlm: Any) -> None:
     """Refuse, in one line, a model whose tower has no class token feeding patches one to one."""
-    if lvlm.model_type != "llava":
-        raise VsinkError(f"damro needs a vision tower with a class token whose patches reach the language model one "
-                         f"to one (LLaVA-1.5); {lvlm.spec} is {lvlm.model_type}")
+    if not type(lvlm).patches_one_to_one:
+        raise VsinkError(f"{NEEDS}; {lvlm.spec} is {lvlm.model_type}")
 
 
 def outlier_patches(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +125,11 @@ class DAMRO(Mitigation):
 
     name = "damro"
     settings_class = DAMROSettings
+
+    @classmethod
+    def refusal(cls, family: Any) -> Optional[str]:
+        """DAMRO reads the tower's class-token attention on patches that are the image tokens."""
+        return None if family.patches_one_to_one else NEEDS
 
     def _install(self, run: Run, handles: list) -> None:
         check_family(run.lvlm)

@@ -106,9 +106,9 @@ class FastV(Mitigation):
                 self._gather = torch.cat([ctx.kept.to(h.device), tail], dim=1)
                 h = h.gather(1, self._gather[..., None].expand(-1, -1, h.shape[-1]))
             idx = self._gather
-            pe = kwargs.get("position_embeddings")
-            if pe is not None:
-                kwargs["position_embeddings"] = tuple(_gather_tokens(t, idx) for t in pe)
+            for key in [k for k in kwargs if k.startswith("position_embeddings")]:  # Gemma 3 (4.x): _global, _local
+                if kwargs[key] is not None:
+                    kwargs[key] = tuple(_gather_tokens(t, idx) for t in kwargs[key])
             pos = kwargs.get("position_ids")
             if isinstance(pos, torch.Tensor) and pos.shape[-1] == self._total:
                 kwargs["position_ids"] = pos.gather(-1, idx.expand(*pos.shape[:-1], -1))

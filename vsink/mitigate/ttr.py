@@ -48,6 +48,14 @@ class TTR(Mitigation):
     settings_class = TTRSettings
     target = "vision"
 
+    @classmethod
+    def refusal(cls, family: Any) -> Optional[str]:
+        """Test-time registers need the family's vision tower as a vsink vision backbone."""
+        if not family.tower_is_backbone:
+            return ("its vision tower is not a vsink vision backbone, so there are no tower sites to put "
+                    "registers on")
+        return super().refusal(family)
+
     def _install(self, run: Run, handles: list) -> None:
         from ..registers import NeuronSpec, TestTimeRegisters
 

@@ -88,6 +88,11 @@ class VAR(Mitigation):
     name = "var"
     settings_class = VARSettings
 
+    @classmethod
+    def calibration_settings(cls, calibration: Any) -> dict[str, Any]:
+        """VAR's sink dimensions from a calibration."""
+        return {"sink_dims": list(calibration.sink_dims)}
+
     def _install(self, run: Run, handles: list) -> None:
         s: VARSettings = self.settings
         decoder = run.decoder

@@ -1,0 +1,177 @@
+"""The newer LVLM families on tiny models built offline from their configs (random weights):
+loaded from a saved directory by model type, ``vsink scan --prompt`` on them, the decoder's
+attention through vsink equal to transformers' eager attention, probes leaving the logits unchanged.
+``none`` = HF greedy ``generate``, image spans under left padding, every mitigation batched and
+cached: tests/test_lvlm.py; every mitigation runs or is refused: tests/test_lvlm_registry.py.
+
+A family whose class this transformers lacks (an older 4.x) is reported as such, by the family's
+own one-line error, instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vsink.backbones.hf_decoder import DecoderModel
+from vsink.backbones.hf_lvlm import LVLM, load_lvlm
+from vsink.backbones.lvlm_families import lvlm_families
+from vsink.cli import main
+from vsink.data.demo_lvlm import build_tiny_gemma3, build_tiny_llava_onevision, build_tiny_paligemma
+from vsink.lvlm.context import DecodeContext
+from vsink.probe import Probe
+
+#: family → tiny builder
+NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3}
+
+
+def _tiny(family: str):
+    why = lvlm_families()[family].unavailable()
+    if why is not None:
+        pytest.skip(why)  # absent from (or not followed in) this transformers: reported, not failed
+    return NEW[family]()
+
+
+def _images(n: int, size=(40, 40)) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("family", sorted(NEW))
+def test_a_saved_tiny_model_loads_by_type_and_scans_with_a_prompt(family, tmp_path, capsys):
+    model, processor = _tiny(family)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    lvlm = load_lvlm(str(tmp_path / "model"))
+    assert lvlm.family == family
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(_images(2)):
+        image.save(images / f"{i}.png")
+    code = main(["scan", str(images), "--model", str(tmp_path / "model"), "--prompt", "describe the image",
+                 "--out", str(tmp_path / "scan"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"({family} family)" in captured.err
+    scan = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert len(scan["images"]) == 2
+
+
+@pytest.mark.parametrize("family", sorted(NEW))
+def test_decoder_attention_equals_eager_and_probes_change_nothing(family):
+    model, processor = _tiny(family)
+    model.set_attn_implementation("eager")
+    lvlm = LVLM(model, processor, "tiny")
+    inputs = lvlm.prepare(_images(2), ["describe the image"] * 2)
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True, use_cache=False)
+    decoder = DecoderModel(lvlm)
+    got: dict[int, list[torch.Tensor]] = {}
+    handles = [decoder.hook("attn_probs", layer, lambda p, s, z, layer=layer: got.setdefault(layer, []).append(p.clone()))
+               for layer in range(decoder.num_layers)]
+    logits = decoder.forward(inputs)
+    for h in handles:
+        h.remove()
+    for layer in range(decoder.num_layers):
+        torch.testing.assert_close(torch.cat(got[layer], dim=2), reference.attentions[layer], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, reference.logits, atol=1e-5, rtol=1e-5)
+    with Probe(decoder) as probe:
+        probe.run(inputs)
+    with torch.no_grad():
+        probed = model(**inputs, use_cache=False).logits  # nothing left installed
+    assert torch.equal(probed, reference.logits)
+    layout = probe.trace().layout
+    spans = lvlm.image_spans(inputs["input_ids"])
+    assert layout.patch_slice == slice(*spans.spans[0][0])
+
+
+def test_paligemma_prefix_is_bidirectional_and_sliding_windows_are_followed_during_generation():
+    """PaliGemma 2 with a 16-token window: its sliding layers' cache drops keys during decoding.
+    What vsink captures at every generated token equals transformers' eager attention of that
+    token's row on the image tokens, in a left-padded batch; and in the prompt the image tokens
+    attend to the text after them (the prefix is bidirectional)."""
+    _tiny("paligemma")
+    model, processor = build_tiny_paligemma(sliding_window=16)
+    lvlm = LVLM(model, processor, "tiny")
+    inputs = lvlm.prepare(_images(2), ["is there a cat ?", "describe this image please , what color is the sky ?"])
+    assert int(inputs["attention_mask"][0].sum()) < inputs["input_ids"].shape[1] and inputs["input_ids"].shape[1] > 16
+    from vsink.lvlm import generate
+
+    result = generate(lvlm, inputs, max_new_tokens=3, capture_attention=True)
+    with torch.no_grad():
+        assert torch.equal(result.sequences, model.generate(**inputs, max_new_tokens=3, do_sample=False))
+    spans = lvlm.image_spans(inputs["input_ids"])
+    dropped = 0
+    model.set_attn_implementation("eager")  # Gemma 2 runs eager anyway (no SDPA with soft-capping)
+    for step in range(3):
+        sequence = result.sequences[:, : inputs["input_ids"].shape[1] + step]
+        extra = torch.ones(2, step, dtype=inputs["attention_mask"].dtype)
+        with torch.no_grad():
+            reference = model(input_ids=sequence, pixel_values=inputs["pixel_values"],
+                              attention_mask=torch.cat([inputs["attention_mask"], extra], 1),
+                              token_type_ids=torch.cat([inputs["token_type_ids"], extra.long()], 1),
+                              output_attentions=True, use_cache=False).attentions
+        for layer, attention in enumerate(reference):
+            for b in range(2):
+                expected = attention[b, :, -1, spans.positions(b)].mean(0)
+                got = result.attention[step, b, layer]
+                absent = got.isnan()  # keys the window dropped from the cache: the model gives them nothing
+                dropped += int(absent.sum())
+                assert bool((expected[absent] == 0).all())
+                torch.testing.assert_close(got[~absent], expected[~absent], atol=1e-5, rtol=0)
+    assert dropped > 0  # the window did drop image keys
+    first_image, last_text = spans.positions(1)[0], inputs["input_ids"].shape[1] - 1
+    assert bool((reference[0][1, :, first_image, last_text] > 0).all())  # a key after the query: bidirectional
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_generation_masks_have_the_models_bidirectional_blocks(family):
+    """In a bound generation context every row computed by vsink (all rows here) equals eager
+    attention only with the family's groups: without them the image tokens (Gemma 3) or the
+    prefix (PaliGemma) would attend causally."""
+    model, processor = _tiny(family)
+    lvlm = LVLM(model, processor, "tiny")
+    inputs = lvlm.prepare(_images(2), ["is there a cat ?", "describe this image please , what color is the sky ?"])
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True, use_cache=False).attentions
+    real = inputs["attention_mask"].bool()
+    keep = real[:, None, :, None] & real[:, None, None, :]  # padded rows and columns are not compared
+    upper = torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).triu(1)
+    assert bool((torch.where(keep & upper, reference[0], 0) > 0).any())  # keys after the query: not causal
+
+    def captured(groups):
+        decoder = DecoderModel(lvlm)
+        context = DecodeContext(lvlm, inputs["input_ids"], inputs["attention_mask"], groups)
+        got: dict[int, list[torch.Tensor]] = {}
+        with decoder.bound(context):
+            handles = [decoder.hook("attn_probs", layer, lambda p, s, z, layer=layer: got.setdefault(layer, []).append(p))
+                       for layer in range(decoder.num_layers)]
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+            for h in handles:
+                h.remove()
+        return [torch.cat(got[layer], dim=2) for layer in range(decoder.num_layers)]
+
+    for ours, theirs in zip(captured(lvlm.attention_groups(inputs)), reference):
+        torch.testing.assert_close(torch.where(keep, ours, 0), torch.where(keep, theirs, 0), atol=1e-5, rtol=0)
+    causal = captured(None)[0]
+    assert not torch.allclose(torch.where(keep, causal, 0), torch.where(keep, reference[0], 0), atol=1e-3)
+
+
+def test_a_scan_of_a_row_with_several_image_runs_is_one_line():
+    from vsink.data.demo_lvlm import build_tiny_llava
+    from vsink.errors import VsinkError
+
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor, "tiny")
+    inputs = lvlm.prepare(_images(1, (32, 32)), ["describe the image"])
+    ids = inputs["input_ids"].clone()
+    image = lvlm.image_spans(ids).positions(0)
+    ids[0, image[5]] = processor.tokenizer.convert_tokens_to_ids("the")  # one run cut in two
+    with pytest.raises(VsinkError, match=r"^tiny#decoder: a prompt row holds 2 runs of image tokens; a scan's layout "):
+        DecoderModel(lvlm).prompt_layout({**inputs, "input_ids": ids})
