@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 
@@ -183,3 +183,18 @@ def below_depth(run: Run, name: str, key: str, value: int) -> None:
     if value >= n:
         raise VsinkError(f"{name} setting '{key}' must be below the {n} decoder layers of "
                          f"{run.lvlm.spec}, got {value}")
+
+
+def rows_after_image(run: Run, layer: int) -> Callable[[int, int], int]:
+    """A hook's ``rows`` for edits of queries after the image only: the rows before the first such
+    query (in any batch row) run the model's own attention."""
+
+    def rows(queries: int, keys: int) -> int:
+        if queries == 1:  # a cached decode step: the query is a generated token, after the image
+            return 0
+        ctx = run.context
+        after = (ctx.query_positions(layer, ctx.image_end.device) >= ctx.image_end[:, None]).any(0)
+        hits = after.nonzero()
+        return int(hits[0]) if len(hits) else queries
+
+    return rows

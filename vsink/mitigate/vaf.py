@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ..options import Float, Int, OptionError
-from .base import Mitigation, Run, below_depth, register
+from .base import Mitigation, Run, below_depth, register, rows_after_image
 from .settings import CheckedSettings, setting
 
 #: the released window on LLaVA-1.5-7B: layers 9..14 of 32
@@ -75,19 +75,7 @@ class VAF(Mitigation):
             below_depth(run, self.name, "start_layer", s.start_layer)
         self.window = layer_window(run.decoder.num_layers, s.start_layer, s.end_layer)
         for layer in range(*self.window):
-            handles.append(run.decoder.hook("attn_logits", layer, self._scale(run, layer), rows=self._rows(run, layer)))
-
-    @staticmethod
-    def _rows(run: Run, layer: int):
-        def rows(queries: int, keys: int) -> int:
-            if queries == 1:
-                return 0
-            ctx = run.context
-            after = (ctx.query_positions(layer, ctx.image_end.device) >= ctx.image_end[:, None]).any(0)
-            hits = after.nonzero()
-            return int(hits[0]) if len(hits) else queries
-
-        return rows
+            handles.append(run.decoder.hook("attn_logits", layer, self._scale(run, layer), rows=rows_after_image(run, layer)))
 
     def _scale(self, run: Run, layer: int):
         s: VAFSettings = self.settings

@@ -19,7 +19,7 @@ import torch
 
 from ..detect.visual_sinks import sink_flags
 from ..options import Float, Int, ListOf
-from .base import Mitigation, Run, below_depth, register
+from .base import Mitigation, Run, below_depth, register, rows_after_image
 from .settings import CheckedSettings, setting
 
 #: VAR ``official``: the visual-sink share's denominator adds this to each image token's attention
@@ -106,7 +106,7 @@ class VAR(Mitigation):
         for layer in range(decoder.num_layers):
             handles.append(decoder.hook("block_input", layer, self._find_sinks(run, layer)))
         for layer in range(s.start_layer, decoder.num_layers):
-            handles.append(decoder.hook("attn_probs", layer, self._edit(run, layer), rows=self._rows(run, layer)))
+            handles.append(decoder.hook("attn_probs", layer, self._edit(run, layer), rows=rows_after_image(run, layer)))
 
     def sinks_of(self, run: Run) -> dict[int, list[torch.Tensor]]:
         """The sink flags found so far in the context ``run`` is in (the call's or a branch's)."""
@@ -133,21 +133,6 @@ class VAR(Mitigation):
         if self.settings.protocol == "official":
             return run.context.lookup(self.sinks_of(run)[layer][0], kpos, False)
         return torch.cat(self.sinks_of(run)[layer], dim=1)
-
-    @staticmethod
-    def _rows(run: Run, layer: int):
-        """VAR edits only queries after the image: the rows before the first such query (in any
-        batch row) run the model's own attention."""
-
-        def rows(queries: int, keys: int) -> int:
-            if queries == 1:  # a cached decode step: the query is a generated token, after the image
-                return 0
-            ctx = run.context
-            after = (ctx.query_positions(layer, ctx.image_end.device) >= ctx.image_end[:, None]).any(0)
-            hits = after.nonzero()
-            return int(hits[0]) if len(hits) else queries
-
-        return rows
 
     def _edit(self, run: Run, layer: int):
         def fn(probs: torch.Tensor, q_start: int, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
