@@ -5,9 +5,11 @@ choice they expose as a setting."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
+
+from .base import Mitigation
 
 #: ``branch_edits``: ``all`` runs every composed mitigation's edits in the contrastive branch too
 #: (the released code runs one patched model for both), ``none`` runs it as the plain model
@@ -38,3 +40,25 @@ def branch_edits(choice: str) -> Optional[tuple[str, ...]]:
 def changed(before: torch.Tensor, after: torch.Tensor) -> int:
     """Rows [B, V] whose greedy choice the rule changed."""
     return int((before.argmax(-1) != after.argmax(-1)).sum())
+
+
+class ContrastiveDecoder(Mitigation):
+    """A mitigation that decodes with :func:`contrast` of the main logits against its branch
+    :attr:`weak`'s, with the ``alpha`` and ``beta`` of its settings (VCD, DAMRO)."""
+
+    #: the name of the weakened branch that :meth:`branches` returns
+    weak: ClassVar[str]
+
+    def decodes(self) -> bool:
+        return True
+
+    def combine(self, step: int, logits: torch.Tensor, branches: dict[str, torch.Tensor]) -> torch.Tensor:
+        alpha, beta = self.settings.alpha, self.settings.beta
+        if alpha == 0 and beta == 0:
+            return logits
+        out = contrast(logits, branches[self.weak], alpha, beta)
+        self.count_step(step, tokens_changed=changed(logits, out), rows_contrasted=logits.shape[0] if alpha else 0)
+        return out
+
+    def nothing_edited_hint(self) -> str:
+        return "alpha = 0 contrasts nothing"

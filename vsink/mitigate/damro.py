@@ -23,8 +23,8 @@ import torch
 from ..errors import VsinkError
 from .branch import Branch
 from ..options import Choice, Float, Int
-from .base import Mitigation, Run, register
-from .contrastive import BRANCH_EDITS, branch_edits, changed, contrast
+from .base import Run, register
+from .contrastive import BRANCH_EDITS, ContrastiveDecoder, branch_edits
 from .settings import CheckedSettings, setting
 
 
@@ -120,11 +120,12 @@ def outlier_prompt(run: Run, k: int) -> dict[str, Any]:
 
 
 @register
-class DAMRO(Mitigation):
+class DAMRO(ContrastiveDecoder):
     """DAMRO as a mitigation with an outlier-patch branch (see the module docstring)."""
 
     name = "damro"
     settings_class = DAMROSettings
+    weak = "outliers"
 
     @classmethod
     def refusal(cls, family: Any) -> Optional[str]:
@@ -137,17 +138,3 @@ class DAMRO(Mitigation):
     def branches(self, run: Run) -> list:
         s: DAMROSettings = self.settings
         return [Branch("outliers", "tokens", lambda r: outlier_prompt(r, s.k), edits=branch_edits(s.branch_edits))]
-
-    def decodes(self) -> bool:
-        return True
-
-    def combine(self, step: int, logits: torch.Tensor, branches: dict[str, torch.Tensor]) -> torch.Tensor:
-        s: DAMROSettings = self.settings
-        if s.alpha == 0 and s.beta == 0:
-            return logits
-        out = contrast(logits, branches["outliers"], s.alpha, s.beta)
-        self.count_step(step, tokens_changed=changed(logits, out), rows_contrasted=logits.shape[0] if s.alpha else 0)
-        return out
-
-    def nothing_edited_hint(self) -> str:
-        return "alpha = 0 contrasts nothing"

@@ -20,8 +20,8 @@ import torch
 
 from .branch import image_branch
 from ..options import Choice, Float, Int
-from .base import Mitigation, Run, register
-from .contrastive import BRANCH_EDITS, branch_edits, changed, contrast
+from .base import Run, register
+from .contrastive import BRANCH_EDITS, ContrastiveDecoder, branch_edits
 from .settings import CheckedSettings, setting
 
 #: the diffusion schedule's length and its sigmoid betas' ends (vcd_utils/vcd_add_noise.py)
@@ -71,11 +71,12 @@ class VCDSettings(CheckedSettings):
 
 
 @register
-class VCD(Mitigation):
+class VCD(ContrastiveDecoder):
     """VCD as a mitigation with a noised-image branch (see the module docstring)."""
 
     name = "vcd"
     settings_class = VCDSettings
+    weak = "noised"
 
     def _install(self, run: Run, handles: list) -> None:
         pass
@@ -88,17 +89,3 @@ class VCD(Mitigation):
                               for p in per_image(pixels, run.inputs)])
 
         return [image_branch("noised", noised, edits=branch_edits(s.branch_edits))]
-
-    def decodes(self) -> bool:
-        return True
-
-    def combine(self, step: int, logits: torch.Tensor, branches: dict[str, torch.Tensor]) -> torch.Tensor:
-        s: VCDSettings = self.settings
-        if s.alpha == 0 and s.beta == 0:
-            return logits
-        out = contrast(logits, branches["noised"], s.alpha, s.beta)
-        self.count_step(step, tokens_changed=changed(logits, out), rows_contrasted=logits.shape[0] if s.alpha else 0)
-        return out
-
-    def nothing_edited_hint(self) -> str:
-        return "alpha = 0 contrasts nothing"
