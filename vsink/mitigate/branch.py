@@ -95,11 +95,15 @@ def readout_branch(name: str, layer: int, norm: bool = True) -> Branch:
 
 def text_only(run: "Run") -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt's token ids without image tokens and padding, left-padded again, and its mask."""
-    lvlm = run.lvlm
-    keep = (run.input_ids != lvlm.image_token_id) & run.attention_mask.bool()
-    rows = [ids[k] for ids, k in zip(run.input_ids, keep)]
+    keep = (run.input_ids != run.lvlm.image_token_id) & run.attention_mask.bool()
+    return left_pad(run, [ids[k] for ids, k in zip(run.input_ids, keep)])
+
+
+def left_pad(run: "Run", rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows of different lengths as one left-padded batch (the text model's pad token, or
+    0) like ``run``'s prompt, and its mask."""
     width = max(len(r) for r in rows)
-    pad = int(getattr(lvlm.text_config, "pad_token_id", None) or 0)
+    pad = int(getattr(run.lvlm.text_config, "pad_token_id", None) or 0)
     ids = torch.full((len(rows), width), pad, dtype=run.input_ids.dtype, device=run.input_ids.device)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ..errors import VsinkError
-from .branch import Branch
+from .branch import Branch, left_pad
 from ..options import Choice, Float, Int
 from .base import Run, register
 from .contrastive import BRANCH_EDITS, ContrastiveDecoder, branch_edits
@@ -106,13 +106,7 @@ def outlier_prompt(run: Run, k: int) -> dict[str, Any]:
         image = (ids == image_id).nonzero().flatten()
         first, last = int(image[0]), int(image[-1]) + 1
         rows.append(torch.cat([ids[:first], torch.full((k,), image_id, dtype=ids.dtype, device=ids.device), ids[last:]]))
-    width = max(len(r) for r in rows)
-    pad = int(getattr(lvlm.text_config, "pad_token_id", None) or 0)
-    ids = torch.full((len(rows), width), pad, dtype=run.input_ids.dtype, device=run.input_ids.device)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = r
-        mask[b, width - len(r):] = 1
+    ids, mask = left_pad(run, rows)
     embeds = lvlm.model.get_input_embeddings()(ids)
     image = ids == image_id
     embeds = embeds.masked_scatter(image[..., None], features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
