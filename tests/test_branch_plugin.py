@@ -5,19 +5,17 @@ its rule equals the same rule written here on the same branches, composed edits 
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vsink.data.demo_lvlm import build_tiny_qwen2_vl
 from vsink.lvlm import LVLM, generate
 from vsink.mitigate.branch import image_branch, text_branch
 
+from lvlm_models import PROMPTS, random_image
 from test_branches import Follow
 
 PLUGIN = Path(__file__).parent / "plugin"
-PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
 
@@ -41,15 +39,11 @@ def grounded(tmp_path, monkeypatch):
     sys.modules.pop("grounded_mitigation", None)
 
 
-def _image(seed=0):
-    return Image.fromarray((np.random.default_rng(seed).random((40, 48, 3)) * 255).astype(np.uint8))
-
-
 def test_a_two_branch_mitigation_from_outside(grounded):
     assert "grounded" in grounded
     model, processor = build_tiny_qwen2_vl()  # M-RoPE: the branches' positions come from the model
     lvlm = LVLM(model, processor, "tiny-qwen2_vl")
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     none = generate(lvlm, inputs, max_new_tokens=4)
     assert torch.equal(generate(lvlm, inputs, mitigation="grounded", settings={"w": 0.0},
                                 max_new_tokens=4).new_tokens, none.new_tokens)

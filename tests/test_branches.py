@@ -4,33 +4,22 @@ separate ones, readouts equal transformers' hidden states, edits apply where rec
 
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
+from vsink.data.demo_lvlm import build_tiny_llava
 from vsink.errors import VsinkError
 from vsink.lvlm import LVLM, generate
 from vsink.mitigate.branch import Branch, image_branch, readout_branch, text_branch, text_only
 from vsink.mitigate import PAI, PAISettings, Mitigation
 
+from lvlm_models import FIRST_FAMILIES, PROMPTS, random_image, tiny_lvlm
+
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
-BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
-            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
-PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
-
-
-def _image(seed=0, size=(48, 40)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
-
-
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=sorted(FIRST_FAMILIES))
 def lvlm(request):
-    model, processor = BUILDERS[request.param]()
-    return LVLM(model, processor, f"tiny-{request.param}")
+    return tiny_lvlm(request.param)
 
 
 @dataclass
@@ -74,7 +63,7 @@ def test_an_identity_image_branch_decodes_as_the_main_pass(lvlm, use_cache):
     # the image "transformed" by the identity is the prompt itself: the branch's own cache and
     # position ids (LLaVA: from the padding mask; Qwen2-VL: the model's get_rope_index) must give
     # the main pass's logits at every step, left padding included
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     follow = Follow([image_branch("same", lambda x: x.clone())], follow="same")
     out = generate(lvlm, inputs, mitigation=[follow], max_new_tokens=4, use_cache=use_cache)
     plain = generate(lvlm, inputs, max_new_tokens=4)
@@ -87,7 +76,7 @@ def test_an_identity_image_branch_decodes_as_the_main_pass(lvlm, use_cache):
 def test_a_text_branch_decodes_as_hf_generate_on_the_text_prompt(lvlm):
     # following the text-only branch must reproduce transformers' own greedy decoding of the
     # prompt without its image tokens (its positions, its cache)
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     follow = Follow([text_branch("text")], follow="text")
     out = generate(lvlm, inputs, mitigation=[follow], max_new_tokens=4)
 
@@ -101,7 +90,7 @@ def test_a_text_branch_decodes_as_hf_generate_on_the_text_prompt(lvlm):
 
 
 def test_branches_of_one_shape_run_stacked_in_one_pass(lvlm):
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     two = Follow([image_branch("a", lambda x: x.clone()), image_branch("b", lambda x: x * 0.5)])
     out = generate(lvlm, inputs, mitigation=[two], max_new_tokens=3)
     assert out.report[0]["branch_passes"] == 3  # one stacked pass per step, not two
@@ -115,7 +104,7 @@ def test_branches_of_one_shape_run_stacked_in_one_pass(lvlm):
 def test_a_readout_equals_transformers_hidden_states_through_norm_and_head():
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor, "tiny-llava")
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     follow = Follow([readout_branch("l1", 1), readout_branch("l2raw", 2, norm=False)])
     generate(lvlm, inputs, mitigation=[follow], max_new_tokens=1)
     with torch.no_grad():
@@ -128,7 +117,7 @@ def test_a_readout_equals_transformers_hidden_states_through_norm_and_head():
 def test_edits_apply_in_a_branch_as_declared_and_are_recorded():
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor, "tiny-llava")
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     pai = lambda: PAI(PAISettings(alpha=3.0, start_layer=0))  # noqa: E731
     plain = Follow([image_branch("same", lambda x: x.clone(), edits=())])
     out = generate(lvlm, inputs, mitigation=[pai(), plain], max_new_tokens=1)
@@ -149,7 +138,7 @@ def test_edits_apply_in_a_branch_as_declared_and_are_recorded():
 def test_steps_are_reported_and_two_decoding_rules_are_refused():
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor, "tiny-llava")
-    inputs = lvlm.prepare([_image()], PROMPTS[:1])
+    inputs = lvlm.prepare([random_image()], PROMPTS[:1])
     follow = Follow([text_branch("text")])
     out = generate(lvlm, inputs, mitigation=[follow], max_new_tokens=3)
     assert [s["step"] for s in out.report[0]["steps"]] == [0, 1, 2] and not out.warnings

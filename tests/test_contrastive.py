@@ -4,13 +4,10 @@ composition with attention edits checked against a hand-built rule on the same l
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
-                                  build_tiny_paligemma, build_tiny_qwen2_vl)
+from vsink.data.demo_lvlm import build_tiny_llava
 from vsink.errors import VsinkError
 from vsink.lvlm import LVLM, generate
 from vsink.mitigate import DAMRO, DAMROSettings, PAI, PAISettings, VAR, VARSettings, VCD, VCDSettings
@@ -20,24 +17,17 @@ from vsink.mitigate.damro import outlier_patches, outlier_prompt
 from vsink.mitigate.m3id import m3id_scores
 from vsink.mitigate.vcd import add_diffusion_noise, diffusion_schedule
 
+from lvlm_models import BUILDERS, PROMPTS, random_image, tiny_lvlm
 from test_branches import Follow
 
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
-PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
-BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
-            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5"), "llava_onevision": build_tiny_llava_onevision,
-            "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3}
+#: every family but the first PaliGemma (PaliGemma 2 stands for it)
+FAMILIES = sorted(set(BUILDERS) - {"paligemma"})
 
 
-def _image(seed=0, size=(48, 40)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
-
-
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=FAMILIES)
 def lvlm(request):
-    model, processor = BUILDERS[request.param]()
-    return LVLM(model, processor, f"tiny-{request.param}")
+    return tiny_lvlm(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +86,14 @@ STRONG = {"vcd": {"alpha": 3.0, "beta": 0.0, "noise_step": 900}, "m3id": {"lam":
           "damro": {"alpha": 3.0, "beta": 0.0, "k": 2}}
 
 
-def _families(name):
-    return ["llava"] if name == "damro" else sorted(BUILDERS)
-
-
 @pytest.mark.parametrize("name", sorted(ZERO))
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_strength_zero_equals_none_and_batches_equal_single_rows(lvlm, name, use_cache):
-    if lvlm.model_type not in _families(name):
+    if name == "damro" and lvlm.model_type != "llava":  # DAMRO runs on LLaVA-1.5 only
         with pytest.raises(VsinkError, match="damro needs a vision tower with a class token"):
-            generate(lvlm, lvlm.prepare([_image()], PROMPTS[:1]), mitigation=name, max_new_tokens=1)
+            generate(lvlm, lvlm.prepare([random_image()], PROMPTS[:1]), mitigation=name, max_new_tokens=1)
         return
-    images = [_image(), _image(1)]
+    images = [random_image(), random_image(1)]
     inputs = lvlm.prepare(images, PROMPTS)
     none = generate(lvlm, inputs, max_new_tokens=3, use_cache=use_cache)
     zero = generate(lvlm, inputs, mitigation=name, settings=ZERO[name], max_new_tokens=3, use_cache=use_cache)
@@ -128,7 +114,7 @@ def _noised(settings):  # LLaVA: one [3, H, W] image per row, each noised from t
 def test_vcd_plus_var_equals_the_contrast_of_two_var_runs(llava):
     # by hand: VAR in both branches (the default), the rule applied to the image branch and the
     # noised branch as a test mitigation sees them
-    inputs = llava.prepare([_image(), _image(1)], PROMPTS)
+    inputs = llava.prepare([random_image(), random_image(1)], PROMPTS)
     var = {"sink_dims": [3, 7], "tau": 1.0, "rho": 1.0, "min_image": 0.0}  # loose: VAR edits the tiny model
     s = VCDSettings(alpha=2.0, beta=0.05)
 
@@ -150,7 +136,7 @@ def test_vcd_plus_var_equals_the_contrast_of_two_var_runs(llava):
 
 
 def test_m3id_equals_the_rule_on_the_text_branch(lvlm):
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
 
     class ByHand(Follow):
         def combine(self, step, logits, branches):
@@ -163,7 +149,7 @@ def test_m3id_equals_the_rule_on_the_text_branch(lvlm):
 
 
 def test_damro_outliers_are_the_class_tokens_top_patches_by_hand(llava):
-    inputs = llava.prepare([_image(), _image(1)], PROMPTS)
+    inputs = llava.prepare([random_image(), random_image(1)], PROMPTS)
     tower = llava.model.model.vision_tower
     layer = llava.model.config.vision_feature_layer
     with torch.no_grad():
@@ -183,7 +169,7 @@ def test_damro_outliers_are_the_class_tokens_top_patches_by_hand(llava):
 
 
 def test_damro_plus_pai_equals_the_contrast_with_pai_in_both_branches(llava):
-    inputs = llava.prepare([_image(), _image(1)], PROMPTS)
+    inputs = llava.prepare([random_image(), random_image(1)], PROMPTS)
     s = DAMROSettings(alpha=2.0, beta=0.05, k=3)
     damro = DAMRO(s)
 
@@ -213,14 +199,14 @@ def test_damro_plus_pai_equals_the_contrast_with_pai_in_both_branches(llava):
 
 
 def test_two_contrastive_rules_are_refused_in_one_line(llava):
-    inputs = llava.prepare([_image()], PROMPTS[:1])
+    inputs = llava.prepare([random_image()], PROMPTS[:1])
     with pytest.raises(VsinkError, match="vcd and m3id each set the next-token rule"):
         generate(llava, inputs, mitigation="vcd+m3id", max_new_tokens=1)
 
 
 def test_attention_capture_sees_the_main_pass_only(llava):
     # the noised branch's passes are not captured: with alpha 0 the captured attention is none's
-    inputs = llava.prepare([_image(), _image(1)], PROMPTS)
+    inputs = llava.prepare([random_image(), random_image(1)], PROMPTS)
     none = generate(llava, inputs, max_new_tokens=3, capture_attention=True)
     vcd = generate(llava, inputs, mitigation="vcd", settings={"alpha": 0.0}, max_new_tokens=3, capture_attention=True)
     assert vcd.attention.shape == none.attention.shape

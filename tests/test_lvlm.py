@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
-                                  build_tiny_paligemma, build_tiny_qwen2_vl)
+from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_qwen2_vl
 from vsink.errors import VsinkError
 from contextlib import ExitStack, contextmanager
 
@@ -20,28 +19,19 @@ from vsink.lvlm.context import DecodeContext
 from vsink.lvlm.sinks import calibrate, detect_sinks
 from vsink.mitigate import PAI, VAR, Run, redistribute
 
+from lvlm_models import BUILDERS, PROMPTS, random_image, tiny_lvlm
+
 # mitigations that change nothing on these tiny random models warn; the warning has its own test
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
-BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
-            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5"), "llava_onevision": build_tiny_llava_onevision,
-            "paligemma2": build_tiny_paligemma, "paligemma": lambda: build_tiny_paligemma(version=1),
-            "gemma3": build_tiny_gemma3}
-PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
 SETTINGS = {"none": {}, "var": {"sink_dims": [3, 7], "tau": 2.5}, "pai": {"alpha": 0.5},
             "pai_cfg": {"alpha": 0.5, "gamma": 1.1}, "fastv": {"k": 2, "ratio": 0.5}}
 
 
-def _image(seed=0, size=(48, 40)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def lvlm(request):
-    model, processor = BUILDERS[request.param]()
     try:
-        return LVLM(model, processor, f"tiny-{request.param}")
+        return tiny_lvlm(request.param)
     except UnavailableFamily as e:  # a family this transformers lacks or that needs a newer one: reported
         pytest.skip(str(e))
 
@@ -64,7 +54,7 @@ def _mit(name):
 
 
 def test_decoder_layers_and_spans(lvlm):
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     spans = lvlm.image_spans(inputs["input_ids"])
     pad = (inputs["attention_mask"] == 0).sum(1).tolist()
     assert pad[0] > 0 and pad[1] == 0  # the shorter prompt is left-padded
@@ -78,14 +68,14 @@ def test_decoder_layers_and_spans(lvlm):
 
 
 def test_none_reproduces_hf_greedy_generate(lvlm):
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     with torch.no_grad():
         ref = lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(generate(lvlm, inputs, max_new_tokens=6).sequences, ref)
 
 
 def test_captured_attention_equals_hf_eager(lvlm):
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     with _eager(lvlm):
         with torch.no_grad():
             ref = lvlm.model(**inputs, output_attentions=True)
@@ -103,7 +93,7 @@ def test_captured_attention_equals_hf_eager(lvlm):
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_batch_equals_single_and_cache_is_transparent(lvlm, name):
     mitigation, settings = _mit(name)
-    images = [_image(), _image(1)]
+    images = [random_image(), random_image(1)]
     inputs = lvlm.prepare(images, PROMPTS)
     batch = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=5)
     no_cache = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=5, use_cache=False)
@@ -116,7 +106,7 @@ def test_batch_equals_single_and_cache_is_transparent(lvlm, name):
 
 
 def test_fastv_keeps_the_most_attended_image_tokens(lvlm):
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     with _eager(lvlm):
         with torch.no_grad():
             att = lvlm.model(**inputs, output_attentions=True).attentions
@@ -248,7 +238,7 @@ def _planted_llava(dim=11, value=60.0, image_tokens=(2, 5), words=()):
 
 def test_planted_sinks_are_detected_and_calibrated():
     lvlm, dim, planted = _planted_llava()
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     flags = detect_sinks(lvlm, inputs, [dim], tau=8.0)
     spans = lvlm.image_spans(inputs["input_ids"])
     first = inputs["attention_mask"].long().argmax(1)
@@ -264,7 +254,7 @@ def test_var_in_the_model_follows_the_definition():
     """At the first VAR layer the inputs equal the unedited run's, so its attention must be exactly
     the reference redistribution of the plain attention."""
     lvlm, dim, _ = _planted_llava()
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     s = VARSettings(sink_dims=[dim], tau=8.0, min_image=0.05)
     runs = {}
     for name, mitigations in (("none", ()), ("var", (VAR(s),))):
@@ -325,7 +315,7 @@ def test_var_official_leaves_layers_without_a_visual_sink_unedited():
     The released code edits nothing then, so every attention row and the logits equal the
     unedited run's bit for bit; the paper protocol moves BOS's attention to the image."""
     lvlm, dim, _ = _planted_llava(image_tokens=())
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     plain, plain_logits = _attentions(lvlm, inputs, None)
     settings = {"sink_dims": [dim], "tau": 8.0}
     official, official_logits = _attentions(lvlm, inputs, VARSettings(**settings, protocol="official"))
@@ -340,7 +330,7 @@ def test_var_official_fixes_the_sinks_at_the_prompt_pass():
     released code's sinks are the prompt's (the generated token is not one); vsink's paper
     protocol flags the new token too."""
     lvlm, dim, _ = _planted_llava(words=("dog",))
-    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
     dog = torch.tensor([[lvlm.processor.tokenizer.convert_tokens_to_ids("dog")]])
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(dog)], dim=1)
     settings = {"sink_dims": [dim], "tau": 8.0, "min_image": 0.05}
@@ -369,7 +359,7 @@ def test_pai_official_has_no_alpha_in_the_prompt_pass_under_guidance(lvlm):
     branch has run (after the prompt pass); with γ = 1 their guidance returns before that, so α
     never applies. The captured attention of the first generated token (the prompt pass) is then
     the unedited one; with γ = 1 (official) every step's is, the tokens being the unguided ones."""
-    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
     run = {}
     for name, protocol, gamma in (("none", "paper", None), ("paper", "paper", 1.1), ("official", "official", 1.1),
                                   ("official_g1", "official", 1)):
@@ -395,7 +385,7 @@ def test_fastv_official_without_cache_reprunes_by_the_newest_token():
     never pruned, so that attention is the plain model's."""
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor)
-    inputs = lvlm.prepare([_image(1)], [PROMPTS[1]])
+    inputs = lvlm.prepare([random_image(1)], [PROMPTS[1]])
     settings = {"k": 2, "ratio": 0.5}
     result = generate(lvlm, inputs, mitigation="fastv", settings=settings, protocol="official", max_new_tokens=4,
                       use_cache=False)
@@ -426,7 +416,7 @@ def test_fastv_keep_count_per_protocol():
     (Python rounds halves to even); vsink's paper protocol keeps 9 − round(4.5) = 5."""
     model, processor = build_tiny_llava(image_size=24)
     lvlm = LVLM(model, processor)
-    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
     n = inputs["input_ids"].shape[1]
     assert lvlm.image_spans(inputs["input_ids"]).counts() == [9]
     for protocol, keep in (("paper", 5), ("official", 4)):
@@ -447,7 +437,7 @@ def test_protocol_defaults_recording_and_errors(tmp_path):
     assert make_settings("pai", {}).gamma is None and make_settings("fastv", {}).k == 2  # paper: unchanged
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor)
-    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
     result = generate(lvlm, inputs, mitigation="fastv", protocol="official", max_new_tokens=2,
                       capture_attention=True)
     assert result.protocol == "official" and result.settings == {"k": 3, "ratio": 0.5, "protocol": "official"}
@@ -467,7 +457,7 @@ def test_protocol_defaults_recording_and_errors(tmp_path):
 def test_pai_changes_only_last_row_image_logits():
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor)
-    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
     ids = inputs["input_ids"]
     N = ids.shape[1]
     g = torch.Generator().manual_seed(0)
@@ -495,7 +485,7 @@ def test_pai_changes_only_last_row_image_logits():
 def test_attention_export_shapes(lvlm, tmp_path):
     from vsink.lvlm.export import export_attention
 
-    images = [_image(), _image(1)]
+    images = [random_image(), random_image(1)]
     inputs = lvlm.prepare(images, PROMPTS)
     result = generate(lvlm, inputs, mitigation="fastv", max_new_tokens=3, capture_attention=True)
     paths = export_attention(lvlm, result, inputs, tmp_path, images=images)
@@ -514,7 +504,7 @@ def test_attention_export_shapes(lvlm, tmp_path):
 def test_settings_and_errors():
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor)
-    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
     with pytest.raises(VsinkError, match="unknown mitigation 'nonesuch'"):
         generate(lvlm, inputs, mitigation="nonesuch")
     with pytest.raises(VsinkError, match=r"var: unknown setting\(s\) \['beta'\]"):
@@ -535,7 +525,7 @@ def test_vision_tower_is_a_vision_backbone():
 
     model, processor = build_tiny_llava()
     backbone = LVLM(model, processor, "tiny").vision_backbone()
-    result = vsink.scan(backbone, [_image(), _image(1)], progress=False)
+    result = vsink.scan(backbone, [random_image(), random_image(1)], progress=False)
     assert result.layout.num_cls == 1 and result.layout.grid == (4, 4)
 
 
@@ -545,8 +535,8 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
     model, processor = build_tiny_qwen2_vl()
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
-    _image().save(tmp_path / "a.png")
-    _image(1).save(tmp_path / "b.png")
+    random_image().save(tmp_path / "a.png")
+    random_image(1).save(tmp_path / "b.png")
     assert main(["lvlm", "calibrate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"),
                  "--out", str(tmp_path / "sinks.json")]) == 0
     dims = json.loads((tmp_path / "sinks.json").read_text())["sink_dims"]

@@ -7,13 +7,12 @@ import math
 from contextlib import ExitStack
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from vsink.backbones.hf_decoder import decoder_of
-from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
+from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_qwen2_vl
 from vsink.errors import VsinkError
 from vsink.lvlm import LVLM, generate, load_lvlm
 from vsink.lvlm.beam import BeamContext, Beams, LastRowAttention
@@ -22,24 +21,17 @@ from vsink.mitigate.base import Run
 from vsink.mitigate.opera import (FLOOR, Retrospection, candidate_scores, column_scores, extend_products, over_trust,
                                   stored)
 
+from lvlm_models import FIRST_FAMILIES, PROMPTS, random_image, tiny_lvlm
+
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
-BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
-            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5")}
-PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
 #: penalty 0, every token a candidate, no rollback: plain beam search
 PLAIN = {"beams": 3, "candidates": None, "penalty": 0, "threshold": 10_000}
 
 
-def _image(seed=0, size=(48, 40)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
-
-
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=sorted(FIRST_FAMILIES))
 def lvlm(request):
-    model, processor = BUILDERS[request.param]()
-    return LVLM(model, processor, f"tiny-{request.param}")
+    return tiny_lvlm(request.param)
 
 
 def _hf_beams(lvlm, image, prompt, n, tokens):
@@ -51,7 +43,7 @@ def _hf_beams(lvlm, image, prompt, n, tokens):
 
 @pytest.mark.parametrize("length_penalty", [1.0, -0.5])
 def test_penalty_zero_with_every_token_a_candidate_is_hf_beam_search(lvlm, length_penalty):
-    images = [_image(), _image(1)]
+    images = [random_image(), random_image(1)]
     config = lvlm.model.generation_config
     saved = (config.eos_token_id, config.length_penalty)
     # EOS: a token HF's own beam search emits, so hypotheses finish early and the finished-beam
@@ -110,7 +102,7 @@ def _beams(n, vocab, prompt=1):
 def test_default_candidates_differ_from_beam_search_on_a_model():
     model, processor = build_tiny_qwen2_vl()
     lvlm = LVLM(model, processor, "tiny-qwen2_vl")
-    image = _image()
+    image = random_image()
     inputs = lvlm.prepare([image], [PROMPTS[0]])
     ref = _hf_beams(lvlm, image, PROMPTS[0], 5, 12)
     zero = generate(lvlm, inputs, mitigation="opera", settings={"penalty": 0, "threshold": 10_000},
@@ -193,7 +185,7 @@ def test_planted_attention_column_triggers_rollbacks(monkeypatch):
     model, processor = build_tiny_llava()
     model.generation_config.eos_token_id = None  # no hypothesis ends before the length limit
     lvlm = LVLM(model, processor, "tiny-llava")
-    inputs = lvlm.prepare([_image()], [PROMPTS[0]])
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
     result = generate(lvlm, inputs, mitigation="opera", settings={"threshold": 3}, max_new_tokens=20)
     last = [row for row in result.report[0]["layers"] if row["layer"] == lvlm.num_layers - 1][0]
     assert last["rollbacks"] == 10
@@ -203,7 +195,7 @@ def test_planted_attention_column_triggers_rollbacks(monkeypatch):
 def test_opera_composes_with_pai_and_refuses_the_rest():
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor, "tiny-llava")
-    image = _image()
+    image = random_image()
     inputs = lvlm.prepare([image], [PROMPTS[1]])
     ours = generate(lvlm, inputs, mitigation="opera+pai", settings={"opera": PLAIN, "pai": {"alpha": 3.0}},
                     max_new_tokens=8)
@@ -255,7 +247,7 @@ def test_opera_through_vsink_generate_and_eval(tmp_path, capsys):
     processor.save_pretrained(tmp_path / "m")
     (tmp_path / "images").mkdir()
     for i in OBJECTS:
-        _image(i).save(tmp_path / "images" / f"img{i}.jpg")
+        random_image(i).save(tmp_path / "images" / f"img{i}.jpg")
     coco = {"categories": [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)],
             "images": [{"id": i, "file_name": f"img{i}.jpg"} for i in OBJECTS],
             "annotations": [{"image_id": i, "category_id": CLASSES.index(c) + 1, "bbox": [0, 0, 1, 1]}
@@ -300,7 +292,7 @@ def test_stepper_paths_keep_the_cache_right():
 
     model, processor = build_tiny_qwen2_vl()
     lvlm = LVLM(model, processor, "tiny-qwen2_vl")
-    inputs = lvlm.prepare([_image()], [PROMPTS[1]])
+    inputs = lvlm.prepare([random_image()], [PROMPTS[1]])
     seen = {}
 
     def loop(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
@@ -338,9 +330,9 @@ def test_fewer_candidates_than_beams_runs_the_prefix_path():
     # four of the five new beams continue with tokens that were no candidate
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor, "tiny-llava")
-    inputs = lvlm.prepare([_image(), _image(1)], PROMPTS)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     batch = generate(lvlm, inputs, mitigation="opera", settings={"candidates": 1, "threshold": 25}, max_new_tokens=6)
     for b in range(2):
-        alone = generate(lvlm, lvlm.prepare([[_image(), _image(1)][b]], [PROMPTS[b]]), mitigation="opera",
+        alone = generate(lvlm, lvlm.prepare([[random_image(), random_image(1)][b]], [PROMPTS[b]]), mitigation="opera",
                          settings={"candidates": 1, "threshold": 25}, max_new_tokens=6)
         assert torch.equal(alone.new_tokens[0], batch.new_tokens[b, :alone.new_tokens.shape[1]])

@@ -1,0 +1,32 @@
+"""The tiny LVLMs (built offline, random weights), prompts and images that the LVLM tests share."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
+                                  build_tiny_paligemma, build_tiny_qwen2_vl)
+from vsink.lvlm import LVLM
+
+#: every family's tiny model by the name its tests carry (``paligemma2``: PaliGemma 2, ``paligemma``: the first)
+BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
+            "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5"), "llava_onevision": build_tiny_llava_onevision,
+            "paligemma2": build_tiny_paligemma, "paligemma": lambda: build_tiny_paligemma(version=1),
+            "gemma3": build_tiny_gemma3}
+#: LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: image tokens spread over tiles and M-RoPE positions
+FIRST_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+#: two prompts of different lengths, so that a batch of both is left-padded
+PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A ``size`` (width, height) RGB image of uniform random pixels."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def tiny_lvlm(name: str) -> LVLM:
+    """The tiny model of family ``name`` (a key of :data:`BUILDERS`) as an LVLM named ``tiny-<name>``."""
+    model, processor = BUILDERS[name]()
+    return LVLM(model, processor, f"tiny-{name}")
