@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import torch
 from PIL import Image
+
+from vsink.backbones.hf_decoder import DecoderModel
 
 from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
                                   build_tiny_paligemma, build_tiny_qwen2_vl)
 from vsink.lvlm import LVLM
+from vsink.probe import Probe
 
 #: every family's tiny model by the name its tests carry (``paligemma2``: PaliGemma 2, ``paligemma``: the first)
 BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
@@ -30,3 +36,27 @@ def tiny_lvlm(name: str) -> LVLM:
     """The tiny model of family ``name`` (a key of :data:`BUILDERS`) as an LVLM named ``tiny-<name>``."""
     model, processor = BUILDERS[name]()
     return LVLM(model, processor, f"tiny-{name}")
+
+
+def decoder_attention_checked(model: Any, processor: Any, images: list[Image.Image]) -> tuple[LVLM, dict, Any, Probe]:
+    """On eager attention, check that the attention vsink's decoder captures in every layer, and its
+    logits, equal transformers' own output on ``images`` (prompt "describe the image"); returns the
+    LVLM, the inputs, transformers' output and a probe run on the inputs."""
+    model.set_attn_implementation("eager")
+    lvlm = LVLM(model, processor, "tiny")
+    inputs = lvlm.prepare(images, ["describe the image"] * len(images))
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True, use_cache=False)
+    decoder = DecoderModel(lvlm)
+    got: dict[int, list[torch.Tensor]] = {}
+    handles = [decoder.hook("attn_probs", layer, lambda p, s, z, layer=layer: got.setdefault(layer, []).append(p.clone()))
+               for layer in range(decoder.num_layers)]
+    logits = decoder.forward(inputs)
+    for h in handles:
+        h.remove()
+    for layer in range(decoder.num_layers):
+        torch.testing.assert_close(torch.cat(got[layer], dim=2), reference.attentions[layer], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, reference.logits, atol=1e-5, rtol=1e-5)
+    with Probe(decoder) as probe:
+        probe.run(inputs)
+    return lvlm, inputs, reference, probe

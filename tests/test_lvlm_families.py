@@ -23,7 +23,8 @@ from vsink.backbones.lvlm_families import lvlm_families
 from vsink.cli import main
 from vsink.data.demo_lvlm import build_tiny_gemma3, build_tiny_llava_onevision, build_tiny_paligemma
 from vsink.lvlm.context import DecodeContext
-from vsink.probe import Probe
+
+from lvlm_models import decoder_attention_checked
 
 #: family → tiny builder
 NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3}
@@ -64,23 +65,7 @@ def test_a_saved_tiny_model_loads_by_type_and_scans_with_a_prompt(family, tmp_pa
 @pytest.mark.parametrize("family", sorted(NEW))
 def test_decoder_attention_equals_eager_and_probes_change_nothing(family):
     model, processor = _tiny(family)
-    model.set_attn_implementation("eager")
-    lvlm = LVLM(model, processor, "tiny")
-    inputs = lvlm.prepare(_images(2), ["describe the image"] * 2)
-    with torch.no_grad():
-        reference = model(**inputs, output_attentions=True, use_cache=False)
-    decoder = DecoderModel(lvlm)
-    got: dict[int, list[torch.Tensor]] = {}
-    handles = [decoder.hook("attn_probs", layer, lambda p, s, z, layer=layer: got.setdefault(layer, []).append(p.clone()))
-               for layer in range(decoder.num_layers)]
-    logits = decoder.forward(inputs)
-    for h in handles:
-        h.remove()
-    for layer in range(decoder.num_layers):
-        torch.testing.assert_close(torch.cat(got[layer], dim=2), reference.attentions[layer], atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits, reference.logits, atol=1e-5, rtol=1e-5)
-    with Probe(decoder) as probe:
-        probe.run(inputs)
+    lvlm, inputs, reference, probe = decoder_attention_checked(model, processor, _images(2))
     with torch.no_grad():
         probed = model(**inputs, use_cache=False).logits  # nothing left installed
     assert torch.equal(probed, reference.logits)

@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from vsink.backbones.hf_decoder import DecoderModel
 from vsink.backbones.hf_lvlm import LVLM, load_lvlm
 from vsink.cli import main
 from vsink.data import demo_llava as DL
 from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_qwen2_vl
 from vsink.lvlm.scan import scan_lvlm
 from vsink.lvlm.sinks import calibrate
-from vsink.probe import Probe
 from conftest import PHOTOS, skimage_photo
+from lvlm_models import decoder_attention_checked
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +32,9 @@ def photos():
 @pytest.mark.parametrize("build", [build_tiny_llava, build_tiny_qwen2_vl], ids=["llava", "qwen2_vl"])
 def test_decoder_attention_equals_hf_eager_and_probes_change_nothing(build):
     model, processor = build()
-    model.set_attn_implementation("eager")
-    lvlm = LVLM(model, processor, "tiny")
     rng = np.random.default_rng(0)
-    from PIL import Image
-
     images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
-    inputs = lvlm.prepare(images, ["describe the image"] * 2)
-    with torch.no_grad():
-        reference = model(**inputs, output_attentions=True, use_cache=False)
-    decoder = DecoderModel(lvlm)
-    got: dict[int, list[torch.Tensor]] = {}
-    handles = [decoder.hook("attn_probs", layer, lambda p, s, z, layer=layer: got.setdefault(layer, []).append(p.clone()))
-               for layer in range(decoder.num_layers)]
-    logits = decoder.forward(inputs)
-    for h in handles:
-        h.remove()
-    for layer in range(decoder.num_layers):
-        assert torch.allclose(torch.cat(got[layer], dim=2), reference.attentions[layer], atol=1e-5)
-    assert torch.allclose(logits, reference.logits, atol=1e-5)
-    with Probe(decoder) as probe:
-        probe.run(inputs)
+    _, inputs, _, probe = decoder_attention_checked(model, processor, images)
     trace = probe.trace()
     assert trace.layout.num_tokens == inputs["input_ids"].shape[1] and trace.layout.kind_of(0) == "bos"
     assert model.config.get_text_config()._attn_implementation == "eager"  # switched back
