@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from ..backbones.base import Backbone
 from ..errors import VsinkError
 from ..io import append_jsonl, read_jsonl, write_jsonl, write_text
+from ..shard import Shard
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .distributed import DistInfo, barrier, mean_across
+from .distributed import barrier, mean_across
 
 
 
@@ -138,7 +139,7 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
 
 
 def train(task: TrainTask, settings: TrainConfig, out: Path, *, seed: int, device: torch.device,
-          info: DistInfo = DistInfo(), resume: bool = False, progress: bool = True) -> dict[str, Any]:
+          info: Shard = Shard(), resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the loop with the ``train`` section of a recipe; returns the summary (also written to
     ``out/summary.json`` by the caller)."""
     from torch.nn.parallel import DistributedDataParallel
