@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import VsinkError, VsinkWarning
+from .io import NAME_MAX, fit_bytes
 
 PathLike = Union[str, os.PathLike]
 
@@ -161,10 +162,16 @@ def safe_component(name: str, fallback: str = "image") -> str:
     return cleaned or fallback
 
 
+def _fitted(base: str, suffix: str, entries: Sequence[str]) -> str:
+    """``base`` + ``suffix``, ``base`` cut so that every entry it makes fits in a file name."""
+    room = NAME_MAX - max(len(os.fsencode(e.format(suffix))) for e in entries)
+    return fit_bytes(base, room) + suffix
+
+
 def derived_names(names: Sequence[str], out_dir: PathLike, entries: Sequence[str] = ("{}",),
                   reserved: Iterable[str] = ()) -> list[str]:
-    """One distinct component per input ``names`` entry (see :func:`safe_component`), numbered
-    ``-2``, ``-3``, ... on a clash, such that the directory entries each one makes
+    """One distinct component per input ``names`` entry (see :func:`safe_component`), cut so that
+    each entry fits in a file name (255 bytes), numbered ``-2``, ``-3``, ... on a clash, such that the directory entries each one makes
     (``entries``: patterns such as ``"{}"`` and ``"{}.npz"``) never coincide — case-insensitively,
     for case-insensitive file systems — with each other's or with ``reserved`` names, and
     resolve to direct children of ``out_dir``."""
@@ -173,10 +180,10 @@ def derived_names(names: Sequence[str], out_dir: PathLike, entries: Sequence[str
     result = []
     for name in names:
         base = safe_component(name)
-        stem, n = base, 1
+        stem, n = _fitted(base, "", entries), 1
         while any(e.format(stem).casefold() in taken for e in entries):
             n += 1
-            stem = f"{base}-{n}"
+            stem = _fitted(base, f"-{n}", entries)
         for e in entries:
             target = out / e.format(stem)
             if target.parent != out or target.name != e.format(stem):
