@@ -134,6 +134,23 @@ def test_pope_record_and_refusal_of_each_field(tiny, tmp_path, capsys, monkeypat
     assert _lines(out / "pai" / "answers.jsonl") == answers
 
 
+def test_a_settings_file_changed_in_place_is_refused(tiny, tmp_path, capsys):
+    """A mitigation setting that names a file (ttr.neurons) determines the answers by the file's
+    bytes, not its path: the same path with other neurons must not resume the earlier answers."""
+    from vsink.cli import main
+
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"model": "tiny", "neurons": [{"layer": 0, "neuron": 1, "score": 2.0}]}))
+    out = tmp_path / "pope"
+    argv = _pope(tiny, out, "--mitigation", "ttr", "--set", f"ttr.neurons={neurons}")
+    assert main(argv) == 0
+    answers = _lines(out / "ttr" / "answers.jsonl")
+    capsys.readouterr()
+    neurons.write_text(json.dumps({"model": "tiny", "neurons": [{"layer": 0, "neuron": 3, "score": 2.0}]}))
+    _refused(capsys, main(argv), "setting_files")
+    assert _lines(out / "ttr" / "answers.jsonl") == answers
+
+
 def test_chair_prompt_and_max_new_tokens_are_refused_and_new_run_goes_elsewhere(tiny, tmp_path, capsys):
     from vsink.cli import main
 
