@@ -532,7 +532,7 @@ def test_export_attention_leaves_no_stale_rows(tiny, tmp_path):
     _view_works(out)
 
 
-@pytest.mark.parametrize("case", ["dangling", "too_long", "read_only"])
+@pytest.mark.parametrize("case", ["dangling", "loop", "too_long", "read_only"])
 def test_output_targets_refused_before_any_work(tmp_path, case, request, capsys):
     from vsink.cli import main
 
@@ -540,6 +540,11 @@ def test_output_targets_refused_before_any_work(tmp_path, case, request, capsys)
         target = tmp_path / "link"
         target.symlink_to(tmp_path / "missing" / "folder")
         expect = "is a symbolic link to"
+    elif case == "loop":  # a → b → a: the link's target exists (as a link), the message must say loop
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        target = tmp_path / "a"
+        target.symlink_to(tmp_path / "b")
+        expect = "is a symbolic link in a loop"
     elif case == "too_long":
         target = tmp_path / ("x" * 300)
         expect = "too long for the file system"

@@ -106,7 +106,13 @@ def _link_problem(path: Path) -> Optional[str]:
     p = Path(os.path.abspath(path))
     for candidate in (p, *p.parents):
         if _exists(candidate, follow=False) and candidate.is_symlink() and not _exists(candidate):
-            return f"{'it' if candidate == p else candidate} is a symbolic link to {os.readlink(candidate)}, which does not exist"
+            name = "it" if candidate == p else candidate
+            try:
+                os.stat(candidate)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return f"{name} is a symbolic link in a loop (to {os.readlink(candidate)}, which leads back)"
+            return f"{name} is a symbolic link to {os.readlink(candidate)}, which does not exist"
     return None
 
 
