@@ -475,6 +475,23 @@ def test_a_swap_cut_short_is_refused_by_view_and_completed_by_the_next_writer(tm
     outputs.check_complete(out)
 
 
+def test_run_records_have_the_permissions_of_the_other_outputs(tmp_path, tiny, capsys):
+    """vsink-run.json was written owner-only (0600, a temporary file's mode) beside 0644 outputs:
+    another user of a shared folder could read the results but not their record."""
+    from vsink.cli import main
+
+    umask = os.umask(0o022)
+    try:
+        assert main(["scan", str(tiny / "images"), "--no-progress", "--out", str(tmp_path / "scan")]) == 0
+        assert main(_chair(tiny, tmp_path / "chair")) == 0
+    finally:
+        os.umask(umask)
+    for record in (tmp_path / "scan" / "vsink-run.json", tmp_path / "chair" / "vsink-run.json",
+                   tmp_path / "chair" / "none" / "vsink-run.json"):
+        assert record.stat().st_mode & 0o777 == 0o644, record
+    assert (tmp_path / "scan" / "scan.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_a_set_replaces_the_earlier_set_whole(tmp_path):
     from vsink.io import write_text
     from vsink.outputs import OutputSet

@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import VsinkError, VsinkWarning
-from .io import NAME_MAX, fit_bytes
+from .io import NAME_MAX, atomic_path, fit_bytes
 
 PathLike = Union[str, os.PathLike]
 
@@ -347,15 +347,10 @@ def read_manifest(directory: PathLike) -> Optional[dict[str, Any]]:
 
 
 def _dump(path: Path, obj: Any) -> None:
-    """JSON written atomically (a temporary file of :func:`vsink.io.atomic_path`'s pattern, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """JSON written atomically by :func:`vsink.io.atomic_path` (so with the permissions of every
+    other output, not the temporary file's owner-only ones)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _set_entries(directory: Path) -> list[str]:
