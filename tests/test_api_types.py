@@ -6,6 +6,7 @@ whose every patch turns high-norm at once is reported as such."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -49,6 +50,14 @@ def calls(demo, photo, out):
         (lambda: vsink.scan(demo, str(photo.parent)), r"images must be a list .*pass vsink\.images\.expand_paths"),
         (lambda: vsink.scan(demo, Image.open(photo)), r"images must be a list .*got one PngImageFile: pass \[image\]"),
         (lambda: vsink.scan(demo, []), r"images is empty: no images given"),
+        # an array is one image, not a list of rows; entries that are not images are named by index
+        (lambda: vsink.scan(demo, np.zeros((8, 8, 3), np.uint8)), r"images must be a list .*got one ndarray: pass "
+                                                                  r"\[PIL\.Image\.fromarray\(array\)\]"),
+        (lambda: vsink.scan(demo, [np.zeros((8, 8, 3), np.uint8)]), r"images\[0\] must be an image path, a PIL image or "
+                                                                    r"a NamedImage, got the ndarray .*PIL\.Image\.fromarray"),
+        (lambda: vsink.scan(demo, good + [None]), r"images\[1\] must be an image path, a PIL image or a NamedImage, "
+                                                  r"got the NoneType None$"),
+        (lambda: vsink.scan(demo, [os.fsencode(photo)]), r"images\[0\] must be an image path, .*got the bytes"),
         (lambda: vsink.scan(demo, good, img_size="224"), r"img_size must be an integer or None, got the str '224'"),
         (lambda: vsink.scan(demo, good, img_size=224.0), r"img_size must be an integer or None, got the float 224\.0"),
         (lambda: vsink.scan(demo, good, layers=[0.5]), r"layers must be a list of integers, got the float 0\.5 in "
@@ -56,6 +65,10 @@ def calls(demo, photo, out):
         (lambda: vsink.scan(demo, good, layers=3), r"layers must be a list of integers, got the int 3"),
         (lambda: vsink.export_maps(demo, good, out, layers=[1.0]), r"layers must be a list of integers, got the float"),
         (lambda: vsink.export_maps("demo", good, out), r"backbone must be a vsink Backbone"),
+        (lambda: vsink.export_maps(demo, good, out, kinds="norm"), r"kinds must be a list of names, got the str "
+                                                                   r"'norm': pass \['norm'\]"),
+        (lambda: vsink.export_maps(demo, good, out, formats="png"), r"formats must be a list of names, got the str "
+                                                                    r"'png': pass \['png'\]"),
         (lambda: vsink.export_maps(demo, "x.png", out), r"images must be a list of images .*got one path 'x\.png'"),
         (lambda: find_register_neurons(demo, ()), r"images is empty"),
         (lambda: find_register_neurons("demo", good), r"backbone must be a vsink Backbone"),
@@ -104,6 +117,7 @@ def test_registers_from_the_api_have_the_command_line_cap(demo):
     with pytest.raises(OptionError, match=r"in \[1, 1024\], got 2\.0"):
         demo.with_registers(2.0)
     assert demo.with_registers(MAX_REGISTERS).layout().num_registers == MAX_REGISTERS
+    assert demo.with_registers(np.int64(2)).layout().num_registers == 2  # NumPy integers are integers here too
 
 
 def test_model_kwargs_sharing_parts_like_an_alias_bomb_are_refused_quickly():

@@ -200,6 +200,24 @@ def test_maps_outputs_of_two_inputs_never_collide(tmp_path, capsys):
     assert (out / "maps.json").is_file() and not any(s.startswith(".") for s in stems)
 
 
+def test_maps_of_images_whose_names_fill_the_file_system_limit(tmp_path, capsys):
+    # A 251-byte stem is a legal file name (255 bytes with '.png'), but the temporary file beside
+    # '<stem>.npz' ('.<name>.XXXXXXXX.tmp', 14 bytes more) and a second image of that stem ('-2')
+    # would exceed 255 bytes: derived names and temporary names must both stay within it.
+    long = "é" * 100 + "a" * 47  # 247 bytes in UTF-8: multi-byte characters must not be cut in half
+    png(tmp_path / "in" / "d1" / f"{long}.png", seed=1)
+    png(tmp_path / "in" / "d2" / f"{long}.png", seed=2)
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "maps", tmp_path / "in", "--out", out, "--kind", "norm", "--layers", "0",
+                       "--no-progress")
+    assert code == 0, err
+    stems = [m["stem"] for m in json.loads((out / "maps.json").read_text())["images"]]
+    assert len(set(stems)) == 2
+    for s in stems:
+        assert len(os.fsencode(f"{s}.npz")) <= 255 and (out / f"{s}.npz").is_file() and (out / s).is_dir()
+    assert stems[0].startswith("é" * 100)
+
+
 def test_a_refused_finetune_changes_no_file(finished_run, tmp_path, capsys):
     run = shutil.copytree(finished_run, tmp_path / "run")
     before = snapshot(run)

@@ -134,6 +134,23 @@ def test_pope_record_and_refusal_of_each_field(tiny, tmp_path, capsys, monkeypat
     assert _lines(out / "pai" / "answers.jsonl") == answers
 
 
+def test_a_settings_file_changed_in_place_is_refused(tiny, tmp_path, capsys):
+    """A mitigation setting that names a file (ttr.neurons) determines the answers by the file's
+    bytes, not its path: the same path with other neurons must not resume the earlier answers."""
+    from vsink.cli import main
+
+    neurons = tmp_path / "n.json"
+    neurons.write_text(json.dumps({"model": "tiny", "neurons": [{"layer": 0, "neuron": 1, "score": 2.0}]}))
+    out = tmp_path / "pope"
+    argv = _pope(tiny, out, "--mitigation", "ttr", "--set", f"ttr.neurons={neurons}")
+    assert main(argv) == 0
+    answers = _lines(out / "ttr" / "answers.jsonl")
+    capsys.readouterr()
+    neurons.write_text(json.dumps({"model": "tiny", "neurons": [{"layer": 0, "neuron": 3, "score": 2.0}]}))
+    _refused(capsys, main(argv), "setting_files")
+    assert _lines(out / "ttr" / "answers.jsonl") == answers
+
+
 def test_chair_prompt_and_max_new_tokens_are_refused_and_new_run_goes_elsewhere(tiny, tmp_path, capsys):
     from vsink.cli import main
 
@@ -458,6 +475,23 @@ def test_a_swap_cut_short_is_refused_by_view_and_completed_by_the_next_writer(tm
     outputs.check_complete(out)
 
 
+def test_run_records_have_the_permissions_of_the_other_outputs(tmp_path, tiny, capsys):
+    """vsink-run.json was written owner-only (0600, a temporary file's mode) beside 0644 outputs:
+    another user of a shared folder could read the results but not their record."""
+    from vsink.cli import main
+
+    umask = os.umask(0o022)
+    try:
+        assert main(["scan", str(tiny / "images"), "--no-progress", "--out", str(tmp_path / "scan")]) == 0
+        assert main(_chair(tiny, tmp_path / "chair")) == 0
+    finally:
+        os.umask(umask)
+    for record in (tmp_path / "scan" / "vsink-run.json", tmp_path / "chair" / "vsink-run.json",
+                   tmp_path / "chair" / "none" / "vsink-run.json"):
+        assert record.stat().st_mode & 0o777 == 0o644, record
+    assert (tmp_path / "scan" / "scan.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_a_set_replaces_the_earlier_set_whole(tmp_path):
     from vsink.io import write_text
     from vsink.outputs import OutputSet
@@ -515,7 +549,7 @@ def test_export_attention_leaves_no_stale_rows(tiny, tmp_path):
     _view_works(out)
 
 
-@pytest.mark.parametrize("case", ["dangling", "too_long", "read_only"])
+@pytest.mark.parametrize("case", ["dangling", "loop", "too_long", "read_only"])
 def test_output_targets_refused_before_any_work(tmp_path, case, request, capsys):
     from vsink.cli import main
 
@@ -523,6 +557,11 @@ def test_output_targets_refused_before_any_work(tmp_path, case, request, capsys)
         target = tmp_path / "link"
         target.symlink_to(tmp_path / "missing" / "folder")
         expect = "is a symbolic link to"
+    elif case == "loop":  # a → b → a: the link's target exists (as a link), the message must say loop
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        target = tmp_path / "a"
+        target.symlink_to(tmp_path / "b")
+        expect = "is a symbolic link in a loop"
     elif case == "too_long":
         target = tmp_path / ("x" * 300)
         expect = "too long for the file system"

@@ -59,12 +59,31 @@ def images_arg(value: Any, name: str = "images") -> list:
         raise ArgumentError(f"{what}, got one path {str(value)!r}: pass {fix}")
     if isinstance(value, (Image.Image, NamedImage)):
         raise ArgumentError(f"{what}, got one {type(value).__name__}: pass [image]")
+    if hasattr(value, "__array__"):  # a NumPy array or a tensor would be iterated row by row
+        raise ArgumentError(f"{what}, got one {type(value).__name__}: pass [PIL.Image.fromarray(array)]")
     if not isinstance(value, Iterable) or isinstance(value, (bytes, dict)):
         raise ArgumentError(f"{what}, got {_given(value)}")
     items = list(value)
     if not items:
         raise ArgumentError(f"{name} is empty: no images given")
+    for i, item in enumerate(items):
+        if not isinstance(item, (str, os.PathLike, Image.Image, NamedImage)):
+            given, fix = _given(item), ""
+            if hasattr(item, "__array__"):
+                given = f"the {type(item).__name__} of shape {tuple(getattr(item, 'shape', ()))}"
+                fix = ": pass PIL.Image.fromarray(array)"
+            raise ArgumentError(f"{name}[{i}] must be an image path, a PIL image or a NamedImage, got {given}{fix}")
     return items
+
+
+def names_arg(value: Any, name: str) -> list:
+    """A list of names from any iterable of them; one string is refused with how to pass it (it
+    would otherwise be read character by character)."""
+    if isinstance(value, (str, bytes)):
+        raise ArgumentError(f"{name} must be a list of names, got {_given(value)}: pass [{value!r}]")
+    if not isinstance(value, Iterable):
+        raise ArgumentError(f"{name} must be a list of names, got {_given(value)}")
+    return list(value)
 
 
 def int_arg(value: Any, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None,

@@ -6,6 +6,7 @@ benchmark (resumable) and score. The flags are declared in :mod:`vsink.parameter
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from pathlib import Path
@@ -208,7 +209,8 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
               "image_bytes": files_fingerprint(args.images, list(dict.fromkeys(it["image"] for it in items))),
               "limit": args.limit, "batch_size": args.batch_size, "vsink_version": __version__}
     determining = {name: {**common, "mitigation": name, "settings": settings[name],
-                          "resolved_settings": protocol["resolved_settings"][name]} for name in names}
+                          "resolved_settings": protocol["resolved_settings"][name],
+                          "setting_files": _setting_files(settings[name])} for name in names}
     files = {name: out / name / ("generated.jsonl" if field == "caption" else "answers.jsonl") for name in names}
 
     def folder() -> Path:
@@ -254,6 +256,13 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     finally:
         if shard.main:
             lock.__exit__(None, None, None)
+
+
+def _setting_files(settings: dict[str, Any]) -> dict[str, str]:
+    """The SHA-256 of each setting whose value names a file (``ttr.neurons``): the file, not its
+    path, determines the answers, so a file changed in place is a changed run."""
+    return {key: file_sha256(value) for key, value in sorted(settings.items())
+            if isinstance(value, (str, os.PathLike)) and Path(value).is_file()}
 
 
 def _resolved(mitigations: list) -> Optional[dict[str, Any]]:

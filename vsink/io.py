@@ -16,15 +16,29 @@ import numpy as np
 from .options import Kind
 
 
+#: file names are at most 255 bytes on common file systems; a temporary name adds 14 ('.', '.', 8, '.tmp')
+NAME_MAX = 255
+TEMP_NAME_ROOM = NAME_MAX - 14
+
+
+def fit_bytes(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes in the file system's encoding, never inside a
+    character."""
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return name
+
+
 @contextmanager
 def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield a temporary path in the target's directory; rename it onto ``path`` on success.
+    """Yield a temporary path in the target's directory; rename it onto ``path`` on success (the
+    temporary name carries the target's name, cut to fit the file system's limit on a name).
 
     On any exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{fit_bytes(path.name, TEMP_NAME_ROOM)}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .arguments import images_arg, index_list_arg, int_arg
+from .arguments import images_arg, index_list_arg, int_arg, names_arg
 from .attention_variants import attention_report
 from .backbones.base import Backbone, backbone_arg
 from .errors import VsinkError, VsinkWarning
@@ -182,11 +182,11 @@ def export_maps(
     backbone = backbone_arg(backbone)
     images = images_arg(images)
     img_size = int_arg(img_size, "img_size", 1, nullable=True)
-    kinds = default_kinds(backbone)[0] if kinds is None else list(dict.fromkeys(kinds))
+    kinds = default_kinds(backbone)[0] if kinds is None else list(dict.fromkeys(names_arg(kinds, "kinds")))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise VsinkError(f"unknown map kind(s) {unknown}; kinds are {', '.join(KINDS)}")
-    formats = list(dict.fromkeys(formats))
+    formats = list(dict.fromkeys(names_arg(formats, "formats")))
     if not formats or any(f not in ("png", "npz") for f in formats):
         raise VsinkError(f"formats must be png and/or npz, got {formats}")
     if "full" in kinds and "npz" not in formats:

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import VsinkError, VsinkWarning
+from .io import NAME_MAX, atomic_path, fit_bytes
 
 PathLike = Union[str, os.PathLike]
 
@@ -105,7 +106,13 @@ def _link_problem(path: Path) -> Optional[str]:
     p = Path(os.path.abspath(path))
     for candidate in (p, *p.parents):
         if _exists(candidate, follow=False) and candidate.is_symlink() and not _exists(candidate):
-            return f"{'it' if candidate == p else candidate} is a symbolic link to {os.readlink(candidate)}, which does not exist"
+            name = "it" if candidate == p else candidate
+            try:
+                os.stat(candidate)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return f"{name} is a symbolic link in a loop (to {os.readlink(candidate)}, which leads back)"
+            return f"{name} is a symbolic link to {os.readlink(candidate)}, which does not exist"
     return None
 
 
@@ -161,10 +168,16 @@ def safe_component(name: str, fallback: str = "image") -> str:
     return cleaned or fallback
 
 
+def _fitted(base: str, suffix: str, entries: Sequence[str]) -> str:
+    """``base`` + ``suffix``, ``base`` cut so that every entry it makes fits in a file name."""
+    room = NAME_MAX - max(len(os.fsencode(e.format(suffix))) for e in entries)
+    return fit_bytes(base, room) + suffix
+
+
 def derived_names(names: Sequence[str], out_dir: PathLike, entries: Sequence[str] = ("{}",),
                   reserved: Iterable[str] = ()) -> list[str]:
-    """One distinct component per input ``names`` entry (see :func:`safe_component`), numbered
-    ``-2``, ``-3``, ... on a clash, such that the directory entries each one makes
+    """One distinct component per input ``names`` entry (see :func:`safe_component`), cut so that
+    each entry fits in a file name (255 bytes), numbered ``-2``, ``-3``, ... on a clash, such that the directory entries each one makes
     (``entries``: patterns such as ``"{}"`` and ``"{}.npz"``) never coincide — case-insensitively,
     for case-insensitive file systems — with each other's or with ``reserved`` names, and
     resolve to direct children of ``out_dir``."""
@@ -173,10 +186,10 @@ def derived_names(names: Sequence[str], out_dir: PathLike, entries: Sequence[str
     result = []
     for name in names:
         base = safe_component(name)
-        stem, n = base, 1
+        stem, n = _fitted(base, "", entries), 1
         while any(e.format(stem).casefold() in taken for e in entries):
             n += 1
-            stem = f"{base}-{n}"
+            stem = _fitted(base, f"-{n}", entries)
         for e in entries:
             target = out / e.format(stem)
             if target.parent != out or target.name != e.format(stem):
@@ -334,15 +347,10 @@ def read_manifest(directory: PathLike) -> Optional[dict[str, Any]]:
 
 
 def _dump(path: Path, obj: Any) -> None:
-    """JSON written atomically (a temporary file of :func:`vsink.io.atomic_path`'s pattern, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """JSON written atomically by :func:`vsink.io.atomic_path` (so with the permissions of every
+    other output, not the temporary file's owner-only ones)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _set_entries(directory: Path) -> list[str]:

@@ -13,6 +13,7 @@ import copy
 import os
 from abc import abstractmethod
 from contextlib import contextmanager
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
 
@@ -273,8 +274,10 @@ class Backbone(SiteModel):
         timm and DINOv2 (HF) get their native registers (the same architecture with registers,
         weights carried over); other families get them through hooks around the blocks, stored
         as the parameter ``vsink_registers`` of the model. The original is left untouched. ``n`` is
-        an integer in [1, 1024] (:data:`vsink.options.MAX_REGISTERS`, the command line's cap too).
+        an integer in [1, 1024] (:data:`vsink.options.MAX_REGISTERS`, the command line's cap too;
+        NumPy integers too).
         """
+        n = int(n) if isinstance(n, Integral) and not isinstance(n, bool) else n
         n = Option("n", Int(1, MAX_REGISTERS)).check(n, name="n (registers)")
         if self.edits or self._attn_fns or self._appended:
             raise VsinkError(f"{self.spec}: remove edits and site functions before adding registers")
