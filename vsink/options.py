@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from .errors import VsinkError
+from .targets import output_dir_problem, output_file_problem
 
 
 class OptionError(VsinkError):
@@ -445,8 +446,6 @@ class OutputDir(Kind):
     metavar = "DIR"
 
     def parse(self, value: Any) -> str:
-        from .outputs import output_dir_problem
-
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise Invalid()
         problem = output_dir_problem(Path(value))
@@ -465,8 +464,6 @@ class OutputFile(Kind):
     metavar = "FILE"
 
     def parse(self, value: Any) -> str:
-        from .outputs import output_file_problem
-
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise Invalid()
         problem = output_file_problem(Path(value))
