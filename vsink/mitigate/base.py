@@ -107,6 +107,13 @@ class Mitigation(ABC):
         return family.refuses.get(cls.name)
 
     @classmethod
+    def unavailable(cls) -> Optional[str]:
+        """Why this mitigation cannot run with the installed libraries (one line; e.g. a
+        transformers release without what it builds on), or None. Independent of the family, so the
+        coverage table (:mod:`vsink.lvlm.coverage`) documents the supported libraries."""
+        return None
+
+    @classmethod
     def calibration_settings(cls, calibration: Any) -> dict[str, Any]:
         """The settings this mitigation takes from a sink calibration (``vsink lvlm calibrate``,
         ``--sinks``; a :class:`~vsink.lvlm.sinks.Calibration`): default none."""

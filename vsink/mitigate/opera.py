@@ -257,6 +257,12 @@ class OPERA(Mitigation):
     """OPERA as a decoding strategy (see the module docstring)."""
 
     name = "opera"
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        from ..lvlm.beam import supports_custom_loops
+
+        return None if supports_custom_loops() else "opera needs transformers 5 (generate with a custom decoding loop)"
     settings_class = OPERASettings
 
     def _install(self, run: Run, handles: list) -> None:
@@ -286,10 +292,11 @@ class OPERA(Mitigation):
     def decode(self, run: Run, inputs: dict[str, Any], max_new_tokens: int, processors: list) -> torch.Tensor:
         """Generate for every prompt of ``inputs`` (each on its own beams: a rollback restores one
         prompt's state) and return the left-padded batch of sequences [B, prompt + new]."""
-        from ..lvlm.beam import BeamContext, LastRowAttention, supports_custom_loops
+        from ..lvlm.beam import BeamContext, LastRowAttention
 
-        if not supports_custom_loops():
-            raise VsinkError("opera needs transformers 5 (generate with a custom decoding loop)")
+        why = self.unavailable()
+        if why is not None:
+            raise VsinkError(why)
         lvlm, decoder = run.lvlm, run.decoder
         ids, mask = run.input_ids, run.attention_mask
         news = []
