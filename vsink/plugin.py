@@ -26,7 +26,8 @@ decorated with :func:`register`, with a settings dataclass (:class:`CheckedSetti
 declared with :func:`setting` and a :class:`Kind` each) and ``_install(run, handles)`` adding site
 functions (:data:`BlockFn`, :data:`LogitFn`, :data:`ProbFn`, :data:`QKVFn`, with :data:`RowsFn`)
 on ``run.decoder`` through ``run.decoder.hook(site, layer, fn, rows=...)``; ``refusal(family)``
-says why it does not apply to an LVLM family, ``calibration_settings(calibration)`` what it takes
+says why it does not apply to an LVLM family, ``unavailable()`` why it cannot run with the
+installed libraries, ``calibration_settings(calibration)`` what it takes
 from a sink calibration. :func:`below_depth` checks a layer setting against the decoder. A
 mitigation that needs extra runs of the prompt declares them with :class:`Branch`
 (:func:`image_branch`, :func:`text_branch`, :func:`readout_branch`; see vsink/lvlm/branches.py).
@@ -74,7 +75,7 @@ LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "image_grid", "view_box", "vis
                 "mrope", "tower_is_backbone")
 #: what a mitigation implements (``_install``) and may override
 MITIGATION_MEMBERS = ("name", "settings_class", "target", "_install", "logits_processors", "refusal",
-                      "calibration_settings", "nothing_edited_hint")
+                      "unavailable", "calibration_settings", "nothing_edited_hint")
 
 __all__ = [
     "BACKBONE_MEMBERS", "LVLM", "LVLM_MEMBERS", "MITIGATION_MEMBERS", "SITES", "AnyOf", "Backbone", "BlockFn", "Bool",
