@@ -61,6 +61,14 @@ def check_family(lvlm: Any) -> None:
 def outlier_patches(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(attention of the class token on each patch [B, P], the top-``k`` patch indices [B, k] in
     descending attention) at the tower's feature layer."""
+    cls, top, _ = _tower_outliers(run, k)
+    return cls, top
+
+
+def _tower_outliers(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass of the tower: the class token's attention on the patches [B, P], the top-``k``
+    patch indices [B, k] and the patch features of the feature layer [B, P, C] (tokens sliced by
+    the tower's :class:`~vsink.layout.TokenLayout`)."""
     lvlm = run.lvlm
     check_family(lvlm)
     core = _core(lvlm.model)
@@ -71,7 +79,9 @@ def outlier_patches(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     layer = int(cfg.vision_feature_layer) if isinstance(cfg.vision_feature_layer, int) else None
     if layer is None:
         raise VsinkError("damro needs one vision feature layer")
-    attention = lvlm.vision_backbone().blocks[layer].self_attn
+    tower = lvlm.vision_backbone()
+    layout = tower.layout(tuple(run.inputs["pixel_values"].shape[-2:]))
+    attention = tower.blocks[layer].self_attn
     grabbed: dict[str, torch.Tensor] = {}
     hooks = [attention.q_proj.register_forward_hook(lambda m, a, out: grabbed.__setitem__("q", out)),
              attention.k_proj.register_forward_hook(lambda m, a, out: grabbed.__setitem__("k", out))]
@@ -83,20 +93,19 @@ def outlier_patches(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
             h.remove()
     q, key = grabbed["q"].float(), grabbed["k"].float()
     width = hidden.shape[-1]
-    cls = torch.softmax(q[:, :1] @ key.transpose(-2, -1) * width ** -0.5, dim=-1)[:, 0, 1:]  # [B, P]
+    weights = torch.softmax(layout.split(q)["cls"] @ key.transpose(-2, -1) * width ** -0.5, dim=-1)  # [B, 1, N]
+    cls = layout.patches(weights[:, 0], dim=1)  # [B, P]
     if k > cls.shape[1]:
         raise VsinkError(f"damro setting 'k' ({k}) exceeds the tower's {cls.shape[1]} patches")
-    return cls, torch.topk(cls, k, dim=1).indices
+    return cls, torch.topk(cls, k, dim=1).indices, layout.patches(hidden)
 
 
 def outlier_prompt(run: Run, k: int) -> dict[str, Any]:
     """The prompt with each row's image reduced to its ``k`` outlier patches (see the module docstring)."""
     lvlm = run.lvlm
     core = _core(lvlm.model)
-    layer = int(lvlm.model.config.vision_feature_layer)
-    _, top = outlier_patches(run, k)
+    _, top, hidden = _tower_outliers(run, k)
     with torch.no_grad():
-        hidden = core.vision_tower(run.inputs["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:]
         picked = hidden.gather(1, top[..., None].expand(-1, -1, hidden.shape[-1]))
         features = core.multi_modal_projector(picked)  # [B, k, D]
     spans, image_id = run.context.spans, lvlm.image_token_id
