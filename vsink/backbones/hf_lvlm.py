@@ -65,7 +65,7 @@ class LVLM:
     #: its vision tower is a vsink vision backbone (:meth:`vision_backbone`; test-time registers need it)
     tower_is_backbone: ClassVar[bool] = True
     #: its tower has a class token and its patches reach the language model one to one (LLaVA-1.5;
-    #: DAMRO needs it)
+    #: DAMRO's paper rule applies to a plugin family that declares it)
     patches_one_to_one: ClassVar[bool] = False
 
     def __new__(cls, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any) -> "LVLM":

@@ -9,8 +9,11 @@ projected features (in the order of their attention, as ``torch.topk`` returns t
 decodes from ``(1 + α)·l − α·l_outlier`` over the tokens that pass VCD's plausibility cutoff β.
 Defaults: the released POPE script (α 0.5, β 0.1, k 4); its CHAIR script uses α 1.5.
 
-The class token and the one-to-one patch-to-token path exist in LLaVA-1.5's tower only: other
-families (LLaVA-NeXT's tiles, Qwen2-VL's merged patches without a class token) are refused.
+Per family (:mod:`vsink.mitigate.damro_outliers`): LLaVA-1.5 as above; LLaVA-NeXT on its base
+tile with the model's newline embedding after the ``k`` features (as the released code);
+Qwen2-VL / Qwen2.5-VL, whose towers have no class token, by vsink's adaptation: the merged tokens
+that receive the most attention mass in the tower's last full-attention block. Other families
+are refused in one line.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .branch import Branch, left_pad
 from ..options import Choice, Float, Int
 from .base import Run, register
 from .contrastive import BRANCH_EDITS, ContrastiveDecoder, branch_edits
+from .damro_outliers import Outliers, rule_for
 from .settings import CheckedSettings, setting
 
 
@@ -44,77 +48,44 @@ class DAMROSettings(CheckedSettings):
     OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
 
-def _core(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "model", model) if hasattr(getattr(model, "model", None), "vision_tower") else model
-
-
-#: why DAMRO does not apply to a family without :attr:`LVLM.patches_one_to_one`
-NEEDS = "damro needs a vision tower with a class token whose patches reach the language model one to one (LLaVA-1.5)"
+#: why DAMRO does not apply to a family without an outlier rule (:func:`rule_for`)
+NEEDS = ("damro needs a tower whose outlier tokens vsink can select: a CLIP tower with a class token (LLaVA-1.5, "
+         "LLaVA-NeXT's base tile) or a Qwen2-VL / Qwen2.5-VL tower (attention mass received)")
 
 
 def check_family(lvlm: Any) -> None:
-    """Refuse, in one line, a model whose tower has no class token feeding patches one to one."""
-    if not type(lvlm).patches_one_to_one:
+    """Refuse, in one line, a model whose family has no outlier rule (:func:`rule_for`)."""
+    if rule_for(type(lvlm)) is None:
         raise VsinkError(f"{NEEDS}; {lvlm.spec} is {lvlm.model_type}")
 
 
+def outliers(run: Run, k: int) -> Outliers:
+    """One tower pass: the outlier scores, the top-``k`` tokens and the branch's image-token
+    embeddings (:mod:`vsink.mitigate.damro_outliers`)."""
+    check_family(run.lvlm)
+    return rule_for(type(run.lvlm))(run, k)
+
+
 def outlier_patches(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention of the class token on each patch [B, P], the top-``k`` patch indices [B, k] in
-    descending attention) at the tower's feature layer."""
-    cls, top, _ = _tower_outliers(run, k)
-    return cls, top
-
-
-def _tower_outliers(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass of the tower: the class token's attention on the patches [B, P], the top-``k``
-    patch indices [B, k] and the patch features of the feature layer [B, P, C] (tokens sliced by
-    the tower's :class:`~vsink.layout.TokenLayout`)."""
-    lvlm = run.lvlm
-    check_family(lvlm)
-    core = _core(lvlm.model)
-    cfg = lvlm.model.config
-    if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
-        raise VsinkError("damro: the tower's class token must be dropped from the features "
-                         "(vision_feature_select_strategy 'default')")
-    layer = int(cfg.vision_feature_layer) if isinstance(cfg.vision_feature_layer, int) else None
-    if layer is None:
-        raise VsinkError("damro needs one vision feature layer")
-    tower = lvlm.vision_backbone()
-    layout = tower.layout(tuple(run.inputs["pixel_values"].shape[-2:]))
-    attention = tower.blocks[layer].self_attn
-    grabbed: dict[str, torch.Tensor] = {}
-    hooks = [attention.q_proj.register_forward_hook(lambda m, a, out: grabbed.__setitem__("q", out)),
-             attention.k_proj.register_forward_hook(lambda m, a, out: grabbed.__setitem__("k", out))]
-    try:
-        with torch.no_grad():
-            hidden = core.vision_tower(run.inputs["pixel_values"], output_hidden_states=True).hidden_states[layer]
-    finally:
-        for h in hooks:
-            h.remove()
-    q, key = grabbed["q"].float(), grabbed["k"].float()
-    width = hidden.shape[-1]
-    weights = torch.softmax(layout.split(q)["cls"] @ key.transpose(-2, -1) * width ** -0.5, dim=-1)  # [B, 1, N]
-    cls = layout.patches(weights[:, 0], dim=1)  # [B, P]
-    if k > cls.shape[1]:
-        raise VsinkError(f"damro setting 'k' ({k}) exceeds the tower's {cls.shape[1]} patches")
-    return cls, torch.topk(cls, k, dim=1).indices, layout.patches(hidden)
+    """(the outlier score of each selectable token [B, P], the top-``k`` indices [B, k] in
+    descending score): LLaVA's class-token attention on the patches, Qwen's attention mass
+    received per merged token."""
+    found = outliers(run, k)
+    return found.scores, found.top
 
 
 def outlier_prompt(run: Run, k: int) -> dict[str, Any]:
-    """The prompt with each row's image reduced to its ``k`` outlier patches (see the module docstring)."""
+    """The prompt with each row's image reduced to its outlier tokens (see the module docstring)."""
     lvlm = run.lvlm
-    core = _core(lvlm.model)
-    _, top, hidden = _tower_outliers(run, k)
-    with torch.no_grad():
-        picked = hidden.gather(1, top[..., None].expand(-1, -1, hidden.shape[-1]))
-        features = core.multi_modal_projector(picked)  # [B, k, D]
-    spans, image_id = run.context.spans, lvlm.image_token_id
+    features = outliers(run, k).features  # [B, n, D]
+    count, image_id = features.shape[1], lvlm.image_token_id
     rows = []
-    for b in range(spans.batch_size):
+    for b in range(run.input_ids.shape[0]):
         ids = run.input_ids[b][run.attention_mask[b].bool()]
         image = (ids == image_id).nonzero().flatten()
         first, last = int(image[0]), int(image[-1]) + 1
-        rows.append(torch.cat([ids[:first], torch.full((k,), image_id, dtype=ids.dtype, device=ids.device), ids[last:]]))
+        rows.append(torch.cat([ids[:first], torch.full((count,), image_id, dtype=ids.dtype, device=ids.device),
+                               ids[last:]]))
     ids, mask = left_pad(run, rows)
     embeds = lvlm.model.get_input_embeddings()(ids)
     image = ids == image_id
@@ -132,8 +103,8 @@ class DAMRO(ContrastiveDecoder):
 
     @classmethod
     def refusal(cls, family: Any) -> Optional[str]:
-        """DAMRO reads the tower's class-token attention on patches that are the image tokens."""
-        return None if family.patches_one_to_one else NEEDS
+        """DAMRO needs an outlier rule for the family's tower (:func:`rule_for`)."""
+        return None if rule_for(family) is not None else NEEDS
 
     def _install(self, run: Run, handles: list) -> None:
         check_family(run.lvlm)

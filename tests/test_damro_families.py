@@ -1,0 +1,179 @@
+"""DAMRO beyond LLaVA-1.5: LLaVA-NeXT's base tile (the released code's rule) and Qwen2-VL /
+Qwen2.5-VL (vsink's adaptation: attention mass received in the last full-attention block). The
+outlier tokens are checked against the tower's own computation (transformers' eager attention
+weights, the CLIP block's q/k projections) and on a planted sink; the branch prompt holds exactly
+the selected tokens' features. Generation (strength zero, batches, the cache) is in
+tests/test_contrastive.py."""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from vsink.lvlm import LVLM
+from vsink.mitigate.damro import outlier_patches, outlier_prompt
+from vsink.mitigate.damro_outliers import attention_block
+
+from lvlm_models import BUILDERS, PROMPTS, random_image
+
+
+class Run:
+    """What the outlier rule reads of a generation call."""
+
+    def __init__(self, lvlm, inputs):
+        self.lvlm, self.inputs = lvlm, inputs
+        self.input_ids, self.attention_mask = inputs["input_ids"], inputs["attention_mask"]
+
+
+def fresh(name):
+    model, processor = BUILDERS[name]()
+    return LVLM(model, processor, f"tiny-{name}")
+
+
+# --- LLaVA-NeXT --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llava_next():
+    return fresh("llava_next")
+
+
+def test_llava_next_outliers_are_the_base_tiles_class_attention_top_patches(llava_next):
+    # a wide and a tall image: each row has a base tile and two tiles (1×2 / 2×1 pinpoints)
+    inputs = llava_next.prepare([random_image(0, (64, 30)), random_image(1, (30, 64))], PROMPTS)
+    assert inputs["pixel_values"].shape[1] == 3
+    core, cfg = llava_next.model.model, llava_next.model.config
+    layer = cfg.vision_feature_layer
+    base = inputs["pixel_values"][:, 0]  # tile 0: the whole image at the tower's resolution
+    with torch.no_grad():
+        hidden = core.vision_tower(base, output_hidden_states=True).hidden_states
+        blocks = llava_next.vision_backbone().blocks
+        block = blocks[layer]
+        x = block.layer_norm1(hidden[layer % len(blocks)])  # hidden_states[i] enters block i
+        q, k = block.self_attn.q_proj(x), block.self_attn.k_proj(x)
+        # the released rule: one head over the full width, the class token's row over the patches
+        cls = torch.softmax(q[:, :1] @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)[:, 0, 1:]
+        top = cls.argsort(dim=1, descending=True)[:, :3]
+        patches = hidden[layer][:, 1:]
+        picked = core.multi_modal_projector(torch.stack([patches[b, top[b]] for b in range(2)]))
+    got, got_top = outlier_patches(Run(llava_next, inputs), 3)
+    assert torch.allclose(got, cls, atol=1e-5) and torch.equal(got_top, top)
+    # the other tiles do not take part: replacing them changes nothing
+    other = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    other["pixel_values"][:, 1:] = torch.randn_like(other["pixel_values"][:, 1:])
+    assert torch.equal(outlier_patches(Run(llava_next, other), 3)[1], top)
+    # the branch: the three features in attention order, then the model's newline embedding
+    prompt = outlier_prompt(Run(llava_next, inputs), 3)
+    image = prompt["input_ids"] == llava_next.image_token_id
+    assert (image.sum(1) == 4).all()
+    embeds = prompt["inputs_embeds"][image].reshape(2, 4, -1)
+    assert torch.allclose(embeds[:, :3], picked, atol=1e-6)
+    assert torch.equal(embeds[:, 3], core.image_newline.expand(2, -1))
+    # the text around the image is the prompt's own, left-padded
+    for b in range(2):
+        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        ids = ids[ids != llava_next.image_token_id]
+        kept = prompt["input_ids"][b][prompt["attention_mask"][b].bool()]
+        assert torch.equal(kept[kept != llava_next.image_token_id], ids)
+
+
+# --- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------
+QWEN = ["qwen2_vl", "qwen2_5_vl"]
+SQUARE = (32, 32)  # 8 × 8 patches, 4 × 4 merged tokens
+#: the merged token (row-major over the 4 × 4 grid of a 32 × 32 image: patch 4, merge 2) at each
+#: merged position of the blocks' order. Qwen2-VL: the processor's order itself. Qwen2.5-VL
+#: (window 16 px = 2 merged tokens a side): the four 2 × 2 windows in raster order, each in raster
+#: order, as its tower permutes the tokens before its blocks.
+BLOCK_ORDER = {"qwen2_vl": list(range(16)),
+               "qwen2_5_vl": [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]}
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_outlier_scores_are_the_towers_own_attention_mass(name, monkeypatch):
+    lvlm = fresh(name)
+    visual = lvlm.model.model.visual
+    visual.config._attn_implementation = "eager"
+    module = sys.modules[type(visual.blocks[0].attn).__module__]
+    own = module.eager_attention_forward
+    seen = []
+
+    def recording(*args, **kwargs):
+        out, weights = own(*args, **kwargs)
+        seen.append(weights)
+        return out, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    inputs = lvlm.prepare([random_image(0, SQUARE), random_image(1, SQUARE)], PROMPTS)
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
+    scores, top = outlier_patches(Run(lvlm, inputs), 3)
+    assert attention_block(visual) == len(visual.blocks) - 1  # the tiny towers' full-attention block is the last
+    last = seen[-2:]  # the last block attends over each image alone: one call per image, [1, heads, 64, 64]
+    assert [tuple(w.shape) for w in last] == [(1, 2, 64, 64)] * 2
+    order = torch.tensor(BLOCK_ORDER[name])
+    for b, weights in enumerate(last):
+        received = weights[0].sum(1).mean(0)  # each patch's column summed over the queries, head mean
+        merged = received.reshape(16, 4).sum(1)  # the four patches of a merged token are consecutive
+        expected = torch.empty(16)
+        expected[order] = merged
+        assert torch.allclose(scores[b], expected, atol=1e-4)
+        assert torch.equal(top[b], expected.argsort(descending=True)[:3])
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_planted_sink_is_selected_and_its_features_fill_the_branch(name):
+    lvlm = fresh(name)
+    visual = lvlm.model.model.visual
+    attention = visual.blocks[attention_block(visual)].attn
+    width = attention.qkv.in_features  # 32: two heads of 16
+    with torch.no_grad():  # q = 1 for every token (bias only); k = the token's input (identity); v unchanged
+        attention.qkv.weight[:2 * width].zero_()
+        attention.qkv.weight[width:2 * width] += torch.eye(width)
+        attention.qkv.bias[:width] = 1.0
+        attention.qkv.bias[width:2 * width] = 0.0
+    planted = [2, 13]  # merged token of image 0, of image 1 (original order)
+    order = BLOCK_ORDER[name]
+
+    def plant(module, args, kwargs):
+        # the block's attention input: zero but the four patches of each planted merged token, set
+        # to 1; no rotation (cos 1, sin 0). Each head's score on a planted patch: 16 · 16^-1/2 = 4;
+        # on any other: 0.
+        x = torch.zeros_like(args[0])
+        for b, m in enumerate(planted):
+            at = 64 * b + 4 * order.index(m)
+            x[at:at + 4] = 1.0
+        cos, sin = kwargs["position_embeddings"]
+        return (x, *args[1:]), {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
+
+    handle = attention.register_forward_pre_hook(plant, with_kwargs=True)
+    try:
+        inputs = lvlm.prepare([random_image(0, SQUARE), random_image(1, SQUARE)], PROMPTS)
+        scores, top = outlier_patches(Run(lvlm, inputs), 1)
+        prompt = outlier_prompt(Run(lvlm, inputs), 1)
+        with torch.no_grad():
+            merged = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            merged = getattr(merged, "pooler_output", merged)  # transformers 4.x returns the tensor itself
+    finally:
+        handle.remove()
+    # each of the 64 queries of an image puts e^4 / (4e^4 + 60) on each planted patch, 1 / (4e^4 + 60) on
+    # each other: a merged token receives 4 · 64 times that
+    e = math.exp(4)
+    sink, rest = 256 * e / (4 * e + 60), 256 / (4 * e + 60)
+    for b, m in enumerate(planted):
+        expected = torch.full((16,), rest)
+        expected[m] = sink
+        assert torch.allclose(scores[b], expected, rtol=1e-4)
+    assert top.flatten().tolist() == planted
+    # the branch: one image token per row, holding the merger's feature of the planted token
+    image = prompt["input_ids"] == lvlm.image_token_id
+    assert (image.sum(1) == 1).all()
+    got = prompt["inputs_embeds"][image]
+    assert torch.allclose(got, torch.stack([merged[16 * b + m] for b, m in enumerate(planted)]), atol=1e-6)
+
+
+def test_a_plugin_family_gets_the_paper_rule_only_by_declaring_one_token_per_patch():
+    from vsink.mitigate.damro_outliers import clip_outliers, qwen_outliers, rule_for
+
+    plugin = type("Plugin", (), {"family": "my-vlm", "patches_one_to_one": False})
+    assert rule_for(plugin) is None
+    plugin.patches_one_to_one = True
+    assert rule_for(plugin) is clip_outliers
+    assert rule_for(type(fresh("qwen2_5_vl"))) is qwen_outliers
