@@ -256,6 +256,22 @@ def test_runner_records_the_mitigation_protocol(tiny, tmp_path, capsys):
     assert "the answers in generated.jsonl were made with other settings (protocol: \"official\" → \"paper\"" in err
 
 
+def test_a_run_refused_before_its_first_answer_leaves_no_record(tiny, tmp_path, capsys):
+    """Too many new tokens for the model's context is refused at the first batch, after the folder
+    was prepared: no run record (nor empty mitigation folder) of a run that never ran is left, and
+    the corrected command then runs into the same folder."""
+    from vsink.cli import main
+
+    argv = ["eval", "pope", str(tiny / "images"), "--model", str(tiny / "model"), "--annotations",
+            str(tiny / "instances.json"), "--num-images", "1", "--splits", "random", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv + ["--max-new-tokens", "1000000"]) == 2
+    assert "goes beyond" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    assert main(argv + ["--max-new-tokens", "2"]) == 0
+    assert len(_lines(tmp_path / "none" / "answers.jsonl")) == 6
+    assert (tmp_path / "none" / "vsink-run.json").exists()
+
+
 def test_runner_errors(tiny, tmp_path, capsys):
     from vsink.cli import main
 

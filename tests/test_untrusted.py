@@ -233,6 +233,33 @@ def test_a_models_own_code_never_runs_from_the_python_api(remote_code_folder, mo
     assert sys.stdin.read() == "y\n" * 10  # nothing asked, nothing read
 
 
+def test_generate_names_why_a_processor_shipping_its_own_code_was_left_out(tmp_path, capsys, monkeypatch):
+    """An LLaVA folder whose image processor is named by ``auto_map`` (its config lifted out of
+    processor_config.json into preprocessor_config.json): the model loads, transformers refuses the
+    processor, and generate's one line says so and names the flag, with stdin answering yes."""
+    import io
+
+    from vsink.data.demo_lvlm import build_tiny_llava
+
+    folder, marker = tmp_path / "llava", tmp_path / "MARKER"
+    model, processor = build_tiny_llava()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    image_processor = config.pop("image_processor")
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    image_processor.update(image_processor_type="CustomImageProcessor",
+                           auto_map={"AutoImageProcessor": "custom_code.CustomImageProcessor"})
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_processor))
+    (folder / "custom_code.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 4))
+    last = refused(capsys, "generate", png(tmp_path / "img.png"), "--model", folder, "--prompt", "<image> hi",
+                   "--max-new-tokens", "1", "--no-progress",
+                   match=r"no processor was loaded \(its processor ships its own Python code .*remote code is refused: "
+                         r"pass --trust-remote-code")
+    assert "auto_map" in last and not marker.exists()
+
+
 def test_loaders_that_vsink_does_not_call_directly_cannot_ask(remote_code_folder, monkeypatch):
     """While a library builds a model (open_clip's Hugging Face text towers call AutoConfig
     themselves), a question on stdin becomes a refusal."""

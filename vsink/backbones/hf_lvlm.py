@@ -112,6 +112,8 @@ class LVLM:
         self.text_config = model.config.get_text_config()
         self.layers = self._find_layers()
         self._vision: Optional[Any] = None
+        #: why no processor was loaded (``processor`` None), for the error :meth:`prepare` raises
+        self.processor_error: Optional[str] = None
 
     # --- structure ----------------------------------------------------------------------
     def _find_layers(self) -> list[nn.Module]:
@@ -324,7 +326,8 @@ class LVLM:
         else the image token in front. A prompt beyond the model's context is refused
         (:meth:`check_context`)."""
         if self.processor is None:
-            raise VsinkError(f"{self.spec}: no processor was loaded; pass input_ids and pixel_values yourself")
+            why = f" ({self.processor_error})" if self.processor_error else ""
+            raise VsinkError(f"{self.spec}: no processor was loaded{why}; pass input_ids and pixel_values yourself")
         if len(images) != len(prompts):
             raise VsinkError(f"got {len(images)} images for {len(prompts)} prompts")
         placeholder = self.placeholder()
@@ -440,8 +443,17 @@ def load_lvlm(repo: str, *, device: Union[str, torch.device] = "cpu", dtype: Opt
         if not placement:
             raise
         raise VsinkError(f"hf:{repo}: --device-map: {_one_line(e)}") from None
+    processor, why = None, None
     try:
         processor = transformers.AutoProcessor.from_pretrained(repo, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        processor = None
-    return owner(model, processor, f"hf:{repo}")
+    except (OSError, ValueError, TypeError) as e:
+        why = (_PROCESSOR_CODE if is_remote_code_refusal(e) and not trust_remote_code else
+               f"the processor could not be loaded: {_one_line(e)}")
+    lvlm = owner(model, processor, f"hf:{repo}")
+    lvlm.processor_error = why
+    return lvlm
+
+
+#: why :func:`load_lvlm` left the processor out when it ships code of its own
+_PROCESSOR_CODE = ("its processor ships its own Python code (auto_map in a processor, image processor or tokenizer "
+                   "config); remote code is refused: pass --trust-remote-code (trust_remote_code=True) to allow it")

@@ -96,30 +96,64 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: P
     (``answers.rank1.jsonl``), and rank 0 folds those into ``out_file`` in the items' order, when
     the run ends and when the next one starts (so a run killed on any rank resumes where each rank
     stopped, with any number of processes). Rank 0 returns the rows and every rank's skipped items;
-    the other ranks return nothing."""
-    import torch
-
-    from ..lvlm import generate
-
+    the other ranks return nothing. A run refused before its first answer (a setting the model
+    cannot take) leaves no record of itself."""
     shard = shard or Shard()
     order = {_ident(it, key): i for i, it in enumerate(items)}
 
-    def prepare() -> None:
+    def prepare() -> bool:
+        """Fold, check or write the record; whether it wrote the record."""
         out_file.parent.mkdir(parents=True, exist_ok=True)
         parts = _rank_files(out_file)
         existing = read_rows(out_file, key) if out_file.exists() else []
         earlier = existing + [row for part in parts for row in read_rows(part, key, report=False)]
+        fresh = False
         if determining is not None:
             if earlier:
                 check_resume(out_file.parent, determining, f"the answers in {out_file.name}")
             else:
+                fresh = True
                 write_record(out_file.parent, command, determining, [out_file.name])
         other = sorted({str(row.get("protocol", "paper")) for row in earlier} - {protocol})
         if other:
             raise VsinkError(f"{out_file}: made under protocol {', '.join(other)}, not {protocol}; use another --out")
         _fold(out_file, parts, key, existing, order)
+        return fresh
 
-    shard.on_main(prepare)  # the other ranks read out_file once rank 0 has folded every rank's answers in
+    # the other ranks read out_file once rank 0 has folded every rank's answers in
+    recorded_now = shard.on_main(prepare)
+    try:
+        return _run_batches(lvlm, items, key, out_file, order, images_dir=images_dir, prompt=prompt, field=field,
+                            mitigation=mitigation, settings=settings, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, protocol=protocol, progress=progress, sampling=sampling, shard=shard)
+    except VsinkError:
+        if shard.main and recorded_now:
+            _unstarted(out_file)
+        raise
+
+
+def _unstarted(out_file: Path) -> None:
+    """After a run refused before its first answer (a generation setting the model cannot take):
+    remove the record it wrote, and its folder when nothing else is there, so that no record of a
+    run that never ran is left (an answer of any rank keeps them)."""
+    folder = out_file.parent
+    if out_file.exists() or _rank_files(out_file):
+        return
+    (folder / MANIFEST).unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _run_batches(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: Path, order: dict[str, int], *,
+                 images_dir: Path, prompt: Callable[[dict[str, Any]], str], field: str, mitigation: str,
+                 settings: Optional[dict[str, Any]], max_new_tokens: int, batch_size: int, protocol: str,
+                 progress: bool, sampling: Optional[dict[str, Any]],
+                 shard: Shard) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The batches of :func:`run_items` once its folder is ready (folded, its record written)."""
+    import torch
+
+    from ..lvlm import generate
+
     done = {key_of(row, key) for row in read_rows(out_file, key, report=False)} if out_file.exists() else set()
     todo = [it for it in items if key_of(it, key) not in done]
     target = out_file if shard.alone else shard.rank_file(out_file)
