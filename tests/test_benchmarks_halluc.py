@@ -520,9 +520,32 @@ def test_hallusionbench_scores_lmms_eval_samples(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "hallusionbench", "--answers", str(broken), "--out", str(tmp_path / "bad")]) == 2
     assert "broken.jsonl:1: doc: missing field 'subcategory'" in capsys.readouterr().err
-    # AMBER has no lmms-eval task vsink reads: said in one line
-    assert main(["eval", "amber", "--answers", str(path), "--data", str(AMBER), "--out", str(tmp_path / "a")]) == 2
-    assert "lmms-eval has no AMBER task that vsink reads" in capsys.readouterr().err
+    # Object HalBench has no lmms-eval task: said in one line
+    assert main(["eval", "object-halbench", "--answers", str(path), "--annotations",
+                 str(OHB / "instances_val2014.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "lmms-eval has no Object HalBench task that vsink reads" in capsys.readouterr().err
+
+
+def test_amber_scores_lmms_eval_samples(tmp_path, capsys):
+    # lmms-eval's amber_g documents (lmms_eval/tasks/amber_g/utils.py reads question_id, truth and
+    # hallu from each): the two generative queries of tests/data/amber with the responses of
+    # test_amber_generative_by_hand, so the scores are the ones worked out there
+    annotations = {a["id"]: a for a in json.loads((AMBER / "annotations.json").read_text())}
+    texts = {1: "A man walks his dog on the ground under the sky near an orange light and two cats.",
+             2: "A boat near a forest with sunglasses."}
+    docs = [({"question_id": i, "task_type": "generative", "truth": annotations[i]["truth"],
+              "hallu": annotations[i]["hallu"]}, texts[i]) for i in (1, 2)]
+    path = _samples(tmp_path / "samples_amber_g.jsonl", docs)
+    assert main(["eval", "amber", "--answers", str(path), "--data", str(AMBER), "--out", str(tmp_path / "a")]) == 0
+    scored = json.loads((tmp_path / "a" / "results.json").read_text())["results"]["answers"]["generative"]
+    assert (scored["CHAIR"], scored["Cover"], scored["Hal"], scored["Cog"]) == (22.2, 83.3, 50.0, 33.3)
+    # a document numbered otherwise (its objects are not annotations.json's for its id) is refused
+    swapped = _samples(tmp_path / "swapped.jsonl", [({**docs[0][0], "question_id": 2}, texts[1])])
+    capsys.readouterr()
+    assert main(["eval", "amber", "--answers", str(swapped), "--data", str(AMBER), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err  # a warning line (no spaCy here), then the one-line refusal
+    assert err.splitlines()[-1].startswith("vsink: error: AMBER answer id 2: its lmms-eval document's truth")
 
 
 def test_example_scores_every_benchmark(tmp_path, monkeypatch, capsys):

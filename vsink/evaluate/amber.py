@@ -243,6 +243,10 @@ def scorer(settings: dict[str, Any]) -> Callable[[Sequence[dict[str, Any]]], dic
         for row in rows:
             if row["id"] not in annotations:
                 raise VsinkError(f"AMBER answer id {row['id']} is not in annotations.json")
+            for key in ("truth", "hallu"):  # carried by an lmms-eval sample: its document must be this id's
+                if key in row and sorted(row[key]) != sorted(annotations[row["id"]].get(key, [])):
+                    raise VsinkError(f"AMBER answer id {row['id']}: its lmms-eval document's {key} {row[key]} differs "
+                                     f"from annotations.json's {annotations[row['id']].get(key, [])}")
             pairs.append((annotations[row["id"]], row["response"]))
         gen = [p for p in pairs if p[0]["type"] == "generative"]
         dis = [p for p in pairs if p[0]["type"] != "generative"]
@@ -362,12 +366,25 @@ OPTIONS = (
     Option("similarity_score", Float(0, 1), 0.8, "word similarity above which two words match"),
 )
 
+def from_lmms_eval(doc: dict[str, Any], response: str, doc_id: Any) -> dict[str, Any]:
+    """An answers row from a sample of lmms-eval's ``amber_g`` task (AMBER's generative queries;
+    ``lmms_eval/tasks/amber_g/utils.py`` reads ``question_id``, ``truth`` and ``hallu`` from each
+    document): ``question_id`` as the AMBER id, and the document's ``truth``/``hallu`` object words,
+    which the scorer checks against annotations.json's for that id (so a data set numbered
+    otherwise is refused, not scored against the wrong image)."""
+    row: dict[str, Any] = {"id": doc["question_id"], "response": response}
+    for key in ("truth", "hallu"):
+        if isinstance(doc.get(key), list):
+            row[key] = doc[key]
+    return row
+
+
 BENCHMARK = Benchmark(
     name="amber", title="AMBER", read_items=read_items, answer_fields=ANSWER_FIELDS, scorer=scorer,
     metrics=metrics, prompt="{question}", max_new_tokens=512,
     comparable="AMBER's inference.py on the same responses where its spaCy model and NLTK tagger agree with the "
                "settings recorded (word_similarity, nouns); discriminative numbers exactly, with --yes-no exact",
-    key="id", field="response", details=details, options=OPTIONS,
+    key="id", field="response", details=details, options=OPTIONS, from_lmms_eval=from_lmms_eval,
     data_files=lambda settings: ("annotations.json", "relation.json", "safe_words.txt",
                                  f"query/query_{settings['queries']}.json"),
     units=units)

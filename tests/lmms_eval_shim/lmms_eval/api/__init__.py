@@ -1,0 +1,1 @@
+"""lmms-eval's ``lmms_eval.api`` (test stand-in; see the package docstring)."""
