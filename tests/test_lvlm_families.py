@@ -21,13 +21,14 @@ from vsink.backbones.hf_decoder import DecoderModel
 from vsink.backbones.hf_lvlm import LVLM, load_lvlm
 from vsink.backbones.lvlm_families import lvlm_families
 from vsink.cli import main
-from vsink.data.demo_lvlm import build_tiny_gemma3, build_tiny_llava_onevision, build_tiny_paligemma
+from vsink.data.demo_lvlm import build_tiny_gemma3, build_tiny_internvl, build_tiny_llava_onevision, build_tiny_paligemma
 from vsink.lvlm.context import DecodeContext
 
 from lvlm_models import decoder_attention_checked
 
 #: family → tiny builder
-NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3}
+NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3,
+       "internvl": build_tiny_internvl}
 
 
 def _tiny(family: str):

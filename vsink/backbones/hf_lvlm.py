@@ -350,6 +350,14 @@ class LVLM:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
                 if k != "labels" and (k != "token_type_ids" or k in accepted)}
 
+    def pixel_counts(self, inputs: dict[str, Any]) -> Optional[list[int]]:
+        """How many entries of ``pixel_values``' first dimension each batch row owns, where that is
+        not one per row (Qwen2-VL's flattened patches, by ``image_grid_thw``; InternVL's tiles), or
+        None: one per row. Mitigations that cut a batch into rows or images (VCD's noise, OPERA's
+        rows) cut ``pixel_values`` by it."""
+        grid = inputs.get("image_grid_thw")
+        return None if grid is None else [int(n) for n in grid.prod(-1)]
+
     def placeholder(self) -> str:
         """The text that marks where the image goes in a prompt (the processor's ``image_token``)."""
         return getattr(self.processor, "image_token", "<image>")

@@ -1,6 +1,7 @@
 """Adapter for Hugging Face vision encoders: ViT, DINOv2 (with registers), CLIP and SigLIP vision
-here; DINOv3, SigLIP2 and AIMv2 in their own files (``hf_dinov3.py``, ``hf_siglip2.py``,
-``hf_aimv2.py``), subclasses registered with :func:`hf_adapter` under the same ``hf`` family.
+here; DINOv3, SigLIP2, AIMv2 and InternViT in their own files (``hf_dinov3.py``, ``hf_siglip2.py``,
+``hf_aimv2.py``, ``hf_internvl_vision.py``), subclasses registered with :func:`hf_adapter` under
+the same ``hf`` family.
 
 Attention is routed through :mod:`vsink.backbones.hf_router` (transformers' public
 ``AttentionInterface``) while any attention site is installed; layers without a site keep running
@@ -68,17 +69,17 @@ def hf_adapter(*model_types: str, model_class: str, mean: Sequence[float], std: 
 @family
 class HFVisionBackbone(Backbone):
     """A Hugging Face vision encoder (``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
-    ``CLIPVisionModel``, ``SiglipVisionModel``; ``DINOv3ViTModel``, ``Siglip2VisionModel`` and
-    ``Aimv2VisionModel`` through their subclasses)."""
+    ``CLIPVisionModel``, ``SiglipVisionModel``; ``DINOv3ViTModel``, ``Siglip2VisionModel``,
+    ``Aimv2VisionModel`` and ``InternVLVisionModel`` through their subclasses)."""
 
     family = "hf"
     spec_forms = ("hf:REPO_OR_LOCAL_DIR              a Hugging Face vision model: ViT, DINOv2, DINOv2-with-registers, "
                   "CLIP, SigLIP,\n"
                   "                                    DINOv3 (DINOv3ViTModel), SigLIP2 (Siglip2VisionModel, also from a "
                   "full SigLIP2),\n"
-                  "                                    AIMv2 (Aimv2VisionModel), e.g. "
-                  "hf:facebook/dinov2-with-registers-small\n"
-                  "                                    (DINOv3, SigLIP2, AIMv2: verified on tiny offline models only)\n"
+                  "                                    AIMv2 (Aimv2VisionModel), InternViT (InternVLVisionModel),\n"
+                  "                                    e.g. hf:facebook/dinov2-with-registers-small\n"
+                  "                                    (DINOv3, SigLIP2, AIMv2, InternViT: verified on tiny offline models only)\n"
                   "LOCAL_DIR                         a local Hugging Face model directory (same as hf:LOCAL_DIR)")
     saved_spec = r".*"  # rebuilt from the saved folder itself
     saved_spec_help = "any text (informational)"

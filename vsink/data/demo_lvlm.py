@@ -237,3 +237,39 @@ def build_tiny_gemma3(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_h
     model.generation_config.suppress_tokens = sorted(ids.values())  # see build_tiny_llava
     image_processor = tr.Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
     return model, tr.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=tokens_per_image)
+
+
+def build_tiny_internvl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, image_size: int = 32,
+                        patch: int = 8, max_tiles: int = 4, seed: int = 0, use_qk_norm: bool = False,
+                        norm_type: str = "layer_norm", vision_feature_layer: int = -1) -> tuple[Any, Any]:
+    """(``InternVLForConditionalGeneration``, ``InternVLProcessor``): an InternViT tower (class
+    token, layer scales; ``use_qk_norm`` / ``norm_type`` as InternViT-6B's), a Qwen2 decoder, the
+    patches pixel-shuffled 2×2 (``downsample_ratio`` 0.5): (image_size / patch / 2)² image tokens per
+    tile. The image processor cuts an image into 1 to ``max_tiles`` tiles of ``image_size`` (the
+    grid closest to its aspect ratio) plus a thumbnail of the whole image when there are several;
+    the processor expands the prompt's ``<IMG_CONTEXT>`` to ``<img>``, the tiles' tokens, ``</img>``."""
+    import transformers as tr
+
+    specials = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                "video_token": "<video>"}
+    tok = word_tokenizer(tuple(specials.values()), named=specials)
+    torch.manual_seed(seed)
+    text = tr.Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = tr.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=image_size, patch_size=patch, use_qk_norm=use_qk_norm,
+                                     norm_type=norm_type, layer_scale_init_value=1.0)
+    per_tile = (image_size // patch // 2) ** 2
+    config = tr.InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5, image_seq_length=per_tile,
+                               image_token_id=tok.convert_tokens_to_ids(specials["context_image_token"]),
+                               vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default")
+    model = tr.InternVLForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = sorted(tok.convert_tokens_to_ids(list(specials.values())))  # see build_tiny_llava
+    size = {"height": image_size, "width": image_size}
+    image_processor = tr.GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+                                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    processor = tr.InternVLProcessor(image_processor=image_processor, tokenizer=tok,
+                                     video_processor=tr.InternVLVideoProcessor(size=size), image_seq_length=per_tile)
+    return model, processor

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
@@ -303,7 +303,7 @@ class OPERA(Mitigation):
         saved = (run.context, decoder.context)
         try:
             for b in range(ids.shape[0]):
-                row = row_inputs(inputs, b, mask)
+                row = row_inputs(inputs, b, mask, lvlm.pixel_counts(inputs))
                 context = BeamContext(lvlm, row["input_ids"])
                 run.context = decoder.context = context
                 loop = OperaLoop(self, run, None)
@@ -343,22 +343,22 @@ def _fill_token(lvlm: Any) -> int:
     return 0
 
 
-def row_inputs(inputs: dict[str, Any], b: int, mask: torch.Tensor) -> dict[str, Any]:
+def row_inputs(inputs: dict[str, Any], b: int, mask: torch.Tensor,
+               counts: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """Row ``b`` of a left-padded batch of model inputs, without its padding: per-token tensors
-    lose the padded positions, Qwen2-VL's flat ``pixel_values`` are cut by ``image_grid_thw``,
-    other per-row tensors are sliced."""
+    lose the padded positions, ``pixel_values`` is cut by ``counts`` where given (entries per row,
+    :meth:`LVLM.pixel_counts <vsink.backbones.hf_lvlm.LVLM.pixel_counts>`: Qwen2-VL's flat
+    patches, InternVL's tiles), other per-row tensors are sliced."""
     B = mask.shape[0]
     keep = mask[b].bool()
     out: dict[str, Any] = {"input_ids": inputs["input_ids"][b][keep][None],
                            "attention_mask": torch.ones_like(inputs["input_ids"][b][keep][None])}
-    grid = inputs.get("image_grid_thw")
     for key, value in inputs.items():
         if key in out:
             continue
         if isinstance(value, torch.Tensor) and value.shape[:2] == mask.shape:  # per token (token types)
             out[key] = value[b][keep][None]
-        elif key == "pixel_values" and grid is not None:
-            counts = grid.prod(-1).tolist()
+        elif key == "pixel_values" and counts is not None:
             start = int(sum(counts[:b]))
             out[key] = value[start:start + int(counts[b])]
         elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == B:

@@ -14,7 +14,7 @@ top-p 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
@@ -44,12 +44,12 @@ def add_diffusion_noise(pixels: torch.Tensor, step: int, generator: torch.Genera
     return (keep * pixels.float() + noise_scale * noise).to(pixels.dtype)
 
 
-def per_image(pixels: torch.Tensor, inputs: dict[str, Any]) -> list[torch.Tensor]:
-    """The processor's pixel tensor split into its images' parts along the first dimension (one
-    per batch row; Qwen2-VL's flattened patches by ``image_grid_thw``)."""
-    grid = inputs.get("image_grid_thw")
-    if grid is not None:
-        return list(pixels.split([int(n) for n in grid.prod(-1)]))
+def per_image(pixels: torch.Tensor, counts: Optional[Sequence[int]]) -> list[torch.Tensor]:
+    """The processor's pixel tensor split into its images' parts along the first dimension: one
+    entry per batch row, or ``counts`` entries per row (:meth:`LVLM.pixel_counts
+    <vsink.backbones.hf_lvlm.LVLM.pixel_counts>`: Qwen2-VL's flattened patches, InternVL's tiles)."""
+    if counts is not None:
+        return list(pixels.split([int(n) for n in counts]))
     return list(pixels.split(1))
 
 
@@ -86,6 +86,6 @@ class VCD(ContrastiveDecoder):
 
         def noised(pixels: torch.Tensor) -> torch.Tensor:  # each image its own noise, as at batch size 1
             return torch.cat([add_diffusion_noise(p, s.noise_step, torch.Generator().manual_seed(s.seed))
-                              for p in per_image(pixels, run.inputs)])
+                              for p in per_image(pixels, run.lvlm.pixel_counts(run.inputs))])
 
         return [image_branch("noised", noised, edits=branch_edits(s.branch_edits))]
