@@ -95,7 +95,7 @@ def hf_model(kind: str, attn_implementation: str = "eager") -> torch.nn.Module:
 
 #: the HF vision families added for issue 22, with the transformers class each needs
 HF_NEW_CASES = {"dinov3": "DINOv3ViTModel", "dinov3_reg": "DINOv3ViTModel", "siglip2": "Siglip2VisionModel",
-                "aimv2": "Aimv2VisionModel", "aimv2_native": "Aimv2VisionModel"}
+                "aimv2": "Aimv2VisionModel", "aimv2_native": "Aimv2VisionModel", "internvl_vision": "InternVLVisionModel"}
 HF_CASES = ("vit", "dinov2", "dinov2_reg", "clip", "siglip", *HF_NEW_CASES)
 
 
@@ -119,6 +119,9 @@ def _hf_new_model(transformers, kind: str) -> torch.nn.Module:
     if kind == "siglip2":
         common.pop("image_size")
         return transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(num_patches=16, **common))
+    if kind == "internvl_vision":  # InternViT: layer scales 1 (sharpen does not know lambda_1), final LayerNorm
+        return transformers.InternVLVisionModel(transformers.InternVLVisionConfig(
+            layer_scale_init_value=1.0, use_mean_pooling=False, **common))
     return transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(is_native=kind == "aimv2_native", **common))
 
 
@@ -140,13 +143,30 @@ def siglip2_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 def hf_call(model: torch.nn.Module, x: torch.Tensor, **kwargs):
     """Call an HF vision model on images [B, 3, H, W] the way its users do (SigLIP2: the
     processor's patches, an all-ones pixel_attention_mask and the spatial shapes; a full SigLIP2's
-    ``vision_model`` — a ``Siglip2VisionTransformer`` in transformers 4.x — takes them in order)."""
+    ``vision_model`` — a ``Siglip2VisionTransformer`` in transformers 4.x — takes them in order;
+    transformers 4.x's ``InternVLVisionModel`` takes ``output_*`` flags from its config only)."""
     if type(model).__name__ in ("Siglip2VisionModel", "Siglip2VisionTransformer"):
         p = model.config.patch_size
         patches = siglip2_patches(x, p)
         shapes = torch.tensor([[x.shape[-2] // p, x.shape[-1] // p]] * x.shape[0])
         return model(patches, torch.ones(patches.shape[:2], dtype=torch.long), shapes, **kwargs)
+    if type(model).__name__ == "InternVLVisionModel" and transformers_major() < 5:
+        flags = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("output_")}
+        before = {k: getattr(model.config, k) for k in flags}
+        for k, v in flags.items():
+            setattr(model.config, k, v)
+        try:
+            return model(pixel_values=x, **kwargs)
+        finally:
+            for k, v in before.items():
+                setattr(model.config, k, v)
     return model(pixel_values=x, **kwargs)
+
+
+def transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
 
 
 def open_clip_visual(block_type=None, **kwargs) -> torch.nn.Module:

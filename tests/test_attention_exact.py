@@ -109,7 +109,7 @@ def test_hf_attention_equals_eager_output_attentions(kind, pixel_values):
     assert torch.equal(backbone.forward(x), ref.last_hidden_state)
 
 
-@pytest.mark.parametrize("kind", ["dinov2_reg", "siglip", "dinov3_reg", "siglip2", "aimv2"])
+@pytest.mark.parametrize("kind", ["dinov2_reg", "siglip", "dinov3_reg", "siglip2", "aimv2", "internvl_vision"])
 def test_hf_sdpa_model_routes_and_restores(kind, pixel_values):
     eager = sharpen(hf_model(kind, "eager"))
     sdpa = hf_model(kind, "sdpa")

@@ -226,6 +226,7 @@ FAMILIES = {
     "hf_siglip": lambda: hf_model("siglip"),
     "hf_dinov3_reg": lambda: hf_model("dinov3_reg"),
     "hf_aimv2": lambda: hf_model("aimv2"),
+    "hf_internvl_vision": lambda: hf_model("internvl_vision"),
 }
 
 

@@ -21,6 +21,7 @@ from vsink.backbones.hf_lvlm import LVLM
 from vsink.backbones.lvlm_families import lvlm_families
 from vsink.cli import main
 from vsink.data.demo_lvlm import build_tiny_internvl
+from vsink.errors import VsinkError
 from vsink.lvlm import generate
 from vsink.registers.neurons import NeuronSpec, RegisterNeuron
 from vsink.viewbox import ViewBox
@@ -173,6 +174,21 @@ def test_tiles_and_thumbnail_are_one_span_per_image_in_a_left_padded_batch():
     with torch.no_grad():
         ref = lvlm.model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(generate(lvlm, inputs, max_new_tokens=5).sequences, ref)
+    # FastV prunes the same number of image tokens in every row: this batch is refused in one line
+    with pytest.raises(VsinkError, match=r"^FastV needs the same number of image tokens in every row, got \[16, 4\]$"):
+        generate(lvlm, inputs, mitigation="fastv", max_new_tokens=2)
+
+
+def test_lvlm_scan_of_tiled_images():
+    """Two 96 × 32 photos (3 tiles and the thumbnail each): the decoder's layout is the 16 image
+    tokens as 1 × 16 after BOS and ``<img>``; the tower is scanned on its tiles."""
+    from vsink.lvlm.scan import scan_lvlm
+
+    lvlm = _tiny()
+    result = scan_lvlm(lvlm, [_photo((96, 32)), _photo((96, 32), 1)], "describe", progress=False)
+    assert result.layout.grid == (1, 16) and result.layout.num_cls == 2  # BOS and <img> before the image
+    assert result.trace.norms.shape[:2] == (4, 2)  # decoder layers × rows: the two prompts
+    assert result.vision.trace.norms.shape[:2] == (2, 8) and result.vision.layout.grid == (4, 4)  # 2 × 4 tiles
 
 
 @pytest.mark.parametrize("name, settings", [
