@@ -109,10 +109,14 @@ def test_tower_saves_and_loads_through_transformers(tmp_path):
     assert torch.allclose(vsink.load(str(tmp_path / "tower")).forward(x), expected, atol=TOL)
 
 
-def test_the_lvlms_tower_is_a_vision_backbone_on_its_tiles():
+def test_the_lvlms_tower_is_a_vision_backbone_on_its_tiles(tmp_path):
     lvlm = _tiny()
     tower = lvlm.vision_backbone()
     assert type(tower).__name__ == "HFInternVLVisionBackbone" and tower.spec == "tiny-internvl#vision_tower"
+    lvlm.model.save_pretrained(tmp_path / "m")
+    lvlm.processor.save_pretrained(tmp_path / "m")
+    loaded = vsink.load(f"{tmp_path / 'm'}#vision_tower")  # a saved InternVL's tower by spec
+    assert type(loaded).__name__ == "HFInternVLVisionBackbone" and loaded.layout().num_cls == 1
     inputs = lvlm.prepare([_photo((96, 32))], ["describe"])
     tiles = inputs["pixel_values"]
     assert tiles.shape == (4, 3, 32, 32)  # 3 tiles and the thumbnail
