@@ -197,7 +197,7 @@ def test_lvlm_scan_of_tiled_images():
 
 @pytest.mark.parametrize("name, settings", [
     ("none", {}), ("var", {"sink_dims": [3, 7], "tau": 2.5}), ("pai", {"alpha": 0.5}), ("vcd", {}), ("m3id", {}),
-    ("vaf", {}), ("opera", {}),
+    ("vaf", {}), ("opera", {}), ("damro", {"k": 2}),
 ])
 def test_a_batch_of_tiled_and_single_tile_images_equals_each_row_alone(name, settings):
     """Rows with 4 and 1 tiles (16 and 4 image tokens): VCD noises each image's tiles as at batch
@@ -215,6 +215,55 @@ def test_a_batch_of_tiled_and_single_tile_images_equals_each_row_alone(name, set
                          max_new_tokens=4)
         n = alone.new_tokens.shape[1]
         assert torch.equal(alone.new_tokens[0], batch.new_tokens[b, :n]), (name, b)
+
+
+def test_damro_outliers_are_the_whole_image_tiles_class_attention_per_token():
+    """vsink's DAMRO rule for InternVL, written out from the model's own modules: the class
+    token's single-head, full-width attention (queries and keys of the feature layer's block after
+    its query/key norm) over the patches of each row's whole-image tile (the wide photo's
+    thumbnail, tile 3; the square photo's only tile, tile 4), summed over the 2 × 2 patches of each
+    pixel-shuffled token; the branch holds those tokens' projected features."""
+    from vsink.mitigate.damro import outlier_patches, outlier_prompt
+
+    lvlm = _tiny()
+    inputs = lvlm.prepare([_photo((96, 32)), _photo((40, 40), 1)], PROMPTS)
+
+    class Run:  # what the outlier rule reads of a generation call
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+
+    Run.lvlm, Run.inputs = lvlm, inputs
+    core = lvlm.model.model
+    block = core.vision_tower.encoder.layer[-1]  # vision_feature_layer -1
+    with torch.no_grad():  # larger queries and keys: the class token's attention far from uniform
+        block.attention.q_proj.weight.mul_(40.0)
+        block.attention.k_proj.weight.mul_(40.0)
+    seen = {}
+    handle = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    whole = inputs["pixel_values"][[3, 4]]
+    with torch.no_grad():
+        features = core.get_image_features(pixel_values=inputs["pixel_values"])
+        features = getattr(features, "pooler_output", features)[[3, 4]]  # [2, 4 tokens, D]
+        core.vision_tower(pixel_values=whole)
+        handle.remove()
+        x = block.layernorm_before(seen["x"])
+        attention = block.attention
+        q, k = attention.q_norm(attention.q_proj(x)), attention.k_norm(attention.k_proj(x))
+    cls = torch.softmax(q[:, :1] @ k.transpose(1, 2) / 32 ** 0.5, -1)[:, 0, 1:].reshape(2, 4, 4)
+    expected = torch.stack([cls[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].sum((1, 2)) for r in range(2) for c in range(2)], 1)
+    scores, top = outlier_patches(Run, 2)
+    assert cls.max() > 0.3  # far from uniform (1/17): a wrong grouping of the patches would show
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert torch.equal(top, expected.argsort(dim=1, descending=True)[:, :2])
+    prompt = outlier_prompt(Run, 2)
+    image = prompt["input_ids"] == lvlm.image_token_id
+    assert (image.sum(1) == 2).all()
+    picked = torch.stack([features[b, top[b]] for b in range(2)])
+    assert torch.allclose(prompt["inputs_embeds"][image].reshape(2, 2, -1), picked, atol=1e-6)
+    # the wide photo's three tiles take no part: replacing them changes nothing
+    other = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    other["pixel_values"][:3] = torch.randn_like(other["pixel_values"][:3])
+    Run.inputs = other
+    assert torch.equal(outlier_patches(Run, 2)[1], top)
 
 
 def test_vcd_noises_each_images_tiles_together():

@@ -12,8 +12,9 @@ Defaults: the released POPE script (α 0.5, β 0.1, k 4); its CHAIR script uses 
 Per family (:mod:`vsink.mitigate.damro_outliers`): LLaVA-1.5 as above; LLaVA-NeXT on its base
 tile with the model's newline embedding after the ``k`` features (as the released code);
 Qwen2-VL / Qwen2.5-VL, whose towers have no class token, by vsink's adaptation: the merged tokens
-that receive the most attention mass in the tower's last full-attention block. Other families
-are refused in one line.
+that receive the most attention mass in the tower's last full-attention block; InternVL by vsink's
+adaptation: the class token's attention on its whole-image tile, summed per pixel-shuffled token.
+Other families are refused in one line.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class DAMROSettings(CheckedSettings):
 
 #: why DAMRO does not apply to a family without an outlier rule (:func:`rule_for`)
 NEEDS = ("damro needs a tower whose outlier tokens vsink can select: a CLIP tower with a class token (LLaVA-1.5, "
-         "LLaVA-NeXT's base tile) or a Qwen2-VL / Qwen2.5-VL tower (attention mass received)")
+         "LLaVA-NeXT's base tile, InternVL's whole-image tile) or a Qwen2-VL / Qwen2.5-VL tower (attention mass "
+         "received)")
 
 
 def check_family(lvlm: Any) -> None:

@@ -16,6 +16,12 @@ mass each patch receives, summed over the query patches of its image and average
 the tower's last full-attention block (Qwen2.5-VL: the last of ``fullatt_block_indexes``; its
 other blocks attend within windows), summed over the ``merge²`` patches of each merged token; the
 top-``k`` merged tokens' features of the merger (what the language model reads).
+
+``internvl`` (InternVL) — vsink's adaptation of the LLaVA-NeXT rule (no released code): the paper's
+class-token attention (one head over the full width, from the feature layer's queries and keys
+after InternViT's query/key norm) on the tile that shows the whole image — the thumbnail, or the
+only tile — summed over the 2 × 2 patches each image token holds after the pixel shuffle; the
+top-``k`` tokens' projected features of that tile.
 """
 
 from __future__ import annotations
@@ -187,9 +193,49 @@ def qwen_outliers(run: Any, k: int) -> Outliers:
     return Outliers(scores, torch.stack(tops), torch.stack(features))
 
 
+def internvl_outliers(run: Any, k: int) -> Outliers:
+    """InternVL (vsink's adaptation): see the module docstring."""
+    lvlm = run.lvlm
+    core = _core(lvlm.model)
+    cfg = lvlm.model.config
+    if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
+        raise VsinkError("damro: the tower's class token must be dropped from the features "
+                         "(vision_feature_select_strategy 'default')")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise VsinkError("damro needs one vision feature layer")
+    layer = int(cfg.vision_feature_layer)
+    counts = lvlm.pixel_counts(run.inputs)
+    ends = torch.tensor(counts).cumsum(0) - 1  # each row's last tile: its thumbnail, or its only tile
+    whole = run.inputs["pixel_values"][ends.to(run.inputs["pixel_values"].device)]
+    tower = lvlm.vision_backbone()
+    layout = tower.layout(tuple(whole.shape[-2:]))
+    attention = tower.blocks[layer].attention
+    grabbed: dict[str, torch.Tensor] = {}
+    hooks = [attention.q_norm.register_forward_hook(lambda m, a, out: grabbed.__setitem__("q", out)),
+             attention.k_norm.register_forward_hook(lambda m, a, out: grabbed.__setitem__("k", out))]
+    try:
+        with torch.no_grad():
+            out = core.get_image_features(pixel_values=whole, vision_feature_layer=layer,
+                                          vision_feature_select_strategy="default")
+    finally:
+        for h in hooks:
+            h.remove()
+    features = getattr(out, "pooler_output", out)  # [B, tokens, D] (transformers 4.x: the tensor itself)
+    q, key = grabbed["q"].float(), grabbed["k"].float()
+    weights = torch.softmax(layout.split(q)["cls"] @ key.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+    rows, cols = layout.grid
+    side = int(round(1 / float(cfg.downsample_ratio)))
+    cls = layout.patches(weights[:, 0], dim=1).reshape(-1, rows // side, side, cols // side, side)
+    scores = cls.sum(dim=(2, 4)).flatten(1)  # [B, tokens]: each token's block of side × side patches
+    _check_k(k, scores.shape[1])
+    top = torch.topk(scores, k, dim=1).indices
+    return Outliers(scores, top, features.gather(1, top[..., None].expand(-1, -1, features.shape[-1])))
+
+
 #: the outlier rule of each built-in family DAMRO runs on (``LVLM.family``)
 RULES: dict[str, Callable[[Any, int], Outliers]] = {
-    "llava": clip_outliers, "llava-next": clip_outliers, "qwen2-vl": qwen_outliers, "qwen2.5-vl": qwen_outliers}
+    "llava": clip_outliers, "llava-next": clip_outliers, "qwen2-vl": qwen_outliers, "qwen2.5-vl": qwen_outliers,
+    "internvl": internvl_outliers}
 
 
 def rule_for(family: type) -> Optional[Callable[[Any, int], Outliers]]:
