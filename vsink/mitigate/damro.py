@@ -50,7 +50,7 @@ class DAMROSettings(CheckedSettings):
 
 
 #: why DAMRO does not apply to a family without an outlier rule (:func:`rule_for`)
-NEEDS = ("damro needs a tower whose outlier tokens vsink can select: a CLIP tower with a class token (LLaVA-1.5, "
+NEEDS = ("damro needs a tower whose outlier tokens vsink can select: a tower with a class token (LLaVA-1.5's CLIP, "
          "LLaVA-NeXT's base tile, InternVL's whole-image tile) or a Qwen2-VL / Qwen2.5-VL tower (attention mass "
          "received)")
 
