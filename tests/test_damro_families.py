@@ -199,3 +199,15 @@ def test_qwen_images_of_different_sizes_in_one_batch_equal_their_rows_alone():
         assert torch.allclose(scores[b, :count], alone_scores[0], atol=1e-5) and torch.equal(top[b], alone_top[0])
         alone = generate(lvlm, one, mitigation="damro", settings=settings, max_new_tokens=3)
         assert torch.equal(alone.new_tokens[0], batch.new_tokens[b])
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_more_images_than_prompts_is_one_line(name):
+    from vsink.errors import VsinkError
+
+    lvlm = fresh(name)
+    inputs = lvlm.prepare([random_image(0, SQUARE), random_image(1, SQUARE)], PROMPTS)
+    one_row = dict(inputs, input_ids=inputs["input_ids"][:1], attention_mask=inputs["attention_mask"][:1])
+    field = "pixel_values" if name == "llava" else "image_grid_thw"
+    with pytest.raises(VsinkError, match=f"^damro needs one image per prompt; {field} has 2 images for 1 prompts$"):
+        outlier_patches(Run(lvlm, one_row), 2)
