@@ -177,3 +177,37 @@ def test_a_plugin_family_gets_the_paper_rule_only_by_declaring_one_token_per_pat
     plugin.patches_one_to_one = True
     assert rule_for(plugin) is clip_outliers
     assert rule_for(type(fresh("qwen2_5_vl"))) is qwen_outliers
+
+
+@pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
+def test_qwen_images_of_different_sizes_in_one_batch_equal_their_rows_alone():
+    from vsink.lvlm import generate
+
+    lvlm = fresh("qwen2_5_vl")
+    lvlm.processor.image_processor.size = {"shortest_edge": 256, "longest_edge": 4096}  # native sizes, not one
+    images = [random_image(0, SQUARE), random_image(1, (64, 32))]
+    inputs = lvlm.prepare(images, PROMPTS)
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 16]]  # 16 and 32 merged tokens, 2 × 4 windows
+    scores, top = outlier_patches(Run(lvlm, inputs), 3)
+    assert scores.shape == (2, 32) and scores[0, 16:].isnan().all() and not scores[0, :16].isnan().any()
+    settings = {"alpha": 3.0, "beta": 0.0, "k": 3}
+    batch = generate(lvlm, inputs, mitigation="damro", settings=settings, max_new_tokens=3)
+    for b in range(2):
+        one = lvlm.prepare([images[b]], [PROMPTS[b]])
+        alone_scores, alone_top = outlier_patches(Run(lvlm, one), 3)
+        count = alone_scores.shape[1]
+        assert torch.allclose(scores[b, :count], alone_scores[0], atol=1e-5) and torch.equal(top[b], alone_top[0])
+        alone = generate(lvlm, one, mitigation="damro", settings=settings, max_new_tokens=3)
+        assert torch.equal(alone.new_tokens[0], batch.new_tokens[b])
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_more_images_than_prompts_is_one_line(name):
+    from vsink.errors import VsinkError
+
+    lvlm = fresh(name)
+    inputs = lvlm.prepare([random_image(0, SQUARE), random_image(1, SQUARE)], PROMPTS)
+    one_row = dict(inputs, input_ids=inputs["input_ids"][:1], attention_mask=inputs["attention_mask"][:1])
+    field = "pixel_values" if name == "llava" else "image_grid_thw"
+    with pytest.raises(VsinkError, match=f"^damro needs one image per prompt; {field} has 2 images for 1 prompts$"):
+        outlier_patches(Run(lvlm, one_row), 2)

@@ -63,6 +63,11 @@ def _check_k(k: int, count: int) -> None:
         raise VsinkError(f"damro setting 'k' ({k}) exceeds the tower's {count} tokens of an image")
 
 
+def _one_image_per_prompt(images: int, rows: int, field: str) -> None:
+    if images != rows:
+        raise VsinkError(f"damro needs one image per prompt; {field} has {images} images for {rows} prompts")
+
+
 def clip_outliers(run: Any, k: int) -> Outliers:
     """LLaVA-1.5 and LLaVA-NeXT (base tile): see the module docstring."""
     lvlm = run.lvlm
@@ -75,6 +80,7 @@ def clip_outliers(run: Any, k: int) -> Outliers:
         raise VsinkError("damro needs one vision feature layer")
     layer = int(cfg.vision_feature_layer)
     pixels = run.inputs["pixel_values"]
+    _one_image_per_prompt(len(pixels), int(run.inputs["input_ids"].shape[0]), "pixel_values")
     tiled = lvlm.family == "llava-next"
     if tiled:
         pixels = pixels[:, 0] if pixels.dim() == 5 else pixels  # the base tile of each row
@@ -151,10 +157,8 @@ def qwen_outliers(run: Any, k: int) -> Outliers:
     core = _core(lvlm.model)
     visual = core.visual
     grid = run.inputs.get("image_grid_thw")
-    rows = int(run.input_ids.shape[0])
-    if grid is None or len(grid) != rows:
-        raise VsinkError(f"damro needs one image per prompt; image_grid_thw has "
-                         f"{0 if grid is None else len(grid)} images for {rows} prompts")
+    rows = int(run.inputs["input_ids"].shape[0])
+    _one_image_per_prompt(0 if grid is None else len(grid), rows, "image_grid_thw")
     attention = visual.blocks[attention_block(visual)].attn
     grabbed: dict[str, Any] = {}
 
