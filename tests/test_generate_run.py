@@ -97,3 +97,12 @@ def test_other_settings_and_refused_runs(files, tmp_path, capsys):
     assert not (tmp_path / "big" / "vsink-run.json").exists() and not (tmp_path / "big" / "generated.jsonl").exists()
     assert main(_argv(files, tmp_path / "same", "--export-attention", str(tmp_path / "same"))) == 2
     assert "--out and --export-attention name one folder" in capsys.readouterr().err
+    # a folder another command wrote is not taken over (its record stays that command's)
+    assert main(["scan", str(files[0]), "--model", "demo", "--out", str(tmp_path / "scan"), "--no-progress"]) == 0
+    before = (tmp_path / "scan" / "vsink-run.json").read_bytes()
+    capsys.readouterr()
+    assert main(_argv(files, tmp_path / "scan")) == 2
+    assert f"--out {tmp_path / 'scan'} holds the outputs of vsink scan; give a folder of its own" in \
+        capsys.readouterr().err
+    assert (tmp_path / "scan" / "vsink-run.json").read_bytes() == before
+    assert not (tmp_path / "scan" / "generated.jsonl").exists()

@@ -83,7 +83,7 @@ def run_generate(lvlm: LVLM, images: Sequence[Any], names: Sequence[str], prompt
     :class:`~vsink.shard.OtherRankFailed`)."""
     from ..evaluate.hallucination import fold_rank_files, rank_files, read_rows, remove_unstarted, row_ident
     from ..manifest import check_resume, write_record
-    from ..outputs import OutputSet, RunLock
+    from ..outputs import OutputSet, RunLock, read_manifest
     from .export import attention_record
 
     shard = shard or Shard()
@@ -102,6 +102,9 @@ def run_generate(lvlm: LVLM, images: Sequence[Any], names: Sequence[str], prompt
             if texts is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(RunLock(out, "vsink generate"))
+                other = (read_manifest(out) or {}).get("command", "vsink generate")
+                if other != "vsink generate":
+                    raise VsinkError(f"--out {out} holds the outputs of {other}; give a folder of its own")
                 parts = rank_files(texts)
                 existing = read_rows(texts, KEY) if texts.exists() else []
                 earlier = existing + [row for part in parts for row in read_rows(part, KEY, report=False)]
