@@ -92,6 +92,16 @@ def _pope(coco: Path, out: Path, *extra: str) -> list[str]:
             str(coco / "instances.json"), "--num-images", "2", "--max-new-tokens", "2", "--out", str(out), *extra]
 
 
+#: three prompts of different lengths: a batch of the first two is left-padded
+PROMPTS = ("Is there a dog?", "Describe the picture in a few words.", "What is it?")
+
+
+def _generate(coco: Path, *extra: str) -> list[str]:
+    images = [str(coco / "images" / f"img{i}.jpg") for i in OBJECTS]
+    return ["generate", *images, "--model", "demo-llava", *(a for p in PROMPTS for a in ("--prompt", p)),
+            "--max-new-tokens", "3", *extra]
+
+
 #: every command checked: its arguments (images, coco, photos, out) → vsink's argument list
 COMMANDS = {
     "scan": lambda im, co, ph, out: ["scan", str(im), "--model", "demo", "--img-size", "112", "--batch-size", "2",
@@ -103,6 +113,9 @@ COMMANDS = {
     "pope": lambda im, co, ph, out: _pope(co, out, "--splits", "random", "--batch-size", "2"),
     "dense": lambda im, co, ph, out: ["eval", "dense", "--synthetic-images", "5", "--img-size", "64", "--epochs", "2",
                                       "--batch-size", "2", "--out", str(out)],
+    "generate": lambda im, co, ph, out: _generate(co, "--mitigation", "var", "--batch-size", "2", "--out", str(out),
+                                                  "--export-attention", str(out) + "-attention"),
+    "generate-one-batch": lambda im, co, ph, out: _generate(co),
     # noise images have no high-norm outliers: rank 0 finds that after gathering the norms
     "no-outliers": lambda im, co, ph, out: ["registers", "find", str(im), "--model", "demo", "--img-size", "112",
                                             "--batch-size", "2", "--out", str(out) + ".json"],
@@ -215,6 +228,42 @@ def test_eval_dense_two_processes_equal_one(tmp_path, images, coco, photos, two)
     assert _record(two / "dense")["determining"] == _record(one_dir)["determining"]
 
 
+def test_generate_two_processes_equal_one(tmp_path, images, coco, photos, two, capsys):
+    """3 items in batches of 2 (the first left-padded): batch 1 on rank 0, batch 2 on rank 1; rank 0
+    folds the texts, every rank writes its attention rows into rank 0's set, rank 0 reports."""
+    stdout, err = _ran(two, "generate")
+    capsys.readouterr()
+    a = _reference("generate", tmp_path, images, coco, photos)
+    one_out, one_err = capsys.readouterr()
+    b = two / "generate"
+    rows = _lines(a / "generated.jsonl")
+    assert [r["item"] for r in rows] == [0, 1, 2] and [r["prompt"] for r in rows] == list(PROMPTS)
+    assert (b / "generated.jsonl").read_bytes() == (a / "generated.jsonl").read_bytes()
+    assert sorted(p.name for p in b.iterdir()) == ["generated.jsonl", "vsink-run.json"]  # rank files folded in
+    assert _record(b)["determining"] == _record(a)["determining"]
+    att_a, att_b = Path(f"{a}-attention"), Path(f"{b}-attention")
+    files = sorted(p.relative_to(att_a) for p in att_a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(att_b) for p in att_b.rglob("*") if p.is_file())
+    assert {f.name for f in files} >= {"row0.npz", "row1.npz", "row2.npz", "step002.png"}
+    for name in files:
+        if name.name != "vsink-run.json":
+            assert (att_b / name).read_bytes() == (att_a / name).read_bytes(), name
+    assert _record(att_b)["determining"] == _record(att_a)["determining"]
+    # what rank 0 prints is what one process prints (but the folders' names); rank 1 prints nothing
+    assert stdout.replace(str(b), "OUT") == one_out.replace(str(a), "OUT")
+    assert stdout.count("\n[") == 2 and "wrote 12 files to" in stdout  # 3 texts; 3 npz + 9 overlays
+    reports = [line for line in err.splitlines() if line.startswith("vsink: batch ")]
+    assert reports == [line for line in one_err.splitlines() if line.startswith("vsink: batch ")]
+    assert [line.split(":")[1] for line in reports] == [" batch 1/2 (items 0-1)", " batch 2/2 (item 2)"]
+    assert not (two / "generate.rank1.out").read_text()
+
+
+def test_generate_in_one_batch_under_torchrun_says_the_other_ranks_idle(two):
+    stdout, err = _ran(two, "generate-one-batch")
+    assert "3 items in 1 batch for 2 processes: 1 of them have nothing to do (give a smaller --batch-size)" in err
+    assert stdout.count("[") == 3
+
+
 def test_an_error_on_rank_0_stops_every_rank_with_one_line(two):
     """The other rank, waiting for rank 0's verdict, stops too (exit code 2 on both, no hang) and
     says nothing more."""
@@ -285,6 +334,43 @@ def test_eval_pope_killed_on_every_rank_resumes_where_each_stopped(tmp_path, coc
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results == json.loads((tmp_path / "one" / "results.json").read_text())
     assert not list((tmp_path / "run" / "none").glob("*.rank*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_generate_killed_on_every_rank_resumes_to_the_texts_of_one_process(tmp_path, images, coco):
+    """16 items (8 files twice) in batches of 2; both workers killed once each has written texts;
+    the same command again runs only the batches with a text missing (the batches of an
+    uninterrupted run), so the texts are byte for byte those of one process."""
+    import signal
+    import time
+
+    files = 2 * (sorted(str(p) for p in images.glob("im?.png")) + [str(coco / "images" / f"img{i}.jpg")
+                                                                   for i in OBJECTS])
+    args = ["generate", *files, "--model", "demo-llava", "--prompt", "Describe.", "--batch-size", "2",
+            "--max-new-tokens", "6", "--no-progress", "--out", str(tmp_path / "run")]
+    one(*args[:-1], str(tmp_path / "one"))
+    agent = subprocess.Popen(_torchrun("-m", "vsink", *args), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    ranks = [tmp_path / "run" / f"generated.rank{r}.jsonl" for r in (0, 1)]
+    deadline = time.time() + 300
+    while not all(_complete_lines(p) for p in ranks) and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = _children(agent.pid)
+    assert len(workers) == 2 and agent.poll() is None
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    assert agent.wait(timeout=120) != 0
+    before = [json.loads(line) for p in ranks for line in p.read_text().split("\n")[:-1]]
+    assert 2 <= len(before) < 16
+
+    resumed = subprocess.run(_torchrun("-m", "vsink", *args), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"{len(before)} items of 16 already in" in resumed.stderr
+    final = tmp_path / "run" / "generated.jsonl"
+    assert final.read_bytes() == (tmp_path / "one" / "generated.jsonl").read_bytes()
+    assert all(row in _lines(final) for row in before)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["generated.jsonl", "vsink-run.json"]
 
 
 def test_shard_cuts_batches_as_one_process_and_deals_them_by_rank():

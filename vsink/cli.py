@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",
                          description="Greedy generation with none, VAR, PAI, FastV, test-time registers in the "
                                      "vision tower (ttr), or several joined by + (ttr+var); the images (files or "
-                                     "directories) and their prompts run as one left-padded batch. Prints what each "
-                                     "mitigation did per layer.")
+                                     "directories) and their prompts run as one left-padded batch (or batches of "
+                                     "--batch-size; resumable with --out; split over torchrun's processes). Prints "
+                                     "what each mitigation did per layer.")
     add_options(gen, P.IMAGES, P.LVLM_MODEL, P.GENERATE)
     lvlm = sub.add_parser("lvlm", help="LVLM tools")
     lvlm_sub = lvlm.add_subparsers(dest="lvlm_command", required=True)
@@ -549,10 +550,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .lvlm import MitigationWarning, generate
+    from .lvlm import MitigationWarning
+    from .lvlm.generate_run import run_generate
     from .lvlm.sinks import Calibration
     from .mitigate import calibrated_settings, make_mitigations, mitigation_names
 
+    shard = shard_of(args)
     named = _lvlm_inputs(args)
     prompts = list(args.prompt)
     if len(prompts) == 1 and len(named) > 1:
@@ -560,25 +563,69 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if len(prompts) != len(named):
         raise VsinkError(f"give one --prompt per image (or one for all): {count(len(named), 'image')}, "
                          f"{count(len(prompts), 'prompt')}")
+    if args.out and args.export_attention and Path(args.out).resolve() == Path(args.export_attention).resolve():
+        raise VsinkError(f"--out and --export-attention name one folder ({args.out}); give two")
     settings = parse_settings(args.set)
     if args.sinks:
         settings = calibrated_settings(mitigation_names(args.mitigation), settings, Calibration.load(args.sinks))
-    make_mitigations(args.mitigation, settings, args.protocol)  # fail before loading the model
+    mitigations = make_mitigations(args.mitigation, settings, args.protocol)  # fail before loading the model
+    label = "+".join(m.name for m in mitigations) or "none"
+    resolved = (mitigations[0].settings_dict() if len(mitigations) == 1 else
+                {m.name: m.settings_dict() for m in mitigations} or None)  # as generate records them
     images = [item.image for item in named]
+    batches = -(-len(named) // (args.batch_size or len(named)))
+    if shard.main and batches < shard.world:
+        warnings.warn(f"{count(len(named), 'item')} in {count(batches, 'batch', 'batches')} for {shard.world} "
+                      f"processes: {shard.world - batches} of them have nothing to do (give a smaller --batch-size)",
+                      VsinkWarning, stacklevel=2)
     lvlm = load_lvlm_for(args)
-    inputs = lvlm.prepare(images, prompts)
+    determining = None
+    if args.out:
+        from .cli_common import setting_files
+        from .lvlm.generate_run import image_fingerprint
+        from .manifest import content_hash, weights_fingerprint
+
+        determining = {"model": args.model, "weights": weights_fingerprint(lvlm.model), "mitigation": label,
+                       "settings": settings, "resolved_settings": resolved, "setting_files": setting_files(settings),
+                       "protocol": args.protocol, "max_new_tokens": args.max_new_tokens, "use_cache": not args.no_cache,
+                       "capture_attention": bool(args.export_attention), "batch_size": args.batch_size,
+                       "items": content_hash([[item.name, p] for item, p in zip(named, prompts)]),
+                       "image_pixels": image_fingerprint(images), "vsink_version": __version__}
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore", MitigationWarning)  # reported below, one line each
-        result = generate(lvlm, inputs, mitigation=args.mitigation, settings=settings, protocol=args.protocol,
-                          max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
-                          capture_attention=bool(args.export_attention), progress=not args.no_progress)
-    print(f"vsink: mitigation {result.mitigation}, protocol {result.protocol}, settings {json.dumps(result.settings)}",
-          file=sys.stderr)
-    for entry in result.report:
+        run = run_generate(lvlm, images, [item.name for item in named], prompts, mitigation=args.mitigation,
+                           settings=settings, protocol=args.protocol, max_new_tokens=args.max_new_tokens,
+                           use_cache=not args.no_cache, batch_size=args.batch_size,
+                           out=Path(args.out) if args.out else None, determining=determining,
+                           export_attention=Path(args.export_attention) if args.export_attention else None,
+                           export_settings=resolved, progress=not args.no_progress, shard=shard)
+    if run is None:  # another rank under torchrun: rank 0 reports and writes
+        return 0
+    print(f"vsink: mitigation {label}, protocol {args.protocol}, settings {json.dumps(resolved)}", file=sys.stderr)
+    if run.resumed:
+        print(f"vsink: {count(run.resumed, 'item')} of {len(named)} already in {Path(args.out) / 'generated.jsonl'}"
+              f"{'' if run.batches else '; nothing generated'}", file=sys.stderr)
+    for batch in run.batches:
+        items = f"item {batch.start}" if batch.stop - batch.start == 1 else f"items {batch.start}-{batch.stop - 1}"
+        head = f"batch {batch.number + 1}/{run.count} ({items}): " if run.count > 1 else ""
+        _print_report(batch.report, batch.warnings, head)
+    for row in run.rows:
+        print(f"[{row['image']}] {row['text']}")
+    if args.out:
+        print(f"wrote {Path(args.out) / 'generated.jsonl'}")
+    if args.export_attention:
+        print(f"wrote {count(len(run.exported), 'file')} to {args.export_attention}")
+    return 0
+
+
+def _print_report(report: list[dict], notes: list[str], head: str) -> None:
+    """What each mitigation did in one generate call (per layer, per step, its branches), and its
+    warnings, one line each on stderr; ``head`` starts each line's text (the batch, when several)."""
+    for entry in report:
         layers = ", ".join(f"{row['layer']}: " + " ".join(f"{k}={v:g}" for k, v in row.items() if k != "layer")
                            for row in entry["layers"]) or "nothing"
         if entry["layers"] or not entry.get("steps"):
-            print(f"vsink: {entry['mitigation']} per layer: {layers}", file=sys.stderr)
+            print(f"vsink: {head}{entry['mitigation']} per layer: {layers}", file=sys.stderr)
         if entry.get("steps"):
             totals: dict[str, float] = {}
             for row in entry["steps"]:
@@ -586,21 +633,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     if k != "step":
                         totals[k] = totals.get(k, 0) + v
             summary = " ".join(f"{k}={v:g}" for k, v in totals.items())
-            print(f"vsink: {entry['mitigation']} over {count(len(entry['steps']), 'step')}: {summary}", file=sys.stderr)
+            print(f"vsink: {head}{entry['mitigation']} over {count(len(entry['steps']), 'step')}: {summary}",
+                  file=sys.stderr)
         for branch in entry.get("branches", []):
-            print(f"vsink: {entry['mitigation']} branch {branch['name']} ({branch['kind']}): edits "
+            print(f"vsink: {head}{entry['mitigation']} branch {branch['name']} ({branch['kind']}): edits "
                   f"{', '.join(branch['edits']) or 'none'}", file=sys.stderr)
-    for note in result.warnings:
-        print(f"vsink: warning: {note}", file=sys.stderr)
-    for item, text in zip(named, result.texts):
-        print(f"[{item.name}] {text}")
-    if args.export_attention:
-        from .lvlm.export import export_attention
-
-        written = export_attention(lvlm, result, inputs, args.export_attention, images=images,
-                                   names=[Path(item.name).name for item in named])
-        print(f"wrote {count(len(written), 'file')} to {args.export_attention}")
-    return 0
+    for note in notes:
+        print(f"vsink: warning: {head}{note}", file=sys.stderr)
 
 
 def _cmd_lvlm(args: argparse.Namespace) -> int:
@@ -695,7 +734,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 
 #: the commands that split their work over the processes of ``torchrun`` (docs/scale.md); finetune
 #: runs its own data-parallel training
-SHARDED = ("scan", "maps", "eval", "registers find")
+SHARDED = ("scan", "maps", "generate", "eval", "registers find")
 
 
 def _join(args: argparse.Namespace):
@@ -712,7 +751,7 @@ def _join(args: argparse.Namespace):
     if name not in SHARDED and args.command not in SHARDED or lvlm_scan:
         raise VsinkError(f"vsink {name}{' --prompt' if lvlm_scan else ''} does not split its work over torchrun's "
                          f"processes (WORLD_SIZE={shard.world}); run it as one process. Under torchrun: "
-                         "scan, maps, registers find, eval pope|chair|dense, finetune (docs/scale.md)")
+                         "scan, maps, generate, registers find, eval pope|chair|dense, finetune (docs/scale.md)")
     return join()
 
 

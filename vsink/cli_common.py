@@ -1,11 +1,13 @@
 """What the ``vsink`` command modules share: reading the image-directory argument, loading the
-LVLM of ``--model``, parsing ``--set`` assignments."""
+LVLM of ``--model``, parsing ``--set`` assignments, fingerprinting the files settings name."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from .errors import VsinkError
 
@@ -56,3 +58,12 @@ def parse_settings(pairs: Sequence[str]) -> dict:
     from .assignments import parse_assignment
 
     return dict(parse_assignment(item, "--set") for item in pairs)
+
+
+def setting_files(settings: dict[str, Any]) -> dict[str, str]:
+    """The SHA-256 of each setting whose value names a file (``ttr.neurons``): the file, not its
+    path, determines the answers, so a file changed in place is a changed run."""
+    from .manifest import file_sha256
+
+    return {key: file_sha256(value) for key, value in sorted(settings.items())
+            if isinstance(value, (str, os.PathLike)) and Path(value).is_file()}

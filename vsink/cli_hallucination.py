@@ -6,7 +6,6 @@ benchmark (resumable) and score. The flags are declared in :mod:`vsink.parameter
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 from pathlib import Path
@@ -187,7 +186,7 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
     images folder, --limit and --batch-size are added here. ``key``: the field(s) identifying an
     item (:func:`vsink.evaluate.hallucination.key_of`); ``sampling``: sample instead of decoding
     greedily."""
-    from .cli_common import load_lvlm_for, shard_of
+    from .cli_common import load_lvlm_for, setting_files, shard_of
     from .evaluate import hallucination as hal
     from .manifest import StaleRun, check_resume, files_fingerprint, fresh_folder, weights_fingerprint
     from .mitigate import make_mitigations
@@ -210,7 +209,7 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
               "limit": args.limit, "batch_size": args.batch_size, "vsink_version": __version__}
     determining = {name: {**common, "mitigation": name, "settings": settings[name],
                           "resolved_settings": protocol["resolved_settings"][name],
-                          "setting_files": _setting_files(settings[name])} for name in names}
+                          "setting_files": setting_files(settings[name])} for name in names}
     files = {name: out / name / ("generated.jsonl" if field == "caption" else "answers.jsonl") for name in names}
 
     def folder() -> Path:
@@ -257,12 +256,6 @@ def _run_model(args: argparse.Namespace, out: Path, kind: str, items: list[dict[
         if shard.main:
             lock.__exit__(None, None, None)
 
-
-def _setting_files(settings: dict[str, Any]) -> dict[str, str]:
-    """The SHA-256 of each setting whose value names a file (``ttr.neurons``): the file, not its
-    path, determines the answers, so a file changed in place is a changed run."""
-    return {key: file_sha256(value) for key, value in sorted(settings.items())
-            if isinstance(value, (str, os.PathLike)) and Path(value).is_file()}
 
 
 def _resolved(mitigations: list) -> Optional[dict[str, Any]]:

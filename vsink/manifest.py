@@ -143,18 +143,19 @@ def recorded(directory: PathLike) -> Optional[dict[str, Any]]:
     return fields
 
 
-def check_resume(directory: PathLike, determining: Mapping[str, Any], what: str = "the earlier results") -> None:
+def check_resume(directory: PathLike, determining: Mapping[str, Any], what: str = "the earlier results",
+                 remedy: str = "use another --out, or pass --new-run") -> None:
     """Refuse to reuse ``what`` in ``directory`` unless its manifest records the same
     ``determining`` fields; one line names every field that differs, or says the folder has no
-    record (a run of an older vsink)."""
+    record (a run of an older vsink), and ends with ``remedy`` (what the command offers)."""
     old = recorded(directory)
     if old is None:
         raise StaleRun(f"{directory}: {what} have no record of what made them ({MANIFEST}; made by an older "
-                       "vsink?); they cannot be resumed: use another --out, or pass --new-run")
+                       f"vsink?); they cannot be resumed: {remedy}")
     changed = differences(old, determining)
     if changed:
         raise StaleRun(f"{directory}: {what} were made with other settings ({'; '.join(changed)}); resume only with "
-                       "the same ones, use another --out, or pass --new-run")
+                       f"the same ones, {remedy}")
 
 
 def write_record(directory: PathLike, command: str, determining: Mapping[str, Any], files: list[str]) -> Path:

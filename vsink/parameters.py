@@ -214,6 +214,11 @@ GENERATE = declare(
     Option("export_attention", OutputDir(), None, "write per-token attention on the image (npz, png) here; "
            "the captured last query row runs explicit attention in every layer (slower than the fused kernel)",
            nullable=True),
+    Option("batch_size", Int(1), None, "items (image with prompt) per left-padded batch", nullable=True,
+           default_text="all in one batch"),
+    Option("out", OutputDir(), None, "also write each item's text to OUT/generated.jsonl as its batch finishes; "
+           "the same command again generates only the items missing (vsink-run.json)", nullable=True,
+           default_text="none: print only"),
 )
 
 CALIBRATE = declare(

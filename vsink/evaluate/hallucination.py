@@ -99,12 +99,12 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: P
     the other ranks return nothing. A run refused before its first answer (a setting the model
     cannot take) leaves no record of itself."""
     shard = shard or Shard()
-    order = {_ident(it, key): i for i, it in enumerate(items)}
+    order = {row_ident(it, key): i for i, it in enumerate(items)}
 
     def prepare() -> bool:
         """Fold, check or write the record; whether it wrote the record."""
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        parts = _rank_files(out_file)
+        parts = rank_files(out_file)
         existing = read_rows(out_file, key) if out_file.exists() else []
         earlier = existing + [row for part in parts for row in read_rows(part, key, report=False)]
         fresh = False
@@ -117,7 +117,7 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: P
         other = sorted({str(row.get("protocol", "paper")) for row in earlier} - {protocol})
         if other:
             raise VsinkError(f"{out_file}: made under protocol {', '.join(other)}, not {protocol}; use another --out")
-        _fold(out_file, parts, key, existing, order)
+        fold_rank_files(out_file, parts, key, existing, order)
         return fresh
 
     # the other ranks read out_file once rank 0 has folded every rank's answers in
@@ -128,16 +128,16 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: P
                             batch_size=batch_size, protocol=protocol, progress=progress, sampling=sampling, shard=shard)
     except VsinkError:
         if shard.main and recorded_now:
-            _unstarted(out_file)
+            remove_unstarted(out_file)
         raise
 
 
-def _unstarted(out_file: Path) -> None:
+def remove_unstarted(out_file: Path) -> None:
     """After a run refused before its first answer (a generation setting the model cannot take):
     remove the record it wrote, and its folder when nothing else is there, so that no record of a
     run that never ran is left (an answer of any rank keeps them)."""
     folder = out_file.parent
-    if out_file.exists() or _rank_files(out_file):
+    if out_file.exists() or rank_files(out_file):
         return
     (folder / MANIFEST).unlink(missing_ok=True)
     if not any(folder.iterdir()):
@@ -189,26 +189,26 @@ def _run_batches(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file
             return [], []
         ranked = {json.dumps(str(key_of(it, key))): i for i, it in enumerate(items)}  # skipped entries name str(key)
         skipped = sorted((s for part in every for s in part), key=lambda s: ranked.get(json.dumps(s["item"]), len(items)))
-        _fold(out_file, _rank_files(out_file), key, read_rows(out_file, key, report=False) if out_file.exists() else [],
-              order)
+        fold_rank_files(out_file, rank_files(out_file), key,
+                        read_rows(out_file, key, report=False) if out_file.exists() else [], order)
     return read_rows(out_file, key, report=False) if out_file.exists() else [], skipped
 
 
-def _ident(row: dict[str, Any], key: Key) -> str:
+def row_ident(row: dict[str, Any], key: Key) -> str:
     """A row's key as one text: an integer and its decimal text are one key (as :func:`read_rows`
     reads them)."""
     value = key_of(row, key)
     return json.dumps([str(v) if isinstance(v, int) else v for v in (value if isinstance(value, tuple) else (value,))])
 
 
-def _rank_files(out_file: Path) -> list[Path]:
+def rank_files(out_file: Path) -> list[Path]:
     """The per-rank files of a sharded run beside ``out_file`` (``answers.rank<N>.jsonl``), by rank."""
     found = [(int(m.group(1)), p) for p in out_file.parent.glob(f"{out_file.stem}.rank*{out_file.suffix}")
              if (m := re.fullmatch(rf"{re.escape(out_file.stem)}\.rank(\d+){re.escape(out_file.suffix)}", p.name))]
     return [p for _, p in sorted(found)]
 
 
-def _fold(out_file: Path, parts: Sequence[Path], key: Key, existing: Sequence[dict[str, Any]],
+def fold_rank_files(out_file: Path, parts: Sequence[Path], key: Key, existing: Sequence[dict[str, Any]],
           order: dict[str, int]) -> None:
     """Append the rows of the per-rank files ``parts`` that ``out_file`` lacks (its rows:
     ``existing``), in the order of the run's items (others after them, in file order), then remove
@@ -216,15 +216,15 @@ def _fold(out_file: Path, parts: Sequence[Path], key: Key, existing: Sequence[di
     the next fold finds already there."""
     if not parts:
         return
-    seen = {_ident(row, key) for row in existing}
+    seen = {row_ident(row, key) for row in existing}
     new = []
     for part in parts:
         for row in read_rows(part, key, report=False):
-            if _ident(row, key) not in seen:
-                seen.add(_ident(row, key))
+            if row_ident(row, key) not in seen:
+                seen.add(row_ident(row, key))
                 new.append(row)
     if new:
-        new.sort(key=lambda row: order.get(_ident(row, key), len(order)))  # stable: the others keep file order
+        new.sort(key=lambda row: order.get(row_ident(row, key), len(order)))  # stable: the others keep file order
         append_jsonl(out_file, new, fsync=True)
     for part in parts:
         part.unlink(missing_ok=True)
