@@ -414,3 +414,31 @@ def test_m3id_at_its_default_lambda_changes_no_answer():
         expected = [robust(lambda *a: pope_answer(*a, lam=M3ID_DEFAULT_LAM), cells, o, "m3id") for o in (present, absent)]
         assert got == expected == [robust(pope_answer, cells, o, "none") for o in (present, absent)]
         assert expected[1] == ("no" if k <= 1 else "yes")
+
+
+def test_damros_outliers_are_the_sink_cells_then_background():
+    """The class token's query (CLS_QUERY·√16 on one dimension) meets keys 2 on the sink channel
+    and 1 on the background channel of each cell's LayerNorm one-hot (own value √15, others
+    −1/√15): keys 2√15 − 1/√15 = 7.49 on a sink cell, √15 − 2/√15 = 3.36 on background, −3/√15 =
+    −0.77 on an object, and DAMRO's logits q·k/√16 are CLS_QUERY (4) times those; the class
+    token's own key is 0. So its top-4 patches are an image's k sink cells, then 4 − k background
+    cells."""
+    from vsink.backbones.hf_lvlm import load_lvlm
+    from vsink.data.demo_halluc_data import grids, render
+    from vsink.mitigate.damro import outlier_patches
+
+    lvlm = load_lvlm("demo-halluc")
+    layout = grids(5)
+
+    class R:  # what outlier_patches reads of a run
+        pass
+    R.lvlm, R.inputs = lvlm, lvlm.prepare([render(c) for c in layout], ["x"] * len(layout))
+    attention, top = outlier_patches(R, DAMRO_K)
+    root = 15 ** 0.5
+    key = {dh.SINK: 2 * root - 1 / root, dh.BACKGROUND: root - 2 / root}
+    for cells, weights, picked in zip(layout, attention, top):
+        logits = 4 * torch.tensor([key.get(kind, -3 / root) for kind in cells], dtype=torch.float64)
+        want = torch.softmax(torch.cat([torch.zeros(1, dtype=torch.float64), logits]), 0)[1:]
+        torch.testing.assert_close(weights.double(), want, atol=1e-5, rtol=1e-4)
+        k = cells.count(dh.SINK)
+        assert [cells[i] for i in picked.tolist()] == [dh.SINK] * k + [dh.BACKGROUND] * (DAMRO_K - k)
