@@ -1,6 +1,7 @@
 """The planted-hallucination demo LVLM (``--model demo-halluc``): a small LLaVA whose object
-hallucination, and its cure by mitigations that move attention to the image, are mechanisms with
-a known answer. SYNTHETIC: every weight not listed here is zero; nothing is learnt.
+hallucination, and its cure by mitigations that move attention to the image or contrast the text
+prior away, are mechanisms with a known answer. SYNTHETIC: every weight not listed here is zero;
+nothing is learnt.
 
 Images (:mod:`vsink.data.demo_halluc_data`): a 4×4 grid of 16-px cells; each cell carries one
 texture, a 16×16 Walsh pattern (mutually orthogonal, zero-mean), for an object class, the
@@ -8,10 +9,15 @@ background, or a flat "sink" cell. The CLIP tower (all blocks' residual writes z
 pattern with matched filters, so after its LayerNorm each image token is a one-hot of its cell's
 type; the projector turns that into the language model's image token: ``IMG`` (+ ``OBJ`` and the
 class's evidence dimension for an object), or, for a sink cell, the sink dimensions ``SINK_DIMS``.
+Two more plants in the tower: its free channels read high-frequency Walsh patterns no cell
+carries (:data:`NOISE_GAIN`), silent on a clean image and so loud on a noised one (VCD's branch)
+that LayerNorm silences every cell; and the feature layer's class-token attention ranks the sink
+cells first, then the background, then objects (DAMRO's "outlier" patches).
 
-Language model (Llama, hidden 1024, 3 layers, rotary base 1e9 so positions do not matter): the
-BOS embedding carries the sink dimensions (the text sink); every other token embedding is four unit
-features (its token, ``CONST`` and two more), so all have the same RMS.
+Language model (Llama, hidden 1024, 6 layers of which 0 and 2 are planted, rotary base 1e9 so
+positions do not matter): the BOS embedding carries the sink dimensions (the text sink); every
+other token embedding is four unit features (its token, ``CONST`` and two more), so all have the
+same RMS.
 
 * layer 0, head 0 (*object mover*): attends to the object words of the text (logit ``MOVER_LOGIT``)
   and writes which ones were said (``R_c``); head 1 writes whether "and" was said (``D``).
@@ -20,19 +26,24 @@ features (its token, ``CONST`` and two more), so all have the same RMS.
   attention mass on the non-sink image tokens, and ``EV_c``, the mass on class c's cells.
 * layer 2, head 1 (*matcher*): logit ``MATCH_LOGIT`` on the cells of the object the text asked
   about, ``-MATCH_LOGIT`` on other objects' cells; writes ``M``, the mass on the asked object's cells.
-* ``lm_head`` reads those features linearly (argmax is unchanged by the final RMSNorm), planting
-  the text prior: after a question ("." or "?", an object word said, no "and") the answer is "no" iff
-  ``W_G·G − W_M·M > W_G·G_STAR``, else "yes" — an absent object is denied only when the image
-  reader gives the image more than ``G_STAR`` of its attention. After a prompt with no object word
-  ("Please describe this image in detail.") the caption is "a X and a Y": each object word scores
-  ``PRIOR[c] + TIE_BREAK·(8 − c) + W_E·EV_c``,
-  ``COOCCUR_PRIOR`` more for the word that co-occurs with the object already said
-  (:data:`COOCCUR`), ``-SAID_PENALTY·R_c`` for one already said.
+* ``lm_head`` reads those features linearly, planting the text prior: after a question ("." or
+  "?", an object word said, no "and") "yes" and "no" share a large offset and differ by
+  ``W_G·G* − W_G·G + W_M·M`` before the final RMSNorm: "no" iff ``W_G·G − W_M·M > W_G·G_STAR`` —
+  an absent object is denied only when the image reader gives the image more than ``G_STAR`` of
+  its attention. After a prompt with no object word ("Please describe this image in detail.")
+  the caption is "a X and a Y": each object word scores ``PRIOR[c] + TIE_BREAK·(8 − c) + W_E·EV_c``
+  over a shared offset, ``COOCCUR_PRIOR`` more for the word that co-occurs with the object already
+  said (:data:`COOCCUR`), ``-SAID_PENALTY·R_c`` for one already said. These differences are kept
+  small (a hallucinated answer leads the right one by less than log 10 after the final norm), so
+  a contrastive rule's plausibility cutoff leaves the right one in play.
 
 So the baseline's answers are a function of each image's counts (sink cells, cells per class),
 computable by hand (see docs/hallucination.md, "The planted-hallucination demo"). VAR (which
-moves attention from the sinks to the image) and PAI (which scales the image logits of the last
-row up) raise ``G`` and ``EV_c``; :func:`build_demo_halluc` is deterministic.
+moves attention from the sinks to the image), PAI (which scales the image logits of the last row
+up) and VAF (image logits × 1.15, BOS's × 0.95 in layer 2, its default window on 6 layers) raise
+``G`` and ``EV_c``; VCD (noised image), M3ID (no image) and DAMRO (only the outlier patches)
+contrast against a branch with the same prior and no object evidence. :func:`build_demo_halluc`
+is deterministic.
 """
 
 from __future__ import annotations
@@ -52,8 +63,16 @@ BACKGROUND, SINK = len(CLASSES), len(CLASSES) + 1
 GRID, CELL = 4, 16
 IMAGE_SIZE = GRID * CELL
 TOWER_HIDDEN = 16
+FEATURE_LAYER = -2  # the tower layer the language model reads (and DAMRO's attention site)
 TOWER_ON = 1.8  # projector units fire above this (a type's own LayerNorm value is √15 ≈ 3.87, others' −0.26)
-HIDDEN, LAYERS, HEADS = 1024, 3, 8
+#: the tower's free channels (10-15) read high-frequency Walsh patterns no cell carries, with this
+#: gain: 0 on a clean image, large on a noised one, where LayerNorm then silences every cell
+NOISE_GAIN = 1000.0
+NOISE_PATTERNS = tuple((a, a) for a in range(8, 8 + 16 - 10))
+#: the class token's query and its key weights on the sink and background channels in the tower's
+#: feature layer: its attention ranks sink cells first, then background, then objects (DAMRO's outliers)
+CLS_QUERY, CLS_SINK_KEY, CLS_BACKGROUND_KEY = 4.0, 2.0, 1.0
+HIDDEN, LAYERS, HEADS = 1024, 6, 8  # 6 layers: VAF's default window (9-14 of 32) scaled is layer 2
 HEAD_DIM = HIDDEN // HEADS
 ROPE_THETA = 1e9
 SINK_DIMS = (37, 611)
@@ -76,11 +95,11 @@ B_IMAGE, SIGMA_TEXT_SINK, SIGMA_VISUAL_SINK = 4.0, 7.0, 5.0
 MATCH_LOGIT = 7.0
 # the text prior (lm_head weights, in units of the residual features)
 G_STAR = 0.37
-W_G, W_M = 20.0, 40.0
-W_E = 100.0
-PRIOR = {"person": 3.0}
-TIE_BREAK = 0.01  # class c's prior has TIE_BREAK · (8 − c) more, so equal evidence names the earlier class
-COOCCUR_PRIOR = 3.5
+W_G, W_M = 1.0, 2.0  # small: a hallucinated "yes" leads "no" by under log 10 (a contrast can still flip it)
+W_E = 5.0
+PRIOR = {"person": 0.15}
+TIE_BREAK = 0.0005  # class c's prior has TIE_BREAK · (8 − c) more, so equal evidence names the earlier class
+COOCCUR_PRIOR = 0.17
 SAID_PENALTY = 30.0
 SEED = 0
 SLOT0 = HEAD_DIM // 2 - 9  # query/key features on the slowest rotary pairs (first halves)
@@ -96,11 +115,15 @@ def words() -> tuple[str, ...]:
 def walsh_pattern(kind: int) -> torch.Tensor:
     """The ±1 16×16 texture of cell type ``kind`` (a product of two Walsh functions; zero-mean,
     orthogonal to every other type's)."""
+    pairs = [(a, b) for a in range(1, 4) for b in range(0, 4)][: SINK + 1]
+    return _walsh(*pairs[kind])
+
+
+def _walsh(a: int, b: int) -> torch.Tensor:
+    """The ±1 CELL×CELL product of the Hadamard rows ``a`` and ``b``."""
     h = torch.ones(1, 1)
     while h.shape[0] < CELL:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    pairs = [(a, b) for a in range(1, 4) for b in range(0, 4)][: SINK + 1]
-    a, b = pairs[kind]
     return torch.outer(h[a], h[b])
 
 
@@ -117,6 +140,12 @@ def _plant_tower(tower: torch.nn.Module) -> None:
     owner.post_layernorm.weight.fill_(1.0)
     for kind in range(SINK + 1):
         emb.patch_embedding.weight[kind] = walsh_pattern(kind)[None].expand(3, CELL, CELL)
+    for j, (a, b) in enumerate(NOISE_PATTERNS):
+        emb.patch_embedding.weight[SINK + 1 + j] = NOISE_GAIN * _walsh(a, b)[None].expand(3, CELL, CELL)
+    feature = owner.encoder.layers[FEATURE_LAYER].self_attn  # its q/k only: the block's output stays zero
+    feature.q_proj.bias[0] = CLS_QUERY * TOWER_HIDDEN ** 0.5  # DAMRO's logit q·k/√16 is then CLS_QUERY · key[0]
+    feature.k_proj.weight[0, SINK] = CLS_SINK_KEY
+    feature.k_proj.weight[0, BACKGROUND] = CLS_BACKGROUND_KEY
 
 
 def _token_features(tok: Any) -> dict[int, dict[int, float]]:
@@ -253,7 +282,7 @@ def build_demo_halluc(seed: int = SEED) -> tuple[Any, Any]:
     vision = tr.CLIPVisionConfig(hidden_size=TOWER_HIDDEN, intermediate_size=TOWER_HIDDEN, num_hidden_layers=2,
                                  num_attention_heads=1, image_size=IMAGE_SIZE, patch_size=CELL)
     config = tr.LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                            vision_feature_layer=-2, vision_feature_select_strategy="default",
+                            vision_feature_layer=FEATURE_LAYER, vision_feature_select_strategy="default",
                             projector_hidden_act="relu")
     config.name_or_path = NAME
     model = tr.LlavaForConditionalGeneration(config).eval()
@@ -265,8 +294,8 @@ def build_demo_halluc(seed: int = SEED) -> tuple[Any, Any]:
     return model, llava_processor(tok, IMAGE_SIZE, CELL)
 
 
-@named_lvlm(SPEC, "the synthetic planted-hallucination LLaVA: hallucination and its cure by VAR/PAI with answers "
-                  "known by construction (offline; docs/hallucination.md)")
+@named_lvlm(SPEC, "the synthetic planted-hallucination LLaVA: hallucination and its cure by VAR, PAI, VAF, VCD, "
+                  "M3ID and DAMRO with answers known by construction (offline; docs/hallucination.md)")
 def demo_halluc(*, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> Any:
     """The demo as an :class:`~vsink.backbones.hf_lvlm.LVLM` (``load_lvlm("demo-halluc")``)."""
     from ..backbones.hf_lvlm import LVLM

@@ -37,7 +37,7 @@ def demo_llava_tower(**ignored: Any) -> Backbone:
 
 
 @named_spec("demo-halluc", "the synthetic planted-hallucination LVLM (offline): generate and eval pope|chair run "
-                           "it, its hallucination and the effect of VAR and PAI known by construction "
+                           "it, its hallucination and the effect of VAR, PAI, VAF, VCD, M3ID and DAMRO known by construction "
                            "(docs/hallucination.md); as a vision model, its texture-reading CLIP tower")
 def demo_halluc_tower(**ignored: Any) -> Backbone:
     from ..backbones.hf_lvlm import load_lvlm
