@@ -363,6 +363,7 @@ def _ttr_options(args: argparse.Namespace) -> dict:
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import ablate
+    from .evaluate.stats import Bootstrap
     from .export.ablation_report import save_ablation
     from .registers import NeuronSpec
 
@@ -376,7 +377,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         result = ablate(backbone, images, targets=args.targets, ablations=args.ablations, layers=args.layers,
                         neurons=neurons, seed=args.seed, batch_size=args.batch_size, img_size=args.img_size,
                         threshold=args.threshold, sink_ratio=args.sink_ratio, massive_ratio=args.massive_ratio,
-                        progress=not args.no_progress)
+                        stats=Bootstrap.from_args(args), progress=not args.no_progress)
     paths = save_ablation(result, args.out)
     print(f"ablated {_scanned(result.images, result.skipped)} with {result.model}; layout {result.layout.describe()}")
     for s in result.selections:
