@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import vsink
-from vsink.ablate import Selection, ablate, derangement, replacement, run_pass
+from vsink.ablate import (INTERVAL_MEASURES, Selection, ablate, derangement, image_units, interval_statistic,
+                          replacement, run_pass)
+from vsink.evaluate.stats import Bootstrap, bootstrap, interval_dict
 from vsink.cli import main
 from vsink.data import demo_model as D
 from vsink.data.demo_images import demo_images
@@ -134,6 +136,56 @@ def test_installed_ablation_replaces_exactly_the_selected_entries(demo):
         assert torch.equal(got, expected)
 
 
+def test_interval_units_and_statistic_by_hand():
+    """Two images of the demo layout (1 class token, 196 patches): per-token cosines 0.8 / 0.5 on
+    image 0 and 1.0 / 0.9 on image 1, last-block TV 0.2 / 0.4, output cosine 1 / 0.5, 3 / 0
+    high-norm tokens left. Point estimates: means over the images (0.9, 0.7, 0.3, 0.75) and the
+    total 3. With 2 units each extreme resample (both draws the same image) has probability 1/4,
+    more than the 2.5 % tail, so the 95 % interval runs from one image's value to the other's
+    (for the total: 0 to 2·3 = 6)."""
+    layout = vsink.load("demo").layout()
+    cos = torch.empty(2, layout.num_tokens)
+    cos[0], cos[1] = 0.5, 0.9
+    cos[0, layout.cls_token], cos[1, layout.cls_token] = 0.8, 1.0
+    units = image_units(cos, layout, np.array([0.2, 0.4]), torch.tensor([1.0, 0.5]), np.array([3, 0]))
+    assert units.shape == (2, 10) and units[0, 6] == layout.num_patches == 196 and units[0, 4] == 0
+    iv = interval_dict(bootstrap(units, interval_statistic, Bootstrap(0.95, 1000, 0)), INTERVAL_MEASURES)
+    expected = {"cos_cls": (0.9, 0.8, 1.0), "cos_patches": (0.7, 0.5, 0.9), "attn_tv": (0.3, 0.2, 0.4),
+                "output_cos": (0.75, 0.5, 1.0), "high_norm_after": (3.0, 0.0, 6.0)}
+    for key, (value, low, high) in expected.items():
+        assert iv[key]["value"] == pytest.approx(value) and iv[key]["low"] == pytest.approx(low), key
+        assert iv[key]["high"] == pytest.approx(high), key
+    assert iv["cos_registers"] == {"value": 0.0, "low": 0.0, "high": 0.0}  # no registers: the ratio's 0
+
+
+def test_rows_carry_intervals_over_the_images(demo):
+    """On the demo's two images the patch-cosine interval is [min, max] of the two images' own mean
+    patch cosines (computed here from the passes' features, see the hand case above); with one image
+    given twice every resample is the same, so every interval collapses onto its value."""
+    backbone, batches = demo
+    layout = backbone.layout()
+    result = ablate(backbone, demo_images(), targets=["high-norm"], ablations=["zero"], layers=[2], progress=False)
+    row = result.rows[0]
+    # the demo's output is not one vector per image, so it has no output cosine (nor its interval)
+    assert row.output_cos is None
+    assert set(row.intervals) == {"cos_cls", "cos_patches", "attn_tv", "high_norm_after"}
+    clean = run_pass(backbone, batches)
+    sel = result.selections[0]
+    zeros = torch.zeros(2, layout.num_tokens, backbone.embed_dim)
+    ablated = run_pass(backbone, batches, ablation=(sel, zeros))
+    per_image = torch.nn.functional.cosine_similarity(clean.features.double(), ablated.features.double(),
+                                                      dim=-1)[:, layout.patch_slice].mean(1)
+    iv = row.intervals["cos_patches"]
+    assert iv["value"] == pytest.approx(row.cos_patches) and float(per_image.min()) < float(per_image.max())
+    assert iv["low"] == pytest.approx(float(per_image.min())) and iv["high"] == pytest.approx(float(per_image.max()))
+    assert result.settings["intervals"] == {"method": "percentile bootstrap", "level": 0.95, "resamples": 1000,
+                                            "seed": 0, "unit": "image"}
+    one = demo_images()[:1] * 2
+    twice = ablate(backbone, one, targets=["high-norm"], ablations=["zero"], layers=[2], progress=False).rows[0]
+    for key, v in twice.intervals.items():
+        assert v["low"] == pytest.approx(v["value"]) and v["high"] == pytest.approx(v["value"]), key
+
+
 def test_registers_target_with_fix_reg_mean():
     backbone = vsink.load("demo").with_registers(2)
     result = ablate(backbone, demo_images(), targets=["registers"], ablations=["mean-images", "resample"],
@@ -150,14 +202,18 @@ def test_cli_writes_results_and_the_html_report(tmp_path, capsys):
     NeuronSpec("demo", [RegisterNeuron(D.PLANTED_BLOCK, n, 1.0) for n in D.PLANTED_NEURONS]).save(spec)
     out = tmp_path / "abl"
     assert main(["ablate", "--targets", "neurons,high-norm", "--neurons", str(spec), "--ablations",
-                 "zero,mean-kind", "--layers", "2", "--out", str(out), "--no-progress"]) == 0
+                 "zero,mean-kind", "--layers", "2", "--out", str(out), "--no-progress", "--ci-level", "0.9",
+                 "--resamples", "200"]) == 0
     printed = capsys.readouterr().out
     assert "neurons        2 zero" in printed and "wrote" in printed
     data = json.loads((out / "results.json").read_text())
     assert [(r["target"], r["ablation"]) for r in data["rows"]] == [
         ("neurons", "zero"), ("neurons", "mean-kind"), ("high-norm", "zero"), ("high-norm", "mean-kind")]
     assert data["rows"][0]["high_norm_after"] == 0
+    assert data["settings"]["intervals"]["level"] == 0.9 and data["settings"]["intervals"]["resamples"] == 200
+    assert data["rows"][0]["intervals"]["cos_patches"]["low"] <= data["rows"][0]["cos_patches"]
     html = (out / "report.html").read_text()
+    assert "90% percentile-bootstrap interval over the 2 image(s) (200 resamples, seed 0)" in html
     assert html.count("<h2>") == 2 and html.count("<img") == 2 and "Synthetic demo model" in html
     assert (out / "results.md").read_text().count("\n| neurons | 2 |") == 2
     record = json.loads((out / "vsink-run.json").read_text())

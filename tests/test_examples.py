@@ -121,3 +121,13 @@ def test_ablate_demo_example(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "neurons    block 2 zero" in out and "high-norm tokens 69 -> 0" in out
     assert (tmp_path / "report.html").exists() and (tmp_path / "vsink-run.json").exists()
+
+
+def test_sinder_repair_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VSINK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["sinder_repair.py", str(tmp_path)])
+    runpy.run_path(str(EXAMPLES / "sinder_repair.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    # 3 lit patches per image, flagged after each of the 3 blocks (the construction), none after
+    assert "per held-out image (all blocks): 9 before, 0 after" in out and "stopped early" in out
+    assert (tmp_path / "run" / "final" / "vsink.json").exists()

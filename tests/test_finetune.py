@@ -36,7 +36,7 @@ def _metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["posthoc", "scratch"])
+@pytest.mark.parametrize("name", ["posthoc", "scratch", "sinder"])
 def test_shipped_recipes_validate(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Recipe) and cfg.recipe == name
@@ -101,7 +101,8 @@ def test_recipe_to_dict_round_trips(name, tmp_path):
                                                  f"out={tmp_path}", "data.source=folder", f"data.path={tmp_path}"])
     raw = cfg.to_dict()
     assert list(raw) == [f.name for f in dataclasses.fields(Recipe)] and raw["train"]["lr"] == 2e-3
-    assert all(type(raw[k]) is dict for k in ("model", "registers", "teacher", "student", "loss", "data", "train"))
+    assert all(type(raw[k]) is dict for k in ("model", "registers", "teacher", "student", "loss", "sinder", "data",
+                                               "train"))
     assert Recipe.from_mapping(raw, "again") == cfg
     assert Recipe.from_mapping(yaml.safe_load(yaml.safe_dump(raw, sort_keys=False)), "config.yaml") == cfg  # as written
     raw["train"]["lr"] = 1.0
@@ -311,6 +312,6 @@ def test_cli_finetune_errors_are_one_line(tmp_path, capsys):
     assert main(["finetune", f"out={tmp_path}", "model.spec=timm:vit_tiny_patch16_224", "registers.n=0"]) == 2
     err = capsys.readouterr().err
     assert "--config: must be an existing file" in err and "missing.yaml" in err
-    assert "'recipe' must be one of posthoc, scratch, got 'distill'" in err
+    assert "'recipe' must be one of posthoc, scratch, sinder, got 'distill'" in err
     assert "'registers.n' must be at least 1 for the posthoc recipe" in err and "Traceback" not in err
     assert err.count("\n") == 3

@@ -37,6 +37,13 @@ cosine similarity of the final features (last block output through the final nor
 kind, the class-token attention map's total variation per block, the model output's cosine (the
 class token or pooled output), and the high-norm tokens left (the detector's count and the largest
 patch-norm ratio at the last block).
+
+Intervals (:data:`INTERVAL_MEASURES`): the image is the unit. Per image the pass gives the sums
+and counts behind each measure (cosines summed over the tokens of a kind, the last block's
+class-attention total variation, the output cosine, the high-norm tokens left); a percentile
+bootstrap over the images (:func:`vsink.evaluate.stats.bootstrap`) gives each measure's interval,
+the point estimate being the measure itself. The largest and smallest values (``cos_patches_min``,
+the max/median norm ratios) get none: they are not sums over images.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from .detect.attention import detect_sinks
 from .detect.massive import detect_massive
 from .detect.norms import HighNormResult, detect_high_norm
 from .errors import VsinkError
+from .evaluate.stats import Bootstrap, bootstrap, interval_dict, ratio
 from .images import ImageSource, NamedImage, load_batch
 from .layout import TokenLayout
 from .maps import parse_selection
@@ -67,6 +75,8 @@ from .version import __version__
 TARGETS = ("sinks", "registers", "high-norm", "massive", "neurons")
 ABLATIONS = ("zero", "mean-images", "mean-kind", "resample")
 KINDS = ("cls", "registers", "patches")
+#: the measures given a bootstrap interval over the images, in the order of :func:`image_units`' statistic
+INTERVAL_MEASURES = ("cos_cls", "cos_registers", "cos_patches", "attn_tv", "output_cos", "high_norm_after")
 
 ABLATE = declare(
     Option("targets", ListOf(Choice(TARGETS), nonempty=True, distinct=True), ["high-norm"], "what to ablate"),
@@ -137,6 +147,8 @@ class AblationRow:
     high_norm_after: int
     max_ratio_before: float
     max_ratio_after: float
+    #: per measure of :data:`INTERVAL_MEASURES` that the row has: ``{"value", "low", "high"}`` over the images
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)
     #: image 0's maps for the figures: final patch norms, class-token attention (last block), patch cosine
     maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -288,9 +300,39 @@ def _cls_maps(trace: Trace) -> Optional[np.ndarray]:
     return trace.attn_cls.mean(axis=2)
 
 
+def image_units(cos: torch.Tensor, layout: TokenLayout, tv: Optional[np.ndarray], output_cos: Optional[torch.Tensor],
+                high_norm_after: np.ndarray) -> np.ndarray:
+    """One row per image, the sums and counts behind the interval measures: ``[1, Σ cos cls, n cls,
+    Σ cos registers, n registers, Σ cos patches, n patches, class-attention TV, output cosine,
+    high-norm tokens left]`` (``cos`` [I, N] per token; ``tv`` [I] at the last block or None;
+    ``output_cos`` [I] or None; ``high_norm_after`` [I]); :func:`interval_statistic` maps their
+    sums to the measures."""
+    parts = layout.split(cos.double())
+    images = cos.shape[0]
+    zeros = np.zeros(images)
+    cols = [np.ones(images)]
+    for kind in KINDS:
+        part = parts[kind]
+        cols += [part.sum(1).numpy() if part.numel() else zeros, np.full(images, float(part.shape[1]))]
+    cols += [zeros if tv is None else np.asarray(tv, dtype=np.float64),
+             zeros if output_cos is None else output_cos.double().numpy(), np.asarray(high_norm_after, np.float64)]
+    return np.stack(cols, axis=1)
+
+
+def interval_statistic(sums: np.ndarray) -> np.ndarray:
+    """Column sums of :func:`image_units` ``[..., 10]`` → the measures of :data:`INTERVAL_MEASURES`
+    ``[..., 6]``: the three mean cosines, mean TV, mean output cosine (means over images) and the
+    total of high-norm tokens left."""
+    n = sums[..., 0]
+    return np.stack([ratio(sums[..., 1], sums[..., 2]), ratio(sums[..., 3], sums[..., 4]),
+                     ratio(sums[..., 5], sums[..., 6]), ratio(sums[..., 7], n), ratio(sums[..., 8], n),
+                     sums[..., 9]], axis=-1)
+
+
 def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNormResult,
-            detect_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The measures of one ablated pass against the clean one (see the module docstring)."""
+            detect_kwargs: Mapping[str, Any], stats: Bootstrap = Bootstrap()) -> dict[str, Any]:
+    """The measures of one ablated pass against the clean one, with their intervals over the
+    images (``stats``; see the module docstring)."""
     cos = _cosine(clean.features, ablated.features)  # [I, N]
     parts = layout.split(cos)
     mean = lambda t: float(t.mean()) if t.numel() else None  # noqa: E731
@@ -299,9 +341,16 @@ def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNorm
     tv = None if before is None else 0.5 * np.abs(after - before).sum(axis=-1).mean(axis=1)  # [L]
     after_hn = detect_high_norm(ablated.trace, **detect_kwargs)
     last = clean.trace.layers[-1]
-    output_cos = None
+    output_cos, per_image_output = None, None
     if clean.outputs is not None and ablated.outputs is not None:
-        output_cos = float(_cosine(clean.outputs, ablated.outputs).mean())
+        per_image_output = _cosine(clean.outputs, ablated.outputs)
+        output_cos = float(per_image_output.mean())
+    left = np.zeros(cos.shape[0])
+    for t in after_hn.tokens_at(last):
+        left[t.image] += 1
+    tv_last = None if before is None else 0.5 * np.abs(after[-1] - before[-1]).sum(axis=-1)  # [I]
+    iv = interval_dict(bootstrap(image_units(cos, layout, tv_last, per_image_output, left), interval_statistic,
+                                 stats), INTERVAL_MEASURES)
     maps = {"norms": ablated.trace.norms[-1][0, layout.patch_slice], "cos": layout.patches(cos, dim=1)[0].numpy()}
     if after is not None:
         maps["cls_attention"] = after[-1, 0, layout.patch_slice]
@@ -314,6 +363,9 @@ def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNorm
         output_cos=output_cos,
         high_norm_before=len(high_norm.tokens_at(last)), high_norm_after=len(after_hn.tokens_at(last)),
         max_ratio_before=_last_ratio(clean.trace, layout), max_ratio_after=_last_ratio(ablated.trace, layout),
+        intervals={k: v for k, v in iv.items() if not (
+            (k == "cos_cls" and not parts["cls"].numel()) or (k == "cos_registers" and not layout.total_registers)
+            or (k == "attn_tv" and tv is None) or (k == "output_cos" and output_cos is None))},
         maps=maps,
     )
 
@@ -380,6 +432,7 @@ def ablate(
     threshold: Union[str, float, None] = "auto",
     sink_ratio: float = 5.0,
     massive_ratio: float = 100.0,
+    stats: Bootstrap = Bootstrap(),
     progress: bool = True,
 ) -> AblationResult:
     """Ablate each target at each layer with each ablation and measure the change (module docstring).
@@ -394,6 +447,7 @@ def ablate(
         neurons: register neurons for target ``neurons`` (a :class:`NeuronSpec` or ``{layer: [unit, ...]}``).
         seed: seed of the resample derangement.
         threshold: the high-norm detector's threshold (``"auto"``, ``"sigma:K"`` or a norm).
+        stats: the bootstrap of the intervals over the images (level, resamples, seed).
     """
     for key, value in (("targets", list(targets)), ("ablations", list(ablations)), ("seed", seed),
                        ("sink_ratio", sink_ratio), ("massive_ratio", massive_ratio), ("batch_size", batch_size)):
@@ -456,7 +510,7 @@ def ablate(
             else:
                 values = replacement(selection, ablation, site_values, layout, seed)
             ablated = run_pass(backbone, batches, ablation=(selection, values))
-            measured = measure(clean, ablated, layout, high_norm, detect_kwargs)
+            measured = measure(clean, ablated, layout, high_norm, detect_kwargs, stats)
             rows.append(AblationRow(target=selection.target, layer=selection.layer, site=selection.site,
                                     ablation=ablation, tokens=selection.count, channels=selection.channels,
                                     **measured))
@@ -470,7 +524,7 @@ def ablate(
         clean_maps["image"] = np.asarray(thumbnail)
     settings = {"targets": list(targets), "ablations": list(ablations), "layers": chosen, "seed": seed,
                 "batch_size": batch_size, "input_size": list(size), "threshold": detect_kwargs,
-                "sink_ratio": sink_ratio, "massive_ratio": massive_ratio,
+                "sink_ratio": sink_ratio, "massive_ratio": massive_ratio, "intervals": stats.to_dict(unit="image"),
                 "neurons": {str(k): v for k, v in by_layer.items()} if by_layer else None,
                 "edits": list(backbone.edits)}
     return AblationResult(model=backbone.spec, images=names, skipped=skipped, layout=layout, settings=settings,

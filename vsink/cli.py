@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "decoder layers over a few prompts, one per image; write them to JSON.")
     add_options(cal, P.IMAGES, P.LVLM_MODEL, P.CALIBRATE)
 
-    finetune = sub.add_parser("finetune", help="add registers and train them (posthoc distillation or scratch)",
+    finetune = sub.add_parser("finetune", help="fine-tune: add registers and train them (posthoc distillation or scratch), "
+                              "or repair a model along its defect directions (sinder)",
                               description="Run a fine-tuning recipe (configs/*.yaml); KEY=VALUE overrides any "
                                           "recipe key, e.g. train.steps=100 teacher.kind=ttr. Under torchrun "
                                           "each process trains on its share of every batch (DDP).")
@@ -363,6 +364,7 @@ def _ttr_options(args: argparse.Namespace) -> dict:
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import ablate
+    from .evaluate.stats import Bootstrap
     from .export.ablation_report import save_ablation
     from .registers import NeuronSpec
 
@@ -376,7 +378,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         result = ablate(backbone, images, targets=args.targets, ablations=args.ablations, layers=args.layers,
                         neurons=neurons, seed=args.seed, batch_size=args.batch_size, img_size=args.img_size,
                         threshold=args.threshold, sink_ratio=args.sink_ratio, massive_ratio=args.massive_ratio,
-                        progress=not args.no_progress)
+                        stats=Bootstrap.from_args(args), progress=not args.no_progress)
     paths = save_ablation(result, args.out)
     print(f"ablated {_scanned(result.images, result.skipped)} with {result.model}; layout {result.layout.describe()}")
     for s in result.selections:
@@ -671,8 +673,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     summary = run_finetune(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = summary.get("final_eval", {})
-        print(f"{cfg.recipe}: {count(summary['steps'], 'step')}, {summary['images_per_s'] or 0:.1f} images/s, "
+        print(f"{cfg.recipe}: {count(summary['steps_done'], 'step')}, {summary['images_per_s'] or 0:.1f} images/s, "
               f"world size {summary['world_size']}")
+        if summary.get("stopped_early"):
+            print(f"  stopped early at step {summary['steps_done']} of {summary['steps']}: {summary['stopped_early']}")
         for k, v in ev.items():
             print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
         print(f"wrote {summary['model']} (load with vsink.load), {cfg.out}/metrics.jsonl, {cfg.out}/summary.json, "

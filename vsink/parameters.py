@@ -146,6 +146,7 @@ MAPS = declare(
 ABLATE = declare(
     *ABLATE_ARGUMENTS.values(),
     THRESHOLD,
+    *STATS.values(),
     Option("out", OutputDir(), "vsink-ablate", "output directory (results.json, results.md, report.html)"),
 )
 

@@ -23,11 +23,30 @@ COLUMNS = ("target", "block", "ablation", "tokens", "channels", "cos cls", "cos 
            "max/median norm before", "max/median norm after")
 
 
+def _with_interval(row: AblationRow, key: str) -> str:
+    """A measure and, where it has one, its interval over the images: ``0.9812 [0.9750, 0.9871]``."""
+    value = getattr(row, key)
+    iv = row.intervals.get(key)
+    text = str(value) if isinstance(value, int) else fmt(value)
+    if iv is None or value is None:
+        return text
+    return f"{text} [{fmt(iv['low'])}, {fmt(iv['high'])}]"
+
+
 def _cells(row: AblationRow) -> list[str]:
     channels = "all" if row.channels is None else ",".join(map(str, row.channels)) or "none"
-    return [row.target, str(row.layer), row.ablation, str(row.tokens), channels, fmt(row.cos_cls),
-            fmt(row.cos_registers), fmt(row.cos_patches), fmt(row.cos_patches_min), fmt(row.attn_tv),
-            str(row.high_norm_before), str(row.high_norm_after), fmt(row.max_ratio_before), fmt(row.max_ratio_after)]
+    return [row.target, str(row.layer), row.ablation, str(row.tokens), channels, _with_interval(row, "cos_cls"),
+            _with_interval(row, "cos_registers"), _with_interval(row, "cos_patches"), fmt(row.cos_patches_min),
+            _with_interval(row, "attn_tv"), str(row.high_norm_before), _with_interval(row, "high_norm_after"),
+            fmt(row.max_ratio_before), fmt(row.max_ratio_after)]
+
+
+def interval_note(result: AblationResult) -> str:
+    """What the bracketed intervals are (from the result's settings)."""
+    iv = result.settings.get("intervals") or {}
+    return (f"[low, high]: {iv.get('level', 0.95):.0%} percentile-bootstrap interval over the {len(result.images)} "
+            f"image(s) ({iv.get('resamples', 1000)} resamples, seed {iv.get('seed', 0)}); none for minima and "
+            "ratios of maxima (docs/ablate.md).")
 
 
 def render_ablation_markdown(result: AblationResult) -> str:
@@ -35,6 +54,7 @@ def render_ablation_markdown(result: AblationResult) -> str:
     lines = [f"# vsink ablate: {result.model}", "", f"{len(result.images)} image(s); layout {result.layout.describe()}",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("—", "-") for c in _cells(r)) + " |" for r in result.rows]
+    lines += ["", interval_note(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -91,6 +111,7 @@ def render_ablation_report(result: AblationResult) -> str:
     body.append(f"<p>{len(result.images)} image(s), layout {esc(result.layout.describe())}; every ablation is "
                 "compared with the clean pass over the same images (docs/ablate.md).</p>")
     body.append(table(COLUMNS, ([esc(c) for c in _cells(r)] for r in result.rows), left=3))
+    body.append(f"<p>{esc(interval_note(result))}</p>")
     seen: list[tuple[str, int]] = []
     for r in result.rows:
         if (r.target, r.layer) not in seen:

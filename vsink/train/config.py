@@ -4,7 +4,7 @@ what is allowed. Read with ``yaml.safe_load`` only, through :mod:`vsink.readers`
 
 A validated recipe is a :class:`Recipe`: one frozen dataclass per section (:class:`ModelConfig`,
 :class:`RegistersConfig`, :class:`TeacherConfig`, :class:`StudentConfig`, :class:`LossConfig`,
-:class:`DataConfig`, :class:`TrainConfig`) whose fields are the section's keys, with
+:class:`SinderConfig`, :class:`DataConfig`, :class:`TrainConfig`) whose fields are the section's keys, with
 :data:`RECIPE`'s defaults."""
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from ..errors import VsinkError
 from ..options import (DEVICE, MAX_REGISTERS, SEED, Bool, Choice, Float, InputPath, Int, ListOf, Mapping_, Option, OptionError,
                        OutputDir, Text, declare)
 
-RECIPES = ("posthoc", "scratch")
+RECIPES = ("posthoc", "scratch", "sinder")
 UNLOCKABLE = ("pos_embed", "patch_embed", "norm", "cls_token")
 
 #: every key a recipe may set (``section.key``), with its kind, default and meaning
 RECIPE: dict[str, Option] = declare(
     Option("recipe", Choice(RECIPES), "posthoc", "posthoc: registers added to a pretrained model by "
-           "self-distillation; scratch: a timm ViT with registers trained from random weights"),
+           "self-distillation; scratch: a timm ViT with registers trained from random weights; sinder: a pretrained "
+           "model repaired along its weight-only defect directions by training singular-value offsets only"),
     Option("seed", SEED, 0, "seed of the register initialisation, data order, flips and synthetic data"),
     Option("out", OutputDir(), "vsink-finetune", "output directory (config.yaml, metrics.jsonl, checkpoints/, "
            "final/, summary.json)"),
@@ -54,6 +55,20 @@ RECIPE: dict[str, Option] = declare(
     Option("loss.cosine", Float(0), 1.0, "weight of (1 - cos) on the patch features (posthoc)"),
     Option("loss.mse", Float(0), 1.0, "weight of the MSE on the patch features (posthoc)"),
     Option("loss.cls", Float(0), 0.0, "weight of (1 - cos) on the class token (posthoc)"),
+    Option("sinder.samples", Int(16, 10_000_000), 100_000, "sinder: Gaussian samples per block for the weight-only "
+           "defect directions (vsink defect --samples; cached)"),
+    Option("sinder.sigmas", Float(0, min_open=True), 4.0, "sinder: a patch is anomalous when its |cos| to the "
+           "defect direction exceeds the image's mean by this many standard deviations"),
+    Option("sinder.min_tokens", Int(1), 3, "sinder: anomalous patches a block needs before its neighbour loss is "
+           "used (fewer: the next block is checked; none anywhere: the image is anomaly-free)"),
+    Option("sinder.temperature", Float(0, min_open=True), 0.1, "sinder: neighbour weights exp(-|cos| / temperature) "
+           "times a 3x3 Gaussian"),
+    Option("sinder.limit_layers", Int(0), 10, "sinder: blocks more than this far below the loss's block get no "
+           "gradient (0: no limit)"),
+    Option("sinder.stop_fraction", Float(0, 1, min_open=True), 0.75, "sinder: stop once this share of the last "
+           "sinder.window training images was anomaly-free"),
+    Option("sinder.window", Int(1), 1000, "sinder: training images the stopping share is taken over (the window "
+           "starts full of images with anomalies)"),
     Option("data.source", Choice(("synthetic", "folder", "demo")), "synthetic",
            "training images: synthetic shapes, a folder (scratch: one subfolder per class) or the demo images"),
     Option("data.path", InputPath("directory"), None, "data.source folder: the image folder", nullable=True),
@@ -63,7 +78,9 @@ RECIPE: dict[str, Option] = declare(
     Option("train.steps", Int(1), 200, "optimizer steps"),
     Option("train.batch_size", Int(1), 8, "images per micro-batch and process"),
     Option("train.grad_accum", Int(1), 1, "micro-batches per step"),
-    Option("train.lr", Float(0, min_open=True), 1e-3, "peak learning rate (AdamW)"),
+    Option("train.optimizer", Choice(("adamw", "sgd")), "adamw", "adamw (betas 0.9, 0.999) or sgd (momentum 0.9, "
+           "the SINDER reference's)"),
+    Option("train.lr", Float(0, min_open=True), 1e-3, "peak learning rate"),
     Option("train.weight_decay", Float(0), 0.05, "decoupled weight decay (none on registers, embeddings, biases, norms)"),
     Option("train.warmup_steps", Int(0), 10, "linear warm-up steps"),
     Option("train.min_lr_ratio", Float(0, 1), 0.0, "final learning rate / peak (cosine decay)"),
@@ -158,6 +175,19 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class SinderConfig:
+    """The ``sinder`` section: the SINDER repair's anomaly rule, neighbour loss and stopping rule."""
+
+    samples: int = _default("sinder.samples")
+    sigmas: float = _default("sinder.sigmas")
+    min_tokens: int = _default("sinder.min_tokens")
+    temperature: float = _default("sinder.temperature")
+    limit_layers: int = _default("sinder.limit_layers")
+    stop_fraction: float = _default("sinder.stop_fraction")
+    window: int = _default("sinder.window")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The ``data`` section: where the training and held-out images come from."""
 
@@ -175,6 +205,7 @@ class TrainConfig:
     steps: int = _default("train.steps")
     batch_size: int = _default("train.batch_size")
     grad_accum: int = _default("train.grad_accum")
+    optimizer: str = _default("train.optimizer")
     lr: float = _default("train.lr")
     weight_decay: float = _default("train.weight_decay")
     warmup_steps: int = _default("train.warmup_steps")
@@ -205,6 +236,7 @@ class Recipe:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    sinder: SinderConfig = field(default_factory=SinderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -250,6 +282,9 @@ class Recipe:
             if not any((self.loss.cosine, self.loss.mse, self.loss.cls)):
                 raise ConfigError(f"{where}: the loss weights 'loss.cosine', 'loss.mse' and 'loss.cls' are all 0: "
                                   "nothing would be learned")
+        if self.recipe == "sinder" and self.model.attention != "softmax":
+            raise ConfigError(f"{where}: the sinder recipe repairs the model's own attention; 'model.attention' must be "
+                              f"softmax, got {self.model.attention}")
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a nested plain mapping (sections as mappings, keys in :data:`RECIPE`'s

@@ -1,7 +1,8 @@
-"""The training loop shared by the recipes: AdamW with decoupled weight decay (none on registers,
-embeddings, biases and norms), linear warm-up then cosine decay, gradient accumulation, mixed
-precision where the device supports it, DDP under ``torchrun``, JSONL metrics, atomic
-checkpoints and ``resume``.
+"""The training loop shared by the recipes: AdamW with decoupled weight decay (or SGD with
+momentum 0.9, ``train.optimizer``; none on registers, embeddings, biases and norms), linear
+warm-up then cosine decay, gradient accumulation, mixed precision where the device supports it,
+DDP under ``torchrun``, JSONL metrics, atomic checkpoints, ``resume`` and a task's own stopping
+rule (:meth:`TrainTask.stop_reason`).
 
 Data order is a pure function of (seed, position in the sample stream): position p of the run
 is sample ``perm_e[p mod N]`` of epoch ``e = p // N``, and a global micro-batch holds the
@@ -73,6 +74,12 @@ class TrainTask(ABC):
         """The evaluation images, as the report scans them."""
         return []
 
+    def stop_reason(self, record: dict[str, Any]) -> Optional[str]:
+        """Called with every step's metrics record (in step order; on ``--resume`` first with the
+        kept records of the earlier run): a reason to stop before ``train.steps``, or None (the
+        default: never)."""
+        return None
+
 
 def sample_order(num_samples: int, seed: int, positions: Sequence[int]) -> list[int]:
     """Sample index at each stream position (a fresh seeded permutation per epoch)."""
@@ -109,6 +116,13 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float,
     decay = [p for _, p in named if p.ndim > 1 and id(p) not in skip]
     rest = [p for _, p in named if p.ndim <= 1 or id(p) in skip]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW (betas 0.9, 0.999) or SGD with momentum 0.9; weight decay per group."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -149,8 +163,7 @@ def train(task: TrainTask, settings: TrainConfig, out: Path, *, seed: int, devic
     ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
     amp = check_task(task, s, device)
     named = task.trainable()
-    optimizer = torch.optim.AdamW(param_groups(named, s.weight_decay, task.no_decay()), lr=s.lr,
-                                  betas=(0.9, 0.999))
+    optimizer = make_optimizer(s.optimizer, param_groups(named, s.weight_decay, task.no_decay()), s.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, steps, s.warmup_steps, s.min_lr_ratio))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -169,6 +182,11 @@ def train(task: TrainTask, settings: TrainConfig, out: Path, *, seed: int, devic
             print(f"vsink: no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
         write_text(metrics_path, "")
     barrier(info)
+    stopped: Optional[str] = None
+    if start and metrics_path.is_file():  # the earlier run's records, for a task's stopping rule
+        for r in read_jsonl(metrics_path, cut_last_line=True):
+            if r.get("step", 0) >= 1:
+                stopped = task.stop_reason(r) or stopped
     model: nn.Module = task.module
     if info.world > 1:
         model = DistributedDataParallel(task.module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -177,8 +195,8 @@ def train(task: TrainTask, settings: TrainConfig, out: Path, *, seed: int, devic
     last_eval: dict[str, Any] = {}
     if start == 0 and info.main:  # the starting point, for comparison
         append_jsonl(metrics_path, [{"step": 0, **{f"eval/{k}": v for k, v in task.evaluate().items()}}])
-    t0, images = time.perf_counter(), 0
-    for step in range(start, steps):
+    t0, images, done = time.perf_counter(), 0, start
+    for step in range(start, steps if stopped is None else start):
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(accum):
@@ -203,7 +221,8 @@ def train(task: TrainTask, settings: TrainConfig, out: Path, *, seed: int, devic
         images += global_batch * accum
         record = {"step": step + 1, "lr": lr, **mean_across(totals, info)}
         done = step + 1
-        if done % s.eval_every == 0 or done == steps:
+        stopped = task.stop_reason(record)
+        if done % s.eval_every == 0 or done == steps or stopped:
             if info.main:
                 last_eval = task.evaluate()
                 record.update({f"eval/{k}": v for k, v in last_eval.items()})
@@ -213,13 +232,18 @@ def train(task: TrainTask, settings: TrainConfig, out: Path, *, seed: int, devic
             bar.update(1)
             if done % s.log_every == 0:
                 bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.2e}")
-        if done % s.checkpoint_every == 0 or done == steps:
+        if done % s.checkpoint_every == 0 or done == steps or stopped:
             if info.main:
                 save_checkpoint(ckpt_dir, done, task.module, optimizer, scheduler, scaler, s.keep_checkpoints)
             barrier(info)
+        if stopped:
+            break
     bar.close()
+    if stopped and done == start and info.main:  # stopped by the earlier run's records: nothing trained
+        last_eval = task.evaluate()
     elapsed = time.perf_counter() - t0
-    summary: dict[str, Any] = {"steps": steps, "resumed_from": start, "world_size": info.world,
+    summary: dict[str, Any] = {"steps": steps, "steps_done": done, "stopped_early": stopped,
+                               "resumed_from": start, "world_size": info.world,
                                "images_per_s": images / elapsed if elapsed > 0 and images else None,
                                "amp": str(amp).removeprefix("torch.") if amp else None, "final_eval": last_eval}
     if info.main:

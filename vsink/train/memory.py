@@ -50,7 +50,8 @@ def check_memory(cfg: Recipe, backbone: Backbone, size: tuple[int, int], device:
                          f"{_gib(images)} to hold the images at {size[0]}x{size[1]}, more than the {_gib(total)} of "
                          "this machine; lower data.num_images")
     batch = cfg.train.batch_size
-    step = step_bytes(backbone, batch, size, cfg.registers.n)  # checked before the registers are added
+    extra = 0 if cfg.recipe == "sinder" else cfg.registers.n  # sinder adds no registers
+    step = step_bytes(backbone, batch, size, extra)  # checked before the registers are added
     if step > total:
         raise VsinkError(f"train.batch_size={batch} needs about {_gib(step)} of activations for one step "
                          f"({backbone.num_layers} blocks at {size[0]}x{size[1]}), more than the {_gib(total)} of "

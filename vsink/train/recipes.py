@@ -11,6 +11,9 @@ shifts, each warped back — the PH-Reg idea).
 ``scratch`` — a timm ViT (``VisionTransformer`` or ``Eva``) with ``registers.n`` registers (0
 allowed, to compare) trained from random weights on a classification set (synthetic shapes or a
 folder of class subfolders).
+
+``sinder`` — a pretrained model repaired along its weight-only defect directions, only
+singular-value offsets trained (:mod:`vsink.train.sinder`).
 """
 
 from __future__ import annotations
@@ -287,17 +290,22 @@ class ScratchTask(TrainTask):
                 "classes": self.images.class_names}
 
 
-def _build(cfg: Recipe, device: torch.device) -> TrainTask:
+def _build(cfg: Recipe, device: torch.device, progress: bool = True) -> TrainTask:
     """The recipe's task: the model (its memory needs checked), then the training images."""
     from ..backbones.registry import load
 
     m = cfg.model
     kwargs = dict(m.model_kwargs)
-    if cfg.recipe == "posthoc":
+    if cfg.recipe in ("posthoc", "sinder"):
         base = load(m.spec, img_size=m.img_size, weights=m.weights, model_kwargs=kwargs,
                     pretrained=m.pretrained, device=device)
         check_memory(cfg, base, base.img_size, device)
-        return PosthocTask(cfg, base, load_training_images(cfg.data, base.img_size, cfg.seed, False), device)
+        images = load_training_images(cfg.data, base.img_size, cfg.seed, False)
+        if cfg.recipe == "sinder":
+            from .sinder import SinderTask
+
+            return SinderTask(cfg, base, images, device, progress=progress)
+        return PosthocTask(cfg, base, images, device)
     shape = load(m.spec, img_size=m.img_size, model_kwargs=kwargs, pretrained=False)
     if not type(shape).scratch_registers:
         raise VsinkError(f"the scratch recipe builds ViTs with their library's own registers (timm); model.spec "
@@ -386,7 +394,7 @@ def run_finetune(cfg: Union[Recipe, Mapping[str, Any]], *, resume: bool = False,
         torch.manual_seed(cfg.seed)
         out = Path(cfg.out)
         _preflight(cfg, out, resume)
-        task = _build(cfg, device)
+        task = _build(cfg, device, progress)
         check_task(task, cfg.train, device)
         if resume:
             check_checkpoint_fits(out / "checkpoints", task.module)
