@@ -184,12 +184,16 @@ def test_qwen_images_of_different_sizes_in_one_batch_equal_their_rows_alone():
     from vsink.lvlm import generate
 
     lvlm = fresh("qwen2_5_vl")
-    lvlm.processor.image_processor.size = {"shortest_edge": 256, "longest_edge": 4096}  # native sizes, not one
+    processor = lvlm.processor.image_processor  # native sizes, not one (transformers 5.x: size; 4.x: min/max_pixels)
+    processor.size = {"shortest_edge": 256, "longest_edge": 4096}
+    if hasattr(processor, "min_pixels"):
+        processor.min_pixels, processor.max_pixels = 256, 4096
     images = [random_image(0, SQUARE), random_image(1, (64, 32))]
     inputs = lvlm.prepare(images, PROMPTS)
-    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 16]]  # 16 and 32 merged tokens, 2 × 4 windows
+    counts = [t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
+    assert counts[0] == 16 and counts[1] > 16  # 5.x: 8 × 16 patches, 32 merged tokens in 2 × 4 windows
     scores, top = outlier_patches(Run(lvlm, inputs), 3)
-    assert scores.shape == (2, 32) and scores[0, 16:].isnan().all() and not scores[0, :16].isnan().any()
+    assert scores.shape == (2, counts[1]) and scores[0, 16:].isnan().all() and not scores[0, :16].isnan().any()
     settings = {"alpha": 3.0, "beta": 0.0, "k": 3}
     batch = generate(lvlm, inputs, mitigation="damro", settings=settings, max_new_tokens=3)
     for b in range(2):
@@ -211,3 +215,15 @@ def test_more_images_than_prompts_is_one_line(name):
     field = "pixel_values" if name == "llava" else "image_grid_thw"
     with pytest.raises(VsinkError, match=f"^damro needs one image per prompt; {field} has 2 images for 1 prompts$"):
         outlier_patches(Run(lvlm, one_row), 2)
+
+
+def test_two_image_runs_in_a_row_are_one_line():
+    from vsink.errors import VsinkError
+
+    lvlm = fresh("llava")
+    inputs = lvlm.prepare([random_image(0, SQUARE), random_image(1, SQUARE)], PROMPTS)
+    ids = inputs["input_ids"].clone()
+    image = (ids[1] == lvlm.image_token_id).nonzero().flatten()
+    ids[1, image[len(image) // 2]] = ids[1, -1]  # a text token splits row 1's image tokens into two runs
+    with pytest.raises(VsinkError, match="^damro needs one image per prompt; row 1's image tokens are not one run$"):
+        outlier_prompt(Run(lvlm, dict(inputs, input_ids=ids)), 2)

@@ -86,6 +86,8 @@ def outlier_prompt(run: Run, k: int) -> dict[str, Any]:
         ids = run.input_ids[b][run.attention_mask[b].bool()]
         image = (ids == image_id).nonzero().flatten()
         first, last = int(image[0]), int(image[-1]) + 1
+        if len(image) != last - first:
+            raise VsinkError(f"damro needs one image per prompt; row {b}'s image tokens are not one run")
         rows.append(torch.cat([ids[:first], torch.full((count,), image_id, dtype=ids.dtype, device=ids.device),
                                ids[last:]]))
     ids, mask = left_pad(run, rows)
