@@ -74,3 +74,32 @@ def test_plugin_runs_opera(tmp_path):
     expected = generate(lvlm, lvlm.prepare([image], ["is there a cat ?"]), mitigation="opera",
                         settings={"beams": 2, "candidates": 3}, max_new_tokens=3).texts[0]
     assert text == expected
+
+
+@pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
+def test_plugin_runs_every_method_of_the_comparison_set(tmp_path):
+    """Issue 21's methods through the plugin, each with a setting passed as set_<name>: the text
+    equals vsink.lvlm.generate's for the same image, prompt and settings."""
+    from lmms_eval.api.instance import Instance
+
+    from vsink.data.demo_lvlm import build_tiny_llava
+    from vsink.integrations.lmms_eval import VsinkLVLM
+    from vsink.lvlm import LVLM, generate
+
+    model, processor = build_tiny_llava()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    lvlm = LVLM(model, processor)
+    image = Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8))
+    for spec, arg, settings in (("vcd", "set_alpha=0.5", {"alpha": 0.5}), ("m3id", "set_lam=1.0", {"lam": 1.0}),
+                                ("damro", "set_k=3", {"k": 3}), ("dola", "set_candidates=low", {"candidates": "low"}),
+                                ("vaf", "set_enhance=1.5", {"enhance": 1.5}), ("fastv", "set_ratio=0.25", {"ratio": 0.25})):
+        lm = VsinkLVLM.create_from_arg_string(f"pretrained={tmp_path},mitigation={spec},{arg}")
+        lm.task_dict = {"toy": {"test": {0: {"image": image}}}}
+        request = Instance("generate_until", ("is there a cat ?", {"max_new_tokens": 3, "until": []},
+                                              lambda doc: [doc["image"]], 0, "toy", "test"), 0,
+                           {"task": "toy", "doc_id": 0, "repeats": 1})
+        [text] = lm.generate_until([request])
+        expected = generate(lvlm, lvlm.prepare([image], ["is there a cat ?"]), mitigation=spec, settings=settings,
+                            max_new_tokens=3).texts[0]
+        assert text == expected, spec
