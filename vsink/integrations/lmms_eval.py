@@ -21,13 +21,16 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from ..errors import VsinkError
 
 
-def manifest() -> ModelManifest:
-    """The entry point's payload."""
+def manifest() -> "ModelManifest":  # noqa: F821 - lmms-eval's class, imported when called
+    """The entry point's payload. ``lmms_eval.models`` loads its entry points when it is first
+    imported, so it is imported here, not at module level: importing this module first would
+    otherwise make that loading read this module half-initialised."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id="vsink", simple_class_path="vsink.integrations.lmms_eval.VsinkLVLM")
 
 
