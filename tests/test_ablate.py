@@ -231,3 +231,45 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("vsink: error: ") and message in err[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_dense_metrics_under_ablation_planted(tmp_path, capsys):
+    """--dense on synthetic dense images: zeroing the four planted neurons (block 2, units 0-3, which
+    write the demo's high-norm tokens) leaves no outlier patch in any block, where the clean demo
+    has some; the files and the report section are written."""
+    spec = tmp_path / "neurons.json"
+    NeuronSpec("demo", [RegisterNeuron(D.PLANTED_BLOCK, n, 1.0) for n in D.PLANTED_NEURONS]).save(spec)
+    out = tmp_path / "abl"
+    assert main(["ablate", "--targets", "neurons", "--neurons", str(spec), "--ablations", "zero", "--dense",
+                 "--dense-images", "4", "--out", str(out), "--no-progress"]) == 0
+    assert "| linear-seg mIoU (%) |" in capsys.readouterr().out
+    dense = json.loads((out / "dense.json").read_text())
+    clean, ablated = dense["variants"]["clean"], dense["variants"]["neurons@2:zero"]
+    assert clean["artifacts"]["outlier_fraction_max"] > 0 and ablated["artifacts"]["outlier_fraction_max"] == 0
+    assert "linear_seg" in ablated and "lost" in ablated
+    assert set(dense["comparisons"]["neurons@2:zero"]) >= {"linear_seg.miou", "lost.corloc"}
+    assert json.loads((out / "results.json").read_text())["dense"] == "dense.json"
+    html = (out / "report.html").read_text()
+    assert "Dense metrics under ablation" in html and 'href="dense.html"' in html and (out / "dense.html").exists()
+
+
+def test_dense_metrics_non_planted_neuron_and_refusals(demo):
+    """A non-planted unit (block 2, unit 10) leaves the outlier fraction of the dense images as it
+    was (its planted-test bound: under 1 % change of the high-norm tokens' norms); per-image targets
+    and resample are refused before any pass."""
+    from vsink.evaluate.open import open_dataset
+
+    backbone, _ = demo
+    sets = tuple(open_dataset("synthetic", None, s, synthetic_images=4, synthetic_size=224) for s in ("val", "train"))
+    result = ablate(backbone, demo_images(), targets=["neurons"], ablations=["zero", "mean-images"],
+                    neurons={D.PLANTED_BLOCK: [10]}, layers=[D.PLANTED_BLOCK], dense=(sets[0], None),
+                    dense_tasks=["artifacts"], progress=False)
+    variants = result.dense.variants
+    assert list(variants) == ["clean", "neurons@2:zero", "neurons@2:mean-images"]
+    base = variants["clean"]["artifacts"]["outlier_fraction"]
+    assert base > 0 and all(v["artifacts"]["outlier_fraction"] == base for v in list(variants.values())[1:])
+    for targets, ablations, message in ((["high-norm"], ["zero"], "select tokens per image"),
+                                        (["neurons"], ["resample"], "need.* a paired image")):
+        with pytest.raises(vsink.VsinkError, match=message):
+            ablate(backbone, demo_images(), targets=targets, ablations=ablations, neurons={2: [0]}, layers=[2],
+                   dense=sets, progress=False)

@@ -169,13 +169,16 @@ class AblationResult:
     rows: list[AblationRow]
     clean_maps: dict[str, np.ndarray]
     synthetic: bool = False
+    #: dense metrics of the clean and every ablated model (``dense=`` of :func:`ablate`), or None
+    dense: Optional[Any] = None
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "vsink_version": __version__, "images": self.images, "skipped": self.skipped,
                 "layout": self.layout.to_dict(), "settings": self.settings,
                 "selections": [{"target": s.target, "layer": s.layer, "site": s.site, "tokens": s.count,
                                 "channels": s.channels} for s in self.selections],
-                "rows": [r.to_json() for r in self.rows]}
+                "rows": [r.to_json() for r in self.rows],
+                "dense": None if self.dense is None else "dense.json"}
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -433,6 +436,8 @@ def ablate(
     sink_ratio: float = 5.0,
     massive_ratio: float = 100.0,
     stats: Bootstrap = Bootstrap(),
+    dense: Optional[tuple[Any, Any]] = None,
+    dense_tasks: Optional[Sequence[str]] = None,
     progress: bool = True,
 ) -> AblationResult:
     """Ablate each target at each layer with each ablation and measure the change (module docstring).
@@ -448,11 +453,20 @@ def ablate(
         seed: seed of the resample derangement.
         threshold: the high-norm detector's threshold (``"auto"``, ``"sigma:K"`` or a norm).
         stats: the bootstrap of the intervals over the images (level, resamples, seed).
+        dense: ``(eval_set, train_set)`` (:class:`~vsink.evaluate.datasets.DenseDataset`; train_set
+            None without linear-seg): also evaluate the clean model and every ablated one on dense
+            tasks (:mod:`vsink.ablate_dense`; targets neurons and registers, ablations zero,
+            mean-images and mean-kind).
+        dense_tasks: the dense tasks (default: all the dataset supports).
     """
     for key, value in (("targets", list(targets)), ("ablations", list(ablations)), ("seed", seed),
                        ("sink_ratio", sink_ratio), ("massive_ratio", massive_ratio), ("batch_size", batch_size)):
         ABLATE[key].check(value)
     detect_kwargs = parse_threshold(threshold)
+    if dense is not None:
+        from .ablate_dense import check_dense
+
+        check_dense(list(targets), list(ablations))
     if not images:
         raise VsinkError("no images given")
     size = (img_size, img_size) if img_size else backbone.img_size
@@ -499,6 +513,7 @@ def ablate(
     clean = run_pass(backbone, batches, capture=sites) if sites else first  # the site values of the chosen blocks
 
     rows: list[AblationRow] = []
+    variants: list[Any] = []
     bar = tqdm(total=len(selections) * len(ablations), desc="ablate", unit="pass", disable=not progress)
     for selection in selections:
         for ablation in ablations:
@@ -510,6 +525,10 @@ def ablate(
             else:
                 values = replacement(selection, ablation, site_values, layout, seed)
             ablated = run_pass(backbone, batches, ablation=(selection, values))
+            if dense is not None:
+                from .ablate_dense import ablation_variant
+
+                variants.append(ablation_variant(f"{selection.target}@{selection.layer}:{ablation}", selection, values))
             measured = measure(clean, ablated, layout, high_norm, detect_kwargs, stats)
             rows.append(AblationRow(target=selection.target, layer=selection.layer, site=selection.site,
                                     ablation=ablation, tokens=selection.count, channels=selection.channels,
@@ -527,6 +546,14 @@ def ablate(
                 "sink_ratio": sink_ratio, "massive_ratio": massive_ratio, "intervals": stats.to_dict(unit="image"),
                 "neurons": {str(k): v for k, v in by_layer.items()} if by_layer else None,
                 "edits": list(backbone.edits)}
+    dense_result = None
+    if dense is not None:
+        from .evaluate.dense import evaluate_dense
+        from .evaluate.variants import Variant
+
+        dense_result = evaluate_dense(backbone, dense[0], train_set=dense[1], tasks=dense_tasks,
+                                      variants=[Variant("clean"), *variants], batch_size=batch_size, img_size=img_size,
+                                      progress=progress, bootstrap=stats)
     return AblationResult(model=backbone.spec, images=names, skipped=skipped, layout=layout, settings=settings,
                           selections=selections, rows=rows, clean_maps=clean_maps,
-                          synthetic=backbone.synthetic is not None)
+                          synthetic=backbone.synthetic is not None, dense=dense_result)

@@ -374,11 +374,20 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     backbone = _load_for(args)
     neurons = NeuronSpec.load(args.neurons) if args.neurons else None
     ttr = _ttr(args, args.test_time_registers)
+    dense = None
+    if args.dense:
+        from .ablate_dense import check_dense
+        from .evaluate.open import open_dataset
+
+        check_dense(args.targets, args.ablations)
+        size = args.img_size or backbone.img_size[0]
+        dense = tuple(open_dataset("synthetic", None, split, synthetic_images=args.dense_images, synthetic_size=size,
+                                   seed=args.seed) for split in ("val", "train"))
     with ttr.applied(backbone) if ttr else nullcontext():
         result = ablate(backbone, images, targets=args.targets, ablations=args.ablations, layers=args.layers,
                         neurons=neurons, seed=args.seed, batch_size=args.batch_size, img_size=args.img_size,
                         threshold=args.threshold, sink_ratio=args.sink_ratio, massive_ratio=args.massive_ratio,
-                        stats=Bootstrap.from_args(args), progress=not args.no_progress)
+                        stats=Bootstrap.from_args(args), dense=dense, progress=not args.no_progress)
     paths = save_ablation(result, args.out)
     print(f"ablated {_scanned(result.images, result.skipped)} with {result.model}; layout {result.layout.describe()}")
     for s in result.selections:
@@ -391,6 +400,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         print(f"{r.target:<10} {r.layer:>5} {r.ablation:<12} {cos_cls:>8} {r.cos_patches:>11.4f} {tv:>11} "
               f"{f'{r.high_norm_before} -> {r.high_norm_after}':>13} "
               f"{f'{r.max_ratio_before:.2f} -> {r.max_ratio_after:.2f}':>15}")
+    if result.dense is not None:
+        print(result.dense.to_markdown())
     for path in paths.values():
         print(f"wrote {path}")
     return 0

@@ -147,6 +147,10 @@ ABLATE = declare(
     *ABLATE_ARGUMENTS.values(),
     THRESHOLD,
     *STATS.values(),
+    Option("dense", Bool(), False, "also measure linear-probe mIoU, LOST CorLoc and the artifact metrics of the clean "
+           "and each ablated model on synthetic dense images (targets neurons and registers; ablations zero, "
+           "mean-images, mean-kind)"),
+    Option("dense_images", Int(2, 100_000), 32, "--dense: synthetic images per split (train and val)"),
     Option("out", OutputDir(), "vsink-ablate", "output directory (results.json, results.md, report.html)"),
 )
 

@@ -1,6 +1,8 @@
 """The ``vsink ablate`` outputs: ``results.md`` (the table) and ``report.html`` (the table and one
 figure per target x layer: image 0's final patch norms, class-token attention and per-patch cosine
-to the clean features, one row per ablation under the clean row)."""
+to the clean features, one row per ablation under the clean row); with dense metrics also
+``dense.json``, ``dense.md`` and ``dense.html`` (:class:`vsink.evaluate.dense.DenseResult`'s own
+files) and their headline table in ``report.html``."""
 
 from __future__ import annotations
 
@@ -116,10 +118,36 @@ def render_ablation_report(result: AblationResult) -> str:
     for r in result.rows:
         if (r.target, r.layer) not in seen:
             seen.append((r.target, r.layer))
+    if result.dense is not None:
+        body += dense_section(result)
     for target, layer in seen:
         body.append(f"<h2>{esc(target)} at block {layer}</h2>")
         body.append(fig(ablation_figure(result, target, layer), f"{target} at block {layer}", "wide"))
     return page(f"vsink ablate {result.model}", body)
+
+
+def dense_section(result: AblationResult) -> list[str]:
+    """The dense metrics of the clean and each ablated model: headline values with their intervals
+    and each ablation's paired difference from the clean model (the full page is dense.html)."""
+    dense = result.dense
+    names = list(dense.variants)
+    rows = []
+    for (label, values, decimals), (ivs, diffs) in zip(dense.headline(), dense.headline_intervals()):
+        cells = [esc(label)]
+        for i, value in enumerate(values):
+            iv, diff = ivs[i], diffs[i]
+            text = "—" if value is None else f"{value:.{decimals}f}"
+            if iv is not None and value is not None:
+                text += f" [{iv['low']:.{decimals}f}, {iv['high']:.{decimals}f}]"
+            if diff is not None:
+                text += f"; Δ {diff['value']:+.{decimals}f} [{diff['low']:+.{decimals}f}, {diff['high']:+.{decimals}f}]"
+            cells.append(esc(text))
+        rows.append(cells)
+    return [f"<h2>Dense metrics under ablation</h2><p>{esc(dense.dataset['name'])}, "
+            f"{dense.dataset['images_evaluated']} evaluation image(s); each ablated model is probed as a model of its "
+            "own (docs/ablate.md). Value [interval]; Δ: paired difference from the clean model [interval]. All "
+            "numbers: <a href=\"dense.html\">dense.html</a>.</p>",
+            table(["metric", *names], rows, left=1)]
 
 
 def save_ablation(result: AblationResult, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
@@ -128,11 +156,21 @@ def save_ablation(result: AblationResult, out_dir: Union[str, os.PathLike]) -> d
     report = render_ablation_report(result)  # before anything is written
     markdown = render_ablation_markdown(result)
     summary = json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n"
+    dense: dict[str, str] = {}
+    if result.dense is not None:
+        from ..evaluate.report import dense_html
+
+        dense = {"dense.json": json.dumps(result.dense.to_json(), indent=2, allow_nan=False) + "\n",
+                 "dense.md": result.dense.to_markdown(), "dense.html": dense_html(result.dense)}
     determining = {"model": result.model, "images": result.images, "settings": result.settings}
     with OutputSet(out_dir, "vsink ablate", {"determining": determining}) as stage:
         write_text(stage / "results.json", summary)
         write_text(stage / "results.md", markdown)
         write_text(stage / "report.html", report)
+        for name, text in dense.items():
+            write_text(stage / name, text)
     out = Path(out_dir)
-    return {"json": out / "results.json", "markdown": out / "results.md", "report": out / "report.html",
-            "record": out / "vsink-run.json"}
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "report": out / "report.html"}
+    if dense:
+        paths.update({"dense": out / "dense.json", "dense_markdown": out / "dense.md", "dense_report": out / "dense.html"})
+    return {**paths, "record": out / "vsink-run.json"}
