@@ -145,6 +145,11 @@ def test_demo_disagreement_is_reported(tmp_path, capsys):
     for b in blocks[PLANTED_BLOCK:]:
         assert b["high_norm_tokens"] > 0 and b["verdict"] == "disagrees" and b["abs_cos"] < 0.5
     assert report["disagreeing_blocks"] == list(range(PLANTED_BLOCK, len(blocks)))
+    html = (out / "report.html").read_text()
+    assert "Weight-only defect direction (SINDER)" in html and "400 Gaussian samples per block" in html
+    assert f"Disagrees at blocks {', '.join(map(str, report['disagreeing_blocks']))}" in html
+    assert html.count("<td>disagrees</td>") == len(blocks) - PLANTED_BLOCK
+    assert html.count("<td>no high-norm tokens</td>") == PLANTED_BLOCK
     # the observed side is right: recompute it from the model and compare with u
     backbone = vsink.load("demo")
     from vsink.data.demo_images import demo_images

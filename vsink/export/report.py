@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .figures import overlay_png, ratio_curve_png
 from .html import banner, esc, fig, fmt, img, page, table
@@ -196,6 +196,25 @@ def per_image_section(result: ScanView) -> list[str]:
                    "sink tokens", "sink entries"], rows)]
 
 
+def defect_section(comparison: Any) -> list[str]:
+    """``scan --defect``: per block the |cos| of the weight-only defect direction with the observed
+    high-norm direction, the tokens that direction was averaged over, the verdict and the
+    linearised map's top singular value (none without a comparison)."""
+    if comparison is None:
+        return []
+    d = comparison.defect
+    rows = [[fmt(i), fmt(c), fmt(n), esc(comparison.verdict(i)), fmt(float(d.singular_values[i]))]
+            for i, (c, n) in enumerate(zip(comparison.cosines, comparison.tokens))]
+    disagreeing = comparison.disagreeing
+    note = (f"Disagrees at blocks {', '.join(map(str, disagreeing))}: the artifacts there are not written along the "
+            "linearised weights' direction (a gated or thresholded mechanism; docs/defect.md)." if disagreeing
+            else "No block with high-norm tokens disagrees.")
+    return [f"<h2>Weight-only defect direction (SINDER)</h2><p>{d.samples} Gaussian samples per block, seed "
+            f"{d.seed}{', cached' if d.cached else ''}; |cos| with the observed high-norm direction (unit mean of the "
+            f"flagged tokens' unit residuals), agreement at |cos| ≥ {comparison.threshold:g}. {esc(note)}</p>"
+            + table(["block", "|cos|", "high-norm tokens", "verdict", "top singular value"], rows, left=3)]
+
+
 def render_scan_report(result: ScanView) -> str:
     """Return the report as one HTML string."""
     trace, hn, layout = result.trace, result.high_norm, result.layout
@@ -232,6 +251,7 @@ def render_scan_report(result: ScanView) -> str:
         ["block", "median", "max", "ratio", "threshold", "outliers", "outlier %", "cls norm", "max reg norm",
          "cls recv", "reg recv", "max patch recv", "entropy"], rows, left=0))
 
+    parts += defect_section(getattr(result, "defect", None))
     parts += per_image_section(result)
     parts += massive_section(result)
     parts += per_head_section(result)
