@@ -307,6 +307,18 @@ def test_finetune_compare_attention_writes_one_report(tmp_path, capsys):
         h.remove()
     want = float(seen[0].mean(dim=(1, 2)).max(dim=1).values.mean())
     assert runs["sigmoid"]["sink_share"] == pytest.approx(want, rel=1e-5)
+    # probe mIoU of the same row: a linear probe on synthetic segmentation images of the run's size
+    # (8 train, 4 val, the recipe's seed), evaluated here through vsink eval dense's own function
+    from vsink.evaluate.dense import evaluate_dense
+    from vsink.evaluate.open import open_dataset
+
+    sets = [open_dataset("synthetic", None, split, synthetic_images=n, synthetic_size=32, seed=cfg.seed)
+            for split, n in (("val", 4), ("train", 8))]
+    dense = evaluate_dense(backbone, sets[0], train_set=sets[1], tasks=["linear-seg"], progress=False)
+    assert runs["sigmoid"]["probe_miou"] == pytest.approx(dense.variants["baseline"]["linear_seg"]["miou"])
+    assert 0 <= runs["sigmoid"]["probe_miou"] <= 1 and "probe_miou" in report["columns"]
+    iv = runs["sigmoid"]["probe_miou_interval"]
+    assert iv["low"] <= runs["sigmoid"]["probe_miou"] <= iv["high"]
     with pytest.raises(VsinkError, match="scratch recipe"):
         from vsink.train.compare_attention import comparison_runs
 
