@@ -20,6 +20,7 @@ from vsink.data.planted_defect import (MODEL_KWARGS, SIZE, TIMM_NAME, build_plan
 from vsink.defect import defect_directions
 from vsink.errors import VsinkError
 from vsink.train import load_config
+from vsink.train.loop import TrainTask
 from vsink.train.neighbour_loss import anomalous, neighbour_loss, neighbour_targets
 from vsink.train.singular_offsets import attach_offsets, bake_offsets
 from vsink.train.sinder import BlockOutputs, anomaly_counts
@@ -215,3 +216,56 @@ def test_shipped_config_and_rules():
         load_config(CONFIG, ["model.attention=gated"])
     with pytest.raises(VsinkError, match=r"'sinder\.stop_fraction' must be"):
         load_config(CONFIG, ["sinder.stop_fraction=0"])
+
+
+def test_stopping_window_by_hand():
+    """Window of 4 images, 2 images per step, starting full of images with anomalies:
+    [F F F F] + (0.5 → T F) = [F F T F]: 1/4; + (1.0 → T T) = [T F T T]: 3/4 ≥ 0.75, stop."""
+    from collections import deque
+
+    from vsink.train.sinder import SinderTask
+
+    cfg = load_config(CONFIG, ["train.batch_size=2", "sinder.window=4"])
+    task = SinderTask.__new__(SinderTask)  # the stopping rule only: no model needed
+    task.cfg, task.window = cfg, deque([False] * 4, maxlen=4)
+    assert task.stop_reason({"step": 1, "anomaly_free": 0.5}) is None
+    assert list(task.window) == [False, False, True, False]
+    reason = task.stop_reason({"step": 2, "anomaly_free": 1.0})
+    assert reason == "75% of the last 4 training images were anomaly-free (sinder.stop_fraction 0.75)"
+    assert task.stop_reason({"step": 3}) is None  # a record without the metric adds nothing
+    assert list(task.window) == [True, False, True, True]
+
+
+class _StopAfter(TrainTask):
+    """A one-weight task that asks to stop once 3 steps have been recorded."""
+
+    def __init__(self):
+        self.module, self.num_samples, self.seen = torch.nn.Linear(1, 1), 4, 0
+
+    def trainable(self):
+        return list(self.module.named_parameters())
+
+    def loss(self, model, samples, positions):
+        return model(torch.ones(len(samples), 1)).pow(2).mean(), {}
+
+    def finish(self, directory):
+        return {}
+
+    def stop_reason(self, record):
+        self.seen += 1
+        return "three steps" if self.seen >= 3 else None
+
+
+def test_loop_stops_early_and_a_resume_replays_the_stop(tmp_path):
+    from vsink.train.config import TrainConfig
+    from vsink.train.loop import train
+
+    settings = TrainConfig(steps=10, batch_size=2, checkpoint_every=100, eval_every=100, warmup_steps=0)
+    first = train(_StopAfter(), settings, tmp_path, seed=0, device=torch.device("cpu"), progress=False)
+    assert first["steps_done"] == 3 and first["stopped_early"] == "three steps"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000003"]
+    # resuming: the kept records (steps 1-3) are replayed into the rule, which stops before any step
+    again = train(_StopAfter(), settings, tmp_path, seed=0, device=torch.device("cpu"), resume=True, progress=False)
+    assert again["resumed_from"] == 3 and again["steps_done"] == 3 and again["stopped_early"] == "three steps"
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
