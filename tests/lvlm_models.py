@@ -11,7 +11,7 @@ from PIL import Image
 from vsink.backbones.hf_decoder import DecoderModel
 
 from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_internvl, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
-                                  build_tiny_paligemma, build_tiny_qwen2_vl)
+                                  build_tiny_paligemma, build_tiny_qwen2_vl, build_tiny_qwen3_vl)
 from vsink.lvlm import LVLM
 from vsink.probe import Probe
 
@@ -19,7 +19,7 @@ from vsink.probe import Probe
 BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
             "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5"), "llava_onevision": build_tiny_llava_onevision,
             "paligemma2": build_tiny_paligemma, "paligemma": lambda: build_tiny_paligemma(version=1),
-            "gemma3": build_tiny_gemma3, "internvl": build_tiny_internvl}
+            "gemma3": build_tiny_gemma3, "internvl": build_tiny_internvl, "qwen3_vl": build_tiny_qwen3_vl}
 #: LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: image tokens spread over tiles and M-RoPE positions
 FIRST_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 #: two prompts of different lengths, so that a batch of both is left-padded

@@ -97,7 +97,12 @@ def test_batch_equals_single_and_cache_is_transparent(lvlm, name):
     inputs = lvlm.prepare(images, PROMPTS)
     batch = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=5)
     no_cache = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=5, use_cache=False)
-    assert torch.equal(batch.new_tokens, no_cache.new_tokens)
+    # PAI edits the last query row only: with the cache, the earlier generated tokens keep the keys and
+    # values of the pass in which each was the last (amplified) row; without it they are recomputed
+    # unamplified, so the runs agree exactly up to the first token (the same prompt pass) and differ
+    # by a little after it (up to 3e-3 in the tiny Qwen3-VL's logits, whose QK-norm sharpens attention)
+    steps = 1 if mitigation == "pai" else None
+    assert torch.equal(batch.new_tokens[:, :steps], no_cache.new_tokens[:, :steps])
     for b in range(2):
         alone = generate(lvlm, lvlm.prepare([images[b]], [PROMPTS[b]]), mitigation=mitigation, settings=settings,
                          max_new_tokens=5)

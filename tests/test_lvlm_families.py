@@ -21,14 +21,15 @@ from vsink.backbones.hf_decoder import DecoderModel
 from vsink.backbones.hf_lvlm import LVLM, load_lvlm
 from vsink.backbones.lvlm_families import lvlm_families
 from vsink.cli import main
-from vsink.data.demo_lvlm import build_tiny_gemma3, build_tiny_internvl, build_tiny_llava_onevision, build_tiny_paligemma
+from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_internvl, build_tiny_llava_onevision, build_tiny_paligemma,
+                                  build_tiny_qwen3_vl)
 from vsink.lvlm.context import DecodeContext
 
 from lvlm_models import decoder_attention_checked
 
 #: family → tiny builder
 NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3,
-       "internvl": build_tiny_internvl}
+       "internvl": build_tiny_internvl, "qwen3-vl": build_tiny_qwen3_vl}
 
 
 def _tiny(family: str):
@@ -161,3 +162,120 @@ def test_a_scan_of_a_row_with_several_image_runs_is_one_line():
     ids[0, image[5]] = processor.tokenizer.convert_tokens_to_ids("the")  # one run cut in two
     with pytest.raises(VsinkError, match=r"^tiny#decoder: a prompt row holds 2 runs of image tokens; a scan's layout "):
         DecoderModel(lvlm).prompt_layout({**inputs, "input_ids": ids})
+
+
+# --- Qwen3-VL: DeepStack and interleaved M-RoPE ----------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen3():
+    why = lvlm_families()["qwen3-vl"].unavailable()
+    if why is not None:
+        pytest.skip(why)
+    model, processor = build_tiny_qwen3_vl()
+    return LVLM(model, processor, "tiny-qwen3-vl")
+
+
+def test_qwen3_vl_scan_reports_what_deepstack_adds_after_each_layer(qwen3, tmp_path, capsys):
+    """The scan's DeepStack norms against the model's own pieces, read here without vsink: the
+    injected features from ``get_image_features`` (its ``deepstack_features``), and the residual
+    stream they are added to as layer i + 1's input minus that feature (a plain pre-hook)."""
+    from vsink.lvlm.scan import scan_lvlm
+
+    model = qwen3.model
+    assert qwen3.deepstack_layers() == [0, 1] and qwen3.deepstack_tower_blocks() == [0, 1]
+    images = _images(2, (32, 32))
+    result = scan_lvlm(qwen3, images, "describe the image", progress=False)
+    inputs = qwen3.prepare(images, ["describe the image"] * 2)
+    inputs_of: dict[int, torch.Tensor] = {}
+    hooks = [qwen3.layers[i + 1].register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: inputs_of.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True) for i in range(2)]
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
+    for h in hooks:
+        h.remove()
+    image = inputs["input_ids"] == qwen3.image_token_id
+    summary = result.deepstack_summary()
+    assert [row["layer"] for row in summary["layers"]] == [0, 1]
+    assert [row["tower_block"] for row in summary["layers"]] == [0, 1]
+    for i in range(2):
+        injected = torch.cat(features[i]).reshape(2, -1, qwen3.hidden_size)
+        residual = inputs_of[i][image].reshape(2, -1, qwen3.hidden_size) - injected
+        torch.testing.assert_close(torch.from_numpy(result.deepstack["deepstack_injected"][i]), injected.norm(dim=-1),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(result.deepstack["deepstack_residual"][i]), residual.norm(dim=-1),
+                                   atol=1e-5, rtol=1e-5)
+        assert summary["layers"][i]["injected_norm_mean"] == pytest.approx(float(injected.norm(dim=-1).mean()), rel=1e-5)
+        assert float(injected.norm(dim=-1).min()) > 0  # the tiny model does inject
+    result.save(tmp_path / "scan")
+    written = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert written["lvlm"]["deepstack"]["layers"][1]["tower_block"] == 1
+    assert len(written["per_image"][0]["deepstack_injected_norm"]) == 2
+    assert np.load(tmp_path / "scan" / "trace.npz")["deepstack_injected"].shape == (2, 2, 16)
+
+
+def test_a_scan_of_a_family_without_deepstack_reports_none():
+    from vsink.lvlm.scan import scan_lvlm
+
+    model, processor = build_tiny_gemma3()
+    result = scan_lvlm(LVLM(model, processor, "tiny"), _images(1, (32, 32)), "describe the image", progress=False)
+    assert result.deepstack_summary() is None and result.to_json()["lvlm"]["deepstack"] is None
+
+
+def test_qwen3_vl_fastv_before_the_last_deepstack_layer_is_one_line(qwen3):
+    """FastV at k = 1 would prune image tokens that DeepStack still adds to after layer 1; k = 2
+    (after the last injection) runs."""
+    from vsink.errors import VsinkError
+    from vsink.lvlm import generate
+
+    inputs = qwen3.prepare(_images(2, (32, 32)), ["is there a cat ?", "describe this image please , what color is the sky ?"])
+    with pytest.raises(VsinkError, match=r"^fastv setting 'k' must be above the decoder layers \[0, 1\] after which "
+                                         r"tiny-qwen3-vl adds DeepStack features .*, got 1$"):
+        generate(qwen3, inputs, mitigation="fastv", settings={"k": 1})
+    assert generate(qwen3, inputs, mitigation="fastv", settings={"k": 2}, max_new_tokens=2).kept is not None
+
+
+def test_qwen3_vl_positions_are_those_of_the_models_own_generation(qwen3):
+    """The M-RoPE (interleaved) position ids vsink gives branches (prompt, then each step) equal the
+    ones transformers' ``generate`` passes to the language model, read by a plain pre-hook, on the
+    real tokens of a left-padded batch."""
+    inputs = qwen3.prepare(_images(2, (48, 32)), ["is there a cat ?", "describe this image please , what color is the sky ?"])
+    seen: list[torch.Tensor] = []
+    hook = qwen3.model.model.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["position_ids"][-3:].clone()), with_kwargs=True)
+    with torch.no_grad():
+        out = qwen3.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    hook.remove()
+    positions, offset = qwen3.prompt_positions(inputs)
+    real = inputs["attention_mask"].bool()
+    assert torch.equal(positions[:, real], seen[0][:, real])
+    assert int(positions[1:, real].ne(positions[0, real]).sum()) > 0  # height and width differ on the image
+    mask = inputs["attention_mask"]
+    for step in (1, 2):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        assert torch.equal(qwen3.step_positions(mask, offset), seen[step]), step
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_qwen3_vl_opera_without_penalty_is_hf_beam_search(qwen3):
+    """OPERA's own beam loop with penalty 0 and every token a candidate equals transformers' beam
+    search per row: its prompt pass runs once for a prompt's beams and takes the first copy of
+    every encoded image tensor, each DeepStack level's included."""
+    from vsink.lvlm import generate
+
+    images = _images(2, (32, 32))
+    prompts = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+    plain = {"beams": 3, "candidates": None, "penalty": 0, "threshold": 10_000}
+    ours = generate(qwen3, qwen3.prepare(images, prompts), mitigation="opera", settings=plain, max_new_tokens=4)
+    for b in range(2):
+        one = qwen3.prepare([images[b]], [prompts[b]])
+        with torch.no_grad():
+            ref = qwen3.model.generate(**one, max_new_tokens=4, num_beams=3, do_sample=False)
+        assert torch.equal(ours.new_tokens[b], ref[0, one["input_ids"].shape[1]:]), b
+
+
+def test_vsink_models_lists_qwen3_vl_with_what_was_verified(capsys):
+    assert main(["models"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "qwen3-vl Qwen3-VL: qwen3_vl (Qwen3VLForConditionalGeneration, built-in" in out
+    assert "tiny offline models with DeepStack" in out and "real weights not verified here" in out

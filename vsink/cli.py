@@ -272,6 +272,10 @@ def _scan_lvlm(args: argparse.Namespace, prompt: str) -> int:
         print(f"  layer {row['index']:>2}: BOS share {row['bos_share']:.3f}  image share "
               f"{row['image_attention_share']:.3f}  visual sink tokens {row['visual_sink_count']}"
               + (f"  massive dims {dims}" if dims else ""))
+    deepstack = result.deepstack_summary()
+    for row in deepstack["layers"] if deepstack else []:
+        print(f"  DeepStack after layer {row['layer']}: tower block {row['tower_block']}'s features added to the image "
+              f"tokens, norm {row['injected_norm_mean']:.3g} (residual {row['residual_norm_mean']:.3g})")
     link = result.tower_to_llm()
     if link is not None and link["tower_layer"] is not None:
         print(f"vision tower: high-norm tokens from block {link['tower_layer']}: {link['tower_high_norm']}; "

@@ -18,7 +18,9 @@ v from the module's own weights and calls ``self._attention(layer, q, k, v, scal
 its model differs from a LLaVA-like one, the members listed in :data:`LVLM_MEMBERS`
 (``image_grid``, ``view_box``, ``vision_tower``, ``tower_patches_are_image_tokens``,
 ``text_position_ids``, ``image_spans``, ``attention_groups`` (bidirectional blocks of the prompt),
-``placeholder``, ``processor_images``, ``pixel_counts`` (image inputs per row), ``load_model``, ``refuses``, ``mrope``, ``tower_is_backbone``). ``@named_lvlm`` registers one exact spec, :func:`known_sink_dims` the sink
+``placeholder``, ``processor_images``, ``pixel_counts`` (image inputs per row), ``load_model``, ``refuses``, ``mrope``, ``tower_is_backbone``,
+``deepstack_layers``, ``deepstack_tower_blocks``, ``observe_deepstack`` (vision features the model
+adds after some decoder layers, :data:`DeepStackObserver`)). ``@named_lvlm`` registers one exact spec, :func:`known_sink_dims` the sink
 dimensions of a model known by name. Plugin LVLM families are asked first.
 
 **A mitigation** (entry point group ``vsink.mitigations``): a :class:`Mitigation` subclass
@@ -46,7 +48,7 @@ import torch
 from .attention import LogitFn, ProbFn, additive_mask
 from .backbones.base import Backbone, module_parameters, to_pair
 from .backbones.families import family, named_spec
-from .backbones.hf_lvlm import LVLM
+from .backbones.hf_lvlm import LVLM, DeepStackObserver
 from .backbones.hooks import Closer, Hooks, HookSet
 from .backbones.lvlm_families import known_sink_dims, lvlm_family, named_lvlm
 from .backbones.plugins import PluginError
@@ -72,7 +74,8 @@ BACKBONE_MEMBERS = ("blocks", "num_heads", "dynamic_size", "_token_counts", "_ru
 #: what an LVLM family may override (defaults: a LLaVA-like model)
 LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "image_grid", "view_box", "vision_tower", "tower_patches_are_image_tokens",
                 "text_position_ids", "image_spans", "attention_groups", "placeholder", "processor_images", "pixel_counts",
-                "load_model", "refuses", "mrope", "tower_is_backbone")
+                "load_model", "refuses", "mrope", "tower_is_backbone", "deepstack_layers", "deepstack_tower_blocks",
+                "observe_deepstack")
 #: what a mitigation implements (``_install``) and may override
 MITIGATION_MEMBERS = ("name", "settings_class", "target", "_install", "logits_processors", "refusal",
                       "unavailable", "calibration_settings", "nothing_edited_hint")
@@ -80,7 +83,7 @@ MITIGATION_MEMBERS = ("name", "settings_class", "target", "_install", "logits_pr
 __all__ = [
     "BACKBONE_MEMBERS", "LVLM", "LVLM_MEMBERS", "MITIGATION_MEMBERS", "SITES", "AnyOf", "Backbone", "BlockFn", "Bool",
     "Branch", "image_branch", "readout_branch", "text_branch",
-    "CheckedSettings", "Choice", "Closer", "ExplicitAttention", "Float", "HookSet", "Hooks", "ImageSpans", "Int", "Kind",
+    "CheckedSettings", "Choice", "Closer", "DeepStackObserver", "ExplicitAttention", "Float", "HookSet", "Hooks", "ImageSpans", "Int", "Kind",
     "ListOf", "LogitFn", "Mitigation", "ModelSpecError", "PluginError", "ProbFn", "PromptLayout", "QKVFn", "RowsFn",
     "Run", "SiteFn", "SiteHandle", "SiteModel", "Text", "TimmBackbone", "TokenLayout", "VsinkError", "VsinkWarning",
     "additive_mask", "below_depth", "family", "known_sink_dims", "load_timm", "lvlm_family", "module_parameters",

@@ -11,7 +11,7 @@ differs. ``LVLM(model, processor)`` builds the adapter of the family that accept
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -25,6 +25,10 @@ from .device_map import DeviceMap, device_map_kwargs, device_map_main
 from .lvlm_families import family_of_model, family_of_type, named_lvlms, sink_dims_by_name, supported_types
 from .registry import resolve_device
 from .remote_code import is_remote_code_refusal, refused
+
+
+#: ``fn(visual_pos_masks [B, N] bool, features [image tokens of the batch, D] per DeepStack layer)``
+DeepStackObserver = Callable[[torch.Tensor, list[torch.Tensor]], None]
 
 
 class UnavailableFamily(ModelSpecError):
@@ -250,6 +254,21 @@ class LVLM:
         """The prompt's bidirectional blocks [B, N] as the model's own mask has them (tokens of one
         group ``>= 0`` attend to each other in both directions; ``-1``: causal), or None for a
         causal model (the default)."""
+        return None
+
+    def deepstack_layers(self) -> list[int]:
+        """The decoder layers after whose output the model itself adds vision features at the image
+        positions (DeepStack: Qwen3-VL); default none."""
+        return []
+
+    def deepstack_tower_blocks(self) -> list[int]:
+        """The tower blocks whose features :meth:`deepstack_layers` receive, in the same order."""
+        return []
+
+    def observe_deepstack(self, fn: DeepStackObserver) -> Optional[Any]:
+        """Install ``fn`` on every forward that injects DeepStack features (see
+        :data:`DeepStackObserver`); returns a handle with ``remove()``, or None (default: a model
+        without DeepStack)."""
         return None
 
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:

@@ -39,7 +39,7 @@ ENTRY_POINT_GROUP = "vsink.lvlms"
 #: vsink's own LVLM families and the named demo, imported before the entry points
 BUILTIN = ("vsink.backbones.lvlm_llava", "vsink.backbones.lvlm_llava_next", "vsink.backbones.lvlm_qwen2_vl",
            "vsink.backbones.lvlm_qwen2_5_vl", "vsink.backbones.lvlm_llava_onevision", "vsink.backbones.lvlm_paligemma",
-           "vsink.backbones.lvlm_gemma3", "vsink.backbones.lvlm_internvl",
+           "vsink.backbones.lvlm_gemma3", "vsink.backbones.lvlm_internvl", "vsink.backbones.lvlm_qwen3_vl",
            "vsink.data.demo_llava", "vsink.data.demo_halluc")
 
 _FAMILIES: dict[str, LVLMClass] = {}

@@ -101,6 +101,29 @@ def build_tiny_llava_next(*, hidden: int = 64, layers: int = 4, heads: int = 4, 
     return model, processor
 
 
+def _qwen_parts(image_size: int) -> tuple[Any, dict[str, int], Any]:
+    """What the tiny Qwen-VL models share: the word tokenizer with Qwen's vision tokens, their ids
+    (the configs' ``image_token_id`` ...), and an image processor of patch 4, merge 2 that resizes
+    an image to image_size² pixels."""
+    import transformers as tr
+
+    tok = word_tokenizer(("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"),
+                         tokenizer_class=tr.Qwen2TokenizerFast)
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    pixels = image_size * image_size
+    image_processor = tr.Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=4, merge_size=2,
+                                               temporal_patch_size=2)
+    return tok, ids, image_processor
+
+
+def _qwen_test_generation(model: Any, tok: Any, ids: dict[str, int]) -> None:
+    """A random model may sample its vision placeholders, on which transformers 4.x's M-RoPE index
+    fails, or end every row at once with EOS; a test model generates neither."""
+    model.generation_config.suppress_tokens = sorted([*ids.values(), tok.eos_token_id])
+
+
 def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                         image_size: int = 32, seed: int = 0, version: str = "2") -> tuple[Any, Any]:
     """(``Qwen2VLForConditionalGeneration``, ``Qwen2VLProcessor``), or Qwen2.5-VL with
@@ -110,8 +133,7 @@ def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
 
     if version not in ("2", "2.5"):
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
-    tok = word_tokenizer(("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"),
-                         tokenizer_class=tr.Qwen2TokenizerFast)
+    tok, ids, image_processor = _qwen_parts(image_size)
     torch.manual_seed(seed)
     half = hidden // heads // 2  # rotary frequencies per head, split over (time, height, width)
     time_part = half // 4
@@ -131,18 +153,38 @@ def build_tiny_qwen2_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
                       fullatt_block_indexes=[1])
         config_cls, model_cls = tr.Qwen2_5_VLConfig, tr.Qwen2_5_VLForConditionalGeneration
         processor_cls = tr.Qwen2_5_VLProcessor
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     model = model_cls(config_cls(text_config=text, vision_config=vision, **ids)).eval()
-    # a random model may sample its vision placeholders, on which transformers 4.x's M-RoPE index
-    # fails, or end every row at once with EOS; a test model generates neither
-    model.generation_config.suppress_tokens = sorted([*ids.values(), tok.eos_token_id])
-    pixels = image_size * image_size
-    image_processor = tr.Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=4, merge_size=2,
-                                               temporal_patch_size=2)
+    _qwen_test_generation(model, tok, ids)
     video_processor = tr.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
     processor = processor_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor)
+    return model, processor
+
+
+def build_tiny_qwen3_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                        image_size: int = 32, seed: int = 0, deepstack: Sequence[int] = (0, 1)) -> tuple[Any, Any]:
+    """(``Qwen3VLForConditionalGeneration``, ``Qwen3VLProcessor``): Qwen2-VL's patch 4, merge 2
+    (an image_size² image gives (image_size / 8)² image tokens), a three-block tower whose blocks
+    ``deepstack`` feed DeepStack features into the outputs of the first ``len(deepstack)`` decoder
+    layers, a Qwen3 decoder (QK-norm) with interleaved M-RoPE."""
+    import transformers as tr
+
+    tok, ids, image_processor = _qwen_parts(image_size)
+    torch.manual_seed(seed)
+    half = hidden // heads // 2  # rotary frequencies per head; interleaved: height and width take every third
+    section = [half - 2 * (half // 4), half // 4, half // 4]
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": section,
+                                 "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, out_hidden_size=hidden, intermediate_size=64, num_heads=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                  deepstack_visual_indexes=list(deepstack))
+    model = tr.Qwen3VLForConditionalGeneration(tr.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)).eval()
+    _qwen_test_generation(model, tok, ids)
+    video_processor = tr.Qwen3VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = tr.Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor)
     return model, processor
 
 

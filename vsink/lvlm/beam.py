@@ -82,8 +82,8 @@ def take_rows(kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
 def first_row(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
     """The model kwargs of the first of ``rows`` identical rows (the beams of one prompt): the
     per-row tensors at row 0, and every other tensor (pixel values, the image features transformers
-    5 encodes before the first forward, flat per-patch tensors of Qwen2-VL) cut to its first
-    ``1 / rows``: transformers repeats each prompt's inputs as ``rows`` contiguous copies."""
+    5 encodes before the first forward, flat per-patch tensors of Qwen2-VL, each DeepStack level's
+    features of Qwen3-VL) cut to its first ``1 / rows``: transformers repeats each prompt's inputs as ``rows`` contiguous copies."""
     out = take_rows(kwargs, torch.zeros(1, dtype=torch.long))
     for key, value in kwargs.items():
         if key not in ROW_KEYS:
@@ -95,6 +95,8 @@ def _first_copy(value: Any, rows: int) -> Any:
     if isinstance(value, dict):  # plain dicts and transformers' ModelOutput
         items = {k: _first_copy(v, rows) for k, v in value.items()}
         return items if type(value) is dict else type(value)(**items)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+        return type(value)(_first_copy(v, rows) for v in value)  # per DeepStack level (Qwen3-VL), each per image
     if isinstance(value, (list, tuple)) and value and len(value) % rows == 0:  # one entry per image
         return type(value)(value[:len(value) // rows])
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] % rows == 0:

@@ -12,6 +12,11 @@ and detectors as a vision scan, plus φ on the decoder layers' inputs (VAR's vis
 * ``visual_sink_tokens``: per image, the image-token indices with φ above τ on the sink dims;
 * ``massive``: massive activations of that layer's output (Sun et al. 2024), strongest first;
 
+``deepstack`` (Qwen3-VL; None for other families): per decoder layer after which the model adds
+tower features to the image tokens, the tower block they come from and the norms of the injected
+features and of the residual stream they are added to (:mod:`vsink.lvlm.deepstack`; that layer's
+``massive`` is of its output before the injection, the next layer's φ after it);
+
 and ``tower_to_llm``: which of the tower's high-norm tokens (at its emergence layer) arrive as
 visual sink tokens in the language model, where the model maps tower patches to image tokens one
 to one (LLaVA-1.5 and the demo).
@@ -47,6 +52,7 @@ from ..manifest import weights_fingerprint
 from ..probe import Probe, Rows, Trace
 from ..scan import MASSIVE_TOP_K, NothingScanned, ScanResult, result_of_trace
 from ..detect.visual_sinks import rms_phi
+from .deepstack import DeepStackProbe, deepstack_summary
 from ..viewbox import DISPLAY_SIDE, ViewBox
 
 #: visual sink tokens listed per image and layer in scan.json (the full φ array is in trace.npz)
@@ -102,6 +108,11 @@ class LVLMScanResult:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     view_boxes: list[ViewBox] = field(default_factory=list)
     thumbnails: list[Image.Image] = field(default_factory=list, repr=False)
+    #: DeepStack (Qwen3-VL): the decoder layers, their tower blocks and the per-token norms
+    #: [layers, images, image tokens] of :class:`~vsink.lvlm.deepstack.DeepStackProbe`
+    deepstack_layers: list[int] = field(default_factory=list)
+    deepstack_tower_blocks: list[int] = field(default_factory=list)
+    deepstack: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # --- per-layer summaries ---------------------------------------------------------------
     def visual_sinks(self, layer: int) -> np.ndarray:
@@ -141,6 +152,8 @@ class LVLMScanResult:
                           "bos_share": float(self.trace.attn_received[:, i, :, 0].mean()),
                           "image_attention_share": float(
                               self.trace.attn_received[:, i][..., self.layout.patch_slice].sum(-1).mean())})
+            if self.deepstack:
+                entry["deepstack_injected_norm"] = [float(v) for v in self.deepstack["deepstack_injected"][:, i].mean(-1)]
             out.append(entry)
         return out
 
@@ -174,6 +187,10 @@ class LVLMScanResult:
                 "images": [{"image": i, "high_norm": np.flatnonzero(tower[i]).tolist(),
                             "visual_sinks": np.flatnonzero(llm[i]).tolist()} for i in range(len(self.images))]}
 
+    def deepstack_summary(self) -> Optional[dict[str, Any]]:
+        """``lvlm.deepstack`` of scan.json (:func:`vsink.lvlm.deepstack.deepstack_summary`)."""
+        return deepstack_summary(self.deepstack_layers, self.deepstack_tower_blocks, self.deepstack)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "vsink_version": __version__,
@@ -190,6 +207,7 @@ class LVLMScanResult:
                 "tau": self.tau,
                 "layers": self.layer_summaries(),
                 "tower_to_llm": self.tower_to_llm(),
+                "deepstack": self.deepstack_summary(),
             },
             "vision": self.vision.to_json() if self.vision is not None else None,
             "settings": self.settings,
@@ -207,7 +225,7 @@ class LVLMScanResult:
                        "settings": self.settings, "vsink_version": __version__}
         out = Path(out_dir)
         with OutputSet(out, "vsink scan --prompt", {"determining": determining}) as stage:
-            self.trace.save(stage / "trace.npz", extra={"phi": self.phi})
+            self.trace.save(stage / "trace.npz", extra={"phi": self.phi, **self.deepstack})
             if self.vision is not None:
                 self.vision.save(stage / "vision")
             write_text(stage / "report.html", report)
@@ -268,7 +286,8 @@ def scan_lvlm(
     decoder.set_layout(first)
     dims, source = _sink_dims(lvlm, first, sink_dims)
     bar = tqdm(total=len(names), desc="scan", unit="img", disable=not progress)
-    probes = [Probe(decoder, massive=DECODER_MASSIVE_TOP_K), PhiProbe(decoder, dims)]
+    deepstack = DeepStackProbe(lvlm, decoder)
+    probes = [Probe(decoder, massive=DECODER_MASSIVE_TOP_K), PhiProbe(decoder, dims), deepstack]
     if tower is not None:
         probes.append(Probe(tower, massive=MASSIVE_TOP_K))
     with torch.inference_mode(), ExitStack() as stack:
@@ -288,7 +307,7 @@ def scan_lvlm(
     thumbnails = [box.crop(img, lvlm.view_fill(), DISPLAY_SIDE)
                   for box, img in zip(boxes[:REPORT_IMAGES], originals[:REPORT_IMAGES])]
     if tower is not None:
-        vision = result_of_trace(tower, probes[2].trace(meta={"model": tower.spec, "images": names}),
+        vision = result_of_trace(tower, probes[3].trace(meta={"model": tower.spec, "images": names}),
                                  size=tower.img_size, names=names, skipped=skipped, sink_ratio=sink_ratio,
                                  massive_ratio=massive_ratio, batch_size=batch_size, thumbnails=thumbnails,
                                  synthetic=lvlm.synthetic, image_sizes=[img.size for img in originals],
@@ -303,6 +322,7 @@ def scan_lvlm(
         settings={"batch_size": batch_size, "tau": tau, "sink_ratio": sink_ratio, "massive_ratio": massive_ratio,
                   "dtype": str(decoder.dtype).removeprefix("torch."), "device": str(decoder.device)},
         weights=weights_fingerprint(lvlm.model),
+        deepstack_layers=deepstack.layers, deepstack_tower_blocks=deepstack.tower_blocks, deepstack=deepstack.arrays(),
     )
 
 

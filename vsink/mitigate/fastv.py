@@ -11,6 +11,10 @@ kept count is ``round(n(1 − R))`` (vsink's paper protocol: ``n − round(nR)``
 ``torch.topk``, and without the KV cache every forward re-prunes by the newest token's attention
 (the paper protocol prunes once, at the prompt). Official default k = 3 (with R = 0.5: the
 lmms-eval script ``fastv_kvcache.py`` behind the README's LLaVA-1.5-7B table).
+
+A model that adds DeepStack features to the image positions after its first decoder layers
+(Qwen3-VL, :meth:`~vsink.backbones.hf_lvlm.LVLM.deepstack_layers`) needs every image token until
+its last injection: ``k`` at or below that layer is refused in one line.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class FastV(Mitigation):
         s: FastVSettings = self.settings
         n = run.decoder.num_layers
         below_depth(run, self.name, "k", s.k)
+        injected = run.lvlm.deepstack_layers()
+        if injected and s.k <= max(injected):
+            raise VsinkError(f"fastv setting 'k' must be above the decoder layers {injected} after which "
+                             f"{run.lvlm.spec} adds DeepStack features at every image position (the model's "
+                             f"injection does not follow a pruned sequence), got {s.k}")
         counts = run.context.spans.counts()
         if len(set(counts)) > 1:
             raise VsinkError(f"FastV needs the same number of image tokens in every row, got {counts}")
