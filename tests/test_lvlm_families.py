@@ -191,7 +191,10 @@ def test_qwen3_vl_scan_reports_what_deepstack_adds_after_each_layer(qwen3, tmp_p
         with_kwargs=True) for i in range(2)]
     with torch.no_grad():
         model(**inputs, use_cache=False)
-        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
+        encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    # transformers 5: per level a tuple of per-image tensors; 4.x returns (embeddings, one tensor per level)
+    levels = encoded.deepstack_features if hasattr(encoded, "deepstack_features") else encoded[1]
+    features = [level if isinstance(level, torch.Tensor) else torch.cat(level) for level in levels]
     for h in hooks:
         h.remove()
     image = inputs["input_ids"] == qwen3.image_token_id
@@ -199,7 +202,7 @@ def test_qwen3_vl_scan_reports_what_deepstack_adds_after_each_layer(qwen3, tmp_p
     assert [row["layer"] for row in summary["layers"]] == [0, 1]
     assert [row["tower_block"] for row in summary["layers"]] == [0, 1]
     for i in range(2):
-        injected = torch.cat(features[i]).reshape(2, -1, qwen3.hidden_size)
+        injected = features[i].reshape(2, -1, qwen3.hidden_size)
         residual = inputs_of[i][image].reshape(2, -1, qwen3.hidden_size) - injected
         torch.testing.assert_close(torch.from_numpy(result.deepstack["deepstack_injected"][i]), injected.norm(dim=-1),
                                    atol=1e-5, rtol=1e-5)
@@ -238,8 +241,11 @@ def test_qwen3_vl_fastv_before_the_last_deepstack_layer_is_one_line(qwen3):
 def test_qwen3_vl_positions_are_those_of_the_models_own_generation(qwen3):
     """The M-RoPE (interleaved) position ids vsink gives branches (prompt, then each step) equal the
     ones transformers' ``generate`` passes to the language model, read by a plain pre-hook, on the
-    real tokens of a left-padded batch."""
-    inputs = qwen3.prepare(_images(2, (48, 32)), ["is there a cat ?", "describe this image please , what color is the sky ?"])
+    real tokens of a left-padded batch. The prompts wrap the image as Qwen's chat template does
+    (transformers 4.x finds images for M-RoPE by the vision-start token)."""
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    inputs = qwen3.prepare(_images(2, (48, 32)), [f"{image} is there a cat ?",
+                                                  f"{image} describe this image please , what color is the sky ?"])
     seen: list[torch.Tensor] = []
     hook = qwen3.model.model.language_model.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs["position_ids"][-3:].clone()), with_kwargs=True)
@@ -262,7 +268,11 @@ def test_qwen3_vl_opera_without_penalty_is_hf_beam_search(qwen3):
     search per row: its prompt pass runs once for a prompt's beams and takes the first copy of
     every encoded image tensor, each DeepStack level's included."""
     from vsink.lvlm import generate
+    from vsink.mitigate import mitigation_registry
 
+    why = mitigation_registry()["opera"].unavailable()
+    if why is not None:
+        pytest.skip(why)  # OPERA's loop needs transformers 5: reported, not failed
     images = _images(2, (32, 32))
     prompts = ["is there a cat ?", "describe this image please , what color is the sky ?"]
     plain = {"beams": 3, "candidates": None, "penalty": 0, "threshold": 10_000}

@@ -175,9 +175,8 @@ def build_tiny_qwen3_vl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                 max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": section,
-                                 "mrope_interleaved": True})
+                pad_token_id=tok.pad_token_id, rope_theta=5e5,
+                rope_scaling={"rope_type": "default", "mrope_section": section, "mrope_interleaved": True})
     vision = dict(depth=3, hidden_size=32, out_hidden_size=hidden, intermediate_size=64, num_heads=2, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
                   deepstack_visual_indexes=list(deepstack))
