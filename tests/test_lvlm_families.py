@@ -215,6 +215,8 @@ def test_qwen3_vl_scan_reports_what_deepstack_adds_after_each_layer(qwen3, tmp_p
     assert written["lvlm"]["deepstack"]["layers"][1]["tower_block"] == 1
     assert len(written["per_image"][0]["deepstack_injected_norm"]) == 2
     assert np.load(tmp_path / "scan" / "trace.npz")["deepstack_injected"].shape == (2, 2, 16)
+    report = (tmp_path / "scan" / "report.html").read_text()
+    assert "<h2>DeepStack</h2>" in report and f"{summary['layers'][1]['injected_norm_mean']:.4g}" in report
 
 
 def test_a_scan_of_a_family_without_deepstack_reports_none():

@@ -1,6 +1,7 @@
 """The self-contained HTML report of an LVLM scan: per decoder layer the BOS and image attention
-shares, the visual sink tokens and massive activations, and, image by image, which of the vision
-tower's high-norm tokens arrive in the language model as visual sink tokens."""
+shares, the visual sink tokens and massive activations, what DeepStack adds (Qwen3-VL), and,
+image by image, which of the vision tower's high-norm tokens arrive in the language model as
+visual sink tokens."""
 
 from __future__ import annotations
 
@@ -30,6 +31,24 @@ def head_share_section(result: LVLMScanView) -> list[str]:
                          f"attention {what} per head"))
     parts.append("</div>")
     return parts
+
+
+def deepstack_section(result: LVLMScanView) -> list[str]:
+    """DeepStack (Qwen3-VL): per decoder layer after which tower features are added to the image
+    tokens, the tower block and the norms of the added features and of the stream they join."""
+    summary = result.deepstack_summary()
+    if summary is None:
+        return []
+    rows = [[str(row["layer"]), str(row["tower_block"]), fmt(row["injected_norm_mean"]), fmt(row["injected_norm_max"]),
+             fmt(row["residual_norm_mean"]),
+             fmt(row["injected_to_residual"])]
+            for row in summary["layers"]]
+    return ["<h2>DeepStack</h2>",
+            "<p>After each of these decoder layers the model adds a tower block's merged features to every image "
+            "token's hidden state. Norms are L2, over the image tokens of every image; the residual is the image "
+            "tokens' hidden state at that layer's output, before the addition.</p>",
+            table(["after decoder layer", "tower block", "added norm (mean)", "added norm (max)",
+                   "residual norm (mean)", "added / residual"], rows)]
 
 
 def per_image_section(result: LVLMScanView) -> list[str]:
@@ -62,6 +81,7 @@ def render_lvlm_report(result: LVLMScanView) -> str:
                      str(row["visual_sink_count"]), esc(massive)])
     body += ["<h2>Language model, per decoder layer</h2>",
              table(["layer", "BOS share", "image share", "visual sink tokens", "massive activations"], rows)]
+    body += deepstack_section(result)
     body += head_share_section(result)
     body += per_image_section(result)
     link = result.tower_to_llm()

@@ -66,6 +66,8 @@ class LVLMScanView(Protocol):
 
     def tower_to_llm(self) -> Optional[dict[str, Any]]: ...
 
+    def deepstack_summary(self) -> Optional[dict[str, Any]]: ...
+
 
 @dataclass
 class Previews:
