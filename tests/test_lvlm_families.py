@@ -23,6 +23,7 @@ from vsink.backbones.lvlm_families import lvlm_families
 from vsink.cli import main
 from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_internvl, build_tiny_llava_onevision, build_tiny_paligemma,
                                   build_tiny_qwen3_vl)
+from vsink.errors import VsinkError
 from vsink.lvlm.context import DecodeContext
 
 from lvlm_models import decoder_attention_checked
@@ -152,7 +153,6 @@ def test_generation_masks_have_the_models_bidirectional_blocks(family):
 
 def test_a_scan_of_a_row_with_several_image_runs_is_one_line():
     from vsink.data.demo_lvlm import build_tiny_llava
-    from vsink.errors import VsinkError
 
     model, processor = build_tiny_llava()
     lvlm = LVLM(model, processor, "tiny")
@@ -230,7 +230,6 @@ def test_a_scan_of_a_family_without_deepstack_reports_none():
 def test_qwen3_vl_fastv_before_the_last_deepstack_layer_is_one_line(qwen3):
     """FastV at k = 1 would prune image tokens that DeepStack still adds to after layer 1; k = 2
     (after the last injection) runs."""
-    from vsink.errors import VsinkError
     from vsink.lvlm import generate
 
     inputs = qwen3.prepare(_images(2, (32, 32)), ["is there a cat ?", "describe this image please , what color is the sky ?"])
@@ -291,3 +290,50 @@ def test_vsink_models_lists_qwen3_vl_with_what_was_verified(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "qwen3-vl Qwen3-VL: qwen3_vl (Qwen3VLForConditionalGeneration, built-in" in out
     assert "tiny offline models with DeepStack" in out and "real weights not verified here" in out
+
+
+def test_qwen3_vl_tower_attention_equals_the_librarys_eager_and_probes_change_nothing(qwen3):
+    """Each image's tower attention captured through vsink's sites equals the probabilities of
+    transformers' own eager function (recorded through its public AttentionInterface), block by
+    block and image by image; the logits agree with probes on and are bit-identical after."""
+    from transformers import AttentionInterface
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    model = qwen3.model
+    inputs = qwen3.prepare(_images(2, (48, 32)), ["is there a cat ?", "describe this image please , what color is the sky ?"])
+    recorded: list[torch.Tensor] = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out, weights = modeling_qwen3_vl.eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        recorded.append(weights.clone())
+        return out, weights
+
+    AttentionInterface.register("test_recording_eager", recording)
+    before = model.config.vision_config._attn_implementation
+    model.set_attn_implementation({"vision_config": "test_recording_eager"})
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        model.set_attn_implementation({"vision_config": before})
+    with torch.no_grad():
+        plain = model(**inputs, use_cache=False).logits
+    tower = qwen3.tower_sites()
+    captured: list[tuple[int, torch.Tensor]] = []
+    handles = [tower.hook("attn_probs", layer, lambda p, s, z, layer=layer: captured.append((layer, p.clone())))
+               for layer in range(tower.num_layers)]
+    with torch.no_grad():
+        probed = model(**inputs, use_cache=False).logits
+    for h in handles:
+        h.remove()
+    blocks = len(model.config.vision_config.deepstack_visual_indexes) + 1
+    assert len(recorded) == len(captured) == 2 * blocks  # one call per block and image
+    assert [layer for layer, _ in captured] == [b for b in range(blocks) for _ in range(2)]
+    assert [p.shape[-1] for _, p in captured[:2]] == [int(g.prod()) for g in inputs["image_grid_thw"]]
+    for (_, ours), theirs in zip(captured, recorded):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(probed, plain, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, use_cache=False).logits, plain)  # nothing left installed
+    with pytest.raises(VsinkError, match=r"^tiny-qwen3-vl#vision_tower: only the attention sites "):
+        tower.hook("block_output", 0, lambda h: None)

@@ -8,6 +8,9 @@ positions right after decoder layer ``i``'s output (layers ``0 .. len(indexes) -
 next layer reads them. So in vsink's sites the ``block_input`` of layer ``i + 1`` holds the
 injection while the ``block_output`` of layer ``i`` does not. :meth:`observe_deepstack` reads what
 is injected where (the language model's own arguments), for the LVLM scan's ``deepstack`` section.
+
+The tower is not a vsink vision backbone (packed patches in merge-window order), so test-time
+registers and DAMRO are refused; its attention sites alone are served by :meth:`tower_sites`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from .hf_lvlm import DeepStackObserver
 from .lvlm_families import lvlm_family
 from .lvlm_qwen2_vl import Qwen2VLLVLM
+from .packed_tower import PackedTowerSites
 
 
 @lvlm_family
@@ -45,6 +49,16 @@ class Qwen3VLLVLM(Qwen2VLLVLM):
         """The text model whose forward takes ``visual_pos_masks`` and ``deepstack_visual_embeds``."""
         core = getattr(self.model, "model", self.model)
         return getattr(core, "language_model", core)
+
+    def tower_sites(self) -> PackedTowerSites:
+        """The vision tower's attention sites (capture and edits of each image's tower attention;
+        :mod:`vsink.backbones.packed_tower`), one object per LVLM."""
+        sites = self.__dict__.get("_vsink_tower_sites")
+        if sites is None:
+            core = getattr(self.model, "model", self.model)
+            sites = self.__dict__["_vsink_tower_sites"] = PackedTowerSites(self.model, core.visual,
+                                                                            f"{self.spec}#vision_tower")
+        return sites
 
     def observe_deepstack(self, fn: DeepStackObserver) -> Any:
         """Call ``fn`` with what every forward of the language model injects (nothing when the pass
