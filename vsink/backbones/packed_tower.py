@@ -33,7 +33,6 @@ class PackedTowerSites(SiteModel):
 
     def __init__(self, model: nn.Module, tower: nn.Module, spec: str):
         super().__init__(tower, spec)
-        self._lvlm_model = model
         config = model.config.vision_config
         self._blocks = list(tower.blocks)
         self._heads = int(getattr(config, "num_heads", 0) or config.num_attention_heads)
