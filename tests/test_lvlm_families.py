@@ -227,16 +227,56 @@ def test_a_scan_of_a_family_without_deepstack_reports_none():
     assert result.deepstack_summary() is None and result.to_json()["lvlm"]["deepstack"] is None
 
 
-def test_qwen3_vl_fastv_before_the_last_deepstack_layer_is_one_line(qwen3):
-    """FastV at k = 1 would prune image tokens that DeepStack still adds to after layer 1; k = 2
-    (after the last injection) runs."""
+@pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")  # ratio 0 prunes nothing, on purpose
+def test_qwen3_vl_fastv_before_the_last_deepstack_layer_injects_into_the_kept_tokens(qwen3):
+    """FastV at k = 1 prunes before DeepStack's last injection (after layer 1): vsink then adds each
+    level itself. Read with plain hooks installed before FastV's (so they see layer 1's output
+    before the injection and layer 2's pruned input): the input of layer 2 is layer 1's output plus,
+    at each kept image token, that token's own feature of level 1 (``get_image_features``), and
+    nothing elsewhere. Ratio 0 (every token kept) gives none's tokens; a left-padded batch gives
+    each row its tokens alone."""
     from vsink.lvlm import generate
 
-    inputs = qwen3.prepare(_images(2, (32, 32)), ["is there a cat ?", "describe this image please , what color is the sky ?"])
-    with pytest.raises(VsinkError, match=r"^fastv setting 'k' must be above the decoder layers \[0, 1\] after which "
-                                         r"tiny-qwen3-vl adds DeepStack features .*, got 1$"):
-        generate(qwen3, inputs, mitigation="fastv", settings={"k": 1})
-    assert generate(qwen3, inputs, mitigation="fastv", settings={"k": 2}, max_new_tokens=2).kept is not None
+    model = qwen3.model
+    prompts = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+    images = _images(2, (32, 32))
+    inputs = qwen3.prepare(images, prompts)
+    seen: dict[str, torch.Tensor] = {}
+
+    def output_of_1(module, args, out) -> None:
+        seen.setdefault("out1", (out[0] if isinstance(out, tuple) else out).clone())  # the prompt pass
+
+    def input_of_2(module, args, kwargs) -> None:
+        seen.setdefault("in2", (args[0] if args else kwargs["hidden_states"]).clone())
+
+    hooks = [qwen3.layers[1].register_forward_hook(output_of_1),
+             qwen3.layers[2].register_forward_pre_hook(input_of_2, with_kwargs=True)]
+    try:
+        result = generate(qwen3, inputs, mitigation="fastv", settings={"k": 1, "ratio": 0.5}, max_new_tokens=3)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    levels = encoded.deepstack_features if hasattr(encoded, "deepstack_features") else encoded[1]
+    level1 = (levels[1] if isinstance(levels[1], torch.Tensor) else torch.cat(levels[1])).reshape(2, -1, qwen3.hidden_size)
+    kept = result.kept  # prompt positions kept from layer 1 on
+    assert seen["in2"].shape[1] == kept.shape[1] < inputs["input_ids"].shape[1]
+    image = inputs["input_ids"] == qwen3.image_token_id
+    expected = seen["out1"].clone()
+    for b in range(2):
+        first = int(image[b].nonzero()[0])
+        for j, position in enumerate(kept[b].tolist()):
+            if image[b, position]:
+                expected[b, j] += level1[b, position - first]
+    torch.testing.assert_close(seen["in2"], expected, atol=1e-6, rtol=0)
+    none = generate(qwen3, inputs, max_new_tokens=3)
+    assert torch.equal(generate(qwen3, inputs, mitigation="fastv", settings={"k": 1, "ratio": 0.0},
+                                max_new_tokens=3).new_tokens, none.new_tokens)
+    for b in range(2):
+        alone = generate(qwen3, qwen3.prepare([images[b]], [prompts[b]]), mitigation="fastv",
+                         settings={"k": 1, "ratio": 0.5}, max_new_tokens=3)
+        assert torch.equal(alone.new_tokens[0], result.new_tokens[b]), b
 
 
 def test_qwen3_vl_positions_are_those_of_the_models_own_generation(qwen3):

@@ -27,8 +27,10 @@ from .registry import resolve_device
 from .remote_code import is_remote_code_refusal, refused
 
 
-#: ``fn(visual_pos_masks [B, N] bool, features [image tokens of the batch, D] per DeepStack layer)``
-DeepStackObserver = Callable[[torch.Tensor, list[torch.Tensor]], None]
+#: ``fn(visual_pos_masks [B, N] bool, features [image tokens of the batch, D] per DeepStack layer)``,
+#: called on every forward of the language model (``(None, [])`` when it injects nothing); returning
+#: True takes the injection over: the model then adds nothing and the caller adds the features
+DeepStackObserver = Callable[[Optional[torch.Tensor], list[torch.Tensor]], Optional[bool]]
 
 
 class UnavailableFamily(ModelSpecError):

@@ -15,7 +15,7 @@ registers and DAMRO are refused; its attention sites alone are served by :meth:`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
@@ -61,13 +61,17 @@ class Qwen3VLLVLM(Qwen2VLLVLM):
         return sites
 
     def observe_deepstack(self, fn: DeepStackObserver) -> Any:
-        """Call ``fn`` with what every forward of the language model injects (nothing when the pass
-        has no image: a cached decode step, a text-only branch); returns the hook's handle."""
+        """Call ``fn`` with what every forward of the language model injects (``(None, [])`` when the
+        pass has no image: a cached decode step, a text-only branch); when ``fn`` returns True the
+        model's call gets no DeepStack arguments (the caller injects). Returns the hook's handle."""
 
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
             masks, features = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
-            if masks is not None and features:
-                fn(masks, list(features))
+            present = masks is not None and bool(features)
+            taken = fn(masks, list(features)) if present else fn(None, [])
+            if present and taken is True:
+                return args, {**kwargs, "visual_pos_masks": None, "deepstack_visual_embeds": None}
+            return None
 
         return self.language_model().register_forward_pre_hook(pre, with_kwargs=True)
 

@@ -47,8 +47,8 @@ class DeepStackProbe(HookSet):
         for i, layer in enumerate(self.layers):
             self._handles.append(self.decoder.hook("block_output", layer, self._residual_fn(i)))
 
-    def _observe(self, masks: torch.Tensor, features: list[torch.Tensor]) -> None:
-        self._pass = (masks, features)
+    def _observe(self, masks: Optional[torch.Tensor], features: list[torch.Tensor]) -> None:
+        self._pass = (masks, features) if masks is not None else None
 
     def _residual_fn(self, i: int):
         def fn(h: torch.Tensor) -> None:

@@ -13,8 +13,12 @@ kept count is ``round(n(1 − R))`` (vsink's paper protocol: ``n − round(nR)``
 lmms-eval script ``fastv_kvcache.py`` behind the README's LLaVA-1.5-7B table).
 
 A model that adds DeepStack features to the image positions after its first decoder layers
-(Qwen3-VL, :meth:`~vsink.backbones.hf_lvlm.LVLM.deepstack_layers`) needs every image token until
-its last injection: ``k`` at or below that layer is refused in one line.
+(Qwen3-VL, :meth:`~vsink.backbones.hf_lvlm.LVLM.deepstack_layers`): with ``k`` at or below the
+last such layer the model's own injection (one mask over the unpruned sequence) cannot follow the
+pruned one, so FastV takes it over (:meth:`~vsink.backbones.hf_lvlm.LVLM.observe_deepstack`) and
+adds each level after its layer, as the model does — at every image position before ``k``, at the
+kept image tokens, each with its own feature, from ``k`` on (the pruned tokens' features are dropped
+with them).
 """
 
 from __future__ import annotations
@@ -66,11 +70,6 @@ class FastV(Mitigation):
         s: FastVSettings = self.settings
         n = run.decoder.num_layers
         below_depth(run, self.name, "k", s.k)
-        injected = run.lvlm.deepstack_layers()
-        if injected and s.k <= max(injected):
-            raise VsinkError(f"fastv setting 'k' must be above the decoder layers {injected} after which "
-                             f"{run.lvlm.spec} adds DeepStack features at every image position (the model's "
-                             f"injection does not follow a pruned sequence), got {s.k}")
         counts = run.context.spans.counts()
         if len(set(counts)) > 1:
             raise VsinkError(f"FastV needs the same number of image tokens in every row, got {counts}")
@@ -84,6 +83,15 @@ class FastV(Mitigation):
         for layer in range(s.k, n):  # first of the block's pre-hooks: every site sees the pruned sequence
             handles.append(run.decoder.blocks[layer].register_forward_pre_hook(self._prune(run, layer),
                                                                                with_kwargs=True, prepend=True))
+        injected = run.lvlm.deepstack_layers()
+        self._deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None
+        if injected and s.k <= max(injected):  # DeepStack after a pruned layer: vsink injects (see the docstring)
+            handle = run.lvlm.observe_deepstack(self._take_deepstack(run))
+            if handle is None:
+                raise VsinkError(f"fastv: {run.lvlm.spec} names DeepStack layers {injected} but cannot hand them over")
+            handles.append(handle)
+            for i, layer in enumerate(injected):
+                handles.append(run.decoder.blocks[layer].register_forward_hook(self._inject(run, i, layer)))
 
     def _observe(self, run: Run):
         layer = self.settings.k - 1
@@ -127,6 +135,34 @@ class FastV(Mitigation):
             return args, {**kwargs, "hidden_states": h}
 
         return pre
+
+    def _take_deepstack(self, run: Run):
+        def take(masks: Optional[torch.Tensor], features: list[torch.Tensor]) -> bool:
+            active = masks is not None and not (run.decoder.suspended or is_muted(self.name))
+            self._deepstack = (masks, features) if active else None
+            return active
+
+        return take
+
+    def _inject(self, run: Run, i: int, layer: int):
+        """Block ``layer``'s output plus DeepStack level ``i`` at the image positions the block saw
+        (all of them before k; from k on, the kept ones, each with its own feature)."""
+
+        def hook(module, args, output):
+            if self._deepstack is None:
+                return None
+            masks, features = self._deepstack
+            h = output[0] if isinstance(output, tuple) else output
+            masks, feats = masks.to(h.device), features[i].to(h.device, h.dtype)
+            if layer >= self.settings.k:
+                order = (masks.flatten().long().cumsum(0) - 1).reshape(masks.shape)  # feature row of each position
+                masks = masks.gather(1, self._gather)
+                feats = feats[order.gather(1, self._gather)[masks]]
+            h = h.clone()
+            h[masks] = h[masks] + feats
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
 
     @staticmethod
     def _mask(run: Run, layer: int, q: int, kwargs: dict, h: torch.Tensor) -> torch.Tensor:
