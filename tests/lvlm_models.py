@@ -10,8 +10,9 @@ from PIL import Image
 
 from vsink.backbones.hf_decoder import DecoderModel
 
-from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_internvl, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
-                                  build_tiny_paligemma, build_tiny_qwen2_vl, build_tiny_qwen3_vl)
+from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_idefics3, build_tiny_internvl, build_tiny_llava,
+                                  build_tiny_llava_next, build_tiny_llava_onevision, build_tiny_paligemma, build_tiny_qwen2_vl,
+                                  build_tiny_qwen3_vl)
 from vsink.lvlm import LVLM
 from vsink.probe import Probe
 
@@ -19,7 +20,8 @@ from vsink.probe import Probe
 BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_vl": build_tiny_qwen2_vl,
             "qwen2_5_vl": lambda: build_tiny_qwen2_vl(version="2.5"), "llava_onevision": build_tiny_llava_onevision,
             "paligemma2": build_tiny_paligemma, "paligemma": lambda: build_tiny_paligemma(version=1),
-            "gemma3": build_tiny_gemma3, "internvl": build_tiny_internvl, "qwen3_vl": build_tiny_qwen3_vl}
+            "gemma3": build_tiny_gemma3, "internvl": build_tiny_internvl, "qwen3_vl": build_tiny_qwen3_vl,
+            "idefics3": build_tiny_idefics3, "smolvlm": lambda: build_tiny_idefics3(smolvlm=True)}
 #: LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: image tokens spread over tiles and M-RoPE positions
 FIRST_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 #: two prompts of different lengths, so that a batch of both is left-padded
@@ -40,11 +42,12 @@ def tiny_lvlm(name: str) -> LVLM:
 
 def decoder_attention_checked(model: Any, processor: Any, images: list[Image.Image]) -> tuple[LVLM, dict, Any, Probe]:
     """On eager attention, check that the attention vsink's decoder captures in every layer, and its
-    logits, equal transformers' own output on ``images`` (prompt "describe the image"); returns the
+    logits, equal transformers' own output on ``images`` (prompt "describe the image", prepared as
+    a scan prepares it: :meth:`LVLM.scan_options`); returns the
     LVLM, the inputs, transformers' output and a probe run on the inputs."""
     model.set_attn_implementation("eager")
     lvlm = LVLM(model, processor, "tiny")
-    inputs = lvlm.prepare(images, ["describe the image"] * len(images))
+    inputs = lvlm.prepare(images, ["describe the image"] * len(images), options=lvlm.scan_options())  # as a scan
     with torch.no_grad():
         reference = model(**inputs, output_attentions=True, use_cache=False)
     decoder = DecoderModel(lvlm)

@@ -1,5 +1,5 @@
 """LVLM adapter and mitigations on tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision,
-PaliGemma (2), Gemma 3 and InternVL models built offline."""
+PaliGemma (2), Gemma 3, InternVL, Idefics3 and SmolVLM (image splitting on) models built offline."""
 
 import json
 

@@ -21,8 +21,8 @@ from vsink.backbones.hf_decoder import DecoderModel
 from vsink.backbones.hf_lvlm import LVLM, load_lvlm
 from vsink.backbones.lvlm_families import lvlm_families
 from vsink.cli import main
-from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_internvl, build_tiny_llava_onevision, build_tiny_paligemma,
-                                  build_tiny_qwen3_vl)
+from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_idefics3, build_tiny_internvl, build_tiny_llava_onevision,
+                                  build_tiny_paligemma, build_tiny_qwen3_vl)
 from vsink.errors import VsinkError
 from vsink.lvlm.context import DecodeContext
 
@@ -30,7 +30,8 @@ from lvlm_models import decoder_attention_checked
 
 #: family → tiny builder
 NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3,
-       "internvl": build_tiny_internvl, "qwen3-vl": build_tiny_qwen3_vl}
+       "internvl": build_tiny_internvl, "qwen3-vl": build_tiny_qwen3_vl, "idefics3": build_tiny_idefics3,
+       "smolvlm": lambda: build_tiny_idefics3(smolvlm=True)}
 
 
 def _tiny(family: str):
@@ -377,3 +378,148 @@ def test_qwen3_vl_tower_attention_equals_the_librarys_eager_and_probes_change_no
         assert torch.equal(model(**inputs, use_cache=False).logits, plain)  # nothing left installed
     with pytest.raises(VsinkError, match=r"^tiny-qwen3-vl#vision_tower: only the attention sites "):
         tower.hook("block_output", 0, lambda h: None)
+
+
+@pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")  # random weights: VAR may find no row
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_split_images_are_one_span_per_square_between_their_row_and_column_tokens(family):
+    """Tiles of 32 px, images resized to a longest edge of 64: a 48×40 image becomes 64×64 (2×2
+    sub-images), an 80×40 one 64×32 (1×2); each square gives (32 / 8 / 2)² = 4 image tokens after
+    the pixel shuffle, introduced by ``<fake_token_around_image><row_i_col_j>`` and the global image
+    last by ``<fake_token_around_image><global-img>``. In a left-padded batch of both (5 and 3
+    squares: the second row's pixel tensor padded with two zero images) every row's tokens are
+    those it gets alone, and ``none`` is HF greedy ``generate``."""
+    from vsink.lvlm import generate
+    from vsink.viewbox import ViewBox
+
+    model, processor = _tiny(family)
+    lvlm = LVLM(model, processor, "tiny")
+    images = [_images(1, (48, 40))[0], _images(1, (80, 40))[0]]
+    prompts = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+    inputs = lvlm.prepare(images, prompts)
+    spans = lvlm.image_spans(inputs["input_ids"])
+    tokens = [processor.tokenizer.convert_ids_to_tokens(row) for row in inputs["input_ids"].tolist()]
+    pads = (inputs["attention_mask"] == 0).sum(1).tolist()
+    assert pads[0] == 0 and pads[1] > 0  # the first row's two more squares outweigh the second's longer prompt
+    for b, grid in enumerate([(2, 2), (1, 2)]):
+        runs = spans.spans[b]
+        heads = [f"<row_{i + 1}_col_{j + 1}>" for i in range(grid[0]) for j in range(grid[1])] + ["<global-img>"]
+        assert len(runs) == len(heads) and all(e - s == 4 for s, e in runs)
+        for (s, e), head in zip(runs, heads):
+            assert tokens[b][s - 2:s] == ["<fake_token_around_image>", head]
+        assert tokens[b][runs[-1][1]] == "<fake_token_around_image>"
+        assert lvlm.image_grid(inputs, b, 4) == (2, 2) and lvlm.image_grid(inputs, b, 4 * len(runs)) == (1, 4 * len(runs))
+    assert [row[0][0] for row in spans.spans] == [pad + 3 for pad in pads]  # padding, BOS, the square's two tokens
+    assert tuple(inputs["pixel_values"].shape) == (2, 5, 3, 32, 32)
+    assert bool((inputs["pixel_values"][1, 3:] == 0).all()) and not bool((inputs["pixel_values"][1, :3] == 0).all())
+    assert lvlm.view_box(images[0].size) == ViewBox.full(images[0].size)  # resized whole, never cropped
+    with torch.no_grad():
+        reference = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generate(lvlm, inputs, max_new_tokens=4).sequences, reference)
+    for name, settings in [("none", {}), ("var", {"sink_dims": [3, 7], "tau": 2.5}), ("pai", {"alpha": 0.5}),
+                           ("vcd", {}), ("m3id", {})]:
+        batch = generate(lvlm, inputs, mitigation=name, settings=settings, max_new_tokens=4)
+        for b in range(2):
+            alone = generate(lvlm, lvlm.prepare([images[b]], [prompts[b]]), mitigation=name, settings=settings,
+                             max_new_tokens=4)
+            n = alone.new_tokens.shape[1]
+            assert torch.equal(alone.new_tokens[0], batch.new_tokens[b, :n]), (name, b)
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_tower_attention_equals_eager_and_probes_change_nothing(family):
+    """The SigLIP tower (no class token: a 4×4 grid of patches per 32-px square) as a vsink vision
+    backbone: the attention it captures — on the squares alone, and inside the LVLM's forward on
+    the split image's squares with their patch mask — equals transformers' eager attention to 1e-5,
+    and the model's outputs are unchanged while it is captured."""
+    from conftest import capture_probs, sharpen
+    from vsink.probe import Probe
+
+    model, processor = _tiny(family)
+    tower_module = model.model.vision_model
+    sharpen(tower_module)  # attention far from uniform, so a misplaced index cannot hide
+    model.set_attn_implementation("eager")
+    lvlm = LVLM(model, processor, "tiny")
+    tower = lvlm.vision_backbone()
+    assert tower.layout().num_cls == 0 and tower.layout().grid == (4, 4)
+    inputs = lvlm.prepare(_images(2, (48, 40)), ["describe the image"] * 2)
+    squares = inputs["pixel_values"].flatten(0, 1)  # 2 images × (2×2 sub-images + global), none padded
+    with torch.no_grad():
+        reference = tower_module(pixel_values=squares, output_attentions=True)
+        logits = model(**inputs, use_cache=False).logits
+    out, probs = capture_probs(tower, squares)
+    for got, expected in zip(probs, reference.attentions):
+        assert got.shape == expected.shape == (10, 2, 16, 16)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert expected.max() > 0.3
+    torch.testing.assert_close(out, reference.last_hidden_state, atol=1e-5, rtol=0)
+    captured: dict[int, torch.Tensor] = {}
+    handles = [tower.hook("attn_probs", layer, lambda p, s, z, layer=layer: captured.setdefault(layer, p.clone()))
+               for layer in range(tower.num_layers)]
+    with torch.no_grad():
+        probed = model(**inputs, use_cache=False).logits
+    for h in handles:
+        h.remove()
+    for layer, expected in enumerate(reference.attentions):
+        torch.testing.assert_close(captured[layer], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(probed, logits, atol=1e-5, rtol=0)
+    with Probe(tower) as probe, torch.no_grad():
+        assert torch.equal(model(**inputs, use_cache=False).logits, logits)
+    assert probe.trace().layout.num_cls == 0
+
+
+def test_smolvlm_without_num2words_is_one_line(monkeypatch):
+    import importlib.util
+
+    cls = lvlm_families()["smolvlm"]
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "num2words" else found(name, *a))
+    assert cls.unavailable() == ("the smolvlm family needs the num2words package, which transformers' "
+                                 "SmolVLMProcessor imports: pip install num2words")
+    assert lvlm_families()["idefics3"].unavailable() is None
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_appended_tokens_on_the_tower_follow_its_patch_mask(family):
+    """Test-time registers append a token the tower's padding mask does not cover (transformers
+    4.x passes a 4-D mask even without padding): with the right patch column masked, no query —
+    the appended one included — attends to a masked patch, and every query attends to the
+    appended token; the outputs of the real patches stay finite."""
+    model, processor = _tiny(family)
+    tower = LVLM(model, processor, "tiny").vision_backbone()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    patches = torch.ones(2, 4, 4, dtype=torch.bool)
+    patches[:, :, 3] = False  # the image's right quarter is padding
+    got: dict[int, torch.Tensor] = {}
+    handles = [tower.append_tokens(1)] + [
+        tower.hook("attn_probs", layer, lambda p, s, z, layer=layer: got.setdefault(layer, p.clone()))
+        for layer in range(tower.num_layers)]
+    try:
+        with torch.no_grad():
+            out = model.model.vision_model(pixel_values=x, patch_attention_mask=patches).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    masked = [row * 4 + 3 for row in range(4)]
+    for probs in got.values():
+        assert probs.shape == (2, 2, 17, 17)
+        assert bool((probs[..., masked] == 0).all())
+        assert bool((probs[..., 16] > 0).all())
+    assert bool(out.isfinite().all()) and tower.layout().num_appended == 0
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_a_squares_image_tokens_are_its_patch_grid_pixel_shuffled_row_major(family):
+    """What ``image_grid``'s side × side means, by hand: the connector's pixel shuffle (scale 2) of
+    a 4×4 patch grid whose features are the patch numbers puts the 2×2 patch block at rows 2r, 2r+1
+    and columns 2c, 2c+1 into image token r·2 + c."""
+    model, processor = _tiny(family)
+    lvlm = LVLM(model, processor, "tiny")
+    side = lvlm.square_side()
+    assert side == 2 and lvlm.image_grid({}, 0, 4) == (2, 2)
+    patches = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1).repeat(1, 1, 8)  # feature = patch number
+    shuffled = model.model.connector.pixel_shuffle(patches, 2)  # [1, 4, 8 · 4]
+    for r in range(side):
+        for c in range(side):
+            block = {(2 * r + i) * 4 + 2 * c + j for i in range(2) for j in range(2)}
+            assert set(shuffled[0, r * side + c].tolist()) == block

@@ -19,8 +19,9 @@ from vsink.backbones.hf_decoder import decoder_of
 from vsink.backbones.hf_lvlm import LVLM, load_lvlm
 from vsink.backbones.plugins import PluginError
 from vsink.cli import main
-from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_internvl, build_tiny_llava, build_tiny_llava_next, build_tiny_llava_onevision,
-                                  build_tiny_paligemma, build_tiny_qwen2_vl, build_tiny_qwen3_vl)
+from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_idefics3, build_tiny_internvl, build_tiny_llava,
+                                  build_tiny_llava_next, build_tiny_llava_onevision, build_tiny_paligemma, build_tiny_qwen2_vl,
+                                  build_tiny_qwen3_vl)
 from vsink.errors import VsinkError
 from vsink.lvlm import generate
 from vsink.lvlm import coverage as C
@@ -32,7 +33,8 @@ PLUGIN = Path(__file__).parent / "plugin"
 TINY = {"llava": build_tiny_llava, "llava-next": build_tiny_llava_next, "qwen2-vl": build_tiny_qwen2_vl,
         "qwen2.5-vl": functools.partial(build_tiny_qwen2_vl, version="2.5"), "llava-onevision": build_tiny_llava_onevision,
         "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3, "internvl": build_tiny_internvl,
-        "qwen3-vl": build_tiny_qwen3_vl}
+        "qwen3-vl": build_tiny_qwen3_vl, "idefics3": build_tiny_idefics3,
+        "smolvlm": functools.partial(build_tiny_idefics3, smolvlm=True)}
 
 
 def _image(seed: int = 0, size: tuple[int, int] = (32, 32)):

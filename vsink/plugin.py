@@ -18,7 +18,8 @@ v from the module's own weights and calls ``self._attention(layer, q, k, v, scal
 its model differs from a LLaVA-like one, the members listed in :data:`LVLM_MEMBERS`
 (``image_grid``, ``view_box``, ``vision_tower``, ``tower_patches_are_image_tokens``,
 ``text_position_ids``, ``image_spans``, ``attention_groups`` (bidirectional blocks of the prompt),
-``placeholder``, ``processor_images``, ``pixel_counts`` (image inputs per row), ``load_model``, ``refuses``, ``mrope``, ``tower_is_backbone``,
+``placeholder``, ``processor_images``, ``pixel_counts`` (image inputs per row), ``scan_options`` (processor
+options for a scan: one image span per row), ``load_model``, ``refuses``, ``mrope``, ``tower_is_backbone``,
 ``deepstack_layers``, ``deepstack_tower_blocks``, ``observe_deepstack`` (vision features the model
 adds after some decoder layers, :data:`DeepStackObserver`)). ``@named_lvlm`` registers one exact spec, :func:`known_sink_dims` the sink
 dimensions of a model known by name. Plugin LVLM families are asked first.
@@ -74,8 +75,8 @@ BACKBONE_MEMBERS = ("blocks", "num_heads", "dynamic_size", "_token_counts", "_ru
 #: what an LVLM family may override (defaults: a LLaVA-like model)
 LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "image_grid", "view_box", "vision_tower", "tower_patches_are_image_tokens",
                 "text_position_ids", "image_spans", "attention_groups", "placeholder", "processor_images", "pixel_counts",
-                "load_model", "refuses", "mrope", "tower_is_backbone", "deepstack_layers", "deepstack_tower_blocks",
-                "observe_deepstack")
+                "scan_options", "load_model", "refuses", "mrope", "tower_is_backbone", "deepstack_layers",
+                "deepstack_tower_blocks", "observe_deepstack")
 #: what a mitigation implements (``_install``) and may override
 MITIGATION_MEMBERS = ("name", "settings_class", "target", "_install", "logits_processors", "refusal",
                       "unavailable", "calibration_settings", "nothing_edited_hint")

@@ -39,10 +39,11 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "vsink.backbones"
 #: vsink's own families and the files adding model types to them (the hf family's DINOv3, SigLIP2,
-#: AIMv2 and InternViT adapters), imported before the entry points, so a source checkout needs no install
+#: AIMv2, InternViT and Idefics3-tower adapters), imported before the entry points, so a source checkout needs no install
 BUILTIN = ("vsink.backbones.timm", "vsink.backbones.timm_eva", "vsink.backbones.open_clip", "vsink.backbones.hf_vision",
            "vsink.backbones.hf_dinov3", "vsink.backbones.hf_siglip2", "vsink.backbones.hf_aimv2",
-           "vsink.backbones.hf_internvl_vision", "vsink.data.demos", "vsink.backbones.lvlm_tower")
+           "vsink.backbones.hf_internvl_vision", "vsink.backbones.hf_idefics3_vision", "vsink.data.demos",
+           "vsink.backbones.lvlm_tower")
 
 _FAMILIES: dict[str, type["Backbone"]] = {}
 _PLUGINS: set[str] = set()

@@ -2,7 +2,7 @@
 
 :class:`LVLM` holds what every family shares — decoder layers found by structure, the image token
 id, image spans, processor inputs, sink dimensions, the vision tower as a vision backbone. A family
-(one file each: ``lvlm_llava.py``, ``lvlm_llava_next.py``, ``lvlm_qwen2_vl.py``,
+(one file each: ``lvlm_llava.py``, ``lvlm_llava_next.py``, ``lvlm_qwen2_vl.py``, ``lvlm_idefics3.py``,
 ``lvlm_qwen2_5_vl.py``, or a plugin's) subclasses it, registers with
 :func:`~vsink.backbones.lvlm_families.lvlm_family` and overrides the methods where its model
 differs. ``LVLM(model, processor)`` builds the adapter of the family that accepts the model.
@@ -341,11 +341,13 @@ class LVLM:
         return getattr(transformers, cls.model_class).from_pretrained(repo, **kwargs)
 
     # --- inputs -------------------------------------------------------------------------
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, Any]:
+    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str], *,
+                options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Images + prompts → model inputs with the model's processor (left padding for batches).
         A prompt without the image placeholder gets the model's chat template if it has one,
         else the image token in front. A prompt beyond the model's context is refused
-        (:meth:`check_context`)."""
+        (:meth:`check_context`). ``options``: keyword arguments for the processor call (a scan
+        passes :meth:`scan_options`)."""
         if self.processor is None:
             why = f" ({self.processor_error})" if self.processor_error else ""
             raise VsinkError(f"{self.spec}: no processor was loaded{why}; pass input_ids and pixel_values yourself")
@@ -362,7 +364,8 @@ class LVLM:
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"
-        inputs = self.processor(images=self.processor_images(images), text=texts, return_tensors="pt", padding=True)
+        inputs = self.processor(images=self.processor_images(images), text=texts, return_tensors="pt", padding=True,
+                                **(options or {}))
         self.check_context(int(inputs["input_ids"].shape[1]))
         accepted = self._forward_parameters()
         # some tokenizers add token_type_ids, which LLaVA's forward (and transformers 4.x's
@@ -378,6 +381,11 @@ class LVLM:
         rows) cut ``pixel_values`` by it."""
         grid = inputs.get("image_grid_thw")
         return None if grid is None else [int(n) for n in grid.prod(-1)]
+
+    def scan_options(self) -> dict[str, Any]:
+        """Processor options for ``vsink scan --prompt`` (a scan's layout needs one image span per
+        row; families that split an image into separate runs turn that off here). Default: none."""
+        return {}
 
     def placeholder(self) -> str:
         """The text that marks where the image goes in a prompt (the processor's ``image_token``)."""

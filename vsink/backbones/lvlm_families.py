@@ -40,7 +40,8 @@ ENTRY_POINT_GROUP = "vsink.lvlms"
 BUILTIN = ("vsink.backbones.lvlm_llava", "vsink.backbones.lvlm_llava_next", "vsink.backbones.lvlm_qwen2_vl",
            "vsink.backbones.lvlm_qwen2_5_vl", "vsink.backbones.lvlm_llava_onevision", "vsink.backbones.lvlm_paligemma",
            "vsink.backbones.lvlm_gemma3", "vsink.backbones.lvlm_internvl", "vsink.backbones.lvlm_qwen3_vl",
-           "vsink.data.demo_llava", "vsink.data.demo_halluc")
+           "vsink.backbones.lvlm_idefics3", "vsink.backbones.lvlm_smolvlm", "vsink.data.demo_llava",
+           "vsink.data.demo_halluc")
 
 _FAMILIES: dict[str, LVLMClass] = {}
 _PLUGINS: set[str] = set()

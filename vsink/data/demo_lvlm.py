@@ -314,3 +314,42 @@ def build_tiny_internvl(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv
     processor = tr.InternVLProcessor(image_processor=image_processor, tokenizer=tok,
                                      video_processor=tr.InternVLVideoProcessor(size=size), image_seq_length=per_tile)
     return model, processor
+
+
+def build_tiny_idefics3(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, tile: int = 32,
+                        patch: int = 8, scale_factor: int = 2, longest_edge: int = 64, splitting: bool = True,
+                        seed: int = 0, smolvlm: bool = False) -> tuple[Any, Any]:
+    """(``Idefics3ForConditionalGeneration``, ``Idefics3Processor``), or SmolVLM's pair with
+    ``smolvlm=True``: a SigLIP-like tower (no class token) on ``tile``-pixel squares, a
+    pixel-shuffle connector (``scale_factor``² patches into one token: (tile / patch / scale)²
+    image tokens per square), a Llama decoder. With ``splitting`` the processor resizes an image's
+    longest edge to ``longest_edge``, cuts it into a grid of ``tile`` squares and adds the whole
+    image at ``tile`` (the global image); the prompt then holds, per sub-image,
+    ``<fake_token_around_image><row_i_col_j>`` and its image tokens, then the global image's."""
+    import transformers as tr
+
+    rows_cols = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
+    specials = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *rows_cols)
+    tok = word_tokenizer(specials + (("<video>",) if smolvlm else ()))
+    torch.manual_seed(seed)
+    text, _ = _llama_and_clip(tok, hidden, layers, heads, kv_heads, tile, patch)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=tile,
+                  patch_size=patch)
+    sizes = dict(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile},
+                 do_image_splitting=splitting)
+    seq_len = (tile // patch // scale_factor) ** 2
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    if smolvlm:
+        config = tr.SmolVLMConfig(vision_config=tr.SmolVLMVisionConfig(**vision), text_config=text,
+                                  scale_factor=scale_factor, image_token_id=image_token_id)
+        model = tr.SmolVLMForConditionalGeneration(config).eval()
+        processor = tr.SmolVLMProcessor(image_processor=tr.SmolVLMImageProcessor(**sizes), tokenizer=tok,
+                                        video_processor=tr.SmolVLMVideoProcessor(), image_seq_len=seq_len)
+    else:
+        config = tr.Idefics3Config(vision_config=tr.Idefics3VisionConfig(**vision), text_config=text,
+                                   scale_factor=scale_factor, image_token_id=image_token_id)
+        model = tr.Idefics3ForConditionalGeneration(config).eval()
+        processor = tr.Idefics3Processor(image_processor=tr.Idefics3ImageProcessor(**sizes), tokenizer=tok,
+                                         image_seq_len=seq_len)
+    model.generation_config.suppress_tokens = [tok.convert_tokens_to_ids(t) for t in specials[:2]]  # see build_tiny_llava
+    return model, processor

@@ -282,7 +282,7 @@ def scan_lvlm(
             names += batch_names
     if not batches:
         raise NothingScanned(skipped)
-    first = lvlm.prepare(batches[0], [prompt] * len(batches[0]))
+    first = lvlm.prepare(batches[0], [prompt] * len(batches[0]), options=lvlm.scan_options())
     decoder.set_layout(first)
     dims, source = _sink_dims(lvlm, first, sink_dims)
     bar = tqdm(total=len(names), desc="scan", unit="img", disable=not progress)
@@ -295,7 +295,8 @@ def scan_lvlm(
         for probe in probes:
             stack.enter_context(probe)
         for batch in batches:
-            inputs = first if batch is batches[0] else lvlm.prepare(batch, [prompt] * len(batch))
+            inputs = first if batch is batches[0] else lvlm.prepare(batch, [prompt] * len(batch),
+                                                                     options=lvlm.scan_options())
             decoder.set_layout(inputs)
             lvlm.model(**inputs, use_cache=False)
             bar.update(len(batch))

@@ -38,10 +38,20 @@ def diffusion_schedule() -> torch.Tensor:
 
 
 def add_diffusion_noise(pixels: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
-    """``pixels`` after ``step`` steps of forward diffusion (Gaussian noise from ``generator``)."""
+    """``pixels`` after ``step`` steps of forward diffusion (Gaussian noise from ``generator``).
+
+    In a 5-D tensor [1, images, C, H, W] the images that are zero everywhere are batch padding —
+    Idefics3 and SmolVLM drop them from the tower by that test, so a row with fewer sub-images than
+    another keeps its padding — and stay zero; the real images come first and draw the same noise
+    as the row alone."""
     keep, noise_scale = diffusion_schedule()[:, step].tolist()
-    noise = torch.randn(pixels.shape, generator=generator, dtype=torch.float32).to(pixels.device)
-    return (keep * pixels.float() + noise_scale * noise).to(pixels.dtype)
+    real = pixels
+    if pixels.dim() == 5:
+        padding = (pixels == 0).flatten(2).all(-1).flatten()
+        real = pixels[:, : int((~padding).sum())]
+    noise = torch.randn(real.shape, generator=generator, dtype=torch.float32).to(pixels.device)
+    noised = (keep * real.float() + noise_scale * noise).to(pixels.dtype)
+    return torch.cat([noised, pixels[:, noised.shape[1]:]], dim=1) if pixels.dim() == 5 else noised
 
 
 def per_image(pixels: torch.Tensor, counts: Optional[Sequence[int]]) -> list[torch.Tensor]:
