@@ -11,6 +11,7 @@ own one-line error, instead of failing.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -388,8 +389,10 @@ def test_split_images_are_one_span_per_square_between_their_row_and_column_token
     the pixel shuffle, introduced by ``<fake_token_around_image><row_i_col_j>`` and the global image
     last by ``<fake_token_around_image><global-img>``. In a left-padded batch of both (5 and 3
     squares: the second row's pixel tensor padded with two zero images) every row's tokens are
-    those it gets alone, and ``none`` is HF greedy ``generate``."""
+    those it gets alone — none, VAR, PAI, VCD, M3ID, VAF, OPERA (OPERA runs row by row: each row's
+    slice keeps the padding images, which the model drops) — and ``none`` is HF greedy ``generate``."""
     from vsink.lvlm import generate
+    from vsink.mitigate import mitigation_registry
     from vsink.viewbox import ViewBox
 
     model, processor = _tiny(family)
@@ -417,7 +420,13 @@ def test_split_images_are_one_span_per_square_between_their_row_and_column_token
         reference = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(generate(lvlm, inputs, max_new_tokens=4).sequences, reference)
     for name, settings in [("none", {}), ("var", {"sink_dims": [3, 7], "tau": 2.5}), ("pai", {"alpha": 0.5}),
-                           ("vcd", {}), ("m3id", {})]:
+                           ("vcd", {}), ("m3id", {}), ("vaf", {}), ("opera", {})]:
+        registered = mitigation_registry().get(name)  # none is no registered mitigation
+        missing = registered.unavailable() if registered is not None else None  # opera under 4.x: its one line
+        if missing is not None:
+            with pytest.raises(VsinkError, match=f"^{re.escape(missing)}$"):
+                generate(lvlm, inputs, mitigation=name, settings=settings, max_new_tokens=4)
+            continue
         batch = generate(lvlm, inputs, mitigation=name, settings=settings, max_new_tokens=4)
         for b in range(2):
             alone = generate(lvlm, lvlm.prepare([images[b]], [prompts[b]]), mitigation=name, settings=settings,
