@@ -76,7 +76,7 @@ def test_decoder_attention_equals_eager_and_probes_change_nothing(family):
     assert torch.equal(probed, reference.logits)
     layout = probe.trace().layout
     spans = lvlm.image_spans(inputs["input_ids"])
-    assert layout.patch_slice == slice(*spans.spans[0][0])
+    assert layout.patch_slice == slice(spans.spans[0][0][0], spans.end(0))  # the row's image tokens, every span
 
 
 def test_paligemma_prefix_is_bidirectional_and_sliding_windows_are_followed_during_generation():
@@ -532,3 +532,71 @@ def test_a_squares_image_tokens_are_its_patch_grid_pixel_shuffled_row_major(fami
         for c in range(side):
             block = {(2 * r + i) * 4 + 2 * c + j for i in range(2) for j in range(2)}
             assert set(shuffled[0, r * side + c].tolist()) == block
+
+
+def _onevision(most_tiles: int = 9) -> LVLM:
+    """The tiny LLaVA-OneVision (32-pixel tiles of 8-pixel patches: a 4 × 4 base view; pinpoints
+    1×1 to 2×2 tiles) with ``anyres_max_<most_tiles>`` on the model and its processor."""
+    model, processor = _tiny("llava-onevision")
+    model.config.vision_aspect_ratio = processor.vision_aspect_ratio = f"anyres_max_{most_tiles}"
+    return LVLM(model, processor, "tiny")
+
+
+def _image_features(lvlm: LVLM, inputs: dict) -> torch.Tensor:
+    """transformers' own image features of the first image, in the order they fill its image tokens."""
+    config = lvlm.model.config
+    with torch.no_grad():
+        out = lvlm.model.model.get_image_features(inputs["pixel_values"][:1], inputs["image_sizes"][:1],
+                                                  vision_feature_layer=config.vision_feature_layer,
+                                                  vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                                  vision_aspect_ratio=config.vision_aspect_ratio)
+    features = getattr(out, "pooler_output", out)  # transformers 5: an output object; 4.x: the list
+    return features[0]
+
+
+# A 48 × 40 (width × height) image on the tiny model. Base view: the image resized to one 32-pixel
+# tile, (32 / 8)² = 16 tokens, a 4 × 4 grid. Tiled view: of the pinpoints (h, w) 32×32, 32×64,
+# 64×32, 64×64 only 64×64 holds the image at full resolution (scale min(64/48, 64/40) = 4/3 keeps
+# all 1920 pixels; the others shrink it), so 2 × 2 tiles, an 8 × 8 patch map. The image is wider
+# than that map (48/40 > 8/8): resized to width 8 its height is round(40 · 8/48) = 6 (6.67
+# truncated), so (8 - 6) // 2 = 1 padding row is cut at the top and at the bottom: 6 × 8 features.
+# anyres_max_9: sqrt(6 · 8 / (9 · 16)) = 0.58 <= 1.1, no pooling. One newline per row: a 6 × 9
+# grid, 54 tokens. anyres_max_1: sqrt(48 / 16) = 1.73 > 1.1, pooled to int(6 // 1.73) = 3 by
+# int(8 // 1.73) = 4, plus the newline column: a 3 × 5 grid, 15 tokens.
+@pytest.mark.parametrize("most_tiles, tiled", [(9, (6, 9)), (1, (3, 5))])
+def test_onevision_spans_are_the_base_view_then_the_tiled_view(most_tiles, tiled):
+    lvlm = _onevision(most_tiles)
+    inputs = lvlm.prepare(_images(1, (48, 40)), ["describe the image"])
+    ids = inputs["input_ids"][0]
+    image = (ids == lvlm.image_token_id).nonzero().flatten().tolist()
+    start = image[0]
+    assert image == list(range(start, start + 16 + tiled[0] * tiled[1]))  # the processor's count, one run
+    spans = lvlm.image_spans(inputs["input_ids"])
+    assert spans.spans == (((start, start + 16), (start + 16, start + 16 + tiled[0] * tiled[1])),)
+    assert lvlm.view_grids(inputs, 0) == [(4, 4), tiled]
+    assert [lvlm.image_grid(inputs, 0, e - s) for s, e in spans.spans[0]] == [(4, 4), tiled]
+    assert lvlm.image_grid(inputs, 0, len(image)) == (1, len(image))  # both views: no rectangle
+    # transformers' own features: the base view, then the tiled view whose last column is the newline
+    features = _image_features(lvlm, inputs)
+    assert features.shape[0] == len(image)
+    grid = features[16:].reshape(*tiled, -1)
+    newline = lvlm.model.model.image_newline.to(features.dtype)
+    is_newline = (grid == newline).all(-1)
+    assert is_newline[:, -1].all() and not is_newline[:, :-1].any()
+    assert not (features[:16] == newline).all(-1).any()
+
+
+def test_onevision_spans_of_a_left_padded_batch_are_each_rows_alone_shifted_by_its_padding():
+    lvlm = _onevision()
+    images, prompts = _images(1, (48, 40)) + _images(1, (40, 90)), ["describe the image", "is it a cat ?"]
+    inputs = lvlm.prepare(images, prompts)
+    spans = lvlm.image_spans(inputs["input_ids"])
+    pad = (inputs["attention_mask"] == 0).sum(1).tolist()
+    assert sorted(pad)[0] == 0 and max(pad) > 0
+    for b in range(2):
+        alone = lvlm.prepare(images[b:b + 1], prompts[b:b + 1])
+        row = lvlm.image_spans(alone["input_ids"]).spans[0]
+        assert len(row) == 2
+        assert spans.spans[b] == tuple((s + pad[b], e + pad[b]) for s, e in row)
+        assert lvlm.view_grids(inputs, b) == lvlm.view_grids(alone, 0)
+        assert [lvlm.image_grid(inputs, b, e - s) for s, e in spans.spans[b]] == lvlm.view_grids(inputs, b)
