@@ -498,6 +498,14 @@ def test_attention_export_shapes(lvlm, tmp_path):
     grid = tuple(data["grid"])
     assert data["attention"].shape == (3, lvlm.num_layers, *grid)
     assert grid[0] * grid[1] == result.image_spans.counts()[1]
+    # each image span's own grid (LLaVA-OneVision: base view, tiled view), in the row's token order
+    spans = data["spans"].tolist()
+    runs = result.image_spans.spans[1]
+    assert [count for _, count, _, _ in spans] == [e - s for s, e in runs]
+    assert [offset for offset, _, _, _ in spans] == [sum(e - s for s, e in runs[:i]) for i in range(len(runs))]
+    assert all(rows * cols == count for _, count, rows, cols in spans)
+    if lvlm.model_type == "llava_onevision":
+        assert [(rows, cols) for _, _, rows, cols in spans] == lvlm.view_grids(inputs, 1)
     assert np.isnan(data["attention"][:, 2:]).any() and not np.isnan(data["attention"][:, :2]).any()  # pruned
     assert data["tokens"].tolist() == result.new_tokens[1].tolist()
     assert (tmp_path / "row0" / "step002.png").exists() and len(paths) == 2 + 2 * 3

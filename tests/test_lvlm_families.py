@@ -575,6 +575,7 @@ def test_onevision_spans_are_the_base_view_then_the_tiled_view(most_tiles, tiled
     assert spans.spans == (((start, start + 16), (start + 16, start + 16 + tiled[0] * tiled[1])),)
     assert lvlm.view_grids(inputs, 0) == [(4, 4), tiled]
     assert [lvlm.image_grid(inputs, 0, e - s) for s, e in spans.spans[0]] == [(4, 4), tiled]
+    assert lvlm.span_grids(inputs, 0, spans) == [(4, 4), tiled]
     assert lvlm.image_grid(inputs, 0, len(image)) == (1, len(image))  # both views: no rectangle
     # transformers' own features: the base view, then the tiled view whose last column is the newline
     features = _image_features(lvlm, inputs)
@@ -600,3 +601,4 @@ def test_onevision_spans_of_a_left_padded_batch_are_each_rows_alone_shifted_by_i
         assert spans.spans[b] == tuple((s + pad[b], e + pad[b]) for s, e in row)
         assert lvlm.view_grids(inputs, b) == lvlm.view_grids(alone, 0)
         assert [lvlm.image_grid(inputs, b, e - s) for s, e in spans.spans[b]] == lvlm.view_grids(inputs, b)
+        assert lvlm.span_grids(inputs, b, spans) == lvlm.view_grids(inputs, b)

@@ -279,6 +279,12 @@ class LVLM:
         side = int(round(count ** 0.5))
         return (side, side) if side * side == count else (1, count)
 
+    def span_grids(self, inputs: dict[str, Any], row: int, spans: ImageSpans) -> list[tuple[int, int]]:
+        """(rows, cols) of each of row ``row``'s image spans as a picture (:meth:`image_grid` of each
+        span's count): a family whose image is several spans (LLaVA-OneVision's base and tiled
+        views, Idefics3's squares) gives each its own grid."""
+        return [self.image_grid(inputs, row, end - start) for start, end in spans.spans[row]]
+
     def view_box(self, size: Sequence[int]) -> ViewBox:
         """The region of a ``(width, height)`` image this model's processor feeds to the model, in
         the image's pixels (:mod:`vsink.viewbox`); default: the whole image (tiles, ``smart_resize``)."""

@@ -92,6 +92,16 @@ class LlavaOnevisionLVLM(LVLM):
         rows, cols = self.tiled_grid(height, width)
         return [(self.base_side, self.base_side), (rows, cols + 1)]
 
+    def span_grids(self, inputs: dict[str, Any], row: int, spans: ImageSpans) -> list[tuple[int, int]]:
+        """Each image's base view ``side × side`` and tiled view ``rows × (cols + 1)`` by their
+        place (a count alone can fit both), from :meth:`view_grids`; without ``image_sizes``, by
+        count (:meth:`image_grid`)."""
+        grids = self.view_grids(inputs, row)
+        runs = spans.spans[row]
+        if grids is None or len(runs) != 2 or [e - s for s, e in runs] != [r * c for r, c in grids]:
+            return super().span_grids(inputs, row, spans)
+        return grids
+
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:
         """The base view's ``side × side``, the tiled view's ``rows × (cols + 1)`` (newline column
         last) for a span of that count; both views together (or an unknown count): ``1 × count``."""

@@ -4,8 +4,10 @@ For batch row b: ``DIR/row<b>.npz`` with ``attention`` [steps, layers, h, w] (he
 NaN where FastV pruned a token), ``layer_mean`` [steps, h, w] (mean over layers, pruned tokens
 ignored), ``tokens`` [steps] (the generated ids), ``words`` (JSON: each generated token decoded
 alone), ``image_token`` (the image placeholder as decoded, which the viewer marks as an image span
-rather than a word), ``grid`` (h, w), the run's ``mitigation``, ``protocol`` and ``settings`` (JSON) as strings,
-and, when the images are given, ``name`` (the image's name), ``view_box`` (x0, y0, x1, y1: the region
+rather than a word), ``grid`` (h, w), ``spans`` (int [spans, 4]: per image span of the row, such
+as LLaVA-OneVision's base and tiled views, its first image token among the row's, its token count
+and its own grid's rows and columns), the run's ``mitigation``, ``protocol`` and ``settings``
+(JSON) as strings, and, when the images are given, ``name`` (the image's name), ``view_box`` (x0, y0, x1, y1: the region
 of the original image the processor fed to the model, in its pixels; :meth:`LVLM.view_box`) and
 ``image`` (that region, uint8 [H, W, 3], longer side at most :data:`IMAGE_SIDE`) for ``vsink view``;
 and ``DIR/row<b>/step<t>.png`` overlays of ``layer_mean`` on that region, titled with the word, on
@@ -26,6 +28,7 @@ from PIL import Image
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..io import NpzWriter, atomic_path
+from ..layout import ImageSpans
 from ..outputs import OutputSet, check_output_dir
 from ..version import __version__
 from ..viewbox import ViewBox
@@ -49,6 +52,17 @@ def stored_image(lvlm: LVLM, image: Image.Image) -> tuple[Image.Image, ViewBox]:
     and its view box."""
     box = lvlm.view_box(image.size)
     return box.crop(image, lvlm.view_fill(), IMAGE_SIDE), box
+
+
+def span_table(lvlm: LVLM, inputs: dict[str, Any], spans: ImageSpans, row: int) -> np.ndarray:
+    """Row ``row``'s image spans as int64 [spans, 4]: where each starts among the row's image tokens
+    (the last axis of ``attention`` before its reshape to ``grid``), its token count and its own
+    grid's rows and columns (:meth:`LVLM.span_grids`)."""
+    table, offset = [], 0
+    for (start, end), (rows, cols) in zip(spans.spans[row], lvlm.span_grids(inputs, row, spans)):
+        table.append([offset, end - start, rows, cols])
+        offset += end - start
+    return np.asarray(table, dtype=np.int64).reshape(-1, 4)
 
 
 def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], out: Union[str, os.PathLike],
@@ -107,6 +121,7 @@ def write_attention_rows(lvlm: LVLM, result: GenerationResult, inputs: dict[str,
                 w.add("view_box", np.asarray(box.to_list(), dtype=np.float64))
                 w.add("name", np.asarray(names[b] if names is not None else f"row{row}"))
             w.add("grid", np.asarray(grid))
+            w.add("spans", span_table(lvlm, inputs, result.image_spans, b))
             w.add("mitigation", np.asarray(result.mitigation))
             w.add("protocol", np.asarray(result.protocol))
             w.add("settings", np.asarray(json.dumps(result.settings)))
