@@ -487,9 +487,14 @@ def test_pai_changes_only_last_row_image_logits():
     assert torch.equal(p_early, attention(1))  # layers before start_layer are untouched
 
 
-def test_attention_export_shapes(lvlm, tmp_path):
+def test_attention_export_shapes(lvlm, tmp_path, monkeypatch):
+    from vsink.export import figures
     from vsink.lvlm.export import export_attention
 
+    drawn = []
+    overlay = figures.overlay_png
+    monkeypatch.setattr(figures, "overlay_png",
+                        lambda image, grid, *a, **k: drawn.append(grid) or overlay(image, grid, *a, **k))
     images = [random_image(), random_image(1)]
     inputs = lvlm.prepare(images, PROMPTS)
     result = generate(lvlm, inputs, mitigation="fastv", max_new_tokens=3, capture_attention=True)
@@ -504,8 +509,14 @@ def test_attention_export_shapes(lvlm, tmp_path):
     assert [count for _, count, _, _ in spans] == [e - s for s, e in runs]
     assert [offset for offset, _, _, _ in spans] == [sum(e - s for s, e in runs[:i]) for i in range(len(runs))]
     assert all(rows * cols == count for _, count, rows, cols in spans)
+    # the overlays (row 1's are drawn last): the row's layer mean; LLaVA-OneVision's: its base view's part
+    layer_mean = np.nan_to_num(data["layer_mean"])
     if lvlm.model_type == "llava_onevision":
         assert [(rows, cols) for _, _, rows, cols in spans] == lvlm.view_grids(inputs, 1)
+        layer_mean = layer_mean.reshape(3, -1)[:, :spans[0][1]].reshape(3, spans[0][2], spans[0][3])
+    assert len(drawn) == 2 * 3
+    for t in range(3):
+        np.testing.assert_array_equal(drawn[3 + t], layer_mean[t])
     assert np.isnan(data["attention"][:, 2:]).any() and not np.isnan(data["attention"][:, :2]).any()  # pruned
     assert data["tokens"].tolist() == result.new_tokens[1].tolist()
     assert (tmp_path / "row0" / "step002.png").exists() and len(paths) == 2 + 2 * 3

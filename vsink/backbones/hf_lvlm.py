@@ -285,6 +285,12 @@ class LVLM:
         views, Idefics3's squares) gives each its own grid."""
         return [self.image_grid(inputs, row, end - start) for start, end in spans.spans[row]]
 
+    def overview_span(self, inputs: dict[str, Any], row: int, spans: ImageSpans) -> Optional[int]:
+        """Which of row ``row``'s image spans alone shows the whole :meth:`view_box` on its grid
+        (the export draws its step overlays from it), or None: the row's image tokens together
+        (the default: one span per image)."""
+        return None
+
     def view_box(self, size: Sequence[int]) -> ViewBox:
         """The region of a ``(width, height)`` image this model's processor feeds to the model, in
         the image's pixels (:mod:`vsink.viewbox`); default: the whole image (tiles, ``smart_resize``)."""

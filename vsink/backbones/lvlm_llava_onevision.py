@@ -102,6 +102,10 @@ class LlavaOnevisionLVLM(LVLM):
             return super().span_grids(inputs, row, spans)
         return grids
 
+    def overview_span(self, inputs: dict[str, Any], row: int, spans: ImageSpans) -> Optional[int]:
+        """The base view (the first span): the whole image on a ``side × side`` grid."""
+        return 0 if spans.spans[row] else None
+
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:
         """The base view's ``side × side``, the tiled view's ``rows × (cols + 1)`` (newline column
         last) for a span of that count; both views together (or an unknown count): ``1 × count``."""

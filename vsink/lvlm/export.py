@@ -10,8 +10,9 @@ and its own grid's rows and columns), the run's ``mitigation``, ``protocol`` and
 (JSON) as strings, and, when the images are given, ``name`` (the image's name), ``view_box`` (x0, y0, x1, y1: the region
 of the original image the processor fed to the model, in its pixels; :meth:`LVLM.view_box`) and
 ``image`` (that region, uint8 [H, W, 3], longer side at most :data:`IMAGE_SIDE`) for ``vsink view``;
-and ``DIR/row<b>/step<t>.png`` overlays of ``layer_mean`` on that region, titled with the word, on
-one colour scale from 0 over all steps of the row. Works for any grid size: LLaVA's square
+and ``DIR/row<b>/step<t>.png`` overlays of ``layer_mean`` on that region (where one of the row's
+spans alone shows the whole region, only that span on its own grid: LLaVA-OneVision's base
+view), titled with the word, on one colour scale from 0 over all steps of the row. Works for any grid size: LLaVA's square
 patch grid, Qwen2-VL's merged (h, w) grid, or 1 × n when the tokens do not form a rectangle.
 """
 
@@ -63,6 +64,18 @@ def span_table(lvlm: LVLM, inputs: dict[str, Any], spans: ImageSpans, row: int) 
         table.append([offset, end - start, rows, cols])
         offset += end - start
     return np.asarray(table, dtype=np.int64).reshape(-1, 4)
+
+
+def overview(lvlm: LVLM, inputs: dict[str, Any], spans: ImageSpans, row: int, layer_mean: np.ndarray) -> np.ndarray:
+    """What a row's step overlays draw: ``layer_mean`` [steps, h, w] on the row's grid, or the part
+    of it on the span that shows the whole view (:meth:`LVLM.overview_span`: LLaVA-OneVision's
+    base view) on that span's own grid."""
+    chosen = lvlm.overview_span(inputs, row, spans)
+    if chosen is None:
+        return layer_mean
+    offset, count, rows, cols = span_table(lvlm, inputs, spans, row)[chosen].tolist()
+    flat = layer_mean.reshape(layer_mean.shape[0], -1)
+    return flat[:, offset:offset + count].reshape(-1, rows, cols)
 
 
 def export_attention(lvlm: LVLM, result: GenerationResult, inputs: dict[str, Any], out: Union[str, os.PathLike],
@@ -127,12 +140,13 @@ def write_attention_rows(lvlm: LVLM, result: GenerationResult, inputs: dict[str,
             w.add("settings", np.asarray(json.dumps(result.settings)))
         written.append(path)
         if png and images is not None:
-            scale = shared_scale([layer_mean], zero=True, label="attention share (mean over layers)")
+            drawn = overview(lvlm, inputs, result.image_spans, b, layer_mean)
+            scale = shared_scale([drawn], zero=True, label="attention share (mean over layers)")
             label = names[b] if names is not None else f"row {row}"
             for t in range(layer_mean.shape[0]):
                 png_path = out / f"row{row}" / f"step{t:03d}.png"
                 png_path.parent.mkdir(parents=True, exist_ok=True)
-                data = overlay_png(shown, np.nan_to_num(layer_mean[t]),
+                data = overlay_png(shown, np.nan_to_num(drawn[t]),
                                    f"{label}, word {t}: {words[t].strip() or repr(words[t])}, layer mean", scale=scale)
                 with atomic_path(png_path) as tmp:
                     tmp.write_bytes(data)
