@@ -16,8 +16,8 @@ v from the module's own weights and calls ``self._attention(layer, q, k, v, scal
 **An LVLM family** (entry point group ``vsink.lvlms``): an :class:`LVLM` subclass decorated with
 :func:`lvlm_family`, with ``family``, ``model_types``, ``model_class``, ``verified`` and, where
 its model differs from a LLaVA-like one, the members listed in :data:`LVLM_MEMBERS`
-(``image_grid``, ``span_grids`` (each image span's own grid), ``overview_span``, ``view_box``, ``vision_tower``, ``tower_patches_are_image_tokens``,
-``text_position_ids``, ``image_spans``, ``attention_groups`` (bidirectional blocks of the prompt),
+(``image_grid``, ``span_grids`` (each image span's own grid), ``overview_span`` (the span the export's
+overlays draw), ``view_box``, ``vision_tower``, ``tower_patches_are_image_tokens``, ``text_position_ids``, ``image_spans``, ``attention_groups`` (bidirectional blocks of the prompt),
 ``placeholder``, ``processor_images``, ``pixel_counts`` (image inputs per row), ``scan_options`` (processor
 options for a scan: one image span per row), ``load_model``, ``refuses``, ``mrope``, ``tower_is_backbone``,
 ``deepstack_layers``, ``deepstack_tower_blocks``, ``observe_deepstack`` (vision features the model
@@ -73,8 +73,8 @@ ExplicitAttention = Callable[..., torch.Tensor]
 BACKBONE_MEMBERS = ("blocks", "num_heads", "dynamic_size", "_token_counts", "_run_model", "_mlp_out_proj",
                     "final_norm", "_parameter_roles", "_install_attention", "can_wrap", "from_spec")
 #: what an LVLM family may override (defaults: a LLaVA-like model)
-LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "image_grid", "span_grids", "overview_span", "view_box", "vision_tower", "tower_patches_are_image_tokens",
-                "text_position_ids", "image_spans", "attention_groups", "placeholder", "processor_images", "pixel_counts",
+LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "image_grid", "span_grids", "overview_span", "view_box", "vision_tower",
+                "tower_patches_are_image_tokens", "text_position_ids", "image_spans", "attention_groups", "placeholder", "processor_images", "pixel_counts",
                 "scan_options", "load_model", "refuses", "mrope", "tower_is_backbone", "deepstack_layers",
                 "deepstack_tower_blocks", "observe_deepstack")
 #: what a mitigation implements (``_install``) and may override
