@@ -17,11 +17,17 @@ WORDS = ("a an the is there in image picture photo what color of and yes no cat 
 def word_tokenizer(extra_special: tuple[str, ...] = (), tokenizer_class: Any = None, words: Sequence[str] = WORDS,
                    named: Optional[dict[str, str]] = None):
     """A whitespace word-level fast tokenizer of ``words`` (``<s>`` BOS, ``</s>`` EOS, ``<pad>``, ``<unk>``), as
-    ``tokenizer_class`` (default ``PreTrainedTokenizerFast``; processors that check the class, such
-    as Qwen2-VL's under transformers 4.x, get theirs). ``named``: special tokens some processors
-    read as attributes (Gemma 3's ``boi_token``, ``image_token``, ...), saved with the tokenizer."""
+    ``tokenizer_class`` under transformers 4.x, whose processors check the class (Qwen2-VL's,
+    PaliGemma's); ``PreTrainedTokenizerFast`` otherwise and under transformers 5, which reloads a
+    saved ``Qwen2Tokenizer`` / ``GemmaTokenizer`` with that class's own BPE instead of the saved
+    word-level model. ``named``: special tokens some processors read as attributes (Gemma 3's
+    ``boi_token``, ``image_token``, ...), saved with the tokenizer."""
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer_class = None
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", *extra_special]
     vocab = {tok: i for i, tok in enumerate(specials + list(words) + ["?", ".", ","])}
