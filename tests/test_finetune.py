@@ -193,6 +193,19 @@ def test_overrides_name_the_full_key_and_the_last_value_wins():
     assert load_config(None, ["model.model_kwargs.depth=2"]).model.model_kwargs == {"depth": 2}
 
 
+def test_a_bad_override_value_is_blamed_on_the_override_not_the_valid_file(tmp_path):
+    # configs/sinder.yaml is valid alone; the negative value came from the command line
+    with pytest.raises(ConfigError, match=r"^override: 'sinder\.sigmas' must be a finite number > 0, got -1"):
+        load_config(CONFIGS / "sinder.yaml", ["sinder.sigmas=-1"])
+    # a file that is invalid alone is still named, with or without overrides
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: 'train\.lr' must be a finite number > 0, got -1"):
+        load_config(bad, ["train.steps=2"])
+    # an override that repairs the file's bad value gives a valid recipe
+    assert load_config(bad, ["train.lr=0.1"]).train.lr == 0.1
+
+
 def test_schedule_order_and_groups():
     assert [round(lr_factor(i, 10, 2, 0.0), 4) for i in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
     first = sample_order(5, 0, range(10))

@@ -325,7 +325,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 def load_config(path: Optional[Union[str, os.PathLike]], overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe YAML (``safe_load``; None: no file, the defaults), apply overrides and
-    validate (:meth:`Recipe.from_mapping`); errors name the file."""
+    validate (:meth:`Recipe.from_mapping`); errors name the file, or ``override`` when the file
+    alone is a valid recipe and an override made it invalid."""
     from ..readers import ReadError, read_yaml
 
     raw: Any = {}
@@ -338,4 +339,19 @@ def load_config(path: Optional[Union[str, os.PathLike]], overrides: Sequence[str
             raise ConfigError(str(e)) from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{where}: a recipe must be a YAML mapping, got {type(raw).__name__}")
-    return Recipe.from_mapping(apply_overrides(raw or {}, overrides), where)
+    merged = apply_overrides(raw or {}, overrides)
+    try:
+        return Recipe.from_mapping(merged, where)
+    except ConfigError as merged_error:
+        if path is None or not overrides or not _valid(raw, where):
+            raise merged_error from None
+    return Recipe.from_mapping(merged, "override")
+
+
+def _valid(raw: Any, where: str) -> bool:
+    """Whether ``raw`` alone (a recipe file without overrides) is a valid recipe."""
+    try:
+        Recipe.from_mapping(raw, where)
+    except ConfigError:
+        return False
+    return True
