@@ -4,7 +4,12 @@ Qwen2.5-VL models built offline; golden cases derived by hand from the released 
 ``opera_beam_search``)."""
 
 import math
+import os
+import re
+import subprocess
+import sys
 from contextlib import ExitStack
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -282,16 +287,18 @@ def test_opera_through_vsink_generate_and_eval(tmp_path, capsys):
     assert "opera composes with pai only; fastv is refused" in err and "Traceback" not in err
 
 
-def test_stepper_paths_keep_the_cache_right():
+@pytest.mark.parametrize("family, shared", [("qwen2_vl", True), ("gemma3", False)])
+def test_stepper_paths_keep_the_cache_right(family, shared):
     # the look-ahead rows kept as the next step, and the prefix kept with its candidate dropped then
     # run again (OPERA's path when a new beam's token was no candidate), give the next logits of
-    # one full forward of the same sequences without a cache
+    # one full forward of the same sequences without a cache; Qwen2-VL's cache keeps every key, so
+    # its candidates run as siblings on the shared cache, Gemma 3's has sliding-window layers, so
+    # its candidates run on repeated rows
     import copy
 
     from vsink.lvlm.beam import Stepper
 
-    model, processor = build_tiny_qwen2_vl()
-    lvlm = LVLM(model, processor, "tiny-qwen2_vl")
+    lvlm = tiny_lvlm(family)
     inputs = lvlm.prepare([random_image()], [PROMPTS[1]])
     seen = {}
 
@@ -300,14 +307,15 @@ def test_stepper_paths_keep_the_cache_right():
         stepper = Stepper(model, kwargs)
         logits = stepper.prefill(input_ids)
         cand = logits.topk(2, dim=-1).indices  # 3 beams x 2 candidates
-        ahead, before, after = stepper.lookahead(input_ids, cand)
+        seen["shared"] = stepper.shares_cache()
+        ahead = stepper.lookahead(input_ids, cand)
         rows = torch.tensor([1, 4, 4])  # beam 0's 2nd candidate, beam 2's 1st, twice
         ids = torch.cat([input_ids[rows // 2], cand.view(-1)[rows, None]], dim=1)
-        saved = copy.deepcopy(stepper.kwargs)
-        stepper.keep(rows, after)
+        saved = copy.deepcopy({"kwargs": stepper.kwargs, "ahead": stepper.ahead})
+        stepper.keep(rows)
         seen["kept"] = stepper.step(torch.cat([ids, ids[:, -1:]], dim=1))
-        stepper.kwargs = saved
-        stepper.keep_prefix(rows, {**before, "cache": saved["cache"]})
+        stepper.kwargs, stepper.ahead = saved["kwargs"], saved["ahead"]
+        stepper.keep_prefix(rows)
         seen["again"] = stepper.step(ids)
         seen["ahead"] = ahead[rows]
         seen["then"] = stepper.step(torch.cat([ids, ids[:, -1:]], dim=1))
@@ -316,11 +324,13 @@ def test_stepper_paths_keep_the_cache_right():
 
     with torch.no_grad():
         lvlm.model.generate(**inputs, num_beams=3, max_new_tokens=4, do_sample=False, custom_generate=loop)
-        full = lvlm.model(input_ids=seen["ids"], attention_mask=torch.ones_like(seen["ids"]),
-                          pixel_values=inputs["pixel_values"].repeat(3, 1),
-                          image_grid_thw=inputs["image_grid_thw"].repeat(3, 1),
-                          mm_token_type_ids=torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 2)).repeat(3, 1),
-                          ).logits[:, -1]
+        full = {key: value.repeat(3, *[1] * (value.dim() - 1)) for key, value in inputs.items()}
+        for key in ("mm_token_type_ids", "token_type_ids"):  # generated tokens are text
+            if key in full:
+                full[key] = torch.nn.functional.pad(full[key], (0, 2))
+        full.update(input_ids=seen["ids"], attention_mask=torch.ones_like(seen["ids"]))
+        full = lvlm.model(**full).logits[:, -1]
+    assert seen["shared"] == shared
     assert torch.allclose(seen["again"], seen["ahead"], atol=1e-5)
     assert torch.allclose(seen["kept"], full, atol=1e-4) and torch.allclose(seen["then"], full, atol=1e-4)
 
@@ -336,3 +346,90 @@ def test_fewer_candidates_than_beams_runs_the_prefix_path():
         alone = generate(lvlm, lvlm.prepare([[random_image(), random_image(1)][b]], [PROMPTS[b]]), mitigation="opera",
                          settings={"candidates": 1, "threshold": 25}, max_new_tokens=6)
         assert torch.equal(alone.new_tokens[0], batch.new_tokens[b, :alone.new_tokens.shape[1]])
+
+
+def test_sibling_lookahead_scores_as_repeated_rows(monkeypatch):
+    # the candidates run as siblings on the shared cache (each seeing the cache and itself) or each
+    # on its own repeated row of the cache: the same attention rows, so the same φ and image
+    # attention at every step (past the 10th token the φ penalty acts) and the same tokens
+    import vsink.mitigate.opera as opera
+    from vsink.lvlm.beam import Stepper
+
+    scored = []
+
+    def recorded(phi, image, length):
+        scored.append((phi.clone(), image.clone()))
+        return over_trust(phi, image, length)
+
+    monkeypatch.setattr(opera, "over_trust", recorded)
+    lvlm = tiny_lvlm("llava")
+    lvlm.model.generation_config.eos_token_id = None
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
+    runs = {}
+    for shared in (True, False):
+        monkeypatch.setattr(Stepper, "shares_cache", lambda self, shared=shared: shared)
+        scored.clear()
+        tokens = generate(lvlm, inputs, mitigation="opera", settings={"threshold": 10_000}, max_new_tokens=13).new_tokens
+        runs[shared] = (tokens, list(scored))
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert len(runs[True][1]) == len(runs[False][1]) == 13
+    for (phi, image), (phi_rep, image_rep) in zip(runs[True][1], runs[False][1]):
+        assert torch.allclose(phi, phi_rep, rtol=1e-4, atol=0) and torch.allclose(image, image_rep, atol=1e-6)
+
+
+#: transformers 4.57 installed into its own folder (.ci/run does it), or VSINK_TRANSFORMERS_4
+ROOT = Path(__file__).resolve().parent.parent
+OVERLAY4 = Path(os.environ.get("VSINK_TRANSFORMERS_4", ROOT / ".ci" / "transformers4"))
+
+REFUSED_UNDER_4 = """
+import transformers
+from PIL import Image
+from vsink.data.demo_lvlm import build_tiny_llava
+from vsink.errors import VsinkError
+from vsink.lvlm import LVLM, generate
+from vsink.mitigate.opera import OPERA
+
+print(transformers.__version__)
+print(OPERA.unavailable())
+model, processor = build_tiny_llava()
+lvlm = LVLM(model, processor, "tiny-llava")
+try:
+    inputs = lvlm.prepare([Image.new("RGB", (48, 40), (90, 40, 200))], ["is there a cat ?"])
+    generate(lvlm, inputs, mitigation="opera", max_new_tokens=2)
+except VsinkError as e:
+    print(e)
+"""
+
+
+def test_opera_is_refused_in_one_line_under_transformers_4(monkeypatch):
+    # the version check itself: a 4.x release lacks generate's custom decoding loop as the Stepper
+    # drives it (transformers 5's kwargs, no cache_position); generate refuses before any forward
+    from vsink.mitigate.opera import OPERA
+
+    why = "opera needs transformers 5 (generate with a custom decoding loop)"
+    assert OPERA.unavailable() is None  # this environment: transformers 5
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor, "tiny-llava")
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
+    forwards = []
+    lvlm.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    for version in ("4.57.6", "4.46.3"):
+        monkeypatch.setattr(sys.modules["transformers"], "__version__", version)  # the module vsink imports
+        assert OPERA.unavailable() == why
+        with pytest.raises(VsinkError, match=f"^{re.escape(why)}$"):
+            generate(lvlm, inputs, mitigation="opera", max_new_tokens=2)
+    assert not forwards
+
+
+@pytest.mark.skipif(not (OVERLAY4 / "transformers").is_dir(),
+                    reason="transformers 4.57 not installed at .ci/transformers4 or VSINK_TRANSFORMERS_4 (.ci/run "
+                           "installs it); the version check is tested above")
+def test_opera_refusal_under_the_transformers_4_overlay(tmp_path):
+    # the real 4.x release in a subprocess: the refusal is the same line, before anything runs
+    env = {**os.environ, "PYTHONPATH": f"{OVERLAY4}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "-c", REFUSED_UNDER_4], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    version, why, error = out.stdout.strip().splitlines()
+    assert version.startswith("4.")
+    assert why == error == "opera needs transformers 5 (generate with a custom decoding loop)"

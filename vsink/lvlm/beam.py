@@ -8,7 +8,9 @@ length penalty over the generated length, the early-stopping heuristic), and :cl
 runs the forwards on the model's cache: one per step for the chosen continuations, a batched
 look-ahead forward of several candidate tokens per beam whose rows then serve as the next step
 (no second forward for the chosen ones), and a rebuild of the cache from the prompt's after a
-rollback. Attention is read through vsink's ``attn_probs`` site (:class:`LastRowAttention`).
+rollback. The look-ahead runs a beam's candidates as sibling tokens of that beam's row (one
+position, a 4D mask: each sees the cache and itself), so the cache is shared rather than copied
+per candidate; a cache with sliding-window layers is repeated per candidate instead. Attention is read through vsink's ``attn_probs`` site (:class:`LastRowAttention`).
 
 Verified against ``generate(num_beams=N)`` of the installed transformers (5.x); the 4.x
 generation loop (``cache_position`` in the kwargs) is not supported.
@@ -40,18 +42,52 @@ def supports_custom_loops() -> bool:
 
 class BeamContext(DecodeContext):
     """The context of one prompt (one row, no padding) whose forwards run on any number of beam or
-    candidate rows: every per-row table is that prompt's row, broadcast."""
+    candidate rows: every per-row table is that prompt's row, broadcast.
+
+    A :class:`Stepper` sets ``upcoming`` (the sequence length once its next forward has run; a
+    rollback or a dropped candidate shortens the sequence, which counting tokens would miss) and,
+    during a look-ahead, ``siblings``: the last ``siblings`` keys and queries are candidates at one
+    position, each seeing the keys before them and itself only."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.upcoming: Optional[int] = None
+        self.siblings = 0
+
+    def begin_pass(self, queries: int) -> None:
+        if self.upcoming is None:
+            super().begin_pass(queries)
+        else:
+            self.seen, self.upcoming = self.upcoming, None
 
     def lookup(self, table: torch.Tensor, pos: torch.Tensor, beyond: bool) -> torch.Tensor:
         if table.shape[0] == 1 and pos.shape[0] > 1:
             table = table.expand(pos.shape[0], -1)
         return super().lookup(table, pos, beyond)
 
+    def key_positions(self, layer: int, kv: int, device: torch.device) -> torch.Tensor:
+        C = self.siblings
+        if C <= 1:
+            return super().key_positions(layer, kv, device)
+        head = super().key_positions(layer, kv - C + 1, device)
+        return torch.cat([head, head[:, -1:].expand(-1, C - 1)], dim=1)
+
+    def mask(self, layer: int, q: int, kv: int, device: torch.device, dtype: torch.dtype,
+             window: Optional[int] = None) -> torch.Tensor:
+        out = super().mask(layer, q, kv, device, dtype, window)
+        C = self.siblings
+        if C > 1:  # siblings share a position: each sees itself, not the others
+            apart = ~torch.eye(C, dtype=torch.bool, device=device)
+            out = out.clone()
+            out[..., -C:, -C:] = out[..., -C:, -C:].masked_fill(apart, torch.finfo(dtype).min)
+        return out
+
 
 class LastRowAttention(HookSet):
     """The last query row's attention in one decoder layer, maximum over heads, of every forward
-    (``rows``: [rows, keys]), read from the layer's ``attn_probs`` site; the other rows run on the
-    model's own kernel."""
+    (``rows``: [rows, keys]; in a sibling look-ahead each candidate's row over the keys before the
+    candidates and its own, [rows·C, keys − C + 1]), read from the layer's ``attn_probs`` site; the
+    other rows run on the model's own kernel."""
 
     def __init__(self, decoder: Any, layer: int):
         super().__init__()
@@ -60,12 +96,24 @@ class LastRowAttention(HookSet):
 
     def _install(self) -> None:
         self._handles.append(self.decoder.hook("attn_probs", self.layer, self._observe,
-                                               rows=lambda queries, keys: queries - 1))
+                                               rows=lambda queries, keys: queries - max(1, self._siblings())))
+
+    def _siblings(self) -> int:
+        return getattr(self.decoder.context, "siblings", 0)
 
     def _observe(self, probs: torch.Tensor, q_start: int, logits: Optional[torch.Tensor]) -> None:
-        queries, _ = self.decoder.context.shapes[self.layer]
-        if q_start + probs.shape[2] == queries:
+        queries, keys = self.decoder.context.shapes[self.layer]
+        if q_start + probs.shape[2] != queries:
+            return
+        C = self._siblings()
+        if C == 0:
             self.rows = probs[:, :, -1, :].amax(1).float()
+            return
+        # siblings: each candidate's row over the keys before them and its own key [rows·C, keys − C + 1]
+        rows = probs[:, :, -C:, :].amax(1).float()
+        length = keys - C
+        own = rows[:, :, length:].diagonal(dim1=1, dim2=2)
+        self.rows = torch.cat([rows[:, :, :length], own[:, :, None]], dim=-1).reshape(-1, length + 1)
 
 
 def take_rows(kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
@@ -210,16 +258,32 @@ class Beams:
         return self.sequences[:, :returned, :length].reshape(-1, length)
 
 
+@dataclass
+class Lookahead:
+    """The state of a look-ahead forward until :meth:`Stepper.keep` or :meth:`Stepper.keep_prefix`:
+    the kwargs before and after it, the candidates per row and the cache's length before it;
+    ``shared``: the candidates ran as siblings on the beams' own rows (else on repeated rows)."""
+
+    before: dict
+    after: dict
+    candidates: int
+    length: int
+    shared: bool
+
+
 class Stepper:
     """The forwards of a custom decoding loop on the model's own cache and kwargs (see the module
-    docstring)."""
+    docstring). ``context``: the :class:`BeamContext` bound to the decoder, told the sequence
+    length of every forward and the candidates of a look-ahead."""
 
-    def __init__(self, model: Any, kwargs: dict[str, Any]):
+    def __init__(self, model: Any, kwargs: dict[str, Any], context: Optional["BeamContext"] = None):
         if not kwargs.get("use_cache", True):
             raise VsinkError("this decoding strategy runs on the KV cache; use_cache=False is not supported")
         self.model = model
         self.kwargs = kwargs
+        self.context = context
         self.prompt_kwargs: Optional[dict[str, Any]] = None
+        self.ahead: Optional[Lookahead] = None
 
     @property
     def cache(self) -> Any:
@@ -232,12 +296,25 @@ class Stepper:
                 return kwargs[key]
         raise VsinkError("the model returned no KV cache")
 
+    def _length(self, kwargs: dict[str, Any]) -> int:
+        """Positions the cache of ``kwargs`` holds (0 before the prompt pass)."""
+        try:
+            return int(self.cache_of(kwargs).get_seq_length())
+        except VsinkError:
+            return 0
+
+    def _announce(self, kwargs: dict[str, Any], positions: int) -> None:
+        """Tell the context the sequence length once the next forward has added ``positions``."""
+        if self.context is not None:
+            self.context.upcoming = self._length(kwargs) + positions
+
     def _run(self, ids: torch.Tensor, new: int, kwargs: dict[str, Any],
              first: bool = False) -> tuple[torch.Tensor, dict]:
         kwargs = dict(kwargs)  # transformers updates the dict it is given
         extra = {"is_first_iteration": True} if first else {}
         inputs = self.model.prepare_inputs_for_generation(ids, next_sequence_length=None if first else new,
                                                           **kwargs, **extra)
+        self._announce(kwargs, new)
         out = self.model(**inputs, return_dict=True)
         kwargs = self.model._update_model_kwargs_for_generation(out, kwargs)
         return out.logits[:, -1, :].float(), kwargs
@@ -266,30 +343,103 @@ class Stepper:
         logits, self.kwargs = self._run(ids, 1, self.kwargs)
         return logits
 
-    def lookahead(self, ids: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
-        """One forward of every candidate token [rows, C] after its row: logits [rows·C, V]; the
-        cache then holds rows·C rows. Returns the kwargs before and after that forward (rows·C)."""
+    def shares_cache(self) -> bool:
+        """Whether candidates can run as siblings on the beams' cache: every layer of it keeps all
+        keys (a sliding-window layer drops keys by count, so its candidates run on repeated rows)."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def lookahead(self, ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """One forward of every candidate token [rows, C] after its row: logits [rows·C, V] (row
+        ``r·C + c``: candidate c of row r). Then :meth:`keep` or :meth:`keep_prefix`.
+
+        On a cache whose layers keep every key the candidates are C sibling tokens of their row at
+        the same position, each seeing the cache and itself only (a 4D mask), so the cache is not
+        repeated: it grows by C positions, of which :meth:`keep` keeps the chosen one. Otherwise
+        the cache is repeated C times and each candidate runs on its own row."""
         rows, C = candidates.shape
-        self.cache.batch_repeat_interleave(C)
-        index = torch.arange(rows, device=ids.device).repeat_interleave(C)
-        before = take_rows(self.kwargs, index)
-        expanded = torch.cat([ids[index], candidates.reshape(-1, 1)], dim=1)
-        logits, after = self._run(expanded, 1, before)
-        return logits, before, after
+        before = self.kwargs
+        length = self._length(before)
+        if not self.shares_cache():
+            self.cache.batch_repeat_interleave(C)
+            index = torch.arange(rows, device=ids.device).repeat_interleave(C)
+            before = take_rows(before, index)
+            logits, after = self._run(torch.cat([ids[index], candidates.reshape(-1, 1)], dim=1), 1, before)
+            self.ahead = Lookahead(before, after, C, length, shared=False)
+            return logits
+        inputs = self.model.prepare_inputs_for_generation(torch.cat([ids, candidates[:, :1]], dim=1),
+                                                          next_sequence_length=1, **dict(before))
+        inputs = self._siblings(inputs, candidates, before.get("attention_mask"), length)
+        self._announce(before, 1)
+        if self.context is not None:
+            self.context.siblings = C
+        try:
+            out = self.model(**inputs, return_dict=True)
+        finally:
+            if self.context is not None:
+                self.context.siblings = 0
+        after = self.model._update_model_kwargs_for_generation(out, dict(before))
+        self.ahead = Lookahead(before, after, C, length, shared=True)
+        return out.logits.float().reshape(rows * C, -1)
 
-    def keep(self, rows: torch.Tensor, after: dict) -> None:
-        """Keep the look-ahead rows ``rows`` (one per beam) as the beams' state."""
-        self.cache.batch_select_indices(rows)
-        self.kwargs = take_rows(after, rows)
+    def _siblings(self, inputs: dict[str, Any], candidates: torch.Tensor, mask: Optional[torch.Tensor],
+                  length: int) -> dict[str, Any]:
+        """The one-token inputs of a cached step turned into C sibling tokens per row: the
+        candidates as tokens, the step's position ids and token types repeated, every logit kept,
+        and the additive mask [rows, 1, C, length + C] (the cache's unpadded keys, and itself)."""
+        rows, C = candidates.shape
+        out = dict(inputs, input_ids=candidates, logits_to_keep=0)
+        for key in ROW_KEYS[1:]:
+            t = out.get(key)
+            if isinstance(t, torch.Tensor) and t.shape[-1] == 1:
+                out[key] = t.expand(*t.shape[:-1], C)
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        keep = torch.ones(rows, length, dtype=torch.bool, device=candidates.device)
+        if mask is not None:
+            keep = mask[:, :length].bool()
+        allowed = torch.cat([keep[:, None, :].expand(-1, C, -1),
+                             torch.eye(C, dtype=torch.bool, device=keep.device).expand(rows, -1, -1)], dim=-1)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=keep.device)
+        out["attention_mask"] = additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        return out
 
-    def keep_prefix(self, rows: torch.Tensor, before: dict) -> None:
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the look-ahead rows ``rows`` [new rows] (indices into its rows·C) as the beams'
+        state: the chosen candidate's keys follow its row's cache."""
+        ahead = self._taken()
+        if not ahead.shared:
+            self.cache.batch_select_indices(rows)
+            self.kwargs = take_rows(ahead.after, rows)
+            return
+        source, pick = rows // ahead.candidates, rows % ahead.candidates
+        for layer in self.cache.layers:
+            layer.keys = _kept(layer.keys, source, pick, ahead.length)
+            layer.values = _kept(layer.values, source, pick, ahead.length)
+        self.kwargs = take_rows(ahead.after, source)
+
+    def keep_prefix(self, rows: torch.Tensor) -> None:
         """Keep the look-ahead rows ``rows`` without their candidate token (for a continuation that
         was not a candidate)."""
-        self.cache.batch_select_indices(rows)
-        self.cache.crop(-1)
-        self.kwargs = take_rows(before, rows)
+        ahead = self._taken()
+        if ahead.shared:
+            rows = rows // ahead.candidates
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[rows, :, :ahead.length], layer.values[rows, :, :ahead.length]
+        else:
+            self.cache.batch_select_indices(rows)
+            self.cache.crop(-1)
+        self.kwargs = take_rows(ahead.before, rows)
+
+    def _taken(self) -> Lookahead:
+        if self.ahead is None:
+            raise VsinkError("keep before a look-ahead")
+        ahead, self.ahead = self.ahead, None
+        return ahead
 
     def reorder(self, index: torch.Tensor) -> None:
+        """Reorder the beams' rows (after a step chosen without look-ahead)."""
         self.cache.reorder_cache(index)
         self.kwargs = take_rows(self.kwargs, index)
 
@@ -306,3 +456,9 @@ class Stepper:
             self.kwargs = self.model._update_model_kwargs_for_generation({}, self.kwargs, num_new_tokens=t - 1)
         logits, self.kwargs = self._run(ids, t, self.kwargs)
         return logits
+
+
+def _kept(states: torch.Tensor, source: torch.Tensor, pick: torch.Tensor, length: int) -> torch.Tensor:
+    """A cache layer's ``states`` [rows, heads, length + C, d] after a sibling look-ahead cut to
+    row ``source`` with its first ``length`` positions and its sibling ``pick`` [new rows each]."""
+    return torch.cat([states[source, :, :length], states[source, :, length + pick][:, :, None]], dim=2)

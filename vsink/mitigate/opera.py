@@ -166,7 +166,7 @@ class OperaLoop:
         self.processors, self.stopping = logits_processor, stopping_criteria
         self.beams = Beams.start(input_ids, generation_config.num_beams, generation_config)
         self.prompt = input_ids.shape[1]
-        self.stepper = Stepper(model, model_kwargs)
+        self.stepper = Stepper(model, model_kwargs, self.run.context)
         self.logits = self.stepper.prefill(input_ids)
         self.vocab = self.logits.shape[-1]
         self.C = self.vocab if s.candidates is None else min(s.candidates, self.vocab)
@@ -187,7 +187,7 @@ class OperaLoop:
         ids = self.beams.flat(self.cur_len)
         R = ids.shape[0]
         cand_logits, cand = self.logits.topk(C, dim=-1)
-        ahead, before, after = self.stepper.lookahead(ids, cand)
+        ahead = self.stepper.lookahead(ids, cand)
         window, image = self._rows()
         window = window.view(R, C, step + 1)
         phi = stored(column_scores(self.products, window, s.scale), s.protocol)
@@ -202,11 +202,11 @@ class OperaLoop:
         match = cand[source] == tokens[:, None]
         if bool(match.any(-1).all()):  # every new beam continues with one of its candidates
             rows = source * C + match.float().argmax(-1)
-            self.stepper.keep(rows, after)
+            self.stepper.keep(rows)
             self.logits = ahead[rows]
             row = window.view(R * C, -1)[rows]
         else:
-            self.stepper.keep_prefix(source * C, before)
+            self.stepper.keep_prefix(source * C)
             self.logits = self.stepper.step(self.beams.flat(self.cur_len + 1))
             row = self._rows()[0]
         self._advanced(source, tokens, row)
