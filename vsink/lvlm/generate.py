@@ -43,13 +43,19 @@ def make_settings(mitigation: str, values: Optional[dict[str, Any]] = None, prot
 
 
 class TokenProgress:
-    """A ``LogitsProcessor`` that changes nothing and advances a progress bar once per decoding step."""
+    """A ``LogitsProcessor`` that changes nothing and shows on a progress bar the longest output
+    reached: the token being chosen is number ``len(input_ids) - prompt_length + 1``. Counting
+    calls instead would overrun the bar under a strategy that calls the processors several times
+    per step (OPERA's candidates and rollbacks)."""
 
-    def __init__(self, bar: tqdm):
+    def __init__(self, bar: tqdm, prompt_length: int):
         self.bar = bar
+        self.prompt_length = prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.bar.update(1)
+        reached = min(input_ids.shape[-1] - self.prompt_length + 1, self.bar.total)
+        if reached > self.bar.n:
+            self.bar.update(reached - self.bar.n)
         return scores
 
 
@@ -147,7 +153,7 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         processors = [*runners.values(), *(p for m in mitigations for p in m.logits_processors(run))]
         bar = stack.enter_context(tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not progress))
         if progress:
-            processors.append(TokenProgress(bar))
+            processors.append(TokenProgress(bar, input_ids.shape[1]))
         if strategy is not None:
             out = strategy.decode(run, inputs, max_new_tokens, processors)
         else:
