@@ -439,12 +439,14 @@ def test_progress_bar_counts_tokens_not_processor_calls():
     # OPERA calls the logits processors for every beam step and again after each rollback, so a
     # bar advanced once per call could run past its total; the bar shows the longest output
     # reached (prompt of 5 tokens here; choosing token k means k - 1 tokens are already there)
+    import io
+
     from tqdm.auto import tqdm
 
     from vsink.lvlm.generate import TokenProgress
 
     scores = torch.zeros(2, 3)
-    with tqdm(total=4, disable=True) as bar:
+    with tqdm(total=4, file=io.StringIO()) as bar:  # a disabled bar would not count
         progress = TokenProgress(bar, prompt_length=5)
         lengths = (5, 5, 6, 6, 7, 6, 6, 7, 8, 9, 10)  # repeated calls, a rollback from 7 to 6, overrun
         shown = (1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4)  # by hand: longest reached, at most the total 4
