@@ -9,6 +9,11 @@ process of global rank ``b % N``: every batch a model sees holds the same items 
 one-process run, so its numbers are the same, and rank 0 puts the batches back in their order
 before anything pools over items (thresholds, gap tests, probes, scores). Rank 0 alone writes the
 outputs; with ``WORLD_SIZE`` unset or 1 nothing here does anything.
+
+A rank's work between two collectives goes through :meth:`Shard.settle`: an error on any rank
+(say on the batches dealt to rank 1 alone) reaches every rank at the next collective, so every
+rank stops there (rank 0 with one line naming the rank and the cause) instead of waiting for a
+rank that left. What a rank wrote before it stopped (its rows of a resumable run) stays.
 """
 
 from __future__ import annotations
@@ -28,8 +33,32 @@ TIMEOUT = timedelta(hours=2)
 
 
 class OtherRankFailed(VsinkError):
-    """Raised on every rank when the work rank 0 did for all of them failed; rank 0 has printed
-    why (the command line prints nothing more for it)."""
+    """Raised on every rank when the work rank 0 did for all of them failed, and on every rank but
+    rank 0 when a rank's own work failed (:meth:`Shard.settle`); rank 0 has printed why (the
+    command line prints nothing more for it)."""
+
+
+class RankFailed(VsinkError):
+    """Raised on rank 0 when the work of a rank failed (:meth:`Shard.settle`): ``rank`` and the
+    cause (``reason``, one line), the message ``rank R: reason``."""
+
+    def __init__(self, rank: int, reason: str):
+        super().__init__(f"rank {rank}: {reason}")
+        self.rank, self.reason = rank, reason
+
+
+def _reason(error: Exception) -> tuple[str, bool]:
+    """One line saying why ``error`` stopped a rank, and whether that line says all of it (a
+    :class:`VsinkError`, a full disk) or the error is a fault whose traceback its rank prints."""
+    if isinstance(error, VsinkError):
+        return str(error), True
+    if isinstance(error, OSError):
+        from .outputs import space_error
+
+        full = space_error(error)
+        if full is not None:
+            return full, True
+    return " ".join(f"{type(error).__name__}: {error}".split()), False
 
 
 @dataclass(frozen=True)
@@ -97,6 +126,37 @@ class Shard:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def settle(self, work: Callable[[], T]) -> Optional[list[T]]:
+        """Run ``work`` on every rank, then gather its result on rank 0 (:meth:`gather`); if it
+        raised on any rank, every rank stops here: rank 0 raises :class:`RankFailed` naming the
+        first rank that failed (in rank order) and why, the others :class:`OtherRankFailed`, but
+        a rank whose error is a fault (not a :class:`VsinkError` nor a full disk) raises it as it
+        is, for its traceback. Alone: ``[work()]``, its errors as they are."""
+        if self.alone:
+            return [work()]
+        import torch.distributed as dist
+
+        result: Optional[T] = None
+        failure: Optional[str] = None
+        error: Optional[Exception] = None
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - every rank must reach the collective below
+            error = e
+            failure, said = _reason(e)
+            if said:
+                error = None
+        failures: list[Optional[str]] = [None] * self.world
+        dist.all_gather_object(failures, failure)
+        failed = [(rank, why) for rank, why in enumerate(failures) if why is not None]
+        if failed:
+            if error is not None:
+                raise error
+            if self.main:
+                raise RankFailed(*failed[0]) from None
+            raise OtherRankFailed(f"rank {failed[0][0]}: {failed[0][1]}")
+        return self.gather(result)
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only, the others waiting, and return its result on every rank
@@ -174,4 +234,4 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["OtherRankFailed", "Shard", "TIMEOUT", "from_env", "join", "leave"]
+__all__ = ["OtherRankFailed", "RankFailed", "Shard", "TIMEOUT", "from_env", "join", "leave"]

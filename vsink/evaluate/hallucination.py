@@ -96,7 +96,9 @@ def run_items(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file: P
     (``answers.rank1.jsonl``), and rank 0 folds those into ``out_file`` in the items' order, when
     the run ends and when the next one starts (so a run killed on any rank resumes where each rank
     stopped, with any number of processes). Rank 0 returns the rows and every rank's skipped items;
-    the other ranks return nothing. A run refused before its first answer (a setting the model
+    the other ranks return nothing. An error on any rank's batches stops every rank
+    (:meth:`~vsink.shard.Shard.settle`: rank 0 names the rank and the cause); the rows written by
+    then stay in the rank files, for the next run to fold in. A run refused before its first answer (a setting the model
     cannot take) leaves no record of itself."""
     shard = shard or Shard()
     order = {row_ident(it, key): i for i, it in enumerate(items)}
@@ -158,35 +160,43 @@ def _run_batches(lvlm: LVLM, items: Sequence[dict[str, Any]], key: Key, out_file
     todo = [it for it in items if key_of(it, key) not in done]
     target = out_file if shard.alone else shard.rank_file(out_file)
     mine = list(shard.batches(len(todo), batch_size))
-    skipped: list[dict[str, str]] = []
     bar = tqdm(total=len(items) if shard.alone else sum(b - a for _, a, b in mine),
                initial=len(items) - len(todo) if shard.alone else 0, desc=f"{mitigation}", unit="item",
                disable=not progress or not shard.main)
-    for _, start, stop in mine:
-        batch, images = [], []
-        for item in todo[start:stop]:
-            try:
-                images.append(load_image(member(images_dir, item["image"], f"{key} {key_of(item, key)}: image")))
-                batch.append(item)
-            except VsinkError as e:
-                skipped.append({"item": str(key_of(item, key)), "reason": str(e)})
-                bar.write(f"vsink: skipped {e}", file=sys.stderr)
-        if batch:
-            inputs = lvlm.prepare(images, [prompt(it) for it in batch])
-            with torch.random.fork_rng():
-                if sampling is not None:
-                    torch.manual_seed(sampling_seed(sampling["seed"], key_of(batch[0], key)))
-                result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, protocol=protocol,
-                                  max_new_tokens=max_new_tokens,
-                                  sampling=None if sampling is None else {k: sampling[k] for k in ("temperature", "top_p")})
-            append_jsonl(target, [{**it, field: text.strip(), "protocol": protocol}
-                                  for it, text in zip(batch, result.texts)], fsync=True)
-        bar.update(stop - start)
-    bar.close()
+
+    def work() -> list[dict[str, str]]:
+        """This rank's batches, each appended to ``target`` when done; the items skipped."""
+        skipped: list[dict[str, str]] = []
+        for _, start, stop in mine:
+            batch, images = [], []
+            for item in todo[start:stop]:
+                try:
+                    images.append(load_image(member(images_dir, item["image"], f"{key} {key_of(item, key)}: image")))
+                    batch.append(item)
+                except VsinkError as e:
+                    skipped.append({"item": str(key_of(item, key)), "reason": str(e)})
+                    bar.write(f"vsink: skipped {e}", file=sys.stderr)
+            if batch:
+                inputs = lvlm.prepare(images, [prompt(it) for it in batch])
+                with torch.random.fork_rng():
+                    if sampling is not None:
+                        torch.manual_seed(sampling_seed(sampling["seed"], key_of(batch[0], key)))
+                    result = generate(lvlm, inputs, mitigation=mitigation, settings=settings, protocol=protocol,
+                                      max_new_tokens=max_new_tokens,
+                                      sampling=None if sampling is None else {k: sampling[k] for k in ("temperature", "top_p")})
+                append_jsonl(target, [{**it, field: text.strip(), "protocol": protocol}
+                                      for it, text in zip(batch, result.texts)], fsync=True)
+            bar.update(stop - start)
+        return skipped
+
+    try:
+        every = shard.settle(work)  # waits for every rank to finish its batches; an error on any stops all
+    finally:
+        bar.close()
+    if every is None:
+        return [], []
+    skipped = every[0]
     if not shard.alone:
-        every = shard.gather(skipped)  # waits for every rank to finish its batches
-        if every is None:
-            return [], []
         ranked = {json.dumps(str(key_of(it, key))): i for i, it in enumerate(items)}  # skipped entries name str(key)
         skipped = sorted((s for part in every for s in part), key=lambda s: ranked.get(json.dumps(s["item"]), len(items)))
         fold_rank_files(out_file, rank_files(out_file), key,
