@@ -94,7 +94,11 @@ def test_other_settings_and_refused_runs(files, tmp_path, capsys):
     # too many new tokens for the context: refused at the first batch, no record of a run that never ran
     assert main(_argv(files, tmp_path / "big", "--max-new-tokens", "1000000")) == 2
     assert "goes beyond demo-llava's context" in capsys.readouterr().err
-    assert not (tmp_path / "big" / "vsink-run.json").exists() and not (tmp_path / "big" / "generated.jsonl").exists()
+    assert not (tmp_path / "big").exists()  # nor the folder it made for them
+    (tmp_path / "kept").mkdir()  # a folder that was there stays, empty as it was
+    assert main(_argv(files, tmp_path / "kept", "--max-new-tokens", "1000000")) == 2
+    assert "goes beyond demo-llava's context" in capsys.readouterr().err
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
     assert main(_argv(files, tmp_path / "same", "--export-attention", str(tmp_path / "same"))) == 2
     assert "--out and --export-attention name one folder" in capsys.readouterr().err
     # a folder another command wrote is not taken over (its record stays that command's)

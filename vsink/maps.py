@@ -230,48 +230,55 @@ def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedIma
     warned = not shard.main  # rank 0 warns for all
     extents: list[tuple[int, list[dict[str, str]], Optional[dict[str, np.ndarray]]]] = []  # under torchrun
     indices = [i for i in range(len(images)) if shard.owns(i)]
-    for index in tqdm(indices, desc="maps", unit="img", disable=not progress or not shard.main):
-        loaded, names, failed = load_batch([images[index]], index)
-        for entry in failed:
-            print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
-        skipped += failed
-        if not shard.alone:
-            extents.append((index, failed, None))
-        if not loaded:
-            continue
-        image, name = loaded[0], names[0]
-        size = input_size(backbone, image, img_size, keep_aspect)
-        layout = backbone.layout(size)
-        if "full" in kinds and not warned:
-            n_heads = backbone.num_heads if sel_heads in ("mean", "all") else len(sel_heads)
-            per_image = len(sel_layers) * n_heads * layout.num_tokens ** 2 * 4
-            shape = (f"{wording.count(len(sel_layers), 'block')} x {wording.count(n_heads, 'head')} x "
-                     f"{layout.num_tokens}^2 float32")
-            warnings.warn(f"kind 'full' writes about {per_image / 2**20:.1f} MiB per image ({shape}), "
-                          f"{len(images) * per_image / 2**20:.1f} MiB for all images", VsinkWarning, stacklevel=2)
-            warned = True
-        box = backbone.view_box(image.size)
-        maps = ImageMaps(name, image_stems[index], box.crop(image, side=DISPLAY_SIDE), layout, {}, view_box=box,
-                         size=image.size)
-        with ExitStack() as stack:
-            writer = stack.enter_context(NpzWriter(out / f"{maps.stem}.npz")) if "npz" in formats else None
-            maps.arrays = _compute(backbone, image, maps, size, kinds, sel_layers, sel_heads, fusion, discard_ratio,
-                                   writer, stack)
-            if writer is not None:
-                for key, arr in maps.arrays.items():
-                    writer.add(key, arr)
-                writer.add("image", np.asarray(maps.image.convert("RGB"), dtype=np.uint8))
-                writer.add("view_box", np.asarray(box.to_list(), dtype=np.float64))
-                maps.files.append(f"{maps.stem}.npz")
-        if "png" in formats and shard.alone:
-            scales = map_scales([maps], kinds, sel_layers, sel_heads, scales)
-        elif not shard.alone:
-            extents[-1] = (index, failed, panel_extents(maps, kinds, sel_layers, sel_heads))
-        if "npz" in formats:  # on disk now: read back to draw
-            maps.arrays, maps.image = {}, None
-        done.append(maps)
+
+    def compute() -> list[tuple[int, list[dict[str, str]], Optional[dict[str, np.ndarray]]]]:
+        """This process's images: their maps written (npz); under torchrun, each image's colour
+        extents (None for a skipped file), for rank 0 to fold."""
+        nonlocal scales, warned
+        for index in tqdm(indices, desc="maps", unit="img", disable=not progress or not shard.main):
+            loaded, names, failed = load_batch([images[index]], index)
+            for entry in failed:
+                print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+            skipped.extend(failed)
+            if not shard.alone:
+                extents.append((index, failed, None))
+            if not loaded:
+                continue
+            image, name = loaded[0], names[0]
+            size = input_size(backbone, image, img_size, keep_aspect)
+            layout = backbone.layout(size)
+            if "full" in kinds and not warned:
+                n_heads = backbone.num_heads if sel_heads in ("mean", "all") else len(sel_heads)
+                per_image = len(sel_layers) * n_heads * layout.num_tokens ** 2 * 4
+                shape = (f"{wording.count(len(sel_layers), 'block')} x {wording.count(n_heads, 'head')} x "
+                         f"{layout.num_tokens}^2 float32")
+                warnings.warn(f"kind 'full' writes about {per_image / 2**20:.1f} MiB per image ({shape}), "
+                              f"{len(images) * per_image / 2**20:.1f} MiB for all images", VsinkWarning, stacklevel=2)
+                warned = True
+            box = backbone.view_box(image.size)
+            maps = ImageMaps(name, image_stems[index], box.crop(image, side=DISPLAY_SIDE), layout, {}, view_box=box,
+                             size=image.size)
+            with ExitStack() as stack:
+                writer = stack.enter_context(NpzWriter(out / f"{maps.stem}.npz")) if "npz" in formats else None
+                maps.arrays = _compute(backbone, image, maps, size, kinds, sel_layers, sel_heads, fusion, discard_ratio,
+                                       writer, stack)
+                if writer is not None:
+                    for key, arr in maps.arrays.items():
+                        writer.add(key, arr)
+                    writer.add("image", np.asarray(maps.image.convert("RGB"), dtype=np.uint8))
+                    writer.add("view_box", np.asarray(box.to_list(), dtype=np.float64))
+                    maps.files.append(f"{maps.stem}.npz")
+            if "png" in formats and shard.alone:
+                scales = map_scales([maps], kinds, sel_layers, sel_heads, scales)
+            elif not shard.alone:
+                extents[-1] = (index, failed, panel_extents(maps, kinds, sel_layers, sel_heads))
+            if "npz" in formats:  # on disk now: read back to draw
+                maps.arrays, maps.image = {}, None
+            done.append(maps)
+        return extents
+
+    parts = shard.settle(compute)  # an error on any process stops every one
     if not shard.alone:  # rank 0 folds the colour scales over every image in order, as one process does
-        parts = shard.gather(extents)
 
         def fold() -> dict[str, Scale]:
             ordered = sorted((e for part in parts for e in part), key=lambda e: e[0])
@@ -286,17 +293,22 @@ def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedIma
         scales = shard.on_main(fold)
     elif not done:  # each skipped file was reported as the export met it; the earlier export stays
         raise VsinkError(f"no image could be read ({wording.count(len(skipped), 'file')} skipped)")
-    if "png" in formats:
-        for maps in done:
-            if "npz" in formats:
-                reload(maps, out / f"{maps.stem}.npz")
-            maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads, scales)
-            maps.arrays, maps.image = {}, None
-    if not shard.alone:  # rank 0 lists every rank's images in order
+
+    def draw() -> list[tuple[int, list[dict[str, str]], Optional[ImageMaps]]]:
+        """This process's PNGs; under torchrun, its images' entries for rank 0's list."""
+        if "png" in formats:
+            for maps in done:
+                if "npz" in formats:
+                    reload(maps, out / f"{maps.stem}.npz")
+                maps.files += render_image_pngs(maps, out, backbone.spec, kinds, sel_layers, sel_heads, scales)
+                maps.arrays, maps.image = {}, None
         by_index = dict(zip([i for i, _, e in extents if e is not None], done))
-        parts = shard.gather([(index, failed, by_index.get(index)) for index, failed, _ in extents])
-        if parts is None:
-            return None
+        return [(index, failed, by_index.get(index)) for index, failed, _ in extents]
+
+    parts = shard.settle(draw)
+    if parts is None:
+        return None
+    if not shard.alone:  # rank 0 lists every rank's images in order
         ordered = sorted((e for part in parts for e in part), key=lambda e: e[0])
         skipped = [entry for _, failed, _ in ordered for entry in failed]
         done = [maps for _, _, maps in ordered if maps is not None]

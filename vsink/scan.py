@@ -229,7 +229,8 @@ def scan(
         shard: this process's place under ``torchrun`` (:mod:`vsink.shard`): it scans its batches,
             rank 0 gathers the reduced per-image data of all, in the order of ``images``, runs the
             detectors over all of it and returns the result; the other ranks return None. The
-            result equals a one-process scan's.
+            result equals a one-process scan's. An error on any rank's batches stops every rank
+            (:meth:`vsink.shard.Shard.settle`).
 
     Raises:
         NothingScanned: if no image could be read.
@@ -246,38 +247,43 @@ def scan(
     backbone.check_input_size(size)
     parse_threshold(threshold)  # a bad threshold fails before the scan
     shard = shard or Shard()
-    names: list[str] = []
-    skipped: list[dict[str, str]] = []
-    thumbnails: list[Image.Image] = []
-    boxes: list[ViewBox] = []
-    sizes: list[tuple[int, int]] = []
-    done: list[tuple[int, int, int]] = []  # (batch number, its first skipped entry, images scanned)
     mine = list(shard.batches(len(images), batch_size))
     bar = tqdm(total=sum(stop - start for _, start, stop in mine), desc="scan", unit="img",
                disable=not progress or not shard.main)
-    with Probe(backbone, layers=layers, massive=MASSIVE_TOP_K) as probe:
-        for b, start, stop in mine:
-            batch, batch_names, failed = load_batch(images[start:stop], start)
-            for entry in failed:
-                bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
-            done.append((b, len(skipped), len(batch)))
-            skipped += failed
-            if batch:
-                pixel_values = backbone.preprocess(batch, size)
-                probe.run(pixel_values)
-                names.extend(batch_names)
-                for img in batch:
-                    boxes.append(backbone.view_box(img.size))
-                    sizes.append(img.size)
-                    if len(thumbnails) < report_images:
-                        thumbnails.append(boxes[-1].crop(img, side=max(size)))
-            bar.update(stop - start)
-    bar.close()
-    trace = probe.trace() if names else None
-    if not shard.alone:
-        parts = shard.gather(_ScanPart(done, names, skipped, thumbnails, boxes, sizes, trace))
-        if parts is None:
-            return None
+
+    def work() -> _ScanPart:
+        """This process's batches through the probe."""
+        part = _ScanPart([], [], [], [], [], [], None)
+        with Probe(backbone, layers=layers, massive=MASSIVE_TOP_K) as probe:
+            for b, start, stop in mine:
+                batch, batch_names, failed = load_batch(images[start:stop], start)
+                for entry in failed:
+                    bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+                part.batches.append((b, len(part.skipped), len(batch)))  # (batch, its first skipped entry, images)
+                part.skipped.extend(failed)
+                if batch:
+                    pixel_values = backbone.preprocess(batch, size)
+                    probe.run(pixel_values)
+                    part.names.extend(batch_names)
+                    for img in batch:
+                        part.boxes.append(backbone.view_box(img.size))
+                        part.sizes.append(img.size)
+                        if len(part.thumbnails) < report_images:
+                            part.thumbnails.append(part.boxes[-1].crop(img, side=max(size)))
+                bar.update(stop - start)
+        part.trace = probe.trace() if part.names else None
+        return part
+
+    try:
+        parts = shard.settle(work)  # an error on any process stops every one
+    finally:
+        bar.close()
+    if parts is None:
+        return None
+    if shard.alone:
+        names, skipped, thumbnails, boxes, sizes, trace = (parts[0].names, parts[0].skipped, parts[0].thumbnails,
+                                                            parts[0].boxes, parts[0].sizes, parts[0].trace)
+    else:
         names, skipped, thumbnails, boxes, sizes, trace = _join_parts(parts, report_images)
     if not names:
         raise NothingScanned(skipped)

@@ -248,7 +248,9 @@ class _Runner:
     Under ``torchrun`` (``shard``, :mod:`vsink.shard`) each process runs its batches (batch ``b`` on
     rank ``b % N``, cut as one process cuts them), and after each round of N batches rank 0 gathers
     them and yields them in order, with the rows the ``probes`` took of each: rank 0 computes
-    everything that pools over images as one process does; the other ranks yield nothing."""
+    everything that pools over images as one process does; the other ranks yield nothing. An
+    error on any process's batch stops every process at the end of its round
+    (:meth:`vsink.shard.Shard.settle`)."""
 
     def __init__(self, name: str, backbone: Backbone, size: tuple[int, int], batch_size: int, progress: bool,
                  num_classes: Optional[int], skipped: Optional[list[dict[str, str]]], shard: Optional[Shard] = None):
@@ -306,19 +308,22 @@ class _Runner:
 
     def _sharded(self, dataset: DenseDataset, capture: FeatureCapture, need: Callable[[Loaded], Optional[str]],
                  role: str, bar: tqdm, probes: Sequence[Probe]) -> Iterator[_Batch]:
+        def run(span: Optional[tuple[int, int]]) -> Optional[tuple[int, list[dict[str, str]], Optional[_Batch], Any]]:
+            """This process's batch of the round (None when it has none)."""
+            if span is None:
+                return None
+            samples, loaded, skipped = self._load(dataset, *span, need)
+            batch, rows = None, None
+            if samples:
+                self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
+                features = {spec: t.cpu() for spec, t in capture.pop().items()}
+                sent = [replace(s, boxes=None) for s in samples]  # read already (a reader may not pickle)
+                batch = _Batch(sent, loaded, features, self.backbone.current_layout())
+                rows = [probe.take() for probe in probes]
+            return span[1] - span[0], skipped, batch, rows
+
         for _, span in self.shard.rounds(len(dataset), self.batch_size):
-            piece = None
-            if span is not None:
-                samples, loaded, skipped = self._load(dataset, *span, need)
-                batch, rows = None, None
-                if samples:
-                    self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
-                    features = {spec: t.cpu() for spec, t in capture.pop().items()}
-                    sent = [replace(s, boxes=None) for s in samples]  # read already (a reader may not pickle)
-                    batch = _Batch(sent, loaded, features, self.backbone.current_layout())
-                    rows = [probe.take() for probe in probes]
-                piece = (span[1] - span[0], skipped, batch, rows)
-            pieces = self.shard.gather(piece)
+            pieces = self.shard.settle(lambda: run(span))  # an error on any process stops every one
             for piece in pieces or ():  # rank order is the batches' order within a round
                 if piece is None:
                     continue

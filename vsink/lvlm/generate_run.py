@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..backbones.hf_lvlm import LVLM
 from ..errors import VsinkError
 from ..io import append_jsonl
-from ..shard import Shard
+from ..shard import RankFailed, Shard
 
 #: the file of the texts in ``out``
 TEXTS = "generated.jsonl"
@@ -79,12 +79,11 @@ def run_generate(lvlm: LVLM, images: Sequence[Any], names: Sequence[str], prompt
     of its rows is reused). ``export_attention``: write every item's attention on the image there
     as one set (every batch is then run again, rows already written kept); ``export_settings``: the
     settings the export records. A :class:`~vsink.errors.VsinkError` on any rank stops every rank
-    (rank 0 raises the first in batch order, the others
-    :class:`~vsink.shard.OtherRankFailed`)."""
-    from ..evaluate.hallucination import fold_rank_files, rank_files, read_rows, remove_unstarted, row_ident
-    from ..manifest import check_resume, write_record
-    from ..outputs import OutputSet, RunLock, read_manifest
-    from .export import attention_record
+    (rank 0 raises the first in batch order, naming its rank under torchrun, the others
+    :class:`~vsink.shard.OtherRankFailed`), and so does any other error of a rank's batches
+    (:meth:`~vsink.shard.Shard.settle`). A run refused before its first text leaves no record, nor
+    the ``out`` folder when it made it."""
+    from ..evaluate.hallucination import row_ident
 
     shard = shard or Shard()
     total = len(images)
@@ -92,8 +91,31 @@ def run_generate(lvlm: LVLM, images: Sequence[Any], names: Sequence[str], prompt
     cuts = [(b, start, min(start + size, total)) for b, start in enumerate(range(0, total, size))]
     texts = out / TEXTS if out is not None else None
     order = {row_ident({KEY: i}, KEY): i for i in range(total)}
-    holder: dict[str, Any] = {}
+    made = out is not None and shard.main and not out.exists()  # a refused run removes the folder it made
+    try:
+        return _run(lvlm, images, names, prompts, cuts, texts, order, mitigation=mitigation, settings=settings,
+                    protocol=protocol, max_new_tokens=max_new_tokens, use_cache=use_cache, out=out,
+                    determining=determining, export_attention=export_attention, export_settings=export_settings,
+                    progress=progress, shard=shard)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
+
+def _run(lvlm: LVLM, images: Sequence[Any], names: Sequence[str], prompts: Sequence[str],
+         cuts: list[tuple[int, int, int]], texts: Optional[Path], order: dict[str, int], *,
+         mitigation: str, settings: Optional[Mapping[str, Any]], protocol: str, max_new_tokens: int, use_cache: bool,
+         out: Optional[Path], determining: Optional[Mapping[str, Any]], export_attention: Optional[Path],
+         export_settings: Any, progress: bool, shard: Shard) -> Optional[GenerateRun]:
+    """:func:`run_generate` once its batches are cut."""
+    from ..evaluate.hallucination import fold_rank_files, rank_files, read_rows, remove_unstarted, row_ident
+    from ..manifest import check_resume, write_record
+    from ..outputs import OutputSet, RunLock, read_manifest
+    from .export import attention_record
+
+    total = len(images)
+    holder: dict[str, Any] = {}
     with ExitStack() as stack:
         def prepare() -> bool:
             """Rank 0: take the folders, fold earlier rank files in, check or write the record;
@@ -125,21 +147,21 @@ def run_generate(lvlm: LVLM, images: Sequence[Any], names: Sequence[str], prompt
         todo = [c for c in cuts if export_attention is not None or any(i not in done for i in range(c[1], c[2]))]
         mine = [c for j, c in enumerate(todo) if j % shard.world == shard.rank]
         target = None if texts is None else (texts if shard.alone else shard.rank_file(texts))
-        part = _run_mine(lvlm, images, names, prompts, mine, done, target, stage, mitigation=mitigation,
-                         settings=settings, protocol=protocol, max_new_tokens=max_new_tokens, use_cache=use_cache,
-                         progress=progress and shard.main)
-        parts = shard.gather(part)
+        parts = shard.settle(lambda: _run_mine(
+            lvlm, images, names, prompts, mine, done, target, stage, mitigation=mitigation, settings=settings,
+            protocol=protocol, max_new_tokens=max_new_tokens, use_cache=use_cache, progress=progress and shard.main))
 
         def finish() -> None:
             """Rank 0: fold the rank files, raise the first error, else gather the run."""
             if texts is not None and not shard.alone:
                 fold_rank_files(texts, rank_files(texts), KEY, read_rows(texts, KEY, report=False)
                                 if texts.exists() else [], order)
-            errors = sorted(e for p in parts for e in p["errors"])
+            errors = sorted((number, rank, why) for rank, p in enumerate(parts) for number, why in p["errors"])
             if errors:
                 if fresh:
                     remove_unstarted(texts)
-                raise VsinkError(errors[0][1])
+                _, rank, why = errors[0]
+                raise VsinkError(why) if shard.alone else RankFailed(rank, why)
             if texts is not None:
                 rows = read_rows(texts, KEY, report=False)
             else:

@@ -217,23 +217,28 @@ def find_register_neurons(
     size = (img_size, img_size) if img_size else backbone.img_size
     shard = shard or Shard()
     batches = [(b, start, items) for b, (start, items) in enumerate(_batches(images, batch_size)) if shard.owns(b)]
-    skipped: list[dict[str, str]] = []
-    done: list[tuple[int, int, int]] = []  # (batch number, its first skipped entry, images read)
-    with Probe(backbone, attention=False) as probe:
-        bar = tqdm(batches, desc="find: norms", disable=not progress or not shard.main)
-        for b, start, items in bar:
-            loaded, _, failed = load_batch(items, start)
-            for entry in failed:  # reported as met, as vsink.scan does; listed in settings["unreadable"]
-                bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
-            done.append((b, len(skipped), len(loaded)))
-            skipped += failed
-            if loaded:
-                probe.run(backbone.preprocess(loaded, size))
-    trace = probe.trace() if probe.num_batches() else None
-    if not shard.alone:
-        parts = shard.gather((done, skipped, trace))
-        if shard.main:
-            skipped, trace, offsets = _join_norms(parts)
+
+    def norms() -> tuple[list[tuple[int, int, int]], list[dict[str, str]], Optional[Trace]]:
+        """Pass 1 over this process's batches: per batch (number, its first skipped entry, images
+        read), the files skipped, the norms."""
+        skipped: list[dict[str, str]] = []
+        done: list[tuple[int, int, int]] = []
+        with Probe(backbone, attention=False) as probe:
+            bar = tqdm(batches, desc="find: norms", disable=not progress or not shard.main)
+            for b, start, items in bar:
+                loaded, _, failed = load_batch(items, start)
+                for entry in failed:  # reported as met, as vsink.scan does; listed in settings["unreadable"]
+                    bar.write(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+                done.append((b, len(skipped), len(loaded)))
+                skipped += failed
+                if loaded:
+                    probe.run(backbone.preprocess(loaded, size))
+        return done, skipped, probe.trace() if probe.num_batches() else None
+
+    parts = shard.settle(norms)  # an error on any process stops every one
+    skipped, trace, offsets = [], None, {}
+    if parts is not None:
+        skipped, trace, offsets = _join_norms(parts) if not shard.alone else (parts[0][1], parts[0][2], {})
 
     def plan() -> tuple[int, int, float, torch.Tensor, dict[int, int], TokenLayout]:
         if trace is None:
@@ -279,31 +284,37 @@ def find_register_neurons(
             current["overall"][layer] += a[keep].mean(dim=1).sum(dim=0).double().cpu()
         return fn
 
-    with Hooks(lambda handles: handles.extend(backbone.hook("mlp_hidden", l, scorer(l)) for l in layers)):
-        image_index = 0
-        for b, start, items in tqdm(batches, desc="find: neurons", disable=not progress or not shard.main):
-            loaded, _, _ = load_batch(items, start)  # the same files fail as in pass 1
-            if not loaded:
-                continue
-            if not shard.alone:
-                image_index = offsets[b]
-            mask = outliers[image_index:image_index + len(loaded)]
-            image_index += len(loaded)
-            if not mask.any():
-                continue
-            current["mask"] = mask
-            if not shard.alone:  # this batch's sums, added on rank 0 in batch order as one process adds them
-                current["scores"] = {l: torch.zeros_like(t) for l, t in scores.items()}
-                current["overall"] = {l: torch.zeros_like(t) for l, t in overall.items()}
-            batch_used = int((mask.sum(dim=1) > 0).sum())
-            used += batch_used
-            backbone.forward(backbone.preprocess(loaded, size))
-            if not shard.alone:
-                sums.append((b, current["scores"], current["overall"], batch_used))
+    def run_pass() -> list[tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor], int]]:
+        """Pass 2 over this process's batches: the sums into ``scores`` and ``overall`` (one
+        process) or, under torchrun, each batch's sums."""
+        nonlocal used
+        with Hooks(lambda handles: handles.extend(backbone.hook("mlp_hidden", l, scorer(l)) for l in layers)):
+            image_index = 0
+            for b, start, items in tqdm(batches, desc="find: neurons", disable=not progress or not shard.main):
+                loaded, _, _ = load_batch(items, start)  # the same files fail as in pass 1
+                if not loaded:
+                    continue
+                if not shard.alone:
+                    image_index = offsets[b]
+                mask = outliers[image_index:image_index + len(loaded)]
+                image_index += len(loaded)
+                if not mask.any():
+                    continue
+                current["mask"] = mask
+                if not shard.alone:  # this batch's sums, added on rank 0 in batch order as one process adds them
+                    current["scores"] = {l: torch.zeros_like(t) for l, t in scores.items()}
+                    current["overall"] = {l: torch.zeros_like(t) for l, t in overall.items()}
+                batch_used = int((mask.sum(dim=1) > 0).sum())
+                used += batch_used
+                backbone.forward(backbone.preprocess(loaded, size))
+                if not shard.alone:
+                    sums.append((b, current["scores"], current["overall"], batch_used))
+        return sums
+
+    parts = shard.settle(run_pass)  # an error on any process stops every one
+    if parts is None:
+        return None
     if not shard.alone:
-        parts = shard.gather(sums)
-        if parts is None:
-            return None
         used = 0
         for _, part_scores, part_overall, batch_used in sorted((s for part in parts for s in part), key=lambda s: s[0]):
             for l in layers:
