@@ -253,7 +253,7 @@ def _export_all(backbone: Backbone, images: Sequence[Union[ImageSource, NamedIma
                 shape = (f"{wording.count(len(sel_layers), 'block')} x {wording.count(n_heads, 'head')} x "
                          f"{layout.num_tokens}^2 float32")
                 warnings.warn(f"kind 'full' writes about {per_image / 2**20:.1f} MiB per image ({shape}), "
-                              f"{len(images) * per_image / 2**20:.1f} MiB for all images", VsinkWarning, stacklevel=2)
+                              f"{len(images) * per_image / 2**20:.1f} MiB for all images", VsinkWarning, stacklevel=4)
                 warned = True
             box = backbone.view_box(image.size)
             maps = ImageMaps(name, image_stems[index], box.crop(image, side=DISPLAY_SIDE), layout, {}, view_box=box,
