@@ -68,17 +68,22 @@ def _one_image_per_prompt(images: int, rows: int, field: str) -> None:
         raise VsinkError(f"damro needs one image per prompt; {field} has {images} images for {rows} prompts")
 
 
-def clip_outliers(run: Any, k: int) -> Outliers:
-    """LLaVA-1.5 and LLaVA-NeXT (base tile): see the module docstring."""
-    lvlm = run.lvlm
-    core = _core(lvlm.model)
-    cfg = lvlm.model.config
+def _class_token_feature_layer(cfg: Any) -> int:
+    """The one tower layer whose features reach the language model, for a tower whose class token
+    is dropped from them (the class-token rules need its attention, not its feature)."""
     if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
         raise VsinkError("damro: the tower's class token must be dropped from the features "
                          "(vision_feature_select_strategy 'default')")
     if not isinstance(cfg.vision_feature_layer, int):
         raise VsinkError("damro needs one vision feature layer")
-    layer = int(cfg.vision_feature_layer)
+    return int(cfg.vision_feature_layer)
+
+
+def clip_outliers(run: Any, k: int) -> Outliers:
+    """LLaVA-1.5 and LLaVA-NeXT (base tile): see the module docstring."""
+    lvlm = run.lvlm
+    core = _core(lvlm.model)
+    layer = _class_token_feature_layer(lvlm.model.config)
     pixels = run.inputs["pixel_values"]
     _one_image_per_prompt(len(pixels), int(run.inputs["input_ids"].shape[0]), "pixel_values")
     tiled = lvlm.family == "llava-next"
@@ -202,12 +207,7 @@ def internvl_outliers(run: Any, k: int) -> Outliers:
     lvlm = run.lvlm
     core = _core(lvlm.model)
     cfg = lvlm.model.config
-    if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
-        raise VsinkError("damro: the tower's class token must be dropped from the features "
-                         "(vision_feature_select_strategy 'default')")
-    if not isinstance(cfg.vision_feature_layer, int):
-        raise VsinkError("damro needs one vision feature layer")
-    layer = int(cfg.vision_feature_layer)
+    layer = _class_token_feature_layer(cfg)
     counts = lvlm.pixel_counts(run.inputs)
     ends = torch.tensor(counts).cumsum(0) - 1  # each row's last tile: its thumbnail, or its only tile
     whole = run.inputs["pixel_values"][ends.to(run.inputs["pixel_values"].device)]
