@@ -153,6 +153,34 @@ def _same_report(a, b):
         assert a == b
 
 
+#: the branch, readout and column-scaling mitigations, composed with the row edits (PAI in VCD's noised
+#: branch, VAR beside M3ID's text branch, FastV under VAF), strong enough to move the scores (M3ID: a λ
+#: whose weight e^{λt} − 1 stays small, as a large one magnifies float rounding of the logits)
+CACHE_ONLY = {"vcd+pai": {"vcd.alpha": 3.0, "vcd.beta": 0.0, "vcd.noise_step": 900, "pai.alpha": 0.5},
+              "m3id+var": {"m3id.lam": 0.3, "m3id.threshold": 1.0, "var.sink_dims": [3, 7], "var.tau": 2.5},
+              "damro": {"alpha": 3.0, "beta": 0.0, "k": 2}, "dola": {},
+              "vaf+fastv": {"vaf.enhance": 3.0, "vaf.suppress": 0.5, "fastv.k": 2, "fastv.ratio": 0.5}}
+
+
+@pytest.mark.parametrize("name", sorted(CACHE_ONLY))
+def test_cache_is_transparent_for_branches_readouts_and_compositions(lvlm, name):
+    for m in make_mitigations(name, CACHE_ONLY[name]):
+        if m.refusal(type(lvlm)) is not None:
+            pytest.skip(f"{m.name} does not apply to {lvlm.spec}: {m.refusal(type(lvlm))}")
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
+    runs = []
+    for use_cache in (True, False):
+        scores = _Scores()
+        result = generate(lvlm, inputs, mitigation=[*make_mitigations(name, CACHE_ONLY[name]), scores],
+                          max_new_tokens=4, use_cache=use_cache)
+        runs.append((result, scores.steps))
+    (cached, a_steps), (uncached, b_steps) = runs
+    assert torch.equal(cached.new_tokens, uncached.new_tokens), name
+    for a, b in zip(a_steps, b_steps, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (name, float((a - b).nan_to_num().abs().max()))
+    _same_report(cached.report, uncached.report)
+
+
 def test_fastv_keeps_the_most_attended_image_tokens(lvlm):
     inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     with _eager(lvlm):
