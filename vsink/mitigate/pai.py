@@ -92,7 +92,8 @@ class PAI(Mitigation):
             if first is None:
                 return None
             q, kv = logits.shape[2], logits.shape[3]
-            rows = ctx.query_positions(layer, logits.device)[:, q_start:q_start + q] >= first  # [B, q]
+            rows = ctx.query_positions(layer, logits.device)[:, q_start:q_start + q] >= first
+            rows = rows.expand(logits.shape[0], -1)  # [B, q] (a beam context's one row: every beam's)
             if not rows.any():
                 return None
             image = ctx.image_keys(layer, kv, logits.device)
