@@ -230,6 +230,18 @@ def test_a_mitigation_from_an_entry_point_runs_alone_and_composed(temperature_pl
     assert [r["mitigation"] for r in hot.report] == ["temperature", "pai"]
     heads = demo.text_config.num_attention_heads
     assert hot.report[0]["layers"] == [{"layer": 2, "rows_tempered": 3 * 2 * heads}]  # 3 passes, 2 rows
+    # without the cache, every recomputed row tempered and amplified as the cache had it; two tokens only:
+    # the third pass would feed back row 1's second token, the image token id 4, and a pass over the
+    # whole sequence then counts one image token more than the image has (the model refuses it)
+    mixed = {"temperature.t": 8.0, "temperature.layer": 1}
+    cached = generate(demo, inputs, mitigation="temperature+pai", settings=mixed, max_new_tokens=2,
+                      capture_attention=True)
+    uncached = generate(demo, inputs, mitigation="temperature+pai", settings=mixed, max_new_tokens=2,
+                        capture_attention=True, use_cache=False)
+    assert torch.equal(uncached.new_tokens, cached.new_tokens)
+    torch.testing.assert_close(uncached.attention, cached.attention, atol=1e-5, rtol=0, equal_nan=True)
+    assert [r["layers"] for r in uncached.report] == [r["layers"] for r in cached.report]  # each row counted once
+    assert uncached.report[0]["layers"] == [{"layer": 1, "rows_tempered": 2 * 2 * heads}]
     with pytest.raises(VsinkError, match="temperature setting 't'"):
         make_mitigations("temperature", {"t": 0.0})
 

@@ -31,7 +31,11 @@ functions (:data:`BlockFn`, :data:`LogitFn`, :data:`ProbFn`, :data:`QKVFn`, with
 on ``run.decoder`` through ``run.decoder.hook(site, layer, fn, rows=...)``; ``refusal(family)``
 says why it does not apply to an LVLM family, ``unavailable()`` why it cannot run with the
 installed libraries, ``calibration_settings(calibration)`` what it takes
-from a sink calibration. :func:`below_depth` checks a layer setting against the decoder. A
+from a sink calibration. :func:`below_depth` checks a layer setting against the decoder;
+:func:`rows_from` makes a ``rows=`` for edits of the queries from an original position on (found by
+position, so a pass without the KV cache, which recomputes earlier tokens, edits the rows a cached
+pass edited) and :func:`fresh_rows` says which rows a pass computes for the first time (count
+those, so a report is the same with and without the cache). A
 mitigation that needs extra runs of the prompt declares them with :class:`Branch`
 (:func:`image_branch`, :func:`text_branch`, :func:`readout_branch`; see vsink/lvlm/branches.py).
 
@@ -57,7 +61,7 @@ from .backbones.sites import SITES, RowsFn, SiteFn, SiteHandle, SiteModel
 from .backbones.timm import TimmBackbone, load_timm
 from .errors import ModelSpecError, VsinkError, VsinkWarning
 from .layout import ImageSpans, PromptLayout, TokenLayout
-from .mitigate.base import Mitigation, Run, below_depth, register
+from .mitigate.base import Mitigation, Run, below_depth, fresh_rows, register, rows_from
 from .mitigate.branch import Branch, image_branch, readout_branch, text_branch
 from .mitigate.settings import CheckedSettings, setting
 from .options import AnyOf, Bool, Choice, Float, Int, Kind, ListOf, Text
@@ -88,5 +92,5 @@ __all__ = [
     "ListOf", "LogitFn", "Mitigation", "ModelSpecError", "PluginError", "ProbFn", "PromptLayout", "QKVFn", "RowsFn",
     "Run", "SiteFn", "SiteHandle", "SiteModel", "Text", "TimmBackbone", "TokenLayout", "VsinkError", "VsinkWarning",
     "additive_mask", "below_depth", "family", "known_sink_dims", "load_timm", "lvlm_family", "module_parameters",
-    "named_lvlm", "named_spec", "register", "setting", "to_pair",
+    "fresh_rows", "named_lvlm", "named_spec", "register", "rows_from", "setting", "to_pair",
 ]

@@ -178,9 +178,9 @@ class DecoderModel(SiteModel):
         self.context = context
 
         def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not self.suspended:
+            if not self.suspended and self.context is not None:  # a branch's pass: its own context
                 hidden = args[0] if args else kwargs["hidden_states"]
-                context.begin_pass(int(hidden.shape[1]))
+                self.context.begin_pass(int(hidden.shape[1]))
 
         handle = self.blocks[0].register_forward_pre_hook(begin, with_kwargs=True)
         try:

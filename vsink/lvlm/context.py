@@ -48,10 +48,14 @@ class DecodeContext:
         self.shapes: dict[int, tuple[int, int]] = {}
         #: positions in the sequence so far, as of the forward pass in progress (:meth:`begin_pass`)
         self.seen: Optional[int] = None
+        #: the first position the pass in progress computes for the first time: 0 in the prompt
+        #: pass, then the newest token's (a pass without the cache recomputes the rows before it)
+        self.fresh = 0
 
     def begin_pass(self, queries: int) -> None:
         """A forward pass of ``queries`` new positions starts: the whole sequence (prompt pass, or
         any pass without the cache) or one more token (a cached decoding step)."""
+        self.fresh = self.seen or 0
         self.seen = queries if queries > 1 or self.seen is None else self.seen + 1
 
     @property

@@ -192,16 +192,34 @@ def below_depth(run: Run, name: str, key: str, value: int) -> None:
                          f"{run.lvlm.spec}, got {value}")
 
 
-def rows_after_image(run: Run, layer: int) -> Callable[[int, int], int]:
-    """A hook's ``rows`` for edits of queries after the image only: the rows before the first such
-    query (in any batch row) run the model's own attention."""
+def rows_from(run: Run, layer: int, start: Callable[["DecodeContext"], Optional[int | torch.Tensor]]) -> Callable[[int, int], int]:
+    """A hook's ``rows`` for edits of the queries at original positions ``>= start(context)`` (an
+    int, or one per batch row [B]; ``None``: no row): the rows before the first such query (in any
+    batch row) run the model's own attention. Queries are found by position, so a pass without the
+    KV cache, which recomputes the earlier tokens, edits the rows a cached pass edited."""
 
     def rows(queries: int, keys: int) -> int:
-        if queries == 1:  # a cached decode step: the query is a generated token, after the image
-            return 0
         ctx = run.context
-        after = (ctx.query_positions(layer, ctx.image_end.device) >= ctx.image_end[:, None]).any(0)
-        hits = after.nonzero()
+        first = start(ctx)
+        if first is None:
+            return queries
+        if not isinstance(first, torch.Tensor):
+            first = torch.tensor([first], device=ctx.image_end.device)
+        at = (ctx.query_positions(layer, first.device) >= first.view(-1, 1)).any(0)
+        hits = at.nonzero()
         return int(hits[0]) if len(hits) else queries
 
     return rows
+
+
+def rows_after_image(run: Run, layer: int) -> Callable[[int, int], int]:
+    """A hook's ``rows`` for edits of queries after the image only (see :func:`rows_from`)."""
+    return rows_from(run, layer, lambda ctx: ctx.image_end)
+
+
+def fresh_rows(run: Run, layer: int, q_start: int, q: int, device: torch.device) -> torch.Tensor:
+    """Which of the query rows ``[q_start, q_start + q)`` of a layer's call the pass computes for the
+    first time [B, q] (a pass without the KV cache recomputes the earlier ones): a mitigation
+    counts those only, so its report is the same with the cache and without."""
+    ctx = run.context
+    return ctx.query_positions(layer, device)[:, q_start:q_start + q] >= ctx.fresh

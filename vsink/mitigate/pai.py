@@ -1,14 +1,16 @@
 """PAI — paying more attention to images (Liu et al., ECCV 2024), as edits on the decoder's sites.
 
-In layers ``[start_layer, end_layer)`` the pre-softmax logits (``attn_logits``) of the last query
-row on image keys become ``z + α|z|``. With ``gamma`` set, classifier-free guidance: a text-only
-branch (:mod:`vsink.mitigate.branch`: the prompt without its image tokens, its own KV cache, no
+In layers ``[start_layer, end_layer)`` the pre-softmax logits (``attn_logits``) of the prompt's
+last query row and of every generated token's row on image keys become ``z + α|z|`` (with the KV
+cache: the last row of each pass; without it, a pass recomputes those rows with the same edit).
+With ``gamma`` set, classifier-free guidance: a text-only branch (:mod:`vsink.mitigate.branch`: the prompt without its image tokens, its own KV cache, no
 edits) gives ``l_t``, the image branch ``l_i``, and the next token is chosen from
 ``γ(l_i − l_t) + l_t`` over tokens with ``p_i >= plausibility · max p_i``.
 
 ``protocol="official"`` follows the released scripts (LALBJ/PAI): with guidance on, the prompt
 pass runs without α (the first token gets guidance only) and α is switched on once the text-only
-branch has run; with ``gamma == 1`` the guidance returns before that, so α never applies.
+branch has run (from the first generated token's row on); with ``gamma == 1`` the guidance returns
+before that, so α never applies.
 Official defaults: γ = 1.1 and layers [2, 32) (the README's commands).
 """
 
@@ -16,14 +18,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 
 from ..options import Float, Int, OptionError
 from .branch import text_branch
-from .base import Mitigation, Run, below_depth, register
+from .base import Mitigation, Run, below_depth, fresh_rows, register, rows_from
 from .settings import CheckedSettings, setting
+
+if TYPE_CHECKING:
+    from ..lvlm.context import DecodeContext
 
 
 @dataclass
@@ -63,24 +68,39 @@ class PAI(Mitigation):
         end = n if s.end_layer is None else min(s.end_layer, n)
         below_depth(run, self.name, "start_layer", s.start_layer)
         #: whether α applies in the current pass (official + guidance: off until the text-only
-        #: branch has run once)
+        #: branch has run once, and then from the first generated token on)
         self.amplify = not (s.protocol == "official" and s.gamma is not None)
-        for layer in range(s.start_layer, end):  # only the last query row is edited
+        self.delayed = not self.amplify
+        for layer in range(s.start_layer, end):
             handles.append(run.decoder.hook("attn_logits", layer, self._amplify(run, layer),
-                                            rows=lambda queries, keys: queries - 1))
+                                            rows=rows_from(run, layer, self.first_position)))
+
+    def first_position(self, ctx: "DecodeContext") -> Optional[int]:
+        """The first query position amplified in ``ctx`` (the call's or a branch's): the prompt's last
+        token (each generated token's row follows), ``None`` while α is off. A cached pass computes
+        exactly the last of these rows; a pass without the cache recomputes all of them, edited alike."""
+        if not self.amplify:
+            return None
+        return ctx.length - 1 + (1 if self.delayed else 0)  # official: switched on after the prompt pass
 
     def _amplify(self, run: Run, layer: int):
         alpha = self.settings.alpha
 
         def fn(logits: torch.Tensor, q_start: int) -> Optional[torch.Tensor]:
-            queries, kv = run.context.shapes[layer]
-            if not self.amplify or q_start + logits.shape[2] != queries:  # only the block with the last row
+            ctx = run.context
+            first = self.first_position(ctx)
+            if first is None:
                 return None
-            image = run.context.image_keys(layer, kv, logits.device)
-            last = logits[:, :, -1, :]
-            logits[:, :, -1, :] = torch.where(image[:, None, :], last + alpha * last.abs(), last)
-            self.count(layer, rows_amplified=logits.shape[0] * logits.shape[1])
-            return logits
+            q, kv = logits.shape[2], logits.shape[3]
+            rows = ctx.query_positions(layer, logits.device)[:, q_start:q_start + q] >= first
+            rows = rows.expand(logits.shape[0], -1)  # [B, q] (a beam context's one row: every beam's)
+            if not rows.any():
+                return None
+            image = ctx.image_keys(layer, kv, logits.device)
+            edit = rows[:, None, :, None] & image[:, None, None, :]
+            self.count(layer, rows_amplified=int((rows & fresh_rows(run, layer, q_start, q, logits.device)).sum())
+                       * logits.shape[1])
+            return torch.where(edit, logits + alpha * logits.abs(), logits)
 
         return fn
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ..options import Float, Int, OptionError
-from .base import Mitigation, Run, below_depth, register, rows_after_image
+from .base import Mitigation, Run, below_depth, fresh_rows, register, rows_after_image
 from .settings import CheckedSettings, setting
 
 #: the released window on LLaVA-1.5-7B: layers 9..14 of 32
@@ -94,7 +94,8 @@ class VAF(Mitigation):
             system = ctx.lookup(ctx.valid0, kpos, False) & (kpos < start[:, None]) & ~image
             factor = column_factors(image, system, s.enhance, s.suppress).to(logits.dtype)  # [B, kv]
             scale = torch.where(rows[:, None, :, None], factor[:, None, None, :], torch.ones_like(factor)[:, None, None, :])
-            self.count(layer, rows_scaled=int(rows.sum()) * logits.shape[1])
+            fresh = fresh_rows(run, layer, q_start, q, logits.device)  # counted once without the cache
+            self.count(layer, rows_scaled=int((rows & fresh).sum()) * logits.shape[1])
             return logits * scale
 
         return fn

@@ -19,7 +19,7 @@ import torch
 
 from ..detect.visual_sinks import sink_flags
 from ..options import Float, Int, ListOf
-from .base import Mitigation, Run, below_depth, register, rows_after_image
+from .base import Mitigation, Run, below_depth, fresh_rows, register, rows_after_image
 from .settings import CheckedSettings, setting
 
 #: VAR ``official``: the visual-sink share's denominator adds this to each image token's attention
@@ -146,7 +146,8 @@ class VAR(Mitigation):
             image = ctx.lookup(ctx.image0, kpos, False)
             sinks = self.layer_sinks(run, layer, kpos)
             edited, select, moved = redistribution(probs, image, sinks, rows, self.settings)
-            self.count(layer, rows_edited=int(select.sum()), mass_moved=float(moved.sum()))
+            fresh = fresh_rows(run, layer, q_start, q, probs.device)[:, None, :]  # counted once without the cache
+            self.count(layer, rows_edited=int((select & fresh).sum()), mass_moved=float((moved * fresh).sum()))
             return edited
 
         return fn
