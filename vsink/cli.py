@@ -331,31 +331,35 @@ def _outputs(args: argparse.Namespace) -> list[str]:
     return [getattr(args, key) for key in ("out", "export_attention") if getattr(args, key, None)]
 
 
-def _lvlm_inputs(args: argparse.Namespace):
-    """The images of generate / calibrate as :class:`~vsink.images.NamedImage` s: the positional
-    images, or those of the deprecated ``--image``, or the bundled demo images."""
+def _lvlm_sources(args: argparse.Namespace) -> list:
+    """The inputs of generate / calibrate: the positional image paths (folders walked), or those of
+    the deprecated ``--image``, or the bundled demo images (:class:`~vsink.images.NamedImage` s)."""
     from .data.demo_images import demo_images
-    from .images import NamedImage, expand_paths, load_image
+    from .images import expand_paths
 
     if args.images and args.image:
         raise VsinkError("give the images as positional arguments only (--image is the deprecated spelling)")
     paths = args.images or args.image
-    if not paths:
-        return demo_images()
-    return [NamedImage(str(path), load_image(path)) for path in expand_paths(paths, exclude=_outputs(args))]
+    return [str(path) for path in expand_paths(paths, exclude=_outputs(args))] if paths else demo_images()
+
+
+def _lvlm_inputs(args: argparse.Namespace):
+    """The images of calibrate as :class:`~vsink.images.NamedImage` s (:func:`_lvlm_sources`); a bad
+    file is a one-line error."""
+    from .images import NamedImage, load_image
+
+    return [source if isinstance(source, NamedImage) else NamedImage(source, load_image(source))
+            for source in _lvlm_sources(args)]
 
 
 def _generate_inputs(args: argparse.Namespace) -> tuple[list, list[str], list[dict[str, str]]]:
-    """The images of generate, each with its prompt, as :class:`~vsink.images.NamedImage` s; the
-    files that cannot be read are left out and returned as skipped ``{"image", "reason"}`` entries
-    (:func:`~vsink.images.load_batch`, as scan skips them); every file unreadable is a one-line error."""
-    from .data.demo_images import demo_images
-    from .images import NamedImage, expand_paths, load_batch, source_name
+    """The images of generate (:func:`_lvlm_sources`) as :class:`~vsink.images.NamedImage` s, and
+    their prompts; the files that cannot be read are left out with their prompts and returned as
+    skipped ``{"image", "reason"}`` entries (:func:`~vsink.images.load_batch`, as scan skips them);
+    every file unreadable is a one-line error."""
+    from .images import NamedImage, load_batch, source_name
 
-    if args.images and args.image:
-        raise VsinkError("give the images as positional arguments only (--image is the deprecated spelling)")
-    paths = args.images or args.image
-    sources = [str(path) for path in expand_paths(paths, exclude=_outputs(args))] if paths else demo_images()
+    sources = _lvlm_sources(args)
     prompts = list(args.prompt)
     if len(prompts) == 1 and len(sources) > 1:
         prompts *= len(sources)
