@@ -110,3 +110,48 @@ def test_other_settings_and_refused_runs(files, tmp_path, capsys):
         capsys.readouterr().err
     assert (tmp_path / "scan" / "vsink-run.json").read_bytes() == before
     assert not (tmp_path / "scan" / "generated.jsonl").exists()
+
+
+def test_a_corrupt_file_is_skipped_reported_and_not_retried(files, tmp_path, capsys):
+    """Two photos and a truncated JPEG in a folder: two texts, the JPEG reported (stderr, the
+    summary, the --out record) with exit code 0 as scan gives a partial run; the same command
+    again generates nothing; only bad files: one line, exit code 2, no record."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in (0, 2):
+        (folder / files[i].name).write_bytes(files[i].read_bytes())
+    buffer = folder / "broken.jpg"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, format="JPEG")
+    buffer.write_bytes(buffer.read_bytes()[:200])  # the header without the scan data: PIL cannot decode it
+    out = tmp_path / "out"
+    argv = ["generate", str(folder), "--model", "demo-llava", "--prompt", "What is it?", "--max-new-tokens", "3",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    rows = _rows(out / "generated.jsonl")
+    assert [r["image"] for r in rows] == [str(folder / "im0.png"), str(folder / "im2.png")]
+    assert [r["item"] for r in rows] == [0, 1]
+    assert f"vsink: skipped {buffer}: corrupt or truncated image" in captured.err
+    assert "generated 2 images (1 skipped)" in captured.out
+    skipped = json.loads((out / "vsink-run.json").read_text())["determining"]["skipped"]
+    assert [s["image"] for s in skipped] == [str(buffer)] and skipped[0]["reason"].startswith(f"{buffer}: corrupt")
+    texts = (out / "generated.jsonl").read_bytes()
+
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "2 items of 2 already in" in captured.err and "nothing generated" in captured.err
+    assert f"vsink: skipped {buffer}" in captured.err
+    assert (out / "generated.jsonl").read_bytes() == texts
+
+    # one prompt per file: the broken file's prompt leaves with it
+    listed = [folder / "im0.png", buffer, folder / "im2.png"]
+    assert main(_argv(listed, tmp_path / "listed")) == 0
+    capsys.readouterr()
+    assert [r["prompt"] for r in _rows(tmp_path / "listed" / "generated.jsonl")] == [PROMPTS[0], PROMPTS[2]]
+
+    only_bad = ["generate", str(buffer), "--model", "demo-llava", "--prompt", "x", "--no-progress",
+                "--out", str(tmp_path / "none")]
+    assert main(only_bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[-1].startswith("vsink: error: no image could be read (1 skipped: ") and str(buffer) in err[-1]
+    assert not (tmp_path / "none").exists()

@@ -116,6 +116,8 @@ COMMANDS = {
     "generate": lambda im, co, ph, out: _generate(co, "--mitigation", "var", "--batch-size", "2", "--out", str(out),
                                                   "--export-attention", str(out) + "-attention"),
     "generate-one-batch": lambda im, co, ph, out: _generate(co),
+    "generate-skip": lambda im, co, ph, out: ["generate", str(im), "--model", "demo-llava", "--prompt", "What is it?",
+                                              "--max-new-tokens", "2", "--batch-size", "2", "--out", str(out)],
     # noise images have no high-norm outliers: rank 0 finds that after gathering the norms
     "no-outliers": lambda im, co, ph, out: ["registers", "find", str(im), "--model", "demo", "--img-size", "112",
                                             "--batch-size", "2", "--out", str(out) + ".json"],
@@ -262,6 +264,26 @@ def test_generate_in_one_batch_under_torchrun_says_the_other_ranks_idle(two):
     stdout, err = _ran(two, "generate-one-batch")
     assert "3 items in 1 batch for 2 processes: 1 of them have nothing to do (give a smaller --batch-size)" in err
     assert stdout.count("[") == 3
+
+
+def test_generate_skips_an_unreadable_file_on_every_rank_as_one_process_does(tmp_path, images, coco, photos, two,
+                                                                             capsys):
+    """im2b.png cannot be read: every rank leaves it out before the batches are cut, so the 5 items
+    in 3 batches, the texts and the record (its skipped entry) are those of one process; rank 0
+    alone reports it."""
+    stdout, err = _ran(two, "generate-skip")
+    capsys.readouterr()
+    a = _reference("generate-skip", tmp_path, images, coco, photos)
+    one_out, _ = capsys.readouterr()
+    b = two / "generate-skip"
+    assert [r["item"] for r in _lines(a / "generated.jsonl")] == [0, 1, 2, 3, 4]
+    assert (b / "generated.jsonl").read_bytes() == (a / "generated.jsonl").read_bytes()
+    assert _record(b)["determining"] == _record(a)["determining"]
+    assert [Path(s["image"]).name for s in _record(b)["determining"]["skipped"]] == ["im2b.png"]
+    assert err.count("vsink: skipped ") == 1 and "im2b.png" in err
+    assert "vsink: skipped" not in (two / "generate-skip.rank1.err").read_text()
+    assert stdout.replace(str(b), "OUT") == one_out.replace(str(a), "OUT")
+    assert "generated 5 images (1 skipped)" in stdout
 
 
 def test_an_error_on_rank_0_stops_every_rank_with_one_line(two):

@@ -331,18 +331,48 @@ def _outputs(args: argparse.Namespace) -> list[str]:
     return [getattr(args, key) for key in ("out", "export_attention") if getattr(args, key, None)]
 
 
-def _lvlm_inputs(args: argparse.Namespace):
-    """The images of generate / calibrate as :class:`~vsink.images.NamedImage` s: the positional
-    images, or those of the deprecated ``--image``, or the bundled demo images."""
+def _lvlm_sources(args: argparse.Namespace) -> list:
+    """The inputs of generate / calibrate: the positional image paths (folders walked), or those of
+    the deprecated ``--image``, or the bundled demo images (:class:`~vsink.images.NamedImage` s)."""
     from .data.demo_images import demo_images
-    from .images import NamedImage, expand_paths, load_image
+    from .images import expand_paths
 
     if args.images and args.image:
         raise VsinkError("give the images as positional arguments only (--image is the deprecated spelling)")
     paths = args.images or args.image
-    if not paths:
-        return demo_images()
-    return [NamedImage(str(path), load_image(path)) for path in expand_paths(paths, exclude=_outputs(args))]
+    return [str(path) for path in expand_paths(paths, exclude=_outputs(args))] if paths else demo_images()
+
+
+def _lvlm_inputs(args: argparse.Namespace):
+    """The images of calibrate as :class:`~vsink.images.NamedImage` s (:func:`_lvlm_sources`); a bad
+    file is a one-line error."""
+    from .images import NamedImage, load_image
+
+    return [source if isinstance(source, NamedImage) else NamedImage(source, load_image(source))
+            for source in _lvlm_sources(args)]
+
+
+def _generate_inputs(args: argparse.Namespace) -> tuple[list, list[str], list[dict[str, str]]]:
+    """The images of generate (:func:`_lvlm_sources`) as :class:`~vsink.images.NamedImage` s, and
+    their prompts; the files that cannot be read are left out with their prompts and returned as
+    skipped ``{"image", "reason"}`` entries (:func:`~vsink.images.load_batch`, as scan skips them);
+    every file unreadable is a one-line error."""
+    from .images import NamedImage, load_batch, source_name
+
+    sources = _lvlm_sources(args)
+    prompts = list(args.prompt)
+    if len(prompts) == 1 and len(sources) > 1:
+        prompts *= len(sources)
+    if len(prompts) != len(sources):
+        raise VsinkError(f"give one --prompt per image (or one for all): {count(len(sources), 'image')}, "
+                         f"{count(len(prompts), 'prompt')}")
+    loaded, names, skipped = load_batch(sources)
+    if not loaded:
+        raise VsinkError(f"no image could be read ({len(skipped)} skipped: "
+                         f"{'; '.join(s['reason'] for s in skipped[:5])})")
+    bad = {s["image"] for s in skipped}
+    kept = [p for i, (p, source) in enumerate(zip(prompts, sources)) if source_name(source, i) not in bad]
+    return [NamedImage(name, image) for name, image in zip(names, loaded)], kept, skipped
 
 
 def _ttr(args: argparse.Namespace, path: Optional[str]):
@@ -573,13 +603,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .mitigate import calibrated_settings, make_mitigations, mitigation_names
 
     shard = shard_of(args)
-    named = _lvlm_inputs(args)
-    prompts = list(args.prompt)
-    if len(prompts) == 1 and len(named) > 1:
-        prompts *= len(named)
-    if len(prompts) != len(named):
-        raise VsinkError(f"give one --prompt per image (or one for all): {count(len(named), 'image')}, "
-                         f"{count(len(prompts), 'prompt')}")
+    named, prompts, skipped = _generate_inputs(args)
+    if shard.main:
+        for entry in skipped:
+            print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
     if args.out and args.export_attention and Path(args.out).resolve() == Path(args.export_attention).resolve():
         raise VsinkError(f"--out and --export-attention name one folder ({args.out}); give two")
     settings = parse_settings(args.set)
@@ -608,6 +635,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                        "capture_attention": bool(args.export_attention), "batch_size": args.batch_size,
                        "items": content_hash([[item.name, p] for item, p in zip(named, prompts)]),
                        "image_pixels": image_fingerprint(images), "vsink_version": __version__}
+        if skipped:  # a resume skips the same files; a file mended since is another run
+            determining["skipped"] = skipped
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore", MitigationWarning)  # reported below, one line each
         run = run_generate(lvlm, images, [item.name for item in named], prompts, mitigation=args.mitigation,
@@ -628,6 +657,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         _print_report(batch.report, batch.warnings, head)
     for row in run.rows:
         print(f"[{row['image']}] {row['text']}")
+    if skipped:
+        print(f"generated {_scanned(run.rows, skipped)}")
     if args.out:
         print(f"wrote {Path(args.out) / 'generated.jsonl'}")
     if args.export_attention:
