@@ -73,6 +73,10 @@ class LVLM:
     #: its tower has a class token and its patches reach the language model one to one (LLaVA-1.5;
     #: DAMRO's paper rule applies to a plugin family that declares it)
     patches_one_to_one: ClassVar[bool] = False
+    #: the ``token_type_ids`` value of a generated token, for a pass without the KV cache that runs
+    #: prompt and generated tokens together outside transformers' ``generate`` (a branch); None
+    #: leaves the prompt's types as they are (a model that reads them only over the prompt)
+    generated_token_type: ClassVar[Optional[int]] = None
 
     def __new__(cls, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any) -> "LVLM":
         """``LVLM(model, ...)`` builds the adapter of the family that accepts ``model`` (plugins first)."""

@@ -32,6 +32,8 @@ class Gemma3LVLM(LVLM):
     model_types = ("gemma3",)
     model_class = "Gemma3ForConditionalGeneration"
     verified = "tiny offline models (tests/test_lvlm.py, tests/test_lvlm_families.py); real weights not verified here"
+    #: a generated token is text (0); transformers 4.57's mask reads a type for every key position
+    generated_token_type = 0
 
     def attention_groups(self, inputs: dict[str, Any]) -> Optional[torch.Tensor]:
         """Each run of image tokens (``token_type_ids`` 1) its own group, as the model's mask has it."""

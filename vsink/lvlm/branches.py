@@ -199,6 +199,15 @@ class BranchRunner:
                                                  embed(generated).to(group.inputs["inputs_embeds"].dtype)], dim=1)
         else:
             kwargs["input_ids"] = group.ids
+        # one type per token where the family says what a generated token is (LVLM.generated_token_type);
+        # mm_token_type_ids: 0 (text), as transformers' generate extends them
+        kind = self.run.lvlm.generated_token_type
+        if kind is not None and kwargs.get("token_type_ids") is not None:
+            types = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([types, types.new_full((types.shape[0], steps), kind)], dim=1)
+        if kwargs.get("mm_token_type_ids") is not None:
+            types = kwargs["mm_token_type_ids"]
+            kwargs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(types.shape[0], steps)], dim=1)
         kwargs["attention_mask"] = group.mask
         kwargs["position_ids"] = torch.cat([group.positions, group.generated_positions], dim=-1)
         return kwargs
