@@ -63,6 +63,24 @@ def test_lvlm_commands_take_images_as_positional_files_and_directories(tmp_path,
     assert "(layers [1, 2, 3], 1 prompt)" in out
 
 
+def test_calibrate_skips_and_reports_unreadable_images(tmp_path, capsys):
+    # a batch run skips a bad file and says so, as scan and generate do; only bad files: one line
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "red.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    code, out, err = run(capsys, "lvlm", "calibrate", folder, "--model", "demo-llava", "--no-progress",
+                         "--out", tmp_path / "sinks.json")
+    assert code == 0, err
+    assert "vsink: skipped" in err and "broken.jpg" in err
+    assert "(layers [1, 2, 3], 1 prompt, 1 unreadable image(s) skipped)" in out
+    (folder / "red.png").unlink()
+    code, out, err = run(capsys, "lvlm", "calibrate", folder, "--model", "demo-llava", "--no-progress",
+                         "--out", tmp_path / "none.json")
+    assert code == 2 and "no image could be read (1 skipped" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "none.json").exists()
+
+
 @pytest.mark.parametrize("argv, flag, key", [
     (["generate", "--model", "demo-llava", "--prompt", "x", "--image", "{image}", "--image", "{image}"], "--image",
      "image"),

@@ -343,13 +343,17 @@ def _lvlm_sources(args: argparse.Namespace) -> list:
     return [str(path) for path in expand_paths(paths, exclude=_outputs(args))] if paths else demo_images()
 
 
-def _lvlm_inputs(args: argparse.Namespace):
-    """The images of calibrate as :class:`~vsink.images.NamedImage` s (:func:`_lvlm_sources`); a bad
-    file is a one-line error."""
-    from .images import NamedImage, load_image
+def _lvlm_inputs(args: argparse.Namespace) -> tuple[list, list[dict[str, str]]]:
+    """The images of calibrate as :class:`~vsink.images.NamedImage` s (:func:`_lvlm_sources`) and the
+    files left out as unreadable (``{"image", "reason"}``, :func:`~vsink.images.load_batch`, as scan
+    and generate skip them); every file unreadable is a one-line error."""
+    from .images import NamedImage, load_batch
 
-    return [source if isinstance(source, NamedImage) else NamedImage(source, load_image(source))
-            for source in _lvlm_sources(args)]
+    loaded, names, skipped = load_batch(_lvlm_sources(args))
+    if not loaded:
+        raise VsinkError(f"no image could be read ({len(skipped)} skipped: "
+                         f"{'; '.join(s['reason'] for s in skipped[:5])})")
+    return [NamedImage(name, image) for name, image in zip(names, loaded)], skipped
 
 
 def _generate_inputs(args: argparse.Namespace) -> tuple[list, list[str], list[dict[str, str]]]:
@@ -693,12 +697,17 @@ def _print_report(report: list[dict], notes: list[str], head: str) -> None:
 def _cmd_lvlm(args: argparse.Namespace) -> int:
     from .lvlm.sinks import calibrate
 
-    images = [item.image for item in _lvlm_inputs(args)]
+    named, skipped = _lvlm_inputs(args)
+    for entry in skipped:
+        print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
+    images = [item.image for item in named]
     lvlm = load_lvlm_for(args)
     batches = [lvlm.prepare([im], [args.prompt]) for im in images]
     cal = calibrate(lvlm, batches, num_dims=args.num_dims, progress=not args.no_progress)
     cal.save(args.out)
-    print(f"sink dimensions of {lvlm.spec}: {cal.sink_dims} (layers {cal.layers}, {count(len(images), 'prompt')})")
+    left_out = f", {len(skipped)} unreadable image(s) skipped" if skipped else ""
+    print(f"sink dimensions of {lvlm.spec}: {cal.sink_dims} (layers {cal.layers}, {count(len(images), 'prompt')}"
+          f"{left_out})")
     print(f"wrote {args.out}")
     return 0
 
