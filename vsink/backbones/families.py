@@ -31,8 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ..errors import VsinkError
-from .plugins import load_entry_points
+from .plugins import enrol, load_entry_points
 
 if TYPE_CHECKING:
     from .base import Backbone
@@ -54,14 +53,7 @@ _loaded = False
 
 def family(cls: type["Backbone"]) -> type["Backbone"]:
     """Class decorator: register a backbone family under ``cls.family``."""
-    name = getattr(cls, "family", None)
-    if not isinstance(name, str) or not name or name == "?" or ":" in name:
-        raise VsinkError(f"{cls.__name__}: a family needs a name without ':' in its 'family' attribute")
-    if name in _FAMILIES and _FAMILIES[name] is not cls:
-        raise VsinkError(f"two backbone families are named {name!r}: {_FAMILIES[name].__name__} and {cls.__name__}")
-    _FAMILIES[name] = cls
-    if not cls.__module__.startswith("vsink."):
-        _PLUGINS.add(name)
+    enrol(cls, _FAMILIES, _PLUGINS, title="a family", plural="backbone families", reserved=("?",))
     return cls
 
 

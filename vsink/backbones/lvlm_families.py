@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import VsinkError
-from .plugins import load_entry_points
+from .plugins import enrol, load_entry_points
 
 #: an LVLM family: a subclass of :class:`vsink.backbones.hf_lvlm.LVLM` (named, not imported: that
 #: module asks this registry)
@@ -63,17 +63,10 @@ class NamedLVLM:
 
 def lvlm_family(cls: LVLMClass) -> LVLMClass:
     """Class decorator: register an LVLM family under ``cls.family`` for ``cls.model_types``."""
-    name = getattr(cls, "family", None)
-    if not isinstance(name, str) or not name or ":" in name:
-        raise VsinkError(f"{cls.__name__}: an LVLM family needs a name without ':' in its 'family' attribute")
     types = getattr(cls, "model_types", ())
     if not isinstance(types, tuple) or not all(isinstance(t, str) and t for t in types):
         raise VsinkError(f"{cls.__name__}: 'model_types' must be a tuple of model type names")
-    if name in _FAMILIES and _FAMILIES[name] is not cls:
-        raise VsinkError(f"two LVLM families are named {name!r}: {_FAMILIES[name].__name__} and {cls.__name__}")
-    _FAMILIES[name] = cls
-    if not cls.__module__.startswith("vsink."):
-        _PLUGINS.add(name)
+    enrol(cls, _FAMILIES, _PLUGINS, title="an LVLM family", plural="LVLM families")
     return cls
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Sequence
+from typing import Any, MutableMapping, MutableSet, Sequence
 
 from ..errors import VsinkError
 
@@ -33,3 +33,18 @@ def load_entry_points(group: str, builtin: Sequence[str] = ()) -> None:
         except Exception as e:  # any failure inside a plugin: one line naming it
             raise PluginError(f"the {group} entry point {entry.name!r} ({entry.value}) failed to load: "
                               f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+
+
+def enrol(cls: Any, registry: MutableMapping[str, Any], plugins: MutableSet[str], *, title: str,
+          plural: str, reserved: Sequence[str] = ()) -> None:
+    """Register the family class ``cls`` under its ``family`` name in ``registry`` (one name per
+    class; ``plugins`` gains the names of classes defined outside vsink). ``title`` and ``plural``
+    word the errors: e.g. "an LVLM family" / "LVLM families"."""
+    name = getattr(cls, "family", None)
+    if not isinstance(name, str) or not name or name in reserved or ":" in name:
+        raise VsinkError(f"{cls.__name__}: {title} needs a name without ':' in its 'family' attribute")
+    if name in registry and registry[name] is not cls:
+        raise VsinkError(f"two {plural} are named {name!r}: {registry[name].__name__} and {cls.__name__}")
+    registry[name] = cls
+    if not cls.__module__.startswith("vsink."):
+        plugins.add(name)
