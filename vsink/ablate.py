@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -171,6 +171,10 @@ class AblationResult:
     synthetic: bool = False
     #: dense metrics of the clean and every ablated model (``dense=`` of :func:`ablate`), or None
     dense: Optional[Any] = None
+    #: with ``dense=``: each selection chosen again on the dense images (rows: the dense clean pass's images)
+    dense_selections: list[Selection] = field(default_factory=list)
+    #: with ``dense=``: how the dense ablation was chosen (:func:`vsink.ablate_dense.dense_record`)
+    dense_ablation: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "vsink_version": __version__, "images": self.images, "skipped": self.skipped,
@@ -178,7 +182,7 @@ class AblationResult:
                 "selections": [{"target": s.target, "layer": s.layer, "site": s.site, "tokens": s.count,
                                 "channels": s.channels} for s in self.selections],
                 "rows": [r.to_json() for r in self.rows],
-                "dense": None if self.dense is None else "dense.json"}
+                "dense": None if self.dense is None else "dense.json", "dense_ablation": self.dense_ablation}
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -254,9 +258,9 @@ def _final_features(backbone: Backbone, store: list[torch.Tensor]):
 
 
 @torch.no_grad()
-def run_pass(backbone: Backbone, batches: Sequence[torch.Tensor], *, capture: Sequence[tuple[str, int]] = (),
+def run_pass(backbone: Backbone, batches: Iterable[torch.Tensor], *, capture: Sequence[tuple[str, int]] = (),
              ablation: Optional[tuple[Selection, torch.Tensor]] = None) -> Pass:
-    """One pass over ``batches`` (preprocessed pixel values), optionally with an ablation installed:
+    """One pass over ``batches`` (preprocessed pixel values, any iterable), optionally with an ablation installed:
     the probe's trace (norms, attention, massive activations), the final features, the model output
     and the values of the ``capture`` sites (after the ablation, which is installed first)."""
     batch: list[int] = []
@@ -272,8 +276,8 @@ def run_pass(backbone: Backbone, batches: Sequence[torch.Tensor], *, capture: Se
         handles.append(backbone.hook("block_output", backbone.num_layers - 1, _final_features(backbone, features)))
 
     with Hooks(install), Probe(backbone, massive=MASSIVE_TOP_K) as probe:
-        start = 0
-        for pixel_values in batches:
+        start, count = 0, 0
+        for count, pixel_values in enumerate(batches, 1):
             batch[:] = range(start, start + pixel_values.shape[0])
             out = probe.run(pixel_values)
             if isinstance(out, torch.Tensor) and out.dim() == 2:
@@ -282,7 +286,7 @@ def run_pass(backbone: Backbone, batches: Sequence[torch.Tensor], *, capture: Se
     trace = probe.trace(meta={"model": backbone.spec})
     trace.check_finite(backbone.spec)
     return Pass(trace=trace, features=torch.cat(features),
-                outputs=torch.cat(outputs) if len(outputs) == len(batches) else None,
+                outputs=torch.cat(outputs) if outputs and len(outputs) == count else None,
                 sites={key: torch.cat(v) for key, v in captured.items()})
 
 
@@ -455,18 +459,14 @@ def ablate(
         stats: the bootstrap of the intervals over the images (level, resamples, seed).
         dense: ``(eval_set, train_set)`` (:class:`~vsink.evaluate.datasets.DenseDataset`; train_set
             None without linear-seg): also evaluate the clean model and every ablated one on dense
-            tasks (:mod:`vsink.ablate_dense`; targets neurons and registers, ablations zero,
-            mean-images and mean-kind).
+            tasks (:mod:`vsink.ablate_dense`: every target, chosen again on each dense image, and
+            every ablation, its values from the dense images' clean pass).
         dense_tasks: the dense tasks (default: all the dataset supports).
     """
     for key, value in (("targets", list(targets)), ("ablations", list(ablations)), ("seed", seed),
                        ("sink_ratio", sink_ratio), ("massive_ratio", massive_ratio), ("batch_size", batch_size)):
         ABLATE[key].check(value)
     detect_kwargs = parse_threshold(threshold)
-    if dense is not None:
-        from .ablate_dense import check_dense
-
-        check_dense(list(targets), list(ablations))
     if not images:
         raise VsinkError("no images given")
     size = (img_size, img_size) if img_size else backbone.img_size
@@ -513,7 +513,6 @@ def ablate(
     clean = run_pass(backbone, batches, capture=sites) if sites else first  # the site values of the chosen blocks
 
     rows: list[AblationRow] = []
-    variants: list[Any] = []
     bar = tqdm(total=len(selections) * len(ablations), desc="ablate", unit="pass", disable=not progress)
     for selection in selections:
         for ablation in ablations:
@@ -525,10 +524,6 @@ def ablate(
             else:
                 values = replacement(selection, ablation, site_values, layout, seed)
             ablated = run_pass(backbone, batches, ablation=(selection, values))
-            if dense is not None:
-                from .ablate_dense import ablation_variant
-
-                variants.append(ablation_variant(f"{selection.target}@{selection.layer}:{ablation}", selection, values))
             measured = measure(clean, ablated, layout, high_norm, detect_kwargs, stats)
             rows.append(AblationRow(target=selection.target, layer=selection.layer, site=selection.site,
                                     ablation=ablation, tokens=selection.count, channels=selection.channels,
@@ -546,14 +541,35 @@ def ablate(
                 "sink_ratio": sink_ratio, "massive_ratio": massive_ratio, "intervals": stats.to_dict(unit="image"),
                 "neurons": {str(k): v for k, v in by_layer.items()} if by_layer else None,
                 "edits": list(backbone.edits)}
-    dense_result = None
+    dense_result, dense_selections, dense_record = None, [], None
     if dense is not None:
-        from .evaluate.dense import evaluate_dense
-        from .evaluate.variants import Variant
-
-        dense_result = evaluate_dense(backbone, dense[0], train_set=dense[1], tasks=dense_tasks,
-                                      variants=[Variant("clean"), *variants], batch_size=batch_size, img_size=img_size,
-                                      progress=progress, bootstrap=stats)
+        dense_result, dense_selections, dense_record = _ablate_dense(
+            backbone, dense, dense_tasks, selections, ablations, high_norm, size=size, seed=seed,
+            batch_size=batch_size, img_size=img_size, detect_kwargs=detect_kwargs, sink_ratio=sink_ratio,
+            massive_ratio=massive_ratio, stats=stats, progress=progress)
     return AblationResult(model=backbone.spec, images=names, skipped=skipped, layout=layout, settings=settings,
                           selections=selections, rows=rows, clean_maps=clean_maps,
-                          synthetic=backbone.synthetic is not None, dense=dense_result)
+                          synthetic=backbone.synthetic is not None, dense=dense_result,
+                          dense_selections=dense_selections, dense_ablation=dense_record)
+
+
+def _ablate_dense(backbone: Backbone, dense: tuple[Any, Any], tasks: Optional[Sequence[str]],
+                  selections: list[Selection], ablations: Sequence[str], high_norm: HighNormResult, *,
+                  size: tuple[int, int], seed: int, batch_size: int, img_size: Optional[int],
+                  detect_kwargs: dict[str, Any], sink_ratio: float, massive_ratio: float, stats: Bootstrap,
+                  progress: bool) -> tuple[Any, list[Selection], dict[str, Any]]:
+    """The dense metrics of the clean model and every ablated one (:mod:`vsink.ablate_dense`): the
+    targets selected again on each dense image, the replacements from the dense images' clean pass."""
+    from .ablate_dense import dense_clean_pass, dense_pairing, dense_record, dense_selection, dense_variant
+    from .evaluate.dense import evaluate_dense
+    from .evaluate.variants import Variant
+
+    sites = sorted({(s.site, s.layer) for s in selections}) if any(a != "zero" for a in ablations) else []
+    images = dense_clean_pass(backbone, dense[0], dense[1], tasks=tasks, sites=sites, size=size,
+                              batch_size=batch_size, threshold=detect_kwargs)
+    partner = dense_pairing(images, seed) if "resample" in ablations else None
+    chosen = [dense_selection(s, images, sink_ratio=sink_ratio, massive_ratio=massive_ratio) for s in selections]
+    variants = [dense_variant(f"{s.target}@{s.layer}:{a}", s, a, images, partner) for s in chosen for a in ablations]
+    result = evaluate_dense(backbone, dense[0], train_set=dense[1], tasks=tasks, variants=[Variant("clean"), *variants],
+                            batch_size=batch_size, img_size=img_size, progress=progress, bootstrap=stats)
+    return result, chosen, dense_record(images, chosen, high_norm, partner)

@@ -414,10 +414,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     ttr = _ttr(args, args.test_time_registers)
     dense = None
     if args.dense:
-        from .ablate_dense import check_dense
         from .evaluate.open import open_dataset
 
-        check_dense(args.targets, args.ablations)
         size = args.img_size or backbone.img_size[0]
         dense = tuple(open_dataset("synthetic", None, split, synthetic_images=args.dense_images, synthetic_size=size,
                                    seed=args.seed) for split in ("val", "train"))

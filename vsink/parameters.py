@@ -148,8 +148,8 @@ ABLATE = declare(
     THRESHOLD,
     *STATS.values(),
     Option("dense", Bool(), False, "also measure linear-probe mIoU, LOST CorLoc and the artifact metrics of the clean "
-           "and each ablated model on synthetic dense images (targets neurons and registers; ablations zero, "
-           "mean-images, mean-kind)"),
+           "and each ablated model on synthetic dense images (targets chosen again on each dense image, "
+           "replacements from their clean pass; docs/ablate.md)"),
     Option("dense_images", Int(2, 100_000), 32, "--dense: synthetic images per split (train and val)"),
     Option("out", OutputDir(), "vsink-ablate", "output directory (results.json, results.md, report.html)"),
 )

@@ -244,6 +244,8 @@ class _Runner:
     """One variant's backbone, run over a dataset in batches, skipping bad items. When ``skipped``
     is given (the first variant's run; later variants meet the same items) each bad item is
     appended to it and reported on stderr. ``kept[role]`` counts the items each pass used.
+    ``before_batch(split, ids)`` is called before each forward pass with the batch's sample ids
+    (:meth:`vsink.evaluate.variants.Variant.before_batch`).
 
     Under ``torchrun`` (``shard``, :mod:`vsink.shard`) each process runs its batches (batch ``b`` on
     rank ``b % N``, cut as one process cuts them), and after each round of N batches rank 0 gathers
@@ -253,8 +255,10 @@ class _Runner:
     (:meth:`vsink.shard.Shard.settle`)."""
 
     def __init__(self, name: str, backbone: Backbone, size: tuple[int, int], batch_size: int, progress: bool,
-                 num_classes: Optional[int], skipped: Optional[list[dict[str, str]]], shard: Optional[Shard] = None):
+                 num_classes: Optional[int], skipped: Optional[list[dict[str, str]]], shard: Optional[Shard] = None,
+                 before_batch: Optional[Callable[[str, list[str]], None]] = None):
         self.name, self.backbone, self.size, self.batch_size = name, backbone, size, batch_size
+        self.before_batch = before_batch or (lambda split, ids: None)
         self.progress, self.num_classes, self.skipped = progress, num_classes, skipped
         self.shard = shard or Shard()
         self.forward_images = 0
@@ -298,6 +302,7 @@ class _Runner:
                     bar.update(len(dataset.samples[start:start + self.batch_size]))
                     if not samples:
                         continue
+                    self.before_batch(dataset.split, [str(s.id) for s in samples])
                     self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
                     self.forward_images += len(samples)
                     self.kept[role] += len(samples)
@@ -315,6 +320,7 @@ class _Runner:
             samples, loaded, skipped = self._load(dataset, *span, need)
             batch, rows = None, None
             if samples:
+                self.before_batch(dataset.split, [str(s.id) for s in samples])
                 self.backbone.forward(self.backbone.preprocess([x.image for x in loaded], self.size))
                 features = {spec: t.cpu() for spec, t in capture.pop().items()}
                 sent = [replace(s, boxes=None) for s in samples]  # read already (a reader may not pickle)
@@ -572,7 +578,8 @@ def evaluate_dense(
     for variant in variants:
         with variant.open(backbone, img_size=img_size, **(load_kwargs or {})) as vb:
             vb.check_input_size(size)
-            runner = _Runner(variant.name, vb, size, batch_size, progress, classes, None if out else skipped, shard)
+            runner = _Runner(variant.name, vb, size, batch_size, progress, classes, None if out else skipped, shard,
+                             variant.before_batch)
             res = _evaluate_variant(vb, eval_set, train_set, tasks=tasks, seg_spec=FeatureSpec(seg_layer),
                                     lost_settings=lost_settings, probe_settings=probe_settings,
                                     num_classes=classes, runner=runner, name=variant.name, previews=previews)

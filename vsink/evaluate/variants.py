@@ -16,7 +16,7 @@ import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 from ..backbones.base import Backbone
 from ..backbones.saved import SAVED_CONFIG
@@ -104,6 +104,12 @@ class Variant:
             return error
         return VsinkError(f"{error}; {folder} holds a saved model ({SAVED_CONFIG}): pass the directory instead "
                           f"(--variant {self.name}={folder})")
+
+    def before_batch(self, split: str, ids: Sequence[str]) -> None:
+        """Told by the dense evaluation, before each forward pass, which images it runs (their
+        ``split`` and sample ids, in batch order). Nothing here; a variant whose edit depends on the
+        image (:class:`vsink.ablate_dense.DenseAblationVariant`) keeps them."""
+        return None
 
     @contextmanager
     def open(self, base: Backbone, **load_kwargs: Any) -> Iterator[Backbone]:
