@@ -51,12 +51,39 @@ def interval_note(result: AblationResult) -> str:
             "ratios of maxima (docs/ablate.md).")
 
 
+DENSE_COLUMNS = ("target", "block", "channels", "tokens on the dense images", "high-norm threshold (ablation "
+                 "images → dense images)")
+#: what the dense-selection table is (HTML and Markdown)
+DENSE_NOTE = ("Targets chosen on each dense image's own clean pass by the ablation run's detectors; the high-norm "
+              "threshold fitted on the dense images (both splits pooled); means over the dense images, resample "
+              "from another image of the same split (docs/ablate.md). results.json: dense_ablation.")
+
+
+def dense_selection_rows(result: AblationResult) -> list[list[str]]:
+    """Per target and block, the dense selection: channels, tokens per split, and the high-norm
+    threshold at that block on the ablation images and on the dense images."""
+    record = result.dense_ablation or {}
+    rows = []
+    for s in record.get("selections", []):
+        channels = "all" if s["channels"] is None else ",".join(map(str, s["channels"])) or "none"
+        per_split = ", ".join(f"{split} {n}" for split, n in s["tokens_per_split"].items())
+        threshold = record["high_norm_threshold"].get(str(s["layer"]), {})
+        rows.append([s["target"], str(s["layer"]), channels, f"{s['tokens']} ({per_split})",
+                     f"{fmt(threshold.get('ablation_images'))} → {fmt(threshold.get('dense_images'))}"])
+    return rows
+
+
 def render_ablation_markdown(result: AblationResult) -> str:
-    """The results table as Markdown."""
+    """The results table as Markdown (and, with dense metrics, the targets on the dense images)."""
     lines = [f"# vsink ablate: {result.model}", "", f"{len(result.images)} image(s); layout {result.layout.describe()}",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("—", "-") for c in _cells(r)) + " |" for r in result.rows]
     lines += ["", interval_note(result)]
+    if result.dense_ablation is not None:
+        lines += ["", "## Targets on the dense images", "", DENSE_NOTE, "",
+                  "| " + " | ".join(DENSE_COLUMNS) + " |", "|" + "---|" * len(DENSE_COLUMNS)]
+        lines += ["| " + " | ".join(c.replace("—", "-") for c in row) + " |" for row in dense_selection_rows(result)]
+        lines += ["", "Dense metrics: dense.md."]
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +174,9 @@ def dense_section(result: AblationResult) -> list[str]:
             f"{dense.dataset['images_evaluated']} evaluation image(s); each ablated model is probed as a model of its "
             "own (docs/ablate.md). Value [interval]; Δ: paired difference from the clean model [interval]. All "
             "numbers: <a href=\"dense.html\">dense.html</a>.</p>",
-            table(["metric", *names], rows, left=1)]
+            table(["metric", *names], rows, left=1),
+            f"<p>{esc(DENSE_NOTE)}</p>",
+            table(DENSE_COLUMNS, ([esc(c) for c in row] for row in dense_selection_rows(result)), left=3)]
 
 
 def save_ablation(result: AblationResult, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:
