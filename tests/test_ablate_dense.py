@@ -120,6 +120,14 @@ def test_resample_pairing_is_a_reproducible_derangement_within_each_split():
         dense_pairing(_keys({"train": 3, "val": 1}), seed=0)
 
 
+def test_resample_on_a_one_image_split_is_refused_before_any_pass(backbone, monkeypatch):
+    val, _ = planted_images("val", 1, 0)
+    monkeypatch.setattr("vsink.ablate.run_pass", lambda *a, **k: pytest.fail("a pass ran"))
+    with pytest.raises(vsink.VsinkError, match="split val has 1 image"):
+        ablate(backbone, demo_images(), ablations=["resample"], dense=(val, None), dense_tasks=["artifacts"],
+               progress=False)
+
+
 def test_installed_dense_ablation_replaces_each_images_selected_entries(backbone):
     """The hook applies the selection and values of the images the evaluation says it runs, in the
     batch's order: resample puts the partner's clean values (the dense clean pass) at exactly the

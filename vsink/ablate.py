@@ -467,6 +467,10 @@ def ablate(
                        ("sink_ratio", sink_ratio), ("massive_ratio", massive_ratio), ("batch_size", batch_size)):
         ABLATE[key].check(value)
     detect_kwargs = parse_threshold(threshold)
+    if dense is not None and "resample" in ablations:
+        from .ablate_dense import check_resample
+
+        check_resample(dense[0], dense[1], dense_tasks)
     if not images:
         raise VsinkError("no images given")
     size = (img_size, img_size) if img_size else backbone.img_size

@@ -102,6 +102,26 @@ def _dense_batches(backbone: Backbone, sets: Sequence[tuple[DenseDataset, Any]],
                 yield backbone.preprocess(images, size)
 
 
+def dense_splits(eval_set: DenseDataset, train_set: Optional[DenseDataset],
+                 tasks: Optional[Sequence[str]]) -> list[tuple[DenseDataset, Any]]:
+    """The splits the evaluation runs, in pass order (the training split when ``linear-seg`` is
+    among ``tasks``, then the evaluation split), each with the evaluation's rule for a usable item."""
+    tasks = list(tasks) if tasks is not None else supported_tasks(eval_set)
+    sets: list[tuple[DenseDataset, Any]] = []
+    if "linear-seg" in tasks and train_set is not None:
+        sets.append((train_set, _needs(["linear-seg"])))
+    sets.append((eval_set, _needs(tasks)))
+    return sets
+
+
+def check_resample(eval_set: DenseDataset, train_set: Optional[DenseDataset], tasks: Optional[Sequence[str]]) -> None:
+    """Refuse, before any pass, resample on a split of fewer than 2 images."""
+    for dataset, _ in dense_splits(eval_set, train_set, tasks):
+        if len(dataset) < 2:
+            raise VsinkError(f"--dense with resample: split {dataset.split} has {len(dataset)} image(s); resample "
+                             "needs at least 2 per split (each takes another image's values)")
+
+
 def dense_clean_pass(backbone: Backbone, eval_set: DenseDataset, train_set: Optional[DenseDataset], *,
                      tasks: Optional[Sequence[str]], sites: Sequence[tuple[str, int]], size: tuple[int, int],
                      batch_size: int, threshold: dict[str, Any]) -> DenseImages:
@@ -109,11 +129,7 @@ def dense_clean_pass(backbone: Backbone, eval_set: DenseDataset, train_set: Opti
     ``linear-seg`` is among ``tasks``, then the evaluation split), capturing ``sites``; the
     high-norm detector (``threshold``: :func:`vsink.scan.parse_threshold`'s settings) fitted on
     all of them."""
-    tasks = list(tasks) if tasks is not None else supported_tasks(eval_set)
-    sets: list[tuple[DenseDataset, Any]] = []
-    if "linear-seg" in tasks and train_set is not None:
-        sets.append((train_set, _needs(["linear-seg"])))
-    sets.append((eval_set, _needs(tasks)))
+    sets = dense_splits(eval_set, train_set, tasks)
     keys: list[tuple[str, str]] = []
     classes = eval_set.num_classes
     clean = run_pass(backbone, _dense_batches(backbone, sets, size, batch_size, classes, keys), capture=sites)
@@ -219,8 +235,9 @@ def dense_variant(name: str, selection: Selection, ablation: str, images: DenseI
 def dense_record(images: DenseImages, selections: Sequence[Selection], ablation_high_norm: HighNormResult,
                  partner: Optional[np.ndarray]) -> dict[str, Any]:
     """What results.json records of the dense ablation (``dense_ablation``): the rules, the dense
-    images' ids per split (in the order of the dense selections' rows), each dense selection's tokens per split, the high-norm thresholds fitted on the
-    ablation images and on the dense images at the ablated blocks, and the resample pairing."""
+    images' ids per split (in the order of the dense selections' rows), each dense selection's
+    tokens per split, the high-norm thresholds fitted on the ablation images and on the dense
+    images at the ablated blocks, and the resample pairing."""
     split_idx = images.split_indices()
     layers = sorted({s.layer for s in selections})
     threshold = lambda hn, l: next(s.threshold for s in hn.layers if s.index == l)  # noqa: E731
