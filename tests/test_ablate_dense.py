@@ -176,4 +176,7 @@ def test_cli_dense_with_per_image_targets_and_resample(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "Dense metrics under ablation" in html and "chosen on each dense image" in html
     assert "high-norm@3:resample" in html and (out / "dense.html").exists()
-    assert "## Targets on the dense images" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "## Targets on the dense images" in markdown
+    tokens = {s["target"]: s for s in record["selections"]}["sinks"]["tokens_per_split"]
+    assert f"| sinks | 3 | all | {sum(tokens.values())} (train {tokens['train']}, val {tokens['val']}) | - |" in markdown

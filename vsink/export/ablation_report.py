@@ -60,16 +60,17 @@ DENSE_NOTE = ("Targets chosen on each dense image's own clean pass by the ablati
 
 
 def dense_selection_rows(result: AblationResult) -> list[list[str]]:
-    """Per target and block, the dense selection: channels, tokens per split, and the high-norm
-    threshold at that block on the ablation images and on the dense images."""
+    """Per target and block, the dense selection: channels, tokens per split, and (target
+    high-norm) the detector's threshold at that block on the ablation images and on the dense images."""
     record = result.dense_ablation or {}
     rows = []
     for s in record.get("selections", []):
         channels = "all" if s["channels"] is None else ",".join(map(str, s["channels"])) or "none"
         per_split = ", ".join(f"{split} {n}" for split, n in s["tokens_per_split"].items())
         threshold = record["high_norm_threshold"].get(str(s["layer"]), {})
-        rows.append([s["target"], str(s["layer"]), channels, f"{s['tokens']} ({per_split})",
-                     f"{fmt(threshold.get('ablation_images'))} → {fmt(threshold.get('dense_images'))}"])
+        fitted = (f"{fmt(threshold.get('ablation_images'))} → {fmt(threshold.get('dense_images'))}"
+                  if s["target"] == "high-norm" else "—")
+        rows.append([s["target"], str(s["layer"]), channels, f"{s['tokens']} ({per_split})", fitted])
     return rows
 
 
