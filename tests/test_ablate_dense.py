@@ -93,6 +93,8 @@ def test_zeroing_the_planted_tokens_removes_the_dense_outliers(planted_run):
     result, _, _ = planted_run
     clean, ablated = result.dense.variants["clean"], result.dense.variants["high-norm@3:zero"]
     assert clean["artifacts"]["outlier_fraction"] > 0 and ablated["artifacts"]["outlier_fraction"] == 0
+    # the probe's training images are ablated too: its training losses are computed on their features only
+    assert ablated["linear_seg"]["train_loss"] != clean["linear_seg"]["train_loss"]
 
 
 def test_zero_ablation_selecting_nothing_leaves_the_dense_metrics_equal(planted_run):
@@ -131,7 +133,8 @@ def test_resample_on_a_one_image_split_is_refused_before_any_pass(backbone, monk
 def test_installed_dense_ablation_replaces_each_images_selected_entries(backbone):
     """The hook applies the selection and values of the images the evaluation says it runs, in the
     batch's order: resample puts the partner's clean values (the dense clean pass) at exactly the
-    selected tokens; mean-kind the mean, over all dense images, of the patches not selected."""
+    selected tokens; mean-kind the mean, over all dense images, of the patches not selected;
+    mean-images the mean over the dense images at the same position."""
     val, flat = planted_images("val", 3, 2)
     site = ("block_output", D.PLANTED_BLOCK)
     images = dense_clean_pass(backbone, val, None, tasks=["artifacts"], sites=[site], size=backbone.img_size,
@@ -147,7 +150,8 @@ def test_installed_dense_ablation_replaces_each_images_selected_entries(backbone
     pixels = backbone.preprocess([val.samples[i].image for i in order], backbone.img_size)
     mask = torch.as_tensor(chosen.tokens[order])[..., None]
     patches = clean[:, layout.patch_slice][~torch.as_tensor(flat)].mean(0)
-    for ablation, expected in (("resample", clean[partner[order]]), ("mean-kind", patches)):
+    for ablation, expected in (("resample", clean[partner[order]]), ("mean-kind", patches),
+                               ("mean-images", clean.mean(0))):
         variant = dense_variant("v", chosen, ablation, images, partner)
         with variant.open(backbone):
             variant.before_batch("val", [f"val_{i}" for i in order])
