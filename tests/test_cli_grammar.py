@@ -214,8 +214,8 @@ def test_models_lists_every_spec_form_and_what_it_is_for(capsys):
     for form in ("demo-llava", "hf:REPO ", "hf:llava-hf/llava-1.5-7b-hf", "LLaVA-NeXT", "Qwen2-VL", "LOCAL_DIR"):
         assert form in lvlms, form
     assert "vsink scan, maps, registers, eval dense and finetune" in vision
-    assert ("vsink generate, lvlm calibrate, eval pope|chair|mme|hallusionbench|object-halbench|amber and "
-            "scan --prompt") in lvlms
+    assert ("vsink generate, lvlm calibrate, eval pope|chair|mme|hallusionbench|object-halbench|amber, "
+            "scan --prompt and ablate --questions") in lvlms
 
 
 # --- messages -------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -175,6 +175,8 @@ class AblationResult:
     dense_selections: list[Selection] = field(default_factory=list)
     #: with ``dense=``: how the dense ablation was chosen (:func:`vsink.ablate_dense.dense_record`)
     dense_ablation: Optional[dict[str, Any]] = None
+    #: an LVLM's answers, clean and under every ablation (:class:`vsink.ablate_lvlm.AnswerMeasures`), or None
+    answers: Optional[Any] = None
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "vsink_version": __version__, "images": self.images, "skipped": self.skipped,
@@ -182,7 +184,13 @@ class AblationResult:
                 "selections": [{"target": s.target, "layer": s.layer, "site": s.site, "tokens": s.count,
                                 "channels": s.channels} for s in self.selections],
                 "rows": [r.to_json() for r in self.rows],
-                "dense": None if self.dense is None else "dense.json", "dense_ablation": self.dense_ablation}
+                "dense": None if self.dense is None else "dense.json", "dense_ablation": self.dense_ablation,
+                "answers": None if self.answers is None else self.answers.to_json()}
+
+
+#: called before each ablated pass with the selection, the ablation and its replacement values
+#: [I, N, C'] (``each=`` of :func:`ablate`), to measure more under the same ablation
+EachAblation = Callable[["Selection", str, torch.Tensor], None]
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -442,6 +450,8 @@ def ablate(
     stats: Bootstrap = Bootstrap(),
     dense: Optional[tuple[Any, Any]] = None,
     dense_tasks: Optional[Sequence[str]] = None,
+    preprocess: Optional[Callable[[list[Any]], torch.Tensor]] = None,
+    each: Optional[EachAblation] = None,
     progress: bool = True,
 ) -> AblationResult:
     """Ablate each target at each layer with each ablation and measure the change (module docstring).
@@ -462,6 +472,10 @@ def ablate(
             tasks (:mod:`vsink.ablate_dense`: every target, chosen again on each dense image, and
             every ablation, its values from the dense images' clean pass).
         dense_tasks: the dense tasks (default: all the dataset supports).
+        preprocess: a batch of PIL images → the model's pixel values (default: the backbone's own
+            preprocessing at ``img_size``); :mod:`vsink.ablate_lvlm` passes the LVLM's processor.
+        each: called with the selection, the ablation and its replacement values [I, N, C'] before
+            each ablated pass (:mod:`vsink.ablate_lvlm` asks the LVLM its questions under it).
     """
     for key, value in (("targets", list(targets)), ("ablations", list(ablations)), ("seed", seed),
                        ("sink_ratio", sink_ratio), ("massive_ratio", massive_ratio), ("batch_size", batch_size)):
@@ -488,7 +502,7 @@ def ablate(
             print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
         skipped += failed
         if batch:
-            batches.append(backbone.preprocess(batch, size))
+            batches.append(preprocess(batch) if preprocess is not None else backbone.preprocess(batch, size))
             names += batch_names
             thumbnail = thumbnail or batch[0].convert("RGB").resize((size[1], size[0]))
     if not names:
@@ -527,6 +541,8 @@ def ablate(
                 values = torch.zeros(1, 1, channels).expand(len(names), layout.num_tokens, channels)
             else:
                 values = replacement(selection, ablation, site_values, layout, seed)
+            if each is not None:
+                each(selection, ablation, values)
             ablated = run_pass(backbone, batches, ablation=(selection, values))
             measured = measure(clean, ablated, layout, high_norm, detect_kwargs, stats)
             rows.append(AblationRow(target=selection.target, layer=selection.layer, site=selection.site,

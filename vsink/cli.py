@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Causal ablations (docs/ablate.md): replace what a target writes at chosen "
                                         "blocks (zero, mean over images, mean over tokens of its kind, resample from "
                                         "another image) and measure the change in final features, class-token "
-                                        "attention and high-norm tokens against a clean pass. Writes results.json, "
+                                        "attention and high-norm tokens against a clean pass; of an LVLM (--questions), "
+                                        "in its vision tower, also its answers and POPE scores. Writes results.json, "
                                         "results.md and report.html. With no images: the bundled demo images.")
     add_options(ablate, P.IMAGES, P.MODEL, P.ABLATE, [P.TTR_SPEC], P.TTR)
 
@@ -394,6 +395,47 @@ def _ttr(args: argparse.Namespace, path: Optional[str]):
     return TestTimeRegisters(NeuronSpec.load(path), **_ttr_options(args))
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _ablate_lvlm(args: argparse.Namespace) -> int:
+    """``vsink ablate --questions``: ablate an LVLM's vision tower, measure its answers (vsink/ablate_lvlm.py)."""
+    from .ablate_lvlm import DEFAULTS, ablate_lvlm, answers_markdown
+    from .backbones.hf_lvlm import load_lvlm
+    from .backbones.registry import resolve_dtype
+    from .evaluate.pope import read_questions
+    from .evaluate.stats import Bootstrap
+    from .export.ablation_report import save_ablation
+    from .registers import NeuronSpec
+
+    vision_only = [_flag(k) for k in ("dense", "test_time_registers", "weights", "img_size", "no_pretrained")
+                   if getattr(args, k)]
+    if vision_only:
+        raise VsinkError(f"{', '.join(vision_only)}: vision models only, not LVLM ablations (--questions)")
+    if len(args.images) != 1 or not Path(args.images[0]).is_dir():
+        raise VsinkError("--questions: give the one folder its questions' images are in (IMAGE_DIR)")
+    questions = read_questions(args.questions)
+    neurons = NeuronSpec.load(args.neurons) if args.neurons else None
+    lvlm = load_lvlm(args.model.removeprefix("hf:"), device=args.device, dtype=resolve_dtype(args.dtype))
+    if lvlm.synthetic:
+        print(f"vsink: model {lvlm.spec!r} is SYNTHETIC: {lvlm.synthetic_note}", file=sys.stderr)
+    options = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS.items()}
+    result = ablate_lvlm(lvlm, questions, args.images[0], targets=args.targets, ablations=args.ablations,
+                         layers=args.layers, neurons=neurons, seed=args.seed, batch_size=args.batch_size,
+                         threshold=args.threshold, sink_ratio=args.sink_ratio, massive_ratio=args.massive_ratio,
+                         stats=Bootstrap.from_args(args), progress=not args.no_progress, **options)
+    paths = save_ablation(result, args.out)
+    print(f"ablated the vision tower of {lvlm.spec} on {_scanned(result.images, result.skipped)}; "
+          f"{result.answers.questions} question(s) answered clean and under each ablation")
+    for s in result.selections:
+        print(f"  {s.describe()}")
+    print(answers_markdown(result.answers), end="")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def _ttr_options(args: argparse.Namespace) -> dict:
     """The TestTimeRegisters keyword options of the --ttr-* flags."""
     return dict(registers=args.ttr_registers, scale=args.ttr_scale, mode=args.ttr_mode, shift=args.ttr_shift,
@@ -402,12 +444,23 @@ def _ttr_options(args: argparse.Namespace) -> dict:
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import ablate
+    from .ablate_lvlm import LVLM_ABLATE
+    from .backbones.lvlm_families import named_lvlms
     from .evaluate.stats import Bootstrap
     from .export.ablation_report import save_ablation
     from .registers import NeuronSpec
 
     if "neurons" in args.targets and args.neurons is None:
         raise VsinkError("--targets neurons needs --neurons neurons.json (from 'vsink registers find')")
+    if args.questions is not None:
+        return _ablate_lvlm(args)
+    given = [_flag(k) for k in LVLM_ABLATE if getattr(args, k) is not None]
+    if given:
+        raise VsinkError(f"{', '.join(given)}: LVLM ablations only (--questions with an LVLM --model)")
+    if args.model in named_lvlms():
+        raise VsinkError(f"--model {args.model} is an LVLM: give --questions (POPE questions JSONL, e.g. from 'vsink "
+                         f"eval pope --build-only') and the folder of their images, or ablate its tower alone with "
+                         f"--model {args.model}#vision_tower")
     images = _inputs(args)
     backbone = _load_for(args)
     neurons = NeuronSpec.load(args.neurons) if args.neurons else None
@@ -747,7 +800,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     forms = spec_forms().partition("\n")[2]  # below its "supported model specs:" heading
     print(f"vision models, for vsink scan, maps, registers, eval dense and finetune (model.spec):\n{forms}\n")
-    print(lvlm_spec_forms(f"vsink generate, lvlm calibrate, eval {LVLM_EVALS} and scan --prompt"))
+    print(lvlm_spec_forms(f"vsink generate, lvlm calibrate, eval {LVLM_EVALS}, scan --prompt and ablate "
+                          "--questions"))
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .ablate import ABLATE as ABLATE_ARGUMENTS
+from .ablate_lvlm import LVLM_ABLATE
 from .backbones.plugins import PluginError
 from .backbones.registry import DTYPES
 from .defect import DEFECT as DEFECT_ARGUMENTS
@@ -151,6 +152,10 @@ ABLATE = declare(
            "and each ablated model on synthetic dense images (targets chosen again on each dense image, "
            "replacements from their clean pass; docs/ablate.md)"),
     Option("dense_images", Int(2, 100_000), 32, "--dense: synthetic images per split (train and val)"),
+    Option("questions", InputPath(), None, "LVLMs (--model demo-llava, demo-halluc, hf:REPO): POPE questions JSONL "
+           "('vsink eval pope --build-only'), their images in the one IMAGE_DIR given; the vision tower is ablated "
+           "and the answers, yes/no flips and POPE scores measured against the clean run", nullable=True),
+    *LVLM_ABLATE.values(),
     Option("out", OutputDir(), "vsink-ablate", "output directory (results.json, results.md, report.html)"),
 )
 

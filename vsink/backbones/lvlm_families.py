@@ -138,7 +138,7 @@ def scan_prompt(spec: str) -> Optional[str]:
     return named.scan_prompt if named is not None else None
 
 
-def lvlm_spec_forms(uses: str = "vsink generate, lvlm calibrate, eval pope|chair and scan --prompt") -> str:
+def lvlm_spec_forms(uses: str = "vsink generate, lvlm calibrate, eval pope|chair, scan --prompt and ablate --questions") -> str:
     """The LVLM part of ``vsink models``: named specs, every family with what was verified here;
     ``uses``: the commands that take an LVLM."""
     lines = [f"LVLMs, for {uses}:"]

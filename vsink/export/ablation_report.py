@@ -2,7 +2,8 @@
 figure per target x layer: image 0's final patch norms, class-token attention and per-patch cosine
 to the clean features, one row per ablation under the clean row); with dense metrics also
 ``dense.json``, ``dense.md`` and ``dense.html`` (:class:`vsink.evaluate.dense.DenseResult`'s own
-files) and their headline table in ``report.html``."""
+files) and their headline table in ``report.html``; for an LVLM (:mod:`vsink.ablate_lvlm`) the
+answers table (answers changed, yes/no flips, POPE with intervals, McNemar) in both."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from typing import Optional, Union
 import numpy as np
 
 from ..ablate import AblationResult, AblationRow
+from ..ablate_lvlm import answers_markdown, pope_cell
 from ..io import write_text
 from ..outputs import OutputSet
 from .axes import colorbar
 from .figures import plain_text, plt
 from .html import banner, esc, fig, fmt, page, table
 
+POPE_KEYS = ("accuracy", "f1", "yes_ratio")
 COLUMNS = ("target", "block", "ablation", "tokens", "channels", "cos cls", "cos registers", "cos patches",
            "min cos patch", "cls-attention TV (last block)", "high-norm before", "high-norm after",
            "max/median norm before", "max/median norm after")
@@ -85,7 +88,21 @@ def render_ablation_markdown(result: AblationResult) -> str:
                   "| " + " | ".join(DENSE_COLUMNS) + " |", "|" + "---|" * len(DENSE_COLUMNS)]
         lines += ["| " + " | ".join(c.replace("—", "-") for c in row) + " |" for row in dense_selection_rows(result)]
         lines += ["", "Dense metrics: dense.md."]
+    if result.answers is not None:
+        lines += ["", "## LVLM answers", "", answers_note(result), "", answers_markdown(result.answers).rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def answers_note(result: AblationResult) -> str:
+    """What the answers table holds (from the answers' settings and statistics)."""
+    answers = result.answers
+    st = answers.statistics
+    return (f"{answers.model}: {answers.questions} question(s), answered clean and with each ablation in its vision "
+            f"tower (prompt {answers.settings['prompt']!r}, parser {answers.settings['parser']}). Answers changed: "
+            "the answer text differs from the clean one; yes/no flips: the parsed answer does. POPE (mean over "
+            f"splits, %): value [{st['level']:.0%} {st['method']} interval over {st['unit']}s, {st['resamples']} "
+            f"resamples, seed {st['seed']}]; Δ: paired difference from the clean run [paired interval]; McNemar's "
+            "exact test on the paired right/wrong outcomes (b: right only clean, c: right only ablated).")
 
 
 @plain_text
@@ -148,6 +165,8 @@ def render_ablation_report(result: AblationResult) -> str:
             seen.append((r.target, r.layer))
     if result.dense is not None:
         body += dense_section(result)
+    if result.answers is not None:
+        body += answers_section(result)
     for target, layer in seen:
         body.append(f"<h2>{esc(target)} at block {layer}</h2>")
         body.append(fig(ablation_figure(result, target, layer), f"{target} at block {layer}", "wide"))
@@ -178,6 +197,20 @@ def dense_section(result: AblationResult) -> list[str]:
             table(["metric", *names], rows, left=1),
             f"<p>{esc(DENSE_NOTE)}</p>",
             table(DENSE_COLUMNS, ([esc(c) for c in row] for row in dense_selection_rows(result)), left=3)]
+
+
+def answers_section(result: AblationResult) -> list[str]:
+    """The LVLM's answers clean and under each ablation: changes, flips, POPE with intervals, McNemar."""
+    answers = result.answers
+    head = ["target", "block", "ablation", "answers changed", "yes/no flips", "accuracy (%)", "F1 (%)",
+            "yes-ratio (%)", "McNemar (b, c, p)"]
+    rows = [["clean", "", "", "", "", *(esc(pope_cell(answers.clean, None, k)) for k in POPE_KEYS), ""]]
+    for r in answers.rows:
+        test = r.comparison.get("mcnemar", {}).get("all")
+        rows.append([esc(r.target), str(r.layer), esc(r.ablation), f"{r.answers_changed}/{answers.questions}",
+                     str(r.yes_no_flips), *(esc(pope_cell(r.pope, r.comparison, k)) for k in POPE_KEYS),
+                     f"{test['b']}, {test['c']}, {test['p']:.3g}" if test else "—"])
+    return ["<h2>LVLM answers under ablation</h2>", f"<p>{esc(answers_note(result))}</p>", table(head, rows, left=3)]
 
 
 def save_ablation(result: AblationResult, out_dir: Union[str, os.PathLike]) -> dict[str, Path]:

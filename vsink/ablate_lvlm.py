@@ -1,0 +1,294 @@
+"""LVLM measures under ablation (``vsink ablate --model LVLM --questions questions.jsonl IMAGE_DIR``):
+ablate a target in the LVLM's vision tower and measure what changes in its answers.
+
+The tower is the LVLM's own (:meth:`~vsink.backbones.hf_lvlm.LVLM.vision_backbone`, the backbone
+``SPEC#vision_tower`` loads), so the targets, ablations and sites are those of :mod:`vsink.ablate`,
+chosen on the images the questions ask about, each preprocessed by the LVLM's own processor (the
+tower sees exactly the pixels it sees when the LVLM answers). The questions are POPE questions
+(:func:`vsink.evaluate.pope.read_questions`: ``question_id``, ``image``, ``object``, ``split``,
+``label``, ``text``; ``vsink eval pope --build-only`` writes them). For every (target, block,
+ablation) the ablation is installed in the tower and the LVLM answers every question again
+(greedy, the prompt of ``vsink eval pope``); against the clean answers:
+
+* **answers changed**: questions whose answer text (stripped) differs;
+* **yes/no flips**: questions whose parsed answer (``--parser``) differs;
+* **POPE** accuracy, precision, recall, F1 and yes-ratio of the clean and each ablated run
+  (:func:`vsink.evaluate.pope.score_answers`), each with its bootstrap interval, and each ablated
+  run's paired difference from the clean one with its paired interval and McNemar's exact test
+  (:func:`vsink.evaluate.hallucination_stats.pope_statistics`: the unit is the image, all its
+  questions drawn together).
+
+The tower's own measures (feature cosines, class-token attention, high-norm tokens left) are
+reported as for a vision model. A block after the one the language model reads (LLaVA reads the
+second-to-last) cannot change any answer. The tower must see each image once as one
+``[3, H, W]`` input (LLaVA-1.5 style); a family that tiles or flattens images is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .ablate import AblationResult, Selection, ablate, install_ablation
+from .errors import VsinkError
+from .evaluate.hallucination import POPE_PROMPT
+from .evaluate.pope import FIELDS, PARSERS, score_answers
+from .evaluate.stats import Bootstrap
+from .images import NamedImage, load_image
+from .options import Choice, Int, Option, Template, declare
+from .readback import member
+from .registers.neurons import NeuronSpec
+
+#: the options of ``vsink ablate`` that only an LVLM takes (None: not given; the defaults apply)
+LVLM_ABLATE = declare(
+    Option("prompt", Template(("question",)), None, "LVLMs: the prompt of each question", nullable=True,
+           default_text=repr(POPE_PROMPT)[1:-1]),
+    Option("parser", Choice(PARSERS), None, "LVLMs: the answer parser of the yes/no flips and POPE", nullable=True,
+           default_text="official"),
+    Option("max_new_tokens", Int(1, 1_000_000), None, "LVLMs: tokens to generate per answer", nullable=True,
+           default_text="16"),
+)
+DEFAULTS = {"prompt": POPE_PROMPT, "parser": "official", "max_new_tokens": 16}
+
+
+@dataclass
+class AnswerRow:
+    """One (target, block, ablation): how the LVLM's answers moved."""
+
+    name: str
+    target: str
+    layer: int
+    ablation: str
+    answers_changed: int
+    yes_no_flips: int
+    #: each question whose answer text changed: ``{"question_id", "image", "clean", "ablated"}``
+    changed: list[dict[str, Any]]
+    #: POPE scores of the ablated run (``splits``, ``mean``, ``intervals``)
+    pope: dict[str, Any]
+    #: the paired differences from the clean run (``splits``, ``mean``, ``mcnemar``, ``n``)
+    comparison: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class AnswerMeasures:
+    """The LVLM's answers, clean and under every ablation (``AblationResult.answers``)."""
+
+    model: str
+    questions: int
+    settings: dict[str, Any]
+    clean: dict[str, Any]
+    rows: list[AnswerRow]
+    statistics: dict[str, Any]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "questions": self.questions, "settings": self.settings, "clean": self.clean,
+                "statistics": self.statistics, "skipped": self.skipped, "rows": [r.to_json() for r in self.rows]}
+
+
+def check_questions(questions: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse, in one line, questions without the POPE fields."""
+    if not questions:
+        raise VsinkError("no questions given")
+    for i, q in enumerate(questions):
+        missing = [f for f in FIELDS if not isinstance(q, Mapping) or f not in q]
+        if missing:
+            raise VsinkError(f"question {i}: missing field(s) {', '.join(missing)} (a POPE questions file: "
+                             f"{', '.join(FIELDS)})")
+
+
+def _pixels(lvlm: Any, image: Any, prompt: str) -> torch.Tensor:
+    """The tower input of one image, [1, 3, H, W], from the LVLM's processor."""
+    inputs = lvlm.prepare([image], [prompt])
+    pixels = inputs.get("pixel_values")
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[0] != 1 \
+            or lvlm.pixel_counts(inputs) is not None:
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else None
+        raise VsinkError(f"{lvlm.spec}: ablating its vision tower needs one tower input per image ([1, 3, H, W], "
+                         f"LLaVA-1.5 style); its processor gives pixel_values of shape {shape}")
+    return pixels
+
+
+def recorders_last(blocks: Sequence[torch.nn.Module]) -> None:
+    """Move transformers' own forward hooks on ``blocks`` after every other. transformers 5 records
+    a layer's hidden state (what LLaVA reads from its tower's second-to-last layer) with a forward
+    hook of its own, installed on the first call that asks for hidden states; a vsink site hook
+    installed after it would change what the next block reads but not the recorded state the
+    language model reads. Moved last, the recorder sees the ablated output."""
+    for block in blocks:
+        hooks = block._forward_hooks
+        for key in [k for k, fn in hooks.items() if str(getattr(fn, "__module__", "")).startswith("transformers.")]:
+            hooks.move_to_end(key)
+
+
+def _answers(lvlm: Any, items: Sequence[Mapping[str, Any]], images: Mapping[str, Any], index: Mapping[str, int],
+             prompt: str, max_new_tokens: int, batch_size: int, current: list[int], bar: Any) -> list[str]:
+    """The LVLM's greedy answer to every question; ``current`` is set to each batch's image indices
+    (read by an installed ablation)."""
+    from .lvlm import generate
+
+    texts: list[str] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        inputs = lvlm.prepare([images[q["image"]] for q in chunk], [prompt.format(question=q["text"]) for q in chunk])
+        current[:] = [index[q["image"]] for q in chunk]
+        texts += [t.strip() for t in generate(lvlm, inputs, max_new_tokens=max_new_tokens).texts]
+        bar.update(len(chunk))
+    return texts
+
+
+def ablate_lvlm(
+    lvlm: Any,
+    questions: Sequence[Mapping[str, Any]],
+    images_dir: Union[str, os.PathLike],
+    *,
+    targets: Sequence[str] = ("high-norm",),
+    ablations: Sequence[str] = ("zero",),
+    layers: Union[str, Sequence[int], None] = "auto",
+    neurons: Union[NeuronSpec, Mapping[int, Sequence[int]], None] = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    threshold: Union[str, float, None] = "auto",
+    sink_ratio: float = 5.0,
+    massive_ratio: float = 100.0,
+    stats: Bootstrap = Bootstrap(),
+    prompt: str = POPE_PROMPT,
+    parser: str = "official",
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> AblationResult:
+    """Ablate each target at each tower block with each ablation and measure the tower and the
+    LVLM's answers (module docstring).
+
+    Args:
+        lvlm: from :func:`vsink.lvlm.load_lvlm`.
+        questions: POPE questions (:func:`vsink.evaluate.pope.read_questions`); questions whose image
+            cannot be read are skipped and reported.
+        images_dir: the folder their ``image`` names are in.
+        targets, ablations, layers, neurons, seed, threshold, sink_ratio, massive_ratio, stats: as
+            for :func:`vsink.ablate.ablate`, in the tower (``layers``: tower blocks; ``batch_size``:
+            images per tower pass and questions per generate call).
+        prompt: the prompt of each question (``{question}``: its text).
+        parser: the POPE answer parser (``official`` or ``strict``).
+        max_new_tokens: tokens generated per answer.
+
+    Returns the tower's :class:`~vsink.ablate.AblationResult` with ``answers``
+    (:class:`AnswerMeasures`).
+    """
+    for key, value in (("prompt", prompt), ("parser", parser), ("max_new_tokens", max_new_tokens)):
+        LVLM_ABLATE[key].check(value)
+    check_questions(questions)
+    tower = lvlm.vision_backbone()
+    images: dict[str, Any] = {}
+    skipped: list[dict[str, str]] = []
+    for name in dict.fromkeys(q["image"] for q in questions):
+        try:
+            images[name] = load_image(member(images_dir, name, "question image"))
+        except VsinkError as e:
+            skipped.append({"image": str(name), "reason": str(e)})
+            print(f"vsink: skipped {e}", file=sys.stderr)
+    if not images:
+        raise VsinkError(f"no question's image could be read in {images_dir} (first problem: {skipped[0]['reason']})")
+    names = list(images)
+    index = {n: i for i, n in enumerate(names)}
+    items = [dict(q) for q in questions if q["image"] in images]
+    shapes: set[tuple[int, ...]] = set()
+
+    def preprocess(batch: list[Any]) -> torch.Tensor:
+        pixels = [_pixels(lvlm, image, prompt.format(question="")) for image in batch]
+        shapes.update(tuple(p.shape[1:]) for p in pixels)
+        if len(shapes) > 1:
+            raise VsinkError(f"{lvlm.spec}: its processor gives the images different tower inputs {sorted(shapes)}; "
+                             "ablating the tower needs one input size")
+        return torch.cat(pixels)
+
+    bar = tqdm(total=len(items) * (1 + len(targets) * len(ablations)), desc="answers", unit="question",
+               disable=not progress)
+    current: list[int] = []
+    clean: list[str] = []
+    runs: dict[str, tuple[Selection, str, list[str]]] = {}
+
+    def each(selection: Selection, ablation: str, values: torch.Tensor) -> None:
+        if not clean:  # the clean answers once ablate() has checked everything, before any ablation is installed
+            clean.extend(_answers(lvlm, items, images, index, prompt, max_new_tokens, batch_size, current, bar))
+        with install_ablation(tower, selection, values, current):
+            recorders_last(tower.blocks)
+            runs[f"{selection.target}@{selection.layer}:{ablation}"] = (
+                selection, ablation, _answers(lvlm, items, images, index, prompt, max_new_tokens, batch_size, current,
+                                              bar))
+
+    try:
+        result = ablate(tower, [NamedImage(n, images[n]) for n in names], targets=targets, ablations=ablations,
+                        layers=layers, neurons=neurons, seed=seed, batch_size=batch_size, threshold=threshold,
+                        sink_ratio=sink_ratio, massive_ratio=massive_ratio, stats=stats, preprocess=preprocess,
+                        each=each, progress=progress)
+    finally:
+        bar.close()
+    result.skipped = skipped
+    result.synthetic = result.synthetic or bool(lvlm.synthetic)
+    result.answers = measure_answers(lvlm.spec, items, clean, runs, parser, stats, skipped)
+    result.answers.settings.update(prompt=prompt, max_new_tokens=max_new_tokens, images_dir=str(images_dir))
+    result.settings["lvlm"] = {"model": lvlm.spec, "questions": len(items), **result.answers.settings}
+    return result
+
+
+def measure_answers(model: str, items: Sequence[Mapping[str, Any]], clean: Sequence[str],
+                    runs: Mapping[str, tuple[Selection, str, Sequence[str]]], parser: str, stats: Bootstrap,
+                    skipped: Sequence[dict[str, str]] = ()) -> AnswerMeasures:
+    """The answer measures of the ablated runs against the clean one (module docstring): ``clean``
+    and each run's answers are in the order of ``items``."""
+    from .evaluate.hallucination_stats import pope_statistics
+
+    scores = {"clean": score_answers([{**q, "answer": t} for q, t in zip(items, clean)], parser)}
+    for name, (_, _, texts) in runs.items():
+        scores[name] = score_answers([{**q, "answer": t} for q, t in zip(items, texts)], parser)
+    flips = {name: sum(a["parsed"] != b["parsed"] for a, b in zip(scores["clean"]["items"], sc["items"]))
+             for name, sc in scores.items()}
+    statistics = pope_statistics(scores, stats)
+    for sc in scores.values():
+        sc.pop("items")
+    rows = []
+    for name, (selection, ablation, texts) in runs.items():
+        changed = [{"question_id": q["question_id"], "image": q["image"], "clean": a, "ablated": b}
+                   for q, a, b in zip(items, clean, texts) if a != b]
+        rows.append(AnswerRow(name=name, target=selection.target, layer=selection.layer, ablation=ablation,
+                              answers_changed=len(changed), yes_no_flips=flips[name], changed=changed,
+                              pope=scores[name], comparison=statistics["comparisons"][name]))
+    return AnswerMeasures(model=model, questions=len(items), settings={"parser": parser}, clean=scores["clean"],
+                          rows=rows, statistics=statistics["statistics"], skipped=list(skipped))
+
+
+def answers_markdown(answers: AnswerMeasures) -> str:
+    """The answers table: per row the answers changed, the yes/no flips, and POPE accuracy, F1 and
+    yes-ratio (%) with their intervals and their paired differences from the clean run."""
+    head = ["target", "block", "ablation", "answers changed", "yes/no flips", "accuracy (%)", "F1 (%)",
+            "yes-ratio (%)", "McNemar (b, c, p)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| clean | | | | | " + " | ".join(pope_cell(answers.clean, None, k)
+                                                     for k in ("accuracy", "f1", "yes_ratio")) + " | |")
+    for r in answers.rows:
+        test = r.comparison.get("mcnemar", {}).get("all")
+        mcnemar = f"{test['b']}, {test['c']}, {test['p']:.3g}" if test else "-"
+        lines.append(f"| {r.target} | {r.layer} | {r.ablation} | {r.answers_changed}/{answers.questions} | "
+                     f"{r.yes_no_flips} | " + " | ".join(pope_cell(r.pope, r.comparison, k)
+                                                          for k in ("accuracy", "f1", "yes_ratio")) + f" | {mcnemar} |")
+    return "\n".join(lines) + "\n"
+
+
+def pope_cell(scores: Mapping[str, Any], comparison: Optional[Mapping[str, Any]], key: str) -> str:
+    """``70.00 [60.00, 80.00]``, with ``; Δ +20.00 [+10.00, +30.00]`` for an ablated run (mean over splits, %)."""
+    value = scores["mean"][key] * 100
+    iv = scores.get("intervals", {}).get("mean", {}).get(key)
+    text = f"{value:.2f}" + (f" [{iv['low'] * 100:.2f}, {iv['high'] * 100:.2f}]" if iv else "")
+    delta = (comparison or {}).get("mean", {}).get(key)
+    if delta:
+        text += f"; Δ {delta['value'] * 100:+.2f} [{delta['low'] * 100:+.2f}, {delta['high'] * 100:+.2f}]"
+    return text
