@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Callable
 
 import pytest
+import torch
 from PIL import Image
 
-from vsink.ablate_lvlm import ablate_lvlm
+from vsink.ablate_lvlm import _pixels, ablate_lvlm
 from vsink.backbones.hf_lvlm import load_lvlm
 from vsink.cli import main
 from vsink.data import demo_halluc as dh
@@ -21,7 +23,9 @@ from vsink.data import demo_llava as dl
 from vsink.data.demo_halluc_data import write_dataset
 from vsink.data.demo_images import demo_images
 from vsink.evaluate.pope import build_questions
+from vsink.errors import VsinkError
 from vsink.io import write_jsonl
+
 
 E = math.exp
 IMAGES = 10  # image i has i % 5 sink cells: two images of each count 0-4
@@ -223,3 +227,25 @@ def test_cli_bad_lvlm_input_is_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("vsink: error: ") and message in err[-1]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("pixels, counts", [
+    (torch.zeros(1, 3, 3, 32, 32), None),  # LLaVA-NeXT: [1, crops, 3, H, W]
+    (torch.zeros(64, 1176), [64]),  # Qwen2-VL: flattened patches, counted by image_grid_thw
+], ids=["tiles", "flattened"])
+def test_a_family_without_one_tower_input_per_image_is_refused_in_one_line(pixels, counts):
+    """The selections are the tower's tokens of one [3, H, W] input per image; a processor that tiles
+    an image (LLaVA-NeXT's crops) or flattens its patches (Qwen2-VL) is refused, naming the shape.
+    The LVLM here is a stand-in that answers ``prepare`` and ``pixel_counts`` as those families do."""
+
+    class Tiled:
+        spec = "tiled"
+
+        def prepare(self, images, prompts):
+            return {"pixel_values": pixels}
+
+        def pixel_counts(self, inputs):
+            return counts
+
+    with pytest.raises(VsinkError, match=r"one tower input per image \(\[1, 3, H, W\].*" + re.escape(str(tuple(pixels.shape)))):
+        _pixels(Tiled(), Image.new("RGB", (32, 32)), "x")
