@@ -117,18 +117,6 @@ def _pixels(lvlm: Any, image: Any, prompt: str) -> torch.Tensor:
     return pixels
 
 
-def recorders_last(blocks: Sequence[torch.nn.Module]) -> None:
-    """Move transformers' own forward hooks on ``blocks`` after every other. transformers 5 records
-    a layer's hidden state (what LLaVA reads from its tower's second-to-last layer) with a forward
-    hook of its own, installed on the first call that asks for hidden states; a vsink site hook
-    installed after it would change what the next block reads but not the recorded state the
-    language model reads. Moved last, the recorder sees the ablated output."""
-    for block in blocks:
-        hooks = block._forward_hooks
-        for key in [k for k, fn in hooks.items() if str(getattr(fn, "__module__", "")).startswith("transformers.")]:
-            hooks.move_to_end(key)
-
-
 def _answers(lvlm: Any, items: Sequence[Mapping[str, Any]], images: Mapping[str, Any], index: Mapping[str, int],
              prompt: str, max_new_tokens: int, batch_size: int, current: list[int], bar: Any) -> list[str]:
     """The LVLM's greedy answer to every question; ``current`` is set to each batch's image indices
@@ -220,7 +208,6 @@ def ablate_lvlm(
         if not clean:  # the clean answers once ablate() has checked everything, before any ablation is installed
             clean.extend(_answers(lvlm, items, images, index, prompt, max_new_tokens, batch_size, current, bar))
         with install_ablation(tower, selection, values, current):
-            recorders_last(tower.blocks)
             runs[f"{selection.target}@{selection.layer}:{ablation}"] = (
                 selection, ablation, _answers(lvlm, items, images, index, prompt, max_new_tokens, batch_size, current,
                                               bar))

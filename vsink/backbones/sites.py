@@ -89,6 +89,18 @@ def _gated(fn: "SiteFn", owner: str) -> "SiteFn":
     return gated
 
 
+
+def recorders_last(module: nn.Module) -> None:
+    """Move transformers' own forward hooks on ``module`` after every other. transformers 5 records
+    a layer's hidden state (what LLaVA reads from its tower's second-to-last layer, what
+    ``output_hidden_states`` returns) with a forward hook of its own, installed on the first call
+    that asks for hidden states; a ``block_output`` edit installed after it would change what the
+    next block reads but not the recorded state the model reads on. Moved last, the recorder sees
+    the edited output, whichever was installed first."""
+    hooks = module._forward_hooks
+    for key in [k for k, fn in hooks.items() if str(getattr(fn, "__module__", "")).startswith("transformers.")]:
+        hooks.move_to_end(key)
+
 class SiteHandle:
     """Returned by :meth:`SiteModel.hook`; ``remove()`` uninstalls the function."""
 
@@ -215,7 +227,9 @@ class SiteModel(ABC):
         if site == "block_input":
             return SiteHandle(self.blocks[layer].register_forward_pre_hook(self._input_hook(fn), with_kwargs=True).remove)
         if site == "block_output":
-            return SiteHandle(self.blocks[layer].register_forward_hook(self._block_hook(fn)).remove)
+            handle = SiteHandle(self.blocks[layer].register_forward_hook(self._block_hook(fn)).remove)
+            recorders_last(self.blocks[layer])
+            return handle
         if site == "mlp_hidden":
             return SiteHandle(self._mlp_out_proj(layer).register_forward_pre_hook(self._mlp_hook(fn)).remove)
         if rows is not None:
