@@ -227,3 +227,150 @@ def test_two_image_runs_in_a_row_are_one_line():
     ids[1, image[len(image) // 2]] = ids[1, -1]  # a text token splits row 1's image tokens into two runs
     with pytest.raises(VsinkError, match="^damro needs one image per prompt; row 1's image tokens are not one run$"):
         outlier_prompt(Run(lvlm, dict(inputs, input_ids=ids)), 2)
+
+
+# --- SigLIP towers without a class token -------------------------------------------------------
+#: per family: the image tokens along one side of the view scored, and the patches along one side
+#: of an image token (tiny towers: 32 px images, 8 px patches, 4 × 4 patches)
+SIGLIP = {"llava_onevision": (4, 1),  # base view: one token per patch
+          "paligemma2": (4, 1),  # one token per patch
+          "gemma3": (2, 2),  # mm_tokens_per_image 4: each token the average pool of 2 × 2 patches
+          "idefics3": (2, 2), "smolvlm": (2, 2)}  # global image: pixel shuffle, scale_factor 2
+
+
+def _own_features(lvlm, inputs):
+    """The image tokens the model itself gives its language model for the view DAMRO scores, per
+    row [B, T, D], from its own get_image_features on every view of the image."""
+    core, rows = lvlm.model.model, inputs["input_ids"].shape[0]
+    with torch.no_grad():
+        if lvlm.family == "llava-onevision":  # each image's packed features: base view (16) first, then tiles
+            out = core.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                          vision_feature_layer=lvlm.model.config.vision_feature_layer,
+                                          vision_feature_select_strategy="full")
+            packed = getattr(out, "pooler_output", out)
+            return torch.stack([packed[b][:16] for b in range(rows)])
+        if lvlm.family in ("idefics3", "smolvlm"):  # every square of every row; the global image is each row's last
+            out = core.get_image_features(pixel_values=inputs["pixel_values"],
+                                          pixel_attention_mask=inputs["pixel_attention_mask"])
+            feats = getattr(out, "pooler_output", out)
+            per_row = [f.reshape(-1, 4, f.shape[-1]) for f in feats] if isinstance(feats, (list, tuple)) \
+                else feats.reshape(rows, -1, 4, feats.shape[-1])
+            return torch.stack([r[-1] for r in per_row])
+        out = core.get_image_features(pixel_values=inputs["pixel_values"])
+        return getattr(out, "pooler_output", out)
+
+
+def _own_attention(lvlm, inputs):
+    """transformers' own eager attention probabilities [B, H, P, P] of the block that produces the
+    features, on the view that shows the whole image."""
+    core, pixels = lvlm.model.model, inputs["pixel_values"]
+    lvlm.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        if lvlm.family == "llava-onevision":
+            layer = lvlm.model.config.vision_feature_layer  # -1: hidden_states[-1] is the last block's output
+            return core.vision_tower(pixels[:, 0], output_attentions=True).attentions[layer]
+        if lvlm.family in ("idefics3", "smolvlm"):
+            return core.vision_model(pixels[:, -1], output_attentions=True).attentions[-1]
+        return core.vision_tower(pixels, output_attentions=True).attentions[-1]  # last_hidden_state's block
+
+
+@pytest.mark.parametrize("name", sorted(SIGLIP))
+def test_siglip_outliers_are_the_patches_receiving_the_towers_attention(name):
+    lvlm = fresh(name)
+    side, block = SIGLIP[name]
+    inputs = lvlm.prepare([random_image(0), random_image(1)], PROMPTS)
+    own = _own_features(lvlm, inputs)
+    probs = _own_attention(lvlm, inputs)  # [2, heads, 16, 16]
+    assert probs.shape[-1] == 16
+    received = probs.sum(2).mean(1)  # each patch's column summed over the query patches, head mean: [2, 16]
+    expected = torch.zeros(2, side * side)
+    for r in range(4):  # patch (r, c) of the 4 × 4 grid belongs to image token (r // block, c // block)
+        for c in range(4):
+            expected[:, (r // block) * side + c // block] += received[:, 4 * r + c]
+    scores, top = outlier_patches(Run(lvlm, inputs), 2)
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert torch.equal(top, expected.argsort(dim=1, descending=True)[:, :2])
+    # the branch: the two tokens' features as the model computes them, in score order
+    prompt = outlier_prompt(Run(lvlm, inputs), 2)
+    image = prompt["input_ids"] == lvlm.image_token_id
+    assert (image.sum(1) == 2).all()
+    picked = torch.stack([own[b, top[b]] for b in range(2)])
+    assert torch.allclose(prompt["inputs_embeds"][image].reshape(2, 2, -1), picked, atol=1e-5)
+    # the views that do not show the whole image take no part (OneVision's tiles, Idefics3's sub-images)
+    if inputs["pixel_values"].dim() == 5:
+        other = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+        other["pixel_values"][:, 1:-1] = torch.randn_like(other["pixel_values"][:, 1:-1])
+        if name == "llava_onevision":
+            other["pixel_values"][:, -1] = torch.randn_like(other["pixel_values"][:, -1])
+        else:
+            other["pixel_values"][:, 0] = torch.randn_like(other["pixel_values"][:, 0])
+        assert torch.equal(outlier_patches(Run(lvlm, other), 2)[1], top)
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_idefics3_branch_is_the_unsplit_prompt_with_k_image_tokens(name):
+    lvlm = fresh(name)
+    inputs = lvlm.prepare([random_image(0), random_image(1)], PROMPTS)
+    assert len(lvlm.image_spans(inputs["input_ids"]).spans[0]) == 5  # four sub-images and the global image
+    unsplit = lvlm.prepare([random_image(0), random_image(1)], PROMPTS, options={"do_image_splitting": False})
+    prompt = outlier_prompt(Run(lvlm, inputs), 3)
+    image_id = lvlm.image_token_id
+    for b in range(2):
+        ids = unsplit["input_ids"][b][unsplit["attention_mask"][b].bool()].tolist()
+        at = ids.index(image_id)  # the processor's own layout of one square: <fake><global-img>, 4 tokens, <fake>
+        expected = ids[:at] + [image_id] * 3 + ids[at + 4:]
+        assert ids[at:at + 4] == [image_id] * 4 and image_id not in ids[at + 4:]
+        assert prompt["input_ids"][b][prompt["attention_mask"][b].bool()].tolist() == expected
+
+
+def test_idefics3_rows_with_different_square_counts_equal_their_rows_alone():
+    # a wide image splits into 2 × 1 squares, a square one into 2 × 2: the batch pads row 0 with
+    # two all-zero squares, and each row's global image is its own last real square
+    from vsink.lvlm import generate
+
+    lvlm = fresh("idefics3")
+    images = [random_image(0, (64, 24)), random_image(1, (40, 40))]
+    inputs = lvlm.prepare(images, PROMPTS)
+    assert not inputs["pixel_values"][0, -2:].any() and inputs["pixel_values"][0, 2].any()  # 3 real squares, 2 pads
+    scores, top = outlier_patches(Run(lvlm, inputs), 2)
+    settings = {"alpha": 3.0, "beta": 0.0, "k": 2}
+    batch = generate(lvlm, inputs, mitigation="damro", settings=settings, max_new_tokens=3)
+    for b in range(2):
+        one = lvlm.prepare([images[b]], [PROMPTS[b]])
+        alone_scores, alone_top = outlier_patches(Run(lvlm, one), 2)
+        assert torch.allclose(alone_scores[0], scores[b], atol=1e-5) and torch.equal(alone_top[0], top[b])
+        alone = generate(lvlm, one, mitigation="damro", settings=settings, max_new_tokens=3)
+        assert torch.equal(alone.new_tokens[0], batch.new_tokens[b])
+
+
+def test_idefics3_padding_patches_take_no_part():
+    # the processor's squares are whole, so the padding is planted: the global image's last patch
+    # row masked in pixel_attention_mask, which the tower honours (keys masked); vsink leaves those
+    # patches out as keys and as queries, so they receive nothing and are never selected
+    lvlm = fresh("idefics3")
+    inputs = lvlm.prepare([random_image(0), random_image(1)], PROMPTS)
+    inputs["pixel_attention_mask"] = inputs["pixel_attention_mask"].clone()
+    inputs["pixel_attention_mask"][:, -1, 24:] = 0  # rows 24-31 of the 32 px global image: patch row 3
+    scores, top = outlier_patches(Run(lvlm, inputs), 4)
+    lvlm.model.set_attn_implementation("eager")
+    patches = torch.ones(2, 4, 4, dtype=torch.bool)
+    patches[:, 3] = False
+    with torch.no_grad():
+        probs = lvlm.model.model.vision_model(inputs["pixel_values"][:, -1], patch_attention_mask=patches,
+                                              output_attentions=True).attentions[-1]  # [2, heads, 16, 16]
+    received = probs[:, :, :12].sum(2).mean(1)  # summed over the 12 real query patches (rows 0-2 of 4 × 4)
+    assert torch.allclose(received[:, 12:], torch.zeros(2, 4), atol=1e-6)
+    expected = received.reshape(2, 2, 2, 2, 2).sum(dim=(2, 4)).flatten(1)  # 2 × 2 patches per token
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert torch.equal(top, expected.argsort(dim=1, descending=True))
+
+
+@pytest.mark.parametrize("name", ["gemma3", "paligemma2"])
+def test_branch_token_types_follow_the_prompts(name):
+    # Gemma 3: the k image tokens are one bidirectional image group (type 1); PaliGemma: all the prefix (type 0)
+    lvlm = fresh(name)
+    inputs = lvlm.prepare([random_image(0), random_image(1)], PROMPTS)
+    prompt = outlier_prompt(Run(lvlm, inputs), 3)
+    image = prompt["input_ids"] == lvlm.image_token_id
+    expected = image.long() if name == "gemma3" else torch.zeros_like(image, dtype=torch.long)
+    assert torch.equal(prompt["token_type_ids"].long(), expected)

@@ -11,6 +11,7 @@ differs. ``LVLM(model, processor)`` builds the adapter of the family that accept
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
@@ -276,6 +277,13 @@ class LVLM:
         :data:`DeepStackObserver`); returns a handle with ``remove()``, or None (default: a model
         without DeepStack)."""
         return None
+
+    def inject_deepstack(self, masks: torch.Tensor, features: torch.Tensor) -> AbstractContextManager:
+        """Within the context, every forward of the language model adds ``features`` [B, levels, n,
+        D] (each row's ``n`` image tokens, per DeepStack level) at the positions ``masks`` [B, N]
+        (``n`` per row) after its first decoder layers, as the model does for its own image (a
+        branch whose image is not the model's to encode). Default: refused, no DeepStack."""
+        raise VsinkError(f"{self.spec}: its family has no DeepStack to inject")
 
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:
         """(rows, cols) of a row's image tokens as a picture: a square when the count is one, else

@@ -10,13 +10,17 @@ injection while the ``block_output`` of layer ``i`` does not. :meth:`observe_dee
 is injected where (the language model's own arguments), for the LVLM scan's ``deepstack`` section.
 
 The tower is not a vsink vision backbone (packed patches in merge-window order), so test-time
-registers and DAMRO are refused; its attention sites alone are served by :meth:`tower_sites`.
+registers are refused; its attention sites alone are served by :meth:`tower_sites`. DAMRO's
+outlier branch (Qwen's rule, :mod:`vsink.mitigate.damro_outliers`) carries its tokens' DeepStack
+features, added by :meth:`inject_deepstack` as the model adds its own image's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
+import torch
 from torch import nn
 
 from .hf_lvlm import DeepStackObserver
@@ -75,3 +79,21 @@ class Qwen3VLLVLM(Qwen2VLLVLM):
 
         return self.language_model().register_forward_pre_hook(pre, with_kwargs=True)
 
+
+    @contextmanager
+    def inject_deepstack(self, masks: torch.Tensor, features: torch.Tensor) -> Iterator[None]:
+        """The language model's ``visual_pos_masks`` and ``deepstack_visual_embeds`` (level ``i``:
+        the rows' features in row-major order of ``masks``, as the model flattens its own) for every
+        forward within the context that carries none (:meth:`LVLM.inject_deepstack`)."""
+        levels = [features[:, i].reshape(-1, features.shape[-1]) for i in range(features.shape[1])]
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+            if kwargs.get("deepstack_visual_embeds") is not None:
+                return None
+            return args, {**kwargs, "visual_pos_masks": masks, "deepstack_visual_embeds": levels}
+
+        handle = self.language_model().register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()

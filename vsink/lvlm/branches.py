@@ -6,7 +6,10 @@ included). Branches whose inputs have the same shapes and the same edits run sta
 batch in one forward. Which of the composed mitigations' edits apply in a branch is explicit
 (``Branch.edits``; by default every composed mitigation that can run in a branch for ``image`` and
 ``tokens`` branches, none for ``text``) and recorded in the owner's report; a vision-tower edit
-(``ttr``) is part of how every image is encoded and applies wherever an image is.
+(``ttr``) is part of how every image is encoded and applies wherever an image is. A ``tokens``
+branch of a DeepStack model (Qwen3-VL) may carry its image tokens' DeepStack features
+(:data:`DEEPSTACK`): the family adds them after its first decoder layers, as the model does for
+its own image, in each pass over the prompt (the first step; every step without the cache).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from .context import DecodeContext
 if TYPE_CHECKING:
     from ..mitigate.base import Mitigation, Run
 
+#: a ``tokens`` branch's DeepStack features of its image tokens [B, levels, n, D] (Qwen3-VL), injected by
+#: :meth:`~vsink.backbones.hf_lvlm.LVLM.inject_deepstack` in every pass that holds the prompt
+DEEPSTACK = "deepstack_embeds"
 #: the owner name of vsink's own observers (attention capture, readouts): never run in a branch
 OBSERVERS = "vsink-observers"
 
@@ -164,8 +170,10 @@ class BranchRunner:
         from transformers import DynamicCache
 
         lvlm, n = self.run.lvlm, len(group.names)
+        prefill = group.inputs["input_ids"]  # the ids of a pass that holds the prompt (DeepStack's positions)
         if self.step == 0:
-            kwargs = {k: v for k, v in group.inputs.items() if not (k == "input_ids" and "inputs_embeds" in group.inputs)}
+            kwargs = {k: v for k, v in group.inputs.items()
+                      if not (k == "input_ids" and "inputs_embeds" in group.inputs) and k != DEEPSTACK}
             kwargs["position_ids"] = group.positions
             if self.run.use_cache:
                 group.cache = DynamicCache()
@@ -174,14 +182,16 @@ class BranchRunner:
             group.mask = torch.cat([group.mask, torch.ones_like(new)], dim=1)
             group.ids = torch.cat([group.ids, new], dim=1)
             step_pos = lvlm.step_positions(group.mask, group.offset)
-            if self.run.use_cache:
-                kwargs = {"input_ids": new, "attention_mask": group.mask, "position_ids": step_pos}
+            if self.run.use_cache:  # a decode step: DeepStack enters with the prompt only
+                kwargs, prefill = {"input_ids": new, "attention_mask": group.mask, "position_ids": step_pos}, None
             else:  # the whole sequence again, as the main branch does without the cache
-                kwargs = self._full_inputs(group, step_pos)
+                kwargs, prefill = self._full_inputs(group, step_pos), group.ids
         if group.cache is not None:
             kwargs[lvlm.cache_argument] = group.cache
         with ExitStack() as stack:
             stack.enter_context(self._edits_of(group))
+            if prefill is not None and DEEPSTACK in group.inputs:
+                stack.enter_context(lvlm.inject_deepstack(prefill == lvlm.image_token_id, group.inputs[DEEPSTACK]))
             out = lvlm.model(**kwargs, use_cache=self.run.use_cache)
         self.passes += 1
         return out.logits[:, -1]
@@ -192,7 +202,8 @@ class BranchRunner:
         generated = group.ids[:, -steps:]
         prev = group.generated_positions
         group.generated_positions = step_pos if prev is None else torch.cat([prev, step_pos], dim=-1)
-        kwargs = {k: v for k, v in group.inputs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds")}
+        kwargs = {k: v for k, v in group.inputs.items()
+                  if k not in ("input_ids", "attention_mask", "inputs_embeds", DEEPSTACK)}
         if "inputs_embeds" in group.inputs:
             embed = self.run.lvlm.model.get_input_embeddings()
             kwargs["inputs_embeds"] = torch.cat([group.inputs["inputs_embeds"],

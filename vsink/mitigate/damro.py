@@ -11,10 +11,15 @@ Defaults: the released POPE script (α 0.5, β 0.1, k 4); its CHAIR script uses 
 
 Per family (:mod:`vsink.mitigate.damro_outliers`): LLaVA-1.5 as above; LLaVA-NeXT on its base
 tile with the model's newline embedding after the ``k`` features (as the released code);
-Qwen2-VL / Qwen2.5-VL, whose towers have no class token, by vsink's adaptation: the merged tokens
-that receive the most attention mass in the tower's last full-attention block; InternVL by vsink's
-adaptation: the class token's attention on its whole-image tile, summed per pixel-shuffled token.
-Other families are refused in one line.
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL, whose towers have no class token, by vsink's adaptation: the
+merged tokens that receive the most attention mass in the tower's last full-attention block
+(Qwen3-VL: with the same tokens' DeepStack features); InternVL by vsink's adaptation: the class
+token's attention on its whole-image tile, summed per pixel-shuffled token; LLaVA-OneVision,
+PaliGemma, Gemma 3, Idefics3 and SmolVLM (SigLIP towers, no class token) by vsink's adaptation:
+the attention mass each patch receives in the block that produces the features, summed per image
+token, on the view that shows the whole image (OneVision's base view, Idefics3's global image).
+Idefics3's branch holds the image as the processor writes it without splitting (the global
+image's introduction, then the ``k`` tokens). A plugin family without a rule is refused in one line.
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ class DAMROSettings(CheckedSettings):
 
 
 #: why DAMRO does not apply to a family without an outlier rule (:func:`rule_for`)
-NEEDS = ("damro needs a tower whose outlier tokens vsink can select: a tower with a class token (LLaVA-1.5's CLIP, "
-         "LLaVA-NeXT's base tile, InternVL's whole-image tile) or a Qwen2-VL / Qwen2.5-VL tower (attention mass "
-         "received)")
+NEEDS = ("damro needs a tower whose outlier tokens vsink can select: an outlier rule for the family "
+         "(vsink.mitigate.damro_outliers.RULES), or a class token and one image token per patch "
+         "(patches_one_to_one, as LLaVA-1.5)")
 
 
 def check_family(lvlm: Any) -> None:
@@ -70,31 +75,65 @@ def outliers(run: Run, k: int) -> Outliers:
 
 def outlier_patches(run: Run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(the outlier score of each selectable token [B, P], the top-``k`` indices [B, k] in
-    descending score): LLaVA's class-token attention on the patches, Qwen's attention mass
-    received per merged token."""
+    descending score): LLaVA's class-token attention on the patches, the attention mass received
+    per image token on towers without a class token."""
     found = outliers(run, k)
     return found.scores, found.top
 
 
+def image_block(lvlm: Any, ids: torch.Tensor, row: int) -> tuple[int, int, int, int]:
+    """Where one prompt row's (padding removed) image lies, for the branch: ``(cut, head, first,
+    last)``: the tokens ``[cut, head)`` are dropped, ``[head, first)`` kept before the image's
+    ``k`` tokens, which replace ``[first, last)``. One run of image tokens: ``cut = head = first``.
+    Idefics3 / SmolVLM (sub-images then the global image, each introduced by
+    ``<fake_token_around_image>`` and its tag): the sub-images and their tags are dropped, the
+    global image's introduction kept, so the branch holds the image as the processor writes it
+    without splitting."""
+    image = (ids == lvlm.image_token_id).nonzero().flatten()
+    starts = [int(image[0])] + [int(b) for a, b in zip(image[:-1], image[1:]) if b != a + 1]
+    first, last = starts[-1], int(image[-1]) + 1
+    if len(starts) == 1:
+        return first, first, first, last
+    fake = getattr(lvlm.processor, "fake_image_token", None) if lvlm.family in ("idefics3", "smolvlm") else None
+    if fake is None:
+        raise VsinkError(f"damro needs one image per prompt; row {row}'s image tokens are not one run")
+    intro = (ids == int(lvlm.processor.tokenizer.convert_tokens_to_ids(fake))).nonzero().flatten().tolist()
+    before = lambda at: max(i for i in intro if i < at)  # noqa: E731  the square's <fake_token_around_image>
+    return before(starts[0]), before(first), first, last
+
+
 def outlier_prompt(run: Run, k: int) -> dict[str, Any]:
-    """The prompt with each row's image reduced to its outlier tokens (see the module docstring)."""
+    """The prompt with each row's image reduced to its outlier tokens (see the module docstring):
+    ``input_ids``, ``attention_mask``, ``inputs_embeds``; ``token_type_ids`` where the prompt has
+    them (the image's tokens keep the image's type); Qwen3-VL's ``deepstack_embeds``."""
     lvlm = run.lvlm
-    features = outliers(run, k).features  # [B, n, D]
+    found = outliers(run, k)
+    features = found.features  # [B, n, D]
     count, image_id = features.shape[1], lvlm.image_token_id
-    rows = []
+    types = run.inputs.get("token_type_ids")
+    rows, type_rows = [], []
     for b in range(run.input_ids.shape[0]):
-        ids = run.input_ids[b][run.attention_mask[b].bool()]
-        image = (ids == image_id).nonzero().flatten()
-        first, last = int(image[0]), int(image[-1]) + 1
-        if len(image) != last - first:
-            raise VsinkError(f"damro needs one image per prompt; row {b}'s image tokens are not one run")
-        rows.append(torch.cat([ids[:first], torch.full((count,), image_id, dtype=ids.dtype, device=ids.device),
-                               ids[last:]]))
+        real = run.attention_mask[b].bool()
+        ids = run.input_ids[b][real]
+        cut, head, first, last = image_block(lvlm, ids, b)
+        rows.append(torch.cat([ids[:cut], ids[head:first], torch.full((count,), image_id, dtype=ids.dtype,
+                                                                      device=ids.device), ids[last:]]))
+        if types is not None:
+            t = types[b][real]
+            type_rows.append(torch.cat([t[:cut], t[head:first], t[first].repeat(count), t[last:]]))
     ids, mask = left_pad(run, rows)
     embeds = lvlm.model.get_input_embeddings()(ids)
     image = ids == image_id
     embeds = embeds.masked_scatter(image[..., None], features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
-    return {"input_ids": ids, "attention_mask": mask, "inputs_embeds": embeds}
+    prompt = {"input_ids": ids, "attention_mask": mask, "inputs_embeds": embeds}
+    if types is not None:
+        padded = torch.zeros_like(ids, dtype=types.dtype)
+        for b, t in enumerate(type_rows):
+            padded[b, ids.shape[1] - len(t):] = t
+        prompt["token_type_ids"] = padded
+    if found.deepstack is not None:
+        prompt["deepstack_embeds"] = found.deepstack
+    return prompt
 
 
 @register

@@ -22,13 +22,27 @@ class-token attention (one head over the full width, from the feature layer's qu
 after InternViT's query/key norm) on the tile that shows the whole image — the thumbnail, or the
 only tile — summed over the 2 × 2 patches each image token holds after the pixel shuffle; the
 top-``k`` tokens' projected features of that tile.
+
+``qwen3-vl`` (Qwen3-VL) — the Qwen rule on its tower (every block attends over the whole image; the
+last is used), and the branch carries DeepStack: the same ``k`` tokens' features of every DeepStack
+level (``deepstack_visual_indexes``), which the model adds after its first decoder layers.
+
+``llava-onevision``, ``paligemma``, ``gemma3``, ``idefics3``, ``smolvlm`` — vsink's adaptation for
+SigLIP-style towers without a class token (:func:`received_outliers`): the attention mass each
+patch receives in the block that produces the LVLM's features (its columns of the attention
+probabilities, summed over the query patches and averaged over heads, padding patches excluded),
+summed over the patches each image token holds (Gemma 3's average pool, Idefics3's pixel shuffle);
+the top-``k`` image tokens' features as the model itself computes them. The view scored is the one
+that shows the whole image: LLaVA-OneVision's base view (tile 0; the tiled view takes no part),
+Idefics3's global image (the last square), the one image of PaliGemma and Gemma 3.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -46,11 +60,13 @@ class Outliers:
         top: the top-``k`` token indices per row [B, k], in descending score (``torch.topk``).
         features: the branch's image-token embeddings per row [B, n, D], in order (``k``, and
             LLaVA-NeXT's newline).
+        deepstack: (Qwen3-VL) the same tokens' DeepStack features [B, levels, n, D], else None.
     """
 
     scores: torch.Tensor
     top: torch.Tensor
     features: torch.Tensor
+    deepstack: Optional[torch.Tensor] = None
 
 
 def _core(model: torch.nn.Module) -> torch.nn.Module:
@@ -79,6 +95,49 @@ def _class_token_feature_layer(cfg: Any) -> int:
     return int(cfg.vision_feature_layer)
 
 
+@contextmanager
+def _grabbed(attention: torch.nn.Module, query: str = "q_proj", key: str = "k_proj") -> Iterator[dict]:
+    """The outputs of an attention module's ``query`` and ``key`` submodules in the pass run inside
+    (``q``, ``k``: [B, N, C])."""
+    grabbed: dict[str, torch.Tensor] = {}
+    hooks = [getattr(attention, query).register_forward_hook(lambda m, a, out: grabbed.__setitem__("q", out)),
+             getattr(attention, key).register_forward_hook(lambda m, a, out: grabbed.__setitem__("k", out))]
+    try:
+        yield grabbed
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def attention_received(q: torch.Tensor, key: torch.Tensor, scale: float,
+                       keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention mass [B, N] each token receives: its column of ``softmax(q·kᵀ·scale)`` summed
+    over the queries and averaged over heads (``q``, ``key``: [B, H, N, d]); ``keep`` [B, N] (True:
+    a real patch) leaves padding out as keys and as queries."""
+    logits = q.float() @ key.float().transpose(-2, -1) * scale
+    if keep is not None:
+        logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if keep is not None:
+        probs = probs * keep[:, None, :, None]
+    return probs.sum(2).mean(1)
+
+
+def block_sums(scores: torch.Tensor, rows: int, cols: int, side: int) -> torch.Tensor:
+    """Per-patch scores [B, rows·cols] (row-major) summed over each ``side × side`` block of patches,
+    [B, (rows/side)·(cols/side)] in row-major order of the blocks: the image tokens of a pixel
+    shuffle or an average pool."""
+    return scores.reshape(-1, rows // side, side, cols // side, side).sum(dim=(2, 4)).flatten(1)
+
+
+def _top(scores: torch.Tensor, features: torch.Tensor, k: int) -> Outliers:
+    """The top-``k`` of ``scores`` [B, T] and those tokens' rows of ``features`` [B, T, D]."""
+    _check_k(k, scores.shape[1])
+    top = torch.topk(scores, k, dim=1).indices
+    picked = features.gather(1, top.to(features.device)[..., None].expand(-1, -1, features.shape[-1]))
+    return Outliers(scores, top, picked)
+
+
 def clip_outliers(run: Any, k: int) -> Outliers:
     """LLaVA-1.5 and LLaVA-NeXT (base tile): see the module docstring."""
     lvlm = run.lvlm
@@ -91,28 +150,17 @@ def clip_outliers(run: Any, k: int) -> Outliers:
         pixels = pixels[:, 0] if pixels.dim() == 5 else pixels  # the base tile of each row
     tower = lvlm.vision_backbone()
     layout = tower.layout(tuple(pixels.shape[-2:]))
-    attention = tower.blocks[layer].self_attn
-    grabbed: dict[str, torch.Tensor] = {}
-    hooks = [attention.q_proj.register_forward_hook(lambda m, a, out: grabbed.__setitem__("q", out)),
-             attention.k_proj.register_forward_hook(lambda m, a, out: grabbed.__setitem__("k", out))]
-    try:
-        with torch.no_grad():
-            hidden = core.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
-    finally:
-        for h in hooks:
-            h.remove()
+    with _grabbed(tower.blocks[layer].self_attn) as grabbed, torch.no_grad():
+        hidden = core.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
     q, key = grabbed["q"].float(), grabbed["k"].float()
     weights = torch.softmax(layout.split(q)["cls"] @ key.transpose(-2, -1) * hidden.shape[-1] ** -0.5, dim=-1)
     cls = layout.patches(weights[:, 0], dim=1)  # [B, P]
-    _check_k(k, cls.shape[1])
-    top = torch.topk(cls, k, dim=1).indices
-    patches = layout.patches(hidden)
     with torch.no_grad():
-        features = core.multi_modal_projector(patches.gather(1, top[..., None].expand(-1, -1, patches.shape[-1])))
+        found = _top(cls, core.multi_modal_projector(layout.patches(hidden)), k)
         if tiled and getattr(core, "image_newline", None) is not None:
-            newline = core.image_newline.to(features.dtype)[None, None].expand(features.shape[0], 1, -1)
-            features = torch.cat([features, newline], dim=1)
-    return Outliers(cls, top, features)
+            newline = core.image_newline.to(found.features.dtype)[None, None].expand(found.features.shape[0], 1, -1)
+            found.features = torch.cat([found.features, newline], dim=1)
+    return found
 
 
 def attention_block(visual: torch.nn.Module) -> int:
@@ -139,25 +187,30 @@ def _rotary(attention: torch.nn.Module) -> Callable:
 
 def received_mass(attention: torch.nn.Module, x: torch.Tensor, cu_seqlens: torch.Tensor,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The attention mass [N] each of a Qwen tower block's tokens receives: its column of the
-    block's attention probabilities summed over the queries of its segment (``cu_seqlens``),
-    averaged over heads; ``x`` is the block's attention input [N, C] (after its norm)."""
+    """The attention mass [N] each of a Qwen tower block's tokens receives (:func:`attention_received`
+    within each segment of ``cu_seqlens``); ``x`` is the block's attention input [N, C] (after its norm)."""
     n = x.shape[0]
     q, key, _ = attention.qkv(x).reshape(n, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, key = _rotary(attention)(q, key, cos, sin)
-    q, key = q.float().transpose(0, 1), key.float().transpose(0, 1)  # [H, N, d]
+    q, key = q.transpose(0, 1)[None], key.transpose(0, 1)[None]  # [1, H, N, d]
     scale = getattr(attention, "scaling", q.shape[-1] ** -0.5)
     bounds = [int(v) for v in cu_seqlens]
-    out = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        probs = torch.softmax(q[:, start:end] @ key[:, start:end].transpose(-2, -1) * scale, dim=-1)
-        out.append(probs.sum(1).mean(0))
-    return torch.cat(out)
+    return torch.cat([attention_received(q[:, :, start:end], key[:, :, start:end], scale)[0]
+                      for start, end in zip(bounds[:-1], bounds[1:])])
+
+
+def _tower_outputs(out: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A Qwen tower's merged tokens [tokens, D] and DeepStack features (Qwen3-VL; else none), from
+    what its forward returns in this transformers (an output object, a tensor, or 4.x Qwen3-VL's
+    ``(merged, deepstack)`` pair)."""
+    if isinstance(out, tuple):
+        return out[0], list(out[1])
+    return getattr(out, "pooler_output", out), list(getattr(out, "deepstack_features", None) or [])
 
 
 def qwen_outliers(run: Any, k: int) -> Outliers:
-    """Qwen2-VL and Qwen2.5-VL (vsink's adaptation): see the module docstring."""
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (vsink's adaptation): see the module docstring."""
     lvlm = run.lvlm
     core = _core(lvlm.model)
     visual = core.visual
@@ -179,11 +232,10 @@ def qwen_outliers(run: Any, k: int) -> Outliers:
     handle = attention.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            out = visual(run.inputs["pixel_values"].type(visual.dtype), grid_thw=grid)
+            merged, deepstack = _tower_outputs(visual(run.inputs["pixel_values"].type(visual.dtype), grid_thw=grid))
             mass = received_mass(attention, grabbed["x"], grabbed["cu"], grabbed["pe"])
     finally:
         handle.remove()
-    merged = getattr(out, "pooler_output", out)  # [tokens, D] in the language model's order
     unit = int(visual.config.spatial_merge_size) ** 2
     per_token = mass.reshape(-1, unit).sum(-1)  # the blocks' order
     if hasattr(visual, "fullatt_block_indexes") or getattr(visual.config, "fullatt_block_indexes", None):
@@ -193,13 +245,16 @@ def qwen_outliers(run: Any, k: int) -> Outliers:
     counts = [int(t * h * w) // unit for t, h, w in grid.tolist()]
     _check_k(k, min(counts))
     scores = torch.full((rows, max(counts)), float("nan"), device=per_token.device)
-    tops, features = [], []
+    tops, features, stacks = [], [], []
+    levels = [level.split(counts) for level in deepstack]
     for b, (row, feats) in enumerate(zip(per_token.split(counts), merged.split(counts))):
         scores[b, :len(row)] = row
         top = torch.topk(row, k).indices
         tops.append(top)
         features.append(feats[top.to(feats.device)])
-    return Outliers(scores, torch.stack(tops), torch.stack(features))
+        if levels:
+            stacks.append(torch.stack([level[b][top.to(level[b].device)] for level in levels]))
+    return Outliers(scores, torch.stack(tops), torch.stack(features), torch.stack(stacks) if stacks else None)
 
 
 def internvl_outliers(run: Any, k: int) -> Outliers:
@@ -213,33 +268,141 @@ def internvl_outliers(run: Any, k: int) -> Outliers:
     whole = run.inputs["pixel_values"][ends.to(run.inputs["pixel_values"].device)]
     tower = lvlm.vision_backbone()
     layout = tower.layout(tuple(whole.shape[-2:]))
-    attention = tower.blocks[layer].attention
-    grabbed: dict[str, torch.Tensor] = {}
-    hooks = [attention.q_norm.register_forward_hook(lambda m, a, out: grabbed.__setitem__("q", out)),
-             attention.k_norm.register_forward_hook(lambda m, a, out: grabbed.__setitem__("k", out))]
-    try:
-        with torch.no_grad():
-            out = core.get_image_features(pixel_values=whole, vision_feature_layer=layer,
-                                          vision_feature_select_strategy="default")
-    finally:
-        for h in hooks:
-            h.remove()
+    with _grabbed(tower.blocks[layer].attention, "q_norm", "k_norm") as grabbed, torch.no_grad():
+        out = core.get_image_features(pixel_values=whole, vision_feature_layer=layer,
+                                      vision_feature_select_strategy="default")
     features = getattr(out, "pooler_output", out)  # [B, tokens, D] (transformers 4.x: the tensor itself)
     q, key = grabbed["q"].float(), grabbed["k"].float()
     weights = torch.softmax(layout.split(q)["cls"] @ key.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
     rows, cols = layout.grid
     side = int(round(1 / float(cfg.downsample_ratio)))
-    cls = layout.patches(weights[:, 0], dim=1).reshape(-1, rows // side, side, cols // side, side)
-    scores = cls.sum(dim=(2, 4)).flatten(1)  # [B, tokens]: each token's block of side × side patches
-    _check_k(k, scores.shape[1])
-    top = torch.topk(scores, k, dim=1).indices
-    return Outliers(scores, top, features.gather(1, top[..., None].expand(-1, -1, features.shape[-1])))
+    # each token's block of side × side patches
+    return _top(block_sums(layout.patches(weights[:, 0], dim=1), rows, cols, side), features, k)
 
+
+# --- towers without a class token ----------------------------------------------------------------
+@dataclass
+class View:
+    """What :func:`received_outliers` scores for a family: one tower pass over the view of each
+    row's image that shows all of it.
+
+    Attributes:
+        attention: the attention module of the block that produces the LVLM's features (``q_proj``,
+            ``k_proj``, ``num_heads``, ``scale``).
+        encode: runs the tower once on the view and returns the image tokens' features [B, T, D]
+            as the model gives them to its language model.
+        block: patches along one side of an image token (pooling, pixel shuffle; 1: one per patch).
+        keep: [B, P] the real patches (False: padding), or None: all.
+    """
+
+    attention: torch.nn.Module
+    encode: Callable[[], torch.Tensor]
+    block: int = 1
+    keep: Optional[torch.Tensor] = None
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # [B, N, C] → [B, H, N, d]
+
+
+def _pooled(out: Any) -> torch.Tensor:
+    """``get_image_features``' features [B, T, D] (transformers 5.x: its ``pooler_output``, Idefics3's
+    a list of one image per row; 4.x: the tensor)."""
+    out = getattr(out, "pooler_output", out)
+    return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
+
+
+def received_outliers(run: Any, k: int) -> Outliers:
+    """LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM (vsink's adaptation): see the module docstring."""
+    lvlm = run.lvlm
+    view = VIEWS[lvlm.family](run)
+    with _grabbed(view.attention) as grabbed, torch.no_grad():
+        features = view.encode()
+    heads = int(view.attention.num_heads)
+    mass = attention_received(_heads(grabbed["q"], heads), _heads(grabbed["k"], heads), float(view.attention.scale),
+                              view.keep)
+    side = int(round(mass.shape[1] ** 0.5))
+    return _top(block_sums(mass, side, side, view.block), features, k)
+
+
+def _last_block_attention(lvlm: Any) -> torch.nn.Module:
+    return lvlm.vision_backbone().blocks[-1].self_attn
+
+
+def _single_image(run: Any) -> torch.Tensor:
+    pixels = run.inputs["pixel_values"]
+    _one_image_per_prompt(len(pixels), int(run.inputs["input_ids"].shape[0]), "pixel_values")
+    return pixels
+
+
+def paligemma_view(run: Any) -> View:
+    """PaliGemma: the one image, one token per patch of the tower's last block (its
+    ``last_hidden_state`` is what the projector reads)."""
+    core, pixels = _core(run.lvlm.model), _single_image(run)
+    return View(_last_block_attention(run.lvlm), lambda: _pooled(core.get_image_features(pixel_values=pixels)))
+
+
+def gemma3_view(run: Any) -> View:
+    """Gemma 3: the one image; each image token is the average pool of a block of patches."""
+    view = paligemma_view(run)
+    vision = run.lvlm.model.config.vision_config
+    per_side = int(vision.image_size) // int(vision.patch_size)
+    view.block = per_side // int(round(int(run.lvlm.model.config.mm_tokens_per_image) ** 0.5))
+    return view
+
+
+def onevision_view(run: Any) -> View:
+    """LLaVA-OneVision: the base view (tile 0, the whole image at the tower's resolution), at the
+    tower layer ``vision_feature_layer``; its features are the first ``side²`` of the image's
+    packed features (no newline in the base view)."""
+    lvlm = run.lvlm
+    core, cfg = _core(lvlm.model), lvlm.model.config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int) or getattr(cfg, "vision_feature_select_strategy", "full") != "full":
+        raise VsinkError("damro needs one vision feature layer and the tower's full features "
+                         "(vision_feature_select_strategy 'full') on llava-onevision")
+    pixels = _single_image(run)
+    base = pixels[:, 0] if pixels.dim() == 5 else pixels
+    blocks = lvlm.vision_backbone().blocks
+    producer = layer % (len(blocks) + 1) - 1  # hidden_states[layer] is this block's output
+
+    def encode() -> torch.Tensor:
+        hidden = core.vision_tower(base, output_hidden_states=True).hidden_states[layer]
+        return core.multi_modal_projector(hidden)
+
+    return View(blocks[producer].self_attn, encode)
+
+
+def idefics3_view(run: Any) -> View:
+    """Idefics3 / SmolVLM: each row's global image (its last real square: the whole image resized;
+    the only square without image splitting); each image token is the pixel shuffle of a
+    ``scale_factor × scale_factor`` block of patches; padding patches take no part."""
+    lvlm = run.lvlm
+    core, cfg = _core(lvlm.model), lvlm.model.config
+    pixels = run.inputs["pixel_values"]
+    _one_image_per_prompt(len(pixels), int(run.inputs["input_ids"].shape[0]), "pixel_values")
+    real = (pixels != 0).flatten(2).any(-1)  # [B, squares]: padding squares are all zero
+    last = (real.long() * torch.arange(1, real.shape[1] + 1, device=real.device)).argmax(1)
+    rows = torch.arange(len(pixels), device=pixels.device)
+    squares = pixels[rows, last][:, None]
+    mask = run.inputs.get("pixel_attention_mask")
+    mask = torch.ones(squares.shape[0], 1, *squares.shape[-2:], dtype=torch.bool, device=pixels.device) \
+        if mask is None else mask[rows, last][:, None].bool()
+    patch = int(cfg.vision_config.patch_size)
+    keep = mask[:, 0].unfold(1, patch, patch).unfold(2, patch, patch).flatten(-2).any(-1).flatten(1)
+    encode = lambda: _pooled(core.get_image_features(pixel_values=squares, pixel_attention_mask=mask))  # noqa: E731
+    return View(_last_block_attention(lvlm), encode, int(cfg.scale_factor), keep)
+
+
+#: the view each family without a class token is scored on (:func:`received_outliers`)
+VIEWS: dict[str, Callable[[Any], View]] = {
+    "llava-onevision": onevision_view, "paligemma": paligemma_view, "gemma3": gemma3_view,
+    "idefics3": idefics3_view, "smolvlm": idefics3_view}
 
 #: the outlier rule of each built-in family DAMRO runs on (``LVLM.family``)
 RULES: dict[str, Callable[[Any, int], Outliers]] = {
     "llava": clip_outliers, "llava-next": clip_outliers, "qwen2-vl": qwen_outliers, "qwen2.5-vl": qwen_outliers,
-    "internvl": internvl_outliers}
+    "qwen3-vl": qwen_outliers, "internvl": internvl_outliers, **{family: received_outliers for family in VIEWS}}
 
 
 def rule_for(family: type) -> Optional[Callable[[Any, int], Outliers]]:
