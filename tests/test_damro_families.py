@@ -1,9 +1,12 @@
-"""DAMRO beyond LLaVA-1.5: LLaVA-NeXT's base tile (the released code's rule) and Qwen2-VL /
-Qwen2.5-VL (vsink's adaptation: attention mass received in the last full-attention block). The
-outlier tokens are checked against the tower's own computation (transformers' eager attention
-weights, the CLIP block's q/k projections) and on a planted sink; the branch prompt holds exactly
-the selected tokens' features. Generation (strength zero, batches, the cache) is in
-tests/test_contrastive.py."""
+"""DAMRO beyond LLaVA-1.5: LLaVA-NeXT's base tile (the released code's rule); Qwen2-VL /
+Qwen2.5-VL / Qwen3-VL (vsink's adaptation: attention mass received in the last full-attention
+block; Qwen3-VL's branch with its DeepStack features); LLaVA-OneVision, PaliGemma, Gemma 3,
+Idefics3 and SmolVLM (vsink's adaptation for SigLIP towers: attention mass received, per image
+token, on the view that shows the whole image). The outlier tokens are checked against the
+tower's own computation (transformers' eager attention weights, the CLIP block's q/k
+projections) and on a planted sink; the branch prompt holds exactly the selected tokens'
+features as the model's own get_image_features gives them. Generation (strength zero, batches,
+the cache) is in tests/test_contrastive.py."""
 
 import math
 import sys
@@ -27,8 +30,14 @@ class Run:
 
 
 def fresh(name):
+    from vsink.backbones.hf_lvlm import UnavailableFamily
+
     model, processor = BUILDERS[name]()
-    return LVLM(model, processor, f"tiny-{name}")
+    try:
+        return LVLM(model, processor, f"tiny-{name}")
+    except UnavailableFamily as e:  # PaliGemma under transformers 4.x: refused in one line, reported
+        assert "\n" not in str(e) and str(e).startswith(f"tiny-{name}: the ")
+        pytest.skip(str(e))
 
 
 # --- LLaVA-NeXT --------------------------------------------------------------------------------
@@ -77,14 +86,15 @@ def test_llava_next_outliers_are_the_base_tiles_class_attention_top_patches(llav
 
 
 # --- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------
-QWEN = ["qwen2_vl", "qwen2_5_vl"]
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 SQUARE = (32, 32)  # 8 × 8 patches, 4 × 4 merged tokens
 #: the merged token (row-major over the 4 × 4 grid of a 32 × 32 image: patch 4, merge 2) at each
 #: merged position of the blocks' order. Qwen2-VL: the processor's order itself. Qwen2.5-VL
 #: (window 16 px = 2 merged tokens a side): the four 2 × 2 windows in raster order, each in raster
 #: order, as its tower permutes the tokens before its blocks.
 BLOCK_ORDER = {"qwen2_vl": list(range(16)),
-               "qwen2_5_vl": [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]}
+               "qwen2_5_vl": [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15],
+               "qwen3_vl": list(range(16))}  # no windows: every block attends over the whole image
 
 
 @pytest.mark.parametrize("name", QWEN)
@@ -150,7 +160,8 @@ def test_qwen_planted_sink_is_selected_and_its_features_fill_the_branch(name):
         prompt = outlier_prompt(Run(lvlm, inputs), 1)
         with torch.no_grad():
             merged = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-            merged = getattr(merged, "pooler_output", merged)  # transformers 4.x returns the tensor itself
+            # transformers 4.x returns the tensor itself (Qwen3-VL: with its DeepStack features)
+            merged = merged[0] if isinstance(merged, tuple) else getattr(merged, "pooler_output", merged)
     finally:
         handle.remove()
     # each of the 64 queries of an image puts e^4 / (4e^4 + 60) on each planted patch, 1 / (4e^4 + 60) on
@@ -374,3 +385,45 @@ def test_branch_token_types_follow_the_prompts(name):
     image = prompt["input_ids"] == lvlm.image_token_id
     expected = image.long() if name == "gemma3" else torch.zeros_like(image, dtype=torch.long)
     assert torch.equal(prompt["token_type_ids"].long(), expected)
+
+
+# --- Qwen3-VL's DeepStack in the branch --------------------------------------------------------
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_qwen3_vl_branch_adds_the_kept_tokens_deepstack_features(use_cache):
+    from vsink.lvlm import generate
+
+    lvlm = fresh("qwen3_vl")
+    core = lvlm.model.model
+    inputs = lvlm.prepare([random_image(0, SQUARE), random_image(1, SQUARE)], PROMPTS)
+    _, top = outlier_patches(Run(lvlm, inputs), 2)
+    with torch.no_grad():  # the model's own DeepStack features: per level, each image's 16 merged tokens
+        out = core.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        levels = out.deepstack_features if hasattr(out, "deepstack_features") else [f.split(16) for f in out[1]]
+    assert len(levels) == 2  # deepstack_visual_indexes (0, 1): added after decoder layers 0 and 1
+    expected = [torch.stack([level[b][top[b]] for b in range(2)]) for level in levels]  # [2 rows, 2 tokens, D]
+    prompt = outlier_prompt(Run(lvlm, inputs), 2)
+    width = prompt["input_ids"].shape[1]
+    image = prompt["input_ids"] == lvlm.image_token_id
+    layers = lvlm.layers
+    outs, ins = [], []  # a copy of each output: transformers 4.x adds DeepStack to it in place
+    hooks = [layers[i].register_forward_hook(
+        lambda m, a, o, i=i: outs.append((i, (o[0] if isinstance(o, tuple) else o).clone()))) for i in range(2)]
+    hooks += [layers[i + 1].register_forward_pre_hook(lambda m, a, kw, i=i: ins.append((i, (a or (kw["hidden_states"],))[0])),
+                                                      with_kwargs=True) for i in range(2)]
+    try:
+        generate(lvlm, inputs, mitigation="damro", settings={"alpha": 1.0, "beta": 0.0, "k": 2}, max_new_tokens=2,
+                 use_cache=use_cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    # the branch's passes over its prompt: its width at the first step, one more without the cache
+    seen = 0
+    for (i, o), (j, x) in zip(outs, ins):
+        assert i == j
+        if o.shape[1] not in (width, width + 1):
+            continue  # the main pass (24 tokens and more), a cached decode step (1)
+        added = (x - o)[:, :width]
+        assert torch.allclose(added[image].reshape(2, 2, -1), expected[i], atol=1e-5)
+        assert torch.allclose(added[~image], torch.zeros(()), atol=1e-6)  # nothing elsewhere
+        seen += 1
+    assert seen == (2 if use_cache else 4)
