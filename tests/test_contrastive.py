@@ -28,7 +28,13 @@ FAMILIES = sorted(set(BUILDERS) - {"paligemma"})
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def lvlm(request):
-    return tiny_lvlm(request.param)
+    from vsink.backbones.hf_lvlm import UnavailableFamily
+
+    try:
+        return tiny_lvlm(request.param)
+    except UnavailableFamily as e:  # PaliGemma under transformers 4.x: refused in one line, reported
+        assert "\n" not in str(e)
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -165,13 +165,8 @@ CACHE_ONLY = {"vcd+pai": {"vcd.alpha": 3.0, "vcd.beta": 0.0, "vcd.noise_step": 9
 @pytest.mark.parametrize("name", sorted(CACHE_ONLY))
 def test_cache_is_transparent_for_branches_readouts_and_compositions(lvlm, name):
     inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
-    refused = [m.name for m in make_mitigations(name, CACHE_ONLY[name]) if m.refusal(type(lvlm)) is not None]
-    if refused:  # DAMRO on a tower without outlier tokens vsink can select: refused in one line, both ways
-        for use_cache in (True, False):
-            with pytest.raises(VsinkError, match=f"^{refused[0]} does not apply to {lvlm.spec}"):
-                generate(lvlm, inputs, mitigation=name, settings=CACHE_ONLY[name], max_new_tokens=2,
-                         use_cache=use_cache)
-        return
+    # every built-in family runs these (DAMRO included: an outlier rule for each)
+    assert [m.name for m in make_mitigations(name, CACHE_ONLY[name]) if m.refusal(type(lvlm)) is not None] == []
     runs = []
     for use_cache in (True, False):
         scores = _Scores()
