@@ -172,8 +172,15 @@ def test_damro_outliers_are_the_class_tokens_top_patches_by_hand(llava):
     assert torch.equal(top, cls.argsort(dim=1, descending=True)[:, :3])
 
 
-def test_damro_plus_pai_equals_the_contrast_with_pai_in_both_branches(llava):
-    inputs = llava.prepare([random_image(), random_image(1)], PROMPTS)
+#: LLaVA (the paper's rule) and a family of each other kind of branch: bidirectional image group
+#: (Gemma 3), DeepStack (Qwen3-VL), the unsplit layout (Idefics3)
+PAI_FAMILIES = ["llava", "gemma3", "qwen3_vl", "idefics3"]
+
+
+@pytest.mark.parametrize("name", PAI_FAMILIES)
+def test_damro_plus_pai_equals_the_contrast_with_pai_in_both_branches(name):
+    lvlm = tiny_lvlm(name)
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     s = DAMROSettings(alpha=2.0, beta=0.05, k=3)
     damro = DAMRO(s)
 
@@ -184,21 +191,20 @@ def test_damro_plus_pai_equals_the_contrast_with_pai_in_both_branches(llava):
 
     hand = ByHand(damro.branches(None))  # the same outlier prompt, the rule written out here
     pai = lambda: PAI(PAISettings(alpha=2.0, start_layer=0))  # noqa: E731
-    expected = generate(llava, inputs, mitigation=[pai(), hand], max_new_tokens=4)
-    out = generate(llava, inputs, mitigation=[pai(), damro], max_new_tokens=4)
+    expected = generate(lvlm, inputs, mitigation=[pai(), hand], max_new_tokens=4)
+    out = generate(lvlm, inputs, mitigation=[pai(), damro], max_new_tokens=4)
     assert torch.equal(out.new_tokens, expected.new_tokens)
     assert out.report[1]["branches"] == [{"name": "outliers", "kind": "tokens", "edits": ["pai"]}]
     assert out.report[0]["layers"][0]["rows_amplified"] > 0
     class R:  # the outlier prompt: each row's image reduced to k = 3 tokens, left-padded
-        lvlm, input_ids, attention_mask = llava, inputs["input_ids"], inputs["attention_mask"]
-        context = type("C", (), {"spans": llava.image_spans(inputs["input_ids"])})
-    R.inputs = inputs
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    R.lvlm, R.inputs = lvlm, inputs
     prompt = outlier_prompt(R, 3)
-    assert ((prompt["input_ids"] == llava.image_token_id).sum(1) == 3).all()
+    assert ((prompt["input_ids"] == lvlm.image_token_id).sum(1) == 3).all()
     assert prompt["inputs_embeds"].shape[:2] == prompt["input_ids"].shape
     with_pai = hand.seen[0]["outliers"]
     no_pai = ByHand(DAMRO(DAMROSettings(alpha=2.0, beta=0.05, k=3, branch_edits="none")).branches(None))
-    generate(llava, inputs, mitigation=[pai(), no_pai], max_new_tokens=1)
+    generate(lvlm, inputs, mitigation=[pai(), no_pai], max_new_tokens=1)
     assert not torch.allclose(with_pai, no_pai.seen[0]["outliers"], atol=1e-4)  # PAI did act in the branch
 
 

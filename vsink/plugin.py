@@ -21,7 +21,8 @@ overlays draw), ``view_box``, ``vision_tower``, ``tower_patches_are_image_tokens
 ``placeholder``, ``processor_images``, ``pixel_counts`` (image inputs per row), ``scan_options`` (processor
 options for a scan: one image span per row), ``load_model``, ``refuses``, ``mrope``, ``tower_is_backbone``,
 ``deepstack_layers``, ``deepstack_tower_blocks``, ``observe_deepstack`` (vision features the model
-adds after some decoder layers, :data:`DeepStackObserver`)). ``@named_lvlm`` registers one exact spec, :func:`known_sink_dims` the sink
+adds after some decoder layers, :data:`DeepStackObserver`), ``inject_deepstack`` (adding them for
+a branch's prompt)). ``@named_lvlm`` registers one exact spec, :func:`known_sink_dims` the sink
 dimensions of a model known by name. Plugin LVLM families are asked first.
 
 **A mitigation** (entry point group ``vsink.mitigations``): a :class:`Mitigation` subclass
@@ -81,7 +82,7 @@ LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "generated_token_type", "image
                 "view_box", "vision_tower",
                 "tower_patches_are_image_tokens", "text_position_ids", "image_spans", "attention_groups", "placeholder", "processor_images", "pixel_counts",
                 "scan_options", "load_model", "refuses", "mrope", "tower_is_backbone", "deepstack_layers",
-                "deepstack_tower_blocks", "observe_deepstack")
+                "deepstack_tower_blocks", "observe_deepstack", "inject_deepstack")
 #: what a mitigation implements (``_install``) and may override
 MITIGATION_MEMBERS = ("name", "settings_class", "target", "_install", "logits_processors", "refusal",
                       "unavailable", "calibration_settings", "nothing_edited_hint")

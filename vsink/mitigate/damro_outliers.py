@@ -55,8 +55,9 @@ class Outliers:
 
     Attributes:
         scores: the attention measure per selectable token [B, P] (LLaVA: patches of the base
-            image; Qwen: merged tokens), NaN past a row's last token when the rows' images differ
-            in size.
+            image; Qwen: merged tokens; InternVL and the towers without a class token: image
+            tokens of the view scored), NaN past a row's last token when the rows' images differ
+            in size (Qwen).
         top: the top-``k`` token indices per row [B, k], in descending score (``torch.topk``).
         features: the branch's image-token embeddings per row [B, n, D], in order (``k``, and
             LLaVA-NeXT's newline).
@@ -322,6 +323,8 @@ def received_outliers(run: Any, k: int) -> Outliers:
     mass = attention_received(_heads(grabbed["q"], heads), _heads(grabbed["k"], heads), float(view.attention.scale),
                               view.keep)
     side = int(round(mass.shape[1] ** 0.5))
+    if side * side != mass.shape[1]:
+        raise VsinkError(f"damro: the {lvlm.family} view scored has {mass.shape[1]} patches, not a square grid")
     return _top(block_sums(mass, side, side, view.block), features, k)
 
 
