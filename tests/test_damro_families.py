@@ -427,3 +427,14 @@ def test_qwen3_vl_branch_adds_the_kept_tokens_deepstack_features(use_cache):
         assert torch.allclose(added[~image], torch.zeros(()), atol=1e-6)  # nothing elsewhere
         seen += 1
     assert seen == (2 if use_cache else 4)
+
+
+def test_idefics3_split_image_without_its_processor_is_one_line():
+    from vsink.errors import VsinkError
+
+    lvlm = fresh("idefics3")
+    inputs = lvlm.prepare([random_image(0), random_image(1)], PROMPTS)
+    lvlm.processor = None  # inputs prepared elsewhere: the sub-images' introductions cannot be found
+    with pytest.raises(VsinkError, match="^damro on a split idefics3 image needs its processor's "
+                                         "<fake_token_around_image> \\(row 0\\); load the model with its processor$"):
+        outlier_prompt(Run(lvlm, inputs), 2)

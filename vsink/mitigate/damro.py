@@ -94,10 +94,15 @@ def image_block(lvlm: Any, ids: torch.Tensor, row: int) -> tuple[int, int, int, 
     first, last = starts[-1], int(image[-1]) + 1
     if len(starts) == 1:
         return first, first, first, last
-    fake = getattr(lvlm.processor, "fake_image_token", None) if lvlm.family in ("idefics3", "smolvlm") else None
-    if fake is None:
+    if lvlm.family not in ("idefics3", "smolvlm"):
         raise VsinkError(f"damro needs one image per prompt; row {row}'s image tokens are not one run")
+    fake = getattr(lvlm.processor, "fake_image_token", None)
+    if fake is None:
+        raise VsinkError(f"damro on a split {lvlm.family} image needs its processor's <fake_token_around_image> "
+                         f"(row {row}); load the model with its processor")
     intro = (ids == int(lvlm.processor.tokenizer.convert_tokens_to_ids(fake))).nonzero().flatten().tolist()
+    if not intro or intro[0] > starts[0]:
+        raise VsinkError(f"damro: row {row}'s sub-images are not introduced by {fake}")
     before = lambda at: max(i for i in intro if i < at)  # noqa: E731  the square's <fake_token_around_image>
     return before(starts[0]), before(first), first, last
 
