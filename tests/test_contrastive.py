@@ -13,7 +13,7 @@ from vsink.lvlm import LVLM, generate
 from vsink.mitigate import DAMRO, DAMROSettings, PAI, PAISettings, VAR, VARSettings, VCD, VCDSettings
 from vsink.mitigate.branch import image_branch, text_branch
 from vsink.mitigate.contrastive import contrast
-from vsink.mitigate.damro import outlier_patches, outlier_prompt
+from vsink.mitigate.damro import outlier_prompt, outliers
 from vsink.mitigate.damro_outliers import rule_for
 from vsink.mitigate.m3id import m3id_scores
 from vsink.mitigate.vcd import add_diffusion_noise, diffusion_schedule
@@ -152,24 +152,50 @@ def test_m3id_equals_the_rule_on_the_text_branch(lvlm):
     assert out.report[0]["branches"] == [{"name": "unconditioned", "kind": "text", "edits": []}]
 
 
-def test_damro_outliers_are_the_class_tokens_top_patches_by_hand(llava):
+@pytest.mark.parametrize("feature_layer, producer", [
+    (-1, 1),  # the tiny model's own setting: hidden_states[-1] is the last (2nd) block's output
+    (1, 0),  # a positive layer: hidden_states[1] is block 0's output (hidden_states[0]: the embeddings)
+])
+def test_damro_outliers_are_the_class_tokens_top_patches_by_hand(llava, feature_layer, producer):
+    """The class token's attention in the block whose output LLaVA reads (``vision_feature_layer``),
+    recomputed from that block's own projections; the branch's features are that output's."""
     inputs = llava.prepare([random_image(), random_image(1)], PROMPTS)
     tower = llava.model.model.vision_tower
-    layer = llava.model.config.vision_feature_layer
-    with torch.no_grad():
-        hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
-        blocks = llava.vision_backbone().blocks
-        block = blocks[layer]
-        x = block.layer_norm1(hidden[layer % len(blocks)])  # the block's input (hidden_states[i] enters block i), normed
-        q, k = block.self_attn.q_proj(x), block.self_attn.k_proj(x)
-        cls = torch.softmax(q[:, :1] @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)[:, 0, 1:]
+    default = llava.model.config.vision_feature_layer
+    llava.model.config.vision_feature_layer = feature_layer
+    try:
+        with torch.no_grad():
+            hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+            block = llava.vision_backbone().blocks[producer]  # the CLIP encoder layer itself
+            x = block.layer_norm1(hidden[producer])  # the block's input (hidden_states[i] enters block i), normed
+            q, k = block.self_attn.q_proj(x), block.self_attn.k_proj(x)
+            cls = torch.softmax(q[:, :1] @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)[:, 0, 1:]
+            features = llava.model.model.multi_modal_projector(hidden[feature_layer][:, 1:])
 
-    class R:  # what outlier_patches reads of a run
+        class R:  # what outliers reads of a run
+            pass
+        R.lvlm, R.inputs = llava, inputs
+        found = outliers(R, 3)
+    finally:
+        llava.model.config.vision_feature_layer = default
+    top = cls.argsort(dim=1, descending=True)[:, :3]
+    assert torch.allclose(found.scores, cls, atol=1e-5)
+    assert torch.equal(found.top, top)
+    torch.testing.assert_close(found.features, torch.stack([f[t] for f, t in zip(features, top)]), atol=1e-5, rtol=0)
+
+
+def test_damro_refuses_the_embedding_output_as_feature_layer(llava):
+    default = llava.model.config.vision_feature_layer
+    llava.model.config.vision_feature_layer = 0  # hidden_states[0]: no block, no attention
+
+    class R:
         pass
-    R.lvlm, R.inputs = llava, inputs
-    got, top = outlier_patches(R, 3)
-    assert torch.allclose(got, cls, atol=1e-5)
-    assert torch.equal(top, cls.argsort(dim=1, descending=True)[:, :3])
+    R.lvlm, R.inputs = llava, llava.prepare([random_image()], PROMPTS[:1])
+    try:
+        with pytest.raises(VsinkError, match="vision_feature_layer 0 is the tower's embedding output"):
+            outliers(R, 3)
+    finally:
+        llava.model.config.vision_feature_layer = default
 
 
 #: LLaVA (the paper's rule) and a family of each other kind of branch: bidirectional image group

@@ -96,6 +96,17 @@ def _class_token_feature_layer(cfg: Any) -> int:
     return int(cfg.vision_feature_layer)
 
 
+def producing_block(layer: int, num_blocks: int) -> int:
+    """The tower block whose output is ``hidden_states[layer]`` (``hidden_states[0]`` is the
+    embedding output, ``hidden_states[i]`` block ``i - 1``'s): the block whose attention DAMRO
+    reads. −2 (LLaVA's) is block ``num_blocks - 2``; a positive 2 is block 1, not block 2."""
+    producer = layer % (num_blocks + 1) - 1
+    if producer < 0:
+        raise VsinkError(f"damro: vision_feature_layer {layer} is the tower's embedding output, which no "
+                         "attention produced; DAMRO needs a block's output")
+    return producer
+
+
 @contextmanager
 def _grabbed(attention: torch.nn.Module, query: str = "q_proj", key: str = "k_proj") -> Iterator[dict]:
     """The outputs of an attention module's ``query`` and ``key`` submodules in the pass run inside
@@ -151,7 +162,8 @@ def clip_outliers(run: Any, k: int) -> Outliers:
         pixels = pixels[:, 0] if pixels.dim() == 5 else pixels  # the base tile of each row
     tower = lvlm.vision_backbone()
     layout = tower.layout(tuple(pixels.shape[-2:]))
-    with _grabbed(tower.blocks[layer].self_attn) as grabbed, torch.no_grad():
+    block = tower.blocks[producing_block(layer, len(tower.blocks))]
+    with _grabbed(block.self_attn) as grabbed, torch.no_grad():
         hidden = core.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
     q, key = grabbed["q"].float(), grabbed["k"].float()
     weights = torch.softmax(layout.split(q)["cls"] @ key.transpose(-2, -1) * hidden.shape[-1] ** -0.5, dim=-1)
@@ -269,7 +281,8 @@ def internvl_outliers(run: Any, k: int) -> Outliers:
     whole = run.inputs["pixel_values"][ends.to(run.inputs["pixel_values"].device)]
     tower = lvlm.vision_backbone()
     layout = tower.layout(tuple(whole.shape[-2:]))
-    with _grabbed(tower.blocks[layer].attention, "q_norm", "k_norm") as grabbed, torch.no_grad():
+    block = tower.blocks[producing_block(layer, len(tower.blocks))]
+    with _grabbed(block.attention, "q_norm", "k_norm") as grabbed, torch.no_grad():
         out = core.get_image_features(pixel_values=whole, vision_feature_layer=layer,
                                       vision_feature_select_strategy="default")
     features = getattr(out, "pooler_output", out)  # [B, tokens, D] (transformers 4.x: the tensor itself)
@@ -367,7 +380,7 @@ def onevision_view(run: Any) -> View:
     pixels = _single_image(run)
     base = pixels[:, 0] if pixels.dim() == 5 else pixels
     blocks = lvlm.vision_backbone().blocks
-    producer = layer % (len(blocks) + 1) - 1  # hidden_states[layer] is this block's output
+    producer = producing_block(layer, len(blocks))
 
     def encode() -> torch.Tensor:
         hidden = core.vision_tower(base, output_hidden_states=True).hidden_states[layer]
