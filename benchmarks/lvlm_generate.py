@@ -12,7 +12,9 @@ SDPA's.
 
 Targets (issue 17): VAR and PAI (without guidance) >= 0.9x vanilla SDPA tokens/s; FastV (R = 50 %)
 faster than vanilla SDPA in prefill; peak RSS <= 1.1x vanilla. Issue 21: VAF >= 0.9x; VCD, M3ID
-and DAMRO (one extra branch pass per token, beside the model's own) >= 0.45x; DoLa (one LM-head
+and DAMRO >= 0.45x (VCD's noised image stacked with the main pass in one forward per token;
+``vcd unstacked``: in a forward of its own, as the released code runs it; M3ID's and DAMRO's
+shorter prompts: one extra pass per token); DoLa (one LM-head
 readout per candidate layer, no extra pass) >= 0.8x; OPERA (5 beams, 5 candidates) >= 0.5x of HF
 beam search with the same 5 beams (``beams``; both without EOS so that both decode
 ``--new-tokens``), also compared on the decoding steps alone (a 1-token call subtracted).
@@ -35,8 +37,10 @@ import warnings
 
 VARIANTS = {"vanilla": ("none", {}), "vanilla eager": ("none", {}), "vsink none": ("none", {}),
             "var": ("var", {}), "pai": ("pai", {}), "fastv": ("fastv", {"k": 2, "ratio": 0.5}),
-            "vaf": ("vaf", {}), "vcd": ("vcd", {}), "m3id": ("m3id", {"threshold": 1.0}), "damro": ("damro", {}),
+            "vaf": ("vaf", {}), "vcd": ("vcd", {}), "vcd unstacked": ("vcd", {}), "m3id": ("m3id", {"threshold": 1.0}), "damro": ("damro", {}),
             "dola": ("dola", {}), "beams": ("none", {}), "opera": ("opera", {})}
+#: run with ``stack_main=False``: the branch in a forward of its own, beside the main pass
+UNSTACKED = {"vcd unstacked"}
 #: OPERA's beams (its default) and those of the HF beam search it is compared with
 BEAMS = 5
 
@@ -95,7 +99,8 @@ def _runner(lvlm, inputs, args):
             mitigation, settings = VARIANTS[name]
             with warnings.catch_warnings():
                 warnings.simplefilter("error", MitigationWarning)  # a mitigation that edits nothing costs nothing
-                r = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=new)
+                r = generate(lvlm, inputs, mitigation=mitigation, settings=settings, max_new_tokens=new,
+                             stack_main=name not in UNSTACKED)
             assert r.new_tokens.shape[1] == new, (name, r.new_tokens.shape)
         sync()
         return time.perf_counter() - t0

@@ -60,4 +60,7 @@ def test_a_two_branch_mitigation_from_outside(grounded):
     assert torch.equal(out.new_tokens, expected.new_tokens) and not torch.equal(out.new_tokens, none.new_tokens)
     assert out.report[0]["branches"] == [{"name": "blank", "kind": "image", "edits": ["pai"]},
                                          {"name": "text", "kind": "text", "edits": []}]
-    assert out.report[0]["branch_passes"] == 8 and len(out.report[0]["steps"]) == 4  # two passes per step
+    # the blank image has the prompt's shapes and PAI's edits, as the main pass: it rides in the main
+    # pass's forward; the text-only prompt (other shapes) runs one pass of its own per step
+    assert out.report[0]["stacked_with_main"] == ["blank"]
+    assert out.report[0]["branch_passes"] == 4 and len(out.report[0]["steps"]) == 4

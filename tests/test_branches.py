@@ -11,7 +11,7 @@ from vsink.data.demo_lvlm import build_tiny_llava
 from vsink.errors import VsinkError
 from vsink.lvlm import LVLM, generate
 from vsink.mitigate.branch import Branch, image_branch, readout_branch, text_branch, text_only
-from vsink.mitigate import PAI, PAISettings, Mitigation
+from vsink.mitigate import PAI, PAISettings, VAR, VARSettings, VCD, VCDSettings, Mitigation
 
 from lvlm_models import FIRST_FAMILIES, PROMPTS, random_image, tiny_lvlm
 
@@ -59,15 +59,18 @@ class Follow(Mitigation):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_an_identity_image_branch_decodes_as_the_main_pass(lvlm, use_cache):
+@pytest.mark.parametrize("stack_main", [True, False])
+def test_an_identity_image_branch_decodes_as_the_main_pass(lvlm, use_cache, stack_main):
     # the image "transformed" by the identity is the prompt itself: the branch's own cache and
     # position ids (LLaVA: from the padding mask; Qwen2-VL: the model's get_rope_index) must give
-    # the main pass's logits at every step, left padding included
+    # the main pass's logits at every step, left padding included; stacked with the main pass
+    # (the main rows of one forward), the tokens must be transformers' own greedy ones
     inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     follow = Follow([image_branch("same", lambda x: x.clone())], follow="same")
-    out = generate(lvlm, inputs, mitigation=[follow], max_new_tokens=4, use_cache=use_cache)
+    out = generate(lvlm, inputs, mitigation=[follow], max_new_tokens=4, use_cache=use_cache, stack_main=stack_main)
     plain = generate(lvlm, inputs, max_new_tokens=4)
     assert torch.equal(out.new_tokens, plain.new_tokens)
+    assert out.report[0]["stacked_with_main"] == (["same"] if stack_main else [])
     for seen, main in zip(follow.seen, follow.main):
         finite = torch.isfinite(main)
         assert torch.allclose(seen["same"][finite], main[finite], atol=1e-4)
@@ -92,10 +95,12 @@ def test_a_text_branch_decodes_as_hf_generate_on_the_text_prompt(lvlm):
 def test_branches_of_one_shape_run_stacked_in_one_pass(lvlm):
     inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
     two = Follow([image_branch("a", lambda x: x.clone()), image_branch("b", lambda x: x * 0.5)])
-    out = generate(lvlm, inputs, mitigation=[two], max_new_tokens=3)
+    out = generate(lvlm, inputs, mitigation=[two], max_new_tokens=3, stack_main=False)
     assert out.report[0]["branch_passes"] == 3  # one stacked pass per step, not two
+    with_main = generate(lvlm, inputs, mitigation=[Follow(two.branches(None))], max_new_tokens=3)
+    assert with_main.report[0]["branch_passes"] == 0 and with_main.report[0]["stacked_with_main"] == ["a", "b"]
     one = Follow([image_branch("b", lambda x: x * 0.5)])
-    generate(lvlm, inputs, mitigation=[one], max_new_tokens=3)
+    generate(lvlm, inputs, mitigation=[one], max_new_tokens=3, stack_main=False)
     for stacked, alone in zip(two.seen, one.seen):
         assert torch.allclose(stacked["b"], alone["b"], atol=1e-4)
     assert not torch.allclose(two.seen[0]["a"], two.seen[0]["b"], atol=1e-3)  # the halved image is another image
@@ -148,3 +153,79 @@ def test_steps_are_reported_and_two_decoding_rules_are_refused():
         Branch("x", "noise")
     with pytest.raises(VsinkError, match="edits .* of no composed mitigation"):
         generate(lvlm, inputs, mitigation=[Follow([image_branch("x", lambda x: x, edits=("var",))])])
+
+
+class Recorded(VCD):
+    """VCD that keeps the main and noised logits of every step."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def combine(self, step, logits, branches):
+        self.seen.append((logits.clone(), branches["noised"].clone()))
+        return super().combine(step, logits, branches)
+
+
+def _same_logits(a: Recorded, b: Recorded) -> None:
+    assert len(a.seen) == len(b.seen)
+    for (main_a, noised_a), (main_b, noised_b) in zip(a.seen, b.seen):
+        finite = torch.isfinite(main_b)  # the model's own processors suppress some tokens
+        assert torch.equal(finite, torch.isfinite(main_a))
+        assert torch.allclose(main_a[finite], main_b[finite], atol=1e-4)
+        assert torch.allclose(noised_a, noised_b, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def small(request):
+    return tiny_lvlm(request.param)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_vcd_stacked_with_the_main_pass_equals_separate_passes(small, use_cache):
+    # the noised image has the prompt's shapes and VCD composes nothing: one forward of both per
+    # step, whose rows are the main and noised logits the two separate forwards give (LLaVA's
+    # positions from the padding mask, Qwen2-VL's M-RoPE from get_rope_index), left padding included
+    inputs = small.prepare([random_image(), random_image(1)], PROMPTS)
+    s = VCDSettings(alpha=3.0, beta=0.0, noise_step=900)
+    stacked, separate = Recorded(s), Recorded(s)
+    one = generate(small, inputs, mitigation=[stacked], max_new_tokens=4, use_cache=use_cache)
+    two = generate(small, inputs, mitigation=[separate], max_new_tokens=4, use_cache=use_cache, stack_main=False)
+    assert torch.equal(one.new_tokens, two.new_tokens)
+    _same_logits(stacked, separate)
+    assert one.report[0]["stacked_with_main"] == ["noised"] and one.report[0]["branch_passes"] == 0
+    assert two.report[0]["stacked_with_main"] == [] and two.report[0]["branch_passes"] == 4
+    assert one.report[0]["steps"] == two.report[0]["steps"]
+    none = generate(small, inputs, max_new_tokens=4, use_cache=use_cache)
+    assert not torch.equal(one.new_tokens, none.new_tokens)  # the contrast does decide here
+
+
+def test_vcd_with_var_stacks_only_where_var_runs_in_the_noised_branch(small):
+    # branch_edits=all (the default): VAR in both, as in the main pass, so they stack, and VAR's
+    # per-layer counts are those of the two separate passes; branch_edits=none: the noised branch
+    # runs without VAR, unlike the main pass, so it keeps a forward of its own
+    inputs = small.prepare([random_image(), random_image(1)], PROMPTS)
+    var = lambda: VAR(VARSettings(sink_dims=[3, 7], tau=1.0, rho=1.0, min_image=0.0))  # noqa: E731 loose: VAR edits
+    for edits, stacks in (("all", True), ("none", False)):
+        s = VCDSettings(alpha=3.0, beta=0.0, noise_step=900, branch_edits=edits)
+        stacked, separate = Recorded(s), Recorded(s)
+        one = generate(small, inputs, mitigation=[var(), stacked], max_new_tokens=3)
+        two = generate(small, inputs, mitigation=[var(), separate], max_new_tokens=3, stack_main=False)
+        assert torch.equal(one.new_tokens, two.new_tokens), edits
+        _same_logits(stacked, separate)
+        assert one.report[0]["edited"] and len(one.report[0]["layers"]) == len(two.report[0]["layers"])
+        for a, b in zip(one.report[0]["layers"], two.report[0]["layers"]):  # the same rows, the same mass
+            assert a["rows_edited"] == b["rows_edited"] and a["mass_moved"] == pytest.approx(b["mass_moved"], rel=1e-5)
+        assert one.report[1]["stacked_with_main"] == (["noised"] if stacks else []), edits
+        assert one.report[1]["branch_passes"] == (0 if stacks else 3), edits
+        assert one.report[1]["branches"][0]["edits"] == (["var"] if stacks else []), edits
+
+
+def test_attention_capture_keeps_the_main_pass_alone(small):
+    # the capture observes the main pass: a stacked forward would show it the noised rows too
+    inputs = small.prepare([random_image(), random_image(1)], PROMPTS)
+    s = VCDSettings(alpha=3.0, beta=0.0, noise_step=900)
+    out = generate(small, inputs, mitigation=[VCD(s)], max_new_tokens=2, capture_attention=True)
+    assert out.report[0]["stacked_with_main"] == [] and out.report[0]["branch_passes"] == 2
+    assert out.attention.shape[:2] == (2, 2)
+    assert torch.equal(out.new_tokens, generate(small, inputs, mitigation=[VCD(s)], max_new_tokens=2).new_tokens)

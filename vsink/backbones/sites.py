@@ -30,6 +30,7 @@ attention (:mod:`vsink.attention`) for as long as a function is installed there.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -138,6 +139,7 @@ class SiteModel(ABC):
         self._attn_fns: dict[int, dict[str, list[Any]]] = {}
         self._attn_undo: dict[int, Callable[[], None]] = {}
         self._rows: dict[int, RowsFn] = {}  # id(site function) -> the rows it needs
+        self._owners: Counter = Counter()  # owner (None: untagged) -> site functions installed now
 
     # --- what each model provides -------------------------------------------------------
     @property
@@ -224,6 +226,21 @@ class SiteModel(ABC):
         owner = _OWNER.get()
         if owner is not None:
             fn = _gated(fn, owner)
+        handle = self._install_site(site, layer, fn, rows)
+        self._owners[owner] += 1
+
+        def remove() -> None:
+            handle.remove()
+            self._owners[owner] -= 1
+
+        return SiteHandle(remove)
+
+    def owners(self) -> frozenset[Optional[str]]:
+        """The owners (:func:`owned_by`; ``None``: installed outside it) of the site functions
+        installed now."""
+        return frozenset(owner for owner, n in self._owners.items() if n > 0)
+
+    def _install_site(self, site: str, layer: int, fn: SiteFn, rows: Optional[RowsFn]) -> SiteHandle:
         if site == "block_input":
             return SiteHandle(self.blocks[layer].register_forward_pre_hook(self._input_hook(fn), with_kwargs=True).remove)
         if site == "block_output":

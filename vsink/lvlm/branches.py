@@ -3,7 +3,9 @@
 Every branch that runs a pass keeps its own KV cache and the model's own position ids (computed
 for the branch's inputs by :meth:`~vsink.backbones.hf_lvlm.LVLM.prompt_positions`, M-RoPE
 included). Branches whose inputs have the same shapes and the same edits run stacked along the
-batch in one forward. Which of the composed mitigations' edits apply in a branch is explicit
+batch in one forward; one whose inputs have the main prompt's shapes and whose edits are the main
+pass's (every composed mitigation's) runs stacked with the main pass itself, in place of the
+forward ``generate`` would run (:func:`stacked_main`). Which of the composed mitigations' edits apply in a branch is explicit
 (``Branch.edits``; by default every composed mitigation that can run in a branch for ``image`` and
 ``tokens`` branches, none for ``text``) and recorded in the owner's report; a vision-tower edit
 (``ttr``) is part of how every image is encoded and applies wherever an image is. A ``tokens``
@@ -14,9 +16,11 @@ its own image, in each pass over the prompt (the first step; every step without 
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import functools
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
 DEEPSTACK = "deepstack_embeds"
 #: the owner name of vsink's own observers (attention capture, readouts): never run in a branch
 OBSERVERS = "vsink-observers"
+#: set while a branch group's own forward runs: the model's forward, never the stacked one
+_BRANCH_PASS: ContextVar[bool] = ContextVar("vsink_branch_pass", default=False)
 
 
 @dataclass
@@ -49,12 +55,20 @@ class _Group:
     context: Optional[DecodeContext] = None
     cache: Any = None
     generated_positions: Optional[torch.Tensor] = None  # without the cache: the generated tokens' positions
+    main: bool = False  # the main pass's rows come first (the pass generate's forward is replaced by)
+
+    @property
+    def parts(self) -> int:
+        """Prompts stacked along the batch (the main prompt included)."""
+        return len(self.names) + self.main
 
 
-def _stack_key(inputs: dict[str, Any], edits: tuple[str, ...]) -> tuple:
+def _stack_key(inputs: dict[str, Any], edits: Sequence[str]) -> tuple:
+    """What decides whether two passes run stacked: their inputs' keys, shapes beyond the batch
+    and dtypes, and the set of edits that apply in them."""
     shapes = tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in inputs.items()
                           if isinstance(v, torch.Tensor)))
-    return shapes, edits
+    return shapes, tuple(sorted(edits))
 
 
 def _cat(values: list[Any]) -> Any:
@@ -81,7 +95,10 @@ class BranchRunner:
         self.others = [m.name for m in composed if m is not owner]
         self.edits = {b.name: self._edits(b, composed) for b in self.branches}
         self.step = 0
-        self.groups: list[_Group] = []
+        self.groups: Optional[list[_Group]] = None  # built at the first step (the edits are installed then)
+        #: the group the main pass runs in (:func:`stacked_main`), and its branches' logits of this step
+        self.main_group: Optional[_Group] = None
+        self.stashed: dict[str, torch.Tensor] = {}
         self.readouts: dict[int, torch.Tensor] = {}
         self.in_branch = False
         self.passes = 0
@@ -121,6 +138,10 @@ class BranchRunner:
 
         return fn
 
+    def stacked_with_main(self) -> list[str]:
+        """The branches that ran in the main pass's forward."""
+        return list(self.main_group.names) if self.main_group is not None else []
+
     def record(self) -> list[dict[str, Any]]:
         """Per branch: name, kind, the edits that applied in it, and (readouts) the layer."""
         out = []
@@ -134,14 +155,12 @@ class BranchRunner:
     # --- the processor ------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits: dict[str, torch.Tensor] = {}
-        if self.step == 0:
-            self._build_groups()
+        logits: dict[str, torch.Tensor] = dict(self.stashed)
+        self.stashed = {}
+        self.build(with_main=False)
         for group in self.groups:
-            out = self._forward(group, input_ids)
-            per = out.shape[0] // len(group.names)
-            for i, name in enumerate(group.names):
-                logits[name] = out[i * per:(i + 1) * per].float()
+            if not group.main:
+                logits.update(self._split(group, self._forward(group, input_ids))[1])
         for b in self.branches:
             if b.kind == "readout":
                 logits[b.name] = self.run.lvlm.read_out(self.readouts[b.layer], norm=b.norm).float()
@@ -149,27 +168,60 @@ class BranchRunner:
         self.step += 1
         return result
 
-    def _build_groups(self) -> None:
-        lvlm = self.run.lvlm
-        pending: dict[tuple, list[tuple[str, dict[str, Any]]]] = {}
+    def _split(self, group: _Group, out: torch.Tensor) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+        """A group's last-row logits as the main pass's (``None`` outside the main group) and each branch's."""
+        per = out.shape[0] // group.parts
+        rows = [out[i * per:(i + 1) * per] for i in range(group.parts)]
+        main = rows.pop(0) if group.main else None
+        return main, {name: r.float() for name, r in zip(group.names, rows)}
+
+    def build(self, with_main: bool) -> bool:
+        """Group the branches (once; see :func:`_stack_key`), the main prompt among them when
+        ``with_main``: it runs with every composed mitigation's edits, so it groups with the branches
+        whose edits are all of them (with none composed, only where no site function is installed
+        on the decoder: a branch without edits runs the model itself). True when the main pass has
+        a group of its own branches."""
+        if self.groups is not None:
+            return self.main_group is not None
+        run, lvlm = self.run, self.run.lvlm
+        pending: dict[tuple, list[tuple[Optional[str], dict[str, Any]]]] = {}
+        if with_main and (self.others or not run.decoder.owners()):
+            pending[_stack_key(run.inputs, self.others)] = [(None, dict(run.inputs))]
         with muted([OBSERVERS]):
             for b in self.branches:
                 if b.kind == "readout":
                     continue
-                inputs = b.prompt(self.run)
+                inputs = b.prompt(run)
                 pending.setdefault(_stack_key(inputs, self.edits[b.name]), []).append((b.name, inputs))
+        self.groups = []
         for (_, edits), members in pending.items():
+            main = members[0][0] is None
+            if main and len(members) == 1:
+                continue  # no branch shares the main pass's shapes and edits: generate's own forward runs it
             stacked = {k: _cat([m[1][k] for m in members]) for k in members[0][1]}
             ids, mask = stacked["input_ids"], stacked["attention_mask"]
             positions, offset = lvlm.prompt_positions(stacked)
-            context = DecodeContext(lvlm, ids, mask, lvlm.attention_groups(stacked)) if edits else None
-            self.groups.append(_Group([m[0] for m in members], edits, stacked, ids, mask, positions, offset, context))
+            context = DecodeContext(lvlm, ids, mask, lvlm.attention_groups(stacked)) if edits or main else None
+            group = _Group([m[0] for m in members if m[0] is not None], edits, stacked, ids, mask, positions,
+                           offset, context, main=main)
+            self.groups.append(group)
+            if main:
+                self.main_group = group
+        return self.main_group is not None
+
+    def main_forward(self, input_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """The main pass's last-row logits [B, V] of this step, from one forward of the main
+        group (its branches' logits are kept for this step's :meth:`__call__`)."""
+        if self.step and input_ids is None:
+            raise VsinkError(f"{self.owner.name}: the main pass stacked with branches needs the new token ids")
+        main, self.stashed = self._split(self.main_group, self._forward(self.main_group, input_ids))
+        return main
 
     def _forward(self, group: _Group, input_ids: torch.Tensor) -> torch.Tensor:
         """The last-row logits of one group's pass at this step."""
         from transformers import DynamicCache
 
-        lvlm, n = self.run.lvlm, len(group.names)
+        lvlm, n = self.run.lvlm, group.parts
         prefill = group.inputs["input_ids"]  # the ids of a pass that holds the prompt (DeepStack's positions)
         if self.step == 0:
             kwargs = {k: v for k, v in group.inputs.items()
@@ -188,12 +240,19 @@ class BranchRunner:
                 kwargs, prefill = self._full_inputs(group, step_pos), group.ids
         if group.cache is not None:
             kwargs[lvlm.cache_argument] = group.cache
-        with ExitStack() as stack:
-            stack.enter_context(self._edits_of(group))
-            if prefill is not None and DEEPSTACK in group.inputs:
-                stack.enter_context(lvlm.inject_deepstack(prefill == lvlm.image_token_id, group.inputs[DEEPSTACK]))
-            out = lvlm.model(**kwargs, use_cache=self.run.use_cache)
-        self.passes += 1
+        if "logits_to_keep" in lvlm._forward_parameters():  # the last row's logits only, as generate asks
+            kwargs["logits_to_keep"] = 1
+        token = _BRANCH_PASS.set(True)
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(self._edits_of(group))
+                if prefill is not None and DEEPSTACK in group.inputs:
+                    stack.enter_context(lvlm.inject_deepstack(prefill == lvlm.image_token_id, group.inputs[DEEPSTACK]))
+                out = lvlm.model(**kwargs, use_cache=self.run.use_cache)
+        finally:
+            _BRANCH_PASS.reset(token)
+        if not group.main:
+            self.passes += 1
         return out.logits[:, -1]
 
     def _full_inputs(self, group: _Group, step_pos: torch.Tensor) -> dict[str, Any]:
@@ -229,7 +288,7 @@ class BranchRunner:
         stack = ExitStack()
         decoder, run = self.run.decoder, self.run
         stack.enter_context(muted([OBSERVERS]))
-        if not group.edits:
+        if not group.edits and not group.main:
             stack.enter_context(decoder.suspend())
             return stack
         stack.enter_context(muted([m for m in self.others if m not in group.edits]))
@@ -241,3 +300,41 @@ class BranchRunner:
         run.context = decoder.context = group.context
         stack.callback(swap_back)
         return stack
+
+
+@contextmanager
+def stacked_main(run: "Run", runners: Sequence[BranchRunner]) -> Iterator[None]:
+    """While ``generate`` runs: its forward of the main pass is replaced by one forward of the main
+    prompt stacked with the branches that share its shapes and edits (the first runner whose
+    branches do; :meth:`BranchRunner.build`), or left as it is. Decided at the first forward, when
+    every edit is installed: never while an observer (attention capture, a readout) is installed
+    on the decoder, since it would see the branches' rows too. The main pass's logits are then those
+    rows of the stacked forward, with the branch's own cache and position ids
+    (:meth:`~vsink.backbones.hf_lvlm.LVLM.prompt_positions`), which equal the model's own."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model = run.lvlm.model
+    had = "forward" in vars(model)  # an instance's own forward (accelerate's dispatch) is put back
+    previous = vars(model).get("forward")
+    original = model.forward
+    chosen: list[Optional[BranchRunner]] = []
+
+    @functools.wraps(original)  # generate and LVLM read the forward's signature
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not chosen:
+            chosen.append(None)  # a forward while deciding (a branch's prompt encoding) is the model's
+            if OBSERVERS not in run.decoder.owners():
+                chosen[0] = next((r for r in runners if r.build(with_main=True)), None)
+        runner = chosen[0]
+        if runner is None or _BRANCH_PASS.get():
+            return original(*args, **kwargs)
+        return CausalLMOutputWithPast(logits=runner.main_forward(kwargs.get("input_ids"))[:, None])
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = previous
+        else:
+            del model.forward

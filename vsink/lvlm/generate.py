@@ -22,7 +22,7 @@ from ..backbones.hf_lvlm import LVLM, lvlm_arg
 from ..errors import VsinkError, VsinkWarning
 from ..options import Int, Option
 from ..mitigate import REGISTRY, Mitigation, Run, check_composition, check_protocol, make_mitigations, mitigation_names
-from .branches import OBSERVERS, BranchRunner
+from .branches import OBSERVERS, BranchRunner, stacked_main
 from .capture import AttentionCapture
 from .context import DecodeContext
 
@@ -79,7 +79,7 @@ class GenerationResult:
 def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Sequence[Mitigation]] = "none",
              settings: Optional[dict[str, Any]] = None, protocol: str = "paper", max_new_tokens: int = 32,
              use_cache: bool = True, capture_attention: bool = False, progress: bool = False,
-             sampling: Optional[dict[str, float]] = None) -> GenerationResult:
+             sampling: Optional[dict[str, float]] = None, stack_main: bool = True) -> GenerationResult:
     """Greedy decoding of a batch (``inputs`` from :meth:`LVLM.prepare`, left-padded) with
     mitigations; with ``sampling`` (``{"temperature", "top_p"}``), sampling from torch's global
     generator instead (the caller seeds it).
@@ -97,6 +97,11 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
             generate batch after batch show their own).
         max_new_tokens: an integer >= 1; with the prompt, within the model's context
             (:meth:`LVLM.check_context`: refused in one line naming the limit).
+        stack_main: run a mitigation's branches that share the main prompt's shapes and edits
+            (VCD's noised image) in one forward with the main pass, batch stacked
+            (:func:`~vsink.lvlm.branches.stacked_main`); ``False``: in a forward of their own, as
+            the released implementations do (the same tokens; the report's ``branch_passes``
+            counts the extra forwards, ``stacked_with_main`` names the branches that rode along).
 
     Every mitigation reports what it did per layer (``result.report``); one that edited nothing
     raises a :class:`MitigationWarning` (and is listed in ``result.warnings``).
@@ -150,6 +155,8 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
                 stack.enter_context(capture)
         for runner in runners.values():
             stack.enter_context(Hooks(runner.install))
+        if runners and stack_main and strategy is None:
+            stack.enter_context(stacked_main(run, list(runners.values())))
         processors = [*runners.values(), *(p for m in mitigations for p in m.logits_processors(run))]
         bar = stack.enter_context(tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not progress))
         if progress:
@@ -179,6 +186,7 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
         if m.name in runners:
             report["branches"] = runners[m.name].record()
             report["branch_passes"] = runners[m.name].passes
+            report["stacked_with_main"] = runners[m.name].stacked_with_main()
         reports.append(report)
     return GenerationResult(out, new, texts, label, recorded, attention, context.spans, context.kept, protocol,
                             reports, notes)
