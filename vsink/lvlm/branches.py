@@ -309,8 +309,10 @@ def stacked_main(run: "Run", runners: Sequence[BranchRunner]) -> Iterator[None]:
     branches do; :meth:`BranchRunner.build`), or left as it is. Decided at the first forward, when
     every edit is installed: never while an observer (attention capture, a readout) is installed
     on the decoder, since it would see the branches' rows too. The main pass's logits are then those
-    rows of the stacked forward, with the branch's own cache and position ids
-    (:meth:`~vsink.backbones.hf_lvlm.LVLM.prompt_positions`), which equal the model's own."""
+    rows of the stacked forward, with the group's cache and position ids
+    (:meth:`~vsink.backbones.hf_lvlm.LVLM.prompt_positions`, which equal the model's own); the
+    group's cache is what the forward returns to ``generate`` as the main pass's (``generate``
+    and the models' ``prepare_inputs_for_generation`` read its length only)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     model = run.lvlm.model
@@ -328,7 +330,10 @@ def stacked_main(run: "Run", runners: Sequence[BranchRunner]) -> Iterator[None]:
         runner = chosen[0]
         if runner is None or _BRANCH_PASS.get():
             return original(*args, **kwargs)
-        return CausalLMOutputWithPast(logits=runner.main_forward(kwargs.get("input_ids"))[:, None])
+        out = {"logits": runner.main_forward(kwargs.get("input_ids"))[:, None]}
+        if runner.main_group.cache is not None:  # generate reads the cache's length (Qwen2-VL's prefill test)
+            out[run.lvlm.cache_argument] = runner.main_group.cache
+        return CausalLMOutputWithPast(**out)
 
     model.forward = forward
     try:
