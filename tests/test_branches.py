@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from vsink.backbones.hf_decoder import decoder_of
 from vsink.data.demo_lvlm import build_tiny_llava
 from vsink.errors import VsinkError
 from vsink.lvlm import LVLM, generate
@@ -229,3 +230,25 @@ def test_attention_capture_keeps_the_main_pass_alone(small):
     assert out.report[0]["stacked_with_main"] == [] and out.report[0]["branch_passes"] == 2
     assert out.attention.shape[:2] == (2, 2)
     assert torch.equal(out.new_tokens, generate(small, inputs, mitigation=[VCD(s)], max_new_tokens=2).new_tokens)
+
+
+def test_an_owner_with_its_own_decoder_edit_keeps_a_branch_without_edits_apart():
+    # nothing else composed, but the owner edits the decoder itself (block 0's output + 0.5): the
+    # main pass runs that edit and a branch without edits the plain model, so the branch cannot
+    # ride in the main pass's forward; its logits are the plain model's
+    model, processor = build_tiny_llava()
+    lvlm = LVLM(model, processor, "tiny-llava")
+    inputs = lvlm.prepare([random_image(), random_image(1)], PROMPTS)
+
+    class Shifted(Follow):
+        def _install(self, run, handles):
+            handles.append(run.decoder.hook("block_output", 0, lambda h: h + 0.5))
+
+    shifted = Shifted([image_branch("same", lambda x: x.clone())])
+    out = generate(lvlm, inputs, mitigation=[shifted], max_new_tokens=1)
+    assert out.report[0]["stacked_with_main"] == [] and out.report[0]["branch_passes"] == 1
+    assert not decoder_of(lvlm).owners()  # every function removed after the call
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+    assert torch.allclose(shifted.seen[0]["same"], plain, atol=1e-4)
+    assert not torch.allclose(shifted.main[0], plain, atol=1e-3)  # the owner's edit is in the main pass

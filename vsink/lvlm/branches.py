@@ -5,13 +5,14 @@ for the branch's inputs by :meth:`~vsink.backbones.hf_lvlm.LVLM.prompt_positions
 included). Branches whose inputs have the same shapes and the same edits run stacked along the
 batch in one forward; one whose inputs have the main prompt's shapes and whose edits are the main
 pass's (every composed mitigation's) runs stacked with the main pass itself, in place of the
-forward ``generate`` would run (:func:`stacked_main`). Which of the composed mitigations' edits apply in a branch is explicit
-(``Branch.edits``; by default every composed mitigation that can run in a branch for ``image`` and
-``tokens`` branches, none for ``text``) and recorded in the owner's report; a vision-tower edit
-(``ttr``) is part of how every image is encoded and applies wherever an image is. A ``tokens``
-branch of a DeepStack model (Qwen3-VL) may carry its image tokens' DeepStack features
-(:data:`DEEPSTACK`): the family adds them after its first decoder layers, as the model does for
-its own image, in each pass over the prompt (the first step; every step without the cache).
+forward ``generate`` would run (:func:`stacked_main`). Which of the composed mitigations' edits
+apply in a branch is explicit (``Branch.edits``; by default every composed mitigation that can
+run in a branch for ``image`` and ``tokens`` branches, none for ``text``) and recorded in the
+owner's report; a vision-tower edit (``ttr``) is part of how every image is encoded and applies
+wherever an image is. A ``tokens`` branch of a DeepStack model (Qwen3-VL) may carry its image
+tokens' DeepStack features (:data:`DEEPSTACK`): the family adds them after its first decoder
+layers, as the model does for its own image, in each pass over the prompt (the first step; every
+step without the cache).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class BranchRunner:
         self.others = [m.name for m in composed if m is not owner]
         self.edits = {b.name: self._edits(b, composed) for b in self.branches}
         self.step = 0
-        self.groups: Optional[list[_Group]] = None  # built at the first step (the edits are installed then)
+        self.groups: Optional[list[_Group]] = None  # built at the first forward (every edit installed by then)
         #: the group the main pass runs in (:func:`stacked_main`), and its branches' logits of this step
         self.main_group: Optional[_Group] = None
         self.stashed: dict[str, torch.Tensor] = {}
