@@ -201,7 +201,8 @@ def test_vcd_stacked_with_the_main_pass_equals_separate_passes(small, use_cache)
     assert not torch.equal(one.new_tokens, none.new_tokens)  # the contrast does decide here
 
 
-def test_vcd_with_var_stacks_only_where_var_runs_in_the_noised_branch(small):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_vcd_with_var_stacks_only_where_var_runs_in_the_noised_branch(small, use_cache):
     # branch_edits=all (the default): VAR in both, as in the main pass, so they stack, and VAR's
     # per-layer counts are those of the two separate passes; branch_edits=none: the noised branch
     # runs without VAR, unlike the main pass, so it keeps a forward of its own
@@ -210,8 +211,9 @@ def test_vcd_with_var_stacks_only_where_var_runs_in_the_noised_branch(small):
     for edits, stacks in (("all", True), ("none", False)):
         s = VCDSettings(alpha=3.0, beta=0.0, noise_step=900, branch_edits=edits)
         stacked, separate = Recorded(s), Recorded(s)
-        one = generate(small, inputs, mitigation=[var(), stacked], max_new_tokens=3)
-        two = generate(small, inputs, mitigation=[var(), separate], max_new_tokens=3, stack_main=False)
+        one = generate(small, inputs, mitigation=[var(), stacked], max_new_tokens=3, use_cache=use_cache)
+        two = generate(small, inputs, mitigation=[var(), separate], max_new_tokens=3, use_cache=use_cache,
+                       stack_main=False)
         assert torch.equal(one.new_tokens, two.new_tokens), edits
         _same_logits(stacked, separate)
         assert one.report[0]["edited"] and len(one.report[0]["layers"]) == len(two.report[0]["layers"])
