@@ -127,3 +127,18 @@ def test_cli_generate_and_scan_with_a_device_map_file_equal_the_whole_model(pair
     assert main(["scan", str(tmp_path / "a.png"), "--model", "demo", "--device-map", "auto",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--device-map applies to LVLM scans" in capsys.readouterr().err
+
+
+def test_vcd_stacked_with_the_main_pass_equals_the_whole_model(pair):
+    # the noised image rides in the main pass's forward (stacked_main replaces the model's forward
+    # for the call, accelerate's own hooked forward included, and puts back what was there)
+    whole, split = pair
+    images = [_image(0), _image(1)]
+    before = [vars(lvlm.model).get("forward") for lvlm in (whole, split)]
+    assert before[0] is None and before[1] is not None  # accelerate's dispatch: an instance forward
+    settings = {"alpha": 3.0, "beta": 0.0, "noise_step": 900}
+    runs = [generate(lvlm, lvlm.prepare(images, PROMPTS), mitigation="vcd", settings=settings, max_new_tokens=5)
+            for lvlm in (whole, split)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].report[0]["stacked_with_main"] == runs[1].report[0]["stacked_with_main"] == ["noised"]
+    assert [vars(lvlm.model).get("forward") for lvlm in (whole, split)] == before
