@@ -39,10 +39,10 @@ def lvlm(request):
     return tiny_lvlm(request.param)
 
 
-def _hf_beams(lvlm, image, prompt, n, tokens):
+def _hf_beams(lvlm, image, prompt, n, tokens, use_cache=True):
     inputs = lvlm.prepare([image], [prompt])
     with torch.no_grad():
-        out = lvlm.model.generate(**inputs, max_new_tokens=tokens, num_beams=n, do_sample=False)
+        out = lvlm.model.generate(**inputs, max_new_tokens=tokens, num_beams=n, do_sample=False, use_cache=use_cache)
     return out[0, inputs["input_ids"].shape[1]:]
 
 
@@ -67,6 +67,22 @@ def test_penalty_zero_with_every_token_a_candidate_is_hf_beam_search(lvlm, lengt
     finally:
         config.eos_token_id, config.length_penalty = saved
     assert finished  # at least one row ended on EOS before the length limit
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_penalty_zero_without_the_cache_is_hf_beam_search_without_it(family):
+    # transformers' own beam search runs without the cache too (every step re-runs the whole
+    # sequences); OPERA's look-ahead of every token then runs one full forward per candidate rank.
+    # EOS: a token HF emits, so that a hypothesis finishes before the length limit (as above)
+    lvlm = tiny_lvlm(family)
+    image = random_image(1)
+    config = lvlm.model.generation_config
+    config.eos_token_id = int(_hf_beams(lvlm, image, PROMPTS[1], 3, 4)[2])
+    ref = _hf_beams(lvlm, image, PROMPTS[1], 3, 9, use_cache=False)
+    assert len(ref) < 9
+    ours = generate(lvlm, lvlm.prepare([image], [PROMPTS[1]]), mitigation="opera", settings=PLAIN, max_new_tokens=9,
+                    use_cache=False)
+    assert torch.equal(ours.new_tokens[0], ref)
 
 
 def test_default_candidates_renormalise_unlike_beam_search():
@@ -173,11 +189,8 @@ def test_retrospection_rule_by_hand():
     assert mixed.target(12, 0) is None  # one beam's column differs: no rollback
 
 
-def test_planted_attention_column_triggers_rollbacks(monkeypatch):
-    # Every captured last-layer row gets +100 on response column 11: from step 11 on every
-    # candidate's argmax column is 11, so with threshold 3 the 4th win (step 14) rolls back to
-    # position 12; the retained history (steps 0..12) holds 2 wins, so the rule fires again two steps
-    # later, 5 (= candidates) times at position 12, then 5 times at position 11, then never: 10.
+def _plant_column(monkeypatch):
+    """Every captured last-layer row gets +100 on response column 11."""
     original = LastRowAttention._observe
 
     def planted(self, probs, q_start, logits):
@@ -187,14 +200,65 @@ def test_planted_attention_column_triggers_rollbacks(monkeypatch):
             self.rows[:, column] += 100.0
 
     monkeypatch.setattr(LastRowAttention, "_observe", planted)
+
+
+def _last_row(result, lvlm):
+    return [row for row in result.report[0]["layers"] if row["layer"] == lvlm.num_layers - 1][0]
+
+
+def test_planted_attention_column_triggers_rollbacks(monkeypatch):
+    # Every captured last-layer row gets +100 on response column 11: from step 11 on every
+    # candidate's argmax column is 11, so with threshold 3 the 4th win (step 14) rolls back to
+    # position 12; the retained history (steps 0..12) holds 2 wins, so the rule fires again two steps
+    # later, 5 (= candidates) times at position 12, then 5 times at position 11, then never: 10.
+    _plant_column(monkeypatch)
     model, processor = build_tiny_llava()
     model.generation_config.eos_token_id = None  # no hypothesis ends before the length limit
     lvlm = LVLM(model, processor, "tiny-llava")
     inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
     result = generate(lvlm, inputs, mitigation="opera", settings={"threshold": 3}, max_new_tokens=20)
-    last = [row for row in result.report[0]["layers"] if row["layer"] == lvlm.num_layers - 1][0]
-    assert last["rollbacks"] == 10
+    assert _last_row(result, lvlm)["rollbacks"] == 10
     assert result.new_tokens.shape[1] == 20
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_without_the_cache_equals_the_cached_search(monkeypatch, family):
+    # Default settings (5 beams, 5 candidates) with the planted column of the test above: 10
+    # rollbacks. Without the cache every step re-runs the whole sequences (look-ahead: one forward
+    # per candidate rank; rollback: the kept sequences) on the kwargs transformers' generate keeps
+    # (M-RoPE positions on Qwen2-VL; Gemma 3's sliding-window layers take their window from the
+    # model's own mask over the full sequence): the same tokens, rollbacks and candidates scored.
+    # The random models' top candidates include their image placeholder, which a full forward runs
+    # as its token embedding as a cached step does (counted here; Gemma 3's never is among them).
+    import vsink.lvlm.beam as beam
+
+    _plant_column(monkeypatch)
+    placed = []
+    embedded_as = beam._embedded_as
+    monkeypatch.setattr(beam, "_embedded_as", lambda *args: placed.append(1) or embedded_as(*args))
+    lvlm = tiny_lvlm(family)
+    lvlm.model.generation_config.eos_token_id = None
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
+    runs = {use_cache: generate(lvlm, inputs, mitigation="opera", settings={"threshold": 3}, max_new_tokens=20,
+                                use_cache=use_cache) for use_cache in (True, False)}
+    assert torch.equal(runs[True].new_tokens, runs[False].new_tokens)
+    assert _last_row(runs[True], lvlm) == _last_row(runs[False], lvlm)
+    assert _last_row(runs[False], lvlm)["rollbacks"] == 10
+    assert bool(placed) == (family != "gemma3")
+
+
+def test_without_the_cache_a_padded_batch_equals_its_rows_alone():
+    # Qwen2-VL (M-RoPE): each prompt of a left-padded batch runs on its own beams without its
+    # padding, cached or not; default settings past the 10th token (the φ penalty acts)
+    lvlm = tiny_lvlm("qwen2_vl")
+    images = [random_image(), random_image(1)]
+    batch = generate(lvlm, lvlm.prepare(images, PROMPTS), mitigation="opera", max_new_tokens=12, use_cache=False)
+    cached = generate(lvlm, lvlm.prepare(images, PROMPTS), mitigation="opera", max_new_tokens=12)
+    assert torch.equal(batch.new_tokens, cached.new_tokens)
+    for b in range(2):
+        alone = generate(lvlm, lvlm.prepare([images[b]], [PROMPTS[b]]), mitigation="opera", max_new_tokens=12,
+                         use_cache=False)
+        assert torch.equal(alone.new_tokens[0], batch.new_tokens[b, :alone.new_tokens.shape[1]])
 
 
 def test_opera_composes_with_pai_and_refuses_the_rest():
@@ -228,8 +292,6 @@ def test_opera_composes_with_pai_and_refuses_the_rest():
                                   ("opera+vcd", {}, "opera and vcd each set the next-token rule")]:
         with pytest.raises(VsinkError, match=words):
             generate(lvlm, inputs, mitigation=spec, settings=settings, max_new_tokens=2)
-    with pytest.raises(VsinkError, match="use_cache=False is refused"):
-        generate(lvlm, inputs, mitigation="opera", max_new_tokens=2, use_cache=False)
     with pytest.raises(VsinkError, match="sampling \\(temperature, top_p\\) is refused"):
         generate(lvlm, inputs, mitigation="opera", max_new_tokens=2, sampling={"temperature": 0.7, "top_p": 0.9})
     with pytest.raises(VsinkError, match="drop capture_attention"):

@@ -12,6 +12,13 @@ rollback. The look-ahead runs a beam's candidates as sibling tokens of that beam
 position, a 4D mask: each sees the cache and itself), so the cache is shared rather than copied
 per candidate; a cache with sliding-window layers is repeated per candidate instead. Attention is read through vsink's ``attn_probs`` site (:class:`LastRowAttention`).
 
+Without the KV cache (``use_cache=False``) :class:`UncachedStepper` runs the same steps as full
+forwards of every row's sequence (prompt and generated tokens), with the per-row kwargs
+transformers' ``generate`` keeps (position ids, M-RoPE's included; token types; the encoded
+images) extended to that length: a look-ahead is one full forward per candidate rank (candidate
+``c`` of every beam), a rollback one full forward of the kept sequences, as transformers' own beam
+search without the cache recomputes each step.
+
 Verified against ``generate(num_beams=N)`` of the installed transformers (5.x); the 4.x
 generation loop (``cache_position`` in the kwargs) is not supported.
 """
@@ -19,8 +26,9 @@ generation loop (``cache_position`` in the kwargs) is not supported.
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -52,13 +60,19 @@ class BeamContext(DecodeContext):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.upcoming: Optional[int] = None
+        self.upcoming_fresh = 0
         self.siblings = 0
+
+    def announce(self, length: int, new: int) -> None:
+        """The next forward ends the sequence at ``length`` positions, of which its last ``new``
+        are computed for the first time (a forward without the cache recomputes the others)."""
+        self.upcoming, self.upcoming_fresh = length, length - new
 
     def begin_pass(self, queries: int) -> None:
         if self.upcoming is None:
             super().begin_pass(queries)
         else:
-            self.seen, self.upcoming = self.upcoming, None
+            self.seen, self.upcoming, self.fresh = self.upcoming, None, self.upcoming_fresh
 
     def lookup(self, table: torch.Tensor, pos: torch.Tensor, beyond: bool) -> torch.Tensor:
         if table.shape[0] == 1 and pos.shape[0] > 1:
@@ -278,7 +292,7 @@ class Stepper:
 
     def __init__(self, model: Any, kwargs: dict[str, Any], context: Optional["BeamContext"] = None):
         if not kwargs.get("use_cache", True):
-            raise VsinkError("this decoding strategy runs on the KV cache; use_cache=False is not supported")
+            raise VsinkError("Stepper runs on the KV cache; use_cache=False runs on UncachedStepper (stepper_for)")
         self.model = model
         self.kwargs = kwargs
         self.context = context
@@ -306,7 +320,7 @@ class Stepper:
     def _announce(self, kwargs: dict[str, Any], positions: int) -> None:
         """Tell the context the sequence length once the next forward has added ``positions``."""
         if self.context is not None:
-            self.context.upcoming = self._length(kwargs) + positions
+            self.context.announce(self._length(kwargs) + positions, positions)
 
     def _run(self, ids: torch.Tensor, new: int, kwargs: dict[str, Any],
              first: bool = False) -> tuple[torch.Tensor, dict]:
@@ -456,6 +470,149 @@ class Stepper:
             self.kwargs = self.model._update_model_kwargs_for_generation({}, self.kwargs, num_new_tokens=t - 1)
         logits, self.kwargs = self._run(ids, t, self.kwargs)
         return logits
+
+
+class UncachedStepper:
+    """The forwards of :class:`Stepper` without the KV cache (see the module docstring): every
+    forward runs each row's whole sequence. The rows are the beams of one prompt without padding,
+    all of one length, so their kwargs (mask, position ids, token types, encoded images) are the
+    prompt's extended to that length, and keeping, dropping or reordering rows changes no state.
+    ``attention``: the :class:`LastRowAttention` whose rows a look-ahead gathers from its forwards."""
+
+    def __init__(self, model: Any, kwargs: dict[str, Any], context: Optional[BeamContext] = None,
+                 attention: Optional[LastRowAttention] = None):
+        self.model, self.context, self.attention = model, context, attention
+        self.prompt_kwargs = dict(kwargs)  # every row's kwargs at the prompt's length
+        self.by_length: dict[int, dict[str, Any]] = {}  # ... and at each length reached since
+        self.prompt = 0
+        self.prompt_logits: Optional[torch.Tensor] = None
+        self.ahead: Optional[int] = None  # the candidates per row of the look-ahead not yet kept
+
+    def _at(self, length: int) -> dict[str, Any]:
+        """The rows' kwargs for sequences of ``length`` tokens: the prompt's, extended one token at
+        a time as transformers' generation loop extends them (positions one past the last; token
+        types: the last one's, a text token's)."""
+        if not self.by_length:
+            self.by_length[self.prompt] = self.prompt_kwargs
+        known = max(n for n in self.by_length if n <= length)
+        for n in range(known + 1, length + 1):
+            self.by_length[n] = self.model._update_model_kwargs_for_generation({}, dict(self.by_length[n - 1]))
+        return dict(self.by_length[length])
+
+    def _run(self, ids: torch.Tensor, new: int, kwargs: dict[str, Any], first: bool = False) -> torch.Tensor:
+        """One forward of the whole sequences ``ids`` whose last ``new`` tokens are new: the
+        logits of the next token [rows, V]. A generated token that is an image or video
+        placeholder (a candidate of a random model) runs as that token's embedding, as a cached
+        step runs it: the model would take it for an image slot of the re-encoded sequence."""
+        extra = {"is_first_iteration": True} if first else {}
+        placed = torch.zeros_like(ids, dtype=torch.bool)
+        placed[:, self.prompt:] = torch.isin(ids[:, self.prompt:], placeholder_ids(self.model, ids.device))
+        shown = ids.masked_fill(placed, 0) + placed * ids[:, self.prompt - 1:self.prompt] if bool(placed.any()) else ids
+        inputs = self.model.prepare_inputs_for_generation(shown, **dict(kwargs), **extra)
+        if self.context is not None:
+            self.context.announce(ids.shape[1], new)
+        with ExitStack() as stack:
+            if bool(placed.any()):
+                stack.enter_context(_embedded_as(self.model.get_input_embeddings(), ids, placed))
+            out = self.model(**inputs, return_dict=True)
+        return out.logits[:, -1, :].float()
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt pass: logits of the first generated token [rows, V] (rows that repeat one
+        prompt, its beams, run once)."""
+        rows, self.prompt = input_ids.shape
+        if rows > 1 and bool((input_ids == input_ids[:1]).all()):
+            logits = self._run(input_ids[:1], self.prompt, first_row(self.prompt_kwargs, rows), first=True)
+            logits = logits.expand(rows, -1)
+        else:
+            logits = self._run(input_ids, self.prompt, self.prompt_kwargs, first=True)
+        self.prompt_logits = logits
+        return logits
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One forward of the whole sequences ``ids`` [rows, n]: logits of their next token."""
+        return self._run(ids, 1, self._at(ids.shape[1]))
+
+    def shares_cache(self) -> bool:
+        """No cache to share: each candidate runs on its own row."""
+        return False
+
+    def lookahead(self, ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Every candidate token [rows, C] after its row: logits [rows·C, V] (row ``r·C + c``:
+        candidate c of row r), from one forward per candidate rank on the rows' kwargs; the
+        attention rows of those forwards are gathered into ``attention.rows`` in the same order."""
+        rows, C = candidates.shape
+        kwargs = self._at(ids.shape[1] + 1)
+        logits, seen = [], []
+        for c in range(C):
+            logits.append(self._run(torch.cat([ids, candidates[:, c:c + 1]], dim=1), 1, kwargs))
+            if self.attention is not None:
+                seen.append(self.attention.rows)
+        if self.attention is not None:
+            self.attention.rows = torch.stack(seen, dim=1).reshape(rows * C, -1)
+        self.ahead = C
+        return torch.stack(logits, dim=1).reshape(rows * C, -1)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep look-ahead rows as the beams' state (nothing to keep without a cache)."""
+        self._taken()
+
+    def keep_prefix(self, rows: torch.Tensor) -> None:
+        """Keep look-ahead rows without their candidate (nothing to keep without a cache)."""
+        self._taken()
+
+    def _taken(self) -> None:
+        if self.ahead is None:
+            raise VsinkError("keep before a look-ahead")
+        self.ahead = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder the beams' rows (their kwargs are alike: nothing to reorder)."""
+
+    def rebuild(self, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+        """The logits of the next token of ``ids`` [rows, prompt + t] after a rollback: one forward
+        of the whole sequences (the prompt pass's logits when t is 0)."""
+        if self.prompt_logits is None:
+            raise VsinkError("rebuild before the prompt pass")
+        t = ids.shape[1] - prompt
+        if t == 0:
+            return self.prompt_logits
+        return self._run(ids, t, self._at(ids.shape[1]))
+
+
+def placeholder_ids(model: Any, device: torch.device) -> torch.Tensor:
+    """The ids a model's forward replaces by encoded images or videos (its config's image and video
+    token ids)."""
+    config = model.config
+    ids = {getattr(config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id",
+                                                    "video_token_index")}
+    return torch.tensor(sorted(i for i in ids if isinstance(i, int)), dtype=torch.long, device=device)
+
+
+@contextmanager
+def _embedded_as(embedding: torch.nn.Module, ids: torch.Tensor, placed: torch.Tensor) -> Iterator[None]:
+    """While active, the embedding of sequences shaped as ``ids`` gives, where ``placed``, the
+    embedding of ``ids`` there (the forward was shown a stand-in text token at those places)."""
+
+    def restore(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].shape != ids.shape:
+            return None
+        return torch.where(placed[..., None], module.forward(ids.to(args[0].device)), out)
+
+    handle = embedding.register_forward_hook(restore)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def stepper_for(model: Any, kwargs: dict[str, Any], context: Optional[BeamContext] = None,
+                attention: Optional[LastRowAttention] = None) -> Union[Stepper, UncachedStepper]:
+    """The stepper of a custom decoding loop: on the KV cache (:class:`Stepper`) unless the
+    generation call runs without it (``use_cache=False``: :class:`UncachedStepper`)."""
+    if kwargs.get("use_cache", True):
+        return Stepper(model, kwargs, context)
+    return UncachedStepper(model, kwargs, context, attention)
 
 
 def _kept(states: torch.Tensor, source: torch.Tensor, pick: torch.Tensor, length: int) -> torch.Tensor:

@@ -160,13 +160,13 @@ class OperaLoop:
 
     def __call__(self, model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                  generation_config: Any, synced_gpus: bool = False, **model_kwargs: Any) -> torch.Tensor:
-        from ..lvlm.beam import Beams, Stepper
+        from ..lvlm.beam import Beams, stepper_for
 
         s = self.settings
         self.processors, self.stopping = logits_processor, stopping_criteria
         self.beams = Beams.start(input_ids, generation_config.num_beams, generation_config)
         self.prompt = input_ids.shape[1]
-        self.stepper = Stepper(model, model_kwargs, self.run.context)
+        self.stepper = stepper_for(model, model_kwargs, self.run.context, self.attention)
         self.logits = self.stepper.prefill(input_ids)
         self.vocab = self.logits.shape[-1]
         self.C = self.vocab if s.candidates is None else min(s.candidates, self.vocab)
@@ -273,7 +273,7 @@ class OPERA(Mitigation):
 
     def check_composition(self, others: list[Mitigation], run: Run, use_cache: bool, capture: bool) -> None:
         """Refuse, in one line, what OPERA cannot run with: another decoding strategy or rule
-        (guidance), mitigations not verified under its look-ahead rows, no KV cache, per-token capture."""
+        (guidance), mitigations not verified under its look-ahead rows, per-token capture."""
         for m in others:
             if getattr(m, "decode", None) is not None:
                 raise VsinkError(f"opera is a decoding strategy and cannot be combined with {m.name}, another one")
@@ -283,8 +283,6 @@ class OPERA(Mitigation):
             if m.decodes() or m.branches(run) or m.logits_processors(run):
                 raise VsinkError(f"opera cannot be combined with {m.name}'s next-token rule (guidance or branches); "
                                  f"compose it with {m.name}'s attention edit only")
-        if not use_cache:
-            raise VsinkError("opera runs on the KV cache (as the released code does); use_cache=False is refused")
         if capture:
             raise VsinkError("opera does not capture per-token attention (its steps can be rolled back); "
                              "drop capture_attention")
@@ -310,7 +308,7 @@ class OPERA(Mitigation):
                 with LastRowAttention(decoder, decoder.num_layers - 1) as attention:
                     loop.attention = attention
                     out = lvlm.model.generate(**row, max_new_tokens=max_new_tokens, num_beams=self.settings.beams,
-                                              do_sample=False, use_cache=True, logits_processor=processors or None,
+                                              do_sample=False, use_cache=run.use_cache, logits_processor=processors or None,
                                               custom_generate=functools.partial(_call, loop))
                 news.append(out[0, row["input_ids"].shape[1]:])
         finally:
