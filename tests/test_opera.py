@@ -286,6 +286,12 @@ def test_opera_composes_with_pai_and_refuses_the_rest():
     assert torch.equal(ours.new_tokens[0], ref.sequences[0, inputs["input_ids"].shape[1]:])
     # α = 3 changes the beam scores: the edit is not a no-op here
     assert abs(float(ref.sequences_scores[0]) - float(plain.sequences_scores[0])) > 1e-3
+    # without the cache PAI edits every recomputed row again, as in the cached rows' keys, and
+    # counts each row once (the rows a pass computes for the first time): same tokens, same report
+    composed = {"opera": {"beams": 3}, "pai": {"alpha": 3.0}}
+    runs = [generate(lvlm, inputs, mitigation="opera+pai", settings=composed, max_new_tokens=8, use_cache=use_cache)
+            for use_cache in (True, False)]
+    assert torch.equal(runs[0].new_tokens, runs[1].new_tokens) and runs[0].report == runs[1].report
     for spec, settings, words in [("opera+var", {"var.sink_dims": [3]}, "composes with pai only; var is refused"),
                                   ("opera+fastv", {}, "fastv is refused"),
                                   ("opera+pai", {"pai.gamma": 1.1}, "opera and pai each set the next-token rule"),
@@ -328,6 +334,9 @@ def test_opera_through_vsink_generate_and_eval(tmp_path, capsys):
     expected = generate(lvlm, lvlm.prepare([Image.open(image).convert("RGB")], [PROMPTS[0]]), mitigation="opera",
                         settings={"beams": 2}, max_new_tokens=4).texts[0]
     assert expected in out and "mitigation opera" in err
+    assert main(["generate", str(image), "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0],
+                 "--mitigation", "opera", "--set", "beams=2", "--max-new-tokens", "4", "--no-cache"]) == 0
+    assert expected.strip() and expected in capsys.readouterr().out  # the same text without the KV cache
     assert main(["eval", "pope", str(tmp_path / "images"), "--model", str(tmp_path / "m"),
                  "--annotations", str(tmp_path / "instances.json"), "--num-images", "2", "--splits", "random",
                  "--mitigation", "none,opera", "--set", "opera.beams=2", "--max-new-tokens", "2", "--no-progress",

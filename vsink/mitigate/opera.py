@@ -19,6 +19,9 @@ before response position ``loc + 1`` (at most ``candidates`` times per position,
 position earlier; never further back than ``window`` steps) and redoes that step on the full
 vocabulary, with the continuations chosen there before excluded (set to the minimum logit).
 
+With or without the KV cache: without it every forward re-runs the whole sequences
+(:class:`~vsink.lvlm.beam.UncachedStepper`), with the same tokens.
+
 The defaults are the released ``chair_eval.py`` / README settings (shikiw/OPERA): 5 beams, 5
 candidates, scale 50, threshold 15, window 512, penalty 1. ``protocol="official"`` additionally
 rounds φ to float16 as the released code stores it (values above 65504 become infinite). See
