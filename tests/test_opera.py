@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from vsink.backbones.hf_decoder import decoder_of
-from vsink.data.demo_lvlm import build_tiny_llava, build_tiny_qwen2_vl
+from vsink.data.demo_lvlm import build_tiny_gemma3, build_tiny_llava, build_tiny_qwen2_vl
 from vsink.errors import VsinkError
 from vsink.lvlm import LVLM, generate, load_lvlm
 from vsink.lvlm.beam import BeamContext, Beams, LastRowAttention
@@ -404,6 +404,65 @@ def test_stepper_paths_keep_the_cache_right(family, shared):
     assert seen["shared"] == shared
     assert torch.allclose(seen["again"], seen["ahead"], atol=1e-5)
     assert torch.allclose(seen["kept"], full, atol=1e-4) and torch.allclose(seen["then"], full, atol=1e-4)
+
+
+def _windowed_gemma3():
+    """Gemma 3 with an 8-token window and 3 layers, the last a sliding-window one (as in the
+    released 4B and 27B models): the 12-token prompt is past the window already."""
+    model, processor = build_tiny_gemma3(layers=3, sliding_window=8)
+    assert model.config.text_config.layer_types[-1] == "sliding_attention"
+    model.generation_config.eos_token_id = None
+    return LVLM(model, processor, "tiny-gemma3")
+
+
+def test_sliding_window_last_layer_gives_the_models_attention_past_its_window():
+    # The last layer's cache keeps its last 7 keys; each candidate's row (candidates on repeated
+    # cache rows) covers every position, the dropped ones 0: eager attention of the full sequence,
+    # maximum over heads, whose window gives keys 8 or more positions back nothing
+    from vsink.lvlm.beam import Stepper
+
+    lvlm = _windowed_gemma3()
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
+    decoder = decoder_of(lvlm)
+    context = BeamContext(lvlm, inputs["input_ids"])
+    seen = {}
+
+    def loop(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+             synced_gpus=False, **kwargs):
+        stepper = Stepper(model, kwargs, context)
+        cand = stepper.prefill(input_ids).topk(2, dim=-1).indices  # 3 beams x 2 candidates
+        assert not stepper.shares_cache()
+        stepper.lookahead(input_ids, cand)
+        seen.update(rows=attention.rows.clone(), ids=torch.cat([input_ids.repeat_interleave(2, 0),
+                                                                 cand.reshape(-1, 1)], dim=1))
+        return input_ids
+
+    with torch.no_grad(), decoder.bound(context), LastRowAttention(decoder, 2) as attention:
+        lvlm.model.generate(**inputs, num_beams=3, max_new_tokens=2, do_sample=False, custom_generate=loop)
+    lvlm.model.set_attn_implementation("eager")
+    full = {key: value.repeat(6, *[1] * (value.dim() - 1)) for key, value in inputs.items()}
+    full.update(input_ids=seen["ids"], attention_mask=torch.ones_like(seen["ids"]),
+                token_type_ids=torch.nn.functional.pad(full["token_type_ids"], (0, 1)))
+    with torch.no_grad():
+        ref = lvlm.model(**full, output_attentions=True).attentions[-1][:, :, -1, :].amax(1)
+    assert seen["rows"].shape == ref.shape == (6, 13)
+    assert torch.allclose(seen["rows"], ref, atol=1e-5)
+    assert bool((ref[:, :-8] == 0).all()) and bool((ref[:, -8:] > 0).all())
+
+
+@pytest.mark.parametrize("candidates", [5, 1])
+def test_sliding_window_last_layer_with_and_without_the_cache(monkeypatch, candidates):
+    # OPERA past the window of its sliding-window last layer, with the planted column: the cached
+    # search (rows over every position; with 1 candidate, four of five new beams drop theirs and
+    # restore each layer's states from before the look-ahead, which a sliding layer past its
+    # window cannot crop back to) gives the tokens and report of full forwards without the cache
+    _plant_column(monkeypatch)
+    lvlm = _windowed_gemma3()
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
+    runs = [generate(lvlm, inputs, mitigation="opera", settings={"threshold": 3, "candidates": candidates},
+                     max_new_tokens=20, use_cache=use_cache) for use_cache in (True, False)]
+    assert torch.equal(runs[0].new_tokens, runs[1].new_tokens)
+    assert _last_row(runs[0], lvlm) == _last_row(runs[1], lvlm) and _last_row(runs[0], lvlm)["rollbacks"] > 0
 
 
 def test_fewer_candidates_than_beams_runs_the_prefix_path():

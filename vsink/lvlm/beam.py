@@ -121,13 +121,25 @@ class LastRowAttention(HookSet):
             return
         C = self._siblings()
         if C == 0:
-            self.rows = probs[:, :, -1, :].amax(1).float()
+            self.rows = self._over_positions(probs[:, :, -1, :].amax(1).float())
             return
         # siblings: each candidate's row over the keys before them and its own key [rows·C, keys − C + 1]
         rows = probs[:, :, -C:, :].amax(1).float()
         length = keys - C
         own = rows[:, :, length:].diagonal(dim1=1, dim2=2)
         self.rows = torch.cat([rows[:, :, :length], own[:, :, None]], dim=-1).reshape(-1, length + 1)
+
+    def _over_positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows over the layer's keys [rows, kv] as rows over every position of the sequence so
+        far: a sliding-window layer's cache past its window holds the last keys only, and the
+        positions it dropped get no attention (0), as a forward without the cache gives them."""
+        context = self.decoder.context
+        seen = getattr(context, "seen", None)
+        kv = rows.shape[-1]
+        if seen is None or kv >= seen:
+            return rows
+        positions = context.key_positions(self.layer, kv, rows.device)[0]
+        return rows.new_zeros(rows.shape[0], seen).index_copy_(1, positions, rows)
 
 
 def take_rows(kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
@@ -276,13 +288,15 @@ class Beams:
 class Lookahead:
     """The state of a look-ahead forward until :meth:`Stepper.keep` or :meth:`Stepper.keep_prefix`:
     the kwargs before and after it, the candidates per row and the cache's length before it;
-    ``shared``: the candidates ran as siblings on the beams' own rows (else on repeated rows)."""
+    ``shared``: the candidates ran as siblings on the beams' own rows (else on repeated rows, and
+    ``layers`` holds each cache layer's keys, values and length before it)."""
 
     before: dict
     after: dict
     candidates: int
     length: int
     shared: bool
+    layers: Optional[list[tuple[Any, Any, Optional[int]]]] = None
 
 
 class Stepper:
@@ -377,11 +391,14 @@ class Stepper:
         before = self.kwargs
         length = self._length(before)
         if not self.shares_cache():
+            # each layer's states before the look-ahead (the repeat makes new tensors): a sliding-
+            # window layer past its window has dropped its oldest key once the candidate is added
+            layers = [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in self.cache.layers]
             self.cache.batch_repeat_interleave(C)
             index = torch.arange(rows, device=ids.device).repeat_interleave(C)
             before = take_rows(before, index)
             logits, after = self._run(torch.cat([ids[index], candidates.reshape(-1, 1)], dim=1), 1, before)
-            self.ahead = Lookahead(before, after, C, length, shared=False)
+            self.ahead = Lookahead(before, after, C, length, shared=False, layers=layers)
             return logits
         inputs = self.model.prepare_inputs_for_generation(torch.cat([ids, candidates[:, :1]], dim=1),
                                                           next_sequence_length=1, **dict(before))
@@ -437,13 +454,17 @@ class Stepper:
         """Keep the look-ahead rows ``rows`` without their candidate token (for a continuation that
         was not a candidate)."""
         ahead = self._taken()
+        source = rows // ahead.candidates
         if ahead.shared:
-            rows = rows // ahead.candidates
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[rows, :, :ahead.length], layer.values[rows, :, :ahead.length]
-        else:
-            self.cache.batch_select_indices(rows)
-            self.cache.crop(-1)
+                layer.keys, layer.values = layer.keys[source, :, :ahead.length], layer.values[source, :, :ahead.length]
+            self.kwargs = take_rows(ahead.before, source)
+            return
+        # each layer as it was before the look-ahead, at the rows' beams
+        for layer, (keys, values, length) in zip(self.cache.layers, ahead.layers or []):
+            layer.keys, layer.values = keys[source], values[source]
+            if length is not None:
+                layer.cumulative_length = length
         self.kwargs = take_rows(ahead.before, rows)
 
     def _taken(self) -> Lookahead:
