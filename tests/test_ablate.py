@@ -233,6 +233,29 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"images": "/tmp"}, "images must be a list of images"),
+    ({"targets": "high-norm"}, "targets must be a list of names, got the str 'high-norm'"),
+    ({"ablations": "zero"}, "ablations must be a list of names"),
+    ({"targets": ["neurons"], "neurons": {2: [99999]}}, "neurons[2]: unit must be an integer in [0, 767]"),
+    ({"targets": ["neurons"], "neurons": {2: [-1]}}, "neurons[2]: unit must be an integer in [0, 767], got -1"),
+    ({"targets": ["neurons"], "neurons": {17: [0]}}, "neurons: block must be an integer in [0, 5]"),
+    ({"targets": ["neurons"], "neurons": [0, 1]}, "neurons must be a NeuronSpec or {block: [unit, ...]}"),
+    ({"img_size": 0}, "img_size must be an integer >= 1"),
+    ({"stats": None}, "stats must be a vsink.evaluate.stats.Bootstrap"),
+    ({"dense": ("val", "train")}, "dense must be (eval_set, train_set or None)"),
+], ids=["one-path", "targets-str", "ablations-str", "unit-too-large", "unit-negative", "block-out-of-range",
+        "neurons-list", "img-size-0", "stats-none", "dense-strings"])
+def test_api_wrong_arguments_are_one_error_naming_them(demo, kwargs, message):
+    """Each of these used to reach deep code: a string iterated per character, a unit or block out of
+    range indexing a tensor (IndexError; -1 silently the last unit), img_size 0 taken as the default."""
+    backbone, _ = demo
+    kwargs = {"images": demo_images(), **kwargs}
+    with pytest.raises(vsink.errors.VsinkError) as info:
+        ablate(backbone, progress=False, **kwargs)
+    assert message in str(info.value)
+
+
 def test_dense_metrics_under_ablation_planted(tmp_path, capsys):
     """--dense on synthetic dense images: zeroing the four planted neurons (block 2, units 0-3, which
     write the demo's high-norm tokens) leaves no outlier patch in any block, where the clean demo

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones.base import Backbone
+from .arguments import ArgumentError, images_arg, index_list_arg, instance_arg, int_arg, names_arg
+from .backbones.base import Backbone, backbone_arg
 from .backbones.hooks import Hooks
 from .detect.attention import detect_sinks
 from .detect.massive import detect_massive
@@ -385,10 +386,23 @@ def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNorm
     )
 
 
-def _neuron_layers(neurons: Union[NeuronSpec, Mapping[int, Sequence[int]], None]) -> dict[int, list[int]]:
+def _neuron_layers(neurons: Union[NeuronSpec, Mapping[int, Sequence[int]], None],
+                   backbone: Backbone) -> dict[int, list[int]]:
+    """``{block: [unit, ...]}`` of ``neurons``, every block and unit checked against ``backbone``."""
     if neurons is None:
         raise VsinkError("target neurons needs register neurons (--neurons neurons.json from 'vsink registers find')")
-    by_layer = neurons.by_layer() if isinstance(neurons, NeuronSpec) else {int(k): list(v) for k, v in neurons.items()}
+    if isinstance(neurons, NeuronSpec):
+        by_layer = neurons.by_layer()
+    elif isinstance(neurons, Mapping):
+        by_layer = {}
+        for key, units in neurons.items():
+            layer = int_arg(key, "neurons: block", 0, backbone.num_layers - 1)
+            width = backbone.mlp_width(layer)
+            by_layer[layer] = [int_arg(u, f"neurons[{layer}]: unit", 0, width - 1)
+                               for u in index_list_arg(units, f"neurons[{layer}]")]
+    else:
+        raise ArgumentError(f"neurons must be a NeuronSpec or {{block: [unit, ...]}}, got the {type(neurons).__name__} "
+                            f"{neurons!r:.80}")
     return {layer: sorted(set(int(u) for u in units)) for layer, units in sorted(by_layer.items())}
 
 
@@ -477,21 +491,24 @@ def ablate(
         each: called with the selection, the ablation and its replacement values [I, N, C'] before
             each ablated pass (:mod:`vsink.ablate_lvlm` asks the LVLM its questions under it).
     """
-    for key, value in (("targets", list(targets)), ("ablations", list(ablations)), ("seed", seed),
+    backbone = backbone_arg(backbone)
+    images = images_arg(images)
+    targets, ablations = names_arg(targets, "targets"), names_arg(ablations, "ablations")
+    img_size = int_arg(img_size, "img_size", 1, nullable=True)
+    instance_arg(stats, Bootstrap, "stats", "a vsink.evaluate.stats.Bootstrap")
+    for key, value in (("targets", targets), ("ablations", ablations), ("seed", seed),
                        ("sink_ratio", sink_ratio), ("massive_ratio", massive_ratio), ("batch_size", batch_size)):
         ABLATE[key].check(value)
     detect_kwargs = parse_threshold(threshold)
-    if dense is not None and "resample" in ablations:
-        from .ablate_dense import check_resample
+    if dense is not None:
+        from .ablate_dense import check_dense
 
-        check_resample(dense[0], dense[1], dense_tasks)
-    if not images:
-        raise VsinkError("no images given")
+        check_dense(dense, dense_tasks, resample="resample" in ablations)
     size = (img_size, img_size) if img_size else backbone.img_size
     backbone.check_input_size(size)
     if isinstance(neurons, NeuronSpec):
         neurons.check(backbone)
-    by_layer = _neuron_layers(neurons) if "neurons" in targets else {}
+    by_layer = _neuron_layers(neurons, backbone) if "neurons" in targets else {}
     names: list[str] = []
     skipped: list[dict[str, str]] = []
     batches: list[torch.Tensor] = []

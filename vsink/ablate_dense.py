@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .ablate import Pass, Selection, derangement, replacement, run_pass, select
+from .arguments import ArgumentError
 from .backbones.base import Backbone
 from .detect.norms import HighNormResult, detect_high_norm
 from .errors import VsinkError
@@ -114,8 +115,18 @@ def dense_splits(eval_set: DenseDataset, train_set: Optional[DenseDataset],
     return sets
 
 
-def check_resample(eval_set: DenseDataset, train_set: Optional[DenseDataset], tasks: Optional[Sequence[str]]) -> None:
-    """Refuse, before any pass, resample on a split of fewer than 2 images."""
+def check_dense(dense: Any, tasks: Optional[Sequence[str]], *, resample: bool) -> None:
+    """Refuse, before any pass, a ``dense=`` that is not ``(eval_set, train_set or None)`` of
+    :class:`DenseDataset`, and (``resample``) a split of fewer than 2 images."""
+    what = "dense must be (eval_set, train_set or None), DenseDataset from vsink.evaluate.open.open_dataset"
+    if not isinstance(dense, (tuple, list)) or len(dense) != 2:
+        raise ArgumentError(f"{what}, got the {type(dense).__name__} {dense!r:.80}")
+    eval_set, train_set = dense
+    for name, value in (("eval_set", eval_set), ("train_set", train_set)):
+        if not isinstance(value, DenseDataset) and not (name == "train_set" and value is None):
+            raise ArgumentError(f"{what}; its {name} is the {type(value).__name__} {value!r:.80}")
+    if not resample:
+        return
     for dataset, _ in dense_splits(eval_set, train_set, tasks):
         if len(dataset) < 2:
             raise VsinkError(f"--dense with resample: split {dataset.split} has {len(dataset)} image(s); resample "
