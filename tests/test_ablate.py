@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vsink
 from vsink.ablate import (INTERVAL_MEASURES, Selection, ablate, derangement, image_units, interval_statistic,
@@ -17,7 +18,9 @@ from vsink.cli import main
 from vsink.data import demo_model as D
 from vsink.data.demo_images import demo_images
 from vsink.images import load_batch
+from vsink.detect.norms import detect_high_norm, flag_at_reference
 from vsink.layout import TokenLayout
+from vsink.probe import Trace
 from vsink.registers import NeuronSpec, RegisterNeuron
 
 LAST = 5  # the demo's last block
@@ -231,6 +234,50 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("vsink: error: ") and message in err[-1]
     assert not (tmp_path / "o").exists()
+
+
+def _two_level_trace(outlier: float) -> Trace:
+    """One block, 3 images of 16 patches (input norms 1): images 0 and 1 a bulk at 1.00-1.15 with 3
+    tokens at ``outlier``; image 2 uniform at 10.00-10.15 (a flat image: every patch raised, none
+    standing out)."""
+    norms = np.ones((1, 3, 17))
+    norms[0, :, 1:] = 1 + 0.01 * np.arange(16)
+    norms[0, 0, 1:4] = norms[0, 1, 5:8] = outlier
+    norms[0, 2, 1:] = 10 + 0.01 * np.arange(16)
+    return Trace(layout=TokenLayout(num_cls=1, num_registers=0, grid=(4, 4)), layers=[0], norms=norms,
+                 input_norms=np.ones((3, 17)))
+
+
+def test_tokens_left_are_judged_at_the_clean_thresholds_held_fixed():
+    """Clean: the 6 tokens at 50 are the outliers (the pooled gap lies between 10 and 50: image 2's
+    flat patches are below it). Removing them (set to the bulk) leaves a pool whose own gap lies
+    between 1 and 10: a detector refitted on the changed pass flags image 2's 16 patches, which did
+    not change. Held at the clean thresholds they stay unflagged: 6 -> 0, not 6 -> 16."""
+    clean, ablated = _two_level_trace(50.0), _two_level_trace(1.0)
+    assert detect_high_norm(clean).mask(0).sum(axis=1).tolist() == [3, 3, 0]
+    assert detect_high_norm(ablated).mask(0).sum(axis=1).tolist() == [0, 0, 16]  # the refit's verdict
+    assert np.array_equal(flag_at_reference(clean, clean, -1), detect_high_norm(clean).mask(0))
+    assert flag_at_reference(clean, ablated, -1).sum() == 0
+    raised = _two_level_trace(50.0)
+    raised.norms[0, 2, 1:3] = 60.0  # two of image 2's patches pushed above the clean threshold
+    assert flag_at_reference(clean, raised, -1).sum(axis=1).tolist() == [3, 3, 2]
+    for kwargs in ({"method": "sigma", "k": 1.0}, {"method": "absolute", "threshold": 5.0}):
+        assert np.array_equal(flag_at_reference(clean, clean, -1, **kwargs), detect_high_norm(clean, **kwargs).mask(0))
+    assert flag_at_reference(ablated, ablated, -1, method="sigma", k=1.0).sum() == 16  # sigma of ablated itself
+    assert flag_at_reference(clean, ablated, -1, method="sigma", k=1.0).sum() == 0  # held: clean's mean + std
+
+
+def test_ablation_rows_count_the_tokens_left_at_the_clean_thresholds(demo):
+    """The demo's two images and a flat grey one (every patch fires the planted neurons: uniformly
+    high, not flagged clean). Removing the flagged tokens used to report more high-norm tokens after
+    than before (62 -> 203 zeroed, 62 -> 256 mean-kind): the refitted detector flagged the grey
+    image's unchanged patches."""
+    backbone, _ = demo
+    images = [*demo_images(), Image.new("RGB", (1, 1), (200, 200, 200))]
+    result = ablate(backbone, images, ablations=["zero", "mean-kind"], layers=[D.PLANTED_BLOCK], progress=False)
+    for row in result.rows:
+        assert row.tokens == row.high_norm_before > 0
+        assert row.high_norm_after == 0 and row.intervals["high_norm_after"] == {"value": 0.0, "low": 0.0, "high": 0.0}
 
 
 @pytest.mark.parametrize("kwargs, message", [

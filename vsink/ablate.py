@@ -35,8 +35,9 @@ from a first, clean pass over the same images:
 Each (target, layer, ablation) is one more pass over the images. Measured against the clean pass:
 cosine similarity of the final features (last block output through the final norm) per token
 kind, the class-token attention map's total variation per block, the model output's cosine (the
-class token or pooled output), and the high-norm tokens left (the detector's count and the largest
-patch-norm ratio at the last block).
+class token or pooled output), and the high-norm tokens left at the last block (counted at the clean
+pass's thresholds held fixed, :func:`vsink.detect.norms.flag_at_reference`: a threshold refitted on
+the ablated pass would move with the ablation; and the largest patch-norm ratio).
 
 Intervals (:data:`INTERVAL_MEASURES`): the image is the unit. Per image the pass gives the sums
 and counts behind each measure (cosines summed over the tokens of a kind, the last block's
@@ -61,7 +62,7 @@ from .backbones.base import Backbone, backbone_arg
 from .backbones.hooks import Hooks
 from .detect.attention import detect_sinks
 from .detect.massive import detect_massive
-from .detect.norms import HighNormResult, detect_high_norm
+from .detect.norms import HighNormResult, detect_high_norm, flag_at_reference
 from .errors import VsinkError
 from .evaluate.stats import Bootstrap, bootstrap, interval_dict, ratio
 from .images import ImageSource, NamedImage, load_batch
@@ -355,15 +356,14 @@ def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNorm
     patches = parts["patches"]
     before, after = _cls_maps(clean.trace), _cls_maps(ablated.trace)
     tv = None if before is None else 0.5 * np.abs(after - before).sum(axis=-1).mean(axis=1)  # [L]
-    after_hn = detect_high_norm(ablated.trace, **detect_kwargs)
     last = clean.trace.layers[-1]
+    held = flag_at_reference(clean.trace, ablated.trace, -1, **detect_kwargs)  # the clean thresholds, held fixed
+    after_mask = held if held is not None else detect_high_norm(ablated.trace, **detect_kwargs).mask(last)
     output_cos, per_image_output = None, None
     if clean.outputs is not None and ablated.outputs is not None:
         per_image_output = _cosine(clean.outputs, ablated.outputs)
         output_cos = float(per_image_output.mean())
-    left = np.zeros(cos.shape[0])
-    for t in after_hn.tokens_at(last):
-        left[t.image] += 1
+    left = after_mask.sum(axis=1).astype(np.float64)
     tv_last = None if before is None else 0.5 * np.abs(after[-1] - before[-1]).sum(axis=-1)  # [I]
     iv = interval_dict(bootstrap(image_units(cos, layout, tv_last, per_image_output, left), interval_statistic,
                                  stats), INTERVAL_MEASURES)
@@ -377,7 +377,7 @@ def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNorm
         attn_tv=None if tv is None else float(tv[-1]),
         attn_tv_per_block=None if tv is None else [float(v) for v in tv],
         output_cos=output_cos,
-        high_norm_before=len(high_norm.tokens_at(last)), high_norm_after=len(after_hn.tokens_at(last)),
+        high_norm_before=len(high_norm.tokens_at(last)), high_norm_after=int(after_mask.sum()),
         max_ratio_before=_last_ratio(clean.trace, layout), max_ratio_after=_last_ratio(ablated.trace, layout),
         intervals={k: v for k, v in iv.items() if not (
             (k == "cos_cls" and not parts["cls"].numel()) or (k == "cos_registers" and not layout.total_registers)

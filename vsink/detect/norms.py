@@ -210,6 +210,9 @@ class LayerVerdict:
     flagged: np.ndarray
     pooled: Optional[gap_test.Gap]
     own_gap_images: int
+    #: [I] the threshold each image's patches were flagged above (its own gap's, else the pooled
+    #: one's); infinity where none applied
+    thresholds: Optional[np.ndarray] = None
 
 
 def flag_outliers(patches: np.ndarray, written: Optional[np.ndarray] = None, **gap_kwargs: Any) -> LayerVerdict:
@@ -225,6 +228,7 @@ def flag_outliers(patches: np.ndarray, written: Optional[np.ndarray] = None, **g
     min_count = gap_kwargs.get("min_count", gap_test.MIN_COUNT)
     pooled = gap_test.find_gap(patches, written, **gap_kwargs)
     flagged = np.zeros_like(patches, dtype=bool)
+    thresholds = np.full(patches.shape[0], np.inf)
     own = 0
     per_image = {**gap_kwargs, "alpha": gap_kwargs.get("alpha", gap_test.ALPHA) / patches.shape[0]}
     for i in range(patches.shape[0]):
@@ -233,9 +237,43 @@ def flag_outliers(patches: np.ndarray, written: Optional[np.ndarray] = None, **g
         gap = gap or pooled
         if gap is not None:
             flagged[i] = (patches[i] > gap.threshold) & written[i]
+            thresholds[i] = gap.threshold
     if flagged.sum() < min_count:
         flagged[:] = False
-    return LayerVerdict(flagged, pooled, own)
+        thresholds[:] = np.inf
+    return LayerVerdict(flagged, pooled, own, thresholds)
+
+
+def flag_at_reference(reference: Trace, trace: Trace, position: int, *, method: str = "auto",
+                      threshold: Optional[float] = None, k: float = 3.0, alpha: float = gap_test.ALPHA,
+                      min_ratio: float = gap_test.MIN_RATIO, max_fraction: float = gap_test.MAX_FRACTION,
+                      min_count: int = gap_test.MIN_COUNT, min_growth: float = MIN_GROWTH) -> Optional[np.ndarray]:
+    """[I, P]: the patch tokens of ``trace`` at trace position ``position`` above the threshold
+    :func:`detect_high_norm` (same settings) applied to the same image of ``reference``, held
+    fixed (``auto``: each image's own gap, else the pooled one, and the growth check on ``trace``;
+    ``sigma``: mean + k std of ``reference``'s patch norms). ``trace`` is ``reference`` changed
+    (an ablation, say), with the same images and layout: a refitted threshold would move with the
+    change itself, so tokens that did not change could count as new outliers. None where
+    ``reference`` applied no threshold at that position (no gap: nothing to hold)."""
+    if method not in METHODS:
+        raise VsinkError(f"unknown threshold method {method!r}; use one of {', '.join(METHODS)}")
+    layout = reference.layout
+    ref = reference.norms[position][:, layout.patch_slice]
+    new = trace.norms[position][:, layout.patch_slice]
+    if method == "absolute":
+        return new > float(threshold)
+    if method == "sigma":
+        return new > float(ref.mean() + k * ref.std())
+    use_growth = min_growth > 0 and reference.input_norms is not None and trace.input_norms is not None
+    written = (lambda t, p: written_tokens(p, t.input_norms[:, layout.patch_slice], min_growth)) if use_growth \
+        else (lambda t, p: None)
+    verdict = flag_outliers(ref, written(reference, ref), alpha=alpha, min_ratio=min_ratio,
+                            max_fraction=max_fraction, min_count=min_count)
+    if not np.isfinite(verdict.thresholds).any():
+        return None
+    flagged = new > verdict.thresholds[:, None]
+    grown = written(trace, new)
+    return flagged if grown is None else flagged & grown
 
 
 def written_tokens(patches: np.ndarray, inputs: np.ndarray, min_growth: float) -> np.ndarray:
