@@ -280,6 +280,23 @@ def test_ablation_rows_count_the_tokens_left_at_the_clean_thresholds(demo):
         assert row.high_norm_after == 0 and row.intervals["high_norm_after"] == {"value": 0.0, "low": 0.0, "high": 0.0}
 
 
+def test_the_figure_shows_the_input_image_in_the_clean_row(demo):
+    """The clean pass kept image 0's thumbnail for the figure but no panel drew it: a stranger saw
+    norm maps of an image the report never showed."""
+    from vsink.export.ablation_report import ablation_figure
+
+    backbone, _ = demo
+    result = ablate(backbone, demo_images(), ablations=["zero"], layers=[D.PLANTED_BLOCK], progress=False)
+    figure = ablation_figure(result, "high-norm", D.PLANTED_BLOCK)
+    titled = {ax.get_title(): ax for ax in figure.axes if ax.get_title()}
+    assert sorted(titled) == ["cls attention, last block", "cosine to clean", "final patch norm", "input image"]
+    clean_cell = titled["input image"]  # row 0 (clean), the column of the ablation rows' cosine
+    top = lambda name: titled[name].get_position().y1  # noqa: E731
+    assert top("input image") == top("final patch norm") > top("cosine to clean")  # clean row above the ablation's
+    assert np.array_equal(clean_cell.images[0].get_array(), result.clean_maps["image"])
+    assert result.clean_maps["image"].shape == (224, 224, 3)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"images": "/tmp"}, "images must be a list of images"),
     ({"targets": "high-norm"}, "targets must be a list of names, got the str 'high-norm'"),

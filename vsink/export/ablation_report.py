@@ -108,8 +108,9 @@ def answers_note(result: AblationResult) -> str:
 @plain_text
 def ablation_figure(result: AblationResult, target: str, layer: int):
     """One figure for ``target`` at ``layer``: a row for the clean pass, then one per ablation;
-    columns final patch norms, class-token attention (last block), cosine to the clean features;
-    one colour scale per quantity over the rows (norms and attention from 0, cosine -1 to 1)."""
+    columns final patch norms, class-token attention (last block), cosine to the clean features
+    (the clean row's cell: the input image); one colour scale per quantity over the rows (norms
+    and attention from 0, cosine -1 to 1)."""
     rows = [r for r in result.rows if r.target == target and r.layer == layer]
     grid = result.layout.grid
     clean = result.clean_maps
@@ -135,12 +136,18 @@ def ablation_figure(result: AblationResult, target: str, layer: int):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
+            free = panels[0][j] is None  # the clean row has no cosine: its cell shows the input image
             if i == 0:
+                ax.set_title("input image" if free and "image" in clean else columns[j], fontsize=9)
+            elif i == 1 and free:
                 ax.set_title(columns[j], fontsize=9)
             if j == 0:
                 ax.set_ylabel(label, fontsize=9)
             if panel is None:
-                ax.axis("off")
+                if "image" in clean:  # the clean row's free cell shows the input image
+                    ax.imshow(clean["image"])
+                else:
+                    ax.axis("off")
                 continue
             values, vmin, vmax, (cmap, quantity) = panel
             im = ax.imshow(np.asarray(values, dtype=float).reshape(grid), vmin=vmin, vmax=vmax, cmap=cmap)
