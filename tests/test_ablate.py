@@ -297,6 +297,33 @@ def test_the_figure_shows_the_input_image_in_the_clean_row(demo):
     assert result.clean_maps["image"].shape == (224, 224, 3)
 
 
+def test_attention_rows_that_do_not_sum_to_one_are_reported(tmp_path, capsys):
+    """A sigmoid-attention model (vsink finetune's model.attention): its class-attention rows do not
+    sum to 1, so the "total variation" is half the L1 distance of the rows as computed, not bounded
+    by 1. scan and maps say so; ablate did not (nothing in its settings, output or report)."""
+    from vsink.attention_variants import apply_attention
+    from vsink.export.ablation_report import render_ablation_markdown
+
+    from conftest import sharpen
+
+    torch.manual_seed(0)
+    backbone = vsink.load("timm:deit_tiny_patch16_224", img_size=32, pretrained=False,
+                          model_kwargs=dict(patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=0))
+    sharpen(backbone.model, std=0.2)
+    apply_attention(backbone.model, "sigmoid")
+    backbone.save(tmp_path / "m")
+    assert main(["ablate", "--model", str(tmp_path / "m"), "--layers", "0", "--out", str(tmp_path / "o"),
+                 "--no-progress", "--resamples", "10"]) == 0
+    assert "whose rows do not sum to 1" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "o" / "results.json").read_text())["settings"]
+    assert settings["attention"] == {"variant": "sigmoid", "rows_sum_to_one": False}
+    for name in ("results.md", "report.html"):
+        assert "sigmoid, whose rows do not sum to 1" in (tmp_path / "o" / name).read_text()
+    softmax = ablate(vsink.load("demo"), demo_images(), layers=[1], progress=False, stats=Bootstrap(resamples=10))
+    assert softmax.settings["attention"] == {"variant": "softmax", "rows_sum_to_one": True}
+    assert "do not sum to 1" not in render_ablation_markdown(softmax)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"images": "/tmp"}, "images must be a list of images"),
     ({"targets": "high-norm"}, "targets must be a list of names, got the str 'high-norm'"),

@@ -58,6 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arguments import ArgumentError, images_arg, index_list_arg, instance_arg, int_arg, names_arg
+from .attention_variants import attention_report
 from .backbones.base import Backbone, backbone_arg
 from .backbones.hooks import Hooks
 from .detect.attention import detect_sinks
@@ -577,7 +578,7 @@ def ablate(
                 "batch_size": batch_size, "input_size": list(size), "threshold": detect_kwargs,
                 "sink_ratio": sink_ratio, "massive_ratio": massive_ratio, "intervals": stats.to_dict(unit="image"),
                 "neurons": {str(k): v for k, v in by_layer.items()} if by_layer else None,
-                "edits": list(backbone.edits)}
+                "edits": list(backbone.edits), "attention": attention_report(backbone.model)}
     dense_result, dense_selections, dense_record = None, [], None
     if dense is not None:
         dense_result, dense_selections, dense_record = _ablate_dense(

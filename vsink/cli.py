@@ -447,7 +447,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate_lvlm import LVLM_ABLATE
     from .backbones.lvlm_families import named_lvlms
     from .evaluate.stats import Bootstrap
-    from .export.ablation_report import save_ablation
+    from .export.ablation_report import attention_note, save_ablation
     from .registers import NeuronSpec
 
     if "neurons" in args.targets and args.neurons is None:
@@ -479,6 +479,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
                         stats=Bootstrap.from_args(args), dense=dense, progress=not args.no_progress)
     paths = save_ablation(result, args.out)
     print(f"ablated {_scanned(result.images, result.skipped)} with {result.model}; layout {result.layout.describe()}")
+    if attention_note(result):
+        print(attention_note(result))
     for s in result.selections:
         print(f"  {s.describe()}")
     print(f"{'target':<10} {'block':>5} {'ablation':<12} {'cos cls':>8} {'cos patches':>11} {'cls-attn TV':>11} "

@@ -46,6 +46,15 @@ def _cells(row: AblationRow) -> list[str]:
             fmt(row.max_ratio_before), fmt(row.max_ratio_after)]
 
 
+def attention_note(result: AblationResult) -> Optional[str]:
+    """What the class-attention TV is when the model's attention rows do not sum to 1 (None when they do)."""
+    attention = result.settings.get("attention") or {}
+    if attention.get("rows_sum_to_one", True):
+        return None
+    return (f"Attention: {attention['variant']}, whose rows do not sum to 1: the cls-attention TV is half the L1 "
+            "distance between the rows as computed (not renormalised), not bounded by 1.")
+
+
 def interval_note(result: AblationResult) -> str:
     """What the bracketed intervals are (from the result's settings)."""
     iv = result.settings.get("intervals") or {}
@@ -83,6 +92,8 @@ def render_ablation_markdown(result: AblationResult) -> str:
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("—", "-") for c in _cells(r)) + " |" for r in result.rows]
     lines += ["", interval_note(result)]
+    if attention_note(result):
+        lines += ["", attention_note(result)]
     if result.dense_ablation is not None:
         lines += ["", "## Targets on the dense images", "", DENSE_NOTE, "",
                   "| " + " | ".join(DENSE_COLUMNS) + " |", "|" + "---|" * len(DENSE_COLUMNS)]
@@ -166,6 +177,8 @@ def render_ablation_report(result: AblationResult) -> str:
                 "compared with the clean pass over the same images (docs/ablate.md).</p>")
     body.append(table(COLUMNS, ([esc(c) for c in _cells(r)] for r in result.rows), left=3))
     body.append(f"<p>{esc(interval_note(result))}</p>")
+    if attention_note(result):
+        body.append(f"<p>{esc(attention_note(result))}</p>")
     seen: list[tuple[str, int]] = []
     for r in result.rows:
         if (r.target, r.layer) not in seen:
