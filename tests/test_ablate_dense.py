@@ -184,3 +184,15 @@ def test_cli_dense_with_per_image_targets_and_resample(tmp_path, capsys):
     assert "## Targets on the dense images" in markdown
     tokens = {s["target"]: s for s in record["selections"]}["sinks"]["tokens_per_split"]
     assert f"| sinks | 3 | all | {sum(tokens.values())} (train {tokens['train']}, val {tokens['val']}) | - |" in markdown
+
+
+def test_cli_dense_on_a_one_patch_grid_writes_no_nan(tmp_path, capsys):
+    """--img-size 16 on the demo: one patch per image, so no adjacent patches. The neighbour cosine
+    was NaN and the run died at the very end, writing dense.json (ValueError: Out of range float
+    values are not JSON compliant: nan); it is None, shown as not measured."""
+    out = tmp_path / "o"
+    assert main(["ablate", "--img-size", "16", "--dense", "--dense-images", "2", "--out", str(out), "--no-progress",
+                 "--resamples", "10"]) == 0
+    dense = json.loads((out / "dense.json").read_text())
+    assert all(v["artifacts"]["neighbour_cosine"] is None for v in dense["variants"].values())
+    assert "neighbour patch cosine" not in (out / "dense.md").read_text()

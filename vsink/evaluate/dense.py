@@ -487,6 +487,7 @@ def _artifacts(traces: list[Trace], cosines: list[float], fg_grids: list[Optiona
     units.update(mean_units("artifacts.attention_entropy", ids, attn_trace.attn_entropy[0].mean(axis=-1).tolist()))
     units.update(mean_units("artifacts.cls_foreground_share", ids, per_image_share))
     units.update(mean_units("artifacts.neighbour_cosine", ids, cosines))
+    paired = [c for c in cosines if np.isfinite(c)]  # a 1x1 patch grid has no neighbours (NaN)
     return {
         "n": len(cosines),
         "outlier_fraction": last.outlier_fraction,
@@ -498,7 +499,7 @@ def _artifacts(traces: list[Trace], cosines: list[float], fg_grids: list[Optiona
         "norm_ratio_max": max(s.ratio for s in hn.layers),
         "attention_entropy": float(attn_trace.attn_entropy[0].mean()),
         "cls_foreground_share": float(np.mean(shares)) if shares else None,
-        "neighbour_cosine": float(np.mean(cosines)),
+        "neighbour_cosine": float(np.mean(paired)) if paired else None,
         "per_layer": [{"layer": s.index, "outlier_fraction": s.outlier_fraction, "norm_ratio": s.ratio}
                       for s in hn.layers],
     }
