@@ -4,6 +4,7 @@ replacements on a tiny case, identity of an empty ablation, the command and its 
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -322,6 +323,24 @@ def test_attention_rows_that_do_not_sum_to_one_are_reported(tmp_path, capsys):
     softmax = ablate(vsink.load("demo"), demo_images(), layers=[1], progress=False, stats=Bootstrap(resamples=10))
     assert softmax.settings["attention"] == {"variant": "softmax", "rows_sum_to_one": True}
     assert "do not sum to 1" not in render_ablation_markdown(softmax)
+
+
+def test_auto_layer_that_gives_a_target_nothing_warns_where_it_has_entries(demo):
+    """--layers auto picks the high-norm emergence block (2 on the demo); the demo's sinks sit in
+    blocks 3-5 (docs/demo.md), so `vsink ablate --targets sinks` silently ablated nothing and
+    reported a table of identities."""
+    from vsink.detect.attention import detect_sinks
+
+    backbone, batches = demo
+    sink_blocks = sorted({s.layer for s in detect_sinks(run_pass(backbone, batches).trace, ratio=5.0)})
+    assert sink_blocks and D.PLANTED_BLOCK not in sink_blocks
+    with pytest.warns(vsink.errors.VsinkWarning, match=f"target sinks selects nothing at block {D.PLANTED_BLOCK}.*"
+                      f"entries at block\\(s\\) {', '.join(map(str, sink_blocks))}: pass --layers"):
+        result = ablate(backbone, demo_images(), targets=["sinks"], progress=False)
+    assert result.rows[0].tokens == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ablate(backbone, demo_images(), targets=["sinks"], layers=[D.PLANTED_BLOCK], progress=False)  # explicit: no warning
 
 
 @pytest.mark.parametrize("kwargs, message", [

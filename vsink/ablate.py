@@ -50,6 +50,7 @@ the max/median norm ratios) get none: they are not sums over images.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -64,7 +65,7 @@ from .backbones.hooks import Hooks
 from .detect.attention import detect_sinks
 from .detect.massive import detect_massive
 from .detect.norms import HighNormResult, detect_high_norm, flag_at_reference
-from .errors import VsinkError
+from .errors import VsinkError, VsinkWarning
 from .evaluate.stats import Bootstrap, bootstrap, interval_dict, ratio
 from .images import ImageSource, NamedImage, load_batch
 from .layout import TokenLayout
@@ -440,6 +441,21 @@ def select(target: str, layer: int, trace: Trace, *, high_norm: HighNormResult, 
     raise VsinkError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
 
 
+def _warn_auto_empty(target: str, layer: int, trace: Trace, sink_ratio: float, massive_ratio: float) -> None:
+    """Warn that ``--layers auto`` (the high-norm emergence block) gave ``target`` nothing to ablate,
+    naming the blocks where it has entries (sinks and massive activations rise at blocks of their own)."""
+    if target == "sinks":
+        found = sorted({s.layer for s in detect_sinks(trace, ratio=sink_ratio)})
+    elif target == "massive":
+        found = sorted({m.layer for m in detect_massive(trace, min_ratio=massive_ratio)})
+    else:
+        return
+    where = (f"it has entries at block(s) {', '.join(map(str, found))}: pass --layers (layers=) {found[0]}"
+             if found else "it has none at any block")
+    warnings.warn(f"target {target} selects nothing at block {layer}, the block --layers auto chose (the first "
+                  f"with high-norm tokens, else the middle one); {where}", VsinkWarning, stacklevel=3)
+
+
 def _layers(layers: Union[str, Sequence[int], None], backbone: Backbone, high_norm: HighNormResult) -> list[int]:
     chosen = parse_selection(layers, backbone.num_layers, "layers", ("auto",))
     if chosen != "auto":
@@ -533,9 +549,9 @@ def ablate(
     high_norm = detect_high_norm(first.trace, **detect_kwargs)
     chosen = _layers(layers, backbone, high_norm)
     selections: list[Selection] = []
+    explicit = parse_selection(layers, backbone.num_layers, "layers", ("auto",))
     for target in targets:
         if target == "neurons":
-            explicit = parse_selection(layers, backbone.num_layers, "layers", ("auto",))
             keep = [l for l in by_layer if explicit == "auto" or l in explicit]
             if not keep:
                 raise VsinkError(f"target neurons: no register neuron in blocks {chosen} (neurons in {sorted(by_layer)})")
@@ -544,6 +560,8 @@ def ablate(
         else:
             selections += [select(target, l, first.trace, high_norm=high_norm, sink_ratio=sink_ratio,
                                   massive_ratio=massive_ratio) for l in chosen]
+            if explicit == "auto" and selections[-1].count == 0:
+                _warn_auto_empty(target, chosen[0], first.trace, sink_ratio, massive_ratio)
     needs_clean = any(a != "zero" for a in ablations)
     sites = sorted({(s.site, s.layer) for s in selections}) if needs_clean else []
     clean = run_pass(backbone, batches, capture=sites) if sites else first  # the site values of the chosen blocks
