@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -163,6 +165,9 @@ def test_sinks_by_kind_and_summary():
     assert [(s.layer, s.token, s.kind) for s in sinks] == [(1, 2, "register"), (1, 40, "patch")]
     assert (sinks[1].row, sinks[1].col) == LAYOUT.patch_position(40)
     assert sinks[0].share == pytest.approx(received[1, 0, 0, 2])
+    with warnings.catch_warnings():  # a huge ratio (--sink-ratio 1e300) finds nothing, without a float32 overflow
+        warnings.simplefilter("error")
+        assert detect_sinks(trace, ratio=1e300) == []
     summary = layer_attention_summary(trace)
     assert summary[0]["register_received"] == pytest.approx(2 / n)
     assert summary[1]["register_received"] == pytest.approx(received[1, 0, 0, 1:3].sum())

@@ -50,7 +50,7 @@ def detect_sinks(trace: Trace, *, ratio: float = 5.0, max_per_image: int = 16) -
             baseline = max(float(np.median(s)), 1e-3 / s.size)
             order = np.argsort(-s)[:max_per_image]
             for token in order:
-                if s[token] < ratio * baseline:
+                if float(s[token]) < ratio * baseline:  # in float64: a huge ratio is no float32 overflow
                     break
                 kind = layout.kind_of(int(token))
                 row, col = layout.patch_position(int(token)) if kind == "patch" else (None, None)
