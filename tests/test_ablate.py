@@ -347,6 +347,19 @@ def test_auto_layer_that_gives_a_target_nothing_warns_where_it_has_entries(demo)
         ablate(backbone, demo_images(), targets=["sinks"], layers=[D.PLANTED_BLOCK], progress=False)  # explicit: no warning
 
 
+def test_layers_as_the_option_pattern_allows_them():
+    """--layers accepted ' 2 , 3 ,' and ' auto ' by its pattern, then refused them in the parser
+    ("layers must be auto or a comma list of integers, got '2,'")."""
+    from vsink.ablate import ABLATE
+    from vsink.maps import parse_selection
+
+    for text, expected in ((" 2 , 3 ,", [2, 3]), ("2,", [2]), (" auto ", "auto"), ("-1", [5])):
+        ABLATE["layers"].check(text)
+        assert parse_selection(text, 6, "layers", ("auto",)) == expected
+    with pytest.raises(vsink.errors.VsinkError, match="comma list"):
+        parse_selection("2,,", 6, "layers", ("auto",))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"images": "/tmp"}, "images must be a list of images"),
     ({"targets": "high-norm"}, "targets must be a list of names, got the str 'high-norm'"),

@@ -86,7 +86,11 @@ class MapsResult:
 
 def parse_selection(value: Union[str, Sequence[int], None], count: int, what: str,
                     keywords: Sequence[str]) -> Union[str, list[int]]:
-    """``"all"`` / ``"mean"`` (as allowed) or a comma list of indices (negative from the end)."""
+    """``"all"`` / ``"mean"`` (as allowed) or a comma list of indices (negative from the end);
+    surrounding spaces and one trailing comma allowed, as the options' patterns allow them."""
+    if isinstance(value, str):
+        value = value.strip()
+        value = value[:-1].strip() if value.endswith(",") else value
     if value is None or (isinstance(value, str) and value in keywords):
         return value or keywords[0]
     if not isinstance(value, str):
