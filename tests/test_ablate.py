@@ -360,6 +360,16 @@ def test_layers_as_the_option_pattern_allows_them():
         parse_selection("2,,", 6, "layers", ("auto",))
 
 
+def test_neurons_found_on_another_model_warn_in_ablation_terms(demo):
+    """The warning spoke of test-time registers only, confusing in an ablation."""
+    backbone, _ = demo
+    spec = NeuronSpec(model="timm:vit_small_patch16_224", neurons=[RegisterNeuron(D.PLANTED_BLOCK, 0, 1.0)])
+    with pytest.warns(vsink.errors.VsinkWarning, match="found on 'timm:vit_small_patch16_224' and is applied to "
+                      "'demo': register neurons are units of the model they were found on, so test-time registers "
+                      "and ablations of them"):
+        ablate(backbone, demo_images(), targets=["neurons"], neurons=spec, progress=False)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"images": "/tmp"}, "images must be a list of images"),
     ({"targets": "high-norm"}, "targets must be a list of names, got the str 'high-norm'"),

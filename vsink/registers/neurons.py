@@ -109,8 +109,9 @@ class NeuronSpec:
         found_on, applied_to = self.model.removesuffix(tower), backbone.spec.removesuffix(tower)
         if found_on and found_on != applied_to:
             warnings.warn(f"the neuron spec was found on {self.model!r} and is applied to {backbone.spec!r}: "
-                          "test-time registers fix only the model whose neurons they name (fine if both have the "
-                          "same weights)", VsinkWarning, stacklevel=3)
+                          "register neurons are units of the model they were found on, so test-time registers "
+                          "and ablations of them mean something only there (fine if both have the same weights)",
+                          VsinkWarning, stacklevel=3)
         for n in self.neurons:
             if not 0 <= n.layer < backbone.num_layers:
                 raise VsinkError(f"neuron spec: layer {n.layer} outside the {backbone.num_layers} blocks of {backbone.spec}")
