@@ -427,3 +427,22 @@ def test_dense_metrics_non_planted_neuron(demo):
     assert list(variants) == ["clean", "neurons@2:zero", "neurons@2:mean-images"]
     base = variants["clean"]["artifacts"]["outlier_fraction"]
     assert base > 0 and all(v["artifacts"]["outlier_fraction"] == base for v in list(variants.values())[1:])
+
+
+def test_the_figures_show_the_image_with_the_most_selected_tokens(demo):
+    """The figures showed image 0 whatever the selection: with sinks on images that have none, a
+    reader saw a cosine of 1 everywhere and an image the ablation never touched. Noise has no flat
+    patch, so the demo's planted neurons fire on none of it: the demo photo, second, must be shown."""
+    backbone, _ = demo
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    photo = demo_images()[0]
+    result = ablate(backbone, [noise, photo], ablations=["zero"], layers=[D.PLANTED_BLOCK], progress=False)
+    tokens = result.selections[0].tokens
+    assert tokens[0].sum() == 0 < tokens[1].sum()  # the planted mechanism: flat patches in the photo only
+    assert result.shown == 1 and result.to_json()["figure_image"] == result.images[1]
+    expected = np.asarray(load_batch([photo])[0][0].convert("RGB").resize((224, 224)))
+    assert np.array_equal(result.clean_maps["image"], expected)
+    alone = ablate(backbone, [photo], ablations=["zero"], layers=[D.PLANTED_BLOCK], progress=False)
+    np.testing.assert_allclose(result.rows[0].maps["cos"], alone.rows[0].maps["cos"], atol=1e-5)
+    np.testing.assert_allclose(result.clean_maps["norms"], alone.clean_maps["norms"], rtol=1e-5)
+    assert (result.rows[0].maps["cos"] < 0.999).any()  # the shown image is one the ablation changed

@@ -65,7 +65,7 @@ from .backbones.hooks import Hooks
 from .detect.attention import detect_sinks
 from .detect.massive import detect_massive
 from .detect.norms import HighNormResult, detect_high_norm, flag_at_reference
-from .errors import VsinkError, VsinkWarning
+from .errors import ImageError, VsinkError, VsinkWarning
 from .evaluate.stats import Bootstrap, bootstrap, interval_dict, ratio
 from .images import ImageSource, NamedImage, load_batch
 from .layout import TokenLayout
@@ -153,7 +153,8 @@ class AblationRow:
     max_ratio_after: float
     #: per measure of :data:`INTERVAL_MEASURES` that the row has: ``{"value", "low", "high"}`` over the images
     intervals: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: image 0's maps for the figures: final patch norms, class-token attention (last block), patch cosine
+    #: the figure image's maps (:attr:`AblationResult.shown`): final patch norms, class-token
+    #: attention (last block), patch cosine
     maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -181,9 +182,12 @@ class AblationResult:
     dense_ablation: Optional[dict[str, Any]] = None
     #: an LVLM's answers, clean and under every ablation (:class:`vsink.ablate_lvlm.AnswerMeasures`), or None
     answers: Optional[Any] = None
+    #: index in :attr:`images` of the image the figures show (:func:`shown_image`)
+    shown: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "vsink_version": __version__, "images": self.images, "skipped": self.skipped,
+                "figure_image": self.images[self.shown],
                 "layout": self.layout.to_dict(), "settings": self.settings,
                 "selections": [{"target": s.target, "layer": s.layer, "site": s.site, "tokens": s.count,
                                 "channels": s.channels} for s in self.selections],
@@ -349,9 +353,9 @@ def interval_statistic(sums: np.ndarray) -> np.ndarray:
 
 
 def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNormResult,
-            detect_kwargs: Mapping[str, Any], stats: Bootstrap = Bootstrap()) -> dict[str, Any]:
+            detect_kwargs: Mapping[str, Any], stats: Bootstrap = Bootstrap(), shown: int = 0) -> dict[str, Any]:
     """The measures of one ablated pass against the clean one, with their intervals over the
-    images (``stats``; see the module docstring)."""
+    images (``stats``; see the module docstring); the figure's maps are image ``shown``'s."""
     cos = _cosine(clean.features, ablated.features)  # [I, N]
     parts = layout.split(cos)
     mean = lambda t: float(t.mean()) if t.numel() else None  # noqa: E731
@@ -369,9 +373,10 @@ def measure(clean: Pass, ablated: Pass, layout: TokenLayout, high_norm: HighNorm
     tv_last = None if before is None else 0.5 * np.abs(after[-1] - before[-1]).sum(axis=-1)  # [I]
     iv = interval_dict(bootstrap(image_units(cos, layout, tv_last, per_image_output, left), interval_statistic,
                                  stats), INTERVAL_MEASURES)
-    maps = {"norms": ablated.trace.norms[-1][0, layout.patch_slice], "cos": layout.patches(cos, dim=1)[0].numpy()}
+    maps = {"norms": ablated.trace.norms[-1][shown, layout.patch_slice],
+            "cos": layout.patches(cos, dim=1)[shown].numpy()}
     if after is not None:
-        maps["cls_attention"] = after[-1, 0, layout.patch_slice]
+        maps["cls_attention"] = after[-1, shown, layout.patch_slice]
     return dict(
         cos_cls=mean(parts["cls"]),
         cos_registers=mean(parts["registers"]) if layout.total_registers else None,
@@ -464,6 +469,30 @@ def _layers(layers: Union[str, Sequence[int], None], backbone: Backbone, high_no
     return [emergence if emergence is not None else backbone.num_layers // 2]
 
 
+def shown_image(selections: Sequence[Selection]) -> int:
+    """The image the report's figures show: the one with the most selected tokens over all
+    selections (the first on ties, image 0 when nothing is selected), so a figure shows an
+    ablation where it happened rather than an image it left alone."""
+    if not selections:
+        return 0
+    counts = sum(s.tokens.sum(axis=1) for s in selections)
+    return int(np.argmax(counts))
+
+
+def _thumbnail(images: Sequence[Any], name: str, size: tuple[int, int]) -> Optional[np.ndarray]:
+    """The input named ``name`` at the model's input size, for the figures (None if it no longer
+    opens)."""
+    from .images import open_image, source_name
+
+    for i, item in enumerate(images):
+        if source_name(item, i) == name:
+            try:
+                return np.asarray(open_image(item).convert("RGB").resize((size[1], size[0])))
+            except (ImageError, OSError):
+                return None
+    return None
+
+
 def ablate(
     backbone: Backbone,
     images: Sequence[Union[ImageSource, NamedImage]],
@@ -529,7 +558,6 @@ def ablate(
     names: list[str] = []
     skipped: list[dict[str, str]] = []
     batches: list[torch.Tensor] = []
-    thumbnail = None
     for start in range(0, len(images), batch_size):
         batch, batch_names, failed = load_batch(images[start:start + batch_size], start)
         for entry in failed:
@@ -538,7 +566,6 @@ def ablate(
         if batch:
             batches.append(preprocess(batch) if preprocess is not None else backbone.preprocess(batch, size))
             names += batch_names
-            thumbnail = thumbnail or batch[0].convert("RGB").resize((size[1], size[0]))
     if not names:
         raise VsinkError("no image could be read")
     if "resample" in ablations and len(names) < 2:
@@ -562,6 +589,7 @@ def ablate(
                                   massive_ratio=massive_ratio) for l in chosen]
             if explicit == "auto" and selections[-1].count == 0:
                 _warn_auto_empty(target, chosen[0], first.trace, sink_ratio, massive_ratio)
+    shown = shown_image(selections)
     needs_clean = any(a != "zero" for a in ablations)
     sites = sorted({(s.site, s.layer) for s in selections}) if needs_clean else []
     clean = run_pass(backbone, batches, capture=sites) if sites else first  # the site values of the chosen blocks
@@ -580,18 +608,19 @@ def ablate(
             if each is not None:
                 each(selection, ablation, values)
             ablated = run_pass(backbone, batches, ablation=(selection, values))
-            measured = measure(clean, ablated, layout, high_norm, detect_kwargs, stats)
+            measured = measure(clean, ablated, layout, high_norm, detect_kwargs, stats, shown)
             rows.append(AblationRow(target=selection.target, layer=selection.layer, site=selection.site,
                                     ablation=ablation, tokens=selection.count, channels=selection.channels,
                                     **measured))
             bar.update(1)
     bar.close()
-    clean_maps = {"norms": clean.trace.norms[-1][0, layout.patch_slice]}
+    clean_maps = {"norms": clean.trace.norms[-1][shown, layout.patch_slice]}
     cls_maps = _cls_maps(clean.trace)
     if cls_maps is not None:
-        clean_maps["cls_attention"] = cls_maps[-1, 0, layout.patch_slice]
+        clean_maps["cls_attention"] = cls_maps[-1, shown, layout.patch_slice]
+    thumbnail = _thumbnail(images, names[shown], size)
     if thumbnail is not None:
-        clean_maps["image"] = np.asarray(thumbnail)
+        clean_maps["image"] = thumbnail
     settings = {"targets": list(targets), "ablations": list(ablations), "layers": chosen, "seed": seed,
                 "batch_size": batch_size, "input_size": list(size), "threshold": detect_kwargs,
                 "sink_ratio": sink_ratio, "massive_ratio": massive_ratio, "intervals": stats.to_dict(unit="image"),
@@ -604,7 +633,7 @@ def ablate(
             batch_size=batch_size, img_size=img_size, detect_kwargs=detect_kwargs, sink_ratio=sink_ratio,
             massive_ratio=massive_ratio, stats=stats, progress=progress)
     return AblationResult(model=backbone.spec, images=names, skipped=skipped, layout=layout, settings=settings,
-                          selections=selections, rows=rows, clean_maps=clean_maps,
+                          selections=selections, rows=rows, clean_maps=clean_maps, shown=shown,
                           synthetic=backbone.synthetic is not None, dense=dense_result,
                           dense_selections=dense_selections, dense_ablation=dense_record)
 

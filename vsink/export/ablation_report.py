@@ -1,6 +1,6 @@
 """The ``vsink ablate`` outputs: ``results.md`` (the table) and ``report.html`` (the table and one
-figure per target x layer: image 0's final patch norms, class-token attention and per-patch cosine
-to the clean features, one row per ablation under the clean row); with dense metrics also
+figure per target x layer: the final patch norms, class-token attention and per-patch cosine to the
+clean features of the image with the most selected tokens (``AblationResult.shown``), one row per ablation under the clean row); with dense metrics also
 ``dense.json``, ``dense.md`` and ``dense.html`` (:class:`vsink.evaluate.dense.DenseResult`'s own
 files) and their headline table in ``report.html``; for an LVLM (:mod:`vsink.ablate_lvlm`) the
 answers table (answers changed, yes/no flips, POPE with intervals, McNemar) in both."""
@@ -163,7 +163,7 @@ def ablation_figure(result: AblationResult, target: str, layer: int):
             values, vmin, vmax, (cmap, quantity) = panel
             im = ax.imshow(np.asarray(values, dtype=float).reshape(grid), vmin=vmin, vmax=vmax, cmap=cmap)
             colorbar(ax, im, label=quantity)
-    fig_.suptitle(f"{result.model}: {target} at block {layer} (image {result.images[0]})", fontsize=10)
+    fig_.suptitle(f"{result.model}: {target} at block {layer} (image {result.images[result.shown]})", fontsize=10)
     return fig_
 
 
