@@ -2,20 +2,20 @@
 hallucination demo's answers moved by an ablation in its tower exactly as the construction says
 (expected values worked out here from the demo's constants and each image's cells, never from
 vsink's output), a non-planted neuron that changes no answer, a tower block the language model
-does not read, the command, its report and its one-line refusals."""
+does not read, the command, its report and its one-line refusals (LLaVA-NeXT's tiles:
+tests/test_ablate_lvlm_tiles.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Callable
 
 import pytest
-import torch
 from PIL import Image
 
-from vsink.ablate_lvlm import _pixels, ablate_lvlm
+from lvlm_models import random_image, tiny_lvlm
+from vsink.ablate_lvlm import ablate_lvlm, image_tower_inputs
 from vsink.backbones.hf_lvlm import load_lvlm
 from vsink.cli import main
 from vsink.data import demo_halluc as dh
@@ -229,23 +229,16 @@ def test_cli_bad_lvlm_input_is_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("pixels, counts", [
-    (torch.zeros(1, 3, 3, 32, 32), None),  # LLaVA-NeXT: [1, crops, 3, H, W]
-    (torch.zeros(64, 1176), [64]),  # Qwen2-VL: flattened patches, counted by image_grid_thw
-], ids=["tiles", "flattened"])
-def test_a_family_without_one_tower_input_per_image_is_refused_in_one_line(pixels, counts):
-    """The selections are the tower's tokens of one [3, H, W] input per image; a processor that tiles
-    an image (LLaVA-NeXT's crops) or flattens its patches (Qwen2-VL) is refused, naming the shape.
-    The LVLM here is a stand-in that answers ``prepare`` and ``pixel_counts`` as those families do."""
-
-    class Tiled:
-        spec = "tiled"
-
-        def prepare(self, images, prompts):
-            return {"pixel_values": pixels}
-
-        def pixel_counts(self, inputs):
-            return counts
-
-    with pytest.raises(VsinkError, match=r"one tower input per image \(\[1, 3, H, W\].*" + re.escape(str(tuple(pixels.shape)))):
-        _pixels(Tiled(), Image.new("RGB", (32, 32)), "x")
+@pytest.mark.parametrize("family, shape", [
+    ("qwen2_vl", "(48, 96) (patches packed by image_grid_thw)"),  # [patches, C·T·p·p], counted by image_grid_thw
+    ("llava_onevision", "(1, 5, 3, 32, 32)"),  # base + tiles, its adapter does not cut them for the tower
+], ids=["packed", "onevision"])
+def test_a_family_without_tower_inputs_per_image_is_refused_in_one_line(family, shape):
+    """The selections are the tower's tokens of [3, H, W] tower inputs (an image, or each of its
+    LLaVA-NeXT tiles); a tower that reads packed patches (Qwen2-VL) or a family whose adapter does
+    not say how it cuts its tiles for the tower (LLaVA-OneVision) is refused, naming the shape."""
+    lvlm = tiny_lvlm(family)
+    with pytest.raises(VsinkError) as e:
+        image_tower_inputs(lvlm, random_image(0), "x")
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"tiny-{family}: ablating its vision tower needs")
+    assert str(e.value).endswith(f"pixel_values of shape {shape}")

@@ -510,7 +510,7 @@ def ablate(
     stats: Bootstrap = Bootstrap(),
     dense: Optional[tuple[Any, Any]] = None,
     dense_tasks: Optional[Sequence[str]] = None,
-    preprocess: Optional[Callable[[list[Any]], torch.Tensor]] = None,
+    preprocess: Optional[Callable[[list[Any], list[str]], torch.Tensor]] = None,
     each: Optional[EachAblation] = None,
     progress: bool = True,
 ) -> AblationResult:
@@ -532,8 +532,9 @@ def ablate(
             tasks (:mod:`vsink.ablate_dense`: every target, chosen again on each dense image, and
             every ablation, its values from the dense images' clean pass).
         dense_tasks: the dense tasks (default: all the dataset supports).
-        preprocess: a batch of PIL images → the model's pixel values (default: the backbone's own
-            preprocessing at ``img_size``); :mod:`vsink.ablate_lvlm` passes the LVLM's processor.
+        preprocess: a batch of PIL images and their names → the model's pixel values, one row per
+            image (default: the backbone's own preprocessing at ``img_size``); :mod:`vsink.ablate_lvlm`
+            passes the LVLM's processor (one "image" per tower input: an image's tiles are several).
         each: called with the selection, the ablation and its replacement values [I, N, C'] before
             each ablated pass (:mod:`vsink.ablate_lvlm` asks the LVLM its questions under it).
     """
@@ -564,7 +565,8 @@ def ablate(
             print(f"vsink: skipped {entry['reason']}", file=sys.stderr)
         skipped += failed
         if batch:
-            batches.append(preprocess(batch) if preprocess is not None else backbone.preprocess(batch, size))
+            batches.append(preprocess(batch, batch_names) if preprocess is not None
+                           else backbone.preprocess(batch, size))
             names += batch_names
     if not names:
         raise VsinkError("no image could be read")

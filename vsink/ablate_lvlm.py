@@ -20,8 +20,20 @@ ablation) the ablation is installed in the tower and the LVLM answers every ques
 
 The tower's own measures (feature cosines, class-token attention, high-norm tokens left) are
 reported as for a vision model. A block after the one the language model reads (LLaVA reads the
-second-to-last) cannot change any answer. The tower must see each image once as one
-``[3, H, W]`` input (LLaVA-1.5 style); a family that tiles or flattens images is refused.
+second-to-last) cannot change any answer.
+
+Tower inputs: the unit of the tower's side is one ``[3, H, W]`` tower input, as the LVLM's
+processor cuts it (:meth:`~vsink.backbones.hf_lvlm.LVLM.tower_inputs`): one per image for
+LLaVA-1.5, the base tile and the crops for LLaVA-NeXT (named ``IMAGE#tile0`` for the base,
+``#tile1``... for the crops). Each tile is selected on its own with the detector's rules, the
+detector's thresholds pool over every tile of every image (as over the images of a vision model),
+``mean-images`` averages over all tiles, ``resample`` pairs tiles (a tile may take another tile of
+its own image) and the tower's intervals resample tiles; the answers' statistics stay per image.
+When the LVLM answers, its batch's tower inputs are checked to be exactly (``torch.equal``) the
+tiles the selection was made on, row by row, before the ablation reads them. A family whose
+tower reads packed patches (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``[patches, C]`` with
+``image_grid_thw``) or whose adapter does not say how it cuts ``pixel_values`` (LLaVA-OneVision,
+InternVL, ...) is refused in one line.
 """
 
 from __future__ import annotations
@@ -105,29 +117,53 @@ def check_questions(questions: Sequence[Mapping[str, Any]]) -> None:
                              f"{', '.join(FIELDS)})")
 
 
-def _pixels(lvlm: Any, image: Any, prompt: str) -> torch.Tensor:
-    """The tower input of one image, [1, 3, H, W], from the LVLM's processor."""
+def image_tower_inputs(lvlm: Any, image: Any, prompt: str) -> torch.Tensor:
+    """The tower inputs of one image, ``[T, 3, H, W]`` (``T`` tiles; 1 for LLaVA-1.5 style), as the
+    LVLM's processor gives them for ``prompt``; a family without such inputs is refused in one line."""
     inputs = lvlm.prepare([image], [prompt])
-    pixels = inputs.get("pixel_values")
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[0] != 1 \
-            or lvlm.pixel_counts(inputs) is not None:
+    tiles = lvlm.tower_inputs(inputs)
+    if tiles is None:
+        pixels = inputs.get("pixel_values")
         shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else None
-        raise VsinkError(f"{lvlm.spec}: ablating its vision tower needs one tower input per image ([1, 3, H, W], "
-                         f"LLaVA-1.5 style); its processor gives pixel_values of shape {shape}")
-    return pixels
+        packed = " (patches packed by image_grid_thw)" if inputs.get("image_grid_thw") is not None else ""
+        raise VsinkError(f"{lvlm.spec}: ablating its vision tower needs its tower inputs as [3, H, W] images, one or "
+                         f"several tiles per image (LLaVA-1.5, LLaVA-NeXT); its processor gives pixel_values of "
+                         f"shape {shape}{packed}")
+    return tiles[0]
 
 
-def _answers(lvlm: Any, items: Sequence[Mapping[str, Any]], images: Mapping[str, Any], index: Mapping[str, int],
-             prompt: str, max_new_tokens: int, batch_size: int, current: list[int], bar: Any) -> list[str]:
-    """The LVLM's greedy answer to every question; ``current`` is set to each batch's image indices
+def tile_names(name: str, count: int) -> list[str]:
+    """The names of an image's ``count`` tower inputs: the image's own for one, else ``IMAGE#tileK``."""
+    return [name] if count == 1 else [f"{name}#tile{t}" for t in range(count)]
+
+
+def answer_batch(lvlm: Any, chunk: Sequence[Mapping[str, Any]], images: Mapping[str, Any],
+                 tiles: Mapping[str, torch.Tensor], rows: Mapping[str, list[int]], prompt: str
+                 ) -> tuple[dict[str, Any], list[int]]:
+    """The LVLM's inputs for a batch of questions and the tower rows its forward encodes, in order
+    (the ablation's indices of each question's image's tiles). Each question's tower inputs are
+    checked to be exactly ``tiles[image]``, the ones the selection was made on."""
+    inputs = lvlm.prepare([images[q["image"]] for q in chunk], [prompt.format(question=q["text"]) for q in chunk])
+    got = lvlm.tower_inputs(inputs)
+    for q, pixels in zip(chunk, got or [None] * len(chunk)):
+        own = tiles[q["image"]]
+        if pixels is None or pixels.shape != own.shape or not torch.equal(pixels, own.to(pixels.device)):
+            raise VsinkError(f"{lvlm.spec}: question {q['question_id']}: the tower inputs of its image "
+                             f"{q['image']!r} in a batch are not the ones its ablation was chosen on")
+    return inputs, [r for q in chunk for r in rows[q["image"]]]
+
+
+def _answers(lvlm: Any, items: Sequence[Mapping[str, Any]], images: Mapping[str, Any],
+             tiles: Mapping[str, torch.Tensor], rows: Mapping[str, list[int]], prompt: str, max_new_tokens: int,
+             batch_size: int, current: list[int], bar: Any) -> list[str]:
+    """The LVLM's greedy answer to every question; ``current`` is set to each batch's tower rows
     (read by an installed ablation)."""
     from .lvlm import generate
 
     texts: list[str] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        inputs = lvlm.prepare([images[q["image"]] for q in chunk], [prompt.format(question=q["text"]) for q in chunk])
-        current[:] = [index[q["image"]] for q in chunk]
+        inputs, current[:] = answer_batch(lvlm, chunk, images, tiles, rows, prompt)
         texts += [t.strip() for t in generate(lvlm, inputs, max_new_tokens=max_new_tokens).texts]
         bar.update(len(chunk))
     return texts
@@ -163,7 +199,7 @@ def ablate_lvlm(
         images_dir: the folder their ``image`` names are in.
         targets, ablations, layers, neurons, seed, threshold, sink_ratio, massive_ratio, stats: as
             for :func:`vsink.ablate.ablate`, in the tower (``layers``: tower blocks; ``batch_size``:
-            images per tower pass and questions per generate call).
+            tower inputs per tower pass and questions per generate call).
         prompt: the prompt of each question (``{question}``: its text).
         parser: the POPE answer parser (``official`` or ``strict``).
         max_new_tokens: tokens generated per answer.
@@ -186,17 +222,21 @@ def ablate_lvlm(
     if not images:
         raise VsinkError(f"no question's image could be read in {images_dir} (first problem: {skipped[0]['reason']})")
     names = list(images)
-    index = {n: i for i, n in enumerate(names)}
+    tiles = {n: image_tower_inputs(lvlm, images[n], prompt.format(question="")) for n in names}
+    shapes = sorted({tuple(t.shape[1:]) for t in tiles.values()})
+    if len(shapes) > 1:
+        raise VsinkError(f"{lvlm.spec}: its processor gives the images different tower inputs {shapes}; "
+                         "ablating the tower needs one input size")
+    inputs: dict[str, torch.Tensor] = {}  # tower input name -> [1, 3, H, W]
+    rows: dict[str, list[int]] = {}  # image -> its tower inputs' rows
+    for n in names:
+        for t, tile_name in enumerate(tile_names(n, tiles[n].shape[0])):
+            rows.setdefault(n, []).append(len(inputs))
+            inputs[tile_name] = tiles[n][t:t + 1]
     items = [dict(q) for q in questions if q["image"] in images]
-    shapes: set[tuple[int, ...]] = set()
 
-    def preprocess(batch: list[Any]) -> torch.Tensor:
-        pixels = [_pixels(lvlm, image, prompt.format(question="")) for image in batch]
-        shapes.update(tuple(p.shape[1:]) for p in pixels)
-        if len(shapes) > 1:
-            raise VsinkError(f"{lvlm.spec}: its processor gives the images different tower inputs {sorted(shapes)}; "
-                             "ablating the tower needs one input size")
-        return torch.cat(pixels)
+    def preprocess(batch: list[Any], batch_names: list[str]) -> torch.Tensor:
+        return torch.cat([inputs[n] for n in batch_names])
 
     bar = tqdm(total=len(items) * (1 + len(targets) * len(ablations)), desc="answers", unit="question",
                disable=not progress)
@@ -204,16 +244,18 @@ def ablate_lvlm(
     clean: list[str] = []
     runs: dict[str, tuple[Selection, str, list[str]]] = {}
 
+    def answers() -> list[str]:
+        return _answers(lvlm, items, images, tiles, rows, prompt, max_new_tokens, batch_size, current, bar)
+
     def each(selection: Selection, ablation: str, values: torch.Tensor) -> None:
         if not clean:  # the clean answers once ablate() has checked everything, before any ablation is installed
-            clean.extend(_answers(lvlm, items, images, index, prompt, max_new_tokens, batch_size, current, bar))
+            clean.extend(answers())
         with install_ablation(tower, selection, values, current):
-            runs[f"{selection.target}@{selection.layer}:{ablation}"] = (
-                selection, ablation, _answers(lvlm, items, images, index, prompt, max_new_tokens, batch_size, current,
-                                              bar))
+            runs[f"{selection.target}@{selection.layer}:{ablation}"] = (selection, ablation, answers())
 
     try:
-        result = ablate(tower, [NamedImage(n, images[n]) for n in names], targets=targets, ablations=ablations,
+        result = ablate(tower, [NamedImage(t, images[n]) for n in names
+                                for t in tile_names(n, tiles[n].shape[0])], targets=targets, ablations=ablations,
                         layers=layers, neurons=neurons, seed=seed, batch_size=batch_size, threshold=threshold,
                         sink_ratio=sink_ratio, massive_ratio=massive_ratio, stats=stats, preprocess=preprocess,
                         each=each, progress=progress)
@@ -222,7 +264,8 @@ def ablate_lvlm(
     result.skipped = skipped
     result.synthetic = result.synthetic or bool(lvlm.synthetic)
     result.answers = measure_answers(lvlm.spec, items, clean, runs, parser, stats, skipped)
-    result.answers.settings.update(prompt=prompt, max_new_tokens=max_new_tokens, images_dir=str(images_dir))
+    result.answers.settings.update(prompt=prompt, max_new_tokens=max_new_tokens, images_dir=str(images_dir),
+                                   tower_inputs={n: len(rows[n]) for n in names})
     result.settings["lvlm"] = {"model": lvlm.spec, "questions": len(items), **result.answers.settings}
     return result
 

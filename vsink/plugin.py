@@ -81,6 +81,7 @@ BACKBONE_MEMBERS = ("blocks", "num_heads", "dynamic_size", "_token_counts", "_ru
 LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "generated_token_type", "image_grid", "span_grids", "overview_span",
                 "view_box", "vision_tower",
                 "tower_patches_are_image_tokens", "text_position_ids", "image_spans", "attention_groups", "placeholder", "processor_images", "pixel_counts",
+                "tower_inputs",
                 "scan_options", "load_model", "refuses", "mrope", "tower_is_backbone", "deepstack_layers",
                 "deepstack_tower_blocks", "observe_deepstack", "inject_deepstack")
 #: what a mitigation implements (``_install``) and may override

@@ -406,6 +406,19 @@ class LVLM:
         grid = inputs.get("image_grid_thw")
         return None if grid is None else [int(n) for n in grid.prod(-1)]
 
+    def tower_inputs(self, inputs: dict[str, Any]) -> Optional[list[torch.Tensor]]:
+        """Each batch row's inputs to the vision tower, ``[T, 3, H, W]``, in the order the model
+        encodes them (row after row, one tower input per ``[3, H, W]``), or None where the tower does
+        not take such inputs one by one (packed patches, or a family that does not say how it cuts
+        ``pixel_values``). Default: a ``[B, 3, H, W]`` ``pixel_values`` with one entry per row
+        (LLaVA-1.5 style: ``T`` = 1)."""
+        pixels = inputs.get("pixel_values")
+        rows = int(inputs["input_ids"].shape[0]) if "input_ids" in inputs else None
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or self.pixel_counts(inputs) is not None \
+                or pixels.shape[0] != rows:
+            return None
+        return [pixels[i:i + 1] for i in range(rows)]
+
     def scan_options(self) -> dict[str, Any]:
         """Processor options for ``vsink scan --prompt`` (a scan's layout needs one image span per
         row; families that split an image into separate runs turn that off here). Default: none."""

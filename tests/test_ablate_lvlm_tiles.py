@@ -1,0 +1,213 @@
+"""LVLM ablations on a tiling family (vsink/ablate_lvlm.py on a tiny LLaVA-NeXT): every tile is one
+tower input, selected on its own; the ablation reaches exactly the selected tokens of every tile
+when the LVLM answers, checked against plain PyTorch hooks written here on the CLIP encoder
+(never vsink's hooks); an empty selection changes nothing; the command runs on a saved model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvlm_models import random_image, tiny_lvlm
+from vsink.ablate import Selection, install_ablation
+from vsink.ablate_lvlm import ablate_lvlm, answer_batch, image_tower_inputs
+from vsink.cli import main
+from vsink.errors import VsinkError
+from vsink.io import write_jsonl
+from vsink.lvlm import generate
+
+#: (name, (width, height)) of the images. The tiny LLaVA-NeXT's tiles are 32 × 32 over the
+#: pinpoints (32, 32), (32, 64), (64, 32) (height, width): a square image fits 1 × 1 (its base tile
+#: and one crop: 2 tiles), a 64 × 32 one 1 × 2 and a 32 × 64 one 2 × 1 (base and two crops: 3 tiles)
+IMAGES = (("square.png", (32, 32)), ("wide.png", (64, 32)), ("tall.png", (32, 64)))
+TILES = {"square.png": 2, "wide.png": 3, "tall.png": 3}
+#: each image's tiles' rows among the tower inputs, the images in the order of IMAGES
+ROWS = {"square.png": [0, 1], "wide.png": [2, 3, 4], "tall.png": [5, 6, 7]}
+PATCHES = 16  # 4 × 4 patches of 8 pixels after the class token
+MAX_NEW = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiles")
+    for i, (name, size) in enumerate(IMAGES):
+        random_image(i, size).save(root / name)
+    questions = [{"question_id": i, "image": name, "object": obj, "split": "random", "label": label,
+                  "text": f"is there a {obj} ?"}
+                 for i, (name, obj, label) in enumerate((("square.png", "cat", "yes"), ("wide.png", "dog", "no"),
+                                                         ("tall.png", "cat", "no"), ("wide.png", "cat", "yes")))]
+    return tiny_lvlm("llava_next"), questions, root
+
+
+def tiled(lvlm, root):
+    """The images and each one's tower inputs."""
+    images = {name: Image.open(root / name).convert("RGB") for name, _ in IMAGES}
+    return images, {name: image_tower_inputs(lvlm, im, "x") for name, im in images.items()}
+
+
+def encoder(lvlm):
+    return lvlm.model.model.vision_tower.encoder.layers
+
+
+def plain_zero(layer, masks):
+    """A forward hook of my own on CLIP encoder layer ``layer`` that zeroes the tokens ``masks`` [rows, N]."""
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = torch.where(masks[..., None], torch.zeros_like(hidden), hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    return layer.register_forward_hook(hook)
+
+
+def block0_outputs(lvlm, inputs, store):
+    """Capture block 0's output as block 1 reads it (a forward pre-hook of my own), then run the LVLM."""
+    handle = encoder(lvlm)[1].register_forward_pre_hook(lambda m, args: store.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            return lvlm.model(**inputs).logits
+    finally:
+        handle.remove()
+
+
+def test_each_image_is_its_tiles_as_the_model_encodes_them(setup):
+    """The tower inputs of an image are the processor's tiles cut to the count the model keeps
+    (TILES, worked out from the pinpoints); in a batch the processor pads the square image to 3
+    tiles, and the model's tower still reads 2 + 3 rows: the tiles answer_batch hands the ablation,
+    after checking they are the tiles the selection was made on (other pixels are refused)."""
+    lvlm, questions, root = setup
+    images, tiles = tiled(lvlm, root)
+    assert {n: t.shape[0] for n, t in tiles.items()} == TILES
+    chunk = questions[:2]
+    inputs, current = answer_batch(lvlm, chunk, images, tiles, ROWS, "{question}")
+    assert inputs["pixel_values"].shape[:2] == (2, 3) and current == [0, 1, 2, 3, 4]
+    seen = []
+    handle = encoder(lvlm)[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            lvlm.model(**inputs)
+    finally:
+        handle.remove()
+    assert seen == [5]
+    with pytest.raises(VsinkError, match=r"question 0: the tower inputs of its image 'square.png' in a batch are not"):
+        answer_batch(lvlm, chunk, images, {**tiles, "square.png": tiles["square.png"] + 1}, ROWS, "{question}")
+
+
+def test_an_ablation_reaches_exactly_its_tokens_in_every_tile_when_the_lvlm_answers(setup):
+    """A fixed selection, different in every tile (tile row r: patch token 1 + r % 16, and the
+    class token of the wide image's tiles), zeroed at block 0 through vsink's install_ablation and
+    answer_batch: block 0's output changes at exactly those tokens of every tile of the batch and
+    nowhere else, and the logits equal those of my own hook zeroing the same tokens."""
+    lvlm, questions, root = setup
+    images, tiles = tiled(lvlm, root)
+    tokens = np.zeros((8, 1 + PATCHES), dtype=bool)
+    for r in range(8):
+        tokens[r, 1 + r % PATCHES] = True
+    tokens[ROWS["wide.png"], 0] = True
+    selection = Selection("registers", 0, "block_output", tokens)
+    values = torch.zeros(8, 1 + PATCHES, 32)
+    inputs, current = answer_batch(lvlm, questions, images, tiles, ROWS, "{question}")
+    # the tower reads the questions' images' tiles in order: square (0-1), wide (2-4), tall (5-7), wide
+    expected = torch.as_tensor(tokens[[0, 1, 2, 3, 4, 5, 6, 7, 2, 3, 4]])
+
+    clean, ablated = [], []
+    clean_logits = block0_outputs(lvlm, inputs, clean)
+    with install_ablation(lvlm.vision_backbone(), selection, values, current):
+        logits = block0_outputs(lvlm, inputs, ablated)
+    changed = (clean[0] != ablated[0]).any(-1)
+    assert torch.equal(changed, expected) and (ablated[0][expected] == 0).all()
+    assert not torch.equal(logits, clean_logits)
+
+    handle = plain_zero(encoder(lvlm)[0], expected)
+    try:
+        with torch.no_grad():
+            mine = lvlm.model(**inputs).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, mine, rtol=0, atol=1e-6)
+
+
+def test_an_empty_selection_changes_no_answer_and_no_logit(setup):
+    """A threshold no norm reaches selects nothing: zeroing it leaves every answer (ablate_lvlm) and
+    the logits (the same selection installed by hand on the batch) exactly as clean."""
+    lvlm, questions, root = setup
+    result = ablate_lvlm(lvlm, questions, root, targets=["high-norm"], ablations=["zero"], layers=[0],
+                         threshold=1e9, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
+    selection = result.selections[0]
+    assert selection.tokens.shape == (8, 1 + PATCHES) and selection.count == 0
+    row = result.answers.rows[0]
+    assert (row.answers_changed, row.yes_no_flips, row.changed) == (0, 0, [])
+    assert result.rows[0].cos_patches == 1.0
+
+    images, tiles = tiled(lvlm, root)
+    inputs, current = answer_batch(lvlm, questions, images, tiles, ROWS, "{question}")
+    with torch.no_grad():
+        clean = lvlm.model(**inputs).logits
+        with install_ablation(lvlm.vision_backbone(), selection, torch.zeros(8, 1 + PATCHES, 32), current):
+            ablated = lvlm.model(**inputs).logits
+    assert torch.equal(clean, ablated)
+
+
+def test_high_norm_tokens_are_selected_per_tile_and_the_answers_follow_a_plain_hook(setup):
+    """With an absolute threshold the high-norm target of each tile is its patch tokens whose block-0
+    output norm exceeds it, the norms pooled over every tile of every image (computed here from
+    the CLIP tower's own hidden states on the processor's tiles). Zeroing them, every answer is the
+    one greedy decoding gives under my own hook zeroing those tokens of each tile."""
+    lvlm, questions, root = setup
+    images = {name: Image.open(root / name).convert("RGB") for name, _ in IMAGES}
+    prompt = "{question}\nAnswer the question using a single word or phrase."
+    order = list(dict.fromkeys(q["image"] for q in questions))  # the tiles' order: images as first asked
+    tiles = torch.cat([image_tower_inputs(lvlm, images[n], prompt.format(question="")) for n in order])
+    with torch.no_grad():
+        hidden = lvlm.model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[1]
+    norms = hidden[:, 1:].float().norm(dim=-1)  # [8 tiles, 16 patches], block 0's output
+    pooled = norms.flatten().sort().values
+    i = int(0.8 * pooled.numel())
+    assert pooled[i + 1] - pooled[i] > 1e-3  # no knife edge between the flagged and the rest
+    threshold = float(pooled[i] + pooled[i + 1]) / 2
+    expected = torch.cat([torch.zeros(8, 1, dtype=torch.bool), norms > threshold], dim=1)
+
+    result = ablate_lvlm(lvlm, questions, root, targets=["high-norm"], ablations=["zero"], layers=[0],
+                         threshold=threshold, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
+    assert result.images == [f"{n}#tile{t}" for n in order for t in range(TILES[n])]
+    assert torch.equal(torch.as_tensor(result.selections[0].tokens), expected)
+    assert result.answers.settings["tower_inputs"] == {n: TILES[n] for n in order}
+
+    start = {n: sum(TILES[m] for m in order[:order.index(n)]) for n in order}
+    batch = [images[q["image"]] for q in questions]
+    inputs = lvlm.prepare(batch, [prompt.format(question=q["text"]) for q in questions])
+    clean = [t.strip() for t in generate(lvlm, inputs, max_new_tokens=MAX_NEW).texts]
+    masks = torch.cat([expected[start[q["image"]]:start[q["image"]] + TILES[q["image"]]] for q in questions])
+    handle = plain_zero(encoder(lvlm)[0], masks)
+    try:
+        mine = [t.strip() for t in generate(lvlm, inputs, max_new_tokens=MAX_NEW).texts]
+    finally:
+        handle.remove()
+    changed = [{"question_id": q["question_id"], "image": q["image"], "clean": a, "ablated": b}
+               for q, a, b in zip(questions, clean, mine) if a != b]
+    assert result.answers.rows[0].changed == changed
+
+
+def test_cli_on_a_saved_llava_next_writes_results_and_report(setup, tmp_path, capsys):
+    """``vsink ablate --model DIR --questions`` on a saved tiny LLaVA-NeXT: one row per tile in the
+    tower's selections, the answers table, results.json and the HTML report."""
+    from vsink.data.demo_lvlm import build_tiny_llava_next
+
+    _, questions, root = setup
+    model, processor = build_tiny_llava_next()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    write_jsonl(tmp_path / "q.jsonl", questions)
+    out = tmp_path / "abl"
+    assert main(["ablate", str(root), "--model", str(tmp_path / "m"), "--questions", str(tmp_path / "q.jsonl"),
+                 "--targets", "high-norm", "--layers", "0", "--threshold", "sigma:1", "--max-new-tokens",
+                 str(MAX_NEW), "--out", str(out), "--no-progress"]) == 0
+    assert "| clean |" in capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert data["images"][:2] == ["square.png#tile0", "square.png#tile1"] and len(data["images"]) == 8
+    assert data["selections"][0]["tokens"] > 0
+    assert data["answers"]["questions"] == 4 and data["settings"]["lvlm"]["tower_inputs"]["wide.png"] == 3
+    assert [r["name"] for r in data["answers"]["rows"]] == ["high-norm@0:zero"]
+    assert "LVLM answers under ablation" in (out / "report.html").read_text()
