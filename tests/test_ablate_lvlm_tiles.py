@@ -1,18 +1,21 @@
-"""LVLM ablations on a tiling family (vsink/ablate_lvlm.py on a tiny LLaVA-NeXT): every tile is one
-tower input, selected on its own; the ablation reaches exactly the selected tokens of every tile
-when the LVLM answers, checked against plain PyTorch hooks written here on the CLIP encoder
-(never vsink's hooks); an empty selection changes nothing; the command runs on a saved model."""
+"""LVLM ablations on tiling families (vsink/ablate_lvlm.py on a tiny LLaVA-NeXT and a tiny InternVL):
+every tile is one tower input, selected on its own; the ablation reaches exactly the selected
+tokens of every tile when the LVLM answers, checked against plain PyTorch hooks written here on
+the tower's encoder layers (never vsink's hooks); an empty selection changes nothing; the command
+runs on a saved model."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lvlm_models import random_image, tiny_lvlm
+from lvlm_models import BUILDERS, random_image, tiny_lvlm
 from vsink.ablate import Selection, install_ablation
 from vsink.ablate_lvlm import ablate_lvlm, answer_batch, image_tower_inputs
 from vsink.cli import main
@@ -20,19 +23,49 @@ from vsink.errors import VsinkError
 from vsink.io import write_jsonl
 from vsink.lvlm import generate
 
-#: (name, (width, height)) of the images. The tiny LLaVA-NeXT's tiles are 32 × 32 over the
-#: pinpoints (32, 32), (32, 64), (64, 32) (height, width): a square image fits 1 × 1 (its base tile
-#: and one crop: 2 tiles), a 64 × 32 one 1 × 2 and a 32 × 64 one 2 × 1 (base and two crops: 3 tiles)
+#: (name, (width, height)) of the images, all cut into 32 × 32 tiles
 IMAGES = (("square.png", (32, 32)), ("wide.png", (64, 32)), ("tall.png", (32, 64)))
-TILES = {"square.png": 2, "wide.png": 3, "tall.png": 3}
-#: each image's tiles' rows among the tower inputs, the images in the order of IMAGES
-ROWS = {"square.png": [0, 1], "wide.png": [2, 3, 4], "tall.png": [5, 6, 7]}
 PATCHES = 16  # 4 × 4 patches of 8 pixels after the class token
+WIDTH = 32  # the tiny towers' hidden size
 MAX_NEW = 3
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@dataclass
+class Family:
+    """A tiling family's tiny model: each image's tile count, worked out from its processor's rules,
+    the tower's encoder layers, and ``pixel_values``' shape for the square and the wide image."""
+
+    tiles: dict[str, int]
+    layers: Callable[[Any], Any]
+    batch_pixels: tuple[int, ...]
+    #: whether zeroing the high-norm tokens changes a greedy answer of the random tiny model
+    answers_move: bool
+
+    @property
+    def rows(self) -> dict[str, list[int]]:
+        """Each image's tiles' rows among the tower inputs, the images in the order of IMAGES."""
+        out, start = {}, 0
+        for name, _ in IMAGES:
+            out[name] = list(range(start, start + self.tiles[name]))
+            start += self.tiles[name]
+        return out
+
+
+FAMILIES = {
+    # pinpoints (32, 32), (32, 64), (64, 32) (height, width): a square image fits 1 × 1 (its base tile
+    # and one crop: 2), a 64 × 32 one 1 × 2 and a 32 × 64 one 2 × 1 (base and two crops: 3); the
+    # processor pads a batch's [B, T, 3, H, W] to its longest image
+    "llava_next": Family({"square.png": 2, "wide.png": 3, "tall.png": 3},
+                         lambda lvlm: lvlm.model.model.vision_tower.encoder.layers, (2, 3, 3, 32, 32), True),
+    # 1 to 4 tiles over the grid closest to the aspect ratio: a square image is 1 tile (no thumbnail),
+    # a 64 × 32 or 32 × 64 one 2 tiles plus the thumbnail; every tile of the batch in one [tiles, 3, H, W]
+    "internvl": Family({"square.png": 1, "wide.png": 3, "tall.png": 3},
+                       lambda lvlm: lvlm.model.model.vision_tower.encoder.layer, (4, 3, 32, 32), False),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def setup(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiles")
     for i, (name, size) in enumerate(IMAGES):
         random_image(i, size).save(root / name)
@@ -40,7 +73,7 @@ def setup(tmp_path_factory):
                   "text": f"is there a {obj} ?"}
                  for i, (name, obj, label) in enumerate((("square.png", "cat", "yes"), ("wide.png", "dog", "no"),
                                                          ("tall.png", "cat", "no"), ("wide.png", "cat", "yes")))]
-    return tiny_lvlm("llava_next"), questions, root
+    return request.param, tiny_lvlm(request.param), questions, root
 
 
 def tiled(lvlm, root):
@@ -49,12 +82,8 @@ def tiled(lvlm, root):
     return images, {name: image_tower_inputs(lvlm, im, "x") for name, im in images.items()}
 
 
-def encoder(lvlm):
-    return lvlm.model.model.vision_tower.encoder.layers
-
-
 def plain_zero(layer, masks):
-    """A forward hook of my own on CLIP encoder layer ``layer`` that zeroes the tokens ``masks`` [rows, N]."""
+    """A forward hook of my own on encoder layer ``layer`` that zeroes the tokens ``masks`` [rows, N]."""
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = torch.where(masks[..., None], torch.zeros_like(hidden), hidden)
@@ -62,9 +91,9 @@ def plain_zero(layer, masks):
     return layer.register_forward_hook(hook)
 
 
-def block0_outputs(lvlm, inputs, store):
+def block0_outputs(lvlm, layers, inputs, store):
     """Capture block 0's output as block 1 reads it (a forward pre-hook of my own), then run the LVLM."""
-    handle = encoder(lvlm)[1].register_forward_pre_hook(lambda m, args: store.append(args[0].detach().clone()))
+    handle = layers[1].register_forward_pre_hook(lambda m, args: store.append(args[0].detach().clone()))
     try:
         with torch.no_grad():
             return lvlm.model(**inputs).logits
@@ -73,26 +102,30 @@ def block0_outputs(lvlm, inputs, store):
 
 
 def test_each_image_is_its_tiles_as_the_model_encodes_them(setup):
-    """The tower inputs of an image are the processor's tiles cut to the count the model keeps
-    (TILES, worked out from the pinpoints); in a batch the processor pads the square image to 3
-    tiles, and the model's tower still reads 2 + 3 rows: the tiles answer_batch hands the ablation,
-    after checking they are the tiles the selection was made on (other pixels are refused)."""
-    lvlm, questions, root = setup
+    """The tower inputs of an image are its tiles as the model reads them (Family.tiles, worked out
+    from the processor's rules); a batch of the square and the wide image is ``batch_pixels`` in
+    ``pixel_values`` (LLaVA-NeXT pads the square image to 3 tiles) and the tower still reads
+    exactly their tiles, in order: the rows answer_batch hands the ablation, after checking they
+    are the tiles the selection was made on (other pixels are refused)."""
+    name, lvlm, questions, root = setup
+    family = FAMILIES[name]
+    total = sum(family.tiles.values())
     images, tiles = tiled(lvlm, root)
-    assert {n: t.shape[0] for n, t in tiles.items()} == TILES
+    assert {n: t.shape[0] for n, t in tiles.items()} == family.tiles
     chunk = questions[:2]
-    inputs, current = answer_batch(lvlm, chunk, images, tiles, ROWS, "{question}")
-    assert inputs["pixel_values"].shape[:2] == (2, 3) and current == [0, 1, 2, 3, 4]
+    inputs, current = answer_batch(lvlm, chunk, images, tiles, family.rows, "{question}")
+    assert tuple(inputs["pixel_values"].shape) == family.batch_pixels
+    assert current == family.rows["square.png"] + family.rows["wide.png"]
     seen = []
-    handle = encoder(lvlm)[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    handle = family.layers(lvlm)[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     try:
         with torch.no_grad():
             lvlm.model(**inputs)
     finally:
         handle.remove()
-    assert seen == [5]
+    assert seen == [len(current)]
     with pytest.raises(VsinkError, match=r"question 0: the tower inputs of its image 'square.png' in a batch are not"):
-        answer_batch(lvlm, chunk, images, {**tiles, "square.png": tiles["square.png"] + 1}, ROWS, "{question}")
+        answer_batch(lvlm, chunk, images, {**tiles, "square.png": tiles["square.png"] + 1}, family.rows, "{question}")
 
 
 def test_an_ablation_reaches_exactly_its_tokens_in_every_tile_when_the_lvlm_answers(setup):
@@ -100,27 +133,30 @@ def test_an_ablation_reaches_exactly_its_tokens_in_every_tile_when_the_lvlm_answ
     class token of the wide image's tiles), zeroed at block 0 through vsink's install_ablation and
     answer_batch: block 0's output changes at exactly those tokens of every tile of the batch and
     nowhere else, and the logits equal those of my own hook zeroing the same tokens."""
-    lvlm, questions, root = setup
+    name, lvlm, questions, root = setup
+    family = FAMILIES[name]
+    total = sum(family.tiles.values())
     images, tiles = tiled(lvlm, root)
-    tokens = np.zeros((8, 1 + PATCHES), dtype=bool)
-    for r in range(8):
+    tokens = np.zeros((total, 1 + PATCHES), dtype=bool)
+    for r in range(total):
         tokens[r, 1 + r % PATCHES] = True
-    tokens[ROWS["wide.png"], 0] = True
+    tokens[family.rows["wide.png"], 0] = True
     selection = Selection("registers", 0, "block_output", tokens)
-    values = torch.zeros(8, 1 + PATCHES, 32)
-    inputs, current = answer_batch(lvlm, questions, images, tiles, ROWS, "{question}")
-    # the tower reads the questions' images' tiles in order: square (0-1), wide (2-4), tall (5-7), wide
-    expected = torch.as_tensor(tokens[[0, 1, 2, 3, 4, 5, 6, 7, 2, 3, 4]])
+    values = torch.zeros(total, 1 + PATCHES, WIDTH)
+    inputs, current = answer_batch(lvlm, questions, images, tiles, family.rows, "{question}")
+    # the tower reads the questions' images' tiles in order: square, wide, tall, wide again
+    rows = family.rows
+    expected = torch.as_tensor(tokens[rows["square.png"] + rows["wide.png"] + rows["tall.png"] + rows["wide.png"]])
 
     clean, ablated = [], []
-    clean_logits = block0_outputs(lvlm, inputs, clean)
+    clean_logits = block0_outputs(lvlm, family.layers(lvlm), inputs, clean)
     with install_ablation(lvlm.vision_backbone(), selection, values, current):
-        logits = block0_outputs(lvlm, inputs, ablated)
+        logits = block0_outputs(lvlm, family.layers(lvlm), inputs, ablated)
     changed = (clean[0] != ablated[0]).any(-1)
     assert torch.equal(changed, expected) and (ablated[0][expected] == 0).all()
     assert not torch.equal(logits, clean_logits)
 
-    handle = plain_zero(encoder(lvlm)[0], expected)
+    handle = plain_zero(family.layers(lvlm)[0], expected)
     try:
         with torch.no_grad():
             mine = lvlm.model(**inputs).logits
@@ -132,20 +168,22 @@ def test_an_ablation_reaches_exactly_its_tokens_in_every_tile_when_the_lvlm_answ
 def test_an_empty_selection_changes_no_answer_and_no_logit(setup):
     """A threshold no norm reaches selects nothing: zeroing it leaves every answer (ablate_lvlm) and
     the logits (the same selection installed by hand on the batch) exactly as clean."""
-    lvlm, questions, root = setup
+    name, lvlm, questions, root = setup
+    family = FAMILIES[name]
+    total = sum(family.tiles.values())
     result = ablate_lvlm(lvlm, questions, root, targets=["high-norm"], ablations=["zero"], layers=[0],
                          threshold=1e9, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
     selection = result.selections[0]
-    assert selection.tokens.shape == (8, 1 + PATCHES) and selection.count == 0
+    assert selection.tokens.shape == (total, 1 + PATCHES) and selection.count == 0
     row = result.answers.rows[0]
     assert (row.answers_changed, row.yes_no_flips, row.changed) == (0, 0, [])
     assert result.rows[0].cos_patches == 1.0
 
     images, tiles = tiled(lvlm, root)
-    inputs, current = answer_batch(lvlm, questions, images, tiles, ROWS, "{question}")
+    inputs, current = answer_batch(lvlm, questions, images, tiles, family.rows, "{question}")
     with torch.no_grad():
         clean = lvlm.model(**inputs).logits
-        with install_ablation(lvlm.vision_backbone(), selection, torch.zeros(8, 1 + PATCHES, 32), current):
+        with install_ablation(lvlm.vision_backbone(), selection, torch.zeros(total, 1 + PATCHES, WIDTH), current):
             ablated = lvlm.model(**inputs).logits
     assert torch.equal(clean, ablated)
 
@@ -153,34 +191,37 @@ def test_an_empty_selection_changes_no_answer_and_no_logit(setup):
 def test_high_norm_tokens_are_selected_per_tile_and_the_answers_follow_a_plain_hook(setup):
     """With an absolute threshold the high-norm target of each tile is its patch tokens whose block-0
     output norm exceeds it, the norms pooled over every tile of every image (computed here from
-    the CLIP tower's own hidden states on the processor's tiles). Zeroing them, every answer is the
-    one greedy decoding gives under my own hook zeroing those tokens of each tile."""
-    lvlm, questions, root = setup
-    images = {name: Image.open(root / name).convert("RGB") for name, _ in IMAGES}
+    the tower's own hidden states on the processor's tiles). Zeroing them, every answer is the
+    one greedy decoding gives under my own hook zeroing those tokens of each tile, and so are the
+    logits of the questions' batch."""
+    name, lvlm, questions, root = setup
+    family = FAMILIES[name]
+    total = sum(family.tiles.values())
+    images = {image: Image.open(root / image).convert("RGB") for image, _ in IMAGES}
     prompt = "{question}\nAnswer the question using a single word or phrase."
     order = list(dict.fromkeys(q["image"] for q in questions))  # the tiles' order: images as first asked
     tiles = torch.cat([image_tower_inputs(lvlm, images[n], prompt.format(question="")) for n in order])
     with torch.no_grad():
-        hidden = lvlm.model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[1]
-    norms = hidden[:, 1:].float().norm(dim=-1)  # [8 tiles, 16 patches], block 0's output
+        hidden = lvlm.model.model.vision_tower(pixel_values=tiles, output_hidden_states=True).hidden_states[1]
+    norms = hidden[:, 1:].float().norm(dim=-1)  # [tiles, 16 patches], block 0's output
     pooled = norms.flatten().sort().values
     i = int(0.8 * pooled.numel())
     assert pooled[i + 1] - pooled[i] > 1e-3  # no knife edge between the flagged and the rest
     threshold = float(pooled[i] + pooled[i + 1]) / 2
-    expected = torch.cat([torch.zeros(8, 1, dtype=torch.bool), norms > threshold], dim=1)
+    expected = torch.cat([torch.zeros(total, 1, dtype=torch.bool), norms > threshold], dim=1)
 
     result = ablate_lvlm(lvlm, questions, root, targets=["high-norm"], ablations=["zero"], layers=[0],
                          threshold=threshold, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
-    assert result.images == [f"{n}#tile{t}" for n in order for t in range(TILES[n])]
+    assert result.images == [f"{n}#tile{t}" for n in order for t in range(family.tiles[n])]
     assert torch.equal(torch.as_tensor(result.selections[0].tokens), expected)
-    assert result.answers.settings["tower_inputs"] == {n: TILES[n] for n in order}
+    assert result.answers.settings["tower_inputs"] == {n: family.tiles[n] for n in order}
 
-    start = {n: sum(TILES[m] for m in order[:order.index(n)]) for n in order}
+    start = {n: sum(family.tiles[m] for m in order[:order.index(n)]) for n in order}
     batch = [images[q["image"]] for q in questions]
     inputs = lvlm.prepare(batch, [prompt.format(question=q["text"]) for q in questions])
     clean = [t.strip() for t in generate(lvlm, inputs, max_new_tokens=MAX_NEW).texts]
-    masks = torch.cat([expected[start[q["image"]]:start[q["image"]] + TILES[q["image"]]] for q in questions])
-    handle = plain_zero(encoder(lvlm)[0], masks)
+    masks = torch.cat([expected[start[q["image"]]:start[q["image"]] + family.tiles[q["image"]]] for q in questions])
+    handle = plain_zero(family.layers(lvlm)[0], masks)
     try:
         mine = [t.strip() for t in generate(lvlm, inputs, max_new_tokens=MAX_NEW).texts]
     finally:
@@ -188,15 +229,32 @@ def test_high_norm_tokens_are_selected_per_tile_and_the_answers_follow_a_plain_h
     changed = [{"question_id": q["question_id"], "image": q["image"], "clean": a, "ablated": b}
                for q, a, b in zip(questions, clean, mine) if a != b]
     assert result.answers.rows[0].changed == changed
+    assert bool(changed) == family.answers_move
+
+    # the logits too (the tiny InternVL answers ". . ." to everything): the selection vsink chose,
+    # installed on the batch answer_batch gives, against my hook
+    own = {image: image_tower_inputs(lvlm, images[image], prompt.format(question="")) for image in order}
+    rows = {image: list(range(start[image], start[image] + family.tiles[image])) for image in order}
+    inputs, current = answer_batch(lvlm, questions, images, own, rows, prompt)
+    with torch.no_grad():
+        with install_ablation(lvlm.vision_backbone(), result.selections[0], torch.zeros(total, 1 + PATCHES, WIDTH),
+                              current):
+            logits = lvlm.model(**inputs).logits
+        handle = plain_zero(family.layers(lvlm)[0], masks)
+        try:
+            mine = lvlm.model(**inputs).logits
+        finally:
+            handle.remove()
+        assert not torch.equal(logits, lvlm.model(**inputs).logits)
+    torch.testing.assert_close(logits, mine, rtol=0, atol=1e-6)
 
 
-def test_cli_on_a_saved_llava_next_writes_results_and_report(setup, tmp_path, capsys):
-    """``vsink ablate --model DIR --questions`` on a saved tiny LLaVA-NeXT: one row per tile in the
-    tower's selections, the answers table, results.json and the HTML report."""
-    from vsink.data.demo_lvlm import build_tiny_llava_next
-
-    _, questions, root = setup
-    model, processor = build_tiny_llava_next()
+def test_cli_on_a_saved_model_writes_results_and_report(setup, tmp_path, capsys):
+    """``vsink ablate --model DIR --questions`` on the saved tiny model: one tower input per tile
+    (named IMAGE#tileK), the answers table, results.json and the HTML report."""
+    name, _, questions, root = setup
+    family = FAMILIES[name]
+    model, processor = BUILDERS[name]()
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     write_jsonl(tmp_path / "q.jsonl", questions)
@@ -206,8 +264,8 @@ def test_cli_on_a_saved_llava_next_writes_results_and_report(setup, tmp_path, ca
                  str(MAX_NEW), "--out", str(out), "--no-progress"]) == 0
     assert "| clean |" in capsys.readouterr().out
     data = json.loads((out / "results.json").read_text())
-    assert data["images"][:2] == ["square.png#tile0", "square.png#tile1"] and len(data["images"]) == 8
+    assert data["images"] == [f"{n}#tile{t}" for n, _ in IMAGES for t in range(family.tiles[n])]
     assert data["selections"][0]["tokens"] > 0
-    assert data["answers"]["questions"] == 4 and data["settings"]["lvlm"]["tower_inputs"]["wide.png"] == 3
+    assert data["answers"]["questions"] == 4 and data["settings"]["lvlm"]["tower_inputs"] == family.tiles
     assert [r["name"] for r in data["answers"]["rows"]] == ["high-norm@0:zero"]
     assert "LVLM answers under ablation" in (out / "report.html").read_text()

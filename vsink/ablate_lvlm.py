@@ -24,8 +24,9 @@ second-to-last) cannot change any answer.
 
 Tower inputs: the unit of the tower's side is one ``[3, H, W]`` tower input, as the LVLM's
 processor cuts it (:meth:`~vsink.backbones.hf_lvlm.LVLM.tower_inputs`): one per image for
-LLaVA-1.5, the base tile and the crops for LLaVA-NeXT (named ``IMAGE#tile0`` for the base,
-``#tile1``... for the crops). Each tile is selected on its own with the detector's rules, the
+LLaVA-1.5, the base tile and the crops for LLaVA-NeXT, the tiles and the thumbnail (last) for
+InternVL; when any image has several, each is named ``IMAGE#tileK`` in the order the tower reads
+them. Each tile is selected on its own with the detector's rules, the
 detector's thresholds pool over every tile of every image (as over the images of a vision model),
 ``mean-images`` averages over all tiles, ``resample`` pairs tiles (a tile may take another tile of
 its own image) and the tower's intervals resample tiles; the answers' statistics stay per image.
@@ -33,7 +34,7 @@ When the LVLM answers, its batch's tower inputs are checked to be exactly (``tor
 tiles the selection was made on, row by row, before the ablation reads them. A family whose
 tower reads packed patches (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``[patches, C]`` with
 ``image_grid_thw``) or whose adapter does not say how it cuts ``pixel_values`` (LLaVA-OneVision,
-InternVL, ...) is refused in one line.
+Idefics3, SmolVLM) is refused in one line.
 """
 
 from __future__ import annotations
@@ -127,14 +128,15 @@ def image_tower_inputs(lvlm: Any, image: Any, prompt: str) -> torch.Tensor:
         shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else None
         packed = " (patches packed by image_grid_thw)" if inputs.get("image_grid_thw") is not None else ""
         raise VsinkError(f"{lvlm.spec}: ablating its vision tower needs its tower inputs as [3, H, W] images, one or "
-                         f"several tiles per image (LLaVA-1.5, LLaVA-NeXT); its processor gives pixel_values of "
-                         f"shape {shape}{packed}")
+                         f"several tiles per image (LLaVA-1.5, LLaVA-NeXT, InternVL); its processor gives "
+                         f"pixel_values of shape {shape}{packed}")
     return tiles[0]
 
 
-def tile_names(name: str, count: int) -> list[str]:
-    """The names of an image's ``count`` tower inputs: the image's own for one, else ``IMAGE#tileK``."""
-    return [name] if count == 1 else [f"{name}#tile{t}" for t in range(count)]
+def tile_names(name: str, count: int, tiled: bool) -> list[str]:
+    """The names of an image's ``count`` tower inputs: ``IMAGE#tileK`` when the run's images are
+    ``tiled`` (any has several), else the image's own."""
+    return [f"{name}#tile{t}" for t in range(count)] if tiled else [name]
 
 
 def answer_batch(lvlm: Any, chunk: Sequence[Mapping[str, Any]], images: Mapping[str, Any],
@@ -227,10 +229,11 @@ def ablate_lvlm(
     if len(shapes) > 1:
         raise VsinkError(f"{lvlm.spec}: its processor gives the images different tower inputs {shapes}; "
                          "ablating the tower needs one input size")
+    tiled = any(t.shape[0] > 1 for t in tiles.values())
     inputs: dict[str, torch.Tensor] = {}  # tower input name -> [1, 3, H, W]
     rows: dict[str, list[int]] = {}  # image -> its tower inputs' rows
     for n in names:
-        for t, tile_name in enumerate(tile_names(n, tiles[n].shape[0])):
+        for t, tile_name in enumerate(tile_names(n, tiles[n].shape[0], tiled)):
             rows.setdefault(n, []).append(len(inputs))
             inputs[tile_name] = tiles[n][t:t + 1]
     items = [dict(q) for q in questions if q["image"] in images]
@@ -255,7 +258,7 @@ def ablate_lvlm(
 
     try:
         result = ablate(tower, [NamedImage(t, images[n]) for n in names
-                                for t in tile_names(n, tiles[n].shape[0])], targets=targets, ablations=ablations,
+                                for t in tile_names(n, tiles[n].shape[0], tiled)], targets=targets, ablations=ablations,
                         layers=layers, neurons=neurons, seed=seed, batch_size=batch_size, threshold=threshold,
                         sink_ratio=sink_ratio, massive_ratio=massive_ratio, stats=stats, preprocess=preprocess,
                         each=each, progress=progress)

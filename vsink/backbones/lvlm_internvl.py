@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
+
 from .hf_lvlm import LVLM
 from .lvlm_families import lvlm_family
 
@@ -43,6 +45,17 @@ class InternVLLVLM(LVLM):
         ratio = float(self.model.config.downsample_ratio)
         rows, cols = (int(int(s) // int(p) * ratio) for s, p in zip(vision.image_size, vision.patch_size))
         return rows, cols
+
+    def tower_inputs(self, inputs: dict[str, Any]) -> Optional[list[torch.Tensor]]:
+        """Each row's tiles (thumbnail last), as the tower reads them: ``pixel_values`` [tiles, 3, H,
+        W] cut by :meth:`pixel_counts`; None when the counts do not add up to its rows."""
+        pixels = inputs.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
+            return None
+        counts = self.pixel_counts(inputs)
+        if counts is None or sum(counts) != pixels.shape[0]:
+            return None
+        return list(torch.split(pixels, counts))
 
     def image_grid(self, inputs: dict[str, Any], row: int, count: int) -> tuple[int, int]:
         """One tile: its shuffled patch grid; tiles and thumbnail: ``1 × count``."""
