@@ -231,12 +231,12 @@ def test_cli_bad_lvlm_input_is_one_line(tmp_path, capsys, argv, message):
 
 @pytest.mark.parametrize("family, shape", [
     ("qwen2_vl", "(48, 96) (patches packed by image_grid_thw)"),  # [patches, C·T·p·p], counted by image_grid_thw
-    ("llava_onevision", "(1, 5, 3, 32, 32)"),  # base + tiles, its adapter does not cut them for the tower
-], ids=["packed", "onevision"])
+    ("idefics3", "(1, 5, 3, 32, 32)"),  # padded image splits, its adapter does not cut them for the tower
+], ids=["packed", "idefics3"])
 def test_a_family_without_tower_inputs_per_image_is_refused_in_one_line(family, shape):
     """The selections are the tower's tokens of [3, H, W] tower inputs (an image, or each of its
     LLaVA-NeXT tiles); a tower that reads packed patches (Qwen2-VL) or a family whose adapter does
-    not say how it cuts its tiles for the tower (LLaVA-OneVision) is refused, naming the shape."""
+    not say how it cuts its tiles for the tower (Idefics3) is refused, naming the shape."""
     lvlm = tiny_lvlm(family)
     with pytest.raises(VsinkError) as e:
         image_tower_inputs(lvlm, random_image(0), "x")

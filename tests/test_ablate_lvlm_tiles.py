@@ -1,4 +1,4 @@
-"""LVLM ablations on tiling families (vsink/ablate_lvlm.py on a tiny LLaVA-NeXT and a tiny InternVL):
+"""LVLM ablations on tiling families (vsink/ablate_lvlm.py on tiny LLaVA-NeXT, InternVL, LLaVA-OneVision):
 every tile is one tower input, selected on its own; the ablation reaches exactly the selected
 tokens of every tile when the LVLM answers, checked against plain PyTorch hooks written here on
 the tower's encoder layers (never vsink's hooks); an empty selection changes nothing; the command
@@ -25,7 +25,7 @@ from vsink.lvlm import generate
 
 #: (name, (width, height)) of the images, all cut into 32 × 32 tiles
 IMAGES = (("square.png", (32, 32)), ("wide.png", (64, 32)), ("tall.png", (32, 64)))
-PATCHES = 16  # 4 × 4 patches of 8 pixels after the class token
+PATCHES = 16  # 4 × 4 patches of 8 pixels (after the class token, where the tower has one)
 WIDTH = 32  # the tiny towers' hidden size
 MAX_NEW = 3
 
@@ -38,8 +38,14 @@ class Family:
     tiles: dict[str, int]
     layers: Callable[[Any], Any]
     batch_pixels: tuple[int, ...]
+    #: class tokens before the patches (SigLIP has none)
+    prefix: int
     #: whether zeroing the high-norm tokens changes a greedy answer of the random tiny model
     answers_move: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + PATCHES
 
     @property
     def rows(self) -> dict[str, list[int]]:
@@ -56,11 +62,14 @@ FAMILIES = {
     # and one crop: 2), a 64 × 32 one 1 × 2 and a 32 × 64 one 2 × 1 (base and two crops: 3); the
     # processor pads a batch's [B, T, 3, H, W] to its longest image
     "llava_next": Family({"square.png": 2, "wide.png": 3, "tall.png": 3},
-                         lambda lvlm: lvlm.model.model.vision_tower.encoder.layers, (2, 3, 3, 32, 32), True),
+                         lambda lvlm: lvlm.model.model.vision_tower.encoder.layers, (2, 3, 3, 32, 32), 1, True),
     # 1 to 4 tiles over the grid closest to the aspect ratio: a square image is 1 tile (no thumbnail),
     # a 64 × 32 or 32 × 64 one 2 tiles plus the thumbnail; every tile of the batch in one [tiles, 3, H, W]
     "internvl": Family({"square.png": 1, "wide.png": 3, "tall.png": 3},
-                       lambda lvlm: lvlm.model.model.vision_tower.encoder.layer, (4, 3, 32, 32), False),
+                       lambda lvlm: lvlm.model.model.vision_tower.encoder.layer, (4, 3, 32, 32), 1, False),
+    # the pinpoints add (64, 64): the same tiles as LLaVA-NeXT for these images; a SigLIP tower
+    "llava_onevision": Family({"square.png": 2, "wide.png": 3, "tall.png": 3},
+                              lambda lvlm: lvlm.model.model.vision_tower.encoder.layers, (2, 3, 3, 32, 32), 0, False),
 }
 
 
@@ -129,20 +138,20 @@ def test_each_image_is_its_tiles_as_the_model_encodes_them(setup):
 
 
 def test_an_ablation_reaches_exactly_its_tokens_in_every_tile_when_the_lvlm_answers(setup):
-    """A fixed selection, different in every tile (tile row r: patch token 1 + r % 16, and the
-    class token of the wide image's tiles), zeroed at block 0 through vsink's install_ablation and
+    """A fixed selection, different in every tile (tile row r: patch r % 16, and token 0 of the wide
+    image's tiles: the class token, or SigLIP's first patch), zeroed at block 0 through vsink's install_ablation and
     answer_batch: block 0's output changes at exactly those tokens of every tile of the batch and
     nowhere else, and the logits equal those of my own hook zeroing the same tokens."""
     name, lvlm, questions, root = setup
     family = FAMILIES[name]
     total = sum(family.tiles.values())
     images, tiles = tiled(lvlm, root)
-    tokens = np.zeros((total, 1 + PATCHES), dtype=bool)
+    tokens = np.zeros((total, family.tokens), dtype=bool)
     for r in range(total):
-        tokens[r, 1 + r % PATCHES] = True
+        tokens[r, family.prefix + r % PATCHES] = True
     tokens[family.rows["wide.png"], 0] = True
     selection = Selection("registers", 0, "block_output", tokens)
-    values = torch.zeros(total, 1 + PATCHES, WIDTH)
+    values = torch.zeros(total, family.tokens, WIDTH)
     inputs, current = answer_batch(lvlm, questions, images, tiles, family.rows, "{question}")
     # the tower reads the questions' images' tiles in order: square, wide, tall, wide again
     rows = family.rows
@@ -174,7 +183,7 @@ def test_an_empty_selection_changes_no_answer_and_no_logit(setup):
     result = ablate_lvlm(lvlm, questions, root, targets=["high-norm"], ablations=["zero"], layers=[0],
                          threshold=1e9, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
     selection = result.selections[0]
-    assert selection.tokens.shape == (total, 1 + PATCHES) and selection.count == 0
+    assert selection.tokens.shape == (total, family.tokens) and selection.count == 0
     row = result.answers.rows[0]
     assert (row.answers_changed, row.yes_no_flips, row.changed) == (0, 0, [])
     assert result.rows[0].cos_patches == 1.0
@@ -183,7 +192,7 @@ def test_an_empty_selection_changes_no_answer_and_no_logit(setup):
     inputs, current = answer_batch(lvlm, questions, images, tiles, family.rows, "{question}")
     with torch.no_grad():
         clean = lvlm.model(**inputs).logits
-        with install_ablation(lvlm.vision_backbone(), selection, torch.zeros(total, 1 + PATCHES, WIDTH), current):
+        with install_ablation(lvlm.vision_backbone(), selection, torch.zeros(total, family.tokens, WIDTH), current):
             ablated = lvlm.model(**inputs).logits
     assert torch.equal(clean, ablated)
 
@@ -203,12 +212,12 @@ def test_high_norm_tokens_are_selected_per_tile_and_the_answers_follow_a_plain_h
     tiles = torch.cat([image_tower_inputs(lvlm, images[n], prompt.format(question="")) for n in order])
     with torch.no_grad():
         hidden = lvlm.model.model.vision_tower(pixel_values=tiles, output_hidden_states=True).hidden_states[1]
-    norms = hidden[:, 1:].float().norm(dim=-1)  # [tiles, 16 patches], block 0's output
+    norms = hidden[:, family.prefix:].float().norm(dim=-1)  # [tiles, 16 patches], block 0's output
     pooled = norms.flatten().sort().values
     i = int(0.8 * pooled.numel())
     assert pooled[i + 1] - pooled[i] > 1e-3  # no knife edge between the flagged and the rest
     threshold = float(pooled[i] + pooled[i + 1]) / 2
-    expected = torch.cat([torch.zeros(total, 1, dtype=torch.bool), norms > threshold], dim=1)
+    expected = torch.cat([torch.zeros(total, family.prefix, dtype=torch.bool), norms > threshold], dim=1)
 
     result = ablate_lvlm(lvlm, questions, root, targets=["high-norm"], ablations=["zero"], layers=[0],
                          threshold=threshold, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
@@ -231,13 +240,13 @@ def test_high_norm_tokens_are_selected_per_tile_and_the_answers_follow_a_plain_h
     assert result.answers.rows[0].changed == changed
     assert bool(changed) == family.answers_move
 
-    # the logits too (the tiny InternVL answers ". . ." to everything): the selection vsink chose,
+    # the logits too (the tiny InternVL and LLaVA-OneVision answer alike either way): the selection vsink chose,
     # installed on the batch answer_batch gives, against my hook
     own = {image: image_tower_inputs(lvlm, images[image], prompt.format(question="")) for image in order}
     rows = {image: list(range(start[image], start[image] + family.tiles[image])) for image in order}
     inputs, current = answer_batch(lvlm, questions, images, own, rows, prompt)
     with torch.no_grad():
-        with install_ablation(lvlm.vision_backbone(), result.selections[0], torch.zeros(total, 1 + PATCHES, WIDTH),
+        with install_ablation(lvlm.vision_backbone(), result.selections[0], torch.zeros(total, family.tokens, WIDTH),
                               current):
             logits = lvlm.model(**inputs).logits
         handle = plain_zero(family.layers(lvlm)[0], masks)

@@ -34,10 +34,18 @@ class LlavaNextLVLM(LVLM):
         count, which transformers' own ``image_size_to_num_patches`` gives from ``image_sizes``."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5 or sizes is None:
-            return super().tower_inputs(inputs)
-        config = self.model.config
-        counts = [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
-                                            patch_size=config.vision_config.image_size) for size in sizes]
-        return [pixels[row, :count] for row, count in enumerate(counts)]
+        tiles = anyres_tower_inputs(self, inputs, image_size_to_num_patches)
+        return super().tower_inputs(inputs) if tiles is None else tiles
+
+
+def anyres_tower_inputs(lvlm: LVLM, inputs: dict[str, Any], num_patches: Any) -> Optional[list[torch.Tensor]]:
+    """The tiles of an any-resolution ``pixel_values`` [B, T, 3, H, W] (padded to the batch's
+    longest image), each row cut to ``num_patches(image_size=..., grid_pinpoints=...,
+    patch_size=...)`` of its ``image_sizes`` as the model cuts it; None for any other input."""
+    pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5 or sizes is None:
+        return None
+    config = lvlm.model.config
+    counts = [num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                          patch_size=config.vision_config.image_size) for size in sizes]
+    return [pixels[row, :count] for row, count in enumerate(counts)]

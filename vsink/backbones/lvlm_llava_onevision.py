@@ -27,6 +27,7 @@ import torch
 from ..layout import ImageSpans
 from .hf_lvlm import LVLM
 from .lvlm_families import lvlm_family
+from .lvlm_llava_next import anyres_tower_inputs
 
 
 @lvlm_family
@@ -113,3 +114,14 @@ class LlavaOnevisionLVLM(LVLM):
             if grid[0] * grid[1] == count:
                 return grid
         return 1, count
+
+    def tower_inputs(self, inputs: dict[str, Any]) -> Optional[list[torch.Tensor]]:
+        """Each row's tiles as the tower reads them (base tile, then the crops): ``pixel_values[row]``
+        cut to transformers' own ``image_size_to_num_patches`` of its ``image_sizes``, one image per
+        row (``batch_num_images`` all 1: a row of several images is not tiled, and refused here)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        per_row = inputs.get("batch_num_images")
+        if per_row is not None and any(int(n) != 1 for n in per_row):
+            return None
+        return anyres_tower_inputs(self, inputs, image_size_to_num_patches)
