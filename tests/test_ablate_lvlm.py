@@ -229,14 +229,13 @@ def test_cli_bad_lvlm_input_is_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("family, shape", [
-    ("qwen2_vl", "(48, 96) (patches packed by image_grid_thw)"),  # [patches, C·T·p·p], counted by image_grid_thw
-    ("idefics3", "(1, 5, 3, 32, 32)"),  # padded image splits, its adapter does not cut them for the tower
-], ids=["packed", "idefics3"])
-def test_a_family_without_tower_inputs_per_image_is_refused_in_one_line(family, shape):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_packed_tower_is_refused_in_one_line(family):
     """The selections are the tower's tokens of [3, H, W] tower inputs (an image, or each of its
-    LLaVA-NeXT tiles); a tower that reads packed patches (Qwen2-VL) or a family whose adapter does
-    not say how it cuts its tiles for the tower (Idefics3) is refused, naming the shape."""
+    tiles: tests/test_ablate_lvlm_tiles.py); a tower that reads every image's patches packed into
+    one sequence (the Qwen-VL families: [patches, C·T·p·p], 48 patches of the tiny models, counted
+    by image_grid_thw) is refused, naming the shape."""
+    shape = "(48, 96) (patches packed by image_grid_thw)"
     lvlm = tiny_lvlm(family)
     with pytest.raises(VsinkError) as e:
         image_tower_inputs(lvlm, random_image(0), "x")

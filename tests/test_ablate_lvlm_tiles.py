@@ -1,4 +1,5 @@
-"""LVLM ablations on tiling families (vsink/ablate_lvlm.py on tiny LLaVA-NeXT, InternVL, LLaVA-OneVision):
+"""LVLM ablations on tiling families (vsink/ablate_lvlm.py on tiny LLaVA-NeXT, LLaVA-OneVision, InternVL,
+Idefics3 and SmolVLM):
 every tile is one tower input, selected on its own; the ablation reaches exactly the selected
 tokens of every tile when the LVLM answers, checked against plain PyTorch hooks written here on
 the tower's encoder layers (never vsink's hooks); an empty selection changes nothing; the command
@@ -70,6 +71,12 @@ FAMILIES = {
     # the pinpoints add (64, 64): the same tiles as LLaVA-NeXT for these images; a SigLIP tower
     "llava_onevision": Family({"square.png": 2, "wide.png": 3, "tall.png": 3},
                               lambda lvlm: lvlm.model.model.vision_tower.encoder.layers, (2, 3, 3, 32, 32), 0, False),
+    # 4 sub-images and the global square for the square image, 2 and the global one for the others
+    # (the 32 × 32 squares of the image resized); the batch is padded with all-zero squares to 5
+    "idefics3": Family({"square.png": 5, "wide.png": 3, "tall.png": 3},
+                       lambda lvlm: lvlm.model.model.vision_model.encoder.layers, (2, 5, 3, 32, 32), 0, True),
+    "smolvlm": Family({"square.png": 5, "wide.png": 3, "tall.png": 3},
+                      lambda lvlm: lvlm.model.model.vision_model.encoder.layers, (2, 5, 3, 32, 32), 0, True),
 }
 
 
@@ -115,24 +122,29 @@ def test_each_image_is_its_tiles_as_the_model_encodes_them(setup):
     from the processor's rules); a batch of the square and the wide image is ``batch_pixels`` in
     ``pixel_values`` (LLaVA-NeXT pads the square image to 3 tiles) and the tower still reads
     exactly their tiles, in order: the rows answer_batch hands the ablation, after checking they
-    are the tiles the selection was made on (other pixels are refused)."""
+    are the tiles the selection was made on (other pixels are refused); the tower alone on them
+    gives the block-0 output the LVLM's own forward has."""
     name, lvlm, questions, root = setup
     family = FAMILIES[name]
-    total = sum(family.tiles.values())
     images, tiles = tiled(lvlm, root)
     assert {n: t.shape[0] for n, t in tiles.items()} == family.tiles
     chunk = questions[:2]
     inputs, current = answer_batch(lvlm, chunk, images, tiles, family.rows, "{question}")
     assert tuple(inputs["pixel_values"].shape) == family.batch_pixels
     assert current == family.rows["square.png"] + family.rows["wide.png"]
-    seen = []
+    seen, block0 = [], []
     handle = family.layers(lvlm)[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     try:
         with torch.no_grad():
-            lvlm.model(**inputs)
+            block0_outputs(lvlm, family.layers(lvlm), inputs, block0)
     finally:
         handle.remove()
     assert seen == [len(current)]
+    # the tower alone on those tiles (as vsink's tower pass runs it) gives the block-0 output the LVLM has
+    with torch.no_grad():
+        alone = lvlm.vision_tower()(pixel_values=torch.cat([tiles["square.png"], tiles["wide.png"]]),
+                                    output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(block0[0], alone, rtol=0, atol=1e-5)
     with pytest.raises(VsinkError, match=r"question 0: the tower inputs of its image 'square.png' in a batch are not"):
         answer_batch(lvlm, chunk, images, {**tiles, "square.png": tiles["square.png"] + 1}, family.rows, "{question}")
 
@@ -211,7 +223,7 @@ def test_high_norm_tokens_are_selected_per_tile_and_the_answers_follow_a_plain_h
     order = list(dict.fromkeys(q["image"] for q in questions))  # the tiles' order: images as first asked
     tiles = torch.cat([image_tower_inputs(lvlm, images[n], prompt.format(question="")) for n in order])
     with torch.no_grad():
-        hidden = lvlm.model.model.vision_tower(pixel_values=tiles, output_hidden_states=True).hidden_states[1]
+        hidden = lvlm.vision_tower()(pixel_values=tiles, output_hidden_states=True).hidden_states[1]
     norms = hidden[:, family.prefix:].float().norm(dim=-1)  # [tiles, 16 patches], block 0's output
     pooled = norms.flatten().sort().values
     i = int(0.8 * pooled.numel())
@@ -278,3 +290,20 @@ def test_cli_on_a_saved_model_writes_results_and_report(setup, tmp_path, capsys)
     assert data["answers"]["questions"] == 4 and data["settings"]["lvlm"]["tower_inputs"] == family.tiles
     assert [r["name"] for r in data["answers"]["rows"]] == ["high-norm@0:zero"]
     assert "LVLM answers under ablation" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("family", ["idefics3", "llava_onevision"])
+def test_an_input_the_tower_pass_cannot_reproduce_gives_no_tower_inputs(family):
+    """Idefics3: a pixel attention mask that pads inside a real square (the tower would read a patch
+    mask vsink's tower pass lacks); LLaVA-OneVision: a row of two images (the model does not tile
+    them). Both give no tower inputs, which ablate_lvlm refuses in one line."""
+    lvlm = tiny_lvlm(family)
+    inputs = dict(lvlm.prepare([random_image(0, (64, 32))], ["x"]))
+    assert lvlm.tower_inputs(inputs) is not None
+    if family == "idefics3":
+        mask = inputs["pixel_attention_mask"].clone()
+        mask[0, 0, -1, -1] = 0
+        inputs["pixel_attention_mask"] = mask
+    else:
+        inputs["batch_num_images"] = torch.tensor([2])
+    assert lvlm.tower_inputs(inputs) is None

@@ -24,17 +24,17 @@ second-to-last) cannot change any answer.
 
 Tower inputs: the unit of the tower's side is one ``[3, H, W]`` tower input, as the LVLM's
 processor cuts it (:meth:`~vsink.backbones.hf_lvlm.LVLM.tower_inputs`): one per image for
-LLaVA-1.5, the base tile and the crops for LLaVA-NeXT and LLaVA-OneVision, the tiles and the
-thumbnail (last) for InternVL; when any image has several, each is named ``IMAGE#tileK`` in the order the tower reads
-them. Each tile is selected on its own with the detector's rules, the
-detector's thresholds pool over every tile of every image (as over the images of a vision model),
+LLaVA-1.5, PaliGemma and Gemma 3, the base tile and the crops for LLaVA-NeXT and LLaVA-OneVision,
+the tiles and the thumbnail (last) for InternVL, the sub-images and the global image (last) for
+Idefics3 and SmolVLM; when any image has several, each is named ``IMAGE#tileK`` in the order the
+tower reads them. Each tile is selected on its own with the detector's rules, the detector's
+thresholds pool over every tile of every image (as over the images of a vision model),
 ``mean-images`` averages over all tiles, ``resample`` pairs tiles (a tile may take another tile of
 its own image) and the tower's intervals resample tiles; the answers' statistics stay per image.
 When the LVLM answers, its batch's tower inputs are checked to be exactly (``torch.equal``) the
 tiles the selection was made on, row by row, before the ablation reads them. A family whose
 tower reads packed patches (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``[patches, C]`` with
-``image_grid_thw``) or whose adapter does not say how it cuts ``pixel_values`` (Idefics3,
-SmolVLM) is refused in one line.
+``image_grid_thw``) is refused in one line.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ def image_tower_inputs(lvlm: Any, image: Any, prompt: str) -> torch.Tensor:
         shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else None
         packed = " (patches packed by image_grid_thw)" if inputs.get("image_grid_thw") is not None else ""
         raise VsinkError(f"{lvlm.spec}: ablating its vision tower needs its tower inputs as [3, H, W] images, one or "
-                         f"several tiles per image (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InternVL); its processor "
-                         f"gives pixel_values of shape {shape}{packed}")
+                         f"several tiles per image (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InternVL, Idefics3); its "
+                         f"processor gives pixel_values of shape {shape}{packed}")
     return tiles[0]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import torch
 from PIL import Image
 
 from ..viewbox import ViewBox
@@ -84,6 +85,22 @@ class Idefics3LVLM(LVLM):
         """The processor resizes the whole image (tiles and global image alike, or the one square
         without splitting): nothing is cropped."""
         return ViewBox.full(size)
+
+    def tower_inputs(self, inputs: dict[str, Any]) -> Optional[list[torch.Tensor]]:
+        """Each row's real squares (the sub-images, then the global image) as the tower reads them:
+        ``pixel_values`` [B, N, 3, H, W] without the padding squares, which transformers drops by
+        its own rule (every value exactly 0), kept here. None where ``pixel_attention_mask`` pads
+        inside a real square: the tower then reads a patch mask that vsink's tower pass lacks."""
+        pixels = inputs.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5:
+            return None
+        flat = pixels.reshape(-1, *pixels.shape[2:])
+        real = (flat == 0.0).sum(dim=(-1, -2, -3)) != flat.shape[1:].numel()
+        mask = inputs.get("pixel_attention_mask")
+        if mask is not None and not bool(mask.reshape(-1, *mask.shape[2:])[real].all()):
+            return None
+        real = real.view(pixels.shape[:2])
+        return [pixels[row][real[row]] for row in range(pixels.shape[0])]
 
     def processor_images(self, images: Sequence[Image.Image]) -> Any:
         """One list of images per prompt (SmolVLM's processor takes only nested lists)."""
