@@ -1,5 +1,5 @@
 """LVLM ablations on tiling families (vsink/ablate_lvlm.py on tiny LLaVA-NeXT, LLaVA-OneVision, InternVL,
-Idefics3 and SmolVLM):
+Idefics3 and SmolVLM; PaliGemma 2, one input per image, alongside):
 every tile is one tower input, selected on its own; the ablation reaches exactly the selected
 tokens of every tile when the LVLM answers, checked against plain PyTorch hooks written here on
 the tower's encoder layers (never vsink's hooks); an empty selection changes nothing; the command
@@ -48,6 +48,12 @@ class Family:
     def tokens(self) -> int:
         return self.prefix + PATCHES
 
+    def names(self, order) -> list[str]:
+        """The tower inputs' names for images in ``order``: IMAGE#tileK when any image has several."""
+        if max(self.tiles.values()) == 1:
+            return list(order)
+        return [f"{n}#tile{t}" for n in order for t in range(self.tiles[n])]
+
     @property
     def rows(self) -> dict[str, list[int]]:
         """Each image's tiles' rows among the tower inputs, the images in the order of IMAGES."""
@@ -77,6 +83,10 @@ FAMILIES = {
                        lambda lvlm: lvlm.model.model.vision_model.encoder.layers, (2, 5, 3, 32, 32), 0, True),
     "smolvlm": Family({"square.png": 5, "wide.png": 3, "tall.png": 3},
                       lambda lvlm: lvlm.model.model.vision_model.encoder.layers, (2, 5, 3, 32, 32), 0, True),
+    # one [3, H, W] input per image (every image resized to one square), as LLaVA-1.5: no tile names.
+    # (Gemma 3 is cut the same way, but the tiny Gemma 3's logits do not depend on its pixels at all)
+    "paligemma2": Family({"square.png": 1, "wide.png": 1, "tall.png": 1},
+                         lambda lvlm: lvlm.vision_tower().encoder.layers, (2, 3, 32, 32), 0, True),
 }
 
 
@@ -233,7 +243,7 @@ def test_high_norm_tokens_are_selected_per_tile_and_the_answers_follow_a_plain_h
 
     result = ablate_lvlm(lvlm, questions, root, targets=["high-norm"], ablations=["zero"], layers=[0],
                          threshold=threshold, batch_size=4, max_new_tokens=MAX_NEW, progress=False)
-    assert result.images == [f"{n}#tile{t}" for n in order for t in range(family.tiles[n])]
+    assert result.images == family.names(order)
     assert torch.equal(torch.as_tensor(result.selections[0].tokens), expected)
     assert result.answers.settings["tower_inputs"] == {n: family.tiles[n] for n in order}
 
@@ -285,7 +295,7 @@ def test_cli_on_a_saved_model_writes_results_and_report(setup, tmp_path, capsys)
                  str(MAX_NEW), "--out", str(out), "--no-progress"]) == 0
     assert "| clean |" in capsys.readouterr().out
     data = json.loads((out / "results.json").read_text())
-    assert data["images"] == [f"{n}#tile{t}" for n, _ in IMAGES for t in range(family.tiles[n])]
+    assert data["images"] == family.names([n for n, _ in IMAGES])
     assert data["selections"][0]["tokens"] > 0
     assert data["answers"]["questions"] == 4 and data["settings"]["lvlm"]["tower_inputs"] == family.tiles
     assert [r["name"] for r in data["answers"]["rows"]] == ["high-norm@0:zero"]
