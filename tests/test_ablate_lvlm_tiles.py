@@ -18,7 +18,7 @@ from PIL import Image
 
 from lvlm_models import BUILDERS, random_image, tiny_lvlm
 from vsink.ablate import Selection, install_ablation
-from vsink.ablate_lvlm import ablate_lvlm, answer_batch, image_tower_inputs
+from vsink.ablate_lvlm import ablate_lvlm, answer_batch, image_tower_inputs, tile_picture
 from vsink.cli import main
 from vsink.errors import VsinkError
 from vsink.io import write_jsonl
@@ -317,3 +317,16 @@ def test_an_input_the_tower_pass_cannot_reproduce_gives_no_tower_inputs(family):
     else:
         inputs["batch_num_images"] = torch.tensor([2])
     assert lvlm.tower_inputs(inputs) is None
+
+
+def test_a_tile_picture_is_the_tile_the_processor_made(setup):
+    """The report's figure shows a tile's own picture: on a solid (200, 100, 50) image every tile
+    (crops, base tile, thumbnail, global image) is that colour again once the processor's
+    normalisation is undone (±1 for the resampling and float rounding)."""
+    name, lvlm, _, _ = setup
+    image = Image.new("RGB", (64, 32), (200, 100, 50))
+    fallback = Image.new("RGB", (1, 1))
+    for tile in image_tower_inputs(lvlm, image, "x"):
+        picture = np.asarray(tile_picture(lvlm, tile, fallback)).astype(int)
+        assert picture.shape == (32, 32, 3)
+        assert np.abs(picture - np.array([200, 100, 50])).max() <= 1

@@ -27,7 +27,8 @@ processor cuts it (:meth:`~vsink.backbones.hf_lvlm.LVLM.tower_inputs`): one per 
 LLaVA-1.5, PaliGemma and Gemma 3, the base tile and the crops for LLaVA-NeXT and LLaVA-OneVision,
 the tiles and the thumbnail (last) for InternVL, the sub-images and the global image (last) for
 Idefics3 and SmolVLM; when any image has several, each is named ``IMAGE#tileK`` in the order the
-tower reads them. Each tile is selected on its own with the detector's rules, the detector's
+tower reads them (the report's figures show the tile's own picture, the processor's normalisation
+undone). Each tile is selected on its own with the detector's rules, the detector's
 thresholds pool over every tile of every image (as over the images of a vision model),
 ``mean-images`` averages over all tiles, ``resample`` pairs tiles (a tile may take another tile of
 its own image) and the tower's intervals resample tiles; the answers' statistics stay per image.
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .ablate import AblationResult, Selection, ablate, install_ablation
@@ -137,6 +139,22 @@ def tile_names(name: str, count: int, tiled: bool) -> list[str]:
     """The names of an image's ``count`` tower inputs: ``IMAGE#tileK`` when the run's images are
     ``tiled`` (any has several), else the image's own."""
     return [f"{name}#tile{t}" for t in range(count)] if tiled else [name]
+
+
+def tile_picture(lvlm: Any, tile: torch.Tensor, fallback: Any) -> Any:
+    """A tower input ``[3, H, W]`` as the picture it holds, for the report's figures: the
+    processor's normalisation undone (``× image_std + image_mean``, then the rescale undone);
+    ``fallback`` where the image processor does not say how it normalised."""
+    proc = getattr(lvlm.processor, "image_processor", None)
+    mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+    if mean is None or std is None or not getattr(proc, "do_normalize", True):
+        return fallback
+    shape = (-1, 1, 1)
+    values = tile.detach().float().cpu() * torch.as_tensor(std, dtype=torch.float32).reshape(shape) \
+        + torch.as_tensor(mean, dtype=torch.float32).reshape(shape)
+    if getattr(proc, "do_rescale", True):
+        values = values / float(getattr(proc, "rescale_factor", 1 / 255))
+    return Image.fromarray(values.clamp(0, 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def answer_batch(lvlm: Any, chunk: Sequence[Mapping[str, Any]], images: Mapping[str, Any],
@@ -257,8 +275,9 @@ def ablate_lvlm(
             runs[f"{selection.target}@{selection.layer}:{ablation}"] = (selection, ablation, answers())
 
     try:
-        result = ablate(tower, [NamedImage(t, images[n]) for n in names
-                                for t in tile_names(n, tiles[n].shape[0], tiled)], targets=targets, ablations=ablations,
+        result = ablate(tower, [NamedImage(t, tile_picture(lvlm, tiles[n][k], images[n]) if tiled else images[n])
+                                for n in names for k, t in enumerate(tile_names(n, tiles[n].shape[0], tiled))],
+                        targets=targets, ablations=ablations,
                         layers=layers, neurons=neurons, seed=seed, batch_size=batch_size, threshold=threshold,
                         sink_ratio=sink_ratio, massive_ratio=massive_ratio, stats=stats, preprocess=preprocess,
                         each=each, progress=progress)
