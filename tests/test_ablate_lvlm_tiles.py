@@ -83,10 +83,11 @@ FAMILIES = {
                        lambda lvlm: lvlm.model.model.vision_model.encoder.layers, (2, 5, 3, 32, 32), 0, True),
     "smolvlm": Family({"square.png": 5, "wide.png": 3, "tall.png": 3},
                       lambda lvlm: lvlm.model.model.vision_model.encoder.layers, (2, 5, 3, 32, 32), 0, True),
-    # one [3, H, W] input per image (every image resized to one square), as LLaVA-1.5: no tile names.
-    # (Gemma 3 is cut the same way, but the tiny Gemma 3's logits do not depend on its pixels at all)
+    # one [3, H, W] input per image (every image resized to one square), as LLaVA-1.5: no tile names
     "paligemma2": Family({"square.png": 1, "wide.png": 1, "tall.png": 1},
                          lambda lvlm: lvlm.vision_tower().encoder.layers, (2, 3, 32, 32), 0, True),
+    "gemma3": Family({"square.png": 1, "wide.png": 1, "tall.png": 1},
+                     lambda lvlm: lvlm.vision_tower().encoder.layers, (2, 3, 32, 32), 0, True),
 }
 
 

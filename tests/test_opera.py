@@ -229,7 +229,7 @@ def test_without_the_cache_equals_the_cached_search(monkeypatch, family):
     # (M-RoPE positions on Qwen2-VL; Gemma 3's sliding-window layers take their window from the
     # model's own mask over the full sequence): the same tokens, rollbacks and candidates scored.
     # The random models' top candidates include their image placeholder, which a full forward runs
-    # as its token embedding as a cached step does (counted here; Gemma 3's never is among them).
+    # as its token embedding as a cached step does (counted here: the path runs on all three).
     import vsink.lvlm.beam as beam
 
     _plant_column(monkeypatch)
@@ -244,7 +244,7 @@ def test_without_the_cache_equals_the_cached_search(monkeypatch, family):
     assert torch.equal(runs[True].new_tokens, runs[False].new_tokens)
     assert _last_row(runs[True], lvlm) == _last_row(runs[False], lvlm)
     assert _last_row(runs[False], lvlm)["rollbacks"] == 10
-    assert bool(placed) == (family != "gemma3")
+    assert placed
 
 
 def test_without_the_cache_a_padded_batch_equals_its_rows_alone():

@@ -281,6 +281,10 @@ def build_tiny_gemma3(*, hidden: int = 64, layers: int = 4, heads: int = 4, kv_h
             ("image_token_index", specials["image_token"]))}
     config = tr.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=tokens_per_image, **ids)
     model = tr.Gemma3ForConditionalGeneration(config).eval()
+    # transformers initialises the projector's matrix at zero (real checkpoints overwrite it): left so,
+    # every image feature is 0 and no output depends on the pixels
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, vision.hidden_size ** -0.5)
     model.generation_config.suppress_tokens = sorted(ids.values())  # see build_tiny_llava
     image_processor = tr.Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
     return model, tr.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=tokens_per_image)
