@@ -26,6 +26,17 @@ BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwe
 FIRST_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 #: two prompts of different lengths, so that a batch of both is left-padded
 PROMPTS = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+#: Qwen-VL's image as its chat template writes it (the tiny models have no chat template):
+#: transformers 4.x's beam search counts a row's images by the vision-start token before each
+MARKED = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def marked(lvlm: LVLM, prompts: list[str]) -> list[str]:
+    """``prompts`` with a Qwen-VL model's image marked as its chat template marks it (unchanged
+    for a model without a vision-start token)."""
+    if getattr(lvlm.model.config, "vision_start_token_id", None) is None:
+        return list(prompts)
+    return [MARKED + prompt for prompt in prompts]
 
 
 def random_image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:

@@ -206,7 +206,7 @@ def test_a_batch_of_tiled_and_single_tile_images_equals_each_row_alone(name, set
 
     missing = mitigation_registry()[name].unavailable() if name != "none" else None
     if missing is not None:
-        pytest.skip(missing)  # e.g. opera under transformers 4.x: reported, not failed
+        pytest.skip(missing)  # a mitigation the installed libraries lack: reported, not failed
     lvlm = _tiny()
     images = [_photo((96, 32)), _photo((40, 40), 1)]
     batch = generate(lvlm, lvlm.prepare(images, PROMPTS), mitigation=name, settings=settings, max_new_tokens=4)

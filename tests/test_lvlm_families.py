@@ -27,7 +27,7 @@ from vsink.data.demo_lvlm import (build_tiny_gemma3, build_tiny_idefics3, build_
 from vsink.errors import VsinkError
 from vsink.lvlm.context import DecodeContext
 
-from lvlm_models import decoder_attention_checked
+from lvlm_models import decoder_attention_checked, marked
 
 #: family → tiny builder
 NEW = {"llava-onevision": build_tiny_llava_onevision, "paligemma": build_tiny_paligemma, "gemma3": build_tiny_gemma3,
@@ -311,13 +311,11 @@ def test_qwen3_vl_opera_without_penalty_is_hf_beam_search(qwen3):
     search per row: its prompt pass runs once for a prompt's beams and takes the first copy of
     every encoded image tensor, each DeepStack level's included."""
     from vsink.lvlm import generate
-    from vsink.mitigate import mitigation_registry
 
-    why = mitigation_registry()["opera"].unavailable()
-    if why is not None:
-        pytest.skip(why)  # OPERA's loop needs transformers 5: reported, not failed
     images = _images(2, (32, 32))
-    prompts = ["is there a cat ?", "describe this image please , what color is the sky ?"]
+    # the images marked as Qwen's chat template marks them: transformers 4.x's beam search counts
+    # a row's images by the marks
+    prompts = marked(qwen3, ["is there a cat ?", "describe this image please , what color is the sky ?"])
     plain = {"beams": 3, "candidates": None, "penalty": 0, "threshold": 10_000}
     ours = generate(qwen3, qwen3.prepare(images, prompts), mitigation="opera", settings=plain, max_new_tokens=4)
     for b in range(2):
@@ -422,7 +420,7 @@ def test_split_images_are_one_span_per_square_between_their_row_and_column_token
     for name, settings in [("none", {}), ("var", {"sink_dims": [3, 7], "tau": 2.5}), ("pai", {"alpha": 0.5}),
                            ("vcd", {}), ("m3id", {}), ("vaf", {}), ("opera", {})]:
         registered = mitigation_registry().get(name)  # none is no registered mitigation
-        missing = registered.unavailable() if registered is not None else None  # opera under 4.x: its one line
+        missing = registered.unavailable() if registered is not None else None  # libraries it lacks: its one line
         if missing is not None:
             with pytest.raises(VsinkError, match=f"^{re.escape(missing)}$"):
                 generate(lvlm, inputs, mitigation=name, settings=settings, max_new_tokens=4)

@@ -28,6 +28,8 @@ from vsink.lvlm import coverage as C
 from vsink.mitigate import mitigation_registry
 from vsink.registers.neurons import NeuronSpec, RegisterNeuron
 
+from lvlm_models import marked
+
 PLUGIN = Path(__file__).parent / "plugin"
 #: a tiny model per built-in family (the families of vsink/backbones/lvlm_*.py)
 TINY = {"llava": build_tiny_llava, "llava-next": build_tiny_llava_next, "qwen2-vl": build_tiny_qwen2_vl,
@@ -165,10 +167,12 @@ def test_every_coverage_cell_holds_on_the_familys_tiny_model(family, tmp_path):
     lvlm = LVLM(model, processor, f"tiny-{family}")
     assert lvlm.family == family
     # same-size images: FastV needs as many image tokens in every row (a property of the batch)
-    inputs = lvlm.prepare([_image(0), _image(1)], ["describe the image", "is there a cat ?"])
+    # (Qwen-VL's images marked as its chat template marks them: transformers 4.x's beam search, which
+    # OPERA runs in, counts a row's images by the marks)
+    inputs = lvlm.prepare([_image(0), _image(1)], marked(lvlm, ["describe the image", "is there a cat ?"]))
     for name, reason in C.coverage()[family].items():
         settings = _settings(name, tmp_path)
-        missing = mitigation_registry()[name].unavailable()  # e.g. opera under transformers 4.x
+        missing = mitigation_registry()[name].unavailable()  # a mitigation the installed libraries lack
         if reason is None and missing is not None:
             with pytest.raises(VsinkError, match=f"^{re.escape(missing)}$"):
                 generate(lvlm, inputs, mitigation=name, settings=settings, max_new_tokens=2)

@@ -19,8 +19,14 @@ images) extended to that length: a look-ahead is one full forward per candidate 
 ``c`` of every beam), a rollback one full forward of the kept sequences, as transformers' own beam
 search without the cache recomputes each step.
 
-Verified against ``generate(num_beams=N)`` of the installed transformers (5.x); the 4.x
-generation loop (``cache_position`` in the kwargs) is not supported.
+The same loop runs under transformers 5 and 4.x. The 4.x generation loop keeps
+``cache_position`` (the slots of a forward's new tokens in the cache) in the model kwargs, which
+its inputs preparation slices by and its models read (LLaVA and Qwen-VL pass the images only when
+it starts at 0; M-RoPE adds it to the ``rope_deltas`` the model keeps from the prompt pass): the
+kwargs get it as 4.x's own beam search starts them (:func:`with_cache_position`), and every
+forward sets it from the cache's length (without the cache: every position of the sequences);
+a rebuild extends the kwargs one token per update, as 4.x's update adds one. Verified against
+``generate(num_beams=N)`` of transformers 5 and 4.57, with and without the cache.
 """
 
 from __future__ import annotations
@@ -38,14 +44,6 @@ from .context import DecodeContext
 
 #: model kwargs that hold one row per sequence and one column per token
 ROW_KEYS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
-
-
-def supports_custom_loops() -> bool:
-    """Whether the installed transformers hands ``generate`` a custom decoding loop the way
-    :class:`Stepper` expects (transformers 5)."""
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 class BeamContext(DecodeContext):
@@ -336,12 +334,22 @@ class Stepper:
         if self.context is not None:
             self.context.announce(self._length(kwargs) + positions, positions)
 
+    def _prepared(self, ids: torch.Tensor, new: int, kwargs: dict[str, Any], first: bool = False) -> dict[str, Any]:
+        """The model inputs of a forward of the last ``new`` tokens of ``ids`` on the cache of
+        ``kwargs``: transformers 5 slices by ``next_sequence_length``; the 4.x loop's kwargs carry
+        ``cache_position`` (set here in ``kwargs``: the new tokens' slots, after the cache's)."""
+        if "cache_position" in kwargs:
+            length = self._length(kwargs)
+            kwargs["cache_position"] = torch.arange(length, length + new, device=ids.device)
+            return self.model.prepare_inputs_for_generation(ids, **kwargs)
+        extra = {"is_first_iteration": True} if first else {}
+        return self.model.prepare_inputs_for_generation(ids, next_sequence_length=None if first else new,
+                                                        **kwargs, **extra)
+
     def _run(self, ids: torch.Tensor, new: int, kwargs: dict[str, Any],
              first: bool = False) -> tuple[torch.Tensor, dict]:
         kwargs = dict(kwargs)  # transformers updates the dict it is given
-        extra = {"is_first_iteration": True} if first else {}
-        inputs = self.model.prepare_inputs_for_generation(ids, next_sequence_length=None if first else new,
-                                                          **kwargs, **extra)
+        inputs = self._prepared(ids, new, kwargs, first)
         self._announce(kwargs, new)
         out = self.model(**inputs, return_dict=True)
         kwargs = self.model._update_model_kwargs_for_generation(out, kwargs)
@@ -352,6 +360,7 @@ class Stepper:
         prompt's cache for :meth:`rebuild`. Rows that repeat one prompt (its beams) run once and
         their cache is repeated."""
         rows = input_ids.shape[0]
+        self.kwargs = with_cache_position(self.model, input_ids, self.kwargs)
         if rows > 1 and bool((input_ids == input_ids[:1]).all()):
             logits, once = self._run(input_ids[:1], input_ids.shape[1], first_row(self.kwargs, rows), first=True)
             self.cache_of(once).batch_repeat_interleave(rows)
@@ -385,12 +394,16 @@ class Stepper:
 
         On a cache whose layers keep every key the candidates are C sibling tokens of their row at
         the same position, each seeing the cache and itself only (a 4D mask), so the cache is not
-        repeated: it grows by C positions, of which :meth:`keep` keeps the chosen one. Otherwise
-        the cache is repeated C times and each candidate runs on its own row."""
+        repeated: it grows by C positions, of which :meth:`keep` keeps the chosen one. Otherwise,
+        and where the model numbers a forward's tokens itself (transformers 4.x's Qwen3-VL gives
+        no position ids for its forward to count from ``cache_position``, so siblings would get
+        consecutive positions), the cache is repeated C times and each candidate runs on its own
+        row."""
         rows, C = candidates.shape
         before = self.kwargs
         length = self._length(before)
-        if not self.shares_cache():
+        inputs = self._prepared(torch.cat([ids, candidates[:, :1]], dim=1), 1, dict(before)) if self.shares_cache() else None
+        if inputs is None or (inputs.get("cache_position") is not None and inputs.get("position_ids") is None):
             # each layer's states before the look-ahead (the repeat makes new tensors): a sliding-
             # window layer past its window has dropped its oldest key once the candidate is added
             layers = [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in self.cache.layers]
@@ -400,8 +413,6 @@ class Stepper:
             logits, after = self._run(torch.cat([ids[index], candidates.reshape(-1, 1)], dim=1), 1, before)
             self.ahead = Lookahead(before, after, C, length, shared=False, layers=layers)
             return logits
-        inputs = self.model.prepare_inputs_for_generation(torch.cat([ids, candidates[:, :1]], dim=1),
-                                                          next_sequence_length=1, **dict(before))
         inputs = self._siblings(inputs, candidates, before.get("attention_mask"), length)
         self._announce(before, 1)
         if self.context is not None:
@@ -426,6 +437,8 @@ class Stepper:
             t = out.get(key)
             if isinstance(t, torch.Tensor) and t.shape[-1] == 1:
                 out[key] = t.expand(*t.shape[:-1], C)
+        if out.get("cache_position") is not None:  # the 4.x loop: the siblings' slots in the cache
+            out["cache_position"] = torch.arange(length, length + C, device=candidates.device)
         dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
         keep = torch.ones(rows, length, dtype=torch.bool, device=candidates.device)
         if mask is not None:
@@ -487,7 +500,10 @@ class Stepper:
         t = ids.shape[1] - prompt
         if t == 0:
             return self.prompt_logits
-        if t > 1:
+        if t > 1 and "cache_position" in self.kwargs:  # the 4.x loop's update adds one token per call
+            for _ in range(t - 1):
+                self.kwargs = self.model._update_model_kwargs_for_generation({}, self.kwargs)
+        elif t > 1:
             self.kwargs = self.model._update_model_kwargs_for_generation({}, self.kwargs, num_new_tokens=t - 1)
         logits, self.kwargs = self._run(ids, t, self.kwargs)
         return logits
@@ -526,6 +542,9 @@ class UncachedStepper:
         placeholder (a candidate of a random model) runs as that token's embedding, as a cached
         step runs it: the model would take it for an image slot of the re-encoded sequence."""
         extra = {"is_first_iteration": True} if first else {}
+        if "cache_position" in kwargs:  # the 4.x loop without the cache: every position of the sequences
+            kwargs = {**kwargs, "cache_position": torch.arange(ids.shape[1], device=ids.device)}
+            extra = {}
         placed = torch.zeros_like(ids, dtype=torch.bool)
         placed[:, self.prompt:] = torch.isin(ids[:, self.prompt:], placeholder_ids(self.model, ids.device))
         shown = ids.masked_fill(placed, 0) + placed * ids[:, self.prompt - 1:self.prompt] if bool(placed.any()) else ids
@@ -542,6 +561,7 @@ class UncachedStepper:
         """The prompt pass: logits of the first generated token [rows, V] (rows that repeat one
         prompt, its beams, run once)."""
         rows, self.prompt = input_ids.shape
+        self.prompt_kwargs = with_cache_position(self.model, input_ids, self.prompt_kwargs)
         if rows > 1 and bool((input_ids == input_ids[:1]).all()):
             logits = self._run(input_ids[:1], self.prompt, first_row(self.prompt_kwargs, rows), first=True)
             logits = logits.expand(rows, -1)
@@ -601,12 +621,24 @@ class UncachedStepper:
         return self._run(ids, t, self._at(ids.shape[1]))
 
 
+def with_cache_position(model: Any, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` as the generation loop of the installed transformers starts from them: the 4.x
+    loop adds ``cache_position`` (the prompt's positions, by the model's own
+    ``_get_initial_cache_position``), which its forwards and kwargs updates read; transformers 5
+    keeps none."""
+    initial = getattr(model, "_get_initial_cache_position", None)
+    if initial is None or "cache_position" in kwargs:
+        return kwargs
+    return initial(input_ids.shape[1], input_ids.device, dict(kwargs))
+
+
 def placeholder_ids(model: Any, device: torch.device) -> torch.Tensor:
     """The ids a model's forward replaces by encoded images or videos (its config's image and video
-    token ids)."""
+    token ids), and the vision-start marker, whose next token transformers 4.x's M-RoPE index
+    (Qwen-VL) reads as an image or video of the sequence."""
     config = model.config
     ids = {getattr(config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id",
-                                                    "video_token_index")}
+                                                    "video_token_index", "vision_start_token_id")}
     return torch.tensor(sorted(i for i in ids if isinstance(i, int)), dtype=torch.long, device=device)
 
 

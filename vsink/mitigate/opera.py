@@ -261,11 +261,6 @@ class OPERA(Mitigation):
 
     name = "opera"
 
-    @classmethod
-    def unavailable(cls) -> Optional[str]:
-        from ..lvlm.beam import supports_custom_loops
-
-        return None if supports_custom_loops() else "opera needs transformers 5 (generate with a custom decoding loop)"
     settings_class = OPERASettings
 
     def _install(self, run: Run, handles: list) -> None:
@@ -295,9 +290,6 @@ class OPERA(Mitigation):
         prompt's state) and return the left-padded batch of sequences [B, prompt + new]."""
         from ..lvlm.beam import BeamContext, LastRowAttention
 
-        why = self.unavailable()
-        if why is not None:
-            raise VsinkError(why)
         lvlm, decoder = run.lvlm, run.decoder
         ids, mask = run.input_ids, run.attention_mask
         news = []
@@ -305,6 +297,11 @@ class OPERA(Mitigation):
         try:
             for b in range(ids.shape[0]):
                 row = row_inputs(inputs, b, mask, lvlm.pixel_counts(inputs))
+                unmarked = unmarked_images(lvlm.model, row)
+                if unmarked is not None:
+                    raise VsinkError(f"opera under transformers 4.x needs <|vision_start|> before each image of a "
+                                     f"Qwen-VL prompt (its beam search counts a row's images by it, as the model's "
+                                     f"chat template writes them): prompt {b} {unmarked}")
                 context = BeamContext(lvlm, row["input_ids"])
                 run.context = decoder.context = context
                 loop = OperaLoop(self, run, None)
@@ -331,6 +328,21 @@ def _call(loop: OperaLoop, model: Any, input_ids: torch.Tensor, logits_processor
           stopping_criteria: Any = None, generation_config: Any = None, synced_gpus: bool = False,
           **model_kwargs: Any) -> torch.Tensor:
     return loop(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, **model_kwargs)
+
+
+def unmarked_images(model: Any, row: dict[str, Any]) -> Optional[str]:
+    """Where transformers 4.x's beam search cannot expand the images of one prompt ``row``: its
+    Qwen-VL models split a row's images (``image_grid_thw``, ``video_grid_thw``) by counting the
+    vision-start tokens before them (``_get_image_nums_and_video_nums``), so images without one
+    fail there. ``"has N images, M marked"``, or None (marked, or a loop that counts otherwise:
+    transformers 5, other families)."""
+    count = getattr(model, "_get_image_nums_and_video_nums", None)
+    if count is None or not hasattr(model, "_get_initial_cache_position"):
+        return None
+    images, videos = count(row["input_ids"])
+    marked = int(images.sum() + videos.sum())
+    expected = sum(len(row[key]) for key in ("image_grid_thw", "video_grid_thw") if row.get(key) is not None)
+    return None if marked == expected else f"has {expected} image(s), {marked} marked"
 
 
 def _fill_token(lvlm: Any) -> int:
