@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
 #: penalty 0, every token a candidate, no rollback: plain beam search
 PLAIN = {"beams": 3, "candidates": None, "penalty": 0, "threshold": 10_000}
-@pytest.fixture(scope="module", params=sorted(FIRST_FAMILIES))
+@pytest.fixture(scope="module", params=[*sorted(FIRST_FAMILIES), "gemma3"])  # Gemma 3: sliding-window layers
 def lvlm(request):
     return tiny_lvlm(request.param)
 
@@ -48,7 +48,8 @@ def _finishing_eos(lvlm, images, prompts, use_cache=True):
     which token does it differs)."""
     config = lvlm.model.generation_config
     saved = config.eos_token_id
-    emitted = [[int(t) for t in _hf_beams(lvlm, image, prompt, 3, 9, use_cache)] for image, prompt in zip(images, prompts)]
+    emitted = [[int(t) for t in _hf_beams(lvlm, image, prompt, 3, 9, use_cache)]
+               for image, prompt in zip(images, prompts)]
     order = emitted[-1][2:] + emitted[-1][:2] + [t for row in emitted[:-1] for t in row]
     try:
         for token in dict.fromkeys(order):

@@ -402,7 +402,9 @@ class Stepper:
         rows, C = candidates.shape
         before = self.kwargs
         length = self._length(before)
-        inputs = self._prepared(torch.cat([ids, candidates[:, :1]], dim=1), 1, dict(before)) if self.shares_cache() else None
+        inputs = None
+        if self.shares_cache():
+            inputs = self._prepared(torch.cat([ids, candidates[:, :1]], dim=1), 1, dict(before))
         if inputs is None or (inputs.get("cache_position") is not None and inputs.get("position_ids") is None):
             # each layer's states before the look-ahead (the repeat makes new tensors): a sliding-
             # window layer past its window has dropped its oldest key once the candidate is added
