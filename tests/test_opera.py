@@ -43,13 +43,18 @@ def _hf_beams(lvlm, image, prompt, n, tokens, use_cache=True):
 def _finishing_eos(lvlm, images, prompts, use_cache=True):
     """An EOS on which transformers' own beam search (3 beams, 9 tokens) ends a row before the
     length limit, so that hypotheses finish and the finished-beam bookkeeping (scores over the
-    generated length, early stopping) is exercised: the first such among the tokens it emits
-    (the last row's third first; the models' weights differ between transformers 4.57 and 5, so
-    which token does it differs)."""
+    generated length, early stopping) is exercised: the first such among the tokens of its final
+    hypotheses (the last row's third first; the models' weights differ between transformers 4.57
+    and 5, so which token does it differs)."""
     config = lvlm.model.generation_config
     saved = config.eos_token_id
-    emitted = [[int(t) for t in _hf_beams(lvlm, image, prompt, 3, 9, use_cache)]
-               for image, prompt in zip(images, prompts)]
+    emitted = []  # per row, its 3 final hypotheses' tokens, the best first
+    for image, prompt in zip(images, prompts):
+        inputs = lvlm.prepare([image], [prompt])
+        with torch.no_grad():
+            out = lvlm.model.generate(**inputs, max_new_tokens=9, num_beams=3, num_return_sequences=3, do_sample=False,
+                                      use_cache=use_cache)
+        emitted.append(out[:, inputs["input_ids"].shape[1]:].flatten().tolist())
     order = emitted[-1][2:] + emitted[-1][:2] + [t for row in emitted[:-1] for t in row]
     try:
         for token in dict.fromkeys(order):
