@@ -64,30 +64,41 @@ class Family:
         return out
 
 
+
+def encoder_layers(tower: Any) -> Any:
+    """A tower's encoder layers, wherever the installed transformers keeps them (5.x: ``encoder``
+    on the vision model itself; 4.x: under ``vision_model``; InternViT: ``encoder.layer``)."""
+    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
+        try:
+            return tower.get_submodule(path)
+        except AttributeError:
+            continue
+    raise AssertionError(f"no encoder layers in {type(tower).__name__}")
+
 FAMILIES = {
     # pinpoints (32, 32), (32, 64), (64, 32) (height, width): a square image fits 1 × 1 (its base tile
     # and one crop: 2), a 64 × 32 one 1 × 2 and a 32 × 64 one 2 × 1 (base and two crops: 3); the
     # processor pads a batch's [B, T, 3, H, W] to its longest image
     "llava_next": Family({"square.png": 2, "wide.png": 3, "tall.png": 3},
-                         lambda lvlm: lvlm.model.model.vision_tower.encoder.layers, (2, 3, 3, 32, 32), 1, True),
+                         lambda lvlm: encoder_layers(lvlm.model.model.vision_tower), (2, 3, 3, 32, 32), 1, True),
     # 1 to 4 tiles over the grid closest to the aspect ratio: a square image is 1 tile (no thumbnail),
     # a 64 × 32 or 32 × 64 one 2 tiles plus the thumbnail; every tile of the batch in one [tiles, 3, H, W]
     "internvl": Family({"square.png": 1, "wide.png": 3, "tall.png": 3},
-                       lambda lvlm: lvlm.model.model.vision_tower.encoder.layer, (4, 3, 32, 32), 1, False),
+                       lambda lvlm: encoder_layers(lvlm.model.model.vision_tower), (4, 3, 32, 32), 1, False),
     # the pinpoints add (64, 64): the same tiles as LLaVA-NeXT for these images; a SigLIP tower
     "llava_onevision": Family({"square.png": 2, "wide.png": 3, "tall.png": 3},
-                              lambda lvlm: lvlm.model.model.vision_tower.encoder.layers, (2, 3, 3, 32, 32), 0, False),
+                              lambda lvlm: encoder_layers(lvlm.model.model.vision_tower), (2, 3, 3, 32, 32), 0, False),
     # 4 sub-images and the global square for the square image, 2 and the global one for the others
     # (the 32 × 32 squares of the image resized); the batch is padded with all-zero squares to 5
     "idefics3": Family({"square.png": 5, "wide.png": 3, "tall.png": 3},
-                       lambda lvlm: lvlm.model.model.vision_model.encoder.layers, (2, 5, 3, 32, 32), 0, True),
+                       lambda lvlm: encoder_layers(lvlm.model.model.vision_model), (2, 5, 3, 32, 32), 0, True),
     "smolvlm": Family({"square.png": 5, "wide.png": 3, "tall.png": 3},
-                      lambda lvlm: lvlm.model.model.vision_model.encoder.layers, (2, 5, 3, 32, 32), 0, True),
+                      lambda lvlm: encoder_layers(lvlm.model.model.vision_model), (2, 5, 3, 32, 32), 0, True),
     # one [3, H, W] input per image (every image resized to one square), as LLaVA-1.5: no tile names
     "paligemma2": Family({"square.png": 1, "wide.png": 1, "tall.png": 1},
-                         lambda lvlm: lvlm.vision_tower().encoder.layers, (2, 3, 32, 32), 0, True),
+                         lambda lvlm: encoder_layers(lvlm.vision_tower()), (2, 3, 32, 32), 0, True),
     "gemma3": Family({"square.png": 1, "wide.png": 1, "tall.png": 1},
-                     lambda lvlm: lvlm.vision_tower().encoder.layers, (2, 3, 32, 32), 0, True),
+                     lambda lvlm: encoder_layers(lvlm.vision_tower()), (2, 3, 32, 32), 0, True),
 }
 
 
