@@ -265,3 +265,26 @@ def pixel_values():
         return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def posthoc_example_run(tmp_path_factory):
+    """examples/posthoc_registers.py run once (configs/posthoc.yaml, 150 CPU steps, evaluated every
+    50): its output folder and what it printed. The example's test checks the printout, the
+    finetune tests the run's metrics, summary and student (one training serves both)."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("posthoc")
+    example = Path(__file__).resolve().parent.parent / "examples" / "posthoc_registers.py"
+    argv, printed = sys.argv, io.StringIO()
+    sys.argv = [example.name, str(out)]
+    try:
+        with contextlib.redirect_stdout(printed):
+            runpy.run_path(str(example), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return out, printed.getvalue()

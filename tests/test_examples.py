@@ -54,13 +54,12 @@ def test_dense_eval_example(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "results.html").exists()
 
 
-def test_posthoc_registers_example(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["posthoc_registers.py", str(tmp_path)])
-    runpy.run_path(str(EXAMPLES / "posthoc_registers.py"), run_name="__main__")
-    out = capsys.readouterr().out
+def test_posthoc_registers_example(posthoc_example_run):
+    """The example's run is a session fixture (conftest.py): tests/test_finetune.py checks its metrics."""
+    folder, out = posthoc_example_run
     assert "original: 1 cls + 0 registers + 7x7 patches; emergence layer 2" in out
     assert "student: 1 cls + 4 registers + 7x7 patches; no high-norm tokens found" in out
-    assert (tmp_path / "final" / "vsink.json").exists() and (tmp_path / "metrics.jsonl").exists()
+    assert (folder / "final" / "vsink.json").exists() and (folder / "metrics.jsonl").exists()
 
 
 def test_lvlm_mitigations_example(tmp_path, monkeypatch, capsys):

@@ -220,23 +220,38 @@ def test_schedule_order_and_groups():
     assert id(named["blocks.0.attn.qkv.weight"]) not in no_decay and groups[1]["weight_decay"] == 0.0
 
 
-def test_posthoc_recipe_removes_the_demo_outliers(tmp_path):
-    """150 CPU steps: the student with 4 registers, distilled from the demo model with test-time
-    registers as teacher, has no high-norm patch at any block, keeps patch features of the
-    non-outlier patches (cos >= 0.99) and its class token (cos >= 0.99)."""
-    cfg = load_config(CONFIGS / "posthoc.yaml", [f"out={tmp_path}", "train.steps=150", "train.eval_every=150",
-                                                 "train.checkpoint_every=150"])
-    summary = run_finetune(cfg, progress=False)
-    start = _metrics(tmp_path)[0]
+def test_posthoc_recipe_removes_the_demo_outliers(posthoc_example_run):
+    """150 CPU steps of configs/posthoc.yaml (the run of examples/posthoc_registers.py, shared with
+    its test: conftest.py): the student with 4 registers, distilled from the demo model with
+    test-time registers as teacher, has no high-norm patch at any block, keeps patch features of
+    the non-outlier patches (cos >= 0.99) and its class token (cos >= 0.99)."""
+    out, _ = posthoc_example_run
+    summary = json.loads((out / "summary.json").read_text())  # what run_finetune returned
+    recipe = yaml.safe_load((out / "config.yaml").read_text())
+    assert recipe["recipe"] == "posthoc" and recipe["train"]["steps"] == 150
+    start = _metrics(out)[0]
     assert start["step"] == 0 and start["eval/student_outlier_fraction_max"] > 0.03  # the planted artifacts
     final = summary["final_eval"]
     assert final["student_outlier_fraction_max"] == 0.0
     assert final["patch_cosine_clean"] >= 0.99 and final["cls_cosine"] >= 0.99
-    student = vsink.load(str(tmp_path / "final"))
+    student = vsink.load(str(out / "final"))
     assert student.layout().num_registers == 4
     result = vsink.scan(student, [im.image for im in __import__("vsink.data.demo_images", fromlist=["x"]).demo_images()],
                         img_size=112, progress=False)
     assert result.high_norm.emergence_layer is None
+
+
+def _finetune_here(args) -> None:
+    """``vsink finetune`` in this process, on one thread as the subprocesses run (``_env``): the
+    uninterrupted reference runs, which need no process of their own (saves an interpreter start)."""
+    from vsink.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["finetune", "--no-progress", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_cli(args, **kw):
@@ -247,8 +262,7 @@ def _run_cli(args, **kw):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     common = ["--config", str(CONFIGS / "scratch.yaml"), *TINY, "train.steps=40", "train.checkpoint_every=5",
               "train.keep_checkpoints=3", "train.batch_size=8"]
-    full = _run_cli([*common, f"out={tmp_path / 'full'}"])
-    assert full.wait(timeout=300) == 0, full.stderr.read().decode()
+    _finetune_here([*common, f"out={tmp_path / 'full'}"])
     killed = _run_cli([*common, f"out={tmp_path / 'killed'}"])
     ckpt = tmp_path / "killed" / "checkpoints" / "step_0000015"
     deadline = time.time() + 240
@@ -269,12 +283,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 def test_ddp_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
     common = ["--config", str(CONFIGS / "scratch.yaml"), *TINY, "train.steps=8", "train.checkpoint_every=8"]
-    single = _run_cli([*common, "train.batch_size=8", f"out={tmp_path / 'one'}"])
-    assert single.wait(timeout=300) == 0, single.stderr.read().decode()
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "vsink.cli", "finetune", "--no-progress", *common, "train.batch_size=4",
-                          f"out={tmp_path / 'two'}"], env=_env(), capture_output=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr.decode()[-3000:]
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "vsink.cli", "finetune", "--no-progress", *common, "train.batch_size=4",
+                            f"out={tmp_path / 'two'}"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:  # the one-process run while the launch starts its interpreters
+        _finetune_here([*common, "train.batch_size=8", f"out={tmp_path / 'one'}"])
+    finally:
+        _, err = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, err.decode()[-3000:]
     one = [r["loss"] for r in _metrics(tmp_path / "one") if "loss" in r]
     two = [r["loss"] for r in _metrics(tmp_path / "two") if "loss" in r]
     assert len(one) == len(two) == 8
