@@ -268,6 +268,35 @@ def pixel_values():
 
 
 @pytest.fixture(scope="session")
+def demo_scan(tmp_path_factory):
+    """``vsink scan`` of the demo model on its demo images (every default), once for the suite:
+    read it; copy it before changing anything in it."""
+    from vsink.cli import main
+
+    out = tmp_path_factory.mktemp("demo-scan") / "scan"
+    assert main(["scan", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_registers(tmp_path_factory):
+    """``vsink registers find --top-k 4`` then ``vsink registers apply`` of the demo model on its
+    demo images, once for the suite: (the neurons file, apply's folder, what apply printed). Read
+    them; copy them before changing anything in them."""
+    import contextlib
+    import io
+
+    from vsink.cli import main
+
+    root = tmp_path_factory.mktemp("demo-registers")
+    spec, out, printed = root / "neurons.json", root / "cmp", io.StringIO()
+    assert main(["registers", "find", "--out", str(spec), "--top-k", "4", "--no-progress"]) == 0
+    with contextlib.redirect_stdout(printed):
+        assert main(["registers", "apply", "--neurons", str(spec), "--out", str(out), "--no-progress"]) == 0
+    return spec, out, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
 def posthoc_example_run(tmp_path_factory):
     """examples/posthoc_registers.py run once (configs/posthoc.yaml, 150 CPU steps, evaluated every
     50): its output folder and what it printed. The example's test checks the printout, the

@@ -138,11 +138,9 @@ def saved_demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scanned(tmp_path_factory):
-    """An output folder holding a finished scan."""
-    out = tmp_path_factory.mktemp("scanned") / "out"
-    assert main(["scan", "--out", str(out), "--no-progress"]) == 0
-    return out
+def scanned(demo_scan):
+    """An output folder holding a finished scan: the demo's (run once for the suite: conftest.py)."""
+    return demo_scan
 
 
 @pytest.fixture(scope="module")

@@ -250,15 +250,14 @@ def test_spec_files_and_errors(tmp_path, demo_spec):
         find_register_neurons(random_model, [im.image for im in demo_images()], progress=False)
 
 
-def test_cli_registers_find_apply_and_scan_flag(tmp_path, capsys):
-    spec = tmp_path / "neurons.json"
-    assert main(["registers", "find", "--out", str(spec), "--top-k", "4", "--no-progress"]) == 0
+def test_cli_registers_find_apply_and_scan_flag(tmp_path, demo_registers):
+    """``registers find --top-k 4`` and ``registers apply`` on the demo (run once for the suite:
+    conftest.py), then ``scan`` and ``maps`` with the neurons found."""
+    spec, cmp, out = demo_registers
     assert {(n["layer"], n["neuron"]) for n in json.loads(spec.read_text())["neurons"]} == PLANTED
-    assert main(["registers", "apply", "--neurons", str(spec), "--out", str(tmp_path / "cmp"), "--no-progress"]) == 0
-    out = capsys.readouterr().out
     assert " after: no high-norm tokens found, max register share" in out and "None" not in out
-    after = json.loads((tmp_path / "cmp" / "after" / "scan.json").read_text())
-    before = json.loads((tmp_path / "cmp" / "before" / "scan.json").read_text())
+    after = json.loads((cmp / "after" / "scan.json").read_text())
+    before = json.loads((cmp / "before" / "scan.json").read_text())
     assert before["high_norm"]["emergence_layer"] == D.PLANTED_BLOCK and after["high_norm"]["tokens"] == []
     assert main(["scan", "--test-time-registers", str(spec), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     data = json.loads((tmp_path / "s" / "scan.json").read_text())

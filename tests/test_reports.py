@@ -70,13 +70,6 @@ class Page(HTMLParser):
         return next(v for k, v in self.sections.items() if k.startswith(prefix))
 
 
-@pytest.fixture(scope="module")
-def demo_scan(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scan")
-    assert main(["scan", "--no-progress", "--out", str(out)]) == 0
-    return out
-
-
 def test_scan_report_shows_massive_activations_heads_and_every_blocks_norms(demo_scan):
     page = Page((demo_scan / "report.html").read_text())
     assert "Synthetic demo model." in page.classes["banner"][0]
@@ -93,15 +86,14 @@ def test_scan_report_shows_massive_activations_heads_and_every_blocks_norms(demo
     assert max(per_image.values()) <= 4 and len(per_image) == 2  # both images, not 30 rows of one
 
 
-def test_registers_apply_writes_one_side_by_side_report(tmp_path, capsys):
-    neurons = tmp_path / "neurons.json"
-    assert main(["registers", "find", "--no-progress", "--out", str(neurons)]) == 0
-    assert main(["registers", "apply", "--neurons", str(neurons), "--no-progress", "--out", str(tmp_path / "r")]) == 0
-    assert "compare.html (side by side)" in capsys.readouterr().out
-    page = Page((tmp_path / "r" / "compare.html").read_text())
+def test_registers_apply_writes_one_side_by_side_report(demo_registers):
+    """``registers apply`` on the demo (run once for the suite: conftest.py)."""
+    _, folder, printed = demo_registers
+    assert "compare.html (side by side)" in printed
+    page = Page((folder / "compare.html").read_text())
     summary = next(r for r in page.cells if r and r[0] == "outlier tokens")
-    before = json.loads((tmp_path / "r" / "before" / "scan.json").read_text())["high_norm"]["tokens_total"]
-    after = json.loads((tmp_path / "r" / "after" / "scan.json").read_text())["high_norm"]["tokens_total"]
+    before = json.loads((folder / "before" / "scan.json").read_text())["high_norm"]["tokens_total"]
+    after = json.loads((folder / "after" / "scan.json").read_text())["high_norm"]["tokens_total"]
     assert summary[1:3] == [str(before), str(after)] and summary[3] == f"−{before - after}"
     assert page.section("Per block, all runs on one axis")["img"] == 4
     assert page.section("PCA of patch features")["img"] == 1
@@ -109,7 +101,7 @@ def test_registers_apply_writes_one_side_by_side_report(tmp_path, capsys):
     assert page.section("Per image")["table"] == 1
 
 
-def test_comparison_says_which_images_its_maps_show_and_lists_every_image(tmp_path):
+def test_comparison_says_which_images_its_maps_show_and_lists_every_image(tmp_path, demo_registers):
     """Six photos, four drawn: the page says "the first 4 of 6" and its per-image table has all six."""
     from vsink.export.compare import MAX_IMAGES
 
@@ -121,8 +113,7 @@ def test_comparison_says_which_images_its_maps_show_and_lists_every_image(tmp_pa
     folder.mkdir()
     for i in range(MAX_IMAGES + 2):
         Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-    neurons = tmp_path / "neurons.json"
-    assert main(["registers", "find", "--no-progress", "--out", str(neurons)]) == 0
+    neurons, _, _ = demo_registers  # the demo's planted neurons, found on its demo images
     assert main(["registers", "apply", str(folder), "--neurons", str(neurons), "--no-progress",
                  "--out", str(tmp_path / "r")]) == 0
     text = (tmp_path / "r" / "compare.html").read_text()

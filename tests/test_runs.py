@@ -386,16 +386,18 @@ def test_an_interrupted_scan_leaves_the_earlier_set(tmp_path, monkeypatch):
     _view_works(out)
 
 
-def test_an_interrupted_registers_apply_leaves_before_after_and_compare_as_they_were(tmp_path, monkeypatch):
+def test_an_interrupted_registers_apply_leaves_before_after_and_compare_as_they_were(tmp_path, monkeypatch,
+                                                                                     demo_registers):
+    """The earlier set: a copy of ``registers apply`` on the demo photos (run once for the suite:
+    conftest.py); the rerun, on the same photos saved as files, is interrupted at its last output."""
     import vsink.export.compare as compare_mod
     from vsink.cli import main
 
-    spec = tmp_path / "neurons.json"
+    spec, done, _ = demo_registers
     images = _demo_images(tmp_path, 2)
-    assert main(["registers", "find", str(images), "--out", str(spec), "--no-progress"]) == 0
-    out = tmp_path / "apply"
-    assert main(["registers", "apply", str(images), "--neurons", str(spec), "--out", str(out), "--no-progress"]) == 0
+    out = Path(shutil.copytree(done, tmp_path / "apply"))
     earlier = _snapshot(out)
+    assert {"before/scan.json", "after/scan.json", "compare.html"} <= set(earlier)
     monkeypatch.setattr(compare_mod, "render_scan_comparison", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["registers", "apply", str(images), "--neurons", str(spec), "--out", str(out), "--no-progress"]) == 130
     assert _snapshot(out) == earlier

@@ -472,10 +472,9 @@ def test_view_refuses_a_file_that_is_not_an_npz(maps_dir, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def scanned(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scan")
-    assert main(["scan", "--out", str(out), "--no-progress"]) == 0
-    return out
+def scanned(demo_scan):
+    """The demo's scan (run once for the suite: conftest.py); the tests change copies of it."""
+    return demo_scan
 
 
 def test_a_scan_whose_json_and_trace_disagree(scanned, tmp_path, capsys):

@@ -166,13 +166,15 @@ def test_clicking_a_patch_shows_its_attention_row_in_chromium(maps_dir, precisio
         driver.quit()
 
 
-def test_scan_output_is_viewable_in_chromium(tmp_path):
+def test_scan_output_is_viewable_in_chromium(tmp_path, demo_scan):
+    import shutil
+
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    assert main(["scan", "--no-progress", "--out", str(tmp_path)]) == 0
-    trace = vsink.Trace.load(tmp_path / "trace.npz")
-    path = write_viewer(tmp_path, precision="float32")
+    folder = shutil.copytree(demo_scan, tmp_path / "scan")  # the demo's scan (conftest.py), copied
+    trace = vsink.Trace.load(folder / "trace.npz")
+    path = write_viewer(folder, precision="float32")
     driver = chrome()
     try:
         driver.get(path.as_uri())
