@@ -6,7 +6,8 @@ and the output files are compared: the batches are cut as one process cuts them 
 over all items, so the numbers are equal, not close (one thread per process). To spare the suite a
 launch per command, the 2-process runs of every command go through one launch
 (``tests/torchrun_commands.py`` runs them in turn through ``vsink.cli.main``, as ``torchrun -m vsink``
-does); the kill-and-resume test launches ``torchrun -m vsink`` itself."""
+does), and the one-process runs are made while that launch runs; the kill-and-resume tests launch
+``torchrun -m vsink`` themselves (their one-process run is made while the resuming launch runs)."""
 
 from __future__ import annotations
 
@@ -124,16 +125,45 @@ COMMANDS = {
 }
 
 
+#: the commands whose one-process outputs the tests compare with the launch's
+COMPARED = ("scan", "maps", "find", "pope", "dense", "generate", "generate-skip")
+
+
 @pytest.fixture(scope="module")
-def two(tmp_path_factory, images, coco, photos) -> Path:
-    """Every command of :data:`COMMANDS` run by two processes, in one ``torchrun`` launch."""
-    out = tmp_path_factory.mktemp("two")
+def launch(tmp_path_factory, images, coco, photos) -> tuple[Path, Path]:
+    """Every command of :data:`COMMANDS` run by two processes, in one ``torchrun`` launch, and
+    meanwhile (the launch's ranks wait on each other and on their interpreters' start) each
+    command of :data:`COMPARED` as one process, in this process: (the launch's folder, the one
+    process's folder, where ``NAME.out`` / ``NAME.err`` hold what each command printed)."""
+    import contextlib
+
+    out, one_dir = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
     plan = {name: [*args(images, coco, photos, out / name), "--no-progress"] for name, args in COMMANDS.items()}
     (out / "plan.json").write_text(json.dumps(plan))
-    done = subprocess.run(_torchrun(str(ROOT / "tests" / "torchrun_commands.py"), str(out / "plan.json"), str(out)),
-                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return out
+    started = subprocess.Popen(_torchrun(str(ROOT / "tests" / "torchrun_commands.py"), str(out / "plan.json"),
+                                         str(out)), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for name in COMPARED:
+            with open(one_dir / f"{name}.out", "w") as stdout, open(one_dir / f"{name}.err", "w") as stderr:
+                with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                    one(*COMMANDS[name](images, coco, photos, one_dir / name))
+    finally:
+        _, err = started.communicate(timeout=900)
+    assert started.returncode == 0, err[-4000:]
+    return out, one_dir
+
+
+@pytest.fixture(scope="module")
+def two(launch) -> Path:
+    """The folder of the ``torchrun`` launch of every command of :data:`COMMANDS`."""
+    return launch[0]
+
+
+@pytest.fixture(scope="module")
+def ones(launch) -> Path:
+    """The folder of the one-process runs of :data:`COMPARED`."""
+    return launch[1]
 
 
 def _ran(two: Path, name: str, ok: bool = True) -> tuple[str, str]:
@@ -147,12 +177,6 @@ def _ran(two: Path, name: str, ok: bool = True) -> tuple[str, str]:
     return (two / f"{name}.rank0.out").read_text(), err
 
 
-def _reference(name: str, tmp_path: Path, images: Path, coco: Path, photos: Path) -> Path:
-    """The command's one-process run into ``tmp_path / name``."""
-    one(*COMMANDS[name](images, coco, photos, tmp_path / name))
-    return tmp_path / name
-
-
 def _same_npz(a: Path, b: Path) -> None:
     with np.load(a) as x, np.load(b) as y:
         assert sorted(x.files) == sorted(y.files)
@@ -164,9 +188,9 @@ def _record(folder: Path) -> dict:
     return json.loads((folder / "vsink-run.json").read_text())
 
 
-def test_scan_two_processes_equal_one(tmp_path, images, coco, photos, two):
+def test_scan_two_processes_equal_one(ones, two):
     stdout, _ = _ran(two, "scan")
-    one_dir, two_dir = _reference("scan", tmp_path, images, coco, photos), two / "scan"
+    one_dir, two_dir = ones / "scan", two / "scan"
     scan = json.loads((one_dir / "scan.json").read_text())
     # 5 images in batches of 2 (im2b.png is skipped in batch 2): each rank scanned some, rank 0 pooled
     assert len(scan["images"]) == 5 and [Path(s["image"]).name for s in scan["skipped"]] == ["im2b.png"]
@@ -179,11 +203,11 @@ def test_scan_two_processes_equal_one(tmp_path, images, coco, photos, two):
     assert sorted(p.name for p in two_dir.iterdir()) == sorted(p.name for p in one_dir.iterdir())
 
 
-def test_maps_two_processes_equal_one(tmp_path, images, coco, photos, two):
+def test_maps_two_processes_equal_one(ones, two):
     """Image i on rank i % 2: each rank writes its npz files and draws its PNGs into rank 0's staging
     folder on the colour scales rank 0 folded over every image in order."""
     _ran(two, "maps")
-    one_dir, two_dir = _reference("maps", tmp_path, images, coco, photos), two / "maps"
+    one_dir, two_dir = ones / "maps", two / "maps"
     files = sorted(p.relative_to(one_dir) for p in one_dir.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(two_dir) for p in two_dir.rglob("*") if p.is_file())
     assert len([f for f in files if f.suffix == ".png"]) > 5 * 4  # 5 images, 4 overlays each and contact sheets
@@ -193,10 +217,10 @@ def test_maps_two_processes_equal_one(tmp_path, images, coco, photos, two):
     assert _record(two_dir)["determining"] == _record(one_dir)["determining"]
 
 
-def test_registers_find_two_processes_equal_one(tmp_path, images, coco, photos, two):
+def test_registers_find_two_processes_equal_one(ones, two):
     """Rank 0 finds the outliers over every image's norms and adds the per-batch neuron sums in order."""
     stdout, _ = _ran(two, "find")
-    reference = Path(str(_reference("find", tmp_path, images, coco, photos)) + ".json")
+    reference = Path(str(ones / "find") + ".json")
     spec = json.loads(reference.read_text())
     # the score-gap cut keeps exactly the demo's planted neurons (block 2, MLP units 0-3; docs/demo.md)
     assert [(n["layer"], n["neuron"]) for n in spec["neurons"]] == [(2, 0), (2, 1), (2, 2), (2, 3)]
@@ -206,9 +230,9 @@ def test_registers_find_two_processes_equal_one(tmp_path, images, coco, photos, 
     assert stdout.count("register neurons of demo") == 1
 
 
-def test_eval_pope_two_processes_equal_one(tmp_path, images, coco, photos, two):
+def test_eval_pope_two_processes_equal_one(ones, two):
     _ran(two, "pope")
-    a, b = _reference("pope", tmp_path, images, coco, photos), two / "pope"
+    a, b = ones / "pope", two / "pope"
     assert len(_lines(a / "none" / "answers.jsonl")) == 12  # 2 images x 6 questions: 6 batches, 3 per rank
     for name in ("none/answers.jsonl", "questions.jsonl", "results.json", "results.md", "results.html"):
         assert (b / name).read_text() == (a / name).read_text(), name
@@ -217,9 +241,9 @@ def test_eval_pope_two_processes_equal_one(tmp_path, images, coco, photos, two):
     assert not (b / ".vsink.lock").exists()
 
 
-def test_eval_dense_two_processes_equal_one(tmp_path, images, coco, photos, two):
+def test_eval_dense_two_processes_equal_one(ones, two):
     _ran(two, "dense")
-    one_dir = _reference("dense", tmp_path, images, coco, photos)
+    one_dir = ones / "dense"
     a, b = (json.loads((folder / "results.json").read_text()) for folder in (one_dir, two / "dense"))
     assert a["tasks"] == ["linear-seg", "lost", "artifacts"] and a["dataset"]["images_evaluated"] == 5
     for result in (a, b):  # measured times differ; everything else is equal
@@ -230,13 +254,12 @@ def test_eval_dense_two_processes_equal_one(tmp_path, images, coco, photos, two)
     assert _record(two / "dense")["determining"] == _record(one_dir)["determining"]
 
 
-def test_generate_two_processes_equal_one(tmp_path, images, coco, photos, two, capsys):
+def test_generate_two_processes_equal_one(ones, two):
     """3 items in batches of 2 (the first left-padded): batch 1 on rank 0, batch 2 on rank 1; rank 0
     folds the texts, every rank writes its attention rows into rank 0's set, rank 0 reports."""
     stdout, err = _ran(two, "generate")
-    capsys.readouterr()
-    a = _reference("generate", tmp_path, images, coco, photos)
-    one_out, one_err = capsys.readouterr()
+    a = ones / "generate"
+    one_out, one_err = (ones / "generate.out").read_text(), (ones / "generate.err").read_text()
     b = two / "generate"
     rows = _lines(a / "generated.jsonl")
     assert [r["item"] for r in rows] == [0, 1, 2] and [r["prompt"] for r in rows] == list(PROMPTS)
@@ -266,15 +289,13 @@ def test_generate_in_one_batch_under_torchrun_says_the_other_ranks_idle(two):
     assert stdout.count("[") == 3
 
 
-def test_generate_skips_an_unreadable_file_on_every_rank_as_one_process_does(tmp_path, images, coco, photos, two,
-                                                                             capsys):
+def test_generate_skips_an_unreadable_file_on_every_rank_as_one_process_does(ones, two):
     """im2b.png cannot be read: every rank leaves it out before the batches are cut, so the 5 items
     in 3 batches, the texts and the record (its skipped entry) are those of one process; rank 0
     alone reports it."""
     stdout, err = _ran(two, "generate-skip")
-    capsys.readouterr()
-    a = _reference("generate-skip", tmp_path, images, coco, photos)
-    one_out, _ = capsys.readouterr()
+    a = ones / "generate-skip"
+    one_out = (ones / "generate-skip.out").read_text()
     b = two / "generate-skip"
     assert [r["item"] for r in _lines(a / "generated.jsonl")] == [0, 1, 2, 3, 4]
     assert (b / "generated.jsonl").read_bytes() == (a / "generated.jsonl").read_bytes()
@@ -322,13 +343,25 @@ def _complete_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def _resume(args: list[str], meanwhile) -> subprocess.CompletedProcess:
+    """``torchrun -m vsink ARGS`` run again after the kill, with ``meanwhile()`` (the uninterrupted
+    one-process run) done in this process while the launch runs; the launch must succeed."""
+    launch = subprocess.Popen(_torchrun("-m", "vsink", *args), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        meanwhile()
+    finally:
+        out, err = launch.communicate(timeout=600)
+    assert launch.returncode == 0, err[-4000:]
+    return subprocess.CompletedProcess(launch.args, launch.returncode, out, err)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
 def test_eval_pope_killed_on_every_rank_resumes_where_each_stopped(tmp_path, coco):
     import signal
     import time
 
     args = _pope(coco, tmp_path / "run", "--splits", "random,popular", "--batch-size", "1", "--no-progress")
-    one(*_pope(coco, tmp_path / "one", "--splits", "random,popular", "--batch-size", "1"))
     agent = subprocess.Popen(_torchrun("-m", "vsink", *args), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     ranks = [tmp_path / "run" / "none" / f"answers.rank{r}.jsonl" for r in (0, 1)]
@@ -345,9 +378,8 @@ def test_eval_pope_killed_on_every_rank_resumes_where_each_stopped(tmp_path, coc
     before = [json.loads(line) for p in ranks for line in p.read_text().split("\n")[:-1]]
     assert 2 <= len(before) < 24
 
-    resumed = subprocess.run(_torchrun("-m", "vsink", *args), env=_env(), cwd=ROOT, capture_output=True, text=True,
-                             timeout=600)  # the same command again resumes
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed = _resume(args, lambda: one(*_pope(coco, tmp_path / "one", "--splits", "random,popular",
+                                                  "--batch-size", "1")))  # the same command again resumes
     final = _lines(tmp_path / "run" / "none" / "answers.jsonl")
     assert sorted(r["question_id"] for r in final) == list(range(24))  # every question exactly once
     kept = {r["question_id"]: r for r in before}
@@ -370,7 +402,6 @@ def test_generate_killed_on_every_rank_resumes_to_the_texts_of_one_process(tmp_p
                                                                    for i in OBJECTS])
     args = ["generate", *files, "--model", "demo-llava", "--prompt", "Describe.", "--batch-size", "2",
             "--max-new-tokens", "6", "--no-progress", "--out", str(tmp_path / "run")]
-    one(*args[:-1], str(tmp_path / "one"))
     agent = subprocess.Popen(_torchrun("-m", "vsink", *args), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     ranks = [tmp_path / "run" / f"generated.rank{r}.jsonl" for r in (0, 1)]
@@ -385,9 +416,7 @@ def test_generate_killed_on_every_rank_resumes_to_the_texts_of_one_process(tmp_p
     before = [json.loads(line) for p in ranks for line in p.read_text().split("\n")[:-1]]
     assert 2 <= len(before) < 16
 
-    resumed = subprocess.run(_torchrun("-m", "vsink", *args), env=_env(), cwd=ROOT, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed = _resume(args, lambda: one(*args[:-1], str(tmp_path / "one")))
     assert f"{len(before)} items of 16 already in" in resumed.stderr
     final = tmp_path / "run" / "generated.jsonl"
     assert final.read_bytes() == (tmp_path / "one" / "generated.jsonl").read_bytes()
