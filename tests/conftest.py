@@ -270,12 +270,24 @@ def pixel_values():
 @pytest.fixture(scope="session")
 def demo_scan(tmp_path_factory):
     """``vsink scan`` of the demo model on its demo images (every default), once for the suite:
-    read it; copy it before changing anything in it."""
+    its folder (read it; copy it before changing anything in it). What the command printed is in
+    ``stdout.txt`` and ``stderr.txt`` beside the folder (:func:`printed`)."""
+    import contextlib
+
     from vsink.cli import main
 
-    out = tmp_path_factory.mktemp("demo-scan") / "scan"
-    assert main(["scan", "--out", str(out), "--no-progress"]) == 0
+    root = tmp_path_factory.mktemp("demo-scan")
+    out = root / "scan"
+    with open(root / "stdout.txt", "w") as stdout, open(root / "stderr.txt", "w") as stderr:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["scan", "--out", str(out), "--no-progress"])
+    assert code == 0, (root / "stderr.txt").read_text()
     return out
+
+
+def printed(folder) -> tuple[str, str]:
+    """What the command of a session fixture's folder printed: (stdout, stderr)."""
+    return (folder.parent / "stdout.txt").read_text(), (folder.parent / "stderr.txt").read_text()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from PIL import Image
 import vsink
 from vsink.cli import main
 from vsink.data import demo_model as D
+from conftest import printed
 
 
 def run(capsys, *args):
@@ -23,11 +24,11 @@ def run(capsys, *args):
     return code, out, err
 
 
-def test_scan_demo_writes_schema(tmp_path, capsys):
-    code, out, err = run(capsys, "scan", "--out", str(tmp_path), "--no-progress")
-    assert code == 0, err
+def test_scan_demo_writes_schema(demo_scan):
+    """``vsink scan`` with every default (run once for the suite: conftest.py)."""
+    out, err = printed(demo_scan)
     assert "SYNTHETIC" in err
-    data = json.loads((tmp_path / "scan.json").read_text())
+    data = json.loads((demo_scan / "scan.json").read_text())
     assert data["model"] == "demo" and data["synthetic"] is True
     assert data["layout"] == {"cls": 1, "registers": 0, "register_position": "none", "registers_after_cls": 0,
                               "registers_appended": 0, "grid": [14, 14], "tokens": 197}
@@ -40,9 +41,9 @@ def test_scan_demo_writes_schema(tmp_path, capsys):
     token = data["high_norm"]["tokens"][0]
     assert set(token) == {"image", "layer", "token", "row", "col", "norm"}
     assert {"layer", "token", "kind", "share"} <= set(data["sinks"][0])
-    html = (tmp_path / "report.html").read_text()
+    html = (demo_scan / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Synthetic demo model" in html
-    trace = vsink.Trace.load(tmp_path / "trace.npz")
+    trace = vsink.Trace.load(demo_scan / "trace.npz")
     assert trace.norms.shape == (6, 2, 197)
     assert f"emergence layer {D.PLANTED_BLOCK}" in out
 

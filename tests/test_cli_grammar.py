@@ -13,6 +13,7 @@ from PIL import Image
 
 from vsink.cli import build_parser, main
 from vsink.option_docs import command_parsers, declared
+from conftest import printed
 
 #: the commands that load a model
 MODEL_COMMANDS = ("vsink scan", "vsink maps", "vsink registers find", "vsink registers apply", "vsink eval dense",
@@ -220,13 +221,13 @@ def test_models_lists_every_spec_form_and_what_it_is_for(capsys):
 
 # --- messages -------------------------------------------------------------------------------------------
 
-def test_scan_messages_count_and_say_when_nothing_was_found(tmp_path, image, capsys):
+def test_scan_messages_count_and_say_when_nothing_was_found(tmp_path, image, capsys, demo_scan):
     code, out, err = run(capsys, "scan", image, "--threshold", "1e9", "--device", "auto", "--no-progress",
                          "--out", tmp_path)
     assert code == 0, err
     assert "scanned 1 image (0 skipped) with demo" in out
     assert "no high-norm tokens found" in out and "None" not in out
-    code, out, _ = run(capsys, "scan", "--no-progress", "--out", tmp_path)
+    out, _ = printed(demo_scan)  # "vsink scan" with every default, run once for the suite (conftest.py)
     assert "scanned 2 images (0 skipped)" in out and "high-norm tokens: emergence layer 2, " in out
 
 
