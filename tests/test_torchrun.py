@@ -125,31 +125,70 @@ COMMANDS = {
 }
 
 
+def _question(qid: int, image: str, text: str = "Is there a dog in the image?") -> dict:
+    return {"question_id": qid, "image": image, "object": "dog", "split": "random", "label": "yes", "text": text}
+
+
+@pytest.fixture(scope="module")
+def rank1(tmp_path_factory) -> Path:
+    """POPE inputs whose batches of 2 deal rank 1 a failure of its own (``bad.jsonl``: a question
+    thousands of tokens long, past the demo LVLM's 2,048 positions) or an unreadable image
+    (``good.jsonl``); the images are in ``images/``."""
+    root = tmp_path_factory.mktemp("rank1")
+    images = root / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / "a.png")
+    (images / "broken.png").write_bytes(b"not an image")
+    # batches of 2: questions 0-1 on rank 0, 2-3 on rank 1, 4-5 on rank 0 (rank 1 has no third batch)
+    long = "Is there a dog " + "and a dog " * 1500 + "in the image?"  # thousands of tokens: past 2,048
+    bad = [_question(0, "a.png"), _question(1, "a.png"), _question(2, "a.png", long), _question(3, "a.png"),
+           _question(4, "a.png"), _question(5, "a.png")]
+    good = [_question(0, "a.png"), _question(1, "a.png"), _question(2, "broken.png"), _question(3, "a.png")]
+    for name, questions in (("bad", bad), ("good", good)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return root
+
+
+def _rank1_pope(rank1: Path, name: str, out: Path) -> list[str]:
+    return ["eval", "pope", str(rank1 / "images"), "--model", "demo-llava", "--questions",
+            str(rank1 / f"{name}.jsonl"), "--max-new-tokens", "1", "--batch-size", "2", "--out", str(out)]
+
+
 #: the commands whose one-process outputs the tests compare with the launch's
 COMPARED = ("scan", "maps", "find", "pope", "dense", "generate", "generate-skip")
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory, images, coco, photos) -> tuple[Path, Path]:
-    """Every command of :data:`COMMANDS` run by two processes, in one ``torchrun`` launch, and
+def launch(tmp_path_factory, images, coco, photos, rank1) -> tuple[Path, Path]:
+    """Every command of :data:`COMMANDS`, then the two POPE runs of :func:`rank1` (``rank1-bad``,
+    ``rank1-good``), run by two processes, in one ``torchrun`` launch, killed with its workers
+    after 10 minutes (a rank left waiting would wait for half an hour, gloo's timeout); and
     meanwhile (the launch's ranks wait on each other and on their interpreters' start) each
     command of :data:`COMPARED` as one process, in this process: (the launch's folder, the one
     process's folder, where ``NAME.out`` / ``NAME.err`` hold what each command printed)."""
     import contextlib
+    import signal
 
     out, one_dir = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
     plan = {name: [*args(images, coco, photos, out / name), "--no-progress"] for name, args in COMMANDS.items()}
+    plan.update({f"rank1-{name}": [*_rank1_pope(rank1, name, out / f"rank1-{name}"), "--no-progress"]
+                 for name in ("bad", "good")})
     (out / "plan.json").write_text(json.dumps(plan))
     started = subprocess.Popen(_torchrun(str(ROOT / "tests" / "torchrun_commands.py"), str(out / "plan.json"),
                                          str(out)), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         for name in COMPARED:
             with open(one_dir / f"{name}.out", "w") as stdout, open(one_dir / f"{name}.err", "w") as stderr:
                 with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                     one(*COMMANDS[name](images, coco, photos, one_dir / name))
     finally:
-        _, err = started.communicate(timeout=900)
+        try:
+            _, err = started.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(started.pid, signal.SIGKILL)  # torchrun and both workers
+            started.communicate()
+            raise
     assert started.returncode == 0, err[-4000:]
     return out, one_dir
 
@@ -315,6 +354,34 @@ def test_an_error_on_rank_0_stops_every_rank_with_one_line(two):
     assert len(errors) == 1 and "no high-norm outliers in these images" in errors[0]
     assert "vsink: error:" not in (two / "no-outliers.rank1.err").read_text()
     assert not (two / "no-outliers.json").exists()
+
+
+def test_an_error_on_rank_1_stops_every_rank_with_one_line_naming_it(two):
+    """A real failure on the batch dealt to rank 1 alone (a POPE question far longer than the demo
+    LVLM's context, which one process refuses too: ``LVLM.check_context``) stops both ranks with one
+    line naming the rank, within the launch's timeout; an unreadable image dealt to rank 1 stays a
+    skipped and reported item, as for one process."""
+    codes = [int((two / f"rank1-bad.rank{r}.rc").read_text()) for r in (0, 1)]
+    err0, err1 = ((two / f"rank1-bad.rank{r}.err").read_text() for r in (0, 1))
+    assert codes == [2, 2], err0[-2000:] + err1[-2000:]
+    lines = [line for line in err0.splitlines() if "vsink: error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("vsink: error: rank 1: the prompt is ")
+    assert "beyond demo-llava's context of 2,048 tokens" in lines[0]
+    assert "vsink: error:" not in err1 and "Traceback" not in err0 + err1
+    # rank 0's answers (its first batch, written before rank 1 failed) stay for the next run to fold in
+    kept = two / "rank1-bad" / "none" / "answers.rank0.jsonl"
+    assert [json.loads(line)["question_id"] for line in kept.read_text().splitlines()][:2] == [0, 1]
+    assert (two / "rank1-bad" / "none" / "vsink-run.json").exists()
+    assert not (two / "rank1-bad" / "results.json").exists()
+
+    # an unreadable image on rank 1's batch: skipped and reported, the others scored, as one process does
+    _, err0 = _ran(two, "rank1-good")
+    err1 = (two / "rank1-good.rank1.err").read_text()
+    assert "vsink: skipped" in err1 and "broken.png" in err1
+    results = json.loads((two / "rank1-good" / "results.json").read_text())
+    assert [s["item"] for s in results["skipped"]["none"]] == ["2"]
+    answered = (two / "rank1-good" / "none" / "answers.jsonl").read_text().splitlines()
+    assert [json.loads(line)["question_id"] for line in answered] == [0, 1, 3]
 
 
 def test_commands_that_do_not_split_their_work_are_refused_under_torchrun(tmp_path, images, capsys, monkeypatch):
