@@ -364,14 +364,14 @@ def _view_works(folder):
     assert main(["view", str(folder), "--out", str(folder.parent / "viewer.html")]) == 0
 
 
-def test_an_interrupted_scan_leaves_the_earlier_set(tmp_path, monkeypatch):
+def test_an_interrupted_scan_leaves_the_earlier_set(tmp_path, monkeypatch, demo_scan):
+    """The earlier set: a copy of the demo's scan (run once for the suite: conftest.py)."""
     import importlib
 
     from vsink.cli import main
 
     scan_mod = importlib.import_module("vsink.scan")
-    out = tmp_path / "scan"
-    assert main(["scan", str(_demo_images(tmp_path, 3)), "--out", str(out), "--no-progress"]) == 0
+    out = Path(shutil.copytree(demo_scan, tmp_path / "scan"))
     earlier = _snapshot(out)
     assert json.loads((out / "vsink-run.json").read_text())["files"] == ["report.html", "scan.json", "trace.npz",
                                                                         "vsink-run.json"]
@@ -426,14 +426,12 @@ def test_a_killed_export_leaves_the_earlier_set_and_the_next_run_cleans_up(tmp_p
     assert not list(out.glob(".vsink-*")) and not (out / ".vsink.lock").exists()
 
 
-def test_out_of_space_is_one_line_and_replaces_nothing(tmp_path):
-    from vsink.cli import main
-
-    out = tmp_path / "scan"
+def test_out_of_space_is_one_line_and_replaces_nothing(tmp_path, demo_scan):
+    """The earlier set: a copy of the demo's scan (run once for the suite: conftest.py)."""
+    out = Path(shutil.copytree(demo_scan, tmp_path / "scan"))
     images = _demo_images(tmp_path, 3)
-    assert main(["scan", str(images), "--out", str(out), "--no-progress"]) == 0
     earlier = _snapshot(out)
-    limit = 64 * 1024  # the trace of three images is larger: the rewrite passes `ulimit -f`
+    limit = 64 * 1024  # the trace of two images is larger, the rewrite's of three too: it passes `ulimit -f`
     assert (out / "trace.npz").stat().st_size > limit
     proc = _vsink("scan", str(images), "--out", str(out), "--no-progress",
                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
