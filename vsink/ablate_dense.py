@@ -42,7 +42,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .ablate import Pass, Selection, derangement, replacement, run_pass, select
+from .ablation_passes import Pass, Selection, derangement, replacement, run_pass, select
 from .arguments import ArgumentError
 from .backbones.base import Backbone
 from .detect.norms import HighNormResult, detect_high_norm
