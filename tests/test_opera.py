@@ -239,6 +239,16 @@ def test_planted_attention_column_triggers_rollbacks(monkeypatch):
     assert result.new_tokens.shape[1] == 20
 
 
+
+def test_report_counts_zero_rollbacks():
+    # 2 tokens cannot reach a rollback (none before response position 10): the last-layer row
+    # still says so (rollbacks 0, as docs/lvlm.md promises the row counts them), and every beam's
+    # 5 candidates were scored at each of the 2 steps (3 beams · 5 · 2 = 30)
+    lvlm = tiny_lvlm("llava")
+    inputs = lvlm.prepare([random_image()], [PROMPTS[0]])
+    result = generate(lvlm, inputs, mitigation="opera", settings={"beams": 3}, max_new_tokens=2)
+    assert _last_row(result, lvlm) == {"layer": lvlm.num_layers - 1, "candidates_scored": 30, "rollbacks": 0}
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
 def test_without_the_cache_equals_the_cached_search(monkeypatch, family):
     # Default settings (5 beams, 5 candidates) with the planted column of the test above: 10

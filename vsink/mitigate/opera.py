@@ -174,6 +174,7 @@ class OperaLoop:
         self.vocab = self.logits.shape[-1]
         self.C = self.vocab if s.candidates is None else min(s.candidates, self.vocab)
         self.retro = Retrospection(s.threshold, s.window, self.C)
+        self._count(candidates_scored=0, rollbacks=0)  # the row reports both, a search without rollbacks too
         self.products = torch.ones(input_ids.shape[0], 0, device=self.logits.device)
         self.snapshots: dict[int, dict[str, Any]] = {}
         self.cur_len, self.step, self.last = self.prompt, 0, None
