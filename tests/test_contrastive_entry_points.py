@@ -50,6 +50,9 @@ def test_generate_command_runs_each_method_with_its_settings(saved, capsys):
             assert "vsink: damro over 3 steps: tokens_changed=" in out.err
             assert "vsink: damro branch outliers (tokens): edits pai" in out.err
             assert "damro per layer" not in out.err
+            assert "vsink: damro branch forwards of their own: 3\n" in out.err  # its k tokens: shapes of their own
+        if spec == "vcd":  # the noised image has the prompt's shapes: it rides in the main pass's forward
+            assert "vsink: vcd branch forwards of their own: 0; stacked with the main pass: noised" in out.err
     assert main(["generate", str(root / "a.png"), "--model", str(root / "m"), "--prompt", "x",
                  "--mitigation", "vcd+m3id"]) == 2
     err = capsys.readouterr().err

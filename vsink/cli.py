@@ -724,7 +724,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: list[dict], notes: list[str], head: str) -> None:
-    """What each mitigation did in one generate call (per layer, per step, its branches), and its
+    """What each mitigation did in one generate call (per layer, per step, its branches: their
+    edits, the forwards they ran on their own and those that rode in the main pass's), and its
     warnings, one line each on stderr; ``head`` starts each line's text (the batch, when several)."""
     for entry in report:
         layers = ", ".join(f"{row['layer']}: " + " ".join(f"{k}={v:g}" for k, v in row.items() if k != "layer")
@@ -743,6 +744,10 @@ def _print_report(report: list[dict], notes: list[str], head: str) -> None:
         for branch in entry.get("branches", []):
             print(f"vsink: {head}{entry['mitigation']} branch {branch['name']} ({branch['kind']}): edits "
                   f"{', '.join(branch['edits']) or 'none'}", file=sys.stderr)
+        if "branch_passes" in entry:  # how the branches ran: in forwards of their own, or in the main pass's
+            stacked = entry.get("stacked_with_main") or []
+            print(f"vsink: {head}{entry['mitigation']} branch forwards of their own: {entry['branch_passes']}"
+                  f"{'; stacked with the main pass: ' + ', '.join(stacked) if stacked else ''}", file=sys.stderr)
     for note in notes:
         print(f"vsink: warning: {head}{note}", file=sys.stderr)
 
