@@ -224,6 +224,20 @@ def test_vcd_with_var_stacks_only_where_var_runs_in_the_noised_branch(small, use
         assert one.report[1]["branches"][0]["edits"] == (["var"] if stacks else []), edits
 
 
+
+@pytest.mark.parametrize("stack_main", [True, False])
+def test_branches_take_the_all_ones_mask_of_inputs_without_one(small, stack_main):
+    # generate() takes inputs without attention_mask as unpadded (a mask of ones); the branches
+    # (VCD's noised image, stacked with the main pass or not) built their prompts from the
+    # inputs and failed with a KeyError on 'attention_mask'
+    inputs = dict(small.prepare([random_image()], [PROMPTS[0]]))
+    s = VCDSettings(alpha=3.0, beta=0.0, noise_step=900)
+    masked = generate(small, inputs, mitigation=[VCD(s)], max_new_tokens=2, stack_main=stack_main)
+    del inputs["attention_mask"]
+    bare = generate(small, inputs, mitigation=[VCD(s)], max_new_tokens=2, stack_main=stack_main)
+    assert torch.equal(bare.new_tokens, masked.new_tokens)
+    assert bare.report[0]["stacked_with_main"] == (["noised"] if stack_main else [])
+
 def test_attention_capture_keeps_the_main_pass_alone(small):
     # the capture observes the main pass: a stacked forward would show it the noised rows too
     inputs = small.prepare([random_image(), random_image(1)], PROMPTS)

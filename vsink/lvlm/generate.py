@@ -135,7 +135,7 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
     decoder = decoder_of(lvlm)
     context = DecodeContext(lvlm, input_ids, mask, lvlm.attention_groups(inputs))
     run = Run(lvlm=lvlm, decoder=decoder, context=context, input_ids=input_ids, attention_mask=mask,
-              inputs=dict(inputs), use_cache=use_cache)
+              inputs={**inputs, "attention_mask": mask}, use_cache=use_cache)  # branches build on the mask
     capture = AttentionCapture(decoder, context) if capture_attention else None
     strategy = next((m for m in mitigations if getattr(m, "decode", None) is not None), None)
     if strategy is not None:  # a decoding strategy (OPERA) runs its own search
