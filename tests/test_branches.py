@@ -14,7 +14,7 @@ from vsink.lvlm import LVLM, generate
 from vsink.mitigate.branch import Branch, image_branch, readout_branch, text_branch, text_only
 from vsink.mitigate import PAI, PAISettings, VAR, VARSettings, VCD, VCDSettings, Mitigation
 
-from lvlm_models import FIRST_FAMILIES, PROMPTS, random_image, tiny_lvlm
+from lvlm_models import FIRST_FAMILIES, PROMPTS, marked, random_image, tiny_lvlm
 
 pytestmark = pytest.mark.filterwarnings("ignore::vsink.lvlm.MitigationWarning")
 
@@ -237,6 +237,26 @@ def test_branches_take_the_all_ones_mask_of_inputs_without_one(small, stack_main
     bare = generate(small, inputs, mitigation=[VCD(s)], max_new_tokens=2, stack_main=stack_main)
     assert torch.equal(bare.new_tokens, masked.new_tokens)
     assert bare.report[0]["stacked_with_main"] == (["noised"] if stack_main else [])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("mitigation", ["none", "damro", "vcd"])
+def test_a_generated_image_placeholder_is_text_without_the_cache_too(family, mitigation):
+    # the LM head's row of the image placeholder set to 1.5 × the row of the first token chosen,
+    # so the model generates its placeholder first: with the cache a decode step embeds it as a
+    # token; without it transformers re-ran the whole sequence and took it for one image slot too
+    # many (a ValueError), in the main pass, alone or stacked with VCD's noised image
+    lvlm = tiny_lvlm(family)
+    lvlm.model.generation_config.suppress_tokens = None  # the tiny models' own config never emits it
+    inputs = lvlm.prepare([random_image()], marked(lvlm, PROMPTS[:1]))
+    first = int(generate(lvlm, inputs, max_new_tokens=1).new_tokens[0, 0])
+    head = lvlm.model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[lvlm.image_token_id] = 1.5 * head[first]
+    cached = generate(lvlm, inputs, mitigation=mitigation, max_new_tokens=3)
+    assert lvlm.image_token_id in cached.new_tokens[0].tolist()  # the case under test
+    uncached = generate(lvlm, inputs, mitigation=mitigation, max_new_tokens=3, use_cache=False)
+    assert torch.equal(uncached.new_tokens, cached.new_tokens)
 
 def test_attention_capture_keeps_the_main_pass_alone(small):
     # the capture observes the main pass: a stacked forward would show it the noised rows too

@@ -32,6 +32,7 @@ a rebuild extends the kwargs one token per update, as 4.x's update adds one. Ver
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
@@ -660,6 +661,39 @@ def _embedded_as(embedding: torch.nn.Module, ids: torch.Tensor, placed: torch.Te
     finally:
         handle.remove()
 
+
+@contextmanager
+def placeholders_as_text(model: Any, prompt: int) -> Iterator[None]:
+    """While active, a forward of ``model`` over whole sequences of more than ``prompt`` tokens
+    (``generate`` without the KV cache re-runs every step's sequence, the images included) runs a generated image or video placeholder, or vision start, as that token's embedding, as a
+    cached step runs it (:class:`UncachedStepper` does the same for beam search): the model would
+    take it for an image slot of the sequence and refuse the image's features (a random or demo
+    model can rank its placeholder first). The model's forward is put back on exit."""
+    had = "forward" in vars(model)
+    previous = vars(model).get("forward")
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        if ids is None or args or ids.shape[1] <= prompt:
+            return original(*args, **kwargs)
+        placed = torch.zeros_like(ids, dtype=torch.bool)
+        placed[:, prompt:] = torch.isin(ids[:, prompt:], placeholder_ids(model, ids.device))
+        if not bool(placed.any()):
+            return original(*args, **kwargs)
+        shown = ids.masked_fill(placed, 0) + placed * ids[:, prompt - 1:prompt]
+        with _embedded_as(model.get_input_embeddings(), ids, placed):
+            return original(*args, **{**kwargs, "input_ids": shown})
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = previous
+        else:
+            del model.forward
 
 def stepper_for(model: Any, kwargs: dict[str, Any], context: Optional[BeamContext] = None,
                 attention: Optional[LastRowAttention] = None) -> Union[Stepper, UncachedStepper]:

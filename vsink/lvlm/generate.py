@@ -22,6 +22,7 @@ from ..backbones.hf_lvlm import LVLM, lvlm_arg
 from ..errors import VsinkError, VsinkWarning
 from ..options import Int, Option
 from ..mitigate import REGISTRY, Mitigation, Run, check_composition, check_protocol, make_mitigations, mitigation_names
+from .beam import placeholders_as_text
 from .branches import OBSERVERS, BranchRunner, stacked_main
 from .capture import AttentionCapture
 from .context import DecodeContext
@@ -155,6 +156,8 @@ def generate(lvlm: LVLM, inputs: dict[str, Any], *, mitigation: Union[str, Seque
                 stack.enter_context(capture)
         for runner in runners.values():
             stack.enter_context(Hooks(runner.install))
+        if not use_cache and strategy is None:  # a generated placeholder is text, as with the cache
+            stack.enter_context(placeholders_as_text(lvlm.model, int(input_ids.shape[1])))
         if runners and stack_main and strategy is None:
             stack.enter_context(stacked_main(run, list(runners.values())))
         processors = [*runners.values(), *(p for m in mitigations for p in m.logits_processors(run))]
