@@ -113,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "IMAGE_DIR, by default the data's folder) with each --mitigation.")
         add_options(bench_parser, P.benchmark_options(name))
 
-    gen = sub.add_parser("generate", help="LVLM greedy generation with a hallucination mitigation",
-                         description="Greedy generation with none, VAR, PAI, FastV, test-time registers in the "
-                                     "vision tower (ttr), or several joined by + (ttr+var); the images (files or "
+    gen = sub.add_parser("generate", help="LVLM generation with a hallucination mitigation",
+                         description="Greedy generation with none or a hallucination mitigation (attention edits: "
+                                     "VAR, PAI, FastV, VAF, test-time registers in the vision tower (ttr); "
+                                     "next-token rules: VCD, M3ID, DAMRO, DoLa; OPERA's beam search), or several "
+                                     "joined by + (ttr+var, vcd+pai); the images (files or "
                                      "directories) and their prompts run as one left-padded batch (or batches of "
                                      "--batch-size; resumable with --out; split over torchrun's processes). Prints "
-                                     "what each mitigation did per layer.")
+                                     "what each mitigation did per layer and per step, and how its branches ran.")
     add_options(gen, P.IMAGES, P.LVLM_MODEL, P.GENERATE)
     lvlm = sub.add_parser("lvlm", help="LVLM tools")
     lvlm_sub = lvlm.add_subparsers(dest="lvlm_command", required=True)

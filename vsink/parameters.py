@@ -199,7 +199,7 @@ DENSE = declare(
 
 LVLM_MODEL = declare(
     Option("model", Text(r"\S.*", "an LVLM spec"), None, "LVLM spec: demo-llava, hf:REPO or a local directory "
-           "(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL); see 'vsink models'", required=True),
+           "of a supported family; see 'vsink models'", required=True),
     DEVICE_OPTION,
     DTYPE_OPTION,
     Option("trust_remote_code", Bool(), False, "let transformers run code shipped with the model"),
