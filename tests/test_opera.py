@@ -366,6 +366,9 @@ def test_opera_through_vsink_generate_and_eval(tmp_path, capsys):
     assert main(["generate", str(image), "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0],
                  "--mitigation", "opera", "--set", "beams=2", "--max-new-tokens", "4", "--no-cache"]) == 0
     assert expected.strip() and expected in capsys.readouterr().out  # the same text without the KV cache
+    assert main(["generate", str(image), "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0],
+                 "--mitigation", "opera", "--export-attention", str(tmp_path / "attention")]) == 2
+    assert "drop capture_attention (vsink generate: --export-attention)" in capsys.readouterr().err  # the flag named
     assert main(["eval", "pope", str(tmp_path / "images"), "--model", str(tmp_path / "m"),
                  "--annotations", str(tmp_path / "instances.json"), "--num-images", "2", "--splits", "random",
                  "--mitigation", "none,opera", "--set", "opera.beams=2", "--max-new-tokens", "2", "--no-progress",

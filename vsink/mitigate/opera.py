@@ -284,7 +284,7 @@ class OPERA(Mitigation):
                                  f"compose it with {m.name}'s attention edit only")
         if capture:
             raise VsinkError("opera does not capture per-token attention (its steps can be rolled back); "
-                             "drop capture_attention")
+                             "drop capture_attention (vsink generate: --export-attention)")
 
     def decode(self, run: Run, inputs: dict[str, Any], max_new_tokens: int, processors: list) -> torch.Tensor:
         """Generate for every prompt of ``inputs`` (each on its own beams: a rollback restores one
