@@ -662,3 +662,6 @@ def test_cli_generate_and_calibrate(tmp_path, capsys):
     assert "--mitigation: must be none or a '+'-joined combination of damro, dola, fastv, m3id, opera, pai, ttr, vaf, var, vcd, got 'nonesuch'" in err
     assert "one --prompt per image (or one for all): 1 image, 3 prompts" in err
     assert "Traceback" not in err
+    assert main(["generate", str(tmp_path / "a.png"), "--model", str(tmp_path / "m"),
+                 "--prompt", "x", "--mitigation", "vcd+ vcd"]) == 2
+    assert "got 'vcd+ vcd' (it names one mitigation twice)" in capsys.readouterr().err

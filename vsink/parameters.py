@@ -46,6 +46,8 @@ class MitigationSpec(Kind):
     def parse(self, value: Any) -> str:
         if not isinstance(value, str):
             raise Invalid()
+        if value.count("+") and len({n.strip() for n in value.split("+")}) <= value.count("+"):
+            raise Invalid("it names one mitigation twice")
         try:
             mitigation_names(value)
         except PluginError:
