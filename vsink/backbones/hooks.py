@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def forward_replaced(model: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``model.forward`` is ``forward`` (an instance attribute) while active; on exit an instance's
+    own earlier forward (accelerate's dispatch sets one) is put back, else the class's is used again."""
+    had = "forward" in vars(model)
+    previous = vars(model).get("forward")
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = previous
+        else:
+            del model.forward
 
 
 def hook_tensor(module: nn.Module, when: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from ..backbones.hooks import HookSet
+from ..backbones.hooks import HookSet, forward_replaced
 from ..errors import VsinkError
 from .context import DecodeContext
 
@@ -669,8 +669,6 @@ def placeholders_as_text(model: Any, prompt: int) -> Iterator[None]:
     cached step runs it (:class:`UncachedStepper` does the same for beam search): the model would
     take it for an image slot of the sequence and refuse the image's features (a random or demo
     model can rank its placeholder first). The model's forward is put back on exit."""
-    had = "forward" in vars(model)
-    previous = vars(model).get("forward")
     original = model.forward
 
     @functools.wraps(original)
@@ -686,14 +684,8 @@ def placeholders_as_text(model: Any, prompt: int) -> Iterator[None]:
         with _embedded_as(model.get_input_embeddings(), ids, placed):
             return original(*args, **{**kwargs, "input_ids": shown})
 
-    model.forward = forward
-    try:
+    with forward_replaced(model, forward):
         yield
-    finally:
-        if had:
-            model.forward = previous
-        else:
-            del model.forward
 
 def stepper_for(model: Any, kwargs: dict[str, Any], context: Optional[BeamContext] = None,
                 attention: Optional[LastRowAttention] = None) -> Union[Stepper, UncachedStepper]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import torch
 
+from ..backbones.hooks import forward_replaced
 from ..backbones.sites import muted, owned_by
 from ..errors import VsinkError
 from ..mitigate.branch import Branch
@@ -317,8 +318,6 @@ def stacked_main(run: "Run", runners: Sequence[BranchRunner]) -> Iterator[None]:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     model = run.lvlm.model
-    had = "forward" in vars(model)  # an instance's own forward (accelerate's dispatch) is put back
-    previous = vars(model).get("forward")
     original = model.forward
     chosen: list[Optional[BranchRunner]] = []
 
@@ -336,11 +335,5 @@ def stacked_main(run: "Run", runners: Sequence[BranchRunner]) -> Iterator[None]:
             out[run.lvlm.cache_argument] = runner.main_group.cache
         return CausalLMOutputWithPast(**out)
 
-    model.forward = forward
-    try:
+    with forward_replaced(model, forward):
         yield
-    finally:
-        if had:
-            model.forward = previous
-        else:
-            del model.forward
