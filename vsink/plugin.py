@@ -78,7 +78,7 @@ ExplicitAttention = Callable[..., torch.Tensor]
 BACKBONE_MEMBERS = ("blocks", "num_heads", "dynamic_size", "_token_counts", "_run_model", "_mlp_out_proj",
                     "final_norm", "_parameter_roles", "_install_attention", "can_wrap", "from_spec")
 #: what an LVLM family may override (defaults: a LLaVA-like model)
-LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "generated_token_type", "image_grid", "span_grids", "overview_span",
+LVLM_MEMBERS = ("can_wrap", "patches_one_to_one", "splits_images", "generated_token_type", "image_grid", "span_grids", "overview_span",
                 "view_box", "vision_tower",
                 "tower_patches_are_image_tokens", "text_position_ids", "image_spans", "attention_groups", "placeholder", "processor_images", "pixel_counts",
                 "tower_inputs",

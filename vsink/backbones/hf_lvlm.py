@@ -74,6 +74,9 @@ class LVLM:
     #: its tower has a class token and its patches reach the language model one to one (LLaVA-1.5;
     #: DAMRO's paper rule applies to a plugin family that declares it)
     patches_one_to_one: ClassVar[bool] = False
+    #: an image may reach the prompt as several runs of image tokens: sub-images, then the global
+    #: image, each introduced by the processor's ``fake_image_token`` (Idefics3, SmolVLM)
+    splits_images: ClassVar[bool] = False
     #: the ``token_type_ids`` value of a generated token, for a pass without the KV cache that runs
     #: prompt and generated tokens together outside transformers' ``generate`` (a branch); None
     #: leaves the prompt's types as they are (a model that reads them only over the prompt)

@@ -37,6 +37,7 @@ class Idefics3LVLM(LVLM):
     """Idefics3: one image span per square (sub-images, then the global image), pixel-shuffled."""
 
     family = "idefics3"
+    splits_images = True
     title = "Idefics3"
     example = "hf:HuggingFaceM4/Idefics3-8B-Llama3"
     model_types = ("idefics3",)

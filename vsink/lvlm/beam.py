@@ -548,9 +548,7 @@ class UncachedStepper:
         if "cache_position" in kwargs:  # the 4.x loop without the cache: every position of the sequences
             kwargs = {**kwargs, "cache_position": torch.arange(ids.shape[1], device=ids.device)}
             extra = {}
-        placed = torch.zeros_like(ids, dtype=torch.bool)
-        placed[:, self.prompt:] = torch.isin(ids[:, self.prompt:], placeholder_ids(self.model, ids.device))
-        shown = ids.masked_fill(placed, 0) + placed * ids[:, self.prompt - 1:self.prompt] if bool(placed.any()) else ids
+        shown, placed = placeholders_shown(self.model, ids, self.prompt)
         inputs = self.model.prepare_inputs_for_generation(shown, **dict(kwargs), **extra)
         if self.context is not None:
             self.context.announce(ids.shape[1], new)
@@ -662,6 +660,18 @@ def _embedded_as(embedding: torch.nn.Module, ids: torch.Tensor, placed: torch.Te
         handle.remove()
 
 
+def placeholders_shown(model: Any, ids: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shown, placed)``: ``placed`` marks the generated tokens (past ``prompt``) that are an
+    image or video placeholder or a vision start; ``shown`` is ``ids`` with each of them replaced by
+    the prompt's last token (a token the model reads as text), ``ids`` itself when none is placed.
+    The placed rows then take that token's own embedding (:func:`_embedded_as`)."""
+    placed = torch.zeros_like(ids, dtype=torch.bool)
+    placed[:, prompt:] = torch.isin(ids[:, prompt:], placeholder_ids(model, ids.device))
+    if not bool(placed.any()):
+        return ids, placed
+    return ids.masked_fill(placed, 0) + placed * ids[:, prompt - 1:prompt], placed
+
+
 @contextmanager
 def placeholders_as_text(model: Any, prompt: int) -> Iterator[None]:
     """While active, a forward of ``model`` over whole sequences of more than ``prompt`` tokens
@@ -676,11 +686,9 @@ def placeholders_as_text(model: Any, prompt: int) -> Iterator[None]:
         ids = kwargs.get("input_ids")
         if ids is None or args or ids.shape[1] <= prompt:
             return original(*args, **kwargs)
-        placed = torch.zeros_like(ids, dtype=torch.bool)
-        placed[:, prompt:] = torch.isin(ids[:, prompt:], placeholder_ids(model, ids.device))
+        shown, placed = placeholders_shown(model, ids, prompt)
         if not bool(placed.any()):
             return original(*args, **kwargs)
-        shown = ids.masked_fill(placed, 0) + placed * ids[:, prompt - 1:prompt]
         with _embedded_as(model.get_input_embeddings(), ids, placed):
             return original(*args, **{**kwargs, "input_ids": shown})
 

@@ -94,7 +94,7 @@ def image_block(lvlm: Any, ids: torch.Tensor, row: int) -> tuple[int, int, int, 
     first, last = starts[-1], int(image[-1]) + 1
     if len(starts) == 1:
         return first, first, first, last
-    if lvlm.family not in ("idefics3", "smolvlm"):
+    if not lvlm.splits_images:
         raise VsinkError(f"damro needs one image per prompt; row {row}'s image tokens are not one run")
     fake = getattr(lvlm.processor, "fake_image_token", None)
     if fake is None:

@@ -395,8 +395,7 @@ def idefics3_view(run: Any) -> View:
     ``scale_factor × scale_factor`` block of patches; padding patches take no part."""
     lvlm = run.lvlm
     core, cfg = _core(lvlm.model), lvlm.model.config
-    pixels = run.inputs["pixel_values"]
-    _one_image_per_prompt(len(pixels), int(run.inputs["input_ids"].shape[0]), "pixel_values")
+    pixels = _single_image(run)
     real = (pixels != 0).flatten(2).any(-1)  # [B, squares]: padding squares are all zero
     last = (real.long() * torch.arange(1, real.shape[1] + 1, device=real.device)).argmax(1)
     rows = torch.arange(len(pixels), device=pixels.device)
