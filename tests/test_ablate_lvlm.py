@@ -198,6 +198,17 @@ def test_cli_on_demo_llava_writes_the_answers_and_a_block_the_lm_does_not_read_c
     html = (out / "report.html").read_text()
     assert "LVLM answers under ablation" in html and "McNemar" in html and "Synthetic demo model" in html
     assert "## LVLM answers" in (out / "results.md").read_text()
+    # the folder records which questions made it: the same count with one label changed is another run
+    recorded = data["settings"]["lvlm"]
+    assert recorded["questions"] == 2 and len(recorded["questions_sha256"]) == 64 and recorded["weights"]
+    write_jsonl(questions, [{"question_id": i, "image": "china.png", "object": obj, "split": "random",
+                             "label": label, "text": f"Is there a {obj} in the image?"}
+                            for i, (obj, label) in enumerate((("person", "yes"), ("car", "yes")))])
+    assert main(["ablate", str(folder), "--model", "demo-llava", "--questions", str(questions), "--layers", "3",
+                 "--max-new-tokens", "1", "--out", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "vsink-run.json").read_text())["determining"]["settings"]["lvlm"]
+    assert again["questions"] == 2 and again["questions_sha256"] != recorded["questions_sha256"]
+    assert again["weights"] == recorded["weights"]
     assert json.loads((out / "vsink-run.json").read_text())["command"] == "vsink ablate"
 
 

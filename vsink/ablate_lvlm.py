@@ -55,6 +55,7 @@ from .evaluate.hallucination import POPE_PROMPT
 from .evaluate.pope import FIELDS, PARSERS, score_answers
 from .evaluate.stats import Bootstrap
 from .images import NamedImage, load_image
+from .manifest import content_hash, weights_fingerprint
 from .options import Choice, Int, Option, Template, declare
 from .readback import member
 from .registers.neurons import NeuronSpec
@@ -259,8 +260,7 @@ def ablate_lvlm(
     def preprocess(batch: list[Any], batch_names: list[str]) -> torch.Tensor:
         return torch.cat([inputs[n] for n in batch_names])
 
-    bar = tqdm(total=len(items) * (1 + len(targets) * len(ablations)), desc="answers", unit="question",
-               disable=not progress)
+    bar = tqdm(total=len(items), desc="answers", unit="question", disable=not progress)  # grows per ablated run
     current: list[int] = []
     clean: list[str] = []
     runs: dict[str, tuple[Selection, str, list[str]]] = {}
@@ -271,6 +271,8 @@ def ablate_lvlm(
     def each(selection: Selection, ablation: str, values: torch.Tensor) -> None:
         if not clean:  # the clean answers once ablate() has checked everything, before any ablation is installed
             clean.extend(answers())
+        bar.total += len(items)  # one run per (selection, ablation): several per target with several blocks
+        bar.refresh()
         with install_ablation(tower, selection, values, current):
             runs[f"{selection.target}@{selection.layer}:{ablation}"] = (selection, ablation, answers())
 
@@ -288,7 +290,8 @@ def ablate_lvlm(
     result.answers = measure_answers(lvlm.spec, items, clean, runs, parser, stats, skipped)
     result.answers.settings.update(prompt=prompt, max_new_tokens=max_new_tokens, images_dir=str(images_dir),
                                    tower_inputs={n: len(rows[n]) for n in names})
-    result.settings["lvlm"] = {"model": lvlm.spec, "questions": len(items), **result.answers.settings}
+    result.settings["lvlm"] = {"model": lvlm.spec, "weights": weights_fingerprint(lvlm.model), "questions": len(items),
+                               "questions_sha256": content_hash([dict(q) for q in items]), **result.answers.settings}
     return result
 
 
