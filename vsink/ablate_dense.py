@@ -42,7 +42,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .ablation_passes import Pass, Selection, derangement, replacement, run_pass, select
+from .ablation_passes import Pass, Selection, derangement, install_ablation, replacement, run_pass, select
 from .arguments import ArgumentError
 from .backbones.base import Backbone
 from .detect.norms import HighNormResult, detect_high_norm
@@ -200,27 +200,15 @@ class DenseAblationVariant(Variant):
 
     @contextmanager
     def open(self, base: Backbone, **load_kwargs: Any) -> Iterator[Backbone]:
-        channels = list(self.channels) if self.channels is not None else None
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            rows = torch.as_tensor(self.batch, dtype=torch.long)
-            if x.shape[:2] != (len(self.batch), self.tokens.shape[1]):
-                raise VsinkError(f"ablation {self.name}: the site holds {tuple(x.shape[:2])} (images, tokens), the "
-                                 f"dense selection {(len(self.batch), self.tokens.shape[1])}; use the same input size")
-            mask = self.tokens[rows].to(x.device)[..., None]
-            part = x if channels is None else x[:, :, channels]
-            new = torch.zeros_like(part) if self.values is None else self.values[rows].to(x.device, x.dtype)
-            if channels is None:
-                return torch.where(mask, new, x)
-            out = x.clone()
-            out[:, :, channels] = torch.where(mask, new, part)
-            return out
-
-        handle = base.hook(self.site, self.layer, fn)
-        try:
+        values = self.values
+        if values is None:  # zero, as ablate() installs it
+            width = base.mlp_width(self.layer) if self.site == "mlp_hidden" else base.embed_dim
+            count = width if self.channels is None else len(self.channels)
+            values = torch.zeros(1, 1, count).expand(*self.tokens.shape, count)
+        selection = Selection(self.name, self.layer, self.site, self.tokens,
+                              None if self.channels is None else list(self.channels))
+        with install_ablation(base, selection, values, self.batch):
             yield base
-        finally:
-            handle.remove()
 
 
 def dense_variant(name: str, selection: Selection, ablation: str, images: DenseImages,
